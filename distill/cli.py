@@ -1,0 +1,123 @@
+"""`distill` command line. User mistakes print one line and exit 2 (`--debug` shows the traceback)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from .errors import UserError
+
+DEFAULT_RECIPE = "digits"
+
+
+def _recipe_args(p: argparse.ArgumentParser, target_help: str) -> None:
+    p.add_argument("target", nargs="?", default=None, help=target_help)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set train.epochs=3 --set distill.temperature=4")
+    p.add_argument("--out", default=None, help="run folder (default: output.dir of the recipe, else runs/NAME)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="distill",
+        description="Knowledge distillation for PyTorch: train or load a teacher, cache its soft labels, "
+                    "distill a small student, and compare it with the teacher and a student trained without "
+                    "distillation.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run a whole recipe: teacher, soft labels, students, evaluation",
+                       description="Run every stage of a recipe and print teacher / scratch student / distilled "
+                                   "student side by side. With no RECIPE, runs the bundled 'digits' recipe.")
+    _recipe_args(r, "a recipe file or a bundled recipe name (see `distill recipes`); default: digits")
+    r.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="repeat the run for seeds 0..N-1 (in OUT/seed_<s>) and report mean ± std")
+
+    sub.add_parser("recipes", help="list the bundled recipes", description="List the bundled recipes.")
+
+    stage_help = ("a run folder holding recipe.yaml (from an earlier run), or a recipe file/name; "
+                  "default: the bundled 'digits' recipe")
+    for name, what in (("train-teacher", "train the teacher (or load its checkpoint)"),
+                       ("soft-labels", "compute or reuse the cached teacher outputs"),
+                       ("train-student", "train the distilled student and the no-distillation baseline"),
+                       ("evaluate", "evaluate teacher and students on the test split, write metrics.json")):
+        sp = sub.add_parser(name, help=what, description=f"Stage: {what}. Stages whose inputs are unchanged are "
+                                                           f"not redone.")
+        _recipe_args(sp, stage_help)
+    return p
+
+
+def _load(target: Optional[str], overrides: List[str], out: Optional[str]):
+    from .recipe import Recipe
+    if target and os.path.isdir(target):
+        path = os.path.join(target, "recipe.yaml")
+        if not os.path.isfile(path):
+            raise UserError(f"{target}: not a run folder (no recipe.yaml); give a recipe file instead")
+        return Recipe.load(path, overrides), out or target
+    return Recipe.load(target or DEFAULT_RECIPE, overrides), out
+
+
+def _echo(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(parser, args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.command == "recipes":
+        from .recipe import bundled_recipes, read_yaml, resolve_recipe_path
+        for name in bundled_recipes():
+            raw = read_yaml(resolve_recipe_path(name)) or {}
+            print(f"{name:32s} {raw.get('description', '')}")
+        return 0
+
+    from . import runner
+    from .evaluate import format_table
+    recipe, out = _load(args.target, args.overrides, args.out)
+    if args.command == "run":
+        if args.seeds is not None:
+            if args.seeds < 1:
+                raise UserError(f"--seeds: expected a positive number of seeds, got {args.seeds}")
+            summary = runner.run_seeds(recipe, list(range(args.seeds)), out, _echo)
+            print(f"mean ± std over seeds {summary['seeds']}:")
+            print(format_table(summary))
+        else:
+            rd_out = out
+            metrics = runner.run(recipe, rd_out, _echo)
+            print(format_table(metrics))
+            print(f"run folder: {rd_out or recipe.cfg['output']['dir'] or os.path.join('runs', recipe.cfg['name'])}")
+        return 0
+    rd = runner.RunDir(recipe, out, _echo)
+    if args.command == "train-teacher":
+        runner.train_teacher(rd)
+        print(f"teacher: {rd.path('teacher.safetensors')}")
+    elif args.command == "soft-labels":
+        runner.soft_labels(rd)
+        print(f"soft labels: {rd.path('soft_labels.json')}")
+    elif args.command == "train-student":
+        runner.train_student(rd)
+        print(f"students: {rd.path('student.safetensors')}, {rd.path('student_scratch.safetensors')}")
+    elif args.command == "evaluate":
+        print(format_table(runner.evaluate(rd)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Datasets as in-memory tensors: embedded scikit-learn sets and image arrays from `.npz`.
+
+Every loader returns raw arrays with a train/test split; `load_data` then carves a stratified
+validation split out of train, normalises with statistics of the remaining train part only, and
+fingerprints the result so that caches (soft labels, stage outputs) notice any change.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from ..errors import UserError
+from ..registry import DATASETS
+
+
+@dataclass
+class Raw:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: Optional[np.ndarray] = None  # None: carve a stratified test split
+    y_test: Optional[np.ndarray] = None
+    class_names: Optional[List[str]] = None
+    image: bool = False  # (N, C, H, W) images rather than feature vectors
+
+
+@dataclass
+class DataBundle:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    class_names: List[str]
+    input_shape: Tuple[int, ...]
+    image: bool
+    fingerprint: str
+    stats: Dict[str, Any] = field(default_factory=dict)
+
+
+@DATASETS.register("digits")
+def _digits(cfg: Dict[str, Any]) -> Raw:
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    if cfg["as_image"]:
+        return Raw(d.images.astype(np.float32)[:, None] / 16.0, d.target, image=True,
+                   class_names=[str(c) for c in d.target_names])
+    return Raw(d.data.astype(np.float32) / 16.0, d.target, class_names=[str(c) for c in d.target_names])
+
+
+@DATASETS.register("breast_cancer")
+def _breast_cancer(cfg: Dict[str, Any]) -> Raw:
+    from sklearn.datasets import load_breast_cancer
+    d = load_breast_cancer()
+    return Raw(d.data.astype(np.float32), d.target, class_names=[str(c) for c in d.target_names])
+
+
+@DATASETS.register("npz")
+def _npz(cfg: Dict[str, Any]) -> Raw:
+    path = cfg["path"]
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
+            if missing:
+                raise UserError(f"{path}: missing arrays {missing}; an .npz needs x_train, y_train, x_test, y_test")
+            arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read as .npz ({e})") from None
+    return Raw(_as_nchw(arrays["x_train"], path), arrays["y_train"], _as_nchw(arrays["x_test"], path),
+               arrays["y_test"], image=True)
+
+
+def _as_nchw(x: np.ndarray, path: str) -> np.ndarray:
+    """(N,H,W) -> (N,1,H,W); channels-last (N,H,W,C) with C in 1..4 -> (N,C,H,W); uint8 -> [0, 1]."""
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+        x = x.transpose(0, 3, 1, 2)
+    elif x.ndim != 4:
+        raise UserError(f"{path}: images must be (N,H,W), (N,H,W,C) or (N,C,H,W), got shape {x.shape}")
+    x = np.ascontiguousarray(x)
+    return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+
+
+def load_data(cfg: Dict[str, Any]) -> DataBundle:
+    """The `data` section of a resolved recipe -> normalised train/val/test tensors."""
+    raw = DATASETS.get(cfg["dataset"], "data.dataset")(cfg)
+    y_all = np.asarray(raw.y_train).astype(np.int64)
+    if raw.x_test is None:
+        x_tr, x_te, y_tr, y_te = train_test_split(raw.x_train, y_all, test_size=cfg["test_fraction"],
+                                                  stratify=y_all, random_state=cfg["split_seed"])
+    else:
+        x_tr, y_tr, x_te, y_te = raw.x_train, y_all, raw.x_test, np.asarray(raw.y_test).astype(np.int64)
+    num_classes = int(max(y_tr.max(), y_te.max())) + 1
+    x_tr, x_va, y_tr, y_va = train_test_split(x_tr, y_tr, test_size=cfg["val_fraction"], stratify=y_tr,
+                                              random_state=cfg["split_seed"])
+    stats: Dict[str, Any] = {}
+    if cfg["transforms"]["normalize"]:
+        axes = (0, 2, 3) if raw.image else (0,)
+        mean = x_tr.mean(axis=axes, keepdims=True)
+        std = x_tr.std(axis=axes, keepdims=True) + 1e-6
+        x_tr, x_va, x_te = [(a - mean) / std for a in (x_tr, x_va, x_te)]
+        stats = {"mean": mean.reshape(-1).tolist(), "std": std.reshape(-1).tolist()}
+    tensors = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (x_tr, x_va, x_te)]
+    labels = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in (y_tr, y_va, y_te)]
+    names = raw.class_names or [str(i) for i in range(num_classes)]
+    return DataBundle(tensors[0], labels[0], tensors[1], labels[1], tensors[2], labels[2], num_classes,
+                      names, tuple(tensors[0].shape[1:]), raw.image, _fingerprint(cfg, tensors, labels), stats)
+
+
+def _fingerprint(cfg: Dict[str, Any], tensors: List[torch.Tensor], labels: List[torch.Tensor]) -> str:
+    """Hash of the preprocessed arrays and the preprocessing settings (augmentation included)."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in cfg.items() if k not in ("workers", "eval_batch_size")},
+                                  sort_keys=True, default=str).encode())
+    for t in tensors + labels:
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]

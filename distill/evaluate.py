@@ -1,0 +1,93 @@
+"""Test-split metrics and deployment numbers (parameters, file size, CPU latency)."""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score, roc_auc_score
+from torch import nn
+
+from .models import count_params
+from .train import predict
+
+
+def classification_metrics(logits: torch.Tensor, y: torch.Tensor, positive: int = 1) -> Dict[str, float]:
+    """Accuracy and macro-F1; for two classes also AUC, sensitivity and specificity of class `positive`."""
+    pred, y_np = logits.argmax(1).numpy(), y.numpy()
+    out = {"accuracy": float((pred == y_np).mean()),
+           "macro_f1": float(f1_score(y_np, pred, average="macro", labels=list(range(logits.shape[1])),
+                                      zero_division=0))}
+    if logits.shape[1] == 2:
+        prob = torch.softmax(logits, 1)[:, positive].numpy()
+        is_pos = y_np == positive
+        out["auc"] = float(roc_auc_score(is_pos, prob)) if 0 < is_pos.sum() < len(is_pos) else float("nan")
+        out["sensitivity"] = float((pred[is_pos] == positive).mean()) if is_pos.any() else float("nan")
+        out["specificity"] = float((pred[~is_pos] != positive).mean()) if (~is_pos).any() else float("nan")
+    return out
+
+
+def latency_ms(model: nn.Module, input_shape: tuple, runs: int = 100, threads: int = 1) -> float:
+    """Median wall time of one batch-1 forward pass, after warm-up, on a fixed number of threads."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    was_training = model.training
+    model.eval()
+    x = torch.randn(1, *input_shape)
+    try:
+        with torch.inference_mode():
+            for _ in range(min(10, runs)):
+                model(x)
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                model(x)
+                times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+        model.train(was_training)
+    return 1000 * statistics.median(times)
+
+
+def evaluate_model(model: nn.Module, path: str, x: torch.Tensor, y: torch.Tensor, ecfg: Dict[str, Any],
+                   batch_size: int = 512) -> Dict[str, Any]:
+    """Test metrics (those named in `evaluate.metrics` that apply) plus size and batch-1 latency."""
+    m = classification_metrics(predict(model, x, batch_size), y, ecfg["positive_class"])
+    keep = {k: v for k, v in m.items() if k in ecfg["metrics"]}
+    return {**keep, "params": count_params(model), "size_bytes": os.path.getsize(path),
+            "latency_ms": latency_ms(model, tuple(x.shape[1:]), ecfg["latency_runs"], ecfg["threads"])}
+
+
+def mean_std(values: List[float]) -> Dict[str, float]:
+    arr = np.asarray(values, dtype=float)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
+
+
+COLUMNS = [("accuracy", "accuracy", "{:.4f}"), ("macro_f1", "macro-F1", "{:.4f}"), ("auc", "AUC", "{:.4f}"),
+           ("sensitivity", "sensitivity", "{:.4f}"), ("specificity", "specificity", "{:.4f}"),
+           ("params", "params", "{:,.0f}"), ("size_bytes", "size KB", None), ("latency_ms", "ms/sample", "{:.4f}")]
+LABELS = {"teacher": "teacher", "student_scratch": "student (no KD)", "student": "student (distilled)"}
+
+
+def _cell(value: Any, fmt: Optional[str], key: str) -> str:
+    if isinstance(value, dict):  # mean and std over seeds
+        return f"{_cell(value['mean'], fmt, key)} ± {_cell(value['std'], fmt, key)}"
+    if key == "size_bytes":
+        return f"{value / 1024:,.1f}"
+    return fmt.format(value)
+
+
+def format_table(metrics: Dict[str, Any]) -> str:
+    """A plain-text table: teacher, scratch student, distilled student (single run or mean ± std)."""
+    rows = [k for k in ("teacher", "student_scratch", "student") if k in metrics]
+    cols = [c for c in COLUMNS if all(c[0] in metrics[r] for r in rows)]
+    table = [["model"] + [c[1] for c in cols]]
+    table += [[LABELS[r]] + [_cell(metrics[r][c[0]], c[2], c[0]) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in table]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)

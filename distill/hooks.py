@@ -1,0 +1,43 @@
+"""Capture intermediate outputs by module name with forward hooks (for feature distillation)."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from .errors import UserError, did_you_mean
+
+
+def module_names(model: nn.Module) -> List[str]:
+    return [n for n, _ in model.named_modules() if n]
+
+
+class FeatureCapture:
+    """`with FeatureCapture(model, ["layer2"]) as cap: model(x); cap.outputs["layer2"]`."""
+
+    def __init__(self, model: nn.Module, names: List[str], where: str = "") -> None:
+        modules = dict(model.named_modules())
+        for name in names:
+            if not name or name not in modules:
+                valid = module_names(model)
+                raise UserError(f"{where}: no module named '{name}'{did_you_mean(name, valid)}; "
+                                f"valid names: {', '.join(valid)}")
+        self.model, self.names = model, list(dict.fromkeys(names))
+        self.outputs: Dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def store(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            self.outputs[name] = output[0] if isinstance(output, tuple) else output
+        return store
+
+    def __enter__(self) -> "FeatureCapture":
+        modules = dict(self.model.named_modules())
+        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.names]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

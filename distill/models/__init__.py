@@ -1,0 +1,117 @@
+"""Model building: a registry of named architectures, or a safely parsed layer list.
+
+A model spec (the `teacher` / `student` sections of a recipe) is either
+  {model: NAME, args: {...}}   a registered architecture, or
+  {arch: ["Conv2d(1, 8, 3)", "ReLU()", ...]}   a layer list parsed against an allow-list.
+The spec, the input shape and the class count are saved with the weights, so a checkpoint rebuilds itself.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..registry import MODELS
+from . import cifar  # noqa: F401  (registers resnet8x4, resnet32x4, wrn_16_2, wrn_40_2)
+from .layers import build_layer_list
+
+
+@MODELS.register("mlp")
+def mlp(input_shape: Tuple[int, ...], num_classes: int, hidden: Sequence[int] = (256,),
+        dropout: float = 0.0) -> nn.Module:
+    """Flatten, then Linear-ReLU(-Dropout) blocks; hookable names `body.<i>` and `head`."""
+    layers, width = [nn.Flatten()], math.prod(input_shape)
+    for h in hidden:
+        layers += [nn.Linear(width, int(h)), nn.ReLU()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = int(h)
+    return _Classifier(nn.Sequential(*layers), nn.Linear(width, num_classes))
+
+
+@MODELS.register("cnn")
+def cnn(input_shape: Tuple[int, ...], num_classes: int, channels: Sequence[int] = (32, 64),
+        hidden: int = 512, dropout: float = 0.0) -> nn.Module:
+    """The seed design's CNN: [Conv3x3-ReLU-MaxPool2] per channel width, then FC-ReLU and the classifier."""
+    c, h, w = input_shape
+    layers: list = []
+    for out in channels:
+        layers += [nn.Conv2d(c, int(out), 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        c, h, w = int(out), h // 2, w // 2
+    layers += [nn.Flatten(), nn.Linear(c * h * w, int(hidden)), nn.ReLU()]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    return _Classifier(nn.Sequential(*layers), nn.Linear(int(hidden), num_classes))
+
+
+@MODELS.register("seed_cnn_teacher")
+def seed_cnn_teacher(input_shape: Tuple[int, ...], num_classes: int, **kw: Any) -> nn.Module:
+    """conv32-conv64-fc512, the seed design's teacher."""
+    return cnn(input_shape, num_classes, channels=(32, 64), hidden=512, **kw)
+
+
+@MODELS.register("seed_cnn_student")
+def seed_cnn_student(input_shape: Tuple[int, ...], num_classes: int, **kw: Any) -> nn.Module:
+    """conv16-conv32-fc256, the seed design's student."""
+    return cnn(input_shape, num_classes, channels=(16, 32), hidden=256, **kw)
+
+
+class _Classifier(nn.Module):
+    """`body` (features) then `head` (logits): the two names most feature losses want to hook."""
+
+    def __init__(self, body: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.body, self.head = body, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def build_model(spec: Dict[str, Any], input_shape: Tuple[int, ...], num_classes: int,
+                where: str = "model") -> nn.Module:
+    """Build from a spec and check with a dry run that it maps `input_shape` to `num_classes` logits."""
+    if spec.get("arch"):
+        model = build_layer_list(spec["arch"], where=f"{where}.arch")
+    elif spec.get("model"):
+        builder = MODELS.get(spec["model"], where=f"{where}.model")
+        try:
+            model = builder(tuple(input_shape), num_classes, **(spec.get("args") or {}))
+        except TypeError as e:
+            raise UserError(f"{where}.args: {e} (model '{spec['model']}')") from None
+    else:
+        raise UserError(f"{where}: give `model: NAME` (one of {', '.join(MODELS.names())}) or `arch: [layers]`")
+    check_output(model, input_shape, num_classes, where)
+    return model
+
+
+def check_output(model: nn.Module, input_shape: Tuple[int, ...], num_classes: int, where: str) -> None:
+    x = torch.zeros(2, *input_shape)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(model, nn.Sequential):  # layer by layer, so the error names the layer
+                for i, layer in enumerate(model):
+                    try:
+                        x = layer(x)
+                    except RuntimeError as e:
+                        raise UserError(f"{where}.arch[{i}]: {type(layer).__name__} cannot take input of shape "
+                                        f"{tuple(x.shape[1:])} ({str(e).splitlines()[0]})") from None
+            else:
+                try:
+                    x = model(x)
+                except RuntimeError as e:
+                    raise UserError(f"{where}: input of shape {tuple(input_shape)} does not fit the model "
+                                    f"({str(e).splitlines()[0]})") from None
+    finally:
+        model.train(was_training)
+    if x.dim() != 2 or x.shape[1] != num_classes:
+        raise UserError(f"{where}: the model outputs shape {tuple(x.shape[1:])} per sample but the data has "
+                        f"{num_classes} classes; end it with a layer giving {num_classes} outputs")
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

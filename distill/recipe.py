@@ -1,0 +1,300 @@
+"""Recipes: YAML in, a validated and fully resolved dict out.
+
+The whole recipe is checked before any work starts: an unknown key, a wrong type, a value out of
+range or a missing file is one line naming the key path and the fix (a `UserError`, exit code 2).
+YAML is read with `safe_load`, so `!!python` tags are refused; nothing in a recipe is ever executed.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import yaml
+
+from .errors import UserError, did_you_mean
+
+
+@dataclass
+class F:
+    """One recipe field: accepted types, default (None = optional), and an extra check."""
+    types: tuple
+    default: Any = None
+    check: Optional[Callable[[Any], Optional[str]]] = None  # returns a complaint, or None when fine
+    choices: Optional[Sequence[Any]] = None
+
+
+@dataclass
+class ListOf:
+    """A list of sub-sections, each validated against `schema`."""
+    schema: Dict[str, Any]
+
+
+NUM = (int, float)
+
+
+def positive(v: Any) -> Optional[str]:
+    return None if v > 0 else "must be > 0"
+
+
+def non_negative(v: Any) -> Optional[str]:
+    return None if v >= 0 else "must be >= 0"
+
+
+def unit_interval(v: Any) -> Optional[str]:
+    return None if 0 <= v <= 1 else "must be between 0 and 1"
+
+
+def open_fraction(v: Any) -> Optional[str]:
+    return None if 0 < v < 1 else "must be between 0 and 1 (exclusive)"
+
+
+TRAIN = {
+    "epochs": F((int,), 20, positive),
+    "seed": F((int,), 0),
+    "precision": F((str,), "fp32", choices=("fp32", "bf16")),
+    "select": F((str,), "best_val", choices=("best_val", "last")),
+    "grad_clip": F(NUM, None, positive),
+    "optimizer": {
+        "name": F((str,), "adamw", choices=("sgd", "adam", "adamw")),
+        "lr": F(NUM, 1e-3, positive),
+        "weight_decay": F(NUM, 0.0, non_negative),
+        "momentum": F(NUM, 0.9, non_negative),
+        "nesterov": F((bool,), False),
+    },
+    "scheduler": {
+        "name": F((str,), "cosine", choices=("constant", "cosine", "multistep")),
+        "warmup_epochs": F((int,), 0, non_negative),
+        "milestones": F((list,), []),
+        "gamma": F(NUM, 0.1, positive),
+    },
+}
+
+MODEL = {
+    "model": F((str,), None),
+    "args": F((dict,), {}),
+    "arch": F((list,), None),
+    "checkpoint": F((str,), None),
+    "train": F((dict,), {}),  # per-model overrides of the `train` section, validated against it
+}
+
+FEATURE = {
+    "teacher": F((str,), None),
+    "student": F((str,), None),
+    "loss": F((str,), "mse", choices=("mse", "cosine")),
+    "projector": F((str,), "linear", choices=("linear", "mlp", "identity")),
+    "weight": F(NUM, 1.0, non_negative),
+}
+
+SCHEMA: Dict[str, Any] = {
+    "name": F((str,), "run"),
+    "description": F((str,), ""),
+    "data": {
+        "dataset": F((str,), "digits", choices=("digits", "breast_cancer", "npz")),
+        "path": F((str,), None),
+        "as_image": F((bool,), False),
+        "val_fraction": F(NUM, 0.1, open_fraction),
+        "test_fraction": F(NUM, 0.2, open_fraction),
+        "split_seed": F((int,), 0),
+        "batch_size": F((int,), 64, positive),
+        "eval_batch_size": F((int,), 512, positive),
+        "workers": F((int,), 0, non_negative),
+        "transforms": {
+            "normalize": F((bool,), True),
+            "random_crop": F((int,), 0, non_negative),
+            "hflip": F((bool,), False),
+        },
+    },
+    "teacher": MODEL,
+    "student": MODEL,
+    "distill": {
+        "temperature": F(NUM, 4.0, positive),
+        "alpha": F(NUM, 0.9, unit_interval),
+        "teacher_outputs": F((str,), "auto", choices=("auto", "cached", "online")),
+        "features": ListOf(FEATURE),
+    },
+    "train": TRAIN,
+    "evaluate": {
+        "metrics": F((list,), ["accuracy", "macro_f1", "auc", "sensitivity", "specificity"]),  # binary-only ones apply to 2 classes
+        "positive_class": F((int,), 1, non_negative),
+        "latency_runs": F((int,), 100, positive),
+        "threads": F((int,), 1, positive),
+    },
+    "output": {
+        "dir": F((str,), None),
+        "cache_dir": F((str,), None),
+    },
+}
+
+METRICS = ("accuracy", "macro_f1", "auc", "sensitivity", "specificity")
+
+
+def _check_value(v: Any, f: F, path: str) -> Any:
+    if v is None:
+        return None
+    ok = isinstance(v, f.types) and not (isinstance(v, bool) and bool not in f.types)
+    if not ok:
+        names = " or ".join("number" if t is float else t.__name__ for t in f.types if not (t is int and float in f.types))
+        raise UserError(f"{path}: expected {names}, got {type(v).__name__} {v!r}")
+    if f.choices is not None and v not in f.choices:
+        raise UserError(f"{path}: {v!r} is not one of {', '.join(map(str, f.choices))}{did_you_mean(v, f.choices)}")
+    if f.check is not None and (msg := f.check(v)):
+        raise UserError(f"{path}: {msg}, got {v!r}")
+    return copy.deepcopy(v)
+
+
+def validate_section(raw: Any, schema: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """Fill defaults, refuse unknown keys, check types, recursively."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise UserError(f"{path or 'recipe'}: expected a mapping of keys, got {type(raw).__name__}")
+    for key in raw:
+        if key not in schema:
+            where = f"{path}.{key}" if path else str(key)
+            raise UserError(f"{where}: unknown key{did_you_mean(key, schema)}; valid keys here: "
+                            f"{', '.join(schema)}")
+    out: Dict[str, Any] = {}
+    for key, spec in schema.items():
+        where = f"{path}.{key}" if path else key
+        value = raw.get(key)
+        if isinstance(spec, dict):
+            out[key] = validate_section(value, spec, where)
+        elif isinstance(spec, ListOf):
+            if value is not None and not isinstance(value, list):
+                raise UserError(f"{where}: expected a list, got {type(value).__name__}")
+            out[key] = [validate_section(v, spec.schema, f"{where}[{i}]") for i, v in enumerate(value or [])]
+        else:
+            out[key] = _check_value(value, spec, where) if key in raw else copy.deepcopy(spec.default)
+    return out
+
+
+def _cross_checks(cfg: Dict[str, Any]) -> None:
+    """Rules that involve more than one key, and files that must exist."""
+    data = cfg["data"]
+    if data["dataset"] == "npz":
+        _need_file(data["path"], "data.path", "the .npz file with x_train, y_train, x_test, y_test")
+    for role in ("teacher", "student"):
+        m = cfg[role]
+        if m["model"] and m["arch"]:
+            raise UserError(f"{role}: give either `model` or `arch`, not both")
+        if not (m["model"] or m["arch"] or m["checkpoint"]):
+            raise UserError(f"{role}: missing model; give `model: NAME`, `arch: [layers]` or `checkpoint: FILE`")
+        if m["checkpoint"]:
+            _need_file(m["checkpoint"], f"{role}.checkpoint", "a .safetensors file written by distill")
+        m["train"] = validate_section(_merge(cfg["train"], m["train"]), TRAIN, f"{role}.train")
+    for i, feat in enumerate(cfg["distill"]["features"]):
+        for side in ("teacher", "student"):
+            if not feat[side]:
+                raise UserError(f"distill.features[{i}].{side}: missing module name of the {side} layer")
+    for i, name in enumerate(cfg["evaluate"]["metrics"]):
+        if name not in METRICS:
+            raise UserError(f"evaluate.metrics[{i}]: unknown metric {name!r}{did_you_mean(name, METRICS)}; "
+                            f"choose from {', '.join(METRICS)}")
+    ms = cfg["train"]["scheduler"]["milestones"]
+    if any(not isinstance(m, int) or isinstance(m, bool) or m <= 0 for m in ms):
+        raise UserError(f"train.scheduler.milestones: expected positive whole epochs, got {ms!r}")
+
+
+def _need_file(path: Optional[str], key: str, what: str) -> None:
+    if not path:
+        raise UserError(f"{key}: missing; give the path of {what}")
+    if not os.path.isfile(path):
+        raise UserError(f"{key}: file not found: {path} (paths are relative to the current folder {os.getcwd()})")
+
+
+def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_override(raw: Dict[str, Any], assignment: str) -> None:
+    """`train.epochs=3` -> raw['train']['epochs'] = 3 (the value is read as YAML)."""
+    if "=" not in assignment:
+        raise UserError(f"--set {assignment}: expected KEY.PATH=VALUE, e.g. train.epochs=3")
+    path, text = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise UserError(f"--set {path}: cannot read value {text!r}") from None
+    keys, node, schema = path.strip().split("."), raw, SCHEMA
+    for i, key in enumerate(keys):
+        if isinstance(schema, dict):
+            if key not in schema:
+                raise UserError(f"--set {path}: unknown key '{key}'{did_you_mean(key, schema)}")
+            schema = schema[key]
+        elif isinstance(schema, F) and dict not in schema.types:
+            raise UserError(f"--set {path}: '{'.'.join(keys[:i])}' holds a value, not keys")
+        if i == len(keys) - 1:
+            node[key] = value
+        else:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+
+
+class Recipe:
+    """A validated, resolved recipe. `Recipe.load("digits")` or `Recipe.load("my.yaml", ["train.epochs=3"])`."""
+
+    def __init__(self, cfg: Dict[str, Any], source: str = "<dict>") -> None:
+        self.cfg, self.source = cfg, source
+
+    @classmethod
+    def from_dict(cls, raw: Dict[str, Any], overrides: Sequence[str] = (), source: str = "<dict>") -> "Recipe":
+        raw = copy.deepcopy(raw) if raw is not None else {}
+        if not isinstance(raw, dict):
+            raise UserError(f"{source}: a recipe is a mapping of sections (data, teacher, student, ...)")
+        for a in overrides:
+            apply_override(raw, a)
+        cfg = validate_section(raw, SCHEMA, "")
+        _cross_checks(cfg)
+        return cls(cfg, source)
+
+    @classmethod
+    def load(cls, path_or_name: str, overrides: Sequence[str] = ()) -> "Recipe":
+        path = resolve_recipe_path(path_or_name)
+        return cls.from_dict(read_yaml(path), overrides, source=path)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.cfg[key]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.cfg, sort_keys=False)
+
+    def model_cfg(self, role: str) -> Dict[str, Any]:
+        return self.cfg[role]
+
+
+def read_yaml(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except yaml.constructor.ConstructorError as e:
+        mark = f" (line {e.problem_mark.line + 1})" if e.problem_mark else ""
+        raise UserError(f"{path}{mark}: YAML tags such as !!python are not allowed in a recipe") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}:{where} malformed YAML ({getattr(e, 'problem', None) or e})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def bundled_recipes() -> List[str]:
+    return sorted(p.name[:-5] for p in resources.files("distill.recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_recipe_path(path_or_name: str) -> str:
+    """A file path, or the name of a bundled recipe (`distill recipes` lists them)."""
+    if os.path.isfile(path_or_name):
+        return path_or_name
+    name = path_or_name[:-5] if path_or_name.endswith(".yaml") else path_or_name
+    if name in bundled_recipes():
+        return str(resources.files("distill.recipes") / f"{name}.yaml")
+    raise UserError(f"{path_or_name}: no such recipe file or bundled recipe{did_you_mean(name, bundled_recipes())}; "
+                    f"bundled: {', '.join(bundled_recipes())}")

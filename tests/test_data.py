@@ -1,0 +1,72 @@
+"""Data loading: splits, normalisation on train statistics only, .npz layouts, augmentation."""
+import numpy as np
+import pytest
+import torch
+
+from distill.data import augment, load_data
+from distill.errors import UserError
+from distill.recipe import SCHEMA, validate_section
+
+
+def data_cfg(**kw):
+    return validate_section(kw, SCHEMA["data"], "data")
+
+
+def test_digits_split_is_stratified_and_disjoint():
+    d = load_data(data_cfg(dataset="digits", val_fraction=0.1, test_fraction=0.2))
+    n = len(d.y_train) + len(d.y_val) + len(d.y_test)
+    assert n == 1797 and d.num_classes == 10 and d.input_shape == (64,)
+    counts = torch.bincount(d.y_val, minlength=10)
+    assert counts.min() >= 14 and counts.max() <= 20  # every class present in proportion
+    # normalised with the statistics of the training part only
+    assert d.x_train.mean().abs() < 1e-4 and abs(d.x_train.std(0)[d.x_train.std(0) > 0.1].mean() - 1) < 0.05
+
+
+def test_digits_as_image_and_breast_cancer():
+    assert load_data(data_cfg(dataset="digits", as_image=True)).input_shape == (1, 8, 8)
+    bc = load_data(data_cfg(dataset="breast_cancer"))
+    assert bc.num_classes == 2 and bc.input_shape == (30,) and bc.class_names == ["malignant", "benign"]
+
+
+def test_fingerprint_follows_preprocessing():
+    a = load_data(data_cfg(dataset="digits")).fingerprint
+    assert a == load_data(data_cfg(dataset="digits")).fingerprint
+    assert a != load_data(data_cfg(dataset="digits", transforms={"normalize": False})).fingerprint
+    assert a != load_data(data_cfg(dataset="digits", split_seed=1)).fingerprint
+
+
+def _npz(tmp_path, shape=(40, 8, 8, 3)):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "d.npz"
+    y = np.arange(shape[0]) % 4
+    np.savez(path, x_train=rng.integers(0, 255, shape, dtype=np.uint8), y_train=y.astype(np.uint8),
+             x_test=rng.integers(0, 255, (12, *shape[1:]), dtype=np.uint8), y_test=(np.arange(12) % 4).astype(np.uint8))
+    return str(path)
+
+
+def test_npz_channels_last_and_grey(tmp_path):
+    d = load_data(data_cfg(dataset="npz", path=_npz(tmp_path), val_fraction=0.2))
+    assert d.input_shape == (3, 8, 8) and d.image and len(d.stats["mean"]) == 3
+    g = load_data(data_cfg(dataset="npz", path=_npz(tmp_path, (40, 8, 8)), val_fraction=0.2))
+    assert g.input_shape == (1, 8, 8)
+
+
+def test_npz_missing_arrays(tmp_path):
+    p = tmp_path / "bad.npz"
+    np.savez(p, x_train=np.zeros((4, 2)), y_train=np.zeros(4))
+    with pytest.raises(UserError, match="missing arrays"):
+        load_data(data_cfg(dataset="npz", path=str(p)))
+
+
+def test_augment_crop_and_flip():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4)
+    gen = torch.Generator().manual_seed(0)
+    out = augment(x, {"random_crop": 1, "hflip": True}, gen)
+    assert out.shape == x.shape
+    same = augment(x, {"random_crop": 1, "hflip": True}, torch.Generator().manual_seed(0))
+    assert torch.equal(out, same)  # seeded: repeatable
+    flipped = augment(x, {"random_crop": 0, "hflip": True}, torch.Generator().manual_seed(1))
+    for i in range(2):
+        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(2))
+    # a crop of the zero-padded image: every output pixel is a pixel of x or a padding zero
+    assert set(out.unique().tolist()) <= set(x.unique().tolist()) | {0.0}

@@ -1,0 +1,154 @@
+"""Whole runs on real data (scikit-learn digits and breast cancer), stage reuse, determinism."""
+import json
+import os
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from distill import Recipe, run, run_seeds
+from distill.runner import RunDir, evaluate, train_student, train_teacher
+
+
+def quiet(_msg):
+    pass
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("digits"))
+    cache = str(tmp_path_factory.mktemp("cache"))
+    os.environ["DISTILL_CACHE"] = cache
+    messages = []
+    metrics = run(Recipe.load("digits"), out=out, echo=messages.append)
+    return out, metrics, cache
+
+
+def test_default_recipe_distils_a_real_student(digits_run):
+    out, metrics, _ = digits_run
+    t, s, b = metrics["teacher"], metrics["student"], metrics["student_scratch"]
+    assert t["accuracy"] > 0.95
+    assert s["accuracy"] > 0.93  # a real threshold on 360 held-out digits (chance is 0.10)
+    assert s["params"] * 8 <= t["params"]
+    assert s["params"] == b["params"]
+    for m in (t, s, b):
+        assert set(m) >= {"accuracy", "macro_f1", "params", "size_bytes", "latency_ms", "val_accuracy"}
+        assert m["latency_ms"] > 0 and m["size_bytes"] > 0
+
+
+def test_run_folder_artifacts(digits_run):
+    out, metrics, _ = digits_run
+    for name in ("recipe.yaml", "teacher.safetensors", "student.safetensors", "student_scratch.safetensors",
+                 "metrics.json", "log.jsonl", "stages.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert json.load(open(os.path.join(out, "metrics.json"))) == json.loads(json.dumps(metrics))
+    recipe = Recipe.load("digits")
+    lines = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    for model, role in (("teacher", "teacher"), ("student", "student"), ("student_scratch", "student")):
+        epochs = recipe[role]["train"]["epochs"]
+        assert [r["epoch"] for r in lines if r.get("model") == model] == list(range(1, epochs + 1))
+    assert Recipe.load(os.path.join(out, "recipe.yaml")).cfg == Recipe.load("digits").cfg
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_second_run_reuses_every_stage_and_a_new_temperature_only_retrains_the_student(digits_run, monkeypatch):
+    out, metrics, cache = digits_run
+    monkeypatch.setenv("DISTILL_CACHE", cache)
+    before = {f: os.path.getmtime(os.path.join(out, f)) for f in ("teacher.safetensors", "student.safetensors")}
+    messages = []
+    again = run(Recipe.load("digits"), out=out, echo=messages.append)
+    assert any("teacher: inputs unchanged" in m for m in messages)
+    assert any("student: inputs unchanged" in m for m in messages)
+    assert again["student"]["accuracy"] == metrics["student"]["accuracy"]
+    messages.clear()
+    rd = RunDir(Recipe.load("digits", ["distill.temperature=3"]), out, messages.append)
+    train_teacher(rd)
+    train_student(rd)
+    assert any("teacher: inputs unchanged" in m for m in messages)
+    assert any("student_scratch: inputs unchanged" in m for m in messages)
+    assert any("soft labels: cache hit" in m for m in messages)  # T changes nothing in the cached logits
+    assert not any("student: inputs unchanged" in m for m in messages)
+    assert os.path.getmtime(os.path.join(out, "teacher.safetensors")) == before["teacher.safetensors"]
+    assert os.path.getmtime(os.path.join(out, "student.safetensors")) > before["student.safetensors"]
+    run(Recipe.load("digits"), out=out, echo=quiet)  # leave the folder as the other tests expect it
+
+
+def test_same_seed_same_weights_and_other_seed_differs(tmp_path):
+    def weights(seed, name):
+        out = str(tmp_path / f"s{seed}_{name}")
+        run(Recipe.load("digits", ["train.epochs=2", f"train.seed={seed}"]), out=out, echo=quiet)
+        return load_file(os.path.join(out, "student.safetensors"))
+    a, b, c = weights(0, "a"), weights(0, "b"), weights(1, "c")
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    assert not all(np.array_equal(a[k].numpy(), c[k].numpy()) for k in a)
+
+
+def test_binary_task_reports_auc_sensitivity_specificity(tmp_path):
+    m = run(Recipe.load("breast_cancer", ["train.epochs=5"]), out=str(tmp_path), echo=quiet)
+    for model in ("teacher", "student", "student_scratch"):
+        assert {"auc", "sensitivity", "specificity"} <= set(m[model])
+        assert 0.8 < m[model]["auc"] <= 1.0
+
+
+def test_feature_distillation_with_layer_lists_and_projector_not_exported(tmp_path):
+    messages = []
+    m = run(Recipe.load("digits_layers", ["train.epochs=3"]), out=str(tmp_path), echo=messages.append)
+    assert m["student"]["accuracy"] > 0.5
+    rec = Recipe.load("digits_layers")
+    assert rec["distill"]["features"], "the recipe should exercise feature distillation"
+    state = load_file(os.path.join(tmp_path, "student.safetensors"))
+    scratch = load_file(os.path.join(tmp_path, "student_scratch.safetensors"))
+    assert set(state) == set(scratch)  # the projector's weights stayed behind
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert any("loss_feat0_mse" in r for r in log if r.get("model") == "student")
+
+
+def test_bf16_autocast_trains(tmp_path):
+    m = run(Recipe.load("digits", ["train.epochs=2", "train.precision=bf16"]), out=str(tmp_path), echo=quiet)
+    assert m["student"]["accuracy"] > 0.5
+
+
+def test_online_teacher_with_augmentation_on_npz_images(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.arange(80) % 4
+    x = (rng.random((80, 12, 12, 3)) * 60).astype(np.uint8)
+    x[np.arange(80), y * 3, :, :] = 255  # a learnable signal: a bright row per class
+    yt = np.arange(20) % 4
+    xt = (rng.random((20, 12, 12, 3)) * 60).astype(np.uint8)
+    xt[np.arange(20), yt * 3, :, :] = 255
+    path = tmp_path / "imgs.npz"
+    np.savez(path, x_train=x, y_train=y, x_test=xt, y_test=yt)
+    recipe = Recipe.from_dict({
+        "data": {"dataset": "npz", "path": str(path), "val_fraction": 0.2, "batch_size": 16,
+                 "transforms": {"random_crop": 1, "hflip": True}},
+        "teacher": {"model": "seed_cnn_teacher"}, "student": {"model": "seed_cnn_student"},
+        "distill": {"features": [{"teacher": "body.3", "student": "body.3", "loss": "cosine"}]},
+        "train": {"epochs": 2}})
+    messages = []
+    m = run(recipe, out=str(tmp_path / "run"), echo=messages.append)
+    assert any("teacher run online" in msg for msg in messages)
+    assert set(m) == {"teacher", "student", "student_scratch"}
+
+
+def test_checkpoint_teacher_is_loaded_not_retrained(digits_run, tmp_path):
+    out, metrics, _ = digits_run
+    messages = []
+    m = run(Recipe.load("digits", ["train.epochs=2", f"teacher.checkpoint={out}/teacher.safetensors"]),
+            out=str(tmp_path), echo=messages.append)
+    assert any("teacher: loaded from" in msg for msg in messages)
+    assert m["teacher"]["accuracy"] == metrics["teacher"]["accuracy"]
+
+
+def test_multi_seed_summary_has_mean_and_std(tmp_path):
+    s = run_seeds(Recipe.load("digits", ["train.epochs=2"]), [0, 1], out=str(tmp_path), echo=quiet)
+    assert s["seeds"] == [0, 1]
+    acc = s["student"]["accuracy"]
+    assert set(acc) == {"mean", "std"} and 0 < acc["mean"] <= 1
+    assert os.path.isfile(tmp_path / "seed_1" / "metrics.json") and os.path.isfile(tmp_path / "summary.json")
+
+
+def test_evaluate_stage_alone_on_a_run_folder(digits_run):
+    out, metrics, _ = digits_run
+    rd = RunDir(Recipe.load(os.path.join(out, "recipe.yaml")), out, quiet)
+    again = evaluate(rd)
+    assert again["student"]["accuracy"] == metrics["student"]["accuracy"]

@@ -1,0 +1,61 @@
+"""The soft-label cache: miss, hit, invalidation, memory mapping, no partial entries."""
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+from distill.softlabels import CachedOutputs, cache_key, load_or_build
+
+
+def _teacher():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def test_miss_then_hit_and_values(tmp_path):
+    teacher, x = _teacher(), torch.randn(50, 6)
+    out, hit = load_or_build(teacher, x, "k1", str(tmp_path), [], batch_size=16)
+    assert not hit
+    out2, hit2 = load_or_build(teacher, x, "k1", str(tmp_path), [], batch_size=16)
+    assert hit2
+    assert isinstance(out2.logits, np.memmap)  # read back memory-mapped, not loaded into RAM
+    with torch.no_grad():
+        np.testing.assert_allclose(out2.logits, teacher(x).numpy(), rtol=1e-5, atol=1e-6)
+    idx = torch.tensor([7, 3, 49])
+    logits, feats = out2.batch(idx)
+    np.testing.assert_array_equal(logits.numpy(), np.asarray(out.logits)[[7, 3, 49]])
+    assert feats == {}
+
+
+def test_features_are_cached_by_layer_name(tmp_path):
+    teacher, x = _teacher(), torch.randn(20, 6)
+    out, _ = load_or_build(teacher, x, "k2", str(tmp_path), ["1"], batch_size=8)
+    assert out.features["1"].shape == (20, 16)
+    with torch.no_grad():
+        np.testing.assert_allclose(out.features["1"], torch.relu(teacher[0](x)).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_key_changes_with_teacher_data_and_layers():
+    k = cache_key("teacherA", "dataA", [])
+    assert k == cache_key("teacherA", "dataA", [])
+    assert len({k, cache_key("teacherB", "dataA", []), cache_key("teacherA", "dataB", []),
+                cache_key("teacherA", "dataA", ["layer1"])}) == 4
+
+
+def test_partial_entry_is_not_a_hit(tmp_path):
+    entry = tmp_path / "k3"
+    entry.mkdir()
+    np.save(entry / "logits.npy", np.zeros((5, 3), np.float32))  # a crash before meta.json was written
+    teacher, x = _teacher(), torch.randn(5, 6)
+    out, hit = load_or_build(teacher, x, "k3", str(tmp_path), [], batch_size=4)
+    assert not hit or os.path.isfile(entry / "meta.json")
+    with torch.no_grad():
+        np.testing.assert_allclose(out.logits, teacher(x).numpy(), rtol=1e-5, atol=1e-6)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]  # the temp folder is gone
+
+
+def test_cached_outputs_batch_returns_tensors():
+    c = CachedOutputs(np.arange(12, dtype=np.float32).reshape(4, 3), {"f": np.ones((4, 2), np.float32)})
+    logits, feats = c.batch(torch.tensor([2, 0]))
+    assert logits.tolist() == [[6, 7, 8], [0, 1, 2]] and feats["f"].shape == (2, 2)
