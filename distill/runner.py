@@ -181,7 +181,7 @@ def train_student(run: RunDir, teacher: Optional[nn.Module] = None) -> Dict[str,
     else:
         teacher = teacher or load_saved(run, "teacher")
         student = build_role(run, "student")
-        source = _teacher_source(run, teacher, mode)
+        source = teacher_source(run, teacher, mode)
         t_shapes, s_shapes = _feature_shapes(run, teacher, student)
         objective = Objective(student, dcfg, source, t_shapes, s_shapes)
         t0 = time.perf_counter()
@@ -193,7 +193,7 @@ def train_student(run: RunDir, teacher: Optional[nn.Module] = None) -> Dict[str,
     return results
 
 
-def _teacher_source(run: RunDir, teacher: nn.Module, mode: str):
+def teacher_source(run: RunDir, teacher: nn.Module, mode: str):
     layers = [f["teacher"] for f in run.cfg["distill"]["features"]]
     if mode == "cached":
         cached = soft_labels(run, teacher)
