@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from . import __version__
 from .data import DataBundle, has_augmentation, load_data
 from .errors import UserError
 from .evaluate import evaluate_model, mean_std
@@ -90,6 +91,10 @@ def build_role(run: RunDir, role: str) -> nn.Module:
         if meta.get("num_classes") not in (None, data.num_classes):
             raise UserError(f"{role}.checkpoint: {m['checkpoint']} was trained for {meta['num_classes']} classes "
                             f"but the data has {data.num_classes}")
+        names = meta.get("class_names")
+        if names and names != data.class_names:
+            raise UserError(f"{role}.checkpoint: {m['checkpoint']} was trained on classes {names} but the data "
+                            f"has {data.class_names}; teacher and student must share one class list")
         load_weights(model, m["checkpoint"], f"{role}.checkpoint")
     return model
 
@@ -116,7 +121,7 @@ def load_saved(run: RunDir, name: str) -> nn.Module:
 def train_teacher(run: RunDir) -> nn.Module:
     m = run.cfg["teacher"]
     spec = model_spec(run, "teacher")
-    fp = sha256_json({"spec": spec, "train": m["train"], "data": run.data.fingerprint,
+    fp = sha256_json({"spec": spec, "train": m["train"], "data": run.data.fingerprint, "version": __version__,
                       "checkpoint": sha256_file(m["checkpoint"]) if m["checkpoint"] else None})
     if run.stage_done("teacher", fp, ["teacher.safetensors"]):
         run.event("teacher: inputs unchanged, reusing teacher.safetensors", model="teacher")
@@ -159,7 +164,7 @@ def train_student(run: RunDir, teacher: Optional[nn.Module] = None) -> Dict[str,
     """The distilled student and, with the same budget and init, the scratch (no-teacher) baseline."""
     s, dcfg = run.cfg["student"], run.cfg["distill"]
     spec = model_spec(run, "student")
-    base = {"spec": spec, "train": s["train"], "data": run.data.fingerprint,
+    base = {"spec": spec, "train": s["train"], "data": run.data.fingerprint, "version": __version__,
             "init": sha256_file(s["checkpoint"]) if s["checkpoint"] else None}
     results = {}
     fp = sha256_json(base)

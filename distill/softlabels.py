@@ -87,6 +87,8 @@ def _build(teacher: nn.Module, x: torch.Tensor, entry: str, layers: List[str], b
         for a in arrays.values():
             a.flush()
         write_json(os.path.join(tmp, "meta.json"), {"layers": layers, "n": len(x)})
+        if os.path.isdir(entry) and not _complete(entry):  # left by a run killed before it finished
+            shutil.rmtree(entry)
         try:
             os.rename(tmp, entry)
         except OSError:  # another process finished the same entry first: theirs is identical

@@ -110,6 +110,37 @@ def batches(n: int, batch_size: int, gen: torch.Generator) -> List[torch.Tensor]
     return out[:-1] if len(out) > 1 and len(out[-1]) == 1 else out
 
 
+class _EpochBatches(torch.utils.data.Dataset):
+    """Batch i of an epoch: inputs (augmented with its own seeded generator), labels and sample indices.
+
+    Seeding each batch from (epoch seed, i) makes the augmentation the same whether batches are made in
+    this process or in `data.workers` loader processes.
+    """
+
+    def __init__(self, data: DataBundle, data_cfg: Dict[str, Any], index_batches: List[torch.Tensor],
+                 epoch_seed: int) -> None:
+        self.data, self.tcfg, self.batches, self.seed = data, data_cfg["transforms"], index_batches, epoch_seed
+        self.augmenting = has_augmentation(self.tcfg)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = self.batches[i]
+        x = self.data.x_train[idx]
+        if self.augmenting:
+            x = augment(x, self.tcfg, torch.Generator().manual_seed(self.seed + i))
+        return x, self.data.y_train[idx], idx
+
+
+def epoch_batches(data: DataBundle, data_cfg: Dict[str, Any], gen: torch.Generator):
+    ds = _EpochBatches(data, data_cfg, batches(len(data.y_train), data_cfg["batch_size"], gen),
+                       int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    if data_cfg["workers"] == 0:
+        return (ds[i] for i in range(len(ds)))
+    return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=data_cfg["workers"])
+
+
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Logits in eval mode without a graph; the model's train/eval mode is restored afterwards."""
     was_training = model.training
@@ -142,7 +173,6 @@ def _fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, 
     gen = torch.Generator().manual_seed(tcfg["seed"])
     opt = make_optimizer([p for p in objective.parameters() if p.requires_grad], tcfg["optimizer"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(e, tcfg["scheduler"], tcfg["epochs"]))
-    augmenting = has_augmentation(data_cfg["transforms"])
     bf16 = tcfg["precision"] == "bf16"
     best_val, best_epoch, best_state = -1.0, -1, None
     epochs = bar(range(tcfg["epochs"]), desc=role, unit="epoch")
@@ -150,12 +180,9 @@ def _fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, 
         student.train()  # every epoch: evaluation below switches to eval mode
         objective.train()
         t0, sums, steps = time.perf_counter(), defaultdict(float), 0
-        for idx in batches(len(data.y_train), data_cfg["batch_size"], gen):
-            x = data.x_train[idx]
-            if augmenting:
-                x = augment(x, data_cfg["transforms"], gen)
+        for x, y, idx in epoch_batches(data, data_cfg, gen):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss, parts = objective(x, data.y_train[idx], idx)
+                loss, parts = objective(x, y, idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if tcfg["grad_clip"]:

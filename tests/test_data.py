@@ -70,3 +70,30 @@ def test_augment_crop_and_flip():
         assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(2))
     # a crop of the zero-padded image: every output pixel is a pixel of x or a padding zero
     assert set(out.unique().tolist()) <= set(x.unique().tolist()) | {0.0}
+
+
+@pytest.mark.parametrize("y_train, message", [
+    (np.zeros(40, np.uint8), "single class"),
+    (np.arange(40) % 4 - 1, "negative label"),
+    (np.linspace(0, 3, 40), "whole class indices"),
+    (np.zeros((40, 2), np.uint8), "1-D array"),
+])
+def test_bad_labels_are_refused(tmp_path, y_train, message):
+    p = tmp_path / "l.npz"
+    np.savez(p, x_train=np.zeros((40, 4, 4), np.uint8), y_train=y_train, x_test=np.zeros((8, 4, 4), np.uint8),
+             y_test=np.arange(8) % 4)
+    with pytest.raises(UserError, match=message):
+        load_data(data_cfg(dataset="npz", path=str(p), val_fraction=0.2))
+
+
+def test_loader_workers_give_the_same_batches_as_the_main_process(tmp_path):
+    from distill.train import epoch_batches
+    cfg = data_cfg(dataset="npz", path=_npz(tmp_path), val_fraction=0.2, batch_size=8,
+                   transforms={"random_crop": 2, "hflip": True})
+    d = load_data(cfg)
+    inline = list(epoch_batches(d, cfg, torch.Generator().manual_seed(3)))
+    workers = list(epoch_batches(d, {**cfg, "workers": 2}, torch.Generator().manual_seed(3)))
+    assert len(inline) == len(workers) == 4
+    for (xa, ya, ia), (xb, yb, ib) in zip(inline, workers):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ia, ib)
+    assert not torch.equal(inline[0][0], d.x_train[inline[0][2]])  # augmented, not the stored images

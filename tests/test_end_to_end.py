@@ -152,3 +152,11 @@ def test_evaluate_stage_alone_on_a_run_folder(digits_run):
     rd = RunDir(Recipe.load(os.path.join(out, "recipe.yaml")), out, quiet)
     again = evaluate(rd)
     assert again["student"]["accuracy"] == metrics["student"]["accuracy"]
+
+
+def test_checkpoint_with_another_class_list_is_refused(digits_run, tmp_path):
+    from distill.errors import UserError
+    out, _, _ = digits_run
+    with pytest.raises(UserError, match="classes|architecture"):
+        run(Recipe.load("breast_cancer", ["train.epochs=1", f"teacher.checkpoint={out}/teacher.safetensors"]),
+            out=str(tmp_path), echo=quiet)

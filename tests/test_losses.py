@@ -117,14 +117,14 @@ def test_teacher_builds_no_graph_and_gets_no_gradient():
 
 def test_student_is_in_train_mode_every_epoch_after_evaluation():
     from distill.data.datasets import DataBundle
-    from distill.recipe import TRAIN, validate_section
+    from distill.recipe import SCHEMA, TRAIN, validate_section
     from distill.train import fit
     torch.manual_seed(0)
     x, y = torch.randn(40, 4), torch.arange(40) % 3
     data = DataBundle(x, y, x[:10], y[:10], x[:10], y[:10], 3, ["a", "b", "c"], (4,), False, "fp")
     student = _Recorder()
     tcfg = validate_section({"epochs": 3}, TRAIN, "train")
-    dcfg = {"batch_size": 8, "eval_batch_size": 64, "transforms": {"normalize": True, "random_crop": 0, "hflip": False}}
+    dcfg = validate_section({"batch_size": 8}, SCHEMA["data"], "data")
     fit("student", Objective(student), data, dcfg, tcfg)
     train_passes = [m for m in student.modes if m]
     assert len(train_passes) == 3 * 5  # 5 batches an epoch, all in train mode, epoch after epoch

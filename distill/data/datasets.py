@@ -92,13 +92,13 @@ def _as_nchw(x: np.ndarray, path: str) -> np.ndarray:
 def load_data(cfg: Dict[str, Any]) -> DataBundle:
     """The `data` section of a resolved recipe -> normalised train/val/test tensors."""
     raw = DATASETS.get(cfg["dataset"], "data.dataset")(cfg)
-    y_all = np.asarray(raw.y_train).astype(np.int64)
+    y_all = _as_labels(raw.y_train, cfg, "y_train")
     if raw.x_test is None:
         x_tr, x_te, y_tr, y_te = train_test_split(raw.x_train, y_all, test_size=cfg["test_fraction"],
                                                   stratify=y_all, random_state=cfg["split_seed"])
     else:
-        x_tr, y_tr, x_te, y_te = raw.x_train, y_all, raw.x_test, np.asarray(raw.y_test).astype(np.int64)
-    num_classes = int(max(y_tr.max(), y_te.max())) + 1
+        x_tr, y_tr, x_te, y_te = raw.x_train, y_all, raw.x_test, _as_labels(raw.y_test, cfg, "y_test")
+    num_classes = _check_labels(y_tr, y_te, cfg)
     x_tr, x_va, y_tr, y_va = train_test_split(x_tr, y_tr, test_size=cfg["val_fraction"], stratify=y_tr,
                                               random_state=cfg["split_seed"])
     stats: Dict[str, Any] = {}
@@ -113,6 +113,29 @@ def load_data(cfg: Dict[str, Any]) -> DataBundle:
     names = raw.class_names or [str(i) for i in range(num_classes)]
     return DataBundle(tensors[0], labels[0], tensors[1], labels[1], tensors[2], labels[2], num_classes,
                       names, tuple(tensors[0].shape[1:]), raw.image, _fingerprint(cfg, tensors, labels), stats)
+
+
+def _as_labels(y: np.ndarray, cfg: Dict[str, Any], name: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or
+                           (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0))):
+        raise UserError(f"{cfg['path'] or cfg['dataset']}: {name} must be a 1-D array of whole class indices, "
+                        f"got dtype {y.dtype}, shape {y.shape}")
+    return y.astype(np.int64)
+
+
+def _check_labels(y_tr: np.ndarray, y_te: np.ndarray, cfg: Dict[str, Any]) -> int:
+    """Labels are class indices 0..K-1 with at least two classes; returns K."""
+    where = cfg["path"] or cfg["dataset"]
+    for name, y in (("y_train", y_tr), ("y_test", y_te)):
+        if len(y) == 0:
+            raise UserError(f"{where}: {name} is empty")
+        if y.min() < 0:
+            raise UserError(f"{where}: {name} has negative label {y.min()}; labels must be class indices 0..K-1")
+    num_classes = int(max(y_tr.max(), y_te.max())) + 1
+    if len(np.unique(y_tr)) < 2:
+        raise UserError(f"{where}: y_train holds a single class ({y_tr[0]}); classification needs at least two")
+    return num_classes
 
 
 def _fingerprint(cfg: Dict[str, Any], tensors: List[torch.Tensor], labels: List[torch.Tensor]) -> str:
