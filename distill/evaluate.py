@@ -73,7 +73,9 @@ LABELS = {"teacher": "teacher", "student_scratch": "student (no KD)", "student":
 
 
 def _cell(value: Any, fmt: Optional[str], key: str) -> str:
-    if isinstance(value, dict):  # mean and std over seeds
+    if isinstance(value, dict):  # mean and std over seeds; sizes do not vary with the seed
+        if key in ("params", "size_bytes"):
+            return _cell(value["mean"], fmt, key)
         return f"{_cell(value['mean'], fmt, key)} ± {_cell(value['std'], fmt, key)}"
     if key == "size_bytes":
         return f"{value / 1024:,.1f}"

@@ -65,6 +65,7 @@ class Objective(nn.Module):
         loss = ce_loss(logits, y)
         parts = {"ce": loss.item()}
         if self.teacher is None:
+            parts["total"] = parts["ce"]
             return loss, parts
         t_logits, t_feats = self.teacher(x, idx)
         kd = kd_loss(logits, t_logits, self.dcfg["temperature"])
@@ -78,6 +79,7 @@ class Objective(nn.Module):
             term = LOSSES.get(f["loss"])(s_feat, t_feat)
             parts[f"feat{i}_{f['loss']}"] = term.item()
             loss = loss + f["weight"] * term
+        parts["total"] = loss.item()
         return loss, parts
 
 
@@ -200,7 +202,7 @@ def _fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, 
             best_state = copy.deepcopy(student.state_dict())
         record = {"model": role, "epoch": epoch + 1, "lr": lr, "val_accuracy": val_acc,
                   "train_time_s": round(train_time, 4), **{f"loss_{k}": v / max(steps, 1) for k, v in sums.items()}}
-        epochs.set_postfix(loss=f"{sum(sums.values()) / max(steps, 1):.3f}", val=f"{val_acc:.3f}", refresh=False)
+        epochs.set_postfix(loss=f"{sums['total'] / max(steps, 1):.3f}", val=f"{val_acc:.3f}", refresh=False)
         if log_path:
             append_jsonl(log_path, record)
     student.load_state_dict(best_state)

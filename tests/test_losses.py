@@ -131,3 +131,23 @@ def test_student_is_in_train_mode_every_epoch_after_evaluation():
     # the order is: 5 training passes, then validation (eval mode), repeated
     assert student.modes[:6] == [True] * 5 + [False]
     assert student.modes[6] is True
+
+
+def test_lr_schedules():
+    from distill.train import lr_factor
+    cos = {"name": "cosine", "warmup_epochs": 0, "milestones": [], "gamma": 0.1}
+    assert [round(lr_factor(e, cos, 4), 4) for e in range(4)] == [1.0, 0.8536, 0.5, 0.1464]
+    step = {"name": "multistep", "warmup_epochs": 0, "milestones": [2, 3], "gamma": 0.1}
+    assert [round(lr_factor(e, step, 5), 6) for e in range(5)] == [1.0, 1.0, 0.1, 0.01, 0.01]
+    warm = {"name": "constant", "warmup_epochs": 3, "milestones": [], "gamma": 0.1}
+    assert [lr_factor(e, warm, 6) for e in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+def test_optimizers_from_the_recipe():
+    from distill.train import make_optimizer
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    base = {"lr": 0.1, "weight_decay": 0.01, "momentum": 0.8, "nesterov": True}
+    sgd = make_optimizer(p, {**base, "name": "sgd"})
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.8 and sgd.defaults["nesterov"]
+    assert isinstance(make_optimizer(p, {**base, "name": "adam"}), torch.optim.Adam)
+    assert isinstance(make_optimizer(p, {**base, "name": "adamw"}), torch.optim.AdamW)

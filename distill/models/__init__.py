@@ -91,20 +91,15 @@ def check_output(model: nn.Module, input_shape: Tuple[int, ...], num_classes: in
     x = torch.zeros(2, *input_shape)
     was_training = model.training
     model.eval()
+    sequential = isinstance(model, nn.Sequential)  # run layer by layer, so the error names the layer
     try:
         with torch.no_grad():
-            if isinstance(model, nn.Sequential):  # layer by layer, so the error names the layer
-                for i, layer in enumerate(model):
-                    try:
-                        x = layer(x)
-                    except RuntimeError as e:
-                        raise UserError(f"{where}.arch[{i}]: {type(layer).__name__} cannot take input of shape "
-                                        f"{tuple(x.shape[1:])} ({str(e).splitlines()[0]})") from None
-            else:
+            for i, layer in enumerate(model if sequential else [model]):
                 try:
-                    x = model(x)
+                    x = layer(x)
                 except RuntimeError as e:
-                    raise UserError(f"{where}: input of shape {tuple(input_shape)} does not fit the model "
+                    at = f"{where}.arch[{i}]: {type(layer).__name__}" if sequential else f"{where}: the model"
+                    raise UserError(f"{at} cannot take input of shape {tuple(x.shape[1:])} "
                                     f"({str(e).splitlines()[0]})") from None
     finally:
         model.train(was_training)

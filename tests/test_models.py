@@ -1,0 +1,42 @@
+"""The model registry and build-time checks: shape errors name the layer, class counts must match."""
+import pytest
+import torch
+
+from distill.errors import UserError
+from distill.models import build_model, check_output, count_params
+from distill.registry import MODELS
+
+
+def test_registry_lists_the_named_architectures():
+    assert set(MODELS.names()) >= {"mlp", "cnn", "seed_cnn_teacher", "seed_cnn_student", "resnet8x4",
+                                   "resnet32x4", "wrn_16_2", "wrn_40_2"}
+
+
+def test_seed_cnn_pair_sizes_and_shapes():
+    t = build_model({"model": "seed_cnn_teacher"}, (3, 32, 32), 10)
+    s = build_model({"model": "seed_cnn_student"}, (3, 32, 32), 10)
+    convs = [m.out_channels for m in t.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs == [32, 64] and t.head.in_features == 512
+    assert [m.out_channels for m in s.modules() if isinstance(m, torch.nn.Conv2d)] == [16, 32]
+    assert s.head.in_features == 256 and count_params(s) * 3 < count_params(t)
+    assert s(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_layer_list_shape_error_names_the_layer():
+    with pytest.raises(UserError, match=r"student\.arch\[1\]: Linear cannot take input of shape \(64,\)"):
+        build_model({"arch": ["Flatten()", "Linear(100, 10)"]}, (1, 8, 8), 10, where="student")
+
+
+def test_wrong_number_of_outputs():
+    with pytest.raises(UserError, match=r"outputs shape \(5,\) per sample but the data has 10 classes"):
+        build_model({"arch": ["Flatten()", "Linear(64, 5)"]}, (1, 8, 8), 10, where="teacher")
+
+
+def test_registry_model_bad_args_and_unknown_name():
+    with pytest.raises(UserError, match="teacher.args: .*unexpected keyword argument 'widht'"):
+        build_model({"model": "mlp", "args": {"widht": 3}}, (4,), 2, where="teacher")
+    with pytest.raises(UserError, match="unknown model 'resnet8x5' \\(did you mean 'resnet8x4'\\?\\)"):
+        build_model({"model": "resnet8x5"}, (3, 32, 32), 10, where="teacher")
+    model = build_model({"model": "cnn"}, (1, 8, 8), 10)
+    with pytest.raises(UserError, match=r"teacher: the model cannot take input of shape \(1, 16, 16\)"):
+        check_output(model, (1, 16, 16), 10, "teacher")
