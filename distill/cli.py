@@ -16,6 +16,10 @@ def _recipe_args(p: argparse.ArgumentParser, target_help: str) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set train.epochs=3 --set distill.temperature=4")
     p.add_argument("--out", default=None, help="run folder (default: output.dir of the recipe, else runs/NAME)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                   help="continue an interrupted run from its newest checkpoint (`--resume DIR` = `DIR --resume`)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow a run folder that holds a run of a different recipe (unchanged stages are reused)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,22 +93,36 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 0
 
     from . import runner
-    from .evaluate import format_table
+    if isinstance(args.resume, str):
+        if args.target:
+            raise UserError(f"--resume {args.resume}: give the run folder once, either as RECIPE or after --resume")
+        args.target, args.resume = args.resume, True
     recipe, out = _load(args.target, args.overrides, args.out)
+    try:
+        return _run_command(args, recipe, out)
+    except runner.Interrupted as e:
+        again = f"distill {args.command} {runner.run_folder(recipe, out)} --resume"
+        print(f"{e}; continue with: {again}", file=sys.stderr)
+        return 130
+
+
+def _run_command(args: argparse.Namespace, recipe, out: Optional[str]) -> int:
+    from . import runner
+    from .evaluate import format_table
+    flags = {"resume": bool(args.resume), "overwrite": args.overwrite}
     if args.command == "run":
         if args.seeds is not None:
             if args.seeds < 1:
                 raise UserError(f"--seeds: expected a positive number of seeds, got {args.seeds}")
-            summary = runner.run_seeds(recipe, list(range(args.seeds)), out, _echo)
+            summary = runner.run_seeds(recipe, list(range(args.seeds)), out, _echo, **flags)
             print(f"mean ± std over seeds {summary['seeds']}:")
             print(format_table(summary))
         else:
-            rd_out = out
-            metrics = runner.run(recipe, rd_out, _echo)
+            metrics = runner.run(recipe, out, _echo, **flags)
             print(format_table(metrics))
-            print(f"run folder: {rd_out or recipe.cfg['output']['dir'] or os.path.join('runs', recipe.cfg['name'])}")
+            print(f"run folder: {runner.run_folder(recipe, out)}")
         return 0
-    rd = runner.RunDir(recipe, out, _echo)
+    rd = runner.RunDir(recipe, out, _echo, **flags)
     if args.command == "train-teacher":
         runner.train_teacher(rd)
         print(f"teacher: {rd.path('teacher.safetensors')}")

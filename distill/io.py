@@ -2,6 +2,7 @@
 so a crash never leaves a half-written file and never destroys the previous good one."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -21,14 +22,21 @@ from .errors import UserError
 def atomic_path(path: str) -> Iterator[str]:
     """Yields a temp path beside `path`; on success it replaces `path`, on failure it is removed."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write in {folder} ({e.strerror or e})") from None
     try:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # disk full, read-only or vanished folder: the earlier `path` is left as it was
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise UserError(f"{path}: cannot write ({e.strerror or e}){'; free some disk space' if full else ''}; "
+                        f"the previous version of the file, if any, is unchanged") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -64,14 +72,31 @@ def save_model(model: nn.Module, path: str, meta: Dict[str, Any]) -> None:
         save_file(state, tmp, metadata={"distill": json.dumps(meta)})
 
 
+def _not_safetensors(path: str, e: Exception) -> UserError:
+    """Explain pickle-based files instead of loading them: unpickling can run arbitrary code."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        head = b""
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return UserError(f"{path}: a pickle-based PyTorch file; distill loads only .safetensors, because "
+                         f"unpickling can run code (convert it with safetensors.torch.save_file)")
+    return UserError(f"{path}: not a readable safetensors file, truncated or corrupt "
+                     f"({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+
+
 def load_meta(path: str) -> Dict[str, Any]:
     from safetensors import safe_open
     try:
         with safe_open(path, framework="pt") as fh:
             meta = fh.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
-    return json.loads(meta["distill"]) if "distill" in meta else {}
+        raise _not_safetensors(path, e) from None
+    try:
+        return json.loads(meta["distill"]) if "distill" in meta else {}
+    except ValueError:
+        raise UserError(f"{path}: the distill metadata in the header is not valid JSON") from None
 
 
 def load_weights(model: nn.Module, path: str, where: str) -> None:
@@ -79,7 +104,7 @@ def load_weights(model: nn.Module, path: str, where: str) -> None:
     try:
         state = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{where}: {path} is not a readable safetensors file ({e})") from None
+        raise UserError(f"{where}: {_not_safetensors(path, e)}") from None
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

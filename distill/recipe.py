@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -43,6 +44,12 @@ def non_negative(v: Any) -> Optional[str]:
     return None if v >= 0 else "must be >= 0"
 
 
+def safe_name(v: Any) -> Optional[str]:
+    """Names become folder names: no path separators, no '..' (a recipe cannot write outside runs/)."""
+    ok = bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", v)) and ".." not in v
+    return None if ok else "use letters, digits, '_', '-' and '.' only (it names the run folder)"
+
+
 def unit_interval(v: Any) -> Optional[str]:
     return None if 0 <= v <= 1 else "must be between 0 and 1"
 
@@ -57,6 +64,9 @@ TRAIN = {
     "precision": F((str,), "fp32", choices=("fp32", "bf16")),
     "select": F((str,), "best_val", choices=("best_val", "last")),
     "grad_clip": F(NUM, None, positive),
+    "checkpoint_every": F((int,), 0, non_negative),  # steps between checkpoints (0: only at epoch ends)
+    "keep_checkpoints": F((int,), 2, positive),
+    "max_bad_steps": F((int,), 5, positive),  # consecutive NaN/Inf steps skipped before the run stops
     "optimizer": {
         "name": F((str,), "adamw", choices=("sgd", "adam", "adamw")),
         "lr": F(NUM, 1e-3, positive),
@@ -89,7 +99,7 @@ FEATURE = {
 }
 
 SCHEMA: Dict[str, Any] = {
-    "name": F((str,), "run"),
+    "name": F((str,), "run", safe_name),
     "description": F((str,), ""),
     "data": {
         "dataset": F((str,), "digits", choices=("digits", "breast_cancer", "npz")),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import time
 from functools import cached_property
 from typing import Any, Dict, List, Optional, Sequence
@@ -19,6 +20,7 @@ from torch import nn
 from . import __version__
 from .data import DataBundle, has_augmentation, load_data
 from .errors import UserError
+from .checkpoint import Checkpoints
 from .evaluate import evaluate_model, mean_std
 from .hooks import FeatureCapture
 from .io import append_jsonl, load_meta, load_weights, read_json, save_model, sha256_file, sha256_json, write_json, \
@@ -26,24 +28,60 @@ from .io import append_jsonl, load_meta, load_weights, read_json, save_model, sh
 from .models import build_model
 from .recipe import Recipe
 from .softlabels import CachedOutputs, cache_key, default_cache_dir, load_or_build, teacher_forward
-from .train import Objective, fit, set_seed
+from .train import Interrupted, Objective, fit, set_seed  # noqa: F401  (Interrupted: for callers)
 
 MODELS_OUT = ("teacher", "student", "student_scratch")
+
+
+def run_folder(recipe: Recipe, out: Optional[str] = None) -> str:
+    """--out, else the recipe's output.dir, else runs/<name>."""
+    return out or recipe.cfg["output"]["dir"] or os.path.join("runs", recipe.cfg["name"])
 
 
 class RunDir:
     """A run folder: the resolved recipe, the data, and the bookkeeping of which stages are done."""
 
-    def __init__(self, recipe: Recipe, out: Optional[str] = None, echo=print) -> None:
+    def __init__(self, recipe: Recipe, out: Optional[str] = None, echo=print, resume: bool = False,
+                 overwrite: bool = False) -> None:
         self.recipe, self.cfg = recipe, recipe.cfg
-        self.out = out or self.cfg["output"]["dir"] or os.path.join("runs", self.cfg["name"])
-        self.echo = echo
+        self.out = run_folder(recipe, out)
+        self.echo, self.resume = echo, resume
+        self._refuse_other_run(overwrite)
+        self._preflight()
         try:
             os.makedirs(self.out, exist_ok=True)
+            write_text(self.path("recipe.yaml"), recipe.to_yaml())
         except OSError as e:
-            raise UserError(f"--out {self.out}: cannot create the run folder ({e.strerror})") from None
-        write_text(self.path("recipe.yaml"), recipe.to_yaml())
+            raise UserError(f"--out {self.out}: cannot write the run folder ({e.strerror})") from None
         self.log = self.path("log.jsonl")
+
+    def _refuse_other_run(self, overwrite: bool) -> None:
+        """A folder holding a run of another recipe is not silently mixed with this one."""
+        old = self.path("recipe.yaml")
+        if overwrite or not os.path.isfile(old):
+            return
+        try:
+            before = Recipe.load(old).cfg
+        except UserError:
+            before = None
+        strip = lambda cfg: {k: v for k, v in (cfg or {}).items() if k != "output"}  # noqa: E731
+        if strip(before) != strip(self.cfg):
+            raise UserError(f"--out {self.out}: the folder holds a run of a different recipe; choose another "
+                            f"folder, or pass --overwrite to replace it (unchanged stages are still reused)")
+
+    def _preflight(self) -> None:
+        """Load the data, build both models and one distillation step on two samples, before anything is
+        written: a mistake the recipe validator cannot see (a layer shape, a feature name, a checkpoint of
+        another architecture or class list) stops the run here with no half-made run folder."""
+        teacher, student = build_role(self, "teacher"), build_role(self, "student")
+        t_shapes, s_shapes = _feature_shapes(self, teacher, student)
+        source = teacher_source(self, teacher, "online", quiet=True)
+        x, y = self.data.x_train[:2], self.data.y_train[:2]
+        Objective(student, self.cfg["distill"], source, t_shapes, s_shapes)(x, y, torch.arange(2))
+
+    def checkpoints(self, role: str) -> Checkpoints:
+        tcfg = self.cfg["teacher" if role == "teacher" else "student"]["train"]
+        return Checkpoints(self.path(os.path.join("checkpoints", role)), tcfg["keep_checkpoints"], self.echo)
 
     def path(self, name: str) -> str:
         return os.path.join(self.out, name)
@@ -62,6 +100,13 @@ class RunDir:
         stages = read_json(self.path("stages.json"), {})
         stages[name] = {"fingerprint": fingerprint, **info}
         write_json(self.path("stages.json"), stages)
+        shutil.rmtree(self.path(os.path.join("checkpoints", name)), ignore_errors=True)  # the stage is done
+        if os.path.isdir(self.path("checkpoints")) and not os.listdir(self.path("checkpoints")):
+            os.rmdir(self.path("checkpoints"))
+
+    def fit(self, role: str, objective: Objective) -> Dict[str, Any]:
+        tcfg = self.cfg["teacher" if role == "teacher" else "student"]["train"]
+        return fit(role, objective, self.data, self.cfg["data"], tcfg, self.log, self.checkpoints(role), self.resume)
 
     def event(self, message: str, **fields: Any) -> None:
         self.echo(message)
@@ -132,7 +177,7 @@ def train_teacher(run: RunDir) -> nn.Module:
         run.event(f"teacher: loaded from {m['checkpoint']} (not retrained)", model="teacher")
         info: Dict[str, Any] = {"loaded_from": m["checkpoint"]}
     else:
-        info = fit("teacher", Objective(teacher), run.data, run.cfg["data"], m["train"], run.log)
+        info = run.fit("teacher", Objective(teacher))
     info["train_time_s"] = round(time.perf_counter() - t0, 3)
     save_role(run, teacher, "teacher", spec, info)
     run.mark_done("teacher", fp, info)
@@ -171,7 +216,7 @@ def train_student(run: RunDir, teacher: Optional[nn.Module] = None) -> Dict[str,
     if not run.stage_done("student_scratch", fp, ["student_scratch.safetensors"]):
         scratch = build_role(run, "student")
         t0 = time.perf_counter()
-        info = fit("student_scratch", Objective(scratch), run.data, run.cfg["data"], s["train"], run.log)
+        info = run.fit("student_scratch", Objective(scratch))
         info["train_time_s"] = round(time.perf_counter() - t0, 3)
         save_role(run, scratch, "student_scratch", spec, info)
         run.mark_done("student_scratch", fp, info)
@@ -190,7 +235,7 @@ def train_student(run: RunDir, teacher: Optional[nn.Module] = None) -> Dict[str,
         t_shapes, s_shapes = _feature_shapes(run, teacher, student)
         objective = Objective(student, dcfg, source, t_shapes, s_shapes)
         t0 = time.perf_counter()
-        info = fit("student", objective, run.data, run.cfg["data"], s["train"], run.log)
+        info = run.fit("student", objective)
         info.update(train_time_s=round(time.perf_counter() - t0, 3), teacher_outputs=mode)
         save_role(run, student, "student", spec, info)  # the projectors stay behind in `objective`
         run.mark_done("student", fp, info)
@@ -198,15 +243,16 @@ def train_student(run: RunDir, teacher: Optional[nn.Module] = None) -> Dict[str,
     return results
 
 
-def teacher_source(run: RunDir, teacher: nn.Module, mode: str):
+def teacher_source(run: RunDir, teacher: nn.Module, mode: str, quiet: bool = False):
     layers = [f["teacher"] for f in run.cfg["distill"]["features"]]
     if mode == "cached":
         cached = soft_labels(run, teacher)
         run.event("student: teacher outputs from the soft-label cache (the teacher is not run while training)",
                   teacher_outputs="cached")
         return lambda x, idx: cached.batch(idx)
-    run.event("student: teacher run online on every batch (augmented views differ per epoch)",
-              teacher_outputs="online")
+    if not quiet:
+        run.event("student: teacher run online on every batch (augmented views differ per epoch)",
+                  teacher_outputs="online")
     capture = FeatureCapture(teacher, layers, "distill.features")
 
     def online(x: torch.Tensor, idx: torch.Tensor):
@@ -246,9 +292,10 @@ def evaluate(run: RunDir) -> Dict[str, Any]:
     return metrics
 
 
-def run(recipe: Recipe, out: Optional[str] = None, echo=print) -> Dict[str, Any]:
-    """All four stages; returns the contents of metrics.json."""
-    rd = RunDir(recipe, out, echo)
+def run(recipe: Recipe, out: Optional[str] = None, echo=print, resume: bool = False,
+        overwrite: bool = False) -> Dict[str, Any]:
+    """All four stages; returns the contents of metrics.json. `resume` continues from checkpoints."""
+    rd = RunDir(recipe, out, echo, resume=resume, overwrite=overwrite)
     teacher = train_teacher(rd)
     train_student(rd, teacher)
     return evaluate(rd)
@@ -261,10 +308,12 @@ def with_seed(recipe: Recipe, seed: int) -> Recipe:
     return Recipe(cfg, recipe.source)
 
 
-def run_seeds(recipe: Recipe, seeds: List[int], out: Optional[str] = None, echo=print) -> Dict[str, Any]:
+def run_seeds(recipe: Recipe, seeds: List[int], out: Optional[str] = None, echo=print, resume: bool = False,
+              overwrite: bool = False) -> Dict[str, Any]:
     """One full run per seed in `OUT/seed_<s>`, then mean and std of every metric in `OUT/summary.json`."""
-    base = out or recipe.cfg["output"]["dir"] or os.path.join("runs", recipe.cfg["name"])
-    per_seed = {s: run(with_seed(recipe, s), os.path.join(base, f"seed_{s}"), echo) for s in seeds}
+    base = run_folder(recipe, out)
+    per_seed = {s: run(with_seed(recipe, s), os.path.join(base, f"seed_{s}"), echo, resume, overwrite)
+                for s in seeds}
     summary: Dict[str, Any] = {"seeds": list(seeds)}
     for name in MODELS_OUT:
         keys = per_seed[seeds[0]][name].keys()

@@ -43,12 +43,16 @@ class CachedOutputs:
 
 def teacher_forward(teacher: nn.Module, x: torch.Tensor, capture: FeatureCapture | None = None
                     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """The teacher never trains here: eval mode (no dropout, frozen BN) and no autograd graph."""
+    """The teacher never trains here: eval mode (no dropout, frozen BN) and no autograd graph.
+
+    Outputs are cloned out of inference mode: the losses save them for the student's backward pass,
+    which inference tensors do not allow.
+    """
     teacher.eval()
     with torch.inference_mode():
         logits = teacher(x)
         feats = {k: capture.outputs[k] for k in capture.names} if capture else {}
-    return logits, feats
+    return logits.clone(), {k: v.clone() for k, v in feats.items()}
 
 
 def load_or_build(teacher: nn.Module, x_train: torch.Tensor, key: str, cache_dir: str,

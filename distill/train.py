@@ -7,8 +7,12 @@ with the best validation accuracy. The test split is never seen here.
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 import random
+import signal
+import threading
 import time
 from collections import defaultdict
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -17,10 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import Checkpoints, rng_state, set_rng_state
 from .data import DataBundle, augment, has_augmentation
 from .errors import UserError
 from .hooks import FeatureCapture
-from .io import append_jsonl
+from .io import append_jsonl, write_text
 from .losses import Projector, align, ce_loss, kd_loss
 from .progress import bar
 from .registry import LOSSES
@@ -135,12 +140,14 @@ class _EpochBatches(torch.utils.data.Dataset):
         return x, self.data.y_train[idx], idx
 
 
-def epoch_batches(data: DataBundle, data_cfg: Dict[str, Any], gen: torch.Generator):
+def epoch_batches(data: DataBundle, data_cfg: Dict[str, Any], gen: torch.Generator, start: int = 0):
+    """The epoch's batches from batch `start` on (a resumed epoch skips those already trained on)."""
     ds = _EpochBatches(data, data_cfg, batches(len(data.y_train), data_cfg["batch_size"], gen),
                        int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
     if data_cfg["workers"] == 0:
-        return (ds[i] for i in range(len(ds)))
-    return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=data_cfg["workers"])
+        return (ds[i] for i in range(start, len(ds)))
+    return torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(start, len(ds)),
+                                       num_workers=data_cfg["workers"])
 
 
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
@@ -158,52 +165,168 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return (predict(model, x, batch_size).argmax(1) == y).float().mean().item()
 
 
+class TrainingDiverged(UserError):
+    """Too many consecutive steps with a NaN or Inf loss or gradient."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM: the current step finished and a checkpoint was written."""
+
+    def __init__(self, role: str, signum: int, where: str, checkpoint: Optional[str]) -> None:
+        self.role, self.signum, self.checkpoint = role, signum, checkpoint
+        super().__init__(f"{role}: stopped by {signal.Signals(signum).name} at {where}; "
+                         f"checkpoint {checkpoint or 'not written (checkpoints are off)'}")
+
+
+class _StopOnSignal:
+    """While training, SIGINT/SIGTERM only set a flag; the loop finishes its step, checkpoints, and stops."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._old: Dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._set)
+        return self
+
+    def _set(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
 def fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, Any], tcfg: Dict[str, Any],
-        log_path: Optional[str] = None) -> Dict[str, Any]:
-    """Train `objective.student` in place; returns the selected epoch and its validation accuracy."""
+        log_path: Optional[str] = None, checkpoints: Optional[Checkpoints] = None, resume: bool = False
+        ) -> Dict[str, Any]:
+    """Train `objective.student` in place; returns the selected epoch and its validation accuracy.
+
+    With `checkpoints`, state is saved every `train.checkpoint_every` steps and at each epoch end, and
+    `resume=True` continues from the newest readable checkpoint, bit for bit as if never stopped.
+    """
     torch.set_flush_denormal(True)  # near-zero losses otherwise make CPU steps 100x slower
     try:
-        return _fit(role, objective, data, data_cfg, tcfg, log_path)
+        with _StopOnSignal() as stop:
+            return _fit(role, objective, data, data_cfg, tcfg, log_path, checkpoints, resume, stop)
     finally:
         torch.set_flush_denormal(False)  # process-wide state: give it back as we found it (the default)
 
 
+def _finite_grads(params: List[torch.Tensor]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+
+
 def _fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, Any], tcfg: Dict[str, Any],
-         log_path: Optional[str]) -> Dict[str, Any]:
+         log_path: Optional[str], checkpoints: Optional[Checkpoints], resume: bool, stop: _StopOnSignal
+         ) -> Dict[str, Any]:
     student = objective.student
     set_seed(tcfg["seed"])
     gen = torch.Generator().manual_seed(tcfg["seed"])
-    opt = make_optimizer([p for p in objective.parameters() if p.requires_grad], tcfg["optimizer"])
+    params = [p for p in objective.parameters() if p.requires_grad]
+    opt = make_optimizer(params, tcfg["optimizer"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(e, tcfg["scheduler"], tcfg["epochs"]))
     bf16 = tcfg["precision"] == "bf16"
-    best_val, best_epoch, best_state = -1.0, -1, None
-    epochs = bar(range(tcfg["epochs"]), desc=role, unit="epoch")
-    for epoch in epochs:
+    # Everything about where training stands; saved in checkpoints as is.
+    prog: Dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "best_val": -1.0, "best_epoch": -1,
+                            "best_state": None, "sums": {}, "bad": 0, "skipped": 0}
+    saved = checkpoints.latest() if (checkpoints and resume) else None
+    if saved:
+        objective.load_state_dict(saved["objective"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        gen.set_state(saved["epoch_gen"])
+        set_rng_state(saved["rng"])
+        prog = saved["progress"]
+        if log_path:
+            trim_log(log_path, role, prog["epoch"])
+    elif checkpoints:
+        checkpoints.clear()
+
+    def save(epoch_gen: torch.Tensor) -> Optional[str]:
+        if not checkpoints:
+            return None
+        return checkpoints.save(prog["step"], {"objective": objective.state_dict(), "optimizer": opt.state_dict(),
+                                               "scheduler": sched.state_dict(), "epoch_gen": epoch_gen,
+                                               "rng": rng_state(), "progress": prog})
+
+    epochs = bar(range(tcfg["epochs"]), desc=role, unit="epoch", initial=prog["epoch"])
+    for epoch in range(prog["epoch"], tcfg["epochs"]):
+        epoch_gen = gen.get_state()  # the epoch's batches are drawn from here: a resume redraws the same
         student.train()  # every epoch: evaluation below switches to eval mode
         objective.train()
-        t0, sums, steps = time.perf_counter(), defaultdict(float), 0
-        for x, y, idx in epoch_batches(data, data_cfg, gen):
+        t0, sums = time.perf_counter(), defaultdict(float, prog["sums"])
+        for x, y, idx in epoch_batches(data, data_cfg, gen, start=prog["batch"]):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss, parts = objective(x, y, idx)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tcfg["grad_clip"]:
-                nn.utils.clip_grad_norm_(objective.parameters(), tcfg["grad_clip"])
-            opt.step()
-            steps += 1
-            for k, v in parts.items():
-                sums[k] += v
+            bad = next((k for k, v in parts.items() if not math.isfinite(v)), None)
+            if bad is None:
+                loss.backward()
+                if tcfg["grad_clip"]:
+                    nn.utils.clip_grad_norm_(params, tcfg["grad_clip"])
+                bad = None if _finite_grads(params) else "gradient"
+            prog["batch"] += 1
+            prog["step"] += 1
+            if bad:
+                prog["bad"] += 1
+                prog["skipped"] += 1
+                if prog["bad"] >= tcfg["max_bad_steps"]:
+                    raise TrainingDiverged(
+                        f"{role}: epoch {epoch + 1} step {prog['step']}: the {bad} "
+                        f"{'loss ' if bad != 'gradient' else ''}was NaN or Inf for {prog['bad']} steps in a row; "
+                        f"likely cause: learning rate too high (train.optimizer.lr={tcfg['optimizer']['lr']}), "
+                        f"NaN/Inf in the input data, or bf16 overflow; "
+                        f"{'the last good checkpoint is kept' if checkpoints else 'no checkpoint was written'}")
+                opt.zero_grad(set_to_none=True)
+            else:
+                prog["bad"] = 0
+                opt.step()
+                for k, v in parts.items():
+                    sums[k] += v
+            prog["sums"] = dict(sums)
+            if tcfg["checkpoint_every"] and prog["step"] % tcfg["checkpoint_every"] == 0 and not bad:
+                save(epoch_gen)
+            if stop.signum is not None:
+                path = save(epoch_gen)
+                raise Interrupted(role, stop.signum, f"epoch {epoch + 1}, step {prog['step']}", path)
         lr = opt.param_groups[0]["lr"]
         sched.step()
-        train_time = time.perf_counter() - t0
         val_acc = accuracy(student, data.x_val, data.y_val, data_cfg["eval_batch_size"])
-        if tcfg["select"] == "last" or val_acc > best_val:
-            best_val, best_epoch = val_acc, epoch
-            best_state = copy.deepcopy(student.state_dict())
+        if tcfg["select"] == "last" or val_acc > prog["best_val"]:
+            prog.update(best_val=val_acc, best_epoch=epoch, best_state=copy.deepcopy(student.state_dict()))
+        n = max(prog["batch"] - prog["skipped"], 1)
         record = {"model": role, "epoch": epoch + 1, "lr": lr, "val_accuracy": val_acc,
-                  "train_time_s": round(train_time, 4), **{f"loss_{k}": v / max(steps, 1) for k, v in sums.items()}}
-        epochs.set_postfix(loss=f"{sums['total'] / max(steps, 1):.3f}", val=f"{val_acc:.3f}", refresh=False)
+                  "train_time_s": round(time.perf_counter() - t0, 4), "skipped_steps": prog["skipped"],
+                  **{f"loss_{k}": v / n for k, v in sums.items()}}
+        epochs.set_postfix(loss=f"{sums['total'] / n:.3f}", val=f"{val_acc:.3f}", refresh=False)
+        epochs.update(1)
         if log_path:
             append_jsonl(log_path, record)
-    student.load_state_dict(best_state)
-    return {"selected_epoch": best_epoch + 1, "val_accuracy": best_val}
+        prog.update(epoch=epoch + 1, batch=0, sums={}, skipped=0)
+        save(gen.get_state())  # after the log line: a resume trims lines past the checkpoint's epoch
+    epochs.close()
+    student.load_state_dict(prog["best_state"])
+    return {"selected_epoch": prog["best_epoch"] + 1, "val_accuracy": prog["best_val"]}
+
+
+def trim_log(path: str, role: str, epochs_done: int) -> None:
+    """Drop `role`'s epoch lines past `epochs_done` (written after the checkpoint a resume starts from)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.readlines()
+    keep = [line for line in lines if not _past(line, role, epochs_done)]
+    if len(keep) != len(lines):
+        write_text(path, "".join(keep))
+
+
+def _past(line: str, role: str, epochs_done: int) -> bool:
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return True  # a torn last line from a kill mid-write
+    return rec.get("model") == role and rec.get("epoch", 0) > epochs_done

@@ -61,7 +61,7 @@ def test_second_run_reuses_every_stage_and_a_new_temperature_only_retrains_the_s
     assert any("student: inputs unchanged" in m for m in messages)
     assert again["student"]["accuracy"] == metrics["student"]["accuracy"]
     messages.clear()
-    rd = RunDir(Recipe.load("digits", ["distill.temperature=3"]), out, messages.append)
+    rd = RunDir(Recipe.load("digits", ["distill.temperature=3"]), out, messages.append, overwrite=True)
     train_teacher(rd)
     train_student(rd)
     assert any("teacher: inputs unchanged" in m for m in messages)
@@ -70,7 +70,7 @@ def test_second_run_reuses_every_stage_and_a_new_temperature_only_retrains_the_s
     assert not any("student: inputs unchanged" in m for m in messages)
     assert os.path.getmtime(os.path.join(out, "teacher.safetensors")) == before["teacher.safetensors"]
     assert os.path.getmtime(os.path.join(out, "student.safetensors")) > before["student.safetensors"]
-    run(Recipe.load("digits"), out=out, echo=quiet)  # leave the folder as the other tests expect it
+    run(Recipe.load("digits"), out=out, echo=quiet, overwrite=True)  # leave the folder as the others expect
 
 
 def test_same_seed_same_weights_and_other_seed_differs(tmp_path):

@@ -92,6 +92,9 @@ def _as_nchw(x: np.ndarray, path: str) -> np.ndarray:
 def load_data(cfg: Dict[str, Any]) -> DataBundle:
     """The `data` section of a resolved recipe -> normalised train/val/test tensors."""
     raw = DATASETS.get(cfg["dataset"], "data.dataset")(cfg)
+    _check_inputs(raw.x_train, raw.y_train, "train", cfg)
+    if raw.x_test is not None:
+        _check_inputs(raw.x_test, raw.y_test, "test", cfg)
     y_all = _as_labels(raw.y_train, cfg, "y_train")
     if raw.x_test is None:
         x_tr, x_te, y_tr, y_te = train_test_split(raw.x_train, y_all, test_size=cfg["test_fraction"],
@@ -135,7 +138,20 @@ def _check_labels(y_tr: np.ndarray, y_te: np.ndarray, cfg: Dict[str, Any]) -> in
     num_classes = int(max(y_tr.max(), y_te.max())) + 1
     if len(np.unique(y_tr)) < 2:
         raise UserError(f"{where}: y_train holds a single class ({y_tr[0]}); classification needs at least two")
+    unseen = sorted(set(np.unique(y_te).tolist()) - set(np.unique(y_tr).tolist()))
+    if unseen:
+        raise UserError(f"{where}: y_test has labels {unseen[:5]} that never occur in y_train; "
+                        f"labels must be class indices 0..K-1 shared by both splits")
     return num_classes
+
+
+def _check_inputs(x: np.ndarray, y: np.ndarray, name: str, cfg: Dict[str, Any]) -> None:
+    where = cfg["path"] or cfg["dataset"]
+    if len(x) != len(y):
+        raise UserError(f"{where}: x_{name} has {len(x)} samples but y_{name} has {len(y)}")
+    bad = int(np.size(x) - np.isfinite(x).sum())
+    if bad:
+        raise UserError(f"{where}: x_{name} holds {bad} NaN or Inf values; clean or impute them before training")
 
 
 def _fingerprint(cfg: Dict[str, Any], tensors: List[torch.Tensor], labels: List[torch.Tensor]) -> str:

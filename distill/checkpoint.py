@@ -1,0 +1,65 @@
+"""Training checkpoints: everything needed to continue a run as if it had never stopped.
+
+A checkpoint holds the student and projectors (the objective), optimizer, scheduler, the RNG states (Python,
+NumPy, torch, and the trainer's shuffling generator as it was at the start of the epoch) and the position in
+the epoch. Each is written atomically (temp file, fsync, rename); the newest K are kept. Loading uses
+`torch.load(weights_only=True)`, so a checkpoint can hold tensors and plain data, never code; a corrupt or
+partial file is skipped with a warning and the next newest is used.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import random
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+import torch
+
+from .io import atomic_path
+
+
+def rng_state() -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+class Checkpoints:
+    """`folder/step-00000042.pt` files, newest last."""
+
+    def __init__(self, folder: str, keep: int = 2, warn: Callable[[str], None] = print) -> None:
+        self.folder, self.keep, self.warn = folder, max(1, keep), warn
+
+    def _files(self) -> list:
+        return sorted(glob.glob(os.path.join(self.folder, "step-*.pt")))
+
+    def save(self, step: int, state: Dict[str, Any]) -> str:
+        path = os.path.join(self.folder, f"step-{step:08d}.pt")
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+        for old in self._files()[:-self.keep]:
+            os.remove(old)
+        return path
+
+    def latest(self) -> Optional[Dict[str, Any]]:
+        """The newest checkpoint that loads; corrupt or partial ones are skipped with a warning."""
+        for path in reversed(self._files()):
+            try:
+                return torch.load(path, weights_only=True)
+            except Exception as e:  # truncated, corrupt, or not a checkpoint: try the one before
+                self.warn(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})")
+        return None
+
+    def clear(self) -> None:
+        for path in self._files():
+            os.remove(path)

@@ -1,0 +1,199 @@
+"""Nothing lost: SIGKILL at random points then --resume gives the same weights as an uninterrupted run;
+SIGTERM checkpoints and says how to continue; NaN/Inf steps are skipped, then stop the run clearly."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from distill.checkpoint import Checkpoints
+from distill.train import Objective, TrainingDiverged, fit
+
+EPOCHS = 20
+RECIPE = ["digits", "--set", f"teacher.train.epochs={EPOCHS}", "--set", f"train.epochs={EPOCHS}",
+          "--set", "train.checkpoint_every=7"]
+ENV = {**os.environ, "DISTILL_QUIET": "1", "OMP_NUM_THREADS": "1"}  # bitwise equality is per thread count
+
+
+def start(out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "distill", "run", *RECIPE, "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def same_results(a, b):
+    for name in ("teacher", "student_scratch", "student"):
+        wa, wb = load_file(os.path.join(a, f"{name}.safetensors")), load_file(os.path.join(b, f"{name}.safetensors"))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+    ma, mb = (json.load(open(os.path.join(d, "metrics.json"))) for d in (a, b))
+    for name in ma:
+        for key in ("accuracy", "macro_f1", "val_accuracy", "selected_epoch", "params"):
+            assert ma[name][key] == mb[name][key], (name, key)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    p = start(out)
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    return str(out)
+
+
+def _progress(out):
+    """Checkpoint files and finished stages: changes only when training has really moved on."""
+    ck = [f for _, _, fs in os.walk(out / "checkpoints") for f in fs] if (out / "checkpoints").exists() else []
+    stages = (out / "stages.json").read_text() if (out / "stages.json").exists() else ""
+    return sorted(ck), stages
+
+
+def test_sigkill_at_random_points_then_resume_is_bitwise_identical(reference, tmp_path):
+    out, rng, kills = tmp_path / "killed", random.Random(1), 0
+    for attempt in range(60):
+        before = _progress(out)
+        p = start(out, "--resume") if attempt else start(out)
+        while p.poll() is None and _progress(out) == before:  # wait until this attempt makes progress,
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.6))  # then kill at a random point (mid-step, mid-write, mid-stage)
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            kills += 1
+            continue
+        assert p.returncode == 0, p.stderr.read()
+        break
+    else:
+        pytest.fail("the run never finished")
+    assert kills >= 3
+    same_results(reference, out)
+    lines = [json.loads(line) for line in open(out / "log.jsonl")]
+    for model in ("teacher", "student_scratch", "student"):  # no duplicated or missing epoch lines
+        assert [r["epoch"] for r in lines if r.get("model") == model and "epoch" in r] == list(range(1, EPOCHS + 1)), model
+
+
+def test_sigterm_checkpoints_says_how_to_resume_and_resume_matches(reference, tmp_path):
+    out = tmp_path / "term"
+    p = start(out)
+    deadline = time.time() + 120
+    while not os.path.isdir(out / "checkpoints" / "teacher") and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "stopped by SIGTERM" in err and f"continue with: distill run {out} --resume" in err
+    assert "Traceback" not in err
+    p = subprocess.run([sys.executable, "-m", "distill", "run", "--resume", str(out)], capture_output=True,
+                       text=True, env=ENV, timeout=300)
+    assert p.returncode == 0, p.stderr
+    same_results(reference, out)
+
+
+def test_different_recipe_in_the_same_folder_is_refused_unless_overwrite(reference, tmp_path):
+    out = tmp_path / "other"
+    args = [sys.executable, "-m", "distill", "run", "digits", "--set", "train.epochs=1", "--out", str(out)]
+    assert subprocess.run(args, capture_output=True, env=ENV).returncode == 0
+    r = subprocess.run(args[:-2] + ["--set", "distill.alpha=0.5", "--out", str(out)], capture_output=True,
+                       text=True, env=ENV)
+    assert r.returncode == 2 and "holds a run of a different recipe" in r.stderr
+    before = open(out / "metrics.json").read()
+    assert open(out / "metrics.json").read() == before  # the earlier result is untouched
+    r = subprocess.run(args[:-2] + ["--set", "distill.alpha=0.5", "--out", str(out), "--overwrite"],
+                       capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0 and "teacher: inputs unchanged" in r.stderr
+
+
+def test_kill_during_checkpoint_writing_leaves_the_previous_one(tmp_path):
+    script = ("import torch, sys\nfrom distill.checkpoint import Checkpoints\n"
+              f"c = Checkpoints({str(tmp_path)!r}, keep=3)\n"
+              "c.save(1, {'w': torch.ones(10)})\nprint('saved', flush=True)\n"
+              "for step in range(2, 10**6): c.save(step, {'w': torch.randn(4_000_000)})\n")
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert p.stdout.readline().strip() == "saved"
+    time.sleep(1.5)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    warnings = []
+    state = Checkpoints(str(tmp_path), warn=warnings.append).latest()
+    assert state is not None and state["w"].numel() in (10, 4_000_000)
+
+
+def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tmp_path):
+    c = Checkpoints(str(tmp_path), keep=3)
+    c.save(1, {"w": torch.ones(3)})
+    c.save(2, {"w": torch.zeros(3)})
+    newest = sorted(os.listdir(tmp_path))[-1]
+    with open(tmp_path / newest, "r+b") as fh:
+        fh.truncate(20)
+    warnings = []
+    state = Checkpoints(str(tmp_path), warn=warnings.append).latest()
+    assert torch.equal(state["w"], torch.ones(3))
+    assert len(warnings) == 1 and "skipping unreadable checkpoint" in warnings[0] and newest in warnings[0]
+
+
+def test_keeps_the_last_k(tmp_path):
+    c = Checkpoints(str(tmp_path), keep=2)
+    for step in range(5):
+        c.save(step, {"step": step})
+    assert sorted(os.listdir(tmp_path)) == ["step-00000003.pt", "step-00000004.pt"]
+
+
+def test_pickled_code_in_a_checkpoint_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "PWNED"),))
+    torch.save({"x": Evil()}, tmp_path / "step-00000001.pt")
+    warnings = []
+    assert Checkpoints(str(tmp_path), warn=warnings.append).latest() is None
+    assert not (tmp_path / "PWNED").exists() and "skipping unreadable checkpoint" in warnings[0]
+
+
+class _NaNAt(nn.Module):
+    """A student whose output is NaN on the forward passes listed in `bad` (counting training passes)."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.body, self.head, self.bad, self.calls = nn.Linear(4, 8), nn.Linear(8, 3), set(bad), 0
+
+    def forward(self, x):
+        out = self.head(torch.relu(self.body(x)))
+        if self.training:
+            self.calls += 1
+            if self.calls in self.bad:
+                out = out * float("nan")
+        return out
+
+
+def _train(student, tmp_path, **over):
+    from distill.data.datasets import DataBundle
+    from distill.recipe import SCHEMA, TRAIN, validate_section
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 4), torch.arange(40) % 3
+    data = DataBundle(x, y, x[:10], y[:10], x[:10], y[:10], 3, ["a", "b", "c"], (4,), False, "fp")
+    tcfg = validate_section({"epochs": 2, **over}, TRAIN, "train")
+    dcfg = validate_section({"batch_size": 8}, SCHEMA["data"], "data")
+    log = str(tmp_path / "log.jsonl")
+    return fit("student", Objective(student), data, dcfg, tcfg, log, Checkpoints(str(tmp_path / "ck"))), log
+
+
+def test_isolated_nan_steps_are_skipped_and_counted(tmp_path):
+    student = _NaNAt({2, 4, 7})
+    info, log = _train(student, tmp_path)
+    lines = [json.loads(line) for line in open(log)]
+    assert [r["skipped_steps"] for r in lines] == [2, 1]
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+    assert info["selected_epoch"] >= 1
+
+
+def test_consecutive_nan_steps_stop_with_a_clear_error(tmp_path):
+    student = _NaNAt({3, 4, 5, 6})
+    with pytest.raises(TrainingDiverged) as err:
+        _train(student, tmp_path, max_bad_steps=3)
+    msg = str(err.value)
+    assert "epoch 1 step 5" in msg and "the ce loss was NaN or Inf for 3 steps in a row" in msg
+    assert "learning rate" in msg and "\n" not in msg
+    assert Checkpoints(str(tmp_path / "ck")).latest() is None  # nothing bad was saved (no epoch finished)
