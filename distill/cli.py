@@ -9,6 +9,8 @@ from typing import List, Optional
 from .errors import UserError
 
 DEFAULT_RECIPE = "digits"
+NEEDS = {"soft-labels": ("teacher",), "train-student": ("teacher",),
+         "evaluate": ("teacher", "student_scratch", "student")}
 
 
 def _recipe_args(p: argparse.ArgumentParser, target_help: str) -> None:
@@ -122,6 +124,11 @@ def _run_command(args: argparse.Namespace, recipe, out: Optional[str]) -> int:
             print(format_table(metrics))
             print(f"run folder: {runner.run_folder(recipe, out)}")
         return 0
+    folder = runner.run_folder(recipe, out)
+    for name in NEEDS.get(args.command, ()):  # checked before the run folder is touched
+        if not os.path.isfile(os.path.join(folder, f"{name}.safetensors")):
+            raise UserError(f"{os.path.join(folder, name)}.safetensors: missing; run the stage that makes it "
+                            f"first (distill run, or distill {'train-teacher' if name == 'teacher' else 'train-student'})")
     rd = runner.RunDir(recipe, out, _echo, **flags)
     if args.command == "train-teacher":
         runner.train_teacher(rd)

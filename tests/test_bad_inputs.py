@@ -1,0 +1,215 @@
+"""The catalogue of user mistakes. Each one: exit code 2, one line naming the file/key/value and the fix, no
+traceback, and no run folder made (or the earlier run left exactly as it was)."""
+import errno
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from distill.cli import main
+from distill.io import save_model
+from distill.models import build_model
+
+GOOD = ("name: t\ndata: {dataset: digits, as_image: true}\nteacher: {model: cnn, args: {channels: [4], hidden: 8}}\n"
+        "student: {model: mlp, args: {hidden: [8]}}\ntrain: {epochs: 1}\n")
+
+
+def npz(path, n=40, classes=4, **change):
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.integers(0, 255, (n, 8, 8), dtype=np.uint8), "y_train": np.arange(n) % classes,
+              "x_test": rng.integers(0, 255, (12, 8, 8), dtype=np.uint8), "y_test": np.arange(12) % classes}
+    arrays.update(change)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return str(path)
+
+
+def ckpt(path, spec, shape=(1, 8, 8), classes=10, names=None):
+    model = build_model(spec, shape, classes)
+    save_model(model, str(path), {"spec": spec, "input_shape": list(shape), "num_classes": classes,
+                                  "class_names": names or [str(i) for i in range(classes)]})
+    return str(path)
+
+
+def files(d):
+    """Every file under d with its bytes: what 'left exactly as it was' compares."""
+    return {os.path.join(r, f): open(os.path.join(r, f), "rb").read() for r, _, fs in os.walk(d) for f in fs}
+
+
+def recipe_with(tmp, text):
+    p = tmp / "recipe.yaml"
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return str(p)
+
+
+CASES = {
+    # recipe file and YAML
+    "malformed yaml": (lambda t: [recipe_with(t, GOOD + "train: {epochs: [1\n")], "malformed YAML"),
+    "python tag": (lambda t: [recipe_with(t, GOOD + "seed: !!python/object/apply:os.system [ls]\n")],
+                   "YAML tags such as !!python are not allowed"),
+    "not a mapping": (lambda t: [recipe_with(t, "[1, 2]\n")], "a recipe is a mapping of sections"),
+    "recipe missing": (lambda t: [str(t / "nope.yaml")], "no such recipe file or bundled recipe"),
+    "recipe is a folder": (lambda t: [str(t)], "not a run folder (no recipe.yaml)"),
+    "not utf-8": (lambda t: [recipe_with(t, GOOD.encode() + b"# caf\xe9\n")], "not UTF-8 text"),
+    # keys, types and ranges
+    "unknown section": (lambda t: [recipe_with(t, GOOD + "distil: {alpha: 0.5}\n")],
+                        "distil: unknown key (did you mean 'distill'?)"),
+    "misspelt key": (lambda t: [recipe_with(t, GOOD.replace("epochs", "epoch"))],
+                     "train.epoch: unknown key (did you mean 'epochs'?)"),
+    "wrong type": (lambda t: [recipe_with(t, GOOD.replace("epochs: 1", "epochs: ten"))],
+                   "train.epochs: expected int, got str 'ten'"),
+    "negative lr": (lambda t: [recipe_with(t, GOOD + "distill: {}\n"), "--set", "train.optimizer.lr=-0.01"],
+                    "train.optimizer.lr: must be > 0, got -0.01"),
+    "zero temperature": (lambda t: [recipe_with(t, GOOD), "--set", "distill.temperature=0"],
+                         "distill.temperature: must be > 0, got 0"),
+    "negative temperature": (lambda t: [recipe_with(t, GOOD), "--set", "distill.temperature=-2"],
+                             "distill.temperature: must be > 0, got -2"),
+    "alpha above 1": (lambda t: [recipe_with(t, GOOD), "--set", "distill.alpha=1.2"],
+                      "distill.alpha: must be between 0 and 1, got 1.2"),
+    "alpha below 0": (lambda t: [recipe_with(t, GOOD), "--set", "distill.alpha=-0.1"],
+                      "distill.alpha: must be between 0 and 1, got -0.1"),
+    "zero batch size": (lambda t: [recipe_with(t, GOOD), "--set", "data.batch_size=0"],
+                        "data.batch_size: must be > 0, got 0"),
+    "unknown optimizer": (lambda t: [recipe_with(t, GOOD), "--set", "train.optimizer.name=adamm"],
+                          "'adamm' is not one of sgd, adam, adamw (did you mean 'adam'?)"),
+    "unknown metric": (lambda t: [recipe_with(t, GOOD + "evaluate: {metrics: [f1]}\n")],
+                       "evaluate.metrics[0]: unknown metric 'f1'"),
+    "bad --set": (lambda t: [recipe_with(t, GOOD), "--set", "train.epochs"], "expected KEY.PATH=VALUE"),
+    "unknown --set key": (lambda t: [recipe_with(t, GOOD), "--set", "student.modle=mlp"],
+                          "unknown key 'modle' (did you mean 'model'?)"),
+    "path traversal in name": (lambda t: [recipe_with(t, GOOD.replace("name: t", "name: ../../escape"))],
+                               "name: use letters, digits"),
+    "zero seeds": (lambda t: [recipe_with(t, GOOD), "--seeds", "0"], "--seeds: expected a positive number"),
+    # data
+    "npz path missing": (lambda t: [recipe_with(t, GOOD.replace("dataset: digits", "dataset: npz"))],
+                         "data.path: missing"),
+    "npz not found": (lambda t: [recipe_with(t, GOOD.replace("dataset: digits", "dataset: npz, path: no.npz"))],
+                      "data.path: file not found: no.npz"),
+    "npz garbage": (lambda t: [recipe_with(t, GOOD.replace("dataset: digits", f"dataset: npz, path: {_garbage(t)}"))],
+                    "cannot read as .npz"),
+    "npz missing arrays": (lambda t: [_npz_recipe(t, x_test=None)], "missing arrays ['x_test']"),
+    "empty data": (lambda t: [_npz_recipe(t, x_train=np.zeros((0, 8, 8), np.uint8), y_train=np.zeros(0, int))],
+                   "y_train is empty"),
+    "x and y lengths differ": (lambda t: [_npz_recipe(t, y_train=np.arange(30) % 4)],
+                               "x_train has 40 samples but y_train has 30"),
+    "single class": (lambda t: [_npz_recipe(t, y_train=np.zeros(40, int), y_test=np.zeros(12, int))],
+                     "y_train holds a single class"),
+    "negative label": (lambda t: [_npz_recipe(t, y_train=np.arange(40) % 4 - 1)], "negative label -1"),
+    "test label outside the train classes": (lambda t: [_npz_recipe(t, y_test=np.arange(12) % 6)],
+                                             "y_test has labels [4, 5] that never occur in y_train"),
+    "fractional labels": (lambda t: [_npz_recipe(t, y_train=np.linspace(0, 3, 40))], "whole class indices"),
+    "nan in features": (lambda t: [_npz_recipe(t, x_train=np.full((40, 8, 8), np.nan, np.float32))],
+                        "x_train holds 2560 NaN or Inf values"),
+    # models
+    "code in a layer spec": (lambda t: [recipe_with(t, GOOD.replace("model: mlp, args: {hidden: [8]}",
+                                                                    "arch: [\"__import__('os').system('id')\"]"))],
+                             "student.arch[0]"),
+    "unknown layer": (lambda t: [recipe_with(t, GOOD.replace("model: mlp, args: {hidden: [8]}",
+                                                             "arch: ['Flatten()', 'Linaer(64, 10)']"))],
+                      "did you mean 'Linear'"),
+    "layer shape mismatch": (lambda t: [recipe_with(t, GOOD.replace("model: mlp, args: {hidden: [8]}",
+                                                                    "arch: ['Flatten()', 'Linear(100, 10)']"))],
+                             "student.arch[1]: Linear cannot take input of shape (64,)"),
+    "wrong number of outputs": (lambda t: [recipe_with(t, GOOD.replace("model: mlp, args: {hidden: [8]}",
+                                                                       "arch: ['Flatten()', 'Linear(64, 3)']"))],
+                                "the model outputs shape (3,) per sample but the data has 10 classes"),
+    "unknown model": (lambda t: [recipe_with(t, GOOD.replace("model: mlp", "model: resnet9"))],
+                      "student.model: unknown model 'resnet9'"),
+    "bad model argument": (lambda t: [recipe_with(t, GOOD.replace("hidden: [8]", "hiden: [8]"))],
+                           "student.args: mlp() got an unexpected keyword argument 'hiden'"),
+    # feature distillation
+    "feature layer does not exist": (lambda t: [recipe_with(t, GOOD + "distill: {features: [{teacher: body.9, student: body.1}]}\n")],
+                                     "no module named 'body.9'"),
+    "feature widths differ without a projector": (
+        lambda t: [recipe_with(t, GOOD + "distill: {features: [{teacher: body.1, student: body.2, projector: identity}]}\n")],
+        "student width 8 != teacher width 4"),
+    # checkpoints
+    "corrupt safetensors": (lambda t: [_ckpt_recipe(t, _garbage(t, "c.safetensors"))], "not a readable safetensors file"),
+    "truncated safetensors": (lambda t: [_ckpt_recipe(t, _truncated(t))], "not a readable safetensors file"),
+    "pickle checkpoint": (lambda t: [_ckpt_recipe(t, _pickle(t))], "a pickle-based PyTorch file"),
+    "checkpoint of another architecture": (
+        lambda t: [_ckpt_recipe(t, ckpt(t / "mlp.safetensors", {"model": "mlp"}), model="model: cnn, ")],
+        "holds weights of another architecture"),
+    "checkpoint with another class count": (
+        lambda t: [_ckpt_recipe(t, ckpt(t / "c3.safetensors", {"model": "mlp"}, classes=3))],
+        "was trained for 3 classes but the data has 10"),
+    "checkpoint with another class list": (
+        lambda t: [_ckpt_recipe(t, ckpt(t / "cn.safetensors", {"model": "mlp"}, names=list("abcdefghij")))],
+        "teacher and student must share one class list"),
+    # output
+    "output under a file": (lambda t: [recipe_with(t, GOOD), "--out", str(_garbage(t, "afile")) + "/run"],
+                            "cannot write"),
+    "stage output missing": (lambda t: ["evaluate", recipe_with(t, GOOD)], "missing; run the stage that makes it"),
+}
+
+
+def _garbage(t, name="g.npz"):
+    p = t / name
+    p.write_bytes(b"this is not the file you are looking for")
+    return str(p)
+
+
+def _truncated(t):
+    path = ckpt(t / "full.safetensors", {"model": "mlp"})
+    data = open(path, "rb").read()
+    (t / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    return str(t / "trunc.safetensors")
+
+
+def _pickle(t):
+    torch.save({"w": torch.zeros(2)}, t / "model.pt")
+    return str(t / "model.pt")
+
+
+def _npz_recipe(t, **change):
+    return recipe_with(t, GOOD.replace("dataset: digits, as_image: true", f"dataset: npz, path: {npz(t / 'd.npz', **change)}"))
+
+
+def _ckpt_recipe(t, path, model=""):
+    return recipe_with(t, GOOD.replace("teacher: {model: cnn, args: {channels: [4], hidden: 8}}",
+                                       f"teacher: {{{model}checkpoint: {path}}}"))
+
+
+def test_catalogue_has_at_least_40_cases():
+    assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make, message = CASES[case]
+    args = make(tmp_path)
+    command = [args.pop(0)] if args[0] in ("evaluate",) else ["run"]
+    before = files(tmp_path)
+    out = [] if "--out" in args else ["--out", str(tmp_path / "out")]
+    code = main(command + args + out)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err, err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert files(tmp_path) == before  # nothing made, nothing changed
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from distill.errors import UserError
+    with pytest.raises(UserError):
+        main(["--debug", "run", recipe_with(tmp_path, GOOD + "trian: {}\n")])
+
+
+def test_full_disk_keeps_the_earlier_result(tmp_path, capsys, monkeypatch):
+    p = recipe_with(tmp_path, GOOD)
+    out = str(tmp_path / "run")
+    assert main(["run", p, "--out", out]) == 0
+    before = files(out)
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr("distill.io.save_file", full)
+    code = main(["run", p, "--out", out, "--set", "distill.alpha=0.5", "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write (No space left on device); free some disk space" in err, err
+    after = files(out)
+    for name in ("teacher.safetensors", "student.safetensors", "student_scratch.safetensors", "metrics.json"):
+        path = os.path.join(out, name)
+        assert after[path] == before[path], name  # the earlier result is intact
+    assert not [f for f in after if f.endswith(".tmp")]
