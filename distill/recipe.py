@@ -285,10 +285,15 @@ def read_yaml(path: str) -> Any:
     except yaml.constructor.ConstructorError as e:
         mark = f" (line {e.problem_mark.line + 1})" if e.problem_mark else ""
         raise UserError(f"{path}{mark}: YAML tags such as !!python are not allowed in a recipe") from None
+    except yaml.reader.ReaderError as e:
+        code = ord(e.character) if isinstance(e.character, str) else e.character
+        raise UserError(f"{path}: character {e.position + 1}: control character #x{code:04x} is not allowed "
+                        f"in YAML") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"{path}:{where} malformed YAML ({getattr(e, 'problem', None) or e})") from None
+        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{path}:{where} malformed YAML ({why})") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
     except OSError as e:

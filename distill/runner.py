@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from . import __version__
+from .checkpoint import Checkpoints
 from .data import DataBundle, has_augmentation, load_data
 from .errors import UserError
-from .checkpoint import Checkpoints
 from .evaluate import evaluate_model, mean_std
 from .hooks import FeatureCapture
 from .io import append_jsonl, load_meta, load_weights, read_json, save_model, sha256_file, sha256_json, write_json, \
@@ -79,9 +79,13 @@ class RunDir:
         x, y = self.data.x_train[:2], self.data.y_train[:2]
         Objective(student, self.cfg["distill"], source, t_shapes, s_shapes)(x, y, torch.arange(2))
 
+    def train_cfg(self, role: str) -> Dict[str, Any]:
+        """The resolved `train` section of the teacher, or of both students."""
+        return self.cfg["teacher" if role == "teacher" else "student"]["train"]
+
     def checkpoints(self, role: str) -> Checkpoints:
-        tcfg = self.cfg["teacher" if role == "teacher" else "student"]["train"]
-        return Checkpoints(self.path(os.path.join("checkpoints", role)), tcfg["keep_checkpoints"], self.echo)
+        return Checkpoints(self.path(os.path.join("checkpoints", role)), self.train_cfg(role)["keep_checkpoints"],
+                           self.echo)
 
     def path(self, name: str) -> str:
         return os.path.join(self.out, name)
@@ -105,8 +109,8 @@ class RunDir:
             os.rmdir(self.path("checkpoints"))
 
     def fit(self, role: str, objective: Objective) -> Dict[str, Any]:
-        tcfg = self.cfg["teacher" if role == "teacher" else "student"]["train"]
-        return fit(role, objective, self.data, self.cfg["data"], tcfg, self.log, self.checkpoints(role), self.resume)
+        return fit(role, objective, self.data, self.cfg["data"], self.train_cfg(role), self.log,
+                   self.checkpoints(role), self.resume)
 
     def event(self, message: str, **fields: Any) -> None:
         self.echo(message)

@@ -76,16 +76,17 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_identical(reference, tm
         assert [r["epoch"] for r in lines if r.get("model") == model and "epoch" in r] == list(range(1, EPOCHS + 1)), model
 
 
-def test_sigterm_checkpoints_says_how_to_resume_and_resume_matches(reference, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_checkpoints_says_how_to_resume_and_resume_matches(reference, tmp_path, sig):
     out = tmp_path / "term"
     p = start(out)
     deadline = time.time() + 120
     while not os.path.isdir(out / "checkpoints" / "teacher") and time.time() < deadline:
         time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(sig)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
-    assert "stopped by SIGTERM" in err and f"continue with: distill run {out} --resume" in err
+    assert f"stopped by {sig.name}" in err and f"continue with: distill run {out} --resume" in err
     assert "Traceback" not in err
     p = subprocess.run([sys.executable, "-m", "distill", "run", "--resume", str(out)], capture_output=True,
                        text=True, env=ENV, timeout=300)
@@ -120,6 +121,22 @@ def test_kill_during_checkpoint_writing_leaves_the_previous_one(tmp_path):
     warnings = []
     state = Checkpoints(str(tmp_path), warn=warnings.append).latest()
     assert state is not None and state["w"].numel() in (10, 4_000_000)
+
+
+def test_kill_during_soft_label_caching_leaves_no_entry_and_the_next_run_rebuilds(tmp_path):
+    script = ("import time, torch\nfrom torch import nn\nfrom distill.softlabels import load_or_build\n"
+              "class Slow(nn.Module):\n    def forward(self, x):\n        print('batch', flush=True)\n"
+              "        time.sleep(0.2)\n        return x[:, :3] * 2\n"
+              f"load_or_build(Slow(), torch.ones(100, 4), 'key', {str(tmp_path)!r}, [], batch_size=10)\n")
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=ENV)
+    for _ in range(3):
+        assert p.stdout.readline().strip() == "batch"  # killed mid-way through the 10 batches
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not os.path.exists(tmp_path / "key")  # only a hidden temp folder may remain, never the entry
+    from distill.softlabels import load_or_build
+    out, hit = load_or_build(nn.Identity(), torch.ones(100, 4) * 3, "key", str(tmp_path), [], batch_size=10)
+    assert not hit and float(out.logits[0, 0]) == 3.0
 
 
 def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tmp_path):

@@ -1,0 +1,104 @@
+"""A recipe never executes code: fuzz the recipe loader and the layer parser, and check what gets built."""
+import os
+
+import pytest
+import yaml
+from torch import nn
+
+from distill.errors import UserError
+from distill.models.layers import ALLOWED_LAYERS, build_layer_list
+from distill.recipe import SCHEMA, Recipe, read_yaml
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+KEYS = sorted({k for sec in SCHEMA.values() if isinstance(sec, dict) for k in sec} | set(SCHEMA) |
+              {"__import__", "eval", "!!python", "os.system", "lambda"})
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+                    st.text(max_size=30), st.sampled_from(["__import__('os').system('touch PWNED')", "lambda: 1",
+                                                           "Linear(2, 3)", "../../etc/passwd", "mlp", "digits"]))
+VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                        st.dictionaries(st.sampled_from(KEYS), inner, max_size=4)),
+                      max_leaves=20)
+RECIPES = st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=8)
+
+
+@pytest.fixture(autouse=True)
+def no_code_runs(monkeypatch, tmp_path):
+    """Anything that tries to run a command fails the test loudly."""
+    def forbidden(*a, **k):
+        raise AssertionError(f"code was executed: {a}")
+    monkeypatch.setattr(os, "system", forbidden)
+    monkeypatch.setattr(os, "popen", forbidden)
+    monkeypatch.chdir(tmp_path)
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(RECIPES)
+def test_random_recipes_validate_or_give_a_user_error(raw):
+    try:
+        Recipe.from_dict(raw)
+    except UserError as e:
+        assert "\n" not in str(e)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.text(max_size=200))
+def test_random_yaml_text_is_read_safely(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("y") / "r.yaml"
+    path.write_text(text, encoding="utf-8")
+    try:
+        Recipe.from_dict(read_yaml(str(path)))
+    except UserError as e:
+        assert "\n" not in str(e)
+
+
+@pytest.mark.parametrize("tag", ["!!python/object/apply:os.system ['touch PWNED']", "!!python/name:os.system",
+                                 "!!python/module:os", "!!python/object/new:subprocess.Popen [['id']]",
+                                 "!!binary aGk=", "!<tag:yaml.org,2002:python/object/apply:os.system> [id]"])
+def test_yaml_code_tags_are_refused(tmp_path, tag):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"teacher: {{model: mlp}}\nstudent: {{model: mlp}}\nname: {tag}\n")
+    with pytest.raises(UserError):
+        Recipe.load(str(path))
+    assert not (tmp_path / "PWNED").exists()
+
+
+SPECS = st.one_of(st.text(max_size=60), st.builds(lambda n, a: f"{n}({a})", st.sampled_from(
+    list(ALLOWED_LAYERS) + ["__import__", "eval", "exec", "getattr", "open", "os.system", "nn.Linear", "Sequential",
+                            "MultiheadAttention", "Module"]), st.text(max_size=30)))
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(SPECS, min_size=1, max_size=3))
+def test_layer_lists_build_only_allowed_layers(monkeypatch, specs):
+    built = []
+    original = nn.Module.__init__
+
+    def record(self, *a, **k):
+        built.append(type(self))
+        original(self, *a, **k)
+    monkeypatch.setattr(nn.Module, "__init__", record)
+    try:
+        build_layer_list(specs, where="student.arch")
+    except UserError as e:
+        assert "\n" not in str(e)
+    finally:
+        monkeypatch.setattr(nn.Module, "__init__", original)
+    assert set(built) <= set(ALLOWED_LAYERS.values()) | {nn.Sequential}
+
+
+def test_yaml_safe_loader_is_what_reads_recipes(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("a: !!python/object/apply:os.system ['id']\n")
+    with pytest.raises(yaml.constructor.ConstructorError):
+        yaml.safe_load(path.read_text())  # the loader read_yaml uses refuses python tags
+    with pytest.raises(UserError, match="YAML tags such as !!python are not allowed"):
+        read_yaml(str(path))
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "/abs", "..", ".hidden", "a\\b", "x" * 101, ""])
+def test_run_names_cannot_escape_the_runs_folder(name):
+    with pytest.raises(UserError, match="name: "):
+        Recipe.from_dict({"name": name, "teacher": {"model": "mlp"}, "student": {"model": "mlp"}})
