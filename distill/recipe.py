@@ -102,8 +102,10 @@ SCHEMA: Dict[str, Any] = {
     "name": F((str,), "run", safe_name),
     "description": F((str,), ""),
     "data": {
-        "dataset": F((str,), "digits", choices=("digits", "breast_cancer", "npz")),
+        "dataset": F((str,), "digits", choices=("digits", "breast_cancer", "npz", "csv")),
         "path": F((str,), None),
+        "test_path": F((str,), None),  # csv: a separate test file (else a stratified test split)
+        "label_column": F((str,), "label"),  # csv: the class column; every other column is a feature
         "as_image": F((bool,), False),
         "val_fraction": F(NUM, 0.1, open_fraction),
         "test_fraction": F(NUM, 0.2, open_fraction),
@@ -185,6 +187,10 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
     data = cfg["data"]
     if data["dataset"] == "npz":
         _need_file(data["path"], "data.path", "the .npz file with x_train, y_train, x_test, y_test")
+    if data["dataset"] == "csv":
+        _need_file(data["path"], "data.path", "the training .csv file (header row, one column per feature)")
+        if data["test_path"]:
+            _need_file(data["test_path"], "data.test_path", "the test .csv file")
     for role in ("teacher", "student"):
         m = cfg[role]
         if m["model"] and m["arch"]:

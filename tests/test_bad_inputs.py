@@ -100,6 +100,12 @@ CASES = {
     "fractional labels": (lambda t: [_npz_recipe(t, y_train=np.linspace(0, 3, 40))], "whole class indices"),
     "nan in features": (lambda t: [_npz_recipe(t, x_train=np.full((40, 8, 8), np.nan, np.float32))],
                         "x_train holds 2560 NaN or Inf values"),
+    "csv without the label column": (lambda t: [_csv_recipe(t, "a,b,kind\n1,2,x\n3,4,y\n")],
+                                    "no column named 'label' (data.label_column); columns: a, b, kind"),
+    "csv not utf-8": (lambda t: [_csv_recipe(t, b"a,label\n1,caf\xe9\n")], "not UTF-8 text (byte"),
+    "csv value not a number": (lambda t: [_csv_recipe(t, "a,label\n1,x\nseven,y\n")],
+                               "line 3, column 'a': 'seven' is not a number"),
+    "csv ragged row": (lambda t: [_csv_recipe(t, "a,b,label\n1,2,x\n3,y\n")], "line 3 has 2 fields, the header has 3"),
     # models
     "code in a layer spec": (lambda t: [recipe_with(t, GOOD.replace("model: mlp, args: {hidden: [8]}",
                                                                     "arch: [\"__import__('os').system('id')\"]"))],
@@ -163,6 +169,13 @@ def _pickle(t):
 
 def _npz_recipe(t, **change):
     return recipe_with(t, GOOD.replace("dataset: digits, as_image: true", f"dataset: npz, path: {npz(t / 'd.npz', **change)}"))
+
+
+def _csv_recipe(t, content):
+    p = t / "d.csv"
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return recipe_with(t, GOOD.replace("dataset: digits, as_image: true", f"dataset: csv, path: {p}")
+                       .replace("model: cnn, args: {channels: [4], hidden: 8}", "model: mlp"))
 
 
 def _ckpt_recipe(t, path, model=""):

@@ -97,3 +97,23 @@ def test_loader_workers_give_the_same_batches_as_the_main_process(tmp_path):
     for (xa, ya, ia), (xb, yb, ib) in zip(inline, workers):
         assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ia, ib)
     assert not torch.equal(inline[0][0], d.x_train[inline[0][2]])  # augmented, not the stored images
+
+
+def test_csv_with_named_classes_and_a_test_file(tmp_path):
+    from sklearn.datasets import load_breast_cancer
+    d = load_breast_cancer()
+    rows = ["," .join(list(d.feature_names) + ["diagnosis"])]
+    rows += [",".join([f"{v:.6g}" for v in x] + [d.target_names[t]]) for x, t in zip(d.data, d.target)]
+    (tmp_path / "train.csv").write_text("\n".join(rows[:450]) + "\n")
+    (tmp_path / "test.csv").write_text("\n".join([rows[0]] + rows[450:]) + "\n")
+    b = load_data(data_cfg(dataset="csv", path=str(tmp_path / "train.csv"), test_path=str(tmp_path / "test.csv"),
+                           label_column="diagnosis"))
+    assert b.class_names == ["benign", "malignant"] and b.input_shape == (30,)
+    assert len(b.y_test) == 569 - 449 and len(b.y_train) + len(b.y_val) == 449
+    assert int((b.y_test == 1).sum()) == int((d.target[449:] == 0).sum())  # malignant -> index 1
+
+
+def test_csv_integer_labels_sort_numerically(tmp_path):
+    (tmp_path / "d.csv").write_text("f,label\n" + "".join(f"{i},{[2, 10][i % 2]}\n" for i in range(40)))
+    b = load_data(data_cfg(dataset="csv", path=str(tmp_path / "d.csv"), val_fraction=0.2))
+    assert b.class_names == ["2", "10"]

@@ -160,3 +160,14 @@ def test_checkpoint_with_another_class_list_is_refused(digits_run, tmp_path):
     with pytest.raises(UserError, match="classes|architecture"):
         run(Recipe.load("breast_cancer", ["train.epochs=1", f"teacher.checkpoint={out}/teacher.safetensors"]),
             out=str(tmp_path), echo=quiet)
+
+
+def test_csv_dataset_runs_end_to_end(tmp_path):
+    from sklearn.datasets import load_breast_cancer
+    d = load_breast_cancer()
+    lines = [",".join(list(d.feature_names) + ["label"])]
+    lines += [",".join([f"{v:.6g}" for v in x] + [d.target_names[t]]) for x, t in zip(d.data, d.target)]
+    (tmp_path / "bc.csv").write_text("\n".join(lines) + "\n")
+    m = run(Recipe.load("breast_cancer", ["data.dataset=csv", f"data.path={tmp_path / 'bc.csv'}", "train.epochs=5"]),
+            out=str(tmp_path / "run"), echo=quiet)
+    assert m["student"]["accuracy"] > 0.8 and "auc" in m["student"]

@@ -6,6 +6,7 @@ fingerprints the result so that caches (soft labels, stage outputs) notice any c
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from ..errors import UserError
+from ..errors import UserError, did_you_mean
 from ..registry import DATASETS
 
 
@@ -75,6 +76,54 @@ def _npz(cfg: Dict[str, Any]) -> Raw:
         raise UserError(f"{path}: cannot read as .npz ({e})") from None
     return Raw(_as_nchw(arrays["x_train"], path), arrays["y_train"], _as_nchw(arrays["x_test"], path),
                arrays["y_test"], image=True)
+
+
+@DATASETS.register("csv")
+def _csv(cfg: Dict[str, Any]) -> Raw:
+    """Tabular CSV with a header: `label_column` holds the class (names or integers), every other column a
+    number. A `test_path` CSV is the test split; without one a stratified test split is carved out."""
+    names, x, y = _read_csv(cfg["path"], cfg["label_column"])
+    if cfg["test_path"]:
+        test_names, xt, yt = _read_csv(cfg["test_path"], cfg["label_column"])
+        if test_names != names:
+            raise UserError(f"{cfg['test_path']}: columns {test_names} differ from {cfg['path']}'s {names}")
+    classes = sorted(set(y) | (set(yt) if cfg["test_path"] else set()), key=_class_order)
+    index = {c: i for i, c in enumerate(classes)}
+    return Raw(x, np.array([index[v] for v in y]), xt if cfg["test_path"] else None,
+               np.array([index[v] for v in yt]) if cfg["test_path"] else None, class_names=classes)
+
+
+def _class_order(name: str) -> tuple:
+    """Integer labels in numeric order (2 before 10), names alphabetically."""
+    return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
+
+
+def _read_csv(path: str, label: str) -> tuple:
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            rows = list(csv.reader(fh))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    if not rows:
+        raise UserError(f"{path}: empty file; a CSV needs a header row and data rows")
+    header, body = rows[0], [r for r in rows[1:] if r]
+    if label not in header:
+        raise UserError(f"{path}: no column named '{label}' (data.label_column){did_you_mean(label, header)}; "
+                        f"columns: {', '.join(header)}")
+    li = header.index(label)
+    features = [h for i, h in enumerate(header) if i != li]
+    x = np.zeros((len(body), len(features)), np.float32)
+    for r, row in enumerate(body):
+        if len(row) != len(header):
+            raise UserError(f"{path}: line {r + 2} has {len(row)} fields, the header has {len(header)}")
+        for c, value in enumerate(v for i, v in enumerate(row) if i != li):
+            try:
+                x[r, c] = float(value)
+            except ValueError:
+                raise UserError(f"{path}: line {r + 2}, column '{features[c]}': {value!r} is not a number") from None
+    return header, x, [row[li].strip() for row in body]
 
 
 def _as_nchw(x: np.ndarray, path: str) -> np.ndarray:
