@@ -124,5 +124,14 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def weights_sha256(model: nn.Module) -> str:
+    """Hash of the weights alone (names, shapes, values): unlike the file, blind to metadata such as train time."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

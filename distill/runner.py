@@ -23,8 +23,8 @@ from .data import DataBundle, has_augmentation, load_data
 from .errors import UserError
 from .evaluate import evaluate_model, mean_std
 from .hooks import FeatureCapture
-from .io import append_jsonl, load_meta, load_weights, read_json, save_model, sha256_file, sha256_json, write_json, \
-    write_text
+from .io import append_jsonl, load_meta, load_weights, read_json, save_model, sha256_file, sha256_json, \
+    weights_sha256, write_json, write_text
 from .models import build_model
 from .recipe import Recipe
 from .softlabels import CachedOutputs, cache_key, default_cache_dir, load_or_build, teacher_forward
@@ -192,7 +192,7 @@ def soft_labels(run: RunDir, teacher: Optional[nn.Module] = None) -> CachedOutpu
     """Teacher logits (and hooked features) on the un-augmented training inputs, from the on-disk cache."""
     teacher = teacher or load_saved(run, "teacher")
     layers = [f["teacher"] for f in run.cfg["distill"]["features"]]
-    key = cache_key(sha256_file(run.path("teacher.safetensors")), run.data.fingerprint, layers)
+    key = cache_key(weights_sha256(teacher), run.data.fingerprint, layers)
     cache_dir = run.cfg["output"]["cache_dir"] or default_cache_dir()
     outputs, hit = load_or_build(teacher, run.data.x_train, key, cache_dir, layers, run.cfg["data"]["eval_batch_size"])
     run.event(f"soft labels: cache {'hit' if hit else 'miss, computed'} ({os.path.join(cache_dir, key)})",
@@ -229,11 +229,11 @@ def train_student(run: RunDir, teacher: Optional[nn.Module] = None) -> Dict[str,
     results["student_scratch"] = read_json(run.path("stages.json"))["student_scratch"]
 
     mode = teacher_mode(run)
-    fp = sha256_json({**base, "distill": dcfg, "mode": mode, "teacher": sha256_file(run.path("teacher.safetensors"))})
+    teacher = teacher or load_saved(run, "teacher")
+    fp = sha256_json({**base, "distill": dcfg, "mode": mode, "teacher": weights_sha256(teacher)})
     if run.stage_done("student", fp, ["student.safetensors"]):
         run.event("student: inputs unchanged, reusing student.safetensors", model="student")
     else:
-        teacher = teacher or load_saved(run, "teacher")
         student = build_role(run, "student")
         source = teacher_source(run, teacher, mode)
         t_shapes, s_shapes = _feature_shapes(run, teacher, student)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
@@ -73,9 +74,19 @@ def _complete(entry: str) -> bool:
     return os.path.isfile(os.path.join(entry, "meta.json"))
 
 
+def _sweep_stale(cache_dir: str, age_s: float = 24 * 3600) -> None:
+    """Remove temp folders left by runs killed mid-build a day ago or more (a live build is younger)."""
+    now = time.time()
+    for name in os.listdir(cache_dir):
+        path = os.path.join(cache_dir, name)
+        if name.startswith(".tmp-") and now - os.path.getmtime(path) > age_s:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _build(teacher: nn.Module, x: torch.Tensor, entry: str, layers: List[str], batch_size: int) -> None:
     """Writes into a temp folder, then renames it into place: a killed run leaves no partial entry."""
     os.makedirs(os.path.dirname(entry), exist_ok=True)
+    _sweep_stale(os.path.dirname(entry))
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(entry))
     try:
         arrays: Dict[str, np.ndarray] = {}

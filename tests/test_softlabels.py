@@ -59,3 +59,25 @@ def test_cached_outputs_batch_returns_tensors():
     c = CachedOutputs(np.arange(12, dtype=np.float32).reshape(4, 3), {"f": np.ones((4, 2), np.float32)})
     logits, feats = c.batch(torch.tensor([2, 0]))
     assert logits.tolist() == [[6, 7, 8], [0, 1, 2]] and feats["f"].shape == (2, 2)
+
+
+def test_stale_temp_folders_are_swept(tmp_path):
+    stale, fresh = tmp_path / ".tmp-old", tmp_path / ".tmp-live"
+    stale.mkdir()
+    fresh.mkdir()
+    os.utime(stale, (0, 0))
+    load_or_build(_teacher(), torch.randn(4, 6), "k", str(tmp_path), [], batch_size=4)
+    assert not stale.exists() and fresh.exists()
+
+
+def test_weights_hash_ignores_metadata(tmp_path):
+    from distill.io import save_model, sha256_file, weights_sha256
+    t = _teacher()
+    save_model(t, str(tmp_path / "a.safetensors"), {"train_time_s": 1.0})
+    save_model(t, str(tmp_path / "b.safetensors"), {"train_time_s": 2.0})
+    assert sha256_file(str(tmp_path / "a.safetensors")) != sha256_file(str(tmp_path / "b.safetensors"))
+    u = _teacher()
+    assert weights_sha256(t) == weights_sha256(u)
+    with torch.no_grad():
+        u[0].weight[0, 0] += 1e-6
+    assert weights_sha256(t) != weights_sha256(u)
