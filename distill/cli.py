@@ -124,11 +124,8 @@ def _run_command(args: argparse.Namespace, recipe, out: Optional[str]) -> int:
             print(format_table(metrics))
             print(f"run folder: {runner.run_folder(recipe, out)}")
         return 0
-    folder = runner.run_folder(recipe, out)
     for name in NEEDS.get(args.command, ()):  # checked before the run folder is touched
-        if not os.path.isfile(os.path.join(folder, f"{name}.safetensors")):
-            raise UserError(f"{os.path.join(folder, name)}.safetensors: missing; run the stage that makes it "
-                            f"first (distill run, or distill {'train-teacher' if name == 'teacher' else 'train-student'})")
+        runner.require_saved(runner.run_folder(recipe, out), name)
     rd = runner.RunDir(recipe, out, _echo, **flags)
     if args.command == "train-teacher":
         runner.train_teacher(rd)

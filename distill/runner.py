@@ -155,10 +155,17 @@ def save_role(run: RunDir, model: nn.Module, name: str, spec: Dict[str, Any], in
                 "class_names": data.class_names, "role": name, **info})
 
 
-def load_saved(run: RunDir, name: str) -> nn.Module:
-    path = run.path(f"{name}.safetensors")
+def require_saved(folder: str, name: str) -> str:
+    """The path of `name`.safetensors in a run folder, or a clear error naming the stage that makes it."""
+    path = os.path.join(folder, f"{name}.safetensors")
     if not os.path.isfile(path):
-        raise UserError(f"{path}: missing; run the stage that makes it first (distill run, or train-{name.split('_')[0]})")
+        stage = "train-teacher" if name == "teacher" else "train-student"
+        raise UserError(f"{path}: missing; run the stage that makes it first (distill run, or distill {stage})")
+    return path
+
+
+def load_saved(run: RunDir, name: str) -> nn.Module:
+    path = require_saved(run.out, name)
     meta = load_meta(path)
     model = build_model(meta["spec"], tuple(meta["input_shape"]), meta["num_classes"], where=name)
     load_weights(model, path, name)

@@ -14,7 +14,6 @@ import random
 import signal
 import threading
 import time
-from collections import defaultdict
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -258,7 +257,7 @@ def _fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, 
         epoch_gen = gen.get_state()  # the epoch's batches are drawn from here: a resume redraws the same
         student.train()  # every epoch: evaluation below switches to eval mode
         objective.train()
-        t0, sums = time.perf_counter(), defaultdict(float, prog["sums"])
+        t0, sums = time.perf_counter(), prog["sums"]  # running loss sums, saved with the progress
         for x, y, idx in epoch_batches(data, data_cfg, gen, start=prog["batch"]):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss, parts = objective(x, y, idx)
@@ -286,8 +285,7 @@ def _fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, 
                 prog["bad"] = 0
                 opt.step()
                 for k, v in parts.items():
-                    sums[k] += v
-            prog["sums"] = dict(sums)
+                    sums[k] = sums.get(k, 0.0) + v
             if tcfg["checkpoint_every"] and prog["step"] % tcfg["checkpoint_every"] == 0 and not bad:
                 save(epoch_gen)
             if stop.signum is not None:
@@ -302,7 +300,7 @@ def _fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, 
         record = {"model": role, "epoch": epoch + 1, "lr": lr, "val_accuracy": val_acc,
                   "train_time_s": round(time.perf_counter() - t0, 4), "skipped_steps": prog["skipped"],
                   **{f"loss_{k}": v / n for k, v in sums.items()}}
-        epochs.set_postfix(loss=f"{sums['total'] / n:.3f}", val=f"{val_acc:.3f}", refresh=False)
+        epochs.set_postfix(loss=f"{sums.get('total', 0.0) / n:.3f}", val=f"{val_acc:.3f}", refresh=False)
         epochs.update(1)
         if log_path:
             append_jsonl(log_path, record)
