@@ -129,13 +129,13 @@ def _run_command(args: argparse.Namespace, recipe, out: Optional[str]) -> int:
     rd = runner.RunDir(recipe, out, _echo, **flags)
     if args.command == "train-teacher":
         runner.train_teacher(rd)
-        print(f"teacher: {rd.path('teacher.safetensors')}")
+        print(f"teacher: {runner.require_saved(rd.out, 'teacher')}")
     elif args.command == "soft-labels":
         runner.soft_labels(rd)
         print(f"soft labels: {rd.path('soft_labels.json')}")
     elif args.command == "train-student":
         runner.train_student(rd)
-        print(f"students: {rd.path('student.safetensors')}, {rd.path('student_scratch.safetensors')}")
+        print(f"students: {runner.require_saved(rd.out, 'student')}, {runner.require_saved(rd.out, 'student_scratch')}")
     elif args.command == "evaluate":
         print(format_table(runner.evaluate(rd)))
     return 0

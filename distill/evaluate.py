@@ -30,13 +30,12 @@ def classification_metrics(logits: torch.Tensor, y: torch.Tensor, positive: int 
     return out
 
 
-def latency_ms(model: nn.Module, input_shape: tuple, runs: int = 100, threads: int = 1) -> float:
-    """Median wall time of one batch-1 forward pass, after warm-up, on a fixed number of threads."""
+def latency_ms(model: nn.Module, x: torch.Tensor, runs: int = 100, threads: int = 1) -> float:
+    """Median wall time of a forward pass on batch `x`, after warm-up, on a fixed number of threads."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     was_training = model.training
     model.eval()
-    x = torch.randn(1, *input_shape)
     try:
         with torch.inference_mode():
             for _ in range(min(10, runs)):
@@ -52,13 +51,31 @@ def latency_ms(model: nn.Module, input_shape: tuple, runs: int = 100, threads: i
     return 1000 * statistics.median(times)
 
 
+def typical_sample(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """One test input for batch-1 latency: for text, a text of median length (lengths vary), else the first."""
+    pad = getattr(model, "pad_id", None)
+    if pad is None:
+        return x[:1]
+    lengths = (x != pad).sum(1)
+    return x[lengths.argsort()[len(x) // 2]].unsqueeze(0)
+
+
+def weights_size(path: str) -> int:
+    """Bytes of the weights: the file, or a Hugging Face folder's model.safetensors (tokenizer not counted)."""
+    return os.path.getsize(os.path.join(path, "model.safetensors") if os.path.isdir(path) else path)
+
+
 def evaluate_model(model: nn.Module, path: str, x: torch.Tensor, y: torch.Tensor, ecfg: Dict[str, Any],
                    batch_size: int = 512) -> Dict[str, Any]:
-    """Test metrics (those named in `evaluate.metrics` that apply) plus size and batch-1 latency."""
+    """Test metrics (those named in `evaluate.metrics` that apply), size, batch-1 latency and throughput
+    (samples per second at `evaluate.throughput_batch`), both on `evaluate.threads` threads."""
     m = classification_metrics(predict(model, x, batch_size), y, ecfg["positive_class"])
     keep = {k: v for k, v in m.items() if k in ecfg["metrics"]}
-    return {**keep, "params": count_params(model), "size_bytes": os.path.getsize(path),
-            "latency_ms": latency_ms(model, tuple(x.shape[1:]), ecfg["latency_runs"], ecfg["threads"])}
+    big = x[:ecfg["throughput_batch"]]
+    batch_ms = latency_ms(model, big, max(5, ecfg["latency_runs"] // 10), ecfg["threads"])
+    return {**keep, "params": count_params(model), "size_bytes": weights_size(path),
+            "latency_ms": latency_ms(model, typical_sample(x, model), ecfg["latency_runs"], ecfg["threads"]),
+            "throughput": len(big) / batch_ms * 1000}
 
 
 def mean_std(values: List[float]) -> Dict[str, float]:
@@ -68,7 +85,8 @@ def mean_std(values: List[float]) -> Dict[str, float]:
 
 COLUMNS = [("accuracy", "accuracy", "{:.4f}"), ("macro_f1", "macro-F1", "{:.4f}"), ("auc", "AUC", "{:.4f}"),
            ("sensitivity", "sensitivity", "{:.4f}"), ("specificity", "specificity", "{:.4f}"),
-           ("params", "params", "{:,.0f}"), ("size_bytes", "size KB", None), ("latency_ms", "ms/sample", "{:.4f}")]
+           ("params", "params", "{:,.0f}"), ("size_bytes", "size KB", None), ("latency_ms", "ms/sample", "{:.4f}"),
+           ("throughput", "samples/s", "{:,.0f}")]
 LABELS = {"teacher": "teacher", "student_scratch": "student (no KD)", "student": "student (distilled)"}
 
 

@@ -73,6 +73,7 @@ TRAIN = {
         "weight_decay": F(NUM, 0.0, non_negative),
         "momentum": F(NUM, 0.9, non_negative),
         "nesterov": F((bool,), False),
+        "fused": F((bool,), False),  # adam/adamw: one fused kernel per step (several times faster on CPU)
     },
     "scheduler": {
         "name": F((str,), "cosine", choices=("constant", "cosine", "multistep")),
@@ -87,13 +88,31 @@ MODEL = {
     "args": F((dict,), {}),
     "arch": F((list,), None),
     "checkpoint": F((str,), None),
+    "hf": F((str,), None),  # a local Hugging Face model folder, or package:DIST (a model shipped in a package)
+    "task": F((str,), "sequence-classification", choices=("sequence-classification",)),
+    "finetuned": F((bool,), False),  # hf: already fine-tuned on this task's labels (load, do not train)
+    "from_teacher": F((dict,), None),  # student: {layers: [0, 2, 4]} or {keep_every: 2} (DistilBERT init)
+    "hf_config": F((dict,), None),  # student: {layers, hidden, heads, intermediate}, fresh, smaller
     "train": F((dict,), {}),  # per-model overrides of the `train` section, validated against it
+}
+
+FROM_TEACHER = {
+    "layers": F((list,), None),
+    "keep_every": F((int,), None, positive),
+    "source": F((str,), "pretrained", choices=("pretrained", "finetuned")),  # copy from which teacher
+}
+
+HF_CONFIG = {
+    "layers": F((int,), None, positive),
+    "hidden": F((int,), None, positive),
+    "heads": F((int,), None, positive),
+    "intermediate": F((int,), None, positive),
 }
 
 FEATURE = {
     "teacher": F((str,), None),
     "student": F((str,), None),
-    "loss": F((str,), "mse", choices=("mse", "cosine")),
+    "loss": F((str,), "mse", choices=("mse", "cosine", "attention_kl", "attention_mse")),
     "projector": F((str,), "linear", choices=("linear", "mlp", "identity")),
     "weight": F(NUM, 1.0, non_negative),
 }
@@ -102,11 +121,16 @@ SCHEMA: Dict[str, Any] = {
     "name": F((str,), "run", safe_name),
     "description": F((str,), ""),
     "data": {
-        "dataset": F((str,), "digits", choices=("digits", "breast_cancer", "npz", "csv")),
+        "dataset": F((str,), "digits", choices=("digits", "breast_cancer", "npz", "csv", "text")),
         "path": F((str,), None),
-        "test_path": F((str,), None),  # csv: a separate test file (else a stratified test split)
+        "test_path": F((str,), None),  # csv/text: a separate test file (else a stratified test split)
         "label_column": F((str,), "label"),  # csv: the class column; every other column is a feature
+        "text_column": F((str,), "text"),  # text: the column holding the text
+        "max_length": F((int,), 64, positive),  # text: tokens kept per text
+        "tokenizer": F((str,), None),  # text: a tokenizer folder (default: the teacher's)
+        "sampling": F((str,), "random", choices=("random", "stratified", "balanced")),
         "as_image": F((bool,), False),
+        "train_subset": F((int,), None, positive),  # keep a stratified random subset of this many training rows
         "val_fraction": F(NUM, 0.1, open_fraction),
         "test_fraction": F(NUM, 0.2, open_fraction),
         "split_seed": F((int,), 0),
@@ -126,6 +150,27 @@ SCHEMA: Dict[str, Any] = {
         "alpha": F(NUM, 0.9, unit_interval),
         "teacher_outputs": F((str,), "auto", choices=("auto", "cached", "online")),
         "features": ListOf(FEATURE),
+        # Transformers: layer-to-layer losses, expanded into `features` entries once both models are built.
+        "layers": {
+            "map": F((str, list), "auto"),  # auto | uniform | last | [teacher layer for each student layer]
+            "hidden": F((str,), "none", choices=("none", "mse", "cosine")),
+            "hidden_weight": F(NUM, 1.0, non_negative),
+            "attention": F((str,), "none", choices=("none", "kl", "mse")),
+            "attention_weight": F(NUM, 1.0, non_negative),
+            "embeddings_weight": F(NUM, 0.0, non_negative),  # MSE of the embedding outputs
+            "cls_weight": F(NUM, 0.0, non_negative),  # cosine of the [CLS] vectors (DistilBERT)
+        },
+        # Data distillation for text: noise, teacher-labelled augmentation, pseudo-labelled unlabeled text.
+        "data": {
+            "mask": F((bool,), False),  # replace a fraction of the student's input tokens by [MASK]
+            "mask_fraction": F(NUM, 0.15, open_fraction),
+            "teacher_sees": F((str,), "clean", choices=("clean", "noised")),
+            "substitute": F((int,), 0, non_negative),  # copies per text with words swapped for embedding neighbours
+            "eda": F((int,), 0, non_negative),  # copies per text by random word deletion and swap
+            "word_prob": F(NUM, 0.15, open_fraction),  # chance that a word is changed in a copy
+            "neighbours": F((int,), 8, positive),  # substitutes drawn from this many nearest tokens
+            "unlabeled": F((str,), None),  # a .txt/.csv/.jsonl of texts the teacher labels
+        },
     },
     "train": TRAIN,
     "evaluate": {
@@ -133,6 +178,7 @@ SCHEMA: Dict[str, Any] = {
         "positive_class": F((int,), 1, non_negative),
         "latency_runs": F((int,), 100, positive),
         "threads": F((int,), 1, positive),
+        "throughput_batch": F((int,), 32, positive),
     },
     "output": {
         "dir": F((str,), None),
@@ -143,9 +189,14 @@ SCHEMA: Dict[str, Any] = {
 METRICS = ("accuracy", "macro_f1", "auc", "sensitivity", "specificity")
 
 
+FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _check_value(v: Any, f: F, path: str) -> Any:
     if v is None:
         return None
+    if float in f.types and isinstance(v, str) and FLOAT_TEXT.fullmatch(v.strip()):
+        v = float(v)  # YAML 1.1 reads 1e-4 (no dot) as a string; it means the number
     ok = isinstance(v, f.types) and not (isinstance(v, bool) and bool not in f.types)
     if not ok:
         names = " or ".join("number" if t is float else t.__name__ for t in f.types if not (t is int and float in f.types))
@@ -193,13 +244,16 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
             _need_file(data["test_path"], "data.test_path", "the test .csv file")
     for role in ("teacher", "student"):
         m = cfg[role]
-        if m["model"] and m["arch"]:
-            raise UserError(f"{role}: give either `model` or `arch`, not both")
-        if not (m["model"] or m["arch"] or m["checkpoint"]):
-            raise UserError(f"{role}: missing model; give `model: NAME`, `arch: [layers]` or `checkpoint: FILE`")
+        given = [k for k in ("model", "arch", "hf", "from_teacher", "hf_config") if m[k]]
+        if len(given) > 1:
+            raise UserError(f"{role}: give one of {', '.join(given)}, not several")
+        if not (given or m["checkpoint"]):
+            raise UserError(f"{role}: missing model; give `model: NAME`, `arch: [layers]`, `hf: FOLDER` or "
+                            f"`checkpoint: FILE`")
         if m["checkpoint"]:
             _need_file(m["checkpoint"], f"{role}.checkpoint", "a .safetensors file written by distill")
         m["train"] = validate_section(_merge(cfg["train"], m["train"]), TRAIN, f"{role}.train")
+    _text_checks(cfg)
     for i, feat in enumerate(cfg["distill"]["features"]):
         for side in ("teacher", "student"):
             if not feat[side]:
@@ -211,6 +265,78 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
     ms = cfg["train"]["scheduler"]["milestones"]
     if any(not isinstance(m, int) or isinstance(m, bool) or m <= 0 for m in ms):
         raise UserError(f"train.scheduler.milestones: expected positive whole epochs, got {ms!r}")
+
+
+def is_text(cfg: Dict[str, Any], role: str) -> bool:
+    """Whether `role` is a Hugging Face transformer (loaded, derived from the teacher, or a fresh config)."""
+    m = cfg[role]
+    return bool(m["hf"] or m["from_teacher"] or m["hf_config"])
+
+
+def _text_checks(cfg: Dict[str, Any]) -> None:
+    """Transformers need text data and vice versa; students derived from the teacher need a teacher folder."""
+    text_data = cfg["data"]["dataset"] == "text"
+    for role in ("teacher", "student"):
+        if is_text(cfg, role) != text_data:
+            need = "data.dataset: text" if not text_data else "a transformer (hf, from_teacher or hf_config)"
+            raise UserError(f"{role}: {'a transformer model needs' if not text_data else 'text data needs'} {need}")
+    if cfg["teacher"]["from_teacher"] or cfg["teacher"]["hf_config"]:
+        raise UserError("teacher: from_teacher and hf_config are for the student; give the teacher as hf: FOLDER")
+    s = cfg["student"]
+    if (s["from_teacher"] or s["hf_config"]) and not cfg["teacher"]["hf"]:
+        raise UserError("student: from_teacher and hf_config derive the student from the teacher; "
+                        "give the teacher as hf: FOLDER")
+    if s["from_teacher"] is not None:
+        s["from_teacher"] = validate_section(s["from_teacher"], FROM_TEACHER, "student.from_teacher")
+        ft = s["from_teacher"]
+        if (ft["layers"] is None) == (ft["keep_every"] is None):
+            raise UserError("student.from_teacher: give either layers: [indices] or keep_every: N")
+        if ft["layers"] is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in ft["layers"]):
+            raise UserError(f"student.from_teacher.layers: expected whole layer indices, got {ft['layers']!r}")
+    if s["hf_config"] is not None:
+        s["hf_config"] = validate_section(s["hf_config"], HF_CONFIG, "student.hf_config")
+        missing = [k for k, v in s["hf_config"].items() if v is None]
+        if missing:
+            raise UserError(f"student.hf_config: missing {', '.join(missing)}")
+    layers, ddata = cfg["distill"]["layers"], cfg["distill"]["data"]
+    lm = layers["map"]
+    if isinstance(lm, str) and lm not in ("auto", "uniform", "last"):
+        raise UserError(f"distill.layers.map: {lm!r} is not one of auto, uniform, last, or a list of layer indices")
+    if isinstance(lm, list) and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in lm):
+        raise UserError(f"distill.layers.map: expected teacher layer indices (0-based), got {lm!r}")
+    uses_layers = layers["hidden"] != "none" or layers["attention"] != "none" or layers["embeddings_weight"] \
+        or layers["cls_weight"]
+    uses_data = ddata["mask"] or ddata["substitute"] or ddata["eda"] or ddata["unlabeled"]
+    if not text_data and (uses_layers or uses_data):
+        key = "distill.layers" if uses_layers else "distill.data"
+        raise UserError(f"{key}: these losses and augmentations are for transformers on text (data.dataset: text)")
+    if not text_data:
+        return
+    if cfg["distill"]["teacher_outputs"] == "cached":
+        if uses_layers or cfg["distill"]["features"]:
+            raise UserError("distill.teacher_outputs: cached: text features vary in length per batch and are not "
+                            "cached; use teacher_outputs: online (or auto) with transformer layer losses")
+        if ddata["mask"] and ddata["teacher_sees"] == "noised":
+            raise UserError("distill.teacher_outputs: cached: the teacher cannot label noised inputs ahead of time; "
+                            "use teacher_outputs: online (or auto), or distill.data.teacher_sees: clean")
+    from .models.hf import resolve_hf_path
+    for role in ("teacher", "student"):
+        if cfg[role]["hf"]:
+            resolve_hf_path(cfg[role]["hf"], f"{role}.hf")
+    data = cfg["data"]
+    if not data["path"] or not data["path"].endswith((".csv", ".jsonl", ".json")):
+        raise UserError(f"data.path: give a .csv or .jsonl file of texts and labels, got {data['path']!r}")
+    _need_file(data["path"], "data.path", "the training .csv or .jsonl file")
+    if data["test_path"]:
+        _need_file(data["test_path"], "data.test_path", "the test .csv or .jsonl file")
+    if ddata["unlabeled"]:
+        _need_file(ddata["unlabeled"], "distill.data.unlabeled", "a .txt, .csv or .jsonl file of texts")
+    if not data["tokenizer"]:
+        if not cfg["teacher"]["hf"]:
+            raise UserError("data.tokenizer: missing; give a tokenizer folder, or the teacher as hf: FOLDER")
+        data["tokenizer"] = resolve_hf_path(cfg["teacher"]["hf"], "teacher.hf")
+    elif not os.path.isdir(data["tokenizer"]):
+        raise UserError(f"data.tokenizer: {data['tokenizer']}: no such folder")
 
 
 def _need_file(path: Optional[str], key: str, what: str) -> None:

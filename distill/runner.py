@@ -25,8 +25,12 @@ from .evaluate import evaluate_model, mean_std
 from .hooks import FeatureCapture
 from .io import append_jsonl, load_meta, load_weights, read_json, save_model, sha256_file, sha256_json, \
     weights_sha256, write_json, write_text
+from .data.augment_text import with_teacher_labelled
+from .losses import transformer_features
 from .models import build_model
-from .recipe import Recipe
+from .models.hf import HFClassifier, fresh_student, is_model_folder, load_classifier, load_folder, load_tokenizer, \
+    resolve_hf_path, same_vocabulary, save_folder, select_layers
+from .recipe import Recipe, is_text
 from .softlabels import CachedOutputs, cache_key, default_cache_dir, load_or_build, teacher_forward
 from .train import Interrupted, Objective, fit, set_seed  # noqa: F401  (Interrupted: for callers)
 
@@ -74,10 +78,11 @@ class RunDir:
         written: a mistake the recipe validator cannot see (a layer shape, a feature name, a checkpoint of
         another architecture or class list) stops the run here with no half-made run folder."""
         teacher, student = build_role(self, "teacher"), build_role(self, "student")
+        self.dcfg = resolve_distill(self.cfg, teacher, student)
         t_shapes, s_shapes = _feature_shapes(self, teacher, student)
         source = teacher_source(self, teacher, "online", quiet=True)
         x, y = self.data.x_train[:2], self.data.y_train[:2]
-        Objective(student, self.cfg["distill"], source, t_shapes, s_shapes)(x, y, torch.arange(2))
+        Objective(student, self.dcfg, source, t_shapes, s_shapes)(x, y, torch.arange(2))
 
     def train_cfg(self, role: str) -> Dict[str, Any]:
         """The resolved `train` section of the teacher, or of both students."""
@@ -96,7 +101,7 @@ class RunDir:
 
     def stage_done(self, name: str, fingerprint: str, files: Sequence[str]) -> Optional[Dict[str, Any]]:
         rec = read_json(self.path("stages.json"), {}).get(name)
-        if rec and rec["fingerprint"] == fingerprint and all(os.path.isfile(self.path(f)) for f in files):
+        if rec and rec["fingerprint"] == fingerprint and all(os.path.exists(self.path(f)) for f in files):
             return rec
         return None
 
@@ -108,8 +113,8 @@ class RunDir:
         if os.path.isdir(self.path("checkpoints")) and not os.listdir(self.path("checkpoints")):
             os.rmdir(self.path("checkpoints"))
 
-    def fit(self, role: str, objective: Objective) -> Dict[str, Any]:
-        return fit(role, objective, self.data, self.cfg["data"], self.train_cfg(role), self.log,
+    def fit(self, role: str, objective: Objective, data: Optional[DataBundle] = None) -> Dict[str, Any]:
+        return fit(role, objective, data or self.data, self.cfg["data"], self.train_cfg(role), self.log,
                    self.checkpoints(role), self.resume)
 
     def event(self, message: str, **fields: Any) -> None:
@@ -119,9 +124,29 @@ class RunDir:
 
 # ---------------------------------------------------------------- models
 
+def resolve_distill(cfg: Dict[str, Any], teacher: nn.Module, student: nn.Module) -> Dict[str, Any]:
+    """The `distill` section with `distill.layers` expanded into feature entries for these two models."""
+    dcfg = copy.deepcopy(cfg["distill"])
+    if isinstance(student, HFClassifier) and isinstance(teacher, HFClassifier):
+        ft = cfg["student"]["from_teacher"]
+        dcfg["features"] += transformer_features(dcfg["layers"], teacher.num_layers, student.num_layers,
+                                                 teacher.width == student.width,
+                                                 teacher_layers(ft, teacher.num_layers) if ft else None)
+    return dcfg
+
+
+def teacher_layers(from_teacher: Dict[str, Any], n: int) -> List[int]:
+    """The teacher layers a layer-selected student keeps: the list given, or every k-th from the first."""
+    return list(from_teacher["layers"]) if from_teacher["layers"] is not None else list(
+        range(0, n, from_teacher["keep_every"]))
+
+
 def model_spec(run: RunDir, role: str) -> Dict[str, Any]:
     """The architecture of `role`: from the recipe, or from the checkpoint's own metadata."""
     m = run.cfg[role]
+    if is_text(run.cfg, role):
+        spec = {k: m[k] for k in ("hf", "finetuned", "from_teacher", "hf_config")}
+        return {**spec, "teacher_hf": run.cfg["teacher"]["hf"]} if role == "student" else spec
     if m["model"] or m["arch"]:
         return {"model": m["model"], "args": m["args"], "arch": m["arch"]}
     spec = load_meta(m["checkpoint"]).get("spec")
@@ -134,6 +159,8 @@ def build_role(run: RunDir, role: str) -> nn.Module:
     """Build the teacher or student for this data, from its checkpoint when the recipe gives one."""
     m, data = run.cfg[role], run.data
     set_seed(m["train"]["seed"])  # same seed, same init: the scratch and distilled students start equal
+    if is_text(run.cfg, role):
+        return build_text_role(run, role)
     model = build_model(model_spec(run, role), data.input_shape, data.num_classes, where=role)
     if m["checkpoint"]:
         meta = load_meta(m["checkpoint"])
@@ -148,24 +175,62 @@ def build_role(run: RunDir, role: str) -> nn.Module:
     return model
 
 
+def build_text_role(run: RunDir, role: str) -> HFClassifier:
+    """A transformer teacher or student: loaded from a folder, or derived from the teacher (layer selection,
+    or a smaller fresh config). Students must read the teacher's tokens: one vocabulary for both."""
+    m, t, names = run.cfg[role], run.cfg["teacher"], run.data.class_names
+    if m["hf"]:
+        path = resolve_hf_path(m["hf"], f"{role}.hf")
+        model = load_classifier(path, names, f"{role}.hf", finetuned=m["finetuned"])
+        if role == "student" and not same_vocabulary(load_tokenizer(path, "student.hf"),
+                                                     load_tokenizer(run.cfg["data"]["tokenizer"], "data.tokenizer")):
+            raise UserError(f"student.hf: {m['hf']} has a different vocabulary from the data's tokenizer "
+                            f"({run.cfg['data']['tokenizer']}); teacher and student must share one vocabulary")
+        return model
+    ft = m["from_teacher"]
+    if ft and ft["source"] == "finetuned" and os.path.isdir(run.path("teacher")):
+        base = load_saved(run, "teacher")  # (before the teacher is trained, preflight uses the pretrained one)
+    else:
+        base = load_classifier(resolve_hf_path(t["hf"], "teacher.hf"), names, "teacher.hf", finetuned=t["finetuned"])
+    if ft:
+        return select_layers(base, teacher_layers(ft, base.num_layers), "student.from_teacher")
+    c = m["hf_config"]
+    return fresh_student(base, c["layers"], c["hidden"], c["heads"], c["intermediate"], "student.hf_config")
+
+
+def artifact(name: str, text: bool) -> str:
+    """What a stage leaves in the run folder: a Hugging Face folder for transformers, else one file."""
+    return name if text else f"{name}.safetensors"
+
+
+def role_of(name: str) -> str:
+    return "teacher" if name == "teacher" else "student"
+
+
 def save_role(run: RunDir, model: nn.Module, name: str, spec: Dict[str, Any], info: Dict[str, Any]) -> None:
     data = run.data
-    save_model(model, run.path(f"{name}.safetensors"),
-               {"spec": spec, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
-                "class_names": data.class_names, "role": name, **info})
+    meta = {"spec": spec, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+            "class_names": data.class_names, "role": name, **info}
+    if isinstance(model, HFClassifier):
+        save_folder(model, run.path(name), run.cfg["data"]["tokenizer"], meta)
+    else:
+        save_model(model, run.path(f"{name}.safetensors"), meta)
 
 
 def require_saved(folder: str, name: str) -> str:
-    """The path of `name`.safetensors in a run folder, or a clear error naming the stage that makes it."""
+    """The model `name` in a run folder (a .safetensors file or a Hugging Face folder), or a clear error
+    naming the stage that makes it."""
     path = os.path.join(folder, f"{name}.safetensors")
-    if not os.path.isfile(path):
-        stage = "train-teacher" if name == "teacher" else "train-student"
-        raise UserError(f"{path}: missing; run the stage that makes it first (distill run, or distill {stage})")
-    return path
+    if os.path.isfile(path) or is_model_folder(os.path.join(folder, name)):
+        return path if os.path.isfile(path) else os.path.join(folder, name)
+    stage = "train-teacher" if name == "teacher" else "train-student"
+    raise UserError(f"{path}: missing; run the stage that makes it first (distill run, or distill {stage})")
 
 
 def load_saved(run: RunDir, name: str) -> nn.Module:
     path = require_saved(run.out, name)
+    if os.path.isdir(path):
+        return load_folder(path, name)
     meta = load_meta(path)
     model = build_model(meta["spec"], tuple(meta["input_shape"]), meta["num_classes"], where=name)
     load_weights(model, path, name)
@@ -179,14 +244,16 @@ def train_teacher(run: RunDir) -> nn.Module:
     spec = model_spec(run, "teacher")
     fp = sha256_json({"spec": spec, "train": m["train"], "data": run.data.fingerprint, "version": __version__,
                       "checkpoint": sha256_file(m["checkpoint"]) if m["checkpoint"] else None})
-    if run.stage_done("teacher", fp, ["teacher.safetensors"]):
-        run.event("teacher: inputs unchanged, reusing teacher.safetensors", model="teacher")
+    out = artifact("teacher", is_text(run.cfg, "teacher"))
+    if run.stage_done("teacher", fp, [out]):
+        run.event(f"teacher: inputs unchanged, reusing {out}", model="teacher")
         return load_saved(run, "teacher")
     teacher = build_role(run, "teacher")
     t0 = time.perf_counter()
-    if m["checkpoint"]:
-        run.event(f"teacher: loaded from {m['checkpoint']} (not retrained)", model="teacher")
-        info: Dict[str, Any] = {"loaded_from": m["checkpoint"]}
+    loaded = m["checkpoint"] or (m["hf"] if m["finetuned"] else None)
+    if loaded:
+        run.event(f"teacher: loaded from {loaded} (not retrained)", model="teacher")
+        info: Dict[str, Any] = {"loaded_from": loaded}
     else:
         info = run.fit("teacher", Objective(teacher))
     info["train_time_s"] = round(time.perf_counter() - t0, 3)
@@ -195,13 +262,17 @@ def train_teacher(run: RunDir) -> nn.Module:
     return teacher
 
 
-def soft_labels(run: RunDir, teacher: Optional[nn.Module] = None) -> CachedOutputs:
+def soft_labels(run: RunDir, teacher: Optional[nn.Module] = None, data: Optional[DataBundle] = None
+                ) -> CachedOutputs:
     """Teacher logits (and hooked features) on the un-augmented training inputs, from the on-disk cache."""
-    teacher = teacher or load_saved(run, "teacher")
-    layers = [f["teacher"] for f in run.cfg["distill"]["features"]]
-    key = cache_key(weights_sha256(teacher), run.data.fingerprint, layers)
+    teacher, data = teacher or load_saved(run, "teacher"), data or run.data
+    layers = [f["teacher"] for f in run.dcfg["features"]]
+    if layers and data.pad_id is not None:
+        raise UserError("distill.teacher_outputs: cached: text features vary in length per batch and are not "
+                        "cached; use teacher_outputs: online (or auto) with transformer layer losses")
+    key = cache_key(weights_sha256(teacher), data.fingerprint, layers)
     cache_dir = run.cfg["output"]["cache_dir"] or default_cache_dir()
-    outputs, hit = load_or_build(teacher, run.data.x_train, key, cache_dir, layers, run.cfg["data"]["eval_batch_size"])
+    outputs, hit = load_or_build(teacher, data.x_train, key, cache_dir, layers, run.cfg["data"]["eval_batch_size"])
     run.event(f"soft labels: cache {'hit' if hit else 'miss, computed'} ({os.path.join(cache_dir, key)})",
               cache_key=key, hit=hit)
     write_json(run.path("soft_labels.json"), {"cache_key": key, "cache_dir": cache_dir, "layers": layers})
@@ -210,21 +281,26 @@ def soft_labels(run: RunDir, teacher: Optional[nn.Module] = None) -> CachedOutpu
 
 def teacher_mode(run: RunDir) -> str:
     """`auto`: cached soft labels, unless augmentation gives new views every epoch (then online)."""
-    mode = run.cfg["distill"]["teacher_outputs"]
+    mode, ddata = run.cfg["distill"]["teacher_outputs"], run.cfg["distill"]["data"]
     if mode == "auto":
-        mode = "online" if has_augmentation(run.cfg["data"]["transforms"]) else "cached"
+        text_online = run.data.pad_id is not None and (
+            run.dcfg["features"] or (ddata["mask"] and ddata["teacher_sees"] == "noised"))
+        mode = "online" if has_augmentation(run.cfg["data"]["transforms"]) or text_online else "cached"
     return mode
 
 
 def train_student(run: RunDir, teacher: Optional[nn.Module] = None) -> Dict[str, Any]:
     """The distilled student and, with the same budget and init, the scratch (no-teacher) baseline."""
-    s, dcfg = run.cfg["student"], run.cfg["distill"]
-    spec = model_spec(run, "student")
+    s, dcfg = run.cfg["student"], run.dcfg
+    spec, text = model_spec(run, "student"), is_text(run.cfg, "student")
+    from_finetuned = bool(s["from_teacher"] and s["from_teacher"]["source"] == "finetuned")
+    teacher = teacher if teacher is not None or not from_finetuned else load_saved(run, "teacher")
     base = {"spec": spec, "train": s["train"], "data": run.data.fingerprint, "version": __version__,
-            "init": sha256_file(s["checkpoint"]) if s["checkpoint"] else None}
+            "init": sha256_file(s["checkpoint"]) if s["checkpoint"] else None,
+            "init_teacher": weights_sha256(teacher) if from_finetuned else None}
     results = {}
     fp = sha256_json(base)
-    if not run.stage_done("student_scratch", fp, ["student_scratch.safetensors"]):
+    if not run.stage_done("student_scratch", fp, [artifact("student_scratch", text)]):
         scratch = build_role(run, "student")
         t0 = time.perf_counter()
         info = run.fit("student_scratch", Objective(scratch))
@@ -232,37 +308,45 @@ def train_student(run: RunDir, teacher: Optional[nn.Module] = None) -> Dict[str,
         save_role(run, scratch, "student_scratch", spec, info)
         run.mark_done("student_scratch", fp, info)
     else:
-        run.event("student_scratch: inputs unchanged, reusing student_scratch.safetensors", model="student_scratch")
+        run.event("student_scratch: inputs unchanged, reusing it", model="student_scratch")
     results["student_scratch"] = read_json(run.path("stages.json"))["student_scratch"]
 
     mode = teacher_mode(run)
     teacher = teacher or load_saved(run, "teacher")
     fp = sha256_json({**base, "distill": dcfg, "mode": mode, "teacher": weights_sha256(teacher)})
-    if run.stage_done("student", fp, ["student.safetensors"]):
-        run.event("student: inputs unchanged, reusing student.safetensors", model="student")
+    if run.stage_done("student", fp, [artifact("student", text)]):
+        run.event("student: inputs unchanged, reusing it", model="student")
     else:
         student = build_role(run, "student")
-        source = teacher_source(run, teacher, mode)
+        data, added = run.data, {}
+        if text:
+            data, added = with_teacher_labelled(run.data, run.cfg["distill"]["data"], run.cfg["data"], teacher,
+                                                s["train"]["seed"])
+            if added:
+                run.event(f"student: {len(data.y_train)} training texts, of which teacher-labelled only: "
+                          + ", ".join(f"{v} {k}" for k, v in added.items()), added=added)
+        source = teacher_source(run, teacher, mode, data=data)
         t_shapes, s_shapes = _feature_shapes(run, teacher, student)
         objective = Objective(student, dcfg, source, t_shapes, s_shapes)
         t0 = time.perf_counter()
-        info = run.fit("student", objective)
-        info.update(train_time_s=round(time.perf_counter() - t0, 3), teacher_outputs=mode)
+        info = run.fit("student", objective, data)
+        info.update(train_time_s=round(time.perf_counter() - t0, 3), teacher_outputs=mode, added=added)
         save_role(run, student, "student", spec, info)  # the projectors stay behind in `objective`
         run.mark_done("student", fp, info)
     results["student"] = read_json(run.path("stages.json"))["student"]
     return results
 
 
-def teacher_source(run: RunDir, teacher: nn.Module, mode: str, quiet: bool = False):
-    layers = [f["teacher"] for f in run.cfg["distill"]["features"]]
+def teacher_source(run: RunDir, teacher: nn.Module, mode: str, quiet: bool = False,
+                   data: Optional[DataBundle] = None):
+    layers = [f["teacher"] for f in run.dcfg["features"]]
     if mode == "cached":
-        cached = soft_labels(run, teacher)
+        cached = soft_labels(run, teacher, data)
         run.event("student: teacher outputs from the soft-label cache (the teacher is not run while training)",
                   teacher_outputs="cached")
         return lambda x, idx: cached.batch(idx)
     if not quiet:
-        run.event("student: teacher run online on every batch (augmented views differ per epoch)",
+        run.event("student: teacher run online on every batch (augmented or noised inputs, or feature losses)",
                   teacher_outputs="online")
     capture = FeatureCapture(teacher, layers, "distill.features")
 
@@ -274,7 +358,7 @@ def teacher_source(run: RunDir, teacher: nn.Module, mode: str, quiet: bool = Fal
 
 def _feature_shapes(run: RunDir, teacher: nn.Module, student: nn.Module):
     """Per-sample output shapes of the hooked layers, from one dry batch (to size the projectors)."""
-    feats = run.cfg["distill"]["features"]
+    feats = run.dcfg["features"]
     if not feats:
         return {}, {}
     x = run.data.x_train[:2]
@@ -294,7 +378,7 @@ def evaluate(run: RunDir) -> Dict[str, Any]:
     metrics = {}
     for name in MODELS_OUT:
         model = load_saved(run, name)
-        m = evaluate_model(model, run.path(f"{name}.safetensors"), data.x_test, data.y_test, ecfg,
+        m = evaluate_model(model, require_saved(run.out, name), data.x_test, data.y_test, ecfg,
                            run.cfg["data"]["eval_batch_size"])
         extra = stages.get(name, {})
         m.update({k: extra[k] for k in ("val_accuracy", "selected_epoch", "train_time_s") if k in extra})

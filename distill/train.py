@@ -22,6 +22,7 @@ from torch import nn
 
 from .checkpoint import Checkpoints, rng_state, set_rng_state
 from .data import DataBundle, augment, has_augmentation
+from .data.augment_text import mask_tokens
 from .errors import UserError
 from .hooks import FeatureCapture
 from .io import append_jsonl, write_text
@@ -57,26 +58,43 @@ class Objective(nn.Module):
         self.projectors = nn.ModuleList()
         for i, f in enumerate(self.features):
             s_shape, t_shape = student_shapes[f["student"]], teacher_shapes[f["teacher"]]
+            if f["loss"].startswith("attention"):  # maps are compared as they are, head counts aside
+                self.projectors.append(nn.Identity())
+                continue
             self.projectors.append(Projector(f["projector"], s_shape[0] if len(s_shape) == 3 else s_shape[-1],
                                              t_shape[0] if len(t_shape) == 3 else t_shape[-1],
                                              where=f"distill.features[{i}]"))
         self._capture = FeatureCapture(student, [f["student"] for f in self.features], "distill.features")
+        noise = self.dcfg.get("data", {})
+        self.mask_fraction = noise["mask_fraction"] if teacher and noise.get("mask") else 0.0
+        self.teacher_sees_noise = noise.get("teacher_sees") == "noised"
+
+    def noised(self, x: torch.Tensor) -> torch.Tensor:
+        """The student's input: token ids with a fraction masked (noise injection), else `x` itself.
+        Drawn from the global torch RNG, which checkpoints save, so a resumed run masks the same tokens."""
+        if not self.mask_fraction:
+            return x
+        s = self.student
+        return mask_tokens(x, self.mask_fraction, s.mask_id, s.pad_id, s.special_ids)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+        x_student = self.noised(x)
         with self._capture as cap:
-            logits = self.student(x)
+            logits = self.student(x_student)
         alpha = self.dcfg["alpha"] if self.teacher else 0.0
         loss = ce_loss(logits, y)
         parts = {"ce": loss.item()}
         if self.teacher is None:
             parts["total"] = parts["ce"]
             return loss, parts
-        t_logits, t_feats = self.teacher(x, idx)
+        t_logits, t_feats = self.teacher(x_student if self.teacher_sees_noise else x, idx)
         kd = kd_loss(logits, t_logits, self.dcfg["temperature"])
         parts["kd"] = kd.item()
         loss = (1 - alpha) * loss + alpha * kd
         for i, (f, proj) in enumerate(zip(self.features, self.projectors)):
-            s_feat, t_feat = align(cap.outputs[f["student"]], t_feats[f["teacher"]], proj)
+            s_feat, t_feat = cap.outputs[f["student"]], t_feats[f["teacher"]]
+            if not f["loss"].startswith("attention"):
+                s_feat, t_feat = align(s_feat, t_feat, proj)
             if s_feat.shape != t_feat.shape:
                 raise UserError(f"distill.features[{i}]: student '{f['student']}' gives {tuple(s_feat.shape[1:])} "
                                 f"after the projector, teacher '{f['teacher']}' gives {tuple(t_feat.shape[1:])}")
@@ -91,9 +109,10 @@ def make_optimizer(params, ocfg: Dict[str, Any]) -> torch.optim.Optimizer:
     name, lr, wd = ocfg["name"], ocfg["lr"], ocfg["weight_decay"]
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=ocfg["momentum"], weight_decay=wd, nesterov=ocfg["nesterov"])
+    fused = {"fused": True} if ocfg.get("fused") else {}  # (off by default: it rounds differently, so old runs differ)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd, **fused)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=wd, **fused)
 
 
 def lr_factor(epoch: int, scfg: Dict[str, Any], epochs: int) -> float:
@@ -109,10 +128,35 @@ def lr_factor(epoch: int, scfg: Dict[str, Any], epochs: int) -> float:
     return 1.0
 
 
-def batches(n: int, batch_size: int, gen: torch.Generator) -> List[torch.Tensor]:
-    """A shuffled epoch of index batches; a trailing batch of one sample is dropped (BatchNorm needs two)."""
-    perm = torch.randperm(n, generator=gen)
+def batches(n: int, batch_size: int, gen: torch.Generator, lengths: Optional[torch.Tensor] = None,
+            labels: Optional[torch.Tensor] = None, sampling: str = "random") -> List[torch.Tensor]:
+    """A shuffled epoch of index batches; a trailing batch of one sample is dropped (BatchNorm needs two).
+
+    sampling: `random`; `stratified`, every batch with the classes in the data's proportions; `balanced`,
+    samples drawn with weights 1/class-count so every class is equally frequent. With `lengths` (text) and
+    random sampling, batches are bucketed: indices sorted by length within windows of 50 batches, so
+    a batch pads little, and the batch order shuffled.
+    """
+    if sampling == "balanced":
+        groups = labels + 1  # texts without a hard label (-1) are one more group
+        weights = 1.0 / torch.bincount(groups)[groups].float()
+        perm = torch.multinomial(weights, n, replacement=True, generator=gen)
+    elif sampling == "stratified":
+        rank = torch.empty(n)
+        for c in labels.unique():
+            members = (labels == c).nonzero().flatten()
+            order = members[torch.randperm(len(members), generator=gen)]
+            rank[order] = (torch.arange(len(members)) + torch.rand(len(members), generator=gen)) / len(members)
+        perm = rank.argsort()
+    else:
+        perm = torch.randperm(n, generator=gen)
     out = list(perm.split(batch_size))
+    if lengths is not None and sampling == "random":
+        window = batch_size * 50
+        chunks = [c[lengths[c].argsort(stable=True)] for c in perm.split(window)]
+        out = [b for c in chunks for b in c.split(batch_size)]
+        out = [out[i] for i in torch.randperm(len(out), generator=gen)]
+        out.sort(key=len, reverse=True)  # any short batch last (stable: the shuffled order is kept)
     return out[:-1] if len(out) > 1 and len(out[-1]) == 1 else out
 
 
@@ -141,7 +185,8 @@ class _EpochBatches(torch.utils.data.Dataset):
 
 def epoch_batches(data: DataBundle, data_cfg: Dict[str, Any], gen: torch.Generator, start: int = 0):
     """The epoch's batches from batch `start` on (a resumed epoch skips those already trained on)."""
-    ds = _EpochBatches(data, data_cfg, batches(len(data.y_train), data_cfg["batch_size"], gen),
+    ds = _EpochBatches(data, data_cfg, batches(len(data.y_train), data_cfg["batch_size"], gen, data.lengths,
+                                               data.y_train, data_cfg["sampling"]),
                        int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
     if data_cfg["workers"] == 0:
         return (ds[i] for i in range(start, len(ds)))
@@ -153,11 +198,17 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.T
     """Logits in eval mode without a graph; the model's train/eval mode is restored afterwards."""
     was_training = model.training
     model.eval()
+    pad = getattr(model, "pad_id", None)
+    order = (x != pad).sum(1).argsort() if pad is not None else None  # text: batch similar lengths together
     try:
         with torch.inference_mode():
-            return torch.cat([model(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)])
+            xs = x if order is None else x[order]
+            out = torch.cat([model(xs[i:i + batch_size]).float() for i in range(0, len(xs), batch_size)])
     finally:
         model.train(was_training)
+    if order is not None:
+        out = torch.empty(out.shape).index_copy_(0, order, out)
+    return out
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
@@ -252,7 +303,10 @@ def _fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, 
                                                "scheduler": sched.state_dict(), "epoch_gen": epoch_gen,
                                                "rng": rng_state(), "progress": prog})
 
-    epochs = bar(range(tcfg["epochs"]), desc=role, unit="epoch", initial=prog["epoch"])
+    n_train, bs = len(data.y_train), data_cfg["batch_size"]
+    per_epoch = -(-n_train // bs) - (1 if n_train % bs == 1 and n_train > 1 else 0)  # as `batches` makes them
+    steps = bar(None, desc=role, unit="step", total=tcfg["epochs"] * per_epoch,
+                initial=prog["epoch"] * per_epoch + prog["batch"])
     for epoch in range(prog["epoch"], tcfg["epochs"]):
         epoch_gen = gen.get_state()  # the epoch's batches are drawn from here: a resume redraws the same
         student.train()  # every epoch: evaluation below switches to eval mode
@@ -270,6 +324,7 @@ def _fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, 
                 bad = None if _finite_grads(params) else "gradient"
             prog["batch"] += 1
             prog["step"] += 1
+            steps.update(1)
             if bad:
                 prog["bad"] += 1
                 prog["skipped"] += 1
@@ -300,13 +355,12 @@ def _fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, 
         record = {"model": role, "epoch": epoch + 1, "lr": lr, "val_accuracy": val_acc,
                   "train_time_s": round(time.perf_counter() - t0, 4), "skipped_steps": prog["skipped"],
                   **{f"loss_{k}": v / n for k, v in sums.items()}}
-        epochs.set_postfix(loss=f"{sums.get('total', 0.0) / n:.3f}", val=f"{val_acc:.3f}", refresh=False)
-        epochs.update(1)
+        steps.set_postfix(epoch=epoch + 1, loss=f"{sums.get('total', 0.0) / n:.3f}", val=f"{val_acc:.3f}")
         if log_path:
             append_jsonl(log_path, record)
         prog.update(epoch=epoch + 1, batch=0, sums={}, skipped=0)
         save(gen.get_state())  # after the log line: a resume trims lines past the checkpoint's epoch
-    epochs.close()
+    steps.close()
     student.load_state_dict(prog["best_state"])
     return {"selected_epoch": prog["best_epoch"] + 1, "val_accuracy": prog["best_val"]}
 

@@ -16,7 +16,7 @@ def softmax(v):
 
 
 def test_registry_lists_all_losses():
-    assert LOSSES.names() == ["ce", "cosine", "kd", "mse"]
+    assert LOSSES.names() == ["attention_kl", "attention_mse", "ce", "cosine", "kd", "mse"]
 
 
 def test_kd_matches_hand_computed_kl_times_t_squared():

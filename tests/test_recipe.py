@@ -28,7 +28,7 @@ BASE = "teacher: {model: mlp}\nstudent: {model: mlp, args: {hidden: [8]}}\n"
     (BASE + "data: {dataset: imagenet}\n", "data.dataset: 'imagenet' is not one of"),
     (BASE + "data: {val_fraction: 1.0}\n", "data.val_fraction: must be between 0 and 1 (exclusive), got 1.0"),
     ("student: {model: mlp}\n", "teacher: missing model"),
-    ("teacher: {model: mlp, arch: ['ReLU()']}\nstudent: {model: mlp}\n", "teacher: give either `model` or `arch`"),
+    ("teacher: {model: mlp, arch: ['ReLU()']}\nstudent: {model: mlp}\n", "teacher: give one of model, arch, not several"),
     (BASE + "teacher: {checkpoint: /nope.safetensors}\n", "teacher.checkpoint: file not found"),
     (BASE + "distill: {features: [{teacher: body.0}]}\n", "distill.features[0].student: missing module name"),
     (BASE + "distill: {features: [{teacher: a, student: b, loss: kl}]}\n", "distill.features[0].loss: 'kl' is not one of"),
@@ -92,3 +92,24 @@ def test_resolved_recipe_round_trips(tmp_path):
     p = tmp_path / "resolved.yaml"
     p.write_text(r.to_yaml())
     assert Recipe.load(str(p)).cfg == r.cfg
+
+
+def test_exponent_numbers_without_a_dot_are_numbers():
+    """PyYAML reads `1e-4` (no dot) as a string; a number field takes it as the number it means."""
+    r = Recipe.from_dict({"teacher": {"model": "mlp"}, "student": {"model": "mlp"},
+                          "train": {"optimizer": {"lr": "2e-4"}}}, ["distill.temperature=3E0"])
+    assert r["train"]["optimizer"]["lr"] == 2e-4 and r["student"]["train"]["optimizer"]["lr"] == 2e-4
+    assert r["distill"]["temperature"] == 3.0
+    with pytest.raises(UserError, match="train.optimizer.lr: expected number, got str 'fast'"):
+        Recipe.from_dict({"teacher": {"model": "mlp"}, "student": {"model": "mlp"},
+                          "train": {"optimizer": {"lr": "fast"}}})
+
+
+def test_train_subset_is_stratified_and_repeatable():
+    from distill.data import load_data
+    cfg = Recipe.from_dict({"data": {"train_subset": 500}, "teacher": {"model": "mlp"},
+                            "student": {"model": "mlp"}})["data"]
+    a, b = load_data(cfg), load_data(cfg)
+    n = len(a.y_train) + len(a.y_val) + len(a.y_test)
+    assert n == 500 and a.fingerprint == b.fingerprint
+    assert set(a.y_train.tolist()) == set(range(10))

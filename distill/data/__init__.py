@@ -1,3 +1,4 @@
+from . import text  # noqa: F401  (registers the `text` dataset)
 from .datasets import DataBundle, load_data
 from .transforms import augment, has_augmentation
 

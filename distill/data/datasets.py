@@ -28,6 +28,7 @@ class Raw:
     y_test: Optional[np.ndarray] = None
     class_names: Optional[List[str]] = None
     image: bool = False  # (N, C, H, W) images rather than feature vectors
+    pad_id: Optional[int] = None  # token ids (text) rather than numbers: padded with this id
 
 
 @dataclass
@@ -44,6 +45,12 @@ class DataBundle:
     image: bool
     fingerprint: str
     stats: Dict[str, Any] = field(default_factory=dict)
+    pad_id: Optional[int] = None  # text: x holds token ids padded with this id
+
+    @property
+    def lengths(self) -> Optional[torch.Tensor]:
+        """Real (unpadded) length of each training text; None for non-text data."""
+        return None if self.pad_id is None else (self.x_train != self.pad_id).sum(1)
 
 
 @DATASETS.register("digits")
@@ -145,26 +152,32 @@ def load_data(cfg: Dict[str, Any]) -> DataBundle:
     if raw.x_test is not None:
         _check_inputs(raw.x_test, raw.y_test, "test", cfg)
     y_all = _as_labels(raw.y_train, cfg, "y_train")
+    x_all = raw.x_train
+    if cfg["train_subset"] and cfg["train_subset"] < len(y_all):
+        x_all, _, y_all, _ = train_test_split(x_all, y_all, train_size=cfg["train_subset"], stratify=y_all,
+                                              random_state=cfg["split_seed"])
     if raw.x_test is None:
-        x_tr, x_te, y_tr, y_te = train_test_split(raw.x_train, y_all, test_size=cfg["test_fraction"],
+        x_tr, x_te, y_tr, y_te = train_test_split(x_all, y_all, test_size=cfg["test_fraction"],
                                                   stratify=y_all, random_state=cfg["split_seed"])
     else:
-        x_tr, y_tr, x_te, y_te = raw.x_train, y_all, raw.x_test, _as_labels(raw.y_test, cfg, "y_test")
+        x_tr, y_tr, x_te, y_te = x_all, y_all, raw.x_test, _as_labels(raw.y_test, cfg, "y_test")
     num_classes = _check_labels(y_tr, y_te, cfg)
     x_tr, x_va, y_tr, y_va = train_test_split(x_tr, y_tr, test_size=cfg["val_fraction"], stratify=y_tr,
                                               random_state=cfg["split_seed"])
     stats: Dict[str, Any] = {}
-    if cfg["transforms"]["normalize"]:
+    if cfg["transforms"]["normalize"] and raw.pad_id is None:  # token ids are never normalised
         axes = (0, 2, 3) if raw.image else (0,)
         mean = x_tr.mean(axis=axes, keepdims=True)
         std = x_tr.std(axis=axes, keepdims=True) + 1e-6
         x_tr, x_va, x_te = [(a - mean) / std for a in (x_tr, x_va, x_te)]
         stats = {"mean": mean.reshape(-1).tolist(), "std": std.reshape(-1).tolist()}
-    tensors = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (x_tr, x_va, x_te)]
+    dtype = np.float32 if raw.pad_id is None else np.int64
+    tensors = [torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)) for a in (x_tr, x_va, x_te)]
     labels = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in (y_tr, y_va, y_te)]
     names = raw.class_names or [str(i) for i in range(num_classes)]
     return DataBundle(tensors[0], labels[0], tensors[1], labels[1], tensors[2], labels[2], num_classes,
-                      names, tuple(tensors[0].shape[1:]), raw.image, _fingerprint(cfg, tensors, labels), stats)
+                      names, tuple(tensors[0].shape[1:]), raw.image, _fingerprint(cfg, tensors, labels), stats,
+                      raw.pad_id)
 
 
 def _as_labels(y: np.ndarray, cfg: Dict[str, Any], name: str) -> np.ndarray:

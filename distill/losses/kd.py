@@ -22,5 +22,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 @LOSSES.register("ce")
 def ce_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy with the hard labels."""
-    return F.cross_entropy(student_logits.float(), labels)
+    """Cross-entropy with the hard labels; label -1 marks a sample without one (teacher-labelled text),
+    which is left out of the mean (a batch with no hard labels gives 0)."""
+    if not bool((labels < 0).any()):
+        return F.cross_entropy(student_logits.float(), labels)
+    n = (labels >= 0).sum().clamp_min(1)
+    return F.cross_entropy(student_logits.float(), labels, ignore_index=-1, reduction="sum") / n

