@@ -5,7 +5,8 @@
 The teacher is fine-tuned once on the labelled subset; every variant then distils the same student from it,
 adding one technique at a time to plain logit KD: token masking (noise injection), copies with words swapped
 for neighbours in the teacher's embedding space, copies by random deletion and swap, and the whole training
-file's texts, labels dropped, as unlabeled text for the teacher to pseudo-label. Per seed, the variants share
+file's texts, labels dropped, as unlabeled text for the teacher to pseudo-label. One augmented copy doubles
+the steps of an epoch, so a control gives plain KD twice the epochs. Per seed, the variants share
 one run folder, so the teacher and the no-distillation baseline are trained once and reused (stage reuse);
 only the distilled student is retrained.
 """
@@ -27,12 +28,14 @@ from distill.runner import with_seed
 KEEP = {3: [0, 2, 4], 2: [0, 3], 1: [0]}
 
 
-def variants(unlabeled: str) -> dict:
+def variants(unlabeled: str, epochs: int) -> dict:
     return {"logit KD only": [],
             "+ token masking 15%": ["distill.data.mask=true"],
             "+ neighbour substitution (1 copy)": ["distill.data.substitute=1"],
             "+ deletion / swap (1 copy)": ["distill.data.eda=1"],
-            "+ unlabeled texts, teacher pseudo-labels": [f"distill.data.unlabeled={unlabeled}"]}
+            "+ unlabeled texts, teacher pseudo-labels": [f"distill.data.unlabeled={unlabeled}"],
+            # control: one augmented copy doubles the steps per epoch; this gives plain KD as many steps
+            "logit KD only, twice the epochs (control)": [f"student.train.epochs={2 * epochs}"]}
 
 
 def main() -> int:
@@ -60,15 +63,16 @@ def main() -> int:
     scratch, teacher_acc, times = [], [], {}
     for seed in seeds:
         out = os.path.join(base, f"seed{seed}")
-        for name, sets in variants(unlabeled).items():
+        for name, sets in variants(unlabeled, recipe["student"]["train"]["epochs"]).items():
             print(f"seed {seed}: {name}", file=sys.stderr, flush=True)
             extra = [f"teacher.hf={teacher}", "teacher.finetuned=true"] if teacher else []
             r = with_seed(Recipe.load(args.recipe, base_sets + sets + extra), seed)
             m = run(r, out, echo=lambda msg: None, overwrite=True)
             acc.setdefault(name, []).append(m["student"]["accuracy"])
             times.setdefault(name, []).append(m["student"]["train_time_s"])
-        scratch.append(m["student_scratch"]["accuracy"])
-        teacher_acc.append(m["teacher"]["accuracy"])
+            if not sets:  # the no-distillation baseline with the recipe's epochs
+                scratch.append(m["student_scratch"]["accuracy"])
+                teacher_acc.append(m["teacher"]["accuracy"])
         teacher = teacher or os.path.join(out, "teacher")
     wall = time.perf_counter() - t0
 

@@ -203,10 +203,6 @@ def artifact(name: str, text: bool) -> str:
     return name if text else f"{name}.safetensors"
 
 
-def role_of(name: str) -> str:
-    return "teacher" if name == "teacher" else "student"
-
-
 def save_role(run: RunDir, model: nn.Module, name: str, spec: Dict[str, Any], info: Dict[str, Any]) -> None:
     data = run.data
     meta = {"spec": spec, "input_shape": list(data.input_shape), "num_classes": data.num_classes,

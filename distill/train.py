@@ -67,6 +67,8 @@ class Objective(nn.Module):
         self._capture = FeatureCapture(student, [f["student"] for f in self.features], "distill.features")
         noise = self.dcfg.get("data", {})
         self.mask_fraction = noise["mask_fraction"] if teacher and noise.get("mask") else 0.0
+        if self.mask_fraction and getattr(student, "mask_id", None) is None:
+            raise UserError("distill.data.mask: the student's tokenizer has no mask token to mask inputs with")
         self.teacher_sees_noise = noise.get("teacher_sees") == "noised"
 
     def noised(self, x: torch.Tensor) -> torch.Tensor:

@@ -392,7 +392,7 @@ def test_text_bad_input(case, tmp_path, bert, capsys):
 @pytest.mark.slow
 def test_bundled_minilm_recipe_on_trec(tmp_path, monkeypatch):
     """The real pretrained MiniLM-L6 on real TREC questions, on a small budget (the full recipe is
-    `distill run trec_minilm`, ~6 minutes): the teacher and the 3-layer student learn well above chance."""
+    `distill run trec_minilm`, ~7 minutes): the teacher and the 3-layer student learn well above chance."""
     from conftest import shared_file
     shared_file("trec", "train.csv")
     monkeypatch.chdir(os.path.join(os.path.dirname(__file__), ".."))  # the recipe's data paths are relative
@@ -403,3 +403,14 @@ def test_bundled_minilm_recipe_on_trec(tmp_path, monkeypatch):
     assert metrics["student"]["params"] < 0.8 * metrics["teacher"]["params"]
     assert metrics["teacher"]["accuracy"] > 0.5 and metrics["student"]["accuracy"] > 0.4  # majority class: 0.276
     assert metrics["student"]["latency_ms"] < metrics["teacher"]["latency_ms"]
+
+
+def test_masking_needs_a_mask_token(teacher):
+    from distill.errors import UserError
+    from distill.train import Objective
+    student = select_layers(teacher, [0], "student")
+    student.mask_id = None  # a tokenizer without a mask token
+    dcfg = Recipe.from_dict({"teacher": {"model": "mlp"}, "student": {"model": "mlp"}}).cfg["distill"]
+    dcfg["data"]["mask"] = True
+    with pytest.raises(UserError, match="distill.data.mask: the student's tokenizer has no mask token"):
+        Objective(student, dcfg, lambda x, idx: (None, {}), {}, {})
