@@ -15,8 +15,11 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 
 from ..errors import UserError, did_you_mean
-from ..io import sha256_file, sha256_json
+from ..io import atomic_path, sha256_file, sha256_json
+from ..models.hf import load_tokenizer
 from ..registry import DATASETS
+from ..softlabels import default_cache_dir
+from .datasets import Raw
 
 
 def read_texts(path: str, text_col: str, label_col: str | None) -> Tuple[List[str], List[str]]:
@@ -72,7 +75,6 @@ def _jsonl_rows(path: str, fh) -> List[Dict[str, Any]]:
 def tokenize(texts: List[str], tokenizer_path: str, max_length: int, cache_dir: str, source_key: str
              ) -> np.ndarray:
     """(N, max_length) int64 token ids, padded with the pad id; read from the cache when present."""
-    from ..models.hf import load_tokenizer
     tok = load_tokenizer(tokenizer_path, "data.tokenizer")
     key = sha256_json({"src": source_key, "vocab": sha256_json(tok.get_vocab()), "max": max_length,
                        "cls": type(tok).__name__, "lower": getattr(tok, "do_lower_case", None)})[:24]
@@ -82,7 +84,6 @@ def tokenize(texts: List[str], tokenizer_path: str, max_length: int, cache_dir: 
     enc = tok(texts, truncation=True, max_length=max_length, padding="max_length")
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
     os.makedirs(cache_dir, exist_ok=True)
-    from ..io import atomic_path
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, ids)
@@ -91,7 +92,6 @@ def tokenize(texts: List[str], tokenizer_path: str, max_length: int, cache_dir: 
 
 def tokenize_file(path: str, cfg: Dict[str, Any], labelled: bool = True) -> Tuple[np.ndarray, List[str]]:
     """Token ids and raw labels of one file, with the tokenised ids cached."""
-    from ..softlabels import default_cache_dir
     texts, labels = read_texts(path, cfg["text_column"], cfg["label_column"] if labelled else None)
     src = {"file": sha256_file(path), "text": cfg["text_column"], "label": cfg["label_column"] if labelled else None}
     ids = tokenize(texts, cfg["tokenizer"], cfg["max_length"], default_cache_dir(), sha256_json(src))
@@ -101,10 +101,8 @@ def tokenize_file(path: str, cfg: Dict[str, Any], labelled: bool = True) -> Tupl
 @DATASETS.register("text")
 def _text(cfg: Dict[str, Any]):
     """`path` (and optional `test_path`) CSV/JSONL with `text_column` and `label_column`."""
-    from .datasets import Raw
     x, y = tokenize_file(cfg["path"], cfg)
     xt, yt = tokenize_file(cfg["test_path"], cfg) if cfg["test_path"] else (None, None)
-    from ..models.hf import load_tokenizer
     classes = sorted(set(y) | set(yt or []))
     index = {c: i for i, c in enumerate(classes)}
     pad = load_tokenizer(cfg["tokenizer"], "data.tokenizer").pad_token_id

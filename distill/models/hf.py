@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..io import write_json
 
 # Never reach for a hub: a model that is not on disk is a clear error, not a download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -200,7 +201,6 @@ def same_vocabulary(a, b) -> bool:
 def save_folder(model: HFClassifier, folder: str, tokenizer_path: str, meta: Dict[str, Any]) -> None:
     """A Hugging Face folder (safetensors weights, config with label names, tokenizer) plus distill.json,
     written into a temp folder and renamed into place: a killed run never leaves half a model."""
-    from ..io import write_json
     parent = os.path.dirname(os.path.abspath(folder))
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
