@@ -51,7 +51,38 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=what, description=f"Stage: {what}. Stages whose inputs are unchanged are "
                                                            f"not redone.")
         _recipe_args(sp, stage_help)
+    ex = sub.add_parser("export", help="export a trained model: onnx (checked in ONNX Runtime), torchscript, "
+                                       "safetensors",
+                        description="Export a model of a finished run. The export is loaded back and run on test "
+                                    "inputs; it is kept only if its outputs match PyTorch's.")
+    ex.add_argument("target", help="a run folder")
+    ex.add_argument("--format", required=True, choices=("onnx", "torchscript", "safetensors"))
+    ex.add_argument("--model", default="student", choices=("student", "student_scratch", "teacher"))
+    ex.add_argument("--out", default=None, help="file to write (default: RUN_DIR/export/MODEL.EXT)")
     return p
+
+
+def _export(args: argparse.Namespace) -> int:
+    """`distill export RUN_DIR --format F`: write, verify, and record the export in export/exports.json."""
+    from .compress.export import SUFFIX, export_model
+    from .data import load_data
+    from .io import read_json, write_json
+    from .runner import load_model_at, require_saved
+    recipe, folder = _load(args.target, [], None)
+    if not os.path.isdir(args.target):
+        raise UserError(f"{args.target}: not a run folder; export works on the folder of a finished run")
+    path = require_saved(folder, args.model)
+    model = load_model_at(path, args.model)
+    data = load_data(recipe.cfg["data"])
+    out = args.out or os.path.join(folder, "export", args.model + SUFFIX[args.format])
+    meta = {"role": args.model, "class_names": data.class_names, "num_classes": data.num_classes,
+            "input_shape": list(data.input_shape)}
+    info = export_model(model, data.x_test[:8], args.format, out, meta)
+    record = os.path.join(folder, "export", "exports.json")
+    write_json(record, {**read_json(record, {}), f"{args.model}.{args.format}": info})
+    print(f"{args.model} -> {out} ({info['size_bytes'] / 1024:,.1f} KB); outputs match PyTorch within "
+          f"{info['max_abs_diff']:.2g} (tolerance {info['tolerance']:.2g}) on {info['checked_on']} test inputs")
+    return 0
 
 
 def _load(target: Optional[str], overrides: List[str], out: Optional[str]):
@@ -94,6 +125,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(f"{name:32s} {raw.get('description', '')}")
         return 0
 
+    if args.command == "export":
+        return _export(args)
     from . import runner
     if isinstance(args.resume, str):
         if args.target:

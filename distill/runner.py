@@ -224,7 +224,11 @@ def require_saved(folder: str, name: str) -> str:
 
 
 def load_saved(run: RunDir, name: str) -> nn.Module:
-    path = require_saved(run.out, name)
+    return load_model_at(require_saved(run.out, name), name)
+
+
+def load_model_at(path: str, name: str) -> nn.Module:
+    """A model a stage saved: a Hugging Face folder, or a .safetensors file that names its architecture."""
     if os.path.isdir(path):
         return load_folder(path, name)
     meta = load_meta(path)

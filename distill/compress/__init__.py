@@ -1,0 +1,1 @@
+"""Compression and deployment: export (ONNX, TorchScript, safetensors)."""
