@@ -135,10 +135,10 @@ def load_classifier(path: str, class_names: List[str], where: str, finetuned: bo
         if labels != list(class_names):
             raise UserError(f"{where}: {path} was fine-tuned for classes {labels} but the data has "
                             f"{list(class_names)}; teacher and student must share one class list")
-    try:
-        hf = tf.AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True,
-                                                                    **_label_config(class_names))
-    except (OSError, ValueError) as e:
+    try:  # not fine-tuned here: any classification head it has is replaced, whatever its size
+        hf = tf.AutoModelForSequenceClassification.from_pretrained(
+            path, local_files_only=True, ignore_mismatched_sizes=not finetuned, **_label_config(class_names))
+    except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{where}: {path}: cannot load as a sequence classifier "
                         f"({str(e).splitlines()[0]})") from None
     return _wrap(hf, load_tokenizer(path, where))
