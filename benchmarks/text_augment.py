@@ -24,8 +24,8 @@ import torch
 from distill import Recipe, run
 from distill.data.text import read_texts
 from distill.runner import with_seed
+from text import KEEP  # benchmarks/text.py: the teacher layers a student of each depth keeps
 
-KEEP = {3: [0, 2, 4], 2: [0, 3], 1: [0]}
 
 
 def variants(unlabeled: str, epochs: int) -> dict:

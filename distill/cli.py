@@ -68,9 +68,9 @@ def _export(args: argparse.Namespace) -> int:
     from .data import load_data
     from .io import read_json, write_json
     from .runner import load_model_at, require_saved
-    recipe, folder = _load(args.target, [], None)
     if not os.path.isdir(args.target):
         raise UserError(f"{args.target}: not a run folder; export works on the folder of a finished run")
+    recipe, folder = _load(args.target, [], None)
     path = require_saved(folder, args.model)
     model = load_model_at(path, args.model)
     data = load_data(recipe.cfg["data"])

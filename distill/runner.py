@@ -294,7 +294,7 @@ def train_student(run: RunDir, teacher: Optional[nn.Module] = None) -> Dict[str,
     s, dcfg = run.cfg["student"], run.dcfg
     spec, text = model_spec(run, "student"), is_text(run.cfg, "student")
     from_finetuned = bool(s["from_teacher"] and s["from_teacher"]["source"] == "finetuned")
-    teacher = teacher if teacher is not None or not from_finetuned else load_saved(run, "teacher")
+    teacher = teacher or load_saved(run, "teacher")  # its weights key both stages' fingerprints
     base = {"spec": spec, "train": s["train"], "data": run.data.fingerprint, "version": __version__,
             "init": sha256_file(s["checkpoint"]) if s["checkpoint"] else None,
             "init_teacher": weights_sha256(teacher) if from_finetuned else None}
@@ -312,7 +312,6 @@ def train_student(run: RunDir, teacher: Optional[nn.Module] = None) -> Dict[str,
     results["student_scratch"] = read_json(run.path("stages.json"))["student_scratch"]
 
     mode = teacher_mode(run)
-    teacher = teacher or load_saved(run, "teacher")
     fp = sha256_json({**base, "distill": dcfg, "mode": mode, "teacher": weights_sha256(teacher)})
     if run.stage_done("student", fp, [artifact("student", text)]):
         run.event("student: inputs unchanged, reusing it", model="student")

@@ -124,8 +124,9 @@ def with_teacher_labelled(data, ddcfg: Dict, data_cfg: Dict, teacher, seed: int)
     x = data.x_train.numpy()
     rng = np.random.default_rng(seed)
     parts: Dict[str, np.ndarray] = {}
+    tok = load_tokenizer(data_cfg["tokenizer"], "data.tokenizer")
     if ddcfg["substitute"] or ddcfg["eda"]:
-        text = TokenText(load_tokenizer(data_cfg["tokenizer"], "data.tokenizer"))
+        text = TokenText(tok)
         if ddcfg["substitute"]:
             table = neighbour_table(teacher.hf.get_input_embeddings().weight, text, np.unique(x).tolist(),
                                     ddcfg["neighbours"])
@@ -133,7 +134,7 @@ def with_teacher_labelled(data, ddcfg: Dict, data_cfg: Dict, teacher, seed: int)
         if ddcfg["eda"]:
             parts["eda"] = eda(x, text, ddcfg["eda"], ddcfg["word_prob"], rng)
     if ddcfg["unlabeled"]:
-        parts["unlabeled"] = tokenize_file(ddcfg["unlabeled"], data_cfg, labelled=False)[0]
+        parts["unlabeled"] = tokenize_file(ddcfg["unlabeled"], data_cfg, tok, labelled=False)[0]
     counts = {k: len(v) for k, v in parts.items()}
     if not parts:
         return data, counts

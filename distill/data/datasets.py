@@ -10,7 +10,7 @@ import csv
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import numpy as np
 import torch
@@ -18,6 +18,8 @@ from sklearn.model_selection import train_test_split
 
 from ..errors import UserError, did_you_mean
 from ..registry import DATASETS
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -105,14 +107,19 @@ def _class_order(name: str) -> tuple:
     return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
 
 
-def _read_csv(path: str, label: str) -> tuple:
+def read_text_file(path: str, parse: Callable[[Any], T]) -> T:
+    """`parse(fh)` on the UTF-8 file `path`; an unreadable or non-UTF-8 file is a one-line error."""
     try:
         with open(path, encoding="utf-8", newline="") as fh:
-            rows = list(csv.reader(fh))
+            return parse(fh)
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _read_csv(path: str, label: str) -> tuple:
+    rows = read_text_file(path, lambda fh: list(csv.reader(fh)))
     if not rows:
         raise UserError(f"{path}: empty file; a CSV needs a header row and data rows")
     header, body = rows[0], [r for r in rows[1:] if r]

@@ -19,24 +19,18 @@ from ..io import atomic_path, sha256_file, sha256_json
 from ..models.hf import load_tokenizer
 from ..registry import DATASETS
 from ..softlabels import default_cache_dir
-from .datasets import Raw
+from .datasets import Raw, read_text_file
 
 
 def read_texts(path: str, text_col: str, label_col: str | None) -> Tuple[List[str], List[str]]:
     """(texts, labels) from a .csv (header row) or .jsonl (one object a line); `label_col=None` reads text only.
     A .txt file is one text a line, without labels."""
-    try:
-        with open(path, encoding="utf-8", newline="") as fh:
-            if path.endswith(".txt"):
-                if label_col is not None:
-                    raise UserError(f"{path}: a .txt file has no labels; give a .csv or .jsonl with a "
-                                    f"'{label_col}' column")
-                return [line.strip() for line in fh if line.strip()], []
-            rows = _jsonl_rows(path, fh) if path.endswith((".jsonl", ".json")) else list(csv.DictReader(fh))
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    if path.endswith(".txt"):
+        if label_col is not None:
+            raise UserError(f"{path}: a .txt file has no labels; give a .csv or .jsonl with a '{label_col}' column")
+        return read_text_file(path, lambda fh: [line.strip() for line in fh if line.strip()]), []
+    rows = read_text_file(path, lambda fh: _jsonl_rows(path, fh) if path.endswith((".jsonl", ".json"))
+                          else list(csv.DictReader(fh)))
     if not rows:
         raise UserError(f"{path}: no rows")
     for col, key in ((text_col, "data.text_column"), (label_col, "data.label_column")):
@@ -72,10 +66,8 @@ def _jsonl_rows(path: str, fh) -> List[Dict[str, Any]]:
     return rows
 
 
-def tokenize(texts: List[str], tokenizer_path: str, max_length: int, cache_dir: str, source_key: str
-             ) -> np.ndarray:
+def tokenize(texts: List[str], tok, max_length: int, cache_dir: str, source_key: str) -> np.ndarray:
     """(N, max_length) int64 token ids, padded with the pad id; read from the cache when present."""
-    tok = load_tokenizer(tokenizer_path, "data.tokenizer")
     key = sha256_json({"src": source_key, "vocab": sha256_json(tok.get_vocab()), "max": max_length,
                        "cls": type(tok).__name__, "lower": getattr(tok, "do_lower_case", None)})[:24]
     path = os.path.join(cache_dir, f"tokens-{key}.npy")
@@ -90,21 +82,22 @@ def tokenize(texts: List[str], tokenizer_path: str, max_length: int, cache_dir: 
     return ids
 
 
-def tokenize_file(path: str, cfg: Dict[str, Any], labelled: bool = True) -> Tuple[np.ndarray, List[str]]:
-    """Token ids and raw labels of one file, with the tokenised ids cached."""
+def tokenize_file(path: str, cfg: Dict[str, Any], tok, labelled: bool = True) -> Tuple[np.ndarray, List[str]]:
+    """Token ids and raw labels of one file, tokenised by `tok`, with the ids cached."""
     texts, labels = read_texts(path, cfg["text_column"], cfg["label_column"] if labelled else None)
     src = {"file": sha256_file(path), "text": cfg["text_column"], "label": cfg["label_column"] if labelled else None}
-    ids = tokenize(texts, cfg["tokenizer"], cfg["max_length"], default_cache_dir(), sha256_json(src))
+    ids = tokenize(texts, tok, cfg["max_length"], default_cache_dir(), sha256_json(src))
     return ids, labels
 
 
 @DATASETS.register("text")
 def _text(cfg: Dict[str, Any]):
     """`path` (and optional `test_path`) CSV/JSONL with `text_column` and `label_column`."""
-    x, y = tokenize_file(cfg["path"], cfg)
-    xt, yt = tokenize_file(cfg["test_path"], cfg) if cfg["test_path"] else (None, None)
+    tok = load_tokenizer(cfg["tokenizer"], "data.tokenizer")
+    x, y = tokenize_file(cfg["path"], cfg, tok)
+    xt, yt = tokenize_file(cfg["test_path"], cfg, tok) if cfg["test_path"] else (None, None)
     classes = sorted(set(y) | set(yt or []))
     index = {c: i for i, c in enumerate(classes)}
-    pad = load_tokenizer(cfg["tokenizer"], "data.tokenizer").pad_token_id
+    pad = tok.pad_token_id
     return Raw(x, np.array([index[v] for v in y]), xt, None if yt is None else np.array([index[v] for v in yt]),
                class_names=classes, pad_id=0 if pad is None else int(pad))
