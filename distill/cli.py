@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import List, Optional
 
 from .errors import UserError
 
 DEFAULT_RECIPE = "digits"
+MODEL_NAMES = ("student", "student_scratch", "teacher")
 NEEDS = {"soft-labels": ("teacher",), "train-student": ("teacher",),
          "evaluate": ("teacher", "student_scratch", "student")}
 
@@ -57,9 +59,61 @@ def build_parser() -> argparse.ArgumentParser:
                                     "inputs; it is kept only if its outputs match PyTorch's.")
     ex.add_argument("target", help="a run folder")
     ex.add_argument("--format", required=True, choices=("onnx", "torchscript", "safetensors"))
-    ex.add_argument("--model", default="student", choices=("student", "student_scratch", "teacher"))
+    ex.add_argument("--model", default="student",
+                    help="student (default), student_scratch, teacher, or a compressed model: compress/NAME")
     ex.add_argument("--out", default=None, help="file to write (default: RUN_DIR/export/MODEL.EXT)")
+    cp = sub.add_parser("compress", help="compress a finished run's student: layers, heads, channels, vocabulary, QAT",
+                        description="Apply the recipe's compress.steps to the distilled student of a finished run, "
+                                    "fine-tuning by distillation after each; models go to RUN_DIR/compress/.")
+    cp.add_argument("target", help="a run folder")
+    cp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe value, e.g. --set 'compress.steps=[layers, heads]' "
+                         "--set compress.layers.to=2")
+    cp.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune from its checkpoint")
+    bp = sub.add_parser("bench", help="measure every model and deployable variant of a run side by side",
+                        description="Accuracy, parameters, file size, latency p50/p95 at batch 1, throughput and "
+                                    "peak memory of the teacher, students, compressed models and their quantized "
+                                    "and exported variants, measured in one run; writes bench/bench.json, "
+                                    "bench/bench.md and bench/pareto.png.")
+    bp.add_argument("target", help="a run folder")
+    bp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe value, e.g. --set 'bench.variants=[fp32, dynamic, onnx_dynamic]'")
     return p
+
+
+def _run_folder(target: str, overrides: List[str]):
+    """The recipe of a finished run, with overrides (compress and bench settings may change freely)."""
+    if not os.path.isdir(target):
+        raise UserError(f"{target}: not a run folder; give the folder of a finished run (distill run ... --out DIR)")
+    return _load(target, overrides, None)
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from .compress.pipeline import compress
+    from .runner import Interrupted, RunDir, require_saved
+    recipe, folder = _run_folder(args.target, args.overrides)
+    for name in ("teacher", recipe.cfg["compress"]["source"]):
+        require_saved(folder, name)
+    try:
+        records = compress(RunDir(recipe, folder, _echo, resume=args.resume))
+    except Interrupted as e:
+        print(f"{e}; continue with: distill compress {folder} --resume", file=sys.stderr)
+        return 130
+    width = max([5] + [len(r["name"]) for r in records])
+    print(f"{'model':{width}s}  {'params':>12s}  {'size KB':>10s}  val accuracy")
+    for r in records:
+        print(f"{r['name']:{width}s}  {r['params']:>12,}  {r['size_bytes'] / 1024:>10,.1f}  {r['val_accuracy']:.4f}")
+    print(f"models: {os.path.join(folder, 'compress')}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .compress.bench import bench
+    recipe, folder = _run_folder(args.target, args.overrides)
+    result = bench(recipe, folder, _echo)
+    print(result["table"])
+    print(f"results: {os.path.join(folder, 'bench')} (bench.json, bench.md, pareto.png)")
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -71,10 +125,12 @@ def _export(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.target):
         raise UserError(f"{args.target}: not a run folder; export works on the folder of a finished run")
     recipe, folder = _load(args.target, [], None)
+    if args.model not in MODEL_NAMES and not re.fullmatch(r"compress/\w[\w.-]*", args.model):
+        raise UserError(f"--model {args.model}: choose student, student_scratch, teacher or compress/NAME")
     path = require_saved(folder, args.model)
     model = load_model_at(path, args.model)
     data = load_data(recipe.cfg["data"])
-    out = args.out or os.path.join(folder, "export", args.model + SUFFIX[args.format])
+    out = args.out or os.path.join(folder, "export", args.model.replace("/", "-") + SUFFIX[args.format])
     meta = {"role": args.model, "class_names": data.class_names, "num_classes": data.num_classes,
             "input_shape": list(data.input_shape)}
     info = export_model(model, data.x_test[:8], args.format, out, meta)
@@ -125,8 +181,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(f"{name:32s} {raw.get('description', '')}")
         return 0
 
-    if args.command == "export":
-        return _export(args)
+    if args.command in ("export", "compress", "bench"):
+        return {"export": _export, "compress": _compress, "bench": _bench}[args.command](args)
     from . import runner
     if isinstance(args.resume, str):
         if args.target:

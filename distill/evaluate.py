@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import os
-import statistics
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +31,12 @@ def classification_metrics(logits: torch.Tensor, y: torch.Tensor, positive: int 
 
 def latency_ms(model: nn.Module, x: torch.Tensor, runs: int = 100, threads: int = 1) -> float:
     """Median wall time of a forward pass on batch `x`, after warm-up, on a fixed number of threads."""
+    return latency_percentiles(model, x, runs, threads)[0]
+
+
+def latency_percentiles(model: nn.Module, x: torch.Tensor, runs: int = 100, threads: int = 1,
+                        q: Sequence[float] = (50, 95)) -> List[float]:
+    """Percentiles (ms) of the wall time of a forward pass on batch `x`, after warm-up, on `threads` threads."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     was_training = model.training
@@ -48,7 +53,7 @@ def latency_ms(model: nn.Module, x: torch.Tensor, runs: int = 100, threads: int 
     finally:
         torch.set_num_threads(old)
         model.train(was_training)
-    return 1000 * statistics.median(times)
+    return [1000 * float(np.percentile(times, p)) for p in q]
 
 
 def typical_sample(x: torch.Tensor, model: nn.Module) -> torch.Tensor:

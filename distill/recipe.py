@@ -180,6 +180,38 @@ SCHEMA: Dict[str, Any] = {
         "threads": F((int,), 1, positive),
         "throughput_batch": F((int,), 32, positive),
     },
+    # Compression after distillation (`distill compress RUN_DIR`), steps applied in the order listed.
+    "compress": {
+        "steps": F((list,), []),  # any of: vocab, layers, heads, channels, qat
+        "source": F((str,), "student", choices=("student", "student_scratch", "teacher")),  # the model to compress
+        "lr": F(NUM, None, positive),  # fine-tuning learning rate (default: the student's)
+        "layers": {
+            "to": F((int,), None, positive),  # encoder layers (or droppable residual blocks) left at the end
+            "step": F((int,), 1, positive),  # units dropped between fine-tunes
+            "epochs": F((int,), 1, positive),
+            "teacher": F((str,), "previous", choices=("previous", "teacher")),  # who each fine-tune distils from
+        },
+        "heads": {
+            "keep": F(NUM, 0.6, open_fraction),
+            "importance": F((str,), "gradient", choices=("gradient", "l1")),
+            "samples": F((int,), 512, positive),  # training texts for the gradient importance
+            "epochs": F((int,), 1, positive),
+        },
+        "channels": {  # CNN filters, or transformer feed-forward neurons
+            "keep": F(NUM, 0.5, open_fraction),
+            "epochs": F((int,), 1, positive),
+        },
+        # int8-simulated Linear layers, distilled from the teacher, at lr_scale x the fine-tuning learning rate
+        "qat": {"epochs": F((int,), 1, positive), "lr_scale": F(NUM, 0.1, positive)},
+    },
+    # `distill bench RUN_DIR`: every model and deployable variant, side by side.
+    "bench": {
+        "variants": F((list,), ["fp32", "dynamic", "static", "fp16", "bf16", "onnx", "onnx_dynamic",
+                                "onnx_static", "torchao", "pt2e"]),
+        "calibration": F((int,), 256, positive),  # training samples for static int8
+        "max_accuracy_drop": F(NUM, 0.01, unit_interval),  # allowed for the recommended variant
+        "latency_runs": F((int,), 200, positive),
+    },
     "output": {
         "dir": F((str,), None),
         "cache_dir": F((str,), None),
@@ -262,9 +294,33 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
         if name not in METRICS:
             raise UserError(f"evaluate.metrics[{i}]: unknown metric {name!r}{did_you_mean(name, METRICS)}; "
                             f"choose from {', '.join(METRICS)}")
+    _compress_checks(cfg)
     ms = cfg["train"]["scheduler"]["milestones"]
     if any(not isinstance(m, int) or isinstance(m, bool) or m <= 0 for m in ms):
         raise UserError(f"train.scheduler.milestones: expected positive whole epochs, got {ms!r}")
+
+
+COMPRESS_STEPS = ("vocab", "layers", "heads", "channels", "qat")
+BENCH_VARIANTS = ("fp32", "dynamic", "static", "fp16", "bf16", "onnx", "onnx_dynamic", "onnx_static", "torchao",
+                  "pt2e")
+
+
+def _compress_checks(cfg: Dict[str, Any]) -> None:
+    c = cfg["compress"]
+    for key, names, allowed in (("compress.steps", c["steps"], COMPRESS_STEPS),
+                                ("bench.variants", cfg["bench"]["variants"], BENCH_VARIANTS)):
+        for i, name in enumerate(names):
+            if name not in allowed:
+                raise UserError(f"{key}[{i}]: unknown {key.split('.')[1][:-1]} {name!r}{did_you_mean(name, allowed)}; "
+                                f"choose from {', '.join(allowed)}")
+        if len(set(names)) != len(names):
+            raise UserError(f"{key}: {names}: each may appear once")
+    role = "teacher" if c["source"] == "teacher" else "student"
+    for step in ("vocab", "heads"):
+        if step in c["steps"] and not is_text(cfg, role):
+            raise UserError(f"compress.steps: '{step}' applies to transformers only, and the {role} is not one")
+    if "layers" in c["steps"] and not c["layers"]["to"]:
+        raise UserError("compress.layers.to: missing; give the number of layers to keep, e.g. to: 2")
 
 
 def is_text(cfg: Dict[str, Any], role: str) -> bool:

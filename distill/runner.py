@@ -35,6 +35,7 @@ from .softlabels import CachedOutputs, cache_key, default_cache_dir, load_or_bui
 from .train import Interrupted, Objective, fit, set_seed  # noqa: F401  (Interrupted: for callers)
 
 MODELS_OUT = ("teacher", "student", "student_scratch")
+AFTER_TRAINING = ("output", "compress", "bench")
 
 
 def run_folder(recipe: Recipe, out: Optional[str] = None) -> str:
@@ -68,7 +69,8 @@ class RunDir:
             before = Recipe.load(old).cfg
         except UserError:
             before = None
-        strip = lambda cfg: {k: v for k, v in (cfg or {}).items() if k != "output"}  # noqa: E731
+        # output, compress and bench do not change the trained models: a run can be compressed again
+        strip = lambda cfg: {k: v for k, v in (cfg or {}).items() if k not in AFTER_TRAINING}  # noqa: E731
         if strip(before) != strip(self.cfg):
             raise UserError(f"--out {self.out}: the folder holds a run of a different recipe; choose another "
                             f"folder, or pass --overwrite to replace it (unchanged stages are still reused)")
@@ -109,9 +111,13 @@ class RunDir:
         stages = read_json(self.path("stages.json"), {})
         stages[name] = {"fingerprint": fingerprint, **info}
         write_json(self.path("stages.json"), stages)
-        shutil.rmtree(self.path(os.path.join("checkpoints", name)), ignore_errors=True)  # the stage is done
-        if os.path.isdir(self.path("checkpoints")) and not os.listdir(self.path("checkpoints")):
-            os.rmdir(self.path("checkpoints"))
+        folder = self.path(os.path.join("checkpoints", name))
+        shutil.rmtree(folder, ignore_errors=True)  # the stage is done
+        while folder != self.out and os.path.isdir(os.path.dirname(folder)):  # and now-empty parents
+            folder = os.path.dirname(folder)
+            if os.listdir(folder) or folder == self.out:
+                break
+            os.rmdir(folder)
 
     def fit(self, role: str, objective: Objective, data: Optional[DataBundle] = None) -> Dict[str, Any]:
         return fit(role, objective, data or self.data, self.cfg["data"], self.train_cfg(role), self.log,
@@ -233,6 +239,9 @@ def load_model_at(path: str, name: str) -> nn.Module:
         return load_folder(path, name)
     meta = load_meta(path)
     model = build_model(meta["spec"], tuple(meta["input_shape"]), meta["num_classes"], where=name)
+    if "structure" in meta:  # pruned by `distill compress`: rebuild its smaller shape before loading
+        from .compress.structure import fit_to_shapes, saved_shapes
+        fit_to_shapes(model, saved_shapes(path), meta["structure"]["drop"])
     load_weights(model, path, name)
     return model
 

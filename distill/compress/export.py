@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..io import atomic_path, save_model
-from ..models.hf import HFClassifier
+from ..models.hf import HFClassifier, trim_padding
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
@@ -39,9 +39,8 @@ class _TextSignature(nn.Module):
 def signature(model: nn.Module, x: torch.Tensor) -> Tuple[nn.Module, Dict[str, torch.Tensor], Dict[str, Dict]]:
     """The module to export, named example inputs made from the padded batch `x`, and their dynamic axes."""
     if isinstance(model, HFClassifier):
-        mask = (x != model.pad_id).long()
-        length = max(int(mask.sum(1).max()), 1)
-        inputs = {"input_ids": x[:, :length], "attention_mask": mask[:, :length]}
+        ids, mask = trim_padding(x, model.pad_id)
+        inputs = {"input_ids": ids, "attention_mask": mask}
         return _TextSignature(model).eval(), inputs, {k: {0: "batch", 1: "sequence"} for k in inputs}
     return model.eval(), {"x": x}, {"x": {0: "batch"}}
 

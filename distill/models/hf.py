@@ -73,6 +73,13 @@ def load_tokenizer(path: str, where: str):
         raise UserError(f"{where}: {path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
 
 
+def trim_padding(x: torch.Tensor, pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic padding: (ids, attention mask) without the columns that are padding in every row."""
+    mask = x != pad_id
+    length = max(int(mask.sum(1).max()), 1)
+    return x[:, :length], mask[:, :length].long()
+
+
 class HFClassifier(nn.Module):
     """Token ids in, logits out; hidden states, attentions and [CLS] exposed as named taps."""
 
@@ -94,13 +101,11 @@ class HFClassifier(nn.Module):
         return self.hf.config.hidden_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = x != self.pad_id
-        length = max(int(mask.sum(1).max()), 1)  # dynamic padding: drop the all-pad columns of this batch
-        x, mask = x[:, :length], mask[:, :length]
+        x, mask = trim_padding(x, self.pad_id)
         attentions = any(t._forward_hooks for t in self.attention)  # only computed when a loss reads them
         if attentions and self.hf.config._attn_implementation != "eager":
             self.hf.set_attn_implementation("eager")  # sdpa never materialises the attention maps
-        out = self.hf(input_ids=x, attention_mask=mask.long(), output_hidden_states=True,
+        out = self.hf(input_ids=x, attention_mask=mask, output_hidden_states=True,
                       output_attentions=attentions)
         self.embeddings(out.hidden_states[0])
         for tap, h in zip(self.hidden, out.hidden_states[1:]):
@@ -202,8 +207,13 @@ def save_folder(model: HFClassifier, folder: str, tokenizer_path: str, meta: Dic
     """A Hugging Face folder (safetensors weights, config with label names, tokenizer) plus distill.json,
     written into a temp folder and renamed into place: a killed run never leaves half a model."""
     parent = os.path.dirname(os.path.abspath(folder))
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot write the model folder ({e.strerror})") from None
+    try:
+        _record_structure(model.hf)
         model.hf.save_pretrained(tmp, safe_serialization=True)
         load_tokenizer(tokenizer_path, "tokenizer").save_pretrained(tmp)
         write_json(os.path.join(tmp, "distill.json"), meta)
@@ -220,11 +230,32 @@ def save_folder(model: HFClassifier, folder: str, tokenizer_path: str, meta: Dic
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _record_structure(hf: nn.Module) -> None:
+    """Mark a pruned model in its config (heads, neurons or vocabulary removed): its weights no longer fit
+    the shapes that the config implies, so `load_folder` must resize its modules before loading them."""
+    from ..compress.structure import heads_per_layer
+    with torch.device("meta"):
+        reference = {k: v.shape for k, v in type(hf)(hf.config).state_dict().items()}
+    changed = any(reference.get(k) != v.shape for k, v in hf.state_dict().items())
+    hf.config.distill_pruned = changed
+    hf.config.distill_heads_per_layer = heads_per_layer(hf) if changed else None
+
+
 def load_folder(folder: str, where: str) -> HFClassifier:
-    """A folder written by `save_folder` (or any fine-tuned sequence classifier folder)."""
+    """A folder written by `save_folder` (or any fine-tuned sequence classifier folder). A pruned model is
+    built from its config, resized to the shapes in its weights file, then loaded strictly."""
+    from ..compress.structure import fit_to_shapes, saved_shapes
+    from ..io import load_weights
     tf = transformers_module()
     try:
-        hf = tf.AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)
+        config = tf.AutoConfig.from_pretrained(folder, local_files_only=True)
+        if getattr(config, "distill_pruned", False):
+            hf = tf.AutoModelForSequenceClassification.from_config(config)
+            fit_to_shapes(hf, saved_shapes(weights_file(folder)))
+            load_weights(hf, weights_file(folder), where)
+            hf.eval()
+        else:
+            hf = tf.AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as e:
         raise UserError(f"{where}: {folder}: cannot load ({str(e).splitlines()[0]})") from None
     return _wrap(hf, load_tokenizer(folder, where))

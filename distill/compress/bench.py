@@ -1,0 +1,250 @@
+"""`distill bench RUN_DIR`: every model of a run and its deployable variants, measured side by side.
+
+Models: the teacher, both students, and each model `distill compress` saved. The distilled student and the
+last compressed model are also measured as deployable variants (bench.variants):
+
+    fp32          the PyTorch model as saved
+    dynamic       int8 Linear weights, activations quantized per batch (torch.ao quantize_dynamic)
+    static        int8 with activation ranges calibrated on training samples (torch FX; CNNs and MLPs)
+    fp16, bf16    half-precision weights
+    onnx          ONNX Runtime, fp32
+    onnx_dynamic  ONNX Runtime, dynamic int8
+    onnx_static   ONNX Runtime, static int8 (QDQ, calibrated on training samples)
+    torchao       torchao int8 dynamic activation + int8 weight, when torchao is installed
+    pt2e          torch.export + PT2E X86 Inductor quantizer
+
+A backend is chosen by measurement: each variant runs in a fresh process (so peak memory is its own) on
+a fixed thread count, after warm-up, and one that fails is reported with its error, not hidden. The
+recommended deployable model is the fastest at batch 1 whose test accuracy is within
+bench.max_accuracy_drop of the distilled student's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from typing import Any, Dict, List, Optional, Tuple
+
+from ..errors import UserError
+from ..io import read_json, write_json, write_text
+from ..progress import bar
+
+INT8 = ("dynamic", "static", "onnx_dynamic", "onnx_static", "torchao", "pt2e")
+
+
+def machine() -> Dict[str, Any]:
+    """What the numbers were measured on."""
+    import torch
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        import onnxruntime
+        ort = onnxruntime.__version__
+    except ImportError:
+        ort = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "onnxruntime": ort, "quantized_engine": torch.backends.quantized.engine, "system": platform.platform()}
+
+
+def plan(folder: str, variants: List[str]) -> List[Tuple[str, str, str]]:
+    """(model name, model path, variant) for every measurement of this run folder."""
+    from ..runner import MODELS_OUT, require_saved
+    models = [(name, require_saved(folder, name)) for name in MODELS_OUT]
+    record = read_json(os.path.join(folder, "compress", "compress.json"), {})
+    compressed = [(f"compress/{r['name']}", r["path"]) for r in record.get("models", [])
+                  if os.path.exists(r["path"])]
+    deploy = ["student"] + ([compressed[-1][0]] if compressed else [])
+    names = [n for n, _ in compressed]
+    # int8 after training (PTQ) of the model that QAT started from, to compare with QAT itself
+    ptq = [n for i, n in enumerate(names[:-1]) if names[i + 1].endswith("/qat")]
+    rows = []
+    for name, path in models + compressed:
+        for v in (variants if name in deploy else ["fp32"]):
+            rows.append((name, path, v))
+        if name not in deploy and (name.endswith("/qat") or name in ptq):  # QAT models are deployed as int8
+            rows += [(name, path, v) for v in ("dynamic", "onnx_dynamic") if v in variants]
+    return rows
+
+
+def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
+    cfg = recipe.cfg
+    rows = plan(folder, cfg["bench"]["variants"])
+    os.makedirs(os.path.join(folder, "bench", "files"), exist_ok=True)
+    results: List[Dict[str, Any]] = []
+    loaded: Dict[str, Any] = {}  # the data, and the model whose variants are being written
+    for name, path, variant in bar(rows, desc="bench", unit="variant"):
+        error = _write_variant_file(cfg, folder, name, path, variant, loaded)
+        r = {"model": name, "variant": variant, "error": error} if error else \
+            _measure_in_child(cfg, folder, name, path, variant)
+        results.append(r)
+        echo(f"bench: {name} {variant}: " + (r["error"] if "error" in r else
+                                              f"accuracy {r['accuracy']:.4f}, p50 {r['p50_ms']:.3f} ms"))
+    summary = summarise(results, cfg["bench"]["max_accuracy_drop"])
+    out = {"machine": machine(), "threads": cfg["evaluate"]["threads"], "batch": cfg["evaluate"]["throughput_batch"],
+           "latency_runs": cfg["bench"]["latency_runs"], "results": results, **summary}
+    table = format_bench(out)
+    out["table"] = table
+    write_json(os.path.join(folder, "bench", "bench.json"), out)
+    write_text(os.path.join(folder, "bench", "bench.md"), table + "\n")
+    plot = os.path.join(folder, "bench", "pareto.png")
+    if not plot_pareto(results, plot):
+        echo("bench: matplotlib is not installed, so no pareto.png (pip install 'distill[plot]')")
+    return out
+
+
+def _write_variant_file(cfg: Dict[str, Any], folder: str, name: str, path: str, variant: str,
+                        loaded: Dict[str, Any]) -> Optional[str]:
+    """Write the variant's deployable file here (the child only loads it); an error message if that fails."""
+    from ..data import load_data
+    from ..runner import load_model_at
+    from .measure import variant_path, write_file
+    if variant_path(folder, name, variant) is None:
+        return None
+    if "data" not in loaded:
+        loaded["data"] = load_data(cfg["data"])
+    if loaded.get("name") != name:
+        loaded.update(name=name, model=load_model_at(path, name))
+    try:
+        write_file(loaded["model"], variant, loaded["data"], cfg, folder, name)
+    except UserError as e:  # this backend does not apply, or its API is missing: said in one line
+        return f"n/a: {e}"[:300]
+    except Exception as e:  # a backend that fails is a row of the table, not the end of the bench
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    return None
+
+
+def _measure_in_child(cfg: Dict[str, Any], folder: str, name: str, path: str, variant: str) -> Dict[str, Any]:
+    """Run one measurement in a fresh interpreter: its peak memory is its own, and a backend that crashes
+    the process is a failed row, not a failed bench."""
+    job = {"cfg": cfg, "folder": folder, "name": name, "path": path, "variant": variant}
+    proc = subprocess.run([sys.executable, "-m", "distill.compress.measure"], input=json.dumps(job),
+                          capture_output=True, text=True)
+    base = {"model": name, "variant": variant}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return {**base, **json.loads(lines[-1])}
+    return {**base, "error": _last_error(proc.stderr) or f"exit code {proc.returncode}"}
+
+
+def _last_error(stderr: str) -> str:
+    """The exception line of a child's traceback (or its last line: a UserError is printed alone)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    named = [line for line in lines if line.startswith("n/a:") or re.match(r"^[\w.]+(Error|Exception|Exit)\b", line)]
+    return (named or lines or [""])[-1][:300]
+
+
+def summarise(results: List[Dict[str, Any]], max_drop: float) -> Dict[str, Any]:
+    """Ratios against the distilled student in fp32, and the recommendations."""
+    ok = [r for r in results if "error" not in r]
+    ref = next((r for r in ok if r["model"] == "student" and r["variant"] == "fp32"), None)
+    teacher = next((r for r in ok if r["model"] == "teacher" and r["variant"] == "fp32"), None)
+    for r in ok:
+        if ref:
+            r["speedup"] = ref["p50_ms"] / r["p50_ms"]
+            r["accuracy_change"] = r["accuracy"] - ref["accuracy"]
+        if teacher and r["size_bytes"]:
+            r["size_vs_teacher"] = r["size_bytes"] / teacher["size_bytes"]
+    out: Dict[str, Any] = {}
+    if ref:
+        good = [r for r in ok if r["accuracy"] >= ref["accuracy"] - max_drop - 1e-12 and r["model"] != "teacher"]
+        best = min(good, key=lambda r: r["p50_ms"])
+        out["recommended"] = {"model": best["model"], "variant": best["variant"], "file": best["file"]}
+        int8 = [r for r in good if r["variant"] in INT8]
+        if int8:
+            fast = min(int8, key=lambda r: r["p50_ms"])
+            out["int8_backend"] = {"model": fast["model"], "variant": fast["variant"]}
+    deployable = [r for r in ok if r["model"] != "teacher" and r["size_bytes"]]
+    if deployable:
+        small = min(deployable, key=lambda r: r["size_bytes"])
+        out["smallest"] = {"model": small["model"], "variant": small["variant"], "size_bytes": small["size_bytes"],
+                           "file": small["file"]}
+    return out
+
+
+COLUMNS = [("accuracy", "accuracy", "{:.4f}"), ("accuracy_change", "Δ acc", "{:+.4f}"), ("params", "params", "{:,}"),
+           ("size_bytes", "file KB", None), ("p50_ms", "p50 ms", "{:.3f}"), ("p95_ms", "p95 ms", "{:.3f}"),
+           ("speedup", "speed-up", "{:.2f}×"), ("throughput", "samples/s", "{:,.0f}"), ("peak_mb", "peak MB", "{:.0f}")]
+
+
+def format_bench(out: Dict[str, Any]) -> str:
+    """A Markdown table (readable as plain text too) with the machine and the recommendations under it."""
+    head = ["model", "variant"] + [c[1] for c in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in out["results"]:
+        if "error" in r:
+            note = r["error"] if r["error"].startswith("n/a") else f"failed: {r['error']}"
+            cells = [r["model"], r["variant"], note[:110]] + [""] * (len(COLUMNS) - 1)
+        else:
+            cells = [r["model"], r["variant"]] + [
+                "" if r.get(k) is None else f"{r[k] / 1024:,.1f}" if fmt is None else fmt.format(r[k])
+                for k, _, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    m = out["machine"]
+    lines += ["", f"Machine: {m['cpu']} ({m['cores']} cores), torch {m['torch']}, onnxruntime {m['onnxruntime']}, "
+                  f"{out['threads']} thread(s); latency at batch 1 over {out['latency_runs']} runs after warm-up, "
+                  f"throughput at batch {out['batch']}. Speed-up and Δ acc are against the distilled student (fp32)."]
+    for key, what in (("recommended", "Recommended (fastest within the accuracy budget)"),
+                      ("int8_backend", "Fastest int8 variant within the budget"),
+                      ("smallest", "Smallest deployable file")):
+        if key in out:
+            file = out[key].get("file")
+            lines.append(f"{what}: {out[key]['model']} {out[key]['variant']}" + (f" ({file})" if file else ""))
+    return "\n".join(lines)
+
+
+def pareto(points: List[Tuple[float, float]]) -> List[int]:
+    """Indices of points not beaten by another with lower-or-equal cost and higher-or-equal accuracy."""
+    front = []
+    for i, (c, a) in enumerate(points):
+        if not any((c2 <= c and a2 >= a) and (c2 < c or a2 > a) for j, (c2, a2) in enumerate(points) if j != i):
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def plot_pareto(results: List[Dict[str, Any]], path: str) -> bool:
+    """Accuracy against batch-1 latency and against file size, Pareto fronts marked. False without matplotlib."""
+    try:
+        import matplotlib
+        import matplotlib.ticker
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ok = [r for r in results if "error" not in r]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    for ax, key, label in ((axes[0], "p50_ms", "latency p50 at batch 1 (ms, log)"),
+                           (axes[1], "size_bytes", "file size (MB, log)")):
+        scale = 1 / 2 ** 20 if key == "size_bytes" else 1
+        rows = [r for r in ok if r[key]]
+        pts = [(r[key] * scale, r["accuracy"]) for r in rows]
+        front = pareto(pts)
+        for i, (r, (x, y)) in enumerate(zip(rows, pts)):
+            on = i in front
+            ax.scatter(x, y, s=50 if on else 22, color="C3" if on else "C0", alpha=1 if on else 0.6, zorder=3)
+            if on or (r["variant"] == "fp32" and r["model"] in ("teacher", "student", "student_scratch")):
+                ax.annotate(f"{r['model'].replace('compress/', '')} {r['variant']}", (x, y), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")  # the rest are in bench.md
+        ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post", color="C3",
+                label="Pareto front")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.suptitle("accuracy against latency and size (red, labelled: Pareto-optimal; every point is in bench.md)")
+    fig.tight_layout()
+    from ..io import atomic_path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,186 @@
+"""The variants that `distill bench` measures: how each is made, written to a file, and run.
+
+`write_file` runs in the bench process and writes the deployable file of a variant (its size is the size
+column). `main` runs in a fresh process per variant (`python -m distill.compress.measure`, job as JSON on
+stdin): it loads or converts the model, resets the peak-memory mark, then measures test accuracy, batch-1
+latency percentiles and throughput, and prints one JSON line.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import sys
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from ..data import DataBundle, load_data
+from ..errors import UserError
+from ..evaluate import classification_metrics, latency_percentiles, typical_sample, weights_size
+from ..models import count_params
+from ..models.hf import trim_padding
+from ..train import predict
+from . import quantize
+
+EXT = {"dynamic": ".pt", "static": ".pt", "fp16": ".safetensors", "bf16": ".safetensors", "onnx": ".onnx",
+       "onnx_dynamic": ".onnx", "onnx_static": ".onnx"}
+
+
+def variant_path(folder: str, name: str, variant: str) -> Optional[str]:
+    if variant not in EXT:
+        return None
+    return os.path.join(folder, "bench", "files", f"{name.replace('/', '-')}-{variant}{EXT[variant]}")
+
+
+def calibration(data: DataBundle, n: int) -> torch.Tensor:
+    """The first `n` training samples (a fixed choice: static int8 is the same every time)."""
+    return data.x_train[:n]
+
+
+def _onnx_feeds(model: nn.Module, x: torch.Tensor):
+    from .export import signature
+    return [{k: v.numpy() for k, v in signature(model, x[i:i + 1])[1].items()} for i in range(len(x))]
+
+
+def convert(model: nn.Module, variant: str, data: DataBundle, cfg: Dict[str, Any]) -> nn.Module:
+    """The PyTorch form of a variant."""
+    calib = calibration(data, cfg["bench"]["calibration"])
+    if variant == "dynamic":
+        return quantize.dynamic_int8(model)
+    if variant == "static":
+        return quantize.static_int8(model, calib)
+    if variant in ("fp16", "bf16"):
+        return _Cast(quantize.cast_weights(model, variant), quantize.DTYPES[variant])
+    if variant == "torchao":
+        return quantize.torchao_int8(model)
+    if variant == "pt2e":
+        return quantize.pt2e_int8(model, calib)
+    return model.eval()
+
+
+class _Cast(nn.Module):
+    """Half-precision weights: float inputs are cast to match, logits come back as float32."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+        self.pad_id = getattr(model, "pad_id", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.dtype) if x.is_floating_point() else x).float()
+
+
+class _OnnxRuntime(nn.Module):
+    """An ONNX Runtime session behind the usual one-tensor interface (text: trimmed ids and mask)."""
+
+    def __init__(self, path: str, pad_id: Optional[int], threads: int) -> None:
+        super().__init__()
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.pad_id = pad_id
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad_id is None:
+            return torch.from_numpy(self.session.run(None, {"x": x.numpy()})[0])
+        ids, mask = trim_padding(x, self.pad_id)
+        return torch.from_numpy(self.session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
+
+
+def write_file(model: nn.Module, variant: str, data: DataBundle, cfg: Dict[str, Any], folder: str,
+               name: str) -> Optional[str]:
+    """Write the deployable file of `variant` (in the bench process); None for variants without one."""
+    from ..io import atomic_path, save_model
+    from .export import export_model
+    path = variant_path(folder, name, variant)
+    if path is None:
+        return None
+    if variant == "onnx":
+        meta = {"role": name, "class_names": data.class_names}
+        export_model(model, data.x_test[:8], "onnx", path, meta)
+    elif variant.startswith("onnx_"):
+        fp32 = variant_path(folder, name, "onnx")
+        if not os.path.isfile(fp32):
+            write_file(model, "onnx", data, cfg, folder, name)
+        feeds = _onnx_feeds(model, calibration(data, cfg["bench"]["calibration"])) if variant == "onnx_static" else None
+        quantize.onnx_int8(fp32, path, variant[5:], feeds)
+    elif variant in ("fp16", "bf16"):
+        save_model(convert(model, variant, data, cfg).model, path, {"role": name, "precision": variant})
+    else:
+        with atomic_path(path) as tmp:
+            torch.save(convert(model, variant, data, cfg).state_dict(), tmp)
+    return path
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def _reset_peak() -> bool:
+    """Start a new peak-RSS mark (Linux: clear_refs 5); False where unsupported (peak then includes loading)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mb() -> float:
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(job: Dict[str, Any]) -> Dict[str, Any]:
+    from ..runner import load_model_at
+    cfg, variant, ecfg = job["cfg"], job["variant"], job["cfg"]["evaluate"]
+    torch.set_num_threads(ecfg["threads"])
+    data = load_data(cfg["data"])
+    gc.collect()
+    base = _rss_mb()
+    model = load_model_at(job["path"], job["name"])
+    params = count_params(model)
+    file = variant_path(job["folder"], job["name"], variant)
+    if variant.startswith("onnx"):
+        del model
+        run: nn.Module = _OnnxRuntime(file, data.pad_id, ecfg["threads"])
+    else:
+        run = convert(model, variant, data, cfg)
+        if run is not model:
+            del model
+    gc.collect()
+    _reset_peak()
+    logits = predict(run, data.x_test, cfg["data"]["eval_batch_size"])
+    metrics = classification_metrics(logits, data.y_test, ecfg["positive_class"])
+    sample = typical_sample(data.x_test, run)
+    p50, p95 = latency_percentiles(run, sample, cfg["bench"]["latency_runs"], ecfg["threads"])
+    big = data.x_test[:ecfg["throughput_batch"]]
+    batch_ms = latency_percentiles(run, big, max(5, cfg["bench"]["latency_runs"] // 10), ecfg["threads"])[0]
+    file = job["path"] if variant == "fp32" else file
+    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "params": params, "file": file,
+            "size_bytes": weights_size(file) if file else None,
+            "p50_ms": p50, "p95_ms": p95, "throughput": len(big) / batch_ms * 1000,
+            "peak_mb": _peak_mb() - base}
+
+
+def main() -> int:
+    job = json.load(sys.stdin)
+    try:
+        result = measure(job)
+    except UserError as e:  # the variant does not apply here, or its backend is missing
+        print(f"n/a: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""`distill compress RUN_DIR`: the compression steps of the recipe's `compress` section, in order, on the
+distilled student of a finished run.
+
+    vocab     keep the embedding rows of tokens the data uses (exact on them; no fine-tune)
+    layers    drop the least important layer (measured), distil from the model before the drop; repeat
+    heads     prune attention heads by importance, then distil from the teacher
+    channels  prune CNN filters or transformer feed-forward neurons by L1 norm, then distil from the teacher
+    qat       distil from the teacher with int8-simulated Linear layers (deploy with dynamic int8)
+
+Each step saves its model as `compress/<name>` (a Hugging Face folder, or a .safetensors file that records
+the dropped blocks) and a line in `compress/compress.json`. A step whose inputs are unchanged is reused.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+from torch import nn
+
+from .. import __version__
+from ..checkpoint import Checkpoints
+from ..errors import UserError
+from ..evaluate import weights_size
+from ..hooks import FeatureCapture
+from ..io import load_meta, save_model, sha256_json, weights_sha256, write_json
+from ..models import count_params
+from ..models.hf import HFClassifier, load_tokenizer, save_folder
+from ..runner import RunDir, load_saved, model_spec, require_saved
+from ..softlabels import teacher_forward
+from ..train import Objective, accuracy, fit
+from . import layers as layer_drop
+from .prune import head_importance, prune_channels, prune_ffn, prune_heads
+from .quantize import finish_qat, prepare_qat
+from .structure import heads_per_layer
+from .vocab import trim_vocabulary
+
+
+def _online(teacher: nn.Module) -> Callable:
+    capture = FeatureCapture(teacher, [], "compress")
+    return lambda x, idx: teacher_forward(teacher, x, capture)
+
+
+class Compressor:
+    """The state of one `distill compress` run: the current model, the teacher, and what each step did."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.run, self.c = run, run.cfg["compress"]
+        self.teacher = load_saved(run, "teacher")
+        self.model = load_saved(run, self.c["source"])
+        self.fingerprint = sha256_json({"source": weights_sha256(self.model), "teacher": weights_sha256(self.teacher),
+                                        "version": __version__, "data": run.data.fingerprint})
+        self.records: List[Dict[str, Any]] = []
+        self.text = isinstance(self.model, HFClassifier)
+        self.drops: List[str] = []  # CNN blocks removed so far, in order (saved so the model can be rebuilt)
+
+    # ------------------------------------------------------------ helpers
+    def finetune(self, name: str, teacher: nn.Module, epochs: int, prepare: Optional[Callable] = None,
+                 lr_scale: float = 1.0) -> Dict:
+        """Distil into the current model from `teacher` (logits at the recipe's T and alpha; layer losses
+        are left out, as layers no longer match) for `epochs`, keeping the best validation epoch."""
+        run = self.run
+        tcfg = copy.deepcopy(run.train_cfg("student"))
+        tcfg["epochs"] = epochs
+        tcfg["optimizer"]["lr"] = (self.c["lr"] or tcfg["optimizer"]["lr"]) * lr_scale
+        dcfg = {**run.dcfg, "features": []}
+        model = prepare(self.model) if prepare else self.model
+        objective = Objective(model, dcfg, _online(teacher))
+        ckpt = Checkpoints(run.path(os.path.join("checkpoints", "compress", name)), tcfg["keep_checkpoints"],
+                           run.echo)  # (removed by mark_done once the step is saved)
+        return fit(f"compress_{name}", objective, run.data, run.cfg["data"], tcfg, run.log, ckpt, run.resume)
+
+    def step(self, name: str, params: Dict[str, Any], work: Callable[[], Dict[str, Any]]) -> None:
+        """Run `work` (which replaces self.model) unless a saved result with the same inputs exists."""
+        run = self.run
+        self.fingerprint = sha256_json({"before": self.fingerprint, "step": name, "params": params})
+        out = os.path.join("compress", name if self.text else f"{name}.safetensors")
+        done = run.stage_done(f"compress/{name}", self.fingerprint, [out])
+        if done:
+            run.event(f"compress: {name}: inputs unchanged, reusing {out}", step=name)
+            self.model = load_saved(run, os.path.join("compress", name))
+            info = done["info"]
+            if not self.text:
+                self.drops = list(load_meta(run.path(out))["structure"]["drop"])
+        else:
+            t0 = time.perf_counter()
+            info = work()
+            info["time_s"] = round(time.perf_counter() - t0, 3)
+            self.save(name, info)
+            run.mark_done(f"compress/{name}", self.fingerprint, {"info": info})
+        val = accuracy(self.model, run.data.x_val, run.data.y_val, run.cfg["data"]["eval_batch_size"])
+        record = {"name": name, "path": require_saved(run.path("compress"), name),
+                  "params": count_params(self.model), "val_accuracy": val, **info}
+        record["size_bytes"] = weights_size(record["path"])
+        if self.text:
+            record["heads_per_layer"] = heads_per_layer(self.model.hf)
+        self.records.append(record)
+        run.event(f"compress: {name}: {record['params']:,} parameters, validation accuracy {val:.4f}",
+                  **{k: v for k, v in record.items() if k in ("name", "params", "val_accuracy")})
+
+    def save(self, name: str, info: Dict[str, Any]) -> None:
+        run = self.run
+        role = "teacher" if self.c["source"] == "teacher" else "student"
+        meta = {"spec": model_spec(run, role), "input_shape": list(run.data.input_shape),
+                "num_classes": run.data.num_classes, "class_names": run.data.class_names,
+                "role": f"compress/{name}", "structure": {"drop": self.drops}, **info}
+        if self.text:
+            save_folder(self.model, run.path(os.path.join("compress", name)), run.cfg["data"]["tokenizer"], meta)
+        else:
+            save_model(self.model, run.path(os.path.join("compress", f"{name}.safetensors")), meta)
+
+    # ------------------------------------------------------------ steps
+    def vocab(self) -> None:
+        data = self.run.data
+        unk = load_tokenizer(self.run.cfg["data"]["tokenizer"], "data.tokenizer").unk_token_id
+
+        def work() -> Dict[str, Any]:
+            before = self.model.hf.get_input_embeddings().num_embeddings
+            self.model = trim_vocabulary(self.model, [data.x_train, data.x_val], unk)
+            return {"vocab_before": before, "vocab_after": self.model.hf.get_input_embeddings().num_embeddings}
+        self.step("vocab", {}, work)
+
+    def layers(self) -> None:
+        lc, data, bs = self.c["layers"], self.run.data, self.run.cfg["data"]["eval_batch_size"]
+        if not layer_drop.droppable(self.model):
+            raise UserError(f"compress.layers: {type(self.model).__name__} has no layer or block that can be dropped "
+                            f"(transformer encoders with 2+ layers, or residual blocks with an identity shortcut)")
+        if layer_drop.depth(self.model) <= lc["to"]:
+            self.run.event(f"compress: layers: the model has {layer_drop.depth(self.model)} droppable units, not more "
+                           f"than compress.layers.to={lc['to']}; nothing to drop")
+        while layer_drop.depth(self.model) > lc["to"]:
+            target = max(lc["to"], layer_drop.depth(self.model) - lc["step"])
+            name = f"layers{target}"
+
+            def work() -> Dict[str, Any]:
+                previous, dropped = self.model, []
+                while layer_drop.depth(self.model) > target:
+                    unit, losses = layer_drop.least_important(self.model, data.x_val, data.y_val, bs)
+                    self.run.event("compress: validation loss without each unit: "
+                                   + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()) + f"; dropping {unit}")
+                    self.model = layer_drop.without(self.model, unit)
+                    dropped.append({"unit": unit, "val_loss_without": losses})
+                    if not self.text:
+                        self.drops.append(unit)
+                teacher = previous if lc["teacher"] == "previous" else self.teacher
+                return {"dropped": dropped, "finetune": self.finetune(name, teacher, lc["epochs"])}
+            self.step(name, {**lc, "target": target}, work)
+
+    def heads(self) -> None:
+        hc, data = self.c["heads"], self.run.data
+
+        def work() -> Dict[str, Any]:
+            n = min(hc["samples"], len(data.y_train))
+            scores = head_importance(self.model, hc["importance"], data.x_train[:n], data.y_train[:n])
+            before = heads_per_layer(self.model.hf)
+            self.model = prune_heads(self.model, hc["keep"], scores)
+            return {"heads_before": before, "importance": [s.tolist() for s in scores],
+                    "finetune": self.finetune("heads", self.teacher, hc["epochs"])}
+        self.step("heads", hc, work)
+
+    def channels(self) -> None:
+        cc = self.c["channels"]
+
+        def work() -> Dict[str, Any]:
+            prune = prune_ffn if self.text else prune_channels
+            self.model = prune(self.model, cc["keep"])
+            return {"finetune": self.finetune("channels", self.teacher, cc["epochs"])}
+        self.step("channels", cc, work)
+
+    def qat(self) -> None:
+        def work() -> Dict[str, Any]:
+            qc = self.c["qat"]  # (a small learning rate: the model is trained already, only the rounding is new)
+            info = self.finetune("qat", self.teacher, qc["epochs"], prepare=prepare_qat, lr_scale=qc["lr_scale"])
+            finish_qat(self.model)
+            return {"finetune": info, "deploy": "dynamic int8 (Linear layers)"}
+        self.step("qat", self.c["qat"], work)
+
+
+
+def compress(run: RunDir) -> List[Dict[str, Any]]:
+    """Every step of `compress.steps`; returns (and writes to compress/compress.json) one record per model."""
+    steps = run.cfg["compress"]["steps"]
+    if not steps:
+        raise UserError("compress.steps: empty; name the steps to run, e.g. --set 'compress.steps=[layers, heads, "
+                        "qat]' (choose from vocab, layers, heads, channels, qat)")
+    c = Compressor(run)
+    for name in steps:
+        getattr(c, name)()
+    write_json(run.path(os.path.join("compress", "compress.json")),
+               {"source": run.cfg["compress"]["source"], "steps": steps, "models": c.records})
+    return c.records

@@ -1,0 +1,365 @@
+"""Compression: pruned models really are smaller and give the same output shape, removed units are the
+least important ones, layer reduction leaves a loadable model at every step, QAT simulates what dynamic
+int8 stores, int8 is really int8 (modules and ONNX nodes), and `distill bench` fills every column."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from distill import Recipe, run
+from distill.cli import main
+from distill.compress import layers as layer_drop
+from distill.compress.bench import pareto
+from distill.compress.prune import head_importance, keep_top, prune_channels, prune_ffn, prune_heads
+from distill.compress.quantize import dynamic_int8, finish_qat, int8_linear_count, prepare_qat, static_int8
+from distill.compress.structure import RemappedEmbedding, fit_to_shapes
+from distill.models import build_model, count_params
+from distill.runner import load_model_at
+
+QUIET = {"echo": lambda m: None}
+
+
+# ---------------------------------------------------------------- transformers
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    from textkit import tiny_bert  # skips without transformers
+
+    from distill.models.hf import load_classifier
+    folder = tiny_bert(str(tmp_path_factory.mktemp("bert") / "b"))
+    return folder, load_classifier(folder, ["a", "b"], "t").eval()
+
+
+def _ids(n=6, length=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1000, 3000, (n, length), generator=g)
+    x[:, 0], x[:, -1] = 101, 102
+    return x
+
+
+@pytest.mark.parametrize("importance", ["l1", "gradient"])
+def test_head_pruning_removes_parameters_and_keeps_the_output_shape(bert, importance, tmp_path):
+    from distill.models.hf import load_folder, save_folder
+    folder, model = bert
+    x, y = _ids(), torch.tensor([0, 1, 0, 1, 0, 1])
+    scores = head_importance(model, importance, x, y)
+    pruned = prune_heads(model, 0.6, scores).eval()
+    # 4 layers x 4 heads, keep 60%: 10 heads; each removed head takes 4 projections' worth of 8 columns
+    assert sum(len(k) for k in keep_top(scores, 0.6)) == 10
+    att = [layer.attention.self for layer in pruned.hf.bert.encoder.layer]
+    assert sum(a.num_attention_heads for a in att) == 10
+    assert all(a.query.out_features == a.num_attention_heads * 8 for a in att)
+    assert count_params(model) - count_params(pruned) == 6 * (4 * 8 * 32 + 3 * 8)
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape
+    save_folder(pruned, str(tmp_path / "p"), folder, {})
+    config = json.load(open(tmp_path / "p" / "config.json"))
+    assert config["distill_pruned"] and sum(config["distill_heads_per_layer"]) == 10
+    again = load_folder(str(tmp_path / "p"), "p").eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), pruned(x))
+
+
+def test_gradient_head_importance_is_the_loss_sensitivity(bert):
+    """|dL/d gate| per head, checked against a finite difference of the loss when one head is scaled."""
+    from distill.compress.prune import _attention_parts
+    _, model = bert
+    x, y = _ids(4), torch.tensor([0, 1, 1, 0])
+    parts = _attention_parts(model)
+    raw = [s * 0 for s in head_importance(model, "l1")]
+
+    def loss_with(layer, head, scale):
+        def hook(_m, _i, out):
+            o = out[0].clone().view(*out[0].shape[:-1], 4, -1)
+            o[..., head, :] *= scale
+            return (o.view_as(out[0]),) + tuple(out[1:])
+        h = parts[layer][1].register_forward_hook(hook)
+        with torch.no_grad():
+            loss = sum(nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]) for i in range(len(x)))
+        h.remove()
+        return float(loss)
+    for layer, head in ((0, 1), (3, 2)):
+        eps = 1e-3
+        raw[layer][head] = abs(loss_with(layer, head, 1 + eps) - loss_with(layer, head, 1 - eps)) / (2 * eps)
+    from distill.compress.prune import _gradient_importance
+    grads = _gradient_importance(model, parts, x, y, batch_size=1)  # per-sample |dL/dg| summed
+    for layer, head in ((0, 1), (3, 2)):
+        assert grads[layer][head] >= raw[layer][head] * 0.99  # sum of |per-sample| >= |sum|
+        assert grads[layer][head] > 0
+
+
+def test_ffn_pruning_and_vocabulary_trimming(bert, tmp_path):
+    from distill.compress.vocab import trim_vocabulary
+    from distill.models.hf import load_folder, save_folder
+    folder, model = bert
+    x = _ids()
+    ffn = prune_ffn(model, 0.5).eval()
+    assert all(layer.intermediate.dense.out_features == 32 for layer in ffn.hf.bert.encoder.layer)
+    assert count_params(model) - count_params(ffn) == 4 * (32 * 32 + 32 + 32 * 32)
+    trimmed = trim_vocabulary(ffn, [x], unk_id=100).eval()
+    emb = trimmed.hf.get_input_embeddings()
+    assert isinstance(emb, RemappedEmbedding) and emb.num_embeddings < 70 < 30522
+    with torch.no_grad():
+        assert torch.equal(trimmed(x), ffn(x))  # exact on seen tokens
+        unseen = x.clone()
+        unseen[:, 3] = 5000
+        as_unk = x.clone()
+        as_unk[:, 3] = 100
+        assert torch.equal(trimmed(unseen), ffn(as_unk))  # unseen tokens read as [UNK]
+    save_folder(trimmed, str(tmp_path / "v"), folder, {})
+    with torch.no_grad():
+        assert torch.equal(load_folder(str(tmp_path / "v"), "v")(unseen), trimmed(unseen))
+    assert os.path.getsize(tmp_path / "v" / "model.safetensors") < 0.1 * os.path.getsize(
+        os.path.join(folder, "model.safetensors"))
+
+
+def test_layer_reduction_drops_the_layer_whose_removal_hurts_least(bert):
+    _, model = bert
+    x, y = _ids(8), torch.tensor([0, 1] * 4)
+    unit, losses = layer_drop.least_important(model, x, y, batch_size=8)
+    assert set(losses) == {"0", "1", "2", "3"} and losses[str(unit)] == min(losses.values())
+    expected = layer_drop.val_loss(layer_drop.without(model, 2), x, y, 8)
+    assert losses["2"] == pytest.approx(expected)
+    smaller = layer_drop.without(model, unit)
+    assert smaller.num_layers == 3 and count_params(smaller) < count_params(model)
+
+
+# ---------------------------------------------------------------- CNNs
+
+@pytest.mark.parametrize("name", ["seed_cnn_student", "resnet32x4", "wrn_16_2"])
+def test_channel_pruning_removes_filters_and_resizes_the_next_layer(name):
+    torch.manual_seed(0)
+    model = build_model({"model": name}, (3, 32, 32), 10).eval()
+    pruned = prune_channels(model, 0.5).eval()
+    assert count_params(pruned) < 0.6 * count_params(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape
+    # the saved shapes rebuild the same model from the original spec
+    fresh = build_model({"model": name}, (3, 32, 32), 10)
+    fit_to_shapes(fresh, {k: tuple(v.shape) for k, v in pruned.state_dict().items()})
+    fresh.load_state_dict(pruned.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), pruned(x))
+
+
+def test_channel_pruning_keeps_the_filters_with_the_largest_l1_norm():
+    model = build_model({"model": "cnn", "args": {"channels": [4], "hidden": 8}}, (1, 8, 8), 3)
+    conv = model.body[0]
+    with torch.no_grad():
+        for i, scale in enumerate([0.1, 3.0, 0.2, 2.0]):
+            conv.weight[i] = scale
+    pruned = prune_channels(model, 0.5)
+    assert pruned.body[0].out_channels == 2
+    assert torch.equal(pruned.body[0].weight, conv.weight[[1, 3]])
+    # the Linear after Flatten keeps the 16 inputs of each kept channel (channel-major order)
+    linear = model.body[4]
+    assert torch.equal(pruned.body[4].weight, torch.cat([linear.weight[:, 16:32], linear.weight[:, 48:64]], 1))
+
+
+def test_qat_simulates_the_weights_that_dynamic_int8_stores():
+    torch.manual_seed(0)
+    model = build_model({"model": "mlp", "args": {"hidden": [32]}}, (16,), 4)
+    prepare_qat(model)
+    simulated = model.body[1].weight.detach().clone()  # through the fake-quant parametrization
+    finish_qat(model)
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+    q = dynamic_int8(model)
+    assert int8_linear_count(q) == 2
+    stored = q.body[1].weight().dequantize()
+    assert torch.allclose(simulated, stored, atol=1e-6)
+
+
+def test_static_int8_really_quantizes_convolutions():
+    torch.manual_seed(0)
+    model = build_model({"model": "seed_cnn_student"}, (1, 16, 16), 10).eval()
+    q = static_int8(model, torch.randn(32, 1, 16, 16))
+    kinds = {type(m).__module__ for m in q.modules()}
+    assert any(k.startswith("torch.ao.nn.intrinsic.quantized") or k.startswith("torch.ao.nn.quantized") for k in kinds)
+    assert not any(type(m) is nn.Conv2d for m in q.modules())
+    x = torch.randn(8, 1, 16, 16)
+    with torch.no_grad():
+        assert (q(x).argmax(1) == model(x).argmax(1)).float().mean() >= 0.75
+
+
+def test_pareto_front():
+    points = [(1.0, 0.90), (2.0, 0.95), (3.0, 0.94), (0.5, 0.80), (2.0, 0.90)]
+    assert pareto(points) == [3, 0, 1]
+
+
+# ---------------------------------------------------------------- the commands, end to end
+
+@pytest.fixture(scope="module")
+def cnn_run(tmp_path_factory):
+    """A tiny run whose student is a wide ResNet (residual blocks to drop, channels to prune)."""
+    tmp = tmp_path_factory.mktemp("cnnrun")
+    recipe = tmp / "r.yaml"
+    recipe.write_text("name: c\ndata: {dataset: digits, as_image: true}\n"
+                      "teacher: {model: cnn, args: {channels: [8, 16], hidden: 32}}\n"
+                      "student: {model: wrn_16_2}\ntrain: {epochs: 1}\nevaluate: {latency_runs: 5}\n"
+                      "bench: {latency_runs: 5, calibration: 32}\n")
+    out = str(tmp / "run")
+    run(Recipe.load(str(recipe)), out, **QUIET)
+    return out
+
+
+def test_compress_cnn_every_step_saves_a_smaller_loadable_model(cnn_run, capsys):
+    assert main(["compress", cnn_run, "--set", "compress.steps=[layers, channels, qat]",
+                 "--set", "compress.layers.to=1"]) == 0
+    assert "val accuracy" in capsys.readouterr().out
+    record = json.load(open(os.path.join(cnn_run, "compress", "compress.json")))
+    names = [m["name"] for m in record["models"]]
+    assert names == ["layers2", "layers1", "channels", "qat"]
+    params = [m["params"] for m in record["models"]]
+    assert params[0] < 691_674 and params[1] < params[0] and params[2] < params[1] and params[3] == params[2]
+    recipe = Recipe.load(os.path.join(cnn_run, "recipe.yaml"))
+    from distill.data import load_data
+    from distill.train import accuracy
+    data = load_data(recipe.cfg["data"])
+    for m in record["models"]:  # every step reloads from its file, and is the model that was measured
+        model = load_model_at(m["path"], m["name"])
+        assert count_params(model) == m["params"]
+        assert layer_drop.depth(model) == {"layers2": 2, "layers1": 1}.get(m["name"], 1)
+        assert accuracy(model, data.x_val, data.y_val) == pytest.approx(m["val_accuracy"])
+    # unchanged inputs: nothing is redone
+    assert main(["compress", cnn_run, "--set", "compress.steps=[layers, channels, qat]",
+                 "--set", "compress.layers.to=1"]) == 0
+    assert capsys.readouterr().err.count("inputs unchanged") == 4
+    # a compressed model exports like any other (ONNX checked in ONNX Runtime)
+    pytest.importorskip("onnxruntime")
+    assert main(["export", cnn_run, "--model", "compress/channels", "--format", "onnx"]) == 0
+    assert os.path.isfile(os.path.join(cnn_run, "export", "compress-channels.onnx"))
+    assert main(["export", cnn_run, "--model", "compress/../teacher", "--format", "onnx"]) == 2
+
+
+def test_a_missing_quantization_api_is_one_clear_line(monkeypatch):
+    import torch.ao.quantization as tq
+
+    from distill.errors import UserError
+    monkeypatch.delattr(tq, "quantize_dynamic")
+    with pytest.raises(UserError, match=r"dynamic int8: torch.ao.quantization.quantize_dynamic is not available"):
+        dynamic_int8(build_model({"model": "mlp"}, (8,), 3))
+    with pytest.raises(UserError, match=r"torchao.*not available.*pip install torchao"):
+        from distill.compress import quantize
+        for name in ("torchao", "torchao.quantization"):  # as if not installed (even if imported already)
+            monkeypatch.setitem(sys.modules, name, None)
+        quantize.torchao_int8(build_model({"model": "mlp"}, (8,), 3))
+
+
+def test_bench_fills_every_column_and_plots_the_pareto_front(cnn_run, capsys, tmp_path):
+    import shutil
+    pytest.importorskip("onnxruntime")
+    folder = str(tmp_path / "run")  # the run without its compressed models: the student's variants only
+    shutil.copytree(cnn_run, folder, ignore=shutil.ignore_patterns("compress", "bench", "export"))
+    variants = "[fp32, dynamic, static, fp16, onnx, onnx_dynamic, onnx_static]"
+    assert main(["bench", folder, "--set", f"bench.variants={variants}"]) == 0
+    out = capsys.readouterr().out
+    assert "| model | variant | accuracy" in out and "Machine:" in out and "Recommended" in out
+    result = json.load(open(os.path.join(folder, "bench", "bench.json")))
+    rows = {(r["model"], r["variant"]): r for r in result["results"]}
+    for v in ("fp32", "dynamic", "static", "fp16", "onnx", "onnx_dynamic", "onnx_static"):
+        r = rows[("student", v)]
+        assert "error" not in r, r
+        for key in ("accuracy", "params", "size_bytes", "p50_ms", "p95_ms", "throughput", "peak_mb", "speedup"):
+            assert r[key] is not None and r[key] >= 0, (v, key)
+        assert r["p95_ms"] >= r["p50_ms"] > 0 and 0 <= r["accuracy"] <= 1
+        assert os.path.getsize(r["file"]) == r["size_bytes"]
+    assert ("teacher", "fp32") in rows and ("student_scratch", "fp32") in rows
+    assert rows[("student", "fp32")]["speedup"] == 1.0
+    assert rows[("student", "fp16")]["size_bytes"] < 0.6 * rows[("student", "fp32")]["size_bytes"]
+    import onnx
+    nodes = {n.op_type for n in onnx.load(rows[("student", "onnx_dynamic")]["file"]).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= nodes or "ConvInteger" in nodes
+    static_nodes = {n.op_type for n in onnx.load(rows[("student", "onnx_static")]["file"]).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= static_nodes
+    with open(os.path.join(folder, "bench", "pareto.png"), "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert result["recommended"]["model"] != "teacher"
+
+
+def test_compress_text_heads_vocab_layers(tmp_path, capsys):
+    from textkit import text_recipe
+
+    from distill.models.hf import load_folder
+    recipe = Recipe.from_dict(text_recipe(str(tmp_path), student={"from_teacher": {"layers": [0, 1, 2]}}))
+    out = str(tmp_path / "run")
+    run(recipe, out, **QUIET)
+    assert main(["compress", out, "--set", "compress.steps=[vocab, heads, channels, layers, qat]",
+                 "--set", "compress.layers.to=2", "--set", "compress.heads.importance=l1"]) == 0
+    record = json.load(open(os.path.join(out, "compress", "compress.json")))
+    assert [m["name"] for m in record["models"]] == ["vocab", "heads", "channels", "layers2", "qat"]
+    params = [m["params"] for m in record["models"]]
+    assert params == sorted(params, reverse=True) and params[1] < params[0] and params[3] < params[2]
+    assert sum(record["models"][1]["heads_per_layer"]) == 7  # 60% of 3 x 4 heads
+    for m in record["models"]:
+        model = load_folder(m["path"], m["name"])
+        assert count_params(model) == m["params"]
+    assert load_folder(record["models"][3]["path"], "l").num_layers == 2
+    assert main(["bench", out, "--set", "bench.variants=[fp32, onnx_dynamic]"]) == 0
+    result = json.load(open(os.path.join(out, "bench", "bench.json")))
+    rows = {(r["model"], r["variant"]): r for r in result["results"]}
+    assert "error" not in rows[("compress/qat", "onnx_dynamic")], rows[("compress/qat", "onnx_dynamic")]
+    assert rows[("compress/qat", "onnx_dynamic")]["size_bytes"] < rows[("student", "fp32")]["size_bytes"] / 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compress", "nope"], "nope: not a run folder"),
+    (["bench", "nope"], "nope: not a run folder"),
+    (["compress", "RUN"], "compress.steps: empty"),
+    (["compress", "RUN", "--set", "compress.steps=[prune]"], "compress.steps[0]: unknown step 'prune'"),
+    (["compress", "RUN", "--set", "compress.steps=[heads]"],
+     "'heads' applies to transformers only, and the student is not one"),
+    (["compress", "RUN", "--set", "compress.steps=[layers]"], "compress.layers.to: missing"),
+    (["compress", "RUN", "--set", "compress.steps=[layers]", "--set", "compress.layers.to=1"],
+     "compress.layers: Sequential has no layer or block that can be dropped"),
+    (["compress", "RUN", "--set", "compress.heads.keep=1.5"], "compress.heads.keep: must be between 0 and 1"),
+    (["bench", "RUN", "--set", "bench.variants=[int4]"], "bench.variants[0]: unknown variant 'int4'"),
+])
+def test_compress_mistakes_are_one_line(tmp_path, capsys, args, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: m\ndata: {dataset: digits}\nteacher: {model: mlp, args: {hidden: [16]}}\n"
+                      "student: {arch: ['Flatten()', 'Linear(64, 10)']}\ntrain: {epochs: 1}\n"
+                      "evaluate: {latency_runs: 2}\n")
+    folder = str(tmp_path / "run")
+    if "RUN" in args:
+        run(Recipe.load(str(recipe)), folder, **QUIET)
+    before = sorted(os.listdir(folder)) if os.path.isdir(folder) else None
+    assert main([folder if a == "RUN" else a for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    if before is not None:
+        assert not os.path.isdir(os.path.join(folder, "compress"))
+
+
+def test_compress_sigterm_then_resume_is_bitwise_identical(cnn_run, tmp_path):
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+    env = {**os.environ, "DISTILL_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    sets = ["--set", "compress.steps=[channels]", "--set", "compress.channels.epochs=3"]
+    folders = []
+    for name in ("ref", "stopped"):
+        folders.append(str(tmp_path / name))
+        shutil.copytree(cnn_run, folders[-1], ignore=shutil.ignore_patterns("compress", "bench"))
+    cmd = [sys.executable, "-m", "distill", "compress"]
+    assert subprocess.run(cmd + [folders[0], *sets], env=env, capture_output=True).returncode == 0
+    p = subprocess.Popen(cmd + [folders[1], *sets], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = os.path.join(folders[1], "checkpoints", "compress", "channels")
+    deadline = time.time() + 120
+    while not (os.path.isdir(ckpt) and os.listdir(ckpt)) and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and f"continue with: distill compress {folders[1]} --resume" in err, err
+    done = subprocess.run(cmd + [folders[1], "--resume", *sets], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    a, b = (load_file(os.path.join(f, "compress", "channels.safetensors")) for f in folders)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not os.path.exists(os.path.join(folders[1], "checkpoints"))  # cleaned up once the step is saved
