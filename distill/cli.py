@@ -78,7 +78,28 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("target", help="a run folder")
     bp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe value, e.g. --set 'bench.variants=[fp32, dynamic, onnx_dynamic]'")
+    sp = sub.add_parser("search", help="grid search over distillation settings (default: temperature x alpha)",
+                        description="Run the distilled student once per grid point (default T in {2,3,4,5} x alpha "
+                                    "in {0.5,0.7,0.9}) against one teacher, rank by validation accuracy, and write "
+                                    "search.md, search.json, search.png and best.yaml.")
+    sp.add_argument("target", nargs="?", default=None, help="a recipe file or bundled recipe name; default: digits")
+    sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe value for every trial, e.g. --set student.train.epochs=20")
+    sp.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                    help="a recipe key and its values to try (repeatable); replaces the default grid")
+    sp.add_argument("--out", default=None, help="output folder (default: runs/search/NAME)")
     return p
+
+
+def _search(args: argparse.Namespace) -> int:
+    from .search import parse_grid, search
+    grid = parse_grid(args.grid)
+    recipe, _ = _load(args.target, args.overrides, None)
+    out = args.out or os.path.join("runs", "search", recipe.cfg["name"])
+    result = search(recipe, grid, args.overrides, out, _echo)
+    print(result["table"])
+    print(f"best: {', '.join(f'{k}={v}' for k, v in result['best'].items())} -> {os.path.join(out, 'best.yaml')}")
+    return 0
 
 
 def _run_folder(target: str, overrides: List[str]):
@@ -181,8 +202,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(f"{name:32s} {raw.get('description', '')}")
         return 0
 
-    if args.command in ("export", "compress", "bench"):
-        return {"export": _export, "compress": _compress, "bench": _bench}[args.command](args)
+    if args.command in ("export", "compress", "bench", "search"):
+        return {"export": _export, "compress": _compress, "bench": _bench, "search": _search}[args.command](args)
     from . import runner
     if isinstance(args.resume, str):
         if args.target:
