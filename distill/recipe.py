@@ -150,6 +150,13 @@ SCHEMA: Dict[str, Any] = {
         "alpha": F(NUM, 0.9, unit_interval),
         "teacher_outputs": F((str,), "auto", choices=("auto", "cached", "online")),
         "features": ListOf(FEATURE),
+        # alpha and T over training: constant, or linear / cosine from alpha (T) to alpha_end (T_end)
+        "schedule": {
+            "alpha": F((str,), "constant", choices=("constant", "linear", "cosine")),
+            "alpha_end": F(NUM, None, unit_interval),
+            "temperature": F((str,), "constant", choices=("constant", "linear", "cosine")),
+            "temperature_end": F(NUM, None, positive),
+        },
         # Transformers: layer-to-layer losses, expanded into `features` entries once both models are built.
         "layers": {
             "map": F((str, list), "auto"),  # auto | uniform | last | [teacher layer for each student layer]
@@ -179,6 +186,14 @@ SCHEMA: Dict[str, Any] = {
         "latency_runs": F((int,), 100, positive),
         "threads": F((int,), 1, positive),
         "throughput_batch": F((int,), 32, positive),
+    },
+    # Knowledge retention (linear CKA, teacher vs student, on a validation probe) is logged every epoch; when
+    # it falls under retention_min, `action` adjusts the distillation strength (each change logged).
+    "monitor": {
+        "retention_min": F(NUM, None, unit_interval),
+        "watch": F((str,), "mean", choices=("mean", "logits")),  # the mean over logits and layer pairs, or logits
+        "action": F((str,), "warn", choices=("warn", "raise_feature_weight", "lower_temperature", "raise_alpha")),
+        "factor": F(NUM, 1.5, positive),  # weight x factor, T / factor (not under 1), alpha x factor (not over 1)
     },
     # Compression after distillation (`distill compress RUN_DIR`), steps applied in the order listed.
     "compress": {
@@ -295,6 +310,10 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
             raise UserError(f"evaluate.metrics[{i}]: unknown metric {name!r}{did_you_mean(name, METRICS)}; "
                             f"choose from {', '.join(METRICS)}")
     _compress_checks(cfg)
+    for name in ("alpha", "temperature"):
+        if cfg["distill"]["schedule"][name] != "constant" and cfg["distill"]["schedule"][f"{name}_end"] is None:
+            raise UserError(f"distill.schedule.{name}_end: missing; a {cfg['distill']['schedule'][name]} schedule "
+                            f"moves {name} from distill.{name} to {name}_end")
     ms = cfg["train"]["scheduler"]["milestones"]
     if any(not isinstance(m, int) or isinstance(m, bool) or m <= 0 for m in ms):
         raise UserError(f"train.scheduler.milestones: expected positive whole epochs, got {ms!r}")

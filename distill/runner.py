@@ -28,6 +28,7 @@ from .io import append_jsonl, load_meta, load_weights, read_json, save_model, sh
 from .data.augment_text import with_teacher_labelled
 from .losses import transformer_features
 from .models import build_model
+from .monitor import retention_monitor, with_reaction
 from .models.hf import HFClassifier, fresh_student, is_model_folder, load_classifier, load_folder, load_tokenizer, \
     resolve_hf_path, same_vocabulary, save_folder, select_layers
 from .recipe import Recipe, is_text
@@ -119,9 +120,9 @@ class RunDir:
                 break
             os.rmdir(folder)
 
-    def fit(self, role: str, objective: Objective, data: Optional[DataBundle] = None) -> Dict[str, Any]:
+    def fit(self, role: str, objective: Objective, data: Optional[DataBundle] = None, monitor=None) -> Dict[str, Any]:
         return fit(role, objective, data or self.data, self.cfg["data"], self.train_cfg(role), self.log,
-                   self.checkpoints(role), self.resume)
+                   self.checkpoints(role), self.resume, monitor)
 
     def event(self, message: str, **fields: Any) -> None:
         self.echo(message)
@@ -321,7 +322,8 @@ def train_student(run: RunDir, teacher: Optional[nn.Module] = None) -> Dict[str,
     results["student_scratch"] = read_json(run.path("stages.json"))["student_scratch"]
 
     mode = teacher_mode(run)
-    fp = sha256_json({**base, "distill": dcfg, "mode": mode, "teacher": weights_sha256(teacher)})
+    fp = sha256_json({**base, "distill": dcfg, "mode": mode, "teacher": weights_sha256(teacher),
+                      "monitor": run.cfg["monitor"]})
     if run.stage_done("student", fp, [artifact("student", text)]):
         run.event("student: inputs unchanged, reusing it", model="student")
     else:
@@ -336,8 +338,12 @@ def train_student(run: RunDir, teacher: Optional[nn.Module] = None) -> Dict[str,
         source = teacher_source(run, teacher, mode, data=data)
         t_shapes, s_shapes = _feature_shapes(run, teacher, student)
         objective = Objective(student, dcfg, source, t_shapes, s_shapes)
+        # knowledge retention (linear CKA, teacher vs student) on a fixed validation probe, logged per epoch
+        monitor = with_reaction(retention_monitor(teacher, student, run.data.x_val[:256],
+                                                  [(f["teacher"], f["student"]) for f in dcfg["features"]]),
+                                objective, run.cfg["monitor"], run.echo)
         t0 = time.perf_counter()
-        info = run.fit("student", objective, data)
+        info = run.fit("student", objective, data, monitor)
         info.update(train_time_s=round(time.perf_counter() - t0, 3), teacher_outputs=mode, added=added)
         save_role(run, student, "student", spec, info)  # the projectors stay behind in `objective`
         run.mark_done("student", fp, info)

@@ -70,6 +70,27 @@ class Objective(nn.Module):
         if self.mask_fraction and getattr(student, "mask_id", None) is None:
             raise UserError("distill.data.mask: the student's tokenizer has no mask token to mask inputs with")
         self.teacher_sees_noise = noise.get("teacher_sees") == "noised"
+        # Distillation strength: the monitor's reaction may change it (saved in checkpoints as extra state);
+        # the schedules move alpha and T from it as training progresses (`progress`, set by `fit`).
+        self.strength = {"alpha": float(self.dcfg["alpha"]), "temperature": float(self.dcfg["temperature"]),
+                         "feature_scale": 1.0}
+        self.progress = 0.0
+
+    def get_extra_state(self) -> Dict[str, float]:
+        return dict(self.strength)
+
+    def set_extra_state(self, state: Dict[str, float]) -> None:
+        self.strength.update(state)
+
+    def current(self, name: str) -> float:
+        """alpha or temperature now: the strength, moved towards `<name>_end` by the schedule."""
+        sched = self.dcfg.get("schedule") or {}
+        kind, start, end = sched.get(name, "constant"), self.strength[name], sched.get(f"{name}_end")
+        if kind == "constant" or end is None:
+            return start
+        p = min(max(self.progress, 0.0), 1.0)
+        shape = p if kind == "linear" else (1 - math.cos(math.pi * p)) / 2
+        return start + (end - start) * shape
 
     def noised(self, x: torch.Tensor) -> torch.Tensor:
         """The student's input: token ids with a fraction masked (noise injection), else `x` itself.
@@ -83,14 +104,14 @@ class Objective(nn.Module):
         x_student = self.noised(x)
         with self._capture as cap:
             logits = self.student(x_student)
-        alpha = self.dcfg["alpha"] if self.teacher else 0.0
+        alpha = self.current("alpha") if self.teacher else 0.0
         loss = ce_loss(logits, y)
         parts = {"ce": loss.item()}
         if self.teacher is None:
             parts["total"] = parts["ce"]
             return loss, parts
         t_logits, t_feats = self.teacher(x_student if self.teacher_sees_noise else x, idx)
-        kd = kd_loss(logits, t_logits, self.dcfg["temperature"])
+        kd = kd_loss(logits, t_logits, self.current("temperature"))
         parts["kd"] = kd.item()
         loss = (1 - alpha) * loss + alpha * kd
         for i, (f, proj) in enumerate(zip(self.features, self.projectors)):
@@ -102,7 +123,7 @@ class Objective(nn.Module):
                                 f"after the projector, teacher '{f['teacher']}' gives {tuple(t_feat.shape[1:])}")
             term = LOSSES.get(f["loss"])(s_feat, t_feat)
             parts[f"feat{i}_{f['loss']}"] = term.item()
-            loss = loss + f["weight"] * term
+            loss = loss + f["weight"] * self.strength["feature_scale"] * term
         parts["total"] = loss.item()
         return loss, parts
 
@@ -252,8 +273,8 @@ class _StopOnSignal:
 
 
 def fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, Any], tcfg: Dict[str, Any],
-        log_path: Optional[str] = None, checkpoints: Optional[Checkpoints] = None, resume: bool = False
-        ) -> Dict[str, Any]:
+        log_path: Optional[str] = None, checkpoints: Optional[Checkpoints] = None, resume: bool = False,
+        monitor: Optional[Callable[[], Dict[str, float]]] = None) -> Dict[str, Any]:
     """Train `objective.student` in place; returns the selected epoch and its validation accuracy.
 
     With `checkpoints`, state is saved every `train.checkpoint_every` steps and at each epoch end, and
@@ -262,7 +283,7 @@ def fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, A
     torch.set_flush_denormal(True)  # near-zero losses otherwise make CPU steps 100x slower
     try:
         with _StopOnSignal() as stop:
-            return _fit(role, objective, data, data_cfg, tcfg, log_path, checkpoints, resume, stop)
+            return _fit(role, objective, data, data_cfg, tcfg, log_path, checkpoints, resume, stop, monitor)
     finally:
         torch.set_flush_denormal(False)  # process-wide state: give it back as we found it (the default)
 
@@ -273,8 +294,8 @@ def _finite_grads(params: List[torch.Tensor]) -> bool:
 
 
 def _fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, Any], tcfg: Dict[str, Any],
-         log_path: Optional[str], checkpoints: Optional[Checkpoints], resume: bool, stop: _StopOnSignal
-         ) -> Dict[str, Any]:
+         log_path: Optional[str], checkpoints: Optional[Checkpoints], resume: bool, stop: _StopOnSignal,
+         monitor: Optional[Callable[[], Dict[str, float]]] = None) -> Dict[str, Any]:
     student = objective.student
     set_seed(tcfg["seed"])
     gen = torch.Generator().manual_seed(tcfg["seed"])
@@ -315,6 +336,7 @@ def _fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, 
         objective.train()
         t0, sums = time.perf_counter(), prog["sums"]  # running loss sums, saved with the progress
         for x, y, idx in epoch_batches(data, data_cfg, gen, start=prog["batch"]):
+            objective.progress = prog["step"] / max(tcfg["epochs"] * per_epoch, 1)  # drives the schedules
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss, parts = objective(x, y, idx)
             opt.zero_grad(set_to_none=True)
@@ -356,7 +378,7 @@ def _fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, 
         n = max(prog["batch"] - prog["skipped"], 1)
         record = {"model": role, "epoch": epoch + 1, "lr": lr, "val_accuracy": val_acc,
                   "train_time_s": round(time.perf_counter() - t0, 4), "skipped_steps": prog["skipped"],
-                  **{f"loss_{k}": v / n for k, v in sums.items()}}
+                  **{f"loss_{k}": v / n for k, v in sums.items()}, **(monitor() if monitor else {})}
         steps.set_postfix(epoch=epoch + 1, loss=f"{sums.get('total', 0.0) / n:.3f}", val=f"{val_acc:.3f}")
         if log_path:
             append_jsonl(log_path, record)
