@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Sequence
 import yaml
 
 from .errors import UserError
-from .io import write_json, write_text
+from .io import save_figure, write_json, write_text
 from .recipe import Recipe
 
 DEFAULT_GRID = {"distill.temperature": [2, 3, 4, 5], "distill.alpha": [0.5, 0.7, 0.9]}
@@ -92,7 +92,6 @@ def plot_search(rows: List[Dict[str, Any]], keys: List[str], path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    from .io import atomic_path
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     if len(keys) == 2:
         xs, ys = (_ordered({r[k] for r in rows}) for k in keys)
@@ -114,8 +113,5 @@ def plot_search(rows: List[Dict[str, Any]], keys: List[str], path: str) -> bool:
         ax.set_ylabel("validation accuracy")
         ax.set_xlabel(", ".join(keys))
     ax.set_title("distill search: distilled student, validation accuracy")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True

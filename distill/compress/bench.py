@@ -29,7 +29,7 @@ import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import UserError
-from ..io import read_json, write_json, write_text
+from ..io import read_json, save_figure, write_json, write_text
 from ..progress import bar
 
 INT8 = ("dynamic", "static", "onnx_dynamic", "onnx_static", "torchao", "pt2e")
@@ -242,9 +242,5 @@ def plot_pareto(results: List[Dict[str, Any]], path: str) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
     fig.suptitle("accuracy against latency and size (red, labelled: Pareto-optimal; every point is in bench.md)")
-    fig.tight_layout()
-    from ..io import atomic_path
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
