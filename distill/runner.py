@@ -60,6 +60,7 @@ class RunDir:
         except OSError as e:
             raise UserError(f"--out {self.out}: cannot write the run folder ({e.strerror})") from None
         self.log = self.path("log.jsonl")
+        self.on_epoch = None  # called after each epoch of the distilled student: (epoch, val_accuracy)
 
     def _refuse_other_run(self, overwrite: bool) -> None:
         """A folder holding a run of another recipe is not silently mixed with this one."""
@@ -122,7 +123,7 @@ class RunDir:
 
     def fit(self, role: str, objective: Objective, data: Optional[DataBundle] = None, monitor=None) -> Dict[str, Any]:
         return fit(role, objective, data or self.data, self.cfg["data"], self.train_cfg(role), self.log,
-                   self.checkpoints(role), self.resume, monitor)
+                   self.checkpoints(role), self.resume, monitor, self.on_epoch if role == "student" else None)
 
     def event(self, message: str, **fields: Any) -> None:
         self.echo(message)

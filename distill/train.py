@@ -274,16 +274,20 @@ class _StopOnSignal:
 
 def fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, Any], tcfg: Dict[str, Any],
         log_path: Optional[str] = None, checkpoints: Optional[Checkpoints] = None, resume: bool = False,
-        monitor: Optional[Callable[[], Dict[str, float]]] = None) -> Dict[str, Any]:
+        monitor: Optional[Callable[[], Dict[str, float]]] = None,
+        on_epoch: Optional[Callable[[int, float], None]] = None) -> Dict[str, Any]:
     """Train `objective.student` in place; returns the selected epoch and its validation accuracy.
 
     With `checkpoints`, state is saved every `train.checkpoint_every` steps and at each epoch end, and
     `resume=True` continues from the newest readable checkpoint, bit for bit as if never stopped.
+    `on_epoch(epoch, val_accuracy)` is called after each epoch is logged and checkpointed (a search's
+    trial pruner raises from it to stop a bad trial).
     """
     torch.set_flush_denormal(True)  # near-zero losses otherwise make CPU steps 100x slower
     try:
         with _StopOnSignal() as stop:
-            return _fit(role, objective, data, data_cfg, tcfg, log_path, checkpoints, resume, stop, monitor)
+            return _fit(role, objective, data, data_cfg, tcfg, log_path, checkpoints, resume, stop, monitor,
+                        on_epoch)
     finally:
         torch.set_flush_denormal(False)  # process-wide state: give it back as we found it (the default)
 
@@ -295,7 +299,8 @@ def _finite_grads(params: List[torch.Tensor]) -> bool:
 
 def _fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, Any], tcfg: Dict[str, Any],
          log_path: Optional[str], checkpoints: Optional[Checkpoints], resume: bool, stop: _StopOnSignal,
-         monitor: Optional[Callable[[], Dict[str, float]]] = None) -> Dict[str, Any]:
+         monitor: Optional[Callable[[], Dict[str, float]]] = None,
+         on_epoch: Optional[Callable[[int, float], None]] = None) -> Dict[str, Any]:
     student = objective.student
     set_seed(tcfg["seed"])
     gen = torch.Generator().manual_seed(tcfg["seed"])
@@ -384,6 +389,8 @@ def _fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, 
             append_jsonl(log_path, record)
         prog.update(epoch=epoch + 1, batch=0, sums={}, skipped=0)
         save(gen.get_state())  # after the log line: a resume trims lines past the checkpoint's epoch
+        if on_epoch:
+            on_epoch(epoch + 1, val_acc)
     steps.close()
     student.load_state_dict(prog["best_state"])
     return {"selected_epoch": prog["best_epoch"] + 1, "val_accuracy": prog["best_val"]}
