@@ -1,5 +1,5 @@
-"""Does adapting the distillation strength help? Fixed alpha and T against the monitor's reaction policies
-and the alpha / T schedules, over seeds, as a Markdown table.
+"""Does adapting the distillation strength help? Fixed alpha and T against the monitor's reaction policies,
+the alpha / T schedules and per-sample confidence weights, over seeds, as a Markdown table.
 
     python benchmarks/adaptive.py digits --seeds 5
 
@@ -26,6 +26,7 @@ VARIANTS = {
     "retention < 0.9 -> raise alpha (x1.5)": ["monitor.retention_min=0.9", "monitor.action=raise_alpha"],
     "T cosine 4 -> 1": ["distill.schedule.temperature=cosine", "distill.schedule.temperature_end=1"],
     "alpha linear -> 0.5": ["distill.schedule.alpha=linear", "distill.schedule.alpha_end=0.5"],
+    "KD weighted per sample by teacher confidence": ["distill.sample_weight=confidence"],
 }
 
 

@@ -24,6 +24,8 @@ def _recipe_args(p: argparse.ArgumentParser, target_help: str) -> None:
                    help="continue an interrupted run from its newest checkpoint (`--resume DIR` = `DIR --resume`)")
     p.add_argument("--overwrite", action="store_true",
                    help="allow a run folder that holds a run of a different recipe (unchanged stages are reused)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log scalars and weight/gradient histograms for TensorBoard, in RUN_DIR/tensorboard")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,26 +80,86 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("target", help="a run folder")
     bp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe value, e.g. --set 'bench.variants=[fp32, dynamic, onnx_dynamic]'")
-    sp = sub.add_parser("search", help="grid search over distillation settings (default: temperature x alpha)",
-                        description="Run the distilled student once per grid point (default T in {2,3,4,5} x alpha "
-                                    "in {0.5,0.7,0.9}) against one teacher, rank by validation accuracy, and write "
-                                    "search.md, search.json, search.png and best.yaml.")
+    rp = sub.add_parser("report", help="write one self-contained HTML report of a finished run",
+                        description="Results table, training curves, knowledge retention and gradient consistency "
+                                    "per layer, monitor adjustments, test-split confusion matrices, and the bench "
+                                    "and teacher-assistant chain when present, in one HTML file with the plots "
+                                    "embedded (no network needed to view it). Needs matplotlib.")
+    rp.add_argument("target", help="a run folder")
+    rp.add_argument("--out", default=None, help="file to write (default: RUN_DIR/report.html)")
+    dp = sub.add_parser("doctor", help="diagnose a finished run: weak teacher, over-confident soft labels, capacity "
+                                       "gap, unstable loss, overfitting, too small a student, int8 accuracy loss",
+                        description="Read a finished run's logs and metrics (and, where needed, its models and "
+                                    "validation split) and print each problem found with the numbers that "
+                                    "triggered it, the threshold, and the recipe key to change; writes "
+                                    "RUN_DIR/doctor.json. Exits 0 whether or not problems are found.")
+    dp.add_argument("target", help="a run folder")
+    sp = sub.add_parser("search", help="search distillation settings: a grid (default: temperature x alpha) or "
+                                       "Optuna TPE with pruning of bad trials",
+                        description="Run the distilled student once per trial against one teacher, rank by "
+                                    "validation accuracy, and write search.md, search.json, search.png and best.yaml. "
+                                    "--sampler grid (default): every grid point (default T in {2,3,4,5} x alpha in "
+                                    "{0.5,0.7,0.9}). --sampler tpe: --trials trials drawn by Optuna's TPE (seeded by "
+                                    "the student's seed) over --space ranges (default T in [1,8] x alpha in [0.1,1]), "
+                                    "the first being the recipe's own values; a median pruner stops trials whose "
+                                    "validation accuracy falls behind the others' at the same epoch.")
     sp.add_argument("target", nargs="?", default=None, help="a recipe file or bundled recipe name; default: digits")
     sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe value for every trial, e.g. --set student.train.epochs=20")
     sp.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                     help="a recipe key and its values to try (repeatable); replaces the default grid")
+    sp.add_argument("--sampler", choices=("grid", "tpe"), default="grid",
+                    help="grid: every combination of --grid; tpe: Optuna's TPE over --space (pip install "
+                         "\"distill[search]\")")
+    sp.add_argument("--trials", type=int, default=None, metavar="N", help="tpe: number of trials (default 12)")
+    sp.add_argument("--space", action="append", default=[], metavar="KEY=LOW:HIGH[:log] | KEY=A,B,C",
+                    help="tpe: a recipe key and its range (integers when both bounds are) or choices; repeatable; "
+                         "replaces the default space distill.temperature=1.0:8.0, distill.alpha=0.1:1.0")
+    sp.add_argument("--pruner", choices=("median", "none"), default=None,
+                    help="tpe: median (default) stops a trial whose validation accuracy is below the median of the "
+                         "completed trials at the same epoch; none runs every trial to the end")
+    sp.add_argument("--pruner-startup-trials", type=int, default=None, metavar="N",
+                    help="tpe: trials that complete before any is pruned (default 3)")
+    sp.add_argument("--pruner-warmup-epochs", type=int, default=None, metavar="N",
+                    help="tpe: epochs every trial runs before it can be pruned (default: a quarter of its epochs)")
     sp.add_argument("--out", default=None, help="output folder (default: runs/search/NAME)")
     return p
 
 
+def _check_sampler_flags(args: argparse.Namespace) -> None:
+    """Each sampler's flags only with that sampler, and counts that make sense (before any work)."""
+    tpe_only = {"--trials": args.trials, "--space": args.space, "--pruner": args.pruner,
+                "--pruner-startup-trials": args.pruner_startup_trials,
+                "--pruner-warmup-epochs": args.pruner_warmup_epochs}
+    if args.sampler == "grid":
+        given = next((k for k, v in tpe_only.items() if v not in (None, [])), None)
+        if given:
+            raise UserError(f"{given}: only for --sampler tpe; add --sampler tpe, or use --grid KEY=V1,V2,...")
+        return
+    if args.grid:
+        raise UserError(f"--grid {args.grid[0]}: only for --sampler grid; with tpe give a range, "
+                        f"--space KEY=LOW:HIGH or KEY=A,B,C")
+    for flag, least in (("--trials", 1), ("--pruner-startup-trials", 0), ("--pruner-warmup-epochs", 0)):
+        if tpe_only[flag] is not None and tpe_only[flag] < least:
+            raise UserError(f"{flag} {tpe_only[flag]}: expected a number >= {least}")
+
+
 def _search(args: argparse.Namespace) -> int:
-    from .search import parse_grid, search
-    grid = parse_grid(args.grid)
+    from .search import parse_grid, parse_space, search, search_tpe
+    _check_sampler_flags(args)
+    grid = parse_grid(args.grid) if args.sampler == "grid" else None
+    space = parse_space(args.space) if args.sampler == "tpe" else None
     recipe, _ = _load(args.target, args.overrides, None)
     out = args.out or os.path.join("runs", "search", recipe.cfg["name"])
-    result = search(recipe, grid, args.overrides, out, _echo)
+    if args.sampler == "grid":
+        result = search(recipe, grid, args.overrides, out, _echo)
+    else:
+        startup = 3 if args.pruner_startup_trials is None else args.pruner_startup_trials
+        result = search_tpe(recipe, space, args.overrides, out, args.trials or 12, args.pruner or "median",
+                            startup, args.pruner_warmup_epochs, _echo)
     print(result["table"])
+    if result.get("summary"):
+        print(result["summary"])
     print(f"best: {', '.join(f'{k}={v}' for k, v in result['best'].items())} -> {os.path.join(out, 'best.yaml')}")
     return 0
 
@@ -134,6 +196,18 @@ def _bench(args: argparse.Namespace) -> int:
     result = bench(recipe, folder, _echo)
     print(result["table"])
     print(f"results: {os.path.join(folder, 'bench')} (bench.json, bench.md, pareto.png)")
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from .doctor import doctor, format_report
+    print(format_report(doctor(args.target)))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import report
+    print(f"report: {report(args.target, args.out)}")
     return 0
 
 
@@ -202,8 +276,9 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(f"{name:32s} {raw.get('description', '')}")
         return 0
 
-    if args.command in ("export", "compress", "bench", "search"):
-        return {"export": _export, "compress": _compress, "bench": _bench, "search": _search}[args.command](args)
+    if args.command in ("export", "compress", "bench", "search", "report", "doctor"):
+        return {"export": _export, "compress": _compress, "bench": _bench, "search": _search,
+                "report": _report, "doctor": _doctor}[args.command](args)
     from . import runner
     if isinstance(args.resume, str):
         if args.target:
@@ -221,7 +296,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 def _run_command(args: argparse.Namespace, recipe, out: Optional[str]) -> int:
     from . import runner
     from .evaluate import format_table
-    flags = {"resume": bool(args.resume), "overwrite": args.overwrite}
+    flags = {"resume": bool(args.resume), "overwrite": args.overwrite, "tensorboard": args.tensorboard}
     if args.command == "run":
         if args.seeds is not None:
             if args.seeds < 1:
@@ -244,7 +319,8 @@ def _run_command(args: argparse.Namespace, recipe, out: Optional[str]) -> int:
         runner.soft_labels(rd)
         print(f"soft labels: {rd.path('soft_labels.json')}")
     elif args.command == "train-student":
-        runner.train_student(rd)
+        from .chain import train_assistants
+        runner.train_student(rd, train_assistants(rd))  # through the teacher assistants, when the recipe has any
         print(f"students: {runner.require_saved(rd.out, 'student')}, {runner.require_saved(rd.out, 'student_scratch')}")
     elif args.command == "evaluate":
         print(format_table(runner.evaluate(rd)))

@@ -107,10 +107,12 @@ def _cell(value: Any, fmt: Optional[str], key: str) -> str:
 
 def format_table(metrics: Dict[str, Any]) -> str:
     """A plain-text table: teacher, scratch student, distilled student (single run or mean ± std)."""
-    rows = [k for k in ("teacher", "student_scratch", "student") if k in metrics]
+    assistants = sorted((k for k in metrics if k.startswith("assistant_")), key=lambda k: int(k.split("_")[1]))
+    rows = [k for k in ("teacher", *assistants, "student_scratch", "student") if k in metrics]
     cols = [c for c in COLUMNS if all(c[0] in metrics[r] for r in rows)]
     table = [["model"] + [c[1] for c in cols]]
-    table += [[LABELS[r]] + [_cell(metrics[r][c[0]], c[2], c[0]) for c in cols] for r in rows]
+    label = lambda r: LABELS.get(r) or f"assistant {r.split('_')[1]} (distilled)"  # noqa: E731
+    table += [[label(r)] + [_cell(metrics[r][c[0]], c[2], c[0]) for c in cols] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in table]

@@ -109,6 +109,12 @@ HF_CONFIG = {
     "intermediate": F((int,), None, positive),
 }
 
+ASSISTANT = {  # a teacher assistant's architecture, as in the `student` section
+    "model": F((str,), None),
+    "args": F((dict,), {}),
+    "arch": F((list,), None),
+}
+
 FEATURE = {
     "teacher": F((str,), None),
     "student": F((str,), None),
@@ -149,6 +155,10 @@ SCHEMA: Dict[str, Any] = {
         "temperature": F(NUM, 4.0, positive),
         "alpha": F(NUM, 0.9, unit_interval),
         "teacher_outputs": F((str,), "auto", choices=("auto", "cached", "online")),
+        # teacher -> assistant_1 -> ... -> student: `auto` (one of intermediate size) or a list of ASSISTANT
+        "assistants": F((str, list), []),
+        # per-sample KD weight: none, or the teacher's confidence (top probability, batch mean 1)
+        "sample_weight": F((str,), "none", choices=("none", "confidence")),
         "features": ListOf(FEATURE),
         # alpha and T over training: constant, or linear / cosine from alpha (T) to alpha_end (T_end)
         "schedule": {
@@ -187,13 +197,16 @@ SCHEMA: Dict[str, Any] = {
         "threads": F((int,), 1, positive),
         "throughput_batch": F((int,), 32, positive),
     },
-    # Knowledge retention (linear CKA, teacher vs student, on a validation probe) is logged every epoch; when
-    # it falls under retention_min, `action` adjusts the distillation strength (each change logged).
+    # Knowledge retention (linear CKA and cosine, teacher vs student, on a validation probe) and gradient
+    # consistency are logged every epoch; when retention falls under retention_min, `action` adjusts the
+    # distillation strength (each change logged).
     "monitor": {
         "retention_min": F(NUM, None, unit_interval),
         "watch": F((str,), "mean", choices=("mean", "logits")),  # the mean over logits and layer pairs, or logits
         "action": F((str,), "warn", choices=("warn", "raise_feature_weight", "lower_temperature", "raise_alpha")),
         "factor": F(NUM, 1.5, positive),  # weight x factor, T / factor (not under 1), alpha x factor (not over 1)
+        "every": F((int,), 10, non_negative),  # a log line every N training steps (0: epoch lines only)
+        "gradients": F((bool,), True),  # gradient consistency: input gradients per epoch, KD vs CE every N steps
     },
     # Compression after distillation (`distill compress RUN_DIR`), steps applied in the order listed.
     "compress": {
@@ -300,6 +313,7 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
         if m["checkpoint"]:
             _need_file(m["checkpoint"], f"{role}.checkpoint", "a .safetensors file written by distill")
         m["train"] = validate_section(_merge(cfg["train"], m["train"]), TRAIN, f"{role}.train")
+    _assistant_checks(cfg)  # (before the text checks: chains of transformers are refused outright)
     _text_checks(cfg)
     for i, feat in enumerate(cfg["distill"]["features"]):
         for side in ("teacher", "student"):
@@ -322,6 +336,23 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
 COMPRESS_STEPS = ("vocab", "layers", "heads", "channels", "qat")
 BENCH_VARIANTS = ("fp32", "dynamic", "static", "fp16", "bf16", "onnx", "onnx_dynamic", "onnx_static", "torchao",
                   "pt2e")
+
+
+def _assistant_checks(cfg: Dict[str, Any]) -> None:
+    """`distill.assistants`: auto, or a list of architectures; not (yet) for transformers."""
+    a = cfg["distill"]["assistants"]
+    if isinstance(a, str) and a != "auto":
+        raise UserError(f"distill.assistants: {a!r} is not auto or a list of models such as "
+                        f"[{{model: cnn, args: {{channels: [16]}}}}]")
+    if a and cfg["data"]["dataset"] == "text":
+        raise UserError("distill.assistants: teacher-assistant chains are not supported for transformers yet; "
+                        "distil in two runs instead (the first run's student folder as the second's teacher.hf)")
+    if isinstance(a, list):
+        cfg["distill"]["assistants"] = a = [validate_section(m, ASSISTANT, f"distill.assistants[{i}]")
+                                            for i, m in enumerate(a)]
+        for i, m in enumerate(a):
+            if bool(m["model"]) == bool(m["arch"]):
+                raise UserError(f"distill.assistants[{i}]: give one of `model: NAME` (with args) or `arch: [layers]`")
 
 
 def _compress_checks(cfg: Dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from .data import DataBundle, has_augmentation, load_data
 from .errors import UserError
 from .evaluate import evaluate_model, mean_std
 from .hooks import FeatureCapture
+from .logbook import Logbook, summary_writer_class
 from .io import append_jsonl, load_meta, load_weights, read_json, save_model, sha256_file, sha256_json, \
     weights_sha256, write_json, write_text
 from .data.augment_text import with_teacher_labelled
@@ -48,10 +49,13 @@ class RunDir:
     """A run folder: the resolved recipe, the data, and the bookkeeping of which stages are done."""
 
     def __init__(self, recipe: Recipe, out: Optional[str] = None, echo=print, resume: bool = False,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, tensorboard: bool = False) -> None:
         self.recipe, self.cfg = recipe, recipe.cfg
         self.out = run_folder(recipe, out)
         self.echo, self.resume = echo, resume
+        if tensorboard:
+            summary_writer_class()  # a missing package is reported before anything is written
+        self.tensorboard = self.path("tensorboard") if tensorboard else None
         self._refuse_other_run(overwrite)
         self._preflight()
         try:
@@ -87,6 +91,8 @@ class RunDir:
         source = teacher_source(self, teacher, "online", quiet=True)
         x, y = self.data.x_train[:2], self.data.y_train[:2]
         Objective(student, self.dcfg, source, t_shapes, s_shapes)(x, y, torch.arange(2))
+        from .chain import preflight
+        preflight(self, teacher, student)  # teacher-assistant chain: each assistant builds, each link steps
 
     def train_cfg(self, role: str) -> Dict[str, Any]:
         """The resolved `train` section of the teacher, or of both students."""
@@ -122,8 +128,10 @@ class RunDir:
             os.rmdir(folder)
 
     def fit(self, role: str, objective: Objective, data: Optional[DataBundle] = None, monitor=None) -> Dict[str, Any]:
-        return fit(role, objective, data or self.data, self.cfg["data"], self.train_cfg(role), self.log,
-                   self.checkpoints(role), self.resume, monitor, self.on_epoch if role == "student" else None)
+        m = self.cfg["monitor"]
+        return fit(role, objective, data or self.data, self.cfg["data"], self.train_cfg(role),
+                   Logbook(self.log, self.tensorboard), self.checkpoints(role), self.resume, monitor,
+                   self.on_epoch if role == "student" else None, m["every"], m["gradients"])
 
     def event(self, message: str, **fields: Any) -> None:
         self.echo(message)
@@ -323,8 +331,10 @@ def train_student(run: RunDir, teacher: Optional[nn.Module] = None) -> Dict[str,
     results["student_scratch"] = read_json(run.path("stages.json"))["student_scratch"]
 
     mode = teacher_mode(run)
+    # the monitor's reaction changes training; its other keys only change what is logged
+    reaction = {k: run.cfg["monitor"][k] for k in ("retention_min", "watch", "action", "factor")}
     fp = sha256_json({**base, "distill": dcfg, "mode": mode, "teacher": weights_sha256(teacher),
-                      "monitor": run.cfg["monitor"]})
+                      "monitor": reaction})
     if run.stage_done("student", fp, [artifact("student", text)]):
         run.event("student: inputs unchanged, reusing it", model="student")
     else:
@@ -339,10 +349,12 @@ def train_student(run: RunDir, teacher: Optional[nn.Module] = None) -> Dict[str,
         source = teacher_source(run, teacher, mode, data=data)
         t_shapes, s_shapes = _feature_shapes(run, teacher, student)
         objective = Objective(student, dcfg, source, t_shapes, s_shapes)
-        # knowledge retention (linear CKA, teacher vs student) on a fixed validation probe, logged per epoch
-        monitor = with_reaction(retention_monitor(teacher, student, run.data.x_val[:256],
-                                                  [(f["teacher"], f["student"]) for f in dcfg["features"]]),
-                                objective, run.cfg["monitor"], run.echo)
+        # knowledge retention (linear CKA, cosine after the projectors) and input-gradient consistency,
+        # teacher vs student on a fixed validation probe, logged per epoch
+        probe = retention_monitor(teacher, student, run.data.x_val[:256],
+                                  [(f["teacher"], f["student"]) for f in dcfg["features"]], objective.projectors,
+                                  run.data.y_val[:256] if run.cfg["monitor"]["gradients"] else None)
+        monitor = with_reaction(probe, objective, run.cfg["monitor"], run.echo)
         t0 = time.perf_counter()
         info = run.fit("student", objective, data, monitor)
         info.update(train_time_s=round(time.perf_counter() - t0, 3), teacher_outputs=mode, added=added)
@@ -391,7 +403,8 @@ def evaluate(run: RunDir) -> Dict[str, Any]:
     data, ecfg = run.data, run.cfg["evaluate"]
     stages = read_json(run.path("stages.json"), {})
     metrics = {}
-    for name in MODELS_OUT:
+    from . import chain
+    for name in (*MODELS_OUT, *chain.names(run.cfg)):
         model = load_saved(run, name)
         m = evaluate_model(model, require_saved(run.out, name), data.x_test, data.y_test, ecfg,
                            run.cfg["data"]["eval_batch_size"])
@@ -399,15 +412,17 @@ def evaluate(run: RunDir) -> Dict[str, Any]:
         m.update({k: extra[k] for k in ("val_accuracy", "selected_epoch", "train_time_s") if k in extra})
         metrics[name] = m
     write_json(run.path("metrics.json"), metrics)
+    chain.report(run, metrics)  # chain.json: accuracy and retention per generation, when there are assistants
     return metrics
 
 
 def run(recipe: Recipe, out: Optional[str] = None, echo=print, resume: bool = False,
-        overwrite: bool = False) -> Dict[str, Any]:
+        overwrite: bool = False, tensorboard: bool = False) -> Dict[str, Any]:
     """All four stages; returns the contents of metrics.json. `resume` continues from checkpoints."""
-    rd = RunDir(recipe, out, echo, resume=resume, overwrite=overwrite)
+    rd = RunDir(recipe, out, echo, resume=resume, overwrite=overwrite, tensorboard=tensorboard)
     teacher = train_teacher(rd)
-    train_student(rd, teacher)
+    from .chain import train_assistants
+    train_student(rd, train_assistants(rd, teacher))  # the student learns from the last assistant, if any
     return evaluate(rd)
 
 
@@ -419,13 +434,13 @@ def with_seed(recipe: Recipe, seed: int) -> Recipe:
 
 
 def run_seeds(recipe: Recipe, seeds: List[int], out: Optional[str] = None, echo=print, resume: bool = False,
-              overwrite: bool = False) -> Dict[str, Any]:
+              overwrite: bool = False, tensorboard: bool = False) -> Dict[str, Any]:
     """One full run per seed in `OUT/seed_<s>`, then mean and std of every metric in `OUT/summary.json`."""
     base = run_folder(recipe, out)
-    per_seed = {s: run(with_seed(recipe, s), os.path.join(base, f"seed_{s}"), echo, resume, overwrite)
+    per_seed = {s: run(with_seed(recipe, s), os.path.join(base, f"seed_{s}"), echo, resume, overwrite, tensorboard)
                 for s in seeds}
     summary: Dict[str, Any] = {"seeds": list(seeds)}
-    for name in MODELS_OUT:
+    for name in per_seed[seeds[0]]:  # teacher, students and any assistants
         keys = per_seed[seeds[0]][name].keys()
         summary[name] = {k: mean_std([per_seed[s][name][k] for s in seeds]) for k in keys}
     write_json(os.path.join(base, "summary.json"), summary)

@@ -5,18 +5,24 @@ The default grid is the seed design's temperature search, T in {2, 3, 4, 5}, cro
 no-distillation student once (their inputs do not change between trials); soft labels are cached once.
 Trials are ranked by the distilled student's validation accuracy, never the test split. The search writes
 `search.md` (the table), `search.json`, `search.png` and `best.yaml`, the recipe with the best values.
+
+`--sampler tpe` replaces the grid by Optuna's TPE sampler over `--space` ranges (any recipe keys), seeded by
+the student's seed so a search repeats exactly. The first trial is the recipe's own values (when inside the
+space), so the search never ranks below the recipe it started from. A median pruner stops a trial whose
+distilled student is behind the other trials' median validation accuracy at the same epoch, fed by fit's
+per-epoch hook; the table says where each pruned trial stopped and how many epochs pruning saved.
 """
 from __future__ import annotations
 
 import itertools
 import os
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
 from .errors import UserError
-from .io import save_figure, write_json, write_text
+from .io import read_json, save_figure, write_json, write_text
 from .recipe import Recipe
 
 DEFAULT_GRID = {"distill.temperature": [2, 3, 4, 5], "distill.alpha": [0.5, 0.7, 0.9]}
@@ -113,5 +119,285 @@ def plot_search(rows: List[Dict[str, Any]], keys: List[str], path: str) -> bool:
         ax.set_ylabel("validation accuracy")
         ax.set_xlabel(", ".join(keys))
     ax.set_title("distill search: distilled student, validation accuracy")
+    save_figure(fig, path)
+    return True
+
+
+# ---------------------------------------------------------------- TPE (Optuna) with pruning
+
+DEFAULT_SPACE_ARGS = ("distill.temperature=1.0:8.0", "distill.alpha=0.1:1.0")  # contains the seed design's T in [2, 5]
+SPACE_FORM = "expected KEY=LOW:HIGH, KEY=LOW:HIGH:log or KEY=A,B,C, e.g. --space distill.temperature=1:8"
+
+
+def _number(text: str) -> Optional[float]:
+    """A bound as a number: YAML's reading, or float() for forms YAML 1.1 leaves as text (1e-5)."""
+    try:
+        v = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            return None
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _parse_dim(item: str, spec: str) -> Dict[str, Any]:
+    if "," in spec:
+        try:
+            choices = [yaml.safe_load(v) for v in spec.split(",")]
+        except yaml.YAMLError:
+            raise UserError(f"--space {item}: cannot read the choices") from None
+        if any(c is not None and not isinstance(c, (bool, int, float, str)) for c in choices):
+            raise UserError(f"--space {item}: choices must be plain values (numbers, words, true/false)")
+        return {"choices": choices}
+    parts = spec.split(":")
+    log = len(parts) == 3 and parts[2].strip() == "log"
+    if len(parts) != 2 and not log:
+        raise UserError(f"--space {item}: {SPACE_FORM}")
+    low, high = _number(parts[0]), _number(parts[1])
+    if low is None or high is None:
+        raise UserError(f"--space {item}: LOW and HIGH must be numbers; {SPACE_FORM}")
+    if low >= high:
+        raise UserError(f"--space {item}: LOW must be below HIGH")
+    if log and low <= 0:
+        raise UserError(f"--space {item}: a log range needs LOW > 0")
+    is_int = isinstance(low, int) and isinstance(high, int)  # integers when both bounds are
+    return {"low": low if is_int else float(low), "high": high if is_int else float(high), "log": log,
+            "int": is_int}
+
+
+def parse_space(items: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """`["distill.alpha=0.1:1.0", "train.optimizer.name=adam,sgd"]` -> {key: {low, high, log, int} or
+    {choices}}; the default space (temperature 1-8 and alpha 0.1-1, floats) when empty."""
+    space: Dict[str, Dict[str, Any]] = {}
+    for item in items:
+        key, sep, spec = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not spec.strip():
+            raise UserError(f"--space {item}: {SPACE_FORM}")
+        if key in space:
+            raise UserError(f"--space {item}: {key} is given twice")
+        space[key] = {**_parse_dim(item, spec.strip()), "arg": item}
+    return space or parse_space(DEFAULT_SPACE_ARGS)
+
+
+def yaml_value(v: Any) -> str:
+    """A value as `--set` text that reads back as the same value (1e-05 must be written 1.0e-05 in YAML 1.1)."""
+    text = yaml.safe_dump(v, default_flow_style=True, width=1 << 30).strip()
+    return text[:-3].strip() if text.endswith("...") else text
+
+
+def _sets(overrides: Sequence[str], params: Dict[str, Any]) -> List[str]:
+    return [*overrides, *(f"{k}={yaml_value(v)}" for k, v in params.items())]
+
+
+def validate_space(recipe: Recipe, space: Dict[str, Dict[str, Any]], overrides: Sequence[str]) -> None:
+    """Each bound and each choice, loaded into the recipe: an out-of-range space is refused before any trial."""
+    for key, dim in space.items():
+        for v in dim.get("choices") or (dim["low"], dim["high"]):
+            try:
+                Recipe.load(recipe.source, _sets(overrides, {key: v}))
+            except UserError as e:
+                raise UserError(f"--space {dim['arg']}: {e}") from None
+
+
+def _current(cfg: Dict[str, Any], key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def recipe_point(recipe: Recipe, space: Dict[str, Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The recipe's own values of the space's keys, when every one lies inside the space (else None)."""
+    point = {}
+    for key, dim in space.items():
+        v = _current(recipe.cfg, key)
+        if "choices" in dim:
+            if v not in dim["choices"]:
+                return None
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not dim["low"] <= v <= dim["high"] \
+                or (dim["int"] and v != int(v)):
+            return None
+        point[key] = v if "choices" in dim else int(v) if dim["int"] else float(v)
+    return point
+
+
+def _suggest(trial: Any, key: str, dim: Dict[str, Any]) -> Any:
+    if "choices" in dim:
+        return trial.suggest_categorical(key, dim["choices"])
+    if dim["int"]:
+        return trial.suggest_int(key, dim["low"], dim["high"], log=dim["log"])
+    return trial.suggest_float(key, dim["low"], dim["high"], log=dim["log"])
+
+
+def import_optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise UserError('--sampler tpe: Optuna is not installed; pip install "distill[search]"') from None
+    return optuna
+
+
+def search_tpe(recipe: Recipe, space: Dict[str, Dict[str, Any]], overrides: Sequence[str], out: str,
+               trials: int = 12, pruner: str = "median", startup_trials: int = 3,
+               warmup_epochs: Optional[int] = None, echo=print) -> Dict[str, Any]:
+    """`trials` TPE trials over `space`; with the median pruner a trial stops at the first epoch (after
+    `warmup_epochs`, default a quarter of the student's epochs) where its best validation accuracy so far is
+    below the median of the completed trials at that epoch (once `startup_trials` have completed)."""
+    optuna = import_optuna()
+    validate_space(recipe, space, overrides)
+    seed = recipe.cfg["student"]["train"]["seed"]
+    if warmup_epochs is None:
+        warmup_epochs = recipe.cfg["student"]["train"]["epochs"] // 4
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say what each trial did
+    # Fewer random start-up trials than Optuna's 10, so a 12-trial budget is mostly guided by TPE.
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, trials // 3)))
+    prune = optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs) \
+        if pruner == "median" else optuna.pruners.NopPruner()
+    study = optuna.create_study(direction="maximize", sampler=sampler, pruner=prune,
+                                storage=optuna.storages.InMemoryStorage())
+    start = recipe_point(recipe, space)
+    if start:
+        study.enqueue_trial(start)
+    rows: List[Dict[str, Any]] = []
+    t0 = time.perf_counter()
+    study.optimize(lambda trial: run_trial(trial, recipe, space, overrides, os.path.join(out, "trials"), rows,
+                                           f"/{trials}", echo), n_trials=trials)
+    info = {"sampler": "tpe", "seed": seed,
+            "space": {k: {f: v for f, v in d.items() if f != "arg"} for k, d in space.items()},
+            "pruner": {"name": pruner, "startup_trials": startup_trials, "warmup_epochs": warmup_epochs}
+            if pruner == "median" else {"name": "none"}}
+    return write_tpe(recipe, space, overrides, out, rows, info, time.perf_counter() - t0)
+
+
+def run_trial(trial: Any, recipe: Recipe, space: Dict[str, Dict[str, Any]], overrides: Sequence[str],
+              folder: str, rows: List[Dict[str, Any]], of: str = "", echo=print) -> float:
+    """One trial in the shared trials folder: the distilled student's validation accuracy, reported every
+    epoch to the pruner, which may stop it (optuna.TrialPruned); its row is appended to `rows` either way."""
+    from optuna import TrialPruned
+    from . import runner
+    params = {k: _suggest(trial, k, d) for k, d in space.items()}
+    echo(f"search: trial {trial.number + 1}{of}: " + ", ".join(f"{k}={_show(v)}" for k, v in params.items()))
+    rd = runner.RunDir(Recipe.load(recipe.source, _sets(overrides, params)), folder, echo, overwrite=True)
+    budget, seen = rd.cfg["student"]["train"]["epochs"], []
+
+    def on_epoch(epoch: int, val_accuracy: float) -> None:
+        seen.append(val_accuracy)
+        trial.report(val_accuracy, epoch)
+        if epoch < budget and trial.should_prune():  # (at the last epoch nothing is left to save)
+            raise TrialPruned(f"pruned at epoch {epoch}")
+    rd.on_epoch = on_epoch
+    row = {"trial": trial.number + 1, **params, "budget_epochs": budget}
+    rows.append(row)
+    t0 = time.perf_counter()
+    try:
+        results = runner.train_student(rd, runner.train_teacher(rd))
+    except TrialPruned:
+        # The stage is not marked done, and the next trial's recipe differs, so its fingerprint does too: it
+        # retrains. Its fit (not resuming) would clear these checkpoints; clear them now, so none outlives the search.
+        rd.checkpoints("student").clear()
+        scratch = read_json(rd.path("stages.json"), {}).get("student_scratch", {})
+        row.update(state="pruned", pruned_at=len(seen), val_accuracy=max(seen),
+                   scratch_val_accuracy=scratch.get("val_accuracy"), selected_epoch=None, epochs=len(seen),
+                   time_s=round(time.perf_counter() - t0, 1))
+        echo(f"search: trial {row['trial']} pruned at epoch {len(seen)} (best validation accuracy {max(seen):.4f})")
+        raise
+    row.update(state="complete", pruned_at=None, val_accuracy=results["student"]["val_accuracy"],
+               scratch_val_accuracy=results["student_scratch"]["val_accuracy"],
+               selected_epoch=results["student"].get("selected_epoch"), epochs=len(seen),
+               time_s=round(time.perf_counter() - t0, 1))
+    return row["val_accuracy"]
+
+
+def write_tpe(recipe: Recipe, space: Dict[str, Dict[str, Any]], overrides: Sequence[str], out: str,
+              rows: List[Dict[str, Any]], info: Dict[str, Any], seconds: float) -> Dict[str, Any]:
+    """The best completed trial (pruned ones are never best), best.yaml, search.md/json/png, epochs saved."""
+    done = [r for r in rows if r["state"] == "complete"]
+    if not done:
+        raise UserError("--pruner: every trial was pruned; use --pruner none or more --pruner-startup-trials")
+    best = max(done, key=lambda r: r["val_accuracy"])  # ties: the first in trial order
+    keys = list(space)
+    write_text(os.path.join(out, "best.yaml"),
+               Recipe.load(recipe.source, _sets(overrides, {k: best[k] for k in keys})).to_yaml())
+    trained, budget = sum(r["epochs"] for r in rows), sum(r["budget_epochs"] for r in rows)
+    pruned = len(rows) - len(done)
+    summary = (f"{pruned} of {len(rows)} trials pruned; the distilled student trained {trained} of {budget} "
+               f"epochs ({1 - trained / max(budget, 1):.0%} fewer); {seconds:.1f} s in all")
+    table = format_tpe(rows, keys, best)
+    result = {**info, "trials": rows, "best": {k: best[k] for k in keys}, "best_trial": best["trial"],
+              "pruned": pruned, "epochs_trained": trained, "epochs_budget": budget, "time_s": round(seconds, 1),
+              "table": table, "summary": summary}
+    write_json(os.path.join(out, "search.json"), result)
+    write_text(os.path.join(out, "search.md"), table + "\n\n" + summary + "\n")
+    plot_tpe(rows, space, os.path.join(out, "search.png"))
+    return result
+
+
+def _show(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def format_tpe(rows: List[Dict[str, Any]], keys: List[str], best: Dict[str, Any]) -> str:
+    head = ["trial", *keys, "val accuracy", "no-KD val accuracy", "epoch", "epochs trained", "seconds", ""]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        mark = "best" if r is best else (f"pruned at epoch {r['pruned_at']}" if r["state"] == "pruned" else "")
+        scratch = r["scratch_val_accuracy"]
+        lines.append("| " + " | ".join([str(r["trial"]), *(_show(r[k]) for k in keys), f"{r['val_accuracy']:.4f}",
+                                        "" if scratch is None else f"{scratch:.4f}",
+                                        "" if r["selected_epoch"] is None else str(r["selected_epoch"]),
+                                        f"{r['epochs']}/{r['budget_epochs']}", f"{r['time_s']:.1f}", mark]) + " |")
+    return "\n".join(lines)
+
+
+def plot_tpe(rows: List[Dict[str, Any]], space: Dict[str, Dict[str, Any]], path: str) -> bool:
+    """Validation accuracy per trial in trial order (pruned ones hollow, at their best before stopping) and,
+    for two numeric keys, the trials over those keys coloured by accuracy."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    numeric = [k for k, d in space.items() if "choices" not in d][:2]
+    fig, axes = plt.subplots(1, 2 if len(numeric) == 2 else 1, figsize=(11 if len(numeric) == 2 else 6.5, 4.5),
+                             squeeze=False)
+    ax = axes[0][0]
+    done = [r for r in rows if r["state"] == "complete"]
+    cut = [r for r in rows if r["state"] == "pruned"]
+    ax.scatter([r["trial"] for r in done], [r["val_accuracy"] for r in done], color="tab:blue", label="complete")
+    ax.scatter([r["trial"] for r in cut], [r["val_accuracy"] for r in cut], facecolors="none",
+               edgecolors="tab:red", label="pruned (best before stopping)")
+    running, best = [], -1.0
+    for r in rows:
+        best = max(best, r["val_accuracy"]) if r["state"] == "complete" else best
+        running.append(best if best >= 0 else float("nan"))
+    ax.step([r["trial"] for r in rows], running, where="post", color="gray", lw=1, label="best so far")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("trial")
+    ax.set_ylabel("validation accuracy")
+    ax.legend(fontsize=8)
+    if len(numeric) == 2:
+        ax2 = axes[0][1]
+        kx, ky = numeric
+        sc = ax2.scatter([r[kx] for r in done], [r[ky] for r in done], c=[r["val_accuracy"] for r in done],
+                         cmap="viridis")
+        ax2.scatter([r[kx] for r in cut], [r[ky] for r in cut], marker="x", color="tab:red", label="pruned")
+        for r in rows:
+            ax2.annotate(str(r["trial"]), (r[kx], r[ky]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax2.set_xscale("log" if space[kx]["log"] else "linear")
+        ax2.set_yscale("log" if space[ky]["log"] else "linear")
+        ax2.set_xlabel(kx)
+        ax2.set_ylabel(ky)
+        if cut:
+            ax2.legend(fontsize=8)
+        if done:
+            fig.colorbar(sc, ax=ax2, label="validation accuracy")
+    fig.suptitle("distill search (TPE): distilled student, validation accuracy")
     save_figure(fig, path)
     return True

@@ -14,7 +14,7 @@ import random
 import signal
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,8 +25,10 @@ from .data import DataBundle, augment, has_augmentation
 from .data.augment_text import mask_tokens
 from .errors import UserError
 from .hooks import FeatureCapture
-from .io import append_jsonl, write_text
-from .losses import Projector, align, ce_loss, kd_loss
+from .io import write_text
+from .logbook import Logbook
+from .losses import Projector, align, ce_loss, confidence_weights, kd_loss
+from .monitor import kd_ce_consistency
 from .progress import bar
 from .registry import LOSSES
 
@@ -75,6 +77,7 @@ class Objective(nn.Module):
         self.strength = {"alpha": float(self.dcfg["alpha"]), "temperature": float(self.dcfg["temperature"]),
                          "feature_scale": 1.0}
         self.progress = 0.0
+        self.terms: Dict[str, torch.Tensor] = {}  # the last batch's KD and CE terms, for gradient consistency
 
     def get_extra_state(self) -> Dict[str, float]:
         return dict(self.strength)
@@ -106,13 +109,17 @@ class Objective(nn.Module):
             logits = self.student(x_student)
         alpha = self.current("alpha") if self.teacher else 0.0
         loss = ce_loss(logits, y)
-        parts = {"ce": loss.item()}
+        labelled = y >= 0  # (teacher-labelled texts have none)
+        parts = {"ce": loss.item(), "correct": float((logits.argmax(1) == y)[labelled].sum()),
+                 "labelled": float(labelled.sum())}
         if self.teacher is None:
             parts["total"] = parts["ce"]
             return loss, parts
         t_logits, t_feats = self.teacher(x_student if self.teacher_sees_noise else x, idx)
-        kd = kd_loss(logits, t_logits, self.current("temperature"))
+        weights = confidence_weights(t_logits) if self.dcfg.get("sample_weight") == "confidence" else None
+        kd = kd_loss(logits, t_logits, self.current("temperature"), weights)
         parts["kd"] = kd.item()
+        self.terms = {"kd": kd, "ce": loss}
         loss = (1 - alpha) * loss + alpha * kd
         for i, (f, proj) in enumerate(zip(self.features, self.projectors)):
             s_feat, t_feat = cap.outputs[f["student"]], t_feats[f["teacher"]]
@@ -273,21 +280,25 @@ class _StopOnSignal:
 
 
 def fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, Any], tcfg: Dict[str, Any],
-        log_path: Optional[str] = None, checkpoints: Optional[Checkpoints] = None, resume: bool = False,
+        log: Union[str, Logbook, None] = None, checkpoints: Optional[Checkpoints] = None, resume: bool = False,
         monitor: Optional[Callable[[], Dict[str, float]]] = None,
-        on_epoch: Optional[Callable[[int, float], None]] = None) -> Dict[str, Any]:
+        on_epoch: Optional[Callable[[int, float], None]] = None, every: int = 0,
+        gradients: bool = False) -> Dict[str, Any]:
     """Train `objective.student` in place; returns the selected epoch and its validation accuracy.
 
     With `checkpoints`, state is saved every `train.checkpoint_every` steps and at each epoch end, and
     `resume=True` continues from the newest readable checkpoint, bit for bit as if never stopped.
+    `log` (a log.jsonl path or a Logbook) gets a line per epoch, with `monitor()`'s signals, and a line
+    every `every` steps; with `gradients`, those steps also measure the KD-vs-CE gradient consistency.
     `on_epoch(epoch, val_accuracy)` is called after each epoch is logged and checkpointed (a search's
     trial pruner raises from it to stop a bad trial).
     """
+    book = log if isinstance(log, Logbook) else Logbook(log)
     torch.set_flush_denormal(True)  # near-zero losses otherwise make CPU steps 100x slower
     try:
         with _StopOnSignal() as stop:
-            return _fit(role, objective, data, data_cfg, tcfg, log_path, checkpoints, resume, stop, monitor,
-                        on_epoch)
+            return _fit(role, objective, data, data_cfg, tcfg, book, checkpoints, resume, stop, monitor,
+                        on_epoch, every, gradients)
     finally:
         torch.set_flush_denormal(False)  # process-wide state: give it back as we found it (the default)
 
@@ -298,9 +309,9 @@ def _finite_grads(params: List[torch.Tensor]) -> bool:
 
 
 def _fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, Any], tcfg: Dict[str, Any],
-         log_path: Optional[str], checkpoints: Optional[Checkpoints], resume: bool, stop: _StopOnSignal,
-         monitor: Optional[Callable[[], Dict[str, float]]] = None,
-         on_epoch: Optional[Callable[[int, float], None]] = None) -> Dict[str, Any]:
+         book: Logbook, checkpoints: Optional[Checkpoints], resume: bool, stop: _StopOnSignal,
+         monitor: Optional[Callable[[], Dict[str, float]]], on_epoch: Optional[Callable[[int, float], None]],
+         every: int, gradients: bool) -> Dict[str, Any]:
     student = objective.student
     set_seed(tcfg["seed"])
     gen = torch.Generator().manual_seed(tcfg["seed"])
@@ -309,8 +320,9 @@ def _fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(e, tcfg["scheduler"], tcfg["epochs"]))
     bf16 = tcfg["precision"] == "bf16"
     # Everything about where training stands; saved in checkpoints as is.
+    # (`window`: loss sums since the last step record; `signals`: the epoch's gradient-consistency sums)
     prog: Dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "best_val": -1.0, "best_epoch": -1,
-                            "best_state": None, "sums": {}, "bad": 0, "skipped": 0}
+                            "best_state": None, "sums": {}, "bad": 0, "skipped": 0, "window": {}, "signals": {}}
     saved = checkpoints.latest() if (checkpoints and resume) else None
     if saved:
         objective.load_state_dict(saved["objective"])
@@ -318,9 +330,9 @@ def _fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, 
         sched.load_state_dict(saved["scheduler"])
         gen.set_state(saved["epoch_gen"])
         set_rng_state(saved["rng"])
-        prog = saved["progress"]
-        if log_path:
-            trim_log(log_path, role, prog["epoch"])
+        prog = {"window": {}, "signals": {}, **saved["progress"]}
+        if book.path:
+            trim_log(book.path, role, prog["epoch"], prog["step"])
     elif checkpoints:
         checkpoints.clear()
 
@@ -346,6 +358,11 @@ def _fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, 
                 loss, parts = objective(x, y, idx)
             opt.zero_grad(set_to_none=True)
             bad = next((k for k, v in parts.items() if not math.isfinite(v)), None)
+            record_step = every and (prog["step"] + 1) % every == 0
+            signals = {}
+            if bad is None and record_step and gradients and objective.terms:  # before backward frees the graph
+                signals = kd_ce_consistency(student, **objective.terms)
+            objective.terms = {}
             if bad is None:
                 loss.backward()
                 if tcfg["grad_clip"]:
@@ -370,6 +387,9 @@ def _fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, 
                 opt.step()
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v
+                _add_to_window(prog["window"], parts)
+            if record_step:
+                book.write(_step_record(role, epoch, prog, opt.param_groups[0]["lr"], signals))
             if tcfg["checkpoint_every"] and prog["step"] % tcfg["checkpoint_every"] == 0 and not bad:
                 save(epoch_gen)
             if stop.signum is not None:
@@ -377,39 +397,81 @@ def _fit(role: str, objective: Objective, data: DataBundle, data_cfg: Dict[str, 
                 raise Interrupted(role, stop.signum, f"epoch {epoch + 1}, step {prog['step']}", path)
         lr = opt.param_groups[0]["lr"]
         sched.step()
-        val_acc = accuracy(student, data.x_val, data.y_val, data_cfg["eval_batch_size"])
+        val_logits = predict(student, data.x_val, data_cfg["eval_batch_size"])
+        val_acc = (val_logits.argmax(1) == data.y_val).float().mean().item()
         if tcfg["select"] == "last" or val_acc > prog["best_val"]:
             prog.update(best_val=val_acc, best_epoch=epoch, best_state=copy.deepcopy(student.state_dict()))
         n = max(prog["batch"] - prog["skipped"], 1)
+        counts = {k: sums.pop(k, 0.0) for k in COUNTS}
         record = {"model": role, "epoch": epoch + 1, "lr": lr, "val_accuracy": val_acc,
+                  "val_loss": nn.functional.cross_entropy(val_logits, data.y_val).item(),
+                  **({"train_accuracy": counts["correct"] / counts["labelled"]} if counts["labelled"] else {}),
                   "train_time_s": round(time.perf_counter() - t0, 4), "skipped_steps": prog["skipped"],
-                  **{f"loss_{k}": v / n for k, v in sums.items()}, **(monitor() if monitor else {})}
-        steps.set_postfix(epoch=epoch + 1, loss=f"{sums.get('total', 0.0) / n:.3f}", val=f"{val_acc:.3f}")
-        if log_path:
-            append_jsonl(log_path, record)
-        prog.update(epoch=epoch + 1, batch=0, sums={}, skipped=0)
+                  **{f"loss_{k}": v / n for k, v in sums.items()},
+                  **{k: total / count for k, (total, count) in prog["signals"].items()},
+                  **(monitor() if monitor else {})}
+        watched = {"retention": f"{record['retention_watched']:.3f} low, "
+                                f"{'adjusted' if record['adjusted'] else 'warned'}"} if "adjusted" in record else {}
+        steps.set_postfix(epoch=epoch + 1, loss=f"{sums.get('total', 0.0) / n:.3f}", val=f"{val_acc:.3f}", **watched)
+        book.write(record)
+        book.histograms(role, epoch + 1, student)
+        prog.update(epoch=epoch + 1, batch=0, sums={}, skipped=0, signals={})
         save(gen.get_state())  # after the log line: a resume trims lines past the checkpoint's epoch
         if on_epoch:
             on_epoch(epoch + 1, val_acc)
     steps.close()
+    book.close()
     student.load_state_dict(prog["best_state"])
     return {"selected_epoch": prog["best_epoch"] + 1, "val_accuracy": prog["best_val"]}
 
 
-def trim_log(path: str, role: str, epochs_done: int) -> None:
-    """Drop `role`'s epoch lines past `epochs_done` (written after the checkpoint a resume starts from)."""
+COUNTS = ("correct", "labelled")  # summed to give the training accuracy, not losses
+
+
+def _add_to_window(window: Dict[str, float], parts: Dict[str, float]) -> None:
+    """Loss sums, count and maximum since the last step record."""
+    for k, v in parts.items():
+        if k not in COUNTS:
+            window[k] = window.get(k, 0.0) + v
+    window["n"] = window.get("n", 0) + 1
+    window["max"] = max(window.get("max", -math.inf), parts["total"])
+
+
+def _step_record(role: str, epoch: int, prog: Dict[str, Any], lr: float, signals: Dict[str, float]
+                 ) -> Dict[str, Any]:
+    """The line logged every `every` steps: mean and max loss since the last one, and the gradient signals
+    of this step (also summed into the epoch's means)."""
+    window, n = prog["window"], max(prog["window"].get("n", 0), 1)
+    record = {"model": role, "epoch": epoch + 1, "step": prog["step"], "lr": lr,
+              **{f"loss_{k}": v / n for k, v in window.items() if k not in ("n", "max")}, **signals}
+    if "max" in window:
+        record["loss_total_max"] = window["max"]
+    for k, v in signals.items():
+        total, count = prog["signals"].get(k, (0.0, 0))
+        prog["signals"][k] = (total + v, count + 1)
+    prog["window"] = {}
+    return record
+
+
+def trim_log(path: str, role: str, epochs_done: int, steps_done: Optional[int] = None) -> None:
+    """Drop `role`'s lines written after the checkpoint a resume starts from: epoch lines past
+    `epochs_done`, step lines past `steps_done`."""
     if not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as fh:
         lines = fh.readlines()
-    keep = [line for line in lines if not _past(line, role, epochs_done)]
+    keep = [line for line in lines if not _past(line, role, epochs_done, steps_done)]
     if len(keep) != len(lines):
         write_text(path, "".join(keep))
 
 
-def _past(line: str, role: str, epochs_done: int) -> bool:
+def _past(line: str, role: str, epochs_done: int, steps_done: Optional[int]) -> bool:
     try:
         rec = json.loads(line)
     except ValueError:
         return True  # a torn last line from a kill mid-write
-    return rec.get("model") == role and rec.get("epoch", 0) > epochs_done
+    if rec.get("model") != role:
+        return False
+    if "step" in rec and "val_accuracy" not in rec and steps_done is not None:
+        return rec["step"] > steps_done
+    return rec.get("epoch", 0) > epochs_done

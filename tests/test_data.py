@@ -117,3 +117,16 @@ def test_csv_integer_labels_sort_numerically(tmp_path):
     (tmp_path / "d.csv").write_text("f,label\n" + "".join(f"{i},{[2, 10][i % 2]}\n" for i in range(40)))
     b = load_data(data_cfg(dataset="csv", path=str(tmp_path / "d.csv"), val_fraction=0.2))
     assert b.class_names == ["2", "10"]
+
+
+def test_a_feature_constant_in_training_is_centred_not_blown_up():
+    d = load_data(data_cfg(dataset="digits"))
+    constant = (d.x_train.std(0) == 0)  # border pixels that are always 0 in the training split
+    assert bool(constant.any())
+    assert float(d.x_test.abs().max()) < 100  # dividing by a tiny std made some test values 62,500
+    assert float(d.x_test[:, constant].abs().max()) <= 16  # only centred: the raw pixel range
+
+
+def test_too_few_rows_for_a_stratified_split_is_one_clear_error():
+    with pytest.raises(UserError, match=r"data.val_fraction=0.1: cannot split .* rows with every class"):
+        load_data(data_cfg(dataset="digits", train_subset=60))

@@ -40,12 +40,12 @@ def test_distilled_run_logs_retention_per_epoch(tmp_path):
     out = str(tmp_path / "run")
     run(recipe, out, echo=lambda m: None)
     lines = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    student = [r for r in lines if r.get("model") == "student" and "epoch" in r]
+    student = [r for r in lines if r.get("model") == "student" and "val_accuracy" in r]
     assert len(student) == 3
     for r in student:
         assert 0.0 <= r["retention_cka/logits"] <= 1.0 + 1e-9
         assert 0.0 <= r["retention_cka/body.3->body.3"] <= 1.0 + 1e-9
-    others = [r for r in lines if r.get("model") in ("teacher", "student_scratch") and "epoch" in r]
+    others = [r for r in lines if r.get("model") in ("teacher", "student_scratch") and "val_accuracy" in r]
     assert others and not any(k.startswith("retention") for r in others for k in r)
 
 
@@ -101,7 +101,161 @@ def test_run_with_a_retention_rule_logs_every_adjustment(tmp_path):
     out = str(tmp_path / "run")
     run(recipe, out, echo=lambda m: None)
     student = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    student = [r for r in student if r.get("model") == "student" and "epoch" in r]
+    student = [r for r in student if r.get("model") == "student" and "val_accuracy" in r]
     temps = [r["adjusted"]["temperature"] for r in student]
     assert temps[0][0] == 4.0 and all(a[1] == pytest.approx(a[0] / 1.5) for a in temps)
     assert all(temps[i][1] == temps[i + 1][0] for i in range(len(temps) - 1))  # each change starts from the last
+
+
+# ---------------------------------------------------------------- gradient consistency, cosine, weights, logs
+
+def _tiny_cnn(seed, channels=(4, 8)):
+    from distill.models import build_model
+    torch.manual_seed(seed)
+    return build_model({"model": "cnn", "args": {"channels": list(channels), "hidden": 16}}, (1, 8, 8), 10)
+
+
+def test_input_gradient_cosine_is_one_for_one_model_and_compares_other_widths():
+    from distill.monitor import gradient_cosine, input_gradient
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    a, b = _tiny_cnn(0), _tiny_cnn(1, channels=(8, 16))
+    a.train()
+    ga = input_gradient(a, x, y)
+    assert a.training and all(p.grad is None for p in a.parameters())  # mode kept, parameters untouched
+    assert gradient_cosine(ga, input_gradient(a, x, y)) == pytest.approx(1.0)
+    manual = x.clone().requires_grad_(True)
+    a.eval()
+    torch.nn.functional.cross_entropy(a(manual), y, reduction="sum").backward()
+    assert torch.allclose(ga.grad.float(), manual.grad.flatten(1), atol=1e-6)
+    cos = gradient_cosine(ga, input_gradient(b, x, y))
+    assert -1.0 <= cos <= 1.0 and cos != pytest.approx(1.0)
+
+
+def test_token_input_gradients_compare_through_the_vocabulary_whatever_the_widths():
+    transformers = pytest.importorskip("transformers")
+    from distill.models.hf import HFClassifier
+    from distill.monitor import gradient_cosine, input_gradient
+
+    def bert(hidden, seed):
+        torch.manual_seed(seed)
+        cfg = transformers.BertConfig(vocab_size=50, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=hidden, max_position_embeddings=16, num_labels=3)
+        return HFClassifier(transformers.BertForSequenceClassification(cfg), pad_id=0, mask_id=None, special_ids=[])
+    x, y = torch.randint(1, 50, (6, 10)), torch.randint(0, 3, (6,))
+    ga, gb = input_gradient(bert(16, 0), x, y), input_gradient(bert(8, 1), x, y)
+    # the same cosine computed on the explicit (tokens x vocabulary) one-hot gradients
+    oa, ob = (g.grad @ g.embedding.T for g in (ga, gb))
+    explicit = torch.nn.functional.cosine_similarity(oa.flatten(1), ob.flatten(1), dim=1).mean().item()
+    assert gradient_cosine(ga, gb) == pytest.approx(explicit, rel=1e-9)
+    assert gradient_cosine(ga, ga) == pytest.approx(1.0)
+
+
+def test_kd_ce_consistency_matches_separate_backward_passes_per_layer():
+    from distill.monitor import kd_ce_consistency
+    from distill.losses import ce_loss, kd_loss
+    model, x, y = _tiny_cnn(0), torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    t_logits = torch.randn(16, 10)
+
+    def grads(which):
+        model.zero_grad()
+        logits = model(x)
+        (kd_loss(logits, t_logits, 4.0) if which == "kd" else ce_loss(logits, y)).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+    g_kd, g_ce = grads("kd"), grads("ce")
+    model.zero_grad()
+    logits = model(x)
+    out = kd_ce_consistency(model, kd_loss(logits, t_logits, 4.0), ce_loss(logits, y))
+    flat = lambda g, keep=lambda n: True: torch.cat([v.flatten() for n, v in g.items() if keep(n)])  # noqa: E731
+    expected = torch.nn.functional.cosine_similarity(flat(g_kd), flat(g_ce), dim=0).item()
+    assert out["grad_kd_ce_cos"] == pytest.approx(expected, abs=1e-5)
+    layer = next(k for k in out if k != "grad_kd_ce_cos").split("/", 1)[1]
+    in_layer = lambda n: n.startswith(layer + ".")  # noqa: E731
+    assert out[f"grad_kd_ce_cos/{layer}"] == pytest.approx(
+        torch.nn.functional.cosine_similarity(flat(g_kd, in_layer), flat(g_ce, in_layer), dim=0).item(), abs=1e-5)
+    assert all(p.grad is None for p in model.parameters())  # measured without touching .grad
+
+
+def test_projected_cosine_is_one_for_equal_features_and_uses_the_projector():
+    from distill.losses import Projector
+    from distill.monitor import projected_cosine
+    f = torch.randn(8, 6)
+    assert projected_cosine(f, f, Projector("identity", 6, 6)) == pytest.approx(1.0)
+    proj = Projector("linear", 6, 4)
+    with torch.no_grad():
+        target = proj(f)
+    assert projected_cosine(f, target, proj) == pytest.approx(1.0)
+    assert projected_cosine(f, -target, proj) == pytest.approx(-1.0)
+
+
+def test_confidence_weights_average_one_and_reduce_to_plain_kd_for_an_equally_sure_teacher():
+    from distill.losses import confidence_weights, kd_loss
+    s, t = torch.randn(8, 5), torch.randn(8, 5)
+    w = confidence_weights(t)
+    assert w.mean().item() == pytest.approx(1.0) and bool((w > 0).all())
+    assert int(w.argmax()) == int(t.softmax(-1).max(-1).values.argmax())  # the surest sample weighs most
+    same = torch.eye(5)[torch.arange(8) % 5] * 3.0  # every sample equally confident
+    assert kd_loss(s, same, 2.0, confidence_weights(same)).item() == pytest.approx(kd_loss(s, same, 2.0).item())
+    per = torch.nn.functional.kl_div((s / 2).log_softmax(-1), (t / 2).log_softmax(-1), reduction="none",
+                                     log_target=True).sum(-1)
+    assert kd_loss(s, t, 2.0, w).item() == pytest.approx(((per * w).mean() * 4).item(), rel=1e-6)
+
+
+TINY_CNN_PAIR = ["train.epochs=3", "teacher.train.epochs=2", "data.as_image=true", "teacher.model=cnn",
+                 "teacher.args={channels: [8, 16], hidden: 32}", "student.arch=null", "student.model=cnn",
+                 "student.args={channels: [4, 8], hidden: 16}",
+                 "distill.features=[{teacher: body.3, student: body.3, loss: mse}]", "monitor.every=5"]
+
+
+def test_run_logs_gradient_consistency_cosine_and_step_lines(tmp_path):
+    out = str(tmp_path / "run")
+    run(Recipe.load("digits", TINY_CNN_PAIR), out, echo=lambda m: None)
+    lines = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    epochs = [r for r in lines if r.get("model") == "student" and "val_accuracy" in r]
+    for r in epochs:
+        assert -1 <= r["grad_input_cos"] <= 1 and -1 <= r["grad_kd_ce_cos"] <= 1
+        assert -1 <= r["retention_cos/body.3->body.3"] <= 1
+        assert any(k.startswith("grad_kd_ce_cos/") for k in r)
+        assert 0 <= r["train_accuracy"] <= 1 and r["val_loss"] > 0
+    for model in ("teacher", "student_scratch", "student"):
+        steps = [r for r in lines if r.get("model") == model and "step" in r and "val_accuracy" not in r]
+        assert steps and [r["step"] for r in steps] == list(range(5, 5 * len(steps) + 1, 5))
+        assert all(r["loss_total_max"] >= r["loss_total"] for r in steps)
+        assert all(("grad_kd_ce_cos" in r) == (model == "student") for r in steps)
+
+
+def test_measuring_gradients_does_not_change_training(tmp_path):
+    from safetensors.torch import load_file
+    weights = []
+    for on in ("true", "false"):
+        out = str(tmp_path / on)
+        run(Recipe.load("digits", [*TINY_CNN_PAIR, f"monitor.gradients={on}", "monitor.every=2"]), out,
+            echo=lambda m: None)
+        weights.append(load_file(os.path.join(out, "student.safetensors")))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_tensorboard_gets_scalars_and_histograms(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from distill.cli import main
+    out = str(tmp_path / "run")
+    assert main(["run", "digits", "--set", "train.epochs=2", "--set", "teacher.train.epochs=1", "--out", out,
+                 "--tensorboard"]) == 0
+    events = EventAccumulator(os.path.join(out, "tensorboard", "student"), size_guidance={"histograms": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"epoch/val_accuracy", "epoch/retention_cka/logits", "epoch/grad_input_cos", "step/loss_total",
+            "step/grad_kd_ce_cos"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("epoch/val_accuracy")] == [1, 2]
+    assert any(t.startswith("weights/") for t in tags["histograms"])
+    assert os.path.isdir(os.path.join(out, "tensorboard", "teacher"))
+
+
+def test_tensorboard_missing_is_one_line(tmp_path, monkeypatch, capsys):
+    import sys
+    from distill.cli import main
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    assert main(["run", "digits", "--out", str(tmp_path / "run"), "--tensorboard"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install 'distill[tensorboard]'" in err
+    assert not os.path.exists(tmp_path / "run")  # nothing written

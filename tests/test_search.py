@@ -1,13 +1,15 @@
 """`distill search`: a grid of trials against one teacher, ranked on validation accuracy only, with the
 table, plot and best recipe written; the same seed gives the same trials; mistakes are one line."""
+import glob
 import json
 import os
+import sys
 
 import pytest
 
 from distill import Recipe
 from distill.cli import main
-from distill.search import DEFAULT_GRID, parse_grid
+from distill.search import DEFAULT_GRID, parse_grid, parse_space, recipe_point, yaml_value
 
 FAST = ["--set", "train.epochs=2", "--set", "teacher.train.epochs=2"]
 GRID = ["--grid", "distill.temperature=2,4", "--grid", "distill.alpha=0.5,0.9"]
@@ -57,3 +59,106 @@ def test_search_mistakes_are_one_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not os.path.exists(out)  # every trial is validated before anything runs
+
+
+# ---------------------------------------------------------------- --sampler tpe (Optuna) with pruning
+
+# lr from the recipe's own 0.01 (trial 1 has the recipe's values) down to a hopeless 1e-5: a low-lr trial is
+# behind trial 1 after its first epoch, so with pruning from the first completed trial on, it is pruned.
+# (300 training images: a tiny budget; the grid test above covers the full data.)
+TPE = ["--set", "data.train_subset=300", "--set", "student.train.optimizer.lr=0.01", "--sampler", "tpe",
+       "--trials", "4", "--space", "student.train.optimizer.lr=0.00001:0.01:log", "--space",
+       "distill.temperature=1.0:8.0", "--pruner-startup-trials", "1", "--pruner-warmup-epochs", "0"]
+
+
+def test_space_parsing_and_default():
+    assert parse_space([]) == parse_space(["distill.temperature=1.0:8.0", "distill.alpha=0.1:1.0"])
+    dims = parse_space(["train.epochs=2:9", "student.train.optimizer.lr=1e-5:0.01:log",
+                        "data.sampling=random,balanced"])
+    assert {k: {f: v for f, v in d.items() if f != "arg"} for k, d in dims.items()} == {
+        "train.epochs": {"low": 2, "high": 9, "log": False, "int": True},
+        "student.train.optimizer.lr": {"low": 1e-5, "high": 0.01, "log": True, "int": False},
+        "data.sampling": {"choices": ["random", "balanced"]}}
+    digits = Recipe.load("digits")  # trial 1 is the recipe's own values, when inside the space
+    assert recipe_point(digits, dims) is None  # its train.epochs (100) is outside 2-9
+    assert recipe_point(digits, parse_space(["distill.temperature=1:8", "train.optimizer.name=adam,adamw"])) == {
+        "distill.temperature": 4, "train.optimizer.name": "adamw"}
+    assert recipe_point(digits, parse_space(["distill.temperature=5.0:8.0"])) is None
+    assert yaml_value(1e-5) == "1.0e-05"  # YAML 1.1 reads 1e-05 as text: --set values must read back as numbers
+    assert Recipe.load("digits", [f"distill.temperature={yaml_value(2.5228119064786636)}"]).cfg["distill"][
+        "temperature"] == 2.5228119064786636
+
+
+def test_tpe_search_prunes_and_repeats_by_seed(tmp_path, capsys):
+    out = str(tmp_path / "s")
+    assert main(["search", "digits", *FAST, *TPE, "--out", out]) == 0
+    result = json.load(open(os.path.join(out, "search.json")))
+    trials, keys = result["trials"], ["student.train.optimizer.lr", "distill.temperature"]
+    assert [t["trial"] for t in trials] == [1, 2, 3, 4]
+    assert (trials[0][keys[0]], trials[0][keys[1]]) == (0.01, 4.0)  # trial 1: the recipe's own values
+    pruned = [t for t in trials if t["state"] == "pruned"]
+    assert pruned and all(t["epochs"] == t["pruned_at"] < 2 and t["selected_epoch"] is None for t in pruned)
+    done = [t for t in trials if t["state"] == "complete"]
+    best = max(done, key=lambda t: t["val_accuracy"])
+    assert result["best"] == {k: best[k] for k in keys} and result["best_trial"] == best["trial"]
+    assert result["epochs_trained"] == sum(t["epochs"] for t in trials) < result["epochs_budget"] == 8
+    table = open(os.path.join(out, "search.md")).read()
+    assert f"pruned at epoch {pruned[0]['pruned_at']} |" in table and "| best |" in table
+    assert f"{result['epochs_trained']} of 8 epochs" in table
+    cfg = Recipe.load(os.path.join(out, "best.yaml")).cfg
+    assert (cfg["student"]["train"]["optimizer"]["lr"], cfg["distill"]["temperature"]) == tuple(best[k] for k in keys)
+    assert cfg["train"]["epochs"] == 2
+    with open(os.path.join(out, "search.png"), "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    # a pruned student leaves nothing behind: no checkpoints, and the student stage on record is a completed one
+    trials_dir = os.path.join(out, "trials")
+    assert not glob.glob(os.path.join(trials_dir, "checkpoints", "student", "*"))
+    stages = json.load(open(os.path.join(trials_dir, "stages.json")))
+    assert stages["student"]["val_accuracy"] in {t["val_accuracy"] for t in done}
+    assert all(t["epochs"] == 2 for t in done)  # a trial after a pruned one trained in full, reusing nothing
+    # reproducible by seed: the same search elsewhere draws the same trials and gets the same values
+    again = str(tmp_path / "again")
+    assert main(["search", "digits", *FAST, *TPE, "--out", again]) == 0
+    repeat = json.load(open(os.path.join(again, "search.json")))["trials"]
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]  # noqa: E731
+    assert drop(repeat) == drop(trials)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--space", "distill.alpha=0:2"], "--space distill.alpha=0:2: distill.alpha: must be between 0 and 1"),
+    (["--space", "distill.alpha"], "--space distill.alpha: expected KEY=LOW:HIGH"),
+    (["--space", "distill.alpha=0.9:0.1"], "--space distill.alpha=0.9:0.1: LOW must be below HIGH"),
+    (["--space", "distill.temperature=0:8:log"], "a log range needs LOW > 0"),
+    (["--space", "distill.temperature=a:8"], "LOW and HIGH must be numbers"),
+    (["--space", "distill.temperature=1:8:cubic"], "--space distill.temperature=1:8:cubic: expected"),
+    (["--space", "distill.temprature=1:8"], "unknown key 'temprature'"),
+    (["--space", "train.epochs=1.5:3"], "--space train.epochs=1.5:3: train.epochs"),
+    (["--space", "train.optimizer.name=adam,rmsprop"], "--space train.optimizer.name=adam,rmsprop"),
+    (["--trials", "0"], "--trials 0: expected a number >= 1"),
+    (["--grid", "distill.alpha=0.5"], "--grid distill.alpha=0.5: only for --sampler grid"),
+])
+def test_tpe_mistakes_are_one_line(tmp_path, capsys, args, message):
+    out = str(tmp_path / "s")
+    assert main(["search", "digits", *FAST, "--sampler", "tpe", *args, "--out", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(out)  # refused before any trial
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--space", "distill.alpha=0.1:1"], "--space: only for --sampler tpe"),
+    (["--pruner-warmup-epochs", "0"], "--pruner-warmup-epochs: only for --sampler tpe"),
+])
+def test_tpe_flags_without_tpe_are_refused(tmp_path, capsys, args, message):
+    assert main(["search", "digits", *FAST, *args, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_tpe_without_optuna_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # `import optuna` now raises ImportError
+    out = str(tmp_path / "s")
+    assert main(["search", "digits", *FAST, "--sampler", "tpe", "--out", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert 'pip install "distill[search]"' in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(out)

@@ -248,7 +248,7 @@ def test_text_run_end_to_end_with_every_transformer_loss_and_data_distillation(t
     assert any("teacher-labelled only: 144 substitute, 144 eda" in m for m in msgs)
     assert any("teacher run online" in m for m in msgs)  # layer losses need the teacher's features live
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    student_epochs = [r for r in log if r.get("model") == "student" and "epoch" in r]
+    student_epochs = [r for r in log if r.get("model") == "student" and "val_accuracy" in r]
     keys = set(student_epochs[0])
     assert {"loss_kd", "loss_ce"} <= keys and sum(k.startswith("loss_feat") for k in keys) == 6  # 2+2+1+1
     meta = json.load(open(os.path.join(out, "student", "distill.json")))

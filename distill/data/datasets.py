@@ -152,6 +152,15 @@ def _as_nchw(x: np.ndarray, path: str) -> np.ndarray:
     return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
 
 
+def _split(x: np.ndarray, y: np.ndarray, cfg: Dict[str, Any], key: str, **size: Any):
+    """A stratified split; too few rows for every class on both sides is one clear error naming the key."""
+    try:
+        return train_test_split(x, y, stratify=y, random_state=cfg["split_seed"], **size)
+    except ValueError as e:
+        raise UserError(f"data.{key}={cfg[key]}: cannot split {len(y)} rows with every class on both sides "
+                        f"({e}); use more rows or another data.{key}") from None
+
+
 def load_data(cfg: Dict[str, Any]) -> DataBundle:
     """The `data` section of a resolved recipe -> normalised train/val/test tensors."""
     raw = DATASETS.get(cfg["dataset"], "data.dataset")(cfg)
@@ -161,21 +170,21 @@ def load_data(cfg: Dict[str, Any]) -> DataBundle:
     y_all = _as_labels(raw.y_train, cfg, "y_train")
     x_all = raw.x_train
     if cfg["train_subset"] and cfg["train_subset"] < len(y_all):
-        x_all, _, y_all, _ = train_test_split(x_all, y_all, train_size=cfg["train_subset"], stratify=y_all,
-                                              random_state=cfg["split_seed"])
+        x_all, _, y_all, _ = _split(x_all, y_all, cfg, "train_subset", train_size=cfg["train_subset"])
     if raw.x_test is None:
-        x_tr, x_te, y_tr, y_te = train_test_split(x_all, y_all, test_size=cfg["test_fraction"],
-                                                  stratify=y_all, random_state=cfg["split_seed"])
+        x_tr, x_te, y_tr, y_te = _split(x_all, y_all, cfg, "test_fraction", test_size=cfg["test_fraction"])
     else:
         x_tr, y_tr, x_te, y_te = x_all, y_all, raw.x_test, _as_labels(raw.y_test, cfg, "y_test")
     num_classes = _check_labels(y_tr, y_te, cfg)
-    x_tr, x_va, y_tr, y_va = train_test_split(x_tr, y_tr, test_size=cfg["val_fraction"], stratify=y_tr,
-                                              random_state=cfg["split_seed"])
+    x_tr, x_va, y_tr, y_va = _split(x_tr, y_tr, cfg, "val_fraction", test_size=cfg["val_fraction"])
     stats: Dict[str, Any] = {}
     if cfg["transforms"]["normalize"] and raw.pad_id is None:  # token ids are never normalised
         axes = (0, 2, 3) if raw.image else (0,)
         mean = x_tr.mean(axis=axes, keepdims=True)
-        std = x_tr.std(axis=axes, keepdims=True) + 1e-6
+        std = x_tr.std(axis=axes, keepdims=True)
+        # a feature constant in training (a border pixel always 0) is only centred: dividing by a tiny std
+        # would turn its rare non-zero test values into outliers of 1e4 and more (as StandardScaler does)
+        std = np.where(std > 1e-6, std + 1e-6, 1.0)
         x_tr, x_va, x_te = [(a - mean) / std for a in (x_tr, x_va, x_te)]
         stats = {"mean": mean.reshape(-1).tolist(), "std": std.reshape(-1).tolist()}
     dtype = np.float32 if raw.pad_id is None else np.int64

@@ -4,12 +4,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from typing import Optional
+
 from ..registry import LOSSES
 
 
 @LOSSES.register("kd")
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(softmax(t/T) || softmax(s/T)) * T^2, averaged over the batch.
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+            weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) * T^2, averaged over the batch (weighted per sample by `weights`).
 
     The teacher's distribution is the target (the first argument of the KL), and T^2 keeps the gradient
     scale independent of T (Hinton et al. 2015), so alpha means the same thing at any temperature.
@@ -17,7 +20,18 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     t = temperature
     log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+    if weights is None:
+        return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+    per_sample = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1)
+    return (per_sample * weights).mean() * (t * t)
+
+
+def confidence_weights(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample KD weights from the teacher's confidence (its top probability at T=1), scaled to mean 1 in
+    the batch: the student leans on the teacher where it is sure and on the hard labels where it is not,
+    without changing the overall weight alpha gives the KD term."""
+    conf = teacher_logits.float().softmax(-1).max(-1).values
+    return conf / conf.mean().clamp_min(1e-12)
 
 
 @LOSSES.register("ce")

@@ -47,16 +47,24 @@ def cnn(input_shape: Tuple[int, ...], num_classes: int, channels: Sequence[int] 
     return _Classifier(nn.Sequential(*layers), nn.Linear(int(hidden), num_classes))
 
 
+# Named models that are one setting of a family: (family, its args). Teacher-assistant chains read this to
+# interpolate an assistant between, say, seed_cnn_teacher and seed_cnn_student within `cnn`.
+PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    "seed_cnn_teacher": ("cnn", {"channels": [32, 64], "hidden": 512}),
+    "seed_cnn_student": ("cnn", {"channels": [16, 32], "hidden": 256}),
+}
+
+
 @MODELS.register("seed_cnn_teacher")
 def seed_cnn_teacher(input_shape: Tuple[int, ...], num_classes: int, **kw: Any) -> nn.Module:
     """conv32-conv64-fc512, the seed design's teacher."""
-    return cnn(input_shape, num_classes, channels=(32, 64), hidden=512, **kw)
+    return cnn(input_shape, num_classes, **PRESETS["seed_cnn_teacher"][1], **kw)
 
 
 @MODELS.register("seed_cnn_student")
 def seed_cnn_student(input_shape: Tuple[int, ...], num_classes: int, **kw: Any) -> nn.Module:
     """conv16-conv32-fc256, the seed design's student."""
-    return cnn(input_shape, num_classes, channels=(16, 32), hidden=256, **kw)
+    return cnn(input_shape, num_classes, **PRESETS["seed_cnn_student"][1], **kw)
 
 
 class _Classifier(nn.Module):

@@ -1,0 +1,560 @@
+"""`distill doctor RUN_DIR`: diagnose a finished run from what it wrote.
+
+A distillation run can "work" (every stage finishes) and still be a poor use of the teacher: a teacher
+no better than the student, soft labels with no dark knowledge in them, a student too small to learn from
+this teacher, a loss that spikes, a model that memorises its training set, an int8 variant that loses
+accuracy. Each rule below reads the run's log.jsonl, metrics.json, recipe.yaml and, when present,
+bench/bench.json and chain.json; it loads the saved models and the data only for a number the logs lack.
+A rule either returns findings -- the numbers that triggered it, the threshold they crossed, and the recipe
+key to change -- or says why it was skipped (the data it needs is absent). Diagnoses are not errors: the
+command exits 0 either way; the findings also go to RUN_DIR/doctor.json.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from functools import cached_property
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .errors import UserError
+from .io import read_json, write_json
+
+# Every threshold the rules use, in one place. Accuracies are fractions (0.01 = one point).
+THRESHOLDS: Dict[str, float] = {
+    # weak_teacher: the teacher must beat the scratch student by more than this on the test split. One
+    # point is about the noise of a few hundred test samples; a teacher inside it has nothing to teach
+    # beyond the labels (the premise of KD, Hinton et al. 2015, is a teacher better than the student).
+    "teacher_margin": 0.01,
+    # overconfident_soft_labels: mean entropy of softmax(logits / T) on the validation split, as a fraction
+    # of log(C) (1 = uniform). Under 0.1 the softened targets are nearly one-hot: they carry almost no
+    # similarity between classes ("dark knowledge"), and KD reduces to training on hard labels.
+    "entropy_min": 0.1,
+    # capacity_gap / student_too_small: distillation "gains little" under this gain over scratch ...
+    "kd_gain_min": 0.01,
+    # ... and a student is "far below" a teacher more than this many accuracy points under it.
+    "teacher_gap": 0.10,
+    # capacity_gap: teacher/student parameter ratio from which a gap is likely. Mirzadeh et al. (2020, the
+    # teacher-assistant paper) find the student's gain falling once the teacher is roughly 10x larger.
+    "param_ratio": 10.0,
+    # unstable_loss: a step window's max batch loss above spike_ratio x the running median of the mean
+    # loss over the previous median_window step records, and above it by spike_excess x log(C) nats (so a
+    # near-zero loss doubling is not a spike), ignoring the first warmup_records records (the fast initial
+    # fall of the loss makes any early median meaningless).
+    "spike_ratio": 3.0,
+    "spike_excess": 0.25,
+    "median_window": 10,
+    "warmup_records": 5,
+    # unstable_loss: validation accuracy falling this much from one epoch to the next (after the first
+    # warmup_epochs) is oscillation, not noise: with a settled learning rate it moves a point or two.
+    "val_drop": 0.15,
+    "warmup_epochs": 2,
+    # overfitting: last-epoch training accuracy minus validation accuracy above this. A few points is the
+    # usual generalisation gap of a fitted model; ten means it memorises the training set.
+    "overfit_gap": 0.10,
+    # overfitting: validation loss at the end at least rise_factor x its minimum, reached rise_epochs or
+    # more epochs before the end, while the training loss kept falling.
+    "rise_factor": 1.5,
+    "rise_epochs": 5,
+    # student_too_small: the student cannot fit the training data: its training accuracy this far below
+    # the teacher's (underfitting, a capacity limit rather than a transfer problem).
+    "underfit_gap": 0.10,
+}
+TH = THRESHOLDS  # (short name for the rules below)
+
+ROLES = ("teacher", "student_scratch", "student")
+DYNAMIC_OF = {"static": "dynamic", "onnx_static": "onnx_dynamic", "pt2e": "dynamic"}  # static -> its dynamic pair
+
+
+class Skip(Exception):
+    """A rule cannot run on this run folder: the message says what it needs."""
+
+
+def finding(rule: str, severity: str, message: str, evidence: Dict[str, Any], suggestion: str) -> Dict[str, Any]:
+    return {"rule": rule, "severity": severity, "message": message, "evidence": evidence, "suggestion": suggestion}
+
+
+# ---------------------------------------------------------------- the run, as the rules see it
+
+class RunView:
+    """The files of a run folder, read once; the data and models are loaded only when a rule asks."""
+
+    def __init__(self, folder: str) -> None:
+        from .recipe import Recipe
+        if not os.path.isdir(folder):
+            raise UserError(f"{folder}: not a run folder; give the folder of a finished run "
+                            f"(distill run ... --out DIR)")
+        if not os.path.isfile(os.path.join(folder, "recipe.yaml")):
+            raise UserError(f"{folder}: not a run folder (no recipe.yaml); give the folder of a finished run")
+        self.folder = folder
+        self.metrics = self._json("metrics.json")
+        if not self.metrics:
+            raise UserError(f"{self.path('metrics.json')}: missing; the run is not finished, run `distill run` "
+                            f"first (or `distill evaluate {folder}`)")
+        self.cfg = Recipe.load(self.path("recipe.yaml")).cfg
+        self.stages = self._json("stages.json") or {}
+        self.bench = self._json(os.path.join("bench", "bench.json"))
+        self.chain = self._json("chain.json")
+        self.epochs, self.steps = read_log(self.path("log.jsonl"))
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.folder, name)
+
+    def _json(self, name: str) -> Any:
+        try:
+            return read_json(self.path(name))
+        except ValueError as e:
+            raise UserError(f"{self.path(name)}: not valid JSON ({e}); rerun the stage that writes it") from None
+
+    def accuracy(self, role: str) -> float:
+        """Test accuracy of `role` from metrics.json, or Skip."""
+        m = self.metrics.get(role) or {}
+        if "accuracy" not in m:
+            raise Skip(f"metrics.json has no test accuracy for {role}")
+        return float(m["accuracy"])
+
+    def params(self, role: str) -> int:
+        m = self.metrics.get(role) or {}
+        if not m.get("params"):
+            raise Skip(f"metrics.json has no parameter count for {role}")
+        return int(m["params"])
+
+    @cached_property
+    def data(self):
+        from .data import load_data
+        return load_data(self.cfg["data"])
+
+    def model(self, role: str):
+        from .runner import load_model_at, require_saved
+        try:
+            path = require_saved(self.folder, role)
+        except UserError:
+            raise Skip(f"the saved {role} model is missing") from None
+        return load_model_at(path, role)
+
+    def train_accuracy(self, roles: Tuple[str, ...]) -> Tuple[Dict[str, float], str]:
+        """Training accuracy of each role, from one source for all: the last epoch's `train_accuracy` in the
+        log when every role has it, else the selected model measured on the training split (eval mode)."""
+        last = {r: (self.epochs.get(r) or [{}])[-1].get("train_accuracy") for r in roles}
+        if all(v is not None for v in last.values()):
+            return {r: float(v) for r, v in last.items()}, "log: last epoch (train mode, running over the epoch)"
+        from .train import accuracy
+        bs = self.cfg["data"]["eval_batch_size"]
+        return ({r: accuracy(self.model(r), self.data.x_train, self.data.y_train, bs) for r in roles},
+                "computed: selected model on the training split")
+
+    @cached_property
+    def num_classes(self) -> int:
+        """From the teacher file's header when it has one (no data to load), else from the data."""
+        from .io import load_meta
+        path = self.path("teacher.safetensors")
+        n = load_meta(path).get("num_classes") if os.path.isfile(path) else None
+        return int(n) if n else self.data.num_classes
+
+
+def read_log(path: str) -> Tuple[Dict[str, List[Dict[str, Any]]], Dict[str, List[Dict[str, Any]]]]:
+    """Epoch and step records of each role, from its latest training session only (a stage retrained in
+    the same folder appends a new session whose epochs and steps start again from 1)."""
+    epochs: Dict[str, List[Dict[str, Any]]] = {}
+    steps: Dict[str, List[Dict[str, Any]]] = {}
+    if not os.path.isfile(path):
+        return epochs, steps
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a torn last line from a kill mid-write
+            if not isinstance(rec, dict) or "model" not in rec or "epoch" not in rec:
+                continue
+            is_step = "step" in rec and "val_accuracy" not in rec
+            book, key = (steps, "step") if is_step else (epochs, "epoch")
+            runs = book.setdefault(rec["model"], [])
+            if runs and rec[key] <= runs[-1][key]:
+                runs.clear()  # a new session of this role
+            runs.append(rec)
+    return epochs, steps
+
+
+def lr_key(role: str) -> str:
+    """The recipe key of a role's learning rate."""
+    if role == "teacher":
+        return "teacher.train.optimizer.lr"
+    return "compress.lr" if role.startswith("compress_") else "student.train.optimizer.lr"
+
+
+def role_train(cfg: Dict[str, Any], role: str) -> Dict[str, Any]:
+    """The resolved train section a role trained with (assistants and compress fine-tunes use the student's)."""
+    return cfg["teacher" if role == "teacher" else "student"]["train"]
+
+
+def _short(v: Any) -> Any:
+    """Floats to 4 significant digits (evidence is for reading), inside dicts too."""
+    if isinstance(v, dict):
+        return {k: _short(x) for k, x in v.items()}
+    return float(f"{v:.4g}") if isinstance(v, float) else v
+
+
+# ---------------------------------------------------------------- the rules
+
+def weak_teacher(run: RunView) -> List[Dict[str, Any]]:
+    """The teacher is no better than the student trained without it: it has nothing to teach."""
+    teacher, scratch = run.accuracy("teacher"), run.accuracy("student_scratch")
+    if teacher > scratch + TH["teacher_margin"]:
+        return []
+    tm = run.metrics["teacher"]
+    epochs = run.cfg["teacher"]["train"]["epochs"]
+    ev = {"teacher_accuracy": teacher, "scratch_accuracy": scratch, "teacher_margin": TH["teacher_margin"],
+          "teacher_val_accuracy": tm.get("val_accuracy"),
+          "scratch_val_accuracy": run.metrics["student_scratch"].get("val_accuracy"),
+          "teacher_epochs": epochs, "teacher_selected_epoch": tm.get("selected_epoch")}
+    from .recipe import is_text
+    bigger = "teacher.hf: a larger model" if is_text(run.cfg, "teacher") else "teacher.model / teacher.args"
+    loaded = (run.stages.get("teacher") or {}).get("loaded_from")
+    if loaded:
+        fix = f"the teacher was loaded from {loaded}: give a better-trained teacher.checkpoint, or train one"
+    elif epochs >= 4 and tm.get("selected_epoch") and tm["selected_epoch"] <= epochs / 2:
+        wd = run.cfg["teacher"]["train"]["optimizer"]["weight_decay"]
+        fix = (f"its validation accuracy peaked at epoch {tm['selected_epoch']} of {epochs}, so longer training "
+               f"will not help: use a bigger teacher ({bigger}) or regularise it "
+               f"(--set teacher.train.optimizer.weight_decay={wd * 10 if wd else 1e-4:g}, now {wd:g})")
+    else:  # still improving at the end of its epochs
+        fix = (f"train the teacher longer (--set teacher.train.epochs={epochs * 2}, now {epochs}; check "
+               f"teacher.train.optimizer.lr={run.cfg['teacher']['train']['optimizer']['lr']}) or use a bigger "
+               f"teacher ({bigger})")
+    return [finding("weak_teacher", "high",
+                    f"the teacher's test accuracy {teacher:.4f} is not above the scratch student's {scratch:.4f} "
+                    f"by more than teacher_margin={TH['teacher_margin']}: it has little to teach", ev, fix)]
+
+
+def normalised_entropy(logits: torch.Tensor, temperature: float) -> float:
+    """Mean entropy of softmax(logits / T) over samples, divided by log(C) (0: one-hot, 1: uniform)."""
+    logp = torch.log_softmax(logits.double() / temperature, 1)
+    return float(-(logp.exp() * logp).sum(1).mean() / math.log(logits.shape[1]))
+
+
+def temperature_for(logits: torch.Tensor, target: float, start: float) -> float:
+    """The smallest T (to 0.1, rounded up) at which the mean normalised entropy reaches `target`. Entropy
+    rises monotonically with T towards 1 (uniform), so bisection finds it."""
+    lo, hi = start, max(start, 1.0)
+    while normalised_entropy(logits, hi) < target and hi < 1e4:
+        lo, hi = hi, hi * 2
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if normalised_entropy(logits, mid) < target else (lo, mid)
+    return math.ceil(hi * 10) / 10
+
+
+def overconfident_soft_labels(run: RunView) -> List[Dict[str, Any]]:
+    """The teacher's softened outputs are nearly one-hot: the soft labels carry almost no dark knowledge."""
+    from .train import predict
+    teacher = run.model("teacher")
+    t = float(run.cfg["distill"]["temperature"])
+    logits = predict(teacher, run.data.x_val, run.cfg["data"]["eval_batch_size"])
+    h = normalised_entropy(logits, t)
+    if h >= TH["entropy_min"]:
+        return []
+    better = temperature_for(logits, TH["entropy_min"], t)
+    ev = {"temperature": t, "normalised_entropy": h, "entropy_min": TH["entropy_min"], "split": "validation",
+          "samples": int(logits.shape[0]), "suggested_temperature": better,
+          "entropy_at_suggested": normalised_entropy(logits, better)}
+    return [finding("overconfident_soft_labels", "medium",
+                    f"at distill.temperature={t:g} the teacher's softened outputs have mean entropy {h:.3f} of "
+                    f"log(C) on the validation split (threshold entropy_min={TH['entropy_min']}): nearly one-hot, "
+                    f"little dark knowledge", ev,
+                    f"raise the temperature: --set distill.temperature={better:g} gives entropy "
+                    f"{ev['entropy_at_suggested']:.3f} of log(C) on the same logits")]
+
+
+def capacity_gap(run: RunView) -> List[Dict[str, Any]]:
+    """A much larger teacher, a distilled student far below it, and distillation gaining little."""
+    teacher, student, scratch = run.accuracy("teacher"), run.accuracy("student"), run.accuracy("student_scratch")
+    ratio = run.params("teacher") / run.params("student")
+    gain, gap = student - scratch, teacher - student
+    if not (gain < TH["kd_gain_min"] and gap > TH["teacher_gap"] and ratio > TH["param_ratio"]):
+        return []
+    ev = {"teacher_accuracy": teacher, "student_accuracy": student, "scratch_accuracy": scratch,
+          "kd_gain": gain, "kd_gain_min": TH["kd_gain_min"], "teacher_minus_student": gap,
+          "teacher_gap": TH["teacher_gap"], "param_ratio": ratio, "param_ratio_min": TH["param_ratio"]}
+    from .chain import names as chain_names
+    assistants = run.cfg["distill"].get("assistants") or []
+    if assistants:
+        ev["assistants"] = assistants
+        fix = (f"the run already distils through {len(chain_names(run.cfg))} assistant(s) (distill.assistants); "
+               f"list one more of intermediate size, or use a smaller teacher")
+    else:
+        fix = ("distil through a teacher assistant of intermediate size (Mirzadeh et al. 2020): "
+               "--set distill.assistants=auto (or list them: distill.assistants: [{model: ..., args: ...}])")
+    return [finding("capacity_gap", "medium",
+                    f"the teacher is {ratio:.0f}x larger (> {TH['param_ratio']:g}x), the distilled student is "
+                    f"{gap:.3f} below it (> teacher_gap={TH['teacher_gap']}) and gains only {gain:+.3f} over "
+                    f"scratch (< kd_gain_min={TH['kd_gain_min']}): too large a gap to learn across", ev, fix)]
+
+
+def _spikes(records: List[Dict[str, Any]], log_c: float) -> List[Dict[str, Any]]:
+    """Step windows whose max batch loss is far above the running median of the mean loss before them."""
+    out = []
+    for i in range(int(TH["warmup_records"]), len(records)):
+        r = records[i]
+        window = [p["loss_total"] for p in records[max(0, i - int(TH["median_window"])):i] if "loss_total" in p]
+        peak = r.get("loss_total_max")
+        if not window or peak is None:
+            continue
+        med = statistics.median(window)
+        if peak > TH["spike_ratio"] * med and peak - med > TH["spike_excess"] * log_c:
+            out.append({"step": r["step"], "epoch": r["epoch"], "loss_total_max": peak, "running_median": med})
+    return out
+
+
+def _largest_val_drop(records: List[Dict[str, Any]]) -> Tuple[float, Optional[int]]:
+    """The largest fall of validation accuracy between consecutive epochs after the warm-up epochs."""
+    worst, at = 0.0, None
+    for prev, cur in zip(records, records[1:]):
+        if cur["epoch"] > TH["warmup_epochs"] and prev["val_accuracy"] - cur["val_accuracy"] > worst:
+            worst, at = prev["val_accuracy"] - cur["val_accuracy"], cur["epoch"]
+    return worst, at
+
+
+def unstable_loss(run: RunView) -> List[Dict[str, Any]]:
+    """Loss spikes, skipped NaN/Inf steps, or oscillating validation accuracy, per role."""
+    if not run.epochs and not run.steps:
+        raise Skip("log.jsonl has no training records")
+    log_c = math.log(max(run.num_classes, 2))
+    out = []
+    for role in dict.fromkeys([*run.epochs, *run.steps]):
+        spikes = _spikes(run.steps.get(role, []), log_c)
+        skipped = sum(int(r.get("skipped_steps", 0)) for r in run.epochs.get(role, []))
+        drop, drop_epoch = _largest_val_drop(run.epochs.get(role, []))
+        if not spikes and not skipped and drop <= TH["val_drop"]:
+            continue
+        lr = role_train(run.cfg, role)["optimizer"]["lr"]
+        if role.startswith("compress_") and run.cfg["compress"]["lr"]:
+            lr = run.cfg["compress"]["lr"]
+        worst = max(spikes, key=lambda s: s["loss_total_max"] / max(s["running_median"], 1e-12)) if spikes else None
+        ev = {"role": role, "spikes": len(spikes), "worst_spike": worst, "spike_ratio": TH["spike_ratio"],
+              "spike_excess_nats": TH["spike_excess"] * log_c, "skipped_steps": skipped,
+              "largest_val_drop": drop, "val_drop_epoch": drop_epoch, "val_drop": TH["val_drop"], "lr": lr}
+        what = []
+        if spikes:
+            what.append(f"{len(spikes)} loss spike(s), worst at step {worst['step']}: max batch loss "
+                        f"{worst['loss_total_max']:.3g} vs running median {worst['running_median']:.3g} "
+                        f"(> spike_ratio={TH['spike_ratio']:g}x)")
+        if skipped:
+            what.append(f"{skipped} step(s) skipped for a NaN/Inf loss or gradient")
+        if drop > TH["val_drop"]:
+            what.append(f"validation accuracy fell {drop:.3f} at epoch {drop_epoch} (> val_drop={TH['val_drop']})")
+        clip = "" if role_train(run.cfg, role)["grad_clip"] else \
+            f", or clip gradients: --set {'teacher' if role == 'teacher' else 'student'}.train.grad_clip=1.0"
+        out.append(finding("unstable_loss", "high" if skipped else "medium", f"{role}: " + "; ".join(what), ev,
+                           f"lower the learning rate: --set {lr_key(role)}={lr / 2:g} (now {lr:g}){clip}"))
+    return out
+
+
+def _val_loss_rise(records: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """Validation loss rising for rise_epochs or more epochs from its minimum while the training loss falls."""
+    rows = [r for r in records if r.get("val_loss") is not None]
+    if len(rows) <= TH["rise_epochs"]:
+        return None
+    best = min(rows, key=lambda r: r["val_loss"])
+    last = rows[-1]
+    train = "loss_ce" if "loss_ce" in last else "loss_total"
+    if (last["epoch"] - best["epoch"] >= TH["rise_epochs"] and last["val_loss"] > TH["rise_factor"] * best["val_loss"]
+            and last.get(train, math.inf) < best.get(train, -math.inf)):
+        return {"min_val_loss": best["val_loss"], "min_epoch": best["epoch"], "last_val_loss": last["val_loss"],
+                "last_epoch": last["epoch"], f"train_{train}_at_min": best[train], f"train_{train}_last": last[train],
+                "rise_factor": TH["rise_factor"], "rise_epochs": TH["rise_epochs"]}
+    return None
+
+
+def overfitting(run: RunView) -> List[Dict[str, Any]]:
+    """A large train/validation accuracy gap, or validation loss rising while the training loss falls."""
+    roles = [r for r in (*ROLES, *[k for k in run.metrics if k.startswith("assistant_")]) if r in run.metrics]
+    logged = [r for r in roles if run.epochs.get(r)]
+    if not logged:
+        raise Skip("log.jsonl has no epoch records of the trained models")
+    out = []
+    for role in logged:
+        last = run.epochs[role][-1]
+        if last.get("train_accuracy") is not None:
+            train, val, source = last["train_accuracy"], last["val_accuracy"], "log: last epoch"
+        else:
+            accs, source = run.train_accuracy((role,))
+            train, val = accs[role], run.metrics[role].get("val_accuracy", last["val_accuracy"])
+        rise = _val_loss_rise(run.epochs[role])
+        gap = train - val
+        if gap <= TH["overfit_gap"] and not rise:
+            continue
+        ev = {"role": role, "train_accuracy": train, "val_accuracy": val, "gap": gap, "overfit_gap": TH["overfit_gap"],
+              "source": source, "epochs": last["epoch"], "selected_epoch": run.metrics[role].get("selected_epoch"),
+              **(rise or {})}
+        what = []
+        if gap > TH["overfit_gap"]:
+            what.append(f"training accuracy {train:.3f} vs validation {val:.3f} (gap {gap:.3f} > "
+                        f"overfit_gap={TH['overfit_gap']})")
+        if rise:
+            what.append(f"validation loss rose from {rise['min_val_loss']:.3g} (epoch {rise['min_epoch']}) to "
+                        f"{rise['last_val_loss']:.3g} (epoch {rise['last_epoch']}) while the training loss fell")
+        out.append(finding("overfitting", "medium", f"{role}: " + "; ".join(what), ev, _regularise(run, role)))
+    return out
+
+
+def _regularise(run: RunView, role: str) -> str:
+    key = "teacher" if role == "teacher" else "student"
+    tcfg = role_train(run.cfg, role)
+    wd = tcfg["optimizer"]["weight_decay"]
+    tips = [f"more weight decay: --set {key}.train.optimizer.weight_decay={wd * 10 if wd else 1e-4:g} (now {wd:g})",
+            f"fewer epochs: --set {key}.train.epochs={max(1, tcfg['epochs'] // 2)} (now {tcfg['epochs']})"]
+    args = run.cfg[key].get("args") or {}
+    if run.cfg[key].get("model") in ("mlp", "cnn") and not args.get("dropout"):
+        tips.append(f"dropout: --set {key}.args.dropout=0.3")
+    d = run.cfg["data"]
+    if d["train_subset"]:
+        tips.append(f"more data: data.train_subset={d['train_subset']} keeps only that many training rows; "
+                    f"raise or remove it")
+    elif d.get("as_image") or len(getattr(run.data, "input_shape", ())) == 3:
+        tips.append("augmentation: --set data.transforms.random_crop=2")
+    return "regularise: " + "; or ".join(tips)
+
+
+def _wider(args: Dict[str, Any]) -> Dict[str, Any]:
+    """The width arguments (hidden, channels) doubled."""
+    out = {}
+    for k in ("hidden", "channels"):
+        v = args.get(k)
+        if isinstance(v, int):
+            out[k] = v * 2
+        elif isinstance(v, list) and all(isinstance(x, int) for x in v):
+            out[k] = [x * 2 for x in v]
+    return out
+
+
+def student_too_small(run: RunView) -> List[Dict[str, Any]]:
+    """Both students far below the teacher although distillation helps, or the student cannot even fit
+    its training data: more capacity, not a better teacher, is what it needs."""
+    teacher, student, scratch = run.accuracy("teacher"), run.accuracy("student"), run.accuracy("student_scratch")
+    gain = student - scratch
+    if not (teacher - student > TH["teacher_gap"] and teacher - scratch > TH["teacher_gap"]):
+        return []
+    train, source = run.train_accuracy(("teacher", "student"))
+    underfit = train["teacher"] - train["student"] > TH["underfit_gap"]
+    if not (gain > TH["kd_gain_min"] or underfit):
+        return []
+    ev = {"teacher_accuracy": teacher, "student_accuracy": student, "scratch_accuracy": scratch,
+          "teacher_gap": TH["teacher_gap"], "kd_gain": gain, "kd_gain_min": TH["kd_gain_min"],
+          "teacher_train_accuracy": train["teacher"], "student_train_accuracy": train["student"],
+          "underfit_gap": TH["underfit_gap"], "train_accuracy_source": source,
+          "student_params": run.metrics["student"].get("params")}
+    why = [f"distillation helps ({gain:+.3f} over scratch)"] if gain > TH["kd_gain_min"] else []
+    if underfit:
+        why.append(f"the student cannot fit its training data (training accuracy {train['student']:.3f} vs the "
+                   f"teacher's {train['teacher']:.3f}, > underfit_gap={TH['underfit_gap']})")
+    s = run.cfg["student"]
+    wider = _wider(s.get("args") or {})
+    if wider:
+        fix = "a wider or deeper student: " + " ".join(
+            f"--set student.args.{k}={json.dumps(v).replace(' ', '')} (now {json.dumps(s['args'][k])})"
+            for k, v in wider.items())
+    else:
+        from .recipe import is_text
+        fix = ("a larger student: more layers or width (student.hf_config, student.from_teacher.layers)"
+               if is_text(run.cfg, "student") else "a wider or deeper student (student.model / student.args / "
+                                                   "student.arch)")
+    return [finding("student_too_small", "medium",
+                    f"both students are far below the teacher (distilled {student:.3f}, scratch {scratch:.3f}, "
+                    f"teacher {teacher:.3f}; > teacher_gap={TH['teacher_gap']}), and " + ", and ".join(why),
+                    ev, fix)]
+
+
+def quantization_loss(run: RunView) -> List[Dict[str, Any]]:
+    """An int8 variant in bench/bench.json losing more than bench.max_accuracy_drop against its fp32 model."""
+    from .compress.bench import INT8
+    if not run.bench:
+        raise Skip("no bench/bench.json; run `distill bench RUN_DIR` first")
+    max_drop = float(run.cfg["bench"]["max_accuracy_drop"])
+    rows = {(r["model"], r["variant"]): r for r in run.bench.get("results", []) if "error" not in r}
+    drops = {k: rows[(k[0], "fp32")]["accuracy"] - r["accuracy"] for k, r in rows.items()
+             if k[1] in INT8 and (k[0], "fp32") in rows}
+    if not drops:
+        raise Skip("bench/bench.json has no int8 variant beside its fp32 model")
+    out = []
+    for (model, variant), drop in drops.items():
+        if drop <= max_drop + 1e-12:
+            continue
+        ev = {"model": model, "variant": variant, "fp32_accuracy": rows[(model, "fp32")]["accuracy"],
+              "int8_accuracy": rows[(model, variant)]["accuracy"], "drop": drop, "max_accuracy_drop": max_drop}
+        pair = DYNAMIC_OF.get(variant)
+        if pair and (model, pair) in drops:
+            ev[f"{pair}_drop"] = drops[(model, pair)]
+        if pair and drops.get((model, pair), math.inf) + max_drop < drop:
+            fix = (f"deploy the {pair} int8 variant instead (it loses {drops[(model, pair)]:.4f}), or calibrate on "
+                   f"more samples: --set bench.calibration={run.cfg['bench']['calibration'] * 4} "
+                   f"(now {run.cfg['bench']['calibration']})")
+        else:
+            steps = [s for s in run.cfg["compress"]["steps"] if s != "qat"] + ["qat"]
+            fix = (f"quantization-aware training: --set 'compress.steps=[{', '.join(steps)}]' then "
+                   f"`distill compress` and `distill bench` again (QAT learns weights that survive int8)")
+            static = [v for v, d in DYNAMIC_OF.items() if d == variant and drops.get((model, v), math.inf) <= max_drop]
+            if static:
+                fix += f"; or deploy the {static[0]} int8 variant, which loses {drops[(model, static[0])]:.4f}"
+        out.append(finding("quantization_loss", "medium",
+                           f"{model} {variant}: test accuracy {ev['int8_accuracy']:.4f} vs {ev['fp32_accuracy']:.4f} "
+                           f"in fp32, a drop of {drop:.4f} (> bench.max_accuracy_drop={max_drop})", ev, fix))
+    return out
+
+
+RULES: List[Tuple[str, Callable[[RunView], List[Dict[str, Any]]]]] = [
+    ("weak_teacher", weak_teacher),
+    ("overconfident_soft_labels", overconfident_soft_labels),
+    ("capacity_gap", capacity_gap),
+    ("unstable_loss", unstable_loss),
+    ("overfitting", overfitting),
+    ("student_too_small", student_too_small),
+    ("quantization_loss", quantization_loss),
+]
+
+
+# ---------------------------------------------------------------- the command
+
+def doctor(folder: str) -> Dict[str, Any]:
+    """Run every rule on a run folder; write and return {findings, ran, skipped}."""
+    run = RunView(folder)
+    findings: List[Dict[str, Any]] = []
+    ran: List[str] = []
+    skipped: Dict[str, str] = {}
+    for name, rule in RULES:
+        try:
+            found = rule(run)
+        except Skip as e:
+            skipped[name] = str(e)
+            continue
+        ran.append(name)
+        findings += [{**f, "evidence": _short(f["evidence"])} for f in found]
+    report = {"run": folder, "findings": findings, "ran": ran, "skipped": skipped, "thresholds": THRESHOLDS}
+    write_json(os.path.join(folder, "doctor.json"), report)
+    return report
+
+
+def format_report(report: Dict[str, Any]) -> str:
+    """The findings, each with its evidence and suggestion, then which checks ran and which were skipped."""
+    f = report["findings"]
+    lines = [f"{len(f)} problem{'s' if len(f) != 1 else ''} found" if f else "no problems found"]
+    for x in f:
+        lines += ["", f"[{x['severity']}] {x['rule']}: {x['message']}",
+                  "  evidence: " + ", ".join(f"{k}={_fmt(v)}" for k, v in x["evidence"].items() if v is not None),
+                  f"  suggestion: {x['suggestion']}"]
+    lines += ["", f"checks run: {', '.join(report['ran']) or 'none'}"]
+    for name, why in report["skipped"].items():
+        lines.append(f"skipped {name}: {why}")
+    lines.append(f"report: {os.path.join(report['run'], 'doctor.json')}")
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items()) + "}"
+    return str(v)

@@ -1,0 +1,253 @@
+"""`distill doctor`: every rule fires on a tiny real run made to show its problem, and not on a healthy one.
+
+The runs are the digits data with an MLP teacher (9.6k parameters) and student (2.4k), 15 epochs each, and
+recipe overrides per problem; the runs whose problem is not in the teacher or the data reuse the healthy
+run's teacher (teacher.checkpoint), so only their students train. Each run is made on first use and shared
+by the tests of this module. One thread: tiny models train faster on one, and the machine is shared.
+"""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from distill import doctor as doc
+from distill.cli import main
+from distill.recipe import Recipe
+from distill.runner import run
+
+BASE = """name: doc
+data: {dataset: digits}
+teacher: {model: mlp, args: {hidden: [128]}, train: {epochs: 15}}
+student: {model: mlp, args: {hidden: [32]}}
+train: {epochs: 15, optimizer: {lr: 0.003, weight_decay: 0.0001}}
+evaluate: {latency_runs: 5}
+bench: {latency_runs: 5}
+"""
+TEACHER = "teacher.checkpoint={healthy}/teacher.safetensors"  # the healthy run's teacher, not retrained
+PROBLEMS = {
+    "healthy": [],
+    "weak_teacher": ["teacher.train.epochs=1", "teacher.train.optimizer.lr=0.00001"],
+    "overconfident_soft_labels": [TEACHER, "distill.temperature=0.1"],
+    "capacity_gap": [TEACHER, "student.args.hidden=[3]"],  # 41x fewer parameters than the teacher
+    "unstable_loss": ["teacher.train.optimizer.lr=0.1"],  # 33x the healthy lr
+    # 80 training rows (pool of 200: 40 test, then half of the rest for validation), 60 epochs
+    "overfitting": ["data.train_subset=200", "data.val_fraction=0.5", "teacher.train.epochs=60", "train.epochs=60"],
+    "student_too_small": [TEACHER, "student.args.hidden=[2]"],
+    # digits as an .npz whose test split has outliers the training rows never show (see write_outliers)
+    "quantization_loss": ["data.dataset=npz", "data.path={npz}"],
+}
+
+
+def write_outliers(path):
+    """Digits (pixels in [0, 1]) with a test split in which every 10th image has its top-left pixel, always 0
+    in training, at 100: an input far outside the training range, as deployment data sometimes has."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x, y = (d.data / 16.0).reshape(-1, 8, 8).astype("float32"), d.target
+    x_test = x[1437:].copy()
+    x_test[::10, 0, 0] = 100.0
+    np.savez(path, x_train=x[:1437], y_train=y[:1437], x_test=x_test, y_test=y[1437:])
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """name -> run folder, each made (once) on first use."""
+    root = tmp_path_factory.mktemp("doctor")
+    base = root / "base.yaml"
+    base.write_text(BASE)
+    made = {}
+
+    def make(name):
+        if name not in made:
+            sets = [s.format(healthy=make("healthy")) if "{healthy}" in s else
+                    s.format(npz=write_outliers(str(root / "outliers.npz"))) if "{npz}" in s else s
+                    for s in PROBLEMS[name]]
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # tiny models: one thread is faster, and fair to a shared machine
+            try:
+                run(Recipe.load(str(base), sets), str(root / name), echo=lambda m: None)
+            finally:
+                torch.set_num_threads(threads)
+            made[name] = str(root / name)
+        return made[name]
+    return make
+
+
+def diagnose(folder, capsys):
+    """`distill doctor FOLDER`: exit 0, and the printed report matches doctor.json."""
+    assert main(["doctor", folder]) == 0
+    out = capsys.readouterr().out
+    report = json.load(open(os.path.join(folder, "doctor.json")))
+    for f in report["findings"]:
+        assert f"{f['rule']}: " in out and f["suggestion"] in out
+        assert set(f) >= {"rule", "severity", "evidence", "suggestion"}
+    return report, out
+
+
+def by_rule(report, rule):
+    return [f for f in report["findings"] if f["rule"] == rule]
+
+
+def test_a_healthy_run_has_no_problems_and_lists_the_checks(runs, capsys):
+    report, out = diagnose(runs("healthy"), capsys)
+    assert report["findings"] == [], report["findings"]
+    assert out.startswith("no problems found")
+    assert report["ran"] == [name for name, _ in doc.RULES if name != "quantization_loss"]
+    assert "checks run: weak_teacher, overconfident_soft_labels" in out
+    assert "distill bench" in report["skipped"]["quantization_loss"]  # skipped, and says why
+    assert "skipped quantization_loss" in out
+
+
+def test_weak_teacher(runs, capsys):
+    report, _ = diagnose(runs("weak_teacher"), capsys)
+    [f] = by_rule(report, "weak_teacher")
+    ev = f["evidence"]
+    assert ev["teacher_accuracy"] <= ev["scratch_accuracy"] + ev["teacher_margin"]
+    assert ev["teacher_margin"] == doc.THRESHOLDS["teacher_margin"] and ev["teacher_epochs"] == 1
+    assert "--set teacher.train.epochs=2" in f["suggestion"]
+
+
+def test_overconfident_soft_labels(runs, capsys):
+    report, _ = diagnose(runs("overconfident_soft_labels"), capsys)
+    [f] = by_rule(report, "overconfident_soft_labels")
+    ev = f["evidence"]
+    assert ev["temperature"] == 0.1 and ev["normalised_entropy"] < ev["entropy_min"] == 0.1
+    better = ev["suggested_temperature"]
+    assert better > 0.1 and ev["entropy_at_suggested"] >= 0.1
+    assert f"--set distill.temperature={better:g}" in f["suggestion"]
+    # the suggested T is the smallest (to 0.1) that reaches the threshold, on the same logits
+    from distill.runner import load_model_at
+    from distill.train import predict
+    view = doc.RunView(runs("overconfident_soft_labels"))
+    logits = predict(load_model_at(os.path.join(view.folder, "teacher.safetensors"), "teacher"), view.data.x_val)
+    assert doc.normalised_entropy(logits, better) >= 0.1 > doc.normalised_entropy(logits, better - 0.1)
+
+
+def test_capacity_gap(runs, capsys):
+    report, _ = diagnose(runs("capacity_gap"), capsys)
+    [f] = by_rule(report, "capacity_gap")
+    ev = f["evidence"]
+    assert ev["kd_gain"] < ev["kd_gain_min"] and ev["teacher_minus_student"] > ev["teacher_gap"]
+    assert ev["param_ratio"] == pytest.approx(9610 / 235, rel=1e-3) and ev["param_ratio"] > ev["param_ratio_min"]
+    assert "--set distill.assistants=auto" in f["suggestion"]
+
+
+def test_unstable_loss(runs, capsys):
+    report, _ = diagnose(runs("unstable_loss"), capsys)
+    found = by_rule(report, "unstable_loss")
+    assert [f["evidence"]["role"] for f in found] == ["teacher"]  # the students, at the healthy lr, are stable
+    ev = found[0]["evidence"]
+    assert ev["spikes"] >= 1 and ev["lr"] == 0.1
+    spike = ev["worst_spike"]
+    assert spike["loss_total_max"] > ev["spike_ratio"] * spike["running_median"]
+    assert spike["step"] > doc.THRESHOLDS["warmup_records"] * 10  # (monitor.every = 10 steps per record)
+    assert "--set teacher.train.optimizer.lr=0.05 (now 0.1)" in found[0]["suggestion"]
+
+
+def test_unstable_loss_counts_skipped_nan_steps(runs, capsys, tmp_path):
+    """Steps skipped for a NaN loss: a real run cannot be made to skip some cheaply (the trainer stops it after
+    train.max_bad_steps in a row), so one epoch line of the healthy run's log says 3 were skipped."""
+    folder = str(tmp_path / "nan")
+    shutil.copytree(runs("healthy"), folder)
+    log = os.path.join(folder, "log.jsonl")
+    with open(log) as fh:
+        lines = [json.loads(line) for line in fh]
+    last = max(i for i, r in enumerate(lines) if r.get("model") == "student" and "val_accuracy" in r)
+    lines[last]["skipped_steps"] = 3
+    with open(log, "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in lines)
+    report, _ = diagnose(folder, capsys)
+    [f] = by_rule(report, "unstable_loss")
+    assert f["evidence"]["role"] == "student" and f["evidence"]["skipped_steps"] == 3 and f["severity"] == "high"
+    assert "--set student.train.optimizer.lr=0.0015 (now 0.003)" in f["suggestion"]
+
+
+def test_overfitting(runs, capsys):
+    report, _ = diagnose(runs("overfitting"), capsys)
+    found = {f["evidence"]["role"]: f for f in by_rule(report, "overfitting")}
+    assert "teacher" in found and "student_scratch" in found
+    ev = found["teacher"]["evidence"]
+    assert ev["gap"] == pytest.approx(ev["train_accuracy"] - ev["val_accuracy"], abs=1e-3)
+    assert ev["gap"] > ev["overfit_gap"] and ev["source"] == "log: last epoch"
+    fix = found["teacher"]["suggestion"]
+    assert "--set teacher.train.optimizer.weight_decay=0.001 (now 0.0001)" in fix and "data.train_subset=200" in fix
+
+
+def test_overfitting_without_train_accuracy_in_the_log_measures_it(runs, capsys, tmp_path):
+    """An older log (no train_accuracy): the selected model's accuracy on the training split is measured."""
+    folder = str(tmp_path / "old")
+    shutil.copytree(runs("overfitting"), folder)
+    log = os.path.join(folder, "log.jsonl")
+    with open(log) as fh:
+        lines = [json.loads(line) for line in fh]
+    with open(log, "w") as fh:
+        fh.writelines(json.dumps({k: v for k, v in r.items() if k != "train_accuracy"}) + "\n" for r in lines)
+    report, _ = diagnose(folder, capsys)
+    ev = {f["evidence"]["role"]: f["evidence"] for f in by_rule(report, "overfitting")}["teacher"]
+    assert ev["source"].startswith("computed") and ev["train_accuracy"] == 1.0 and ev["gap"] > 0.1
+
+
+def test_student_too_small(runs, capsys):
+    report, _ = diagnose(runs("student_too_small"), capsys)
+    [f] = by_rule(report, "student_too_small")
+    ev = f["evidence"]
+    assert ev["teacher_accuracy"] - ev["student_accuracy"] > ev["teacher_gap"]
+    assert ev["teacher_accuracy"] - ev["scratch_accuracy"] > ev["teacher_gap"]
+    # it cannot fit its own training data: underfitting, not only a transfer problem
+    assert ev["teacher_train_accuracy"] - ev["student_train_accuracy"] > ev["underfit_gap"]
+    assert "--set student.args.hidden=[4] (now [2])" in f["suggestion"]
+
+
+def bench_in_process(folder, variants, monkeypatch):
+    """A real `distill bench`, each variant measured in this process (by the bench's own measure()) rather
+    than in a fresh interpreter, which would cost seconds of start-up per variant."""
+    from distill.compress import bench, measure
+
+    def in_process(cfg, folder, name, path, variant):
+        threads = torch.get_num_threads()
+        try:
+            job = {"cfg": cfg, "folder": folder, "name": name, "path": path, "variant": variant}
+            return {"model": name, "variant": variant, **measure.measure(job)}
+        finally:
+            torch.set_num_threads(threads)
+    monkeypatch.setattr(bench, "_measure_in_child", in_process)
+    assert main(["bench", folder, "--set", f"bench.variants={variants}"]) == 0
+    result = json.load(open(os.path.join(folder, "bench", "bench.json")))
+    return {(r["model"], r["variant"]): r for r in result["results"]}
+
+
+def test_quantization_loss_names_the_int8_variant_that_loses(runs, capsys, monkeypatch):
+    """Outliers in the test inputs swamp the one activation scale dynamic int8 takes per batch, so it loses
+    accuracy; static int8, its ranges calibrated on training rows, clips them and keeps it."""
+    folder = runs("quantization_loss")
+    rows = bench_in_process(folder, "[fp32, dynamic, static]", monkeypatch)
+    capsys.readouterr()
+    report, _ = diagnose(folder, capsys)
+    found = {(f["evidence"]["model"], f["evidence"]["variant"]): f for f in by_rule(report, "quantization_loss")}
+    for (model, variant), r in rows.items():  # flagged exactly when it loses more than the budget
+        if variant != "fp32":
+            drop = rows[(model, "fp32")]["accuracy"] - r["accuracy"]
+            assert ((model, variant) in found) == (drop > 0.01), (model, variant, drop)
+    f = found[("student", "dynamic")]
+    ev = f["evidence"]
+    assert ev["drop"] == pytest.approx(ev["fp32_accuracy"] - ev["int8_accuracy"], abs=1e-3)
+    assert ev["drop"] > ev["max_accuracy_drop"] == 0.01
+    assert "compress.steps=[qat]" in f["suggestion"]  # dynamic int8 loses: quantization-aware training
+    assert ("student", "static") not in found
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp, runs: str(tmp / "nope"), "nope: not a run folder"),
+    (lambda tmp, runs: str(tmp), "not a run folder (no recipe.yaml)"),
+    (lambda tmp, runs: shutil.copytree(runs("healthy"), str(tmp / "r"), ignore=shutil.ignore_patterns("metrics.json")),
+     "metrics.json: missing; the run is not finished, run `distill run` first"),
+])
+def test_bad_input_is_one_line_and_exit_2(make, message, tmp_path, runs, capsys):
+    folder = make(tmp_path, runs)
+    assert main(["doctor", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,199 @@
+"""`distill report RUN_DIR`: one self-contained HTML file (no network references, every image a data URI) with
+every section, which headless Chromium renders to a non-blank page; bad run folders are one-line errors."""
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from distill import Recipe, run
+from distill.cli import main
+
+HEADINGS = ["Summary", "Training curves", "Knowledge retention", "Gradient consistency", "Monitor adjustments",
+            "Confusion matrices", "Compression", "Teacher-assistant chain"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models train several times faster on one thread than on a busy machine's many."""
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny real digits run with one feature pair (so retention per layer exists) and a retention rule that
+    always fires (so the monitor adjusts every epoch); plus a compress/bench record and a chain.json in the
+    formats distill writes, so the optional sections render too (their numbers are made up)."""
+    recipe = Recipe.load("digits", ["train.epochs=2", "teacher.train.epochs=1", "data.train_subset=400",
+                                    "teacher.args={channels: [8, 16], hidden: 32}",
+                                    "student.args={channels: [4, 8], hidden: 16}",
+                                    "distill.features=[{teacher: body.3, student: body.3, loss: mse}]",
+                                    "monitor.retention_min=0.999", "monitor.action=lower_temperature",
+                                    "description=<script>alert(1)</script> & more"])
+    out = str(tmp_path_factory.mktemp("report") / "run")
+    run(recipe, out, echo=lambda m: None)
+    _fake_optional_files(out)
+    return out
+
+
+def _fake_optional_files(out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(os.path.join(out, "bench"))
+    os.makedirs(os.path.join(out, "compress"))
+    plt.imsave(os.path.join(out, "bench", "pareto.png"), [[0.0, 1.0], [1.0, 0.0]])
+    row = {"accuracy": 0.9, "accuracy_change": 0.0, "params": 1034, "size_bytes": 5136, "p50_ms": 0.05,
+           "p95_ms": 0.07, "speedup": 1.0, "throughput": 2e5, "peak_mb": 3.0}
+    bench = {"machine": {"cpu": "test cpu", "cores": 2, "torch": "x", "onnxruntime": None}, "threads": 1,
+             "batch": 32, "latency_runs": 10,
+             "results": [{"model": "student", "variant": "fp32", **row},
+                         {"model": "student", "variant": "onnx", "error": "n/a: <not installed>"}],
+             "recommended": {"model": "student", "variant": "fp32", "file": "student.safetensors"}}
+    with open(os.path.join(out, "bench", "bench.json"), "w") as fh:
+        json.dump(bench, fh)
+    with open(os.path.join(out, "compress", "compress.json"), "w") as fh:
+        json.dump({"source": "student", "steps": ["channels"], "models": [
+            {"name": "channels", "path": "x", "params": 800, "size_bytes": 4000, "val_accuracy": 0.5, "time_s": 1}]},
+            fh)
+    gens = [{"name": "teacher", "params": 3658, "val_accuracy": 0.6, "test_accuracy": 0.58, "retention_cka": 1.0},
+            {"name": "assistant_1", "params": 2000, "val_accuracy": 0.5, "test_accuracy": 0.5, "retention_cka": 0.8},
+            {"name": "student", "params": 1034, "val_accuracy": 0.3, "test_accuracy": 0.3, "retention_cka": 0.6}]
+    decay = [{"from": a["name"], "to": b["name"], "accuracy_drop": 100 * (a["test_accuracy"] - b["test_accuracy"]),
+              "decay_rate": 0.1, "retention_drop": a["retention_cka"] - b["retention_cka"]}
+             for a, b in zip(gens, gens[1:])]
+    with open(os.path.join(out, "chain.json"), "w") as fh:
+        json.dump({"generations": gens, "decay": decay}, fh)
+
+
+@pytest.fixture(scope="module")
+def report_html(run_dir):
+    assert main(["report", run_dir]) == 0
+    path = os.path.join(run_dir, "report.html")
+    return path, open(path, encoding="utf-8").read()
+
+
+def test_report_is_self_contained_with_every_section(report_html):
+    path, page = report_html
+    refs = re.findall(r'(?:src|href)\s*=\s*["\']?([^"\'\s>]+)', page, flags=re.I)
+    assert refs and not [r for r in refs if not (r.startswith("#") or r.startswith("data:image/png;base64,"))]
+    assert not re.search(r"https?://", page) and "<link" not in page and "<script" not in page
+    imgs = re.findall(r"<img[^>]*>", page)
+    assert len(imgs) >= 7 and all('src="data:image/png;base64,' in i for i in imgs)
+    for h in HEADINGS:
+        assert f"<h2>{h}</h2>" in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; more" in page  # text from files is escaped
+    assert "n/a: &lt;not installed&gt;" in page
+    assert "body.3-&gt;body.3" in page or "body.3" in page
+    assert "temperature: 4 → 2.667" in page  # the monitor's first adjustment, before → after
+    assert "fewer parameters than the teacher" in page and "of the teacher&#x27;s test accuracy" in page
+
+
+def test_out_option_writes_elsewhere(run_dir, tmp_path, capsys):
+    out = str(tmp_path / "sub" / "r.html")
+    assert main(["report", run_dir, "--out", out]) == 0
+    assert os.path.isfile(out) and out in capsys.readouterr().out
+
+
+def _chromium(*args, user_dir):
+    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={user_dir}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+def test_chromium_renders_the_report(report_html, tmp_path):
+    if shutil.which("chromium") is None:
+        pytest.skip("chromium is not installed")
+    import numpy as np
+    from PIL import Image
+    path, _ = report_html
+    url = "file://" + os.path.abspath(path)
+    shot = str(tmp_path / "shot.png")
+    _chromium("--window-size=1280,2400", f"--screenshot={shot}", url, user_dir=str(tmp_path / "profile"))
+    assert os.path.isfile(shot)
+    with open(shot, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    img = Image.open(shot)
+    assert img.size == (1280, 2400)
+    px = np.asarray(img.convert("RGB")).reshape(-1, 3)
+    assert (px.min(1) < 240).mean() > 0.05  # text and plots, not a blank page
+    assert len(np.unique(px[::7], axis=0)) > 200  # plots in colour, not one flat error page
+    dom = _chromium("--dump-dom", url, user_dir=str(tmp_path / "profile")).stdout
+    for h in HEADINGS:
+        assert re.search(rf"<h2>{re.escape(h)}</h2>", dom), h
+
+
+def _one_line_error(capsys, argv, expect):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expect in err, err
+
+
+def test_bad_run_folders_are_one_line_errors(tmp_path, capsys, run_dir):
+    _one_line_error(capsys, ["report", str(tmp_path / "nope")], "not a run folder")
+    (tmp_path / "empty").mkdir()
+    _one_line_error(capsys, ["report", str(tmp_path / "empty")], "no recipe.yaml")
+    half = tmp_path / "half"
+    half.mkdir()
+    shutil.copy(os.path.join(run_dir, "recipe.yaml"), half)
+    _one_line_error(capsys, ["report", str(half)], "run `distill run` first")
+    (half / "summary.json").write_text("{}")
+    _one_line_error(capsys, ["report", str(half)], "a multi-seed run: report one seed folder, e.g. seed_0")
+    (half / "metrics.json").write_text("{not json")
+    _one_line_error(capsys, ["report", str(half)], "metrics.json: not readable JSON")
+    assert not (half / "report.html").exists()
+
+
+def test_without_matplotlib_it_says_so_in_one_line(run_dir, tmp_path, capsys, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    _one_line_error(capsys, ["report", run_dir, "--out", str(tmp_path / "r.html")], "pip install \"distill[plot]\"")
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_missing_models_leave_a_note_not_a_failure(run_dir, tmp_path):
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for f in ("recipe.yaml", "metrics.json", "log.jsonl"):
+        shutil.copy(os.path.join(run_dir, f), folder)
+    assert main(["report", str(folder)]) == 0
+    page = open(folder / "report.html", encoding="utf-8").read()
+    assert "Not available:" in page and "teacher.safetensors: missing" in page
+    assert "Compression" not in page and "Teacher-assistant chain" not in page
+
+
+def test_many_layer_pairs_become_a_heatmap_and_empty_logs_a_note():
+    from distill.report import _pyplot, gradient_section, retention_section
+    plt = _pyplot()
+    recs = [{"epoch": e, **{f"retention_cka/t{i}->s{i}": 0.5 + 0.04 * i for i in range(12)},
+             **{f"grad_kd_ce_cos/m{i}": -0.5 + 0.1 * i for i in range(12)}} for e in (1, 2, 3)]
+    n = len(plt.get_fignums())
+    assert retention_section(plt, recs).startswith('<img alt="knowledge retention per layer"')
+    assert gradient_section(plt, recs, []).startswith('<img alt="gradient consistency"')
+    assert len(plt.get_fignums()) == n  # figures are closed once embedded
+    assert "logged no retention" in retention_section(plt, [{"epoch": 1}])
+    assert "logged no gradient consistency" in gradient_section(plt, [{"epoch": 1}], [])
+
+
+def test_log_keeps_the_last_attempt_of_each_epoch(tmp_path):
+    from distill.report import read_log
+    lines = [{"model": "student", "epoch": 1, "val_accuracy": 0.1},  # a first training, later repeated
+             {"model": "student", "epoch": 2, "val_accuracy": 0.2},
+             {"model": "student", "epoch": 3, "val_accuracy": 0.3},
+             {"event": "message"},
+             {"model": "student", "epoch": 1, "val_accuracy": 0.5},
+             {"model": "student", "epoch": 2, "val_accuracy": 0.6},
+             {"model": "student", "epoch": 2, "val_accuracy": 0.7},  # resumed: epoch 2 again
+             {"model": "student", "epoch": 1, "step": 10, "loss_total": 1.0}]
+    path = tmp_path / "log.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n{cut sho")
+    epochs, steps = read_log(str(path))
+    assert [(r["epoch"], r["val_accuracy"]) for r in epochs["student"]] == [(1, 0.5), (2, 0.7)]
+    assert [r["step"] for r in steps["student"]] == [10]
