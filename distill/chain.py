@@ -14,7 +14,6 @@ import ast
 import inspect
 import math
 import os
-import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -25,9 +24,10 @@ from .errors import UserError
 from .io import sha256_json, weights_sha256, write_json
 from .models import PRESETS, build_model, count_params
 from .models.layers import parse_layer
-from .monitor import linear_cka, retention_monitor
+from .monitor import linear_cka
 from .registry import MODELS
-from .runner import RunDir, _feature_shapes, load_saved, model_spec, save_role, teacher_mode, teacher_source
+from .runner import RunDir, _feature_shapes, distil, load_saved, model_spec, save_role, teacher_mode, \
+    teacher_source
 from .train import Objective, predict, set_seed
 
 PROBE = 256  # validation samples on which retention is measured (as the monitor does)
@@ -91,14 +91,8 @@ def train_assistant(run: RunDir, i: int, spec: Dict[str, Any], teacher: nn.Modul
     model = build(run, i, spec)
     run.event(f"{name}: {count_params(model):,} parameters, distilled from "
               f"{'the teacher' if i == 0 else f'assistant_{i}'}", model=name, spec=spec)
-    source = teacher_source(run, teacher, mode)
-    t_shapes, s_shapes = _feature_shapes(run, teacher, model)
-    objective = Objective(model, run.dcfg, source, t_shapes, s_shapes)
-    pairs = [(f["teacher"], f["student"]) for f in run.dcfg["features"]]
-    monitor = retention_monitor(teacher, model, run.data.x_val[:PROBE], pairs)  # vs its own teacher
-    t0 = time.perf_counter()
-    info = run.fit(name, objective, monitor=monitor)
-    info.update(train_time_s=round(time.perf_counter() - t0, 3), teacher_outputs=mode, params=count_params(model))
+    info = distil(run, name, model, teacher, mode)  # (its retention is logged against its own teacher)
+    info["params"] = count_params(model)
     save_role(run, model, name, spec, info)
     run.mark_done(name, fp, info)
     return model
@@ -106,9 +100,10 @@ def train_assistant(run: RunDir, i: int, spec: Dict[str, Any], teacher: nn.Modul
 
 # ---------------------------------------------------------------- decay per generation
 
-def report(run: RunDir, metrics: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """chain.json: each generation (teacher, assistants, distilled student) and the decay between neighbours.
-    Retention is linear CKA of the logits against the original teacher's on the first 256 validation samples."""
+def report(run: RunDir, metrics: Dict[str, Any], models: Dict[str, nn.Module]) -> Optional[Dict[str, Any]]:
+    """chain.json: each generation (teacher, assistants, distilled student; `models`, as evaluated) and the
+    decay between neighbours. Retention is linear CKA of the logits against the original teacher's on the
+    first 256 validation samples."""
     path = run.path("chain.json")
     gens = ["teacher", *names(run.cfg), "student"]
     if len(gens) == 2:
@@ -116,11 +111,11 @@ def report(run: RunDir, metrics: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             os.remove(path)
         return None
     probe, bs = run.data.x_val[:PROBE], run.cfg["data"]["eval_batch_size"]
-    t_logits = predict(load_saved(run, "teacher"), probe, bs)
+    t_logits = predict(models["teacher"], probe, bs)
     rows = []
     for g in gens:
         m = metrics[g]
-        cka = 1.0 if g == "teacher" else linear_cka(t_logits, predict(load_saved(run, g), probe, bs))
+        cka = 1.0 if g == "teacher" else linear_cka(t_logits, predict(models[g], probe, bs))
         rows.append({"name": g, "params": m["params"], "val_accuracy": m.get("val_accuracy"),
                      "test_accuracy": m["accuracy"], "retention_cka": round(cka, 6)})
         run.event(f"chain: {g}: {m['params']:,} params, test accuracy {m['accuracy']:.4f}, retention CKA vs "

@@ -21,7 +21,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from .errors import UserError
-from .io import read_json, write_json
+from .io import read_run_json, write_json
+from .logbook import read_log
 
 # Every threshold the rules use, in one place. Accuracies are fractions (0.01 = one point).
 THRESHOLDS: Dict[str, float] = {
@@ -84,16 +85,10 @@ class RunView:
 
     def __init__(self, folder: str) -> None:
         from .recipe import Recipe
-        if not os.path.isdir(folder):
-            raise UserError(f"{folder}: not a run folder; give the folder of a finished run "
-                            f"(distill run ... --out DIR)")
-        if not os.path.isfile(os.path.join(folder, "recipe.yaml")):
-            raise UserError(f"{folder}: not a run folder (no recipe.yaml); give the folder of a finished run")
+        from .runner import require_run
+        require_run(folder, "doctor")
         self.folder = folder
         self.metrics = self._json("metrics.json")
-        if not self.metrics:
-            raise UserError(f"{self.path('metrics.json')}: missing; the run is not finished, run `distill run` "
-                            f"first (or `distill evaluate {folder}`)")
         self.cfg = Recipe.load(self.path("recipe.yaml")).cfg
         self.stages = self._json("stages.json") or {}
         self.bench = self._json(os.path.join("bench", "bench.json"))
@@ -104,10 +99,7 @@ class RunView:
         return os.path.join(self.folder, name)
 
     def _json(self, name: str) -> Any:
-        try:
-            return read_json(self.path(name))
-        except ValueError as e:
-            raise UserError(f"{self.path(name)}: not valid JSON ({e}); rerun the stage that writes it") from None
+        return read_run_json(self.path(name))
 
     def accuracy(self, role: str) -> float:
         """Test accuracy of `role` from metrics.json, or Skip."""
@@ -153,30 +145,6 @@ class RunView:
         path = self.path("teacher.safetensors")
         n = load_meta(path).get("num_classes") if os.path.isfile(path) else None
         return int(n) if n else self.data.num_classes
-
-
-def read_log(path: str) -> Tuple[Dict[str, List[Dict[str, Any]]], Dict[str, List[Dict[str, Any]]]]:
-    """Epoch and step records of each role, from its latest training session only (a stage retrained in
-    the same folder appends a new session whose epochs and steps start again from 1)."""
-    epochs: Dict[str, List[Dict[str, Any]]] = {}
-    steps: Dict[str, List[Dict[str, Any]]] = {}
-    if not os.path.isfile(path):
-        return epochs, steps
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a torn last line from a kill mid-write
-            if not isinstance(rec, dict) or "model" not in rec or "epoch" not in rec:
-                continue
-            is_step = "step" in rec and "val_accuracy" not in rec
-            book, key = (steps, "step") if is_step else (epochs, "epoch")
-            runs = book.setdefault(rec["model"], [])
-            if runs and rec[key] <= runs[-1][key]:
-                runs.clear()  # a new session of this role
-            runs.append(rec)
-    return epochs, steps
 
 
 def lr_key(role: str) -> str:

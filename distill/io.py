@@ -68,6 +68,14 @@ def read_json(path: str, default: Any = None) -> Any:
         return json.load(fh)
 
 
+def read_run_json(path: str, default: Any = None) -> Any:
+    """`read_json` for a file a command wrote into a run folder: unreadable JSON is one clear line."""
+    try:
+        return read_json(path, default)
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path}: not readable JSON ({e}); re-create it with the command that wrote it") from None
+
+
 def append_jsonl(path: str, record: Dict[str, Any]) -> None:
     """One line per record; a line is written whole by a single write call."""
     with open(path, "a", encoding="utf-8") as fh:

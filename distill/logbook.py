@@ -6,8 +6,9 @@ against the global step (`step/...`), and each epoch adds histograms of the mode
 """
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -68,3 +69,34 @@ class Logbook:
         for writer in self._writers.values():
             writer.close()
         self._writers = {}
+
+
+def read_log(path: str) -> Tuple[Dict[str, List[Dict[str, Any]]], Dict[str, List[Dict[str, Any]]]]:
+    """Epoch records and step records per model, in order. A log can hold several attempts (resumed or
+    repeated stages): a later record replaces an earlier one of the same epoch (step), and a new epoch 1
+    (a training started afresh) starts the model's history again."""
+    epochs: Dict[str, Dict[int, Dict[str, Any]]] = {}
+    steps: Dict[str, Dict[int, Dict[str, Any]]] = {}
+    if not os.path.isfile(path):
+        return {}, {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                r = json.loads(line)
+            except ValueError:  # a line cut short by a crash: the rest of the log is still good
+                continue
+            if not isinstance(r, dict) or "model" not in r or "epoch" not in r or "event" in r:
+                continue
+            role = str(r["model"])
+            if "step" in r:
+                seen = steps.setdefault(role, {})
+                if seen and r["epoch"] == 1 and r["step"] <= max(seen):
+                    seen.clear()
+                seen[int(r["step"])] = r
+            elif "val_accuracy" in r:
+                seen = epochs.setdefault(role, {})
+                if r["epoch"] == 1:
+                    seen.clear()
+                seen[int(r["epoch"])] = r
+    order = lambda d: {k: [v[i] for i in sorted(v)] for k, v in d.items()}  # noqa: E731
+    return order(epochs), order(steps)

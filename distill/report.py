@@ -17,7 +17,8 @@ import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .errors import UserError
-from .io import read_json, write_text
+from .io import read_run_json, write_text
+from .logbook import read_log
 
 LABELS = {"teacher": "teacher", "student_scratch": "student (no KD)", "student": "student (distilled)"}
 MAIN_ROLES = ("teacher", "student_scratch", "student")
@@ -27,57 +28,6 @@ TICKS_UP_TO = 30  # classes up to which its axes name every class
 
 
 # ---------------------------------------------------------------- reading the run folder
-
-def _require_run(folder: str) -> None:
-    """A finished run folder, or one clear line saying what is missing."""
-    if not os.path.isdir(folder):
-        raise UserError(f"{folder}: not a run folder; give the folder of a finished run (distill run ... --out DIR)")
-    if not os.path.isfile(os.path.join(folder, "recipe.yaml")):
-        raise UserError(f"{folder}: not a run folder (no recipe.yaml); give the folder that `distill run` wrote")
-    if not os.path.isfile(os.path.join(folder, "metrics.json")):
-        seeds = " (a multi-seed run: report one seed folder, e.g. seed_0)" if os.path.isfile(
-            os.path.join(folder, "summary.json")) else ""
-        raise UserError(f"{os.path.join(folder, 'metrics.json')}: missing{seeds}; run `distill run` first "
-                        f"(or `distill evaluate {folder}`)")
-
-
-def _read_json_file(path: str) -> Any:
-    try:
-        return read_json(path)
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path}: not readable JSON ({e}); re-create it with the command that wrote it") from None
-
-
-def read_log(path: str) -> Tuple[Dict[str, List[Dict[str, Any]]], Dict[str, List[Dict[str, Any]]]]:
-    """Epoch records and step records per model, in order. A log can hold several attempts (resumed or
-    repeated stages): a later record replaces an earlier one of the same epoch (step), and a new epoch 1
-    (a training started afresh) starts the model's history again."""
-    epochs: Dict[str, Dict[int, Dict[str, Any]]] = {}
-    steps: Dict[str, Dict[int, Dict[str, Any]]] = {}
-    if not os.path.isfile(path):
-        return {}, {}
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                r = json.loads(line)
-            except ValueError:  # a line cut short by a crash: the rest of the log is still good
-                continue
-            if not isinstance(r, dict) or "model" not in r or "epoch" not in r or "event" in r:
-                continue
-            role = str(r["model"])
-            if "step" in r:
-                seen = steps.setdefault(role, {})
-                if seen and r["epoch"] == 1 and r["step"] <= max(seen):
-                    seen.clear()
-                seen[int(r["step"])] = r
-            elif "val_accuracy" in r:
-                seen = epochs.setdefault(role, {})
-                if r["epoch"] == 1:
-                    seen.clear()
-                seen[int(r["epoch"])] = r
-    order = lambda d: {k: [v[i] for i in sorted(v)] for k, v in d.items()}  # noqa: E731
-    return order(epochs), order(steps)
-
 
 def role_order(roles: Sequence[str]) -> List[str]:
     """teacher, assistants, scratch and distilled student, then compression fine-tunes and anything else."""
@@ -462,7 +412,7 @@ def confusion_section(plt: Any, recipe: Any, folder: str) -> str:
 def compression_section(folder: str) -> str:
     from .compress.bench import COLUMNS
     out = ""
-    comp = _read_json_file(os.path.join(folder, "compress", "compress.json"))
+    comp = read_run_json(os.path.join(folder, "compress", "compress.json"))
     if isinstance(comp, dict) and comp.get("models"):
         rows = []
         for r in comp["models"]:
@@ -474,7 +424,7 @@ def compression_section(folder: str) -> str:
         steps = " → ".join(map(str, comp.get("steps", [])))
         out += (f"<h3>compress ({esc(comp.get('source', 'student'))}: {esc(steps)})</h3>"
                 + table(["step", "params", "file KB", "val accuracy", "details"], rows, numeric_to=4))
-    bench = _read_json_file(os.path.join(folder, "bench", "bench.json"))
+    bench = read_run_json(os.path.join(folder, "bench", "bench.json"))
     if isinstance(bench, dict) and bench.get("results"):
         pareto = os.path.join(folder, "bench", "pareto.png")
         if os.path.isfile(pareto):
@@ -549,10 +499,11 @@ dd{margin:0;word-break:break-word}.note{color:#666;font-style:italic}.sub{color:
 def build_report(folder: str) -> str:
     """The whole page as a string."""
     from .recipe import Recipe
-    _require_run(folder)
+    from .runner import require_run
+    require_run(folder, "report")
     plt = _pyplot()  # a missing matplotlib is one line, before any work
     recipe = Recipe.load(os.path.join(folder, "recipe.yaml"))
-    metrics = _read_json_file(os.path.join(folder, "metrics.json"))
+    metrics = read_run_json(os.path.join(folder, "metrics.json"))
     if not isinstance(metrics, dict):
         raise UserError(f"{os.path.join(folder, 'metrics.json')}: not a metrics object; run `distill run` again")
     epochs, steps = read_log(os.path.join(folder, "log.jsonl"))
@@ -567,7 +518,7 @@ def build_report(folder: str) -> str:
     if os.path.isfile(os.path.join(folder, "bench", "bench.json")) or \
             os.path.isfile(os.path.join(folder, "compress", "compress.json")):
         parts.append(("compression", "Compression", lambda: compression_section(folder)))
-    chain = _read_json_file(os.path.join(folder, "chain.json"))
+    chain = read_run_json(os.path.join(folder, "chain.json"))
     if isinstance(chain, dict):
         parts.append(("chain", "Teacher-assistant chain", lambda: chain_section(plt, chain)))
     from . import __version__

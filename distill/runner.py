@@ -239,6 +239,21 @@ def require_saved(folder: str, name: str) -> str:
     raise UserError(f"{path}: missing; run the stage that makes it first (distill run, or distill {stage})")
 
 
+def require_run(folder: str, command: str) -> None:
+    """A finished run folder (recipe.yaml and metrics.json) for `distill COMMAND`, or one clear line saying
+    what is missing."""
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder}: not a run folder; give the folder of a finished run (distill run ... --out DIR)")
+    if not os.path.isfile(os.path.join(folder, "recipe.yaml")):
+        raise UserError(f"{folder}: not a run folder (no recipe.yaml); give the folder that `distill run` wrote")
+    path = os.path.join(folder, "metrics.json")
+    if not os.path.isfile(path):
+        seeds = (f" (a multi-seed run: {command} one seed folder, e.g. seed_0)"
+                 if os.path.isfile(os.path.join(folder, "summary.json")) else "")
+        raise UserError(f"{path}: missing; the run is not finished{seeds}, run `distill run` first "
+                        f"(or `distill evaluate {folder}`)")
+
+
 def load_saved(run: RunDir, name: str) -> nn.Module:
     return load_model_at(require_saved(run.out, name), name)
 
@@ -346,22 +361,32 @@ def train_student(run: RunDir, teacher: Optional[nn.Module] = None) -> Dict[str,
             if added:
                 run.event(f"student: {len(data.y_train)} training texts, of which teacher-labelled only: "
                           + ", ".join(f"{v} {k}" for k, v in added.items()), added=added)
-        source = teacher_source(run, teacher, mode, data=data)
-        t_shapes, s_shapes = _feature_shapes(run, teacher, student)
-        objective = Objective(student, dcfg, source, t_shapes, s_shapes)
-        # knowledge retention (linear CKA, cosine after the projectors) and input-gradient consistency,
-        # teacher vs student on a fixed validation probe, logged per epoch
-        probe = retention_monitor(teacher, student, run.data.x_val[:256],
-                                  [(f["teacher"], f["student"]) for f in dcfg["features"]], objective.projectors,
-                                  run.data.y_val[:256] if run.cfg["monitor"]["gradients"] else None)
-        monitor = with_reaction(probe, objective, run.cfg["monitor"], run.echo)
-        t0 = time.perf_counter()
-        info = run.fit("student", objective, data, monitor)
-        info.update(train_time_s=round(time.perf_counter() - t0, 3), teacher_outputs=mode, added=added)
-        save_role(run, student, "student", spec, info)  # the projectors stay behind in `objective`
+        info = distil(run, "student", student, teacher, mode, data, react=True)
+        info["added"] = added
+        save_role(run, student, "student", spec, info)  # the projectors stay behind in the objective
         run.mark_done("student", fp, info)
     results["student"] = read_json(run.path("stages.json"))["student"]
     return results
+
+
+def distil(run: RunDir, name: str, model: nn.Module, teacher: nn.Module, mode: str,
+           data: Optional[DataBundle] = None, react: bool = False) -> Dict[str, Any]:
+    """Train `model` as stage `name` by distillation from `teacher` (the student, or a teacher assistant);
+    returns the fit's info. Each epoch logs knowledge retention (linear CKA, cosine after the projectors) and
+    input-gradient consistency, teacher vs model on a fixed validation probe; with `react`, the recipe's
+    monitor rule may also adjust the distillation strength."""
+    source = teacher_source(run, teacher, mode, data=data)
+    t_shapes, s_shapes = _feature_shapes(run, teacher, model)
+    objective = Objective(model, run.dcfg, source, t_shapes, s_shapes)
+    monitor = retention_monitor(teacher, model, run.data.x_val[:256],
+                                [(f["teacher"], f["student"]) for f in run.dcfg["features"]], objective.projectors,
+                                run.data.y_val[:256] if run.cfg["monitor"]["gradients"] else None)
+    if react:
+        monitor = with_reaction(monitor, objective, run.cfg["monitor"], run.echo)
+    t0 = time.perf_counter()
+    info = run.fit(name, objective, data, monitor)
+    info.update(train_time_s=round(time.perf_counter() - t0, 3), teacher_outputs=mode)
+    return info
 
 
 def teacher_source(run: RunDir, teacher: nn.Module, mode: str, quiet: bool = False,
@@ -402,17 +427,17 @@ def evaluate(run: RunDir) -> Dict[str, Any]:
     """The test split, touched once per model, for the models selected on validation."""
     data, ecfg = run.data, run.cfg["evaluate"]
     stages = read_json(run.path("stages.json"), {})
-    metrics = {}
+    metrics, models = {}, {}
     from . import chain
     for name in (*MODELS_OUT, *chain.names(run.cfg)):
-        model = load_saved(run, name)
+        model = models[name] = load_saved(run, name)
         m = evaluate_model(model, require_saved(run.out, name), data.x_test, data.y_test, ecfg,
                            run.cfg["data"]["eval_batch_size"])
         extra = stages.get(name, {})
         m.update({k: extra[k] for k in ("val_accuracy", "selected_epoch", "train_time_s") if k in extra})
         metrics[name] = m
     write_json(run.path("metrics.json"), metrics)
-    chain.report(run, metrics)  # chain.json: accuracy and retention per generation, when there are assistants
+    chain.report(run, metrics, models)  # chain.json: accuracy and retention per generation, when there are assistants
     return metrics
 
 
