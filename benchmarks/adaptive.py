@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from distill import Recipe, run
-from distill.runner import with_seed
+from distill.pipeline.plan import with_seed
 
 VARIANTS = {
     "fixed (the recipe)": [],

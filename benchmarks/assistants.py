@@ -24,8 +24,9 @@ from distill import Recipe, run
 from distill.chain import PROBE
 from distill.data import load_data
 from distill.monitor import linear_cka
-from distill.runner import load_model_at, require_saved, with_seed
-from distill.train import predict
+from distill.pipeline.artifacts import load_model_at, require_saved
+from distill.pipeline.plan import with_seed
+from distill.engine.inference import predict
 
 # the per-step gradient-consistency probes only log; turned off to keep the benchmark within its time budget
 COMMON = ["monitor.gradients=false"]

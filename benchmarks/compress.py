@@ -25,7 +25,8 @@ from distill import Recipe, run
 from distill.compress.bench import bench, plot_pareto
 from distill.compress.pipeline import compress
 from distill.io import read_json, write_json
-from distill.runner import RunDir, with_seed
+from distill.pipeline.plan import with_seed
+from distill.pipeline.rundir import RunDir
 
 TORCH_VARIANTS = ("fp32", "dynamic", "static", "fp16", "bf16", "torchao", "pt2e")
 

@@ -23,7 +23,7 @@ from distill import Recipe
 from distill.compress.bench import bench
 from distill.compress.pipeline import compress
 from distill.io import read_json
-from distill.runner import RunDir
+from distill.pipeline.rundir import RunDir
 
 
 def stat(values, fmt=".2f") -> str:

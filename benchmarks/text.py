@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from distill import Recipe, run
-from distill.runner import with_seed
+from distill.pipeline.plan import with_seed
 
 # Which teacher layers a student of each depth keeps (spread over the stack; DistilBERT's initialisation).
 KEEP = {3: [0, 2, 4], 2: [0, 3], 1: [0]}

@@ -23,7 +23,7 @@ import torch
 
 from distill import Recipe, run
 from distill.data.text import read_texts
-from distill.runner import with_seed
+from distill.pipeline.plan import with_seed
 from text import KEEP  # benchmarks/text.py: the teacher layers a student of each depth keeps
 
 

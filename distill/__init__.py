@@ -9,8 +9,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 # Imported on first use, so `distill --help` answers without loading torch.
-_EXPORTS = {"Recipe": "recipe", "UserError": "errors", "RunDir": "runner", "run": "runner", "run_seeds": "runner",
-            "train_teacher": "runner", "soft_labels": "runner", "train_student": "runner", "evaluate": "runner"}
+_EXPORTS = {"Recipe": "recipe", "UserError": "errors", "RunDir": "pipeline.rundir", "run": "pipeline.plan",
+            "run_seeds": "pipeline.plan", "train_teacher": "pipeline.plan", "soft_labels": "pipeline.plan",
+            "train_student": "pipeline.plan"}  # (evaluate: distill.pipeline.plan.evaluate; distill.evaluate is a module)
 __all__ = list(_EXPORTS)
 
 

@@ -19,16 +19,17 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import __version__
 from .errors import UserError
-from .io import sha256_json, weights_sha256, write_json
+from .io import write_json
 from .models import PRESETS, build_model, count_params
 from .models.layers import parse_layer
+from .engine.inference import predict
+from .engine.trainer import set_seed
 from .monitor import linear_cka
+from .pipeline.artifacts import model_spec
+from .pipeline.rundir import RunDir
 from .registry import MODELS
-from .runner import RunDir, _feature_shapes, distil, load_saved, model_spec, save_role, teacher_mode, \
-    teacher_source
-from .train import Objective, predict, set_seed
+from .roles import STUDENT, TEACHER, assistant
 
 PROBE = 256  # validation samples on which retention is measured (as the monitor does)
 EXPLICIT = "list the assistant explicitly, e.g. distill.assistants: [{model: cnn, args: {...}}]"
@@ -37,14 +38,14 @@ EXPLICIT = "list the assistant explicitly, e.g. distill.assistants: [{model: cnn
 def names(cfg: Dict[str, Any]) -> List[str]:
     """`assistant_1`, ... for the recipe's chain (none without `distill.assistants`)."""
     a = cfg["distill"].get("assistants") or []
-    return [f"assistant_{i + 1}" for i in range(1 if a == "auto" else len(a))]
+    return [assistant(i) for i in range(1 if a == "auto" else len(a))]
 
 
 def specs(run: RunDir) -> List[Dict[str, Any]]:
     """The architecture of each assistant: as listed, or interpolated between teacher and student (`auto`)."""
     a = run.cfg["distill"].get("assistants") or []
     if a == "auto":
-        return [interpolate(model_spec(run, "teacher"), model_spec(run, "student"), run.data.input_shape)]
+        return [interpolate(model_spec(run, TEACHER), model_spec(run, STUDENT), run.data.input_shape)]
     return [{"model": m["model"], "args": m["args"], "arch": m["arch"]} for m in a]
 
 
@@ -53,49 +54,14 @@ def build(run: RunDir, i: int, spec: Dict[str, Any]) -> nn.Module:
     return build_model(spec, run.data.input_shape, run.data.num_classes, where=f"distill.assistants[{i}]")
 
 
-def preflight(run: RunDir, teacher: nn.Module, student: nn.Module) -> None:
-    """Build every assistant and take one distillation step on two samples per link of the chain."""
-    if not names(run.cfg):
+def check_auto(run: RunDir, assistants: List[nn.Module], teacher: nn.Module, student: nn.Module) -> None:
+    """An `auto` assistant must lie between the student and the teacher in size."""
+    if run.cfg["distill"]["assistants"] != "auto":
         return
-    assistants = [build(run, i, s) for i, s in enumerate(specs(run))]
-    if run.cfg["distill"]["assistants"] == "auto":
-        n, lo, hi = count_params(assistants[0]), count_params(student), count_params(teacher)
-        if not lo < n < hi:
-            raise UserError(f"distill.assistants: auto gives an assistant of {n:,} parameters, not between the "
-                            f"student's {lo:,} and the teacher's {hi:,}; {EXPLICIT}")
-    chain = [teacher, *assistants, student]
-    x, y = run.data.x_train[:2], run.data.y_train[:2]
-    for prev, nxt in zip(chain, chain[1:]):
-        t_shapes, s_shapes = _feature_shapes(run, prev, nxt)
-        source = teacher_source(run, prev, "online", quiet=True)
-        Objective(nxt, run.dcfg, source, t_shapes, s_shapes)(x, y, torch.arange(2))
-
-
-def train_assistants(run: RunDir, teacher: Optional[nn.Module] = None) -> nn.Module:
-    """Train (or reuse) each assistant from the one before; returns the last generation before the student
-    (the teacher itself when the recipe has no assistants)."""
-    prev = teacher or load_saved(run, "teacher")
-    for i, spec in enumerate(specs(run)):
-        prev = train_assistant(run, i, spec, prev)
-    return prev
-
-
-def train_assistant(run: RunDir, i: int, spec: Dict[str, Any], teacher: nn.Module) -> nn.Module:
-    """Assistant i+1, distilled from `teacher` (the previous generation) like the student is."""
-    name, mode = f"assistant_{i + 1}", teacher_mode(run)
-    fp = sha256_json({"spec": spec, "train": run.cfg["student"]["train"], "data": run.data.fingerprint,
-                      "version": __version__, "distill": run.dcfg, "mode": mode, "teacher": weights_sha256(teacher)})
-    if run.stage_done(name, fp, [f"{name}.safetensors"]):
-        run.event(f"{name}: inputs unchanged, reusing it", model=name)
-        return load_saved(run, name)
-    model = build(run, i, spec)
-    run.event(f"{name}: {count_params(model):,} parameters, distilled from "
-              f"{'the teacher' if i == 0 else f'assistant_{i}'}", model=name, spec=spec)
-    info = distil(run, name, model, teacher, mode)  # (its retention is logged against its own teacher)
-    info["params"] = count_params(model)
-    save_role(run, model, name, spec, info)
-    run.mark_done(name, fp, info)
-    return model
+    n, lo, hi = count_params(assistants[0]), count_params(student), count_params(teacher)
+    if not lo < n < hi:
+        raise UserError(f"distill.assistants: auto gives an assistant of {n:,} parameters, not between the "
+                        f"student's {lo:,} and the teacher's {hi:,}; {EXPLICIT}")
 
 
 # ---------------------------------------------------------------- decay per generation
@@ -105,12 +71,12 @@ def report(run: RunDir, metrics: Dict[str, Any], models: Dict[str, nn.Module]) -
     decay between neighbours. Retention is linear CKA of the logits against the original teacher's on the
     first 256 validation samples."""
     path = run.path("chain.json")
-    gens = ["teacher", *names(run.cfg), "student"]
+    gens = [TEACHER, *names(run.cfg), STUDENT]
     if len(gens) == 2:
         if os.path.exists(path):  # a chain from an earlier recipe in this folder no longer describes it
             os.remove(path)
         return None
-    probe, bs = run.data.x_val[:PROBE], run.cfg["data"]["eval_batch_size"]
+    probe, bs = run.data.probe(PROBE)[0], run.cfg["data"]["eval_batch_size"]
     t_logits = predict(models["teacher"], probe, bs)
     rows = []
     for g in gens:

@@ -8,11 +8,11 @@ import sys
 from typing import List, Optional
 
 from .errors import UserError
+from .roles import MODELS_OUT, SCRATCH, STUDENT, TEACHER
 
 DEFAULT_RECIPE = "digits"
-MODEL_NAMES = ("student", "student_scratch", "teacher")
-NEEDS = {"soft-labels": ("teacher",), "train-student": ("teacher",),
-         "evaluate": ("teacher", "student_scratch", "student")}
+MODEL_NAMES = (STUDENT, SCRATCH, TEACHER)
+NEEDS = {"soft-labels": (TEACHER,), "train-student": (TEACHER,), "evaluate": MODELS_OUT}
 
 
 def _recipe_args(p: argparse.ArgumentParser, target_help: str) -> None:
@@ -26,6 +26,8 @@ def _recipe_args(p: argparse.ArgumentParser, target_help: str) -> None:
                    help="allow a run folder that holds a run of a different recipe (unchanged stages are reused)")
     p.add_argument("--tensorboard", action="store_true",
                    help="also log scalars and weight/gradient histograms for TensorBoard, in RUN_DIR/tensorboard")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the student trained without distillation (the same as --set baseline=false)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,12 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="export a trained model: onnx (checked in ONNX Runtime), torchscript, "
                                        "safetensors",
                         description="Export a model of a finished run. The export is loaded back and run on test "
-                                    "inputs; it is kept only if its outputs match PyTorch's.")
+                                    "inputs; it is kept only if its outputs match PyTorch's. ONNX and TorchScript "
+                                    "files take raw inputs: the training data's normalisation (mean/std, saved "
+                                    "with the model) is baked into the graph unless --no-preprocessing. "
+                                    "safetensors is weights only; its metadata keeps the normalisation "
+                                    "(`preprocessing`).")
     ex.add_argument("target", help="a run folder")
-    ex.add_argument("--format", required=True, choices=("onnx", "torchscript", "safetensors"))
+    ex.add_argument("--format", required=True, choices=("onnx", "torchscript", "safetensors"),
+                    help="onnx or torchscript (take raw inputs), or safetensors (weights only; the "
+                         "normalisation stays in its metadata under `preprocessing`)")
     ex.add_argument("--model", default="student",
                     help="student (default), student_scratch, teacher, or a compressed model: compress/NAME")
     ex.add_argument("--out", default=None, help="file to write (default: RUN_DIR/export/MODEL.EXT)")
+    ex.add_argument("--no-preprocessing", dest="preprocessing", action="store_false",
+                    help="leave the input normalisation out of onnx/torchscript: the file then takes inputs "
+                         "already normalised with the training statistics")
     cp = sub.add_parser("compress", help="compress a finished run's student: layers, heads, channels, vocabulary, QAT",
                         description="Apply the recipe's compress.steps to the distilled student of a finished run, "
                                     "fine-tuning by distillation after each; models go to RUN_DIR/compress/.")
@@ -172,13 +183,15 @@ def _run_folder(target: str, overrides: List[str]):
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from .compress.pipeline import compress
-    from .runner import Interrupted, RunDir, require_saved
+    from .engine.trainer import Interrupted
+    from .pipeline.artifacts import require_saved
+    from .pipeline.plan import execute
+    from .pipeline.rundir import RunDir
     recipe, folder = _run_folder(args.target, args.overrides)
     for name in ("teacher", recipe.cfg["compress"]["source"]):
         require_saved(folder, name)
     try:
-        records = compress(RunDir(recipe, folder, _echo, resume=args.resume))
+        records = execute(RunDir(recipe, folder, _echo, resume=args.resume), ["compress"], check=False)["compress"]
     except Interrupted as e:
         print(f"{e}; continue with: distill compress {folder} --resume", file=sys.stderr)
         return 130
@@ -213,10 +226,12 @@ def _report(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     """`distill export RUN_DIR --format F`: write, verify, and record the export in export/exports.json."""
+    import torch
+
     from .compress.export import SUFFIX, export_model
     from .data import load_data
-    from .io import read_json, write_json
-    from .runner import load_model_at, require_saved
+    from .io import load_meta, read_json, write_json
+    from .pipeline.artifacts import load_model_at, require_saved
     if not os.path.isdir(args.target):
         raise UserError(f"{args.target}: not a run folder; export works on the folder of a finished run")
     recipe, folder = _load(args.target, [], None)
@@ -226,13 +241,31 @@ def _export(args: argparse.Namespace) -> int:
     model = load_model_at(path, args.model)
     data = load_data(recipe.cfg["data"])
     out = args.out or os.path.join(folder, "export", args.model.replace("/", "-") + SUFFIX[args.format])
+    # the model file's own record of its input normalisation; HF folders (text) have none, and runs made
+    # before it was saved lack the key: both read as {} (the export then takes the model's inputs as they are)
+    saved = load_meta(path) if os.path.isfile(path) else {}
+    prep = saved.get("preprocessing") or {}
     meta = {"role": args.model, "class_names": data.class_names, "num_classes": data.num_classes,
-            "input_shape": list(data.input_shape)}
-    info = export_model(model, data.x_test[:8], args.format, out, meta)
+            "input_shape": list(data.input_shape), "preprocessing": prep}
+    x = data.x_test[:8]  # normalised with data.stats; a baked-in export is checked on the raw inputs instead
+    bake = args.preprocessing and args.format != "safetensors" and "normalize" in prep
+    if bake and data.stats:
+        shape = (1, -1, 1, 1) if data.image else (1, -1)
+        x = (x * torch.tensor(data.stats["std"]).reshape(shape) + torch.tensor(data.stats["mean"]).reshape(shape))
+    info = export_model(model, x, args.format, out, meta, prep if bake else None)
     record = os.path.join(folder, "export", "exports.json")
     write_json(record, {**read_json(record, {}), f"{args.model}.{args.format}": info})
+    if info["preprocessing"] == "baked":
+        takes = "takes raw inputs (normalisation baked in)"
+    elif "normalize" in prep:
+        takes = ("weights only (normalisation in its metadata)" if args.format == "safetensors"
+                 else "takes normalised inputs (--no-preprocessing)")
+    else:
+        takes = ("takes normalised inputs (the model file predates saved normalisation statistics; "
+                 "re-train it to bake them in)" if data.stats else "takes inputs as they are (no normalisation)")
     print(f"{args.model} -> {out} ({info['size_bytes'] / 1024:,.1f} KB); outputs match PyTorch within "
-          f"{info['max_abs_diff']:.2g} (tolerance {info['tolerance']:.2g}) on {info['checked_on']} test inputs")
+          f"{info['max_abs_diff']:.2g} (tolerance {info['tolerance']:.2g}) on {info['checked_on']} test inputs; "
+          f"{takes}")
     return 0
 
 
@@ -279,51 +312,58 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command in ("export", "compress", "bench", "search", "report", "doctor"):
         return {"export": _export, "compress": _compress, "bench": _bench, "search": _search,
                 "report": _report, "doctor": _doctor}[args.command](args)
-    from . import runner
+    from .engine.trainer import Interrupted
+    from .pipeline.rundir import run_folder
     if isinstance(args.resume, str):
         if args.target:
             raise UserError(f"--resume {args.resume}: give the run folder once, either as RECIPE or after --resume")
         args.target, args.resume = args.resume, True
-    recipe, out = _load(args.target, args.overrides, args.out)
+    recipe, out = _load(args.target, [*args.overrides, *(["baseline=false"] if args.no_baseline else [])], args.out)
     try:
         return _run_command(args, recipe, out)
-    except runner.Interrupted as e:
-        again = f"distill {args.command} {runner.run_folder(recipe, out)} --resume"
+    except Interrupted as e:
+        again = f"distill {args.command} {run_folder(recipe, out)} --resume"
         print(f"{e}; continue with: {again}", file=sys.stderr)
         return 130
 
 
+# What each stage command runs of the plan (the stages it leaves out are read from the run folder).
+STAGES = {"train-teacher": ("teacher",), "soft-labels": ("teacher", "assistant", "soft_labels"),
+          "train-student": ("teacher", "assistant", "soft_labels", "baseline", "student"), "evaluate": ("evaluate",)}
+
+
 def _run_command(args: argparse.Namespace, recipe, out: Optional[str]) -> int:
-    from . import runner
     from .evaluate import format_table
+    from .pipeline import plan
+    from .pipeline.artifacts import require_saved
+    from .pipeline.rundir import RunDir, run_folder
     flags = {"resume": bool(args.resume), "overwrite": args.overwrite, "tensorboard": args.tensorboard}
     if args.command == "run":
         if args.seeds is not None:
             if args.seeds < 1:
                 raise UserError(f"--seeds: expected a positive number of seeds, got {args.seeds}")
-            summary = runner.run_seeds(recipe, list(range(args.seeds)), out, _echo, **flags)
+            summary = plan.run_seeds(recipe, list(range(args.seeds)), out, _echo, **flags)
             print(f"mean ± std over seeds {summary['seeds']}:")
             print(format_table(summary))
         else:
-            metrics = runner.run(recipe, out, _echo, **flags)
+            metrics = plan.run(recipe, out, _echo, **flags)
             print(format_table(metrics))
-            print(f"run folder: {runner.run_folder(recipe, out)}")
+            print(f"run folder: {run_folder(recipe, out)}")
         return 0
-    for name in NEEDS.get(args.command, ()):  # checked before the run folder is touched
-        runner.require_saved(runner.run_folder(recipe, out), name)
-    rd = runner.RunDir(recipe, out, _echo, **flags)
+    needs = [n for n in NEEDS.get(args.command, ()) if n != SCRATCH or recipe.cfg["baseline"]]
+    for name in needs:  # checked before the run folder is touched
+        require_saved(run_folder(recipe, out), name)
+    rd = RunDir(recipe, out, _echo, **flags)
+    records = plan.execute(rd, STAGES[args.command], check=args.command != "evaluate")
     if args.command == "train-teacher":
-        runner.train_teacher(rd)
-        print(f"teacher: {runner.require_saved(rd.out, 'teacher')}")
+        print(f"teacher: {require_saved(rd.out, 'teacher')}")
     elif args.command == "soft-labels":
-        runner.soft_labels(rd)
         print(f"soft labels: {rd.path('soft_labels.json')}")
     elif args.command == "train-student":
-        from .chain import train_assistants
-        runner.train_student(rd, train_assistants(rd))  # through the teacher assistants, when the recipe has any
-        print(f"students: {runner.require_saved(rd.out, 'student')}, {runner.require_saved(rd.out, 'student_scratch')}")
-    elif args.command == "evaluate":
-        print(format_table(runner.evaluate(rd)))
+        made = [require_saved(rd.out, n) for n in (STUDENT, SCRATCH) if n in records]
+        print(f"students: {', '.join(made)}")
+    else:
+        print(format_table(records["metrics"]))
     return 0
 
 

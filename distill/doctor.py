@@ -23,6 +23,7 @@ import torch
 from .errors import UserError
 from .io import read_run_json, write_json
 from .logbook import read_log
+from .roles import MODELS_OUT, SCRATCH, STUDENT, TEACHER, is_assistant
 
 # Every threshold the rules use, in one place. Accuracies are fractions (0.01 = one point).
 THRESHOLDS: Dict[str, float] = {
@@ -66,7 +67,7 @@ THRESHOLDS: Dict[str, float] = {
 }
 TH = THRESHOLDS  # (short name for the rules below)
 
-ROLES = ("teacher", "student_scratch", "student")
+ROLES = MODELS_OUT
 DYNAMIC_OF = {"static": "dynamic", "onnx_static": "onnx_dynamic", "pt2e": "dynamic"}  # static -> its dynamic pair
 
 
@@ -85,7 +86,7 @@ class RunView:
 
     def __init__(self, folder: str) -> None:
         from .recipe import Recipe
-        from .runner import require_run
+        from .pipeline.artifacts import require_run
         require_run(folder, "doctor")
         self.folder = folder
         self.metrics = self._json("metrics.json")
@@ -104,6 +105,8 @@ class RunView:
     def accuracy(self, role: str) -> float:
         """Test accuracy of `role` from metrics.json, or Skip."""
         m = self.metrics.get(role) or {}
+        if m.get("skipped"):
+            raise Skip(f"the run skipped {role} (baseline: false), so there is nothing to compare against")
         if "accuracy" not in m:
             raise Skip(f"metrics.json has no test accuracy for {role}")
         return float(m["accuracy"])
@@ -120,7 +123,7 @@ class RunView:
         return load_data(self.cfg["data"])
 
     def model(self, role: str):
-        from .runner import load_model_at, require_saved
+        from .pipeline.artifacts import load_model_at, require_saved
         try:
             path = require_saved(self.folder, role)
         except UserError:
@@ -133,7 +136,7 @@ class RunView:
         last = {r: (self.epochs.get(r) or [{}])[-1].get("train_accuracy") for r in roles}
         if all(v is not None for v in last.values()):
             return {r: float(v) for r, v in last.items()}, "log: last epoch (train mode, running over the epoch)"
-        from .train import accuracy
+        from .engine.inference import accuracy
         bs = self.cfg["data"]["eval_batch_size"]
         return ({r: accuracy(self.model(r), self.data.x_train, self.data.y_train, bs) for r in roles},
                 "computed: selected model on the training split")
@@ -170,14 +173,14 @@ def _short(v: Any) -> Any:
 
 def weak_teacher(run: RunView) -> List[Dict[str, Any]]:
     """The teacher is no better than the student trained without it: it has nothing to teach."""
-    teacher, scratch = run.accuracy("teacher"), run.accuracy("student_scratch")
+    teacher, scratch = run.accuracy(TEACHER), run.accuracy(SCRATCH)
     if teacher > scratch + TH["teacher_margin"]:
         return []
     tm = run.metrics["teacher"]
     epochs = run.cfg["teacher"]["train"]["epochs"]
     ev = {"teacher_accuracy": teacher, "scratch_accuracy": scratch, "teacher_margin": TH["teacher_margin"],
           "teacher_val_accuracy": tm.get("val_accuracy"),
-          "scratch_val_accuracy": run.metrics["student_scratch"].get("val_accuracy"),
+          "scratch_val_accuracy": run.metrics[SCRATCH].get("val_accuracy"),
           "teacher_epochs": epochs, "teacher_selected_epoch": tm.get("selected_epoch")}
     from .recipe import is_text
     bigger = "teacher.hf: a larger model" if is_text(run.cfg, "teacher") else "teacher.model / teacher.args"
@@ -218,7 +221,7 @@ def temperature_for(logits: torch.Tensor, target: float, start: float) -> float:
 
 def overconfident_soft_labels(run: RunView) -> List[Dict[str, Any]]:
     """The teacher's softened outputs are nearly one-hot: the soft labels carry almost no dark knowledge."""
-    from .train import predict
+    from .engine.inference import predict
     teacher = run.model("teacher")
     t = float(run.cfg["distill"]["temperature"])
     logits = predict(teacher, run.data.x_val, run.cfg["data"]["eval_batch_size"])
@@ -239,7 +242,7 @@ def overconfident_soft_labels(run: RunView) -> List[Dict[str, Any]]:
 
 def capacity_gap(run: RunView) -> List[Dict[str, Any]]:
     """A much larger teacher, a distilled student far below it, and distillation gaining little."""
-    teacher, student, scratch = run.accuracy("teacher"), run.accuracy("student"), run.accuracy("student_scratch")
+    teacher, student, scratch = run.accuracy(TEACHER), run.accuracy(STUDENT), run.accuracy(SCRATCH)
     ratio = run.params("teacher") / run.params("student")
     gain, gap = student - scratch, teacher - student
     if not (gain < TH["kd_gain_min"] and gap > TH["teacher_gap"] and ratio > TH["param_ratio"]):
@@ -339,7 +342,7 @@ def _val_loss_rise(records: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
 
 def overfitting(run: RunView) -> List[Dict[str, Any]]:
     """A large train/validation accuracy gap, or validation loss rising while the training loss falls."""
-    roles = [r for r in (*ROLES, *[k for k in run.metrics if k.startswith("assistant_")]) if r in run.metrics]
+    roles = [r for r in (*ROLES, *[k for k in run.metrics if is_assistant(k)]) if r in run.metrics]
     logged = [r for r in roles if run.epochs.get(r)]
     if not logged:
         raise Skip("log.jsonl has no epoch records of the trained models")
@@ -402,7 +405,7 @@ def _wider(args: Dict[str, Any]) -> Dict[str, Any]:
 def student_too_small(run: RunView) -> List[Dict[str, Any]]:
     """Both students far below the teacher although distillation helps, or the student cannot even fit
     its training data: more capacity, not a better teacher, is what it needs."""
-    teacher, student, scratch = run.accuracy("teacher"), run.accuracy("student"), run.accuracy("student_scratch")
+    teacher, student, scratch = run.accuracy(TEACHER), run.accuracy(STUDENT), run.accuracy(SCRATCH)
     gain = student - scratch
     if not (teacher - student > TH["teacher_gap"] and teacher - scratch > TH["teacher_gap"]):
         return []

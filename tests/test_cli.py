@@ -1,4 +1,5 @@
 """The command line as a user meets it: help, listing, stages, and one-line errors with exit code 2."""
+import argparse
 import json
 import os
 import subprocess
@@ -6,7 +7,7 @@ import sys
 
 import pytest
 
-from distill.cli import main
+from distill.cli import build_parser, main
 
 
 def cli(*args, cwd=None):
@@ -14,11 +15,61 @@ def cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "distill", *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 
-def test_help_for_every_command():
+def _commands():
+    """Every subcommand the parser has, with its parser and one-line help: a new command cannot be missed."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    return {name: (parser, helps.get(name)) for name, parser in sub.choices.items()}
+
+
+COMMANDS = sorted(_commands())
+NO_TARGET = {"recipes"}  # the commands that take no RECIPE / RUN_DIR argument
+
+
+def _squash(text):
+    return "".join(text.split())  # argparse rewraps help text (and may break lines after a hyphen)
+
+
+def test_the_parser_has_every_documented_command():
+    assert set(COMMANDS) >= {"recipes", "run", "train-teacher", "soft-labels", "train-student", "evaluate",
+                             "export", "compress", "bench", "report", "doctor", "search"}
+    for name, (parser, _) in _commands().items():
+        takes_target = any(a.dest == "target" for a in parser._actions if not a.option_strings)
+        assert takes_target != (name in NO_TARGET), name
+
+
+def test_top_level_help_lists_every_command_with_its_purpose():
     r = cli("--help")
-    assert r.returncode == 0 and "run" in r.stdout and "train-teacher" in r.stdout
-    for cmd in ("run", "recipes", "train-teacher", "soft-labels", "train-student", "evaluate"):
-        assert cli(cmd, "--help").returncode == 0, cmd
+    assert r.returncode == 0, r.stderr
+    for name, (_, what) in _commands().items():
+        assert what, f"{name}: no help text"
+        assert name in r.stdout and _squash(what) in _squash(r.stdout), name
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_help_for_every_command(cmd):
+    parser, _ = _commands()[cmd]
+    r = cli(cmd, "--help")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"usage: distill {cmd}")
+    assert parser.description, f"{cmd}: no description"
+    assert _squash(parser.description) in _squash(r.stdout)  # what the command is for
+
+
+@pytest.mark.parametrize("cmd", [c for c in COMMANDS if c not in NO_TARGET])
+def test_every_command_refuses_a_missing_target_in_one_line(cmd, tmp_path, capsys, monkeypatch):
+    """A missing folder (or recipe) given to any command: one `error:` line naming it, exit 2, nothing made."""
+    monkeypatch.chdir(tmp_path)
+    parser, _ = _commands()[cmd]
+    missing = str(tmp_path / "no-such-run")
+    required = [[a.option_strings[0], str(next(iter(a.choices)) if a.choices else "x")]
+                for a in parser._actions if a.option_strings and a.required]  # e.g. export --format
+    code = main([cmd, missing, *[x for pair in required for x in pair]])
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert captured.err.startswith(f"error: {missing}: ") and len(captured.err.strip().splitlines()) == 1, captured.err
+    assert "Traceback" not in captured.err
+    assert os.listdir(tmp_path) == []  # no run folder, no runs/, no cache
 
 
 def test_recipes_lists_bundled(capsys):

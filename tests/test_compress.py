@@ -17,7 +17,7 @@ from distill.compress.prune import head_importance, keep_top, prune_channels, pr
 from distill.compress.quantize import dynamic_int8, finish_qat, int8_linear_count, prepare_qat, static_int8
 from distill.compress.structure import RemappedEmbedding, fit_to_shapes
 from distill.models import build_model, count_params
-from distill.runner import load_model_at
+from distill.pipeline.artifacts import load_model_at
 
 QUIET = {"echo": lambda m: None}
 
@@ -217,7 +217,7 @@ def test_compress_cnn_every_step_saves_a_smaller_loadable_model(cnn_run, capsys)
     assert params[0] < 691_674 and params[1] < params[0] and params[2] < params[1] and params[3] == params[2]
     recipe = Recipe.load(os.path.join(cnn_run, "recipe.yaml"))
     from distill.data import load_data
-    from distill.train import accuracy
+    from distill.engine.inference import accuracy
     data = load_data(recipe.cfg["data"])
     for m in record["models"]:  # every step reloads from its file, and is the model that was measured
         model = load_model_at(m["path"], m["name"])

@@ -87,7 +87,7 @@ def test_bad_labels_are_refused(tmp_path, y_train, message):
 
 
 def test_loader_workers_give_the_same_batches_as_the_main_process(tmp_path):
-    from distill.train import epoch_batches
+    from distill.engine.sampling import epoch_batches
     cfg = data_cfg(dataset="npz", path=_npz(tmp_path), val_fraction=0.2, batch_size=8,
                    transforms={"random_crop": 2, "hflip": True})
     d = load_data(cfg)
@@ -96,7 +96,7 @@ def test_loader_workers_give_the_same_batches_as_the_main_process(tmp_path):
     assert len(inline) == len(workers) == 4
     for (xa, ya, ia), (xb, yb, ib) in zip(inline, workers):
         assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ia, ib)
-    assert not torch.equal(inline[0][0], d.x_train[inline[0][2]])  # augmented, not the stored images
+    assert not torch.equal(inline[0].x, d.x_train[inline[0].idx])  # augmented, not the stored images
 
 
 def test_csv_with_named_classes_and_a_test_file(tmp_path):

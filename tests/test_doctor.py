@@ -16,7 +16,7 @@ import torch
 from distill import doctor as doc
 from distill.cli import main
 from distill.recipe import Recipe
-from distill.runner import run
+from distill.pipeline.plan import run
 
 BASE = """name: doc
 data: {dataset: digits}
@@ -120,8 +120,8 @@ def test_overconfident_soft_labels(runs, capsys):
     assert better > 0.1 and ev["entropy_at_suggested"] >= 0.1
     assert f"--set distill.temperature={better:g}" in f["suggestion"]
     # the suggested T is the smallest (to 0.1) that reaches the threshold, on the same logits
-    from distill.runner import load_model_at
-    from distill.train import predict
+    from distill.pipeline.artifacts import load_model_at
+    from distill.engine.inference import predict
     view = doc.RunView(runs("overconfident_soft_labels"))
     logits = predict(load_model_at(os.path.join(view.folder, "teacher.safetensors"), "teacher"), view.data.x_val)
     assert doc.normalised_entropy(logits, better) >= 0.1 > doc.normalised_entropy(logits, better - 0.1)

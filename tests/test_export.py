@@ -9,10 +9,11 @@ import torch
 
 from distill import Recipe, run
 from distill.cli import main
-from distill.compress.export import signature
+from distill.compress.export import export_model, signature
 from distill.data import load_data
-from distill.io import load_weights
-from distill.runner import load_model_at
+from distill.errors import UserError
+from distill.io import load_meta, load_weights
+from distill.pipeline.artifacts import load_model_at
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -24,40 +25,135 @@ def digits_run(tmp_path_factory):
     return out
 
 
+def raw_and_normalised(run_dir, n=37):
+    """The run's test inputs un-normalised, loaded independently of the export (the same recipe with
+    data.transforms.normalize off: the split comes before normalisation), and as the pipeline feeds them."""
+    recipe = os.path.join(run_dir, "recipe.yaml")
+    raw = load_data(Recipe.load(recipe, ["data.transforms.normalize=false"]).cfg["data"])
+    data = load_data(Recipe.load(recipe).cfg["data"])
+    assert not raw.stats and data.stats
+    return raw.x_test[:n], data.x_test[:n]  # another batch size than the export's example
+
+
+def run_exported(fmt, path, x):
+    if fmt == "onnx":
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+    with torch.no_grad():
+        return torch.jit.load(path)(x)
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "safetensors"])
 def test_cnn_export_matches_pytorch(digits_run, fmt, capsys):
     assert main(["export", digits_run, "--format", fmt]) == 0
-    assert "outputs match PyTorch" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "outputs match PyTorch" in printed
     info = json.load(open(os.path.join(digits_run, "export", "exports.json")))[f"student.{fmt}"]
     assert info["max_abs_diff"] <= info["tolerance"] and os.path.getsize(info["path"]) == info["size_bytes"]
     student = load_model_at(os.path.join(digits_run, "student.safetensors"), "student").eval()
-    recipe = Recipe.load(os.path.join(digits_run, "recipe.yaml"))
-    x = load_data(recipe.cfg["data"]).x_test[:37]  # another batch size than the export's example
+    raw, x = raw_and_normalised(digits_run)
     with torch.no_grad():
         want = student(x)
-    if fmt == "onnx":
-        session = ort.InferenceSession(info["path"], providers=["CPUExecutionProvider"])
-        got = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
-        assert {n.op_type for n in __import__("onnx").load(info["path"]).graph.node} >= {"Conv", "Gemm"}
-    elif fmt == "torchscript":
-        got = torch.jit.load(info["path"])(x)
-    else:
+    if fmt == "safetensors":  # weights only: fed normalised inputs; the statistics stay in its metadata
+        assert info["preprocessing"] == "none" and "weights only" in printed
+        assert load_meta(info["path"])["preprocessing"] == load_meta(
+            os.path.join(digits_run, "student.safetensors"))["preprocessing"]
         fresh = load_model_at(os.path.join(digits_run, "student.safetensors"), "student")
         load_weights(fresh, info["path"], "export")
-        got = fresh.eval()(x)
+        with torch.no_grad():
+            got = fresh.eval()(x)
+    else:  # the normalisation is baked in: RAW pixels in, the pipeline's logits out
+        assert info["preprocessing"] == "baked" and "takes raw inputs (normalisation baked in)" in printed
+        got = run_exported(fmt, info["path"], raw)
+        if fmt == "onnx":
+            assert {n.op_type for n in __import__("onnx").load(info["path"]).graph.node} >= {"Conv", "Gemm", "Sub", "Div"}
+    assert torch.equal(got.argmax(1), want.argmax(1))
     assert torch.allclose(got, want, atol=1e-4)
 
 
-def test_text_export_has_dynamic_batch_and_sequence(tmp_path):
+def test_raw_inputs_are_really_raw(digits_run):
+    """The independent raw inputs are sklearn's digits pixels (/16), and the pipeline's are their normalisation."""
+    raw, x = raw_and_normalised(digits_run)
+    assert raw.min() >= 0 and raw.max() <= 1 and torch.equal(raw * 16, (raw * 16).round())
+    norm = load_meta(os.path.join(digits_run, "student.safetensors"))["preprocessing"]["normalize"]
+    assert norm["image"] and norm["axis"] == 1 and len(norm["mean"]) == raw.shape[1] == 1
+    mean, std = (torch.tensor(norm[k]).reshape(1, -1, 1, 1) for k in ("mean", "std"))
+    assert torch.allclose((raw - mean) / std, x, atol=1e-5) and not torch.allclose(raw, x, atol=1e-2)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_no_preprocessing_takes_normalised_inputs(digits_run, fmt, tmp_path, capsys):
+    out = str(tmp_path / f"plain.{fmt}")
+    assert main(["export", digits_run, "--format", fmt, "--no-preprocessing", "--out", out]) == 0
+    assert "takes normalised inputs" in capsys.readouterr().out
+    info = json.load(open(os.path.join(digits_run, "export", "exports.json")))[f"student.{fmt}"]
+    assert info["preprocessing"] == "none" and info["path"] == out
+    student = load_model_at(os.path.join(digits_run, "student.safetensors"), "student").eval()
+    raw, x = raw_and_normalised(digits_run)
+    with torch.no_grad():
+        want = student(x)
+    assert torch.allclose(run_exported(fmt, out, x), want, atol=1e-4)
+    assert not torch.allclose(run_exported(fmt, out, raw), want, atol=1e-2)  # raw pixels are the wrong input
+    if fmt == "onnx":
+        assert not {"Sub", "Div"} & {n.op_type for n in __import__("onnx").load(out).graph.node}
+
+
+def test_run_without_saved_preprocessing_exports_as_before(digits_run, tmp_path, capsys):
+    """A model file saved before the statistics were recorded: nothing to bake in, normalised inputs."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    old = str(tmp_path / "old")
+    shutil.copytree(digits_run, old, ignore=shutil.ignore_patterns("export"))
+    path = os.path.join(old, "student.safetensors")
+    meta = {k: v for k, v in load_meta(path).items() if k != "preprocessing"}
+    save_file(load_file(path), path, metadata={"distill": json.dumps(meta)})
+    assert main(["export", old, "--format", "onnx"]) == 0
+    assert "predates saved normalisation" in capsys.readouterr().out
+    info = json.load(open(os.path.join(old, "export", "exports.json")))["student.onnx"]
+    assert info["preprocessing"] == "none"
+    student = load_model_at(path, "student").eval()
+    _, x = raw_and_normalised(old)
+    with torch.no_grad():
+        assert torch.allclose(run_exported("onnx", info["path"], x), student(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(6,), (3, 5, 5)], ids=["vector", "image"])
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_normalisation_is_per_feature_or_per_channel(tmp_path, shape, fmt):
+    """(N, D) vectors get D statistics, (N, C, H, W) images C, broadcast the way load_data normalises."""
+    torch.manual_seed(0)
+    image, dims = len(shape) == 3, shape[0]
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(int(np.prod(shape)), 4)).eval()
+    mean, std = torch.randn(dims) * 3, torch.rand(dims) * 4 + 0.5
+    prep = {"normalize": {"mean": mean.tolist(), "std": std.tolist(), "axis": 1, "image": image}}
+    raw = torch.randn(9, *shape) * 5 + 2
+    path = str(tmp_path / f"m.{fmt}")
+    info = export_model(model, raw[:8], fmt, path, {}, prep)
+    assert info["preprocessing"] == "baked"
+    b = (1, -1, 1, 1) if image else (1, -1)
+    with torch.no_grad():
+        want = model((raw - mean.reshape(b)) / std.reshape(b))
+    assert torch.allclose(run_exported(fmt, path, raw), want, atol=1e-4)
+    with pytest.raises(UserError, match="do not fit inputs"):  # statistics for another number of features
+        export_model(model, raw[:8], fmt, str(tmp_path / f"bad.{fmt}"), {},
+                     {"normalize": {**prep["normalize"], "mean": [0.0] * (dims + 1), "std": [1.0] * (dims + 1)}})
+    assert not os.path.exists(tmp_path / f"bad.{fmt}")
+
+
+def test_text_export_has_dynamic_batch_and_sequence(tmp_path, capsys):
     from textkit import text_recipe
     recipe = text_recipe(str(tmp_path), teacher={"train": {"epochs": 1}}, student={"train": {"epochs": 1}})
     run(Recipe.from_dict(recipe), echo=lambda m: None)
     out = recipe["output"]["dir"]
     assert main(["export", out, "--format", "onnx"]) == 0
+    assert "no normalisation" in capsys.readouterr().out  # token ids: nothing to bake in, signature unchanged
+    assert json.load(open(os.path.join(out, "export", "exports.json")))["student.onnx"]["preprocessing"] == "none"
     student = load_model_at(os.path.join(out, "student"), "student").eval()
     data = load_data(Recipe.load(os.path.join(out, "recipe.yaml")).cfg["data"])
     module, inputs, _ = signature(student, data.x_test[10:15])  # other texts, batch and length than the export's
     session = ort.InferenceSession(os.path.join(out, "export", "student.onnx"), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.type) for i in session.get_inputs()] == [("input_ids", "tensor(int64)"),
+                                                                ("attention_mask", "tensor(int64)")]
     got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
     with torch.no_grad():
         assert np.allclose(got, student(data.x_test[10:15]).numpy(), atol=1e-4)

@@ -7,7 +7,7 @@ from torch import nn
 
 from distill.losses import Projector, align, ce_loss, feature_cosine, feature_mse, kd_loss
 from distill.registry import LOSSES
-from distill.train import Objective
+from distill.engine.objective import Objective
 
 
 def softmax(v):
@@ -86,8 +86,9 @@ class _Recorder(nn.Module):
 
 
 def _teacher_source(teacher):
-    from distill.softlabels import teacher_forward
-    return lambda x, idx: teacher_forward(teacher, x)
+    from distill.engine.batch import TeacherOutputs
+    from distill.teachers import teacher_forward
+    return lambda x, idx: TeacherOutputs(*teacher_forward(teacher, x))
 
 
 def test_objective_alpha_0_is_ce_and_alpha_1_is_kd():
@@ -101,7 +102,7 @@ def test_objective_alpha_0_is_ce_and_alpha_1_is_kd():
             assert loss.item() == pytest.approx(expect(student(x), teacher(x)).item(), rel=1e-6)
     obj = Objective(student, {"alpha": 0.25, "temperature": 3.0, "features": []}, _teacher_source(teacher))
     loss, parts = obj(x, y, idx)
-    assert loss.item() == pytest.approx(0.75 * parts["ce"] + 0.25 * parts["kd"], rel=1e-6)
+    assert loss.item() == pytest.approx(0.75 * float(parts["ce"]) + 0.25 * float(parts["kd"]), rel=1e-6)
 
 
 def test_teacher_builds_no_graph_and_gets_no_gradient():
@@ -118,7 +119,7 @@ def test_teacher_builds_no_graph_and_gets_no_gradient():
 def test_student_is_in_train_mode_every_epoch_after_evaluation():
     from distill.data.datasets import DataBundle
     from distill.recipe import SCHEMA, TRAIN, validate_section
-    from distill.train import fit
+    from distill.engine.trainer import fit
     torch.manual_seed(0)
     x, y = torch.randn(40, 4), torch.arange(40) % 3
     data = DataBundle(x, y, x[:10], y[:10], x[:10], y[:10], 3, ["a", "b", "c"], (4,), False, "fp")
@@ -134,7 +135,7 @@ def test_student_is_in_train_mode_every_epoch_after_evaluation():
 
 
 def test_lr_schedules():
-    from distill.train import lr_factor
+    from distill.engine.trainer import lr_factor
     cos = {"name": "cosine", "warmup_epochs": 0, "milestones": [], "gamma": 0.1}
     assert [round(lr_factor(e, cos, 4), 4) for e in range(4)] == [1.0, 0.8536, 0.5, 0.1464]
     step = {"name": "multistep", "warmup_epochs": 0, "milestones": [2, 3], "gamma": 0.1}
@@ -144,7 +145,7 @@ def test_lr_schedules():
 
 
 def test_optimizers_from_the_recipe():
-    from distill.train import make_optimizer
+    from distill.engine.trainer import make_optimizer
     p = [torch.nn.Parameter(torch.zeros(2))]
     base = {"lr": 0.1, "weight_decay": 0.01, "momentum": 0.8, "nesterov": True}
     sgd = make_optimizer(p, {**base, "name": "sgd"})

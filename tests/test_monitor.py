@@ -51,7 +51,7 @@ def test_distilled_run_logs_retention_per_epoch(tmp_path):
 
 def _objective(**distill):
     from distill.models import build_model
-    from distill.train import Objective
+    from distill.engine.objective import Objective
     student = build_model({"model": "mlp", "args": {"hidden": [8]}}, (4,), 3)
     dcfg = {"alpha": 0.9, "temperature": 4.0, "features": [], **distill}
     return Objective(student, dcfg, lambda x, idx: (torch.zeros(len(x), 3), {}))
@@ -203,7 +203,8 @@ def test_confidence_weights_average_one_and_reduce_to_plain_kd_for_an_equally_su
 TINY_CNN_PAIR = ["train.epochs=3", "teacher.train.epochs=2", "data.as_image=true", "teacher.model=cnn",
                  "teacher.args={channels: [8, 16], hidden: 32}", "student.arch=null", "student.model=cnn",
                  "student.args={channels: [4, 8], hidden: 16}",
-                 "distill.features=[{teacher: body.3, student: body.3, loss: mse}]", "monitor.every=5"]
+                 "distill.features=[{teacher: body.3, student: body.3, loss: mse}]", "monitor.every=5",
+                 "monitor.gradients_every=5"]
 
 
 def test_run_logs_gradient_consistency_cosine_and_step_lines(tmp_path):
@@ -228,7 +229,8 @@ def test_measuring_gradients_does_not_change_training(tmp_path):
     weights = []
     for on in ("true", "false"):
         out = str(tmp_path / on)
-        run(Recipe.load("digits", [*TINY_CNN_PAIR, f"monitor.gradients={on}", "monitor.every=2"]), out,
+        run(Recipe.load("digits", [*TINY_CNN_PAIR, f"monitor.gradients={on}", "monitor.every=2",
+                                   "monitor.gradients_every=2"]), out,
             echo=lambda m: None)
         weights.append(load_file(os.path.join(out, "student.safetensors")))
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
@@ -240,7 +242,7 @@ def test_tensorboard_gets_scalars_and_histograms(tmp_path):
     from distill.cli import main
     out = str(tmp_path / "run")
     assert main(["run", "digits", "--set", "train.epochs=2", "--set", "teacher.train.epochs=1", "--out", out,
-                 "--tensorboard"]) == 0
+                 "--set", "monitor.gradients_every=10", "--tensorboard"]) == 0
     events = EventAccumulator(os.path.join(out, "tensorboard", "student"), size_guidance={"histograms": 0})
     events.Reload()
     tags = events.Tags()

@@ -26,12 +26,14 @@ BASE = "teacher: {model: mlp}\nstudent: {model: mlp, args: {hidden: [8]}}\n"
     (BASE + "data: {dataset: npz, path: /nonexistent/x.npz}\n", "data.path: file not found: /nonexistent/x.npz"),
     (BASE + "data: {dataset: npz}\n", "data.path: missing"),
     (BASE + "data: {dataset: imagenet}\n", "data.dataset: 'imagenet' is not one of"),
-    (BASE + "data: {val_fraction: 1.0}\n", "data.val_fraction: must be between 0 and 1 (exclusive), got 1.0"),
+    (BASE + "data: {val_fraction: 1.0}\n", "data.val_fraction: must be >= 0 and < 1 (0: no validation split, with "
+                                            "train.select: last), got 1.0"),
     ("student: {model: mlp}\n", "teacher: missing model"),
     ("teacher: {model: mlp, arch: ['ReLU()']}\nstudent: {model: mlp}\n", "teacher: give one of model, arch, not several"),
     (BASE + "teacher: {checkpoint: /nope.safetensors}\n", "teacher.checkpoint: file not found"),
     (BASE + "distill: {features: [{teacher: body.0}]}\n", "distill.features[0].student: missing module name"),
-    (BASE + "distill: {features: [{teacher: a, student: b, loss: kl}]}\n", "distill.features[0].loss: 'kl' is not one of"),
+    (BASE + "distill: {features: [{teacher: a, student: b, loss: kl}]}\n",
+     "distill.features[0].loss: not a feature loss of the registry; choose from attention_kl, attention_mse, cosine, mse"),
     (BASE + "evaluate: {metrics: [acuracy]}\n", "evaluate.metrics[0]: unknown metric 'acuracy' (did you mean 'accuracy'?)"),
     (BASE + "train: {scheduler: {name: multistep, milestones: [10, -1]}}\n", "train.scheduler.milestones"),
     (BASE + "student: {model: mlp, train: {epochs: 0}}\n", "student.train.epochs: must be > 0"),
@@ -103,6 +105,42 @@ def test_exponent_numbers_without_a_dot_are_numbers():
     with pytest.raises(UserError, match="train.optimizer.lr: expected number, got str 'fast'"):
         Recipe.from_dict({"teacher": {"model": "mlp"}, "student": {"model": "mlp"},
                           "train": {"optimizer": {"lr": "fast"}}})
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("distill.temperature=1e999", "distill.temperature: expected a finite number, got inf"),  # a string, then inf
+    ("distill.temperature=.inf", "distill.temperature: expected a finite number, got inf"),
+    ("distill.alpha=.nan", "distill.alpha: expected a finite number, got nan"),
+    ("train.optimizer.lr=.inf", "train.optimizer.lr: expected a finite number, got inf"),
+    ("train.optimizer.lr=-.inf", "train.optimizer.lr: expected a finite number, got -inf"),
+    ("train.grad_clip=.nan", "train.grad_clip: expected a finite number, got nan"),
+    ("student.train={optimizer: {lr: .nan}}", "student.train.optimizer.lr: expected a finite number, got nan"),
+    ("distill.features=[{teacher: a, student: b, weight: .inf}]",
+     "distill.features[0].weight: expected a finite number, got inf"),
+    ("student.args={hidden: [.inf]}", "student.args.hidden[0]: expected a finite number, got inf"),
+    ("train.scheduler.milestones=[2, .nan]", "train.scheduler.milestones[1]: expected a finite number, got nan"),
+])
+def test_non_finite_numbers_are_refused(tmp_path, assignment, message):
+    with pytest.raises(UserError) as err:
+        load(tmp_path, BASE, [assignment])
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("student.arch=[]", 'student.arch: empty; give the layers, e.g. arch: ["Flatten()", "Linear(64, 10)"]'),
+    ('teacher.model=""', "teacher.model: empty; give a model name"),
+    ("student.model=' '", "student.model: empty; give a model name"),
+    ("teacher.hf=''", "teacher.hf: empty; give a Hugging Face model folder"),
+    ("student.checkpoint=''", "student.checkpoint: empty; give the path of a .safetensors file"),
+    ("distill.assistants=[{arch: []}]", "distill.assistants[0].arch: empty; give the layers"),
+    ("distill.assistants=[{model: cnn, arch: []}]", "distill.assistants[0].arch: empty; give the layers"),
+    ("distill.assistants=[{model: ''}]", "distill.assistants[0].model: empty; give a model name"),
+])
+def test_empty_model_specification_is_an_error(tmp_path, assignment, message):
+    """An empty arch/model is falsy: read as absent, the other key (student.model here) would silently win."""
+    with pytest.raises(UserError) as err:
+        load(tmp_path, BASE, [assignment])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
 def test_train_subset_is_stratified_and_repeatable():

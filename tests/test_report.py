@@ -90,7 +90,7 @@ def test_report_is_self_contained_with_every_section(report_html):
         assert f"<h2>{h}</h2>" in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; more" in page  # text from files is escaped
     assert "n/a: &lt;not installed&gt;" in page
-    assert "body.3-&gt;body.3" in page or "body.3" in page
+    assert "<dt>features</dt><dd>body.3 → body.3 (mse)</dd>" in page  # the feature pair, teacher → student
     assert "temperature: 4 → 2.667" in page  # the monitor's first adjustment, before → after
     assert "fewer parameters than the teacher" in page and "of the teacher&#x27;s test accuracy" in page
 

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from distill.checkpoint import Checkpoints
-from distill.train import Objective, TrainingDiverged, fit
+from distill.engine.objective import Objective
+from distill.engine.trainer import TrainingDiverged, fit
 
 EPOCHS = 20
 RECIPE = ["digits", "--set", f"teacher.train.epochs={EPOCHS}", "--set", f"train.epochs={EPOCHS}",
@@ -128,7 +129,7 @@ def test_kill_during_checkpoint_writing_leaves_the_previous_one(tmp_path):
 
 
 def test_kill_during_soft_label_caching_leaves_no_entry_and_the_next_run_rebuilds(tmp_path):
-    script = ("import time, torch\nfrom torch import nn\nfrom distill.softlabels import load_or_build\n"
+    script = ("import time, torch\nfrom torch import nn\nfrom distill.teachers import load_or_build\n"
               "class Slow(nn.Module):\n    def forward(self, x):\n        print('batch', flush=True)\n"
               "        time.sleep(0.2)\n        return x[:, :3] * 2\n"
               f"load_or_build(Slow(), torch.ones(100, 4), 'key', {str(tmp_path)!r}, [], batch_size=10)\n")
@@ -138,7 +139,7 @@ def test_kill_during_soft_label_caching_leaves_no_entry_and_the_next_run_rebuild
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not os.path.exists(tmp_path / "key")  # only a hidden temp folder may remain, never the entry
-    from distill.softlabels import load_or_build
+    from distill.teachers import load_or_build
     out, hit = load_or_build(nn.Identity(), torch.ones(100, 4) * 3, "key", str(tmp_path), [], batch_size=10)
     assert not hit and float(out.logits[0, 0]) == 3.0
 
@@ -198,7 +199,8 @@ def _train(student, tmp_path, **over):
     tcfg = validate_section({"epochs": 2, **over}, TRAIN, "train")
     dcfg = validate_section({"batch_size": 8}, SCHEMA["data"], "data")
     log = str(tmp_path / "log.jsonl")
-    return fit("student", Objective(student), data, dcfg, tcfg, log, Checkpoints(str(tmp_path / "ck"))), log
+    return fit("student", Objective(student), data, dcfg, tcfg, log=log,
+               checkpoints=Checkpoints(str(tmp_path / "ck"))), log
 
 
 def test_isolated_nan_steps_are_skipped_and_counted(tmp_path):

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.softlabels import CachedOutputs, cache_key, load_or_build
+from distill.teachers import CachedOutputs, cache_key, load_or_build
 
 
 def _teacher():
@@ -23,7 +23,8 @@ def test_miss_then_hit_and_values(tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(out2.logits, teacher(x).numpy(), rtol=1e-5, atol=1e-6)
     idx = torch.tensor([7, 3, 49])
-    logits, feats = out2.batch(idx)
+    got = out2.batch(idx)
+    logits, feats = got.logits, got.features
     np.testing.assert_array_equal(logits.numpy(), np.asarray(out.logits)[[7, 3, 49]])
     assert feats == {}
 
@@ -49,15 +50,20 @@ def test_partial_entry_is_not_a_hit(tmp_path):
     np.save(entry / "logits.npy", np.zeros((5, 3), np.float32))  # a crash before meta.json was written
     teacher, x = _teacher(), torch.randn(5, 6)
     out, hit = load_or_build(teacher, x, "k3", str(tmp_path), [], batch_size=4)
-    assert not hit or os.path.isfile(entry / "meta.json")
+    assert not hit  # the partial entry was rebuilt, not served
+    assert os.path.isfile(entry / "meta.json")  # ... and is complete now
     with torch.no_grad():
-        np.testing.assert_allclose(out.logits, teacher(x).numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out.logits, teacher(x).numpy(), rtol=1e-5, atol=1e-6)  # not the zeros
+    again, hit = load_or_build(teacher, x, "k3", str(tmp_path), [], batch_size=4)
+    assert hit
+    np.testing.assert_array_equal(np.asarray(again.logits), np.asarray(out.logits))
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]  # the temp folder is gone
 
 
 def test_cached_outputs_batch_returns_tensors():
     c = CachedOutputs(np.arange(12, dtype=np.float32).reshape(4, 3), {"f": np.ones((4, 2), np.float32)})
-    logits, feats = c.batch(torch.tensor([2, 0]))
+    got = c.batch(torch.tensor([2, 0]))
+    logits, feats = got.logits, got.features
     assert logits.tolist() == [[6, 7, 8], [0, 1, 2]] and feats["f"].shape == (2, 2)
 
 

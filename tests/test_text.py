@@ -16,7 +16,7 @@ from distill.data.augment_text import TokenText, eda, mask_tokens, neighbour_tab
 from distill.data.text import read_texts
 from distill.losses import attention_kl, attention_mse, ce_loss, layer_pairs, transformer_features
 from distill.models.hf import fresh_student, layer_list, load_classifier, load_folder, resolve_hf_path, select_layers
-from distill.train import batches
+from distill.engine.sampling import batches
 
 NAMES = ["negative", "positive"]
 
@@ -407,7 +407,7 @@ def test_bundled_minilm_recipe_on_trec(tmp_path, monkeypatch):
 
 def test_masking_needs_a_mask_token(teacher):
     from distill.errors import UserError
-    from distill.train import Objective
+    from distill.engine.objective import Objective
     student = select_layers(teacher, [0], "student")
     student.mask_id = None  # a tokenizer without a mask token
     dcfg = Recipe.from_dict({"teacher": {"model": "mlp"}, "student": {"model": "mlp"}}).cfg["distill"]

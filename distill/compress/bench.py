@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..errors import UserError
 from ..io import read_json, save_figure, write_json, write_text
 from ..progress import bar
+from ..roles import MODELS_OUT
 
 INT8 = ("dynamic", "static", "onnx_dynamic", "onnx_static", "torchao", "pt2e")
 
@@ -55,8 +56,9 @@ def machine() -> Dict[str, Any]:
 
 def plan(folder: str, variants: List[str]) -> List[Tuple[str, str, str]]:
     """(model name, model path, variant) for every measurement of this run folder."""
-    from ..runner import MODELS_OUT, require_saved
-    models = [(name, require_saved(folder, name)) for name in MODELS_OUT]
+    from ..pipeline.artifacts import require_saved
+    skipped = {k for k, v in read_json(os.path.join(folder, "metrics.json"), {}).items() if v.get("skipped")}
+    models = [(name, require_saved(folder, name)) for name in MODELS_OUT if name not in skipped]  # (baseline: false)
     record = read_json(os.path.join(folder, "compress", "compress.json"), {})
     compressed = [(f"compress/{r['name']}", r["path"]) for r in record.get("models", [])
                   if os.path.exists(r["path"])]
@@ -103,7 +105,7 @@ def _write_variant_file(cfg: Dict[str, Any], folder: str, name: str, path: str, 
                         loaded: Dict[str, Any]) -> Optional[str]:
     """Write the variant's deployable file here (the child only loads it); an error message if that fails."""
     from ..data import load_data
-    from ..runner import load_model_at
+    from ..pipeline.artifacts import load_model_at
     from .measure import variant_path, write_file
     if variant_path(folder, name, variant) is None:
         return None
@@ -228,7 +230,7 @@ def plot_pareto(results: List[Dict[str, Any]], path: str) -> bool:
         for i, (r, (x, y)) in enumerate(zip(rows, pts)):
             on = i in front
             ax.scatter(x, y, s=50 if on else 22, color="C3" if on else "C0", alpha=1 if on else 0.6, zorder=3)
-            if on or (r["variant"] == "fp32" and r["model"] in ("teacher", "student", "student_scratch")):
+            if on or (r["variant"] == "fp32" and r["model"] in MODELS_OUT):
                 ax.annotate(f"{r['model'].replace('compress/', '')} {r['variant']}", (x, y), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")  # the rest are in bench.md
         ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post", color="C3",

@@ -4,13 +4,17 @@ Every export is verified before it is kept: the exported file is loaded back and
 and its outputs must match PyTorch's within `tolerance(...)`; a mismatch is an error, not a warning. Text
 models are exported with their natural deployment signature, (input_ids, attention_mask) with dynamic batch
 and sequence axes, rather than distill's single padded-ids tensor.
+
+A model trained on normalised inputs is, by default, exported wrapped in `Normalized`, so the ONNX and
+TorchScript files take RAW inputs and apply the training split's mean/std themselves (`preprocessing` is the
+dict saved in the weights' metadata, see `distill.pipeline.artifacts.preprocessing`). safetensors stays weights-only.
 """
 from __future__ import annotations
 
 import os
 import time
 import warnings
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,6 +38,39 @@ class _TextSignature(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+class Normalized(nn.Module):
+    """`model((x - mean) / std)`: the per-feature (vectors, (N, D)) or per-channel (images, (N, C, H, W))
+    normalisation of training baked into the graph, so the exported file takes raw inputs."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float], image: bool) -> None:
+        super().__init__()
+        if len(mean) != len(std) or not len(mean):
+            raise UserError(f"preprocessing.normalize: {len(mean)} means and {len(std)} stds; they must match")
+        shape = (1, -1, 1, 1) if image else (1, -1)
+        self.model = model
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).reshape(shape))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).reshape(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def normalized(model: nn.Module, preprocessing: Optional[Dict[str, Any]], x: torch.Tensor) -> Optional[Normalized]:
+    """`model` wrapped in the normalisation of `preprocessing` (checked against the raw batch `x`), or None
+    when there is none to bake in (no "normalize", or a text model: token ids are never normalised)."""
+    norm = (preprocessing or {}).get("normalize")
+    if not norm or isinstance(model, HFClassifier):
+        return None
+    if norm.get("axis", 1) != 1:
+        raise UserError(f"preprocessing.normalize.axis={norm.get('axis')}: only axis 1 (features or channels) "
+                        f"is supported; export with --no-preprocessing")
+    image = bool(norm.get("image", x.dim() == 4))
+    if x.dim() != (4 if image else 2) or x.shape[1] != len(norm["mean"]):
+        raise UserError(f"preprocessing.normalize: {len(norm['mean'])} {'channel' if image else 'feature'} "
+                        f"statistics do not fit inputs of shape {tuple(x.shape[1:])}; export with --no-preprocessing")
+    return Normalized(model, norm["mean"], norm["std"], image).eval()
 
 
 def signature(model: nn.Module, x: torch.Tensor) -> Tuple[nn.Module, Dict[str, torch.Tensor], Dict[str, Dict]]:
@@ -72,11 +109,17 @@ def _run_onnx(path: str, inputs: Dict[str, torch.Tensor]) -> np.ndarray:
     return session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
 
 
-def export_model(model: nn.Module, x: torch.Tensor, fmt: str, path: str, meta: Dict[str, Any]) -> Dict[str, Any]:
-    """Write `model` as `fmt` to `path` (atomically) after checking its outputs on the batch `x`."""
+def export_model(model: nn.Module, x: torch.Tensor, fmt: str, path: str, meta: Dict[str, Any],
+                 preprocessing: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Write `model` as `fmt` to `path` (atomically) after checking its outputs on the batch `x`.
+
+    With a `preprocessing` that has "normalize", onnx and torchscript exports take RAW inputs (the
+    normalisation is baked in, see `Normalized`) and `x` must then be raw too: the check runs the wrapped
+    model in PyTorch on it. safetensors stays weights-only (`meta` carries the statistics)."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
-    module, inputs, axes = signature(model, x)
+    wrapped = normalized(model, preprocessing, x) if fmt != "safetensors" else None
+    module, inputs, axes = signature(wrapped if wrapped is not None else model, x)
     with torch.no_grad():
         reference = module(**inputs).float()
     t0 = time.perf_counter()
@@ -102,4 +145,5 @@ def export_model(model: nn.Module, x: torch.Tensor, fmt: str, path: str, meta: D
             raise UserError(f"{path}: the {fmt} export differs from PyTorch by {diff:.3g} on the logits "
                             f"(tolerance {tolerance(reference):.3g}); the file was not written")
     return {"format": fmt, "path": path, "size_bytes": os.path.getsize(path), "max_abs_diff": diff,
-            "tolerance": tolerance(reference), "checked_on": int(len(x)), "export_s": round(time.perf_counter() - t0, 3)}
+            "tolerance": tolerance(reference), "checked_on": int(len(x)),
+            "preprocessing": "baked" if wrapped is not None else "none", "export_s": round(time.perf_counter() - t0, 3)}

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..models.hf import HFClassifier, select_layers
-from ..train import predict
+from ..engine.inference import predict
 from .structure import drop_block
 
 Unit = Union[int, str]  # a transformer layer index, or the module name of a residual block

@@ -22,7 +22,7 @@ from ..errors import UserError
 from ..evaluate import classification_metrics, latency_percentiles, typical_sample, weights_size
 from ..models import count_params
 from ..models.hf import trim_padding
-from ..train import predict
+from ..engine.inference import predict
 from . import quantize
 
 EXT = {"dynamic": ".pt", "static": ".pt", "fp16": ".safetensors", "bf16": ".safetensors", "onnx": ".onnx",
@@ -140,7 +140,7 @@ def _peak_mb() -> float:
 
 
 def measure(job: Dict[str, Any]) -> Dict[str, Any]:
-    from ..runner import load_model_at
+    from ..pipeline.artifacts import load_model_at
     cfg, variant, ecfg = job["cfg"], job["variant"], job["cfg"]["evaluate"]
     torch.set_num_threads(ecfg["threads"])
     data = load_data(cfg["data"])

@@ -20,16 +20,18 @@ from typing import Any, Callable, Dict, List, Optional
 from torch import nn
 
 from .. import __version__
-from ..checkpoint import Checkpoints
+from ..engine.inference import accuracy
 from ..errors import UserError
 from ..evaluate import weights_size
-from ..hooks import FeatureCapture
-from ..io import load_meta, save_model, sha256_json, weights_sha256, write_json
+from ..io import load_meta, sha256_json, weights_sha256, write_json
 from ..models import count_params
-from ..models.hf import HFClassifier, load_tokenizer, save_folder
-from ..runner import RunDir, load_saved, model_spec, require_saved
-from ..softlabels import teacher_forward
-from ..train import Objective, accuracy, fit
+from ..models.hf import load_tokenizer
+from ..pipeline.artifacts import distill_settings, kind, load_saved, model_spec, require_saved
+from ..pipeline.rundir import RunDir
+from ..pipeline.stage import Stage, run_stage
+from ..pipeline.training import distil
+from ..recipe import is_text
+from ..roles import STUDENT, TEACHER, compressed, recipe_section
 from . import layers as layer_drop
 from .prune import head_importance, prune_channels, prune_ffn, prune_heads
 from .quantize import finish_qat, prepare_qat
@@ -37,22 +39,18 @@ from .structure import heads_per_layer
 from .vocab import trim_vocabulary
 
 
-def _online(teacher: nn.Module) -> Callable:
-    capture = FeatureCapture(teacher, [], "compress")
-    return lambda x, idx: teacher_forward(teacher, x, capture)
-
-
 class Compressor:
     """The state of one `distill compress` run: the current model, the teacher, and what each step did."""
 
-    def __init__(self, run: RunDir) -> None:
+    def __init__(self, run: RunDir, teacher: nn.Module, model: nn.Module) -> None:
         self.run, self.c = run, run.cfg["compress"]
-        self.teacher = load_saved(run, "teacher")
-        self.model = load_saved(run, self.c["source"])
+        self.teacher, self.model = teacher, model
         self.fingerprint = sha256_json({"source": weights_sha256(self.model), "teacher": weights_sha256(self.teacher),
                                         "version": __version__, "data": run.data.fingerprint})
         self.records: List[Dict[str, Any]] = []
-        self.text = isinstance(self.model, HFClassifier)
+        self.role = recipe_section(self.c["source"])  # the kind of model compressed (how it is saved)
+        self.kind = kind(run.cfg, self.role)
+        self.text = is_text(run.cfg, self.role)
         self.drops: List[str] = []  # CNN blocks removed so far, in order (saved so the model can be rebuilt)
 
     # ------------------------------------------------------------ helpers
@@ -61,34 +59,35 @@ class Compressor:
         """Distil into the current model from `teacher` (logits at the recipe's T and alpha; layer losses
         are left out, as layers no longer match) for `epochs`, keeping the best validation epoch."""
         run = self.run
-        tcfg = copy.deepcopy(run.train_cfg("student"))
+        tcfg = copy.deepcopy(run.train_cfg(STUDENT))
         tcfg["epochs"] = epochs
         tcfg["optimizer"]["lr"] = (self.c["lr"] or tcfg["optimizer"]["lr"]) * lr_scale
-        dcfg = {**run.dcfg, "features": []}
+        dcfg = {**distill_settings(run), "features": []}
         model = prepare(self.model) if prepare else self.model
-        objective = Objective(model, dcfg, _online(teacher))
-        ckpt = Checkpoints(run.path(os.path.join("checkpoints", "compress", name)), tcfg["keep_checkpoints"],
-                           run.echo)  # (removed by mark_done once the step is saved)
-        return fit(f"compress_{name}", objective, run.data, run.cfg["data"], tcfg, run.log, ckpt, run.resume)
+        info = distil(run, compressed(name), model, teacher, "online", dcfg=dcfg, tcfg=tcfg)
+        info.pop("train_time_s")  # (the step's own time_s covers it)
+        return info
 
     def step(self, name: str, params: Dict[str, Any], work: Callable[[], Dict[str, Any]]) -> None:
-        """Run `work` (which replaces self.model) unless a saved result with the same inputs exists."""
+        """Run `work` (which replaces self.model) unless a saved result with the same inputs exists: a stage
+        like every other, fine-tunes logged, monitored and checkpointed by the same trainer."""
         run = self.run
-        self.fingerprint = sha256_json({"before": self.fingerprint, "step": name, "params": params})
-        out = os.path.join("compress", name if self.text else f"{name}.safetensors")
-        done = run.stage_done(f"compress/{name}", self.fingerprint, [out])
-        if done:
-            run.event(f"compress: {name}: inputs unchanged, reusing {out}", step=name)
-            self.model = load_saved(run, os.path.join("compress", name))
-            info = done["info"]
-            if not self.text:
-                self.drops = list(load_meta(run.path(out))["structure"]["drop"])
-        else:
+        inputs = {"before": self.fingerprint, "step": name, "params": params}
+        self.fingerprint = sha256_json(inputs)
+        out = self.kind.artifact(compressed(name))
+
+        def make() -> Dict[str, Any]:
             t0 = time.perf_counter()
             info = work()
             info["time_s"] = round(time.perf_counter() - t0, 3)
             self.save(name, info)
-            run.mark_done(f"compress/{name}", self.fingerprint, {"info": info})
+            return info
+        record = run_stage(run, Stage(compressed(name), inputs, [out], make))
+        info = {k: v for k, v in record.items() if k not in ("fingerprint", "reused")}
+        if record["reused"]:
+            self.model = load_saved(run, compressed(name))
+            if not self.text:
+                self.drops = list(load_meta(run.path(out))["structure"]["drop"])
         val = accuracy(self.model, run.data.x_val, run.data.y_val, run.cfg["data"]["eval_batch_size"])
         record = {"name": name, "path": require_saved(run.path("compress"), name),
                   "params": count_params(self.model), "val_accuracy": val, **info}
@@ -101,14 +100,8 @@ class Compressor:
 
     def save(self, name: str, info: Dict[str, Any]) -> None:
         run = self.run
-        role = "teacher" if self.c["source"] == "teacher" else "student"
-        meta = {"spec": model_spec(run, role), "input_shape": list(run.data.input_shape),
-                "num_classes": run.data.num_classes, "class_names": run.data.class_names,
-                "role": f"compress/{name}", "structure": {"drop": self.drops}, **info}
-        if self.text:
-            save_folder(self.model, run.path(os.path.join("compress", name)), run.cfg["data"]["tokenizer"], meta)
-        else:
-            save_model(self.model, run.path(os.path.join("compress", f"{name}.safetensors")), meta)
+        self.kind.save(run, self.model, compressed(name), model_spec(run, self.role),
+                       {**info, "structure": {"drop": self.drops}})
 
     # ------------------------------------------------------------ steps
     def vocab(self) -> None:
@@ -178,13 +171,15 @@ class Compressor:
 
 
 
-def compress(run: RunDir) -> List[Dict[str, Any]]:
-    """Every step of `compress.steps`; returns (and writes to compress/compress.json) one record per model."""
+def compress(run: RunDir, teacher: Optional[nn.Module] = None, model: Optional[nn.Module] = None
+             ) -> List[Dict[str, Any]]:
+    """Every step of `compress.steps` on `model` (the recipe's compress.source), distilling from `teacher`;
+    returns (and writes to compress/compress.json) one record per model."""
     steps = run.cfg["compress"]["steps"]
     if not steps:
         raise UserError("compress.steps: empty; name the steps to run, e.g. --set 'compress.steps=[layers, heads, "
                         "qat]' (choose from vocab, layers, heads, channels, qat)")
-    c = Compressor(run)
+    c = Compressor(run, teacher or load_saved(run, TEACHER), model or load_saved(run, run.cfg["compress"]["source"]))
     for name in steps:
         getattr(c, name)()
     write_json(run.path(os.path.join("compress", "compress.json")),

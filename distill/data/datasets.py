@@ -49,6 +49,17 @@ class DataBundle:
     stats: Dict[str, Any] = field(default_factory=dict)
     pad_id: Optional[int] = None  # text: x holds token ids padded with this id
 
+    def probe(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A fixed set of n inputs and labels to measure a model on while it trains: the first validation
+        samples, or the first training ones when there is no validation split."""
+        x, y = (self.x_val, self.y_val) if len(self.y_val) else (self.x_train, self.y_train)
+        return x[:n], y[:n]
+
+    @property
+    def variable_length(self) -> bool:
+        """Token ids padded per batch (text): features and outputs vary in length from batch to batch."""
+        return self.pad_id is not None
+
     @property
     def lengths(self) -> Optional[torch.Tensor]:
         """Real (unpadded) length of each training text; None for non-text data."""
@@ -176,7 +187,10 @@ def load_data(cfg: Dict[str, Any]) -> DataBundle:
     else:
         x_tr, y_tr, x_te, y_te = x_all, y_all, raw.x_test, _as_labels(raw.y_test, cfg, "y_test")
     num_classes = _check_labels(y_tr, y_te, cfg)
-    x_tr, x_va, y_tr, y_va = _split(x_tr, y_tr, cfg, "val_fraction", test_size=cfg["val_fraction"])
+    if cfg["val_fraction"]:
+        x_tr, x_va, y_tr, y_va = _split(x_tr, y_tr, cfg, "val_fraction", test_size=cfg["val_fraction"])
+    else:  # no validation split: every training row trains (the last epoch is kept)
+        x_va, y_va = x_tr[:0], y_tr[:0]
     stats: Dict[str, Any] = {}
     if cfg["transforms"]["normalize"] and raw.pad_id is None:  # token ids are never normalised
         axes = (0, 2, 3) if raw.image else (0,)

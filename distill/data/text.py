@@ -18,7 +18,7 @@ from ..errors import UserError, did_you_mean
 from ..io import atomic_path, sha256_file, sha256_json
 from ..models.hf import load_tokenizer
 from ..registry import DATASETS
-from ..softlabels import default_cache_dir
+from ..teachers.cache import default_cache_dir
 from .datasets import Raw, read_text_file
 
 

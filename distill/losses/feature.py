@@ -7,24 +7,34 @@ so it is trained with the student and never exported with it.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
 from ..registry import LOSSES
+from .kd import masked_mean
 
 
-@LOSSES.register("mse")
-def feature_mse(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over every element (on features, never on probabilities)."""
-    return F.mse_loss(student_feat.float(), teacher_feat.float())
+@LOSSES.register("mse", group="feature", compares="width")
+def feature_mse(student_feat: torch.Tensor, teacher_feat: torch.Tensor, mask: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+    """Mean squared error over every element (on features, never on probabilities); with `mask`, over the
+    positions (leading dims) where it is true."""
+    if mask is None:
+        return F.mse_loss(student_feat.float(), teacher_feat.float())
+    per_position = ((student_feat.float() - teacher_feat.float()) ** 2).mean(-1)
+    return masked_mean(per_position, mask)
 
 
-@LOSSES.register("cosine")
-def feature_cosine(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
-    """1 - cosine similarity along the width (last) dim, averaged over samples and positions."""
-    return (1 - F.cosine_similarity(student_feat.float(), teacher_feat.float(), dim=-1)).mean()
+@LOSSES.register("cosine", group="feature", compares="width")
+def feature_cosine(student_feat: torch.Tensor, teacher_feat: torch.Tensor, mask: Optional[torch.Tensor] = None
+                   ) -> torch.Tensor:
+    """1 - cosine similarity along the width (last) dim, averaged over samples and positions (those where
+    `mask` is true)."""
+    return masked_mean(1 - F.cosine_similarity(student_feat.float(), teacher_feat.float(), dim=-1), mask)
 
 
 def width_last(feat: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,19 @@ from typing import Optional
 from ..registry import LOSSES
 
 
-@LOSSES.register("kd")
+def masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The mean of `values` over the positions where `mask` is true (all when None; 0 when none is)."""
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1)
+
+
+@LOSSES.register("kd", group="logits")
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-            weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """KL(softmax(t/T) || softmax(s/T)) * T^2, averaged over the batch (weighted per sample by `weights`).
+            weights: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) * T^2, averaged over the batch (weighted per sample by `weights`;
+    over the positions where `mask` is true, for outputs with positions such as tokens).
 
     The teacher's distribution is the target (the first argument of the KL), and T^2 keeps the gradient
     scale independent of T (Hinton et al. 2015), so alpha means the same thing at any temperature.
@@ -20,10 +29,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     t = temperature
     log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    if weights is None:
+    if weights is None and mask is None:
         return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
-    per_sample = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1)
-    return (per_sample * weights).mean() * (t * t)
+    per_position = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1)
+    if weights is not None:
+        per_position = per_position * weights
+    return masked_mean(per_position, mask) * (t * t)
 
 
 def confidence_weights(teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -34,10 +45,14 @@ def confidence_weights(teacher_logits: torch.Tensor) -> torch.Tensor:
     return conf / conf.mean().clamp_min(1e-12)
 
 
-@LOSSES.register("ce")
-def ce_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+@LOSSES.register("ce", group="labels")
+def ce_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor] = None
+            ) -> torch.Tensor:
     """Cross-entropy with the hard labels; label -1 marks a sample without one (teacher-labelled text),
-    which is left out of the mean (a batch with no hard labels gives 0)."""
+    which is left out of the mean (a batch with no hard labels gives 0), as is any position where `mask`
+    is false."""
+    if mask is not None:
+        labels = torch.where(mask.bool(), labels, torch.full_like(labels, -1))
     if not bool((labels < 0).any()):
         return F.cross_entropy(student_logits.float(), labels)
     n = (labels >= 0).sum().clamp_min(1)

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import UserError
 from ..registry import LOSSES
+from .kd import masked_mean
 
 
 def _heads_alike(s: torch.Tensor, t: torch.Tensor):
@@ -24,19 +25,29 @@ def _heads_alike(s: torch.Tensor, t: torch.Tensor):
     return s, t
 
 
-@LOSSES.register("attention_kl")
-def attention_kl(student_att: torch.Tensor, teacher_att: torch.Tensor) -> torch.Tensor:
-    """sum_k p_t log(p_t / p_s) over keys, averaged over samples, heads and query positions.
+def _query_mask(mask: Optional[torch.Tensor], s: torch.Tensor) -> Optional[torch.Tensor]:
+    """A (N, L) position mask as (N, 1, L): one value per sample and query row, for every head."""
+    return None if mask is None else mask[:, None, :s.shape[2]].expand(s.shape[0], s.shape[1], s.shape[2])
+
+
+@LOSSES.register("attention_kl", group="feature", compares="maps")
+def attention_kl(student_att: torch.Tensor, teacher_att: torch.Tensor, mask: Optional[torch.Tensor] = None
+                 ) -> torch.Tensor:
+    """sum_k p_t log(p_t / p_s) over keys, averaged over samples, heads and query positions (those where
+    `mask`, (N, L), is true).
 
     Padded keys have probability 0 on both sides and contribute nothing (0 log 0 = 0)."""
     s, t = _heads_alike(student_att, teacher_att)
-    return (torch.xlogy(t, t) - t * torch.log(s.clamp_min(1e-12))).sum(-1).mean()
+    return masked_mean((torch.xlogy(t, t) - t * torch.log(s.clamp_min(1e-12))).sum(-1), _query_mask(mask, s))
 
 
-@LOSSES.register("attention_mse")
-def attention_mse(student_att: torch.Tensor, teacher_att: torch.Tensor) -> torch.Tensor:
+@LOSSES.register("attention_mse", group="feature", compares="maps")
+def attention_mse(student_att: torch.Tensor, teacher_att: torch.Tensor, mask: Optional[torch.Tensor] = None
+                  ) -> torch.Tensor:
     s, t = _heads_alike(student_att, teacher_att)
-    return ((s - t) ** 2).mean()
+    if mask is None:
+        return ((s - t) ** 2).mean()
+    return masked_mean(((s - t) ** 2).mean(-1), _query_mask(mask, s))
 
 
 def layer_pairs(kind: Any, n_teacher: int, n_student: int, selected: Optional[Sequence[int]] = None) -> List[int]:

@@ -18,9 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .hooks import FeatureCapture
-from .io import read_json, sha256_json, write_json
-from .progress import bar
+from ..engine.batch import TeacherOutputs
+from ..engine.inference import model_device
+from ..hooks import FeatureCapture
+from .online import teacher_forward
+from ..io import read_json, sha256_json, write_json
+from ..progress import bar
 
 
 def default_cache_dir() -> str:
@@ -36,24 +39,14 @@ class CachedOutputs:
     logits: np.ndarray
     features: Dict[str, np.ndarray]
 
-    def batch(self, idx: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        rows = idx.numpy()
-        return (torch.from_numpy(np.ascontiguousarray(self.logits[rows])),
-                {k: torch.from_numpy(np.ascontiguousarray(v[rows])) for k, v in self.features.items()})
+    def batch(self, idx: torch.Tensor) -> TeacherOutputs:
+        rows = idx.cpu().numpy()
+        return TeacherOutputs(torch.from_numpy(np.ascontiguousarray(self.logits[rows])),
+                              {k: torch.from_numpy(np.ascontiguousarray(v[rows])) for k, v in self.features.items()})
 
-
-def teacher_forward(teacher: nn.Module, x: torch.Tensor, capture: FeatureCapture | None = None
-                    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """The teacher never trains here: eval mode (no dropout, frozen BN) and no autograd graph.
-
-    Outputs are cloned out of inference mode: the losses save them for the student's backward pass,
-    which inference tensors do not allow.
-    """
-    teacher.eval()
-    with torch.inference_mode():
-        logits = teacher(x)
-        feats = {k: capture.outputs[k] for k in capture.names} if capture else {}
-    return logits.clone(), {k: v.clone() for k, v in feats.items()}
+    def source(self):
+        """A teacher source: the cached outputs of the batch's sample indices (the inputs are not read)."""
+        return lambda x, idx: self.batch(idx)
 
 
 def load_or_build(teacher: nn.Module, x_train: torch.Tensor, key: str, cache_dir: str,
@@ -92,13 +85,13 @@ def _build(teacher: nn.Module, x: torch.Tensor, entry: str, layers: List[str], b
         arrays: Dict[str, np.ndarray] = {}
         with FeatureCapture(teacher, layers, "distill.features") as cap:
             for start in bar(range(0, len(x), batch_size), desc="soft labels", unit="batch"):
-                logits, feats = teacher_forward(teacher, x[start:start + batch_size], cap)
+                logits, feats = teacher_forward(teacher, x[start:start + batch_size].to(model_device(teacher)), cap)
                 outs = {"logits": logits, **{f"feat_{i}": feats[n] for i, n in enumerate(layers)}}
                 for name, t in outs.items():
                     if name not in arrays:  # memory-mapped on disk, filled batch by batch
                         arrays[name] = np.lib.format.open_memmap(os.path.join(tmp, f"{name}.npy"), mode="w+",
                                                                  dtype=np.float32, shape=(len(x), *t.shape[1:]))
-                    arrays[name][start:start + len(t)] = t.float().numpy()
+                    arrays[name][start:start + len(t)] = t.float().cpu().numpy()
         for a in arrays.values():
             a.flush()
         write_json(os.path.join(tmp, "meta.json"), {"layers": layers, "n": len(x)})

@@ -1,0 +1,205 @@
+"""Everything the trainer does besides training, as callbacks: log lines, the monitor's signals, gradient
+consistency, TensorBoard, checkpoints, and a per-epoch hook (a search's pruner).
+
+A callback overrides the moments it cares about; `order` sorts them, so that at the end of an epoch the
+monitor adds its signals first, the line is then logged, then the checkpoint written (a resume trims log
+lines past the checkpoint), and only then may a pruner stop the trial.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Dict, Optional
+
+from ..io import append_jsonl, write_text
+
+Trainer = Any  # engine.trainer.Trainer, which imports this module (so it is not imported here)
+
+
+class Callback:
+    order = 50
+
+    def restore(self, t: Trainer) -> None:
+        """Before training starts: put back saved state (checkpoints)."""
+
+    def on_fit_start(self, t: Trainer) -> None:
+        """Training starts (`t.resumed` says whether from a checkpoint)."""
+
+    def wants_step(self, t: Trainer, step: int) -> bool:
+        """Whether step `step` (1-based) is one to record; then `before_backward` runs for it."""
+        return False
+
+    def before_backward(self, t: Trainer) -> Dict[str, float]:
+        """On a recorded step, with the step's graph still alive: signals to log with the step."""
+        return {}
+
+    def on_step_end(self, t: Trainer, epoch: int, record: Optional[Dict[str, Any]], skipped: bool) -> None:
+        """After each step; `record` is the step's log line when some callback asked for the step, else None."""
+
+    def on_epoch_end(self, t: Trainer, record: Dict[str, Any]) -> None:
+        """After validation; `record` is the epoch's log line (a callback may add to it, in order)."""
+
+    def on_fit_end(self, t: Trainer) -> None:
+        """Training finished."""
+
+
+class LogLines(Callback):
+    """`log.jsonl`: a line per epoch, and one every `every` steps and on each step whose gradient signals are
+    measured (mean and max loss since the last line, with the step's signals). A resume first drops the lines
+    written after the checkpoint it starts from."""
+    order = 20
+
+    def __init__(self, path: Optional[str], every: int = 0, tensorboard: Optional["TensorBoard"] = None) -> None:
+        self.path, self.every, self.tensorboard = path, every, tensorboard
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if self.path:
+            append_jsonl(self.path, record)
+        if self.tensorboard:
+            self.tensorboard.scalars(record)
+
+    def on_fit_start(self, t: Trainer) -> None:
+        if t.resumed and self.path:
+            trim_log(self.path, t.role, t.prog["epoch"], t.prog["step"])
+
+    def wants_step(self, t: Trainer, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def on_step_end(self, t: Trainer, epoch: int, record: Optional[Dict[str, Any]], skipped: bool) -> None:
+        if record is not None:
+            self.write(record)
+
+    def on_epoch_end(self, t: Trainer, record: Dict[str, Any]) -> None:
+        self.write(record)
+
+
+class TensorBoard(Callback):
+    """Scalars of every log line (epoch lines against the epoch, step lines against the step) and, per epoch,
+    histograms of the model's weights and last gradients, in `folder/<role>`."""
+    order = 30
+    SKIP = ("model", "epoch", "step")
+
+    def __init__(self, folder: str) -> None:
+        from ..logbook import summary_writer_class
+        self.folder, self.writer_class, self.writers = folder, summary_writer_class(), {}
+
+    def _writer(self, role: str):
+        if role not in self.writers:
+            self.writers[role] = self.writer_class(os.path.join(self.folder, role))
+        return self.writers[role]
+
+    def scalars(self, record: Dict[str, Any]) -> None:
+        writer = self._writer(record["model"])
+        kind, x = ("step", record["step"]) if "step" in record else ("epoch", record["epoch"])
+        for key, value in record.items():
+            if key not in self.SKIP and isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(f"{kind}/{key}", value, x)
+        for key, (_before, after) in record.get("adjusted", {}).items():
+            writer.add_scalar(f"adjusted/{key}", after, x)
+
+    def on_epoch_end(self, t: Trainer, record: Dict[str, Any]) -> None:
+        writer = self._writer(t.role)
+        for name, p in t.student.named_parameters():
+            writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), record["epoch"])
+            if p.grad is not None:
+                writer.add_histogram(f"gradients/{name}", p.grad.detach().float().cpu(), record["epoch"])
+        writer.flush()
+
+    def on_fit_end(self, t: Trainer) -> None:
+        for writer in self.writers.values():
+            writer.close()
+        self.writers = {}
+
+
+class Monitor(Callback):
+    """Adds `measure()`'s signals (knowledge retention, input-gradient consistency, the reaction's
+    adjustments) to each epoch's line."""
+    order = 10
+
+    def __init__(self, measure: Callable[[], Dict[str, Any]]) -> None:
+        self.measure = measure
+
+    def on_epoch_end(self, t: Trainer, record: Dict[str, Any]) -> None:
+        record.update(self.measure())
+
+
+class GradientSignals(Callback):
+    """Every `every` steps, the cosine between the KD and the CE parameter gradients (overall and per layer),
+    measured before the step's own backward pass (two more backward passes: hence not every step)."""
+    order = 10
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+
+    def wants_step(self, t: Trainer, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def before_backward(self, t: Trainer) -> Dict[str, float]:
+        from ..monitor import kd_ce_consistency
+        terms = t.objective.terms
+        if not (terms and self.wants_step(t, t.prog["step"] + 1)):
+            return {}
+        return kd_ce_consistency(t.student, **terms)
+
+
+class Checkpointing(Callback):
+    """Everything needed to continue as if never stopped, every `every` steps (0: only at epoch ends) and at
+    each epoch end, after its line is logged; with `resume`, training starts from the newest readable one."""
+    order = 40
+
+    def __init__(self, checkpoints: Any, every: int = 0, resume: bool = False, is_main: bool = True) -> None:
+        self.checkpoints, self.every, self.resume, self.is_main = checkpoints, every, resume, is_main
+
+    def restore(self, t: Trainer) -> None:
+        saved = self.checkpoints.latest() if self.resume else None
+        if saved:
+            t.load_state(saved)
+            t.resumed = True
+        elif self.is_main:
+            self.checkpoints.clear()
+
+    def save(self, t: Trainer) -> Optional[str]:
+        return self.checkpoints.save(t.prog["step"], t.state()) if self.is_main else None
+
+    def on_step_end(self, t: Trainer, epoch: int, record: Optional[Dict[str, Any]], skipped: bool) -> None:
+        if self.every and t.prog["step"] % self.every == 0 and not skipped:
+            self.save(t)
+
+    def on_epoch_end(self, t: Trainer, record: Dict[str, Any]) -> None:
+        self.save(t)
+
+
+class EpochHook(Callback):
+    """`hook(epoch, record)` after each epoch is logged and checkpointed: a search's trial pruner raises
+    from it to stop a bad trial."""
+    order = 60
+
+    def __init__(self, hook: Callable[[int, Dict[str, Any]], None]) -> None:
+        self.hook = hook
+
+    def on_epoch_end(self, t: Trainer, record: Dict[str, Any]) -> None:
+        self.hook(record["epoch"], record)
+
+
+def trim_log(path: str, role: str, epochs_done: int, steps_done: Optional[int] = None) -> None:
+    """Drop `role`'s lines written after the checkpoint a resume starts from: epoch lines past
+    `epochs_done`, step lines past `steps_done`."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.readlines()
+    keep = [line for line in lines if not _past(line, role, epochs_done, steps_done)]
+    if len(keep) != len(lines):
+        write_text(path, "".join(keep))
+
+
+def _past(line: str, role: str, epochs_done: int, steps_done: Optional[int]) -> bool:
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return True  # a torn last line from a kill mid-write
+    if rec.get("model") != role:
+        return False
+    if "step" in rec and steps_done is not None:
+        return rec["step"] > steps_done
+    return rec.get("epoch", 0) > epochs_done

@@ -1,0 +1,33 @@
+"""Outputs of a trained model without a graph, in eval mode, batch by batch on the model's own device."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Logits (on the CPU) in eval mode without a graph; the model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    pad = getattr(model, "pad_id", None)
+    order = (x != pad).sum(1).argsort() if pad is not None else None  # text: batch similar lengths together
+    try:
+        with torch.inference_mode():
+            xs = x if order is None else x[order]
+            out = torch.cat([model(xs[i:i + batch_size].to(device)).float().cpu()
+                             for i in range(0, len(xs), batch_size)])
+    finally:
+        model.train(was_training)
+    if order is not None:
+        out = torch.empty(out.shape).index_copy_(0, order, out)
+    return out
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    return (predict(model, x, batch_size).argmax(1) == y).float().mean().item()

@@ -1,0 +1,157 @@
+"""The objective: a batch in, the loss and its parts out.
+
+    loss = (1 - alpha) * ce(student, labels) + alpha * kd(student, teacher; T) + sum_i w_i * feature_i
+
+Every term is looked up in the loss registry by name (`ce`, `kd`, the `distill.features[i].loss` names),
+and each takes an optional mask. The teachers are a dict of named teacher sources; an aggregator (from its
+registry) makes one `TeacherOutputs` of theirs: `single` (the default, for one teacher) passes it through.
+Without a teacher the objective is plain cross-entropy (the scratch baseline). Projectors live here, not in
+the student, so they train with it and are left out of the exported student.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..data.augment_text import mask_tokens
+from ..errors import UserError
+from ..hooks import FeatureCapture
+from ..losses import Projector, align, confidence_weights
+from ..registry import AGGREGATORS, LOSSES
+from .batch import TeacherOutputs, TeacherSource
+from .runtime import CPU, Runtime
+
+PLAIN = {"alpha": 0.0, "temperature": 1.0, "features": []}
+
+
+@AGGREGATORS.register("single")
+def single(outputs: Dict[str, TeacherOutputs]) -> TeacherOutputs:
+    """The one teacher's outputs, as they are."""
+    if len(outputs) != 1:
+        raise UserError(f"distill.aggregate: single takes one teacher, got {len(outputs)} ({', '.join(outputs)}); "
+                        f"choose mean")
+    return next(iter(outputs.values()))
+
+
+@AGGREGATORS.register("mean")
+def mean(outputs: Dict[str, TeacherOutputs]) -> TeacherOutputs:
+    """The teachers' logits and features averaged (one class list and layer shapes for all)."""
+    outs = list(outputs.values())
+    if not all(o.dense for o in outs):
+        raise UserError("distill.aggregate: mean needs dense teacher logits from every teacher")
+    return TeacherOutputs(torch.stack([o.logits for o in outs]).mean(0),
+                          {k: torch.stack([o.features[k] for o in outs]).mean(0) for k in outs[0].features},
+                          outs[0].mask)
+
+
+def _loss(name: str) -> Callable:
+    return LOSSES.get(name, "distill.features.loss")
+
+
+def _masked(mask: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The mask keyword only when there is one: without it every loss keeps its plain (unmasked) form."""
+    return {} if mask is None else {"mask": mask}
+
+
+class Objective(nn.Module):
+    def __init__(self, student: nn.Module, dcfg: Optional[Dict[str, Any]] = None,
+                 teachers: Union[TeacherSource, Dict[str, TeacherSource], None] = None,
+                 teacher_shapes: Optional[Dict[str, Tuple[int, ...]]] = None,
+                 student_shapes: Optional[Dict[str, Tuple[int, ...]]] = None, *,
+                 aggregator: str = "single", runtime: Runtime = CPU, task: Any = None) -> None:
+        super().__init__()
+        from ..tasks.classification import Classification
+        self.student, self.runtime = student, runtime
+        self.task = task or Classification()
+        self.teachers: Dict[str, TeacherSource] = (teachers if isinstance(teachers, dict)
+                                                   else {"teacher": teachers} if teachers else {})
+        self.aggregate = AGGREGATORS.get(aggregator, "distill.aggregate")
+        self.dcfg = dcfg or PLAIN
+        self.features: List[Dict[str, Any]] = self.dcfg["features"] if self.teachers else []
+        self.projectors = nn.ModuleList(self._projector(i, f, student_shapes, teacher_shapes)
+                                        for i, f in enumerate(self.features))
+        self._capture = FeatureCapture(student, [f["student"] for f in self.features], "distill.features")
+        noise = self.dcfg.get("data", {})
+        self.mask_fraction = noise["mask_fraction"] if self.teachers and noise.get("mask") else 0.0
+        if self.mask_fraction and getattr(student, "mask_id", None) is None:
+            raise UserError("distill.data.mask: the student's tokenizer has no mask token to mask inputs with")
+        self.teacher_sees_noise = noise.get("teacher_sees") == "noised"
+        # Distillation strength: the monitor's reaction may change it (saved in checkpoints as extra state);
+        # the schedules move alpha and T from it as training progresses (`progress`, set by the trainer).
+        self.strength = {"alpha": float(self.dcfg["alpha"]), "temperature": float(self.dcfg["temperature"]),
+                         "feature_scale": 1.0}
+        self.progress = 0.0
+        self.terms: Dict[str, torch.Tensor] = {}  # the last batch's KD and CE terms, for gradient consistency
+
+    @staticmethod
+    def _projector(i: int, f: Dict[str, Any], s_shapes: Dict, t_shapes: Dict) -> nn.Module:
+        if LOSSES.tags(f["loss"]).get("compares") == "maps":  # attention maps are compared as they are
+            return nn.Identity()
+        s_shape, t_shape = s_shapes[f["student"]], t_shapes[f["teacher"]]
+        return Projector(f["projector"], s_shape[0] if len(s_shape) == 3 else s_shape[-1],
+                         t_shape[0] if len(t_shape) == 3 else t_shape[-1], where=f"distill.features[{i}]")
+
+    def get_extra_state(self) -> Dict[str, float]:
+        return dict(self.strength)
+
+    def set_extra_state(self, state: Dict[str, float]) -> None:
+        self.strength.update(state)
+
+    def current(self, name: str) -> float:
+        """alpha or temperature now: the strength, moved towards `<name>_end` by the schedule."""
+        sched = self.dcfg.get("schedule") or {}
+        kind, start, end = sched.get(name, "constant"), self.strength[name], sched.get(f"{name}_end")
+        if kind == "constant" or end is None:
+            return start
+        p = min(max(self.progress, 0.0), 1.0)
+        shape = p if kind == "linear" else (1 - math.cos(math.pi * p)) / 2
+        return start + (end - start) * shape
+
+    def noised(self, x: torch.Tensor) -> torch.Tensor:
+        """The student's input: token ids with a fraction masked (noise injection), else `x` itself.
+        Drawn from the global torch RNG, which checkpoints save, so a resumed run masks the same tokens."""
+        if not self.mask_fraction:
+            return x
+        s = self.student
+        return mask_tokens(x, self.mask_fraction, s.mask_id, s.pad_id, s.special_ids)
+
+    def teacher_outputs(self, x: torch.Tensor, idx: torch.Tensor) -> TeacherOutputs:
+        out = self.aggregate({name: source(x, idx) for name, source in self.teachers.items()})
+        put = self.runtime.put
+        return TeacherOutputs(put(out.logits), put(out.features), put(out.mask), put(out.topk_ids),
+                              put(out.topk_logprobs), put(out.tail_mass))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, mask: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The loss and its parts (detached tensors: read back once per log line, not every step)."""
+        x_student = self.noised(x)
+        with self._capture as cap:
+            logits = self.student(x_student)
+        loss = _loss("ce")(logits, y, **_masked(mask))
+        parts = {"ce": loss.detach(), **self.task.counts(logits, y)}
+        if not self.teachers:
+            parts["total"] = parts["ce"]
+            return loss, parts
+        t_out = self.teacher_outputs(x_student if self.teacher_sees_noise else x, idx)
+        mask = mask if mask is not None else t_out.mask
+        weights = confidence_weights(t_out.logits) if self.dcfg.get("sample_weight") == "confidence" else None
+        kd = _loss("kd")(logits, t_out.logits, self.current("temperature"), weights, **_masked(mask))
+        parts["kd"] = kd.detach()
+        self.terms = {"kd": kd, "ce": loss}
+        alpha = self.current("alpha")
+        loss = (1 - alpha) * loss + alpha * kd
+        for i, (f, proj) in enumerate(zip(self.features, self.projectors)):
+            s_feat, t_feat = cap.outputs[f["student"]], t_out.features[f["teacher"]]
+            if LOSSES.tags(f["loss"]).get("compares") != "maps":
+                s_feat, t_feat = align(s_feat, t_feat, proj)
+            if s_feat.shape != t_feat.shape:
+                raise UserError(f"distill.features[{i}]: student '{f['student']}' gives {tuple(s_feat.shape[1:])} "
+                                f"after the projector, teacher '{f['teacher']}' gives {tuple(t_feat.shape[1:])}")
+            term = _loss(f["loss"])(s_feat, t_feat, **_masked(mask))
+            parts[f"feat{i}_{f['loss']}"] = term.detach()
+            loss = loss + f["weight"] * self.strength["feature_scale"] * term
+        parts["total"] = loss.detach()
+        return loss, parts

@@ -1,0 +1,76 @@
+"""The order of training samples: shuffled (or stratified, or class-balanced) index batches per epoch, drawn
+from the trainer's own generator so that a resumed run redraws exactly the same epoch."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..data import DataBundle
+
+
+def batches(n: int, batch_size: int, gen: torch.Generator, lengths: Optional[torch.Tensor] = None,
+            labels: Optional[torch.Tensor] = None, sampling: str = "random") -> List[torch.Tensor]:
+    """A shuffled epoch of index batches; a trailing batch of one sample is dropped (BatchNorm needs two).
+
+    sampling: `random`; `stratified`, every batch with the classes in the data's proportions; `balanced`,
+    samples drawn with weights 1/class-count so every class is equally frequent. With `lengths` (text) and
+    random sampling, batches are bucketed: indices sorted by length within windows of 50 batches, so
+    a batch pads little, and the batch order shuffled.
+    """
+    if sampling == "balanced":
+        groups = labels + 1  # texts without a hard label (-1) are one more group
+        weights = 1.0 / torch.bincount(groups)[groups].float()
+        perm = torch.multinomial(weights, n, replacement=True, generator=gen)
+    elif sampling == "stratified":
+        rank = torch.empty(n)
+        for c in labels.unique():
+            members = (labels == c).nonzero().flatten()
+            order = members[torch.randperm(len(members), generator=gen)]
+            rank[order] = (torch.arange(len(members)) + torch.rand(len(members), generator=gen)) / len(members)
+        perm = rank.argsort()
+    else:
+        perm = torch.randperm(n, generator=gen)
+    out = list(perm.split(batch_size))
+    if lengths is not None and sampling == "random":
+        window = batch_size * 50
+        chunks = [c[lengths[c].argsort(stable=True)] for c in perm.split(window)]
+        out = [b for c in chunks for b in c.split(batch_size)]
+        out = [out[i] for i in torch.randperm(len(out), generator=gen)]
+        out.sort(key=len, reverse=True)  # any short batch last (stable: the shuffled order is kept)
+    return out[:-1] if len(out) > 1 and len(out[-1]) == 1 else out
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """How many batches `batches` makes of `n_train` samples."""
+    return -(-n_train // batch_size) - (1 if n_train % batch_size == 1 and n_train > 1 else 0)
+
+
+class _EpochBatches(torch.utils.data.Dataset):
+    """Batch i of an epoch, made by the task from its sample indices (inputs augmented with a generator
+    seeded from (epoch seed, i)). That seeding makes the augmentation the same whether batches are made in
+    this process or in `data.workers` loader processes."""
+
+    def __init__(self, data: DataBundle, data_cfg: Dict[str, Any], task: Any, index_batches: List[torch.Tensor],
+                 epoch_seed: int) -> None:
+        self.data, self.tcfg, self.task, self.batches, self.seed = data, data_cfg["transforms"], task, index_batches, \
+            epoch_seed
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.task.collate(self.data, self.batches[i], self.tcfg, self.seed + i)
+
+
+def epoch_batches(data: DataBundle, data_cfg: Dict[str, Any], gen: torch.Generator, task: Any = None, start: int = 0):
+    """The epoch's batches from batch `start` on (a resumed epoch skips those already trained on)."""
+    from ..tasks import task_for
+    ds = _EpochBatches(data, data_cfg, task or task_for(data),
+                       batches(len(data.y_train), data_cfg["batch_size"], gen, data.lengths, data.y_train,
+                               data_cfg["sampling"]),
+                       int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    if data_cfg["workers"] == 0:
+        return (ds[i] for i in range(start, len(ds)))
+    return torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(start, len(ds)),
+                                       num_workers=data_cfg["workers"])

@@ -1,0 +1,225 @@
+"""What a stage leaves in the run folder, by kind of model, and how it comes back.
+
+Two kinds of model, each behind the same five questions (its spec, how to build it, where it is saved, how
+to save it, which extra layer losses the recipe's `distill.layers` adds for it):
+
+    registry     a registry model or a layer list: one `<name>.safetensors` file, the spec in its header
+    huggingface  a Hugging Face transformer: a `<name>/` folder that plain `transformers` loads
+
+Every saved model carries what a raw input goes through before it (`preprocessing`: the training split's
+normalisation) and the class names, so an exported model can take raw inputs. A weights file depends only on
+the weights and that description: timings live in stages.json and metrics.json.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Dict, List, Optional
+
+from torch import nn
+
+from ..data import DataBundle
+from ..engine.trainer import set_seed
+from ..errors import UserError
+from ..io import load_meta, load_weights, save_model
+from ..losses import transformer_features
+from ..models import build_model
+from ..models.hf import fresh_student, is_model_folder, load_classifier, load_folder, load_tokenizer, \
+    resolve_hf_path, same_vocabulary, save_folder, select_layers
+from ..recipe import is_text
+from ..roles import TEACHER, stage_command
+from .rundir import RunDir
+
+TIMINGS = ("train_time_s", "time_s")  # kept in stages.json and metrics.json, never in a weights file
+
+
+def preprocessing(data: DataBundle) -> Dict[str, Any]:
+    """What a raw input goes through before the model sees it: per-feature (vectors) or per-channel (images)
+    normalisation with the training split's statistics."""
+    if not data.stats:
+        return {}
+    return {"normalize": {"mean": data.stats["mean"], "std": data.stats["std"], "axis": 1, "image": bool(data.image)}}
+
+
+def model_meta(data: DataBundle, name: str, spec: Dict[str, Any], info: Dict[str, Any]) -> Dict[str, Any]:
+    """The header a saved model carries: its architecture, its data's shape and classes, its preprocessing,
+    and what its stage recorded (timings left out)."""
+    return {"spec": spec, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+            "class_names": data.class_names, "role": name, "preprocessing": preprocessing(data),
+            **{k: v for k, v in info.items() if k not in TIMINGS}}
+
+
+def teacher_layers(from_teacher: Dict[str, Any], n: int) -> List[int]:
+    """The teacher layers a layer-selected student keeps: the list given, or every k-th from the first."""
+    return list(from_teacher["layers"]) if from_teacher["layers"] is not None else list(
+        range(0, n, from_teacher["keep_every"]))
+
+
+class RegistryModels:
+    """Registry models and layer lists, saved as one .safetensors file that names its architecture."""
+
+    def spec(self, run: RunDir, role: str) -> Dict[str, Any]:
+        m = run.cfg[role]
+        if m["model"] or m["arch"]:
+            return {"model": m["model"], "args": m["args"], "arch": m["arch"]}
+        spec = load_meta(m["checkpoint"]).get("spec")
+        if not spec:
+            raise UserError(f"{role}.checkpoint: {m['checkpoint']} does not say its architecture; add {role}.model")
+        return spec
+
+    def build(self, run: RunDir, role: str) -> nn.Module:
+        m, data = run.cfg[role], run.data
+        model = build_model(self.spec(run, role), data.input_shape, data.num_classes, where=role)
+        if m["checkpoint"]:
+            meta = load_meta(m["checkpoint"])
+            if meta.get("num_classes") not in (None, data.num_classes):
+                raise UserError(f"{role}.checkpoint: {m['checkpoint']} was trained for {meta['num_classes']} "
+                                f"classes but the data has {data.num_classes}")
+            names = meta.get("class_names")
+            if names and names != data.class_names:
+                raise UserError(f"{role}.checkpoint: {m['checkpoint']} was trained on classes {names} but the "
+                                f"data has {data.class_names}; teacher and student must share one class list")
+            load_weights(model, m["checkpoint"], f"{role}.checkpoint")
+        return model
+
+    def artifact(self, name: str) -> str:
+        return f"{name}.safetensors"
+
+    def save(self, run: RunDir, model: nn.Module, name: str, spec: Dict[str, Any], info: Dict[str, Any]) -> None:
+        save_model(model, run.path(self.artifact(name)), model_meta(run.data, name, spec, info))
+
+    def layer_features(self, cfg: Dict[str, Any], teacher: nn.Module, student: nn.Module) -> List[Dict[str, Any]]:
+        return []
+
+
+class HuggingFaceModels:
+    """Transformers loaded from a folder or derived from the teacher (layer selection, or a smaller fresh
+    config), saved as Hugging Face folders. Students must read the teacher's tokens: one vocabulary."""
+
+    def spec(self, run: RunDir, role: str) -> Dict[str, Any]:
+        m = run.cfg[role]
+        spec = {k: m[k] for k in ("hf", "finetuned", "from_teacher", "hf_config")}
+        return {**spec, "teacher_hf": run.cfg[TEACHER]["hf"]} if role != TEACHER else spec
+
+    def build(self, run: RunDir, role: str) -> nn.Module:
+        m, t, names = run.cfg[role], run.cfg[TEACHER], run.data.class_names
+        if m["hf"]:
+            path = resolve_hf_path(m["hf"], f"{role}.hf")
+            model = load_classifier(path, names, f"{role}.hf", finetuned=m["finetuned"])
+            if role != TEACHER and not same_vocabulary(load_tokenizer(path, f"{role}.hf"),
+                                                       load_tokenizer(run.cfg["data"]["tokenizer"], "data.tokenizer")):
+                raise UserError(f"{role}.hf: {m['hf']} has a different vocabulary from the data's tokenizer "
+                                f"({run.cfg['data']['tokenizer']}); teacher and student must share one vocabulary")
+            return model
+        ft = m["from_teacher"]
+        if ft and ft["source"] == "finetuned" and os.path.isdir(run.path(TEACHER)):
+            base = load_saved(run, TEACHER)  # (before the teacher is trained, preflight uses the pretrained one)
+        else:
+            base = load_classifier(resolve_hf_path(t["hf"], "teacher.hf"), names, "teacher.hf",
+                                   finetuned=t["finetuned"])
+        if ft:
+            return select_layers(base, teacher_layers(ft, base.num_layers), f"{role}.from_teacher")
+        c = m["hf_config"]
+        return fresh_student(base, c["layers"], c["hidden"], c["heads"], c["intermediate"], f"{role}.hf_config")
+
+    def artifact(self, name: str) -> str:
+        return name
+
+    def save(self, run: RunDir, model: nn.Module, name: str, spec: Dict[str, Any], info: Dict[str, Any]) -> None:
+        save_folder(model, run.path(name), run.cfg["data"]["tokenizer"], model_meta(run.data, name, spec, info))
+
+    def layer_features(self, cfg: Dict[str, Any], teacher: nn.Module, student: nn.Module) -> List[Dict[str, Any]]:
+        """`distill.layers` (hidden states, attention maps, embeddings, [CLS]) as `distill.features` entries."""
+        ft = cfg["student"]["from_teacher"]
+        return transformer_features(cfg["distill"]["layers"], teacher.num_layers, student.num_layers,
+                                    teacher.width == student.width,
+                                    teacher_layers(ft, teacher.num_layers) if ft else None)
+
+
+KINDS = {"registry": RegistryModels(), "huggingface": HuggingFaceModels()}
+
+
+def kind(cfg: Dict[str, Any], role: str):
+    """The kind of model the recipe gives for `role` (teacher, or student: the student's kind for students)."""
+    return KINDS["huggingface" if is_text(cfg, role) else "registry"]
+
+
+def model_spec(run: RunDir, role: str) -> Dict[str, Any]:
+    """The architecture of `role`: from the recipe, or from the checkpoint's own metadata."""
+    return kind(run.cfg, role).spec(run, role)
+
+
+def build_role(run: RunDir, role: str) -> nn.Module:
+    """Build the teacher or student for this data (from its checkpoint when the recipe gives one), from the
+    role's seed: the scratch and distilled students start equal."""
+    set_seed(run.cfg[role]["train"]["seed"])
+    return kind(run.cfg, role).build(run, role)
+
+
+def artifact(cfg: Dict[str, Any], role: str, name: str) -> str:
+    """The file (or folder) a stage `name` of a `role`-kind model leaves in the run folder."""
+    return kind(cfg, role).artifact(name)
+
+
+def save_role(run: RunDir, model: nn.Module, role: str, name: str, spec: Dict[str, Any],
+              info: Dict[str, Any]) -> None:
+    kind(run.cfg, role).save(run, model, name, spec, info)
+
+
+def resolve_distill(cfg: Dict[str, Any], teacher: nn.Module, student: nn.Module) -> Dict[str, Any]:
+    """The `distill` section with `distill.layers` expanded into feature entries for these two models."""
+    dcfg = copy.deepcopy(cfg["distill"])
+    if is_text(cfg, "teacher") and is_text(cfg, "student"):
+        dcfg["features"] += kind(cfg, "student").layer_features(cfg, teacher, student)
+    return dcfg
+
+
+def distill_settings(run: RunDir, teacher: Optional[nn.Module] = None, student: Optional[nn.Module] = None
+                     ) -> Dict[str, Any]:
+    """The resolved `distill` section of the run (built once: layer losses depend on both models)."""
+    if getattr(run, "dcfg", None) is None:
+        run.dcfg = resolve_distill(run.cfg, teacher or build_role(run, "teacher"),
+                                   student or build_role(run, "student"))
+    return run.dcfg
+
+
+def require_saved(folder: str, name: str) -> str:
+    """The model `name` in a run folder (a .safetensors file or a Hugging Face folder), or a clear error
+    naming the stage that makes it."""
+    path = os.path.join(folder, f"{name}.safetensors")
+    if os.path.isfile(path) or is_model_folder(os.path.join(folder, name)):
+        return path if os.path.isfile(path) else os.path.join(folder, name)
+    raise UserError(f"{path}: missing; run the stage that makes it first (distill run, or distill "
+                    f"{stage_command(name)})")
+
+
+def load_saved(run: RunDir, name: str) -> nn.Module:
+    return load_model_at(require_saved(run.out, name), name)
+
+
+def load_model_at(path: str, name: str) -> nn.Module:
+    """A model a stage saved: a Hugging Face folder, or a .safetensors file that names its architecture."""
+    if os.path.isdir(path):
+        return load_folder(path, name)
+    meta = load_meta(path)
+    model = build_model(meta["spec"], tuple(meta["input_shape"]), meta["num_classes"], where=name)
+    if "structure" in meta:  # pruned by `distill compress`: rebuild its smaller shape before loading
+        from ..compress.structure import fit_to_shapes, saved_shapes
+        fit_to_shapes(model, saved_shapes(path), meta["structure"]["drop"])
+    load_weights(model, path, name)
+    return model
+
+
+def require_run(folder: str, command: str) -> None:
+    """A finished run folder (recipe.yaml and metrics.json) for `distill COMMAND`, or one clear line saying
+    what is missing."""
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder}: not a run folder; give the folder of a finished run (distill run ... --out DIR)")
+    if not os.path.isfile(os.path.join(folder, "recipe.yaml")):
+        raise UserError(f"{folder}: not a run folder (no recipe.yaml); give the folder that `distill run` wrote")
+    path = os.path.join(folder, "metrics.json")
+    if not os.path.isfile(path):
+        seeds = (f" (a multi-seed run: {command} one seed folder, e.g. seed_0)"
+                 if os.path.isfile(os.path.join(folder, "summary.json")) else "")
+        raise UserError(f"{path}: missing; the run is not finished{seeds}, run `distill run` first "
+                        f"(or `distill evaluate {folder}`)")

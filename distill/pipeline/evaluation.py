@@ -1,0 +1,36 @@
+"""The test split, touched once per model, for the models selected on validation: metrics.json, and for a
+teacher-assistant chain the decay per generation (chain.json)."""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from .. import chain
+from ..evaluate import evaluate_model
+from ..io import read_json, write_json
+from ..roles import SCRATCH, STUDENT, TEACHER
+from .artifacts import load_saved, require_saved
+from .rundir import RunDir
+
+
+def evaluated(cfg: Dict[str, Any]) -> list:
+    """The models a finished run has: the teacher, any assistants, the baseline (unless skipped), the student."""
+    return [TEACHER, *chain.names(cfg), *([SCRATCH] if cfg["baseline"] else []), STUDENT]
+
+
+def evaluate(run: RunDir) -> Dict[str, Any]:
+    data, ecfg = run.data, run.cfg["evaluate"]
+    stages = read_json(run.path("stages.json"), {})
+    metrics, models = {}, {}
+    for name in evaluated(run.cfg):
+        model = models[name] = load_saved(run, name)
+        m = evaluate_model(model, require_saved(run.out, name), data.x_test, data.y_test, ecfg,
+                           run.cfg["data"]["eval_batch_size"])
+        extra = stages.get(name, {})
+        m.update({k: extra[k] for k in ("val_accuracy", "selected_epoch", "train_time_s") if k in extra})
+        metrics[name] = m
+    if not run.cfg["baseline"]:
+        metrics[SCRATCH] = {"skipped": True}  # baseline: false; tables, report and doctor say so
+    run.open()
+    write_json(run.path("metrics.json"), metrics)
+    chain.report(run, metrics, models)  # chain.json: accuracy and retention per generation, when there are assistants
+    return metrics

@@ -1,0 +1,178 @@
+"""The plan: a recipe's stages in order, and the one way to execute them.
+
+    teacher -> assistant_1 ... -> [soft labels] -> student_scratch -> student -> evaluate -> compress steps
+
+`distill run`, the stage commands, `distill search` (each trial) and `distill compress` all execute this plan,
+each selecting the kinds of stage it runs; a stage left out that a later one needs (the teacher of the
+student, say) is loaded from the run folder instead. Before anything is written, `preflight` builds the
+models and takes one distillation step on two samples per link, so that a mistake the recipe validator
+cannot see (a layer shape, a feature name, a checkpoint of another architecture) stops the run with no
+half-made run folder.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .. import chain
+from ..engine.objective import Objective
+from ..engine.trainer import TrainingDiverged
+from ..errors import UserError
+from ..evaluate import mean_std
+from ..io import write_json
+from ..recipe import Recipe
+from ..roles import SCRATCH, STUDENT, TEACHER
+from .artifacts import build_role, distill_settings, load_saved, resolve_distill
+from .evaluation import evaluate
+from .rundir import RunDir, run_folder
+from .training import feature_shapes, soft_labels, teacher_mode, teacher_source, train_assistant, train_scratch, \
+    train_distilled, train_teacher
+
+KINDS = ("teacher", "assistant", "soft_labels", "baseline", "student", "evaluate", "compress")
+TRAINING = ("teacher", "assistant", "soft_labels", "baseline", "student")
+
+
+@dataclass
+class Step:
+    name: str  # the stage (a role, soft_labels, evaluate, compress/<step>)
+    kind: str  # one of KINDS
+    teacher: Optional[str] = None  # the model it learns from
+    index: int = 0  # assistants: position in the chain; compress: position in compress.steps
+
+
+def plan(cfg: Dict[str, Any]) -> List[Step]:
+    """The stages of a recipe, in order."""
+    steps, prev = [Step(TEACHER, "teacher")], TEACHER
+    for i, name in enumerate(chain.names(cfg)):  # teacher-assistant chains add a link each
+        steps.append(Step(name, "assistant", prev, i))
+        prev = name
+    steps.append(Step("soft_labels", "soft_labels", prev))  # (only when the student reads them, or asked for)
+    if cfg["baseline"]:
+        steps.append(Step(SCRATCH, "baseline", TEACHER))
+    steps += [Step(STUDENT, "student", prev), Step("evaluate", "evaluate")]
+    steps += [Step(f"compress/{s}", "compress", cfg["compress"]["source"], i)
+              for i, s in enumerate(cfg["compress"]["steps"])]
+    return steps
+
+
+class Execution:
+    """The models and stage records of one execution of the plan."""
+
+    def __init__(self, run: RunDir, kinds: Sequence[str] = KINDS) -> None:
+        self.run, self.models, self.records = run, {}, {}
+        self.soft_labels_asked = "soft_labels" in kinds and "student" not in kinds  # `distill soft-labels`
+
+    def model(self, name: str) -> nn.Module:
+        if name not in self.models:
+            self.models[name] = load_saved(self.run, name)
+        return self.models[name]
+
+    def do(self, step: Step) -> None:
+        run = self.run
+        if step.kind == "teacher":
+            self.models[TEACHER] = train_teacher(run)
+        elif step.kind == "assistant":
+            self.models[step.name] = train_assistant(run, step.index, chain.specs(run)[step.index],
+                                                     self.model(step.teacher))
+        elif step.kind == "soft_labels":
+            if teacher_mode(run) == "cached" or self.soft_labels_asked:
+                soft_labels(run, self.model(step.teacher))
+        elif step.kind == "baseline":
+            self.records[SCRATCH] = train_scratch(run, self.model(TEACHER))
+        elif step.kind == "student":
+            self.records[STUDENT] = train_distilled(run, self.model(step.teacher))
+        elif step.kind == "evaluate":
+            self.records["metrics"] = evaluate(run)
+
+
+def execute(run: RunDir, kinds: Sequence[str] = KINDS[:-1], check: bool = True) -> Dict[str, Any]:
+    """Run the plan's stages of `kinds` in order (`check`: preflight first); returns the students' stage
+    records and, when evaluated, the metrics. A user mistake found before any stage finished leaves no run
+    folder behind."""
+    existed = os.path.isdir(run.out)
+    try:
+        if check:
+            preflight(run)
+        ex = Execution(run, kinds)
+        for step in plan(run.cfg):
+            if step.kind in kinds and step.kind != "compress":
+                ex.do(step)
+        if "compress" in kinds:  # (its steps chain their models: one compressor runs them in order)
+            from ..compress.pipeline import compress
+            ex.records["compress"] = compress(run, ex.model(TEACHER), ex.model(run.cfg["compress"]["source"]))
+        return ex.records
+    except UserError as e:
+        if not existed and not isinstance(e, TrainingDiverged) and not run.stages():
+            shutil.rmtree(run.out, ignore_errors=True)  # nothing finished: no half-made run folder
+        raise
+
+
+def preflight(run: RunDir) -> None:
+    """Build the teacher, the student and every assistant, and take one distillation step on two samples per
+    link of the chain (teacher -> assistants -> student), before anything is written."""
+    teacher, student = build_role(run, TEACHER), build_role(run, STUDENT)
+    run.dcfg = resolve_distill(run.cfg, teacher, student)
+    assistants = [chain.build(run, i, s) for i, s in enumerate(chain.specs(run))]
+    chain.check_auto(run, assistants, teacher, student)
+    links = [teacher, *assistants, student]
+    x, y = run.data.x_train[:2], run.data.y_train[:2]
+    for prev, nxt in zip(links, links[1:]):
+        t_shapes, s_shapes = feature_shapes(run, prev, nxt, run.dcfg)
+        source = teacher_source(run, prev, "online", quiet=True)
+        Objective(nxt, run.dcfg, source, t_shapes, s_shapes)(x, y, torch.arange(2))
+
+
+def run(recipe: Recipe, out: Optional[str] = None, echo: Callable[[str], None] = print, resume: bool = False,
+        overwrite: bool = False, tensorboard: bool = False) -> Dict[str, Any]:
+    """Every stage up to evaluation; returns the contents of metrics.json. `resume` continues from checkpoints."""
+    rd = RunDir(recipe, out, echo, resume=resume, overwrite=overwrite, tensorboard=tensorboard)
+    return execute(rd)["metrics"]
+
+
+def train_student(run: RunDir, teacher: Optional[nn.Module] = None) -> Dict[str, Any]:
+    """The students' stages of the plan (through any assistants): the baseline and the distilled student,
+    from `teacher` (else the run folder's); returns their stage records."""
+    return _execute_from(run, teacher, ("assistant", "soft_labels", "baseline", "student"))
+
+
+def _execute_from(run: RunDir, teacher: Optional[nn.Module], kinds: Sequence[str]) -> Dict[str, Any]:
+    ex = Execution(run, kinds)
+    if teacher is not None:
+        ex.models[TEACHER] = teacher
+    for step in plan(run.cfg):
+        if step.kind in kinds:
+            ex.do(step)
+    return ex.records
+
+
+def with_seed(recipe: Recipe, seed: int) -> Recipe:
+    cfg = copy.deepcopy(recipe.cfg)
+    for section in (cfg["train"], cfg["teacher"]["train"], cfg["student"]["train"]):
+        section["seed"] = seed
+    return Recipe(cfg, recipe.source)
+
+
+def run_seeds(recipe: Recipe, seeds: List[int], out: Optional[str] = None, echo=print, resume: bool = False,
+              overwrite: bool = False, tensorboard: bool = False) -> Dict[str, Any]:
+    """One full run per seed in `OUT/seed_<s>`, then mean and std of every metric in `OUT/summary.json`."""
+    base = run_folder(recipe, out)
+    per_seed = {s: run(with_seed(recipe, s), os.path.join(base, f"seed_{s}"), echo, resume, overwrite, tensorboard)
+                for s in seeds}
+    summary: Dict[str, Any] = {"seeds": list(seeds)}
+    for name, first in per_seed[seeds[0]].items():  # teacher, students and any assistants
+        if first.get("skipped"):
+            summary[name] = first
+            continue
+        summary[name] = {k: mean_std([per_seed[s][name][k] for s in seeds]) for k in first}
+    write_json(os.path.join(base, "summary.json"), summary)
+    return summary
+
+
+__all__ = ["Step", "plan", "execute", "preflight", "run", "run_seeds", "with_seed", "train_teacher", "train_student",
+           "soft_labels", "evaluate", "distill_settings"]

@@ -1,0 +1,116 @@
+"""A run folder: the resolved recipe, the data, and the bookkeeping of which stages are done.
+
+Making a `RunDir` builds and writes nothing; the folder and its `recipe.yaml` are written by the first stage
+that runs (`open`). Only the main process writes.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from functools import cached_property
+from typing import Any, Dict, Optional, Sequence
+
+from ..checkpoint import Checkpoints
+from ..data import DataBundle, load_data
+from ..engine.runtime import Runtime
+from ..errors import UserError
+from ..io import append_jsonl, read_json, write_json, write_text
+from ..logbook import summary_writer_class
+from ..recipe import Recipe
+from ..roles import recipe_section
+
+AFTER_TRAINING = ("output", "compress", "bench", "baseline")  # keys that do not change the trained models
+
+
+def run_folder(recipe: Recipe, out: Optional[str] = None) -> str:
+    """--out, else the recipe's output.dir, else runs/<name>."""
+    return out or recipe.cfg["output"]["dir"] or os.path.join("runs", recipe.cfg["name"])
+
+
+class RunDir:
+    def __init__(self, recipe: Recipe, out: Optional[str] = None, echo=print, resume: bool = False,
+                 overwrite: bool = False, tensorboard: bool = False) -> None:
+        self.recipe, self.cfg = recipe, recipe.cfg
+        self.out = run_folder(recipe, out)
+        self.echo, self.resume = echo, resume
+        if tensorboard:
+            summary_writer_class()  # a missing package is reported before anything is written
+        self.tensorboard = self.path("tensorboard") if tensorboard else None
+        self.log = self.path("log.jsonl")
+        self.on_epoch = None  # called after each epoch of the distilled student: (epoch, record)
+        self._opened = False
+        self._refuse_other_run(overwrite)
+
+    def _refuse_other_run(self, overwrite: bool) -> None:
+        """A folder holding a run of another recipe is not silently mixed with this one."""
+        old = self.path("recipe.yaml")
+        if overwrite or not os.path.isfile(old):
+            return
+        try:
+            before = Recipe.load(old).cfg
+        except UserError:
+            before = None
+        strip = lambda cfg: {k: v for k, v in (cfg or {}).items() if k not in AFTER_TRAINING}  # noqa: E731
+        if strip(before) != strip(self.cfg):
+            raise UserError(f"--out {self.out}: the folder holds a run of a different recipe; choose another "
+                            f"folder, or pass --overwrite to replace it (unchanged stages are still reused)")
+
+    def open(self) -> None:
+        """Create the folder and write the resolved recipe (once; before the first stage writes anything)."""
+        if self._opened or not self.runtime.is_main:
+            return
+        try:
+            os.makedirs(self.out, exist_ok=True)
+            write_text(self.path("recipe.yaml"), self.recipe.to_yaml())
+        except OSError as e:
+            raise UserError(f"--out {self.out}: cannot write the run folder ({e.strerror})") from None
+        self._opened = True
+
+    @cached_property
+    def data(self) -> DataBundle:
+        return load_data(self.cfg["data"])
+
+    @cached_property
+    def runtime(self) -> Runtime:
+        return Runtime.from_name(self.cfg["train"]["device"])
+
+    def train_cfg(self, role: str) -> Dict[str, Any]:
+        """The resolved `train` section of the teacher, or of the students (assistants, compress fine-tunes)."""
+        return self.cfg[recipe_section(role)]["train"]
+
+    def checkpoints(self, role: str) -> Checkpoints:
+        return Checkpoints(self.path(os.path.join("checkpoints", role)), self.train_cfg(role)["keep_checkpoints"],
+                           self.echo)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out, name)
+
+    def stages(self) -> Dict[str, Any]:
+        return read_json(self.path("stages.json"), {})
+
+    def stage_done(self, name: str, fingerprint: str, files: Sequence[str]) -> Optional[Dict[str, Any]]:
+        rec = self.stages().get(name)
+        if rec and rec["fingerprint"] == fingerprint and all(os.path.exists(self.path(f)) for f in files):
+            return rec
+        return None
+
+    def mark_done(self, name: str, fingerprint: str, info: Dict[str, Any]) -> None:
+        if not self.runtime.is_main:
+            return
+        stages = self.stages()
+        stages[name] = {"fingerprint": fingerprint, **info}
+        write_json(self.path("stages.json"), stages)
+        folder = self.path(os.path.join("checkpoints", name))
+        shutil.rmtree(folder, ignore_errors=True)  # the stage is done
+        while folder != self.out and os.path.isdir(os.path.dirname(folder)):  # and now-empty parents
+            folder = os.path.dirname(folder)
+            if os.listdir(folder) or folder == self.out:
+                break
+            os.rmdir(folder)
+
+    def event(self, message: str, **fields: Any) -> None:
+        if not self.runtime.is_main:
+            return
+        self.open()
+        self.echo(message)
+        append_jsonl(self.log, {"event": message, **fields})

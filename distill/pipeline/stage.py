@@ -1,0 +1,36 @@
+"""The one stage mechanism: fingerprint -> reuse | build -> train -> save -> mark.
+
+A stage names its inputs (hashed into a fingerprint with the code version), the files it leaves, and the work
+that makes them. When `stages.json` holds the same fingerprint and the files exist, the work is skipped and
+the record reused (the teacher is not retrained). Otherwise the work runs and the stage is marked done,
+which also removes its checkpoints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Sequence
+
+from .. import __version__
+from ..io import sha256_json
+from .rundir import RunDir
+
+
+@dataclass
+class Stage:
+    name: str  # a role (teacher, student, assistant_1, ...) or compress/<step>
+    inputs: Dict[str, Any]  # everything the outputs depend on
+    outputs: Sequence[str]  # files or folders in the run folder
+    make: Callable[[], Dict[str, Any]]  # builds, trains and saves the outputs; returns what to record
+
+
+def run_stage(run: RunDir, stage: Stage) -> Dict[str, Any]:
+    """Run (or reuse) `stage`; returns its record in stages.json, with `reused` saying which."""
+    fingerprint = sha256_json({**stage.inputs, "version": __version__})
+    done = run.stage_done(stage.name, fingerprint, stage.outputs)
+    if done:
+        run.event(f"{stage.name}: inputs unchanged, reusing {stage.outputs[0]}", model=stage.name)
+        return {**done, "reused": True}
+    run.open()
+    info = stage.make()
+    run.mark_done(stage.name, fingerprint, info)
+    return {"fingerprint": fingerprint, **info, "reused": False}

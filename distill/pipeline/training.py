@@ -1,0 +1,255 @@
+"""The stages that train a model, each through the one stage mechanism and the one trainer:
+
+    teacher          trained on the labels, or loaded (not retrained)
+    assistant_<i>    distilled from the generation before it (teacher-assistant chains)
+    student_scratch  the student's architecture on the labels alone, same init and budget (the baseline)
+    student          distilled from the last generation before it
+
+A distilled model learns from its teacher's outputs: cached soft labels when the inputs are the same every
+epoch, else the teacher run online on each batch.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Dict, Optional
+
+from torch import nn
+
+from .. import chain
+from ..data import DataBundle, has_augmentation
+from ..data.augment_text import with_teacher_labelled
+from ..engine.batch import TeacherSource
+from ..engine.callbacks import Checkpointing, EpochHook, GradientSignals, LogLines, Monitor, TensorBoard
+from ..engine.inference import model_device
+from ..engine.objective import Objective
+from ..engine.trainer import Trainer
+from ..hooks import FeatureCapture
+from ..io import sha256_file, weights_sha256, write_json
+from ..models import count_params
+from ..monitor import retention_monitor, with_reaction
+from ..roles import SCRATCH, STUDENT, TEACHER, log_name
+from ..teachers import cache_key, default_cache_dir, load_or_build, online_source, teacher_forward
+from ..teachers.cache import CachedOutputs
+from .artifacts import artifact, build_role, distill_settings, load_saved, model_spec, save_role
+from .rundir import RunDir
+from .stage import Stage, run_stage
+
+PROBE = chain.PROBE  # validation samples on which retention is measured
+
+
+# ---------------------------------------------------------------- training one model
+
+def train(run: RunDir, name: str, objective: Objective, data: Optional[DataBundle] = None,
+          monitor=None, tcfg: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Train `objective.student` as stage `name`: log lines (and TensorBoard), the monitor's signals, gradient
+    consistency, checkpoints (resumed with --resume), and the search's per-epoch hook for the student."""
+    m, rt = run.cfg["monitor"], run.runtime
+    tcfg = tcfg or run.train_cfg(name)
+    board = TensorBoard(run.tensorboard) if run.tensorboard and rt.is_main else None
+    every = m["every"] if m["enabled"] else 0
+    callbacks = [LogLines(run.log if rt.is_main else None, every, board),
+                 Checkpointing(run.checkpoints(name), tcfg["checkpoint_every"], run.resume, rt.is_main)]
+    if board:
+        callbacks.append(board)
+    if monitor and m["enabled"]:
+        callbacks.append(Monitor(monitor))
+    if m["enabled"] and m["gradients"] and objective.teachers:
+        callbacks.append(GradientSignals(m["gradients_every"]))
+    if name == STUDENT and run.on_epoch:
+        callbacks.append(EpochHook(run.on_epoch))
+    run.open()
+    return Trainer(log_name(name), objective, data or run.data, run.cfg["data"], tcfg, callbacks, rt).fit()
+
+
+def distil(run: RunDir, name: str, model: nn.Module, teacher: nn.Module, mode: str,
+           data: Optional[DataBundle] = None, react: bool = False, dcfg: Optional[Dict[str, Any]] = None,
+           tcfg: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Train `model` as stage `name` by distillation from `teacher` (the student, an assistant, or a compress
+    fine-tune); returns the trainer's info. Each epoch logs knowledge retention (linear CKA, cosine after the
+    projectors) and input-gradient consistency, teacher vs model on a fixed validation probe; with `react`,
+    the recipe's monitor rule may also adjust the distillation strength."""
+    dcfg = dcfg or distill_settings(run)
+    rt = run.runtime
+    teacher.to(rt.device)
+    source = teacher_source(run, teacher, mode, data=data, dcfg=dcfg)
+    t_shapes, s_shapes = feature_shapes(run, teacher, model, dcfg)
+    objective = Objective(model, dcfg, source, t_shapes, s_shapes, runtime=rt)
+    monitor = None
+    if run.cfg["monitor"]["enabled"]:
+        x, y = run.data.probe(PROBE)
+        monitor = retention_monitor(teacher, model.to(rt.device), rt.put(x),
+                                    [(f["teacher"], f["student"]) for f in dcfg["features"]], objective.projectors,
+                                    rt.put(y) if run.cfg["monitor"]["gradients"] else None)
+        if react:
+            monitor = with_reaction(monitor, objective, run.cfg["monitor"], run.echo)
+    t0 = time.perf_counter()
+    info = train(run, name, objective, data, monitor, tcfg)
+    info.update(train_time_s=round(time.perf_counter() - t0, 3), teacher_outputs=mode)
+    return info
+
+
+# ---------------------------------------------------------------- teacher outputs
+
+def teacher_mode(run: RunDir) -> str:
+    """`auto`: cached soft labels, unless augmentation gives new views every epoch (then online)."""
+    mode, ddata = run.cfg["distill"]["teacher_outputs"], run.cfg["distill"]["data"]
+    if mode == "auto":
+        text_online = run.data.variable_length and (
+            distill_settings(run)["features"] or (ddata["mask"] and ddata["teacher_sees"] == "noised"))
+        mode = "online" if has_augmentation(run.cfg["data"]["transforms"]) or text_online else "cached"
+    return mode
+
+
+def soft_labels(run: RunDir, teacher: Optional[nn.Module] = None, data: Optional[DataBundle] = None,
+                dcfg: Optional[Dict[str, Any]] = None) -> CachedOutputs:
+    """Teacher logits (and hooked features) on the un-augmented training inputs, from the on-disk cache."""
+    teacher, data = teacher or load_saved(run, TEACHER), data or run.data
+    layers = [f["teacher"] for f in (dcfg or distill_settings(run))["features"]]
+    if layers and data.variable_length:
+        from ..errors import UserError
+        raise UserError("distill.teacher_outputs: cached: text features vary in length per batch and are not "
+                        "cached; use teacher_outputs: online (or auto) with transformer layer losses")
+    key = cache_key(weights_sha256(teacher), data.fingerprint, layers)
+    memo = run.__dict__.setdefault("soft_label_entries", {})  # the plan's soft-label stage, then the student
+    if key in memo:
+        return memo[key]
+    cache_dir = run.cfg["output"]["cache_dir"] or default_cache_dir()
+    outputs, hit = load_or_build(teacher, data.x_train, key, cache_dir, layers, run.cfg["data"]["eval_batch_size"])
+    run.event(f"soft labels: cache {'hit' if hit else 'miss, computed'} ({os.path.join(cache_dir, key)})",
+              cache_key=key, hit=hit)
+    write_json(run.path("soft_labels.json"), {"cache_key": key, "cache_dir": cache_dir, "layers": layers})
+    memo[key] = outputs
+    return outputs
+
+
+def teacher_source(run: RunDir, teacher: nn.Module, mode: str, quiet: bool = False,
+                   data: Optional[DataBundle] = None, dcfg: Optional[Dict[str, Any]] = None) -> TeacherSource:
+    dcfg = dcfg or distill_settings(run)
+    if mode == "cached":
+        cached = soft_labels(run, teacher, data, dcfg)
+        run.event("student: teacher outputs from the soft-label cache (the teacher is not run while training)",
+                  teacher_outputs="cached")
+        return cached.source()
+    if not quiet:
+        run.event("student: teacher run online on every batch (augmented or noised inputs, or feature losses)",
+                  teacher_outputs="online")
+    return online_source(teacher, [f["teacher"] for f in dcfg["features"]])
+
+
+def feature_shapes(run: RunDir, teacher: nn.Module, student: nn.Module, dcfg: Dict[str, Any]):
+    """Per-sample output shapes of the hooked layers, from one dry batch (to size the projectors)."""
+    feats = dcfg["features"]
+    if not feats:
+        return {}, {}
+    shapes = []
+    for model, side in ((teacher, "teacher"), (student, "student")):
+        with FeatureCapture(model, [f[side] for f in feats], "distill.features") as cap:
+            teacher_forward(model, run.data.x_train[:2].to(model_device(model)), cap)
+        shapes.append({k: tuple(v.shape[1:]) for k, v in cap.outputs.items()})
+    student.train()
+    return shapes[0], shapes[1]
+
+
+# ---------------------------------------------------------------- the stages
+
+def base_inputs(run: RunDir, role: str, spec: Dict[str, Any]) -> Dict[str, Any]:
+    return {"spec": spec, "train": run.cfg[role]["train"], "data": run.data.fingerprint}
+
+
+def train_teacher(run: RunDir) -> nn.Module:
+    m, spec = run.cfg[TEACHER], model_spec(run, TEACHER)
+    out = artifact(run.cfg, TEACHER, TEACHER)
+    holder: Dict[str, nn.Module] = {}
+
+    def make() -> Dict[str, Any]:
+        teacher = holder["model"] = build_role(run, TEACHER)
+        t0 = time.perf_counter()
+        loaded = m["checkpoint"] or (m["hf"] if m["finetuned"] else None)
+        if loaded:
+            run.event(f"teacher: loaded from {loaded} (not retrained)", model=TEACHER)
+            info: Dict[str, Any] = {"loaded_from": loaded}
+        else:
+            info = train(run, TEACHER, Objective(teacher, runtime=run.runtime))
+        info["train_time_s"] = round(time.perf_counter() - t0, 3)
+        save_role(run, teacher, TEACHER, TEACHER, spec, info)
+        return info
+    record = run_stage(run, Stage(TEACHER, {**base_inputs(run, TEACHER, spec), "checkpoint": sha256_file(
+        m["checkpoint"]) if m["checkpoint"] else None}, [out], make))
+    return load_saved(run, TEACHER) if record["reused"] else holder["model"]
+
+
+def student_inputs(run: RunDir, teacher: nn.Module) -> Dict[str, Any]:
+    """What both students depend on: their spec, budget and data, their initial weights."""
+    s, spec = run.cfg[STUDENT], model_spec(run, STUDENT)
+    from_finetuned = bool(s["from_teacher"] and s["from_teacher"]["source"] == "finetuned")
+    return {**base_inputs(run, STUDENT, spec), "init": sha256_file(s["checkpoint"]) if s["checkpoint"] else None,
+            "init_teacher": weights_sha256(teacher) if from_finetuned else None}
+
+
+def train_scratch(run: RunDir, teacher: nn.Module) -> Dict[str, Any]:
+    """The student's architecture trained on the labels alone, from the same init and budget."""
+    spec = model_spec(run, STUDENT)
+
+    def make() -> Dict[str, Any]:
+        scratch = build_role(run, STUDENT)
+        t0 = time.perf_counter()
+        info = train(run, SCRATCH, Objective(scratch, runtime=run.runtime))
+        info["train_time_s"] = round(time.perf_counter() - t0, 3)
+        save_role(run, scratch, STUDENT, SCRATCH, spec, info)
+        return info
+    return run_stage(run, Stage(SCRATCH, student_inputs(run, teacher), [artifact(run.cfg, STUDENT, SCRATCH)], make))
+
+
+def train_distilled(run: RunDir, teacher: nn.Module) -> Dict[str, Any]:
+    """The distilled student, from `teacher` (the last generation before it)."""
+    s, dcfg, spec = run.cfg[STUDENT], distill_settings(run), model_spec(run, STUDENT)
+    mode = teacher_mode(run)
+    # the monitor's reaction changes training; its other keys only change what is logged
+    reaction = {k: run.cfg["monitor"][k] for k in ("retention_min", "watch", "action", "factor")}
+
+    def make() -> Dict[str, Any]:
+        student = build_role(run, STUDENT)
+        data, added = run.data, {}
+        if run.data.variable_length:
+            data, added = with_teacher_labelled(run.data, run.cfg["distill"]["data"], run.cfg["data"], teacher,
+                                                s["train"]["seed"])
+            if added:
+                run.event(f"student: {len(data.y_train)} training texts, of which teacher-labelled only: "
+                          + ", ".join(f"{v} {k}" for k, v in added.items()), added=added)
+        info = distil(run, STUDENT, student, teacher, mode, data, react=True)
+        info["added"] = added
+        save_role(run, student, STUDENT, STUDENT, spec, info)  # the projectors stay behind in the objective
+        return info
+    inputs = {**student_inputs(run, teacher), "distill": dcfg, "mode": mode, "teacher": weights_sha256(teacher),
+              "monitor": reaction}
+    return run_stage(run, Stage(STUDENT, inputs, [artifact(run.cfg, STUDENT, STUDENT)], make))
+
+
+def train_assistant(run: RunDir, i: int, spec: Dict[str, Any], teacher: nn.Module) -> nn.Module:
+    """Assistant i+1, distilled from `teacher` (the previous generation) like the student is."""
+    name, mode = chain.names(run.cfg)[i], teacher_mode(run)
+    holder: Dict[str, nn.Module] = {}
+
+    def make() -> Dict[str, Any]:
+        model = holder["model"] = chain.build(run, i, spec)
+        run.event(f"{name}: {count_params(model):,} parameters, distilled from "
+                  f"{'the teacher' if i == 0 else chain.names(run.cfg)[i - 1]}", model=name, spec=spec)
+        info = distil(run, name, model, teacher, mode)  # (its retention is logged against its own teacher)
+        info["params"] = count_params(model)
+        save_role(run, model, STUDENT, name, spec, info)
+        return info
+    inputs = {"spec": spec, "train": run.cfg[STUDENT]["train"], "data": run.data.fingerprint,
+              "distill": distill_settings(run), "mode": mode, "teacher": weights_sha256(teacher)}
+    record = run_stage(run, Stage(name, inputs, [f"{name}.safetensors"], make))
+    return load_saved(run, name) if record["reused"] else holder["model"]
+
+
+def train_assistants(run: RunDir, teacher: nn.Module) -> nn.Module:
+    """Each assistant from the one before; returns the last generation before the student (the teacher
+    itself when the recipe has none)."""
+    prev = teacher
+    for i, spec in enumerate(chain.specs(run)):
+        prev = train_assistant(run, i, spec, prev)
+    return prev
+

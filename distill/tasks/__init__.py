@@ -1,0 +1,36 @@
+"""Tasks: what differs between kinds of learning problem, behind one protocol, so that the plan, the trainer
+and the objective stay the same for each.
+
+A task makes a training batch from sample indices (`collate`), counts what a training step got right
+(`counts`), validates a model after each epoch (`validate`, whose `select_metric` picks the epoch kept), and
+computes the test metrics (`metrics`). Classification (images, tabular rows, texts) is the first task.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Protocol
+
+import torch
+from torch import nn
+
+from ..registry import TASKS
+from . import classification  # noqa: F401  (registers `classification`)
+
+
+class Task(Protocol):
+    name: str
+    select_metric: str  # the validation metric that picks the epoch kept (`train.select_metric` overrides it)
+
+    def lower_is_better(self, metric: str) -> bool: ...
+
+    def collate(self, data: Any, idx: torch.Tensor, transforms: Dict[str, Any], seed: int) -> Any: ...
+
+    def counts(self, outputs: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]: ...
+
+    def validate(self, model: nn.Module, data: Any, batch_size: int, runtime: Any) -> Dict[str, float]: ...
+
+    def metrics(self, outputs: torch.Tensor, y: torch.Tensor, ecfg: Dict[str, Any]) -> Dict[str, float]: ...
+
+
+def task_for(data: Any) -> Task:
+    """The task of a data bundle (classification unless the data says otherwise)."""
+    return TASKS.get(getattr(data, "task", "classification"), "task")()

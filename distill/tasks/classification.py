@@ -1,0 +1,48 @@
+"""Classification: images, tabular rows and texts, with one label per sample (-1: none, a teacher-labelled
+text), trained on logits and selected by validation accuracy."""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import augment, has_augmentation
+from ..engine.batch import Batch
+from ..engine.inference import predict
+from ..registry import TASKS
+
+
+@TASKS.register("classification")
+class Classification:
+    name = "classification"
+    select_metric = "val_accuracy"
+    validation_metrics = ("val_accuracy", "val_loss")
+
+    def lower_is_better(self, metric: str) -> bool:
+        return metric.endswith("loss")
+
+    def collate(self, data: Any, idx: torch.Tensor, transforms: Dict[str, Any], seed: int) -> Batch:
+        x = data.x_train[idx]
+        if has_augmentation(transforms):
+            x = augment(x, transforms, torch.Generator().manual_seed(seed))
+        return Batch(x, data.y_train[idx], idx)
+
+    def counts(self, logits: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Correct predictions among the samples with a hard label, and how many have one (for the training
+        accuracy, summed over the epoch on the device)."""
+        labelled = y >= 0
+        return {"correct": ((logits.argmax(1) == y) & labelled).sum(), "labelled": labelled.sum()}
+
+    def validate(self, model: nn.Module, data: Any, batch_size: int, runtime: Any = None) -> Dict[str, float]:
+        if not len(data.y_val):  # data.val_fraction: 0 (selection by the last epoch)
+            return {}
+        logits = predict(model, data.x_val, batch_size)
+        return {"val_accuracy": (logits.argmax(1) == data.y_val).float().mean().item(),
+                "val_loss": F.cross_entropy(logits, data.y_val).item()}
+
+    def metrics(self, logits: torch.Tensor, y: torch.Tensor, ecfg: Dict[str, Any]) -> Dict[str, float]:
+        from ..evaluate import classification_metrics
+        m = classification_metrics(logits, y, ecfg["positive_class"])
+        return {k: v for k, v in m.items() if k in ecfg["metrics"]}

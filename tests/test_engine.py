@@ -1,0 +1,182 @@
+"""The engine and the plan: one plan for every command (a search trains the assistants), registries that a
+recipe reads, teacher outputs as a type with an aggregator, masks in every loss, the runtime, the baseline and
+the validation split optional, the monitor off in one key, and weights files that depend on the weights only."""
+import ast
+import json
+import os
+import pathlib
+
+import pytest
+import torch
+
+from distill import Recipe, run
+from distill.cli import main
+from distill.engine.batch import TeacherOutputs
+from distill.engine.objective import Objective
+from distill.engine.runtime import Runtime, resolve_device
+from distill.errors import UserError
+from distill.evaluate import format_table
+from distill.losses import attention_kl, attention_mse, ce_loss, feature_cosine, feature_mse, kd_loss
+from distill.pipeline.plan import plan
+from distill.registry import AGGREGATORS, LOSSES, TASKS
+
+TINY = ["train.epochs=2", "teacher.train.epochs=2", "data.train_subset=400", "monitor.gradients=false",
+        "teacher.args={channels: [16, 32], hidden: 64}"]
+ASSISTANT = "distill.assistants=[{model: cnn, args: {channels: [8], hidden: 64}}]"
+quiet = lambda m: None  # noqa: E731
+
+
+def test_plan_orders_every_stage_and_chains_add_their_links():
+    cfg = Recipe.load("digits", [ASSISTANT, "compress.steps=[channels]"]).cfg
+    steps = plan(cfg)
+    assert [s.name for s in steps] == ["teacher", "assistant_1", "soft_labels", "student_scratch", "student",
+                                       "evaluate", "compress/channels"]
+    assert {s.name: s.teacher for s in steps}["student"] == "assistant_1"  # the student learns from the last link
+    assert "student_scratch" not in [s.name for s in plan(Recipe.load("digits", ["baseline=false"]).cfg)]
+
+
+def test_search_over_a_recipe_with_assistants_trains_the_assistants(tmp_path, capsys):
+    out = str(tmp_path / "s")
+    sets = [x for s in TINY for x in ("--set", s)]
+    assert main(["search", "digits", *sets, "--set", ASSISTANT, "--grid", "distill.temperature=2,4",
+                 "--out", out]) == 0
+    stages = json.load(open(os.path.join(out, "trials", "stages.json")))
+    assert "assistant_1" in stages  # the student of each trial learned from the assistant, not the teacher
+    log = [json.loads(x) for x in open(os.path.join(out, "trials", "log.jsonl"))]
+    assert any(r.get("model") == "assistant_1" and "val_accuracy" in r for r in log)
+
+
+def test_no_import_circle_inside_the_package():
+    root = pathlib.Path(__file__).resolve().parent.parent / "distill"
+    mods = {".".join(f.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): f
+            for f in root.rglob("*.py")}
+    graph = {m: set() for m in mods}
+    for m, f in mods.items():
+        pkg = m if f.name == "__init__.py" else m.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
+                for a in node.names:
+                    target = next((c for c in (f"{base}.{a.name}", base) if c in mods and c != m), None)
+                    if target and not mods[target].name == "__init__.py":
+                        graph[m].add(target)
+    seen, stack = {}, []
+
+    def visit(u):
+        seen[u] = 1
+        stack.append(u)
+        for v in graph[u]:
+            assert seen.get(v) != 1, " -> ".join(stack[stack.index(v):] + [v])
+            if not seen.get(v):
+                visit(v)
+        stack.pop()
+        seen[u] = 2
+    for m in graph:
+        if not seen.get(m):
+            visit(m)
+
+
+def test_recipe_reads_feature_losses_from_the_registry():
+    assert set(LOSSES.names(group="feature")) == {"mse", "cosine", "attention_kl", "attention_mse"}
+    with pytest.raises(UserError, match=r"distill.features\[0\].loss: not a feature loss of the registry"):
+        Recipe.load("digits", ["distill.features=[{teacher: head, student: head, loss: kd}]"])
+    assert "classification" in TASKS.names() and {"single", "mean"} <= set(AGGREGATORS.names())
+
+
+def test_every_loss_takes_a_mask_and_all_true_equals_no_mask():
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 5, 7), torch.randn(3, 5, 7)
+    ones, some = torch.ones(3, 5, dtype=torch.bool), torch.rand(3, 5) > 0.4
+    assert torch.allclose(kd_loss(s, t, 2.0, mask=ones),
+                          kd_loss(s.reshape(15, 7), t.reshape(15, 7), 2.0))
+    kl = torch.nn.functional.kl_div(torch.log_softmax(s / 2, -1), torch.log_softmax(t / 2, -1), reduction="none",
+                                    log_target=True).sum(-1)
+    assert torch.allclose(kd_loss(s, t, 2.0, mask=some), kl[some].mean() * 4)  # masked positions left out
+    assert torch.allclose(feature_mse(s, t, mask=ones), feature_mse(s, t))
+    assert torch.allclose(feature_mse(s, t, mask=some), ((s - t) ** 2).mean(-1)[some].mean())
+    assert torch.allclose(feature_cosine(s, t, mask=ones), feature_cosine(s, t))
+    y = torch.tensor([0, 1, 2])
+    logits = torch.randn(3, 4)
+    assert torch.allclose(ce_loss(logits, y, mask=torch.tensor([True, False, True])),
+                          torch.nn.functional.cross_entropy(logits[[0, 2]], y[[0, 2]]))
+    a_s, a_t = torch.rand(2, 2, 4, 4).softmax(-1), torch.rand(2, 2, 4, 4).softmax(-1)
+    full = torch.ones(2, 4, dtype=torch.bool)
+    assert torch.allclose(attention_kl(a_s, a_t, mask=full), attention_kl(a_s, a_t))
+    assert torch.allclose(attention_mse(a_s, a_t, mask=full), attention_mse(a_s, a_t))
+
+
+def test_objective_takes_a_dict_of_teachers_and_an_aggregator():
+    torch.manual_seed(0)
+    student, t1, t2 = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    x, y, idx = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]), torch.arange(6)
+    src = lambda t: (lambda xx, i: TeacherOutputs(t(xx).detach()))  # noqa: E731
+    dcfg = {"alpha": 1.0, "temperature": 2.0, "features": []}
+    loss, _ = Objective(student, dcfg, {"a": src(t1), "b": src(t2)}, aggregator="mean")(x, y, idx)
+    with torch.no_grad():
+        want = kd_loss(student(x), (t1(x) + t2(x)) / 2, 2.0)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    with pytest.raises(UserError, match="single takes one teacher"):
+        Objective(student, dcfg, {"a": src(t1), "b": src(t2)})(x, y, idx)
+    with pytest.raises(ValueError):
+        TeacherOutputs()  # neither dense logits nor the top-k form
+
+
+def test_runtime_picks_the_device_and_refuses_a_missing_one():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="train.device: cuda: no CUDA device"):
+            resolve_device("cuda")
+    rt = Runtime()
+    assert rt.is_main and rt.world_size == 1 and rt.autocast_device == "cpu"
+    x = torch.ones(2)
+    assert rt.put(x) is x  # on the CPU the same tensors come back
+
+
+def test_no_baseline_skips_the_scratch_student_and_says_so(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert main(["run", "digits", "--out", out, "--no-baseline", *[x for s in TINY for x in ("--set", s)]]) == 0
+    printed = capsys.readouterr().out
+    assert not os.path.exists(os.path.join(out, "student_scratch.safetensors"))
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["student_scratch"] == {"skipped": True} and "accuracy" in metrics["student"]
+    assert "student (no KD): skipped (baseline: false)" in printed
+    assert "student (no KD)" not in format_table(metrics).splitlines()[0]
+    assert main(["doctor", out]) == 0  # the rules that compare against the baseline say why they are skipped
+    report = json.load(open(os.path.join(out, "doctor.json")))
+    assert any("baseline: false" in why for why in report["skipped"].values())
+
+
+def test_all_training_data_with_no_validation_split(tmp_path):
+    with pytest.raises(UserError, match="train.select: best_val picks the epoch .* data.val_fraction is 0"):
+        Recipe.load("digits", ["data.val_fraction=0"])
+    out = str(tmp_path / "r")
+    m = run(Recipe.load("digits", [*TINY, "data.val_fraction=0", "train.select=last"]), out, echo=quiet)
+    stages = json.load(open(os.path.join(out, "stages.json")))
+    assert stages["student"]["selected_epoch"] == 2 and "val_accuracy" not in stages["student"]
+    assert 0 < m["student"]["accuracy"] <= 1
+
+
+def test_monitor_off_switches_every_signal_off(tmp_path):
+    out = str(tmp_path / "r")
+    run(Recipe.load("digits", [*TINY, "monitor=off"]), out, echo=quiet)
+    lines = [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))]
+    assert not any("step" in r for r in lines)  # no step lines
+    epochs = [r for r in lines if r.get("model") == "student" and "val_accuracy" in r]
+    assert epochs and not any(k.startswith(("retention", "grad_")) for r in epochs for k in r)
+    assert Recipe.load("digits", ["monitor=off"]).cfg["monitor"]["enabled"] is False
+
+
+def test_a_weights_file_depends_only_on_the_weights(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for out in (a, b):
+        run(Recipe.load("digits", [*TINY, "monitor=off"]), out, echo=quiet)
+    for name in ("teacher.safetensors", "student.safetensors", "student_scratch.safetensors"):
+        assert open(os.path.join(a, name), "rb").read() == open(os.path.join(b, name), "rb").read(), name
+    from distill.io import load_meta
+    meta = load_meta(os.path.join(a, "student.safetensors"))
+    assert "train_time_s" not in meta and "train_time_s" in json.load(open(os.path.join(a, "metrics.json")))["student"]
+    assert meta["preprocessing"]["normalize"]["mean"] and meta["class_names"] == [str(i) for i in range(10)]
