@@ -21,8 +21,11 @@ from .io import atomic_path
 
 def rng_state() -> Dict[str, Any]:
     np_state = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on a GPU draws from its own RNG
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
@@ -31,6 +34,8 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Checkpoints:
@@ -54,7 +59,7 @@ class Checkpoints:
         """The newest checkpoint that loads; corrupt or partial ones are skipped with a warning."""
         for path in reversed(self._files()):
             try:
-                return torch.load(path, weights_only=True)
+                return torch.load(path, weights_only=True, map_location="cpu")
             except Exception as e:  # truncated, corrupt, or not a checkpoint: try the one before
                 self.warn(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})")

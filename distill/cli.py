@@ -328,8 +328,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 # What each stage command runs of the plan (the stages it leaves out are read from the run folder).
-STAGES = {"train-teacher": ("teacher",), "soft-labels": ("teacher", "assistant", "soft_labels"),
-          "train-student": ("teacher", "assistant", "soft_labels", "baseline", "student"), "evaluate": ("evaluate",)}
+STAGES = {"train-teacher": ("teacher",), "soft-labels": ("soft_labels",),
+          "train-student": ("assistant", "soft_labels", "baseline", "student"), "evaluate": ("evaluate",)}
 
 
 def _run_command(args: argparse.Namespace, recipe, out: Optional[str]) -> int:

@@ -350,10 +350,12 @@ def overfitting(run: RunView) -> List[Dict[str, Any]]:
     for role in logged:
         last = run.epochs[role][-1]
         if last.get("train_accuracy") is not None:
-            train, val, source = last["train_accuracy"], last["val_accuracy"], "log: last epoch"
+            train, val, source = last["train_accuracy"], last.get("val_accuracy"), "log: last epoch"
         else:
             accs, source = run.train_accuracy((role,))
-            train, val = accs[role], run.metrics[role].get("val_accuracy", last["val_accuracy"])
+            train, val = accs[role], run.metrics[role].get("val_accuracy", last.get("val_accuracy"))
+        if val is None:  # data.val_fraction: 0, no validation split to compare with
+            continue
         rise = _val_loss_rise(run.epochs[role])
         gap = train - val
         if gap <= TH["overfit_gap"] and not rise:

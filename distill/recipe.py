@@ -388,7 +388,10 @@ def _refuse_empty(m: Dict[str, Any], where: str, keys: Sequence[str]) -> None:
 
 
 def _selection_checks(cfg: Dict[str, Any]) -> None:
-    """Choosing an epoch on validation needs a validation split."""
+    """One device per run; choosing an epoch on validation needs a validation split."""
+    for role in ("teacher", "student"):
+        if cfg[role]["train"]["device"] != cfg["train"]["device"]:
+            raise UserError(f"{role}.train.device: one device per run; set train.device instead")
     if cfg["data"]["val_fraction"] > 0:
         return
     for role in ("teacher", "student"):

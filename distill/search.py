@@ -43,8 +43,15 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
     return grid or dict(DEFAULT_GRID)
 
 
+def need_validation(recipe: Recipe) -> None:
+    if not recipe.cfg["data"]["val_fraction"]:
+        raise UserError("data.val_fraction: 0 leaves no validation split, and a search ranks its trials on it; "
+                        "give data.val_fraction > 0")
+
+
 def search(recipe: Recipe, grid: Dict[str, List[Any]], overrides: Sequence[str], out: str, echo=print
            ) -> Dict[str, Any]:
+    need_validation(recipe)
     from .pipeline.plan import TRAINING, execute
     from .pipeline.rundir import RunDir
     keys = list(grid)
@@ -80,7 +87,8 @@ def format_search(rows: List[Dict[str, Any]], keys: List[str], best: Dict[str, A
     for r in rows:
         mark = "best" if r is best else ""
         lines.append("| " + " | ".join([*(str(r[k]) for k in keys), f"{r['val_accuracy']:.4f}",
-                                        f"{r['scratch_val_accuracy']:.4f}", str(r["selected_epoch"]),
+                                        "skipped" if r["scratch_val_accuracy"] is None
+                                        else f"{r['scratch_val_accuracy']:.4f}", str(r["selected_epoch"]),
                                         f"{r['time_s']:.1f}", mark]) + " |")
     return "\n".join(lines)
 
@@ -252,6 +260,7 @@ def search_tpe(recipe: Recipe, space: Dict[str, Dict[str, Any]], overrides: Sequ
     `warmup_epochs`, default a quarter of the student's epochs) where its best validation accuracy so far is
     below the median of the completed trials at that epoch (once `startup_trials` have completed)."""
     optuna = import_optuna()
+    need_validation(recipe)
     validate_space(recipe, space, overrides)
     seed = recipe.cfg["student"]["train"]["seed"]
     if warmup_epochs is None:

@@ -19,6 +19,7 @@ from distill.evaluate import format_table
 from distill.losses import attention_kl, attention_mse, ce_loss, feature_cosine, feature_mse, kd_loss
 from distill.pipeline.plan import plan
 from distill.registry import AGGREGATORS, LOSSES, TASKS
+from distill.tasks import task_for
 
 TINY = ["train.epochs=2", "teacher.train.epochs=2", "data.train_subset=400", "monitor.gradients=false",
         "teacher.args={channels: [16, 32], hidden: 64}"]
@@ -84,6 +85,7 @@ def test_recipe_reads_feature_losses_from_the_registry():
     with pytest.raises(UserError, match=r"distill.features\[0\].loss: not a feature loss of the registry"):
         Recipe.load("digits", ["distill.features=[{teacher: head, student: head, loss: kd}]"])
     assert "classification" in TASKS.names() and {"single", "mean"} <= set(AGGREGATORS.names())
+    assert task_for(None).select_metric == "val_accuracy"
 
 
 def test_every_loss_takes_a_mask_and_all_true_equals_no_mask():
@@ -180,3 +182,22 @@ def test_a_weights_file_depends_only_on_the_weights(tmp_path):
     meta = load_meta(os.path.join(a, "student.safetensors"))
     assert "train_time_s" not in meta and "train_time_s" in json.load(open(os.path.join(a, "metrics.json")))["student"]
     assert meta["preprocessing"]["normalize"]["mean"] and meta["class_names"] == [str(i) for i in range(10)]
+
+
+def test_runtime_moves_batches_and_teacher_outputs_whole():
+    from distill.engine.batch import Batch
+    rt = Runtime(torch.device("meta"))  # a device other than the CPU, without a GPU
+    b = rt.put(Batch(torch.ones(2, 3), torch.zeros(2, dtype=torch.long), torch.arange(2)))
+    assert b.x.device.type == b.y.device.type == "meta" and b.idx.device.type == "meta"
+    t = rt.put(TeacherOutputs(torch.ones(2, 3), {"f": torch.ones(2, 4)}))
+    assert t.logits.device.type == "meta" and t.features["f"].device.type == "meta" and t.mask is None
+
+
+def test_commands_that_rank_or_measure_on_validation_refuse_no_validation_split(tmp_path, capsys):
+    no_val = ["--set", "data.val_fraction=0", "--set", "train.select=last"]
+    assert main(["search", "digits", *no_val, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "data.val_fraction: 0 leaves no validation split" in err
+    assert not os.path.exists(tmp_path / "s")
+    with pytest.raises(UserError, match="student.train.device: one device per run; set train.device"):
+        Recipe.load("digits", ["student.train.device=cpu", "train.device=auto"])

@@ -65,6 +65,7 @@ class Compressor:
         dcfg = {**distill_settings(run), "features": []}
         model = prepare(self.model) if prepare else self.model
         info = distil(run, compressed(name), model, teacher, "online", dcfg=dcfg, tcfg=tcfg)
+        model.cpu(), teacher.cpu()  # pruning and measuring run on the CPU; only fine-tunes use train.device
         info.pop("train_time_s")  # (the step's own time_s covers it)
         return info
 
@@ -176,6 +177,9 @@ def compress(run: RunDir, teacher: Optional[nn.Module] = None, model: Optional[n
     """Every step of `compress.steps` on `model` (the recipe's compress.source), distilling from `teacher`;
     returns (and writes to compress/compress.json) one record per model."""
     steps = run.cfg["compress"]["steps"]
+    if not run.cfg["data"]["val_fraction"]:
+        raise UserError("data.val_fraction: 0 leaves no validation split, and compress measures each step on it; "
+                        "distil with data.val_fraction > 0 to compress")
     if not steps:
         raise UserError("compress.steps: empty; name the steps to run, e.g. --set 'compress.steps=[layers, heads, "
                         "qat]' (choose from vocab, layers, heads, channels, qat)")

@@ -178,7 +178,7 @@ class _FakeQuantLinearWeight(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         scale = (w.detach().abs().amax(1) / 127.5).clamp_min(torch.finfo(torch.float32).eps)
-        zero = torch.zeros(len(scale), dtype=torch.int32)
+        zero = torch.zeros(len(scale), dtype=torch.int32, device=scale.device)
         return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -128, 127)
 
 

@@ -18,8 +18,8 @@ import torch
 def mask_tokens(x: torch.Tensor, fraction: float, mask_id: int, pad_id: int, special_ids: Sequence[int],
                 gen: torch.Generator | None = None) -> torch.Tensor:
     """A copy of `x` with each real token replaced by `mask_id` with probability `fraction`."""
-    real = (x != pad_id) & ~torch.isin(x, torch.tensor(list(special_ids), dtype=x.dtype))
-    hit = (torch.rand(x.shape, generator=gen) < fraction) & real
+    real = (x != pad_id) & ~torch.isin(x, torch.tensor(list(special_ids), dtype=x.dtype, device=x.device))
+    hit = (torch.rand(x.shape, generator=gen) < fraction).to(x.device) & real  # (drawn on the CPU's RNG)
     return torch.where(hit, torch.full_like(x, mask_id), x)
 
 
@@ -70,7 +70,7 @@ def neighbour_table(embeddings: torch.Tensor, text: TokenText, token_ids: Sequen
                     ) -> Dict[int, np.ndarray]:
     """For each token in `token_ids`, its `k` nearest whole-word tokens by cosine of input embeddings."""
     candidates = torch.tensor([i for i in range(len(text.tokens)) if text.whole_word(i)])
-    emb = torch.nn.functional.normalize(embeddings.detach().float(), dim=1)
+    emb = torch.nn.functional.normalize(embeddings.detach().float().cpu(), dim=1)
     cand = emb[candidates]
     table: Dict[int, np.ndarray] = {}
     queries = [i for i in token_ids if text.whole_word(i)]

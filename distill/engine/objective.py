@@ -65,7 +65,7 @@ class Objective(nn.Module):
         super().__init__()
         from ..tasks.classification import Classification
         self.student, self.runtime = student, runtime
-        self.task = task or Classification()
+        self.task = task or Classification()  # (the trainer's task counts the same way)
         self.teachers: Dict[str, TeacherSource] = (teachers if isinstance(teachers, dict)
                                                    else {"teacher": teachers} if teachers else {})
         self.aggregate = AGGREGATORS.get(aggregator, "distill.aggregate")
@@ -119,10 +119,7 @@ class Objective(nn.Module):
         return mask_tokens(x, self.mask_fraction, s.mask_id, s.pad_id, s.special_ids)
 
     def teacher_outputs(self, x: torch.Tensor, idx: torch.Tensor) -> TeacherOutputs:
-        out = self.aggregate({name: source(x, idx) for name, source in self.teachers.items()})
-        put = self.runtime.put
-        return TeacherOutputs(put(out.logits), put(out.features), put(out.mask), put(out.topk_ids),
-                              put(out.topk_logprobs), put(out.tail_mass))
+        return self.runtime.put(self.aggregate({name: source(x, idx) for name, source in self.teachers.items()}))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, mask: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:

@@ -6,6 +6,7 @@ torchrun sets (RANK, WORLD_SIZE); a plain process is rank 0 of 1. Only the main 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -57,6 +58,9 @@ class Runtime:
         """A tensor (or a dict/tuple/list of them) on this device; on the CPU the same objects come back."""
         if isinstance(value, torch.Tensor):
             return value if value.device == self.device else value.to(self.device, non_blocking=True)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a Batch, TeacherOutputs
+            return dataclasses.replace(value, **{f.name: self.put(getattr(value, f.name))
+                                                 for f in dataclasses.fields(value)})
         if isinstance(value, dict):
             return {k: self.put(v) for k, v in value.items()}
         if isinstance(value, (tuple, list)):

@@ -143,7 +143,10 @@ class Trainer:
         self.sched.load_state_dict(saved["scheduler"])
         self.gen.set_state(saved["epoch_gen"])
         set_rng_state(saved["rng"])
-        self.prog = {"window": {}, "signals": {}, **saved["progress"]}
+        old = saved["progress"]  # (checkpoints of distill before the trainer kept best_score and best_metrics)
+        self.prog = {**self.prog, "best_score": old.get("best_val"), "best_metrics": {"val_accuracy": old.get("best_val")}
+                     if "best_val" in old else {}, **old, "window": old.get("window", {}),
+                     "signals": old.get("signals", {})}
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> Dict[str, Any]:

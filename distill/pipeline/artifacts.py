@@ -163,7 +163,8 @@ def artifact(cfg: Dict[str, Any], role: str, name: str) -> str:
 
 def save_role(run: RunDir, model: nn.Module, role: str, name: str, spec: Dict[str, Any],
               info: Dict[str, Any]) -> None:
-    kind(run.cfg, role).save(run, model, name, spec, info)
+    if run.runtime.is_main:  # (only the main process writes)
+        kind(run.cfg, role).save(run, model, name, spec, info)
 
 
 def resolve_distill(cfg: Dict[str, Any], teacher: nn.Module, student: nn.Module) -> Dict[str, Any]:

@@ -30,6 +30,8 @@ def evaluate(run: RunDir) -> Dict[str, Any]:
         metrics[name] = m
     if not run.cfg["baseline"]:
         metrics[SCRATCH] = {"skipped": True}  # baseline: false; tables, report and doctor say so
+    if not run.runtime.is_main:
+        return metrics
     run.open()
     write_json(run.path("metrics.json"), metrics)
     chain.report(run, metrics, models)  # chain.json: accuracy and retention per generation, when there are assistants

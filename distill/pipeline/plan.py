@@ -31,8 +31,8 @@ from ..roles import SCRATCH, STUDENT, TEACHER
 from .artifacts import build_role, distill_settings, load_saved, resolve_distill
 from .evaluation import evaluate
 from .rundir import RunDir, run_folder
-from .training import feature_shapes, soft_labels, teacher_mode, teacher_source, train_assistant, train_scratch, \
-    train_distilled, train_teacher
+from .training import feature_shapes, soft_labels, teacher_source, train_assistant, train_distilled, train_scratch, \
+    train_teacher
 
 KINDS = ("teacher", "assistant", "soft_labels", "baseline", "student", "evaluate", "compress")
 TRAINING = ("teacher", "assistant", "soft_labels", "baseline", "student")
@@ -52,7 +52,7 @@ def plan(cfg: Dict[str, Any]) -> List[Step]:
     for i, name in enumerate(chain.names(cfg)):  # teacher-assistant chains add a link each
         steps.append(Step(name, "assistant", prev, i))
         prev = name
-    steps.append(Step("soft_labels", "soft_labels", prev))  # (only when the student reads them, or asked for)
+    steps.append(Step("soft_labels", "soft_labels", prev))
     if cfg["baseline"]:
         steps.append(Step(SCRATCH, "baseline", TEACHER))
     steps += [Step(STUDENT, "student", prev), Step("evaluate", "evaluate")]
@@ -80,8 +80,8 @@ class Execution:
         elif step.kind == "assistant":
             self.models[step.name] = train_assistant(run, step.index, chain.specs(run)[step.index],
                                                      self.model(step.teacher))
-        elif step.kind == "soft_labels":
-            if teacher_mode(run) == "cached" or self.soft_labels_asked:
+        elif step.kind == "soft_labels":  # (in a full run the student's stage reads them itself, when it trains)
+            if self.soft_labels_asked:
                 soft_labels(run, self.model(step.teacher))
         elif step.kind == "baseline":
             self.records[SCRATCH] = train_scratch(run, self.model(TEACHER))

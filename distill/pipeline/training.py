@@ -54,7 +54,7 @@ def train(run: RunDir, name: str, objective: Objective, data: Optional[DataBundl
         callbacks.append(board)
     if monitor and m["enabled"]:
         callbacks.append(Monitor(monitor))
-    if m["enabled"] and m["gradients"] and objective.teachers:
+    if m["enabled"] and m["gradients"] and every and objective.teachers:  # (every: 0, epoch lines only)
         callbacks.append(GradientSignals(m["gradients_every"]))
     if name == STUDENT and run.on_epoch:
         callbacks.append(EpochHook(run.on_epoch))
@@ -72,7 +72,7 @@ def distil(run: RunDir, name: str, model: nn.Module, teacher: nn.Module, mode: s
     dcfg = dcfg or distill_settings(run)
     rt = run.runtime
     teacher.to(rt.device)
-    source = teacher_source(run, teacher, mode, data=data, dcfg=dcfg)
+    source = teacher_source(run, teacher, mode, data=data, dcfg=dcfg, name=name)
     t_shapes, s_shapes = feature_shapes(run, teacher, model, dcfg)
     objective = Objective(model, dcfg, source, t_shapes, s_shapes, runtime=rt)
     monitor = None
@@ -110,30 +110,34 @@ def soft_labels(run: RunDir, teacher: Optional[nn.Module] = None, data: Optional
         from ..errors import UserError
         raise UserError("distill.teacher_outputs: cached: text features vary in length per batch and are not "
                         "cached; use teacher_outputs: online (or auto) with transformer layer losses")
-    key = cache_key(weights_sha256(teacher), data.fingerprint, layers)
+    device = run.runtime.device.type
+    key = cache_key(weights_sha256(teacher), data.fingerprint, layers, None if device == "cpu" else device)
     memo = run.__dict__.setdefault("soft_label_entries", {})  # the plan's soft-label stage, then the student
     if key in memo:
         return memo[key]
     cache_dir = run.cfg["output"]["cache_dir"] or default_cache_dir()
+    teacher.to(run.runtime.device)
     outputs, hit = load_or_build(teacher, data.x_train, key, cache_dir, layers, run.cfg["data"]["eval_batch_size"])
     run.event(f"soft labels: cache {'hit' if hit else 'miss, computed'} ({os.path.join(cache_dir, key)})",
               cache_key=key, hit=hit)
-    write_json(run.path("soft_labels.json"), {"cache_key": key, "cache_dir": cache_dir, "layers": layers})
+    if run.runtime.is_main:
+        write_json(run.path("soft_labels.json"), {"cache_key": key, "cache_dir": cache_dir, "layers": layers})
     memo[key] = outputs
     return outputs
 
 
 def teacher_source(run: RunDir, teacher: nn.Module, mode: str, quiet: bool = False,
-                   data: Optional[DataBundle] = None, dcfg: Optional[Dict[str, Any]] = None) -> TeacherSource:
+                   data: Optional[DataBundle] = None, dcfg: Optional[Dict[str, Any]] = None,
+                   name: str = STUDENT) -> TeacherSource:
     dcfg = dcfg or distill_settings(run)
     if mode == "cached":
         cached = soft_labels(run, teacher, data, dcfg)
-        run.event("student: teacher outputs from the soft-label cache (the teacher is not run while training)",
+        run.event(f"{name}: teacher outputs from the soft-label cache (the teacher is not run while training)",
                   teacher_outputs="cached")
         return cached.source()
     if not quiet:
-        run.event("student: teacher run online on every batch (augmented or noised inputs, or feature losses)",
-                  teacher_outputs="online")
+        run.event(f"{name}: teacher run online on every batch (augmented or noised inputs, feature losses, or a "
+                  f"compress fine-tune)", teacher_outputs="online")
     return online_source(teacher, [f["teacher"] for f in dcfg["features"]])
 
 
@@ -154,7 +158,11 @@ def feature_shapes(run: RunDir, teacher: nn.Module, student: nn.Module, dcfg: Di
 # ---------------------------------------------------------------- the stages
 
 def base_inputs(run: RunDir, role: str, spec: Dict[str, Any]) -> Dict[str, Any]:
-    return {"spec": spec, "train": run.cfg[role]["train"], "data": run.data.fingerprint}
+    """What every trained stage depends on. The device counts (a GPU rounds differently) once it is not the CPU,
+    so runs made on the CPU keep their fingerprints."""
+    device = run.runtime.device.type
+    return {"spec": spec, "train": run.cfg[role]["train"], "data": run.data.fingerprint,
+            **({"device": device} if device != "cpu" else {})}
 
 
 def train_teacher(run: RunDir) -> nn.Module:
@@ -207,6 +215,8 @@ def train_distilled(run: RunDir, teacher: nn.Module) -> Dict[str, Any]:
     mode = teacher_mode(run)
     # the monitor's reaction changes training; its other keys only change what is logged
     reaction = {k: run.cfg["monitor"][k] for k in ("retention_min", "watch", "action", "factor")}
+    if not run.cfg["monitor"]["enabled"]:
+        reaction = {"enabled": False}  # monitor: off -> no reaction either
 
     def make() -> Dict[str, Any]:
         student = build_role(run, STUDENT)
@@ -239,8 +249,8 @@ def train_assistant(run: RunDir, i: int, spec: Dict[str, Any], teacher: nn.Modul
         info["params"] = count_params(model)
         save_role(run, model, STUDENT, name, spec, info)
         return info
-    inputs = {"spec": spec, "train": run.cfg[STUDENT]["train"], "data": run.data.fingerprint,
-              "distill": distill_settings(run), "mode": mode, "teacher": weights_sha256(teacher)}
+    inputs = {**base_inputs(run, STUDENT, spec), "distill": distill_settings(run), "mode": mode,
+              "teacher": weights_sha256(teacher)}
     record = run_stage(run, Stage(name, inputs, [f"{name}.safetensors"], make))
     return load_saved(run, name) if record["reused"] else holder["model"]
 

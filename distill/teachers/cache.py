@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -30,8 +30,10 @@ def default_cache_dir() -> str:
     return os.environ.get("DISTILL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "distill")
 
 
-def cache_key(teacher_sha: str, data_fingerprint: str, feature_layers: List[str]) -> str:
-    return sha256_json({"teacher": teacher_sha, "data": data_fingerprint, "layers": sorted(feature_layers)})[:24]
+def cache_key(teacher_sha: str, data_fingerprint: str, feature_layers: List[str], device: Optional[str] = None) -> str:
+    """The entry of these teacher weights on this data (and, off the CPU, the device that computed it)."""
+    return sha256_json({"teacher": teacher_sha, "data": data_fingerprint, "layers": sorted(feature_layers),
+                        **({"device": device} if device else {})})[:24]
 
 
 @dataclass
