@@ -7,27 +7,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score, roc_auc_score
 from torch import nn
 
-from .models import count_params
 from .engine.inference import predict
+from .models import count_params
 from .roles import SCRATCH, STUDENT, TEACHER, is_assistant
-
-
-def classification_metrics(logits: torch.Tensor, y: torch.Tensor, positive: int = 1) -> Dict[str, float]:
-    """Accuracy and macro-F1; for two classes also AUC, sensitivity and specificity of class `positive`."""
-    pred, y_np = logits.argmax(1).numpy(), y.numpy()
-    out = {"accuracy": float((pred == y_np).mean()),
-           "macro_f1": float(f1_score(y_np, pred, average="macro", labels=list(range(logits.shape[1])),
-                                      zero_division=0))}
-    if logits.shape[1] == 2:
-        prob = torch.softmax(logits, 1)[:, positive].numpy()
-        is_pos = y_np == positive
-        out["auc"] = float(roc_auc_score(is_pos, prob)) if 0 < is_pos.sum() < len(is_pos) else float("nan")
-        out["sensitivity"] = float((pred[is_pos] == positive).mean()) if is_pos.any() else float("nan")
-        out["specificity"] = float((pred[~is_pos] != positive).mean()) if (~is_pos).any() else float("nan")
-    return out
+from .tasks import task_for
 
 
 def latency_ms(model: nn.Module, x: torch.Tensor, runs: int = 100, threads: int = 1) -> float:
@@ -75,8 +60,7 @@ def evaluate_model(model: nn.Module, path: str, x: torch.Tensor, y: torch.Tensor
                    batch_size: int = 512) -> Dict[str, Any]:
     """Test metrics (those named in `evaluate.metrics` that apply), size, batch-1 latency and throughput
     (samples per second at `evaluate.throughput_batch`), both on `evaluate.threads` threads."""
-    m = classification_metrics(predict(model, x, batch_size), y, ecfg["positive_class"])
-    keep = {k: v for k, v in m.items() if k in ecfg["metrics"]}
+    keep = task_for(None).metrics(predict(model, x, batch_size), y, ecfg)
     big = x[:ecfg["throughput_batch"]]
     batch_ms = latency_ms(model, big, max(5, ecfg["latency_runs"] // 10), ecfg["threads"])
     return {**keep, "params": count_params(model), "size_bytes": weights_size(path),

@@ -19,7 +19,8 @@ from torch import nn
 
 from ..data import DataBundle, load_data
 from ..errors import UserError
-from ..evaluate import classification_metrics, latency_percentiles, typical_sample, weights_size
+from ..evaluate import latency_percentiles, typical_sample, weights_size
+from ..tasks.classification import classification_metrics
 from ..models import count_params
 from ..models.hf import trim_padding
 from ..engine.inference import predict

@@ -6,6 +6,7 @@ from typing import Any, Dict
 
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import f1_score, roc_auc_score
 from torch import nn
 
 from ..data import augment, has_augmentation
@@ -18,7 +19,6 @@ from ..registry import TASKS
 class Classification:
     name = "classification"
     select_metric = "val_accuracy"
-    validation_metrics = ("val_accuracy", "val_loss")
 
     def lower_is_better(self, metric: str) -> bool:
         return metric.endswith("loss")
@@ -43,6 +43,22 @@ class Classification:
                 "val_loss": F.cross_entropy(logits, data.y_val).item()}
 
     def metrics(self, logits: torch.Tensor, y: torch.Tensor, ecfg: Dict[str, Any]) -> Dict[str, float]:
-        from ..evaluate import classification_metrics
+        """The test metrics named in `evaluate.metrics` that apply (the binary ones to two classes)."""
         m = classification_metrics(logits, y, ecfg["positive_class"])
         return {k: v for k, v in m.items() if k in ecfg["metrics"]}
+
+
+def classification_metrics(logits: torch.Tensor, y: torch.Tensor, positive: int = 1) -> Dict[str, float]:
+    """Accuracy and macro-F1; for two classes also AUC, sensitivity and specificity of class `positive`."""
+    pred, y_np = logits.argmax(1).numpy(), y.numpy()
+    out = {"accuracy": float((pred == y_np).mean()),
+           "macro_f1": float(f1_score(y_np, pred, average="macro", labels=list(range(logits.shape[1])),
+                                      zero_division=0))}
+    if logits.shape[1] == 2:
+        prob = torch.softmax(logits, 1)[:, positive].numpy()
+        is_pos = y_np == positive
+        out["auc"] = float(roc_auc_score(is_pos, prob)) if 0 < is_pos.sum() < len(is_pos) else float("nan")
+        out["sensitivity"] = float((pred[is_pos] == positive).mean()) if is_pos.any() else float("nan")
+        out["specificity"] = float((pred[~is_pos] != positive).mean()) if (~is_pos).any() else float("nan")
+    return out
+
