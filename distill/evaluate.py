@@ -60,7 +60,7 @@ def evaluate_model(model: nn.Module, path: str, x: torch.Tensor, y: torch.Tensor
                    batch_size: int = 512) -> Dict[str, Any]:
     """Test metrics (those named in `evaluate.metrics` that apply), size, batch-1 latency and throughput
     (samples per second at `evaluate.throughput_batch`), both on `evaluate.threads` threads."""
-    keep = task_for(None).metrics(predict(model, x, batch_size), y, ecfg)
+    keep = task_for().metrics(predict(model, x, batch_size), y, ecfg)
     big = x[:ecfg["throughput_batch"]]
     batch_ms = latency_ms(model, big, max(5, ecfg["latency_runs"] // 10), ecfg["threads"])
     return {**keep, "params": count_params(model), "size_bytes": weights_size(path),

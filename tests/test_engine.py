@@ -85,7 +85,7 @@ def test_recipe_reads_feature_losses_from_the_registry():
     with pytest.raises(UserError, match=r"distill.features\[0\].loss: not a feature loss of the registry"):
         Recipe.load("digits", ["distill.features=[{teacher: head, student: head, loss: kd}]"])
     assert "classification" in TASKS.names() and {"single", "mean"} <= set(AGGREGATORS.names())
-    assert task_for(None).select_metric == "val_accuracy"
+    assert task_for().select_metric == "val_accuracy"
 
 
 def test_every_loss_takes_a_mask_and_all_true_equals_no_mask():

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoint import rng_state, set_rng_state
 from ..data import DataBundle
 from ..errors import UserError
 from ..progress import bar
@@ -131,13 +132,11 @@ class Trainer:
     def state(self) -> Dict[str, Any]:
         """What a checkpoint holds: the objective (student, projectors, strength), optimizer, scheduler, the
         shuffling generator as at the start of the epoch, every RNG and the progress."""
-        from ..checkpoint import rng_state
         return {"objective": self.objective.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "epoch_gen": self.epoch_gen, "rng": rng_state(),
                 "progress": self.prog}
 
     def load_state(self, saved: Dict[str, Any]) -> None:
-        from ..checkpoint import set_rng_state
         self.objective.load_state_dict(saved["objective"])
         self.opt.load_state_dict(saved["optimizer"])
         self.sched.load_state_dict(saved["scheduler"])

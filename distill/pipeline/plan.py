@@ -91,15 +91,18 @@ class Execution:
             self.records["metrics"] = evaluate(run)
 
 
-def execute(run: RunDir, kinds: Sequence[str] = KINDS[:-1], check: bool = True) -> Dict[str, Any]:
-    """Run the plan's stages of `kinds` in order (`check`: preflight first); returns the students' stage
-    records and, when evaluated, the metrics. A user mistake found before any stage finished leaves no run
-    folder behind."""
+def execute(run: RunDir, kinds: Sequence[str] = KINDS[:-1], check: bool = True,
+            teacher: Optional[nn.Module] = None) -> Dict[str, Any]:
+    """Run the plan's stages of `kinds` in order (`check`: preflight first; `teacher`: the teacher already in
+    memory, else it is trained or read from the folder); returns the students' stage records and, when
+    evaluated, the metrics. A user mistake found before any stage finished leaves no run folder behind."""
     existed = os.path.isdir(run.out)
     try:
         if check:
             preflight(run)
         ex = Execution(run, kinds)
+        if teacher is not None:
+            ex.models[TEACHER] = teacher
         for step in plan(run.cfg):
             if step.kind in kinds and step.kind != "compress":
                 ex.do(step)
@@ -138,17 +141,7 @@ def run(recipe: Recipe, out: Optional[str] = None, echo: Callable[[str], None] =
 def train_student(run: RunDir, teacher: Optional[nn.Module] = None) -> Dict[str, Any]:
     """The students' stages of the plan (through any assistants): the baseline and the distilled student,
     from `teacher` (else the run folder's); returns their stage records."""
-    return _execute_from(run, teacher, ("assistant", "soft_labels", "baseline", "student"))
-
-
-def _execute_from(run: RunDir, teacher: Optional[nn.Module], kinds: Sequence[str]) -> Dict[str, Any]:
-    ex = Execution(run, kinds)
-    if teacher is not None:
-        ex.models[TEACHER] = teacher
-    for step in plan(run.cfg):
-        if step.kind in kinds:
-            ex.do(step)
-    return ex.records
+    return execute(run, ("assistant", "soft_labels", "baseline", "student"), check=False, teacher=teacher)
 
 
 def with_seed(recipe: Recipe, seed: int) -> Recipe:

@@ -58,7 +58,6 @@ def train(run: RunDir, name: str, objective: Objective, data: Optional[DataBundl
         callbacks.append(GradientSignals(m["gradients_every"]))
     if name == STUDENT and run.on_epoch:
         callbacks.append(EpochHook(run.on_epoch))
-    run.open()
     return Trainer(log_name(name), objective, data or run.data, run.cfg["data"], tcfg, callbacks, rt).fit()
 
 

@@ -31,6 +31,6 @@ class Task(Protocol):
     def metrics(self, outputs: torch.Tensor, y: torch.Tensor, ecfg: Dict[str, Any]) -> Dict[str, float]: ...
 
 
-def task_for(data: Any) -> Task:
-    """The task of a data bundle (classification unless the data says otherwise)."""
+def task_for(data: Any = None) -> Task:
+    """The task of a data bundle (classification unless the data says otherwise, or no data is given)."""
     return TASKS.get(getattr(data, "task", "classification"), "task")()
