@@ -44,7 +44,9 @@ def plain_kd_loop(rd: RunDir, teacher: torch.nn.Module) -> float:
     student = build_role(rd, "student")
     set_seed(tcfg["seed"])
     gen = torch.Generator().manual_seed(tcfg["seed"])
-    opt = make_optimizer([p for p in student.parameters()], tcfg["optimizer"])
+    ocfg = tcfg["optimizer"]  # the optimizer as a user writes it: PyTorch's defaults
+    opt = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[ocfg["name"]](
+        student.parameters(), lr=ocfg["lr"], weight_decay=ocfg["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(e, tcfg["scheduler"], tcfg["epochs"]))
     T, alpha, best, best_state = dcfg["temperature"], dcfg["alpha"], -1.0, None
     teacher.eval()

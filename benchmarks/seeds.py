@@ -1,6 +1,7 @@
 """Teacher, scratch student and distilled student over several seeds, as a Markdown table.
 
-    python benchmarks/seeds.py digits --seeds 5
+    python benchmarks/seeds.py digits --seeds 10
+    python benchmarks/seeds.py digits --seeds 10 --first 10 --per-seed
     python benchmarks/seeds.py mnist_cnn --seeds 3 --set train.epochs=15
 
 Each seed is a full run (teacher trained anew, students from the same init as each other); the data split
@@ -9,6 +10,7 @@ is fixed (data.split_seed), models are selected on validation, and the test spli
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -44,20 +46,43 @@ def markdown(summary: dict, recipe: Recipe, command: str, wall_s: float) -> str:
     return "\n".join(lines)
 
 
+def per_seed(out: str, seeds: list) -> str:
+    """A row per seed (test accuracy %, from each seed's metrics.json), and how many seeds meet each of the
+    default demo's criteria: teacher above scratch, distilled above scratch, distilled within 1 point of the
+    teacher."""
+    lines = ["| seed | teacher | student, no distillation | student, distilled | distilled - scratch | "
+             "teacher - distilled |", "|---|---|---|---|---|---|"]
+    met = {"teacher > scratch": 0, "distilled > scratch": 0, "distilled within 1 point of the teacher": 0}
+    for s in seeds:
+        with open(os.path.join(out, f"seed_{s}", "metrics.json"), encoding="utf-8") as fh:
+            m = json.load(fh)
+        t, b, d = (100 * m[k]["accuracy"] for k in ("teacher", "student_scratch", "student"))
+        met["teacher > scratch"] += t > b
+        met["distilled > scratch"] += d > b
+        met["distilled within 1 point of the teacher"] += t - d <= 1.0
+        lines.append(f"| {s} | {t:.2f} | {b:.2f} | {d:.2f} | {d - b:+.2f} | {t - d:+.2f} |")
+    return "\n".join(lines + ["", "; ".join(f"{k}: {v} of {len(seeds)} seeds" for k, v in met.items())])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--first", type=int, default=0, help="the first seed (seeds first .. first + seeds - 1)")
+    p.add_argument("--per-seed", action="store_true", help="also a row per seed and the demo's criteria")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     recipe = Recipe.load(args.recipe, args.overrides)
     out = args.out or os.path.join("runs", "bench", recipe["name"])
     t0 = time.perf_counter()
-    summary = run_seeds(recipe, list(range(args.seeds)), out, echo=lambda m: print(m, file=sys.stderr))
+    seeds = list(range(args.first, args.first + args.seeds))
+    summary = run_seeds(recipe, seeds, out, echo=lambda m: print(m, file=sys.stderr))
     command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     print(format_table(summary), file=sys.stderr)
     print(markdown(summary, recipe, command, time.perf_counter() - t0))
+    if args.per_seed:
+        print("\n" + per_seed(out, seeds))
     return 0
 
 

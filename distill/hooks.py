@@ -24,6 +24,7 @@ class FeatureCapture:
                 raise UserError(f"{where}: no module named '{name}'{did_you_mean(name, valid)}; "
                                 f"valid names: {', '.join(valid)}")
         self.model, self.names = model, list(dict.fromkeys(names))
+        self._modules = [(n, modules[n]) for n in self.names]  # (looked up once: not on every batch)
         self.outputs: Dict[str, torch.Tensor] = {}
         self._handles: list = []
 
@@ -33,8 +34,7 @@ class FeatureCapture:
         return store
 
     def __enter__(self) -> "FeatureCapture":
-        modules = dict(self.model.named_modules())
-        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.names]
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self._modules]
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -66,6 +66,8 @@ TRAIN = {
     "select": F((str,), "best_val", choices=("best_val", "last")),
     "grad_clip": F(NUM, None, positive),
     "checkpoint_every": F((int,), 0, non_negative),  # steps between checkpoints (0: only at epoch ends)
+    # an epoch-end checkpoint once this many seconds passed since the last (0: every epoch end)
+    "checkpoint_seconds": F(NUM, 5.0, non_negative),
     "keep_checkpoints": F((int,), 2, positive),
     "max_bad_steps": F((int,), 5, positive),  # consecutive NaN/Inf steps skipped before the run stops
     "device": F((str,), "auto", choices=("auto", "cpu", "cuda", "mps")),  # auto: CUDA when present
@@ -144,6 +146,9 @@ SCHEMA: Dict[str, Any] = {
         "val_fraction": F(NUM, 0.1, lambda v: None if 0 <= v < 1 else "must be >= 0 and < 1 (0: no validation "
                                                                            "split, with train.select: last)"),
         "test_fraction": F(NUM, 0.2, open_fraction),
+        # keep the labels of this stratified fraction of the training split: the teacher and the scratch student
+        # train on those; the distilled student also learns the rest from the teacher's outputs alone
+        "label_fraction": F(NUM, 1.0, lambda v: None if 0 < v <= 1 else "must be > 0 and <= 1"),
         "split_seed": F((int,), 0),
         "batch_size": F((int,), 64, positive),
         "eval_batch_size": F((int,), 512, positive),
@@ -160,6 +165,16 @@ SCHEMA: Dict[str, Any] = {
         "temperature": F(NUM, 4.0, positive),
         "alpha": F(NUM, 0.9, unit_interval),
         "teacher_outputs": F((str,), "auto", choices=("auto", "cached", "online")),
+        # the logit term: kd (Hinton), dkd (decoupled KD), dist (DIST), any logits loss of the registry;
+        # its settings are the section of its name below
+        "method": F((str,), "kd", lambda v: _registered_loss(v, "logits")),
+        "logit_standardize": F((bool,), False),  # z-score both sides' logits first (Sun et al. 2024)
+        "dkd": {"alpha": F(NUM, 1.0, non_negative), "beta": F(NUM, 8.0, non_negative),
+                "warmup_epochs": F(NUM, 20, non_negative)},  # the DKD term ramps up linearly over these
+        "dist": {"beta": F(NUM, 1.0, non_negative), "gamma": F(NUM, 1.0, non_negative)},
+        # features[i].loss: crd (its embeddings and memory banks train in the objective, never exported)
+        "crd": {"embed_dim": F((int,), 128, positive), "negatives": F((int,), 4096, positive),
+                "temperature": F(NUM, 0.07, positive), "momentum": F(NUM, 0.5, unit_interval)},
         # teacher -> assistant_1 -> ... -> student: `auto` (one of intermediate size) or a list of ASSISTANT
         "assistants": F((str, list), []),
         # per-sample KD weight: none, or the teacher's confidence (top probability, batch mean 1)

@@ -342,6 +342,8 @@ def test_compress_sigterm_then_resume_is_bitwise_identical(cnn_run, tmp_path):
     import time
 
     from safetensors.torch import load_file
+
+    from distill.roles import compressed, log_name
     env = {**os.environ, "DISTILL_QUIET": "1", "OMP_NUM_THREADS": "1"}
     sets = ["--set", "compress.steps=[channels]", "--set", "compress.channels.epochs=3"]
     folders = []
@@ -351,9 +353,11 @@ def test_compress_sigterm_then_resume_is_bitwise_identical(cnn_run, tmp_path):
     cmd = [sys.executable, "-m", "distill", "compress"]
     assert subprocess.run(cmd + [folders[0], *sets], env=env, capture_output=True).returncode == 0
     p = subprocess.Popen(cmd + [folders[1], *sets], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ckpt = os.path.join(folders[1], "checkpoints", "compress", "channels")
-    deadline = time.time() + 120
-    while not (os.path.isdir(ckpt) and os.listdir(ckpt)) and time.time() < deadline:
+    log, deadline = os.path.join(folders[1], "log.jsonl"), time.time() + 120
+
+    def first_epoch_logged():  # then stopped in its second of three epochs
+        return os.path.isfile(log) and f'"model": "{log_name(compressed("channels"))}"' in open(log).read()
+    while not first_epoch_logged() and time.time() < deadline:
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)

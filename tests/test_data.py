@@ -130,3 +130,44 @@ def test_a_feature_constant_in_training_is_centred_not_blown_up():
 def test_too_few_rows_for_a_stratified_split_is_one_clear_error():
     with pytest.raises(UserError, match=r"data.val_fraction=0.1: cannot split .* rows with every class"):
         load_data(data_cfg(dataset="digits", train_subset=60))
+
+
+def test_label_fraction_keeps_a_stratified_labelled_part_and_the_rest_as_inputs_only():
+    full = load_data(data_cfg(dataset="digits", val_fraction=0.15))
+    part = load_data(data_cfg(dataset="digits", val_fraction=0.15, label_fraction=0.2))
+    assert full.x_unlabelled is None and full.fingerprint == load_data(data_cfg(dataset="digits",
+                                                                               val_fraction=0.15)).fingerprint
+    assert len(part.y_train) + len(part.x_unlabelled) == len(full.y_train)
+    assert len(part.y_train) == pytest.approx(0.2 * len(full.y_train), abs=1)
+    assert torch.bincount(part.y_train, minlength=10).min() >= 20  # every class labelled, in proportion
+    assert torch.equal(part.y_val, full.y_val) and torch.equal(part.y_test, full.y_test)  # same val and test
+    # normalised with every training input, labelled or not: the same statistics as with all labels
+    assert all(np.allclose(part.stats[k], full.stats[k], rtol=1e-5) for k in ("mean", "std"))
+    assert part.fingerprint != full.fingerprint
+    from distill.data.datasets import with_teacher_labelled
+    student = with_teacher_labelled(part, part.x_unlabelled)
+    assert len(student.y_train) == len(full.y_train) and (student.y_train == -1).sum() == len(part.x_unlabelled)
+    assert student.x_unlabelled is None and student.fingerprint not in (part.fingerprint, full.fingerprint)
+
+
+@pytest.mark.parametrize("value", [0, 1.5, -0.1])
+def test_label_fraction_out_of_range_is_refused(value):
+    from distill import Recipe
+    with pytest.raises(UserError, match=rf"data.label_fraction.*must be > 0 and <= 1"):
+        Recipe.load("digits", [f"data.label_fraction={value}"])
+
+
+def test_the_teacher_and_scratch_train_on_the_labels_and_the_student_on_every_input(tmp_path):
+    import json
+
+    from distill import Recipe, run
+    run(Recipe.load("digits", ["train.epochs=1", "teacher.train.epochs=1", "monitor.every=1",
+                               "monitor.gradients=false"]), str(tmp_path), echo=lambda m: None)
+    assert json.load(open(tmp_path / "stages.json"))["student"]["added"] == {"unlabelled": 977}
+    last = {}
+    for line in open(tmp_path / "log.jsonl"):
+        r = json.loads(line)
+        if "step" in r:
+            last[r["model"]] = r["step"]
+    # one epoch: 244 labelled digits are 4 batches of 64; the student's 1,221 (labelled or not) are 20
+    assert last == {"teacher": 4, "student_scratch": 4, "student": 20}

@@ -29,8 +29,9 @@ def digits_run(tmp_path_factory):
 def test_default_recipe_distils_a_real_student(digits_run):
     out, metrics, _ = digits_run
     t, s, b = metrics["teacher"], metrics["student"], metrics["student_scratch"]
-    assert t["accuracy"] > 0.95
-    assert s["accuracy"] > 0.93  # a real threshold on 360 held-out digits (chance is 0.10)
+    # (seed 0 of the default: 20% of the training digits labelled; the other 80% taught by the teacher alone)
+    assert t["accuracy"] > 0.93 and s["accuracy"] > 0.93  # real thresholds on 360 held-out digits (chance: 0.10)
+    assert t["accuracy"] > b["accuracy"] and s["accuracy"] > b["accuracy"]  # what the default demo shows
     assert s["params"] * 8 <= t["params"]
     assert s["params"] == b["params"]
     for m in (t, s, b):

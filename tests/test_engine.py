@@ -81,7 +81,8 @@ def test_no_import_circle_inside_the_package():
 
 
 def test_recipe_reads_feature_losses_from_the_registry():
-    assert set(LOSSES.names(group="feature")) == {"mse", "cosine", "attention_kl", "attention_mse"}
+    assert set(LOSSES.names(group="feature")) == {"mse", "cosine", "attention_kl", "attention_mse", "at", "pkt", "rkd",
+                                                  "rkd_distance", "rkd_angle", "sp", "crd"}
     with pytest.raises(UserError, match=r"distill.features\[0\].loss: not a feature loss of the registry"):
         Recipe.load("digits", ["distill.features=[{teacher: head, student: head, loss: kd}]"])
     assert "classification" in TASKS.names() and {"single", "mean"} <= set(AGGREGATORS.names())

@@ -16,7 +16,8 @@ def softmax(v):
 
 
 def test_registry_lists_all_losses():
-    assert LOSSES.names() == ["attention_kl", "attention_mse", "ce", "cosine", "kd", "mse"]
+    assert LOSSES.names() == ["at", "attention_kl", "attention_mse", "ce", "cosine", "crd", "dist", "dkd", "kd", "mse",
+                              "pkt", "rkd", "rkd_angle", "rkd_distance", "sp"]
 
 
 def test_kd_matches_hand_computed_kl_times_t_squared():

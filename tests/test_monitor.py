@@ -97,7 +97,7 @@ def test_reaction_adjusts_strength_logs_it_and_checkpoints_it(action, key, after
 
 def test_run_with_a_retention_rule_logs_every_adjustment(tmp_path):
     recipe = Recipe.load("digits", ["train.epochs=3", "teacher.train.epochs=2", "monitor.retention_min=0.999",
-                                    "monitor.action=lower_temperature"])
+                                    "monitor.action=lower_temperature", "distill.temperature=4"])
     out = str(tmp_path / "run")
     run(recipe, out, echo=lambda m: None)
     student = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
@@ -200,7 +200,8 @@ def test_confidence_weights_average_one_and_reduce_to_plain_kd_for_an_equally_su
     assert kd_loss(s, t, 2.0, w).item() == pytest.approx(((per * w).mean() * 4).item(), rel=1e-6)
 
 
-TINY_CNN_PAIR = ["train.epochs=3", "teacher.train.epochs=2", "data.as_image=true", "teacher.model=cnn",
+TINY_CNN_PAIR = ["train.epochs=3", "data.label_fraction=1", "teacher.train.epochs=2", "data.as_image=true",
+                 "teacher.model=cnn",
                  "teacher.args={channels: [8, 16], hidden: 32}", "student.arch=null", "student.model=cnn",
                  "student.args={channels: [4, 8], hidden: 16}",
                  "distill.features=[{teacher: body.3, student: body.3, loss: mse}]", "monitor.every=5",

@@ -33,7 +33,7 @@ BASE = "teacher: {model: mlp}\nstudent: {model: mlp, args: {hidden: [8]}}\n"
     (BASE + "teacher: {checkpoint: /nope.safetensors}\n", "teacher.checkpoint: file not found"),
     (BASE + "distill: {features: [{teacher: body.0}]}\n", "distill.features[0].student: missing module name"),
     (BASE + "distill: {features: [{teacher: a, student: b, loss: kl}]}\n",
-     "distill.features[0].loss: not a feature loss of the registry; choose from attention_kl, attention_mse, cosine, mse"),
+     "distill.features[0].loss: not a feature loss of the registry; choose from at, attention_kl, attention_mse, cosine, crd, mse, pkt, rkd, rkd_angle, rkd_distance, sp"),
     (BASE + "evaluate: {metrics: [acuracy]}\n", "evaluate.metrics[0]: unknown metric 'acuracy' (did you mean 'accuracy'?)"),
     (BASE + "train: {scheduler: {name: multistep, milestones: [10, -1]}}\n", "train.scheduler.milestones"),
     (BASE + "student: {model: mlp, train: {epochs: 0}}\n", "student.train.epochs: must be > 0"),

@@ -35,7 +35,7 @@ def run_dir(tmp_path_factory):
                                     "student.args={channels: [4, 8], hidden: 16}",
                                     "distill.features=[{teacher: body.3, student: body.3, loss: mse}]",
                                     "monitor.retention_min=0.999", "monitor.action=lower_temperature",
-                                    "description=<script>alert(1)</script> & more"])
+                                    "distill.temperature=4", "description=<script>alert(1)</script> & more"])
     out = str(tmp_path_factory.mktemp("report") / "run")
     run(recipe, out, echo=lambda m: None)
     _fake_optional_files(out)

@@ -82,8 +82,8 @@ def test_space_parsing_and_default():
     digits = Recipe.load("digits")  # trial 1 is the recipe's own values, when inside the space
     assert recipe_point(digits, dims) is None  # its train.epochs (100) is outside 2-9
     assert recipe_point(digits, parse_space(["distill.temperature=1:8", "train.optimizer.name=adam,adamw"])) == {
-        "distill.temperature": 4, "train.optimizer.name": "adamw"}
-    assert recipe_point(digits, parse_space(["distill.temperature=5.0:8.0"])) is None
+        "distill.temperature": 2, "train.optimizer.name": "adamw"}
+    assert recipe_point(digits, parse_space(["distill.temperature=3.0:8.0"])) is None
     assert yaml_value(1e-5) == "1.0e-05"  # YAML 1.1 reads 1e-05 as text: --set values must read back as numbers
     assert Recipe.load("digits", [f"distill.temperature={yaml_value(2.5228119064786636)}"]).cfg["distill"][
         "temperature"] == 2.5228119064786636
@@ -95,7 +95,7 @@ def test_tpe_search_prunes_and_repeats_by_seed(tmp_path, capsys):
     result = json.load(open(os.path.join(out, "search.json")))
     trials, keys = result["trials"], ["student.train.optimizer.lr", "distill.temperature"]
     assert [t["trial"] for t in trials] == [1, 2, 3, 4]
-    assert (trials[0][keys[0]], trials[0][keys[1]]) == (0.01, 4.0)  # trial 1: the recipe's own values
+    assert (trials[0][keys[0]], trials[0][keys[1]]) == (0.01, 2.0)  # trial 1: the recipe's own values
     pruned = [t for t in trials if t["state"] == "pruned"]
     assert pruned and all(t["epochs"] == t["pruned_at"] < 2 and t["selected_epoch"] is None for t in pruned)
     done = [t for t in trials if t["state"] == "complete"]

@@ -14,6 +14,8 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
+from .datasets import with_teacher_labelled
+
 
 def mask_tokens(x: torch.Tensor, fraction: float, mask_id: int, pad_id: int, special_ids: Sequence[int],
                 gen: torch.Generator | None = None) -> torch.Tensor:
@@ -113,12 +115,9 @@ def eda(x: np.ndarray, text: TokenText, copies: int, prob: float, rng: np.random
     return np.stack(out) if out else np.zeros((0, x.shape[1]), np.int64)
 
 
-def with_teacher_labelled(data, ddcfg: Dict, data_cfg: Dict, teacher, seed: int):
+def with_augmented_texts(data, ddcfg: Dict, data_cfg: Dict, teacher, seed: int):
     """`data` plus the augmented copies and unlabeled texts of `distill.data`, appended to the training split
     with label -1 (no hard label: the teacher's soft labels are their target). Returns (bundle, counts)."""
-    import dataclasses
-    import hashlib
-
     from ..models.hf import load_tokenizer
     from .text import tokenize_file
     x = data.x_train.numpy()
@@ -138,9 +137,4 @@ def with_teacher_labelled(data, ddcfg: Dict, data_cfg: Dict, teacher, seed: int)
     counts = {k: len(v) for k, v in parts.items()}
     if not parts:
         return data, counts
-    extra = torch.from_numpy(np.concatenate(list(parts.values())))
-    h = hashlib.sha256(data.fingerprint.encode())
-    h.update(extra.numpy().tobytes())
-    return dataclasses.replace(data, x_train=torch.cat([data.x_train, extra]),
-                               y_train=torch.cat([data.y_train, torch.full((len(extra),), -1)]),
-                               fingerprint=h.hexdigest()[:16]), counts
+    return with_teacher_labelled(data, torch.from_numpy(np.concatenate(list(parts.values())))), counts

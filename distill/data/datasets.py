@@ -48,6 +48,7 @@ class DataBundle:
     fingerprint: str
     stats: Dict[str, Any] = field(default_factory=dict)
     pad_id: Optional[int] = None  # text: x holds token ids padded with this id
+    x_unlabelled: Optional[torch.Tensor] = None  # data.label_fraction < 1: training inputs without their labels
 
     def probe(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """A fixed set of n inputs and labels to measure a model on while it trains: the first validation
@@ -191,23 +192,38 @@ def load_data(cfg: Dict[str, Any]) -> DataBundle:
         x_tr, x_va, y_tr, y_va = _split(x_tr, y_tr, cfg, "val_fraction", test_size=cfg["val_fraction"])
     else:  # no validation split: every training row trains (the last epoch is kept)
         x_va, y_va = x_tr[:0], y_tr[:0]
+    x_un = x_tr[:0]
+    if cfg["label_fraction"] < 1:  # the rest of the training inputs lose their labels
+        x_tr, x_un, y_tr, _ = _split(x_tr, y_tr, cfg, "label_fraction", train_size=cfg["label_fraction"])
     stats: Dict[str, Any] = {}
     if cfg["transforms"]["normalize"] and raw.pad_id is None:  # token ids are never normalised
         axes = (0, 2, 3) if raw.image else (0,)
-        mean = x_tr.mean(axis=axes, keepdims=True)
-        std = x_tr.std(axis=axes, keepdims=True)
+        inputs = np.concatenate([x_tr, x_un])  # every training input (labelled or not); no label is used
+        mean = inputs.mean(axis=axes, keepdims=True)
+        std = inputs.std(axis=axes, keepdims=True)
         # a feature constant in training (a border pixel always 0) is only centred: dividing by a tiny std
         # would turn its rare non-zero test values into outliers of 1e4 and more (as StandardScaler does)
         std = np.where(std > 1e-6, std + 1e-6, 1.0)
-        x_tr, x_va, x_te = [(a - mean) / std for a in (x_tr, x_va, x_te)]
+        x_tr, x_va, x_te, x_un = [(a - mean) / std for a in (x_tr, x_va, x_te, x_un)]
         stats = {"mean": mean.reshape(-1).tolist(), "std": std.reshape(-1).tolist()}
     dtype = np.float32 if raw.pad_id is None else np.int64
-    tensors = [torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)) for a in (x_tr, x_va, x_te)]
+    tensors = [torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)) for a in (x_tr, x_va, x_te, x_un)]
     labels = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in (y_tr, y_va, y_te)]
     names = raw.class_names or [str(i) for i in range(num_classes)]
     return DataBundle(tensors[0], labels[0], tensors[1], labels[1], tensors[2], labels[2], num_classes,
                       names, tuple(tensors[0].shape[1:]), raw.image, _fingerprint(cfg, tensors, labels), stats,
-                      raw.pad_id)
+                      raw.pad_id, tensors[3] if len(tensors[3]) else None)
+
+
+def with_teacher_labelled(data: DataBundle, extra: torch.Tensor) -> DataBundle:
+    """`data` with the inputs `extra` appended to its training split with label -1: no hard label, the
+    teacher's outputs are their only target (the cross-entropy leaves them out)."""
+    import dataclasses
+    h = hashlib.sha256(data.fingerprint.encode())
+    h.update(extra.numpy().tobytes())
+    return dataclasses.replace(data, x_train=torch.cat([data.x_train, extra]),
+                               y_train=torch.cat([data.y_train, torch.full((len(extra),), -1)]),
+                               x_unlabelled=None, fingerprint=h.hexdigest()[:16])
 
 
 def _as_labels(y: np.ndarray, cfg: Dict[str, Any], name: str) -> np.ndarray:
@@ -248,8 +264,10 @@ def _check_inputs(x: np.ndarray, y: np.ndarray, name: str, cfg: Dict[str, Any]) 
 
 def _fingerprint(cfg: Dict[str, Any], tensors: List[torch.Tensor], labels: List[torch.Tensor]) -> str:
     """Hash of the preprocessed arrays and the preprocessing settings (augmentation included)."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in cfg.items() if k not in ("workers", "eval_batch_size")},
-                                  sort_keys=True, default=str).encode())
+    kept = {k: v for k, v in cfg.items() if k not in ("workers", "eval_batch_size")}
+    if kept.get("label_fraction") == 1:  # (the default: runs made before the key existed keep their caches)
+        del kept["label_fraction"]
+    h = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode())
     for t in tensors + labels:
         h.update(t.numpy().tobytes())
     return h.hexdigest()[:16]

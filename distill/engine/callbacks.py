@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Callable, Dict, Optional
 
 from ..io import append_jsonl, write_text
@@ -143,12 +144,17 @@ class GradientSignals(Callback):
 
 
 class Checkpointing(Callback):
-    """Everything needed to continue as if never stopped, every `every` steps (0: only at epoch ends) and at
-    each epoch end, after its line is logged; with `resume`, training starts from the newest readable one."""
+    """Everything needed to continue as if never stopped: every `every` steps (0: none between epoch ends),
+    and at an epoch end once `seconds` have passed since the last one (0: at every epoch end), after its line
+    is logged. A stop signal checkpoints at once (the trainer), so the rate limit only bounds what a
+    `kill -9` loses, while short epochs do not pay a written and fsynced file each. With `resume`, training
+    starts from the newest readable checkpoint."""
     order = 40
 
-    def __init__(self, checkpoints: Any, every: int = 0, resume: bool = False, is_main: bool = True) -> None:
+    def __init__(self, checkpoints: Any, every: int = 0, resume: bool = False, is_main: bool = True,
+                 seconds: float = 0.0) -> None:
         self.checkpoints, self.every, self.resume, self.is_main = checkpoints, every, resume, is_main
+        self.seconds, self.last = seconds, time.monotonic()
 
     def restore(self, t: Trainer) -> None:
         saved = self.checkpoints.latest() if self.resume else None
@@ -157,8 +163,10 @@ class Checkpointing(Callback):
             t.resumed = True
         elif self.is_main:
             self.checkpoints.clear()
+        self.last = time.monotonic()
 
     def save(self, t: Trainer) -> Optional[str]:
+        self.last = time.monotonic()
         return self.checkpoints.save(t.prog["step"], t.state()) if self.is_main else None
 
     def on_step_end(self, t: Trainer, epoch: int, record: Optional[Dict[str, Any]], skipped: bool) -> None:
@@ -166,7 +174,8 @@ class Checkpointing(Callback):
             self.save(t)
 
     def on_epoch_end(self, t: Trainer, record: Dict[str, Any]) -> None:
-        self.save(t)
+        if time.monotonic() - self.last >= self.seconds:
+            self.save(t)
 
 
 class EpochHook(Callback):

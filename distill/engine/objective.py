@@ -20,6 +20,7 @@ from ..data.augment_text import mask_tokens
 from ..errors import UserError
 from ..hooks import FeatureCapture
 from ..losses import Projector, align, confidence_weights
+from ..losses.logits import standardize
 from ..registry import AGGREGATORS, LOSSES
 from .batch import TeacherOutputs, TeacherSource
 from .runtime import CPU, Runtime
@@ -61,7 +62,7 @@ class Objective(nn.Module):
                  teachers: Union[TeacherSource, Dict[str, TeacherSource], None] = None,
                  teacher_shapes: Optional[Dict[str, Tuple[int, ...]]] = None,
                  student_shapes: Optional[Dict[str, Tuple[int, ...]]] = None, *,
-                 aggregator: str = "single", runtime: Runtime = CPU, task: Any = None) -> None:
+                 aggregator: str = "single", runtime: Runtime = CPU, task: Any = None, n_train: int = 0) -> None:
         super().__init__()
         from ..tasks.classification import Classification
         self.student, self.runtime = student, runtime
@@ -71,6 +72,14 @@ class Objective(nn.Module):
         self.aggregate = AGGREGATORS.get(aggregator, "distill.aggregate")
         self.dcfg = dcfg or PLAIN
         self.features: List[Dict[str, Any]] = self.dcfg["features"] if self.teachers else []
+        # the logit term: `distill.method` (kd, dkd, dist, ...) with its settings section, if it has one
+        self.method = self.dcfg.get("method", "kd")
+        self.logit_loss = _loss(self.method)
+        method_tags = LOSSES.tags(self.method)
+        self.method_args = dict(self.dcfg.get(method_tags.get("settings", ""), {}))
+        self.warmup_epochs = self.method_args.pop("warmup_epochs", 0)
+        self.method_labels = bool(method_tags.get("labels"))
+        self.n_train = n_train
         self.projectors = nn.ModuleList(self._projector(i, f, student_shapes, teacher_shapes)
                                         for i, f in enumerate(self.features))
         self._capture = FeatureCapture(student, [f["student"] for f in self.features], "distill.features")
@@ -84,13 +93,21 @@ class Objective(nn.Module):
         self.strength = {"alpha": float(self.dcfg["alpha"]), "temperature": float(self.dcfg["temperature"]),
                          "feature_scale": 1.0}
         self.progress = 0.0
+        self.epoch = 0.0  # epochs done (fractional), set by the trainer: warm-ups count in epochs
         self.terms: Dict[str, torch.Tensor] = {}  # the last batch's KD and CE terms, for gradient consistency
 
-    @staticmethod
-    def _projector(i: int, f: Dict[str, Any], s_shapes: Dict, t_shapes: Dict) -> nn.Module:
-        if LOSSES.tags(f["loss"]).get("compares") == "maps":  # attention maps are compared as they are
+    def _projector(self, i: int, f: Dict[str, Any], s_shapes: Dict, t_shapes: Dict) -> nn.Module:
+        """What stands between the student's layer and the loss: a projector to the teacher's width
+        (`compares: width`), nothing (maps compared as they are, relations within the batch), or the
+        method's own trainable module (`compares: embedding`: CRD's embeddings and memory banks)."""
+        compares = LOSSES.tags(f["loss"]).get("compares")
+        if compares in ("maps", "relations"):
             return nn.Identity()
         s_shape, t_shape = s_shapes[f["student"]], t_shapes[f["teacher"]]
+        if compares == "embedding":
+            from ..losses.contrastive import flat_width
+            settings = self.dcfg.get(LOSSES.tags(f["loss"]).get("settings", ""), {})
+            return LOSSES.get(f["loss"])(flat_width(s_shape), flat_width(t_shape), self.n_train, **settings)
         return Projector(f["projector"], s_shape[0] if len(s_shape) == 3 else s_shape[-1],
                          t_shape[0] if len(t_shape) == 3 else t_shape[-1], where=f"distill.features[{i}]")
 
@@ -118,6 +135,19 @@ class Objective(nn.Module):
         s = self.student
         return mask_tokens(x, self.mask_fraction, s.mask_id, s.pad_id, s.special_ids)
 
+    def logit_term(self, logits: torch.Tensor, t_logits: torch.Tensor, y: torch.Tensor,
+                   weights: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The logit distillation term of `distill.method` at the current temperature: on z-scored logits
+        with `distill.logit_standardize`, ramped up over the method's `warmup_epochs` (DKD's warm-up)."""
+        if self.dcfg.get("logit_standardize"):
+            logits, t_logits = standardize(logits), standardize(t_logits)
+        extra = {"labels": y} if self.method_labels else {}
+        term = self.logit_loss(logits, t_logits, self.current("temperature"), weights, **_masked(mask), **extra,
+                               **self.method_args)
+        if self.warmup_epochs:
+            term = term * min(self.epoch / self.warmup_epochs, 1.0)
+        return term
+
     def teacher_outputs(self, x: torch.Tensor, idx: torch.Tensor) -> TeacherOutputs:
         return self.runtime.put(self.aggregate({name: source(x, idx) for name, source in self.teachers.items()}))
 
@@ -135,19 +165,24 @@ class Objective(nn.Module):
         t_out = self.teacher_outputs(x_student if self.teacher_sees_noise else x, idx)
         mask = mask if mask is not None else t_out.mask
         weights = confidence_weights(t_out.logits) if self.dcfg.get("sample_weight") == "confidence" else None
-        kd = _loss("kd")(logits, t_out.logits, self.current("temperature"), weights, **_masked(mask))
+        kd = self.logit_term(logits, t_out.logits, y, weights, mask)
         parts["kd"] = kd.detach()
         self.terms = {"kd": kd, "ce": loss}
         alpha = self.current("alpha")
         loss = (1 - alpha) * loss + alpha * kd
         for i, (f, proj) in enumerate(zip(self.features, self.projectors)):
             s_feat, t_feat = cap.outputs[f["student"]], t_out.features[f["teacher"]]
-            if LOSSES.tags(f["loss"]).get("compares") != "maps":
-                s_feat, t_feat = align(s_feat, t_feat, proj)
-            if s_feat.shape != t_feat.shape:
-                raise UserError(f"distill.features[{i}]: student '{f['student']}' gives {tuple(s_feat.shape[1:])} "
-                                f"after the projector, teacher '{f['teacher']}' gives {tuple(t_feat.shape[1:])}")
-            term = _loss(f["loss"])(s_feat, t_feat, **_masked(mask))
+            compares = LOSSES.tags(f["loss"]).get("compares")
+            if compares == "embedding":  # the module is the loss (it holds its own trainable parts and state)
+                term = proj(s_feat, t_feat, idx, **_masked(mask))
+            else:
+                if compares == "width":
+                    s_feat, t_feat = align(s_feat, t_feat, proj)
+                if compares != "relations" and s_feat.shape != t_feat.shape:
+                    raise UserError(f"distill.features[{i}]: student '{f['student']}' gives "
+                                    f"{tuple(s_feat.shape[1:])} after the projector, teacher '{f['teacher']}' "
+                                    f"gives {tuple(t_feat.shape[1:])}")
+                term = _loss(f["loss"])(s_feat, t_feat, **_masked(mask))
             parts[f"feat{i}_{f['loss']}"] = term.detach()
             loss = loss + f["weight"] * self.strength["feature_scale"] * term
         parts["total"] = loss.detach()

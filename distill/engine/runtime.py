@@ -59,8 +59,10 @@ class Runtime:
         if isinstance(value, torch.Tensor):
             return value if value.device == self.device else value.to(self.device, non_blocking=True)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a Batch, TeacherOutputs
-            return dataclasses.replace(value, **{f.name: self.put(getattr(value, f.name))
-                                                 for f in dataclasses.fields(value)})
+            fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+            moved = {k: self.put(v) for k, v in fields.items()}
+            same = all(moved[k] is v for k, v in fields.items())  # (on the CPU: the same object, no copy)
+            return value if same else dataclasses.replace(value, **moved)
         if isinstance(value, dict):
             return {k: self.put(v) for k, v in value.items()}
         if isinstance(value, (tuple, list)):

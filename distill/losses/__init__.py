@@ -1,4 +1,7 @@
-"""The loss registry: `kd`, `ce` (logits), `mse`, `cosine` (features), `attention_kl`, `attention_mse`."""
+"""The loss registry. Logits: `kd`, `dkd`, `dist` (`distill.method`), `ce`; features through a projector:
+`mse`, `cosine`; relations within the batch: `at`, `pkt`, `rkd`, `rkd_distance`, `rkd_angle`, `sp`; with its
+own trainable parts: `crd`; transformer attention maps: `attention_kl`, `attention_mse`."""
+from . import contrastive, logits, relations  # noqa: F401  (they register their losses)
 from .feature import Projector, align, feature_cosine, feature_mse
 from .kd import ce_loss, confidence_weights, kd_loss
 from .transformer import attention_kl, attention_mse, layer_pairs, transformer_features

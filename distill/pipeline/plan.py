@@ -31,8 +31,8 @@ from ..roles import SCRATCH, STUDENT, TEACHER
 from .artifacts import build_role, distill_settings, load_saved, resolve_distill
 from .evaluation import evaluate
 from .rundir import RunDir, run_folder
-from .training import feature_shapes, soft_labels, teacher_source, train_assistant, train_distilled, train_scratch, \
-    train_teacher
+from .training import feature_shapes, soft_labels, teacher_source, student_data, train_assistant, train_distilled, \
+    train_scratch, train_teacher
 
 KINDS = ("teacher", "assistant", "soft_labels", "baseline", "student", "evaluate", "compress")
 TRAINING = ("teacher", "assistant", "soft_labels", "baseline", "student")
@@ -81,8 +81,9 @@ class Execution:
             self.models[step.name] = train_assistant(run, step.index, chain.specs(run)[step.index],
                                                      self.model(step.teacher))
         elif step.kind == "soft_labels":  # (in a full run the student's stage reads them itself, when it trains)
-            if self.soft_labels_asked:
-                soft_labels(run, self.model(step.teacher))
+            if self.soft_labels_asked:  # on the inputs the student trains on (teacher-labelled ones included)
+                teacher = self.model(step.teacher)
+                soft_labels(run, teacher, student_data(run, teacher, "soft labels")[0])
         elif step.kind == "baseline":
             self.records[SCRATCH] = train_scratch(run, self.model(TEACHER))
         elif step.kind == "student":
@@ -128,7 +129,7 @@ def preflight(run: RunDir) -> None:
     for prev, nxt in zip(links, links[1:]):
         t_shapes, s_shapes = feature_shapes(run, prev, nxt, run.dcfg)
         source = teacher_source(run, prev, "online", quiet=True)
-        Objective(nxt, run.dcfg, source, t_shapes, s_shapes)(x, y, torch.arange(2))
+        Objective(nxt, run.dcfg, source, t_shapes, s_shapes, n_train=len(run.data.y_train))(x, y, torch.arange(2))
 
 
 def run(recipe: Recipe, out: Optional[str] = None, echo: Callable[[str], None] = print, resume: bool = False,

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from torch import nn
 
 from .. import chain
 from ..data import DataBundle, has_augmentation
-from ..data.augment_text import with_teacher_labelled
+from ..data.augment_text import with_augmented_texts
+from ..data.datasets import with_teacher_labelled
 from ..engine.batch import TeacherSource
 from ..engine.callbacks import Checkpointing, EpochHook, GradientSignals, LogLines, Monitor, TensorBoard
 from ..engine.inference import model_device
@@ -49,7 +50,8 @@ def train(run: RunDir, name: str, objective: Objective, data: Optional[DataBundl
     board = TensorBoard(run.tensorboard) if run.tensorboard and rt.is_main else None
     every = m["every"] if m["enabled"] else 0
     callbacks = [LogLines(run.log if rt.is_main else None, every, board),
-                 Checkpointing(run.checkpoints(name), tcfg["checkpoint_every"], run.resume, rt.is_main)]
+                 Checkpointing(run.checkpoints(name), tcfg["checkpoint_every"], run.resume, rt.is_main,
+                               tcfg["checkpoint_seconds"])]
     if board:
         callbacks.append(board)
     if monitor and m["enabled"]:
@@ -73,7 +75,8 @@ def distil(run: RunDir, name: str, model: nn.Module, teacher: nn.Module, mode: s
     teacher.to(rt.device)
     source = teacher_source(run, teacher, mode, data=data, dcfg=dcfg, name=name)
     t_shapes, s_shapes = feature_shapes(run, teacher, model, dcfg)
-    objective = Objective(model, dcfg, source, t_shapes, s_shapes, runtime=rt)
+    objective = Objective(model, dcfg, source, t_shapes, s_shapes, runtime=rt,
+                          n_train=len((data or run.data).y_train))
     monitor = None
     if run.cfg["monitor"]["enabled"]:
         x, y = run.data.probe(PROBE)
@@ -208,9 +211,27 @@ def train_scratch(run: RunDir, teacher: nn.Module) -> Dict[str, Any]:
     return run_stage(run, Stage(SCRATCH, student_inputs(run, teacher), [artifact(run.cfg, STUDENT, SCRATCH)], make))
 
 
+def student_data(run: RunDir, teacher: nn.Module, name: str) -> Tuple[DataBundle, Dict[str, int]]:
+    """What a distilled model trains on: the labelled training split, plus the inputs the teacher alone
+    labels (label -1): the training inputs without labels (`data.label_fraction`) and, for text, the
+    augmented copies and unlabeled texts of `distill.data`."""
+    data, added = run.data, {}
+    if data.x_unlabelled is not None:
+        added["unlabelled"] = len(data.x_unlabelled)
+        data = with_teacher_labelled(data, data.x_unlabelled)
+    if data.variable_length:
+        data, texts = with_augmented_texts(data, run.cfg["distill"]["data"], run.cfg["data"], teacher,
+                                           run.cfg[STUDENT]["train"]["seed"])
+        added.update(texts)
+    if added:
+        run.event(f"{name}: {len(data.y_train)} training samples, of which teacher-labelled only: "
+                  + ", ".join(f"{v} {k}" for k, v in added.items()), added=added)
+    return data, added
+
+
 def train_distilled(run: RunDir, teacher: nn.Module) -> Dict[str, Any]:
     """The distilled student, from `teacher` (the last generation before it)."""
-    s, dcfg, spec = run.cfg[STUDENT], distill_settings(run), model_spec(run, STUDENT)
+    dcfg, spec = distill_settings(run), model_spec(run, STUDENT)
     mode = teacher_mode(run)
     # the monitor's reaction changes training; its other keys only change what is logged
     reaction = {k: run.cfg["monitor"][k] for k in ("retention_min", "watch", "action", "factor")}
@@ -219,13 +240,7 @@ def train_distilled(run: RunDir, teacher: nn.Module) -> Dict[str, Any]:
 
     def make() -> Dict[str, Any]:
         student = build_role(run, STUDENT)
-        data, added = run.data, {}
-        if run.data.variable_length:
-            data, added = with_teacher_labelled(run.data, run.cfg["distill"]["data"], run.cfg["data"], teacher,
-                                                s["train"]["seed"])
-            if added:
-                run.event(f"student: {len(data.y_train)} training texts, of which teacher-labelled only: "
-                          + ", ".join(f"{v} {k}" for k, v in added.items()), added=added)
+        data, added = student_data(run, teacher, STUDENT)
         info = distil(run, STUDENT, student, teacher, mode, data, react=True)
         info["added"] = added
         save_role(run, student, STUDENT, STUDENT, spec, info)  # the projectors stay behind in the objective
@@ -244,7 +259,8 @@ def train_assistant(run: RunDir, i: int, spec: Dict[str, Any], teacher: nn.Modul
         model = holder["model"] = chain.build(run, i, spec)
         run.event(f"{name}: {count_params(model):,} parameters, distilled from "
                   f"{'the teacher' if i == 0 else chain.names(run.cfg)[i - 1]}", model=name, spec=spec)
-        info = distil(run, name, model, teacher, mode)  # (its retention is logged against its own teacher)
+        data, _ = student_data(run, teacher, name)
+        info = distil(run, name, model, teacher, mode, data)  # (its retention is logged against its own teacher)
         info["params"] = count_params(model)
         save_role(run, model, STUDENT, name, spec, info)
         return info

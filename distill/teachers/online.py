@@ -17,7 +17,8 @@ def teacher_forward(teacher: nn.Module, x: torch.Tensor, capture: FeatureCapture
     Outputs are cloned out of inference mode: the losses save them for the student's backward pass,
     which inference tensors do not allow.
     """
-    teacher.eval()
+    if teacher.training:  # (a walk over every module: not on every batch)
+        teacher.eval()
     with torch.inference_mode():
         logits = teacher(x)
         feats = {k: capture.outputs[k] for k in capture.names} if capture else {}
