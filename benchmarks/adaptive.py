@@ -1,7 +1,7 @@
 """Does adapting the distillation strength help? Fixed alpha and T against the monitor's reaction policies,
 the alpha / T schedules and per-sample confidence weights, over seeds, as a Markdown table.
 
-    python benchmarks/adaptive.py digits --seeds 5
+    python benchmarks/adaptive.py digits_all_labels --seeds 5
 
 Per seed, the recipe is run once as it is (the fixed baseline; its teacher is trained there), then once per
 variant with that same teacher loaded, so every variant distils the same teacher from the same student

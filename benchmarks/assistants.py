@@ -32,7 +32,7 @@ from distill.engine.inference import predict
 COMMON = ["monitor.gradients=false"]
 SETUPS = {
     "mnist": ("mnist_cnn", ["train.epochs=5"], "MNIST-10k, seed CNN pair (mnist_cnn), 5 epochs each"),
-    "gap": ("digits", ["student.args={channels: [4], hidden: 8}"],
+    "gap": ("digits_all_labels", ["student.args={channels: [4], hidden: 8}"],
             "digits, CNN teacher conv32-conv64-fc256 (40 epochs) -> tiny CNN student conv4-fc8 (100 epochs)"),
 }
 

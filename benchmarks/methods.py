@@ -74,7 +74,8 @@ def main() -> int:
     base = Recipe.load(args.recipe)
     teacher_dir = os.path.join(args.out, "teacher")
     execute(RunDir(base, teacher_dir, echo=lambda m: None, resume=True), ["teacher"])
-    teacher_s = time.perf_counter() - t_start
+    with open(os.path.join(teacher_dir, "stages.json"), encoding="utf-8") as fh:
+        teacher_s = json.load(fh)["teacher"]["train_time_s"]  # (when it was trained: a re-run reuses it)
     common = [f"teacher.checkpoint={os.path.join(teacher_dir, 'teacher.safetensors')}",
               "data.transforms.random_crop=0", "data.transforms.hflip=false", f"train.epochs={args.epochs}",
               "distill.teacher_outputs=cached", "monitor=off"]
@@ -90,7 +91,7 @@ def main() -> int:
         metrics = run(recipe, folder, echo=lambda m: None, resume=True)
         with open(os.path.join(folder, "stages.json"), encoding="utf-8") as fh:
             stages = json.load(fh)
-        rows = [("scratch", "student_scratch")] if name == "KD" else []
+        rows = [("teacher", "teacher"), ("scratch", "student_scratch")] if name == "KD" else []
         for label, key in rows + [(name, "student")]:
             info = stages.get(key, {})
             results.setdefault(label, []).append({"test": 100 * metrics[key]["accuracy"],
@@ -109,21 +110,31 @@ def main() -> int:
 
     def ms(name: str, key: str) -> str:
         v = [r[key] for r in results[name]]
+        if any(x != x for x in v):  # NaN: not recorded (the loaded teacher's stage has no validation)
+            return "-"
         return f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.2f}"
-    order = sorted(results, key=lambda m: -statistics.mean(r["test"] for r in results[m]))
+    order = ["teacher"] + sorted((m for m in results if m != "teacher"),
+                                 key=lambda m: -statistics.mean(r["test"] for r in results[m]))
     pub = sorted(PUBLISHED, key=lambda m: -PUBLISHED[m])
     command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
-    print(f"`{command}` (teacher: {base['teacher'].get('model') or 'the recipe teacher'}, trained once in "
-          f"{teacher_s:.0f} s; {args.seeds} seeds; student epochs {args.epochs}; wall time "
-          f"{(time.perf_counter() - t_start) / 60:.1f} min)\n")
-    print("| rank | method | test accuracy % | validation accuracy % | student train s | published rank "
+    print(f"`{command}` (teacher: {base['teacher'].get('model') or 'the recipe teacher'}, trained once, "
+          f"{teacher_s:.0f} s; {args.seeds} seeds; student epochs {args.epochs}; wall time of this invocation "
+          f"{(time.perf_counter() - t_start) / 60:.1f} min, finished stages of an earlier one reused)\n")
+    print("| rank | method | test accuracy % | validation accuracy % | train s | published rank "
           "(CIFAR-100, resnet32x4 -> resnet8x4) |\n|---|---|---|---|---|---|")
-    for i, name in enumerate(order, 1):
+    for i, name in enumerate(order):
         ref = name if name in PUBLISHED else None
         published = f"{pub.index(ref) + 1} of {len(pub)} ({PUBLISHED[ref]:.2f})" if ref else "not in the tables"
-        train_s = statistics.mean(r["train_s"] for r in results[name])
-        print(f"| {i} | {name} | {ms(name, 'test')} | {ms(name, 'val')} | {train_s:.1f} | {published} |")
-    print(f"\nbest feature method on validation: {best}")
+        train_s = f"{teacher_s:.1f}" if name == "teacher" else ms(name, "train_s").split(" ")[0]
+        rank = i if name != "teacher" else "-"
+        print(f"| {rank} | {name} | {ms(name, 'test')} | {ms(name, 'val')} | {train_s} | {published} |")
+    shared = [m for m in order if m in PUBLISHED]  # Spearman's rho between the two orders of the shared ones
+    ours = {m: i for i, m in enumerate(shared)}
+    theirs = {m: i for i, m in enumerate(sorted(shared, key=lambda m: -PUBLISHED[m]))}
+    n = len(shared)
+    rho = 1 - 6 * sum((ours[m] - theirs[m]) ** 2 for m in shared) / (n * (n * n - 1))
+    print(f"\nbest feature method on validation: {best}; rank correlation (Spearman) with the published order "
+          f"over the {n} methods in both: {rho:.2f}")
     return 0
 
 

@@ -355,9 +355,13 @@ def test_compress_sigterm_then_resume_is_bitwise_identical(cnn_run, tmp_path):
     p = subprocess.Popen(cmd + [folders[1], *sets], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log, deadline = os.path.join(folders[1], "log.jsonl"), time.time() + 120
 
-    def first_epoch_logged():  # then stopped in its second of three epochs
-        return os.path.isfile(log) and f'"model": "{log_name(compressed("channels"))}"' in open(log).read()
-    while not first_epoch_logged() and time.time() < deadline:
+    def training():  # a training line of the fine-tune (epoch or step): its stop-signal handler is in place
+        import json
+        if not os.path.isfile(log):
+            return False
+        lines = [json.loads(line) for line in open(log) if line.strip().endswith("}")]
+        return any(r.get("model") == log_name(compressed("channels")) and "epoch" in r for r in lines)
+    while not training() and time.time() < deadline:
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)

@@ -153,7 +153,7 @@ def test_label_fraction_keeps_a_stratified_labelled_part_and_the_rest_as_inputs_
 @pytest.mark.parametrize("value", [0, 1.5, -0.1])
 def test_label_fraction_out_of_range_is_refused(value):
     from distill import Recipe
-    with pytest.raises(UserError, match=rf"data.label_fraction.*must be > 0 and <= 1"):
+    with pytest.raises(UserError, match=r"data.label_fraction.*must be > 0 and <= 1"):
         Recipe.load("digits", [f"data.label_fraction={value}"])
 
 

@@ -187,6 +187,16 @@ def test_sp_matches_the_paper():
     assert sp_loss(s, t).item() == pytest.approx(np.sum((gt - gs) ** 2) / 16, rel=1e-5)
 
 
+def test_crd_scores_rows_drawn_or_the_whole_bank_alike():
+    losses = []
+    for whole in (2 ** 24, 0):
+        torch.manual_seed(0)
+        crd = CRD(s_dim=3, t_dim=4, n_data=50, embed_dim=8, negatives=16)
+        crd.whole_bank = whole
+        losses.append(crd(torch.randn(6, 3), torch.randn(6, 4), torch.arange(6)))
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5)
+
+
 def test_crd_matches_the_nce_formula_and_updates_its_banks():
     torch.manual_seed(0)
     crd = CRD(s_dim=3, t_dim=4, n_data=10, embed_dim=2, negatives=4, temperature=0.5, momentum=0.5)
@@ -213,6 +223,8 @@ def test_crd_matches_the_nce_formula_and_updates_its_banks():
     for b, i in enumerate(idx.tolist()):  # momentum update of the seen samples only
         want = 0.5 * mem_s[i].double().numpy() + 0.5 * v_s[b]
         assert np.allclose(crd.memory_s[i].double().numpy(), want / np.linalg.norm(want), atol=1e-5)
+    loss.backward()  # (the banks were updated in place after the scores: the graph kept its own copy)
+    assert crd.embed_s.weight.grad is not None and crd.embed_t.weight.grad.abs().sum() > 0
     untouched = [i for i in range(10) if i not in idx.tolist()]
     assert torch.equal(crd.memory_s[untouched], mem_s[untouched])
     assert nce_loss(torch.tensor([[1.0, 1e-9, 1e-9]]), 10).item() < nce_loss(torch.tensor([[1e-9, 1.0, 1.0]]), 10).item()
@@ -275,6 +287,16 @@ def test_feature_methods_train_from_a_recipe_and_stay_out_of_the_student(tmp_pat
     with safe_open(str(tmp_path / "student.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert keys and all(k.startswith(("body.", "head.")) for k in keys)  # no embeddings, banks or projectors
+
+
+@pytest.mark.parametrize("loss", ["crd", "rkd"])
+def test_the_monitor_watches_methods_without_a_projector(tmp_path, loss):
+    recipe = Recipe.load("digits", [t for t in TINY if t != "monitor=off"] + [
+        f"distill.features=[{{student: body.5, teacher: body.8, loss: {loss}}}]", "distill.crd.negatives=64"])
+    run(recipe, str(tmp_path), echo=lambda m: None)
+    epochs = [r for r in read_log(tmp_path) if r.get("model") == "student" and "val_accuracy" in r]
+    assert all(-1 <= r["retention_cka/body.8->body.5"] <= 1 for r in epochs) and len(epochs) == 2
+    assert not any(k.startswith("retention_cos/") for r in epochs for k in r)  # widths 256 vs 32: no cosine
 
 
 def test_crd_banks_and_embeddings_resume_bitwise(tmp_path):

@@ -162,3 +162,12 @@ def test_tpe_without_optuna_is_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert 'pip install "distill[search]"' in err and len(err.splitlines()) == 1, err
     assert not os.path.exists(out)
+
+
+def test_search_over_distillation_methods(tmp_path):
+    out = str(tmp_path / "s")
+    assert main(["search", "digits", *FAST, "--grid", "distill.method=kd,dkd,dist", "--out", out]) == 0
+    trials = json.load(open(os.path.join(out, "search.json")))["trials"]
+    assert [t["distill.method"] for t in trials] == ["kd", "dkd", "dist"]
+    assert len({t["val_accuracy"] for t in trials}) > 1  # three different objectives, three different students
+    assert Recipe.load(os.path.join(out, "best.yaml")).cfg["distill"]["method"] in ("kd", "dkd", "dist")

@@ -111,6 +111,11 @@ class Objective(nn.Module):
         return Projector(f["projector"], s_shape[0] if len(s_shape) == 3 else s_shape[-1],
                          t_shape[0] if len(t_shape) == 3 else t_shape[-1], where=f"distill.features[{i}]")
 
+    def projections(self) -> List[nn.Module]:
+        """Per feature pair, what maps the student's features onto the teacher's (for the monitor's cosine):
+        its projector, or the identity where the loss compares maps, relations or its own embeddings."""
+        return [p if isinstance(p, Projector) else nn.Identity() for p in self.projectors]
+
     def get_extra_state(self) -> Dict[str, float]:
         return dict(self.strength)
 

@@ -43,6 +43,8 @@ def nce_loss(scores: torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tens
 
 @LOSSES.register("crd", group="feature", compares="embedding", settings="crd")
 class CRD(nn.Module):
+    whole_bank = 2 ** 24  # scores against the whole bank up to this many (batch x samples)
+
     def __init__(self, s_dim: int, t_dim: int, n_data: int, embed_dim: int = 128, negatives: int = 4096,
                  temperature: float = 0.07, momentum: float = 0.5) -> None:
         super().__init__()
@@ -61,7 +63,13 @@ class CRD(nn.Module):
         return neg + (neg >= idx.unsqueeze(1)).long()
 
     def scores(self, anchors: torch.Tensor, memory: torch.Tensor, contrast: torch.Tensor, side: int) -> torch.Tensor:
-        p = torch.exp(torch.bmm(memory[contrast], anchors.unsqueeze(2)).squeeze(2) / self.temperature)
+        if len(memory) * len(anchors) <= self.whole_bank:  # one matmul with the whole bank, then pick: faster
+            # than gathering B x (1 + K) rows of it, unless the B x M scores grow past 64 MB
+            # (a copy: the backward pass needs the bank as it was, and forward updates it in place)
+            dots = (anchors @ memory.clone().t()).gather(1, contrast)
+        else:  # a large one: only the rows drawn (B x (1 + K) x d, not B x M)
+            dots = torch.bmm(memory[contrast], anchors.unsqueeze(2)).squeeze(2)
+        p = torch.exp(dots / self.temperature)
         if self.z[side] < 0:  # fixed on the first batch: the mean score times the number of samples
             self.z[side] = p.detach().mean() * self.n_data
         return p / self.z[side].clone()  # (a copy: setting the other side's Z must not touch this graph)

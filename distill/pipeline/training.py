@@ -81,7 +81,7 @@ def distil(run: RunDir, name: str, model: nn.Module, teacher: nn.Module, mode: s
     if run.cfg["monitor"]["enabled"]:
         x, y = run.data.probe(PROBE)
         monitor = retention_monitor(teacher, model.to(rt.device), rt.put(x),
-                                    [(f["teacher"], f["student"]) for f in dcfg["features"]], objective.projectors,
+                                    [(f["teacher"], f["student"]) for f in dcfg["features"]], objective.projections(),
                                     rt.put(y) if run.cfg["monitor"]["gradients"] else None)
         if react:
             monitor = with_reaction(monitor, objective, run.cfg["monitor"], run.echo)
