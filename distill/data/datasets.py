@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import numpy as np
@@ -218,12 +218,11 @@ def load_data(cfg: Dict[str, Any]) -> DataBundle:
 def with_teacher_labelled(data: DataBundle, extra: torch.Tensor) -> DataBundle:
     """`data` with the inputs `extra` appended to its training split with label -1: no hard label, the
     teacher's outputs are their only target (the cross-entropy leaves them out)."""
-    import dataclasses
     h = hashlib.sha256(data.fingerprint.encode())
     h.update(extra.numpy().tobytes())
-    return dataclasses.replace(data, x_train=torch.cat([data.x_train, extra]),
-                               y_train=torch.cat([data.y_train, torch.full((len(extra),), -1)]),
-                               x_unlabelled=None, fingerprint=h.hexdigest()[:16])
+    return replace(data, x_train=torch.cat([data.x_train, extra]),
+                   y_train=torch.cat([data.y_train, torch.full((len(extra),), -1)]),
+                   x_unlabelled=None, fingerprint=h.hexdigest()[:16])
 
 
 def _as_labels(y: np.ndarray, cfg: Dict[str, Any], name: str) -> np.ndarray:
