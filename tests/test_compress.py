@@ -352,14 +352,17 @@ def test_compress_sigterm_then_resume_is_bitwise_identical(cnn_run, tmp_path):
         shutil.copytree(cnn_run, folders[-1], ignore=shutil.ignore_patterns("compress", "bench"))
     cmd = [sys.executable, "-m", "distill", "compress"]
     assert subprocess.run(cmd + [folders[0], *sets], env=env, capture_output=True).returncode == 0
-    p = subprocess.Popen(cmd + [folders[1], *sets], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log, deadline = os.path.join(folders[1], "log.jsonl"), time.time() + 120
+    seen = os.path.getsize(log) if os.path.isfile(log) else 0  # (the copied run's log may hold earlier lines)
+    p = subprocess.Popen(cmd + [folders[1], *sets], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def training():  # a training line of the fine-tune (epoch or step): its stop-signal handler is in place
+    def training():  # a training line of this fine-tune (epoch or step): its stop-signal handler is in place
         import json
         if not os.path.isfile(log):
             return False
-        lines = [json.loads(line) for line in open(log) if line.strip().endswith("}")]
+        with open(log) as fh:
+            fh.seek(seen)
+            lines = [json.loads(line) for line in fh if line.strip().endswith("}")]
         return any(r.get("model") == log_name(compressed("channels")) and "epoch" in r for r in lines)
     while not training() and time.time() < deadline:
         time.sleep(0.05)
