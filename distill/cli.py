@@ -28,6 +28,9 @@ def _recipe_args(p: argparse.ArgumentParser, target_help: str) -> None:
                    help="also log scalars and weight/gradient histograms for TensorBoard, in RUN_DIR/tensorboard")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the student trained without distillation (the same as --set baseline=false)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train in N processes on this machine (torchrun --standalone; gloo on the CPU, one GPU "
+                        "each with train.device: cuda); data.batch_size stays the global batch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,17 +288,44 @@ def _echo(msg: str) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return _dispatch(parser, args)
     except UserError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_who()}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _resume_hint(args: argparse.Namespace, folder: str):
+    """(processes, the command that continues this run): under torchrun on one machine `--nproc N`; on
+    several machines, each machine's torchrun command again with --resume."""
+    env = os.environ
+    world, local = int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1)))
+    nproc = args.nproc or world
+    if world > local:
+        return nproc, f"the same torchrun command on every machine, with distill {args.command} {folder} --resume"
+    return nproc, f"distill {args.command} {folder}{f' --nproc {nproc}' if nproc > 1 else ''} --resume"
+
+
+def _who() -> str:
+    """`process R: ` under torchrun (each process reports its own errors), else nothing."""
+    return f"process {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+
+
+def _leave_process_group() -> None:
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -319,13 +349,31 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             raise UserError(f"--resume {args.resume}: give the run folder once, either as RECIPE or after --resume")
         args.target, args.resume = args.resume, True
     recipe, out = _load(args.target, [*args.overrides, *(["baseline=false"] if args.no_baseline else [])], args.out)
+    if args.nproc is not None and args.nproc < 1:
+        raise UserError(f"--nproc: expected a positive number of processes, got {args.nproc}")
+    nproc, again = _resume_hint(args, run_folder(recipe, out))
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:  # (already one of torchrun's processes: go on)
+        from .launch import child_argv, launch
+        return launch(child_argv(args.argv), nproc, again)
+    import torch.distributed as dist
     try:
         return _run_command(args, recipe, out)
     except Interrupted as e:
-        again = f"distill {args.command} {run_folder(recipe, out)} --resume"
-        print(f"{e}; continue with: {again}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{e}; continue with: {again}", file=sys.stderr)
         return 130
+    except RuntimeError as e:  # a peer died or hung: this process stops too, its last checkpoint kept
+        if not (isinstance(e, dist.DistError) or (dist.is_initialized() and LOST_PEER.search(str(e)))):
+            raise
+        first = re.sub(r"^\[[^]]*\] ", "", str(e).strip().splitlines()[0]).split(". ")[0] if str(e).strip() \
+            else type(e).__name__  # (gloo: "[file:line] Read error [127.0.0.1]:6550: Connection reset by peer. ...")
+        print(f"error: {_who()}lost the other processes ({first}); the last checkpoint is kept; "
+              f"continue with: {again}", file=sys.stderr)
+        return 1
 
+
+# How gloo and NCCL say that a peer process died or hung (they raise a plain RuntimeError)
+LOST_PEER = re.compile(r"gloo|nccl|Connection (reset|closed|refused)|timed out|Timeout|peer", re.I)
 
 # What each stage command runs of the plan (the stages it leaves out are read from the run folder).
 STAGES = {"train-teacher": ("teacher",), "soft-labels": ("soft_labels",),
@@ -343,18 +391,22 @@ def _run_command(args: argparse.Namespace, recipe, out: Optional[str]) -> int:
             if args.seeds < 1:
                 raise UserError(f"--seeds: expected a positive number of seeds, got {args.seeds}")
             summary = plan.run_seeds(recipe, list(range(args.seeds)), out, _echo, **flags)
-            print(f"mean ± std over seeds {summary['seeds']}:")
-            print(format_table(summary))
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"mean ± std over seeds {summary['seeds']}:")
+                print(format_table(summary))
         else:
             metrics = plan.run(recipe, out, _echo, **flags)
-            print(format_table(metrics))
-            print(f"run folder: {run_folder(recipe, out)}")
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(format_table(metrics))
+                print(f"run folder: {run_folder(recipe, out)}")
         return 0
     needs = [n for n in NEEDS.get(args.command, ()) if n != SCRATCH or recipe.cfg["baseline"]]
     for name in needs:  # checked before the run folder is touched
         require_saved(run_folder(recipe, out), name)
     rd = RunDir(recipe, out, _echo, **flags)
     records = plan.execute(rd, STAGES[args.command], check=args.command != "evaluate")
+    if not rd.runtime.is_main:
+        return 0
     if args.command == "train-teacher":
         print(f"teacher: {require_saved(rd.out, 'teacher')}")
     elif args.command == "soft-labels":

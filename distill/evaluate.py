@@ -57,10 +57,13 @@ def weights_size(path: str) -> int:
 
 
 def evaluate_model(model: nn.Module, path: str, x: torch.Tensor, y: torch.Tensor, ecfg: Dict[str, Any],
-                   batch_size: int = 512) -> Dict[str, Any]:
+                   batch_size: int = 512, runtime: Any = None) -> Dict[str, Any]:
     """Test metrics (those named in `evaluate.metrics` that apply), size, batch-1 latency and throughput
-    (samples per second at `evaluate.throughput_batch`), both on `evaluate.threads` threads."""
-    keep = task_for().metrics(predict(model, x, batch_size), y, ecfg)
+    (samples per second at `evaluate.throughput_batch`), both on `evaluate.threads` threads. With several
+    processes the predictions are shared out and gathered, and only the main process measures speed."""
+    keep = task_for().metrics(predict(model, x, batch_size, runtime), y, ecfg)
+    if runtime is not None and not runtime.is_main:
+        return keep
     big = x[:ecfg["throughput_batch"]]
     batch_ms = latency_ms(model, big, max(5, ecfg["latency_runs"] // 10), ecfg["threads"])
     return {**keep, "params": count_params(model), "size_bytes": weights_size(path),

@@ -71,6 +71,10 @@ TRAIN = {
     "keep_checkpoints": F((int,), 2, positive),
     "max_bad_steps": F((int,), 5, positive),  # consecutive NaN/Inf steps skipped before the run stops
     "device": F((str,), "auto", choices=("auto", "cpu", "cuda", "mps")),  # auto: CUDA when present
+    # micro-batches per optimizer step (data.batch_size is the global batch, over processes and micro-batches)
+    "accumulate": F((int,), 1, positive),
+    # under torchrun: seconds a collective waits for the other processes before this one stops with an error
+    "timeout_s": F(NUM, 120.0, positive),
     # the validation metric that picks the epoch kept with select: best_val (default: the task's, accuracy)
     "select_metric": F((str,), None, choices=("val_accuracy", "val_loss")),
     "optimizer": {
@@ -405,8 +409,9 @@ def _refuse_empty(m: Dict[str, Any], where: str, keys: Sequence[str]) -> None:
 def _selection_checks(cfg: Dict[str, Any]) -> None:
     """One device per run; choosing an epoch on validation needs a validation split."""
     for role in ("teacher", "student"):
-        if cfg[role]["train"]["device"] != cfg["train"]["device"]:
-            raise UserError(f"{role}.train.device: one device per run; set train.device instead")
+        for key in ("device", "timeout_s"):
+            if cfg[role]["train"][key] != cfg["train"][key]:
+                raise UserError(f"{role}.train.{key}: one per run; set train.{key} instead")
     if cfg["data"]["val_fraction"] > 0:
         return
     for role in ("teacher", "student"):

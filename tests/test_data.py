@@ -94,9 +94,28 @@ def test_loader_workers_give_the_same_batches_as_the_main_process(tmp_path):
     inline = list(epoch_batches(d, cfg, torch.Generator().manual_seed(3)))
     workers = list(epoch_batches(d, {**cfg, "workers": 2}, torch.Generator().manual_seed(3)))
     assert len(inline) == len(workers) == 4
-    for (xa, ya, ia), (xb, yb, ib) in zip(inline, workers):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ia, ib)
-    assert not torch.equal(inline[0].x, d.x_train[inline[0].idx])  # augmented, not the stored images
+    for a, b in zip(inline, workers):
+        (xa, ya, ia), (xb, yb, ib) = a.micro[0], b.micro[0]
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ia, ib) and a.n == len(ia)
+    first = inline[0].micro[0]
+    assert not torch.equal(first.x, d.x_train[first.idx])  # augmented, not the stored images
+
+
+def test_a_global_batch_is_shared_out_whole_over_processes_and_micro_batches(tmp_path):
+    """Process r of 2, accumulating 2: micro-batches 2r and 2r+1 of the same global batch; together the 4
+    are the batch one process draws, each sample once, and augmented alike whether made inline or in workers."""
+    from distill.engine.sampling import Split, epoch_batches
+    cfg = data_cfg(dataset="npz", path=_npz(tmp_path), val_fraction=0.2, batch_size=8,
+                   transforms={"random_crop": 2, "hflip": True})
+    d = load_data(cfg)
+    whole = list(epoch_batches(d, cfg, torch.Generator().manual_seed(3)))
+    shares = [list(epoch_batches(d, {**cfg, "workers": w}, torch.Generator().manual_seed(3), split=Split(r, 2, 2)))
+              for r, w in ((0, 0), (1, 2))]
+    assert len(whole) == len(shares[0]) == len(shares[1])
+    for one, *mine in zip(whole, *shares):
+        idx = torch.cat([b.idx for share in mine for b in share.micro])
+        assert torch.equal(idx, one.micro[0].idx) and all(s.n == len(idx) for s in mine)
+        assert all(len(b.idx) == 2 for share in mine for b in share.micro)
 
 
 def test_csv_with_named_classes_and_a_test_file(tmp_path):

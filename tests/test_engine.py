@@ -200,5 +200,5 @@ def test_commands_that_rank_or_measure_on_validation_refuse_no_validation_split(
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "data.val_fraction: 0 leaves no validation split" in err
     assert not os.path.exists(tmp_path / "s")
-    with pytest.raises(UserError, match="student.train.device: one device per run; set train.device"):
+    with pytest.raises(UserError, match="student.train.device: one per run; set train.device"):
         Recipe.load("digits", ["student.train.device=cpu", "train.device=auto"])

@@ -17,13 +17,15 @@ NEG = ["awful", "boring", "dull", "terrible", "clumsy", "tedious", "bland", "pai
 NOUNS = ["movie", "film", "story", "plot", "cast", "script", "ending", "score"]
 
 
-def tiny_bert(folder: str, layers: int = 4, hidden: int = 32, heads: int = 4, seed: int = 0) -> str:
+def tiny_bert(folder: str, layers: int = 4, hidden: int = 32, heads: int = 4, seed: int = 0,
+              dropout: float = 0.1) -> str:
     """A randomly initialised BERT with MiniLM's tokenizer, saved as a Hugging Face folder."""
     import torch
     torch.manual_seed(seed)
     config = transformers.BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers,
                                      num_attention_heads=heads, intermediate_size=2 * hidden,
-                                     max_position_embeddings=64)
+                                     max_position_embeddings=64, hidden_dropout_prob=dropout,
+                                     attention_probs_dropout_prob=dropout)
     transformers.BertModel(config).save_pretrained(folder)
     transformers.AutoTokenizer.from_pretrained(str(minilm.get_model_path())).save_pretrained(folder)
     return folder

@@ -166,15 +166,17 @@ class Checkpointing(Callback):
         self.last = time.monotonic()
 
     def save(self, t: Trainer) -> Optional[str]:
+        """Every process calls this (the state gathers each one's RNG); the main one writes the file."""
         self.last = time.monotonic()
-        return self.checkpoints.save(t.prog["step"], t.state()) if self.is_main else None
+        state = t.state()
+        return self.checkpoints.save(t.prog["step"], state) if self.is_main else None
 
     def on_step_end(self, t: Trainer, epoch: int, record: Optional[Dict[str, Any]], skipped: bool) -> None:
         if self.every and t.prog["step"] % self.every == 0 and not skipped:
             self.save(t)
 
     def on_epoch_end(self, t: Trainer, record: Dict[str, Any]) -> None:
-        if time.monotonic() - self.last >= self.seconds:
+        if t.runtime.from_main(time.monotonic() - self.last >= self.seconds):  # (the main process's clock decides)
             self.save(t)
 
 

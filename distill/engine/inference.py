@@ -1,6 +1,8 @@
 """Outputs of a trained model without a graph, in eval mode, batch by batch on the model's own device."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -10,8 +12,15 @@ def model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Logits (on the CPU) in eval mode without a graph; the model's train/eval mode is restored afterwards."""
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512, runtime: Any = None) -> torch.Tensor:
+    """Logits (on the CPU) in eval mode without a graph; the model's train/eval mode is restored afterwards.
+
+    With a `runtime` of several processes, each predicts its own contiguous slice of `x` and the slices are
+    gathered, so every process gets all N rows and each sample counts once (N need not divide evenly)."""
+    if runtime is not None and runtime.distributed:
+        from .runtime import shard
+        mine = shard(len(x), runtime.world_size, runtime.rank)
+        return runtime.gather_rows(predict(model, x[mine.start:mine.stop], batch_size), len(x))
     was_training = model.training
     model.eval()
     device = model_device(model)

@@ -1,15 +1,19 @@
 """Where training runs: the device, the autocast device type, and the process's place among its peers.
 
 `train.device: auto` picks CUDA when present, else the CPU. The rank and world size come from the environment
-torchrun sets (RANK, WORLD_SIZE); a plain process is rank 0 of 1. Only the main process writes files.
+torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK); a plain process is rank 0 of 1. With more than one process the
+process group is started here: gloo on the CPU, NCCL on CUDA with one GPU per process (cuda:LOCAL_RANK), and a
+timeout on every collective (`train.timeout_s`), so that a process whose peer died or hung stops instead of
+waiting for ever. Only the main process (rank 0) writes files.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, List
 
 import torch
 
@@ -30,19 +34,100 @@ def resolve_device(name: str, where: str = "train.device") -> torch.device:
     return torch.device(name)
 
 
+def start_process_group(device: torch.device, timeout_s: float) -> None:
+    """Join the job torchrun started (once per process): gloo on the CPU, NCCL on CUDA."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def shard(n: int, parts: int, i: int) -> range:
+    """Part i of range(n) cut into `parts` contiguous pieces whose sizes differ by at most one (no padding:
+    every index is in exactly one part)."""
+    base, extra = divmod(n, parts)
+    start = i * base + min(i, extra)
+    return range(start, start + base + (1 if i < extra else 0))
+
+
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device = torch.device("cpu")
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0
 
     @classmethod
-    def from_name(cls, device: str = "auto") -> "Runtime":
-        return cls(resolve_device(device), int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    def from_name(cls, device: str = "auto", timeout_s: float = 120.0) -> "Runtime":
+        world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        dev = resolve_device(device)
+        if world > 1:
+            if dev.type == "mps":
+                raise UserError("train.device: mps: one Apple GPU serves one process; run without --nproc")
+            if dev.type == "cuda":  # one GPU per process
+                if local >= torch.cuda.device_count():
+                    raise UserError(f"--nproc: process {local} of this machine has no GPU of its own "
+                                    f"({torch.cuda.device_count()} visible); start at most that many processes")
+                dev = torch.device("cuda", local)
+                torch.cuda.set_device(dev)
+            start_process_group(dev, timeout_s)
+        return cls(dev, rank, world, local)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    # ------------------------------------------------------------ collectives (no-ops in one process)
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` summed over the processes (a new tensor; `value` itself in one process)."""
+        if not self.distributed:
+            return value
+        import torch.distributed as dist
+        out = value.detach().to(self.device, copy=True)
+        dist.all_reduce(out)
+        return out.to(value.device)
+
+    def from_main(self, obj: Any) -> Any:
+        """Rank 0's `obj`, on every process: decisions (reuse a stage? checkpoint now?) are taken once."""
+        if not self.distributed:
+            return obj
+        import torch.distributed as dist
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: Any) -> List[Any]:
+        """Every process's `obj`, in rank order, on every process."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+        out: List[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def gather_rows(self, local: torch.Tensor, n: int) -> torch.Tensor:
+        """The rows of all processes, concatenated in rank order, when process i holds rows `shard(n, W, i)`
+        (so each row counts exactly once: nothing is padded into the result)."""
+        if not self.distributed:
+            return local
+        import torch.distributed as dist
+        sizes = [len(shard(n, self.world_size, i)) for i in range(self.world_size)]
+        padded = torch.zeros((max(sizes), *local.shape[1:]), dtype=local.dtype, device=self.device)
+        padded[:len(local)] = local.to(self.device)
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:k] for p, k in zip(parts, sizes)]).to(local.device)
 
     @property
     def autocast_device(self) -> str:

@@ -1,7 +1,13 @@
 """The order of training samples: shuffled (or stratified, or class-balanced) index batches per epoch, drawn
-from the trainer's own generator so that a resumed run redraws exactly the same epoch."""
+from the trainer's own generator so that a resumed run redraws exactly the same epoch.
+
+`data.batch_size` is the global batch of one optimizer step. With several processes and gradient
+accumulation, each batch is cut into `processes x train.accumulate` contiguous micro-batches and process r
+takes micro-batches r*A ... r*A+A-1: every process draws the same global order (the same generator, seeded
+alike), so no sample is dropped or seen twice and the optimisation does not depend on the process count."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -10,8 +16,9 @@ from ..data import DataBundle
 
 
 def batches(n: int, batch_size: int, gen: torch.Generator, lengths: Optional[torch.Tensor] = None,
-            labels: Optional[torch.Tensor] = None, sampling: str = "random") -> List[torch.Tensor]:
-    """A shuffled epoch of index batches; a trailing batch of one sample is dropped (BatchNorm needs two).
+            labels: Optional[torch.Tensor] = None, sampling: str = "random", parts: int = 1) -> List[torch.Tensor]:
+    """A shuffled epoch of index batches; a trailing batch too small to give each of its `parts` micro-batches
+    two samples is dropped (BatchNorm needs two; in one process: a trailing batch of one sample).
 
     sampling: `random`; `stratified`, every batch with the classes in the data's proportions; `balanced`,
     samples drawn with weights 1/class-count so every class is equally frequent. With `lengths` (text) and
@@ -38,12 +45,40 @@ def batches(n: int, batch_size: int, gen: torch.Generator, lengths: Optional[tor
         out = [b for c in chunks for b in c.split(batch_size)]
         out = [out[i] for i in torch.randperm(len(out), generator=gen)]
         out.sort(key=len, reverse=True)  # any short batch last (stable: the shuffled order is kept)
-    return out[:-1] if len(out) > 1 and len(out[-1]) == 1 else out
+    return out[:-1] if len(out) > 1 and len(out[-1]) < 2 * parts else out
 
 
-def steps_per_epoch(n_train: int, batch_size: int) -> int:
+def steps_per_epoch(n_train: int, batch_size: int, parts: int = 1) -> int:
     """How many batches `batches` makes of `n_train` samples."""
-    return -(-n_train // batch_size) - (1 if n_train % batch_size == 1 and n_train > 1 else 0)
+    last = n_train % batch_size or batch_size
+    return -(-n_train // batch_size) - (1 if n_train > batch_size and last < 2 * parts else 0)
+
+
+@dataclass(frozen=True)
+class Split:
+    """How a global batch is shared: `world` processes, each taking `accumulate` micro-batches in turn."""
+    rank: int = 0
+    world: int = 1
+    accumulate: int = 1
+
+    @property
+    def parts(self) -> int:
+        return self.world * self.accumulate
+
+    def mine(self, batch: torch.Tensor) -> List[torch.Tensor]:
+        pieces = batch.tensor_split(self.parts)
+        return list(pieces[self.rank * self.accumulate:(self.rank + 1) * self.accumulate])
+
+
+WHOLE = Split()
+
+
+@dataclass
+class Step:
+    """This process's share of one optimizer step: its micro-batches, and the size of the global batch (a
+    micro-batch's loss weighs len(micro-batch) / `n` of the step's)."""
+    micro: List[Any]
+    n: int
 
 
 class _EpochBatches(torch.utils.data.Dataset):
@@ -52,24 +87,32 @@ class _EpochBatches(torch.utils.data.Dataset):
     this process or in `data.workers` loader processes."""
 
     def __init__(self, data: DataBundle, data_cfg: Dict[str, Any], task: Any, index_batches: List[torch.Tensor],
-                 epoch_seed: int) -> None:
+                 epoch_seed: int, split: Split) -> None:
         self.data, self.tcfg, self.task, self.batches, self.seed = data, data_cfg["transforms"], task, index_batches, \
             epoch_seed
+        self.split = split
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> Any:
-        return self.task.collate(self.data, self.batches[i], self.tcfg, self.seed + i)
+    def __getitem__(self, i: int) -> Step:
+        batch, split = self.batches[i], self.split
+        if split.parts == 1:
+            return Step([self.task.collate(self.data, batch, self.tcfg, self.seed + i)], len(batch))
+        first = split.rank * split.accumulate  # micro-batch j augments with its own seed (0: the batch's)
+        return Step([self.task.collate(self.data, piece, self.tcfg, self.seed + i + (first + j) * 2**31)
+                     for j, piece in enumerate(split.mine(batch))], len(batch))
 
 
-def epoch_batches(data: DataBundle, data_cfg: Dict[str, Any], gen: torch.Generator, task: Any = None, start: int = 0):
-    """The epoch's batches from batch `start` on (a resumed epoch skips those already trained on)."""
+def epoch_batches(data: DataBundle, data_cfg: Dict[str, Any], gen: torch.Generator, task: Any = None, start: int = 0,
+                  split: Split = WHOLE):
+    """The epoch's steps (this process's micro-batches of each) from step `start` on (a resumed epoch skips
+    those already trained on)."""
     from ..tasks import task_for
     ds = _EpochBatches(data, data_cfg, task or task_for(data),
                        batches(len(data.y_train), data_cfg["batch_size"], gen, data.lengths, data.y_train,
-                               data_cfg["sampling"]),
-                       int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+                               data_cfg["sampling"], split.parts),
+                       int(torch.randint(0, 2**31 - 1, (1,), generator=gen)), split)
     if data_cfg["workers"] == 0:
         return (ds[i] for i in range(start, len(ds)))
     return torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(start, len(ds)),

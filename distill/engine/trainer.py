@@ -5,16 +5,23 @@ the optimizer steps (a step whose loss or gradient is NaN or Inf is skipped and 
 the model is validated and the epoch with the best selection metric is kept. Everything else (log lines,
 the monitor, gradient signals, TensorBoard, checkpoints, search pruning) is a callback. The test split is
 never seen here.
+
+Under torchrun the trainable objective (student, projectors, any method's own parts; never the frozen
+teacher) is wrapped in DistributedDataParallel. Each process trains on its micro-batches of the same global
+batch, weighted so that the averaged gradient is the global batch's; gradients are synchronised only on a
+step's last micro-batch. One small all-reduce per step shares the step's loss, whether any process saw a
+NaN, and whether any was asked to stop, so every process skips, logs and stops at the same step.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
 import signal
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -26,7 +33,7 @@ from ..errors import UserError
 from ..progress import bar
 from .callbacks import Callback, Checkpointing, LogLines
 from .runtime import CPU, Runtime, flush_denormal
-from .sampling import epoch_batches, steps_per_epoch
+from .sampling import Split, Step, epoch_batches, steps_per_epoch
 
 
 def set_seed(seed: int) -> None:
@@ -98,10 +105,11 @@ class _StopOnSignal:
 COUNTS = ("correct", "labelled")  # summed to give the training accuracy, not averaged like losses
 
 
-def _read(acc: Dict[str, Any]) -> Dict[str, float]:
-    """The sums in `acc` by name (one read from the device); also as older checkpoints kept them (a tensor per name)."""
+def _read(acc: Dict[str, Any], runtime: Runtime = CPU) -> Dict[str, float]:
+    """The sums in `acc` by name, over every process (one read from the device); also as older checkpoints
+    kept them (a tensor per name)."""
     if "keys" in acc:
-        return dict(zip(acc["keys"], acc["values"].tolist()))
+        return dict(zip(acc["keys"], runtime.sum(acc["values"]).tolist()))
     return {k: float(v) for k, v in acc.items() if k not in ("n", "max")}
 
 
@@ -123,15 +131,18 @@ class Trainer:
 
     # ---------------------------------------------------------------- set-up
     def _setup(self) -> None:
-        tcfg = self.tcfg
-        set_seed(tcfg["seed"])
+        tcfg, rt = self.tcfg, self.runtime
+        set_seed(tcfg["seed"] + rt.rank)  # dropout differs per process; the batch order below does not
         self.gen = torch.Generator().manual_seed(tcfg["seed"])
-        self.objective.to(self.runtime.device)
+        self.split = Split(rt.rank, rt.world_size, tcfg.get("accumulate", 1))
+        self._check_split()
+        self.objective.to(rt.device)
+        self.model = self._wrap(self.objective)
         self.params = [p for p in self.objective.parameters() if p.requires_grad]
         self.opt = make_optimizer(self.params, tcfg["optimizer"])
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda e: lr_factor(e, tcfg["scheduler"], tcfg["epochs"]))
-        self.per_epoch = steps_per_epoch(len(self.data.y_train), self.data_cfg["batch_size"])
+        self.per_epoch = steps_per_epoch(len(self.data.y_train), self.data_cfg["batch_size"], self.split.parts)
         self.epoch_gen = self.gen.get_state()
         self.resumed = False
         for cb in self.callbacks:  # a checkpoint is restored (or old ones cleared) before anything else starts
@@ -139,19 +150,46 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_fit_start(self)
 
+    def _check_split(self) -> None:
+        split, batch = self.split, self.data_cfg["batch_size"]
+        if batch < split.parts:
+            raise UserError(f"data.batch_size: {batch} is the global batch, smaller than processes x train.accumulate"
+                            f" = {split.world} x {split.accumulate}; each micro-batch needs a sample")
+        if split.world > 1 and any(f["loss"] == "crd" for f in getattr(self.objective, "features", [])):
+            raise UserError("distill.features: crd keeps one memory bank of the whole training set, which one "
+                            "process updates; train CRD in a single process (without --nproc)")
+
+    def _wrap(self, objective: nn.Module) -> nn.Module:
+        """The objective itself in one process; under torchrun, wrapped in DistributedDataParallel (which also
+        makes every process start from rank 0's weights)."""
+        if not self.runtime.distributed or not any(p.requires_grad for p in objective.parameters()):
+            return objective
+        from torch.nn.parallel import DistributedDataParallel
+        cuda = self.runtime.device.type == "cuda"
+        return DistributedDataParallel(objective, device_ids=[self.runtime.device.index] if cuda else None)
+
     def state(self) -> Dict[str, Any]:
         """What a checkpoint holds: the objective (student, projectors, strength), optimizer, scheduler, the
-        shuffling generator as at the start of the epoch, every RNG and the progress."""
+        shuffling generator as at the start of the epoch, every RNG and the progress. The weights are the
+        same in every process and kept once; each process's RNG state is kept (a collective: every process
+        calls this)."""
+        rng = self.runtime.gather(rng_state()) if self.runtime.distributed else rng_state()
         return {"objective": self.objective.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "epoch_gen": self.epoch_gen, "rng": rng_state(),
-                "progress": self.prog}
+                "scheduler": self.sched.state_dict(), "epoch_gen": self.epoch_gen,
+                **({"rng_per_rank": rng, "world_size": self.runtime.world_size} if self.runtime.distributed
+                   else {"rng": rng}), "progress": self.prog}
 
     def load_state(self, saved: Dict[str, Any]) -> None:
+        world = saved.get("world_size", 1)
+        if world != self.runtime.world_size:
+            raise UserError(f"{self.role}: the checkpoint was written by {world} process(es) and this run has "
+                            f"{self.runtime.world_size}; resume with --nproc {world} (each process's data and "
+                            f"random state depend on the count), or start again without --resume")
         self.objective.load_state_dict(saved["objective"])
         self.opt.load_state_dict(saved["optimizer"])
         self.sched.load_state_dict(saved["scheduler"])
         self.gen.set_state(saved["epoch_gen"])
-        set_rng_state(saved["rng"])
+        set_rng_state(saved["rng_per_rank"][self.runtime.rank] if "rng_per_rank" in saved else saved["rng"])
         old = saved["progress"]  # (checkpoints of distill before the trainer kept best_score and best_metrics)
         self.prog = {**self.prog, "best_score": old.get("best_val"), "best_metrics": {"val_accuracy": old.get("best_val")}
                      if "best_val" in old else {}, **old, "window": old.get("window", {}),
@@ -162,18 +200,21 @@ class Trainer:
         with flush_denormal(), _StopOnSignal() as stop:
             self._setup()
             tcfg, prog = self.tcfg, self.prog
+            self.stop, self.stopping = stop, False
             self.bar = bar(None, desc=self.role, unit="step", total=tcfg["epochs"] * self.per_epoch,
-                           initial=prog["epoch"] * self.per_epoch + prog["batch"])
+                           initial=prog["epoch"] * self.per_epoch + prog["batch"], show=self.runtime.is_main)
             for epoch in range(self.prog["epoch"], tcfg["epochs"]):
                 self.epoch_gen = self.gen.get_state()  # the epoch's batches are drawn from here: a resume redraws them
                 self.student.train()  # every epoch: validation below switches to eval mode
                 self.objective.train()
                 t0 = time.perf_counter()
-                for batch in epoch_batches(self.data, self.data_cfg, self.gen, self.task, start=self.prog["batch"]):
-                    self.step(epoch, batch)
-                    if stop.signum is not None:
+                for step in epoch_batches(self.data, self.data_cfg, self.gen, self.task, self.prog["batch"],
+                                          self.split):
+                    self.step(epoch, step)
+                    if self.stopping:  # (under torchrun: every process stops at the same step)
                         path = self.checkpoint_now()
-                        raise Interrupted(self.role, stop.signum, f"epoch {epoch + 1}, step {self.prog['step']}", path)
+                        raise Interrupted(self.role, stop.signum or signal.SIGTERM,
+                                          f"epoch {epoch + 1}, step {self.prog['step']}", path)
                 self.end_epoch(epoch, time.perf_counter() - t0)
             self.bar.close()
             for cb in self.callbacks:
@@ -181,24 +222,31 @@ class Trainer:
         self.student.load_state_dict(self.prog["best_state"])
         return {"selected_epoch": self.prog["best_epoch"] + 1, **self.prog["best_metrics"]}
 
-    def step(self, epoch: int, batch: Any) -> None:
+    def step(self, epoch: int, step: Step) -> None:
         prog, objective = self.prog, self.objective
         objective.progress = prog["step"] / max(self.tcfg["epochs"] * self.per_epoch, 1)  # drives the schedules
         objective.epoch = prog["step"] / max(self.per_epoch, 1)
-        batch = self.runtime.put(batch)
-        with self.runtime.autocast(self.tcfg["precision"]):
-            loss, parts = objective(batch.x, batch.y, batch.idx, batch.mask)
         self.opt.zero_grad(set_to_none=True)
         record_step = any(cb.wants_step(self, prog["step"] + 1) for cb in self.callbacks)
         signals: Dict[str, float] = {}
-        if record_step:  # before backward frees the graph
-            for cb in self.callbacks:
-                signals.update(cb.before_backward(self))
-        objective.terms = {}
-        loss.backward()
+        parts: Dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(step.micro):
+            share = len(batch.idx) / step.n  # of the global batch's loss
+            last = i == len(step.micro) - 1
+            with self.model.no_sync() if not last and self.model is not objective else contextlib.nullcontext():
+                batch = self.runtime.put(batch)
+                with self.runtime.autocast(self.tcfg["precision"]):
+                    loss, micro_parts = self.model(batch.x, batch.y, batch.idx, batch.mask)
+                if record_step and i == 0:  # before backward frees the graph
+                    for cb in self.callbacks:
+                        signals.update(cb.before_backward(self))
+                objective.terms = {}
+                scale = share * self.runtime.world_size  # (DDP averages the processes' gradients)
+                (loss if scale == 1.0 else loss * scale).backward()
+            parts = micro_parts if share == 1.0 else _add_share(parts, micro_parts, share)
         if self.tcfg["grad_clip"]:
             nn.utils.clip_grad_norm_(self.params, self.tcfg["grad_clip"])
-        bad = self._non_finite(parts)  # one host sync per step: whether to skip it
+        bad, total = self._non_finite(parts)  # one host sync per step: whether to skip it
         prog["batch"] += 1
         prog["step"] += 1
         self.bar.update(1)
@@ -208,23 +256,33 @@ class Trainer:
         else:
             prog["bad"] = 0
             self.opt.step()
-            self._accumulate(parts)
+            self._accumulate(parts, total)
         record = self.step_record(epoch, signals) if record_step else None
         for cb in self.callbacks:
             cb.on_step_end(self, epoch, record, bad is not None)
 
-    def _non_finite(self, parts: Dict[str, torch.Tensor]) -> Optional[str]:
-        """The first loss term that is NaN or Inf, "gradient" when only a gradient is, else None."""
+    def _non_finite(self, parts: Dict[str, torch.Tensor]) -> Tuple[Optional[str], torch.Tensor]:
+        """(the first loss term that is NaN or Inf, "gradient" when only a gradient is, else None; the step's
+        total loss). Under torchrun the totals and the stop flags of all processes are summed first (the
+        gradients are already the same everywhere), so all decide alike."""
         grads = [p.grad for p in self.params if p.grad is not None]
+        total = parts["total"].detach().reshape(())
+        if self.runtime.distributed:
+            shared = self.runtime.sum(torch.stack([total.double(), torch.tensor(
+                float(self.stop.signum is not None), dtype=torch.float64, device=total.device)]))
+            total, self.stopping = shared[0], bool(shared[1] > 0)
+        else:
+            self.stopping = self.stop.signum is not None
         # The total is non-finite when any weighted term is; adding the gradient norms makes it one check.
-        total = parts["total"].detach().float().reshape(())
+        check = total.float()
         if grads:
-            total = total + torch.stack(torch._foreach_norm(grads)).sum()
-        if bool(torch.isfinite(total)):
-            return None
+            check = check + torch.stack(torch._foreach_norm(grads)).sum()
+        if bool(torch.isfinite(check)):
+            return None, total
         values = torch.stack([v.detach().float().reshape(()) for v in parts.values()])
         finite = torch.isfinite(values).tolist()
-        return next((k for k, fine in zip(parts, finite) if not fine), "gradient")
+        return next((k for k, fine in zip(parts, finite) if not fine),
+                    "gradient" if bool(torch.isfinite(total)) else "total"), total
 
     def _skip(self, epoch: int, bad: str) -> None:
         prog, tcfg = self.prog, self.tcfg
@@ -240,9 +298,10 @@ class Trainer:
                 f"{'the last good checkpoint is kept' if kept else 'no checkpoint was written'}")
         self.opt.zero_grad(set_to_none=True)
 
-    def _accumulate(self, parts: Dict[str, torch.Tensor]) -> None:
+    def _accumulate(self, parts: Dict[str, torch.Tensor], total: torch.Tensor) -> None:
         """Loss sums for the epoch and for the window since the last step line: one float64 vector on the
-        device (one add per step, not one per part), read back once per log line."""
+        device (one add per step, not one per part), read back (and summed over processes) once per log line.
+        `total` is the step's whole loss (over every process), for the window's maximum."""
         keys = list(parts)
         values = torch.stack([v.detach().reshape(()).double() for v in parts.values()])
         for acc in (self.prog["sums"], self.prog["window"]):
@@ -250,7 +309,7 @@ class Trainer:
             acc.update(keys=keys, values=acc["values"] + values if same else values)
         window = self.prog["window"]
         window["n"] = window.get("n", 0) + 1
-        total = values[keys.index("total")]
+        total = total.double()
         window["max"] = torch.maximum(window["max"], total) if "max" in window else total
 
     def step_record(self, epoch: int, signals: Dict[str, float]) -> Dict[str, Any]:
@@ -259,7 +318,8 @@ class Trainer:
         prog = self.prog
         window, n = prog["window"], max(prog["window"].get("n", 0), 1)
         record = {"model": self.role, "epoch": epoch + 1, "step": prog["step"], "lr": self.opt.param_groups[0]["lr"],
-                  **{f"loss_{k}": v / n for k, v in _read(window).items() if k not in COUNTS}, **signals}
+                  **{f"loss_{k}": v / n for k, v in _read(window, self.runtime).items() if k not in COUNTS},
+                  **signals}
         if "max" in window:
             record["loss_total_max"] = float(window["max"])
         for k, v in signals.items():
@@ -275,7 +335,7 @@ class Trainer:
         val = self.task.validate(self.student, self.data, self.data_cfg["eval_batch_size"], self.runtime)
         self._select(epoch, val)
         n = max(prog["batch"] - prog["skipped"], 1)
-        sums = _read(prog["sums"])
+        sums = _read(prog["sums"], self.runtime)
         counts = {k: sums.pop(k, 0.0) for k in COUNTS}
         record = {"model": self.role, "epoch": epoch + 1, "lr": lr, **val,
                   **({"train_accuracy": counts["correct"] / counts["labelled"]} if counts["labelled"] else {}),
@@ -304,6 +364,11 @@ class Trainer:
     def checkpoint_now(self) -> Optional[str]:
         """Write a checkpoint now (on a stop signal), through the checkpoint callback if there is one."""
         return next((cb.save(self) for cb in self.callbacks if isinstance(cb, Checkpointing)), None)
+
+
+def _add_share(acc: Dict[str, torch.Tensor], parts: Dict[str, torch.Tensor], share: float) -> Dict[str, torch.Tensor]:
+    """`acc` plus a micro-batch's loss parts weighted by its share of the global batch (counts as they are)."""
+    return {k: acc.get(k, 0) + (v.detach() if k in COUNTS else v.detach() * share) for k, v in parts.items()}
 
 
 def fit(role: str, objective: nn.Module, data: DataBundle, data_cfg: Dict[str, Any], tcfg: Dict[str, Any], *,

@@ -24,7 +24,7 @@ def evaluate(run: RunDir) -> Dict[str, Any]:
     for name in evaluated(run.cfg):
         model = models[name] = load_saved(run, name)
         m = evaluate_model(model, require_saved(run.out, name), data.x_test, data.y_test, ecfg,
-                           run.cfg["data"]["eval_batch_size"])
+                           run.cfg["data"]["eval_batch_size"], run.runtime)
         extra = stages.get(name, {})
         m.update({k: extra[k] for k in ("val_accuracy", "selected_epoch", "train_time_s") if k in extra})
         metrics[name] = m

@@ -112,7 +112,8 @@ def execute(run: RunDir, kinds: Sequence[str] = KINDS[:-1], check: bool = True,
             ex.records["compress"] = compress(run, ex.model(TEACHER), ex.model(run.cfg["compress"]["source"]))
         return ex.records
     except UserError as e:
-        if not existed and not isinstance(e, TrainingDiverged) and not run.stages():
+        if not existed and not isinstance(e, TrainingDiverged) and not run.stages() \
+                and os.environ.get("RANK", "0") == "0":  # (under torchrun: the main process cleans up)
             shutil.rmtree(run.out, ignore_errors=True)  # nothing finished: no half-made run folder
         raise
 
@@ -164,7 +165,8 @@ def run_seeds(recipe: Recipe, seeds: List[int], out: Optional[str] = None, echo=
             summary[name] = first
             continue
         summary[name] = {k: mean_std([per_seed[s][name][k] for s in seeds]) for k in first}
-    write_json(os.path.join(base, "summary.json"), summary)
+    if os.environ.get("RANK", "0") == "0":
+        write_json(os.path.join(base, "summary.json"), summary)
     return summary
 
 

@@ -72,7 +72,7 @@ class RunDir:
 
     @cached_property
     def runtime(self) -> Runtime:
-        return Runtime.from_name(self.cfg["train"]["device"])
+        return Runtime.from_name(self.cfg["train"]["device"], self.cfg["train"]["timeout_s"])
 
     def train_cfg(self, role: str) -> Dict[str, Any]:
         """The resolved `train` section of the teacher, or of the students (assistants, compress fine-tunes)."""

@@ -26,11 +26,14 @@ class Stage:
 def run_stage(run: RunDir, stage: Stage) -> Dict[str, Any]:
     """Run (or reuse) `stage`; returns its record in stages.json, with `reused` saying which."""
     fingerprint = sha256_json({**stage.inputs, "version": __version__})
-    done = run.stage_done(stage.name, fingerprint, stage.outputs)
+    # Under torchrun every process runs every stage (training is shared out): the main process decides whether
+    # the stage is reused, and the others wait until it has written the stage's files before reading them.
+    done = run.runtime.from_main(run.stage_done(stage.name, fingerprint, stage.outputs))
     if done:
         run.event(f"{stage.name}: inputs unchanged, reusing {stage.outputs[0]}", model=stage.name)
         return {**done, "reused": True}
     run.open()
     info = stage.make()
     run.mark_done(stage.name, fingerprint, info)
+    run.runtime.barrier()
     return {"fingerprint": fingerprint, **info, "reused": False}

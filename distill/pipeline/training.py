@@ -119,9 +119,12 @@ def soft_labels(run: RunDir, teacher: Optional[nn.Module] = None, data: Optional
         return memo[key]
     cache_dir = run.cfg["output"]["cache_dir"] or default_cache_dir()
     teacher.to(run.runtime.device)
-    outputs, hit = load_or_build(teacher, data.x_train, key, cache_dir, layers, run.cfg["data"]["eval_batch_size"])
+    t0 = time.perf_counter()
+    outputs, hit = load_or_build(teacher, data.x_train, key, cache_dir, layers, run.cfg["data"]["eval_batch_size"],
+                                 run.runtime)
     run.event(f"soft labels: cache {'hit' if hit else 'miss, computed'} ({os.path.join(cache_dir, key)})",
-              cache_key=key, hit=hit)
+              cache_key=key, hit=hit, seconds=round(time.perf_counter() - t0, 3), samples=len(data.x_train),
+              processes=run.runtime.world_size)
     if run.runtime.is_main:
         write_json(run.path("soft_labels.json"), {"cache_key": key, "cache_dir": cache_dir, "layers": layers})
     memo[key] = outputs

@@ -38,7 +38,7 @@ class Classification:
     def validate(self, model: nn.Module, data: Any, batch_size: int, runtime: Any = None) -> Dict[str, float]:
         if not len(data.y_val):  # data.val_fraction: 0 (selection by the last epoch)
             return {}
-        logits = predict(model, data.x_val, batch_size)
+        logits = predict(model, data.x_val, batch_size, runtime)
         return {"val_accuracy": (logits.argmax(1) == data.y_val).float().mean().item(),
                 "val_loss": F.cross_entropy(logits, data.y_val).item()}
 

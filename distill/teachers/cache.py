@@ -20,6 +20,8 @@ from torch import nn
 
 from ..engine.batch import TeacherOutputs
 from ..engine.inference import model_device
+from ..engine.runtime import CPU, Runtime, shard
+from ..errors import UserError
 from ..hooks import FeatureCapture
 from .online import teacher_forward
 from ..io import read_json, sha256_json, write_json
@@ -52,17 +54,32 @@ class CachedOutputs:
 
 
 def load_or_build(teacher: nn.Module, x_train: torch.Tensor, key: str, cache_dir: str,
-                  feature_layers: List[str], batch_size: int) -> Tuple[CachedOutputs, bool]:
-    """Returns (outputs, hit): the cache entry for `key`, computing it first when absent."""
+                  feature_layers: List[str], batch_size: int, runtime: Runtime = CPU) -> Tuple[CachedOutputs, bool]:
+    """Returns (outputs, hit): the cache entry for `key`, computing it first when absent. Under torchrun the
+    processes share the teacher pass out and the main one publishes the entry; every process then checks it
+    holds what its own teacher and data call for."""
+    _same_key_everywhere(key, runtime)
     entry = os.path.join(cache_dir, key)
-    hit = _complete(entry)
+    hit = runtime.from_main(_complete(entry))
     if not hit:
-        _build(teacher, x_train, entry, feature_layers, batch_size)
+        _build(teacher, x_train, entry, feature_layers, batch_size, runtime)
     meta = read_json(os.path.join(entry, "meta.json"))
+    if meta["n"] != len(x_train) or meta.get("key", key) != key:
+        raise UserError(f"{entry}: the cached teacher outputs hold {meta['n']} samples of key {meta.get('key')}, "
+                        f"and process {runtime.rank} trains on {len(x_train)} of key {key}; refusing to train on "
+                        f"a mismatched entry (delete the folder to rebuild it)")
     logits = np.load(os.path.join(entry, "logits.npy"), mmap_mode="r")
     feats = {name: np.load(os.path.join(entry, f"feat_{i}.npy"), mmap_mode="r")
              for i, name in enumerate(meta["layers"])}
     return CachedOutputs(logits, feats), hit
+
+
+def _same_key_everywhere(key: str, runtime: Runtime) -> None:
+    keys = runtime.gather(key)
+    for rank, other in enumerate(keys):
+        if other != keys[0]:
+            raise UserError(f"soft labels: process {rank} needs cache entry {other} and process 0 needs {keys[0]}: "
+                            f"the teacher weights or the data differ between processes; refusing to train")
 
 
 def _complete(entry: str) -> bool:
@@ -78,31 +95,82 @@ def _sweep_stale(cache_dir: str, age_s: float = 24 * 3600) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _build(teacher: nn.Module, x: torch.Tensor, entry: str, layers: List[str], batch_size: int) -> None:
-    """Writes into a temp folder, then renames it into place: a killed run leaves no partial entry."""
-    os.makedirs(os.path.dirname(entry), exist_ok=True)
-    _sweep_stale(os.path.dirname(entry))
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(entry))
+def _build(teacher: nn.Module, x: torch.Tensor, entry: str, layers: List[str], batch_size: int,
+           runtime: Runtime = CPU) -> None:
+    """Writes into a temp folder, then renames it into place: a killed run leaves no partial entry.
+
+    Under torchrun process r computes a contiguous block of whole batches (the same batches one process
+    would compute, so the entry is the same bit for bit) into part files; behind a barrier the main process
+    joins them and publishes the entry, and the others wait for it."""
+    parent = os.path.dirname(entry)
+    tmp = None
+    if runtime.is_main:
+        os.makedirs(parent, exist_ok=True)
+        _sweep_stale(parent)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    tmp = runtime.from_main(tmp)
     try:
-        arrays: Dict[str, np.ndarray] = {}
-        with FeatureCapture(teacher, layers, "distill.features") as cap:
-            for start in bar(range(0, len(x), batch_size), desc="soft labels", unit="batch"):
-                logits, feats = teacher_forward(teacher, x[start:start + batch_size].to(model_device(teacher)), cap)
-                outs = {"logits": logits, **{f"feat_{i}": feats[n] for i, n in enumerate(layers)}}
-                for name, t in outs.items():
-                    if name not in arrays:  # memory-mapped on disk, filled batch by batch
-                        arrays[name] = np.lib.format.open_memmap(os.path.join(tmp, f"{name}.npy"), mode="w+",
-                                                                 dtype=np.float32, shape=(len(x), *t.shape[1:]))
-                    arrays[name][start:start + len(t)] = t.float().cpu().numpy()
-        for a in arrays.values():
-            a.flush()
-        write_json(os.path.join(tmp, "meta.json"), {"layers": layers, "n": len(x)})
-        if os.path.isdir(entry) and not _complete(entry):  # left by a run killed before it finished
-            shutil.rmtree(entry)
-        try:
-            os.rename(tmp, entry)
-        except OSError:  # another process finished the same entry first: theirs is identical
-            if not _complete(entry):
-                raise
+        if not runtime.distributed:
+            _teacher_pass(teacher, x, 0, len(x), batch_size, layers, tmp, "")
+        else:
+            mine = shard(-(-len(x) // batch_size), runtime.world_size, runtime.rank)
+            lo, hi = mine.start * batch_size, min(mine.stop * batch_size, len(x))
+            _teacher_pass(teacher, x, lo, hi, batch_size, layers, tmp, f".part{runtime.rank}", runtime.is_main)
+            runtime.barrier()
+            if runtime.is_main:
+                _join_parts(tmp, ["logits", *(f"feat_{i}" for i in range(len(layers)))], runtime.world_size)
+        if runtime.is_main:
+            write_json(os.path.join(tmp, "meta.json"), {"layers": layers, "n": len(x), "key": os.path.basename(entry)})
+            _publish(tmp, entry)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        runtime.barrier()  # the entry is in place (or the build failed) before any process reads it
+        if runtime.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _teacher_pass(teacher: nn.Module, x: torch.Tensor, lo: int, hi: int, batch_size: int, layers: List[str],
+                  folder: str, suffix: str, show: bool = True) -> None:
+    """Teacher logits and features of rows lo..hi, batch by batch, into memory-mapped `NAME{suffix}.npy`."""
+    arrays: Dict[str, np.ndarray] = {}
+    with FeatureCapture(teacher, layers, "distill.features") as cap:
+        for start in bar(range(lo, hi, batch_size), desc="soft labels", unit="batch", show=show):
+            logits, feats = teacher_forward(teacher, x[start:min(start + batch_size, hi)].to(model_device(teacher)),
+                                            cap)
+            outs = {"logits": logits, **{f"feat_{i}": feats[n] for i, n in enumerate(layers)}}
+            for name, t in outs.items():
+                if name not in arrays:  # memory-mapped on disk, filled batch by batch
+                    arrays[name] = np.lib.format.open_memmap(os.path.join(folder, f"{name}{suffix}.npy"), mode="w+",
+                                                             dtype=np.float32, shape=(hi - lo, *t.shape[1:]))
+                arrays[name][start - lo:start - lo + len(t)] = t.float().cpu().numpy()
+    for a in arrays.values():
+        a.flush()
+
+
+def _join_parts(folder: str, names: List[str], world: int, rows_at_once: int = 65536) -> None:
+    """`NAME.npy` from the processes' `NAME.partR.npy`, in rank order, copied in blocks (never all in memory)."""
+    for name in names:
+        paths = [os.path.join(folder, f"{name}.part{r}.npy") for r in range(world)]
+        parts = [np.load(p, mmap_mode="r") for p in paths if os.path.exists(p)]  # (a process with no rows: none)
+        out = np.lib.format.open_memmap(os.path.join(folder, f"{name}.npy"), mode="w+", dtype=np.float32,
+                                        shape=(sum(len(p) for p in parts), *parts[0].shape[1:]))
+        at = 0
+        for part in parts:
+            for i in range(0, len(part), rows_at_once):
+                block = part[i:i + rows_at_once]
+                out[at:at + len(block)] = block
+                at += len(block)
+        out.flush()
+        del out, parts
+        for p in paths:
+            if os.path.exists(p):
+                os.remove(p)
+
+
+def _publish(tmp: str, entry: str) -> None:
+    if os.path.isdir(entry) and not _complete(entry):  # left by a run killed before it finished
+        shutil.rmtree(entry)
+    try:
+        os.rename(tmp, entry)
+    except OSError:  # another process finished the same entry first: theirs is identical
+        if not _complete(entry):
+            raise

@@ -1,0 +1,64 @@
+"""`distill run RECIPE --nproc N`: the same command again under `torchrun --standalone`, N processes on this
+machine (PyTorch's own launcher and rendezvous, started in this process), and one clear line if one fails.
+
+Several machines use torchrun itself, the same command on each (see README):
+    torchrun --nnodes M --node-rank R --nproc-per-node N --rdzv-backend c10d --rdzv-endpoint HOST:PORT \\
+        -m distill run RECIPE
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Dict, List
+
+
+def child_argv(argv: List[str]) -> List[str]:
+    """`argv` without `--nproc N` / `--nproc=N` (a child is already one of the N)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _describe(failures: Dict[int, object]) -> str:
+    """The processes that failed first (those torchrun itself then stopped with SIGTERM left out)."""
+    said, first = [], {r: f for r, f in failures.items() if f.exitcode != -signal.SIGTERM} or failures
+    for rank, f in sorted(first.items()):
+        code = f.exitcode
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        said.append(f"process {rank} (pid {f.pid}) {how}")
+    return ", ".join(said)
+
+
+def launch(argv: List[str], nproc: int, resume: str) -> int:
+    """Run `distill ARGV` in `nproc` processes; returns the exit code for the user (2: a user mistake the
+    processes already reported; 130: interrupted; 1: a process died)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+    # the machine's cores shared out (torchrun's own default would be one thread each)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    args = parse_args(["--standalone", "--nnodes=1", f"--nproc-per-node={nproc}", "--max-restarts=0",
+                       "--module", "distill", *argv])
+    try:
+        run(args)
+        return 0
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        if 2 in codes:
+            return 2  # a user mistake: the processes said which in one line
+        if all(c == 130 for c in codes):
+            return 130  # interrupted: the main process said where it stopped and how to continue
+        print(f"error: {_describe(e.failures)}; the other processes were stopped and the last checkpoint is "
+              f"kept; continue with: {resume}", file=sys.stderr)
+        return 1
+    except SignalException as e:
+        print(f"interrupted ({signal.Signals(e.sigval).name}); continue with: {resume}",
+              file=sys.stderr)
+        return 130

@@ -1,0 +1,212 @@
+"""torch.distributed on the CPU (gloo), 2 processes on 127.0.0.1, each ended by its pid within a time bound:
+
+- 2 processes with per-process batch b train exactly as 1 process accumulating 2 micro-batches of b (bit for
+  bit), and as 1 process with batch 2b within rtol 1e-5; for a tabular classifier and for a text model;
+- the soft-label cache entry is the same bytes whether 1 or 2 processes built it;
+- evaluation counts every test sample once when N is not divisible by the process count;
+- gradients are all-reduced once per optimizer step, not once per accumulated micro-batch;
+- a process killed with SIGKILL (one, or all) stops the job at once with a line naming it and the resume
+  command; the checkpoint loads, and the resumed run ends bitwise equal to an uninterrupted one;
+- resuming with another process count is refused in one line;
+- two torchrun "nodes" meeting at a c10d rendezvous on 127.0.0.1 train as `--nproc 2` does.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "DISTILL_QUIET": "1", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+       "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": ROOT}
+ENV.pop("WORLD_SIZE", None), ENV.pop("RANK", None), ENV.pop("LOCAL_RANK", None)
+TABULAR = ["breast_cancer", "--set", "teacher.args.dropout=0.0", "--set", "teacher.train.epochs=3",
+           "--set", "train.epochs=3", "--set", "train.select=last", "--set", "data.eval_batch_size=64"]
+DIGITS = ["digits", "--set", "teacher.train.epochs=12", "--set", "train.epochs=12", "--set", "train.checkpoint_every=5"]
+
+
+def start(args, env=None):
+    """A process in its own session, so that a time-out ends it and every process it started, by its pid."""
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or ENV,
+                            start_new_session=True)
+
+
+def finish(p, timeout=240):
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # the session's group: its id is the launcher's pid
+        p.communicate()
+        raise
+    return p.returncode, out, err
+
+
+def distill(*args, timeout=240):
+    return finish(start([sys.executable, "-m", "distill", *args]), timeout)
+
+
+def ok(*args):
+    code, out, err = distill(*args)
+    assert code == 0, err[-3000:]
+    return out, err
+
+
+def weights(folder, name):
+    path = os.path.join(folder, name)
+    return load_file(path + ".safetensors" if os.path.isfile(path + ".safetensors") else
+                     os.path.join(path, "model.safetensors"))
+
+
+def compare(a, b, exact):
+    for name in ("teacher", "student_scratch", "student"):
+        wa, wb = weights(a, name), weights(b, name)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            if exact:
+                assert torch.equal(wa[k], wb[k]), (name, k)
+            else:
+                torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=f"{name}.{k}")
+
+
+def three_layouts(tmp, recipe):
+    """The same recipe as 1 process x accumulate 2, 2 processes, and 1 process with the whole batch at once,
+    each with its own soft-label cache."""
+    runs = {}
+    for name, extra in (("accumulate", ["--set", "train.accumulate=2"]), ("two", ["--nproc", "2"]), ("one", [])):
+        runs[name] = str(tmp / name)
+        ok("run", *recipe, "--out", runs[name], "--set", f"output.cache_dir={tmp / ('cache_' + name)}", *extra)
+    return runs
+
+
+def test_two_processes_train_as_one_with_accumulation_and_build_the_same_cache(tmp_path):
+    runs = three_layouts(tmp_path, TABULAR)
+    compare(runs["accumulate"], runs["two"], exact=True)
+    compare(runs["accumulate"], runs["one"], exact=False)
+    # the teacher pass shared between two processes (3 batches of 64: 2 and 1) gives the same bytes
+    key = json.load(open(os.path.join(runs["two"], "soft_labels.json")))["cache_key"]
+    one, two = (tmp_path / f"cache_{n}" / key for n in ("accumulate", "two"))
+    assert sorted(os.listdir(one)) == sorted(os.listdir(two)) and "logits.npy" in os.listdir(two)
+    for f in os.listdir(one):
+        assert (one / f).read_bytes() == (two / f).read_bytes(), f
+    # 143 test samples over 2 processes (72 + 71): the same metrics as one process, none counted twice
+    m1, m2 = (json.load(open(os.path.join(runs[n], "metrics.json"))) for n in ("accumulate", "two"))
+    for name in m1:
+        for k in ("accuracy", "macro_f1", "auc", "sensitivity", "specificity"):
+            assert m1[name][k] == m2[name][k], (name, k)
+    log = [json.loads(line) for line in open(os.path.join(runs["two"], "log.jsonl"))]
+    assert all("epoch" not in r or "model" in r for r in log)  # one writer: no torn or doubled lines
+    assert sum(1 for r in log if r.get("model") == "student" and "val_accuracy" in r) == 3
+
+
+def test_text_model_two_processes_train_as_one(tmp_path):
+    textkit = pytest.importorskip("textkit")
+    import yaml
+    textkit.tiny_bert(str(tmp_path / "bert"), dropout=0.0)  # (dropout draws differ per process by design)
+    recipe = textkit.text_recipe(str(tmp_path), train={"select": "last"}, data={"eval_batch_size": 32})
+    recipe.pop("output")
+    (tmp_path / "text.yaml").write_text(yaml.safe_dump(recipe))
+    runs = three_layouts(tmp_path, [str(tmp_path / "text.yaml")])
+    compare(runs["accumulate"], runs["two"], exact=True)
+    compare(runs["accumulate"], runs["one"], exact=False)
+
+
+def test_worker_checks_evaluation_gather_cache_key_refusal_and_one_sync_per_step(tmp_path):
+    code, out, err = finish(start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                   "2", os.path.join(ROOT, "tests", "distributed_worker.py"), str(tmp_path)]), 120)
+    assert code == 0, err[-3000:]
+    for rank in (0, 1):
+        seen = json.load(open(tmp_path / f"rank{rank}.json"))
+        assert seen["world"] == 2 and seen["rows"] == 7 and seen["same_as_one_process"]
+        assert "process 1 needs cache entry key-of-rank-1 and process 0 needs key-of-rank-0" in seen["mismatch"]
+        # accumulate 2: 12 optimizer steps, 12 all-reduces (one bucket), not 24
+        assert seen["steps"] == 12 and seen["allreduces"] == seen["steps"]
+
+
+def _children(pid):
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+            except OSError:
+                pass
+    return kids
+
+
+def _rank_of(pid):
+    with open(f"/proc/{pid}/environ", "rb") as fh:
+        env = dict(kv.split(b"=", 1) for kv in fh.read().split(b"\0") if b"=" in kv)
+    return int(env.get(b"RANK", b"-1"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    ok("run", *DIGITS, "--out", str(out), "--nproc", "2")
+    return str(out)
+
+
+@pytest.mark.parametrize("victim", ["1", "all"])
+def test_sigkill_then_resume_with_two_processes_is_bitwise_identical(reference, tmp_path, victim):
+    out = tmp_path / "run"
+    launcher = start([sys.executable, "-m", "distill", "run", *DIGITS, "--out", str(out), "--nproc", "2"])
+    deadline = time.time() + 120
+    while not list((out / "checkpoints").glob("student/step-*.pt")) and time.time() < deadline:
+        time.sleep(0.2)
+    ranks = {_rank_of(p): p for p in _children(launcher.pid)}
+    assert set(ranks) == {0, 1}, ranks
+    killed_at = time.time()
+    for pid in ([ranks[1]] if victim == "1" else [launcher.pid, *ranks.values()]):
+        os.kill(pid, signal.SIGKILL)
+    code, _, err = finish(launcher, 60)
+    assert time.time() - killed_at < 30  # the surviving process stopped at once (a peer's socket closed)
+    for pid in ranks.values():  # no process left behind
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    if victim == "1":
+        assert code == 1
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: process 1 (pid ") and "was killed by SIGKILL" in last, last
+        assert f"continue with: distill run {out} --nproc 2 --resume" in last, last
+    newest = sorted((out / "checkpoints" / "student").glob("step-*.pt"))[-1]
+    state = torch.load(newest, weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
+    # another process count is refused, and the checkpoint kept
+    code, _, err = distill("run", str(out), "--resume")
+    assert code == 2 and "written by 2 process(es) and this run has 1; resume with --nproc 2" in err, err[-2000:]
+    assert newest.exists()
+    ok("run", str(out), "--nproc", "2", "--resume")
+    compare(reference, str(out), exact=True)
+    m1, m2 = (json.load(open(os.path.join(d, "metrics.json"))) for d in (reference, out))
+    assert all(m1[n]["accuracy"] == m2[n]["accuracy"] for n in m1)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_meet_at_a_c10d_rendezvous_and_train_as_two_processes(tmp_path):
+    port, out = _free_port(), str(tmp_path / "nodes")
+    nodes = [start([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(r),
+                    "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                    "--rdzv-id", "distill-test", "--max-restarts", "0", "-m", "distill", "run", *TABULAR,
+                    "--out", out, "--set", f"output.cache_dir={tmp_path / 'cache'}"]) for r in (0, 1)]
+    try:
+        results = [finish(p, 180) for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert all(code == 0 for code, _, _ in results), [err[-2000:] for _, _, err in results]
+    ok("run", *TABULAR, "--out", str(tmp_path / "two"), "--nproc", "2",
+       "--set", f"output.cache_dir={tmp_path / 'cache2'}")
+    compare(out, str(tmp_path / "two"), exact=True)
