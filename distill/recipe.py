@@ -176,6 +176,10 @@ SCHEMA: Dict[str, Any] = {
         "dkd": {"alpha": F(NUM, 1.0, non_negative), "beta": F(NUM, 8.0, non_negative),
                 "warmup_epochs": F(NUM, 20, non_negative)},  # the DKD term ramps up linearly over these
         "dist": {"beta": F(NUM, 1.0, non_negative), "gamma": F(NUM, 1.0, non_negative)},
+        # jsd: generalized JSD(beta), 0 = forward KL, 1 = reverse KL (TRL's convention); skew_kl and
+        # skew_reverse_kl: the mixture weight alpha of the target side (DistiLLM)
+        "jsd": {"beta": F(NUM, 0.5, unit_interval)},
+        "skew": {"alpha": F(NUM, 0.1, unit_interval)},
         # features[i].loss: crd (its embeddings and memory banks train in the objective, never exported)
         "crd": {"embed_dim": F((int,), 128, positive), "negatives": F((int,), 4096, positive),
                 "temperature": F(NUM, 0.07, positive), "momentum": F(NUM, 0.5, unit_interval)},

@@ -1,0 +1,108 @@
+"""Divergences between the teacher's and the student's distributions at each position (a token of a language
+model, or a sample of a classifier), for `distill.method`:
+
+    forward_kl        KL(p_t || p_s)                       the teacher's distribution is the target
+    reverse_kl        KL(p_s || p_t)                       mode-seeking (MiniLLM)
+    jsd               beta KL(p_t || m) + (1-beta) KL(p_s || m),  m = beta p_t + (1-beta) p_s   (GKD)
+                      beta = 0 is forward KL and beta = 1 reverse KL, TRL's convention (the formula itself
+                      tends to 0 at both ends, so the ends are defined as those two divergences)
+    skew_kl           KL(p_t || alpha p_t + (1-alpha) p_s)        (DistiLLM)
+    skew_reverse_kl   KL(p_s || alpha p_s + (1-alpha) p_t)        (DistiLLM)
+    tvd               1/2 sum |p_t - p_s|
+
+Each is computed in fp32 on logits divided by T and multiplied by T^2, averaged over the positions where
+`mask` is true (weighted per sample by `weights`). Positions are taken `chunk` at a time, each chunk
+recomputed in the backward pass, so that the fp32 copies of batch x length x vocabulary are never all held
+at once.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..registry import LOSSES
+
+CHUNK = 4096  # positions per chunk: 4096 x 49,152 vocabulary x 4 bytes = 0.8 GB of fp32 per live copy
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per position, from log-probabilities."""
+    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+
+
+def _mix(log_p: torch.Tensor, log_q: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w p + (1 - w) q)."""
+    if w <= 0.0:
+        return log_q
+    if w >= 1.0:
+        return log_p
+    return torch.logsumexp(torch.stack([log_p + math.log(w), log_q + math.log1p(-w)]), 0)
+
+
+def per_position(name: str, log_s: torch.Tensor, log_t: torch.Tensor, beta: float = 0.5,
+                 alpha: float = 0.1) -> torch.Tensor:
+    if name == "forward_kl" or (name == "jsd" and beta == 0.0):
+        return _kl(log_t, log_s)
+    if name == "reverse_kl" or (name == "jsd" and beta == 1.0):
+        return _kl(log_s, log_t)
+    if name == "jsd":
+        m = _mix(log_t, log_s, beta)
+        return beta * _kl(log_t, m) + (1 - beta) * _kl(log_s, m)
+    if name == "skew_kl":
+        return _kl(log_t, _mix(log_t, log_s, alpha))
+    if name == "skew_reverse_kl":
+        return _kl(log_s, _mix(log_s, log_t, alpha))
+    if name == "tvd":
+        return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(-1)
+    raise KeyError(name)
+
+
+def token_divergence(name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                     weights: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                     chunk: int = CHUNK, **settings: float) -> torch.Tensor:
+    """`name`'s divergence averaged over the masked positions, times T^2, `chunk` positions at a time."""
+    if student_logits.shape != teacher_logits.shape:
+        from ..errors import UserError
+        raise UserError(f"distill.method: {name}: the student gives logits of shape {tuple(student_logits.shape)} "
+                        f"and the teacher {tuple(teacher_logits.shape)}; the vocabularies (or classes) must match")
+    vocab, t = student_logits.shape[-1], float(temperature)
+    s, te = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
+    lead = student_logits.shape[:-1]
+    w = torch.ones(lead, device=s.device) if mask is None else mask.to(s.device, torch.float32).expand(lead)
+    if weights is not None:  # per sample, over its positions
+        w = w * weights.float().reshape(weights.shape + (1,) * (len(lead) - weights.dim()))
+    w = w.reshape(-1)
+
+    def chunk_sum(s_c: torch.Tensor, t_c: torch.Tensor, w_c: torch.Tensor) -> torch.Tensor:
+        log_s = F.log_softmax(s_c.float() / t, dim=-1)
+        log_t = F.log_softmax(t_c.detach().float() / t, dim=-1)
+        return (per_position(name, log_s, log_t, **settings) * w_c).sum()
+
+    total = s.new_zeros((), dtype=torch.float32)
+    recompute = torch.is_grad_enabled() and s.requires_grad and len(s) > chunk
+    for i in range(0, len(s), chunk):
+        part = (s[i:i + chunk], te[i:i + chunk], w[i:i + chunk])
+        total = total + (checkpoint(chunk_sum, *part, use_reentrant=False) if recompute else chunk_sum(*part))
+    return total / w.sum().clamp_min(1e-12) * (t * t)
+
+
+def _register(name: str, settings: Optional[str], doc: str) -> Callable:
+    def loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+             weights: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None, **kw: float) -> torch.Tensor:
+        return token_divergence(name, student_logits, teacher_logits, temperature, weights, mask, **kw)
+    loss.__name__, loss.__doc__ = name, doc
+    tags = {"settings": settings} if settings else {}
+    return LOSSES.register(name, group="logits", **tags)(loss)
+
+
+forward_kl = _register("forward_kl", None, "KL(p_t || p_s) per position, masked mean, times T^2.")
+reverse_kl = _register("reverse_kl", None, "KL(p_s || p_t) per position, masked mean, times T^2.")
+jsd = _register("jsd", "jsd", "Generalized JSD(beta) (GKD; beta 0: forward KL, 1: reverse KL), masked mean, T^2.")
+skew_kl = _register("skew_kl", "skew", "KL(p_t || alpha p_t + (1-alpha) p_s) (DistiLLM), masked mean, T^2.")
+skew_reverse_kl = _register("skew_reverse_kl", "skew",
+                            "KL(p_s || alpha p_s + (1-alpha) p_t) (DistiLLM), masked mean, T^2.")
+tvd = _register("tvd", None, "Total variation 1/2 sum |p_t - p_s| per position, masked mean, times T^2.")
