@@ -137,12 +137,12 @@ SCHEMA: Dict[str, Any] = {
     "name": F((str,), "run", safe_name),
     "description": F((str,), ""),
     "data": {
-        "dataset": F((str,), "digits", choices=("digits", "breast_cancer", "npz", "csv", "text")),
+        "dataset": F((str,), "digits", choices=("digits", "breast_cancer", "npz", "csv", "text", "text_lm")),
         "path": F((str,), None),
         "test_path": F((str,), None),  # csv/text: a separate test file (else a stratified test split)
         "label_column": F((str,), "label"),  # csv: the class column; every other column is a feature
         "text_column": F((str,), "text"),  # text: the column holding the text
-        "max_length": F((int,), 64, positive),  # text: tokens kept per text
+        "max_length": F((int,), 64, positive),  # text: tokens kept per text; text_lm: the context (characters)
         "tokenizer": F((str,), None),  # text: a tokenizer folder (default: the teacher's)
         "sampling": F((str,), "random", choices=("random", "stratified", "balanced")),
         "as_image": F((bool,), False),
@@ -356,6 +356,8 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
     data = cfg["data"]
     if data["dataset"] == "npz":
         _need_file(data["path"], "data.path", "the .npz file with x_train, y_train, x_test, y_test")
+    if data["dataset"] == "text_lm":
+        _lm_checks(cfg)
     if data["dataset"] == "csv":
         _need_file(data["path"], "data.path", "the training .csv file (header row, one column per feature)")
         if data["test_path"]:
@@ -408,6 +410,21 @@ def _refuse_empty(m: Dict[str, Any], where: str, keys: Sequence[str]) -> None:
         v = m[key]
         if v is not None and len(v.strip() if isinstance(v, str) else v) == 0:
             raise UserError(f"{where}.{key}: empty; {EMPTY_FIX[key]}")
+
+
+def _lm_checks(cfg: Dict[str, Any]) -> None:
+    """Next-token windows of a text: sampled at random, every target known, the text as it is."""
+    data = cfg["data"]
+    _need_file(data["path"], "data.path", "a plain UTF-8 text file")
+    fixes = {"sampling": ("random", "windows have no class to stratify or balance"),
+             "label_fraction": (1.0, "every next character is known"),
+             "transforms.random_crop": (0, "image augmentation"), "transforms.hflip": (False, "image augmentation")}
+    for key, (want, why) in fixes.items():
+        section, name = (data["transforms"], key.split(".")[1]) if "." in key else (data, key)
+        if section[name] != want:
+            raise UserError(f"data.{key}: {section[name]!r} does not apply to text_lm ({why}); remove it")
+    if cfg["compress"]["steps"] or cfg["distill"]["assistants"]:
+        raise UserError("compress.steps / distill.assistants: not for language models yet (text_lm)")
 
 
 def _selection_checks(cfg: Dict[str, Any]) -> None:

@@ -49,6 +49,7 @@ class DataBundle:
     stats: Dict[str, Any] = field(default_factory=dict)
     pad_id: Optional[int] = None  # text: x holds token ids padded with this id
     x_unlabelled: Optional[torch.Tensor] = None  # data.label_fraction < 1: training inputs without their labels
+    task: str = "classification"  # the task of the registry that trains on it (causal_lm: next tokens)
 
     def probe(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """A fixed set of n inputs and labels to measure a model on while it trains: the first validation
@@ -175,6 +176,9 @@ def _split(x: np.ndarray, y: np.ndarray, cfg: Dict[str, Any], key: str, **size: 
 
 def load_data(cfg: Dict[str, Any]) -> DataBundle:
     """The `data` section of a resolved recipe -> normalised train/val/test tensors."""
+    if cfg["dataset"] == "text_lm":  # next-token windows of a text, not labelled samples
+        from .lm import load_lm
+        return load_lm(cfg)
     raw = DATASETS.get(cfg["dataset"], "data.dataset")(cfg)
     _check_inputs(raw.x_train, raw.y_train, "train", cfg)
     if raw.x_test is not None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..registry import MODELS
-from . import cifar  # noqa: F401  (registers resnet8x4, resnet32x4, wrn_16_2, wrn_40_2)
+from . import cifar, gpt  # noqa: F401  (register resnet8x4, resnet32x4, wrn_16_2, wrn_40_2; gpt)
 from .layers import build_layer_list
 
 
@@ -96,7 +96,7 @@ def build_model(spec: Dict[str, Any], input_shape: Tuple[int, ...], num_classes:
 
 
 def check_output(model: nn.Module, input_shape: Tuple[int, ...], num_classes: int, where: str) -> None:
-    x = torch.zeros(2, *input_shape)
+    x = torch.zeros(2, *input_shape, dtype=getattr(model, "input_dtype", torch.float32))
     was_training = model.training
     model.eval()
     sequential = isinstance(model, nn.Sequential)  # run layer by layer, so the error names the layer
@@ -111,6 +111,11 @@ def check_output(model: nn.Module, input_shape: Tuple[int, ...], num_classes: in
                                     f"({str(e).splitlines()[0]})") from None
     finally:
         model.train(was_training)
+    if getattr(model, "per_position", False):  # a language model: logits per position over the vocabulary
+        if x.dim() != 3 or x.shape[-1] != num_classes:
+            raise UserError(f"{where}: the model outputs shape {tuple(x.shape[1:])} per sample, not "
+                            f"({input_shape[0]}, {num_classes}) logits over the data's {num_classes} tokens")
+        return
     if x.dim() != 2 or x.shape[1] != num_classes:
         raise UserError(f"{where}: the model outputs shape {tuple(x.shape[1:])} per sample but the data has "
                         f"{num_classes} classes; end it with a layer giving {num_classes} outputs")

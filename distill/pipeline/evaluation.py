@@ -6,6 +6,7 @@ from typing import Any, Dict
 
 from .. import chain
 from ..evaluate import evaluate_model
+from ..tasks import task_for
 from ..io import read_json, write_json
 from ..roles import SCRATCH, STUDENT, TEACHER
 from .artifacts import load_saved, require_saved
@@ -24,7 +25,7 @@ def evaluate(run: RunDir) -> Dict[str, Any]:
     for name in evaluated(run.cfg):
         model = models[name] = load_saved(run, name)
         m = evaluate_model(model, require_saved(run.out, name), data.x_test, data.y_test, ecfg,
-                           run.cfg["data"]["eval_batch_size"], run.runtime)
+                           run.cfg["data"]["eval_batch_size"], run.runtime, task_for(data))
         extra = stages.get(name, {})
         m.update({k: extra[k] for k in ("val_accuracy", "selected_epoch", "train_time_s") if k in extra})
         metrics[name] = m

@@ -3,7 +3,8 @@ and the objective stay the same for each.
 
 A task makes a training batch from sample indices (`collate`), counts what a training step got right
 (`counts`), validates a model after each epoch (`validate`, whose `select_metric` picks the epoch kept), and
-computes the test metrics (`metrics`). Classification (images, tabular rows, texts) is the first task.
+computes the test metrics (`metrics`). Classification (images, tabular rows, texts) is the first task; causal
+language modelling (next tokens of a text) the second.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from ..registry import TASKS
-from . import classification  # noqa: F401  (registers `classification`)
+from . import causal_lm, classification  # noqa: F401  (register `causal_lm` and `classification`)
 
 
 class Task(Protocol):

@@ -33,7 +33,7 @@ class Classification:
         """Correct predictions among the samples with a hard label, and how many have one (for the training
         accuracy, summed over the epoch on the device)."""
         # (label -1 never equals an argmax, so unlabelled samples are never counted correct)
-        return {"correct": (logits.argmax(1) == y).sum(), "labelled": (y >= 0).sum()}
+        return {"correct": (logits.argmax(-1) == y).sum(), "labelled": (y >= 0).sum()}
 
     def validate(self, model: nn.Module, data: Any, batch_size: int, runtime: Any = None) -> Dict[str, float]:
         if not len(data.y_val):  # data.val_fraction: 0 (selection by the last epoch)

@@ -1,0 +1,92 @@
+"""A small decoder-only transformer (GPT) for language models that distill trains from scratch.
+
+Pre-norm blocks of causal self-attention (PyTorch's scaled_dot_product_attention) and a GELU MLP, learned
+positions, the output layer tied to the token embedding. Input: token ids (N, L) with L <= `context`; output:
+next-token logits (N, L, vocabulary). `vocabulary` is the data's number of classes (its tokens).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from ..registry import MODELS
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        n, length, width = h.shape
+        q, k, v = self.qkv(self.ln1(h)).split(width, dim=2)
+        q, k, v = (t.view(n, length, self.heads, width // self.heads).transpose(1, 2) for t in (q, k, v))
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        h = h + self.drop(self.proj(att.transpose(1, 2).reshape(n, length, width)))
+        return h + self.drop(self.mlp(self.ln2(h)))
+
+
+class GPT(nn.Module):
+    input_dtype = torch.long  # token ids (the shape check feeds zeros of this type)
+    per_position = True  # logits for every position, not one per sample
+
+    def __init__(self, vocabulary: int, context: int, layers: int, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.context = context
+        self.tok, self.pos = nn.Embedding(vocabulary, width), nn.Embedding(context, width)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(width, heads, dropout) for _ in range(layers))
+        self.ln = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocabulary, bias=False)
+        self.head.weight = self.tok.weight  # tied: the output layer reads the embedding table
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.long()
+        h = self.drop(self.tok(x) + self.pos(torch.arange(x.shape[1], device=x.device)))
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.ln(h))
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, new_tokens: int, temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """`ids` (N, L) continued by `new_tokens` sampled tokens (greedy at temperature 0), in eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            for _ in range(new_tokens):
+                logits = self(ids[:, -self.context:])[:, -1].float()
+                if temperature <= 0:
+                    nxt = logits.argmax(-1, keepdim=True)
+                else:
+                    nxt = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)
+                ids = torch.cat([ids, nxt], 1)
+        finally:
+            self.train(was_training)
+        return ids
+
+
+@MODELS.register("gpt")
+def gpt(input_shape: Tuple[int, ...], num_classes: int, layers: int = 4, width: int = 256, heads: int = 4,
+        dropout: float = 0.0) -> nn.Module:
+    """A GPT over the data's tokens (`num_classes` of them) with a context of the data's sequence length."""
+    if width % heads:
+        raise UserError(f"model.args: width {width} is not divisible by heads {heads}")
+    return GPT(num_classes, input_shape[0], layers, width, heads, dropout)

@@ -1,0 +1,137 @@
+"""Causal language modelling on the one engine: character data cut into shifted windows, the registry's GPT
+(causal: no position sees a later one), every token divergence as `distill.method` from a recipe, selection
+by validation loss, bits per character on the test split, and bitwise resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from distill import Recipe, run
+from distill.data import load_data
+from distill.models import build_model
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+        "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n") * 30
+
+
+def recipe(tmp, **over):
+    (tmp / "text.txt").write_text(TEXT, encoding="utf-8")
+    r = {"name": "lm", "data": {"dataset": "text_lm", "path": str(tmp / "text.txt"), "max_length": 24,
+                                "val_fraction": 0.1, "test_fraction": 0.1, "batch_size": 16},
+         "teacher": {"model": "gpt", "args": {"layers": 2, "width": 32, "heads": 4}, "train": {"epochs": 2}},
+         "student": {"model": "gpt", "args": {"layers": 1, "width": 16, "heads": 2}, "train": {"epochs": 2}},
+         "distill": {"method": "forward_kl", "temperature": 1.0, "alpha": 0.5},
+         "train": {"optimizer": {"lr": 0.003}}, "monitor": {"gradients": False},
+         "evaluate": {"latency_runs": 2}, "output": {"dir": str(tmp / "run")}}
+    for k, v in over.items():
+        r[k] = {**r.get(k, {}), **v} if isinstance(v, dict) else v
+    path = tmp / "lm.yaml"
+    path.write_text(yaml.safe_dump(r))
+    return str(path)
+
+
+def test_windows_are_the_text_in_order_with_targets_shifted_by_one(tmp_path):
+    data = load_data(Recipe.load(recipe(tmp_path)).cfg["data"])
+    vocab = data.class_names
+    assert vocab == sorted(set(TEXT)) and data.num_classes == len(vocab) and data.task == "causal_lm"
+    decode = lambda ids: "".join(vocab[i] for i in ids)  # noqa: E731
+    assert decode(data.x_train[0]) == TEXT[:24] and decode(data.y_train[0]) == TEXT[1:25]
+    assert decode(data.x_train[1]) == TEXT[24:48]  # the next window starts where the last one's input ended
+    n = len(TEXT)
+    assert len(data.x_train) == (n - 2 * int(n * 0.1) - 1) // 24 and len(data.x_val) and len(data.x_test)
+    assert decode(data.x_val[0]) == TEXT[n - 2 * int(n * 0.1):][:24]  # validation follows training, unshuffled
+
+
+def test_gpt_is_causal_and_gives_logits_per_position():
+    torch.manual_seed(0)
+    model = build_model({"model": "gpt", "args": {"layers": 2, "width": 32, "heads": 4}}, (10,), 7).eval()
+    x = torch.randint(0, 7, (2, 10))
+    later = x.clone()
+    later[:, 6:] = (later[:, 6:] + 1) % 7  # change only positions 6..9
+    a, b = model(x), model(later)
+    assert a.shape == (2, 10, 7)
+    assert torch.equal(a[:, :6], b[:, :6]) and not torch.allclose(a[:, 6:], b[:, 6:])
+    assert model.generate(x[:, :3], 5, temperature=0).shape == (2, 8)
+
+
+@pytest.mark.parametrize("method", ["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd", "kd"])
+def test_every_token_method_distils_a_gpt_from_a_recipe(tmp_path, method):
+    metrics = run(Recipe.load(recipe(tmp_path, distill={"method": method}, student={"train": {"epochs": 1}},
+                                     teacher={"train": {"epochs": 1}})))
+    for name in ("teacher", "student_scratch", "student"):
+        m = metrics[name]
+        assert 0 < m["bpc"] < 8 and m["perplexity"] == pytest.approx(2 ** m["bpc"], rel=1e-6)
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    epochs = [r for r in log if r.get("model") == "student" and "val_loss" in r]
+    assert epochs and all(r["loss_kd"] >= 0 and r["loss_kd"] == r["loss_kd"] for r in epochs)
+
+
+def test_selected_by_validation_loss_and_the_student_learns_from_the_teacher(tmp_path):
+    metrics = run(Recipe.load(recipe(tmp_path, teacher={"train": {"epochs": 8, "optimizer": {"lr": 0.01}}},
+                                     student={"train": {"epochs": 6, "optimizer": {"lr": 0.01}}},
+                                     distill={"alpha": 1.0})))  # alpha 1: the teacher alone teaches
+    stages = json.load(open(tmp_path / "run" / "stages.json"))
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    val = {r["epoch"]: r["val_loss"] for r in log if r.get("model") == "teacher" and "val_loss" in r}
+    assert stages["teacher"]["selected_epoch"] == min(val, key=val.get)
+    # from the teacher's outputs only, the student gets far below a uniform guess (log2 of the vocabulary)
+    assert metrics["student"]["bpc"] < 0.8 * torch.log2(torch.tensor(float(len(set(TEXT))))).item()
+
+
+def test_sigterm_then_resume_is_bitwise_identical(tmp_path):
+    path = recipe(tmp_path, student={"train": {"epochs": 6, "checkpoint_seconds": 0}})
+    env = {**os.environ, "DISTILL_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, "-m", "distill", "run", path, "--out", str(ref)], check=True, env=env,
+                   capture_output=True, timeout=300)
+    out = tmp_path / "stopped"
+    p = subprocess.Popen([sys.executable, "-m", "distill", "run", path, "--out", str(out)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stderr:  # stop the distilled student once its training has begun
+            if line.startswith("student: teacher"):
+                break
+        while not list((out / "checkpoints").glob("student/step-*.pt")) and p.poll() is None:
+            pass
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=120) == 130
+    finally:
+        if p.poll() is None:
+            p.kill()
+    subprocess.run([sys.executable, "-m", "distill", "run", str(out), "--resume"], check=True, env=env,
+                   capture_output=True, timeout=300)
+    a, b = load_file(ref / "student.safetensors"), load_file(out / "student.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _refused(argv, capsys, message):
+    from distill.cli import main
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_bad_language_model_inputs_are_one_line_and_exit_2(tmp_path, capsys):
+    path = recipe(tmp_path)
+    out = ["--out", str(tmp_path / "bad")]
+    _refused(["run", path, "--set", f"data.path={tmp_path / 'none.txt'}", *out], capsys, "data.path")
+    _refused(["run", path, "--set", "data.sampling=stratified", *out], capsys,
+             "data.sampling: 'stratified' does not apply to text_lm")
+    (tmp_path / "short.txt").write_text("to be or not", encoding="utf-8")
+    _refused(["run", path, "--set", f"data.path={tmp_path / 'short.txt'}", *out], capsys,
+             "the training split holds fewer than two windows of data.max_length + 1 = 25 characters")
+    # a teacher trained on a text of other characters: its vocabulary is not the data's
+    other = tmp_path / "other"
+    other.mkdir()
+    small = recipe(other, output={"dir": str(other / "run")})
+    (other / "text.txt").write_text("abc " * 2000, encoding="utf-8")
+    run(Recipe.load(small, ["teacher.train.epochs=1", "train.epochs=1"]))
+    _refused(["run", path, "--set", f"teacher.checkpoint={other / 'run' / 'teacher.safetensors'}",
+              "--set", "teacher.model=null", *out], capsys, "teacher.checkpoint")
+    assert not (tmp_path / "bad").exists()
