@@ -69,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "safetensors is weights only; its metadata keeps the normalisation "
                                     "(`preprocessing`).")
     ex.add_argument("target", help="a run folder")
-    ex.add_argument("--format", required=True, choices=("onnx", "torchscript", "safetensors"),
-                    help="onnx or torchscript (take raw inputs), or safetensors (weights only; the "
-                         "normalisation stays in its metadata under `preprocessing`)")
+    ex.add_argument("--format", required=True, choices=("onnx", "torchscript", "safetensors", "hf"),
+                    help="onnx or torchscript (take raw inputs), safetensors (weights only; the "
+                         "normalisation stays in its metadata under `preprocessing`), or hf (gpt language "
+                         "models: a Hugging Face GPT-2 folder with its character tokenizer)")
     ex.add_argument("--model", default="student",
                     help="student (default), student_scratch, teacher, or a compressed model: compress/NAME")
     ex.add_argument("--out", default=None, help="file to write (default: RUN_DIR/export/MODEL.EXT)")
@@ -243,13 +244,25 @@ def _export(args: argparse.Namespace) -> int:
     path = require_saved(folder, args.model)
     model = load_model_at(path, args.model)
     data = load_data(recipe.cfg["data"])
-    out = args.out or os.path.join(folder, "export", args.model.replace("/", "-") + SUFFIX[args.format])
+    out = args.out or os.path.join(folder, "export", args.model.replace("/", "-") + SUFFIX.get(args.format, ""))
     # the model file's own record of its input normalisation; HF folders (text) have none, and runs made
     # before it was saved lack the key: both read as {} (the export then takes the model's inputs as they are)
     saved = load_meta(path) if os.path.isfile(path) else {}
     prep = saved.get("preprocessing") or {}
     meta = {"role": args.model, "class_names": data.class_names, "num_classes": data.num_classes,
             "input_shape": list(data.input_shape), "preprocessing": prep}
+    if args.format == "hf":  # a Hugging Face folder (GPT-2 layout) that plain transformers loads
+        from .compress.hf_gpt import export_gpt2
+        from .models.gpt import GPT
+        if not isinstance(model, GPT):
+            raise UserError(f"--format hf: for the registry's gpt language models; {args.model} is a "
+                            f"{type(model).__name__} (transformer classifiers are saved as HF folders already)")
+        info = export_gpt2(model, data.class_names, data.x_test[:8], out, meta)
+        record = os.path.join(folder, "export", "exports.json")
+        write_json(record, {**read_json(record, {}), f"{args.model}.hf": info})
+        print(f"{args.model} -> {out}/ (GPT-2 layout, {info['size_bytes'] / 1024:,.1f} KB); logits match within "
+              f"{info['max_abs_diff']:.2g} and greedy tokens are equal on {info['checked_on']} test windows")
+        return 0
     x = data.x_test[:8]  # normalised with data.stats; a baked-in export is checked on the raw inputs instead
     bake = args.preprocessing and args.format != "safetensors" and "normalize" in prep
     if bake and data.stats:

@@ -135,3 +135,28 @@ def test_bad_language_model_inputs_are_one_line_and_exit_2(tmp_path, capsys):
     _refused(["run", path, "--set", f"teacher.checkpoint={other / 'run' / 'teacher.safetensors'}",
               "--set", "teacher.model=null", *out], capsys, "teacher.checkpoint")
     assert not (tmp_path / "bad").exists()
+
+
+def test_exported_hf_folder_generates_the_same_greedy_text_in_plain_transformers(tmp_path):
+    pytest.importorskip("transformers")
+    from distill.cli import main
+    from distill.pipeline.artifacts import load_model_at
+    path = recipe(tmp_path, teacher={"train": {"epochs": 1}}, student={"train": {"epochs": 1}})
+    run(Recipe.load(path))
+    folder = tmp_path / "hf_student"
+    assert main(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(folder)]) == 0
+    prompt = "First Citizen:\n"
+    ours = load_model_at(str(tmp_path / "run" / "student.safetensors"), "student")
+    vocab = sorted(set(TEXT))
+    ids = torch.tensor([[vocab.index(c) for c in prompt]])
+    want = "".join(vocab[i] for i in ours.generate(ids, 8, temperature=0)[0].tolist())
+    script = ("import sys, transformers as t\n"
+              "tok = t.AutoTokenizer.from_pretrained(sys.argv[1]); m = t.AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+              "ids = tok(sys.argv[2], return_tensors='pt').input_ids\n"
+              "out = m.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)\n"
+              "sys.stdout.write(tok.decode(out[0]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    got = subprocess.run([sys.executable, "-c", script, str(folder), prompt], capture_output=True, text=True,
+                         env={**env, "HF_HUB_OFFLINE": "1"}, cwd=str(tmp_path), timeout=120)
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert "distill" not in got.stderr and got.stdout == want
