@@ -1,11 +1,12 @@
 """Token-level distillation of a character GPT, every divergence side by side at equal steps.
 
-    python benchmarks/lm.py shakespeare_gpt
+    python benchmarks/lm.py shakespeare_gpt --seeds 3
 
 The teacher is trained once (`distill train-teacher`); then each arm trains the same student from the same
 initialisation for the same steps, from a copy of that folder: the student without distillation (cross-
-entropy only), and distilled with forward KL, reverse KL and JSD(0.5) (alpha 0.5, T = 1, the teacher's
-logits from the cache). Each model keeps its epoch of lowest validation loss; the test split is read once.
+entropy only); distilled with forward KL, reverse KL and JSD(0.5) (alpha 0.5, T = 1, the teacher's logits
+from the cache); and sequence-level KD: trained with cross-entropy alone on as many windows as the training
+text has, each written by the teacher (temperature 1) after the first 8 characters of a training window. Each model keeps its epoch of lowest validation loss; the test split is read once.
 Prints a Markdown table (test bits per character, perplexity, next-character accuracy, parameters, train
 time) and a sample of each model's text (the same prompt, temperature 0.8, the same seed).
 """
@@ -16,18 +17,22 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 
 import torch
 
+from distill import Recipe
+from distill.data import load_data
 from distill.io import load_meta
 from distill.pipeline.artifacts import load_model_at
 
 ARMS = (("student, no distillation", "student_scratch", []), ("forward KL", "student", ["distill.method=forward_kl"]),
         ("reverse KL", "student", ["distill.method=reverse_kl"]),
-        ("JSD(0.5)", "student", ["distill.method=jsd", "distill.jsd.beta=0.5"]))
+        ("JSD(0.5)", "student", ["distill.method=jsd", "distill.jsd.beta=0.5"]),
+        ("seq-KD: trained on teacher-written text", "student", ["distill.alpha=0", "distill.sequence_kd.windows=WINDOWS"]))
 PROMPT = "ROMEO:\n"
 
 
@@ -49,39 +54,58 @@ def sample(folder: str, name: str, n: int = 200) -> str:
     return "".join(vocab[i] for i in out[0].tolist())
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("recipe")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--root", default=os.path.join("runs", "bench", "lm"))
-    args = p.parse_args()
-    root, t0 = os.path.join(args.root, args.recipe), time.perf_counter()
-    base = os.path.join(root, "teacher_run")
-    distill("train-teacher", args.recipe, "--out", base, *sets(args.sets))
-    rows, samples = [], {"teacher": sample(base, "teacher")}
+def arms(args, base: str, root: str, seed: int, windows: str) -> list:
+    """Every arm once for this student seed: [(label, metrics, folder, model name)]."""
+    out = []
     for i, (label, model, extra) in enumerate(ARMS):
-        work = os.path.join(root, f"arm_{i}")
+        extra = [e.replace("WINDOWS", windows) for e in extra] + [f"student.train.seed={seed}"]
+        work = os.path.join(root, f"arm_{i}_seed{seed}")
         shutil.rmtree(work, ignore_errors=True)
         shutil.copytree(base, work)
         baseline = [] if model == "student_scratch" else ["--no-baseline"]
         distill("train-student", work, "--overwrite", *baseline, *sets([*args.sets, *extra]))
         distill("evaluate", work, "--overwrite", *baseline, *sets([*args.sets, *extra]))
         metrics = json.load(open(os.path.join(work, "metrics.json")))
-        if i == 0:
-            rows.append(("teacher", metrics["teacher"]))
-        rows.append((label, metrics[model]))
-        samples[label] = sample(work, model)
-        print(f"{label}: {metrics[model]['bpc']:.4f} bits/char", file=sys.stderr)
+        out.append((label, metrics[model], work, model, metrics["teacher"]))
+        print(f"seed {seed} {label}: {metrics[model]['bpc']:.4f} bits/char", file=sys.stderr)
+    return out
+
+
+def mean_std(values: list) -> str:
+    return f"{statistics.mean(values):.4f}" + (f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else "")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("recipe")
+    p.add_argument("--seeds", type=int, default=1, help="student seeds 0..N-1 (the teacher is trained once)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--root", default=os.path.join("runs", "bench", "lm"))
+    args = p.parse_args()
+    root, t0 = os.path.join(args.root, args.recipe), time.perf_counter()
+    base = os.path.join(root, "teacher_run")
+    distill("train-teacher", args.recipe, "--out", base, *sets(args.sets))
+    windows = str(len(load_data(Recipe.load(args.recipe, args.sets).cfg["data"]).x_train))  # seq-KD: equal steps
+    runs = {s: arms(args, base, root, s, windows) for s in range(args.seeds)}
+    teacher = runs[0][0][4]
     print(f"`python benchmarks/lm.py {' '.join(sys.argv[1:])}`\n")
-    print("| model | test bits/char | perplexity | next-char accuracy % | params | selected epoch | train s |")
+    print("| model | test bits/char | perplexity | next-char accuracy % | params | train s | below scratch |")
     print("|---|---|---|---|---|---|---|")
-    for label, m in rows:
-        print(f"| {label} | {m['bpc']:.4f} | {m['perplexity']:.3f} | {m['accuracy'] * 100:.2f} | {m['params']:,} | "
-              f"{m.get('selected_epoch', '')} | {m.get('train_time_s', 0):.0f} |")
+    print(f"| teacher | {teacher['bpc']:.4f} | {teacher['perplexity']:.3f} | {teacher['accuracy'] * 100:.2f} | "
+          f"{teacher['params']:,} | {teacher.get('train_time_s', 0):.0f} | |")
+    for i, (label, *_rest) in enumerate(ARMS):
+        ms = [runs[s][i][1] for s in runs]
+        below = sum(runs[s][i][1]["bpc"] < runs[s][0][1]["bpc"] for s in runs)
+        print(f"| {label} | {mean_std([m['bpc'] for m in ms])} | {mean_std([m['perplexity'] for m in ms])} | "
+              f"{mean_std([m['accuracy'] * 100 for m in ms])} | {ms[0]['params']:,} | "
+              f"{statistics.mean(m.get('train_time_s', 0) for m in ms):.0f} | "
+              f"{'' if i == 0 else f'{below}/{len(ms)}'} |")
     print(f"\nWall time {(time.perf_counter() - t0) / 60:.1f} min on {os.cpu_count()} CPU cores "
-          f"({platform.processor() or platform.machine()}, torch {torch.__version__}); one seed.\n")
-    for label, text in samples.items():
-        print(f"**{label}** (prompt `ROMEO:`, temperature 0.8, seed 0):\n\n```\n{text}\n```\n")
+          f"({platform.processor() or platform.machine()}, torch {torch.__version__}); student seeds "
+          f"{list(runs)}, mean ± std; the teacher trained once (seed 0).\n")
+    print(f"**teacher** (prompt `ROMEO:`, temperature 0.8, seed 0):\n\n```\n{sample(base, 'teacher')}\n```\n")
+    for label, _m, work, model, _t in runs[0]:
+        print(f"**{label}** (student seed 0):\n\n```\n{sample(work, model)}\n```\n")
 
 
 if __name__ == "__main__":

@@ -370,7 +370,10 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return launch(child_argv(args.argv), nproc, again)
     import torch.distributed as dist
     try:
-        return _run_command(args, recipe, out)
+        code = _run_command(args, recipe, out)
+        if dist.is_initialized():  # every process finishes together: none leaves the group under the others
+            dist.barrier()
+        return code
     except Interrupted as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"{e}; continue with: {again}", file=sys.stderr)

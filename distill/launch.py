@@ -27,8 +27,11 @@ def child_argv(argv: List[str]) -> List[str]:
 
 
 def _describe(failures: Dict[int, object]) -> str:
-    """The processes that failed first (those torchrun itself then stopped with SIGTERM left out)."""
-    said, first = [], {r: f for r, f in failures.items() if f.exitcode != -signal.SIGTERM} or failures
+    """The processes that failed first: those killed by a signal (not the SIGTERM torchrun itself sends the
+    rest), else those that exited with an error, else all; a survivor that stopped because it lost the
+    others (exit code 1) is a consequence, not the cause."""
+    killed = {r: f for r, f in failures.items() if f.exitcode < 0 and f.exitcode != -signal.SIGTERM}
+    said, first = [], killed or {r: f for r, f in failures.items() if f.exitcode > 0} or failures
     for rank, f in sorted(first.items()):
         code = f.exitcode
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"

@@ -88,6 +88,9 @@ TRAIN = {
     "scheduler": {
         "name": F((str,), "cosine", choices=("constant", "cosine", "multistep")),
         "warmup_epochs": F((int,), 0, non_negative),
+        # and a linear warm-up over the first steps (transformers trained from scratch need one: full-rate Adam
+        # steps at the start set a from-scratch GPT back by hundreds of steps)
+        "warmup_steps": F((int,), 0, non_negative),
         "milestones": F((list,), []),
         "gamma": F(NUM, 0.1, positive),
     },
@@ -185,6 +188,15 @@ SCHEMA: Dict[str, Any] = {
                 "temperature": F(NUM, 0.07, positive), "momentum": F(NUM, 0.5, unit_interval)},
         # teacher -> assistant_1 -> ... -> student: `auto` (one of intermediate size) or a list of ASSISTANT
         "assistants": F((str, list), []),
+        # language models (text_lm): sequence-level KD, the teacher writes the student's training text. `windows`
+        # samples of the data's length, each continuing the first `prompt` characters of a training window at
+        # `temperature`; `replace: true` trains on them alone (the R1-distill practice), false adds them
+        "sequence_kd": {
+            "windows": F((int,), 0, non_negative),
+            "prompt": F((int,), 8, positive),
+            "temperature": F(NUM, 1.0, positive),
+            "replace": F((bool,), True),
+        },
         # per-sample KD weight: none, or the teacher's confidence (top probability, batch mean 1)
         "sample_weight": F((str,), "none", choices=("none", "confidence")),
         "features": ListOf(FEATURE),
@@ -358,6 +370,9 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
         _need_file(data["path"], "data.path", "the .npz file with x_train, y_train, x_test, y_test")
     if data["dataset"] == "text_lm":
         _lm_checks(cfg)
+    elif cfg["distill"]["sequence_kd"]["windows"]:
+        raise UserError("distill.sequence_kd.windows: sequence-level KD is for language models (data.dataset: "
+                        "text_lm)")
     if data["dataset"] == "csv":
         _need_file(data["path"], "data.path", "the training .csv file (header row, one column per feature)")
         if data["test_path"]:
@@ -425,6 +440,10 @@ def _lm_checks(cfg: Dict[str, Any]) -> None:
             raise UserError(f"data.{key}: {section[name]!r} does not apply to text_lm ({why}); remove it")
     if cfg["compress"]["steps"] or cfg["distill"]["assistants"]:
         raise UserError("compress.steps / distill.assistants: not for language models yet (text_lm)")
+    seq = cfg["distill"]["sequence_kd"]
+    if seq["windows"] and seq["prompt"] >= data["max_length"]:
+        raise UserError(f"distill.sequence_kd.prompt: {seq['prompt']} characters leave nothing for the teacher to "
+                        f"write in a window of data.max_length = {data['max_length']}")
 
 
 def _selection_checks(cfg: Dict[str, Any]) -> None:

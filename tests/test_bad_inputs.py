@@ -94,10 +94,12 @@ CASES = {
                           "train.accumulate: must be > 0, got 0"),
     "batch smaller than its micro-batches": (lambda t: [recipe_with(t, GOOD), "--set", "data.batch_size=4",
                                                         "--set", "train.accumulate=8"],
-                                             "data.batch_size: 4 is the global batch, smaller than processes x "
-                                             "train.accumulate = 1 x 8"),
+                                             "data.batch_size: 4 is the global batch, too small for processes x "
+                                             "train.accumulate = 1 x 8 micro-batches of two samples or more; "
+                                             "give at least 16"),
     "unknown method": (lambda t: [recipe_with(t, GOOD), "--set", "distill.method=fitnet"],
-                       "distill.method: not a logits loss of the registry; choose from dist, dkd, kd"),
+                       "distill.method: not a logits loss of the registry; choose from dist, dkd, forward_kl, jsd, kd, "
+                                "reverse_kl, skew_kl, skew_reverse_kl, tvd"),
     "negative dkd beta": (lambda t: [recipe_with(t, GOOD), "--set", "distill.dkd.beta=-1"],
                           "distill.dkd.beta: must be >= 0, got -1"),
     "no crd negatives": (lambda t: [recipe_with(t, GOOD), "--set", "distill.crd.negatives=0"],

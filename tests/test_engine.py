@@ -202,3 +202,23 @@ def test_commands_that_rank_or_measure_on_validation_refuse_no_validation_split(
     assert not os.path.exists(tmp_path / "s")
     with pytest.raises(UserError, match="student.train.device: one per run; set train.device"):
         Recipe.load("digits", ["student.train.device=cpu", "train.device=auto"])
+
+
+def test_warmup_steps_ramp_the_learning_rate_linearly_then_hand_back_to_the_schedule(tmp_path):
+    from distill.data import load_data
+    from distill.engine.callbacks import Callback
+    from distill.engine.trainer import Trainer
+    from distill.models import mlp
+    recipe = Recipe.load("breast_cancer", ["train.epochs=2", "train.scheduler.warmup_steps=5",
+                                           "train.scheduler.name=constant", "data.batch_size=64"])
+    seen = []
+
+    class Rates(Callback):
+        def on_step_end(self, t, epoch, record, skipped):
+            seen.append(t.opt.param_groups[0]["lr"])
+    data = load_data(recipe.cfg["data"])
+    Trainer("student", Objective(mlp(data.input_shape, 2, hidden=[4])), data, recipe.cfg["data"],
+            recipe.cfg["student"]["train"], [Rates()]).fit()
+    lr = recipe.cfg["student"]["train"]["optimizer"]["lr"]
+    assert seen[:5] == pytest.approx([lr * k / 5 for k in range(1, 6)]) and all(v == lr for v in seen[5:])
+    assert len(seen) > 6

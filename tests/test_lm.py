@@ -160,3 +160,37 @@ def test_exported_hf_folder_generates_the_same_greedy_text_in_plain_transformers
                          env={**env, "HF_HUB_OFFLINE": "1"}, cwd=str(tmp_path), timeout=120)
     assert got.returncode == 0, got.stderr[-2000:]
     assert "distill" not in got.stderr and got.stdout == want
+
+
+def test_kv_cache_generation_equals_recomputing_the_prefix():
+    torch.manual_seed(0)
+    model = build_model({"model": "gpt", "args": {"layers": 2, "width": 32, "heads": 4}}, (12,), 9).eval()
+    prompt = torch.randint(0, 9, (3, 4))
+
+    def recompute(ids, n):
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids[:, -12:])[:, -1].argmax(-1, keepdim=True)], 1)
+        return ids
+    for n in (1, 8, 20):  # within the context (the cache), and past it (the window slides)
+        assert torch.equal(model.generate(prompt, n, temperature=0), recompute(prompt, n))
+    a = model.generate(prompt, 6, 1.0, torch.Generator().manual_seed(3))
+    assert torch.equal(a, model.generate(prompt, 6, 1.0, torch.Generator().manual_seed(3)))
+
+
+def test_sequence_kd_trains_the_student_on_teacher_written_windows(tmp_path):
+    from safetensors.torch import load_file as load
+    path = recipe(tmp_path, distill={"alpha": 0.0, "sequence_kd": {"windows": 40, "prompt": 6}},
+                  teacher={"train": {"epochs": 1}}, student={"train": {"epochs": 1}})
+    run(Recipe.load(path))
+    ids = load(tmp_path / "run" / "teacher_samples.safetensors")["ids"]
+    data = load_data(Recipe.load(path).cfg["data"])
+    assert ids.shape == (40, 25) and ids.dtype == torch.long and int(ids.max()) < data.num_classes
+    prefixes = {tuple(w[:6].tolist()) for w in data.x_train}
+    assert all(tuple(w[:6].tolist()) in prefixes for w in ids)  # each continues a training window's start
+    stages = json.load(open(tmp_path / "run" / "stages.json"))
+    assert stages["teacher_samples"]["windows"] == 40 and stages["student"]["added"]["teacher_written"] == 40
+    before = (tmp_path / "run" / "teacher_samples.safetensors").read_bytes()
+    run(Recipe.load(path, ["student.train.epochs=2"]), overwrite=True)  # another budget: the same teacher text
+    assert (tmp_path / "run" / "teacher_samples.safetensors").read_bytes() == before
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert sum("teacher_samples: 40 windows" in r.get("event", "") for r in log) == 1

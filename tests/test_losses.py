@@ -16,8 +16,9 @@ def softmax(v):
 
 
 def test_registry_lists_all_losses():
-    assert LOSSES.names() == ["at", "attention_kl", "attention_mse", "ce", "cosine", "crd", "dist", "dkd", "kd", "mse",
-                              "pkt", "rkd", "rkd_angle", "rkd_distance", "sp"]
+    assert LOSSES.names() == ["at", "attention_kl", "attention_mse", "ce", "cosine", "crd", "dist", "dkd", "forward_kl",
+                              "jsd", "kd", "mse", "pkt", "reverse_kl", "rkd", "rkd_angle", "rkd_distance",
+                              "skew_kl", "skew_reverse_kl", "sp", "tvd"]
 
 
 def test_kd_matches_hand_computed_kl_times_t_squared():

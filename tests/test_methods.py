@@ -327,5 +327,6 @@ def test_crd_banks_and_embeddings_resume_bitwise(tmp_path):
 
 
 def test_an_unknown_method_is_one_clear_error():
-    with pytest.raises(UserError, match="distill.method.*not a logits loss of the registry; choose from dist, dkd, kd"):
+    with pytest.raises(UserError, match="distill.method.*not a logits loss of the registry; choose from dist, dkd, "
+                                        "forward_kl, jsd, kd, reverse_kl"):
         Recipe.load("digits", ["distill.method=fitnet"])

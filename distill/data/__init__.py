@@ -1,4 +1,4 @@
-from . import text  # noqa: F401  (registers the `text` dataset)
+from . import lm, text  # noqa: F401  (register the `text_lm` and `text` datasets)
 from .datasets import DataBundle, load_data
 from .transforms import augment, has_augmentation
 

@@ -174,11 +174,14 @@ def _split(x: np.ndarray, y: np.ndarray, cfg: Dict[str, Any], key: str, **size: 
                         f"({e}); use more rows or another data.{key}") from None
 
 
+# datasets that make their DataBundle themselves (registered by their modules: data/lm.py)
+BUNDLES: Dict[str, Callable[[Dict[str, Any]], DataBundle]] = {}
+
+
 def load_data(cfg: Dict[str, Any]) -> DataBundle:
     """The `data` section of a resolved recipe -> normalised train/val/test tensors."""
-    if cfg["dataset"] == "text_lm":  # next-token windows of a text, not labelled samples
-        from .lm import load_lm
-        return load_lm(cfg)
+    if cfg["dataset"] in BUNDLES:  # data that is not labelled samples (text_lm: next-token windows of a text)
+        return BUNDLES[cfg["dataset"]](cfg)
     raw = DATASETS.get(cfg["dataset"], "data.dataset")(cfg)
     _check_inputs(raw.x_train, raw.y_train, "train", cfg)
     if raw.x_test is not None:

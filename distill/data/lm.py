@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .datasets import DataBundle, read_text_file
+from .datasets import BUNDLES, DataBundle, read_text_file
 
 
 def char_vocabulary(text: str) -> List[str]:
@@ -26,7 +26,7 @@ def char_vocabulary(text: str) -> List[str]:
 
 def windows(ids: np.ndarray, length: int) -> tuple:
     """(inputs, next-token targets) of every whole window of `length` + 1 ids, windows overlapping by one."""
-    n = (len(ids) - 1) // length
+    n = max((len(ids) - 1) // length, 0)
     x = np.stack([ids[i * length:(i + 1) * length] for i in range(n)]) if n else np.zeros((0, length), np.int64)
     y = np.stack([ids[i * length + 1:(i + 1) * length + 1] for i in range(n)]) if n else x
     return torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))
@@ -54,3 +54,6 @@ def load_lm(cfg: Dict[str, Any]) -> DataBundle:
     h.update(ids.tobytes())
     return DataBundle(x_tr, y_tr, x_va, y_va, x_te, y_te, len(vocab), vocab, (length,), False, h.hexdigest()[:16],
                       task="causal_lm")
+
+
+BUNDLES["text_lm"] = load_lm

@@ -122,6 +122,8 @@ class Monitor(Callback):
 
     def on_epoch_end(self, t: Trainer, record: Dict[str, Any]) -> None:
         record.update(self.measure())
+        if t.runtime.distributed:  # the reaction is the main process's (on a GPU the processes may round apart)
+            t.objective.strength.update(t.runtime.from_main(dict(t.objective.strength)))
 
 
 class GradientSignals(Callback):

@@ -20,7 +20,9 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512, runtime: A
     if runtime is not None and runtime.distributed:
         from .runtime import shard
         mine = shard(len(x), runtime.world_size, runtime.rank)
-        return runtime.gather_rows(predict(model, x[mine.start:mine.stop], batch_size), len(x))
+        rows = x[mine.start:mine.stop] if len(mine) else x[:1]  # (no rows of its own: an empty block, shaped)
+        out = predict(model, rows, batch_size)
+        return runtime.gather_rows(out if len(mine) else out[:0], len(x))
     was_training = model.training
     model.eval()
     device = model_device(model)

@@ -39,8 +39,9 @@ def start_process_group(device: torch.device, timeout_s: float) -> None:
     import torch.distributed as dist
     if dist.is_initialized():
         return
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    cuda = device.type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
+                            **({"device_id": device} if cuda else {}))  # (NCCL: bound to this process's GPU)
 
 
 def shard(n: int, parts: int, i: int) -> range:

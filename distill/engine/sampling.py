@@ -4,7 +4,10 @@ from the trainer's own generator so that a resumed run redraws exactly the same 
 `data.batch_size` is the global batch of one optimizer step. With several processes and gradient
 accumulation, each batch is cut into `processes x train.accumulate` contiguous micro-batches and process r
 takes micro-batches r*A ... r*A+A-1: every process draws the same global order (the same generator, seeded
-alike), so no sample is dropped or seen twice and the optimisation does not depend on the process count."""
+alike), so no sample is dropped or seen twice. Each micro-batch's loss weighs its share of the batch's
+samples, so for losses that are means over samples the optimisation does not depend on the process count
+(losses that relate the samples of a batch, or average over labelled samples or masked positions of unequal
+count, see each micro-batch alone)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -152,9 +152,11 @@ class Trainer:
 
     def _check_split(self) -> None:
         split, batch = self.split, self.data_cfg["batch_size"]
-        if batch < split.parts:
-            raise UserError(f"data.batch_size: {batch} is the global batch, smaller than processes x train.accumulate"
-                            f" = {split.world} x {split.accumulate}; each micro-batch needs a sample")
+        least = split.parts * (2 if split.parts > 1 else 1)  # (BatchNorm trains on two samples or more)
+        if batch < least:
+            raise UserError(f"data.batch_size: {batch} is the global batch, too small for processes x train.accumulate"
+                            f" = {split.world} x {split.accumulate} micro-batches of two samples or more; give at "
+                            f"least {least}")
         if split.world > 1 and any(f["loss"] == "crd" for f in getattr(self.objective, "features", [])):
             raise UserError("distill.features: crd keeps one memory bank of the whole training set, which one "
                             "process updates; train CRD in a single process (without --nproc)")
@@ -213,6 +215,7 @@ class Trainer:
                     self.step(epoch, step)
                     if self.stopping:  # (under torchrun: every process stops at the same step)
                         path = self.checkpoint_now()
+                        self.runtime.barrier()  # the checkpoint is on disk before any process exits
                         raise Interrupted(self.role, stop.signum or signal.SIGTERM,
                                           f"epoch {epoch + 1}, step {self.prog['step']}", path)
                 self.end_epoch(epoch, time.perf_counter() - t0)
@@ -222,8 +225,18 @@ class Trainer:
         self.student.load_state_dict(self.prog["best_state"])
         return {"selected_epoch": self.prog["best_epoch"] + 1, **self.prog["best_metrics"]}
 
+    def _warm_up(self, epoch: int) -> None:
+        """`scheduler.warmup_steps`: the lr ramps up linearly over the first steps (the epoch's own factor set
+        by the scheduler is restored at the last of them)."""
+        warm, step = self.tcfg["scheduler"].get("warmup_steps", 0), self.prog["step"]
+        if warm and step <= warm:
+            f = lr_factor(epoch, self.tcfg["scheduler"], self.tcfg["epochs"]) * min(1.0, (step + 1) / warm)
+            for group in self.opt.param_groups:
+                group["lr"] = group["initial_lr"] * f
+
     def step(self, epoch: int, step: Step) -> None:
         prog, objective = self.prog, self.objective
+        self._warm_up(epoch)
         objective.progress = prog["step"] / max(self.tcfg["epochs"] * self.per_epoch, 1)  # drives the schedules
         objective.epoch = prog["step"] / max(self.per_epoch, 1)
         self.opt.zero_grad(set_to_none=True)

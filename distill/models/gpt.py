@@ -6,7 +6,7 @@ next-token logits (N, L, vocabulary). `vocabulary` is the data's number of class
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +25,20 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cache: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        """With `cache` ([keys, values] of the positions before `h`, or empty), `h` attends to those too
+        and the cache is extended: generation then costs one position per step, not the whole prefix."""
         n, length, width = h.shape
         q, k, v = self.qkv(self.ln1(h)).split(width, dim=2)
         q, k, v = (t.view(n, length, self.heads, width // self.heads).transpose(1, 2) for t in (q, k, v))
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        if cache is not None:
+            if cache:
+                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+            cache[:] = [k, v]
+        causal = cache is None or length > 1  # (one new position may attend to every cached one)
+        if causal and k.shape[2] != length:
+            raise ValueError("a prefix with a cache is fed one position at a time")
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
                                              dropout_p=self.dropout if self.training else 0.0)
         h = h + self.drop(self.proj(att.transpose(1, 2).reshape(n, length, width)))
         return h + self.drop(self.mlp(self.ln2(h)))
@@ -57,27 +66,34 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, caches: Optional[List[List[torch.Tensor]]] = None,
+                start: int = 0) -> torch.Tensor:
         x = x.long()
-        h = self.drop(self.tok(x) + self.pos(torch.arange(x.shape[1], device=x.device)))
-        for block in self.blocks:
-            h = block(h)
+        h = self.drop(self.tok(x) + self.pos(torch.arange(start, start + x.shape[1], device=x.device)))
+        for i, block in enumerate(self.blocks):
+            h = block(h, caches[i] if caches is not None else None)
         return self.head(self.ln(h))
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, new_tokens: int, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """`ids` (N, L) continued by `new_tokens` sampled tokens (greedy at temperature 0), in eval mode."""
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """`ids` (N, L) continued by `new_tokens` sampled tokens (greedy at temperature 0), in eval mode.
+        Within the context a key/value cache feeds one new position per step; past it, the window slides and
+        the last `context` tokens are run again each step."""
         was_training = self.training
         self.eval()
+        caches: List[List[torch.Tensor]] = [[] for _ in self.blocks]
         try:
+            logits = self(ids[:, -self.context:], caches)[:, -1].float() if ids.shape[1] <= self.context else None
             for _ in range(new_tokens):
-                logits = self(ids[:, -self.context:])[:, -1].float()
-                if temperature <= 0:
-                    nxt = logits.argmax(-1, keepdim=True)
-                else:
-                    nxt = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)
+                if logits is None:  # past the context: no cache, the window slides
+                    logits = self(ids[:, -self.context:])[:, -1].float()
+                # (drawn on the CPU, where a seeded generator lives: the same tokens on any device)
+                nxt = logits.argmax(-1, keepdim=True) if temperature <= 0 else torch.multinomial(
+                    (logits / temperature).softmax(-1).cpu(), 1, generator=generator).to(ids.device)
                 ids = torch.cat([ids, nxt], 1)
+                at = ids.shape[1] - 1
+                logits = self(nxt, caches, at)[:, -1].float() if at < self.context and caches[0] else None
         finally:
             self.train(was_training)
         return ids

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from typing import Any, Dict, Optional, Tuple
 
+import torch
 from torch import nn
 
 from .. import chain
@@ -26,7 +28,7 @@ from ..engine.inference import model_device
 from ..engine.objective import Objective
 from ..engine.trainer import Trainer
 from ..hooks import FeatureCapture
-from ..io import sha256_file, weights_sha256, write_json
+from ..io import sha256_file, sha256_json, weights_sha256, write_json
 from ..models import count_params
 from ..monitor import retention_monitor, with_reaction
 from ..roles import SCRATCH, STUDENT, TEACHER, log_name
@@ -219,6 +221,8 @@ def student_data(run: RunDir, teacher: nn.Module, name: str) -> Tuple[DataBundle
     labels (label -1): the training inputs without labels (`data.label_fraction`) and, for text, the
     augmented copies and unlabeled texts of `distill.data`."""
     data, added = run.data, {}
+    if run.cfg["distill"]["sequence_kd"]["windows"]:
+        data, added["teacher_written"] = teacher_written(run, teacher, data)
     if data.x_unlabelled is not None:
         added["unlabelled"] = len(data.x_unlabelled)
         data = with_teacher_labelled(data, data.x_unlabelled)
@@ -230,6 +234,45 @@ def student_data(run: RunDir, teacher: nn.Module, name: str) -> Tuple[DataBundle
         run.event(f"{name}: {len(data.y_train)} training samples, of which teacher-labelled only: "
                   + ", ".join(f"{v} {k}" for k, v in added.items()), added=added)
     return data, added
+
+
+def teacher_written(run: RunDir, teacher: nn.Module, data: DataBundle) -> Tuple[DataBundle, int]:
+    """Sequence-level KD for a language model (the R1-distill practice): the teacher writes windows of the
+    data's length, each continuing the first `prompt` characters of a training window drawn at random, and
+    the student trains on them with the teacher's sampled tokens as targets (instead of, or besides, the
+    text). A stage of its own (`teacher_samples.safetensors`), so a rerun or another student reuses it."""
+    seq, seed = run.cfg["distill"]["sequence_kd"], run.cfg[STUDENT]["train"]["seed"]
+    out = "teacher_samples.safetensors"
+
+    def make() -> Dict[str, Any]:
+        from safetensors.torch import save_file
+        from ..io import atomic_path
+        from ..progress import bar
+        gen = torch.Generator().manual_seed(seed)
+        n, length = seq["windows"], data.x_train.shape[1]
+        prompts = data.x_train[torch.randint(0, len(data.x_train), (n,), generator=gen), :seq["prompt"]]
+        teacher.to(run.runtime.device)
+        t0, rows = time.perf_counter(), []
+        for start in bar(range(0, n, 256), desc="teacher writes", unit="batch", show=run.runtime.is_main):
+            rows.append(teacher.generate(prompts[start:start + 256].to(model_device(teacher)),
+                                         length + 1 - seq["prompt"], seq["temperature"], gen).cpu())
+        ids, seconds = torch.cat(rows), time.perf_counter() - t0
+        if run.runtime.is_main:
+            with atomic_path(run.path(out)) as tmp:
+                save_file({"ids": ids.contiguous()}, tmp)
+        written = n * (length + 1 - seq["prompt"])
+        run.event(f"teacher_samples: {n} windows, {written:,} characters written by the teacher at "
+                  f"{written / seconds:,.0f} characters/s", windows=n, tokens_per_s=written / seconds)
+        return {"windows": n, "tokens_per_s": round(written / seconds, 1), "seconds": round(seconds, 3)}
+    run_stage(run, Stage("teacher_samples", {"teacher": weights_sha256(teacher), "data": data.fingerprint,
+                                             "sequence_kd": seq, "seed": seed}, [out], make))
+    from safetensors.torch import load_file
+    ids = load_file(run.path(out))["ids"]
+    x, y = ids[:, :-1], ids[:, 1:]
+    if not seq["replace"]:
+        x, y = torch.cat([data.x_train, x]), torch.cat([data.y_train, y])
+    return replace(data, x_train=x, y_train=y, fingerprint=sha256_json({"data": data.fingerprint,
+                                                                        "teacher_written": seq})[:16]), len(ids)
 
 
 def train_distilled(run: RunDir, teacher: nn.Module) -> Dict[str, Any]:

@@ -115,10 +115,20 @@ def _build(teacher: nn.Module, x: torch.Tensor, entry: str, layers: List[str], b
         else:
             mine = shard(-(-len(x) // batch_size), runtime.world_size, runtime.rank)
             lo, hi = mine.start * batch_size, min(mine.stop * batch_size, len(x))
-            _teacher_pass(teacher, x, lo, hi, batch_size, layers, tmp, f".part{runtime.rank}", runtime.is_main)
-            runtime.barrier()
+            failed = None
+            try:
+                _teacher_pass(teacher, x, lo, hi, batch_size, layers, tmp, f".part{runtime.rank}", runtime.is_main)
+            except Exception as e:  # (told to the others first: no entry is published without every block)
+                failed = e
+            if runtime.sum(torch.tensor([float(failed is not None)]))[0] > 0:
+                if failed is not None:
+                    raise failed
+                raise UserError("soft labels: another process failed while computing its block of the teacher's "
+                                "outputs; no cache entry was published")
             if runtime.is_main:
-                _join_parts(tmp, ["logits", *(f"feat_{i}" for i in range(len(layers)))], runtime.world_size)
+                _join_parts(tmp, ["logits", *(f"feat_{i}" for i in range(len(layers)))],
+                            [len(shard(-(-len(x) // batch_size), runtime.world_size, r)) for r in
+                             range(runtime.world_size)], batch_size, len(x))
         if runtime.is_main:
             write_json(os.path.join(tmp, "meta.json"), {"layers": layers, "n": len(x), "key": os.path.basename(entry)})
             _publish(tmp, entry)
@@ -146,11 +156,22 @@ def _teacher_pass(teacher: nn.Module, x: torch.Tensor, lo: int, hi: int, batch_s
         a.flush()
 
 
-def _join_parts(folder: str, names: List[str], world: int, rows_at_once: int = 65536) -> None:
-    """`NAME.npy` from the processes' `NAME.partR.npy`, in rank order, copied in blocks (never all in memory)."""
+def _join_parts(folder: str, names: List[str], batches: List[int], batch_size: int, n: int,
+                rows_at_once: int = 65536) -> None:
+    """`NAME.npy` from the processes' `NAME.partR.npy` (process R computed `batches[R]` batches), in rank
+    order, copied in blocks (never all in memory); a missing or short part is an error, never a gap."""
     for name in names:
-        paths = [os.path.join(folder, f"{name}.part{r}.npy") for r in range(world)]
-        parts = [np.load(p, mmap_mode="r") for p in paths if os.path.exists(p)]  # (a process with no rows: none)
+        paths = [os.path.join(folder, f"{name}.part{r}.npy") for r in range(len(batches))]
+        parts, start = [], 0
+        for r, (path, k) in enumerate(zip(paths, batches)):
+            rows = max(0, min(start + k * batch_size, n) - start)
+            start += k * batch_size
+            if not rows:
+                continue  # (a process with no rows writes no part)
+            part = np.load(path, mmap_mode="r") if os.path.exists(path) else None
+            if part is None or len(part) != rows:
+                raise RuntimeError(f"soft labels: process {r}'s block of {name} is missing or short")
+            parts.append(part)
         out = np.lib.format.open_memmap(os.path.join(folder, f"{name}.npy"), mode="w+", dtype=np.float32,
                                         shape=(sum(len(p) for p in parts), *parts[0].shape[1:]))
         at = 0
