@@ -7,6 +7,7 @@ import re
 import sys
 from typing import List, Optional
 
+from .launch import is_main_process
 from .errors import UserError
 from .roles import MODELS_OUT, SCRATCH, STUDENT, TEACHER
 
@@ -375,7 +376,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             dist.barrier()
         return code
     except Interrupted as e:
-        if int(os.environ.get("RANK", 0)) == 0:
+        if is_main_process():
             print(f"{e}; continue with: {again}", file=sys.stderr)
         return 130
     except RuntimeError as e:  # a peer died or hung: this process stops too, its last checkpoint kept
@@ -407,12 +408,12 @@ def _run_command(args: argparse.Namespace, recipe, out: Optional[str]) -> int:
             if args.seeds < 1:
                 raise UserError(f"--seeds: expected a positive number of seeds, got {args.seeds}")
             summary = plan.run_seeds(recipe, list(range(args.seeds)), out, _echo, **flags)
-            if int(os.environ.get("RANK", 0)) == 0:
+            if is_main_process():
                 print(f"mean ± std over seeds {summary['seeds']}:")
                 print(format_table(summary))
         else:
             metrics = plan.run(recipe, out, _echo, **flags)
-            if int(os.environ.get("RANK", 0)) == 0:
+            if is_main_process():
                 print(format_table(metrics))
                 print(f"run folder: {run_folder(recipe, out)}")
         return 0

@@ -13,6 +13,12 @@ import sys
 from typing import Dict, List
 
 
+def is_main_process() -> bool:
+    """Rank 0 of the job torchrun started, or a plain process: the one that writes and prints (readable before
+    any Runtime exists, and after one failed to start)."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def child_argv(argv: List[str]) -> List[str]:
     """`argv` without `--nproc N` / `--nproc=N` (a child is already one of the N)."""
     out, skip = [], False

@@ -123,6 +123,10 @@ def test_bad_language_model_inputs_are_one_line_and_exit_2(tmp_path, capsys):
     _refused(["run", path, "--set", f"data.path={tmp_path / 'none.txt'}", *out], capsys, "data.path")
     _refused(["run", path, "--set", "data.sampling=stratified", *out], capsys,
              "data.sampling: 'stratified' does not apply to text_lm")
+    _refused(["run", path, "--set", "distill.sequence_kd.windows=10", "--set", "distill.sequence_kd.prompt=24", *out],
+             capsys, "distill.sequence_kd.prompt: 24 characters leave nothing for the teacher to write")
+    _refused(["run", "digits", "--set", "distill.sequence_kd.windows=10", *out], capsys,
+             "distill.sequence_kd.windows: sequence-level KD is for language models")
     (tmp_path / "short.txt").write_text("to be or not", encoding="utf-8")
     _refused(["run", path, "--set", f"data.path={tmp_path / 'short.txt'}", *out], capsys,
              "the training split holds fewer than two windows of data.max_length + 1 = 25 characters")

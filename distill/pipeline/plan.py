@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import chain
 from ..engine.objective import Objective
+from ..launch import is_main_process
 from ..engine.trainer import TrainingDiverged
 from ..errors import UserError
 from ..evaluate import mean_std
@@ -113,7 +114,7 @@ def execute(run: RunDir, kinds: Sequence[str] = KINDS[:-1], check: bool = True,
         return ex.records
     except UserError as e:
         if not existed and not isinstance(e, TrainingDiverged) and not run.stages() \
-                and os.environ.get("RANK", "0") == "0":  # (under torchrun: the main process cleans up)
+                and is_main_process():  # (under torchrun: the main process cleans up)
             shutil.rmtree(run.out, ignore_errors=True)  # nothing finished: no half-made run folder
         raise
 
@@ -165,7 +166,7 @@ def run_seeds(recipe: Recipe, seeds: List[int], out: Optional[str] = None, echo=
             summary[name] = first
             continue
         summary[name] = {k: mean_std([per_seed[s][name][k] for s in seeds]) for k in first}
-    if os.environ.get("RANK", "0") == "0":
+    if is_main_process():
         write_json(os.path.join(base, "summary.json"), summary)
     return summary
 
