@@ -61,7 +61,11 @@ def evaluate_model(model: nn.Module, path: str, x: torch.Tensor, y: torch.Tensor
     """Test metrics (those named in `evaluate.metrics` that apply), size, batch-1 latency and throughput
     (samples per second at `evaluate.throughput_batch`), both on `evaluate.threads` threads. With several
     processes the predictions are shared out and gathered, and only the main process measures speed."""
-    keep = (task or task_for()).metrics(predict(model, x, batch_size, runtime), y, ecfg)
+    task = task or task_for()
+    if hasattr(task, "evaluate"):
+        keep = task.evaluate(model, x, y, ecfg, batch_size, runtime, path)
+    else:
+        keep = task.metrics(predict(model, x, batch_size, runtime), y, ecfg)
     if runtime is not None and not runtime.is_main:
         return keep
     big = x[:ecfg["throughput_batch"]]
@@ -76,10 +80,11 @@ def mean_std(values: List[float]) -> Dict[str, float]:
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
 
 
-COLUMNS = [("bpc", "bits/char", "{:.4f}"), ("perplexity", "perplexity", "{:.3f}"), ("accuracy", "accuracy", "{:.4f}"), ("macro_f1", "macro-F1", "{:.4f}"), ("auc", "AUC", "{:.4f}"),
+COLUMNS = [("bpc", "bits/char", "{:.4f}"), ("perplexity", "perplexity", "{:.3f}"), ("exact_match", "exact match", "{:.3f}"),
+           ("accuracy", "accuracy", "{:.4f}"), ("macro_f1", "macro-F1", "{:.4f}"), ("auc", "AUC", "{:.4f}"),
            ("sensitivity", "sensitivity", "{:.4f}"), ("specificity", "specificity", "{:.4f}"),
            ("params", "params", "{:,.0f}"), ("size_bytes", "size KB", None), ("latency_ms", "ms/sample", "{:.4f}"),
-           ("throughput", "samples/s", "{:,.0f}")]
+           ("throughput", "samples/s", "{:,.0f}"), ("decode_tokens_per_s", "decode tok/s", "{:,.0f}")]
 LABELS = {TEACHER: "teacher", SCRATCH: "student (no KD)", STUDENT: "student (distilled)"}
 
 

@@ -140,13 +140,19 @@ SCHEMA: Dict[str, Any] = {
     "name": F((str,), "run", safe_name),
     "description": F((str,), ""),
     "data": {
-        "dataset": F((str,), "digits", choices=("digits", "breast_cancer", "npz", "csv", "text", "text_lm")),
+        "dataset": F((str,), "digits", choices=("digits", "breast_cancer", "npz", "csv", "text", "text_lm",
+                                                              "completions")),
         "path": F((str,), None),
         "test_path": F((str,), None),  # csv/text: a separate test file (else a stratified test split)
         "label_column": F((str,), "label"),  # csv: the class column; every other column is a feature
         "text_column": F((str,), "text"),  # text: the column holding the text
         "max_length": F((int,), 64, positive),  # text: tokens kept per text; text_lm: the context (characters)
         "tokenizer": F((str,), None),  # text: a tokenizer folder (default: the teacher's)
+        # completions (JSONL for causal LMs): {prompt, completion} columns, or `messages` in the chat format;
+        # chat_template: true renders a plain prompt as a user turn with the tokenizer's chat template
+        "prompt_column": F((str,), "prompt"),
+        "completion_column": F((str,), "completion"),
+        "chat_template": F((bool,), False),
         "sampling": F((str,), "random", choices=("random", "stratified", "balanced")),
         "as_image": F((bool,), False),
         "train_subset": F((int,), None, positive),  # keep a stratified random subset of this many training rows
@@ -182,6 +188,12 @@ SCHEMA: Dict[str, Any] = {
         # jsd: generalized JSD(beta), 0 = forward KL, 1 = reverse KL (TRL's convention); skew_kl and
         # skew_reverse_kl: the mixture weight alpha of the target side (DistiLLM)
         "jsd": {"beta": F(NUM, 0.5, unit_interval)},
+        # language models whose tokenizers agree but whose output layers are padded to different sizes (Qwen2.5
+        # 0.5B-3B: 151,936 logits, 7B: 152,064): truncate compares the first min(V_t, V_s) logits; opt-in only
+        "vocab_align": F((str,), "none", choices=("none", "truncate")),
+        # language models: cache the teacher's top-k tokens per position (with the tail's mass) instead of dense
+        # logits; 0 keeps dense logits. The token losses (forward_kl, reverse_kl, jsd, skew_*, tvd) read it
+        "topk": F((int,), 0, non_negative),
         "skew": {"alpha": F(NUM, 0.1, unit_interval)},
         # features[i].loss: crd (its embeddings and memory banks train in the objective, never exported)
         "crd": {"embed_dim": F((int,), 128, positive), "negatives": F((int,), 4096, positive),
@@ -238,6 +250,13 @@ SCHEMA: Dict[str, Any] = {
         "latency_runs": F((int,), 100, positive),
         "threads": F((int,), 1, positive),
         "throughput_batch": F((int,), 32, positive),
+        # language models on prompt/completion data: greedy completions of the first `rows` test prompts, the
+        # answer taken by the regex `answer` (its first group; none: the whole completion) against the reference's
+        "exact_match": {
+            "rows": F((int,), 0, non_negative),
+            "max_new_tokens": F((int,), 128, positive),
+            "answer": F((str,), None),
+        },
     },
     # Knowledge retention (linear CKA and cosine, teacher vs student, on a validation probe) and gradient
     # consistency are logged every epoch; when retention falls under retention_min, `action` adjusts the
@@ -389,6 +408,7 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
         if m["checkpoint"]:
             _need_file(m["checkpoint"], f"{role}.checkpoint", "a .safetensors file written by distill")
         m["train"] = validate_section(_merge(cfg["train"], m["train"]), TRAIN, f"{role}.train")
+    _topk_checks(cfg)
     _assistant_checks(cfg)  # (before the text checks: chains of transformers are refused outright)
     _text_checks(cfg)
     for i, feat in enumerate(cfg["distill"]["features"]):
@@ -444,6 +464,51 @@ def _lm_checks(cfg: Dict[str, Any]) -> None:
     if seq["windows"] and seq["prompt"] >= data["max_length"]:
         raise UserError(f"distill.sequence_kd.prompt: {seq['prompt']} characters leave nothing for the teacher to "
                         f"write in a window of data.max_length = {data['max_length']}")
+
+
+def _topk_checks(cfg: Dict[str, Any]) -> None:
+    """A top-k cache holds log-probabilities at one temperature, of a language model's tokens, for the token
+    losses; nothing else can be read from it."""
+    d = cfg["distill"]
+    if not d["topk"]:
+        return
+    from .registry import LOSSES
+    lm = cfg["data"]["dataset"] in ("text_lm", "completions")
+    problems = [("data.dataset", not lm, "a top-k cache is for language models (text_lm, completions)"),
+                ("distill.method", not LOSSES.tags(d["method"]).get("topk"),
+                 f"{d['method']} reads dense logits; use forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl or tvd"),
+                ("distill.teacher_outputs", d["teacher_outputs"] == "online", "online means no cache"),
+                ("distill.features", bool(d["features"]), "features are not in a top-k cache"),
+                ("distill.schedule.temperature", d["schedule"]["temperature"] != "constant",
+                 "the cache holds log-probabilities at one temperature"),
+                ("distill.sample_weight", d["sample_weight"] != "none", "confidence weights read dense logits"),
+                ("distill.logit_standardize", d["logit_standardize"], "it needs dense logits")]
+    for key, bad, why in problems:
+        if bad:
+            raise UserError(f"distill.topk: {d['topk']} does not go with {key} ({why})")
+
+
+def _completion_checks(cfg: Dict[str, Any]) -> None:
+    """Causal LMs on prompt/completion JSONL: Hugging Face models, the teacher's tokenizer by default."""
+    from .models.hf import resolve_hf_path
+    data, d = cfg["data"], cfg["distill"]
+    _need_file(data["path"], "data.path", "a .jsonl file of {prompt, completion} or {messages} rows")
+    if data["test_path"]:
+        _need_file(data["test_path"], "data.test_path", "the test .jsonl file")
+    for role in ("teacher", "student"):
+        if cfg[role]["hf"]:
+            cfg[role]["hf"] = resolve_hf_path(cfg[role]["hf"], f"{role}.hf")
+    if not data["tokenizer"]:
+        data["tokenizer"] = cfg["teacher"]["hf"]
+    elif not (os.path.isdir(data["tokenizer"]) or os.path.isfile(data["tokenizer"])):
+        raise UserError(f"data.tokenizer: {data['tokenizer']}: no such folder or GGUF file")
+    for key, used in (("distill.layers", d["layers"]["hidden"] != "none" or d["layers"]["attention"] != "none"),
+                      ("distill.data", d["data"]["mask"] or d["data"]["substitute"] or d["data"]["eda"]),
+                      ("compress.steps", bool(cfg["compress"]["steps"]))):
+        if used:
+            raise UserError(f"{key}: not for prompt/completion language models (data.dataset: completions)")
+    if data["sampling"] != "random" or data["label_fraction"] != 1.0:
+        raise UserError("data.sampling / data.label_fraction: completions have no classes; remove them")
 
 
 def _selection_checks(cfg: Dict[str, Any]) -> None:
@@ -510,7 +575,7 @@ def is_text(cfg: Dict[str, Any], role: str) -> bool:
 
 def _text_checks(cfg: Dict[str, Any]) -> None:
     """Transformers need text data and vice versa; students derived from the teacher need a teacher folder."""
-    text_data = cfg["data"]["dataset"] == "text"
+    text_data = cfg["data"]["dataset"] in ("text", "completions")
     for role in ("teacher", "student"):
         if is_text(cfg, role) != text_data:
             need = "data.dataset: text" if not text_data else "a transformer (hf, from_teacher or hf_config)"
@@ -533,6 +598,8 @@ def _text_checks(cfg: Dict[str, Any]) -> None:
         missing = [k for k, v in s["hf_config"].items() if v is None]
         if missing:
             raise UserError(f"student.hf_config: missing {', '.join(missing)}")
+    if cfg["data"]["dataset"] == "completions":
+        return _completion_checks(cfg)
     layers, ddata = cfg["distill"]["layers"], cfg["distill"]["data"]
     lm = layers["map"]
     if isinstance(lm, str) and lm not in ("auto", "uniform", "last"):

@@ -1,4 +1,4 @@
-from . import lm, text  # noqa: F401  (register the `text_lm` and `text` datasets)
+from . import completions, lm, text  # noqa: F401  (register `completions`, `text_lm` and `text`)
 from .datasets import DataBundle, load_data
 from .transforms import augment, has_augmentation
 

@@ -50,6 +50,7 @@ class DataBundle:
     pad_id: Optional[int] = None  # text: x holds token ids padded with this id
     x_unlabelled: Optional[torch.Tensor] = None  # data.label_fraction < 1: training inputs without their labels
     task: str = "classification"  # the task of the registry that trains on it (causal_lm: next tokens)
+    tokenizer: Optional[str] = None  # completions: the tokenizer (folder or GGUF) that made the token ids
 
     def probe(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """A fixed set of n inputs and labels to measure a model on while it trains: the first validation
@@ -64,8 +65,19 @@ class DataBundle:
 
     @property
     def lengths(self) -> Optional[torch.Tensor]:
-        """Real (unpadded) length of each training text; None for non-text data."""
-        return None if self.pad_id is None else (self.x_train != self.pad_id).sum(1)
+        """Real (unpadded) length of each training text; None for non-text data. For a language model the
+        real part ends at the last position with a target (the pad id may also be its EOS)."""
+        if self.pad_id is None:
+            return None
+        if self.task == "causal_lm":
+            return last_target(self.y_train)
+        return (self.x_train != self.pad_id).sum(1)
+
+
+def last_target(y: torch.Tensor) -> torch.Tensor:
+    """Per row of next-token targets, 1 + the last position with a target (-100: none), i.e. its real length."""
+    at = torch.arange(1, y.shape[1] + 1).expand_as(y)
+    return torch.where(y >= 0, at, torch.zeros_like(at)).max(1).values
 
 
 @DATASETS.register("digits")

@@ -144,6 +144,12 @@ class Objective(nn.Module):
                    weights: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
         """The logit distillation term of `distill.method` at the current temperature: on z-scored logits
         with `distill.logit_standardize`, ramped up over the method's `warmup_epochs` (DKD's warm-up)."""
+        if not isinstance(t_logits, torch.Tensor):  # top-k teacher outputs (a language model's cache)
+            return self.logit_loss(logits, t_logits, self.current("temperature"), weights, **_masked(mask),
+                                   **self.method_args)
+        if t_logits.shape[-1] != logits.shape[-1] and self.dcfg.get("vocab_align") == "truncate":
+            v = min(t_logits.shape[-1], logits.shape[-1])  # (same tokenizer, output layers padded differently)
+            logits, t_logits = logits[..., :v], t_logits[..., :v]
         if self.dcfg.get("logit_standardize"):
             logits, t_logits = standardize(logits), standardize(t_logits)
         extra = {"labels": y} if self.method_labels else {}
@@ -170,7 +176,7 @@ class Objective(nn.Module):
         t_out = self.teacher_outputs(x_student if self.teacher_sees_noise else x, idx)
         mask = mask if mask is not None else t_out.mask
         weights = confidence_weights(t_out.logits) if self.dcfg.get("sample_weight") == "confidence" else None
-        kd = self.logit_term(logits, t_out.logits, y, weights, mask)
+        kd = self.logit_term(logits, t_out.logits if t_out.dense else t_out, y, weights, mask)
         parts["kd"] = kd.detach()
         self.terms = {"kd": kd, "ce": loss}
         alpha = self.current("alpha")

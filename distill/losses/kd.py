@@ -56,6 +56,7 @@ def ce_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: Optional[t
         mask = mask.reshape(-1) if mask is not None else None
     if mask is not None:
         labels = torch.where(mask.bool(), labels, torch.full_like(labels, -1))
+    labels = labels.clamp_min(-1)  # (-100, the language-model convention for "no target", counts as -1)
     if not bool((labels < 0).any()):
         return F.cross_entropy(student_logits.float(), labels)
     n = (labels >= 0).sum().clamp_min(1)

@@ -18,7 +18,7 @@ at once.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -61,33 +61,90 @@ def per_position(name: str, log_s: torch.Tensor, log_t: torch.Tensor, beta: floa
     raise KeyError(name)
 
 
-def token_divergence(name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+FLOOR = -1e4  # log-probability standing in for log 0 (exp gives exactly 0 in fp32, and no inf or NaN)
+
+
+def topk_buckets(log_s: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The student's log-probabilities over the teacher's k + 1 buckets: its k ids, then the rest (the tail)."""
+    kept = log_s.gather(-1, ids)
+    tail = torch.logsumexp(log_s.scatter(-1, ids, FLOOR), -1, keepdim=True)
+    return torch.cat([kept, tail], -1)
+
+
+def token_divergence(name: str, student_logits: torch.Tensor, teacher_logits: Any, temperature: float,
                      weights: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
                      chunk: int = CHUNK, **settings: float) -> torch.Tensor:
-    """`name`'s divergence averaged over the masked positions, times T^2, `chunk` positions at a time."""
+    """`name`'s divergence averaged over the masked positions, times T^2, `chunk` positions at a time.
+
+    The teacher is dense logits, or (a cached teacher) `TeacherOutputs` in the top-k form: its k ids and
+    log-probabilities at the temperature plus the tail's log-mass. Then both sides are compared over those
+    k + 1 buckets, the student's tail being its probability outside the teacher's k ids; with k equal to the
+    vocabulary that is the dense divergence."""
+    if not isinstance(teacher_logits, torch.Tensor):
+        return _topk_divergence(name, student_logits, teacher_logits, temperature, weights, mask, chunk, **settings)
     if student_logits.shape != teacher_logits.shape:
         from ..errors import UserError
+        if student_logits.shape[:-1] == teacher_logits.shape[:-1]:
+            raise UserError(f"distill.method: {name}: the student gives {student_logits.shape[-1]:,} logits per "
+                            f"token and the teacher {teacher_logits.shape[-1]:,}; logit KD needs one vocabulary "
+                            f"(set distill.vocab_align: truncate when the tokenizers agree and only the output "
+                            f"layers are padded to different sizes)")
         raise UserError(f"distill.method: {name}: the student gives logits of shape {tuple(student_logits.shape)} "
                         f"and the teacher {tuple(teacher_logits.shape)}; the vocabularies (or classes) must match")
     vocab, t = student_logits.shape[-1], float(temperature)
-    s, te = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
-    lead = student_logits.shape[:-1]
-    w = torch.ones(lead, device=s.device) if mask is None else mask.to(s.device, torch.float32).expand(lead)
-    if weights is not None:  # per sample, over its positions
-        w = w * weights.float().reshape(weights.shape + (1,) * (len(lead) - weights.dim()))
-    w = w.reshape(-1)
+    w = _weights(student_logits, weights, mask)
 
     def chunk_sum(s_c: torch.Tensor, t_c: torch.Tensor, w_c: torch.Tensor) -> torch.Tensor:
         log_s = F.log_softmax(s_c.float() / t, dim=-1)
         log_t = F.log_softmax(t_c.detach().float() / t, dim=-1)
         return (per_position(name, log_s, log_t, **settings) * w_c).sum()
+    return _chunked(chunk_sum, student_logits.reshape(-1, vocab), [teacher_logits.reshape(-1, vocab)], w, chunk) * (t * t)
 
+
+def _weights(student_logits: torch.Tensor, weights: Optional[torch.Tensor], mask: Optional[torch.Tensor]
+             ) -> torch.Tensor:
+    """Per position (flattened): the mask, times the sample's weight."""
+    lead = student_logits.shape[:-1]
+    w = torch.ones(lead, device=student_logits.device) if mask is None else \
+        mask.to(student_logits.device, torch.float32).expand(lead)
+    if weights is not None:  # per sample, over its positions
+        w = w * weights.float().reshape(weights.shape + (1,) * (len(lead) - weights.dim()))
+    return w.reshape(-1)
+
+
+def _chunked(chunk_sum: Callable, s: torch.Tensor, teacher: list, w: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The weighted mean over positions of `chunk_sum`, `chunk` positions at a time (each chunk recomputed in
+    the backward pass when it needs a gradient)."""
     total = s.new_zeros((), dtype=torch.float32)
     recompute = torch.is_grad_enabled() and s.requires_grad and len(s) > chunk
     for i in range(0, len(s), chunk):
-        part = (s[i:i + chunk], te[i:i + chunk], w[i:i + chunk])
+        part = (s[i:i + chunk], *(t[i:i + chunk] for t in teacher), w[i:i + chunk])
         total = total + (checkpoint(chunk_sum, *part, use_reentrant=False) if recompute else chunk_sum(*part))
-    return total / w.sum().clamp_min(1e-12) * (t * t)
+    return total / w.sum().clamp_min(1e-12)
+
+
+def _topk_divergence(name: str, student_logits: torch.Tensor, teacher: Any, temperature: float,
+                     weights: Optional[torch.Tensor], mask: Optional[torch.Tensor], chunk: int,
+                     **settings: float) -> torch.Tensor:
+    from ..errors import UserError
+    if teacher.topk_ids is None:
+        raise UserError(f"distill.method: {name}: the teacher source gives neither dense logits nor top-k outputs")
+    if teacher.topk_ids.shape[:-1] != student_logits.shape[:-1]:
+        raise UserError(f"distill.method: {name}: the top-k teacher outputs cover positions "
+                        f"{tuple(teacher.topk_ids.shape[:-1])}, the student {tuple(student_logits.shape[:-1])}")
+    vocab, k, t = student_logits.shape[-1], teacher.topk_ids.shape[-1], float(temperature)
+    if int(teacher.topk_ids.max()) >= vocab:
+        raise UserError(f"distill.method: {name}: the cached teacher names token {int(teacher.topk_ids.max())}, "
+                        f"outside the student's {vocab:,}-token vocabulary; one tokenizer is needed")
+    device = student_logits.device
+    log_t = torch.cat([teacher.topk_logprobs, teacher.tail_mass], -1).to(device).float().clamp_min(FLOOR)
+
+    def chunk_sum(s_c: torch.Tensor, ids_c: torch.Tensor, t_c: torch.Tensor, w_c: torch.Tensor) -> torch.Tensor:
+        log_s = topk_buckets(F.log_softmax(s_c.float() / t, dim=-1), ids_c)
+        return (per_position(name, log_s, t_c, **settings) * w_c).sum()
+    return _chunked(chunk_sum, student_logits.reshape(-1, vocab),
+                    [teacher.topk_ids.to(device).reshape(-1, k), log_t.reshape(-1, k + 1)],
+                    _weights(student_logits, weights, mask), chunk) * (t * t)
 
 
 def _register(name: str, settings: Optional[str], doc: str) -> Callable:
@@ -96,7 +153,7 @@ def _register(name: str, settings: Optional[str], doc: str) -> Callable:
         return token_divergence(name, student_logits, teacher_logits, temperature, weights, mask, **kw)
     loss.__name__, loss.__doc__ = name, doc
     tags = {"settings": settings} if settings else {}
-    return LOSSES.register(name, group="logits", **tags)(loss)
+    return LOSSES.register(name, group="logits", topk=True, **tags)(loss)
 
 
 forward_kl = _register("forward_kl", None, "KL(p_t || p_s) per position, masked mean, times T^2.")

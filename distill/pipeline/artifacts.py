@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..io import load_meta, load_weights, save_model
 from ..losses import transformer_features
 from ..models import build_model
+from ..models.hf_lm import check_same_tokenizer, fresh_lm, load_causal_lm
 from ..models.hf import fresh_student, is_model_folder, load_classifier, load_folder, load_tokenizer, \
     resolve_hf_path, same_vocabulary, save_folder, select_layers
 from ..recipe import is_text
@@ -102,6 +103,8 @@ class HuggingFaceModels:
         return {**spec, "teacher_hf": run.cfg[TEACHER]["hf"]} if role != TEACHER else spec
 
     def build(self, run: RunDir, role: str) -> nn.Module:
+        if run.data.task == "causal_lm":
+            return self._build_lm(run, role)
         m, t, names = run.cfg[role], run.cfg[TEACHER], run.data.class_names
         if m["hf"]:
             path = resolve_hf_path(m["hf"], f"{role}.hf")
@@ -121,6 +124,25 @@ class HuggingFaceModels:
             return select_layers(base, teacher_layers(ft, base.num_layers), f"{role}.from_teacher")
         c = m["hf_config"]
         return fresh_student(base, c["layers"], c["hidden"], c["heads"], c["intermediate"], f"{role}.hf_config")
+
+    def _build_lm(self, run: RunDir, role: str) -> nn.Module:
+        """A causal LM: loaded (teacher, or a student folder of the same tokenizer), or derived from the
+        teacher (its layers kept by list or every k-th, or a smaller fresh config)."""
+        m, t = run.cfg[role], run.cfg[TEACHER]
+        if m["hf"]:
+            model = load_causal_lm(m["hf"], f"{role}.hf")
+            if role != TEACHER:
+                check_same_tokenizer(m["hf"], run.cfg["data"]["tokenizer"], f"{role}.hf")
+            return model
+        ft = m["from_teacher"]
+        if ft and ft["source"] == "finetuned" and os.path.isdir(run.path(TEACHER)):
+            base = load_saved(run, TEACHER)
+        else:
+            base = load_causal_lm(t["hf"], "teacher.hf")
+        if ft:
+            return select_layers(base, teacher_layers(ft, base.num_layers), f"{role}.from_teacher")
+        c = m["hf_config"]
+        return fresh_lm(base, c["layers"], c["hidden"], c["heads"], c["intermediate"], f"{role}.hf_config")
 
     def artifact(self, name: str) -> str:
         return name

@@ -26,6 +26,7 @@ from ..launch import is_main_process
 from ..engine.trainer import TrainingDiverged
 from ..errors import UserError
 from ..evaluate import mean_std
+from ..tasks import task_for
 from ..io import write_json
 from ..recipe import Recipe
 from ..roles import SCRATCH, STUDENT, TEACHER
@@ -127,11 +128,13 @@ def preflight(run: RunDir) -> None:
     assistants = [chain.build(run, i, s) for i, s in enumerate(chain.specs(run))]
     chain.check_auto(run, assistants, teacher, student)
     links = [teacher, *assistants, student]
-    x, y = run.data.x_train[:2], run.data.y_train[:2]
+    task = task_for(run.data)
+    batch = task.collate(run.data, torch.arange(2), run.cfg["data"]["transforms"], 0)
     for prev, nxt in zip(links, links[1:]):
         t_shapes, s_shapes = feature_shapes(run, prev, nxt, run.dcfg)
         source = teacher_source(run, prev, "online", quiet=True)
-        Objective(nxt, run.dcfg, source, t_shapes, s_shapes, n_train=len(run.data.y_train))(x, y, torch.arange(2))
+        Objective(nxt, run.dcfg, source, t_shapes, s_shapes, task=task, n_train=len(run.data.y_train))(
+            batch.x, batch.y, batch.idx, batch.mask)
 
 
 def run(recipe: Recipe, out: Optional[str] = None, echo: Callable[[str], None] = print, resume: bool = False,

@@ -33,7 +33,6 @@ from ..models import count_params
 from ..monitor import retention_monitor, with_reaction
 from ..roles import SCRATCH, STUDENT, TEACHER, log_name
 from ..teachers import cache_key, default_cache_dir, load_or_build, online_source, teacher_forward
-from ..teachers.cache import CachedOutputs
 from .artifacts import artifact, build_role, distill_settings, load_saved, model_spec, save_role
 from .rundir import RunDir
 from .stage import Stage, run_stage
@@ -106,9 +105,12 @@ def teacher_mode(run: RunDir) -> str:
 
 
 def soft_labels(run: RunDir, teacher: Optional[nn.Module] = None, data: Optional[DataBundle] = None,
-                dcfg: Optional[Dict[str, Any]] = None) -> CachedOutputs:
-    """Teacher logits (and hooked features) on the un-augmented training inputs, from the on-disk cache."""
+                dcfg: Optional[Dict[str, Any]] = None):
+    """Teacher logits (and hooked features) on the un-augmented training inputs, from the on-disk cache (for
+    a language model with `distill.topk`, the top-k cache)."""
     teacher, data = teacher or load_saved(run, TEACHER), data or run.data
+    if (dcfg or distill_settings(run))["topk"]:
+        return topk_labels(run, teacher, data, dcfg or distill_settings(run))
     layers = [f["teacher"] for f in (dcfg or distill_settings(run))["features"]]
     if layers and data.variable_length:
         from ..errors import UserError
@@ -131,6 +133,35 @@ def soft_labels(run: RunDir, teacher: Optional[nn.Module] = None, data: Optional
         write_json(run.path("soft_labels.json"), {"cache_key": key, "cache_dir": cache_dir, "layers": layers})
     memo[key] = outputs
     return outputs
+
+
+def topk_labels(run: RunDir, teacher: nn.Module, data: DataBundle, dcfg: Dict[str, Any]):
+    """The teacher's top-k tokens at each position the student learns from, from the on-disk cache: built
+    (resumably) when absent, refused when it was built for another tokenizer, teacher or data."""
+    from ..models.hf import load_tokenizer, tokenizer_hash
+    from ..teachers import topk
+    memo = run.__dict__.setdefault("soft_label_entries", {})
+    tok = tokenizer_hash(load_tokenizer(data.tokenizer, "data.tokenizer")) if data.tokenizer else \
+        sha256_json(data.class_names)[:16]
+    want = topk.expected(weights_sha256(teacher), tok, getattr(teacher, "vocab_size", data.num_classes), dcfg["topk"],
+                         dcfg["temperature"], data.fingerprint, len(data.y_train))
+    key = "topk-" + sha256_json(want)[:24]
+    if key in memo:
+        return memo[key]
+    cache_dir = run.cfg["output"]["cache_dir"] or default_cache_dir()
+    t0 = time.perf_counter()
+    cache, hit = topk.load_or_build(teacher, data.x_train, data.y_train, os.path.join(cache_dir, key), want,
+                                    run.cfg["data"]["eval_batch_size"], run.runtime, run.echo)
+    m = cache.manifest
+    run.event(f"top-k soft labels: cache {'hit' if hit else 'miss, computed'} ({os.path.join(cache_dir, key)}): "
+              f"k={m['k']}, {m['tokens']:,} positions, {m['bytes_per_token']:.0f} bytes per position (dense fp16: "
+              f"{m['dense_fp16_bytes_per_token']:,})", cache_key=key, hit=hit, k=m["k"], tokens=m["tokens"],
+              bytes_per_token=m["bytes_per_token"], seconds=round(time.perf_counter() - t0, 3))
+    if run.runtime.is_main:
+        write_json(run.path("soft_labels.json"), {"cache_key": key, "cache_dir": cache_dir, "topk": m["k"],
+                                                  "bytes_per_token": m["bytes_per_token"]})
+    memo[key] = cache
+    return cache
 
 
 def teacher_source(run: RunDir, teacher: nn.Module, mode: str, quiet: bool = False,

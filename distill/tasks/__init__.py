@@ -31,7 +31,10 @@ class Task(Protocol):
 
     def metrics(self, outputs: torch.Tensor, y: torch.Tensor, ecfg: Dict[str, Any]) -> Dict[str, float]: ...
 
+    # optional: `evaluate(model, x, y, ecfg, batch_size, runtime, path)`, the test metrics computed from the
+    # model itself (batch by batch, or by generating) instead of `metrics` on all its outputs at once
+
 
 def task_for(data: Any = None) -> Task:
     """The task of a data bundle (classification unless the data says otherwise, or no data is given)."""
-    return TASKS.get(getattr(data, "task", "classification"), "task")()
+    return TASKS.get(getattr(data, "task", "classification"), "task")(data)

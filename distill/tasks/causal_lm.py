@@ -1,25 +1,119 @@
-"""Causal language modelling: each sample is a window of tokens, the target the same window shifted by one;
-every position counts (the batch's mask), the model is selected by validation loss, and the test metrics are
-the loss per token, bits per character (for character tokens, the loss in bits) and perplexity."""
+"""Causal language modelling: each sample is a sequence of tokens, the target the same sequence shifted by one
+(-100 where no loss counts: the prompt, the padding). The batch's mask is the positions with a target; the
+model is selected by validation loss, and the test metrics are the loss per target token, perplexity, top-1
+accuracy, bits per character for character vocabularies, and, for prompt/completion data of a Hugging Face
+model, exact match of greedy completions (`evaluate.exact_match`).
+
+Scores are summed batch by batch (never all logits at once: 100 sequences x 256 tokens x 49k vocabulary
+would be 5 GB), and with several processes each scores its own rows and the sums are added up.
+"""
 from __future__ import annotations
 
 import math
-from typing import Any, Dict
+import re
+import time
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.datasets import last_target
 from ..engine.batch import Batch
-from ..engine.inference import predict
+from ..engine.inference import model_device
 from ..registry import TASKS
 
 
+def trimmed(x: torch.Tensor, y: torch.Tensor) -> tuple:
+    """The columns up to the batch's longest real sequence (the padding after it trains nothing)."""
+    width = max(int(last_target(y).max()), 1) if len(y) else y.shape[1]
+    return x[:, :width], y[:, :width]
+
+
+def token_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, runtime: Any = None) -> torch.Tensor:
+    """[summed next-token cross-entropy (nats), correctly predicted tokens, target tokens] over the rows, in
+    float64, in eval mode without a graph."""
+    rows = range(len(x))
+    if runtime is not None and runtime.distributed:
+        from ..engine.runtime import shard
+        rows = shard(len(x), runtime.world_size, runtime.rank)
+    was_training, device = model.training, model_device(model)
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)
+    try:
+        with torch.inference_mode():
+            for i in range(rows.start, rows.stop, batch_size):
+                xb, yb = trimmed(x[i:min(i + batch_size, rows.stop)], y[i:min(i + batch_size, rows.stop)])
+                logits = model(xb.to(device)).float().cpu()
+                flat, target = logits.reshape(-1, logits.shape[-1]), yb.reshape(-1)
+                sums += torch.tensor([F.cross_entropy(flat, target, ignore_index=-100, reduction="sum").item(),
+                                      ((flat.argmax(-1) == target) & (target >= 0)).sum().item(),
+                                      (target >= 0).sum().item()], dtype=torch.float64)
+    finally:
+        model.train(was_training)
+    return runtime.sum(sums) if runtime is not None and runtime.distributed else sums
+
+
+def scores(sums: torch.Tensor, characters: bool) -> Dict[str, float]:
+    loss = float(sums[0] / sums[2].clamp_min(1))
+    out = {"loss": loss, "perplexity": math.exp(min(loss, 80.0)), "accuracy": float(sums[1] / sums[2].clamp_min(1))}
+    if characters:
+        out["bpc"] = loss / math.log(2)
+    return out
+
+
 def token_metrics(logits: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
-    """Mean next-token cross-entropy (nats), bits per token, perplexity and top-1 accuracy over all positions."""
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1)).item()
-    return {"loss": loss, "bpc": loss / math.log(2), "perplexity": math.exp(min(loss, 80.0)),
-            "accuracy": (logits.argmax(-1) == y).float().mean().item()}
+    """Mean next-token cross-entropy (nats), bits per token, perplexity and top-1 accuracy over the targets."""
+    flat, target = logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1)
+    keep = target >= 0
+    sums = torch.tensor([F.cross_entropy(flat, target, ignore_index=-100, reduction="sum").item(),
+                         ((flat.argmax(-1) == target) & keep).sum().item(), keep.sum().item()], dtype=torch.float64)
+    return scores(sums, True)
+
+
+def prompts_and_answers(x: torch.Tensor, y: torch.Tensor) -> tuple:
+    """Per row, the prompt's token ids (the input up to the first target) and the reference completion's
+    (the targets)."""
+    prompts, answers = [], []
+    for xr, yr in zip(x.tolist(), y.tolist()):
+        first = next(i for i, t in enumerate(yr) if t >= 0)
+        prompts.append(xr[:first + 1])
+        answers.append([t for t in yr if t >= 0])
+    return prompts, answers
+
+
+def extract(text: str, pattern: Optional[str]) -> Optional[str]:
+    """The answer in a completion: the last match of `pattern` (its first group, if it has one), else the
+    whole text stripped."""
+    if not pattern:
+        return text.strip()
+    found = list(re.finditer(pattern, text))
+    if not found:
+        return None
+    m = found[-1]
+    return (m.group(1) if m.groups() else m.group(0)).strip()
+
+
+def exact_match(model: nn.Module, tokenizer: Any, x: torch.Tensor, y: torch.Tensor, cfg: Dict[str, Any],
+                batch_size: int = 8) -> Dict[str, Any]:
+    """Greedy completions of the first `cfg.rows` prompts, scored by exact match of the extracted answer
+    against the reference's; with the decode rate (tokens/s at `batch_size`) and a few samples."""
+    prompts, answers = prompts_and_answers(x[:cfg["rows"]], y[:cfg["rows"]])
+    hits, generated, samples, t0 = 0, 0, [], time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        outs = model.complete(prompts[i:i + batch_size], cfg["max_new_tokens"])
+        for j, (tokens, _ended) in enumerate(outs):
+            generated += len(tokens)
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            ref = tokenizer.decode(answers[i + j], skip_special_tokens=True)
+            got, want = extract(text, cfg["answer"]), extract(ref, cfg["answer"])
+            hits += got is not None and got == want
+            if len(samples) < 3:
+                samples.append({"prompt": tokenizer.decode(prompts[i + j], skip_special_tokens=True)[-200:],
+                                "completion": text[:300], "reference": ref[:300]})
+    seconds = time.perf_counter() - t0
+    return {"exact_match": hits / max(len(prompts), 1), "decode_tokens_per_s": generated / seconds,
+            "samples": samples}
 
 
 @TASKS.register("causal_lm")
@@ -27,12 +121,17 @@ class CausalLM:
     name = "causal_lm"
     select_metric = "val_loss"
 
+    def __init__(self, data: Any = None) -> None:
+        self.characters = data is None or bool(getattr(data, "class_names", None))  # (a character vocabulary)
+
     def lower_is_better(self, metric: str) -> bool:
         return metric.endswith(("loss", "bpc", "perplexity"))
 
     def collate(self, data: Any, idx: torch.Tensor, transforms: Dict[str, Any], seed: int) -> Batch:
         x, y = data.x_train[idx], data.y_train[idx]
-        return Batch(x, y, idx, torch.ones(y.shape, dtype=torch.bool))
+        if data.pad_id is not None:  # (prompt/completion sequences of unequal length)
+            x, y = trimmed(x, y)
+        return Batch(x, y, idx, y >= 0)
 
     def counts(self, logits: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Correctly predicted next tokens and how many were predicted (the training accuracy)."""
@@ -41,8 +140,18 @@ class CausalLM:
     def validate(self, model: nn.Module, data: Any, batch_size: int, runtime: Any = None) -> Dict[str, float]:
         if not len(data.y_val):
             return {}
-        m = token_metrics(predict(model, data.x_val, batch_size, runtime), data.y_val)
-        return {"val_loss": m["loss"], "val_bpc": m["bpc"], "val_accuracy": m["accuracy"]}
+        m = scores(token_sums(model, data.x_val, data.y_val, batch_size, runtime), self.characters)
+        return {"val_loss": m["loss"], "val_accuracy": m["accuracy"], **({"val_bpc": m["bpc"]} if "bpc" in m else {})}
+
+    def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ecfg: Dict[str, Any], batch_size: int,
+                 runtime: Any = None, path: Optional[str] = None) -> Dict[str, Any]:
+        out: Dict[str, Any] = scores(token_sums(model, x, y, batch_size, runtime), self.characters)
+        em = ecfg.get("exact_match") or {}
+        if em.get("rows") and hasattr(model, "complete") and path and (runtime is None or runtime.is_main):
+            from ..models.hf import load_tokenizer
+            out.update(exact_match(model, load_tokenizer(path, "evaluate.exact_match"), x, y, em))
+        return out
 
     def metrics(self, logits: torch.Tensor, y: torch.Tensor, ecfg: Dict[str, Any]) -> Dict[str, float]:
         return token_metrics(logits, y)
+

@@ -20,6 +20,9 @@ class Classification:
     name = "classification"
     select_metric = "val_accuracy"
 
+    def __init__(self, data: Any = None) -> None:
+        pass
+
     def lower_is_better(self, metric: str) -> bool:
         return metric.endswith("loss")
 

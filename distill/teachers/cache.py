@@ -49,8 +49,14 @@ class CachedOutputs:
                               {k: torch.from_numpy(np.ascontiguousarray(v[rows])) for k, v in self.features.items()})
 
     def source(self):
-        """A teacher source: the cached outputs of the batch's sample indices (the inputs are not read)."""
-        return lambda x, idx: self.batch(idx)
+        """A teacher source: the cached outputs of the batch's sample indices (the inputs are read for their
+        length only: a language model's batch is cut after its longest sequence)."""
+        def source(x: torch.Tensor, idx: torch.Tensor) -> TeacherOutputs:
+            out = self.batch(idx)
+            if out.logits.dim() == 3 and out.logits.shape[1] != x.shape[1]:
+                out.logits = out.logits[:, :x.shape[1]]
+            return out
+        return source
 
 
 def load_or_build(teacher: nn.Module, x_train: torch.Tensor, key: str, cache_dir: str,

