@@ -121,3 +121,12 @@ def test_different_vocabularies_are_refused(logits):
     s, t, mask = logits
     with pytest.raises(UserError, match=r"student gives 7 logits per token and the teacher 6; .*vocab_align: truncate"):
         token_divergence("forward_kl", s, t[..., :6], 1.0, mask=mask)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl"])
+def test_gradcheck(name):
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(2, 3, 5, generator=g, dtype=torch.float64).requires_grad_(True)
+    t = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    assert torch.autograd.gradcheck(lambda z: token_divergence(name, z, t, 2.0, mask=mask), (s,))

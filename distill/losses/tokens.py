@@ -61,6 +61,11 @@ def per_position(name: str, log_s: torch.Tensor, log_t: torch.Tensor, beta: floa
     raise KeyError(name)
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 up to fp32 (the losses are computed in fp32); fp64 kept (gradcheck)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 FLOOR = -1e4  # log-probability standing in for log 0 (exp gives exactly 0 in fp32, and no inf or NaN)
 
 
@@ -95,8 +100,8 @@ def token_divergence(name: str, student_logits: torch.Tensor, teacher_logits: An
     w = _weights(student_logits, weights, mask)
 
     def chunk_sum(s_c: torch.Tensor, t_c: torch.Tensor, w_c: torch.Tensor) -> torch.Tensor:
-        log_s = F.log_softmax(s_c.float() / t, dim=-1)
-        log_t = F.log_softmax(t_c.detach().float() / t, dim=-1)
+        log_s = F.log_softmax(_at_least_fp32(s_c) / t, dim=-1)
+        log_t = F.log_softmax(_at_least_fp32(t_c.detach()) / t, dim=-1)
         return (per_position(name, log_s, log_t, **settings) * w_c).sum()
     return _chunked(chunk_sum, student_logits.reshape(-1, vocab), [teacher_logits.reshape(-1, vocab)], w, chunk) * (t * t)
 
@@ -115,7 +120,7 @@ def _weights(student_logits: torch.Tensor, weights: Optional[torch.Tensor], mask
 def _chunked(chunk_sum: Callable, s: torch.Tensor, teacher: list, w: torch.Tensor, chunk: int) -> torch.Tensor:
     """The weighted mean over positions of `chunk_sum`, `chunk` positions at a time (each chunk recomputed in
     the backward pass when it needs a gradient)."""
-    total = s.new_zeros((), dtype=torch.float32)
+    total = s.new_zeros((), dtype=torch.promote_types(s.dtype, torch.float32))
     recompute = torch.is_grad_enabled() and s.requires_grad and len(s) > chunk
     for i in range(0, len(s), chunk):
         part = (s[i:i + chunk], *(t[i:i + chunk] for t in teacher), w[i:i + chunk])
@@ -137,10 +142,10 @@ def _topk_divergence(name: str, student_logits: torch.Tensor, teacher: Any, temp
         raise UserError(f"distill.method: {name}: the cached teacher names token {int(teacher.topk_ids.max())}, "
                         f"outside the student's {vocab:,}-token vocabulary; one tokenizer is needed")
     device = student_logits.device
-    log_t = torch.cat([teacher.topk_logprobs, teacher.tail_mass], -1).to(device).float().clamp_min(FLOOR)
+    log_t = _at_least_fp32(torch.cat([teacher.topk_logprobs, teacher.tail_mass], -1).to(device)).clamp_min(FLOOR)
 
     def chunk_sum(s_c: torch.Tensor, ids_c: torch.Tensor, t_c: torch.Tensor, w_c: torch.Tensor) -> torch.Tensor:
-        log_s = topk_buckets(F.log_softmax(s_c.float() / t, dim=-1), ids_c)
+        log_s = topk_buckets(F.log_softmax(_at_least_fp32(s_c) / t, dim=-1), ids_c)
         return (per_position(name, log_s, t_c, **settings) * w_c).sum()
     return _chunked(chunk_sum, student_logits.reshape(-1, vocab),
                     [teacher.topk_ids.to(device).reshape(-1, k), log_t.reshape(-1, k + 1)],

@@ -57,7 +57,7 @@ def topk_of(logits: torch.Tensor, k: int, temperature: float) -> tuple:
     """(ids, log-probabilities, tail log-mass) of the k most likely tokens at `temperature`."""
     log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
     values, ids = log_p.topk(min(k, log_p.shape[-1]), dim=-1)
-    tail = torch.log((1 - values.double().exp().sum(-1)).clamp_min(0)).float()
+    tail = torch.logsumexp(log_p.scatter(-1, ids, float("-inf")), -1)  # (exact, not log(1 - sum): no rounding)
     return ids, values, tail.clamp_min(FLOOR)
 
 

