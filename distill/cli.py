@@ -13,7 +13,7 @@ from .roles import MODELS_OUT, SCRATCH, STUDENT, TEACHER
 
 DEFAULT_RECIPE = "digits"
 MODEL_NAMES = (STUDENT, SCRATCH, TEACHER)
-NEEDS = {"soft-labels": (TEACHER,), "train-student": (TEACHER,), "evaluate": MODELS_OUT}
+NEEDS = {"generate": (TEACHER,), "soft-labels": (TEACHER,), "train-student": (TEACHER,), "evaluate": MODELS_OUT}
 
 
 def _recipe_args(p: argparse.ArgumentParser, target_help: str) -> None:
@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage_help = ("a run folder holding recipe.yaml (from an earlier run), or a recipe file/name; "
                   "default: the bundled 'digits' recipe")
     for name, what in (("train-teacher", "train the teacher (or load its checkpoint)"),
+                       ("generate", "the teacher writes training completions (sequence-level KD, distill."
+                                    "sequence_kd): sampled, verified, resumable"),
                        ("soft-labels", "compute or reuse the cached teacher outputs"),
                        ("train-student", "train the distilled student and the no-distillation baseline"),
                        ("evaluate", "evaluate teacher and students on the test split, write metrics.json")):
@@ -393,8 +395,9 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 LOST_PEER = re.compile(r"gloo|nccl|Connection (reset|closed|refused)|timed out|Timeout|peer", re.I)
 
 # What each stage command runs of the plan (the stages it leaves out are read from the run folder).
-STAGES = {"train-teacher": ("teacher",), "soft-labels": ("soft_labels",),
-          "train-student": ("assistant", "soft_labels", "baseline", "student"), "evaluate": ("evaluate",)}
+STAGES = {"train-teacher": ("teacher",), "generate": ("generate",), "soft-labels": ("soft_labels",),
+          "train-student": ("assistant", "generate", "soft_labels", "baseline", "student"),
+          "evaluate": ("evaluate",)}
 
 
 def _run_command(args: argparse.Namespace, recipe, out: Optional[str]) -> int:
@@ -420,12 +423,19 @@ def _run_command(args: argparse.Namespace, recipe, out: Optional[str]) -> int:
     needs = [n for n in NEEDS.get(args.command, ()) if n != SCRATCH or recipe.cfg["baseline"]]
     for name in needs:  # checked before the run folder is touched
         require_saved(run_folder(recipe, out), name)
+    seq = recipe.cfg["distill"]["sequence_kd"]
+    if args.command == "generate" and not (seq["samples"] or seq["windows"]):
+        raise UserError("distill.sequence_kd: set samples (prompt/completion data) or windows (text_lm) for the "
+                        "teacher to write anything")
     rd = RunDir(recipe, out, _echo, **flags)
     records = plan.execute(rd, STAGES[args.command], check=args.command != "evaluate")
     if not rd.runtime.is_main:
         return 0
     if args.command == "train-teacher":
         print(f"teacher: {require_saved(rd.out, 'teacher')}")
+    elif args.command == "generate":
+        seq = recipe.cfg["distill"]["sequence_kd"]
+        print(f"teacher samples: {rd.path('teacher_samples.jsonl' if seq['samples'] else 'teacher_samples.safetensors')}")
     elif args.command == "soft-labels":
         print(f"soft labels: {rd.path('soft_labels.json')}")
     elif args.command == "train-student":

@@ -141,7 +141,7 @@ SCHEMA: Dict[str, Any] = {
     "description": F((str,), ""),
     "data": {
         "dataset": F((str,), "digits", choices=("digits", "breast_cancer", "npz", "csv", "text", "text_lm",
-                                                              "completions")),
+                                                              "completions", "arith")),
         "path": F((str,), None),
         "test_path": F((str,), None),  # csv/text: a separate test file (else a stratified test split)
         "label_column": F((str,), "label"),  # csv: the class column; every other column is a feature
@@ -153,6 +153,10 @@ SCHEMA: Dict[str, Any] = {
         "prompt_column": F((str,), "prompt"),
         "completion_column": F((str,), "completion"),
         "chat_template": F((bool,), False),
+        # arith: distill's seeded multi-step arithmetic problems with worked column steps (data/arith.py), as
+        # prompt/completion rows; the test problems are disjoint from the training ones
+        "arith": {"train": F((int,), 600, positive), "test": F((int,), 100, positive),
+                  "operations": F((int,), 2, positive), "digits": F((int,), 2, positive)},
         "sampling": F((str,), "random", choices=("random", "stratified", "balanced")),
         "as_image": F((bool,), False),
         "train_subset": F((int,), None, positive),  # keep a stratified random subset of this many training rows
@@ -194,6 +198,11 @@ SCHEMA: Dict[str, Any] = {
         # language models: cache the teacher's top-k tokens per position (with the tail's mass) instead of dense
         # logits; 0 keeps dense logits. The token losses (forward_kl, reverse_kl, jsd, skew_*, tvd) read it
         "topk": F((int,), 0, non_negative),
+        # on-policy KD (GKD, prompt/completion data): with probability `fraction` (TRL's lambda) a batch is replaced
+        # by the student's own completions of its prompts (sampled at `temperature`), which the teacher scores
+        # online; the divergence of distill.method on those is the batch's loss
+        "on_policy": {"fraction": F(NUM, 0.0, unit_interval), "temperature": F(NUM, 1.0, positive),
+                      "max_new_tokens": F((int,), 128, positive)},
         "skew": {"alpha": F(NUM, 0.1, unit_interval)},
         # features[i].loss: crd (its embeddings and memory banks train in the objective, never exported)
         "crd": {"embed_dim": F((int,), 128, positive), "negatives": F((int,), 4096, positive),
@@ -208,6 +217,14 @@ SCHEMA: Dict[str, Any] = {
             "prompt": F((int,), 8, positive),
             "temperature": F(NUM, 1.0, positive),
             "replace": F((bool,), True),
+            # prompt/completion data (the R1 practice, `distill generate`): `samples` completions per training
+            # prompt, sampled at temperature / top_p, `max_new_tokens` at most (a truncated one is dropped);
+            # `verify` keeps those whose answer (evaluate.exact_match.answer) matches the reference's
+            "samples": F((int,), 0, non_negative),
+            "top_p": F(NUM, 1.0, lambda v: None if 0 < v <= 1 else "must be > 0 and <= 1"),
+            "max_new_tokens": F((int,), 256, positive),
+            "verify": F((bool,), False),
+            "batch_size": F((int,), 8, positive),
         },
         # per-sample KD weight: none, or the teacher's confidence (top probability, batch mean 1)
         "sample_weight": F((str,), "none", choices=("none", "confidence")),
@@ -389,7 +406,10 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
         _need_file(data["path"], "data.path", "the .npz file with x_train, y_train, x_test, y_test")
     if data["dataset"] == "text_lm":
         _lm_checks(cfg)
-    elif cfg["distill"]["sequence_kd"]["windows"]:
+    if cfg["distill"]["sequence_kd"]["samples"] and data["dataset"] not in ("completions", "arith"):
+        raise UserError("distill.sequence_kd.samples: teacher-written completions are for prompt/completion data "
+                        "(data.dataset: completions or arith); text_lm uses sequence_kd.windows")
+    if data["dataset"] != "text_lm" and cfg["distill"]["sequence_kd"]["windows"]:
         raise UserError("distill.sequence_kd.windows: sequence-level KD is for language models (data.dataset: "
                         "text_lm)")
     if data["dataset"] == "csv":
@@ -473,7 +493,7 @@ def _topk_checks(cfg: Dict[str, Any]) -> None:
     if not d["topk"]:
         return
     from .registry import LOSSES
-    lm = cfg["data"]["dataset"] in ("text_lm", "completions")
+    lm = cfg["data"]["dataset"] in ("text_lm", "completions", "arith")
     problems = [("data.dataset", not lm, "a top-k cache is for language models (text_lm, completions)"),
                 ("distill.method", not LOSSES.tags(d["method"]).get("topk"),
                  f"{d['method']} reads dense logits; use forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl or tvd"),
@@ -492,7 +512,8 @@ def _completion_checks(cfg: Dict[str, Any]) -> None:
     """Causal LMs on prompt/completion JSONL: Hugging Face models, the teacher's tokenizer by default."""
     from .models.hf import resolve_hf_path
     data, d = cfg["data"], cfg["distill"]
-    _need_file(data["path"], "data.path", "a .jsonl file of {prompt, completion} or {messages} rows")
+    if data["dataset"] == "completions":
+        _need_file(data["path"], "data.path", "a .jsonl file of {prompt, completion} or {messages} rows")
     if data["test_path"]:
         _need_file(data["test_path"], "data.test_path", "the test .jsonl file")
     for role in ("teacher", "student"):
@@ -504,11 +525,26 @@ def _completion_checks(cfg: Dict[str, Any]) -> None:
         raise UserError(f"data.tokenizer: {data['tokenizer']}: no such folder or GGUF file")
     for key, used in (("distill.layers", d["layers"]["hidden"] != "none" or d["layers"]["attention"] != "none"),
                       ("distill.data", d["data"]["mask"] or d["data"]["substitute"] or d["data"]["eda"]),
-                      ("compress.steps", bool(cfg["compress"]["steps"]))):
+                      ("compress.steps", bool(cfg["compress"]["steps"])),
+                      ("distill.assistants", bool(d["assistants"]))):
         if used:
             raise UserError(f"{key}: not for prompt/completion language models (data.dataset: completions)")
     if data["sampling"] != "random" or data["label_fraction"] != 1.0:
         raise UserError("data.sampling / data.label_fraction: completions have no classes; remove them")
+    if d["on_policy"]["fraction"]:
+        from .registry import LOSSES
+        if d["teacher_outputs"] == "cached" or d["topk"]:
+            raise UserError("distill.on_policy: the teacher scores the student's own samples as they are made, so "
+                            "it runs online; remove distill.teacher_outputs: cached / distill.topk")
+        if not LOSSES.tags(d["method"]).get("topk"):
+            raise UserError(f"distill.on_policy: give a token divergence as distill.method (jsd, forward_kl, "
+                            f"reverse_kl, ...), not {d['method']}")
+    seq = d["sequence_kd"]
+    if seq["verify"] and not cfg["evaluate"]["exact_match"]["answer"]:
+        raise UserError("distill.sequence_kd.verify: needs evaluate.exact_match.answer, the regex that finds the "
+                        "answer in a completion (e.g. 'Answer:\\s*(-?\\d+)')")
+    if seq["samples"] and seq["temperature"] <= 0:
+        raise UserError("distill.sequence_kd.temperature: sampling needs a temperature > 0")
 
 
 def _selection_checks(cfg: Dict[str, Any]) -> None:
@@ -575,7 +611,7 @@ def is_text(cfg: Dict[str, Any], role: str) -> bool:
 
 def _text_checks(cfg: Dict[str, Any]) -> None:
     """Transformers need text data and vice versa; students derived from the teacher need a teacher folder."""
-    text_data = cfg["data"]["dataset"] in ("text", "completions")
+    text_data = cfg["data"]["dataset"] in ("text", "completions", "arith")
     for role in ("teacher", "student"):
         if is_text(cfg, role) != text_data:
             need = "data.dataset: text" if not text_data else "a transformer (hf, from_teacher or hf_config)"
@@ -598,7 +634,7 @@ def _text_checks(cfg: Dict[str, Any]) -> None:
         missing = [k for k, v in s["hf_config"].items() if v is None]
         if missing:
             raise UserError(f"student.hf_config: missing {', '.join(missing)}")
-    if cfg["data"]["dataset"] == "completions":
+    if cfg["data"]["dataset"] in ("completions", "arith"):
         return _completion_checks(cfg)
     layers, ddata = cfg["distill"]["layers"], cfg["distill"]["data"]
     lm = layers["map"]

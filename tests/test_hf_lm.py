@@ -237,3 +237,119 @@ def test_vocab_align_truncate_compares_the_shared_logits_only():
     loss, parts = Objective(student, {**dcfg, "vocab_align": "truncate"}, source)(x, y, torch.arange(2))
     want = token_divergence("forward_kl", student(x), teacher(x)[..., :7].detach(), 1.0)
     assert torch.allclose(parts["kd"], want)
+
+
+class _Scribe:
+    """A fake teacher: completes a prompt with tokens drawn from (prompt, seed); dies after `fail_after` calls."""
+    eos_id = 2
+
+    def __init__(self, fail_after=None):
+        self.calls, self.fail_after = 0, fail_after
+
+    def complete(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt  # (a kill, as far as the file is concerned)
+        self.calls += 1
+        out = []
+        for j, p in enumerate(prompts):
+            g = torch.Generator().manual_seed(seed * 7919 + sum(p) * 31 + j)
+            n = int(torch.randint(1, max_new_tokens + 3, (1,), generator=g))
+            ids = torch.randint(5, 20, (min(n, max_new_tokens),), generator=g).tolist()
+            out.append((ids + [2], True) if n <= max_new_tokens else (ids, False))
+        return out
+
+
+class _Decoder:
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids if not (skip_special_tokens and i == 2))
+
+
+def test_generation_is_resumable_with_no_row_twice_or_missing(tmp_path):
+    from distill.teachers.generate import generate
+    prompts = [[1, i, i + 1] for i in range(23)]
+    refs = [[5, 2]] * 23
+    settings = {"samples": 3, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "verify": False, "batch_size": 4}
+    prov = {"teacher": "t", "seed": 5}
+    whole = generate(_Scribe(), _Decoder(), prompts, refs, settings, None, str(tmp_path / "a.jsonl"), prov, False)
+    out = str(tmp_path / "b.jsonl")
+    with pytest.raises(KeyboardInterrupt):
+        generate(_Scribe(fail_after=3), _Decoder(), prompts, refs, settings, None, out, prov, False)
+    assert not os.path.exists(out)  # nothing published yet; the partial file holds 3 batches
+    with open(out + ".partial", "a") as fh:  # and a line cut by the kill
+        fh.write('{"batch": 3, "row": 12, "sa')
+    resumed = generate(_Scribe(), _Decoder(), prompts, refs, settings, None, out, prov, False)
+    assert resumed["resumed_batches"] == 3 and resumed["generated"] == whole["generated"] == 69
+    assert open(out).read() == open(tmp_path / "a.jsonl").read()
+    assert whole["truncated"] > 0 and whole["kept"] == 69 - whole["truncated"]  # cut outputs are dropped
+    assert not os.path.exists(out + ".partial")
+    prov_file = json.load(open(out + ".provenance.json"))
+    assert prov_file["teacher"] == "t" and prov_file["seed"] == 5 and prov_file["settings"]["samples"] == 3
+
+
+def test_verifier_keeps_only_correct_answers(tmp_path):
+    from distill.teachers.generate import generate
+
+    class Answers(_Scribe):
+        def complete(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0):
+            return [([5 + (j % 2), 2], True) for j, _ in enumerate(prompts)]  # right, wrong, right, ...
+    settings = {"samples": 2, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "verify": True, "batch_size": 8}
+    counts = generate(Answers(), _Decoder(), [[1, 3]] * 4, [[5, 2]] * 4, settings, r"(\d+)", str(tmp_path / "v.jsonl"),
+                      {"teacher": "t", "seed": 0}, False)
+    assert counts["kept"] == 4 and counts["wrong"] == 4
+    assert all(json.loads(line)["completion"] == "5" for line in open(tmp_path / "v.jsonl"))
+
+
+LM_RESUME = {"train": {"checkpoint_every": 2}}
+
+
+def _lm_run(tmp_path, name, llama, extra=()):
+    r = lm_recipe(str(tmp_path), distill={"method": "jsd", "temperature": 1.0, "alpha": 0.5,
+                                          "on_policy": {"fraction": 0.5, "max_new_tokens": 6},
+                                          "sequence_kd": {"samples": 2, "max_new_tokens": 12, "replace": False}},
+                  evaluate={"latency_runs": 1, "throughput_batch": 2, "exact_match": {"rows": 0}},
+                  baseline=False)
+    r["teacher"]["hf"] = llama
+    r["train"] = {"checkpoint_every": 2}
+    r["student"]["train"]["epochs"] = 3
+    r["output"]["dir"] = str(tmp_path / name)
+    path = tmp_path / f"{name}.yaml"
+    yaml.safe_dump(r, open(path, "w"))
+    return [sys.executable, "-m", "distill.cli", "run", str(path), *extra]
+
+
+def test_lm_run_with_generation_and_on_policy_resumes_bitwise_after_sigkill(tmp_path, llama):
+    import random
+    import signal
+    import time
+    from safetensors.torch import load_file
+    env = {**os.environ, "DISTILL_CACHE": str(tmp_path / "cache"), "DISTILL_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    ref = subprocess.run(_lm_run(tmp_path, "ref", llama), env=env, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    rng, kills, out = random.Random(0), 0, tmp_path / "killed"
+
+    def progress():  # checkpoints and finished stages: they change only when the run has really moved on
+        ck = sorted(f for _, _, fs in os.walk(out / "checkpoints") for f in fs) if (out / "checkpoints").exists() else []
+        return ck, (out / "stages.json").read_text() if (out / "stages.json").exists() else ""
+    for attempt in range(12):
+        before = progress()
+        p = subprocess.Popen(_lm_run(tmp_path, "killed", llama, ["--resume"] if attempt else []), env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while p.poll() is None and progress() == before:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.8))  # then kill at a random point: mid-step, mid-generation, mid-write
+        if p.poll() is None and kills < 4:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            kills += 1
+            continue
+        assert p.wait(timeout=600) == 0, p.stderr.read()[-2000:]
+        break
+    else:
+        pytest.fail("the run never finished")
+    assert kills >= 1
+    for name in ("teacher", "student"):
+        a = load_file(str(tmp_path / "ref" / name / "model.safetensors"))
+        b = load_file(str(tmp_path / "killed" / name / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert open(tmp_path / "ref" / "teacher_samples.jsonl").read() == \
+        open(tmp_path / "killed" / "teacher_samples.jsonl").read()

@@ -95,18 +95,27 @@ def tokenize_rows(path: str, cfg: Dict[str, Any], tok) -> Tuple[np.ndarray, np.n
             raise UserError(f"{path}: line {i + 1}: prompt and completion are {len(p) + len(c)} tokens with EOS, "
                             f"more than data.max_length + 1 = {limit + 1}; raise data.max_length")
         seqs.append((p, c))
+    x, y = as_arrays(seqs, pad_id(tok))
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    with atomic_path(cached) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, x=x, y=y)
+    return x, y
+
+
+def pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+
+def as_arrays(seqs: List[Tuple[List[int], List[int]]], pad: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets) of (prompt ids, completion ids) pairs, shifted, right-padded to the longest."""
     width = max(len(p) + len(c) - 1 for p, c in seqs)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     x = np.full((len(seqs), width), pad, np.int64)
     y = np.full((len(seqs), width), IGNORE, np.int64)
     for r, (p, c) in enumerate(seqs):
         ids = p + c
         x[r, :len(ids) - 1] = ids[:-1]
         y[r, len(p) - 1:len(ids) - 1] = c  # position len(p) - 1 (the prompt's last token) predicts c[0]
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    with atomic_path(cached) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, x=x, y=y)
     return x, y
 
 
@@ -115,6 +124,8 @@ def _pad_to(a: np.ndarray, width: int, value: int) -> np.ndarray:
 
 
 def load_completions(cfg: Dict[str, Any]) -> DataBundle:
+    if cfg["dataset"] == "arith":  # generated here, seeded: written once into the cache as JSONL files
+        cfg = {**cfg, **dict(zip(("path", "test_path"), arith_files(cfg)))}
     tok = load_tokenizer(cfg["tokenizer"], "data.tokenizer")
     x, y = tokenize_rows(cfg["path"], cfg, tok)
     gen = np.random.default_rng(cfg["split_seed"])
@@ -132,7 +143,7 @@ def load_completions(cfg: Dict[str, Any]) -> DataBundle:
         raise UserError(f"{cfg['path']}: {len(x)} rows leave {len(train)} for training, {len(val)} for validation "
                         f"and {len(yt)} for testing; give more rows or change data.val_fraction / test_fraction")
     width = max(x.shape[1], xt.shape[1])
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id(tok)
     xs = [torch.from_numpy(_pad_to(a, width, pad)) for a in (x[train], x[val], xt)]
     ys = [torch.from_numpy(_pad_to(a, width, IGNORE)) for a in (y[train], y[val], yt)]
     h = hashlib.sha256(sha256_json({k: v for k, v in cfg.items() if k not in ("workers", "eval_batch_size")}).encode())
@@ -142,4 +153,18 @@ def load_completions(cfg: Dict[str, Any]) -> DataBundle:
                       pad_id=int(pad), task="causal_lm", tokenizer=cfg["tokenizer"])
 
 
-BUNDLES["completions"] = load_completions
+def arith_files(cfg: Dict[str, Any]) -> Tuple[str, str]:
+    """The train and test JSONL of `data.arith` (distill's multi-step arithmetic generator, seeded by
+    data.split_seed), made once in the cache."""
+    from ..teachers.cache import default_cache_dir
+    from .arith import write_split
+    a = cfg["arith"]
+    folder = os.path.join(default_cache_dir(), "arith", sha256_json({**a, "seed": cfg["split_seed"]})[:16])
+    paths = os.path.join(folder, "train.jsonl"), os.path.join(folder, "test.jsonl")
+    if not all(os.path.isfile(p) for p in paths):
+        os.makedirs(folder, exist_ok=True)
+        write_split(folder, a["train"], a["test"], cfg["split_seed"], a["operations"], a["digits"])
+    return paths
+
+
+BUNDLES["completions"] = BUNDLES["arith"] = load_completions

@@ -95,6 +95,8 @@ class Objective(nn.Module):
         self.progress = 0.0
         self.epoch = 0.0  # epochs done (fractional), set by the trainer: warm-ups count in epochs
         self.terms: Dict[str, torch.Tensor] = {}  # the last batch's KD and CE terms, for gradient consistency
+        # on-policy KD (GKD): with probability `fraction` a batch is the student's own completions of its prompts
+        self.on_policy = dict(self.dcfg.get("on_policy") or {}) if self.teachers else {}
 
     def _projector(self, i: int, f: Dict[str, Any], s_shapes: Dict, t_shapes: Dict) -> nn.Module:
         """What stands between the student's layer and the loss: a projector to the teacher's width
@@ -162,9 +164,35 @@ class Objective(nn.Module):
     def teacher_outputs(self, x: torch.Tensor, idx: torch.Tensor) -> TeacherOutputs:
         return self.runtime.put(self.aggregate({name: source(x, idx) for name, source in self.teachers.items()}))
 
+    def student_samples(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The batch's prompts completed by the student itself (sampled at `on_policy.temperature`, seeded from
+        the global RNG, which checkpoints save), as inputs and targets: the targets are the student's tokens."""
+        from ..data.completions import as_arrays
+        from ..tasks.causal_lm import prompts_and_answers
+        prompts, _ = prompts_and_answers(x.cpu(), y.cpu())
+        op, s = self.on_policy, self.student
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        outs = s.complete(prompts, op["max_new_tokens"], op["temperature"], 1.0, seed)
+        xa, ya = as_arrays([(p, ids or [s.eos_id]) for p, (ids, _) in zip(prompts, outs)], s.pad_id)
+        return torch.from_numpy(xa).to(x.device), torch.from_numpy(ya).to(x.device)
+
+    def on_policy_loss(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
+                       ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The divergence alone, teacher vs student, on the student's own completions (no gold tokens there)."""
+        x, y = self.student_samples(x, y)
+        mask = y >= 0
+        logits = self.student(x)
+        kd = self.logit_term(logits, self.teacher_outputs(x, idx).logits, y, None, mask)
+        self.terms = {}
+        zero = kd.detach() * 0
+        counts = {k: torch.zeros_like(v) for k, v in self.task.counts(logits, y).items()}  # (no gold tokens here)
+        return kd, {"ce": zero, "kd": kd.detach(), "total": kd.detach(), **counts}
+
     def forward(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, mask: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """The loss and its parts (detached tensors: read back once per log line, not every step)."""
+        if self.on_policy.get("fraction") and self.training and float(torch.rand(())) < self.on_policy["fraction"]:
+            return self.on_policy_loss(x, y, idx)
         x_student = self.noised(x)
         with self._capture as cap:
             logits = self.student(x_student)

@@ -81,10 +81,11 @@ class HFCausalLM(nn.Module):
         kw = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if sample else \
             {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         try:
-            torch.manual_seed(seed)  # (generate samples from the global RNG)
-            out = self.hf.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
-                                   max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
-                                   **kw)[:, width:].cpu()
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed)  # (generate samples from the global RNG: forked, so it is left as it was)
+                out = self.hf.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                       max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
+                                       eos_token_id=self.eos_id, **kw)[:, width:].cpu()
         finally:
             self.train(was_training)
         results = []

@@ -36,8 +36,8 @@ from .rundir import RunDir, run_folder
 from .training import feature_shapes, soft_labels, teacher_source, student_data, train_assistant, train_distilled, \
     train_scratch, train_teacher
 
-KINDS = ("teacher", "assistant", "soft_labels", "baseline", "student", "evaluate", "compress")
-TRAINING = ("teacher", "assistant", "soft_labels", "baseline", "student")
+KINDS = ("teacher", "assistant", "generate", "soft_labels", "baseline", "student", "evaluate", "compress")
+TRAINING = ("teacher", "assistant", "generate", "soft_labels", "baseline", "student")
 
 
 @dataclass
@@ -54,6 +54,9 @@ def plan(cfg: Dict[str, Any]) -> List[Step]:
     for i, name in enumerate(chain.names(cfg)):  # teacher-assistant chains add a link each
         steps.append(Step(name, "assistant", prev, i))
         prev = name
+    seq = cfg["distill"]["sequence_kd"]
+    if seq["windows"] or seq["samples"]:  # sequence-level KD: the teacher writes the student's training data
+        steps.append(Step("teacher_samples", "generate", prev))
     steps.append(Step("soft_labels", "soft_labels", prev))
     if cfg["baseline"]:
         steps.append(Step(SCRATCH, "baseline", TEACHER))
@@ -82,6 +85,8 @@ class Execution:
         elif step.kind == "assistant":
             self.models[step.name] = train_assistant(run, step.index, chain.specs(run)[step.index],
                                                      self.model(step.teacher))
+        elif step.kind == "generate":
+            student_data(self.run, self.model(step.teacher), "teacher_samples")
         elif step.kind == "soft_labels":  # (in a full run the student's stage reads them itself, when it trains)
             if self.soft_labels_asked:  # on the inputs the student trains on (teacher-labelled ones included)
                 teacher = self.model(step.teacher)
@@ -147,7 +152,7 @@ def run(recipe: Recipe, out: Optional[str] = None, echo: Callable[[str], None] =
 def train_student(run: RunDir, teacher: Optional[nn.Module] = None) -> Dict[str, Any]:
     """The students' stages of the plan (through any assistants): the baseline and the distilled student,
     from `teacher` (else the run folder's); returns their stage records."""
-    return execute(run, ("assistant", "soft_labels", "baseline", "student"), check=False, teacher=teacher)
+    return execute(run, ("assistant", "generate", "soft_labels", "baseline", "student"), check=False, teacher=teacher)
 
 
 def with_seed(recipe: Recipe, seed: int) -> Recipe:

@@ -97,6 +97,8 @@ def distil(run: RunDir, name: str, model: nn.Module, teacher: nn.Module, mode: s
 def teacher_mode(run: RunDir) -> str:
     """`auto`: cached soft labels, unless augmentation gives new views every epoch (then online)."""
     mode, ddata = run.cfg["distill"]["teacher_outputs"], run.cfg["distill"]["data"]
+    if mode == "auto" and run.cfg["distill"]["on_policy"]["fraction"]:
+        return "online"  # (the teacher scores what the student writes as it trains)
     if mode == "auto":
         text_online = run.data.variable_length and (
             distill_settings(run)["features"] or (ddata["mask"] and ddata["teacher_sees"] == "noised"))
@@ -254,6 +256,8 @@ def student_data(run: RunDir, teacher: nn.Module, name: str) -> Tuple[DataBundle
     data, added = run.data, {}
     if run.cfg["distill"]["sequence_kd"]["windows"]:
         data, added["teacher_written"] = teacher_written(run, teacher, data)
+    elif run.cfg["distill"]["sequence_kd"]["samples"]:
+        data, added["teacher_written"] = teacher_completions(run, teacher, data)
     if data.x_unlabelled is not None:
         added["unlabelled"] = len(data.x_unlabelled)
         data = with_teacher_labelled(data, data.x_unlabelled)
@@ -304,6 +308,65 @@ def teacher_written(run: RunDir, teacher: nn.Module, data: DataBundle) -> Tuple[
         x, y = torch.cat([data.x_train, x]), torch.cat([data.y_train, y])
     return replace(data, x_train=x, y_train=y, fingerprint=sha256_json({"data": data.fingerprint,
                                                                         "teacher_written": seq})[:16]), len(ids)
+
+
+TEACHER_COMPLETIONS = "teacher_samples.jsonl"
+
+
+def teacher_completions(run: RunDir, teacher: nn.Module, data: DataBundle) -> Tuple[DataBundle, int]:
+    """Sequence-level KD on prompt/completion data (`distill generate`; the R1-distill practice): the teacher
+    completes each training prompt `samples` times, a verifier keeps the correct ones, and the student trains
+    on those (instead of the gold completions with `replace`, else besides them). A stage of its own, whose
+    generation resumes where a killed one stopped (teachers/generate.py)."""
+    from ..data.completions import as_arrays
+    from ..models.hf import load_tokenizer
+    from ..tasks.causal_lm import prompts_and_answers
+    from ..teachers.generate import generate
+    seq, seed = run.cfg["distill"]["sequence_kd"], run.cfg[STUDENT]["train"]["seed"]
+    settings = {k: seq[k] for k in ("samples", "temperature", "top_p", "max_new_tokens", "verify", "batch_size")}
+    answer = run.cfg["evaluate"]["exact_match"]["answer"]
+
+    def make() -> Dict[str, Any]:
+        if not hasattr(teacher, "complete"):
+            from ..errors import UserError
+            raise UserError("distill.sequence_kd.samples: the teacher cannot complete prompts (a Hugging Face causal "
+                            "LM can)")
+        counts: Dict[str, Any] = {}
+        if run.runtime.is_main:  # (one process writes; the others wait for the file)
+            prompts, refs = prompts_and_answers(data.x_train, data.y_train)
+            teacher.to(run.runtime.device)
+            counts = generate(teacher, load_tokenizer(data.tokenizer, "data.tokenizer"), prompts, refs, settings,
+                              answer, run.path(TEACHER_COMPLETIONS),
+                              {"teacher": weights_sha256(teacher), "data": data.fingerprint, "seed": seed},
+                              show=True)
+            run.event(f"teacher_samples: {counts['kept']} of {counts['generated']} completions kept "
+                      f"({counts['truncated']} truncated, {counts['wrong']} wrong) at "
+                      f"{counts['tokens_per_s'] or 0:,.0f} tokens/s", **counts)
+        return counts
+    run_stage(run, Stage("teacher_samples", {"teacher": weights_sha256(teacher), "data": data.fingerprint,
+                                             "settings": settings, "answer": answer, "seed": seed},
+                         [TEACHER_COMPLETIONS], make))
+    rows = read_jsonl(run.path(TEACHER_COMPLETIONS))
+    if not rows:
+        from ..errors import UserError
+        raise UserError(f"{run.path(TEACHER_COMPLETIONS)}: the teacher wrote no completion that was kept (none "
+                        f"ended within max_new_tokens, or none was verified correct); nothing to train on")
+    x, y = (torch.from_numpy(a) for a in as_arrays([(r["prompt_ids"], r["completion_ids"]) for r in rows],
+                                                   data.pad_id))
+    if not seq["replace"]:
+        width = max(x.shape[1], data.x_train.shape[1])
+        pad = lambda a, v: torch.nn.functional.pad(a, (0, width - a.shape[1]), value=v)  # noqa: E731
+        x, y = torch.cat([pad(data.x_train, data.pad_id), pad(x, data.pad_id)]), torch.cat([pad(data.y_train, -100),
+                                                                                          pad(y, -100)])
+    return replace(data, x_train=x, y_train=y, fingerprint=sha256_json({"data": data.fingerprint,
+                                                                        "teacher_completions": settings,
+                                                                        "rows": len(rows)})[:16]), len(rows)
+
+
+def read_jsonl(path: str) -> list:
+    import json
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
 
 
 def train_distilled(run: RunDir, teacher: nn.Module) -> Dict[str, Any]:
