@@ -81,6 +81,7 @@ def mean_std(values: List[float]) -> Dict[str, float]:
 
 
 COLUMNS = [("bpc", "bits/char", "{:.4f}"), ("perplexity", "perplexity", "{:.3f}"), ("exact_match", "exact match", "{:.3f}"),
+           ("bleu", "BLEU", "{:.1f}"), ("chrf", "chrF", "{:.1f}"), ("top1_agreement", "agree", "{:.3f}"),
            ("accuracy", "accuracy", "{:.4f}"), ("macro_f1", "macro-F1", "{:.4f}"), ("auc", "AUC", "{:.4f}"),
            ("sensitivity", "sensitivity", "{:.4f}"), ("specificity", "specificity", "{:.4f}"),
            ("params", "params", "{:,.0f}"), ("size_bytes", "size KB", None), ("latency_ms", "ms/sample", "{:.4f}"),

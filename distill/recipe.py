@@ -112,6 +112,8 @@ MODEL = {
 FROM_TEACHER = {
     "layers": F((list,), None),
     "keep_every": F((int,), None, positive),
+    # language models: keep this many layers, those whose removal raises the validation loss most (Minitron)
+    "importance": F((int,), None, positive),
     "source": F((str,), "pretrained", choices=("pretrained", "finetuned")),  # copy from which teacher
 }
 
@@ -625,8 +627,11 @@ def _text_checks(cfg: Dict[str, Any]) -> None:
     if s["from_teacher"] is not None:
         s["from_teacher"] = validate_section(s["from_teacher"], FROM_TEACHER, "student.from_teacher")
         ft = s["from_teacher"]
-        if (ft["layers"] is None) == (ft["keep_every"] is None):
-            raise UserError("student.from_teacher: give either layers: [indices] or keep_every: N")
+        if sum(ft[k] is not None for k in ("layers", "keep_every", "importance")) != 1:
+            raise UserError("student.from_teacher: give one of layers: [indices], keep_every: N or importance: N")
+        if ft["importance"] is not None and cfg["data"]["dataset"] not in ("completions", "arith"):
+            raise UserError("student.from_teacher.importance: measured layer importance is for causal language "
+                            "models (data.dataset: completions or arith); give layers or keep_every")
         if ft["layers"] is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in ft["layers"]):
             raise UserError(f"student.from_teacher.layers: expected whole layer indices, got {ft['layers']!r}")
     if s["hf_config"] is not None:

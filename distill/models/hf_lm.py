@@ -24,10 +24,10 @@ from torch import nn
 
 from ..errors import UserError
 from ..io import sha256_file
-from .hf import load_tokenizer, tokenizer_hash, transformers_module
+from .hf import HFWrapper, load_tokenizer, tokenizer_hash, transformers_module
 
 
-class HFCausalLM(nn.Module):
+class HFCausalLM(HFWrapper):
     """Token ids in, next-token logits out; the embedding output and hidden states exposed as taps."""
     input_dtype = torch.long
     per_position = True
@@ -38,14 +38,6 @@ class HFCausalLM(nn.Module):
         self.mask_id, self.special_ids = None, []  # (no masked-token noise for causal models)
         self.embeddings = nn.Identity()
         self.hidden = nn.ModuleList(nn.Identity() for _ in range(hf.config.num_hidden_layers))
-
-    @property
-    def num_layers(self) -> int:
-        return self.hf.config.num_hidden_layers
-
-    @property
-    def width(self) -> int:
-        return self.hf.config.hidden_size
 
     @property
     def vocab_size(self) -> int:
@@ -227,3 +219,37 @@ def check_same_tokenizer(path: str, reference: str, where: str) -> None:
         raise UserError(f"{where}: {path} has another tokenizer ({len(a):,} tokens, hash {tokenizer_hash(a)}) than the "
                         f"data's {reference} ({len(b):,} tokens, hash {tokenizer_hash(b)}); logit-level KD needs one "
                         f"vocabulary (sequence-level KD on teacher-written text, distill generate, works across them)")
+
+
+def layer_importance(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> List[float]:
+    """Per layer, how much the LM loss on (x, y) rises when that layer alone is skipped (Minitron's depth
+    importance): a layer whose removal costs little is the first to drop."""
+    import torch.nn.functional as F
+    from .hf import layer_list
+    parent, attr, layers = layer_list(model.hf)
+
+    def loss() -> float:
+        with torch.inference_mode():
+            logits = model(x)
+            return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1),
+                                         ignore_index=-100))
+    was_training = model.training
+    model.eval()
+    try:
+        full, rises = loss(), []
+        for i in range(len(layers)):
+            setattr(parent, attr, nn.ModuleList(m for j, m in enumerate(layers) if j != i))
+            model.hf.config.num_hidden_layers = len(layers) - 1
+            try:
+                rises.append(loss() - full)
+            finally:
+                setattr(parent, attr, layers)
+                model.hf.config.num_hidden_layers = len(layers)
+    finally:
+        model.train(was_training)
+    return rises
+
+
+def most_important(rises: Sequence[float], keep: int) -> List[int]:
+    """The `keep` layers whose removal costs most, in their order in the model."""
+    return sorted(sorted(range(len(rises)), key=lambda i: -rises[i])[:keep])

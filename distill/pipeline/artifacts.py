@@ -93,6 +93,28 @@ class RegistryModels:
         return []
 
 
+def important_layers(run: RunDir, teacher: nn.Module, keep: int) -> List[int]:
+    """The `keep` teacher layers that matter most on the validation split (Minitron depth pruning): each
+    layer's importance is the rise in loss when it alone is skipped, on the first 8 validation sequences.
+    Measured once per teacher (the scores are logged)."""
+    from ..io import weights_sha256
+    from ..models.hf_lm import layer_importance, most_important
+    from ..tasks.causal_lm import trimmed
+    if keep > teacher.num_layers:
+        raise UserError(f"student.from_teacher.importance: {keep} layers, and the teacher has {teacher.num_layers}")
+    memo = run.__dict__.setdefault("layer_importance", {})
+    key = weights_sha256(teacher)
+    if key not in memo:
+        x, y = run.data.probe(8)
+        x, y = trimmed(x, y)
+        rises = layer_importance(teacher, x.to(next(teacher.parameters()).device), y.to(next(teacher.parameters()).device))
+        memo[key] = rises
+        kept = most_important(rises, keep)
+        run.event(f"layer importance (loss rise when skipped): " + ", ".join(f"{i}:{r:+.3f}" for i, r in enumerate(rises))
+                  + f"; keeping {kept}", importance=rises, kept=kept)
+    return most_important(memo[key], keep)
+
+
 class HuggingFaceModels:
     """Transformers loaded from a folder or derived from the teacher (layer selection, or a smaller fresh
     config), saved as Hugging Face folders. Students must read the teacher's tokens: one vocabulary."""
@@ -139,6 +161,8 @@ class HuggingFaceModels:
             base = load_saved(run, TEACHER)
         else:
             base = load_causal_lm(t["hf"], "teacher.hf")
+        if ft and ft["importance"]:
+            return select_layers(base, important_layers(run, base, ft["importance"]), f"{role}.from_teacher")
         if ft:
             return select_layers(base, teacher_layers(ft, base.num_layers), f"{role}.from_teacher")
         c = m["hf_config"]
@@ -152,6 +176,8 @@ class HuggingFaceModels:
 
     def layer_features(self, cfg: Dict[str, Any], teacher: nn.Module, student: nn.Module) -> List[Dict[str, Any]]:
         """`distill.layers` (hidden states, attention maps, embeddings, [CLS]) as `distill.features` entries."""
+        if cfg["data"]["dataset"] in ("completions", "arith"):
+            return []  # (refused for causal LMs by the recipe check)
         ft = cfg["student"]["from_teacher"]
         return transformer_features(cfg["distill"]["layers"], teacher.num_layers, student.num_layers,
                                     teacher.width == student.width,

