@@ -527,9 +527,12 @@ def _completion_checks(cfg: Dict[str, Any]) -> None:
         raise UserError(f"data.tokenizer: {data['tokenizer']}: no such folder or GGUF file")
     for key, used in (("distill.layers", d["layers"]["hidden"] != "none" or d["layers"]["attention"] != "none"),
                       ("distill.data", d["data"]["mask"] or d["data"]["substitute"] or d["data"]["eda"]),
-                      ("compress.steps", bool(cfg["compress"]["steps"])),
+                      ("compress.steps", bool(set(cfg["compress"]["steps"]) - {"layers", "channels"})),
                       ("distill.assistants", bool(d["assistants"]))):
         if used:
+            if key == "compress.steps":
+                raise UserError("compress.steps: vocab, heads and qat are not for causal language models yet; "
+                                "layers and channels are")
             raise UserError(f"{key}: not for prompt/completion language models (data.dataset: completions)")
     if data["sampling"] != "random" or data["label_fraction"] != 1.0:
         raise UserError("data.sampling / data.label_fraction: completions have no classes; remove them")

@@ -180,6 +180,15 @@ def test_topk_kd_run_end_to_end_and_the_student_folder_generates_in_plain_transf
     assert rep.returncode == 0, rep.stderr[-2000:]
     page = open(os.path.join(out, "report.html")).read()
     assert "Sample generations" in page and "Compute " in page and "Confusion matrices" not in page
+    comp = _cli("compress", out, "--set", "compress.steps=[layers, channels]", "--set", "compress.layers.to=1",
+                "--set", "compress.layers.epochs=1", "--set", "compress.channels.epochs=1",
+                env={"DISTILL_CACHE": str(tmp_path / "cache")})
+    assert comp.returncode == 0, comp.stderr[-2000:]
+    models = json.load(open(os.path.join(out, "compress", "compress.json")))["models"]
+    assert [m["name"] for m in models] == ["layers1", "channels"] and models[1]["params"] < models[0]["params"]
+    assert all("val_loss" in m for m in models)
+    bench = _cli("bench", out, env={"DISTILL_CACHE": str(tmp_path / "cache")})
+    assert bench.returncode == 2 and "not benched by variant yet" in bench.stderr
     from distill.models.hf_lm import load_causal_lm
     student = load_causal_lm(os.path.join(out, "student"), "student")
     assert student.num_layers == 2
@@ -384,7 +393,7 @@ def test_layer_importance_drops_the_layer_that_matters_least(llama):
     (["distill.sequence_kd.samples=2", "distill.sequence_kd.verify=true"],
      r"distill.sequence_kd.verify: needs evaluate.exact_match.answer"),
     (["student.from_teacher={keep_every: 2, importance: 2}"], r"give one of layers: \[indices\], keep_every"),
-    (["compress.steps=[layers]", "compress.layers.to=1"], r"compress.steps: not for prompt/completion"),
+    (["compress.steps=[heads]"], r"compress.steps: vocab, heads and qat are not for causal language models yet"),
 ])
 def test_recipe_refuses_lm_settings_that_do_not_go_together(tmp_path, llama, sets, message):
     from distill.recipe import Recipe
@@ -421,3 +430,26 @@ def test_answer_extraction():
     assert extract("Answer: 3 then Answer: 4", r"Answer:\s*(-?\d+)") == "4"  # the last one counts
     assert extract("no answer here", r"Answer:\s*(-?\d+)") is None
     assert extract("  free text ", None) == "free text"
+
+
+def test_compress_drops_layers_and_prunes_the_gated_ffn_of_a_causal_lm(tmp_path, llama):
+    from distill.models.hf import load_folder, save_folder
+    from distill.compress.prune import prune_ffn
+    from distill.compress.layers import least_important, without
+    model = load_causal_lm_(llama)
+    pruned = prune_ffn(model, 0.5)
+    assert pruned.hf.model.layers[0].mlp.up_proj.out_features == 32  # (of 64)
+    save_folder(pruned, str(tmp_path / "p"), llama, {})
+    back = load_folder(str(tmp_path / "p"), "p")
+    x = torch.randint(5, 40, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(back(x), pruned(x))
+    y = torch.full((2, 9), -100)
+    y[:, 4:] = torch.randint(5, 40, (2, 5))
+    unit, losses = least_important(model, x, y, 2)
+    assert set(losses) == {"0", "1", "2", "3"} and without(model, unit).num_layers == 3
+
+
+def load_causal_lm_(path):
+    from distill.models.hf_lm import load_causal_lm
+    return load_causal_lm(path, "m")

@@ -1,6 +1,6 @@
 """Progressive layer reduction: which layer or block to drop next, chosen by measurement.
 
-The candidate units are a transformer encoder's layers, or the residual blocks of the CNN registry whose
+The candidate units are a transformer's layers (an encoder's, or a causal LM's), or the residual blocks of the CNN registry whose
 shortcut is the identity (dropping one leaves every shape unchanged). Each candidate is removed in turn
 and the validation loss of what remains is measured; the unit whose removal hurts least goes.
 """
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..models.hf import HFClassifier, select_layers
+from ..models.hf import HFWrapper, select_layers
 from ..engine.inference import predict
 from .structure import drop_block
 
@@ -21,7 +21,7 @@ Unit = Union[int, str]  # a transformer layer index, or the module name of a res
 
 
 def droppable(model: nn.Module) -> List[Unit]:
-    if isinstance(model, HFClassifier):
+    if isinstance(model, HFWrapper):
         return list(range(model.num_layers)) if model.num_layers > 1 else []
     from ..models.cifar import BasicBlock, WideBasicBlock
     return [name for name, m in model.named_modules()
@@ -31,7 +31,7 @@ def droppable(model: nn.Module) -> List[Unit]:
 
 def without(model: nn.Module, unit: Unit) -> nn.Module:
     """A copy of `model` with one layer (or block) removed."""
-    if isinstance(model, HFClassifier):
+    if isinstance(model, HFWrapper):
         return select_layers(model, [i for i in range(model.num_layers) if i != unit], "compress.layers")
     model = copy.deepcopy(model)
     drop_block(model, unit)
@@ -39,6 +39,9 @@ def without(model: nn.Module, unit: Unit) -> nn.Module:
 
 
 def val_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    if getattr(model, "per_position", False):  # a language model: the loss per target token, batch by batch
+        from ..tasks.causal_lm import scores, token_sums
+        return scores(token_sums(model, x, y, batch_size), False)["loss"]
     return float(F.cross_entropy(predict(model, x, batch_size), y))
 
 
@@ -53,4 +56,4 @@ def least_important(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_si
 
 def depth(model: nn.Module) -> int:
     """Layers of an encoder, or droppable blocks of a CNN: what `compress.layers.to` counts."""
-    return model.num_layers if isinstance(model, HFClassifier) else len(droppable(model))
+    return model.num_layers if isinstance(model, HFWrapper) else len(droppable(model))

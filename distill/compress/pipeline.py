@@ -20,7 +20,6 @@ from typing import Any, Callable, Dict, List, Optional
 from torch import nn
 
 from .. import __version__
-from ..engine.inference import accuracy
 from ..errors import UserError
 from ..evaluate import weights_size
 from ..io import load_meta, sha256_json, weights_sha256, write_json
@@ -32,6 +31,7 @@ from ..pipeline.stage import Stage, run_stage
 from ..pipeline.training import distil
 from ..recipe import is_text
 from ..roles import STUDENT, TEACHER, compressed, recipe_section
+from ..tasks import task_for
 from . import layers as layer_drop
 from .prune import head_importance, prune_channels, prune_ffn, prune_heads
 from .quantize import finish_qat, prepare_qat
@@ -89,15 +89,17 @@ class Compressor:
             self.model = load_saved(run, compressed(name))
             if not self.text:
                 self.drops = list(load_meta(run.path(out))["structure"]["drop"])
-        val = accuracy(self.model, run.data.x_val, run.data.y_val, run.cfg["data"]["eval_batch_size"])
+        scores = task_for(run.data).validate(self.model, run.data, run.cfg["data"]["eval_batch_size"])
+        val = scores["val_accuracy"]
         record = {"name": name, "path": require_saved(run.path("compress"), name),
-                  "params": count_params(self.model), "val_accuracy": val, **info}
+                  "params": count_params(self.model), **scores, **info}
         record["size_bytes"] = weights_size(record["path"])
         if self.text:
             record["heads_per_layer"] = heads_per_layer(self.model.hf)
         self.records.append(record)
-        run.event(f"compress: {name}: {record['params']:,} parameters, validation accuracy {val:.4f}",
-                  **{k: v for k, v in record.items() if k in ("name", "params", "val_accuracy")})
+        run.event(f"compress: {name}: {record['params']:,} parameters, validation accuracy {val:.4f}"
+                  + (f", loss {scores['val_loss']:.4f}" if "val_loss" in scores else ""),
+                  **{k: v for k, v in record.items() if k in ("name", "params", "val_accuracy", "val_loss")})
 
     def save(self, name: str, info: Dict[str, Any]) -> None:
         run = self.run

@@ -121,14 +121,24 @@ def _l1_rows(*weights: torch.Tensor) -> torch.Tensor:
 
 
 def prune_ffn(model: HFClassifier, keep: float) -> HFClassifier:
-    """A copy of `model` keeping `keep` of each layer's feed-forward neurons, ranked by L1 norm."""
+    """A copy of `model` keeping `keep` of each layer's feed-forward neurons, ranked by L1 norm: BERT-style
+    (intermediate.dense, output.dense) or gated (Llama, Qwen, SmolLM: mlp.gate_proj, up_proj, down_proj)."""
     model = copy.deepcopy(model)
     _, _, layers = layer_list(model.hf)
     for i, layer in enumerate(layers):
+        mlp = getattr(layer, "mlp", None)
+        if all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
+            score = _l1_rows(mlp.gate_proj.weight) + _l1_rows(mlp.up_proj.weight) + _l1_rows(mlp.down_proj.weight.t())
+            kept = score.argsort(descending=True)[:max(1, round(keep * len(score)))].sort().values
+            mlp.gate_proj = slice_module(mlp.gate_proj, out_idx=kept)
+            mlp.up_proj = slice_module(mlp.up_proj, out_idx=kept)
+            mlp.down_proj = slice_module(mlp.down_proj, in_idx=kept)
+            continue
         up, down = getattr(getattr(layer, "intermediate", None), "dense", None), getattr(
             getattr(layer, "output", None), "dense", None)
         if not (isinstance(up, nn.Linear) and isinstance(down, nn.Linear)):
-            raise UserError(f"compress.channels: layer {i} has no intermediate.dense/output.dense feed-forward pair")
+            raise UserError(f"compress.channels: layer {i} has no intermediate.dense/output.dense feed-forward pair "
+                            f"nor a gated mlp (gate_proj, up_proj, down_proj)")
         score = _l1_rows(up.weight) + _l1_rows(down.weight.t())
         kept = score.argsort(descending=True)[:max(1, round(keep * len(score)))].sort().values
         layer.intermediate.dense = slice_module(up, out_idx=kept)

@@ -177,18 +177,30 @@ def load_causal_lm(path: str, where: str) -> HFCausalLM:
     try:
         config = tf.AutoConfig.from_pretrained(folder, local_files_only=True)
         if getattr(config, "distill_pruned", False):
-            from ..compress.structure import fit_to_shapes, saved_shapes
-            from ..io import load_weights
-            from .hf import weights_file
-            hf = tf.AutoModelForCausalLM.from_config(config)
-            fit_to_shapes(hf, saved_shapes(weights_file(folder)))
-            load_weights(hf, weights_file(folder), where)
+            hf = _load_pruned(tf, config, folder, where)
         else:
             hf = tf.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise UserError(f"{where}: {path}: cannot load as a causal language model ({str(e).splitlines()[0]})") from None
     hf.eval()
     return wrap(hf, load_tokenizer(folder, where))
+
+
+def _load_pruned(tf, config, folder: str, where: str) -> nn.Module:
+    """A pruned model: built from its config, resized to the saved shapes, then loaded strictly (a tied
+    output layer is not in the file: it is the embedding)."""
+    from safetensors.torch import load_file
+    from ..compress.structure import fit_to_shapes, saved_shapes
+    from .hf import weights_file
+    hf = tf.AutoModelForCausalLM.from_config(config)
+    fit_to_shapes(hf, saved_shapes(weights_file(folder)))
+    missing, unexpected = hf.load_state_dict(load_file(weights_file(folder)), strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise UserError(f"{where}: {weights_file(folder)} holds weights of another architecture (missing "
+                        f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    hf.tie_weights()
+    return hf
 
 
 def fresh_lm(teacher: HFCausalLM, layers: int, hidden: int, heads: int, intermediate: int, where: str) -> HFCausalLM:
