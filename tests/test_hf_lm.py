@@ -453,3 +453,26 @@ def test_compress_drops_layers_and_prunes_the_gated_ffn_of_a_causal_lm(tmp_path,
 def load_causal_lm_(path):
     from distill.models.hf_lm import load_causal_lm
     return load_causal_lm(path, "m")
+
+
+def test_gpt2_layer_selection_and_a_fresh_smaller_llama(tmp_path, llama):
+    from lmkit import tiny_gpt2
+    from distill.models.hf import load_folder, save_folder, select_layers
+    from distill.models.hf_lm import fresh_lm, load_causal_lm
+    gpt2 = load_causal_lm(tiny_gpt2(str(tmp_path / "gpt2")), "teacher")
+    kept = select_layers(gpt2, [0, 2], "student.from_teacher")
+    x = torch.randint(5, 40, (2, 7))
+    with torch.no_grad():
+        assert kept(x).shape == gpt2(x).shape == (2, 7, gpt2.vocab_size)
+        # the kept layers are the teacher's own: the same weights
+        assert torch.equal(kept.hf.transformer.h[1].mlp.c_fc.weight, gpt2.hf.transformer.h[2].mlp.c_fc.weight)
+    save_folder(kept, str(tmp_path / "kept"), str(tmp_path / "gpt2"), {})
+    back = load_folder(str(tmp_path / "kept"), "kept")
+    assert back.num_layers == 2 and back.complete([[1, 9, 9]], 5) == kept.complete([[1, 9, 9]], 5)
+    teacher = load_causal_lm(llama, "teacher")
+    small = fresh_lm(teacher, layers=2, hidden=16, heads=2, intermediate=24, where="student.hf_config")
+    assert small.num_layers == 2 and small.width == 16 and small.hf.config.num_key_value_heads == 1
+    with torch.no_grad():
+        assert small(x).shape == (2, 7, teacher.vocab_size)
+    with pytest.raises(UserError, match="hidden 15 is not divisible by heads 2"):
+        fresh_lm(teacher, 2, 15, 2, 24, "student.hf_config")

@@ -198,3 +198,14 @@ def test_sequence_kd_trains_the_student_on_teacher_written_windows(tmp_path):
     assert (tmp_path / "run" / "teacher_samples.safetensors").read_bytes() == before
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert sum("teacher_samples: 40 windows" in r.get("event", "") for r in log) == 1
+
+
+def test_top_k_cache_with_k_equal_to_the_vocabulary_trains_the_same_student_as_dense_logits(tmp_path):
+    """k = V keeps every token (fp16 log-probabilities): the student stays within rounding of the dense run."""
+    V = len(set(TEXT))
+    over = dict(student={"train": {"epochs": 1}}, teacher={"train": {"epochs": 1}})
+    dense = run(Recipe.load(recipe(tmp_path, **over)))
+    top = run(Recipe.load(recipe(tmp_path, **over, distill={"topk": V}, output={"dir": str(tmp_path / "top")})))
+    assert json.load(open(tmp_path / "top" / "soft_labels.json"))["topk"] == V
+    assert top["student"]["loss"] == pytest.approx(dense["student"]["loss"], rel=2e-3)
+    assert top["student_scratch"]["loss"] == dense["student_scratch"]["loss"]  # (the baseline reads no teacher)
