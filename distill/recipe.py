@@ -76,7 +76,8 @@ TRAIN = {
     # under torchrun: seconds a collective waits for the other processes before this one stops with an error
     "timeout_s": F(NUM, 120.0, positive),
     # the validation metric that picks the epoch kept with select: best_val (default: the task's, accuracy)
-    "select_metric": F((str,), None, choices=("val_accuracy", "val_loss")),
+    # val_exact_match: greedy completions of the validation prompts (evaluate.exact_match.validate: true)
+    "select_metric": F((str,), None, choices=("val_accuracy", "val_loss", "val_exact_match")),
     "optimizer": {
         "name": F((str,), "adamw", choices=("sgd", "adam", "adamw")),
         "lr": F(NUM, 1e-3, positive),
@@ -275,6 +276,9 @@ SCHEMA: Dict[str, Any] = {
             "rows": F((int,), 0, non_negative),
             "max_new_tokens": F((int,), 128, positive),
             "answer": F((str,), None),
+            # also score the first `rows` validation prompts after each epoch (val_exact_match, which
+            # train.select_metric may select by: a task metric, not the loss alone)
+            "validate": F((bool,), False),
         },
     },
     # Knowledge retention (linear CKA and cosine, teacher vs student, on a validation probe) and gradient
@@ -544,6 +548,11 @@ def _completion_checks(cfg: Dict[str, Any]) -> None:
         if not LOSSES.tags(d["method"]).get("topk"):
             raise UserError(f"distill.on_policy: give a token divergence as distill.method (jsd, forward_kl, "
                             f"reverse_kl, ...), not {d['method']}")
+    em = cfg["evaluate"]["exact_match"]
+    for role in ("teacher", "student"):
+        if cfg[role]["train"]["select_metric"] == "val_exact_match" and not (em["validate"] and em["rows"]):
+            raise UserError(f"{role}.train.select_metric: val_exact_match needs evaluate.exact_match.validate: true "
+                            f"and evaluate.exact_match.rows > 0 (the validation prompts completed each epoch)")
     seq = d["sequence_kd"]
     if seq["verify"] and not cfg["evaluate"]["exact_match"]["answer"]:
         raise UserError("distill.sequence_kd.verify: needs evaluate.exact_match.answer, the regex that finds the "

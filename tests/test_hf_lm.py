@@ -476,3 +476,20 @@ def test_gpt2_layer_selection_and_a_fresh_smaller_llama(tmp_path, llama):
         assert small(x).shape == (2, 7, teacher.vocab_size)
     with pytest.raises(UserError, match="hidden 15 is not divisible by heads 2"):
         fresh_lm(teacher, 2, 15, 2, 24, "student.hf_config")
+
+
+def test_select_by_validation_exact_match(tmp_path, llama):
+    from distill.recipe import Recipe
+    r = lm_recipe(str(tmp_path), evaluate={"latency_runs": 1, "throughput_batch": 2,
+                                           "exact_match": {"rows": 3, "max_new_tokens": 4, "validate": True}},
+                  train={"select_metric": "val_exact_match"}, baseline=False)
+    r["teacher"]["hf"] = llama
+    r["teacher"]["train"]["epochs"] = 2
+    yaml.safe_dump(r, open(tmp_path / "r.yaml", "w"))
+    p = _cli("train-teacher", str(tmp_path / "r.yaml"), env={"DISTILL_CACHE": str(tmp_path / "cache")})
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = [json.loads(x) for x in open(os.path.join(r["output"]["dir"], "log.jsonl"))]
+    epochs = [x for x in lines if x.get("model") == "teacher" and "val_loss" in x]
+    assert len(epochs) == 2 and all(0 <= x["val_exact_match"] <= 1 for x in epochs)
+    with pytest.raises(UserError, match="val_exact_match needs evaluate.exact_match.validate: true"):
+        Recipe.load(str(tmp_path / "r.yaml"), ["evaluate.exact_match.validate=false"])

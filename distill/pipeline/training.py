@@ -32,6 +32,7 @@ from ..io import sha256_file, sha256_json, weights_sha256, write_json
 from ..models import count_params
 from ..monitor import retention_monitor, with_reaction
 from ..roles import SCRATCH, STUDENT, TEACHER, log_name
+from ..tasks import task_for
 from ..teachers import cache_key, default_cache_dir, load_or_build, online_source, teacher_forward
 from .artifacts import artifact, build_role, distill_settings, load_saved, model_spec, save_role
 from .rundir import RunDir
@@ -61,7 +62,9 @@ def train(run: RunDir, name: str, objective: Objective, data: Optional[DataBundl
         callbacks.append(GradientSignals(m["gradients_every"]))
     if name == STUDENT and run.on_epoch:
         callbacks.append(EpochHook(run.on_epoch))
-    return Trainer(log_name(name), objective, data or run.data, run.cfg["data"], tcfg, callbacks, rt).fit()
+    data = data or run.data
+    return Trainer(log_name(name), objective, data, run.cfg["data"], tcfg, callbacks, rt,
+                   task=task_for(data, run.cfg)).fit()
 
 
 def distil(run: RunDir, name: str, model: nn.Module, teacher: nn.Module, mode: str,

@@ -35,6 +35,7 @@ class Task(Protocol):
     # model itself (batch by batch, or by generating) instead of `metrics` on all its outputs at once
 
 
-def task_for(data: Any = None) -> Task:
-    """The task of a data bundle (classification unless the data says otherwise, or no data is given)."""
-    return TASKS.get(getattr(data, "task", "classification"), "task")(data)
+def task_for(data: Any = None, cfg: Any = None) -> Task:
+    """The task of a data bundle (classification unless the data says otherwise, or no data is given), with
+    the run's recipe when it needs settings from it (a language model's validation exact match)."""
+    return TASKS.get(getattr(data, "task", "classification"), "task")(data, cfg)

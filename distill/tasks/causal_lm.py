@@ -153,8 +153,12 @@ class CausalLM:
     name = "causal_lm"
     select_metric = "val_loss"
 
-    def __init__(self, data: Any = None) -> None:
+    def __init__(self, data: Any = None, cfg: Any = None) -> None:
         self.characters = data is None or bool(getattr(data, "class_names", None))  # (a character vocabulary)
+        em = (cfg or {}).get("evaluate", {}).get("exact_match", {})
+        # validation exact match: greedy completions of the validation prompts after each epoch
+        self.val_em = em if em.get("validate") and em.get("rows") and getattr(data, "tokenizer", None) else None
+        self.tokenizer = data.tokenizer if self.val_em else None
 
     def lower_is_better(self, metric: str) -> bool:
         return metric.endswith(("loss", "bpc", "perplexity"))
@@ -173,7 +177,13 @@ class CausalLM:
         if not len(data.y_val):
             return {}
         m = scores(token_sums(model, data.x_val, data.y_val, batch_size, runtime), self.characters)
-        return {"val_loss": m["loss"], "val_accuracy": m["accuracy"], **({"val_bpc": m["bpc"]} if "bpc" in m else {})}
+        out = {"val_loss": m["loss"], "val_accuracy": m["accuracy"], **({"val_bpc": m["bpc"]} if "bpc" in m else {})}
+        if self.val_em and hasattr(model, "complete"):  # (every process scores the same rows: greedy, the same)
+            from ..models.hf import load_tokenizer
+            em = exact_match(model, load_tokenizer(self.tokenizer, "data.tokenizer"), data.x_val, data.y_val,
+                             self.val_em)
+            out["val_exact_match"] = em["exact_match"]
+        return out
 
     def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ecfg: Dict[str, Any], batch_size: int,
                  runtime: Any = None, path: Optional[str] = None) -> Dict[str, Any]:

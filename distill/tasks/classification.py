@@ -20,7 +20,7 @@ class Classification:
     name = "classification"
     select_metric = "val_accuracy"
 
-    def __init__(self, data: Any = None) -> None:
+    def __init__(self, data: Any = None, cfg: Any = None) -> None:
         pass
 
     def lower_is_better(self, metric: str) -> bool:
