@@ -211,7 +211,7 @@ def test_topk_kd_run_end_to_end_and_the_student_folder_generates_in_plain_transf
 
 def test_gguf_and_package_errors(tmp_path):
     from distill.models.hf import resolve_hf_path
-    from distill.models.hf_lm import check_gguf
+    from distill.models.hf import check_gguf
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"not a gguf at all")
     with pytest.raises(UserError, match="not a GGUF file"):
@@ -433,7 +433,8 @@ def test_answer_extraction():
 
 
 def test_compress_drops_layers_and_prunes_the_gated_ffn_of_a_causal_lm(tmp_path, llama):
-    from distill.models.hf import load_folder, save_folder
+    from distill.models.hf import save_folder
+    from distill.pipeline.artifacts import load_model_at as load_folder
     from distill.compress.prune import prune_ffn
     from distill.compress.layers import least_important, without
     model = load_causal_lm_(llama)
@@ -457,7 +458,8 @@ def load_causal_lm_(path):
 
 def test_gpt2_layer_selection_and_a_fresh_smaller_llama(tmp_path, llama):
     from lmkit import tiny_gpt2
-    from distill.models.hf import load_folder, save_folder, select_layers
+    from distill.models.hf import save_folder, select_layers
+    from distill.pipeline.artifacts import load_model_at as load_folder
     from distill.models.hf_lm import fresh_lm, load_causal_lm
     gpt2 = load_causal_lm(tiny_gpt2(str(tmp_path / "gpt2")), "teacher")
     kept = select_layers(gpt2, [0, 2], "student.from_teacher")

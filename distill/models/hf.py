@@ -77,7 +77,6 @@ def resolve_hf_path(spec: str, where: str) -> str:
 
 def load_tokenizer(path: str, where: str):
     if path.endswith(".gguf"):  # (its tokenizer is read from the folder it is converted into, once)
-        from .hf_lm import gguf_folder
         path = gguf_folder(path, where)
     try:
         return transformers_module().AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -274,12 +273,9 @@ def load_folder(folder: str, where: str) -> HFClassifier:
     built from its config, resized to the shapes in its weights file, then loaded strictly."""
     from ..compress.structure import fit_to_shapes, saved_shapes
     from ..io import load_weights
-    from .hf_lm import is_causal_lm_config, load_causal_lm
     tf = transformers_module()
     try:
         config = tf.AutoConfig.from_pretrained(folder, local_files_only=True)
-        if is_causal_lm_config(config):
-            return load_causal_lm(folder, where)
         if getattr(config, "distill_pruned", False):
             hf = tf.AutoModelForSequenceClassification.from_config(config)
             fit_to_shapes(hf, saved_shapes(weights_file(folder)))
@@ -298,3 +294,77 @@ def weights_file(folder: str) -> str:
 
 def is_model_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
+
+
+# ---------------------------------------------------------------- GGUF
+
+def check_gguf(path: str, where: str) -> str:
+    """The architecture a GGUF file declares; an unreadable or non-GGUF file, or one without a language
+    model, is one clear line."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as e:
+        raise UserError(f"{where}: {path}: cannot read ({e.strerror})") from None
+    if magic != b"GGUF":
+        raise UserError(f"{where}: {path}: not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        import gguf
+    except ImportError:
+        raise UserError(f"{where}: reading GGUF files needs the gguf and accelerate packages: "
+                        f"pip install 'distill[llm]'") from None
+    try:
+        field = gguf.GGUFReader(path).fields.get("general.architecture")
+        arch = bytes(field.parts[field.data[0]]).decode() if field is not None else None
+    except Exception as e:  # (a truncated or corrupt file fails deep inside the reader)
+        raise UserError(f"{where}: {path}: unreadable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    if arch is None or arch not in GGUF_CONFIG_MAPPING:
+        raise UserError(f"{where}: {path}: a GGUF file of architecture {arch!r}, not a language model transformers "
+                        f"can load ({', '.join(sorted(GGUF_CONFIG_MAPPING)[:8])}, ...)")
+    return arch
+
+
+def gguf_folder(path: str, where: str) -> str:
+    """The Hugging Face folder converted from GGUF file `path` (once; kept in the cache by the file's hash)."""
+    from ..io import sha256_file
+    from ..teachers.cache import default_cache_dir
+    check_gguf(path, where)
+    folder = os.path.join(default_cache_dir(), "gguf", sha256_file(path)[:16])
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    tf = transformers_module()
+    base, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    try:
+        tok = tf.AutoTokenizer.from_pretrained(base, gguf_file=name, local_files_only=True)
+        quantised = tf.AutoModelForCausalLM.from_pretrained(base, gguf_file=name, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"{where}: {path}: cannot load as a causal language model ({str(e).splitlines()[0]})") from None
+    config = quantised.config
+    if hasattr(config, "quantization_config"):  # dequantised to fp32 already; the folder is a plain model
+        del config.quantization_config
+    hf = tf.AutoModelForCausalLM.from_config(config)
+    hf.load_state_dict(quantised.state_dict())
+    if quantised.generation_config is not None:
+        hf.generation_config = quantised.generation_config
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(folder))
+    try:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process converted it first: theirs is the same
+            if not os.path.isfile(os.path.join(folder, "config.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def model_folder(path: str, where: str) -> str:
+    """A Hugging Face folder for `path`: the folder itself, or the one converted from a GGUF file."""
+    return gguf_folder(path, where) if path.endswith(".gguf") else path
+
+

@@ -249,7 +249,10 @@ def load_saved(run: RunDir, name: str) -> nn.Module:
 def load_model_at(path: str, name: str) -> nn.Module:
     """A model a stage saved: a Hugging Face folder, or a .safetensors file that names its architecture."""
     if os.path.isdir(path):
-        return load_folder(path, name)
+        from ..models.hf_lm import is_causal_lm_config
+        from ..models.hf import transformers_module
+        config = transformers_module().AutoConfig.from_pretrained(path, local_files_only=True)
+        return load_causal_lm(path, name) if is_causal_lm_config(config) else load_folder(path, name)
     meta = load_meta(path)
     model = build_model(meta["spec"], tuple(meta["input_shape"]), meta["num_classes"], where=name)
     if "structure" in meta:  # pruned by `distill compress`: rebuild its smaller shape before loading
