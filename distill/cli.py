@@ -434,7 +434,6 @@ def _run_command(args: argparse.Namespace, recipe, out: Optional[str]) -> int:
     if args.command == "train-teacher":
         print(f"teacher: {require_saved(rd.out, 'teacher')}")
     elif args.command == "generate":
-        seq = recipe.cfg["distill"]["sequence_kd"]
         print(f"teacher samples: {rd.path('teacher_samples.jsonl' if seq['samples'] else 'teacher_samples.safetensors')}")
     elif args.command == "soft-labels":
         print(f"soft labels: {rd.path('soft_labels.json')}")

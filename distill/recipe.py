@@ -412,7 +412,7 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
         _need_file(data["path"], "data.path", "the .npz file with x_train, y_train, x_test, y_test")
     if data["dataset"] == "text_lm":
         _lm_checks(cfg)
-    if cfg["distill"]["sequence_kd"]["samples"] and data["dataset"] not in ("completions", "arith"):
+    if cfg["distill"]["sequence_kd"]["samples"] and data["dataset"] not in COMPLETIONS:
         raise UserError("distill.sequence_kd.samples: teacher-written completions are for prompt/completion data "
                         "(data.dataset: completions or arith); text_lm uses sequence_kd.windows")
     if data["dataset"] != "text_lm" and cfg["distill"]["sequence_kd"]["windows"]:
@@ -499,7 +499,7 @@ def _topk_checks(cfg: Dict[str, Any]) -> None:
     if not d["topk"]:
         return
     from .registry import LOSSES
-    lm = cfg["data"]["dataset"] in ("text_lm", "completions", "arith")
+    lm = cfg["data"]["dataset"] in LM_DATASETS
     problems = [("data.dataset", not lm, "a top-k cache is for language models (text_lm, completions)"),
                 ("distill.method", not LOSSES.tags(d["method"]).get("topk"),
                  f"{d['method']} reads dense logits; use forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl or tvd"),
@@ -576,6 +576,10 @@ def _selection_checks(cfg: Dict[str, Any]) -> None:
                             f"is 0 (no validation split); set train.select: last, or data.val_fraction > 0")
 
 
+# datasets of a causal language model: prompt/completion rows (COMPLETIONS), and a character text (text_lm)
+COMPLETIONS = ("completions", "arith")
+LM_DATASETS = ("text_lm", *COMPLETIONS)
+
 COMPRESS_STEPS = ("vocab", "layers", "heads", "channels", "qat")
 BENCH_VARIANTS = ("fp32", "dynamic", "static", "fp16", "bf16", "onnx", "onnx_dynamic", "onnx_static", "torchao",
                   "pt2e")
@@ -641,7 +645,7 @@ def _text_checks(cfg: Dict[str, Any]) -> None:
         ft = s["from_teacher"]
         if sum(ft[k] is not None for k in ("layers", "keep_every", "importance")) != 1:
             raise UserError("student.from_teacher: give one of layers: [indices], keep_every: N or importance: N")
-        if ft["importance"] is not None and cfg["data"]["dataset"] not in ("completions", "arith"):
+        if ft["importance"] is not None and cfg["data"]["dataset"] not in COMPLETIONS:
             raise UserError("student.from_teacher.importance: measured layer importance is for causal language "
                             "models (data.dataset: completions or arith); give layers or keep_every")
         if ft["layers"] is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in ft["layers"]):
@@ -651,7 +655,7 @@ def _text_checks(cfg: Dict[str, Any]) -> None:
         missing = [k for k, v in s["hf_config"].items() if v is None]
         if missing:
             raise UserError(f"student.hf_config: missing {', '.join(missing)}")
-    if cfg["data"]["dataset"] in ("completions", "arith"):
+    if cfg["data"]["dataset"] in COMPLETIONS:
         return _completion_checks(cfg)
     layers, ddata = cfg["distill"]["layers"], cfg["distill"]["data"]
     lm = layers["map"]

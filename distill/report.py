@@ -371,9 +371,6 @@ def adjustments_section(epochs: Dict[str, List[Dict[str, Any]]]) -> str:
     return table(["model", "epoch", "watched retention", "change (before → after)"], rows, numeric_to=3)
 
 
-LM_DATASETS = ("text_lm", "completions", "arith")
-
-
 def generations_section(metrics: Dict[str, Any]) -> str:
     """The same test prompts completed greedily by the teacher and each student, beside the reference (the
     samples `evaluate.exact_match` keeps in metrics.json)."""
@@ -538,6 +535,7 @@ def build_report(folder: str) -> str:
         ("gradients", "Gradient consistency", lambda: gradient_section(plt, student, steps.get("student", []))),
         ("monitor", "Monitor adjustments", lambda: adjustments_section(epochs)),
         ("confusion", "Confusion matrices", lambda: confusion_section(plt, recipe, folder))]
+    from .recipe import LM_DATASETS
     if recipe.cfg["data"]["dataset"] in LM_DATASETS:  # (next tokens have no confusion matrix: their text instead)
         parts[-1] = ("generations", "Sample generations", lambda: generations_section(metrics))
     if os.path.isfile(os.path.join(folder, "bench", "bench.json")) or \

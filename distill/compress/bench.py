@@ -77,7 +77,8 @@ def plan(folder: str, variants: List[str]) -> List[Tuple[str, str, str]]:
 
 def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
     cfg = recipe.cfg
-    if cfg["data"]["dataset"] in ("text_lm", "completions", "arith"):
+    from ..recipe import LM_DATASETS
+    if cfg["data"]["dataset"] in LM_DATASETS:
         from ..errors import UserError
         raise UserError(f"distill bench: language models are not benched by variant yet; metrics.json of {folder} "
                         f"holds decode tokens/s, latency and sizes, and benchmarks/arith_smollm2.py measures decode "

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import UserError
 from ..io import atomic_path, sha256_file, sha256_json
-from ..models.hf import load_tokenizer, tokenizer_hash
+from ..models.hf import load_tokenizer, pad_id, tokenizer_hash
 from .datasets import BUNDLES, DataBundle, read_text_file
 from .text import _jsonl_rows
 
@@ -101,10 +101,6 @@ def tokenize_rows(path: str, cfg: Dict[str, Any], tok) -> Tuple[np.ndarray, np.n
         with open(tmp, "wb") as fh:
             np.savez(fh, x=x, y=y)
     return x, y
-
-
-def pad_id(tok) -> int:
-    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
 
 def as_arrays(seqs: List[Tuple[List[int], List[int]]], pad: int) -> Tuple[np.ndarray, np.ndarray]:

@@ -224,6 +224,13 @@ def same_vocabulary(a, b) -> bool:
     return a.get_vocab() == b.get_vocab()
 
 
+def pad_id(tok) -> int:
+    """The id a tokenizer pads with: its pad token, else its EOS (causal LMs often have no pad token), else 0."""
+    if tok.pad_token_id is not None:
+        return int(tok.pad_token_id)
+    return int(tok.eos_token_id) if tok.eos_token_id is not None else 0
+
+
 def tokenizer_hash(tok) -> str:
     """What logit-level KD needs two models to share: the vocabulary (token -> id) and the special tokens."""
     from ..io import sha256_json

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .hf import HFWrapper, load_tokenizer, model_folder, tokenizer_hash, transformers_module
+from .hf import HFWrapper, load_tokenizer, model_folder, pad_id, tokenizer_hash, transformers_module
 
 
 class HFCausalLM(HFWrapper):
@@ -85,9 +85,7 @@ class HFCausalLM(HFWrapper):
 
 
 def wrap(hf: nn.Module, tokenizer) -> HFCausalLM:
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
-    return HFCausalLM(hf, pad, eos)
+    return HFCausalLM(hf, pad_id(tokenizer), tokenizer.eos_token_id)
 
 
 def is_causal_lm_config(config) -> bool:

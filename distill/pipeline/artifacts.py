@@ -27,7 +27,7 @@ from ..models import build_model
 from ..models.hf_lm import check_same_tokenizer, fresh_lm, load_causal_lm
 from ..models.hf import fresh_student, is_model_folder, load_classifier, load_folder, load_tokenizer, \
     resolve_hf_path, same_vocabulary, save_folder, select_layers
-from ..recipe import is_text
+from ..recipe import COMPLETIONS, is_text
 from ..roles import TEACHER, stage_command
 from .rundir import RunDir
 
@@ -110,7 +110,7 @@ def important_layers(run: RunDir, teacher: nn.Module, keep: int) -> List[int]:
         rises = layer_importance(teacher, x.to(next(teacher.parameters()).device), y.to(next(teacher.parameters()).device))
         memo[key] = rises
         kept = most_important(rises, keep)
-        run.event(f"layer importance (loss rise when skipped): " + ", ".join(f"{i}:{r:+.3f}" for i, r in enumerate(rises))
+        run.event("layer importance (loss rise when skipped): " + ", ".join(f"{i}:{r:+.3f}" for i, r in enumerate(rises))
                   + f"; keeping {kept}", importance=rises, kept=kept)
     return most_important(memo[key], keep)
 
@@ -176,7 +176,7 @@ class HuggingFaceModels:
 
     def layer_features(self, cfg: Dict[str, Any], teacher: nn.Module, student: nn.Module) -> List[Dict[str, Any]]:
         """`distill.layers` (hidden states, attention maps, embeddings, [CLS]) as `distill.features` entries."""
-        if cfg["data"]["dataset"] in ("completions", "arith"):
+        if cfg["data"]["dataset"] in COMPLETIONS:
             return []  # (refused for causal LMs by the recipe check)
         ft = cfg["student"]["from_teacher"]
         return transformer_features(cfg["distill"]["layers"], teacher.num_layers, student.num_layers,

@@ -158,7 +158,7 @@ class CausalLM:
         em = (cfg or {}).get("evaluate", {}).get("exact_match", {})
         # validation exact match: greedy completions of the validation prompts after each epoch
         self.val_em = em if em.get("validate") and em.get("rows") and getattr(data, "tokenizer", None) else None
-        self.tokenizer = data.tokenizer if self.val_em else None
+        self.tokenizer_path, self._tokenizer = data.tokenizer if self.val_em else None, None
 
     def lower_is_better(self, metric: str) -> bool:
         return metric.endswith(("loss", "bpc", "perplexity"))
@@ -179,9 +179,10 @@ class CausalLM:
         m = scores(token_sums(model, data.x_val, data.y_val, batch_size, runtime), self.characters)
         out = {"val_loss": m["loss"], "val_accuracy": m["accuracy"], **({"val_bpc": m["bpc"]} if "bpc" in m else {})}
         if self.val_em and hasattr(model, "complete"):  # (every process scores the same rows: greedy, the same)
-            from ..models.hf import load_tokenizer
-            em = exact_match(model, load_tokenizer(self.tokenizer, "data.tokenizer"), data.x_val, data.y_val,
-                             self.val_em)
+            if self._tokenizer is None:  # (loaded once, at the first epoch's validation)
+                from ..models.hf import load_tokenizer
+                self._tokenizer = load_tokenizer(self.tokenizer_path, "data.tokenizer")
+            em = exact_match(model, self._tokenizer, data.x_val, data.y_val, self.val_em)
             out["val_exact_match"] = em["exact_match"]
         return out
 
