@@ -323,7 +323,7 @@ TEXT_CASES = {
     "layer index out of range": (lambda t, b: {"student": {"from_teacher": {"layers": [0, 9]}}},
                                  "give distinct indices in 0..3"),
     "layers and keep_every": (lambda t, b: {"student": {"from_teacher": {"layers": [0], "keep_every": 2}}},
-                              "give either layers: [indices] or keep_every: N"),
+                              "give one of layers: [indices], keep_every: N or importance: N"),
     "heads do not divide hidden": (lambda t, b: {"student": {"from_teacher": None, "hf_config": {
         "layers": 1, "hidden": 30, "heads": 4, "intermediate": 32}}}, "hidden 30 is not divisible by heads 4"),
     "cached text features": (lambda t, b: {"distill": {"teacher_outputs": "cached", "layers": {"hidden": "mse"}}},
