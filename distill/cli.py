@@ -358,13 +358,13 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command in ("export", "compress", "bench", "search", "report", "doctor"):
         return {"export": _export, "compress": _compress, "bench": _bench, "search": _search,
                 "report": _report, "doctor": _doctor}[args.command](args)
-    from .engine.trainer import Interrupted
-    from .pipeline.rundir import run_folder
     if isinstance(args.resume, str):
         if args.target:
             raise UserError(f"--resume {args.resume}: give the run folder once, either as RECIPE or after --resume")
         args.target, args.resume = args.resume, True
     recipe, out = _load(args.target, [*args.overrides, *(["baseline=false"] if args.no_baseline else [])], args.out)
+    from .engine.trainer import Interrupted  # (after the recipe: a mistake in it is told before torch loads)
+    from .pipeline.rundir import run_folder
     if args.nproc is not None and args.nproc < 1:
         raise UserError(f"--nproc: expected a positive number of processes, got {args.nproc}")
     nproc, again = _resume_hint(args, run_folder(recipe, out))

@@ -327,6 +327,9 @@ SCHEMA: Dict[str, Any] = {
         "calibration": F((int,), 256, positive),  # training samples for static int8
         "max_accuracy_drop": F(NUM, 0.01, unit_interval),  # allowed for the recommended variant
         "latency_runs": F((int,), 200, positive),
+        # which models to measure (names as in the table: teacher, student_scratch, compress/qat, ...); null:
+        # all of them. The distilled student in fp32 is always measured: every ratio is against it.
+        "models": F((list, type(None)), None),
     },
     "output": {
         "dir": F((str,), None),

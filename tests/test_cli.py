@@ -104,7 +104,8 @@ def test_bad_layer_in_recipe_is_refused_before_work(tmp_path):
 
 def test_stages_one_by_one_on_a_run_folder(tmp_path):
     out = str(tmp_path / "run")
-    r = cli("train-teacher", "digits", "--set", "train.epochs=2", "--out", out)
+    r = cli("train-teacher", "digits", "--set", "train.epochs=2", "--set", "teacher.train.epochs=5",
+            "--out", out)
     assert r.returncode == 0, r.stderr
     assert os.path.isfile(os.path.join(out, "teacher.safetensors"))
     assert cli("soft-labels", out).returncode == 0
@@ -117,7 +118,7 @@ def test_stages_one_by_one_on_a_run_folder(tmp_path):
 
 
 def test_run_prints_the_table(tmp_path):
-    r = cli("run", "--set", "train.epochs=2", "--out", str(tmp_path / "r"))
+    r = cli("run", "--set", "train.epochs=2", "--set", "teacher.train.epochs=5", "--out", str(tmp_path / "r"))
     assert r.returncode == 0, r.stderr
     for row in ("teacher", "student (no KD)", "student (distilled)", "accuracy", "ms/sample"):
         assert row in r.stdout

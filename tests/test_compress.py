@@ -298,9 +298,11 @@ def test_compress_text_heads_vocab_layers(tmp_path, capsys):
         model = load_folder(m["path"], m["name"])
         assert count_params(model) == m["params"]
     assert load_folder(record["models"][3]["path"], "l").num_layers == 2
-    assert main(["bench", out, "--set", "bench.variants=[fp32, onnx_dynamic]"]) == 0
+    assert main(["bench", out, "--set", "bench.variants=[fp32, onnx_dynamic]",
+                 "--set", "bench.models=[compress/qat]"]) == 0
     result = json.load(open(os.path.join(out, "bench", "bench.json")))
     rows = {(r["model"], r["variant"]): r for r in result["results"]}
+    assert {m for m, _ in rows} == {"student", "compress/qat"}  # the models named, and the reference
     assert "error" not in rows[("compress/qat", "onnx_dynamic")], rows[("compress/qat", "onnx_dynamic")]
     assert rows[("compress/qat", "onnx_dynamic")]["size_bytes"] < rows[("student", "fp32")]["size_bytes"] / 4
 
@@ -317,6 +319,7 @@ def test_compress_text_heads_vocab_layers(tmp_path, capsys):
      "compress.layers: Sequential has no layer or block that can be dropped"),
     (["compress", "RUN", "--set", "compress.heads.keep=1.5"], "compress.heads.keep: must be between 0 and 1"),
     (["bench", "RUN", "--set", "bench.variants=[int4]"], "bench.variants[0]: unknown variant 'int4'"),
+    (["bench", "RUN", "--set", "bench.models=[studnet]"], "bench.models[0]: 'studnet' is not a model of"),
 ])
 def test_compress_mistakes_are_one_line(tmp_path, capsys, args, message):
     recipe = tmp_path / "r.yaml"

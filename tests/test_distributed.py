@@ -166,7 +166,7 @@ def reference(tmp_path_factory):
     return str(out)
 
 
-@pytest.mark.parametrize("victim", ["0", "1", "all"])
+@pytest.mark.parametrize("victim", ["1", "all"])  # (a worker, and every process with the launcher)
 def test_sigkill_then_resume_with_two_processes_is_bitwise_identical(reference, tmp_path, victim):
     out = tmp_path / "run"
     launcher = start([sys.executable, "-m", "distill", "run", *DIGITS, "--out", str(out), "--nproc", "2"])

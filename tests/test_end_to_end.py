@@ -80,7 +80,8 @@ def test_second_run_reuses_every_stage_and_a_new_temperature_only_retrains_the_s
 def test_same_seed_same_weights_and_other_seed_differs(tmp_path):
     def weights(seed, name):
         out = str(tmp_path / f"s{seed}_{name}")
-        run(Recipe.load("digits", ["train.epochs=2", f"train.seed={seed}"]), out=out, echo=quiet)
+        run(Recipe.load("digits", ["train.epochs=2", "teacher.train.epochs=5", f"train.seed={seed}"]), out=out,
+            echo=quiet)
         return load_file(os.path.join(out, "student.safetensors"))
     a, b, c = weights(0, "a"), weights(0, "b"), weights(1, "c")
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
@@ -168,7 +169,7 @@ def test_checkpoint_teacher_is_loaded_not_retrained(digits_run, tmp_path):
 
 
 def test_multi_seed_summary_has_mean_and_std(tmp_path):
-    s = run_seeds(Recipe.load("digits", ["train.epochs=2"]), [0, 1], out=str(tmp_path), echo=quiet)
+    s = run_seeds(Recipe.load("digits", ["train.epochs=2", "teacher.train.epochs=5"]), [0, 1], out=str(tmp_path), echo=quiet)
     assert s["seeds"] == [0, 1]
     acc = s["student"]["accuracy"]
     assert set(acc) == {"mean", "std"} and 0 < acc["mean"] <= 1

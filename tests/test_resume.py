@@ -17,7 +17,7 @@ from distill.checkpoint import Checkpoints
 from distill.engine.objective import Objective
 from distill.engine.trainer import TrainingDiverged, fit
 
-EPOCHS = 20
+EPOCHS = 10
 RECIPE = ["digits", "--set", f"teacher.train.epochs={EPOCHS}", "--set", f"train.epochs={EPOCHS}",
           "--set", "train.checkpoint_every=7"]
 ENV = {**os.environ, "DISTILL_QUIET": "1", "OMP_NUM_THREADS": "1"}  # bitwise equality is per thread count
@@ -99,9 +99,10 @@ def test_signal_checkpoints_says_how_to_resume_and_resume_matches(reference, tmp
     same_results(reference, out)
 
 
-def test_different_recipe_in_the_same_folder_is_refused_unless_overwrite(reference, tmp_path):
+def test_different_recipe_in_the_same_folder_is_refused_unless_overwrite(tmp_path):
     out = tmp_path / "other"
-    args = [sys.executable, "-m", "distill", "run", "digits", "--set", "train.epochs=1", "--out", str(out)]
+    args = [sys.executable, "-m", "distill", "run", "digits", "--set", "train.epochs=1", "--set",
+            "teacher.train.epochs=2", "--out", str(out)]
     assert subprocess.run(args, capture_output=True, env=ENV).returncode == 0
     r = subprocess.run(args[:-2] + ["--set", "distill.alpha=0.5", "--out", str(out)], capture_output=True,
                        text=True, env=ENV)

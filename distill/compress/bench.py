@@ -28,7 +28,7 @@ import subprocess
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..errors import UserError
+from ..errors import UserError, did_you_mean
 from ..io import read_json, save_figure, write_json, write_text
 from ..progress import bar
 from ..roles import MODELS_OUT
@@ -54,8 +54,9 @@ def machine() -> Dict[str, Any]:
             "onnxruntime": ort, "quantized_engine": torch.backends.quantized.engine, "system": platform.platform()}
 
 
-def plan(folder: str, variants: List[str]) -> List[Tuple[str, str, str]]:
-    """(model name, model path, variant) for every measurement of this run folder."""
+def plan(folder: str, variants: List[str], only: Optional[List[str]] = None) -> List[Tuple[str, str, str]]:
+    """(model name, model path, variant) for every measurement of this run folder (of the models `only`
+    names, and the distilled student, when given)."""
     from ..pipeline.artifacts import require_saved
     skipped = {k for k, v in read_json(os.path.join(folder, "metrics.json"), {}).items() if v.get("skipped")}
     models = [(name, require_saved(folder, name)) for name in MODELS_OUT if name not in skipped]  # (baseline: false)
@@ -66,8 +67,16 @@ def plan(folder: str, variants: List[str]) -> List[Tuple[str, str, str]]:
     names = [n for n, _ in compressed]
     # int8 after training (PTQ) of the model that QAT started from, to compare with QAT itself
     ptq = [n for i, n in enumerate(names[:-1]) if names[i + 1].endswith("/qat")]
+    everything = models + compressed
+    if only is not None:
+        known = [n for n, _ in everything]
+        for i, name in enumerate(only):
+            if name not in known:
+                raise UserError(f"bench.models[{i}]: {name!r} is not a model of {folder}{did_you_mean(str(name), known)}; "
+                                f"it has {', '.join(known)}")
+        everything = [(n, p) for n, p in everything if n in only or n == "student"]
     rows = []
-    for name, path in models + compressed:
+    for name, path in everything:
         for v in (variants if name in deploy else ["fp32"]):
             rows.append((name, path, v))
         if name not in deploy and (name.endswith("/qat") or name in ptq):  # QAT models are deployed as int8
@@ -83,7 +92,7 @@ def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
         raise UserError(f"distill bench: language models are not benched by variant yet; metrics.json of {folder} "
                         f"holds decode tokens/s, latency and sizes, and benchmarks/arith_smollm2.py measures decode "
                         f"and prefill speed side by side")
-    rows = plan(folder, cfg["bench"]["variants"])
+    rows = plan(folder, cfg["bench"]["variants"], cfg["bench"]["models"])
     os.makedirs(os.path.join(folder, "bench", "files"), exist_ok=True)
     results: List[Dict[str, Any]] = []
     loaded: Dict[str, Any] = {}  # the data, and the model whose variants are being written

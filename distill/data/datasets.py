@@ -14,7 +14,6 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from ..errors import UserError, did_you_mean
 from ..registry import DATASETS
@@ -180,6 +179,7 @@ def _as_nchw(x: np.ndarray, path: str) -> np.ndarray:
 def _split(x: np.ndarray, y: np.ndarray, cfg: Dict[str, Any], key: str, **size: Any):
     """A stratified split; too few rows for every class on both sides is one clear error naming the key."""
     try:
+        from sklearn.model_selection import train_test_split
         return train_test_split(x, y, stratify=y, random_state=cfg["split_seed"], **size)
     except ValueError as e:
         raise UserError(f"data.{key}={cfg[key]}: cannot split {len(y)} rows with every class on both sides "

@@ -6,7 +6,6 @@ from typing import Any, Dict
 
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import f1_score, roc_auc_score
 from torch import nn
 
 from ..data import augment, has_augmentation
@@ -53,6 +52,7 @@ class Classification:
 
 def classification_metrics(logits: torch.Tensor, y: torch.Tensor, positive: int = 1) -> Dict[str, float]:
     """Accuracy and macro-F1; for two classes also AUC, sensitivity and specificity of class `positive`."""
+    from sklearn.metrics import f1_score, roc_auc_score  # (here: a language-model run does not load sklearn)
     pred, y_np = logits.argmax(1).numpy(), y.numpy()
     out = {"accuracy": float((pred == y_np).mean()),
            "macro_f1": float(f1_score(y_np, pred, average="macro", labels=list(range(logits.shape[1])),
