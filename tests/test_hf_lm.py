@@ -17,7 +17,7 @@ from distill.data.completions import IGNORE, encode, tokenize_rows
 from distill.errors import UserError
 from distill.losses.tokens import token_divergence
 from distill.engine.batch import TeacherOutputs
-from distill.teachers.topk import TopKCache, load_or_build, topk_of
+from distill.teachers.topk import load_or_build, topk_of
 
 CFG = {"prompt_column": "prompt", "completion_column": "completion", "chat_template": False, "max_length": 64}
 
@@ -123,6 +123,34 @@ def test_topk_loss_gradient_flows_to_the_student_only():
     out = _topk_form(t, 4)
     out.topk_logprobs, out.tail_mass = out.topk_logprobs.double(), out.tail_mass.double()
     assert torch.autograd.gradcheck(lambda z: token_divergence("forward_kl", z, out, 1.0), (s,))
+
+
+@pytest.mark.parametrize("teacher_form", ["dense", "topk"])
+def test_logits_at_the_target_positions_only_give_the_full_loss_and_gradient(llama, teacher_form):
+    """The student's output layer runs on the positions with a target only (not the prompt, not the padding):
+    the same loss and gradients as with logits at every position, from HF's boolean logits_to_keep."""
+    from distill.engine.objective import Objective
+    from distill.models.hf_lm import load_causal_lm
+    teacher, student = load_causal_lm(llama, "teacher").eval(), load_causal_lm(llama, "student").train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(3, 20, (3, 9), generator=g)
+    y = torch.roll(x, -1, 1)
+    y[0, :4], y[1, :2], y[2, 6:] = -100, -100, -100  # a prompt, a shorter one, padding
+    with torch.no_grad():
+        t = teacher(x)
+    out = TeacherOutputs(logits=t) if teacher_form == "dense" else _topk_form(t, 5)
+    obj = Objective(student, {"method": "forward_kl", "alpha": 0.5, "temperature": 2.0, "features": []},
+                    lambda x, idx: out)
+    idx = torch.arange(3)
+    assert obj.scored_positions(y, y >= 0).sum() == (y >= 0).sum() and student._keeps_positions
+    loss, parts = obj(x, y, idx, y >= 0)
+    grads = torch.autograd.grad(loss, list(student.parameters()))
+    student.selects_positions = False  # the same objective, with logits at every position
+    full, full_parts = obj(x, y, idx, y >= 0)
+    full_grads = torch.autograd.grad(full, list(student.parameters()))
+    assert torch.allclose(loss, full, rtol=1e-5, atol=1e-6) and torch.equal(parts["labelled"], full_parts["labelled"])
+    assert torch.equal(parts["correct"], full_parts["correct"])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads, full_grads))
 
 
 def test_topk_cache_holds_the_teachers_topk_and_resumes_a_killed_build(tmp_path, llama):

@@ -130,3 +130,54 @@ def test_gradcheck(name):
     t = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
     mask = torch.tensor([[True, False, True], [True, True, False]])
     assert torch.autograd.gradcheck(lambda z: token_divergence(name, z, t, 2.0, mask=mask), (s,))
+
+
+def _buckets_reference(z, ids):
+    """log p over the teacher's ids, then log of the mass outside them (float64, from the formula)."""
+    p = softmax(z)
+    kept = np.take_along_axis(p, ids, -1)
+    outside = p.sum(-1) - kept.sum(-1)
+    return np.concatenate([np.log(kept), np.log(outside)[..., None]], -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_buckets_match_the_formula_and_gradcheck(dtype):
+    from distill.losses.tokens import topk_buckets
+    g = torch.Generator().manual_seed(4)
+    z = (torch.randn(6, 9, generator=g) * 3).to(dtype)
+    ids = torch.stack([torch.randperm(9, generator=g)[:3] for _ in range(6)])
+    z64 = z.double().numpy()
+    got = topk_buckets(z, ids).double().numpy()
+    want = np.concatenate([np.take_along_axis(z64, ids.numpy(), -1) - np.log(np.exp(z64).sum(-1, keepdims=True)),
+                           _buckets_reference(z64, ids.numpy())[..., 3:]], -1)
+    np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-6)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda x: topk_buckets(x, ids), (z.clone().requires_grad_(True),))
+
+
+def test_topk_tail_below_float_range_is_summed_exactly_with_its_gradient():
+    """Ids holding all but e^-200 of the mass: exp underflows in fp32, and the row is summed again at its
+    own scale; its value and gradient match float64."""
+    from distill.losses.tokens import topk_buckets
+    z = torch.zeros(2, 8)
+    z[:, 3:] = -200.0
+    ids = torch.arange(3).repeat(2, 1)
+    z32, z64 = z.clone().requires_grad_(True), z.double().requires_grad_(True)
+    a, b = topk_buckets(z32, ids), topk_buckets(z64, ids)
+    assert abs(float(a.detach()[0, 3]) - (-200 + np.log(5) - np.log(3))) < 1e-3  # the tail: 5 e^-200 over 3
+    w = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    (ga,), (gb,) = torch.autograd.grad((a * w).sum(), z32), torch.autograd.grad((b * w.double()).sum(), z64)
+    assert torch.allclose(ga.double(), gb, atol=1e-5) and torch.isfinite(ga).all()
+    assert torch.autograd.gradcheck(lambda x: topk_buckets(x, ids), (z64,))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_topk_gradcheck(name):
+    from distill.engine.batch import TeacherOutputs
+    from distill.teachers.topk import topk_of
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(2, 3, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    ids, lp, tail = topk_of(torch.randn(2, 3, 6, generator=g, dtype=torch.float64), 2, 1.0)
+    top = TeacherOutputs(topk_ids=ids, topk_logprobs=lp, tail_mass=tail.unsqueeze(-1))
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    assert torch.autograd.gradcheck(lambda z: token_divergence(name, z, top, 2.0, mask=mask), (s,))

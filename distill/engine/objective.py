@@ -48,6 +48,14 @@ def mean(outputs: Dict[str, TeacherOutputs]) -> TeacherOutputs:
                           outs[0].mask)
 
 
+def at_positions(out: TeacherOutputs, keep: torch.Tensor) -> TeacherOutputs:
+    """The teacher's logits (dense or top-k) at the positions `keep` (bool, N x L), flattened as the
+    student's are; features stay whole (their losses take the mask)."""
+    pick = lambda t: None if t is None else t[keep.to(t.device)]  # noqa: E731
+    return TeacherOutputs(pick(out.logits), out.features, None, pick(out.topk_ids), pick(out.topk_logprobs),
+                          pick(out.tail_mass))
+
+
 def _loss(name: str) -> Callable:
     return LOSSES.get(name, "distill.features.loss")
 
@@ -180,13 +188,25 @@ class Objective(nn.Module):
                        ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """The divergence alone, teacher vs student, on the student's own completions (no gold tokens there)."""
         x, y = self.student_samples(x, y)
-        mask = y >= 0
-        logits = self.student(x)
-        kd = self.logit_term(logits, self.teacher_outputs(x, idx).logits, y, None, mask)
+        keep = self.scored_positions(y, None)
+        if keep is None:
+            logits, t_logits, y_kept, mask = self.student(x), self.teacher_outputs(x, idx).logits, y, y >= 0
+        else:
+            logits, y_kept, mask = self.student(x, positions=keep), y[keep], None
+            t_logits = at_positions(self.teacher_outputs(x, idx), keep).logits
+        kd = self.logit_term(logits, t_logits, y_kept, None, mask)
         self.terms = {}
         zero = kd.detach() * 0
-        counts = {k: torch.zeros_like(v) for k, v in self.task.counts(logits, y).items()}  # (no gold tokens here)
+        counts = {k: torch.zeros_like(v) for k, v in self.task.counts(logits, y_kept).items()}  # (no gold tokens)
         return kd, {"ce": zero, "kd": kd.detach(), "total": kd.detach(), **counts}
+
+    def scored_positions(self, y: torch.Tensor, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """For a student that computes logits at chosen positions only (a causal LM): the positions with a
+        target (and in `mask`), where every logit term is scored; None for other students (all positions)."""
+        if not getattr(self.student, "selects_positions", False):
+            return None
+        keep = y >= 0
+        return keep if mask is None else keep & mask.to(keep.device).bool()
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, mask: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -194,17 +214,23 @@ class Objective(nn.Module):
         if self.on_policy.get("fraction") and self.training and float(torch.rand(())) < self.on_policy["fraction"]:
             return self.on_policy_loss(x, y, idx)
         x_student = self.noised(x)
+        keep = self.scored_positions(y, mask)
         with self._capture as cap:
-            logits = self.student(x_student)
-        loss = _loss("ce")(logits, y, **_masked(mask))
-        parts = {"ce": loss.detach(), **self.task.counts(logits, y)}
+            logits = self.student(x_student) if keep is None else self.student(x_student, positions=keep)
+        y_kept, mask_kept = (y, mask) if keep is None else (y[keep], None)
+        loss = _loss("ce")(logits, y_kept, **_masked(mask_kept))
+        parts = {"ce": loss.detach(), **self.task.counts(logits, y_kept)}
         if not self.teachers:
             parts["total"] = parts["ce"]
             return loss, parts
         t_out = self.teacher_outputs(x_student if self.teacher_sees_noise else x, idx)
         mask = mask if mask is not None else t_out.mask
+        if keep is not None:
+            t_out, mask_kept = at_positions(t_out, keep), None
+        else:
+            mask_kept = mask
         weights = confidence_weights(t_out.logits) if self.dcfg.get("sample_weight") == "confidence" else None
-        kd = self.logit_term(logits, t_out.logits if t_out.dense else t_out, y, weights, mask)
+        kd = self.logit_term(logits, t_out.logits if t_out.dense else t_out, y_kept, weights, mask_kept)
         parts["kd"] = kd.detach()
         self.terms = {"kd": kd, "ce": loss}
         alpha = self.current("alpha")

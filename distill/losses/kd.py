@@ -51,12 +51,14 @@ def ce_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: Optional[t
     """Cross-entropy with the hard labels; label -1 marks a sample without one (teacher-labelled text),
     which is left out of the mean (a batch with no hard labels gives 0), as is any position where `mask`
     is false."""
-    if student_logits.dim() > 2:  # logits per position (a language model): every position is a sample
-        student_logits, labels = student_logits.reshape(-1, student_logits.shape[-1]), labels.reshape(-1)
-        mask = mask.reshape(-1) if mask is not None else None
     if mask is not None:
         labels = torch.where(mask.bool(), labels, torch.full_like(labels, -1))
     labels = labels.clamp_min(-1)  # (-100, the language-model convention for "no target", counts as -1)
+    if student_logits.dim() > 2:  # logits per position (a language model): every position with a target is
+        labels = labels.reshape(-1)  # a sample, the others (prompt, padding) are dropped before the softmax
+        rows = (labels >= 0).nonzero().squeeze(1)
+        logits = student_logits.reshape(-1, student_logits.shape[-1]).index_select(0, rows)
+        return F.cross_entropy(logits.float(), labels[rows], reduction="sum") / max(len(rows), 1)
     if not bool((labels < 0).any()):
         return F.cross_entropy(student_logits.float(), labels)
     n = (labels >= 0).sum().clamp_min(1)

@@ -66,14 +66,64 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def _log_probs(logits: torch.Tensor, t: float) -> torch.Tensor:
+    """log softmax(logits / T) in fp32 or higher (no division at T = 1: a pass over the vocabulary saved)."""
+    z = _at_least_fp32(logits)
+    return F.log_softmax(z if t == 1.0 else z / t, dim=-1)
+
+
 FLOOR = -1e4  # log-probability standing in for log 0 (exp gives exactly 0 in fp32, and no inf or NaN)
 
 
-def topk_buckets(log_s: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """The student's log-probabilities over the teacher's k + 1 buckets: its k ids, then the rest (the tail)."""
-    kept = log_s.gather(-1, ids)
-    tail = torch.logsumexp(log_s.scatter(-1, ids, FLOOR), -1, keepdim=True)
-    return torch.cat([kept, tail], -1)
+class TopkBuckets(torch.autograd.Function):
+    """The student's log-probabilities over the teacher's k + 1 buckets, from its logits z (already / T):
+    log p(id) for the k ids, then log p(tail), the mass outside them, summed over the other tokens (not
+    1 - the kept mass, which rounds to 0 when the tail is small and would blow its gradient up).
+
+    Written out, forward and backward, because autograd through log_softmax, scatter and logsumexp makes
+    five vocabulary-sized temporaries a position, and this one two: e = exp(z - max z), kept for the
+    backward pass, and the gradient made from it. With p = softmax(z) and p_tail the softmax over the tokens
+    outside the ids (0 on them): d log p(id_i)/dz = onehot(id_i) - p, d log p(tail)/dz = p_tail - p.
+    A row whose tail underflows e (its mass below 1e-30 of the top token's) is summed again exactly alone."""
+
+    TINY = 1e-30
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        mx = z.amax(-1, keepdim=True)
+        e = (z - mx).exp_()
+        s_all = e.sum(-1, keepdim=True)
+        lse = mx + s_all.log()
+        kept = z.gather(-1, ids) - lse
+        s_tail = e.scatter_(-1, ids, 0.0).sum(-1, keepdim=True)
+        lse_tail = mx + s_tail.log()
+        low = ((s_tail < TopkBuckets.TINY).squeeze(-1) & (ids.shape[-1] < z.shape[-1])).nonzero().squeeze(1)
+        z_low = z.index_select(0, low)
+        if len(low):  # (exactly, at its own scale)
+            lse_tail[low] = torch.logsumexp(z_low.scatter(-1, ids[low], float("-inf")), -1, keepdim=True)
+        ctx.save_for_backward(e, ids, s_all, s_tail, kept, lse, lse_tail, low, z_low)
+        return torch.cat([kept, (lse_tail - lse).clamp_min(FLOOR)], -1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        e, ids, s_all, s_tail, kept, lse, lse_tail, low, z_low = ctx.saved_tensors
+        k = ids.shape[-1]
+        g_kept, g_tail = g[..., :k], g[..., k:] * (lse_tail - lse >= FLOOR)  # (no gradient through the floor)
+        g_sum = g_kept.sum(-1, keepdim=True) + g_tail
+        tail_scale = torch.where(s_tail >= TopkBuckets.TINY, g_tail / s_tail.clamp_min(TopkBuckets.TINY), 0.0)
+        grad = e * (tail_scale - g_sum / s_all)  # off the ids: g_tail p_tail - g_sum p (e kept: retain_graph)
+        if len(low):
+            p_tail = (z_low - lse_tail[low]).exp_().scatter_(-1, ids[low], 0.0)
+            grad[low] += p_tail * g_tail[low]
+        grad.scatter_(-1, ids, -g_sum * kept.exp())  # on the ids: g_kept - g_sum p (set once, then added)
+        return grad.scatter_add_(-1, ids, g_kept), None
+
+
+def topk_buckets(z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The student's log-probabilities over the teacher's k + 1 buckets, its k ids then the rest (the tail),
+    from its logits `z` (divided by T)."""
+    return TopkBuckets.apply(z, ids)
 
 
 def token_divergence(name: str, student_logits: torch.Tensor, teacher_logits: Any, temperature: float,
@@ -100,9 +150,7 @@ def token_divergence(name: str, student_logits: torch.Tensor, teacher_logits: An
     w = _weights(student_logits, weights, mask)
 
     def chunk_sum(s_c: torch.Tensor, t_c: torch.Tensor, w_c: torch.Tensor) -> torch.Tensor:
-        log_s = F.log_softmax(_at_least_fp32(s_c) / t, dim=-1)
-        log_t = F.log_softmax(_at_least_fp32(t_c.detach()) / t, dim=-1)
-        return (per_position(name, log_s, log_t, **settings) * w_c).sum()
+        return (per_position(name, _log_probs(s_c, t), _log_probs(t_c.detach(), t), **settings) * w_c).sum()
     return _chunked(chunk_sum, student_logits.reshape(-1, vocab), [teacher_logits.reshape(-1, vocab)], w, chunk) * (t * t)
 
 
@@ -119,8 +167,13 @@ def _weights(student_logits: torch.Tensor, weights: Optional[torch.Tensor], mask
 
 def _chunked(chunk_sum: Callable, s: torch.Tensor, teacher: list, w: torch.Tensor, chunk: int) -> torch.Tensor:
     """The weighted mean over positions of `chunk_sum`, `chunk` positions at a time (each chunk recomputed in
-    the backward pass when it needs a gradient)."""
+    the backward pass when it needs a gradient). Positions of weight 0 (masked out: a prompt, padding) are
+    dropped first, so no pass over the vocabulary is spent on them."""
     total = s.new_zeros((), dtype=torch.promote_types(s.dtype, torch.float32))
+    keep = w != 0
+    if not bool(keep.all()):
+        rows = keep.nonzero().squeeze(1)
+        s, teacher, w = s.index_select(0, rows), [t.index_select(0, rows.to(t.device)) for t in teacher], w[rows]
     recompute = torch.is_grad_enabled() and s.requires_grad and len(s) > chunk
     for i in range(0, len(s), chunk):
         part = (s[i:i + chunk], *(t[i:i + chunk] for t in teacher), w[i:i + chunk])
@@ -145,7 +198,8 @@ def _topk_divergence(name: str, student_logits: torch.Tensor, teacher: Any, temp
     log_t = _at_least_fp32(torch.cat([teacher.topk_logprobs, teacher.tail_mass], -1).to(device)).clamp_min(FLOOR)
 
     def chunk_sum(s_c: torch.Tensor, ids_c: torch.Tensor, t_c: torch.Tensor, w_c: torch.Tensor) -> torch.Tensor:
-        log_s = topk_buckets(F.log_softmax(_at_least_fp32(s_c) / t, dim=-1), ids_c)
+        z = _at_least_fp32(s_c)
+        log_s = topk_buckets(z if t == 1.0 else z / t, ids_c)
         return (per_position(name, log_s, t_c, **settings) * w_c).sum()
     return _chunked(chunk_sum, student_logits.reshape(-1, vocab),
                     [teacher.topk_ids.to(device).reshape(-1, k), log_t.reshape(-1, k + 1)],

@@ -14,7 +14,6 @@ most of the 30 s goes into converting the tokenizer), so later runs load the fol
 from __future__ import annotations
 
 import copy
-import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -28,6 +27,7 @@ class HFCausalLM(HFWrapper):
     """Token ids in, next-token logits out; the embedding output and hidden states exposed as taps."""
     input_dtype = torch.long
     per_position = True
+    selects_positions = True  # forward(x, positions=mask): logits at those positions only
 
     def __init__(self, hf: nn.Module, pad_id: int, eos_id: Optional[int]) -> None:
         super().__init__()
@@ -43,14 +43,28 @@ class HFCausalLM(HFWrapper):
     def rewrap(self, hf: nn.Module) -> "HFCausalLM":
         return HFCausalLM(hf, self.pad_id, self.eos_id)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (N, L, V); with `positions` (bool, N x L) only those positions' logits (P, V), in row-major
+        order: the output layer (often a fifth of the model's compute) and every pass over the vocabulary
+        after it then skip the prompt and the padding."""
         taps = self.embeddings._forward_hooks or any(t._forward_hooks for t in self.hidden)
-        out = self.hf(input_ids=x.long(), use_cache=False, output_hidden_states=bool(taps))
+        keep = {"logits_to_keep": positions} if positions is not None and self._keeps_positions else {}
+        out = self.hf(input_ids=x.long(), use_cache=False, output_hidden_states=bool(taps), **keep)
         if taps:
             self.embeddings(out.hidden_states[0])
             for tap, h in zip(self.hidden, out.hidden_states[1:]):
                 tap(h)
-        return out.logits
+        return out.logits[positions] if positions is not None and not keep else out.logits
+
+    @property
+    def _keeps_positions(self) -> bool:
+        """Whether the model's forward takes a boolean `logits_to_keep` (most transformers 5 causal LMs)."""
+        if not hasattr(self, "_keeps"):
+            import inspect
+            from transformers import modeling_utils
+            self._keeps = hasattr(modeling_utils, "slice_logits_to_keep") and \
+                "logits_to_keep" in inspect.signature(self.hf.forward).parameters
+        return self._keeps
 
     @torch.no_grad()
     def complete(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
