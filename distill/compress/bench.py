@@ -72,8 +72,8 @@ def plan(folder: str, variants: List[str], only: Optional[List[str]] = None) -> 
         known = [n for n, _ in everything]
         for i, name in enumerate(only):
             if name not in known:
-                raise UserError(f"bench.models[{i}]: {name!r} is not a model of {folder}{did_you_mean(str(name), known)}; "
-                                f"it has {', '.join(known)}")
+                raise UserError(f"bench.models[{i}]: {name!r} is not a model of {folder}"
+                                f"{did_you_mean(str(name), known)}; it has {', '.join(known)}")
         everything = [(n, p) for n, p in everything if n in only or n == "student"]
     rows = []
     for name, path in everything:

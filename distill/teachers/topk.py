@@ -29,7 +29,6 @@ import shutil
 import time
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -78,16 +77,22 @@ def write_shard(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, te
         with torch.inference_mode():
             for i in range(0, len(x), batch_size):
                 width = max(int(last[i:i + batch_size].max()), 1)
-                logits = teacher(x[i:i + batch_size, :width].to(device)).cpu()
+                pos = torch.arange(width)
+                keep = (pos >= first[i:i + batch_size, None]) & (pos < last[i:i + batch_size, None])
+                xb = x[i:i + batch_size, :width].to(device)
+                # the teacher's logits on each row's span only (P, V), row after row: not on the prompt
+                logits = (teacher(xb, positions=keep.to(device)) if getattr(teacher, "selects_positions", False)
+                          else teacher(xb)[keep.to(device)]).cpu()
                 vocab = logits.shape[-1]
                 ids, values, tail = topk_of(logits, k, temperature)
-                for r in range(ids.shape[0]):
+                rows = keep.sum(1).tolist()
+                for r, (ids_r, values_r, tail_r) in enumerate(zip(ids.split(rows), values.split(rows), tail.split(rows))):
                     a, b = int(first[i + r]), int(last[i + r])
                     parts["tokens"].append(x[i + r, a:b].to(torch.int32))
                     parts["mask"].append(y[i + r, a:b] >= 0)
-                    parts["ids"].append(ids[r, a:b])
-                    parts["logprobs"].append(values[r, a:b].clamp_min(FLOOR).half())
-                    parts["tail"].append(tail[r, a:b].half())
+                    parts["ids"].append(ids_r)
+                    parts["logprobs"].append(values_r.clamp_min(FLOOR).half())
+                    parts["tail"].append(tail_r.half())
     finally:
         teacher.train(was_training)
     id_type = torch.int32 if vocab > 65536 else torch.uint16
