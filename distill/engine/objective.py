@@ -224,11 +224,11 @@ class Objective(nn.Module):
             parts["total"] = parts["ce"]
             return loss, parts
         t_out = self.teacher_outputs(x_student if self.teacher_sees_noise else x, idx)
-        mask = mask if mask is not None else t_out.mask
+        teacher_mask = mask is None and t_out.mask is not None  # (then it says where the teacher has outputs)
+        mask = mask if mask is not None else t_out.mask  # (features take it whole)
+        mask_kept = mask if keep is None else mask.to(keep.device)[keep] if teacher_mask else None
         if keep is not None:
-            t_out, mask_kept = at_positions(t_out, keep), None
-        else:
-            mask_kept = mask
+            t_out = at_positions(t_out, keep)
         weights = confidence_weights(t_out.logits) if self.dcfg.get("sample_weight") == "confidence" else None
         kd = self.logit_term(logits, t_out.logits if t_out.dense else t_out, y_kept, weights, mask_kept)
         parts["kd"] = kd.detach()
