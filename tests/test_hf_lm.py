@@ -145,7 +145,7 @@ def test_logits_at_the_target_positions_only_give_the_full_loss_and_gradient(lla
     obj = Objective(student, {"method": "forward_kl", "alpha": 0.5, "temperature": 2.0, "features": []},
                     lambda x, idx: out)
     idx = torch.arange(3)
-    assert obj.scored_positions(y, y >= 0).sum() == (y >= 0).sum() and student._keeps_positions
+    assert obj.scored_positions(y, y >= 0).sum() == (y >= 0).sum() and student.keeps_positions
     loss, parts = obj(x, y, idx, batch_mask)
     grads = torch.autograd.grad(loss, list(student.parameters()))
     student.selects_positions = False  # the same objective, with logits at every position

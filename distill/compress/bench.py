@@ -88,7 +88,6 @@ def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
     cfg = recipe.cfg
     from ..recipe import LM_DATASETS
     if cfg["data"]["dataset"] in LM_DATASETS:
-        from ..errors import UserError
         raise UserError(f"distill bench: language models are not benched by variant yet; metrics.json of {folder} "
                         f"holds decode tokens/s, latency and sizes, and benchmarks/arith_smollm2.py measures decode "
                         f"and prefill speed side by side")

@@ -188,13 +188,9 @@ class Objective(nn.Module):
                        ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """The divergence alone, teacher vs student, on the student's own completions (no gold tokens there)."""
         x, y = self.student_samples(x, y)
-        keep = self.scored_positions(y, None)
-        if keep is None:
-            logits, t_logits, y_kept, mask = self.student(x), self.teacher_outputs(x, idx).logits, y, y >= 0
-        else:
-            logits, y_kept, mask = self.student(x, positions=keep), y[keep], None
-            t_logits = at_positions(self.teacher_outputs(x, idx), keep).logits
-        kd = self.logit_term(logits, t_logits, y_kept, None, mask)
+        logits, y_kept, mask, keep = self.student_logits(x, y, y >= 0)
+        t_out = self.teacher_outputs(x, idx)
+        kd = self.logit_term(logits, (t_out if keep is None else at_positions(t_out, keep)).logits, y_kept, None, mask)
         self.terms = {}
         zero = kd.detach() * 0
         counts = {k: torch.zeros_like(v) for k, v in self.task.counts(logits, y_kept).items()}  # (no gold tokens)
@@ -208,25 +204,31 @@ class Objective(nn.Module):
         keep = y >= 0
         return keep if mask is None else keep & mask.to(keep.device).bool()
 
+    def student_logits(self, x: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor]) -> Tuple:
+        """(logits, the targets and mask they are scored against, the positions kept or None): at the scored
+        positions only, flattened, when the student can (no mask is left then), else at every position."""
+        keep = self.scored_positions(y, mask)
+        if keep is None:
+            return self.student(x), y, mask, None
+        return self.student(x, positions=keep), y[keep], None, keep
+
     def forward(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, mask: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """The loss and its parts (detached tensors: read back once per log line, not every step)."""
         if self.on_policy.get("fraction") and self.training and float(torch.rand(())) < self.on_policy["fraction"]:
             return self.on_policy_loss(x, y, idx)
         x_student = self.noised(x)
-        keep = self.scored_positions(y, mask)
         with self._capture as cap:
-            logits = self.student(x_student) if keep is None else self.student(x_student, positions=keep)
-        y_kept, mask_kept = (y, mask) if keep is None else (y[keep], None)
+            logits, y_kept, mask_kept, keep = self.student_logits(x_student, y, mask)
         loss = _loss("ce")(logits, y_kept, **_masked(mask_kept))
         parts = {"ce": loss.detach(), **self.task.counts(logits, y_kept)}
         if not self.teachers:
             parts["total"] = parts["ce"]
             return loss, parts
         t_out = self.teacher_outputs(x_student if self.teacher_sees_noise else x, idx)
-        teacher_mask = mask is None and t_out.mask is not None  # (then it says where the teacher has outputs)
-        mask = mask if mask is not None else t_out.mask  # (features take it whole)
-        mask_kept = mask if keep is None else mask.to(keep.device)[keep] if teacher_mask else None
+        if mask is None and t_out.mask is not None:  # (then the teacher's own mask says where it has outputs)
+            mask = t_out.mask  # (features take it whole)
+            mask_kept = mask if keep is None else mask.to(keep.device)[keep]
         if keep is not None:
             t_out = at_positions(t_out, keep)
         weights = confidence_weights(t_out.logits) if self.dcfg.get("sample_weight") == "confidence" else None

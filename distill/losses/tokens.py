@@ -66,10 +66,14 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _log_probs(logits: torch.Tensor, t: float) -> torch.Tensor:
-    """log softmax(logits / T) in fp32 or higher (no division at T = 1: a pass over the vocabulary saved)."""
+def _scaled(logits: torch.Tensor, t: float) -> torch.Tensor:
+    """logits / T in fp32 or higher (no division at T = 1: a pass over the vocabulary saved)."""
     z = _at_least_fp32(logits)
-    return F.log_softmax(z if t == 1.0 else z / t, dim=-1)
+    return z if t == 1.0 else z / t
+
+
+def _log_probs(logits: torch.Tensor, t: float) -> torch.Tensor:
+    return F.log_softmax(_scaled(logits, t), dim=-1)
 
 
 FLOOR = -1e4  # log-probability standing in for log 0 (exp gives exactly 0 in fp32, and no inf or NaN)
@@ -198,8 +202,7 @@ def _topk_divergence(name: str, student_logits: torch.Tensor, teacher: Any, temp
     log_t = _at_least_fp32(torch.cat([teacher.topk_logprobs, teacher.tail_mass], -1).to(device)).clamp_min(FLOOR)
 
     def chunk_sum(s_c: torch.Tensor, ids_c: torch.Tensor, t_c: torch.Tensor, w_c: torch.Tensor) -> torch.Tensor:
-        z = _at_least_fp32(s_c)
-        log_s = topk_buckets(z if t == 1.0 else z / t, ids_c)
+        log_s = topk_buckets(_scaled(s_c, t), ids_c)
         return (per_position(name, log_s, t_c, **settings) * w_c).sum()
     return _chunked(chunk_sum, student_logits.reshape(-1, vocab),
                     [teacher.topk_ids.to(device).reshape(-1, k), log_t.reshape(-1, k + 1)],

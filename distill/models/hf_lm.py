@@ -35,6 +35,7 @@ class HFCausalLM(HFWrapper):
         self.mask_id, self.special_ids = None, []  # (no masked-token noise for causal models)
         self.embeddings = nn.Identity()
         self.hidden = nn.ModuleList(nn.Identity() for _ in range(hf.config.num_hidden_layers))
+        self.keeps_positions = _takes_logits_to_keep(hf)
 
     @property
     def vocab_size(self) -> int:
@@ -48,7 +49,7 @@ class HFCausalLM(HFWrapper):
         order: the output layer (often a fifth of the model's compute) and every pass over the vocabulary
         after it then skip the prompt and the padding."""
         taps = self.embeddings._forward_hooks or any(t._forward_hooks for t in self.hidden)
-        keep = {"logits_to_keep": positions} if positions is not None and self._keeps_positions else {}
+        keep = {"logits_to_keep": positions} if positions is not None and self.keeps_positions else {}
         out = self.hf(input_ids=x.long(), use_cache=False, output_hidden_states=bool(taps), **keep)
         if taps:
             self.embeddings(out.hidden_states[0])
@@ -56,15 +57,6 @@ class HFCausalLM(HFWrapper):
                 tap(h)
         return out.logits[positions] if positions is not None and not keep else out.logits
 
-    @property
-    def _keeps_positions(self) -> bool:
-        """Whether the model's forward takes a boolean `logits_to_keep` (most transformers 5 causal LMs)."""
-        if not hasattr(self, "_keeps"):
-            import inspect
-            from transformers import modeling_utils
-            self._keeps = hasattr(modeling_utils, "slice_logits_to_keep") and \
-                "logits_to_keep" in inspect.signature(self.hf.forward).parameters
-        return self._keeps
 
     @torch.no_grad()
     def complete(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
@@ -96,6 +88,14 @@ class HFCausalLM(HFWrapper):
             end = row.index(self.eos_id) + 1 if self.eos_id in row else None
             results.append((row[:end] if end else row, end is not None))
         return results
+
+
+def _takes_logits_to_keep(hf: nn.Module) -> bool:
+    """Whether the model's forward takes a boolean `logits_to_keep` (most transformers 5 causal LMs)."""
+    import inspect
+    from transformers import modeling_utils
+    return hasattr(modeling_utils, "slice_logits_to_keep") and \
+        "logits_to_keep" in inspect.signature(hf.forward).parameters
 
 
 def wrap(hf: nn.Module, tokenizer) -> HFCausalLM:
