@@ -26,14 +26,20 @@ from .losses import align
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA between two batches of representations (first dimension: the same n samples)."""
+    """Linear CKA between two batches of representations (first dimension: the same n samples).
+
+    <HKH, HLH> / (|HKH| |HLH|) with K = XX^T, L = YY^T and H the centering matrix, computed from the centred
+    features: HKH = XcXc^T, so no n x n centering matrix and no n^3 products; for features narrower than the
+    batch, in feature space (<XcXc^T, YcYc^T> = |Xc^T Yc|^2)."""
     x, y = x.flatten(1).double(), y.flatten(1).double()
-    k, l_ = x @ x.T, y @ y.T
-    n = k.shape[0]
-    h = torch.eye(n, dtype=k.dtype, device=k.device) - 1.0 / n  # centering
-    kc, lc = h @ k @ h, h @ l_ @ h
-    denom = (kc.norm() * lc.norm()).item()
-    return float((kc * lc).sum().item() / denom) if denom > 0 else 0.0
+    x, y = x - x.mean(0), y - y.mean(0)
+    if max(x.shape[1], y.shape[1]) <= x.shape[0]:
+        hsic, kk, ll = (x.T @ y).square().sum(), (x.T @ x).norm(), (y.T @ y).norm()
+    else:
+        k, l_ = x @ x.T, y @ y.T
+        hsic, kk, ll = (k * l_).sum(), k.norm(), l_.norm()
+    denom = float(kk * ll)
+    return float(hsic) / denom if denom > 0 else 0.0
 
 
 def _outputs(model: nn.Module, layers: List[str], x: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:

@@ -7,7 +7,7 @@ import os
 from typing import Any, Dict, Optional, Sequence
 
 from .errors import UserError, did_you_mean
-from .recipe_schema import (ASSISTANT, BENCH_VARIANTS, COMPLETIONS, COMPRESS_STEPS, FROM_TEACHER, HF_CONFIG,
+from .recipe_schema import (ASSISTANT, AUGMENT, BENCH_VARIANTS, COMPLETIONS, COMPRESS_STEPS, FROM_TEACHER, HF_CONFIG,
                             LM_DATASETS, METRICS, TRAIN, validate_section)
 
 
@@ -40,6 +40,7 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
         if m["checkpoint"]:
             _need_file(m["checkpoint"], f"{role}.checkpoint", "a .safetensors file written by distill")
         m["train"] = validate_section(_merge(cfg["train"], m["train"]), TRAIN, f"{role}.train")
+        m["augment"] = _augment(data["transforms"], m["augment"], role)
     _topk_checks(cfg)
     _assistant_checks(cfg)  # (before the text checks: chains of transformers are refused outright)
     _text_checks(cfg)
@@ -90,6 +91,9 @@ def _lm_checks(cfg: Dict[str, Any]) -> None:
         section, name = (data["transforms"], key.split(".")[1]) if "." in key else (data, key)
         if section[name] != want:
             raise UserError(f"data.{key}: {section[name]!r} does not apply to text_lm ({why}); remove it")
+    for role in ("teacher", "student"):
+        if cfg[role]["augment"]:
+            raise UserError(f"{role}.augment: image augmentation does not apply to text_lm; remove it")
     if cfg["compress"]["steps"] or cfg["distill"]["assistants"]:
         raise UserError("compress.steps / distill.assistants: not for language models yet (text_lm)")
     seq = cfg["distill"]["sequence_kd"]
@@ -303,6 +307,15 @@ def _need_file(path: Optional[str], key: str, what: str) -> None:
         raise UserError(f"{key}: missing; give the path of {what}")
     if not os.path.isfile(path):
         raise UserError(f"{key}: file not found: {path} (paths are relative to the current folder {os.getcwd()})")
+
+
+def _augment(transforms: Dict[str, Any], over: Dict[str, Any], role: str) -> Dict[str, Any]:
+    """A model's augmentation (random_crop, hflip): data.transforms' with the model's own `augment` overrides.
+    Normalisation is not among them: the data is normalised once, for every model."""
+    if "normalize" in over:
+        raise UserError(f"{role}.augment.normalize: normalisation is the same for every model; set "
+                        f"data.transforms.normalize instead")
+    return validate_section(_merge({k: transforms[k] for k in AUGMENT}, over), AUGMENT, f"{role}.augment")
 
 
 def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:

@@ -90,6 +90,13 @@ TRAIN = {
     },
 }
 
+TRANSFORMS = {
+    "normalize": F((bool,), True),
+    "random_crop": F((int,), 0, non_negative),  # pixels of zero padding a random crop shifts by, per sample
+    "hflip": F((bool,), False),
+}
+AUGMENT = {k: v for k, v in TRANSFORMS.items() if k != "normalize"}  # what a model may set for itself (`augment`)
+
 MODEL = {
     "model": F((str,), None),
     "args": F((dict,), {}),
@@ -101,6 +108,9 @@ MODEL = {
     "from_teacher": F((dict,), None),  # student: {layers: [0, 2, 4]} or {keep_every: 2} (DistilBERT init)
     "hf_config": F((dict,), None),  # student: {layers, hidden, heads, intermediate}, fresh, smaller
     "train": F((dict,), {}),  # per-model overrides of the `train` section, validated against it
+    # per-model overrides of data.transforms' augmentation (random_crop, hflip), e.g. a teacher that trains on
+    # shifted views while the students see the images as they are; normalisation is the data's, for all models
+    "augment": F((dict,), {}),
 }
 
 FROM_TEACHER = {
@@ -166,11 +176,7 @@ SCHEMA: Dict[str, Any] = {
         "batch_size": F((int,), 64, positive),
         "eval_batch_size": F((int,), 512, positive),
         "workers": F((int,), 0, non_negative),
-        "transforms": {
-            "normalize": F((bool,), True),
-            "random_crop": F((int,), 0, non_negative),
-            "hflip": F((bool,), False),
-        },
+        "transforms": TRANSFORMS,
     },
     "teacher": MODEL,
     "student": MODEL,

@@ -86,6 +86,8 @@ CASES = {
     "path traversal in name": (lambda t: [recipe_with(t, GOOD.replace("name: t", "name: ../../escape"))],
                                "name: use letters, digits"),
     "zero seeds": (lambda t: [recipe_with(t, GOOD), "--seeds", "0"], "--seeds: expected a positive number"),
+    "per-model normalisation": (lambda t: [recipe_with(t, GOOD), "--set", "teacher.augment.normalize=false"],
+                                "teacher.augment.normalize: normalisation is the same for every model"),
     "zero label fraction": (lambda t: [recipe_with(t, GOOD), "--set", "data.label_fraction=0"],
                             "data.label_fraction: must be > 0 and <= 1, got 0"),
     "zero processes": (lambda t: [recipe_with(t, GOOD), "--nproc", "0"],

@@ -159,6 +159,27 @@ def test_online_teacher_with_augmentation_on_npz_images(tmp_path):
     assert set(m) == {"teacher", "student", "student_scratch"}
 
 
+def test_teacher_alone_trains_on_augmented_views(tmp_path, monkeypatch):
+    """`teacher.augment`: the teacher trains on shifted images, the students on the images as they are (so the
+    distilled student reads the soft-label cache); only the teacher's weights and fingerprint change."""
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    base = ["train.epochs=2", "teacher.train.epochs=2", "monitor=off"]
+    weights = {}
+    for name, extra in (("plain", ["teacher.augment.random_crop=0"]), ("shifted", ["teacher.augment.random_crop=1"])):
+        messages = []
+        run(Recipe.load("digits", base + extra), out=str(tmp_path / name), echo=messages.append)
+        assert any("teacher outputs from the soft-label cache" in m for m in messages), name
+        weights[name] = {role: load_file(str(tmp_path / name / f"{role}.safetensors"))
+                         for role in ("teacher", "student_scratch")}
+        stages = json.load(open(tmp_path / name / "stages.json"))
+        weights[name]["fingerprints"] = {k: stages[k]["fingerprint"] for k in ("teacher", "student_scratch")}
+    plain, shifted = weights["plain"], weights["shifted"]
+    assert any(not (plain["teacher"][k] == shifted["teacher"][k]).all() for k in plain["teacher"])
+    assert all((plain["student_scratch"][k] == shifted["student_scratch"][k]).all() for k in plain["student_scratch"])
+    assert plain["fingerprints"]["teacher"] != shifted["fingerprints"]["teacher"]
+    assert plain["fingerprints"]["student_scratch"] == shifted["fingerprints"]["student_scratch"]
+
+
 def test_checkpoint_teacher_is_loaded_not_retrained(digits_run, tmp_path):
     out, metrics, _ = digits_run
     messages = []

@@ -17,6 +17,11 @@ def test_linear_cka_equals_the_feature_space_formula():
     xc, yc = x - x.mean(0), y - y.mean(0)
     expected = (yc.T @ xc).norm() ** 2 / ((xc.T @ xc).norm() * (yc.T @ yc).norm())
     assert linear_cka(x, y) == pytest.approx(float(expected), rel=1e-9)
+    x, y = torch.randn(8, 30, generator=g, dtype=torch.float64), torch.randn(8, 20, generator=g, dtype=torch.float64)
+    y = y + x[:, :20]  # wider than the batch: computed from the n x n Gram matrices instead
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    expected = (yc.T @ xc).norm() ** 2 / ((xc.T @ xc).norm() * (yc.T @ yc).norm())
+    assert linear_cka(x, y) == pytest.approx(float(expected), rel=1e-9)
 
 
 def test_linear_cka_is_one_up_to_rotation_and_scale_and_small_for_unrelated():

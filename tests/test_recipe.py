@@ -63,6 +63,28 @@ def test_per_model_train_overrides(tmp_path):
     assert r["student"]["train"]["epochs"] == 5
 
 
+def test_per_model_augmentation(tmp_path):
+    """`teacher.augment` overrides data.transforms' augmentation for the teacher alone; the students keep the
+    data's, and a resolved recipe reloads as it was."""
+    r = load(tmp_path, BASE + "data: {transforms: {hflip: true}}\n", ["teacher.augment.random_crop=2"])
+    assert r["teacher"]["augment"] == {"random_crop": 2, "hflip": True}
+    assert r["student"]["augment"] == {"random_crop": 0, "hflip": True}
+    p = tmp_path / "resolved.yaml"
+    p.write_text(r.to_yaml())
+    assert Recipe.load(str(p)).cfg == r.cfg
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("teacher.augment.normalize=false", "teacher.augment.normalize: normalisation is the same for every model"),
+    ("student.augment.random_crop=-1", "student.augment.random_crop: must be >= 0"),
+    ("teacher.augment.flip=true", "teacher.augment.flip: unknown key (did you mean 'hflip'?)"),
+])
+def test_bad_per_model_augmentation(tmp_path, assignment, message):
+    with pytest.raises(UserError, match=message.replace(".", r"\.").replace("(", r"\(").replace(")", r"\)")
+                       .replace("?", r"\?")):
+        load(tmp_path, BASE, [assignment])
+
+
 @pytest.mark.parametrize("assignment, message", [
     ("train.epoch=3", "--set train.epoch: unknown key 'epoch' (did you mean 'epochs'?)"),
     ("train.epochs", "expected KEY.PATH=VALUE"),

@@ -78,6 +78,10 @@ class RunDir:
         """The resolved `train` section of the teacher, or of the students (assistants, compress fine-tunes)."""
         return self.cfg[recipe_section(role)]["train"]
 
+    def data_cfg(self, role: str) -> Dict[str, Any]:
+        """The `data` section as the model `role` trains on it: its own augmentation (`<section>.augment`)."""
+        return {**self.cfg["data"], "transforms": self.cfg[recipe_section(role)]["augment"]}
+
     def checkpoints(self, role: str) -> Checkpoints:
         return Checkpoints(self.path(os.path.join("checkpoints", role)), self.train_cfg(role)["keep_checkpoints"],
                            self.echo)

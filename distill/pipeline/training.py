@@ -31,6 +31,7 @@ from ..hooks import FeatureCapture
 from ..io import sha256_file, sha256_json, weights_sha256, write_json
 from ..models import count_params
 from ..monitor import retention_monitor, with_reaction
+from ..recipe_schema import AUGMENT
 from ..roles import SCRATCH, STUDENT, TEACHER, log_name
 from ..tasks import task_for
 from ..teachers import cache_key, default_cache_dir, load_or_build, online_source, teacher_forward
@@ -63,7 +64,7 @@ def train(run: RunDir, name: str, objective: Objective, data: Optional[DataBundl
     if name == STUDENT and run.on_epoch:
         callbacks.append(EpochHook(run.on_epoch))
     data = data or run.data
-    return Trainer(log_name(name), objective, data, run.cfg["data"], tcfg, callbacks, rt,
+    return Trainer(log_name(name), objective, data, run.data_cfg(name), tcfg, callbacks, rt,
                    task=task_for(data, run.cfg)).fit()
 
 
@@ -117,7 +118,7 @@ def teacher_mode(run: RunDir) -> str:
     if mode == "auto":
         text_online = run.data.variable_length and (
             distill_settings(run)["features"] or (ddata["mask"] and ddata["teacher_sees"] == "noised"))
-        mode = "online" if has_augmentation(run.cfg["data"]["transforms"]) or text_online else "cached"
+        mode = "online" if has_augmentation(run.cfg[STUDENT]["augment"]) or text_online else "cached"
     return mode
 
 
@@ -215,9 +216,10 @@ def feature_shapes(run: RunDir, teacher: nn.Module, student: nn.Module, dcfg: Di
 def base_inputs(run: RunDir, role: str, spec: Dict[str, Any]) -> Dict[str, Any]:
     """What every trained stage depends on. The device counts (a GPU rounds differently) once it is not the CPU,
     so runs made on the CPU keep their fingerprints."""
-    device = run.runtime.device.type
+    device, augment = run.runtime.device.type, run.cfg[role]["augment"]  # (data.transforms is in the data's hash)
     return {"spec": spec, "train": run.cfg[role]["train"], "data": run.data.fingerprint,
-            **({"device": device} if device != "cpu" else {})}
+            **({"device": device} if device != "cpu" else {}),
+            **({"augment": augment} if augment != {k: run.cfg["data"]["transforms"][k] for k in AUGMENT} else {})}
 
 
 def train_teacher(run: RunDir) -> nn.Module:
