@@ -145,6 +145,11 @@ def main() -> int:
                           ("online", "epoch: KD, online teacher")):
             times[key].append(epoch_time(rd, teacher, mode))
     med = {k: statistics.median(v) for k, v in times.items()}
+    # each repeat's own ratios (its runs ran back to back, so a noisy minute moves both sides of a pair alike)
+    pairs = {"stage off / plain": [o / p for o, p in zip(times["distill stage, monitor off"],
+                                                        times["plain PyTorch KD loop"])],
+             "monitor on / off": [n / o for n, o in zip(times["distill stage, monitor on (default)"],
+                                                       times["distill stage, monitor off"])]}
     plain, off, on = (med[k] for k in ("plain PyTorch KD loop", "distill stage, monitor off",
                                         "distill stage, monitor on (default)"))
     cached = med["epoch: KD, cached soft labels"] / med["epoch: student only"]
@@ -159,6 +164,8 @@ def main() -> int:
     base = med["epoch: student only"]
     for k in ("epoch: student only", "epoch: KD, cached soft labels", "epoch: KD, online teacher"):
         print(f"| {k} | {med[k]:.3f} | {med[k] / base:.3f}x of student-only |")
+    print("\nper repeat: " + "; ".join(f"{k} {', '.join(f'{r:.3f}' for r in v)} (median {statistics.median(v):.3f})"
+                                      for k, v in pairs.items()))
     print(f"\nonline stage (monitor off) / plain loop = **{off / plain:.3f}** "
           f"(target <= 1.0: {'met' if off / plain <= 1.0 else 'NOT met'}); "
           f"monitor on / off = **{on / off:.3f}** (target <= 1.05: {'met' if on / off <= 1.05 else 'NOT met'}); "

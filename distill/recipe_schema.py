@@ -294,6 +294,11 @@ SCHEMA: Dict[str, Any] = {
         # KD-vs-CE parameter gradients every N steps (each costs two more backward passes: 50 keeps the monitor
         # under 5% of training time; benchmarks/kd_speed.py measures it)
         "gradients_every": F((int,), 50, positive),
+        # retention and input gradients are measured at the end of each epoch in which the step count passes a
+        # multiple of this (0: every epoch): every epoch once an epoch has this many steps, every few epochs of
+        # tiny ones (where measuring every epoch would cost more than 5% of training); every epoch with
+        # retention_min set, since the reaction reads them
+        "measure_every": F((int,), 50, non_negative),
     },
     # Compression after distillation (`distill compress RUN_DIR`), steps applied in the order listed.
     "compress": {

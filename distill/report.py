@@ -135,9 +135,9 @@ def series_panel(ax: Any, records: List[Dict[str, Any]], keys: List[str], title:
         _epoch_axis(ax)
         ax.grid(False)
     else:
-        for k in keys:
-            ax.plot(epochs, [r.get(k, float("nan")) for r in records], marker=_marker(epochs), ms=3,
-                    label=_short(k[len(prefix):], 40))
+        for k in keys:  # (the epochs that logged it: the monitor measures every few epochs of tiny ones)
+            xs, ys = zip(*[(r["epoch"], r[k]) for r in records if k in r]) if any(k in r for r in records) else ((), ())
+            ax.plot(xs, ys, marker=_marker(xs), ms=3, label=_short(k[len(prefix):], 40))
         ax.legend(fontsize=8, loc="best")
         if vmin is not None:
             ax.set_ylim(min(vmin, ax.get_ylim()[0]), max(vmax, ax.get_ylim()[1]) if vmax is not None else None)

@@ -41,7 +41,8 @@ def test_distilled_run_logs_retention_per_epoch(tmp_path):
                                     "teacher.model=cnn", "teacher.args={channels: [8, 16], hidden: 32}",
                                     "student.arch=null", "student.model=cnn",
                                     "student.args={channels: [4, 8], hidden: 16}",
-                                    "distill.features=[{teacher: body.3, student: body.3, loss: mse}]"])
+                                    "distill.features=[{teacher: body.3, student: body.3, loss: mse}]",
+                                    "monitor.measure_every=0"])
     out = str(tmp_path / "run")
     run(recipe, out, echo=lambda m: None)
     lines = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
@@ -210,7 +211,7 @@ TINY_CNN_PAIR = ["train.epochs=3", "data.label_fraction=1", "teacher.train.epoch
                  "teacher.args={channels: [8, 16], hidden: 32}", "student.arch=null", "student.model=cnn",
                  "student.args={channels: [4, 8], hidden: 16}",
                  "distill.features=[{teacher: body.3, student: body.3, loss: mse}]", "monitor.every=5",
-                 "monitor.gradients_every=5"]
+                 "monitor.gradients_every=5", "monitor.measure_every=0"]
 
 
 def test_run_logs_gradient_consistency_cosine_and_step_lines(tmp_path):
@@ -228,6 +229,25 @@ def test_run_logs_gradient_consistency_cosine_and_step_lines(tmp_path):
         assert steps and [r["step"] for r in steps] == list(range(5, 5 * len(steps) + 1, 5))
         assert all(r["loss_total_max"] >= r["loss_total"] for r in steps)
         assert all(("grad_kd_ce_cos" in r) == (model == "student") for r in steps)
+
+
+def test_retention_is_measured_in_epochs_that_pass_a_multiple_of_measure_every(tmp_path):
+    """Tiny epochs are measured every few epochs (and the last always); the weights do not depend on it."""
+    from safetensors.torch import load_file
+    from distill.engine.sampling import steps_per_epoch
+    per_epoch = steps_per_epoch(1221, 64, 1)  # (digits: 1,221 training images, batch 64)
+    every = 2 * per_epoch + 1  # passed during epochs 3 and 5 of 6
+    weights = {}
+    for name, sets in (("sparse", [f"monitor.measure_every={every}"]), ("dense", ["monitor.measure_every=0"])):
+        out = tmp_path / name
+        run(Recipe.load("digits", [*TINY_CNN_PAIR, "train.epochs=6", *sets]), str(out), echo=lambda m: None)
+        lines = [json.loads(line) for line in open(out / "log.jsonl")]
+        epochs = [r for r in lines if r.get("model") == "student" and "val_accuracy" in r]
+        measured = [r["epoch"] for r in epochs if "retention_cka/logits" in r]
+        assert measured == ([3, 5, 6] if name == "sparse" else [1, 2, 3, 4, 5, 6]), measured
+        assert all(("grad_input_cos" in r) == (r["epoch"] in measured) for r in epochs)
+        weights[name] = load_file(str(out / "student.safetensors"))
+    assert all(torch.equal(weights["sparse"][k], weights["dense"][k]) for k in weights["dense"])
 
 
 def test_measuring_gradients_does_not_change_training(tmp_path):

@@ -114,13 +114,20 @@ class TensorBoard(Callback):
 
 class Monitor(Callback):
     """Adds `measure()`'s signals (knowledge retention, input-gradient consistency, the reaction's
-    adjustments) to each epoch's line."""
+    adjustments) to the line of each epoch in which the step count passed a multiple of `every` (0: every
+    epoch), and of the last. Decided from the step count alone, so a resumed run measures the same epochs."""
     order = 10
 
-    def __init__(self, measure: Callable[[], Dict[str, Any]]) -> None:
-        self.measure = measure
+    def __init__(self, measure: Callable[[], Dict[str, Any]], every: int = 0) -> None:
+        self.measure, self.every = measure, every
+
+    def due(self, t: Trainer, epoch: int) -> bool:
+        step, every = t.prog["step"], self.every
+        return not every or epoch == t.tcfg["epochs"] or step // every > (step - t.per_epoch) // every
 
     def on_epoch_end(self, t: Trainer, record: Dict[str, Any]) -> None:
+        if not self.due(t, record["epoch"]):
+            return
         record.update(self.measure())
         if t.runtime.distributed:  # the reaction is the main process's (on a GPU the processes may round apart)
             t.objective.strength.update(t.runtime.from_main(dict(t.objective.strength)))

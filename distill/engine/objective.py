@@ -106,6 +106,16 @@ class Objective(nn.Module):
         # on-policy KD (GKD): with probability `fraction` a batch is the student's own completions of its prompts
         self.on_policy = dict(self.dcfg.get("on_policy") or {}) if self.teachers else {}
 
+    _PER_STEP = frozenset({"progress", "epoch", "terms"})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """The trainer sets progress, epoch and terms on every step: plain attributes, so they skip
+        nn.Module's search of its parameters, buffers and submodules."""
+        if name in self._PER_STEP:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def _projector(self, i: int, f: Dict[str, Any], s_shapes: Dict, t_shapes: Dict) -> nn.Module:
         """What stands between the student's layer and the loss: a projector to the teacher's width
         (`compares: width`), nothing (maps compared as they are, relations within the batch), or the

@@ -142,6 +142,8 @@ class Runtime:
 
     def put(self, value: Any) -> Any:
         """A tensor (or a dict/tuple/list of them) on this device; on the CPU the same objects come back."""
+        if self.device.type == "cpu":  # (everything is made on the host: no walk over fields on every batch)
+            return value
         if isinstance(value, torch.Tensor):
             return value if value.device == self.device else value.to(self.device, non_blocking=True)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a Batch, TeacherOutputs

@@ -58,7 +58,7 @@ def train(run: RunDir, name: str, objective: Objective, data: Optional[DataBundl
     if board:
         callbacks.append(board)
     if monitor and m["enabled"]:
-        callbacks.append(Monitor(monitor))
+        callbacks.append(Monitor(monitor, m["measure_every"] if m["retention_min"] is None else 0))
     if m["enabled"] and m["gradients"] and every and objective.teachers:  # (every: 0, epoch lines only)
         callbacks.append(GradientSignals(m["gradients_every"]))
     if name == STUDENT and run.on_epoch:
