@@ -92,7 +92,7 @@ def _lm_checks(cfg: Dict[str, Any]) -> None:
         if section[name] != want:
             raise UserError(f"data.{key}: {section[name]!r} does not apply to text_lm ({why}); remove it")
     for role in ("teacher", "student"):
-        if cfg[role]["augment"]:
+        if any(cfg[role]["augment"].values()):  # (a resolved recipe holds the defaults: 0, false)
             raise UserError(f"{role}.augment: image augmentation does not apply to text_lm; remove it")
     if cfg["compress"]["steps"] or cfg["distill"]["assistants"]:
         raise UserError("compress.steps / distill.assistants: not for language models yet (text_lm)")

@@ -11,9 +11,9 @@ from distill.cli import main
 from distill.evaluate import format_table
 from distill.models import build_model, count_params
 
-# a small teacher (13.7k parameters) and the digits student (4.5k), on 400 training images, 2 epochs
+# a small teacher (13.7k parameters) and a conv8-fc32 student (4.5k), on 400 training images, 2 epochs
 TINY = ["train.epochs=2", "teacher.train.epochs=2", "monitor.gradients=false", "data.train_subset=400",
-        "teacher.args={channels: [16, 32], hidden: 64}"]
+        "teacher.args={channels: [16, 32], hidden: 64}", "student.args={channels: [8], hidden: 32}"]
 EXPLICIT = "distill.assistants=[{model: cnn, args: {channels: [8], hidden: 64}}]"
 
 

@@ -292,7 +292,8 @@ def test_feature_methods_train_from_a_recipe_and_stay_out_of_the_student(tmp_pat
 @pytest.mark.parametrize("loss", ["crd", "rkd"])
 def test_the_monitor_watches_methods_without_a_projector(tmp_path, loss):
     recipe = Recipe.load("digits", [t for t in TINY if t != "monitor=off"] + [
-        f"distill.features=[{{student: body.5, teacher: body.8, loss: {loss}}}]", "distill.crd.negatives=64"])
+        f"distill.features=[{{student: body.5, teacher: body.8, loss: {loss}}}]", "distill.crd.negatives=64",
+        "monitor.measure_every=0"])
     run(recipe, str(tmp_path), echo=lambda m: None)
     epochs = [r for r in read_log(tmp_path) if r.get("model") == "student" and "val_accuracy" in r]
     assert all(-1 <= r["retention_cka/body.8->body.5"] <= 1 for r in epochs) and len(epochs) == 2

@@ -74,6 +74,15 @@ def test_per_model_augmentation(tmp_path):
     assert Recipe.load(str(p)).cfg == r.cfg
 
 
+def test_per_model_augmentation_is_refused_for_text_lm(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be " * 50)
+    lm = (f"data: {{dataset: text_lm, path: {text}}}\nteacher: {{model: gpt}}\nstudent: {{model: gpt}}\n")
+    load(tmp_path, lm)  # (a resolved recipe's augment holds the defaults, which pass)
+    with pytest.raises(UserError, match="teacher.augment: image augmentation does not apply to text_lm"):
+        load(tmp_path, lm, ["teacher.augment.random_crop=1"])
+
+
 @pytest.mark.parametrize("assignment, message", [
     ("teacher.augment.normalize=false", "teacher.augment.normalize: normalisation is the same for every model"),
     ("student.augment.random_crop=-1", "student.augment.random_crop: must be >= 0"),
