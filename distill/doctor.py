@@ -388,7 +388,7 @@ def _regularise(run: RunView, role: str) -> str:
         tips.append(f"more data: data.train_subset={d['train_subset']} keeps only that many training rows; "
                     f"raise or remove it")
     elif d.get("as_image") or len(getattr(run.data, "input_shape", ())) == 3:
-        tips.append("augmentation: --set data.transforms.random_crop=2")
+        tips.append(f"augmentation: --set {key}.augment.random_crop=2")
     return "regularise: " + "; or ".join(tips)
 
 

@@ -135,14 +135,21 @@ def series_panel(ax: Any, records: List[Dict[str, Any]], keys: List[str], title:
         _epoch_axis(ax)
         ax.grid(False)
     else:
-        for k in keys:  # (the epochs that logged it: the monitor measures every few epochs of tiny ones)
-            xs, ys = zip(*[(r["epoch"], r[k]) for r in records if k in r]) if any(k in r for r in records) else ((), ())
+        for k in keys:
+            xs, ys = _logged(records, k)
             ax.plot(xs, ys, marker=_marker(xs), ms=3, label=_short(k[len(prefix):], 40))
         ax.legend(fontsize=8, loc="best")
         if vmin is not None:
             ax.set_ylim(min(vmin, ax.get_ylim()[0]), max(vmax, ax.get_ylim()[1]) if vmax is not None else None)
         _epoch_axis(ax)
     ax.set_title(title, fontsize=10)
+
+
+def _logged(records: List[Dict[str, Any]], key: str) -> Tuple[List[Any], List[Any]]:
+    """(epochs, values) of the records that logged `key`: the monitor measures every few epochs of tiny ones,
+    and a line through NaNs would show nothing."""
+    pts = [(r["epoch"], r[key]) for r in records if key in r]
+    return [e for e, _ in pts], [v for _, v in pts]
 
 
 def _marker(points: Sequence[Any]) -> Optional[str]:
@@ -344,9 +351,9 @@ def gradient_section(plt: Any, student: List[Dict[str, Any]], steps: List[Dict[s
         i = 1
     if lines:
         ax = axes[0][i]
-        x = [r["epoch"] for r in student]
         for j, k in enumerate(lines):
-            ax.plot(x, [r.get(k, float("nan")) for r in student], marker=_marker(x), ms=3, color=f"C{j}", label=k)
+            xs, ys = _logged(student, k)
+            ax.plot(xs, ys, marker=_marker(xs), ms=3, color=f"C{j}", label=k)
         ax.axhline(0, color="gray", lw=0.8)
         _epoch_axis(ax)
         ax.legend(fontsize=8)

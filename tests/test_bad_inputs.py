@@ -14,6 +14,9 @@ from distill.models import build_model
 GOOD = ("name: t\ndata: {dataset: digits, as_image: true}\nteacher: {model: cnn, args: {channels: [4], hidden: 8}}\n"
         "student: {model: mlp, args: {hidden: [8]}}\ntrain: {epochs: 1}\n")
 
+TABULAR = ("name: t\ndata: {dataset: breast_cancer}\nteacher: {model: mlp, args: {hidden: [8]}}\n"
+           "student: {model: mlp, args: {hidden: [4]}}\ntrain: {epochs: 1}\n")
+
 
 def npz(path, n=40, classes=4, **change):
     rng = np.random.default_rng(0)
@@ -88,6 +91,10 @@ CASES = {
     "zero seeds": (lambda t: [recipe_with(t, GOOD), "--seeds", "0"], "--seeds: expected a positive number"),
     "per-model normalisation": (lambda t: [recipe_with(t, GOOD), "--set", "teacher.augment.normalize=false"],
                                 "teacher.augment.normalize: normalisation is the same for every model"),
+    "augmenting vectors": (lambda t: [recipe_with(t, TABULAR), "--set", "teacher.augment.random_crop=1"],
+                           "teacher.augment: random_crop and hflip augment images, and these inputs are not images"),
+    "flipping vectors": (lambda t: [recipe_with(t, TABULAR), "--set", "data.transforms.hflip=true"],
+                         "data.transforms: random_crop and hflip augment images"),
     "zero label fraction": (lambda t: [recipe_with(t, GOOD), "--set", "data.label_fraction=0"],
                             "data.label_fraction: must be > 0 and <= 1, got 0"),
     "zero processes": (lambda t: [recipe_with(t, GOOD), "--nproc", "0"],

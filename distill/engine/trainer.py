@@ -316,7 +316,7 @@ class Trainer:
         device (one add per step, not one per part), read back (and summed over processes) once per log line.
         `total` is the step's whole loss (over every process), for the window's maximum."""
         keys = list(parts)
-        values = torch.stack([v.reshape(()) for v in parts.values()]).double()  # (detached; exact in float64)
+        values = torch.stack([v.detach().reshape(()).double() for v in parts.values()])
         for acc in (self.prog["sums"], self.prog["window"]):
             same = acc.get("keys") == keys
             acc.update(keys=keys, values=acc["values"] + values if same else values)

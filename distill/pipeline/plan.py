@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import chain
+from ..data import has_augmentation
 from ..engine.objective import Objective
 from ..launch import is_main_process
 from ..engine.trainer import TrainingDiverged
@@ -125,16 +126,28 @@ def execute(run: RunDir, kinds: Sequence[str] = KINDS[:-1], check: bool = True,
         raise
 
 
+def _check_augmentation(run: RunDir) -> None:
+    """random_crop and hflip shift and mirror images: refused for any model whose inputs are not images."""
+    for role in (TEACHER, STUDENT):
+        augment = run.data_cfg(role)["transforms"]
+        if has_augmentation(augment) and not run.data.image:
+            key = "data.transforms" if augment == {k: run.cfg["data"]["transforms"][k] for k in augment} \
+                else f"{role}.augment"
+            raise UserError(f"{key}: random_crop and hflip augment images, and these inputs are not images "
+                            f"(each is shaped {tuple(run.data.input_shape)}); remove them")
+
+
 def preflight(run: RunDir) -> None:
     """Build the teacher, the student and every assistant, and take one distillation step on two samples per
     link of the chain (teacher -> assistants -> student), before anything is written."""
+    _check_augmentation(run)
     teacher, student = build_role(run, TEACHER), build_role(run, STUDENT)
     run.dcfg = resolve_distill(run.cfg, teacher, student)
     assistants = [chain.build(run, i, s) for i, s in enumerate(chain.specs(run))]
     chain.check_auto(run, assistants, teacher, student)
     links = [teacher, *assistants, student]
     task = task_for(run.data)
-    batch = task.collate(run.data, torch.arange(2), run.cfg["data"]["transforms"], 0)
+    batch = task.collate(run.data, torch.arange(2), run.data_cfg(STUDENT)["transforms"], 0)
     for prev, nxt in zip(links, links[1:]):
         t_shapes, s_shapes = feature_shapes(run, prev, nxt, run.dcfg)
         source = teacher_source(run, prev, "online", quiet=True)
