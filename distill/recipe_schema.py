@@ -281,8 +281,8 @@ SCHEMA: Dict[str, Any] = {
         },
     },
     # Knowledge retention (linear CKA and cosine, teacher vs student, on a validation probe) and gradient
-    # consistency are logged at epoch ends (every `measure_every` steps); when retention falls under retention_min, `action` adjusts the
-    # distillation strength (each change logged).
+    # consistency are logged at epoch ends (see measure_every); when retention falls under retention_min,
+    # `action` adjusts the distillation strength (each change logged).
     "monitor": {  # `monitor: off` switches every signal (and the step lines) off
         "enabled": F((bool,), True),
         "retention_min": F(NUM, None, unit_interval),

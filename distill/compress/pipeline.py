@@ -45,10 +45,10 @@ class Compressor:
     def __init__(self, run: RunDir, teacher: nn.Module, model: nn.Module) -> None:
         self.run, self.c = run, run.cfg["compress"]
         self.teacher, self.model = teacher, model
-        augment = run.data_cfg(STUDENT)["transforms"]  # (the fine-tunes train as the student does)
-        own = {} if augment == {k: run.cfg["data"]["transforms"][k] for k in augment} else {"augment": augment}
+        augment = run.own_augment(STUDENT)  # (the fine-tunes train as the student does)
         self.fingerprint = sha256_json({"source": weights_sha256(self.model), "teacher": weights_sha256(self.teacher),
-                                        "version": __version__, "data": run.data.fingerprint, **own})
+                                        "version": __version__, "data": run.data.fingerprint,
+                                        **({"augment": augment} if augment else {})})
         self.records: List[Dict[str, Any]] = []
         self.role = recipe_section(self.c["source"])  # the kind of model compressed (how it is saved)
         self.kind = kind(run.cfg, self.role)

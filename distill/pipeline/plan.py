@@ -131,8 +131,7 @@ def _check_augmentation(run: RunDir) -> None:
     for role in (TEACHER, STUDENT):
         augment = run.data_cfg(role)["transforms"]
         if has_augmentation(augment) and not run.data.image:
-            key = "data.transforms" if augment == {k: run.cfg["data"]["transforms"][k] for k in augment} \
-                else f"{role}.augment"
+            key = f"{role}.augment" if run.own_augment(role) else "data.transforms"
             raise UserError(f"{key}: random_crop and hflip augment images, and these inputs are not images "
                             f"(each is shaped {tuple(run.data.input_shape)}); remove them")
 

@@ -82,6 +82,12 @@ class RunDir:
         """The `data` section as the model `role` trains on it: its own augmentation (`<section>.augment`)."""
         return {**self.cfg["data"], "transforms": self.cfg[recipe_section(role)]["augment"]}
 
+    def own_augment(self, role: str) -> Optional[Dict[str, Any]]:
+        """The model's augmentation where it is not data.transforms' (None there: the data's fingerprint already
+        holds that), for the fingerprints of the stages it trains and for naming the key in errors."""
+        augment, data = self.cfg[recipe_section(role)]["augment"], self.cfg["data"]["transforms"]
+        return None if augment == {k: data[k] for k in augment} else augment
+
     def checkpoints(self, role: str) -> Checkpoints:
         return Checkpoints(self.path(os.path.join("checkpoints", role)), self.train_cfg(role)["keep_checkpoints"],
                            self.echo)

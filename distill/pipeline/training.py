@@ -31,7 +31,6 @@ from ..hooks import FeatureCapture
 from ..io import sha256_file, sha256_json, weights_sha256, write_json
 from ..models import count_params
 from ..monitor import retention_monitor, with_reaction
-from ..recipe_schema import AUGMENT
 from ..roles import SCRATCH, STUDENT, TEACHER, log_name
 from ..tasks import task_for
 from ..teachers import cache_key, default_cache_dir, load_or_build, online_source, teacher_forward
@@ -216,10 +215,9 @@ def feature_shapes(run: RunDir, teacher: nn.Module, student: nn.Module, dcfg: Di
 def base_inputs(run: RunDir, role: str, spec: Dict[str, Any]) -> Dict[str, Any]:
     """What every trained stage depends on. The device counts (a GPU rounds differently) once it is not the CPU,
     so runs made on the CPU keep their fingerprints."""
-    device, augment = run.runtime.device.type, run.cfg[role]["augment"]  # (data.transforms is in the data's hash)
+    device, augment = run.runtime.device.type, run.own_augment(role)
     return {"spec": spec, "train": run.cfg[role]["train"], "data": run.data.fingerprint,
-            **({"device": device} if device != "cpu" else {}),
-            **({"augment": augment} if augment != {k: run.cfg["data"]["transforms"][k] for k in AUGMENT} else {})}
+            **({"device": device} if device != "cpu" else {}), **({"augment": augment} if augment else {})}
 
 
 def train_teacher(run: RunDir) -> nn.Module:
