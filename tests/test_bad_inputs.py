@@ -95,6 +95,8 @@ CASES = {
                            "teacher.augment: random_crop and hflip augment images, and these inputs are not images"),
     "flipping vectors": (lambda t: [recipe_with(t, TABULAR), "--set", "data.transforms.hflip=true"],
                          "data.transforms: random_crop and hflip augment images"),
+    "negative measure_every": (lambda t: [recipe_with(t, GOOD), "--set", "monitor.measure_every=-1"],
+                               "monitor.measure_every: must be >= 0, got -1"),
     "zero label fraction": (lambda t: [recipe_with(t, GOOD), "--set", "data.label_fraction=0"],
                             "data.label_fraction: must be > 0 and <= 1, got 0"),
     "zero processes": (lambda t: [recipe_with(t, GOOD), "--nproc", "0"],
