@@ -13,6 +13,11 @@ last compressed model are also measured as deployable variants (bench.variants):
     torchao       torchao int8 dynamic activation + int8 weight, when torchao is installed
     pt2e          torch.export + PT2E X86 Inductor quantizer
 
+A language model is benched as fp32, dynamic, fp16 and bf16 (the other backends trace fixed-shape graphs of
+classifiers): its accuracy column is next-token accuracy on the test completions, with their perplexity
+beside it; its latency is milliseconds per token of greedy decoding with the KV cache at batch 1, its
+throughput decoded tokens/s at evaluate.throughput_batch, with the prefill latency of a test prompt.
+
 A backend is chosen by measurement: each variant runs in a fresh process (so peak memory is its own) on
 a fixed thread count, after warm-up, and one that fails is reported with its error, not hidden. The
 recommended deployable model is the fastest at batch 1 whose test accuracy is within
@@ -87,11 +92,13 @@ def plan(folder: str, variants: List[str], only: Optional[List[str]] = None) -> 
 def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
     cfg = recipe.cfg
     from ..recipe import LM_DATASETS
-    if cfg["data"]["dataset"] in LM_DATASETS:
-        raise UserError(f"distill bench: language models are not benched by variant yet; metrics.json of {folder} "
-                        f"holds decode tokens/s, latency and sizes, and benchmarks/arith_smollm2.py measures decode "
-                        f"and prefill speed side by side")
-    rows = plan(folder, cfg["bench"]["variants"], cfg["bench"]["models"])
+    from .measure import DECODE, LM_RUNS, LM_VARIANTS
+    lm, variants = cfg["data"]["dataset"] in LM_DATASETS, cfg["bench"]["variants"]
+    if lm and set(variants) - set(LM_VARIANTS):
+        echo(f"bench: {', '.join(v for v in variants if v not in LM_VARIANTS)}: not for language models, which "
+             f"are benched as {', '.join(LM_VARIANTS)}")
+        variants = [v for v in variants if v in LM_VARIANTS]
+    rows = plan(folder, variants, cfg["bench"]["models"])
     os.makedirs(os.path.join(folder, "bench", "files"), exist_ok=True)
     results: List[Dict[str, Any]] = []
     loaded: Dict[str, Any] = {}  # the data, and the model whose variants are being written
@@ -101,16 +108,18 @@ def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
             _measure_in_child(cfg, folder, name, path, variant)
         results.append(r)
         echo(f"bench: {name} {variant}: " + (r["error"] if "error" in r else
-                                              f"accuracy {r['accuracy']:.4f}, p50 {r['p50_ms']:.3f} ms"))
+                                              f"accuracy {r['accuracy']:.4f}, p50 {r['p50_ms']:.3f} ms"
+                                              + (" per token" if lm else "")))
     summary = summarise(results, cfg["bench"]["max_accuracy_drop"])
     out = {"machine": machine(), "threads": cfg["evaluate"]["threads"], "batch": cfg["evaluate"]["throughput_batch"],
-           "latency_runs": cfg["bench"]["latency_runs"], "results": results, **summary}
+           "latency_runs": min(cfg["bench"]["latency_runs"], LM_RUNS) if lm else cfg["bench"]["latency_runs"],
+           "results": results, **summary, **({"language_model": True, "decode_tokens": DECODE} if lm else {})}
     table = format_bench(out)
     out["table"] = table
     write_json(os.path.join(folder, "bench", "bench.json"), out)
     write_text(os.path.join(folder, "bench", "bench.md"), table + "\n")
     plot = os.path.join(folder, "bench", "pareto.png")
-    if not plot_pareto(results, plot):
+    if not plot_pareto(results, plot, lm):
         echo("bench: matplotlib is not installed, so no pareto.png (pip install 'distill[plot]')")
     return out
 
@@ -121,14 +130,14 @@ def _write_variant_file(cfg: Dict[str, Any], folder: str, name: str, path: str, 
     from ..data import load_data
     from ..pipeline.artifacts import load_model_at
     from .measure import variant_path, write_file
-    if variant_path(folder, name, variant) is None:
+    if variant_path(folder, name, variant) is None:  # (a variant without a file of its own)
         return None
     if "data" not in loaded:
         loaded["data"] = load_data(cfg["data"])
     if loaded.get("name") != name:
         loaded.update(name=name, model=load_model_at(path, name))
     try:
-        write_file(loaded["model"], variant, loaded["data"], cfg, folder, name)
+        write_file(loaded["model"], variant, loaded["data"], cfg, folder, name, path)
     except UserError as e:  # this backend does not apply, or its API is missing: said in one line
         return f"n/a: {e}"[:300]
     except Exception as e:  # a backend that fails is a row of the table, not the end of the bench
@@ -189,23 +198,34 @@ COLUMNS = [("accuracy", "accuracy", "{:.4f}"), ("accuracy_change", "Δ acc", "{:
            ("speedup", "speed-up", "{:.2f}×"), ("throughput", "samples/s", "{:,.0f}"), ("peak_mb", "peak MB", "{:.0f}")]
 
 
+# a language model: next-token accuracy and perplexity; per decoded token at batch 1; decoded tokens/s
+LM_COLUMNS = [("perplexity", "perplexity", "{:.3f}"), ("accuracy", "token acc", "{:.4f}")] + COLUMNS[1:4] + [
+    ("p50_ms", "ms/token p50", "{:.2f}"), ("p95_ms", "ms/token p95", "{:.2f}"), ("speedup", "speed-up", "{:.2f}×"),
+    ("throughput", "tokens/s", "{:,.1f}"), ("prefill_ms", "prefill ms", "{:.1f}"), ("peak_mb", "peak MB", "{:.0f}")]
+
+
 def format_bench(out: Dict[str, Any]) -> str:
     """A Markdown table (readable as plain text too) with the machine and the recommendations under it."""
-    head = ["model", "variant"] + [c[1] for c in COLUMNS]
+    lm = out.get("language_model", False)
+    columns = LM_COLUMNS if lm else COLUMNS
+    head = ["model", "variant"] + [c[1] for c in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in out["results"]:
         if "error" in r:
             note = r["error"] if r["error"].startswith("n/a") else f"failed: {r['error']}"
-            cells = [r["model"], r["variant"], note[:110]] + [""] * (len(COLUMNS) - 1)
+            cells = [r["model"], r["variant"], note[:110]] + [""] * (len(columns) - 1)
         else:
             cells = [r["model"], r["variant"]] + [
                 "" if r.get(k) is None else f"{r[k] / 1024:,.1f}" if fmt is None else fmt.format(r[k])
-                for k, _, fmt in COLUMNS]
+                for k, _, fmt in columns]
         lines.append("| " + " | ".join(cells) + " |")
     m = out["machine"]
+    speed = (f"greedy decoding with the KV cache, {out.get('decode_tokens')} new tokens: ms per token at batch 1 "
+             f"over {out['latency_runs']} decodes after warm-up, tokens/s at batch {out['batch']}; token acc is "
+             f"next-token accuracy on the test completions" if lm else
+             f"latency at batch 1 over {out['latency_runs']} runs after warm-up, throughput at batch {out['batch']}")
     lines += ["", f"Machine: {m['cpu']} ({m['cores']} cores), torch {m['torch']}, onnxruntime {m['onnxruntime']}, "
-                  f"{out['threads']} thread(s); latency at batch 1 over {out['latency_runs']} runs after warm-up, "
-                  f"throughput at batch {out['batch']}. Speed-up and Δ acc are against the distilled student (fp32)."]
+                  f"{out['threads']} thread(s); {speed}. Speed-up and Δ acc are against the distilled student (fp32)."]
     for key, what in (("recommended", "Recommended (fastest within the accuracy budget)"),
                       ("int8_backend", "Fastest int8 variant within the budget"),
                       ("smallest", "Smallest deployable file")):
@@ -224,8 +244,9 @@ def pareto(points: List[Tuple[float, float]]) -> List[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
-def plot_pareto(results: List[Dict[str, Any]], path: str) -> bool:
-    """Accuracy against batch-1 latency and against file size, Pareto fronts marked. False without matplotlib."""
+def plot_pareto(results: List[Dict[str, Any]], path: str, lm: bool = False) -> bool:
+    """Accuracy against batch-1 latency (a language model's: per decoded token) and against file size, Pareto
+    fronts marked. False without matplotlib."""
     try:
         import matplotlib
         import matplotlib.ticker
@@ -235,7 +256,8 @@ def plot_pareto(results: List[Dict[str, Any]], path: str) -> bool:
         return False
     ok = [r for r in results if "error" not in r]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
-    for ax, key, label in ((axes[0], "p50_ms", "latency p50 at batch 1 (ms, log)"),
+    latency = "ms per decoded token at batch 1, p50 (log)" if lm else "latency p50 at batch 1 (ms, log)"
+    for ax, key, label in ((axes[0], "p50_ms", latency),
                            (axes[1], "size_bytes", "file size (MB, log)")):
         scale = 1 / 2 ** 20 if key == "size_bytes" else 1
         rows = [r for r in ok if r[key]]
@@ -254,7 +276,7 @@ def plot_pareto(results: List[Dict[str, Any]], path: str) -> bool:
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(label)
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel("test next-token accuracy" if lm else "test accuracy")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
     fig.suptitle("accuracy against latency and size (red, labelled: Pareto-optimal; every point is in bench.md)")

@@ -4,6 +4,10 @@
 column). `main` runs in a fresh process per variant (`python -m distill.compress.measure`, job as JSON on
 stdin): it loads or converts the model, resets the peak-memory mark, then measures test accuracy, batch-1
 latency percentiles and throughput, and prints one JSON line.
+
+A language model is measured as it is used: test perplexity and next-token accuracy over the completion
+tokens, the time per token of greedy decoding with the KV cache at batch 1 (percentiles over a few decodes of
+DECODE tokens) and tokens/s at `evaluate.throughput_batch`, and the prefill latency of the first test prompt.
 """
 from __future__ import annotations
 
@@ -11,9 +15,11 @@ import gc
 import json
 import os
 import resource
+import statistics
 import sys
 from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,12 +34,22 @@ from . import quantize
 
 EXT = {"dynamic": ".pt", "static": ".pt", "fp16": ".safetensors", "bf16": ".safetensors", "onnx": ".onnx",
        "onnx_dynamic": ".onnx", "onnx_static": ".onnx"}
+LM_VARIANTS = ("fp32", "dynamic", "fp16", "bf16")  # (the rest trace fixed-shape graphs of classifiers)
+DECODE = 64  # new tokens per decode measurement of a language model
+LM_RUNS = 5  # decodes per latency measurement of a language model (at most bench.latency_runs)
 
 
-def variant_path(folder: str, name: str, variant: str) -> Optional[str]:
+def variant_path(folder: str, name: str, variant: str, hf_folder: bool = False) -> Optional[str]:
+    """Where the variant's deployable file goes (None: it has none); fp16/bf16 of a Hugging Face model are a
+    Hugging Face folder, whose tied embedding and output layer are stored once."""
     if variant not in EXT:
         return None
-    return os.path.join(folder, "bench", "files", f"{name.replace('/', '-')}-{variant}{EXT[variant]}")
+    ext = "" if hf_folder and variant in ("fp16", "bf16") else EXT[variant]
+    return os.path.join(folder, "bench", "files", f"{name.replace('/', '-')}-{variant}{ext}")
+
+
+def is_hf_lm(model: nn.Module) -> bool:
+    return hasattr(model, "complete")
 
 
 def calibration(data: DataBundle, n: int) -> torch.Tensor:
@@ -54,7 +70,8 @@ def convert(model: nn.Module, variant: str, data: DataBundle, cfg: Dict[str, Any
     if variant == "static":
         return quantize.static_int8(model, calib)
     if variant in ("fp16", "bf16"):
-        return _Cast(quantize.cast_weights(model, variant), quantize.DTYPES[variant])
+        cast = quantize.cast_weights(model, variant)  # (a language model's inputs are token ids: no cast)
+        return cast if getattr(model, "per_position", False) else _Cast(cast, quantize.DTYPES[variant])
     if variant == "torchao":
         return quantize.torchao_int8(model)
     if variant == "pt2e":
@@ -93,11 +110,13 @@ class _OnnxRuntime(nn.Module):
 
 
 def write_file(model: nn.Module, variant: str, data: DataBundle, cfg: Dict[str, Any], folder: str,
-               name: str) -> Optional[str]:
-    """Write the deployable file of `variant` (in the bench process); None for variants without one."""
+               name: str, source: str) -> Optional[str]:
+    """Write the deployable file of `variant` of the model saved at `source` (in the bench process); None
+    for variants without one."""
     from ..io import atomic_path, save_model
+    from ..models.hf import save_folder
     from .export import export_model
-    path = variant_path(folder, name, variant)
+    path = variant_path(folder, name, variant, is_hf_lm(model))
     if path is None:
         return None
     if variant == "onnx":
@@ -106,11 +125,14 @@ def write_file(model: nn.Module, variant: str, data: DataBundle, cfg: Dict[str, 
     elif variant.startswith("onnx_"):
         fp32 = variant_path(folder, name, "onnx")
         if not os.path.isfile(fp32):
-            write_file(model, "onnx", data, cfg, folder, name)
+            write_file(model, "onnx", data, cfg, folder, name, source)
         feeds = _onnx_feeds(model, calibration(data, cfg["bench"]["calibration"])) if variant == "onnx_static" else None
         quantize.onnx_int8(fp32, path, variant[5:], feeds)
+    elif variant in ("fp16", "bf16") and is_hf_lm(model):
+        save_folder(convert(model, variant, data, cfg), path, source, {"role": name, "precision": variant})
     elif variant in ("fp16", "bf16"):
-        save_model(convert(model, variant, data, cfg).model, path, {"role": name, "precision": variant})
+        cast = convert(model, variant, data, cfg)
+        save_model(getattr(cast, "model", cast), path, {"role": name, "precision": variant})
     else:
         with atomic_path(path) as tmp:
             torch.save(convert(model, variant, data, cfg).state_dict(), tmp)
@@ -149,7 +171,7 @@ def measure(job: Dict[str, Any]) -> Dict[str, Any]:
     base = _rss_mb()
     model = load_model_at(job["path"], job["name"])
     params = count_params(model)
-    file = variant_path(job["folder"], job["name"], variant)
+    file = variant_path(job["folder"], job["name"], variant, is_hf_lm(model))
     if variant.startswith("onnx"):
         del model
         run: nn.Module = _OnnxRuntime(file, data.pad_id, ecfg["threads"])
@@ -159,17 +181,41 @@ def measure(job: Dict[str, Any]) -> Dict[str, Any]:
             del model
     gc.collect()
     _reset_peak()
+    numbers = lm_numbers(run, data, cfg) if getattr(data, "task", None) == "causal_lm" else \
+        classifier_numbers(run, data, cfg)
+    file = job["path"] if variant == "fp32" else file
+    return {**numbers, "params": params, "file": file, "size_bytes": weights_size(file) if file else None,
+            "peak_mb": _peak_mb() - base}
+
+
+def classifier_numbers(run: nn.Module, data: DataBundle, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Test accuracy and macro-F1, batch-1 latency percentiles and throughput at `evaluate.throughput_batch`."""
+    ecfg = cfg["evaluate"]
     logits = predict(run, data.x_test, cfg["data"]["eval_batch_size"])
     metrics = classification_metrics(logits, data.y_test, ecfg["positive_class"])
     sample = typical_sample(data.x_test, run)
     p50, p95 = latency_percentiles(run, sample, cfg["bench"]["latency_runs"], ecfg["threads"])
     big = data.x_test[:ecfg["throughput_batch"]]
     batch_ms = latency_percentiles(run, big, max(5, cfg["bench"]["latency_runs"] // 10), ecfg["threads"])[0]
-    file = job["path"] if variant == "fp32" else file
-    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "params": params, "file": file,
-            "size_bytes": weights_size(file) if file else None,
-            "p50_ms": p50, "p95_ms": p95, "throughput": len(big) / batch_ms * 1000,
-            "peak_mb": _peak_mb() - base}
+    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "p50_ms": p50, "p95_ms": p95,
+            "throughput": len(big) / batch_ms * 1000}
+
+
+def lm_numbers(run: nn.Module, data: DataBundle, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Test perplexity and next-token accuracy (the accuracy column), milliseconds per decoded token at batch
+    1 (p50, p95), decoded tokens/s at `evaluate.throughput_batch`, and the prefill of the first test prompt."""
+    from ..tasks.causal_lm import CausalLM, bench_prompt, decode_seconds, scores, token_sums
+    ecfg, runs = cfg["evaluate"], min(cfg["bench"]["latency_runs"], LM_RUNS)
+    m = scores(token_sums(run, data.x_test, data.y_test, cfg["data"]["eval_batch_size"]), CausalLM(data).characters)
+    prompt = bench_prompt(data)
+    decode_seconds(run, prompt, 4)  # (warm-up)
+    per_token = [decode_seconds(run, prompt, DECODE) / DECODE for _ in range(runs)]
+    batch = ecfg["throughput_batch"]
+    batched = statistics.median(decode_seconds(run, prompt, DECODE, batch) for _ in range(max(1, runs // 2)))
+    prefill = latency_percentiles(run, torch.tensor([prompt]), runs, ecfg["threads"])[0]
+    return {"accuracy": m["accuracy"], "perplexity": m["perplexity"], **({"bpc": m["bpc"]} if "bpc" in m else {}),
+            "p50_ms": 1000 * float(np.percentile(per_token, 50)), "p95_ms": 1000 * float(np.percentile(per_token, 95)),
+            "throughput": batch * DECODE / batched, "prefill_ms": prefill, "prompt_tokens": len(prompt)}
 
 
 def main() -> int:

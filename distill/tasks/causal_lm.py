@@ -148,6 +148,29 @@ def exact_match(model: nn.Module, tokenizer: Any, x: torch.Tensor, y: torch.Tens
     return out
 
 
+def bench_prompt(data: Any) -> list:
+    """The prompt that decode speed is measured from: the first test prompt of prompt/completion data, else
+    the first 32 tokens of the first test text."""
+    if data.pad_id is not None:
+        return prompts_and_answers(data.x_test[:1], data.y_test[:1])[0][0]
+    return data.x_test[0, :32].tolist()
+
+
+def decode_seconds(model: nn.Module, prompt: list, new_tokens: int, batch: int = 1) -> float:
+    """Wall time of greedy decoding `new_tokens` tokens after `batch` copies of `prompt`, with the KV cache;
+    EOS is ignored, so that every call decodes all of them."""
+    t0 = time.perf_counter()
+    if hasattr(model, "complete"):  # a Hugging Face model
+        eos, model.eos_id = model.eos_id, -1
+        try:
+            model.complete([list(prompt)] * batch, new_tokens)
+        finally:
+            model.eos_id = eos
+    else:  # the project's own GPT
+        model.generate(torch.tensor([list(prompt)] * batch, device=model_device(model)), new_tokens, temperature=0)
+    return time.perf_counter() - t0
+
+
 @TASKS.register("causal_lm")
 class CausalLM:
     name = "causal_lm"
