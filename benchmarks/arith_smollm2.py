@@ -13,8 +13,9 @@ Arms (the same student initialisation, epochs, batches and optimizer; recipe ari
       scored by the teacher online
 The teacher is trained once (in arm c's run) and loaded by the others. Reports exact match (greedy) on the
 60 test problems, test perplexity, teacher-student KL and agreement, and wall time per stage; and the
-checks: top-k KD loss against dense KD on a probe batch, a KD step from the cache against an SFT step,
-decode tokens/s (batch 1 and 8, KV cache) and prefill latency of teacher and student.
+checks: top-k KD loss against dense KD on a probe batch, a KD step from the cache against an SFT step, and
+`distill bench` of the run: decode tokens/s (batch 1 and 8, KV cache), prefill latency, size and peak memory
+of the teacher and the students, the distilled student also as dynamic int8 and bf16.
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ import time
 import torch
 
 OUT_DEFAULT = "runs/arith_bench"
-DECODE = 64  # new tokens per decode measurement
 
 
 def distill(*args: str) -> None:
@@ -49,10 +49,11 @@ def arms(out: str, size: list) -> dict:
     distill("run", "arith_smollm2", "--out", topk, *sets(size))
     teacher = [f"teacher.hf={os.path.join(topk, 'teacher')}", "teacher.finetuned=true", "baseline=false"]
     seqkd = ["distill.alpha=0", "distill.topk=0", "distill.sequence_kd.samples=1",
-             "distill.sequence_kd.temperature=0.7", "distill.sequence_kd.max_new_tokens=160",
+             "distill.sequence_kd.temperature=0.7", "distill.sequence_kd.max_new_tokens=96",
+             "distill.sequence_kd.batch_size=16",
              "distill.sequence_kd.verify=true", "distill.sequence_kd.replace=true"]
     onpolicy = ["distill.topk=0", "distill.method=jsd", "distill.jsd.beta=1.0", "distill.on_policy.fraction=0.5",
-                "distill.on_policy.max_new_tokens=160", "distill.on_policy.temperature=1.0",
+                "distill.on_policy.max_new_tokens=96", "distill.on_policy.temperature=1.0",
                 "distill.teacher_outputs=online"]
     distill("run", "arith_smollm2", "--out", os.path.join(out, "seqkd"), *sets(size + teacher + seqkd))
     distill("run", "arith_smollm2", "--out", os.path.join(out, "onpolicy"), *sets(size + teacher + onpolicy))
@@ -112,26 +113,15 @@ def probe(folder: str) -> dict:
 
 
 def speed(folder: str) -> dict:
-    """Greedy decode tokens/s at batch 1 and 8 (KV cache, DECODE new tokens, EOS ignored) and the prefill
-    latency of a 128-token prompt, teacher and student alternated, 3 rounds, medians."""
-    from distill.pipeline.artifacts import load_model_at
-    models = {n: load_model_at(os.path.join(folder, n), n).eval() for n in ("teacher", "student")}
-    prompt = list(range(100, 228))
-    out = {n: {"decode_b1": [], "decode_b8": [], "prefill_ms": []} for n in models}
-    for _ in range(3):
-        for name, m in models.items():
-            eos, m.eos_id = m.eos_id, -1  # (run the whole DECODE tokens)
-            for b, key in ((1, "decode_b1"), (8, "decode_b8")):
-                t0 = time.perf_counter()
-                m.complete([prompt[:16]] * b, DECODE)
-                out[name][key].append(b * DECODE / (time.perf_counter() - t0))
-            m.eos_id = eos
-            with torch.inference_mode():
-                t0 = time.perf_counter()
-                m(torch.tensor([prompt]))
-                out[name]["prefill_ms"].append(1000 * (time.perf_counter() - t0))
-    return {n: {k: statistics.median(v) for k, v in d.items()} | {"params": sum(p.numel() for p in models[n].parameters())}
-            for n, d in out.items()}
+    """`distill bench` of the run (teacher, both students; the distilled student also as dynamic int8 and
+    bf16): ms per token of greedy decoding with the KV cache at batch 1, tokens/s at batch 8, prefill, size
+    and peak memory, each model in its own process."""
+    distill("bench", folder, *sets(["bench.variants=[fp32, dynamic, bf16]", "evaluate.throughput_batch=8"]))
+    bench = json.load(open(os.path.join(folder, "bench", "bench.json")))
+    return {f"{r['model']} {r['variant']}": {"decode_b1": 1000 / r["p50_ms"], "decode_b8": r["throughput"],
+                                            "prefill_ms": r["prefill_ms"], "params": r["params"],
+                                            "size_bytes": r["size_bytes"], "peak_mb": r["peak_mb"]}
+            for r in bench["results"] if "error" not in r}
 
 
 def stage_seconds(folder: str) -> dict:
@@ -175,12 +165,13 @@ def main() -> None:
     print(f"\ntop-k (k=32) KD loss {pr['topk_kd_loss']:.4f} vs dense {pr['dense_kd_loss']:.4f}: "
           f"{100 * pr['topk_rel_diff']:.2f}% apart; cache {pr['bytes_per_token']:.0f} B/token (dense fp16 "
           f"{pr['dense_fp16_bytes_per_token']:,}); KD step from the cache {pr['kd_over_sft']:.2f}x an SFT step")
-    for n in ("teacher", "student"):
-        print(f"{n}: {sp[n]['params']:,} params, decode {sp[n]['decode_b1']:.0f} tok/s (batch 1), "
-              f"{sp[n]['decode_b8']:.0f} tok/s (batch 8), prefill of 128 tokens {sp[n]['prefill_ms']:.0f} ms")
-    print(f"student / teacher decode: {sp['student']['decode_b1'] / sp['teacher']['decode_b1']:.2f}x (batch 1), "
-          f"{sp['student']['decode_b8'] / sp['teacher']['decode_b8']:.2f}x (batch 8); whole benchmark "
-          f"{result['wall_s'] / 60:.1f} min")
+    teacher = sp["teacher fp32"]
+    for n, v in sp.items():
+        print(f"{n}: {v['params']:,} params, {v['size_bytes'] / 2**20:.0f} MB, decode {v['decode_b1']:.1f} tok/s "
+              f"(batch 1, {v['decode_b1'] / teacher['decode_b1']:.2f}x the teacher), {v['decode_b8']:.1f} tok/s "
+              f"(batch 8, {v['decode_b8'] / teacher['decode_b8']:.2f}x), prefill {v['prefill_ms']:.0f} ms, "
+              f"peak {v['peak_mb']:.0f} MB")
+    print(f"whole benchmark {result['wall_s'] / 60:.1f} min")
 
 
 if __name__ == "__main__":

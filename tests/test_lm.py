@@ -209,3 +209,19 @@ def test_top_k_cache_with_k_equal_to_the_vocabulary_trains_the_same_student_as_d
     assert json.load(open(tmp_path / "top" / "soft_labels.json"))["topk"] == V
     assert top["student"]["loss"] == pytest.approx(dense["student"]["loss"], rel=2e-3)
     assert top["student_scratch"]["loss"] == dense["student_scratch"]["loss"]  # (the baseline reads no teacher)
+
+
+def test_bench_measures_a_gpt_student_by_decoding(tmp_path):
+    """`distill bench` on a character GPT: perplexity and bits per character as the run measured them, and
+    decode speed per token at batch 1 and batched, for the fp32 and dynamic int8 students."""
+    from distill.compress.bench import bench
+    path = recipe(tmp_path, teacher={"train": {"epochs": 1}}, student={"train": {"epochs": 1}})
+    metrics = run(Recipe.load(path))
+    out = bench(Recipe.load(path, ["bench.variants=[fp32, dynamic, onnx]", "bench.models=[teacher]"]),
+                str(tmp_path / "run"), echo=lambda m: None)
+    rows = {(r["model"], r["variant"]): r for r in out["results"]}
+    assert set(rows) == {("teacher", "fp32"), ("student", "fp32"), ("student", "dynamic")}, rows
+    assert not [r for r in rows.values() if "error" in r], rows
+    assert rows["student", "fp32"]["bpc"] == pytest.approx(metrics["student"]["bpc"], rel=1e-4)
+    assert os.path.isfile(rows["student", "dynamic"]["file"])  # (the int8 file: at this width no smaller than fp32)
+    assert all(r["p50_ms"] > 0 and r["throughput"] > 0 and r["prompt_tokens"] == 24 for r in rows.values())
