@@ -218,18 +218,22 @@ def test_topk_kd_run_end_to_end_and_the_student_folder_generates_in_plain_transf
     models = json.load(open(os.path.join(out, "compress", "compress.json")))["models"]
     assert [m["name"] for m in models] == ["layers1", "channels"] and models[1]["params"] < models[0]["params"]
     assert all("val_loss" in m for m in models)
-    bench = _cli("bench", out, "--set", "bench.variants=[fp32, dynamic, bf16, onnx]", "--set", "bench.models=[teacher]",
-                 env={"DISTILL_CACHE": str(tmp_path / "cache")})
+    bench = _cli("bench", out, "--set", "bench.variants=[fp32, dynamic, bf16, onnx]",
+                 "--set", "bench.models=[teacher, compress/channels]", env={"DISTILL_CACHE": str(tmp_path / "cache")})
     assert bench.returncode == 0, bench.stderr[-2000:]
     assert "onnx: not for language models" in bench.stdout + bench.stderr
     table = json.load(open(os.path.join(out, "bench", "bench.json")))
     rows = {(r["model"], r["variant"]): r for r in table["results"]}
-    assert set(rows) == {("teacher", "fp32"), ("student", "fp32"), ("student", "dynamic"), ("student", "bf16")}
+    assert set(rows) == {("teacher", "fp32"), ("student", "fp32"), ("student", "dynamic"), ("student", "bf16"),
+                         ("compress/channels", "fp32"), ("compress/channels", "dynamic"), ("compress/channels", "bf16")}
     assert not [r for r in rows.values() if "error" in r], rows
     fp32, int8 = rows["student", "fp32"], rows["student", "dynamic"]
     assert fp32["perplexity"] == pytest.approx(metrics["student"]["perplexity"], rel=1e-4)  # the run's own number
     assert 0 < int8["size_bytes"] < fp32["size_bytes"] and rows["student", "bf16"]["size_bytes"] < fp32["size_bytes"]
-    assert all(r["p50_ms"] > 0 and r["throughput"] > 0 and r["prefill_ms"] > 0 for r in rows.values())
+    assert all(r["p50_ms"] > 0 and r["throughput"] > 0 and r["prefill_ms"] > 0 and r["decode_tokens"] == 64
+               for r in rows.values())
+    pruned = rows["compress/channels", "bf16"]["file"]  # (a pruned model's bf16 folder loads back, pruned)
+    assert os.path.isdir(pruned) and load_causal_lm_(pruned).hf.model.layers[0].mlp.up_proj.out_features == 32
     assert "ms/token p50" in open(os.path.join(out, "bench", "bench.md")).read()
     from distill.models.hf_lm import load_causal_lm
     student = load_causal_lm(os.path.join(out, "student"), "student")

@@ -92,7 +92,7 @@ def plan(folder: str, variants: List[str], only: Optional[List[str]] = None) -> 
 def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
     cfg = recipe.cfg
     from ..recipe import LM_DATASETS
-    from .measure import DECODE, LM_RUNS, LM_VARIANTS
+    from .measure import DECODE, LM_VARIANTS, lm_runs
     lm, variants = cfg["data"]["dataset"] in LM_DATASETS, cfg["bench"]["variants"]
     if lm and set(variants) - set(LM_VARIANTS):
         echo(f"bench: {', '.join(v for v in variants if v not in LM_VARIANTS)}: not for language models, which "
@@ -112,7 +112,7 @@ def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
                                               + (" per token" if lm else "")))
     summary = summarise(results, cfg["bench"]["max_accuracy_drop"])
     out = {"machine": machine(), "threads": cfg["evaluate"]["threads"], "batch": cfg["evaluate"]["throughput_batch"],
-           "latency_runs": min(cfg["bench"]["latency_runs"], LM_RUNS) if lm else cfg["bench"]["latency_runs"],
+           "latency_runs": lm_runs(cfg) if lm else cfg["bench"]["latency_runs"],
            "results": results, **summary, **({"language_model": True, "decode_tokens": DECODE} if lm else {})}
     table = format_bench(out)
     out["table"] = table
@@ -220,9 +220,10 @@ def format_bench(out: Dict[str, Any]) -> str:
                 for k, _, fmt in columns]
         lines.append("| " + " | ".join(cells) + " |")
     m = out["machine"]
-    speed = (f"greedy decoding with the KV cache, {out.get('decode_tokens')} new tokens: ms per token at batch 1 "
-             f"over {out['latency_runs']} decodes after warm-up, tokens/s at batch {out['batch']}; token acc is "
-             f"next-token accuracy on the test completions" if lm else
+    speed = (f"greedy decoding with the KV cache, {out.get('decode_tokens')} new tokens: ms per step at batch 1 "
+             f"over {out['latency_runs']} decodes after warm-up (the prefill, measured apart, taken out), tokens/s "
+             f"at batch {out['batch']}; token acc is next-token accuracy on the test completions; peak MB is "
+             f"that of decoding" if lm else
              f"latency at batch 1 over {out['latency_runs']} runs after warm-up, throughput at batch {out['batch']}")
     lines += ["", f"Machine: {m['cpu']} ({m['cores']} cores), torch {m['torch']}, onnxruntime {m['onnxruntime']}, "
                   f"{out['threads']} thread(s); {speed}. Speed-up and Δ acc are against the distilled student (fp32)."]

@@ -6,8 +6,9 @@ stdin): it loads or converts the model, resets the peak-memory mark, then measur
 latency percentiles and throughput, and prints one JSON line.
 
 A language model is measured as it is used: test perplexity and next-token accuracy over the completion
-tokens, the time per token of greedy decoding with the KV cache at batch 1 (percentiles over a few decodes of
-DECODE tokens) and tokens/s at `evaluate.throughput_batch`, and the prefill latency of the first test prompt.
+tokens, the time per step of greedy decoding with the KV cache at batch 1 (percentiles over a few decodes of
+DECODE tokens, the prefill taken out) and tokens/s at `evaluate.throughput_batch`, the prefill latency of the
+first test prompt, and the peak memory of decoding.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ EXT = {"dynamic": ".pt", "static": ".pt", "fp16": ".safetensors", "bf16": ".safe
        "onnx_dynamic": ".onnx", "onnx_static": ".onnx"}
 LM_VARIANTS = ("fp32", "dynamic", "fp16", "bf16")  # (the rest trace fixed-shape graphs of classifiers)
 DECODE = 64  # new tokens per decode measurement of a language model
-LM_RUNS = 5  # decodes per latency measurement of a language model (at most bench.latency_runs)
+LM_RUNS = 5  # decodes per speed measurement of a language model (see lm_runs)
 
 
 def variant_path(folder: str, name: str, variant: str, hf_folder: bool = False) -> Optional[str]:
@@ -201,21 +202,29 @@ def classifier_numbers(run: nn.Module, data: DataBundle, cfg: Dict[str, Any]) ->
             "throughput": len(big) / batch_ms * 1000}
 
 
+def lm_runs(cfg: Dict[str, Any]) -> int:
+    """Decodes per speed measurement of a language model (each is DECODE tokens, not one forward pass)."""
+    return max(3, min(cfg["bench"]["latency_runs"], LM_RUNS))
+
+
 def lm_numbers(run: nn.Module, data: DataBundle, cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Test perplexity and next-token accuracy (the accuracy column), milliseconds per decoded token at batch
-    1 (p50, p95), decoded tokens/s at `evaluate.throughput_batch`, and the prefill of the first test prompt."""
-    from ..tasks.causal_lm import CausalLM, bench_prompt, decode_seconds, scores, token_sums
-    ecfg, runs = cfg["evaluate"], min(cfg["bench"]["latency_runs"], LM_RUNS)
+    """Test perplexity and next-token accuracy (the accuracy column), milliseconds per decoding step at batch
+    1 (p50, p95; the prefill not included), decoded tokens/s at `evaluate.throughput_batch`, and the prefill
+    of the first test prompt. The peak-memory mark is reset after the perplexity pass (which holds a batch of
+    full-vocabulary logits): the peak is that of decoding."""
+    from ..tasks.causal_lm import CausalLM, bench_prompt, decode_rate, scores, token_sums
+    ecfg, runs = cfg["evaluate"], lm_runs(cfg)
     m = scores(token_sums(run, data.x_test, data.y_test, cfg["data"]["eval_batch_size"]), CausalLM(data).characters)
-    prompt = bench_prompt(data)
-    decode_seconds(run, prompt, 4)  # (warm-up)
-    per_token = [decode_seconds(run, prompt, DECODE) / DECODE for _ in range(runs)]
+    gc.collect()
+    _reset_peak()
+    prompt, new = bench_prompt(data, run, DECODE)
+    per_token = decode_rate(run, prompt, new, 1, runs)
     batch = ecfg["throughput_batch"]
-    batched = statistics.median(decode_seconds(run, prompt, DECODE, batch) for _ in range(max(1, runs // 2)))
+    batched = statistics.median(decode_rate(run, prompt, new, batch, runs))
     prefill = latency_percentiles(run, torch.tensor([prompt]), runs, ecfg["threads"])[0]
     return {"accuracy": m["accuracy"], "perplexity": m["perplexity"], **({"bpc": m["bpc"]} if "bpc" in m else {}),
             "p50_ms": 1000 * float(np.percentile(per_token, 50)), "p95_ms": 1000 * float(np.percentile(per_token, 95)),
-            "throughput": batch * DECODE / batched, "prefill_ms": prefill, "prompt_tokens": len(prompt)}
+            "throughput": batch / batched, "prefill_ms": prefill, "prompt_tokens": len(prompt), "decode_tokens": new}
 
 
 def main() -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 import time
 from typing import Any, Dict, Optional
 
@@ -148,27 +149,42 @@ def exact_match(model: nn.Module, tokenizer: Any, x: torch.Tensor, y: torch.Tens
     return out
 
 
-def bench_prompt(data: Any) -> list:
-    """The prompt that decode speed is measured from: the first test prompt of prompt/completion data, else
-    the first 32 tokens of the first test text."""
-    if data.pad_id is not None:
-        return prompts_and_answers(data.x_test[:1], data.y_test[:1])[0][0]
-    return data.x_test[0, :32].tolist()
+def bench_prompt(data: Any, model: nn.Module, new_tokens: int) -> tuple:
+    """(prompt, new tokens) that decode speed is measured with: the first test prompt of prompt/completion
+    data, else the first 32 tokens of the first test text; for a model with a fixed context (the project's
+    GPT) both cut so that the whole decode stays within it, where every step uses the KV cache."""
+    prompt = prompts_and_answers(data.x_test[:1], data.y_test[:1])[0][0] if data.pad_id is not None \
+        else data.x_test[0, :32].tolist()
+    context = getattr(model, "context", None)
+    if context is None:
+        return prompt, new_tokens
+    prompt = prompt[:max(1, min(len(prompt), context - new_tokens))]
+    return prompt, min(new_tokens, context - len(prompt))
 
 
 def decode_seconds(model: nn.Module, prompt: list, new_tokens: int, batch: int = 1) -> float:
     """Wall time of greedy decoding `new_tokens` tokens after `batch` copies of `prompt`, with the KV cache;
-    EOS is ignored, so that every call decodes all of them."""
+    EOS is ignored, so that every call decodes all of them (prefill included: see `decode_rate`)."""
     t0 = time.perf_counter()
     if hasattr(model, "complete"):  # a Hugging Face model
         eos, model.eos_id = model.eos_id, -1
         try:
-            model.complete([list(prompt)] * batch, new_tokens)
+            out = model.complete([list(prompt)] * batch, new_tokens)
         finally:
             model.eos_id = eos
+        assert all(len(ids) == new_tokens for ids, _ in out)
     else:  # the project's own GPT
         model.generate(torch.tensor([list(prompt)] * batch, device=model_device(model)), new_tokens, temperature=0)
     return time.perf_counter() - t0
+
+
+def decode_rate(model: nn.Module, prompt: list, new_tokens: int, batch: int, runs: int) -> list:
+    """Seconds per decoding step (all `batch` rows advance one token) of each of `runs` decodes, after a
+    warm-up: the time of `new_tokens` + 1 tokens less the median time of 1 (the prefill, its first token
+    and the call's setup), over `new_tokens`."""
+    decode_seconds(model, prompt, 2, batch)  # (warm-up)
+    first = statistics.median(decode_seconds(model, prompt, 1, batch) for _ in range(runs))
+    return [max(decode_seconds(model, prompt, new_tokens + 1, batch) - first, 0.0) / new_tokens for _ in range(runs)]
 
 
 @TASKS.register("causal_lm")
