@@ -15,8 +15,9 @@ last compressed model are also measured as deployable variants (bench.variants):
 
 A language model is benched as fp32, dynamic, fp16 and bf16 (the other backends trace fixed-shape graphs of
 classifiers): its accuracy column is next-token accuracy on the test completions, with their perplexity
-beside it; its latency is milliseconds per token of greedy decoding with the KV cache at batch 1, its
-throughput decoded tokens/s at evaluate.throughput_batch, with the prefill latency of a test prompt.
+beside it; its latency is milliseconds per step of greedy decoding with the KV cache at batch 1 (the
+prefill measured apart and taken out), its throughput decoded tokens/s at evaluate.throughput_batch, with the
+prefill latency of a test prompt and the peak memory of decoding.
 
 A backend is chosen by measurement: each variant runs in a fresh process (so peak memory is its own) on
 a fixed thread count, after warm-up, and one that fails is reported with its error, not hidden. The
