@@ -15,7 +15,8 @@ The teacher is trained once (in arm c's run) and loaded by the others. Reports e
 60 test problems, test perplexity, teacher-student KL and agreement, and wall time per stage; and the
 checks: top-k KD loss against dense KD on a probe batch, a KD step from the cache against an SFT step, and
 `distill bench` of the run: decode tokens/s (batch 1 and 8, KV cache), prefill latency, size and peak memory
-of the teacher and the students, the distilled student also as dynamic int8 and bf16.
+of the teacher and the students, the distilled student also trimmed to the data's vocabulary (`distill
+compress`, step vocab) and as dynamic int8 and bf16.
 """
 from __future__ import annotations
 
@@ -113,9 +114,12 @@ def probe(folder: str) -> dict:
 
 
 def speed(folder: str) -> dict:
-    """`distill bench` of the run (teacher, both students; the distilled student also as dynamic int8 and
-    bf16): ms per token of greedy decoding with the KV cache at batch 1, tokens/s at batch 8, prefill, size
-    and peak memory, each model in its own process."""
+    """`distill compress` of the distilled student to the vocabulary of the data (its output layer is 353
+    rows instead of 49,152), then `distill bench` of the run (teacher, both students, the trimmed student;
+    the distilled and the trimmed student also as dynamic int8 and bf16): ms per token of greedy decoding
+    with the KV cache at batch 1, tokens/s at batch 8, prefill, size and peak memory, each model in its own
+    process."""
+    distill("compress", folder, *sets(["compress.steps=[vocab]"]))
     distill("bench", folder, *sets(["bench.variants=[fp32, dynamic, bf16]", "evaluate.throughput_batch=8"]))
     bench = json.load(open(os.path.join(folder, "bench", "bench.json")))
     return {f"{r['model']} {r['variant']}": {"decode_b1": 1000 / r["p50_ms"], "decode_b8": r["throughput"],

@@ -141,13 +141,17 @@ def _completion_checks(cfg: Dict[str, Any]) -> None:
         raise UserError(f"data.tokenizer: {data['tokenizer']}: no such folder or GGUF file")
     for key, used in (("distill.layers", d["layers"]["hidden"] != "none" or d["layers"]["attention"] != "none"),
                       ("distill.data", d["data"]["mask"] or d["data"]["substitute"] or d["data"]["eda"]),
-                      ("compress.steps", bool(set(cfg["compress"]["steps"]) - {"layers", "channels"})),
+                      ("compress.steps", bool(set(cfg["compress"]["steps"]) - {"layers", "channels", "vocab"})),
                       ("distill.assistants", bool(d["assistants"]))):
         if used:
             if key == "compress.steps":
-                raise UserError("compress.steps: vocab, heads and qat are not for causal language models yet; "
-                                "layers and channels are")
+                raise UserError("compress.steps: heads and qat are not for causal language models yet; "
+                                "layers, channels and vocab are")
             raise UserError(f"{key}: not for prompt/completion language models (data.dataset: completions)")
+    steps = cfg["compress"]["steps"]
+    if "vocab" in steps and steps[-1] != "vocab":
+        raise UserError(f"compress.steps: {steps}: put vocab last for a causal language model (a fine-tune after it "
+                        f"would distil the teacher's probabilities on tokens the student no longer has)")
     if data["sampling"] != "random" or data["label_fraction"] != 1.0:
         raise UserError("data.sampling / data.label_fraction: completions have no classes; remove them")
     if d["on_policy"]["fraction"]:

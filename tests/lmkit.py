@@ -46,6 +46,33 @@ def tiny_llama(folder: str, layers: int = 4, hidden: int = 32, heads: int = 4, k
     return folder
 
 
+def bpe_llama(folder: str, layers: int = 2, hidden: int = 32, seed: int = 0) -> str:
+    """A tiny Llama with a byte-level BPE tokenizer trained here on arithmetic traces and some English (so
+    that trimming to the arithmetic data has merges to drop), with BOS/EOS/pad and the chat template."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from distill.data.arith import generate
+    texts = [r["prompt"] + " " + r["completion"] for r in generate(200, seed, 1, 2)]
+    texts += ["The quick brown fox jumps over the lazy dog while the zebra sleeps in the warm afternoon sun."] * 20
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=420, special_tokens=SPECIAL, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>", additional_special_tokens=SPECIAL[3:])
+    fast.chat_template = TEMPLATE
+    fast.save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=hidden, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=2 * hidden,
+                                      max_position_embeddings=256, bos_token_id=fast.bos_token_id,
+                                      eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+                                      tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
 def tiny_gpt2(folder: str, layers: int = 3, hidden: int = 32, heads: int = 4, seed: int = 0) -> str:
     import torch
     tok = char_tokenizer(folder)

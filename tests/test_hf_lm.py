@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from lmkit import arith_files, char_tokenizer, lm_recipe, tiny_llama, write_jsonl
+from lmkit import arith_files, bpe_llama, char_tokenizer, lm_recipe, tiny_llama, write_jsonl
 
 from distill.data.completions import IGNORE, encode, tokenize_rows
 from distill.errors import UserError
@@ -439,7 +439,8 @@ def test_layer_importance_drops_the_layer_that_matters_least(llama):
     (["distill.sequence_kd.samples=2", "distill.sequence_kd.verify=true"],
      r"distill.sequence_kd.verify: needs evaluate.exact_match.answer"),
     (["student.from_teacher={keep_every: 2, importance: 2}"], r"give one of layers: \[indices\], keep_every"),
-    (["compress.steps=[heads]"], r"compress.steps: vocab, heads and qat are not for causal language models yet"),
+    (["compress.steps=[heads]"], r"compress.steps: heads and qat are not for causal language models yet"),
+    (["compress.steps=[vocab, layers]", "compress.layers.to=1"], r"compress.steps: \['vocab', 'layers'\]: put vocab last"),
 ])
 def test_recipe_refuses_lm_settings_that_do_not_go_together(tmp_path, llama, sets, message):
     from distill.recipe import Recipe
@@ -541,3 +542,98 @@ def test_select_by_validation_exact_match(tmp_path, llama):
     assert len(epochs) == 2 and all(0 <= x["val_exact_match"] <= 1 for x in epochs)
     with pytest.raises(UserError, match="val_exact_match needs evaluate.exact_match.validate: true"):
         Recipe.load(str(tmp_path / "r.yaml"), ["evaluate.exact_match.validate=false"])
+
+
+def _ids(tok, texts):
+    enc = [tok(t)["input_ids"] for t in texts]
+    x = torch.full((len(enc), max(map(len, enc))), tok.pad_token_id)
+    for i, e in enumerate(enc):
+        x[i, :len(e)] = torch.tensor(e)
+    return enc, x
+
+
+def test_trimmed_lm_vocabulary_is_exact_on_its_data_and_saves_a_plain_hf_folder(tmp_path):
+    from tokenizers import pre_tokenizers
+    from distill.compress.vocab import trim_lm_vocabulary
+    from distill.data.arith import generate
+    from distill.models.hf import load_tokenizer, save_folder
+    path = bpe_llama(str(tmp_path / "m"))
+    tok, model = load_tokenizer(path, "m"), load_causal_lm_(path)
+    rows = generate(40, 5, 1, 2)
+    enc, x = _ids(tok, [r["prompt"] + " " + r["completion"] for r in rows])
+    trimmed = trim_lm_vocabulary(model, [x], tok, path)
+    ids = trimmed.vocab_ids
+    kept = set(tok.convert_ids_to_tokens(ids.tolist()))
+    assert "Ġzebra" in tok.get_vocab() and "Ġzebra" not in kept and "Ġ+" in kept  # English merges gone
+    assert 256 < len(ids) < len(tok) and all(t in kept for t in pre_tokenizers.ByteLevel.alphabet())  # bytes kept
+    assert trimmed.vocab_size == len(tok) == model.vocab_size
+    with torch.no_grad():
+        full, small = model(x), trimmed(x)
+    assert torch.allclose(full[..., ids], small[..., ids], atol=1e-5)  # the kept tokens score as before
+    dropped = torch.ones(len(tok), dtype=torch.bool)
+    dropped[ids] = False
+    assert (small[..., dropped] == torch.finfo(small.dtype).min).all()
+    prompts = [tok(r["prompt"])["input_ids"] for r in rows[:3]]
+    ours = [tok.decode(out) for out, _ in trimmed.complete(prompts, 10)]
+    save_folder(trimmed, str(tmp_path / "t"), path, {})
+    back = load_causal_lm_(str(tmp_path / "t"))  # (distill reads it back in the original ids)
+    with torch.no_grad():
+        assert torch.equal(back(x), small) and back.eos_id == model.eos_id and back.pad_id == model.pad_id
+    script = ("import json, sys, torch, transformers\n"
+              "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]); m.eval()\n"
+              "t = transformers.AutoTokenizer.from_pretrained(sys.argv[1])\n"
+              "rows = json.loads(sys.argv[2])\n"
+              "enc = [t(r)['input_ids'] for r in rows['texts']]\n"
+              "gen = [t.decode(m.generate(torch.tensor([t(p)['input_ids']]), max_new_tokens=10, do_sample=False,\n"
+              "       pad_token_id=t.pad_token_id, eos_token_id=t.eos_token_id)[0, len(t(p)['input_ids']):])\n"
+              "       for p in rows['prompts']]\n"
+              "odd = 'The quick brown fox! \u2603 42'\n"
+              "assert 'distill' not in sys.modules\n"
+              "print(json.dumps({'enc': enc, 'gen': gen, 'odd': t.decode(t(odd)['input_ids'], skip_special_tokens=True),\n"
+              "                  'vocab': len(t)}))\n")
+    texts = [r["prompt"] + " " + r["completion"] for r in rows]
+    q = subprocess.run([sys.executable, "-c", script, str(tmp_path / "t"),
+                        json.dumps({"texts": texts, "prompts": [r["prompt"] for r in rows[:3]]})],
+                       capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert q.returncode == 0, q.stderr[-2000:]
+    theirs = json.loads(q.stdout.strip().splitlines()[-1])
+    new = {old: i for i, old in enumerate(ids.tolist())}
+    assert theirs["vocab"] == len(ids) and theirs["enc"] == [[new[i] for i in e] for e in enc]  # same tokens
+    assert theirs["gen"] == ours and theirs["odd"] == "The quick brown fox! \u2603 42"  # any text still encodes
+    with pytest.raises(UserError, match="already trimmed"):
+        trim_lm_vocabulary(trimmed, [x], tok, path)
+
+
+def test_trimming_needs_a_bpe_tokenizer(llama):
+    from distill.compress.vocab import trim_lm_vocabulary
+    from distill.models.hf import load_tokenizer
+    with pytest.raises(UserError, match="a WordLevel tokenizer; trimming a causal LM's vocabulary needs a BPE"):
+        trim_lm_vocabulary(load_causal_lm_(llama), [torch.tensor([[5, 6]])], load_tokenizer(llama, "t"), llama)
+
+
+def test_compress_trims_a_causal_lms_vocabulary_and_bench_measures_it(tmp_path):
+    r = lm_recipe(str(tmp_path), student={"from_teacher": {"layers": [0]}, "train": {"epochs": 1}},
+                  evaluate={"latency_runs": 2, "throughput_batch": 2, "exact_match": {"rows": 2, "max_new_tokens": 4}})
+    r["teacher"]["hf"] = bpe_llama(str(tmp_path / "bpe"))
+    r["baseline"] = False
+    yaml.safe_dump(r, open(tmp_path / "r.yaml", "w"))
+    env = {"DISTILL_CACHE": str(tmp_path / "cache")}
+    assert (p := _cli("run", str(tmp_path / "r.yaml"), env=env)).returncode == 0, p.stderr[-2000:]
+    out = r["output"]["dir"]
+    comp = _cli("compress", out, "--set", "compress.steps=[vocab]", env=env)
+    assert comp.returncode == 0, comp.stderr[-2000:]
+    step = json.load(open(os.path.join(out, "compress", "compress.json")))["models"][0]
+    student = json.load(open(os.path.join(out, "metrics.json")))["student"]
+    assert step["vocab_before"] == 420 and 256 < step["vocab_after"] < 420 and step["params"] < student["params"]
+    bench = _cli("bench", out, "--set", "bench.variants=[fp32, bf16]", "--set", "bench.models=[compress/vocab]",
+                 env=env)
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    rows = {(x["model"], x["variant"]): x for x in json.load(open(os.path.join(out, "bench", "bench.json")))["results"]}
+    assert not [x for x in rows.values() if "error" in x], rows
+    trimmed, full = rows["compress/vocab", "fp32"], rows["student", "fp32"]
+    # the kept tokens' logits are unchanged, and the probabilities are renormalised over them: the test
+    # perplexity can only fall (a random model puts much mass on the dropped tokens; a trained one little)
+    assert trimmed["perplexity"] <= full["perplexity"] and trimmed["accuracy"] >= full["accuracy"]
+    assert trimmed["size_bytes"] < full["size_bytes"] and trimmed["decode_tokens"] == 64
+    bf16 = load_causal_lm_(rows["compress/vocab", "bf16"]["file"])  # (its folder keeps the trimmed tokenizer)
+    assert bf16.hf.config.vocab_size == step["vocab_after"] and bf16.vocab_size == 420

@@ -1,7 +1,8 @@
 """`distill compress RUN_DIR`: the compression steps of the recipe's `compress` section, in order, on the
 distilled student of a finished run.
 
-    vocab     keep the embedding rows of tokens the data uses (exact on them; no fine-tune)
+    vocab     keep the embedding rows of tokens the data uses (exact on them; no fine-tune); a causal LM's
+              output rows too, with its tokenizer rewritten (its last step: later fine-tunes need them all)
     layers    drop the least important layer (measured), distil from the model before the drop; repeat
     heads     prune attention heads by importance, then distil from the teacher
     channels  prune CNN filters or transformer feed-forward neurons by L1 norm, then distil from the teacher
@@ -36,7 +37,7 @@ from . import layers as layer_drop
 from .prune import head_importance, prune_channels, prune_ffn, prune_heads
 from .quantize import finish_qat, prepare_qat
 from .structure import heads_per_layer
-from .vocab import trim_vocabulary
+from .vocab import trim_lm_vocabulary, trim_vocabulary
 
 
 class Compressor:
@@ -110,12 +111,16 @@ class Compressor:
 
     # ------------------------------------------------------------ steps
     def vocab(self) -> None:
-        data = self.run.data
-        unk = load_tokenizer(self.run.cfg["data"]["tokenizer"], "data.tokenizer").unk_token_id
+        data, path = self.run.data, self.run.cfg["data"]["tokenizer"]
+        tok = load_tokenizer(path, "data.tokenizer")
+        texts = [data.x_train, data.x_val]
+        if data.task == "causal_lm":  # (the completions too: the model must still write them)
+            texts += [data.y_train, data.y_val]
 
         def work() -> Dict[str, Any]:
             before = self.model.hf.get_input_embeddings().num_embeddings
-            self.model = trim_vocabulary(self.model, [data.x_train, data.x_val], unk)
+            self.model = trim_lm_vocabulary(self.model, texts, tok, path) if data.task == "causal_lm" else \
+                trim_vocabulary(self.model, texts, tok.unk_token_id)
             return {"vocab_before": before, "vocab_after": self.model.hf.get_input_embeddings().num_embeddings}
         self.step("vocab", {}, work)
 

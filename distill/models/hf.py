@@ -249,7 +249,12 @@ def save_folder(model: HFClassifier, folder: str, tokenizer_path: str, meta: Dic
     try:
         _record_structure(model.hf)
         model.hf.save_pretrained(tmp, safe_serialization=True)
-        load_tokenizer(tokenizer_path, "tokenizer").save_pretrained(tmp)
+        tok, ids = load_tokenizer(tokenizer_path, "tokenizer"), getattr(model, "vocab_ids", None)
+        if ids is not None and len(tok) != len(ids):  # (a causal LM's trimmed vocabulary: its own tokenizer)
+            from ..compress.vocab import save_trimmed_tokenizer
+            save_trimmed_tokenizer(tok, ids.tolist(), tmp)
+        else:
+            tok.save_pretrained(tmp)
         write_json(os.path.join(tmp, "distill.json"), meta)
         old = None
         if os.path.isdir(folder):

@@ -36,10 +36,35 @@ class HFCausalLM(HFWrapper):
         self.embeddings = nn.Identity()
         self.hidden = nn.ModuleList(nn.Identity() for _ in range(hf.config.num_hidden_layers))
         self.keeps_positions = _takes_logits_to_keep(hf)
+        # a trimmed vocabulary (compress.vocab): the model's ids are `vocab_ids`' positions; distill's stay
+        # the original ones, mapped on the way in and out (dropped tokens score as impossible)
+        ids = getattr(hf.config, "distill_vocab_ids", None)
+        self.register_buffer("vocab_ids", None if ids is None else torch.tensor(ids), persistent=False)
+        if ids is not None:
+            old2new = torch.zeros(hf.config.distill_vocab_size, dtype=torch.long)
+            old2new[self.vocab_ids] = torch.arange(len(ids))
+            self.register_buffer("old2new", old2new, persistent=False)
 
     @property
     def vocab_size(self) -> int:
+        if self.vocab_ids is not None:
+            return len(self.old2new)
         return self.hf.get_output_embeddings().weight.shape[0]
+
+    def _in(self, ids):
+        """Original ids to the model's (a trimmed vocabulary's positions)."""
+        return ids if self.vocab_ids is None else self.old2new[ids]
+
+    def _in_id(self, i: Optional[int]) -> Optional[int]:
+        return i if self.vocab_ids is None or i is None or i < 0 else int(self.old2new[i])
+
+    def _out(self, logits: torch.Tensor) -> torch.Tensor:
+        """A trimmed model's logits placed in the original vocabulary; the dropped tokens get the lowest
+        finite score (probability 0, with no NaN in a log-softmax)."""
+        if self.vocab_ids is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], len(self.old2new)), torch.finfo(logits.dtype).min)
+        return full.index_copy_(-1, self.vocab_ids, logits)
 
     def rewrap(self, hf: nn.Module) -> "HFCausalLM":
         return HFCausalLM(hf, self.pad_id, self.eos_id)
@@ -50,12 +75,12 @@ class HFCausalLM(HFWrapper):
         after it then skip the prompt and the padding."""
         taps = self.embeddings._forward_hooks or any(t._forward_hooks for t in self.hidden)
         keep = {"logits_to_keep": positions} if positions is not None and self.keeps_positions else {}
-        out = self.hf(input_ids=x.long(), use_cache=False, output_hidden_states=bool(taps), **keep)
+        out = self.hf(input_ids=self._in(x.long()), use_cache=False, output_hidden_states=bool(taps), **keep)
         if taps:
             self.embeddings(out.hidden_states[0])
             for tap, h in zip(self.hidden, out.hidden_states[1:]):
                 tap(h)
-        return out.logits[positions] if positions is not None and not keep else out.logits
+        return self._out(out.logits[positions] if positions is not None and not keep else out.logits)
 
 
     @torch.no_grad()
@@ -72,15 +97,17 @@ class HFCausalLM(HFWrapper):
         attn = torch.zeros_like(ids)
         for i, p in enumerate(prompts):
             ids[i, width - len(p):], attn[i, width - len(p):] = torch.tensor(list(p)), 1
+        pad, eos = self._in_id(self.pad_id), self._in_id(self.eos_id)
         sample = temperature > 0
         kw = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if sample else \
             {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed)  # (generate samples from the global RNG: forked, so it is left as it was)
-                out = self.hf.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
-                                       max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
-                                       eos_token_id=self.eos_id, **kw)[:, width:].cpu()
+                out = self.hf.generate(input_ids=self._in(ids.to(device)), attention_mask=attn.to(device),
+                                       max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                       eos_token_id=eos, **kw)[:, width:]
+                out = (out if self.vocab_ids is None else self.vocab_ids[out]).cpu()
         finally:
             self.train(was_training)
         results = []
@@ -99,7 +126,10 @@ def _takes_logits_to_keep(hf: nn.Module) -> bool:
 
 
 def wrap(hf: nn.Module, tokenizer) -> HFCausalLM:
-    return HFCausalLM(hf, pad_id(tokenizer), tokenizer.eos_token_id)
+    """`hf` with the tokenizer's pad and EOS (in the original ids, when the folder's vocabulary is trimmed)."""
+    ids = getattr(hf.config, "distill_vocab_ids", None)
+    pad, eos = pad_id(tokenizer), tokenizer.eos_token_id
+    return HFCausalLM(hf, ids[pad] if ids else pad, ids[eos] if ids and eos is not None else eos)
 
 
 def is_causal_lm_config(config) -> bool:
