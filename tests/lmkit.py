@@ -46,7 +46,7 @@ def tiny_llama(folder: str, layers: int = 4, hidden: int = 32, heads: int = 4, k
     return folder
 
 
-def bpe_llama(folder: str, layers: int = 2, hidden: int = 32, seed: int = 0) -> str:
+def bpe_llama(folder: str, layers: int = 2, hidden: int = 32, seed: int = 0, tie: bool = True) -> str:
     """A tiny Llama with a byte-level BPE tokenizer trained here on arithmetic traces and some English (so
     that trimming to the arithmetic data has merges to drop), with BOS/EOS/pad and the chat template."""
     import torch
@@ -68,7 +68,7 @@ def bpe_llama(folder: str, layers: int = 2, hidden: int = 32, seed: int = 0) -> 
                                       num_attention_heads=4, num_key_value_heads=2, intermediate_size=2 * hidden,
                                       max_position_embeddings=256, bos_token_id=fast.bos_token_id,
                                       eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
-                                      tie_word_embeddings=True)
+                                      tie_word_embeddings=tie)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 

@@ -552,12 +552,13 @@ def _ids(tok, texts):
     return enc, x
 
 
-def test_trimmed_lm_vocabulary_is_exact_on_its_data_and_saves_a_plain_hf_folder(tmp_path):
+@pytest.mark.parametrize("tie", [True, False])
+def test_trimmed_lm_vocabulary_is_exact_on_its_data_and_saves_a_plain_hf_folder(tmp_path, tie):
     from tokenizers import pre_tokenizers
     from distill.compress.vocab import trim_lm_vocabulary
     from distill.data.arith import generate
     from distill.models.hf import load_tokenizer, save_folder
-    path = bpe_llama(str(tmp_path / "m"))
+    path = bpe_llama(str(tmp_path / "m"), tie=tie)
     tok, model = load_tokenizer(path, "m"), load_causal_lm_(path)
     rows = generate(40, 5, 1, 2)
     enc, x = _ids(tok, [r["prompt"] + " " + r["completion"] for r in rows])
@@ -573,6 +574,8 @@ def test_trimmed_lm_vocabulary_is_exact_on_its_data_and_saves_a_plain_hf_folder(
     dropped = torch.ones(len(tok), dtype=torch.bool)
     dropped[ids] = False
     assert (small[..., dropped] == torch.finfo(small.dtype).min).all()
+    head = trimmed.hf.get_output_embeddings().weight
+    assert (head is trimmed.hf.get_input_embeddings().weight) == tie and head.shape[0] == len(ids)
     prompts = [tok(r["prompt"])["input_ids"] for r in rows[:3]]
     ours = [tok.decode(out) for out, _ in trimmed.complete(prompts, 10)]
     save_folder(trimmed, str(tmp_path / "t"), path, {})
@@ -635,5 +638,10 @@ def test_compress_trims_a_causal_lms_vocabulary_and_bench_measures_it(tmp_path):
     # perplexity can only fall (a random model puts much mass on the dropped tokens; a trained one little)
     assert trimmed["perplexity"] <= full["perplexity"] and trimmed["accuracy"] >= full["accuracy"]
     assert trimmed["size_bytes"] < full["size_bytes"] and trimmed["decode_tokens"] == 64
+    assert isinstance(step["test_tokens_outside"], int) and "test tokens are outside them" in comp.stdout + comp.stderr
     bf16 = load_causal_lm_(rows["compress/vocab", "bf16"]["file"])  # (its folder keeps the trimmed tokenizer)
     assert bf16.hf.config.vocab_size == step["vocab_after"] and bf16.vocab_size == 420
+    again = _cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "again"), "--set",
+                 f"teacher.hf={os.path.join(out, 'compress', 'vocab')}", env=env)  # (its ids are its own)
+    assert again.returncode == 2 and "is a deployment folder with a trimmed vocabulary" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "again" / "teacher")

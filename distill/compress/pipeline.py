@@ -18,6 +18,7 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Optional
 
+import torch
 from torch import nn
 
 from .. import __version__
@@ -119,9 +120,18 @@ class Compressor:
 
         def work() -> Dict[str, Any]:
             before = self.model.hf.get_input_embeddings().num_embeddings
-            self.model = trim_lm_vocabulary(self.model, texts, tok, path) if data.task == "causal_lm" else \
-                trim_vocabulary(self.model, texts, tok.unk_token_id)
-            return {"vocab_before": before, "vocab_after": self.model.hf.get_input_embeddings().num_embeddings}
+            if data.task != "causal_lm":
+                self.model = trim_vocabulary(self.model, texts, tok.unk_token_id)
+                return {"vocab_before": before, "vocab_after": self.model.hf.get_input_embeddings().num_embeddings}
+            self.model = trim_lm_vocabulary(self.model, texts, tok, path)
+            test = torch.cat([data.x_test.flatten(), data.y_test.flatten()])
+            test = test[test >= 0]
+            kept = torch.zeros(self.model.vocab_size, dtype=torch.bool)
+            kept[self.model.vocab_ids] = True
+            outside = int((~kept[test]).sum())  # (read as padding, scored as impossible: say so)
+            self.run.event(f"compress: vocab: {len(self.model.vocab_ids):,} of {before:,} tokens kept; {outside} of "
+                           f"{len(test):,} test tokens are outside them")
+            return {"vocab_before": before, "vocab_after": len(self.model.vocab_ids), "test_tokens_outside": outside}
         self.step("vocab", {}, work)
 
     def layers(self) -> None:

@@ -22,16 +22,14 @@ model tuned on the data, moves to them). Inside distill the model still reads an
 from __future__ import annotations
 
 import copy
-import json
-import os
-import re
-from typing import Dict, List, Sequence, Set
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..errors import UserError
 from ..models.hf import HFClassifier
+from ..models.tokenizer_trim import kept_tokens, tokenizer_json
 from .structure import RemappedEmbedding, slice_module
 
 
@@ -56,117 +54,25 @@ def trim_vocabulary(model: HFClassifier, texts: Sequence[torch.Tensor], unk_id: 
 
 # ---------------------------------------------------------------- causal language models
 
-BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-
-
-def _merge_pairs(merges: list) -> List[tuple]:
-    return [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in merges]
-
-
-def _bpe_model(tj: Dict, where: str) -> Dict:
-    m = tj.get("model", {})
-    if m.get("type") != "BPE":
-        raise UserError(f"compress.vocab: {where}: a {m.get('type')} tokenizer; trimming a causal LM's vocabulary "
-                        f"needs a BPE tokenizer (Llama, Qwen, GPT-2, SmolLM, ...)")
-    if m.get("continuing_subword_prefix") or m.get("end_of_word_suffix"):
-        raise UserError(f"compress.vocab: {where}: BPE with a subword prefix or word suffix is not supported")
-    return m
-
-
-def kept_tokens(tj: Dict, used_ids: Set[int], where: str) -> List[int]:
-    """The ids to keep: those used, every added (special) token, every single character and byte token,
-    and, recursively, both halves of every merge that makes a kept token (BPE builds a token through
-    them, so without them the data would tokenize differently)."""
-    m = _bpe_model(tj, where)
-    vocab: Dict[str, int] = m["vocab"]
-    by_id = {i: t for t, i in vocab.items()}
-    keep = {by_id[i] for i in used_ids if i in by_id}
-    keep |= {t for t in vocab if len(t) == 1 or BYTE_FALLBACK.fullmatch(t)}
-    if m.get("unk_token"):
-        keep.add(m["unk_token"])
-    made_of: Dict[str, List[tuple]] = {}
-    for a, b in _merge_pairs(m["merges"]):
-        made_of.setdefault(a + b, []).append((a, b))
-    todo = list(keep)
-    while todo:
-        for pair in made_of.get(todo.pop(), ()):
-            for half in pair:
-                if half not in keep and half in vocab:
-                    keep.add(half)
-                    todo.append(half)
-    ids = {vocab[t] for t in keep} | {a["id"] for a in tj.get("added_tokens", [])}
-    return sorted(ids)
-
-
-def trimmed_tokenizer_json(tj: Dict, ids: Sequence[int]) -> Dict:
-    """`tj` (a tokenizer.json) with only the tokens `ids`, renumbered 0.. in their old order, and the merges
-    among them."""
-    tj = copy.deepcopy(tj)
-    m = tj["model"]
-    new = {old: i for i, old in enumerate(ids)}
-    m["vocab"] = {t: new[i] for t, i in m["vocab"].items() if i in new}
-    kept = set(m["vocab"])
-    pairs = [(a, b) for a, b in _merge_pairs(m["merges"]) if a in kept and b in kept and a + b in kept]
-    m["merges"] = [list(p) for p in pairs] if m["merges"] and isinstance(m["merges"][0], list) else \
-        [f"{a} {b}" for a, b in pairs]
-    for a in tj.get("added_tokens", []):
-        a["id"] = new[a["id"]]
-    _renumber_post_processor(tj.get("post_processor"), m["vocab"], {a["content"]: a["id"] for a in tj.get("added_tokens", [])})
-    return tj
-
-
-def _renumber_post_processor(node, vocab: Dict[str, int], added: Dict[str, int]) -> None:
-    """Template post-processors name their special tokens with ids: give them the new ones."""
-    if isinstance(node, dict):
-        if isinstance(node.get("ids"), list) and isinstance(node.get("tokens"), list):
-            node["ids"] = [added.get(t, vocab.get(t)) for t in node["tokens"]]
-        for v in node.values():
-            _renumber_post_processor(v, vocab, added)
-    elif isinstance(node, list):
-        for v in node:
-            _renumber_post_processor(v, vocab, added)
-
-
-def tokenizer_json(tok, where: str) -> Dict:
-    if not getattr(tok, "is_fast", False) or not hasattr(tok, "backend_tokenizer"):
-        raise UserError(f"compress.vocab: {where}: not a fast (tokenizers) tokenizer; trimming rewrites tokenizer.json")
-    return json.loads(tok.backend_tokenizer.to_str())
-
-
-def save_trimmed_tokenizer(tok, ids: Sequence[int], folder: str) -> None:
-    """Save `tok` into `folder` with only the tokens `ids` (renumbered): tokenizer.json is rewritten, and so
-    are the ids that tokenizer_config.json keys its added tokens by."""
-    tok.save_pretrained(folder)
-    tj = trimmed_tokenizer_json(tokenizer_json(tok, folder), ids)
-    with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as fh:
-        json.dump(tj, fh, ensure_ascii=False)
-    path = os.path.join(folder, "tokenizer_config.json")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as fh:
-            tc = json.load(fh)
-        if "added_tokens_decoder" in tc:
-            new = {old: i for i, old in enumerate(ids)}
-            tc["added_tokens_decoder"] = {str(new[int(k)]): v for k, v in tc["added_tokens_decoder"].items()
-                                          if int(k) in new}
-            with open(path, "w", encoding="utf-8") as fh:
-                json.dump(tc, fh, ensure_ascii=False, indent=2)
+CONFIG_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "decoder_start_token_id",
+              "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens")
 
 
 def trim_lm_vocabulary(model, texts: Sequence[torch.Tensor], tok, where: str):
     """A copy of causal LM `model` with only the embedding and output rows of the tokens in `texts` (see
     `kept_tokens`); it still takes and scores the original ids (`vocab_ids`: new id -> original id)."""
+    from ..models.hf import tokenizer_hash
     if model.vocab_ids is not None:
         raise UserError("compress.vocab: the vocabulary of this model is already trimmed")
     used = torch.unique(torch.cat([t.flatten() for t in texts]))
     ids = torch.tensor(kept_tokens(tokenizer_json(tok, where), set(used[used >= 0].tolist()), where))
     hf = copy.deepcopy(model.hf)
     emb, out = hf.get_input_embeddings(), hf.get_output_embeddings()
-    pad = emb.padding_idx
-    small = nn.Embedding(len(ids), emb.embedding_dim,
-                         padding_idx=int((ids == pad).nonzero()) if pad is not None and pad in ids else None)
-    with torch.no_grad():
-        small.weight.copy_(emb.weight[ids])
+    if int(ids.max()) >= emb.num_embeddings:
+        raise UserError(f"compress.vocab: {where}: the tokenizer has ids up to {int(ids.max())}, and the model's "
+                        f"embedding only {emb.num_embeddings} rows; they do not belong together")
     tied = out is not None and out.weight is emb.weight
+    small = _rows_of(emb, ids)  # (a copy of the module: kinds such as Gemma's scaled embedding stay as they are)
     hf.set_input_embeddings(small)
     if out is not None:
         hf.set_output_embeddings(nn.Linear(emb.embedding_dim, len(ids), bias=False) if tied else slice_module(out, ids))
@@ -174,10 +80,25 @@ def trim_lm_vocabulary(model, texts: Sequence[torch.Tensor], tok, where: str):
             hf.get_output_embeddings().weight = small.weight
     new = {old: i for i, old in enumerate(ids.tolist())}
     for config in (hf.config, getattr(hf, "generation_config", None)):
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "decoder_start_token_id"):
+        for key in CONFIG_IDS:
             v = getattr(config, key, None) if config is not None else None
             if v is not None:
                 setattr(config, key, [new[i] for i in v if i in new] if isinstance(v, list) else new.get(v))
     hf.config.distill_vocab_size, hf.config.vocab_size = model.vocab_size, len(ids)
     hf.config.distill_vocab_ids = ids.tolist()
+    hf.config.distill_vocab_of = tokenizer_hash(tok)  # (the tokenizer it was trimmed from: see save_folder)
     return model.rewrap(hf)
+
+
+def _rows_of(emb: nn.Embedding, ids: torch.Tensor) -> nn.Embedding:
+    weight = emb.weight
+    emb.weight = None  # (so that the copy does not copy the whole table)
+    try:
+        small = copy.deepcopy(emb)
+    finally:
+        emb.weight = weight
+    small.weight = nn.Parameter(weight.detach()[ids].clone())
+    small.num_embeddings = len(ids)
+    pad = emb.padding_idx
+    small.padding_idx = int((ids == pad).nonzero()) if pad is not None and pad in ids else None
+    return small

@@ -250,8 +250,8 @@ def save_folder(model: HFClassifier, folder: str, tokenizer_path: str, meta: Dic
         _record_structure(model.hf)
         model.hf.save_pretrained(tmp, safe_serialization=True)
         tok, ids = load_tokenizer(tokenizer_path, "tokenizer"), getattr(model, "vocab_ids", None)
-        if ids is not None and len(tok) != len(ids):  # (a causal LM's trimmed vocabulary: its own tokenizer)
-            from ..compress.vocab import save_trimmed_tokenizer
+        if ids is not None and tokenizer_hash(tok) == model.hf.config.distill_vocab_of:
+            from .tokenizer_trim import save_trimmed_tokenizer  # (a causal LM's trimmed vocabulary)
             save_trimmed_tokenizer(tok, ids.tolist(), tmp)
         else:
             tok.save_pretrained(tmp)

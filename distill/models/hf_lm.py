@@ -39,11 +39,12 @@ class HFCausalLM(HFWrapper):
         # a trimmed vocabulary (compress.vocab): the model's ids are `vocab_ids`' positions; distill's stay
         # the original ones, mapped on the way in and out (dropped tokens score as impossible)
         ids = getattr(hf.config, "distill_vocab_ids", None)
-        self.register_buffer("vocab_ids", None if ids is None else torch.tensor(ids), persistent=False)
-        if ids is not None:
-            old2new = torch.zeros(hf.config.distill_vocab_size, dtype=torch.long)
-            old2new[self.vocab_ids] = torch.arange(len(ids))
-            self.register_buffer("old2new", old2new, persistent=False)
+        device = next(hf.parameters()).device
+        self.register_buffer("vocab_ids", None if ids is None else torch.tensor(ids, device=device), persistent=False)
+        if ids is not None:  # (a dropped token read as input becomes padding: compress.json counts them)
+            old2new = torch.full((hf.config.distill_vocab_size,), -1, dtype=torch.long, device=device)
+            old2new[self.vocab_ids] = torch.arange(len(ids), device=device)
+            self.register_buffer("old2new", old2new.where(old2new >= 0, old2new[self.pad_id]), persistent=False)
 
     @property
     def vocab_size(self) -> int:

@@ -152,7 +152,7 @@ class HuggingFaceModels:
         teacher (its layers kept by list or every k-th, or a smaller fresh config)."""
         m, t = run.cfg[role], run.cfg[TEACHER]
         if m["hf"]:
-            model = load_causal_lm(m["hf"], f"{role}.hf")
+            model = untrimmed(load_causal_lm(m["hf"], f"{role}.hf"), f"{role}.hf", m["hf"])
             if role != TEACHER:
                 check_same_tokenizer(m["hf"], run.cfg["data"]["tokenizer"], f"{role}.hf")
             return model
@@ -160,7 +160,7 @@ class HuggingFaceModels:
         if ft and ft["source"] == "finetuned" and os.path.isdir(run.path(TEACHER)):
             base = load_saved(run, TEACHER)
         else:
-            base = load_causal_lm(t["hf"], "teacher.hf")
+            base = untrimmed(load_causal_lm(t["hf"], "teacher.hf"), "teacher.hf", t["hf"])
         if ft and ft["importance"]:
             return select_layers(base, important_layers(run, base, ft["importance"]), f"{role}.from_teacher")
         if ft:
@@ -182,6 +182,14 @@ class HuggingFaceModels:
         return transformer_features(cfg["distill"]["layers"], teacher.num_layers, student.num_layers,
                                     teacher.width == student.width,
                                     teacher_layers(ft, teacher.num_layers) if ft else None)
+
+
+def untrimmed(model: nn.Module, where: str, path: str) -> nn.Module:
+    """A causal LM to train from: not a `compress.vocab` folder, whose ids are its own trimmed vocabulary's."""
+    if getattr(model, "vocab_ids", None) is not None:
+        raise UserError(f"{where}: {path} is a deployment folder with a trimmed vocabulary (distill compress, step "
+                        f"vocab); train and distil from the model it was trimmed from")
+    return model
 
 
 KINDS = {"registry": RegistryModels(), "huggingface": HuggingFaceModels()}
