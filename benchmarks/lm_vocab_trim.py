@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 
 import yaml
 
 from distill.data import load_data
 from distill.models.hf import load_tokenizer
 from distill.pipeline.artifacts import load_model_at, require_saved
-from distill.tasks.causal_lm import exact_match, prompts_and_answers
+from distill.tasks.causal_lm import greedy_completions, prompts_and_answers, score_completions
 
 
 def main() -> None:
@@ -27,14 +28,14 @@ def main() -> None:
     data = load_data(cfg["data"])
     tok = load_tokenizer(cfg["data"]["tokenizer"], "data.tokenizer")
     em = cfg["evaluate"]["exact_match"]
-    prompts, _ = prompts_and_answers(data.x_test[:em["rows"]], data.y_test[:em["rows"]])
+    prompts, answers = prompts_and_answers(data.x_test[:em["rows"]], data.y_test[:em["rows"]])
     result = {}
     for name in ("student", "compress/vocab"):
         model = load_model_at(require_saved(a.run, name), name)
-        outs = [o for i in range(0, len(prompts), 8) for o, _ in model.complete(prompts[i:i + 8], em["max_new_tokens"])]
-        scored = exact_match(model, tok, data.x_test, data.y_test, em)
-        result[name] = {"completions": outs, "exact_match": scored["exact_match"],
-                        "decode_tokens_per_s": scored["decode_tokens_per_s"]}
+        t0 = time.perf_counter()
+        outs = greedy_completions(model, prompts, em["max_new_tokens"])
+        result[name] = {"completions": outs, "decode_tokens_per_s": sum(map(len, outs)) / (time.perf_counter() - t0),
+                        "exact_match": score_completions(tok, prompts, outs, answers, em)["exact_match"]}
     same = sum(a == b for a, b in zip(result["student"]["completions"], result["compress/vocab"]["completions"]))
     step = json.load(open(os.path.join(a.run, "compress", "compress.json")))["models"][-1]
     print(f"test prompts: {len(prompts)}; greedy completions token for token the same: {same}")

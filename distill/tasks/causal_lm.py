@@ -119,27 +119,27 @@ def extract(text: str, pattern: Optional[str]) -> Optional[str]:
     return (m.group(1) if m.groups() else m.group(0)).strip()
 
 
-def exact_match(model: nn.Module, tokenizer: Any, x: torch.Tensor, y: torch.Tensor, cfg: Dict[str, Any],
-                batch_size: int = 8) -> Dict[str, Any]:
-    """Greedy completions of the first `cfg.rows` prompts, scored by exact match of the extracted answer
-    against the reference's; with the decode rate (tokens/s at `batch_size`) and a few samples."""
-    prompts, answers = prompts_and_answers(x[:cfg["rows"]], y[:cfg["rows"]])
-    hits, generated, samples, t0 = 0, 0, [], time.perf_counter()
-    texts, refs = [], []
-    for i in range(0, len(prompts), batch_size):
-        outs = model.complete(prompts[i:i + batch_size], cfg["max_new_tokens"])
-        for j, (tokens, _ended) in enumerate(outs):
-            generated += len(tokens)
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            ref = tokenizer.decode(answers[i + j], skip_special_tokens=True)
-            texts.append(text), refs.append(ref)
-            got, want = extract(text, cfg["answer"]), extract(ref, cfg["answer"])
-            hits += got is not None and got == want
-            if len(samples) < 3:
-                samples.append({"prompt": tokenizer.decode(prompts[i + j], skip_special_tokens=True)[-200:],
-                                "completion": text[:300], "reference": ref[:300]})
-    seconds = time.perf_counter() - t0
-    out = {"exact_match": hits / max(len(prompts), 1), "decode_tokens_per_s": generated / seconds, "samples": samples}
+def greedy_completions(model: nn.Module, prompts: list, max_new_tokens: int, batch_size: int = 8) -> list:
+    """The tokens each prompt's greedy completion writes, up to and including EOS, in batches."""
+    return [tokens for i in range(0, len(prompts), batch_size)
+            for tokens, _ended in model.complete(prompts[i:i + batch_size], max_new_tokens)]
+
+
+def score_completions(tokenizer: Any, prompts: list, completions: list, answers: list, cfg: Dict[str, Any]
+                      ) -> Dict[str, Any]:
+    """Exact match of the answer extracted from each completion against the reference's, BLEU and chrF
+    (sacrebleu, when installed), and a few samples."""
+    hits, samples, texts, refs = 0, [], [], []
+    for prompt, tokens, answer in zip(prompts, completions, answers):
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        ref = tokenizer.decode(answer, skip_special_tokens=True)
+        texts.append(text), refs.append(ref)
+        got, want = extract(text, cfg["answer"]), extract(ref, cfg["answer"])
+        hits += got is not None and got == want
+        if len(samples) < 3:
+            samples.append({"prompt": tokenizer.decode(prompt, skip_special_tokens=True)[-200:],
+                            "completion": text[:300], "reference": ref[:300]})
+    out = {"exact_match": hits / max(len(prompts), 1), "samples": samples}
     try:  # BLEU and chrF of the completions against the references (sacrebleu, when installed)
         import sacrebleu
         out["bleu"] = sacrebleu.corpus_bleu(texts, [refs]).score
@@ -147,6 +147,18 @@ def exact_match(model: nn.Module, tokenizer: Any, x: torch.Tensor, y: torch.Tens
     except ImportError:
         pass
     return out
+
+
+def exact_match(model: nn.Module, tokenizer: Any, x: torch.Tensor, y: torch.Tensor, cfg: Dict[str, Any],
+                batch_size: int = 8) -> Dict[str, Any]:
+    """Greedy completions of the first `cfg.rows` prompts, scored by `score_completions`; with the decode
+    rate (tokens/s at `batch_size`)."""
+    prompts, answers = prompts_and_answers(x[:cfg["rows"]], y[:cfg["rows"]])
+    t0 = time.perf_counter()
+    completions = greedy_completions(model, prompts, cfg["max_new_tokens"], batch_size)
+    out = score_completions(tokenizer, prompts, completions, answers, cfg)
+    rate = sum(map(len, completions)) / (time.perf_counter() - t0)
+    return {"exact_match": out.pop("exact_match"), "decode_tokens_per_s": rate, **out}
 
 
 def bench_prompt(data: Any, model: nn.Module, new_tokens: int) -> tuple:
