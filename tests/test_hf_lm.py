@@ -607,11 +607,22 @@ def test_trimmed_lm_vocabulary_is_exact_on_its_data_and_saves_a_plain_hf_folder(
         trim_lm_vocabulary(trimmed, [x], tok, path)
 
 
-def test_trimming_needs_a_bpe_tokenizer(llama):
+def test_trimming_needs_a_bpe_tokenizer_of_the_models_own_vocabulary(tmp_path, llama):
     from distill.compress.vocab import trim_lm_vocabulary
     from distill.models.hf import load_tokenizer
+    from distill.models.tokenizer_trim import kept_tokens, tokenizer_json
+    x = torch.tensor([[5, 6]])
     with pytest.raises(UserError, match="a WordLevel tokenizer; trimming a causal LM's vocabulary needs a BPE"):
-        trim_lm_vocabulary(load_causal_lm_(llama), [torch.tensor([[5, 6]])], load_tokenizer(llama, "t"), llama)
+        trim_lm_vocabulary(load_causal_lm_(llama), [x], load_tokenizer(llama, "t"), llama)
+    bpe = load_tokenizer(bpe_llama(str(tmp_path / "bpe")), "t")  # (420 tokens, for a model of 54 rows)
+    with pytest.raises(UserError, match=r"the tokenizer has ids up to \d+, and the model's embedding only 54 rows; they do not belong together"):
+        trim_lm_vocabulary(load_causal_lm_(llama), [x], bpe, "t")
+    with pytest.raises(UserError, match="t: not a fast \\(tokenizers\\) tokenizer"):
+        tokenizer_json(object(), "t")
+    tj = tokenizer_json(bpe, "t")
+    tj["model"]["continuing_subword_prefix"] = "##"
+    with pytest.raises(UserError, match="t: BPE with a subword prefix or word suffix is not supported"):
+        kept_tokens(tj, {5}, "t")
 
 
 def test_compress_trims_a_causal_lms_vocabulary_and_bench_measures_it(tmp_path):
