@@ -6,7 +6,11 @@ The teacher is trained once (`distill train-teacher`); then each arm trains the 
 initialisation for the same steps, from a copy of that folder: the student without distillation (cross-
 entropy only); distilled with forward KL, reverse KL and JSD(0.5) (alpha 0.5, T = 1, the teacher's logits
 from the cache); and sequence-level KD: trained with cross-entropy alone on as many windows as the training
-text has, each written by the teacher (temperature 1) after the first 8 characters of a training window. Each model keeps its epoch of lowest validation loss; the test split is read once.
+text has, each written by the teacher (temperature 1) after the first 8 characters of a training window; and
+the two combined (Kim & Rush's sequence- plus word-level KD): the same teacher-written windows, cross-entropy
+on the teacher's tokens and forward KL to its logits there, alpha 0.5. Each model keeps its epoch of lowest
+validation loss; the test split is read once. `--arms 0,5` runs only those arms (0, the scratch student, is
+always run: the others are compared with it).
 Prints a Markdown table (test bits per character, perplexity, next-character accuracy, parameters, train
 time) and a sample of each model's text (the same prompt, temperature 0.8, the same seed).
 """
@@ -32,7 +36,9 @@ from distill.pipeline.artifacts import load_model_at
 ARMS = (("student, no distillation", "student_scratch", []), ("forward KL", "student", ["distill.method=forward_kl"]),
         ("reverse KL", "student", ["distill.method=reverse_kl"]),
         ("JSD(0.5)", "student", ["distill.method=jsd", "distill.jsd.beta=0.5"]),
-        ("seq-KD: trained on teacher-written text", "student", ["distill.alpha=0", "distill.sequence_kd.windows=WINDOWS"]))
+        ("seq-KD: trained on teacher-written text", "student", ["distill.alpha=0", "distill.sequence_kd.windows=WINDOWS"]),
+        ("seq-KD + forward KL on the teacher-written text", "student",
+         ["distill.method=forward_kl", "distill.alpha=0.5", "distill.sequence_kd.windows=WINDOWS"]))
 PROMPT = "ROMEO:\n"
 
 
@@ -57,7 +63,8 @@ def sample(folder: str, name: str, n: int = 200) -> str:
 def arms(args, base: str, root: str, seed: int, windows: str) -> list:
     """Every arm once for this student seed: [(label, metrics, folder, model name)]."""
     out = []
-    for i, (label, model, extra) in enumerate(ARMS):
+    for i in args.arms:
+        label, model, extra = ARMS[i]
         extra = [e.replace("WINDOWS", windows) for e in extra] + [f"student.train.seed={seed}"]
         work = os.path.join(root, f"arm_{i}_seed{seed}")
         shutil.rmtree(work, ignore_errors=True)
@@ -81,7 +88,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=1, help="student seeds 0..N-1 (the teacher is trained once)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--root", default=os.path.join("runs", "bench", "lm"))
+    p.add_argument("--arms", default=",".join(map(str, range(len(ARMS)))),
+                   help="comma-separated arm numbers (0: no distillation, always run)")
     args = p.parse_args()
+    args.arms = sorted({0, *(int(a) for a in args.arms.split(","))})
+    if not all(0 <= a < len(ARMS) for a in args.arms):
+        p.error(f"--arms: numbers from 0 to {len(ARMS) - 1}")
     root, t0 = os.path.join(args.root, args.recipe), time.perf_counter()
     base = os.path.join(root, "teacher_run")
     distill("train-teacher", args.recipe, "--out", base, *sets(args.sets))
@@ -93,9 +105,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     print(f"| teacher | {teacher['bpc']:.4f} | {teacher['perplexity']:.3f} | {teacher['accuracy'] * 100:.2f} | "
           f"{teacher['params']:,} | {teacher.get('train_time_s', 0):.0f} | |")
-    for i, (label, *_rest) in enumerate(ARMS):
-        ms = [runs[s][i][1] for s in runs]
-        below = sum(runs[s][i][1]["bpc"] < runs[s][0][1]["bpc"] for s in runs)
+    for j, i in enumerate(args.arms):
+        label, ms = ARMS[i][0], [runs[s][j][1] for s in runs]
+        below = sum(runs[s][j][1]["bpc"] < runs[s][0][1]["bpc"] for s in runs)
         print(f"| {label} | {mean_std([m['bpc'] for m in ms])} | {mean_std([m['perplexity'] for m in ms])} | "
               f"{mean_std([m['accuracy'] * 100 for m in ms])} | {ms[0]['params']:,} | "
               f"{statistics.mean(m.get('train_time_s', 0) for m in ms):.0f} | "

@@ -234,6 +234,17 @@ def load_data(cfg: Dict[str, Any]) -> DataBundle:
                       raw.pad_id, tensors[3] if len(tensors[3]) else None)
 
 
+def with_training_split(data: DataBundle, x: torch.Tensor, y: torch.Tensor) -> DataBundle:
+    """`data` training on `x`, `y` instead (teacher-written sequences), fingerprinted by their content: caches
+    keyed by the fingerprint (the teacher's soft labels) must not be shared by two different texts written
+    with the same settings, say by two seeds."""
+    h = hashlib.sha256(data.fingerprint.encode())
+    for t in (x, y):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return replace(data, x_train=x, y_train=y, fingerprint=h.hexdigest()[:16])
+
+
 def with_teacher_labelled(data: DataBundle, extra: torch.Tensor) -> DataBundle:
     """`data` with the inputs `extra` appended to its training split with label -1: no hard label, the
     teacher's outputs are their only target (the cross-entropy leaves them out)."""

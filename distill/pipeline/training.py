@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 from .. import chain
 from ..data import DataBundle, has_augmentation
 from ..data.augment_text import with_augmented_texts
-from ..data.datasets import with_teacher_labelled
+from ..data.datasets import with_teacher_labelled, with_training_split
 from ..engine.batch import TeacherSource
 from ..engine.callbacks import Checkpointing, EpochHook, GradientSignals, LogLines, Monitor, TensorBoard
 from ..engine.inference import model_device
@@ -321,8 +320,7 @@ def teacher_written(run: RunDir, teacher: nn.Module, data: DataBundle) -> Tuple[
     x, y = ids[:, :-1], ids[:, 1:]
     if not seq["replace"]:
         x, y = torch.cat([data.x_train, x]), torch.cat([data.y_train, y])
-    return replace(data, x_train=x, y_train=y, fingerprint=sha256_json({"data": data.fingerprint,
-                                                                        "teacher_written": seq})[:16]), len(ids)
+    return with_training_split(data, x, y), len(ids)
 
 
 TEACHER_COMPLETIONS = "teacher_samples.jsonl"
@@ -373,9 +371,7 @@ def teacher_completions(run: RunDir, teacher: nn.Module, data: DataBundle) -> Tu
         pad = lambda a, v: torch.nn.functional.pad(a, (0, width - a.shape[1]), value=v)  # noqa: E731
         x, y = torch.cat([pad(data.x_train, data.pad_id), pad(x, data.pad_id)]), torch.cat([pad(data.y_train, -100),
                                                                                           pad(y, -100)])
-    return replace(data, x_train=x, y_train=y, fingerprint=sha256_json({"data": data.fingerprint,
-                                                                        "teacher_completions": settings,
-                                                                        "rows": len(rows)})[:16]), len(rows)
+    return with_training_split(data, x, y), len(rows)
 
 
 def read_jsonl(path: str) -> list:
