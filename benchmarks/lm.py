@@ -91,7 +91,10 @@ def main() -> None:
     p.add_argument("--arms", default=",".join(map(str, range(len(ARMS)))),
                    help="comma-separated arm numbers (0: no distillation, always run)")
     args = p.parse_args()
-    args.arms = sorted({0, *(int(a) for a in args.arms.split(","))})
+    try:
+        args.arms = sorted({0, *(int(a) for a in args.arms.split(","))})
+    except ValueError:
+        p.error(f"--arms: comma-separated numbers, not {args.arms!r}")
     if not all(0 <= a < len(ARMS) for a in args.arms):
         p.error(f"--arms: numbers from 0 to {len(ARMS) - 1}")
     root, t0 = os.path.join(args.root, args.recipe), time.perf_counter()

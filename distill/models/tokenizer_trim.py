@@ -10,6 +10,7 @@ import re
 from typing import Dict, List, Sequence, Set
 
 from ..errors import UserError
+from ..io import read_json, write_text
 
 BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
@@ -101,15 +102,11 @@ def save_trimmed_tokenizer(tok, ids: Sequence[int], folder: str) -> None:
     are the ids that tokenizer_config.json keys its added tokens by."""
     tok.save_pretrained(folder)
     tj = trimmed_tokenizer_json(tokenizer_json(tok, folder), ids)
-    with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as fh:
-        json.dump(tj, fh, ensure_ascii=False)
+    write_text(os.path.join(folder, "tokenizer.json"), json.dumps(tj, ensure_ascii=False))
     path = os.path.join(folder, "tokenizer_config.json")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as fh:
-            tc = json.load(fh)
-        if "added_tokens_decoder" in tc:
-            new = {old: i for i, old in enumerate(ids)}
-            tc["added_tokens_decoder"] = {str(new[int(k)]): v for k, v in tc["added_tokens_decoder"].items()
-                                          if int(k) in new}
-            with open(path, "w", encoding="utf-8") as fh:
-                json.dump(tc, fh, ensure_ascii=False, indent=2)
+    tc = read_json(path, {})
+    if "added_tokens_decoder" in tc:
+        new = {old: i for i, old in enumerate(ids)}
+        tc["added_tokens_decoder"] = {str(new[int(k)]): v for k, v in tc["added_tokens_decoder"].items()
+                                      if int(k) in new}
+        write_text(path, json.dumps(tc, ensure_ascii=False, indent=2))

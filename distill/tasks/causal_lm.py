@@ -156,8 +156,8 @@ def exact_match(model: nn.Module, tokenizer: Any, x: torch.Tensor, y: torch.Tens
     prompts, answers = prompts_and_answers(x[:cfg["rows"]], y[:cfg["rows"]])
     t0 = time.perf_counter()
     completions = greedy_completions(model, prompts, cfg["max_new_tokens"], batch_size)
+    rate = sum(map(len, completions)) / (time.perf_counter() - t0)  # (decoding alone, not the scoring)
     out = score_completions(tokenizer, prompts, completions, answers, cfg)
-    rate = sum(map(len, completions)) / (time.perf_counter() - t0)
     return {"exact_match": out.pop("exact_match"), "decode_tokens_per_s": rate, **out}
 
 
