@@ -222,3 +222,32 @@ def test_warmup_steps_ramp_the_learning_rate_linearly_then_hand_back_to_the_sche
     lr = recipe.cfg["student"]["train"]["optimizer"]["lr"]
     assert seen[:5] == pytest.approx([lr * k / 5 for k in range(1, 6)]) and all(v == lr for v in seen[5:])
     assert len(seen) > 6
+
+
+def test_the_teachers_max_pooling_runs_channels_last_with_the_same_bits():
+    """teacher_forward (the online teacher, the soft-label cache) pools channels-last: every output bit, and a
+    captured pooling output, as the plain forward pass gives them; outside it the module is as before."""
+    from distill.engine.inference import fast_pooling
+    from distill.hooks import FeatureCapture
+    from distill.models import build_model
+    from distill.teachers import teacher_forward
+    torch.manual_seed(0)
+    teacher = build_model({"model": "cnn", "args": {"channels": [8, 16], "hidden": 32}}, (1, 12, 12), 5).eval()
+    x = torch.randn(16, 1, 12, 12)
+    x[0, 0, 0, 0], x[1] = float("nan"), -0.0  # (a NaN propagates; an all-zero image ties in most windows)
+    with torch.no_grad(), FeatureCapture(teacher, ["body.2"]) as cap:
+        ref, ref_pool = teacher(x), cap.outputs["body.2"]
+    with FeatureCapture(teacher, ["body.2"]) as cap:
+        logits, feats = teacher_forward(teacher, x, cap)
+    assert torch.equal(logits.view(torch.int32), ref.view(torch.int32))
+    assert torch.equal(feats["body.2"].view(torch.int32), ref_pool.view(torch.int32))
+    assert feats["body.2"].is_contiguous()
+    seen = []
+    hook = teacher.body[2].register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+    teacher_forward(teacher, x)
+    with torch.no_grad():
+        teacher(x)  # the hooks stay on the module, and do nothing outside fast_pooling
+    with fast_pooling(teacher):
+        teacher(x).sum()  # nor with gradients on (the channels-last backward is slower)
+    hook.remove()
+    assert seen == [False, True, True]

@@ -191,6 +191,30 @@ class _NaNAt(nn.Module):
         return out
 
 
+class _NaNGrad(torch.autograd.Function):
+    """The identity forward; a NaN gradient backward (a finite loss whose gradient is not)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+class _NaNGradAt(_NaNAt):
+    """Finite outputs and losses, but a NaN gradient on the training passes listed in `bad`."""
+
+    def forward(self, x):
+        out = self.head(torch.relu(self.body(x)))
+        if self.training:
+            self.calls += 1
+            if self.calls in self.bad:
+                out = _NaNGrad.apply(out)
+        return out
+
+
 def _train(student, tmp_path, **over):
     from distill.data.datasets import DataBundle
     from distill.recipe import SCHEMA, TRAIN, validate_section
@@ -211,6 +235,15 @@ def test_isolated_nan_steps_are_skipped_and_counted(tmp_path):
     assert [r["skipped_steps"] for r in lines] == [2, 1]
     assert all(torch.isfinite(p).all() for p in student.parameters())
     assert info["selected_epoch"] >= 1
+
+
+def test_a_step_whose_gradient_alone_is_nan_is_skipped_too(tmp_path):
+    student = _NaNGradAt({2, 4, 7})
+    info, log = _train(student, tmp_path)
+    assert [json.loads(line)["skipped_steps"] for line in open(log)] == [2, 1]
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+    with pytest.raises(TrainingDiverged, match="the gradient was NaN or Inf for 3 steps in a row"):
+        _train(_NaNGradAt({3, 4, 5}), tmp_path / "again", max_bad_steps=3)
 
 
 def test_consecutive_nan_steps_stop_with_a_clear_error(tmp_path):

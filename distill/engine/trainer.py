@@ -139,6 +139,10 @@ class Trainer:
         self.objective.to(rt.device)
         self.model = self._wrap(self.objective)
         self.params = [p for p in self.objective.parameters() if p.requires_grad]
+        groups: Dict[Tuple, List[nn.Parameter]] = {}  # (the finiteness check takes one dtype and device a call)
+        for p in self.params:
+            groups.setdefault((p.device, p.dtype), []).append(p)
+        self.param_groups, self.one = list(groups.values()), torch.ones(1, device=rt.device)
         self.opt = make_optimizer(self.params, tcfg["optimizer"])
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda e: lr_factor(e, tcfg["scheduler"], tcfg["epochs"]))
@@ -278,7 +282,6 @@ class Trainer:
         """(the first loss term that is NaN or Inf, "gradient" when only a gradient is, else None; the step's
         total loss). Under torchrun the totals and the stop flags of all processes are summed first (the
         gradients are already the same everywhere), so all decide alike."""
-        grads = [p.grad for p in self.params if p.grad is not None]
         total = parts["total"].detach().reshape(())
         if self.runtime.distributed:
             shared = self.runtime.sum(torch.stack([total.double(), torch.tensor(
@@ -286,11 +289,14 @@ class Trainer:
             total, self.stopping = shared[0], bool(shared[1] > 0)
         else:
             self.stopping = self.stop.signum is not None
-        # The total is non-finite when any weighted term is; adding the gradient norms makes it one check.
-        check = total.float()
-        if grads:
-            check = check + torch.stack(torch._foreach_norm(grads)).sum()
-        if bool(torch.isfinite(check)):
+        # The total is non-finite when any weighted term is. The gradients are checked by PyTorch's AMP kernel,
+        # one pass over them (scaled by 1: it then leaves every bit, denormals included, as it is).
+        found = torch.isfinite(total).logical_not().float().reshape(1)
+        for group in self.param_groups:
+            grads = [p.grad for p in group if p.grad is not None]
+            if grads:
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self.one)
+        if not bool(found):
             return None, total
         values = torch.stack([v.detach().float().reshape(()) for v in parts.values()])
         finite = torch.isfinite(values).tolist()
@@ -316,7 +322,9 @@ class Trainer:
         device (one add per step, not one per part), read back (and summed over processes) once per log line.
         `total` is the step's whole loss (over every process), for the window's maximum."""
         keys = list(parts)
-        values = torch.stack([v.detach().reshape(()).double() for v in parts.values()])
+        # stacked straight into float64: each part is cast on its own (no common type first, no precision lost)
+        values = torch.empty(len(keys), dtype=torch.float64, device=total.device)
+        torch.stack([v.detach().reshape(()) for v in parts.values()], out=values)
         for acc in (self.prog["sums"], self.prog["window"]):
             same = acc.get("keys") == keys
             acc.update(keys=keys, values=acc["values"] + values if same else values)

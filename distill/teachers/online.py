@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..engine.batch import TeacherOutputs
+from ..engine.inference import fast_pooling
 from ..hooks import FeatureCapture
 
 
@@ -15,11 +16,11 @@ def teacher_forward(teacher: nn.Module, x: torch.Tensor, capture: FeatureCapture
     """The teacher never trains here: eval mode (no dropout, frozen BN) and no autograd graph.
 
     Outputs are cloned out of inference mode: the losses save them for the student's backward pass,
-    which inference tensors do not allow.
+    which inference tensors do not allow. Max-pooling runs channels-last (`fast_pooling`: the same bits).
     """
     if teacher.training:  # (a walk over every module: not on every batch)
         teacher.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), fast_pooling(teacher):
         logits = teacher(x)
         feats = {k: capture.outputs[k] for k in capture.names} if capture else {}
     return logits.clone(), {k: v.clone() for k, v in feats.items()}
