@@ -294,8 +294,10 @@ class Trainer:
         found = torch.isfinite(total).logical_not().float().reshape(1)
         for group in self.param_groups:
             grads = [p.grad for p in group if p.grad is not None]
-            if grads:
+            if grads and grads[0].device.type in ("cpu", "cuda"):
                 torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self.one)
+            elif grads:  # (another device: the gradient norms, non-finite when any gradient is)
+                found = found + torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()).logical_not()
         if not bool(found):
             return None, total
         values = torch.stack([v.detach().float().reshape(()) for v in parts.values()])
