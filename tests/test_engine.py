@@ -226,7 +226,7 @@ def test_warmup_steps_ramp_the_learning_rate_linearly_then_hand_back_to_the_sche
 
 def test_the_teachers_max_pooling_runs_channels_last_with_the_same_bits():
     """teacher_forward (the online teacher, the soft-label cache) pools channels-last: every output bit, and a
-    captured pooling output, as the plain forward pass gives them; outside it the module is as before."""
+    captured pooling output, as the plain forward pass gives them; the model is left without hooks."""
     from distill.engine.inference import fast_pooling
     from distill.hooks import FeatureCapture
     from distill.models import build_model
@@ -234,7 +234,7 @@ def test_the_teachers_max_pooling_runs_channels_last_with_the_same_bits():
     torch.manual_seed(0)
     teacher = build_model({"model": "cnn", "args": {"channels": [8, 16], "hidden": 32}}, (1, 12, 12), 5).eval()
     x = torch.randn(16, 1, 12, 12)
-    x[0, 0, 0, 0], x[1] = float("nan"), -0.0  # (a NaN propagates; an all-zero image ties in most windows)
+    x[0, 0, 0, 0], x[1] = float("nan"), 0.0  # (a NaN propagates; an all-zero image)
     with torch.no_grad(), FeatureCapture(teacher, ["body.2"]) as cap:
         ref, ref_pool = teacher(x), cap.outputs["body.2"]
     with FeatureCapture(teacher, ["body.2"]) as cap:
@@ -242,12 +242,32 @@ def test_the_teachers_max_pooling_runs_channels_last_with_the_same_bits():
     assert torch.equal(logits.view(torch.int32), ref.view(torch.int32))
     assert torch.equal(feats["body.2"].view(torch.int32), ref_pool.view(torch.int32))
     assert feats["body.2"].is_contiguous()
+    pool = teacher.body[2]
     seen = []
-    hook = teacher.body[2].register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
-    teacher_forward(teacher, x)
+    with fast_pooling(teacher):  # (a hook added inside the block runs after the relayout)
+        hook = pool.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+        with torch.no_grad():
+            teacher(x)  # channels-last into the pool
+        teacher(x).sum()  # gradients on: as it was (the channels-last backward is slower)
     with torch.no_grad():
-        teacher(x)  # the hooks stay on the module, and do nothing outside fast_pooling
-    with fast_pooling(teacher):
-        teacher(x).sum()  # nor with gradients on (the channels-last backward is slower)
+        teacher(x)  # after the block: as it was
     hook.remove()
     assert seen == [False, True, True]
+    assert not pool._forward_hooks and not pool._forward_pre_hooks and "_distill_relayout" not in pool.__dict__
+    y = torch.randn(2, 3, 4, 4)
+    with fast_pooling(teacher), torch.no_grad():
+        inside = pool(input=y)  # (a keyword call: no positional input for the hook, left as it is)
+    assert torch.equal(inside, pool(y))
+
+
+def test_the_gradient_check_flags_nan_or_inf_in_any_group_and_leaves_every_bit():
+    from distill.engine.trainer import flag_non_finite
+    grads = [torch.tensor([1e-40, -0.0, 3.0]), torch.randn(4, 3)]  # (1e-40: a denormal)
+    before = [g.clone() for g in grads]
+    found = torch.zeros(1)
+    assert not bool(flag_non_finite(grads, found))
+    assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(grads, before))
+    grads[1][2, 1] = float("inf")
+    assert bool(flag_non_finite(grads, torch.zeros(1)))
+    halves = [torch.ones(3, dtype=torch.bfloat16), torch.tensor([float("nan")], dtype=torch.bfloat16)]
+    assert bool(flag_non_finite(halves, torch.zeros(1))) and not bool(flag_non_finite(halves[:1], torch.zeros(1)))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from typing import Any, Iterator
 
 import torch
@@ -15,43 +14,43 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 # Max-pooling on the CPU is several times faster on channels-last inputs than on the usual NCHW ones
-# (64x32x8x8: 27 us against 220 us with torch 2.13, 2 threads), and a maximum is the same number whichever
-# order the window is read in, so the outputs are the same bit for bit. Only inference gains: the channels-last
-# backward is slower. The layout is switched only inside `fast_pooling` (the online teacher, the soft-label
-# cache), so the module behaves as before everywhere else, and its next layer gets the usual layout back.
-_RELAYOUT = contextvars.ContextVar("distill_pool_relayout", default=False)
+# (64x32x8x8: 27 us against 220 us with torch 2.13, 2 threads), and both kernels scan each window in the same
+# order with the same comparison (a NaN wins), so the outputs are the same bit for bit (tested, NaN included).
+# Only inference gains: the channels-last backward is slower. The hooks that switch the layout are on the model
+# only inside `fast_pooling` (the online teacher, the soft-label cache), and the next layer gets the usual
+# layout back.
 
 
 def _pool_input(module: nn.Module, args: tuple) -> Any:
-    x = args[0]
-    if (_RELAYOUT.get() and not torch.is_grad_enabled() and x.dim() == 4 and x.device.type == "cpu"
-            and x.is_contiguous()):
-        module._distill_relayout = True
-        return (x.contiguous(memory_format=torch.channels_last), *args[1:])
-    return None
+    x = args[0] if args else None  # (called with a keyword argument: left as it is)
+    relayout = (isinstance(x, torch.Tensor) and not torch.is_grad_enabled() and x.dim() == 4
+                and x.device.type == "cpu" and x.is_contiguous())
+    module.__dict__["_distill_relayout"] = relayout
+    return (x.contiguous(memory_format=torch.channels_last), *args[1:]) if relayout else None
 
 
 def _pool_output(module: nn.Module, _args: tuple, out: torch.Tensor) -> Any:
-    if module.__dict__.pop("_distill_relayout", False):
-        return out.contiguous()
-    return None
+    return out.contiguous() if module.__dict__.pop("_distill_relayout", False) else None
 
 
 @contextlib.contextmanager
 def fast_pooling(model: nn.Module) -> Iterator[None]:
-    """Run `model`'s 2-D max-pooling layers channels-last on the CPU while inside (gradients off): the same
-    outputs, faster. The hooks are added once per model; outside this block they do nothing."""
-    if not model.__dict__.get("_distill_pool_hooks"):
-        for m in model.modules():
-            if isinstance(m, nn.MaxPool2d) and not m.return_indices:
-                m.register_forward_pre_hook(_pool_input)
-                m.register_forward_hook(_pool_output, prepend=True)  # (before any feature capture reads it)
-        model.__dict__["_distill_pool_hooks"] = True
-    token = _RELAYOUT.set(True)
+    """Inside this block, `model`'s 2-D max-pooling layers run channels-last on the CPU when gradients are off:
+    the same outputs, faster. Their hooks are added on entry and removed on exit, so the model is left as it
+    was (TorchScript, an export or a training step after the block never meet them)."""
+    pools = model.__dict__.get("_distill_pools")
+    if pools is None:  # (looked up once per model: not a walk over every module on every batch)
+        pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d) and not m.return_indices]
+        model.__dict__["_distill_pools"] = pools
+    handles = [h for m in pools for h in (m.register_forward_pre_hook(_pool_input),
+                                          m.register_forward_hook(_pool_output, prepend=True))]  # (before any capture)
     try:
         yield
     finally:
-        _RELAYOUT.reset(token)
+        for h in handles:
+            h.remove()
+        for m in pools:
+            m.__dict__.pop("_distill_relayout", None)
 
 
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512, runtime: Any = None) -> torch.Tensor:

@@ -142,7 +142,7 @@ class Trainer:
         groups: Dict[Tuple, List[nn.Parameter]] = {}  # (the finiteness check takes one dtype and device a call)
         for p in self.params:
             groups.setdefault((p.device, p.dtype), []).append(p)
-        self.param_groups, self.one = list(groups.values()), torch.ones(1, device=rt.device)
+        self.param_groups = list(groups.values())
         self.opt = make_optimizer(self.params, tcfg["optimizer"])
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda e: lr_factor(e, tcfg["scheduler"], tcfg["epochs"]))
@@ -289,15 +289,12 @@ class Trainer:
             total, self.stopping = shared[0], bool(shared[1] > 0)
         else:
             self.stopping = self.stop.signum is not None
-        # The total is non-finite when any weighted term is. The gradients are checked by PyTorch's AMP kernel,
-        # one pass over them (scaled by 1: it then leaves every bit, denormals included, as it is).
+        # The total is non-finite when any weighted term is; then each group of gradients is checked.
         found = torch.isfinite(total).logical_not().float().reshape(1)
         for group in self.param_groups:
             grads = [p.grad for p in group if p.grad is not None]
-            if grads and grads[0].device.type in ("cpu", "cuda"):
-                torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self.one)
-            elif grads:  # (another device: the gradient norms, non-finite when any gradient is)
-                found = found + torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()).logical_not()
+            if grads:
+                found = flag_non_finite(grads, found)
         if not bool(found):
             return None, total
         values = torch.stack([v.detach().float().reshape(()) for v in parts.values()])
@@ -387,6 +384,20 @@ class Trainer:
     def checkpoint_now(self) -> Optional[str]:
         """Write a checkpoint now (on a stop signal), through the checkpoint callback if there is one."""
         return next((cb.save(self) for cb in self.callbacks if isinstance(cb, Checkpointing)), None)
+
+
+def flag_non_finite(grads: List[torch.Tensor], found: torch.Tensor) -> torch.Tensor:
+    """`found` (a float32 tensor of one element) raised above 0 when any of `grads` (of one device and dtype)
+    holds a NaN or Inf. On the CPU and CUDA this is PyTorch's AMP kernel, one pass over them; with a scale of 1
+    it writes nothing back, so every gradient bit, denormals included, stays as it is. Elsewhere, the norms."""
+    device = grads[0].device
+    if device.type not in ("cpu", "cuda"):
+        bad = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()).logical_not()
+        return found + bad.to(found.device)
+    if device != found.device:
+        return found + flag_non_finite(grads, torch.zeros(1, dtype=torch.float32, device=device)).to(found.device)
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, dtype=torch.float32, device=device))
+    return found
 
 
 def _add_share(acc: Dict[str, torch.Tensor], parts: Dict[str, torch.Tensor], share: float) -> Dict[str, torch.Tensor]:

@@ -51,6 +51,8 @@ def ce_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: Optional[t
     """Cross-entropy with the hard labels; label -1 marks a sample without one (teacher-labelled text),
     which is left out of the mean (a batch with no hard labels gives 0), as is any position where `mask`
     is false."""
+    if labels.is_floating_point() and mask is None:  # (class probabilities, not indices: every row has a target)
+        return F.cross_entropy(student_logits.float(), labels)
     if mask is not None:
         labels = torch.where(mask.bool(), labels, torch.full_like(labels, -1))
     labels = labels.clamp_min(-1)  # (-100, the language-model convention for "no target", counts as -1)
