@@ -143,16 +143,13 @@ def main() -> int:
     rd = RunDir(recipe, teacher_dir, echo=lambda m: None, overwrite=True)
     preflight(rd)
     teacher = train_teacher(rd)
-    # the hand-written loops get teachers of their own, with no hook of any kind on them
-    plain_teacher, pooled_teacher = copy.deepcopy(teacher), copy.deepcopy(teacher)
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in plain_teacher.modules())
     times: dict = {k: [] for k in ("plain PyTorch KD loop", "plain loop, teacher pooling as distill's",
                                    "distill stage, monitor off",
                                    "distill stage, monitor on (default)", "epoch: student only",
                                    "epoch: KD, cached soft labels", "epoch: KD, online teacher")}
     for _ in range(args.repeats):
-        times["plain PyTorch KD loop"].append(plain_kd_loop(rd, plain_teacher))
-        times["plain loop, teacher pooling as distill's"].append(plain_kd_loop(rd, pooled_teacher, fast_pools=True))
+        times["plain PyTorch KD loop"].append(plain_kd_loop(rd, teacher))
+        times["plain loop, teacher pooling as distill's"].append(plain_kd_loop(rd, teacher, fast_pools=True))
         times["distill stage, monitor off"].append(stage_time(recipe, teacher_dir, monitor=False))
         times["distill stage, monitor on (default)"].append(stage_time(recipe, teacher_dir, monitor=True))
         for mode, key in (("none", "epoch: student only"), ("cached", "epoch: KD, cached soft labels"),

@@ -142,7 +142,7 @@ class Trainer:
         groups: Dict[Tuple, List[nn.Parameter]] = {}  # (the finiteness check takes one dtype and device a call)
         for p in self.params:
             groups.setdefault((p.device, p.dtype), []).append(p)
-        self.param_groups = list(groups.values())
+        self.grad_groups = list(groups.values())  # (not the optimizer's param_groups)
         self.opt = make_optimizer(self.params, tcfg["optimizer"])
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda e: lr_factor(e, tcfg["scheduler"], tcfg["epochs"]))
@@ -291,7 +291,7 @@ class Trainer:
             self.stopping = self.stop.signum is not None
         # The total is non-finite when any weighted term is; then each group of gradients is checked.
         found = torch.isfinite(total).logical_not().float().reshape(1)
-        for group in self.param_groups:
+        for group in self.grad_groups:
             grads = [p.grad for p in group if p.grad is not None]
             if grads:
                 found = flag_non_finite(grads, found)
