@@ -7,7 +7,8 @@ to teach a 10-layer student of it, side by side.
 Arms (the same student initialisation, epochs, batches and optimizer; recipe arith_smollm2):
   (a) SFT on the gold traces (the run's student_scratch)
   (b) seq-KD: fine-tuned on the teacher's own traces, one sampled per training prompt (T = 0.7), kept only
-      when its answer is right and it ended (distill generate's verifier), cross-entropy alone
+      when its answer is right and it ended (distill generate's verifier), cross-entropy alone; `--prompts N`
+      also has it write traces for N generated problems that come with an answer but no trace
   (c) forward KL from the k = 32 top-k cache, alpha 0.5 (the recipe's student)
   (d) on-policy JSD(beta = 1, reverse KL) with lambda = 0.5: half the batches are the student's own samples
       scored by the teacher online
@@ -45,7 +46,7 @@ def sets(values) -> list:
     return [a for v in values for a in ("--set", v)]
 
 
-def arms(out: str, size: list) -> dict:
+def arms(out: str, size: list, prompts: int = 0) -> dict:
     topk = os.path.join(out, "topk")
     distill("run", "arith_smollm2", "--out", topk, *sets(size))
     teacher = [f"teacher.hf={os.path.join(topk, 'teacher')}", "teacher.finetuned=true", "baseline=false"]
@@ -53,6 +54,7 @@ def arms(out: str, size: list) -> dict:
              "distill.sequence_kd.temperature=0.7", "distill.sequence_kd.max_new_tokens=96",
              "distill.sequence_kd.batch_size=16",
              "distill.sequence_kd.verify=true", "distill.sequence_kd.replace=true"]
+    seqkd += [f"distill.sequence_kd.prompts={prompts}"] if prompts else []
     onpolicy = ["distill.topk=0", "distill.method=jsd", "distill.jsd.beta=1.0", "distill.on_policy.fraction=0.5",
                 "distill.on_policy.max_new_tokens=96", "distill.on_policy.temperature=1.0",
                 "distill.teacher_outputs=online"]
@@ -139,23 +141,27 @@ def main() -> None:
     p.add_argument("--out", default=OUT_DEFAULT)
     p.add_argument("--train", type=int, default=480)
     p.add_argument("--test", type=int, default=60)
+    p.add_argument("--prompts", type=int, default=0,
+                   help="arm (b): the teacher also writes traces for this many answer-only problems (the R1 way)")
     p.add_argument("--reuse", action="store_true", help="only re-measure the runs already in --out")
     a = p.parse_args()
     size = [f"data.arith.train={a.train}", f"data.arith.test={a.test}", f"evaluate.exact_match.rows={a.test}"]
     t0 = time.perf_counter()
-    folders = {k: os.path.join(a.out, k) for k in ("topk", "seqkd", "onpolicy")} if a.reuse else arms(a.out, size)
+    folders = ({k: os.path.join(a.out, k) for k in ("topk", "seqkd", "onpolicy")} if a.reuse
+               else arms(a.out, size, a.prompts))
     metrics = {k: json.load(open(os.path.join(f, "metrics.json"))) for k, f in folders.items()}
     rows = [("teacher: SmolLM2-135M, corrected on gold traces", metrics["topk"]["teacher"], "topk", "teacher"),
             ("(a) student, SFT on gold traces", metrics["topk"]["student_scratch"], "topk", "student_scratch"),
-            ("(b) seq-KD on verified teacher traces", metrics["seqkd"]["student"], "seqkd", "student"),
+            ("(b) seq-KD on verified teacher traces" + (f", {a.prompts:,} answer-only prompts more" if a.prompts
+                                                        else ""), metrics["seqkd"]["student"], "seqkd", "student"),
             ("(c) forward KL, top-32 cache", metrics["topk"]["student"], "topk", "student"),
             ("(d) on-policy JSD(1), lambda 0.5", metrics["onpolicy"]["student"], "onpolicy", "student")]
     seconds = {k: stage_seconds(f) for k, f in folders.items()}
     result = {"rows": [{"arm": r[0], **{k: v for k, v in r[1].items() if k != "samples"},
                         "train_s": seconds[r[2]].get(r[3]), "samples": r[1].get("samples")} for r in rows],
               "stages": seconds, "probe": probe(folders["topk"]), "speed": speed(folders["topk"]),
-              "wall_s": time.perf_counter() - t0, "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-                                                              f"torch {torch.__version__}"}
+              "prompts": a.prompts, "wall_s": time.perf_counter() - t0,
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"}
     with open(os.path.join(a.out, "arith_smollm2.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     print("| model | exact match | perplexity | KL to teacher | top-1 agree | params | train s |")

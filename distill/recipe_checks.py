@@ -21,6 +21,7 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
     if cfg["distill"]["sequence_kd"]["samples"] and data["dataset"] not in COMPLETIONS:
         raise UserError("distill.sequence_kd.samples: teacher-written completions are for prompt/completion data "
                         "(data.dataset: completions or arith); text_lm uses sequence_kd.windows")
+    _teacher_prompts_checks(cfg)
     if data["dataset"] != "text_lm" and cfg["distill"]["sequence_kd"]["windows"]:
         raise UserError("distill.sequence_kd.windows: sequence-level KD is for language models (data.dataset: "
                         "text_lm)")
@@ -173,6 +174,21 @@ def _completion_checks(cfg: Dict[str, Any]) -> None:
                         "answer in a completion (e.g. 'Answer:\\s*(-?\\d+)')")
     if seq["samples"] and seq["temperature"] <= 0:
         raise UserError("distill.sequence_kd.temperature: sampling needs a temperature > 0")
+
+
+def _teacher_prompts_checks(cfg: Dict[str, Any]) -> None:
+    seq, key = cfg["distill"]["sequence_kd"], "distill.sequence_kd.prompts"
+    if seq["prompts"] is None:
+        return
+    if not seq["samples"]:
+        raise UserError(f"{key}: the teacher completes them only with distill.sequence_kd.samples > 0")
+    if isinstance(seq["prompts"], str):
+        _need_file(seq["prompts"], key, "a JSONL of {prompt, answer} rows")
+    elif cfg["data"]["dataset"] != "arith":
+        raise UserError(f"{key}: {seq['prompts']}; a count of generated problems is for data.dataset: arith; "
+                        f"else give a JSONL file of prompts")
+    elif seq["prompts"] < 1:
+        raise UserError(f"{key}: {seq['prompts']}; must be at least 1 (or leave it out)")
 
 
 def _selection_checks(cfg: Dict[str, Any]) -> None:

@@ -227,6 +227,11 @@ SCHEMA: Dict[str, Any] = {
             "max_new_tokens": F((int,), 256, positive),
             "verify": F((bool,), False),
             "batch_size": F((int,), 8, positive),
+            # more prompts for the teacher, whose completions nobody wrote (the R1 practice: a final answer is
+            # cheap to check, a worked solution dear to write): a JSONL of {prompt} or {messages} rows, each with
+            # the `answer` the verifier checks (what the answer regex finds); for data.dataset: arith, a count
+            # of generated problems instead
+            "prompts": F((str, int), None),
         },
         # per-sample KD weight: none, or the teacher's confidence (top probability, batch mean 1)
         "sample_weight": F((str,), "none", choices=("none", "confidence")),

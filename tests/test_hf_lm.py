@@ -15,6 +15,7 @@ from lmkit import arith_files, bpe_llama, char_tokenizer, lm_recipe, tiny_llama,
 
 from distill.data.completions import IGNORE, encode, tokenize_rows
 from distill.errors import UserError
+from distill.io import sha256_file
 from distill.losses.tokens import token_divergence
 from distill.engine.batch import TeacherOutputs
 from distill.teachers.topk import load_or_build, topk_of
@@ -326,7 +327,7 @@ class _Decoder:
 def test_generation_is_resumable_with_no_row_twice_or_missing(tmp_path):
     from distill.teachers.generate import generate
     prompts = [[1, i, i + 1] for i in range(23)]
-    refs = [[5, 2]] * 23
+    refs = ["5"] * 23
     settings = {"samples": 3, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "verify": False, "batch_size": 4}
     prov = {"teacher": "t", "seed": 5}
     whole = generate(_Scribe(), _Decoder(), prompts, refs, settings, None, str(tmp_path / "a.jsonl"), prov, False)
@@ -352,7 +353,7 @@ def test_verifier_keeps_only_correct_answers(tmp_path):
         def complete(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0):
             return [([5 + (j % 2), 2], True) for j, _ in enumerate(prompts)]  # right, wrong, right, ...
     settings = {"samples": 2, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "verify": True, "batch_size": 8}
-    counts = generate(Answers(), _Decoder(), [[1, 3]] * 4, [[5, 2]] * 4, settings, r"(\d+)", str(tmp_path / "v.jsonl"),
+    counts = generate(Answers(), _Decoder(), [[1, 3]] * 4, ["5"] * 4, settings, r"(\d+)", str(tmp_path / "v.jsonl"),
                       {"teacher": "t", "seed": 0}, False)
     assert counts["kept"] == 4 and counts["wrong"] == 4
     assert all(json.loads(line)["completion"] == "5" for line in open(tmp_path / "v.jsonl"))
@@ -438,6 +439,11 @@ def test_layer_importance_drops_the_layer_that_matters_least(llama):
     (["distill.on_policy.fraction=0.5", "distill.method=dkd"], r"distill.on_policy: give a token divergence"),
     (["distill.sequence_kd.samples=2", "distill.sequence_kd.verify=true"],
      r"distill.sequence_kd.verify: needs evaluate.exact_match.answer"),
+    (["distill.sequence_kd.prompts=5"], r"distill.sequence_kd.prompts: the teacher completes them only with"),
+    (["distill.sequence_kd.samples=1", "distill.sequence_kd.prompts=5"],
+     r"distill.sequence_kd.prompts: 5; a count of generated problems is for data.dataset: arith"),
+    (["distill.sequence_kd.samples=1", "distill.sequence_kd.prompts=nope.jsonl"],
+     r"distill.sequence_kd.prompts: file not found: nope.jsonl"),
     (["student.from_teacher={keep_every: 2, importance: 2}"], r"give one of layers: \[indices\], keep_every"),
     (["compress.steps=[heads]"], r"compress.steps: heads and qat are not for causal language models yet"),
     (["compress.steps=[vocab, layers]", "compress.layers.to=1"], r"compress.steps: \['vocab', 'layers'\]: put vocab last"),
@@ -469,6 +475,118 @@ def test_arith_generator_is_seeded_disjoint_and_its_traces_are_right(tmp_path):
         assert eval(r["prompt"][len("Compute "):-1]) == int(r["answer"])  # (digits and + - only)
         assert extract(r["completion"], ANSWER) == r["answer"]
         assert r["completion"].count("So ") == 2  # one worked step per operation
+
+
+def test_arith_prompts_are_answer_only_and_disjoint_from_both_splits(tmp_path):
+    from distill.data.arith import write_prompts, write_split
+    train, test = write_split(str(tmp_path), 60, 20, seed=1, operations=1, digits=2)
+    path = write_prompts(str(tmp_path / "p.jsonl"), 50, 60, 20, seed=1, operations=1, digits=2)
+    rows = [json.loads(line) for line in open(path)]
+    seen = {json.loads(line)["prompt"] for f in (train, test) for line in open(f)}
+    assert len(rows) == 50 and not seen & {r["prompt"] for r in rows} and len({r["prompt"] for r in rows}) == 50
+    assert all(set(r) == {"prompt", "answer"} and eval(r["prompt"][len("Compute "):-1]) == int(r["answer"])
+               for r in rows)  # no worked trace: the teacher writes it
+    assert open(write_prompts(str(tmp_path / "q.jsonl"), 50, 60, 20, 1, 1, 2)).read() == open(path).read()
+
+
+def test_a_count_of_teacher_prompts_is_generated_once_for_arith_data():  # (into the test's DISTILL_CACHE)
+    from distill.data.completions import arith_files, teacher_prompts_file
+    data = {"arith": {"train": 40, "test": 10, "operations": 1, "digits": 2}, "split_seed": 0}
+    path = teacher_prompts_file({"distill": {"sequence_kd": {"prompts": 20}}, "data": data})
+    made = os.stat(path).st_mtime_ns
+    assert teacher_prompts_file({"distill": {"sequence_kd": {"prompts": 20}}, "data": data}) == path
+    assert os.stat(path).st_mtime_ns == made  # written once
+    rows = [json.loads(line) for line in open(path)]
+    seen = {json.loads(line)["prompt"] for f in arith_files(data) for line in open(f)}
+    assert len(rows) == 20 and not seen & {r["prompt"] for r in rows}
+    assert teacher_prompts_file({"distill": {"sequence_kd": {"prompts": None}}, "data": data}) is None
+    small = {"arith": {"train": 40, "test": 10, "operations": 1, "digits": 1}, "split_seed": 0}
+    with pytest.raises(UserError, match=r"distill.sequence_kd.prompts: 1000: cannot draw 1000 distinct problems"):
+        teacher_prompts_file({"distill": {"sequence_kd": {"prompts": 1000}}, "data": small})
+
+
+@pytest.mark.parametrize("rows,expected", [
+    ([{"question": "1+1", "answer": "2"}], r"p.jsonl: line 1: no 'prompt' \(data.prompt_column\)"),
+    ([{"prompt": "1+1"}], r"p.jsonl: line 1: 'answer' must be text or an integer, for distill.sequence_kd.verify"),
+    ([{"prompt": "1+1", "answer": None}], r"line 1: 'answer' must be text or an integer.*\(got None\)"),
+    ([{"prompt": "1+1", "answer": 2.0}], r"line 1: 'answer' must be text or an integer.*\(got 2.0\)"),
+    ([{"prompt": "1" * 80, "answer": "2"}], r"p.jsonl: line 1: the prompt is \d+ tokens, data.max_length is 64"),
+    ([{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "Answer: 2"}],
+       "answer": "2"}], r"line 1: the last message is the assistant's, a written completion; here the teacher"),
+])
+def test_bad_teacher_prompts_are_one_line_naming_the_line(tmp_path, rows, expected):
+    from distill.data.completions import tokenize_prompts
+    tok = char_tokenizer(str(tmp_path / "tok"))
+    with pytest.raises(UserError, match=expected):
+        tokenize_prompts(write_jsonl(str(tmp_path / "p.jsonl"), rows), CFG, tok, r"Answer:\s*(-?\d+)", True)
+
+
+def test_teacher_prompts_render_like_training_prompts_and_answers_go_through_the_regex(tmp_path):
+    from distill.data.completions import tokenize_prompts, tokenize_rows
+    tok = char_tokenizer(str(tmp_path / "tok"))
+    cfg = {**CFG, "chat_template": True}
+    rows = [{"prompt": "1+1?", "answer": "Answer: 2"}, {"messages": [{"role": "user", "content": "1+1?"}], "answer": 2},
+            {"prompt": "2+2?"}]
+    ids, answers = tokenize_prompts(write_jsonl(str(tmp_path / "p.jsonl"), rows), cfg, tok, r"Answer:\s*(-?\d+)",
+                                    False)
+    x, y = tokenize_rows(write_jsonl(str(tmp_path / "d.jsonl"), [{"prompt": "1+1?", "completion": "2"}]), cfg, tok)
+    first = next(i for i, t in enumerate(y[0].tolist()) if t >= 0)
+    assert ids[0] == ids[1] == x[0, :first + 1].tolist()  # the same tokens as the training prompt's
+    assert answers == ["2", "2", None]  # (the regex's group, an integer as text; none given, none needed)
+
+
+def test_a_teacher_prompt_that_is_a_held_out_prompt_is_refused(tmp_path):
+    from distill.data.completions import teacher_prompts
+    from distill.data.datasets import DataBundle
+    tok = char_tokenizer(str(tmp_path / "tok"))
+    x, y = tokenize_rows(write_jsonl(str(tmp_path / "d.jsonl"), [{"prompt": "1+1=", "completion": "2"},
+                                                                 {"prompt": "3+4=", "completion": "7"}]), CFG, tok)
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    data = DataBundle(x, y, x[:1], y[:1], x[1:], y[1:], len(tok), [], (x.shape[1],), False, "f", pad_id=0,
+                      task="causal_lm")
+    cfg = {"data": CFG, "evaluate": {"exact_match": {"answer": None}}, "distill": {"sequence_kd": {"verify": False}}}
+    for i, prompt in enumerate(["1+1=", "3+4="]):  # the validation prompt, then the test prompt
+        path = write_jsonl(str(tmp_path / f"p{i}.jsonl"), [{"prompt": "5+5="}, {"prompt": prompt}])
+        cfg["distill"]["sequence_kd"]["prompts"] = path
+        with pytest.raises(UserError, match=rf"p{i}.jsonl: line 2: this prompt is also a validation or test prompt"):
+            teacher_prompts(cfg, data, tok)
+    cfg["distill"]["sequence_kd"]["prompts"] = write_jsonl(str(tmp_path / "ok.jsonl"), [{"prompt": "5+5="}])
+    assert len(teacher_prompts(cfg, data, tok)[0]) == 1
+
+
+def test_a_killed_generation_of_other_prompts_is_not_continued(tmp_path):
+    from distill.teachers.generate import generate
+    settings = {"samples": 1, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "verify": False, "batch_size": 4}
+    prov, out = {"teacher": "t", "seed": 5}, str(tmp_path / "a.jsonl")
+    with pytest.raises(KeyboardInterrupt):
+        generate(_Scribe(fail_after=2), _Decoder(), [[1, i] for i in range(12)], ["5"] * 12, settings, None, out, prov,
+                 False)
+    other = [[1, 50 + i] for i in range(12)]  # the prompts file was edited before the rerun
+    counts = generate(_Scribe(), _Decoder(), other, ["5"] * 12, settings, None, out, prov, False)
+    assert counts["resumed_batches"] == 0
+    assert all(json.loads(line)["prompt_ids"][1] >= 50 for line in open(out))
+
+
+def test_the_teacher_also_writes_for_the_prompts_without_completions(tmp_path, llama):
+    r = lm_recipe(str(tmp_path), distill={"sequence_kd": {"samples": 1, "max_new_tokens": 48}})
+    r["teacher"].update(hf=llama, finetuned=True)  # (taken as it is, not trained)
+    extra = [{"prompt": f"Compute {a} + 1.", "answer": str(a + 1)} for a in range(11, 99, 11)]
+    r["distill"]["sequence_kd"]["prompts"] = write_jsonl(str(tmp_path / "more.jsonl"), extra)
+    yaml.safe_dump(r, open(tmp_path / "r.yaml", "w"))
+    from distill.cli import main
+    for command in ("train-teacher", "generate"):  # (in this process: DISTILL_CACHE is the test's, conftest.py)
+        assert main([command, str(tmp_path / "r.yaml")]) == 0
+    out = os.path.join(r["output"]["dir"], "teacher_samples.jsonl")
+    prov = json.load(open(out + ".provenance.json"))
+    n = len(open(r["data"]["path"]).readlines())
+    n_train = n - round(n * 0.1)  # (the rest is the validation split)
+    assert prov["prompts"] == n_train + 8 and prov["generated"] == n_train + 8  # the training prompts and these
+    assert prov["prompts_file"] == sha256_file(r["distill"]["sequence_kd"]["prompts"])
+    more = {f"Compute {a} + 1." for a in range(11, 99, 11)}
+    rows = [json.loads(line) for line in open(out)]  # (those that ended within 48 tokens)
+    assert any(row["row"] >= n_train for row in rows)
+    for row in rows:  # a kept completion of an extra prompt carries that prompt, and only those do
+        assert any(m in row["prompt"] for m in more) == (row["row"] >= n_train)
 
 
 def test_answer_extraction():

@@ -11,7 +11,10 @@ with "Answer: N":
     Answer: 104
 
 `python -m distill.data.arith OUT_DIR --train 600 --test 100` writes OUT_DIR/train.jsonl and test.jsonl,
-one {prompt, completion, answer} object a line, the two splits disjoint.
+one {prompt, completion, answer} object a line, the two splits disjoint. `--prompts N` also writes
+OUT_DIR/prompts.jsonl: N more problems, disjoint from both, as {prompt, answer} alone. Those stand for the
+R1 practice's prompts whose worked solutions nobody wrote (a final answer is cheap to check, a worked trace
+dear to write): the teacher writes their traces (`distill.sequence_kd`), the verifier keeps the right ones.
 """
 from __future__ import annotations
 
@@ -104,12 +107,26 @@ def write_jsonl(path: str, rows: List[Dict[str, str]]) -> None:
 def write_split(folder: str, n_train: int, n_test: int, seed: int = 0, operations: int = 2, digits: int = 2
                 ) -> Tuple[str, str]:
     """train.jsonl and test.jsonl in `folder`: disjoint problems, the test set drawn first."""
-    test = generate(n_test, seed + 1_000_003, operations, digits)
-    train = generate(n_train, seed, operations, digits, exclude=tuple(r["prompt"] for r in test))
+    test, train = _splits(n_train, n_test, seed, operations, digits)
     paths = os.path.join(folder, "train.jsonl"), os.path.join(folder, "test.jsonl")
     write_jsonl(paths[0], train)
     write_jsonl(paths[1], test)
     return paths
+
+
+def _splits(n_train: int, n_test: int, seed: int, operations: int, digits: int) -> Tuple[list, list]:
+    test = generate(n_test, seed + 1_000_003, operations, digits)
+    return test, generate(n_train, seed, operations, digits, exclude=tuple(r["prompt"] for r in test))
+
+
+def write_prompts(path: str, n: int, n_train: int, n_test: int, seed: int = 0, operations: int = 2,
+                  digits: int = 2) -> str:
+    """`n` problems disjoint from the train and test splits of the same arguments, as {prompt, answer}: no
+    worked trace (the teacher writes those)."""
+    test, train = _splits(n_train, n_test, seed, operations, digits)
+    rows = generate(n, seed + 2_000_003, operations, digits, exclude=tuple(r["prompt"] for r in test + train))
+    write_jsonl(path, [{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
+    return path
 
 
 def main(argv=None) -> None:
@@ -120,10 +137,14 @@ def main(argv=None) -> None:
     p.add_argument("--operations", type=int, default=2)
     p.add_argument("--digits", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompts", type=int, default=0, help="also write prompts.jsonl: this many answer-only problems")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     for path in write_split(a.out, a.train, a.test, a.seed, a.operations, a.digits):
         print(path)
+    if a.prompts:
+        print(write_prompts(os.path.join(a.out, "prompts.jsonl"), a.prompts, a.train, a.test, a.seed, a.operations,
+                            a.digits))
 
 
 if __name__ == "__main__":

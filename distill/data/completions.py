@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -28,9 +28,10 @@ from .text import _jsonl_rows
 IGNORE = -100  # the target of a position that no loss counts (prompt, padding)
 
 
-def _rows(path: str) -> List[Dict[str, Any]]:
+def _rows(path: str, what: str = "completions data is JSONL, one {prompt, completion} or {messages} object a line"
+          ) -> List[Dict[str, Any]]:
     if not path.endswith((".jsonl", ".json")):
-        raise UserError(f"{path}: completions data is JSONL, one {{prompt, completion}} or {{messages}} object a line")
+        raise UserError(f"{path}: {what}")
     rows = read_text_file(path, lambda fh: _jsonl_rows(path, fh))
     if not rows:
         raise UserError(f"{path}: no rows")
@@ -47,16 +48,27 @@ def _texts(row: Dict[str, Any], i: int, path: str, cfg: Dict[str, Any], tok) -> 
         if msgs[-1].get("role") != "assistant" or not str(msgs[-1]["content"]).strip():
             raise UserError(f"{where}: the last message must be the assistant's, with content (the completion)")
         return _render(msgs[:-1], tok, where), str(msgs[-1]["content"]), True
-    p, c = cfg["prompt_column"], cfg["completion_column"]
-    for col, key in ((p, "data.prompt_column"), (c, "data.completion_column")):
-        if col not in row:
-            raise UserError(f"{where}: no '{col}' ({key}); columns: {', '.join(map(str, row)) or 'none'} "
-                            f"(or give 'messages')")
-        if not isinstance(row[col], str) or not row[col].strip():
-            raise UserError(f"{where}: empty or non-text '{col}'")
+    for col, key in ((cfg["prompt_column"], "data.prompt_column"),
+                     (cfg["completion_column"], "data.completion_column")):
+        _need_text(row, col, key, where)
+    prompt, rendered = _user_prompt(row, cfg, tok, where)
+    return prompt, row[cfg["completion_column"]], rendered
+
+
+def _need_text(row: Dict[str, Any], col: str, key: str, where: str) -> None:
+    if col not in row:
+        raise UserError(f"{where}: no '{col}' ({key}); columns: {', '.join(map(str, row)) or 'none'} "
+                        f"(or give 'messages')")
+    if not isinstance(row[col], str) or not row[col].strip():
+        raise UserError(f"{where}: empty or non-text '{col}'")
+
+
+def _user_prompt(row: Dict[str, Any], cfg: Dict[str, Any], tok, where: str) -> Tuple[str, bool]:
+    """A plain row's prompt (rendered as a user turn with `data.chat_template`) and whether it is rendered."""
+    text = row[cfg["prompt_column"]]
     if cfg["chat_template"]:
-        return _render([{"role": "user", "content": row[p]}], tok, where), row[c], True
-    return row[p], row[c], False
+        return _render([{"role": "user", "content": text}], tok, where), True
+    return text, False
 
 
 def _render(messages: List[Dict[str, Any]], tok, where: str) -> str:
@@ -66,12 +78,63 @@ def _render(messages: List[Dict[str, Any]], tok, where: str) -> str:
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def tokenize_prompts(path: str, cfg: Dict[str, Any], tok, pattern: Optional[str], need_answers: bool
+                     ) -> Tuple[List[List[int]], List[Optional[str]]]:
+    """The token ids of each prompt of a JSONL file of {prompt} or {messages} rows without completions (the
+    teacher writes those), rendered as the training prompts are, and each row's reference answer as the
+    verifier compares it (`_answer`)."""
+    ids, answers = [], []
+    for i, row in enumerate(_rows(path, "teacher prompts are JSONL, one {prompt, answer} or {messages, answer} "
+                                        "object a line")):
+        where = f"{path}: line {i + 1}"
+        if "messages" in row:
+            msgs = row["messages"]
+            if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "content" in m for m in msgs):
+                raise UserError(f"{where}: 'messages' must be a list of {{role, content}} objects (the prompt)")
+            if msgs[-1].get("role") == "assistant":
+                raise UserError(f"{where}: the last message is the assistant's, a written completion; here the "
+                                f"teacher writes it (drop it, and give the final answer as 'answer')")
+            text, rendered = _render(msgs, tok, where), True
+        else:
+            _need_text(row, cfg["prompt_column"], "data.prompt_column", where)
+            text, rendered = _user_prompt(row, cfg, tok, where)
+        ids.append(prompt_ids(text, rendered, tok))
+        _prompt_fits(len(ids[-1]), cfg["max_length"], where)
+        answers.append(_answer(row, where, pattern, need_answers))
+    return ids, answers
+
+
+def _answer(row: Dict[str, Any], where: str, pattern: Optional[str], needed: bool) -> Optional[str]:
+    """A prompt row's `answer` as the verifier compares it with the regex's finding in a completion: text or
+    an integer, itself put through the regex when that matches (so "Answer: 12" and 12 both give "12")."""
+    from ..tasks.causal_lm import extract
+    value = row.get("answer")
+    if value is None and not needed:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        raise UserError(f"{where}: 'answer' must be text or an integer, for distill.sequence_kd.verify to check "
+                        f"the teacher against (got {value!r})")
+    text = str(value).strip()
+    found = extract(text, pattern) if pattern else None
+    return found if found is not None else text
+
+
+def _prompt_fits(n: int, limit: int, where: str) -> None:
+    if n >= limit:
+        raise UserError(f"{where}: the prompt is {n} tokens, data.max_length is {limit}; shorten the prompt or "
+                        f"raise data.max_length")
+
+
+def prompt_ids(text: str, rendered: bool, tok) -> List[int]:
+    """A prompt's token ids: with the tokenizer's BOS unless the chat template rendered it."""
+    return list(tok(text, add_special_tokens=not rendered)["input_ids"])
+
+
 def encode(prompt: str, completion: str, rendered: bool, tok) -> Tuple[List[int], List[int]]:
     """Token ids of the prompt (with the tokenizer's BOS unless the chat template rendered it) and of the
     completion followed by EOS."""
-    p = tok(prompt, add_special_tokens=not rendered)["input_ids"]
     c = tok(completion, add_special_tokens=False)["input_ids"]
-    return list(p), list(c) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+    return prompt_ids(prompt, rendered, tok), list(c) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
 
 
 def tokenize_rows(path: str, cfg: Dict[str, Any], tok) -> Tuple[np.ndarray, np.ndarray]:
@@ -88,9 +151,7 @@ def tokenize_rows(path: str, cfg: Dict[str, Any], tok) -> Tuple[np.ndarray, np.n
     limit = cfg["max_length"]
     for i, row in enumerate(_rows(path)):
         p, c = encode(*_texts(row, i, path, cfg, tok), tok)
-        if len(p) >= limit:
-            raise UserError(f"{path}: line {i + 1}: the prompt is {len(p)} tokens, data.max_length is {limit}; "
-                            f"shorten the prompt or raise data.max_length")
+        _prompt_fits(len(p), limit, f"{path}: line {i + 1}")
         if len(p) + len(c) - 1 > limit:
             raise UserError(f"{path}: line {i + 1}: prompt and completion are {len(p) + len(c)} tokens with EOS, "
                             f"more than data.max_length + 1 = {limit + 1}; raise data.max_length")
@@ -161,6 +222,42 @@ def arith_files(cfg: Dict[str, Any]) -> Tuple[str, str]:
         os.makedirs(folder, exist_ok=True)
         write_split(folder, a["train"], a["test"], cfg["split_seed"], a["operations"], a["digits"])
     return paths
+
+
+def teacher_prompts_file(cfg: Dict[str, Any]) -> Any:
+    """The file of `distill.sequence_kd.prompts` (None when unset): the path given, or for arith data a count
+    of generated problems written once into the cache, disjoint from the train and test splits."""
+    n, data = cfg["distill"]["sequence_kd"]["prompts"], cfg["data"]
+    if n is None or isinstance(n, str):
+        return n
+    from .arith import write_prompts
+    a = data["arith"]
+    path = os.path.join(os.path.dirname(arith_files(data)[0]), f"prompts-{n}.jsonl")
+    if not os.path.isfile(path):
+        try:
+            write_prompts(path, n, a["train"], a["test"], data["split_seed"], a["operations"], a["digits"])
+        except ValueError as e:  # (more problems than there are of this size)
+            raise UserError(f"distill.sequence_kd.prompts: {n}: {e}") from None
+    return path
+
+
+def teacher_prompts(cfg: Dict[str, Any], data: DataBundle, tok) -> Tuple[List[List[int]], List[Optional[str]]]:
+    """The prompts of `distill.sequence_kd.prompts`, tokenised, with their reference answers (none when unset).
+    None may be a validation or test prompt: the teacher's trace of it would train the student on a held-out
+    problem."""
+    path = teacher_prompts_file(cfg)
+    if path is None:
+        return [], []
+    from ..tasks.causal_lm import prompts_and_answers
+    ids, answers = tokenize_prompts(path, cfg["data"], tok, cfg["evaluate"]["exact_match"]["answer"],
+                                    cfg["distill"]["sequence_kd"]["verify"])
+    held = {tuple(p) for x, y in ((data.x_val, data.y_val), (data.x_test, data.y_test)) if len(y)
+            for p in prompts_and_answers(x, y)[0]}
+    for i, p in enumerate(ids):
+        if tuple(p) in held:
+            raise UserError(f"{path}: line {i + 1}: this prompt is also a validation or test prompt; the teacher's "
+                            f"trace of it would train the student on a held-out problem")
+    return ids, answers
 
 
 BUNDLES["completions"] = BUNDLES["arith"] = load_completions

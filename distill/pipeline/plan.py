@@ -136,10 +136,20 @@ def _check_augmentation(run: RunDir) -> None:
                             f"(each is shaped {tuple(run.data.input_shape)}); remove them")
 
 
+def _check_teacher_prompts(run: RunDir) -> None:
+    """A bad `distill.sequence_kd.prompts` file is refused on every process before the teacher is trained, not
+    by the one that generates, after it."""
+    if run.cfg["distill"]["sequence_kd"]["samples"] and run.cfg["distill"]["sequence_kd"]["prompts"] is not None:
+        from ..data.completions import teacher_prompts
+        from ..models.hf import load_tokenizer
+        teacher_prompts(run.cfg, run.data, load_tokenizer(run.data.tokenizer, "data.tokenizer"))
+
+
 def preflight(run: RunDir) -> None:
     """Build the teacher, the student and every assistant, and take one distillation step on two samples per
     link of the chain (teacher -> assistants -> student), before anything is written."""
     _check_augmentation(run)
+    _check_teacher_prompts(run)
     teacher, student = build_role(run, TEACHER), build_role(run, STUDENT)
     run.dcfg = resolve_distill(run.cfg, teacher, student)
     assistants = [chain.build(run, i, s) for i, s in enumerate(chain.specs(run))]

@@ -246,7 +246,7 @@ def student_inputs(run: RunDir, teacher: nn.Module) -> Dict[str, Any]:
     s, spec = run.cfg[STUDENT], model_spec(run, STUDENT)
     from_finetuned = bool(s["from_teacher"] and s["from_teacher"]["source"] == "finetuned")
     return {**base_inputs(run, STUDENT, spec), "init": sha256_file(s["checkpoint"]) if s["checkpoint"] else None,
-            "init_teacher": weights_sha256(teacher) if from_finetuned else None}
+            "init_teacher": weights_sha256(teacher) if from_finetuned else None, **teacher_prompts_input(run)}
 
 
 def train_scratch(run: RunDir, teacher: nn.Module) -> Dict[str, Any]:
@@ -328,16 +328,19 @@ TEACHER_COMPLETIONS = "teacher_samples.jsonl"
 
 def teacher_completions(run: RunDir, teacher: nn.Module, data: DataBundle) -> Tuple[DataBundle, int]:
     """Sequence-level KD on prompt/completion data (`distill generate`; the R1-distill practice): the teacher
-    completes each training prompt `samples` times, a verifier keeps the correct ones, and the student trains
-    on those (instead of the gold completions with `replace`, else besides them). A stage of its own, whose
-    generation resumes where a killed one stopped (teachers/generate.py)."""
-    from ..data.completions import as_arrays
+    completes each training prompt, and each of `sequence_kd.prompts` (prompts with an answer but no written
+    solution), `samples` times; a verifier keeps the correct ones, and the student trains on those (instead
+    of the gold completions with `replace`, else besides them). A stage of its own, whose generation resumes
+    where a killed one stopped (teachers/generate.py)."""
+    from ..data.completions import as_arrays, teacher_prompts
     from ..models.hf import load_tokenizer
-    from ..tasks.causal_lm import prompts_and_answers
+    from ..tasks.causal_lm import extract, prompts_and_answers
     from ..teachers.generate import generate
     seq, seed = run.cfg["distill"]["sequence_kd"], run.cfg[STUDENT]["train"]["seed"]
     settings = {k: seq[k] for k in ("samples", "temperature", "top_p", "max_new_tokens", "verify", "batch_size")}
     answer = run.cfg["evaluate"]["exact_match"]["answer"]
+    inputs = {"teacher": weights_sha256(teacher), "data": data.fingerprint, "settings": settings, "answer": answer,
+              "seed": seed, **teacher_prompts_input(run)}
 
     def make() -> Dict[str, Any]:
         if not hasattr(teacher, "complete"):
@@ -346,19 +349,25 @@ def teacher_completions(run: RunDir, teacher: nn.Module, data: DataBundle) -> Tu
                             "LM can)")
         counts: Dict[str, Any] = {}
         if run.runtime.is_main:  # (one process writes; the others wait for the file)
+            tok = load_tokenizer(data.tokenizer, "data.tokenizer")
             prompts, refs = prompts_and_answers(data.x_train, data.y_train)
+            answers = [extract(tok.decode(r, skip_special_tokens=True), answer) for r in refs]
+            extra, extra_answers = teacher_prompts(run.cfg, data, tok)
             teacher.to(run.runtime.device)
-            counts = generate(teacher, load_tokenizer(data.tokenizer, "data.tokenizer"), prompts, refs, settings,
-                              answer, run.path(TEACHER_COMPLETIONS),
-                              {"teacher": weights_sha256(teacher), "data": data.fingerprint, "seed": seed},
-                              show=True)
+            counts = generate(teacher, tok, prompts + extra, answers + extra_answers, settings, answer,
+                              run.path(TEACHER_COMPLETIONS),
+                              {"teacher": inputs["teacher"], "data": data.fingerprint, "seed": seed,
+                               "prompts_file": inputs.get("teacher_prompts")}, show=True)
+            if extra:  # (rows are numbered training prompts first)
+                kept = read_jsonl(run.path(TEACHER_COMPLETIONS))
+                counts["kept_of_extra"] = sum(r["row"] >= len(prompts) for r in kept)
             run.event(f"teacher_samples: {counts['kept']} of {counts['generated']} completions kept "
                       f"({counts['truncated']} truncated, {counts['wrong']} wrong) at "
-                      f"{counts['tokens_per_s'] or 0:,.0f} tokens/s", **counts)
+                      f"{counts['tokens_per_s'] or 0:,.0f} tokens/s"
+                      + (f"; {counts['kept_of_extra']} of the kept are for the {len(extra)} prompts of "
+                         f"distill.sequence_kd.prompts" if extra else ""), **counts)
         return counts
-    run_stage(run, Stage("teacher_samples", {"teacher": weights_sha256(teacher), "data": data.fingerprint,
-                                             "settings": settings, "answer": answer, "seed": seed},
-                         [TEACHER_COMPLETIONS], make))
+    run_stage(run, Stage("teacher_samples", inputs, [TEACHER_COMPLETIONS], make))
     rows = read_jsonl(run.path(TEACHER_COMPLETIONS))
     if not rows:
         from ..errors import UserError
@@ -372,6 +381,14 @@ def teacher_completions(run: RunDir, teacher: nn.Module, data: DataBundle) -> Tu
         x, y = torch.cat([pad(data.x_train, data.pad_id), pad(x, data.pad_id)]), torch.cat([pad(data.y_train, -100),
                                                                                           pad(y, -100)])
     return with_training_split(data, x, y), len(rows)
+
+
+def teacher_prompts_input(run: RunDir) -> Dict[str, Any]:
+    """The hash of the `distill.sequence_kd.prompts` file, for the fingerprints of the stages that depend on
+    it (the teacher's samples and the students trained on them): an edited file is a new input."""
+    from ..data.completions import teacher_prompts_file
+    path = teacher_prompts_file(run.cfg) if run.cfg["distill"]["sequence_kd"]["samples"] else None
+    return {"teacher_prompts": sha256_file(path)} if path else {}
 
 
 def read_jsonl(path: str) -> list:

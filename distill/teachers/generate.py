@@ -19,17 +19,20 @@ import os
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..io import atomic_path, write_json
+from ..io import atomic_path, sha256_json, write_json
 from ..progress import bar
 from ..tasks.causal_lm import extract
 
 
-def _done_rows(partial: str) -> List[Dict[str, Any]]:
-    """The whole lines of a partial file (a line cut by a kill is dropped, and its batch redone)."""
+def _done_rows(partial: str, key: str) -> List[Dict[str, Any]]:
+    """The whole lines of a partial file (a line cut by a kill is dropped, and its batch redone); none when its
+    first line is not `key`: a generation of other prompts, settings or teacher, killed, is not continued."""
     if not os.path.isfile(partial):
         return []
     rows = []
     with open(partial, encoding="utf-8") as fh:
+        if fh.readline() != json.dumps({"key": key}) + "\n":
+            return []
         for line in fh:
             if not line.endswith("\n"):
                 break
@@ -37,20 +40,24 @@ def _done_rows(partial: str) -> List[Dict[str, Any]]:
     return rows
 
 
-def generate(teacher: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], references: Sequence[Sequence[int]],
+def generate(teacher: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], answers: Sequence[Optional[str]],
              settings: Dict[str, Any], answer: Optional[str], out: str, provenance: Dict[str, Any],
              show: bool = True) -> Dict[str, Any]:
-    """Write the kept completions of `prompts` to `out` (see the module's docstring); returns the counts."""
+    """Write the kept completions of `prompts` to `out` (see the module's docstring); returns the counts.
+    `answers` are the reference answers the verifier compares with (the regex `answer`'s finding in each
+    completion)."""
     n, size = settings["samples"], settings["batch_size"]
     partial = out + ".partial"
-    done = _done_rows(partial)
+    key = sha256_json({"provenance": provenance, "settings": settings, "answer": answer, "prompts": prompts,
+                       "answers": answers})
+    done = _done_rows(partial, key)
     batches = list(range(0, len(prompts), size))
     finished = {r["batch"] for r in done}
     complete = {b for b in finished if sum(r["batch"] == b for r in done) == n * len(prompts[b * size:(b + 1) * size])}
     rows = [r for r in done if r["batch"] in complete]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(partial, "w", encoding="utf-8") as fh:  # (rewritten without any half-written batch)
-        fh.writelines(json.dumps(r) + "\n" for r in rows)
+        fh.writelines(json.dumps(r) + "\n" for r in [{"key": key}, *rows])
     t0, tokens = time.perf_counter(), 0
     todo = [i for i, _ in enumerate(batches) if i not in complete]
     with open(partial, "a", encoding="utf-8") as fh:
@@ -66,9 +73,8 @@ def generate(teacher: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], ref
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 correct = None
                 if settings["verify"]:
-                    ref = tokenizer.decode(list(references[i]), skip_special_tokens=True)
                     got = extract(text, answer)
-                    correct = got is not None and got == extract(ref, answer)
+                    correct = got is not None and got == answers[i]
                 row = {"batch": b, "row": i, "sample": j % n, "prompt_ids": list(prompts[i]), "completion_ids": ids,
                        "completion": text, "ended": ended, "correct": correct}
                 fh.write(json.dumps(row) + "\n")
