@@ -554,6 +554,18 @@ def test_a_teacher_prompt_that_is_a_held_out_prompt_is_refused(tmp_path):
     assert len(teacher_prompts(cfg, data, tok)[0]) == 1
 
 
+def test_an_edited_teacher_prompts_file_is_a_new_input_to_the_stages_on_it(tmp_path):
+    from types import SimpleNamespace
+    from distill.pipeline.training import teacher_prompts_input
+    path = write_jsonl(str(tmp_path / "p.jsonl"), [{"prompt": "1+1=", "answer": "2"}])
+    run = SimpleNamespace(cfg={"distill": {"sequence_kd": {"samples": 1, "prompts": path}}, "data": {}})
+    before = teacher_prompts_input(run)
+    write_jsonl(path, [{"prompt": "1+1=", "answer": "3"}])
+    assert before and teacher_prompts_input(run) != before  # (teacher_samples' and both students' fingerprints)
+    run.cfg["distill"]["sequence_kd"]["samples"] = 0
+    assert teacher_prompts_input(run) == {}
+
+
 def test_a_killed_generation_of_other_prompts_is_not_continued(tmp_path):
     from distill.teachers.generate import generate
     settings = {"samples": 1, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "verify": False, "batch_size": 4}
