@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .engine.inference import fast_pooling
 from .hooks import FeatureCapture
 from .losses import align
 
@@ -46,7 +47,7 @@ def _outputs(model: nn.Module, layers: List[str], x: torch.Tensor) -> Tuple[torc
     was_training = model.training
     model.eval()
     try:
-        with FeatureCapture(model, layers, "distill.features") as cap, torch.inference_mode():
+        with fast_pooling(model), FeatureCapture(model, layers, "distill.features") as cap, torch.inference_mode():
             logits = model(x)
             feats = {k: cap.outputs[k] for k in layers}
     finally:

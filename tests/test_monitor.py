@@ -121,6 +121,23 @@ def _tiny_cnn(seed, channels=(4, 8)):
     return build_model({"model": "cnn", "args": {"channels": list(channels), "hidden": 16}}, (1, 8, 8), 10)
 
 
+def test_retention_reads_the_same_outputs_with_the_faster_pooling():
+    from distill.models import MODELS
+    from distill.monitor import retention_monitor
+    torch.manual_seed(0)
+    teacher = MODELS.get("seed_cnn_teacher")((3, 16, 16), 5).eval()
+    student = MODELS.get("seed_cnn_student")((3, 16, 16), 5).train()
+    probe = torch.randn(24, 3, 16, 16)
+    pools = [m for m in student.modules() if isinstance(m, torch.nn.MaxPool2d)]
+    measure = retention_monitor(teacher, student, probe, [("body", "body")])
+    got = measure()
+    with torch.no_grad():  # the same CKA from a plain eval forward of each model (max-pooling channels-first)
+        t_logits, s_logits = teacher(probe), student.eval()(probe)
+    student.train()
+    assert pools and got["retention_cka/logits"] == linear_cka(t_logits, s_logits)
+    assert student.training and not any(m._forward_hooks or m._forward_pre_hooks for m in pools)  # left as it was
+
+
 def test_input_gradient_cosine_is_one_for_one_model_and_compares_other_widths():
     from distill.monitor import gradient_cosine, input_gradient
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
