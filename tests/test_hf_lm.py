@@ -561,7 +561,7 @@ def test_an_edited_teacher_prompts_file_is_a_new_input_to_the_stages_on_it(tmp_p
     run = SimpleNamespace(cfg={"distill": {"sequence_kd": {"samples": 1, "prompts": path}}, "data": {}})
     before = teacher_prompts_input(run)
     write_jsonl(path, [{"prompt": "1+1=", "answer": "3"}])
-    assert before and teacher_prompts_input(run) != before  # (teacher_samples' and both students' fingerprints)
+    assert before and teacher_prompts_input(run) != before  # (teacher_samples', the student's, assistants')
     run.cfg["distill"]["sequence_kd"]["samples"] = 0
     assert teacher_prompts_input(run) == {}
 

@@ -139,7 +139,7 @@ def _check_augmentation(run: RunDir) -> None:
 def _check_teacher_prompts(run: RunDir) -> None:
     """A bad `distill.sequence_kd.prompts` file is refused on every process before the teacher is trained, not
     by the one that generates, after it."""
-    if run.cfg["distill"]["sequence_kd"]["samples"] and run.cfg["distill"]["sequence_kd"]["prompts"] is not None:
+    if run.cfg["distill"]["sequence_kd"]["prompts"] is not None:  # (the recipe has checked samples > 0)
         from ..data.completions import teacher_prompts
         from ..models.hf import load_tokenizer
         teacher_prompts(run.cfg, run.data, load_tokenizer(run.data.tokenizer, "data.tokenizer"))

@@ -246,7 +246,7 @@ def student_inputs(run: RunDir, teacher: nn.Module) -> Dict[str, Any]:
     s, spec = run.cfg[STUDENT], model_spec(run, STUDENT)
     from_finetuned = bool(s["from_teacher"] and s["from_teacher"]["source"] == "finetuned")
     return {**base_inputs(run, STUDENT, spec), "init": sha256_file(s["checkpoint"]) if s["checkpoint"] else None,
-            "init_teacher": weights_sha256(teacher) if from_finetuned else None, **teacher_prompts_input(run)}
+            "init_teacher": weights_sha256(teacher) if from_finetuned else None}
 
 
 def train_scratch(run: RunDir, teacher: nn.Module) -> Dict[str, Any]:
@@ -385,7 +385,8 @@ def teacher_completions(run: RunDir, teacher: nn.Module, data: DataBundle) -> Tu
 
 def teacher_prompts_input(run: RunDir) -> Dict[str, Any]:
     """The hash of the `distill.sequence_kd.prompts` file, for the fingerprints of the stages that depend on
-    it (the teacher's samples and the students trained on them): an edited file is a new input."""
+    it (the teacher's samples, and the distilled student and assistants trained on them; not the scratch
+    student): an edited file is a new input."""
     from ..data.completions import teacher_prompts_file
     path = teacher_prompts_file(run.cfg) if run.cfg["distill"]["sequence_kd"]["samples"] else None
     return {"teacher_prompts": sha256_file(path)} if path else {}
@@ -414,7 +415,7 @@ def train_distilled(run: RunDir, teacher: nn.Module) -> Dict[str, Any]:
         save_role(run, student, STUDENT, STUDENT, spec, info)  # the projectors stay behind in the objective
         return info
     inputs = {**student_inputs(run, teacher), "distill": dcfg, "mode": mode, "teacher": weights_sha256(teacher),
-              "monitor": reaction}
+              "monitor": reaction, **teacher_prompts_input(run)}
     return run_stage(run, Stage(STUDENT, inputs, [artifact(run.cfg, STUDENT, STUDENT)], make))
 
 
@@ -433,7 +434,7 @@ def train_assistant(run: RunDir, i: int, spec: Dict[str, Any], teacher: nn.Modul
         save_role(run, model, STUDENT, name, spec, info)
         return info
     inputs = {**base_inputs(run, STUDENT, spec), "distill": distill_settings(run), "mode": mode,
-              "teacher": weights_sha256(teacher)}
+              "teacher": weights_sha256(teacher), **teacher_prompts_input(run)}
     record = run_stage(run, Stage(name, inputs, [f"{name}.safetensors"], make))
     return load_saved(run, name) if record["reused"] else holder["model"]
 
