@@ -521,6 +521,13 @@ def test_bad_teacher_prompts_are_one_line_naming_the_line(tmp_path, rows, expect
         tokenize_prompts(write_jsonl(str(tmp_path / "p.jsonl"), rows), CFG, tok, r"Answer:\s*(-?\d+)", True)
 
 
+def test_a_teacher_prompts_file_that_is_not_jsonl_is_one_line(tmp_path):
+    from distill.data.completions import tokenize_prompts
+    (tmp_path / "p.txt").write_text("Compute 1 + 1.\n")
+    with pytest.raises(UserError, match=r"p.txt: teacher prompts are JSONL, one \{prompt, answer\}"):
+        tokenize_prompts(str(tmp_path / "p.txt"), CFG, char_tokenizer(str(tmp_path / "tok")), None, False)
+
+
 def test_teacher_prompts_render_like_training_prompts_and_answers_go_through_the_regex(tmp_path):
     from distill.data.completions import tokenize_prompts, tokenize_rows
     tok = char_tokenizer(str(tmp_path / "tok"))
