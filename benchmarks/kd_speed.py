@@ -12,9 +12,14 @@ Two comparisons, each of whole training runs of the distilled student with the t
    arithmetic bit for bit. distill's teacher also max-pools channels-last (`fast_pooling`, the same bits);
    a second hand-written loop does the same, which leaves the engine's own cost.
 2. The cost per epoch of cached soft labels vs the online teacher vs the student alone (cross-entropy).
-Configurations are interleaved and each repeated, and medians compared, so that a noisy machine moves all of
-them alike. Targets: the online stage (monitor off) <= 1.0x the plain loop; the default monitor <= 1.05x
-the stage with the monitor off; cached KD <= 1.15x student-only per epoch.
+After a round not timed (the first run of anything pays for warming up), configurations are
+interleaved and each repeated, every other repeat in the reverse order (so that a machine
+speeding up or slowing down within a repeat favours neither side of a pair), and medians compared. Each
+repeat's own ratios (stage / plain, monitor on / off) are also given, with their median and a 95% bootstrap
+interval of that median: the pairs ran back to back, so the drift between repeats cancels in them.
+`--stage-only` times just the plain loop and the two stages, for more repeats in the same time. Targets: the
+online stage (monitor off) <= 1.0x the plain loop; the default monitor <= 1.05x the stage with the monitor
+off; cached KD <= 1.15x student-only per epoch.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import argparse
 import contextlib
 import copy
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -84,8 +90,13 @@ def plain_kd_loop(rd: RunDir, teacher: torch.nn.Module, fast_pools: bool = False
     return time.perf_counter() - t0
 
 
+MONITOR_SHARE: list = []  # per timed stage with the monitor on: its own measured seconds / the stage's training
+
+
 def stage_time(recipe: Recipe, teacher_dir: str, monitor: bool) -> float:
-    """distill's student stage end to end, in a fresh run folder holding only the trained teacher."""
+    """distill's student stage end to end, in a fresh run folder holding only the trained teacher. With the
+    monitor on, the share of the stage's training time spent in the monitor's own code (the stage's
+    `monitor_s`, which it times itself) is kept in MONITOR_SHARE."""
     out = tempfile.mkdtemp(prefix="kd_speed_")
     try:
         for name in ("teacher.safetensors", "stages.json", "recipe.yaml"):
@@ -95,8 +106,11 @@ def stage_time(recipe: Recipe, teacher_dir: str, monitor: bool) -> float:
         teacher = train_teacher(rd)  # (reused)
         preflight(rd)
         t0 = time.perf_counter()
-        train_distilled(rd, teacher)
-        return time.perf_counter() - t0
+        info = train_distilled(rd, teacher)
+        seconds = time.perf_counter() - t0
+        if monitor:
+            MONITOR_SHARE.append(info["monitor_s"] / info["train_time_s"])
+        return seconds
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -128,11 +142,21 @@ def epoch_time(rd: RunDir, teacher: torch.nn.Module, mode: str) -> float:
     return (time.perf_counter() - t0) / epochs
 
 
+def median_interval(values: list, resamples: int = 2000, seed: int = 0) -> tuple:
+    """The median of `values` and a 95% percentile-bootstrap interval of it (seeded: the same numbers give the
+    same interval)."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return statistics.median(values), meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--stage-only", action="store_true",
+                   help="time only the plain loop and the stage with the monitor off and on")
     args = p.parse_args()
     # the teacher online on plain inputs (no augmentation), no feature losses, every label: the case both
     # loops implement
@@ -147,46 +171,71 @@ def main() -> int:
                                    "distill stage, monitor off",
                                    "distill stage, monitor on (default)", "epoch: student only",
                                    "epoch: KD, cached soft labels", "epoch: KD, online teacher")}
-    for _ in range(args.repeats):
-        times["plain PyTorch KD loop"].append(plain_kd_loop(rd, teacher))
-        times["plain loop, teacher pooling as distill's"].append(plain_kd_loop(rd, teacher, fast_pools=True))
-        times["distill stage, monitor off"].append(stage_time(recipe, teacher_dir, monitor=False))
-        times["distill stage, monitor on (default)"].append(stage_time(recipe, teacher_dir, monitor=True))
-        for mode, key in (("none", "epoch: student only"), ("cached", "epoch: KD, cached soft labels"),
-                          ("online", "epoch: KD, online teacher")):
-            times[key].append(epoch_time(rd, teacher, mode))
+    runs = [("plain PyTorch KD loop", lambda: plain_kd_loop(rd, teacher)),
+            ("plain loop, teacher pooling as distill's", lambda: plain_kd_loop(rd, teacher, fast_pools=True)),
+            ("distill stage, monitor off", lambda: stage_time(recipe, teacher_dir, monitor=False)),
+            ("distill stage, monitor on (default)", lambda: stage_time(recipe, teacher_dir, monitor=True))]
+    runs += [(key, lambda mode=mode: epoch_time(rd, teacher, mode)) for mode, key in (
+        ("none", "epoch: student only"), ("cached", "epoch: KD, cached soft labels"),
+        ("online", "epoch: KD, online teacher"))]
+    if args.stage_only:
+        runs = [r for i, r in enumerate(runs) if i in (0, 2, 3)]
+        times = {k: v for k, v in times.items() if k in dict(runs)}
+    for _, run in runs:  # a round not timed: the first run of each pays for warming up (allocator, kernels)
+        run()
+    MONITOR_SHARE.clear()
+    for rep in range(args.repeats):
+        for key, run in (runs if rep % 2 == 0 else runs[::-1]):
+            times[key].append(run())
     med = {k: statistics.median(v) for k, v in times.items()}
     # each repeat's own ratios (its runs ran back to back, so a noisy minute moves both sides of a pair alike)
     pairs = {"stage off / plain": [o / p for o, p in zip(times["distill stage, monitor off"],
                                                         times["plain PyTorch KD loop"])],
              "stage off / plain with distill's pooling": [
                  o / p for o, p in zip(times["distill stage, monitor off"],
-                                       times["plain loop, teacher pooling as distill's"])],
+                                       times.get("plain loop, teacher pooling as distill's", []))],
              "monitor on / off": [n / o for n, o in zip(times["distill stage, monitor on (default)"],
                                                        times["distill stage, monitor off"])]}
+    pairs = {k: v for k, v in pairs.items() if v}
     plain, off, on = (med[k] for k in ("plain PyTorch KD loop", "distill stage, monitor off",
                                         "distill stage, monitor on (default)"))
-    cached = med["epoch: KD, cached soft labels"] / med["epoch: student only"]
     command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     print(f"`{command}` ({len(rd.data.y_train)} training samples, batch {rd.cfg['data']['batch_size']}, "
           f"{rd.cfg['student']['train']['epochs']} student epochs, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats})\n")
+          f"median of {args.repeats} after a round not timed, every other repeat in reverse order)\n")
     print("| run | seconds | ratio |\n|---|---|---|")
     print(f"| plain PyTorch KD loop (teacher online) | {plain:.2f} | 1.000x |")
-    pooled = med["plain loop, teacher pooling as distill's"]
-    print(f"| plain loop, the teacher's max-pooling channels-last as in distill | {pooled:.2f} | {pooled / plain:.3f}x |")
+    pooled = med.get("plain loop, teacher pooling as distill's")
+    if pooled:
+        print(f"| plain loop, the teacher's max-pooling channels-last as in distill | {pooled:.2f} | "
+              f"{pooled / plain:.3f}x |")
     print(f"| distill student stage, monitor off | {off:.2f} | {off / plain:.3f}x |")
     print(f"| distill student stage, monitor on (default) | {on:.2f} | {on / plain:.3f}x |")
-    base = med["epoch: student only"]
+    base = med.get("epoch: student only")
     for k in ("epoch: student only", "epoch: KD, cached soft labels", "epoch: KD, online teacher"):
-        print(f"| {k} | {med[k]:.3f} | {med[k] / base:.3f}x of student-only |")
-    print("\nper repeat: " + "; ".join(f"{k} {', '.join(f'{r:.3f}' for r in v)} (median {statistics.median(v):.3f})"
-                                      for k, v in pairs.items()))
-    print(f"\nonline stage (monitor off) / plain loop = **{off / plain:.3f}** "
-          f"(target <= 1.0: {'met' if off / plain <= 1.0 else 'NOT met'}); "
-          f"against the plain loop with distill's teacher pooling **{off / pooled:.3f}** (the engine's own cost); "
-          f"monitor on / off = **{on / off:.3f}** (target <= 1.05: {'met' if on / off <= 1.05 else 'NOT met'}); "
-          f"cached KD / student-only epoch = **{cached:.3f}** (target <= 1.15: {'met' if cached <= 1.15 else 'NOT met'})")
+        if k in med:
+            print(f"| {k} | {med[k]:.3f} | {med[k] / base:.3f}x of student-only |")
+    print("\nper repeat (paired: the two runs of a ratio ran back to back):")
+    for k, v in pairs.items():
+        mid, lo, hi = median_interval(v)
+        print(f"- {k}: {', '.join(f'{r:.3f}' for r in v)}; median **{mid:.3f}**, 95% interval {lo:.3f}-{hi:.3f}")
+    mid, lo, hi = median_interval(MONITOR_SHARE)
+    print(f"- the monitor's own code (its measurements, timed by the stage itself: `monitor_s`) / the stage's "
+          f"training time: {', '.join(f'{100 * r:.1f}%' for r in MONITOR_SHARE)}; median **{100 * mid:.1f}%**, "
+          f"95% interval {100 * lo:.1f}-{100 * hi:.1f}%")
+    verdict = lambda x, target: f"target <= {target}: {'met' if x <= target else 'NOT met'}"  # noqa: E731
+    paired = {k: median_interval(v) for k, v in pairs.items()}
+    print(f"\nonline stage (monitor off) / plain loop = **{off / plain:.3f}** by the medians of the times, "
+          f"**{paired['stage off / plain'][0]:.3f}** paired ({verdict(off / plain, 1.0)} / "
+          f"{verdict(paired['stage off / plain'][0], 1.0)})" +
+          (f"; against the plain loop with distill's teacher pooling **{off / pooled:.3f}** (the engine's own cost)"
+           if pooled else "") +
+          f"; monitor on / off = **{on / off:.3f}** by the medians of the times, "
+          f"**{paired['monitor on / off'][0]:.3f}** paired ({verdict(on / off, 1.05)} / "
+          f"{verdict(paired['monitor on / off'][0], 1.05)}; its own code {100 * mid:.1f}% of the stage: "
+          f"target <= 5%: {'met' if mid <= 0.05 else 'NOT met'})" +
+          (f"; cached KD / student-only epoch = **{med['epoch: KD, cached soft labels'] / base:.3f}** "
+           f"({verdict(med['epoch: KD, cached soft labels'] / base, 1.15)})" if base else ""))
     return 0
 
 

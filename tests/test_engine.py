@@ -170,6 +170,7 @@ def test_monitor_off_switches_every_signal_off(tmp_path):
     assert not any("step" in r for r in lines)  # no step lines
     epochs = [r for r in lines if r.get("model") == "student" and "val_accuracy" in r]
     assert epochs and not any(k.startswith(("retention", "grad_")) for r in epochs for k in r)
+    assert "monitor_s" not in json.load(open(os.path.join(out, "stages.json")))["student"]  # (nothing timed)
     assert Recipe.load("digits", ["monitor=off"]).cfg["monitor"]["enabled"] is False
 
 

@@ -264,7 +264,22 @@ def test_retention_is_measured_in_epochs_that_pass_a_multiple_of_measure_every(t
         assert measured == ([3, 5, 6] if name == "sparse" else [1, 2, 3, 4, 5, 6]), measured
         assert all(("grad_input_cos" in r) == (r["epoch"] in measured) for r in epochs)
         weights[name] = load_file(str(out / "student.safetensors"))
+        # what the monitor cost is reported beside the training time, which includes it
+        stage, metrics = (json.load(open(out / f))["student"] for f in ("stages.json", "metrics.json"))
+        assert 0 < stage["monitor_s"] < stage["train_time_s"] and metrics["monitor_s"] == stage["monitor_s"]
     assert all(torch.equal(weights["sparse"][k], weights["dense"][k]) for k in weights["dense"])
+
+
+def test_the_monitor_callbacks_time_themselves():
+    from types import SimpleNamespace
+    from distill.engine.callbacks import Monitor
+    import time
+    cb = Monitor(lambda: time.sleep(0.02) or {"retention_cka/logits": 1.0}, every=0)
+    t = SimpleNamespace(prog={"step": 10}, tcfg={"epochs": 2}, per_epoch=10,
+                        runtime=SimpleNamespace(distributed=False))
+    record = {"epoch": 1}
+    cb.on_epoch_end(t, record)
+    assert record["retention_cka/logits"] == 1.0 and 0.02 <= cb.seconds < 1.0
 
 
 def test_measuring_gradients_does_not_change_training(tmp_path):

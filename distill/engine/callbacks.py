@@ -115,11 +115,12 @@ class TensorBoard(Callback):
 class Monitor(Callback):
     """Adds `measure()`'s signals (knowledge retention, input-gradient consistency, the reaction's
     adjustments) to the line of each epoch in which the step count passed a multiple of `every` (0: every
-    epoch), and of the last. Decided from the step count alone, so a resumed run measures the same epochs."""
+    epoch), and of the last. Decided from the step count alone, so a resumed run measures the same epochs.
+    `seconds`: the time spent measuring (what the monitor costs the stage, reported with its timings)."""
     order = 10
 
     def __init__(self, measure: Callable[[], Dict[str, Any]], every: int = 0) -> None:
-        self.measure, self.every = measure, every
+        self.measure, self.every, self.seconds = measure, every, 0.0
 
     def due(self, t: Trainer, epoch: int) -> bool:
         step, every = t.prog["step"], self.every
@@ -128,18 +129,21 @@ class Monitor(Callback):
     def on_epoch_end(self, t: Trainer, record: Dict[str, Any]) -> None:
         if not self.due(t, record["epoch"]):
             return
+        t0 = time.perf_counter()
         record.update(self.measure())
+        self.seconds += time.perf_counter() - t0
         if t.runtime.distributed:  # the reaction is the main process's (on a GPU the processes may round apart)
             t.objective.strength.update(t.runtime.from_main(dict(t.objective.strength)))
 
 
 class GradientSignals(Callback):
     """Every `every` steps, the cosine between the KD and the CE parameter gradients (overall and per layer),
-    measured before the step's own backward pass (two more backward passes: hence not every step)."""
+    measured before the step's own backward pass (two more backward passes: hence not every step).
+    `seconds`: the time spent on them."""
     order = 10
 
     def __init__(self, every: int) -> None:
-        self.every = every
+        self.every, self.seconds = every, 0.0
 
     def wants_step(self, t: Trainer, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
@@ -149,7 +153,10 @@ class GradientSignals(Callback):
         terms = t.objective.terms
         if not (terms and self.wants_step(t, t.prog["step"] + 1)):
             return {}
-        return kd_ce_consistency(t.student, **terms)
+        t0 = time.perf_counter()
+        signals = kd_ce_consistency(t.student, **terms)
+        self.seconds += time.perf_counter() - t0
+        return signals
 
 
 class Checkpointing(Callback):

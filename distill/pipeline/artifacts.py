@@ -31,7 +31,7 @@ from ..recipe import COMPLETIONS, is_text
 from ..roles import TEACHER, stage_command
 from .rundir import RunDir
 
-TIMINGS = ("train_time_s", "time_s")  # kept in stages.json and metrics.json, never in a weights file
+TIMINGS = ("train_time_s", "time_s", "monitor_s")  # in stages.json and metrics.json, never in a weights file
 
 
 def preprocessing(data: DataBundle) -> Dict[str, Any]:

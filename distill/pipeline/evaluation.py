@@ -30,7 +30,7 @@ def evaluate(run: RunDir) -> Dict[str, Any]:
             m.update(task_for(data).agreement(models[TEACHER], model, data.x_test, data.y_test,
                                               run.cfg["data"]["eval_batch_size"]))
         extra = stages.get(name, {})
-        m.update({k: extra[k] for k in ("val_accuracy", "selected_epoch", "train_time_s") if k in extra})
+        m.update({k: extra[k] for k in ("val_accuracy", "selected_epoch", "train_time_s", "monitor_s") if k in extra})
         metrics[name] = m
     if not run.cfg["baseline"]:
         metrics[SCRATCH] = {"skipped": True}  # baseline: false; tables, report and doctor say so

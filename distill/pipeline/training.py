@@ -62,8 +62,12 @@ def train(run: RunDir, name: str, objective: Objective, data: Optional[DataBundl
     if name == STUDENT and run.on_epoch:
         callbacks.append(EpochHook(run.on_epoch))
     data = data or run.data
-    return Trainer(log_name(name), objective, data, run.data_cfg(name), tcfg, callbacks, rt,
+    info = Trainer(log_name(name), objective, data, run.data_cfg(name), tcfg, callbacks, rt,
                    task=task_for(data, run.cfg)).fit()
+    monitoring = [cb for cb in callbacks if isinstance(cb, (Monitor, GradientSignals))]
+    if monitoring:  # (what the monitor cost this run, beside train_time_s)
+        info["monitor_s"] = round(sum(cb.seconds for cb in monitoring), 3)
+    return info
 
 
 def distil(run: RunDir, name: str, model: nn.Module, teacher: nn.Module, mode: str,
@@ -85,7 +89,7 @@ def distil(run: RunDir, name: str, model: nn.Module, teacher: nn.Module, mode: s
     t_shapes, s_shapes = feature_shapes(run, teacher, model, dcfg)
     objective = Objective(model, dcfg, source, t_shapes, s_shapes, runtime=rt,
                           n_train=len((data or run.data).y_train))
-    monitor = None
+    monitor, t0 = None, time.perf_counter()
     if run.cfg["monitor"]["enabled"]:
         x, y = run.data.probe(PROBE)
         monitor = retention_monitor(teacher, model.to(rt.device), rt.put(x),
@@ -93,9 +97,11 @@ def distil(run: RunDir, name: str, model: nn.Module, teacher: nn.Module, mode: s
                                     rt.put(y) if run.cfg["monitor"]["gradients"] else None)
         if react:
             monitor = with_reaction(monitor, objective, run.cfg["monitor"], run.echo)
-    t0 = time.perf_counter()
+    setup_s = time.perf_counter() - t0  # (the teacher's side of the probe, once)
     info = train(run, name, objective, data, monitor, tcfg)
     info.update(train_time_s=round(time.perf_counter() - t0, 3), teacher_outputs=mode)
+    if monitor:
+        info["monitor_s"] = round(info.get("monitor_s", 0.0) + setup_s, 3)
     return info
 
 
