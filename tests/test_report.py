@@ -123,7 +123,9 @@ def test_chromium_renders_the_report(report_html, tmp_path):
     img = Image.open(shot)
     assert img.size == (1280, 2400)
     px = np.asarray(img.convert("RGB")).reshape(-1, 3)
-    assert (px.min(1) < 240).mean() > 0.05  # text and plots, not a blank page
+    dark = (px.min(1) < 240).reshape(2400, 1280)
+    # text and plots, not a blank page: ink on 3-5% of the pixels (fonts and versions vary), over much of the page
+    assert dark.mean() > 0.02 and dark.any(1).mean() > 0.4
     assert len(np.unique(px[::7], axis=0)) > 200  # plots in colour, not one flat error page
     dom = _chromium("--dump-dom", url, user_dir=str(tmp_path / "profile")).stdout
     for h in HEADINGS:
