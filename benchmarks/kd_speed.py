@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -90,13 +91,10 @@ def plain_kd_loop(rd: RunDir, teacher: torch.nn.Module, fast_pools: bool = False
     return time.perf_counter() - t0
 
 
-MONITOR_SHARE: list = []  # per timed stage with the monitor on: its own measured seconds / the stage's training
-
-
-def stage_time(recipe: Recipe, teacher_dir: str, monitor: bool) -> float:
+def stage_time(recipe: Recipe, teacher_dir: str, monitor: bool, shares: Optional[list] = None) -> float:
     """distill's student stage end to end, in a fresh run folder holding only the trained teacher. With the
     monitor on, the share of the stage's training time spent in the monitor's own code (the stage's
-    `monitor_s`, which it times itself) is kept in MONITOR_SHARE."""
+    `monitor_s`, which it times itself) is appended to `shares`."""
     out = tempfile.mkdtemp(prefix="kd_speed_")
     try:
         for name in ("teacher.safetensors", "stages.json", "recipe.yaml"):
@@ -108,8 +106,8 @@ def stage_time(recipe: Recipe, teacher_dir: str, monitor: bool) -> float:
         t0 = time.perf_counter()
         info = train_distilled(rd, teacher)
         seconds = time.perf_counter() - t0
-        if monitor:
-            MONITOR_SHARE.append(info["monitor_s"] / info["train_time_s"])
+        if monitor and shares is not None:
+            shares.append(info["monitor_s"] / info["train_time_s"])
         return seconds
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -171,10 +169,11 @@ def main() -> int:
                                    "distill stage, monitor off",
                                    "distill stage, monitor on (default)", "epoch: student only",
                                    "epoch: KD, cached soft labels", "epoch: KD, online teacher")}
+    shares: list = []  # per timed stage with the monitor on: the monitor's own share of its training time
     runs = [("plain PyTorch KD loop", lambda: plain_kd_loop(rd, teacher)),
             ("plain loop, teacher pooling as distill's", lambda: plain_kd_loop(rd, teacher, fast_pools=True)),
             ("distill stage, monitor off", lambda: stage_time(recipe, teacher_dir, monitor=False)),
-            ("distill stage, monitor on (default)", lambda: stage_time(recipe, teacher_dir, monitor=True))]
+            ("distill stage, monitor on (default)", lambda: stage_time(recipe, teacher_dir, monitor=True, shares=shares))]
     runs += [(key, lambda mode=mode: epoch_time(rd, teacher, mode)) for mode, key in (
         ("none", "epoch: student only"), ("cached", "epoch: KD, cached soft labels"),
         ("online", "epoch: KD, online teacher"))]
@@ -183,7 +182,7 @@ def main() -> int:
         times = {k: v for k, v in times.items() if k in dict(runs)}
     for _, run in runs:  # a round not timed: the first run of each pays for warming up (allocator, kernels)
         run()
-    MONITOR_SHARE.clear()
+    del shares[:]  # (the round not timed above)
     for rep in range(args.repeats):
         for key, run in (runs if rep % 2 == 0 else runs[::-1]):
             times[key].append(run())
@@ -219,9 +218,9 @@ def main() -> int:
     for k, v in pairs.items():
         mid, lo, hi = median_interval(v)
         print(f"- {k}: {', '.join(f'{r:.3f}' for r in v)}; median **{mid:.3f}**, 95% interval {lo:.3f}-{hi:.3f}")
-    mid, lo, hi = median_interval(MONITOR_SHARE)
+    mid, lo, hi = median_interval(shares)
     print(f"- the monitor's own code (its measurements, timed by the stage itself: `monitor_s`) / the stage's "
-          f"training time: {', '.join(f'{100 * r:.1f}%' for r in MONITOR_SHARE)}; median **{100 * mid:.1f}%**, "
+          f"training time: {', '.join(f'{100 * r:.1f}%' for r in shares)}; median **{100 * mid:.1f}%**, "
           f"95% interval {100 * lo:.1f}-{100 * hi:.1f}%")
     verdict = lambda x, target: f"target <= {target}: {'met' if x <= target else 'NOT met'}"  # noqa: E731
     paired = {k: median_interval(v) for k, v in pairs.items()}

@@ -140,17 +140,17 @@ def test_worker_checks_evaluation_gather_cache_key_refusal_and_one_sync_per_step
         assert seen["steps"] == 12 and seen["allreduces"] == seen["steps"]
 
 
+def _stat(pid):
+    """The fields of /proc/PID/stat after the command name (state, parent pid, ...); None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def _children(pid):
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        kids.append(int(entry))
-            except OSError:
-                pass
-    return kids
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and (_stat(e) or [None, None])[1] == str(pid)]
 
 
 def _rank_of(pid):
@@ -163,11 +163,8 @@ def _gone_within(pid, seconds):
     """True once `pid` has exited (or is a zombie awaiting its parent) within `seconds`."""
     deadline = time.time() + seconds
     while True:
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                if fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                    return True
-        except OSError:
+        fields = _stat(pid)
+        if fields is None or fields[0] in ("Z", "X"):
             return True
         if time.time() > deadline:
             return False

@@ -9,7 +9,7 @@ from ..evaluate import evaluate_model
 from ..tasks import task_for
 from ..io import read_json, write_json
 from ..roles import SCRATCH, STUDENT, TEACHER
-from .artifacts import load_saved, require_saved
+from .artifacts import TIMINGS, load_saved, require_saved
 from .rundir import RunDir
 
 
@@ -30,7 +30,7 @@ def evaluate(run: RunDir) -> Dict[str, Any]:
             m.update(task_for(data).agreement(models[TEACHER], model, data.x_test, data.y_test,
                                               run.cfg["data"]["eval_batch_size"]))
         extra = stages.get(name, {})
-        m.update({k: extra[k] for k in ("val_accuracy", "selected_epoch", "train_time_s", "monitor_s") if k in extra})
+        m.update({k: extra[k] for k in ("val_accuracy", "selected_epoch", *TIMINGS) if k in extra})
         metrics[name] = m
     if not run.cfg["baseline"]:
         metrics[SCRATCH] = {"skipped": True}  # baseline: false; tables, report and doctor say so
