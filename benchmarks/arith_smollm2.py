@@ -73,9 +73,9 @@ def probe(folder: str) -> dict:
     from distill import Recipe
     from distill.engine.objective import Objective
     from distill.losses.tokens import token_divergence
-    from distill.pipeline.artifacts import load_model_at
+    from distill.pipeline.artifacts import distill_settings, load_model_at
     from distill.pipeline.rundir import RunDir
-    from distill.pipeline.training import topk_labels, distill_settings
+    from distill.pipeline.teacher_outputs import topk_labels
     from distill.tasks.causal_lm import trimmed
     from distill.engine.batch import TeacherOutputs
     from distill.teachers.topk import topk_of

@@ -563,7 +563,7 @@ def test_a_teacher_prompt_that_is_a_held_out_prompt_is_refused(tmp_path):
 
 def test_an_edited_teacher_prompts_file_is_a_new_input_to_the_stages_on_it(tmp_path):
     from types import SimpleNamespace
-    from distill.pipeline.training import teacher_prompts_input
+    from distill.pipeline.teacher_outputs import teacher_prompts_input
     path = write_jsonl(str(tmp_path / "p.jsonl"), [{"prompt": "1+1=", "answer": "2"}])
     run = SimpleNamespace(cfg={"distill": {"sequence_kd": {"samples": 1, "prompts": path}}, "data": {}})
     before = teacher_prompts_input(run)

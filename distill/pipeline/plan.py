@@ -34,8 +34,8 @@ from ..roles import SCRATCH, STUDENT, TEACHER
 from .artifacts import build_role, distill_settings, load_saved, resolve_distill
 from .evaluation import evaluate
 from .rundir import RunDir, run_folder
-from .training import feature_shapes, soft_labels, teacher_source, student_data, train_assistant, train_distilled, \
-    train_scratch, train_teacher
+from .teacher_outputs import soft_labels, student_data, teacher_source
+from .training import feature_shapes, train_assistant, train_distilled, train_scratch, train_teacher
 
 KINDS = ("teacher", "assistant", "generate", "soft_labels", "baseline", "student", "evaluate", "compress")
 TRAINING = ("teacher", "assistant", "generate", "soft_labels", "baseline", "student")
