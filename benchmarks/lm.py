@@ -8,16 +8,23 @@ entropy only); distilled with forward KL, reverse KL and JSD(0.5) (alpha 0.5, T 
 from the cache); and sequence-level KD: trained with cross-entropy alone on as many windows as the training
 text has, each written by the teacher (temperature 1) after the first 8 characters of a training window; and
 the two combined (Kim & Rush's sequence- plus word-level KD): the same teacher-written windows, cross-entropy
-on the teacher's tokens and forward KL to its logits there, alpha 0.5. Each model keeps its epoch of lowest
+on the teacher's tokens and forward KL to its logits there, alpha 0.5; and TRL's `seq_kd` (GKDTrainer: the
+teacher writes the sequences, the student learns them by the generalized JSD alone, beta 0.5, TRL's default),
+the same windows with JSD(0.5) and no cross-entropy. Each model keeps its epoch of lowest
 validation loss; the test split is read once. `--arms 0,5` runs only those arms (0, the scratch student, is
-always run: the others are compared with it).
+always run: the others are compared with it; it is trained in the same run as arm 1, forward KL).
 Prints a Markdown table (test bits per character, perplexity, next-character accuracy, parameters, train
-time) and a sample of each model's text (the same prompt, temperature 0.8, the same seed).
+time) and a sample of each model's text (the same prompt, temperature 0.8, the same seed). Bits per character
+score a model on the real text; the last two columns score what it writes: each model continues the first 8
+characters of 256 test windows by 120 characters at temperature 1, and the teacher's bits per character on
+that text, minus the model's own (its entropy), estimate the sequence-level reverse KL from the model to the
+teacher per character (what MiniLLM minimises): how far what the model writes is from what the teacher would.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -38,7 +45,9 @@ ARMS = (("student, no distillation", "student_scratch", []), ("forward KL", "stu
         ("JSD(0.5)", "student", ["distill.method=jsd", "distill.jsd.beta=0.5"]),
         ("seq-KD: trained on teacher-written text", "student", ["distill.alpha=0", "distill.sequence_kd.windows=WINDOWS"]),
         ("seq-KD + forward KL on the teacher-written text", "student",
-         ["distill.method=forward_kl", "distill.alpha=0.5", "distill.sequence_kd.windows=WINDOWS"]))
+         ["distill.method=forward_kl", "distill.alpha=0.5", "distill.sequence_kd.windows=WINDOWS"]),
+        ("seq-KD the TRL way: JSD(0.5) alone on the teacher-written text", "student",
+         ["distill.method=jsd", "distill.jsd.beta=0.5", "distill.alpha=1", "distill.sequence_kd.windows=WINDOWS"]))
 PROMPT = "ROMEO:\n"
 
 
@@ -60,19 +69,37 @@ def sample(folder: str, name: str, n: int = 200) -> str:
     return "".join(vocab[i] for i in out[0].tolist())
 
 
+def written(teacher, folder: str, name: str, prompts: torch.Tensor, n: int = 120) -> tuple:
+    """(The teacher's bits/char, the model's own bits/char) on `n` characters the model writes at temperature 1
+    after each of `prompts`; their difference estimates KL(model || teacher) per character."""
+    path = os.path.join(folder, f"{name}.safetensors")
+    model = load_model_at(path, name).eval()
+    ids = model.generate(prompts, n, 1.0, torch.Generator().manual_seed(0))
+    k = prompts.shape[1]
+    with torch.no_grad():
+        bits = [torch.nn.functional.cross_entropy(m(ids)[:, k - 1:-1].flatten(0, 1).float(), ids[:, k:].flatten())
+                .item() / math.log(2) for m in (teacher, model)]
+    return bits[0], bits[1]
+
+
 def arms(args, base: str, root: str, seed: int, windows: str) -> list:
-    """Every arm once for this student seed: [(label, metrics, folder, model name)]."""
-    out = []
+    """Every arm once for this student seed: [(label, metrics, folder, model name)]. The scratch arm's run also
+    trains the forward-KL student beside it (the scratch stage does not read distill.*), which is arm 1."""
+    out, runs = [], {}
     for i in args.arms:
-        label, model, extra = ARMS[i]
-        extra = [e.replace("WINDOWS", windows) for e in extra] + [f"student.train.seed={seed}"]
-        work = os.path.join(root, f"arm_{i}_seed{seed}")
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.copytree(base, work)
-        baseline = [] if model == "student_scratch" else ["--no-baseline"]
-        distill("train-student", work, "--overwrite", *baseline, *sets([*args.sets, *extra]))
-        distill("evaluate", work, "--overwrite", *baseline, *sets([*args.sets, *extra]))
-        metrics = json.load(open(os.path.join(work, "metrics.json")))
+        label, model, _ = ARMS[i]
+        run = 1 if i in (0, 1) else i
+        extra = [e.replace("WINDOWS", windows) for e in ARMS[run][2]] + [f"student.train.seed={seed}"]
+        work = os.path.join(root, f"arm_{run}_seed{seed}")
+        if run not in runs:
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.copytree(base, work)
+            baseline = [] if 0 in args.arms and run == 1 else ["--no-baseline"]
+            distill("train-student", work, "--overwrite", *baseline, *sets([*args.sets, *extra]))
+            distill("evaluate", work, "--overwrite", *baseline, *sets([*args.sets, *extra]))
+            runs[run] = json.load(open(os.path.join(work, "metrics.json")))
+        metrics = runs[run]
+        metrics[model]["judged"], metrics[model]["own"] = written(args.teacher, work, model, args.prompts)
         out.append((label, metrics[model], work, model, metrics["teacher"]))
         print(f"seed {seed} {label}: {metrics[model]['bpc']:.4f} bits/char", file=sys.stderr)
     return out
@@ -100,21 +127,27 @@ def main() -> None:
     root, t0 = os.path.join(args.root, args.recipe), time.perf_counter()
     base = os.path.join(root, "teacher_run")
     distill("train-teacher", args.recipe, "--out", base, *sets(args.sets))
-    windows = str(len(load_data(Recipe.load(args.recipe, args.sets).cfg["data"]).x_train))  # seq-KD: equal steps
+    data = load_data(Recipe.load(args.recipe, args.sets).cfg["data"])
+    windows = str(len(data.x_train))  # seq-KD: equal steps
+    args.prompts = data.x_test[torch.randperm(len(data.x_test), generator=torch.Generator().manual_seed(0))[:256], :8]
+    args.teacher = load_model_at(os.path.join(base, "teacher.safetensors"), "teacher").eval()
     runs = {s: arms(args, base, root, s, windows) for s in range(args.seeds)}
     teacher = runs[0][0][4]
+    teacher["judged"], teacher["own"] = written(args.teacher, base, "teacher", args.prompts)
     print(f"`python benchmarks/lm.py {' '.join(sys.argv[1:])}`\n")
-    print("| model | test bits/char | perplexity | next-char accuracy % | params | train s | below scratch |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | test bits/char | perplexity | next-char accuracy % | params | train s | below scratch | "
+          "its text: teacher's bits/char | its text: KL to the teacher, bits/char |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print(f"| teacher | {teacher['bpc']:.4f} | {teacher['perplexity']:.3f} | {teacher['accuracy'] * 100:.2f} | "
-          f"{teacher['params']:,} | {teacher.get('train_time_s', 0):.0f} | |")
+          f"{teacher['params']:,} | {teacher.get('train_time_s', 0):.0f} | | {teacher['judged']:.4f} | 0 |")
     for j, i in enumerate(args.arms):
         label, ms = ARMS[i][0], [runs[s][j][1] for s in runs]
         below = sum(runs[s][j][1]["bpc"] < runs[s][0][1]["bpc"] for s in runs)
         print(f"| {label} | {mean_std([m['bpc'] for m in ms])} | {mean_std([m['perplexity'] for m in ms])} | "
               f"{mean_std([m['accuracy'] * 100 for m in ms])} | {ms[0]['params']:,} | "
               f"{statistics.mean(m.get('train_time_s', 0) for m in ms):.0f} | "
-              f"{'' if i == 0 else f'{below}/{len(ms)}'} |")
+              f"{'' if i == 0 else f'{below}/{len(ms)}'} | {mean_std([m['judged'] for m in ms])} | "
+              f"{mean_std([m['judged'] - m['own'] for m in ms])} |")
     print(f"\nWall time {(time.perf_counter() - t0) / 60:.1f} min on {os.cpu_count()} CPU cores "
           f"({platform.processor() or platform.machine()}, torch {torch.__version__}); student seeds "
           f"{list(runs)}, mean ± std; the teacher trained once (seed 0).\n")
