@@ -69,11 +69,9 @@ def sample(folder: str, name: str, n: int = 200) -> str:
     return "".join(vocab[i] for i in out[0].tolist())
 
 
-def written(teacher, folder: str, name: str, prompts: torch.Tensor, n: int = 120) -> tuple:
+def written(teacher, model, prompts: torch.Tensor, n: int = 120) -> tuple:
     """(The teacher's bits/char, the model's own bits/char) on `n` characters the model writes at temperature 1
     after each of `prompts`; their difference estimates KL(model || teacher) per character."""
-    path = os.path.join(folder, f"{name}.safetensors")
-    model = load_model_at(path, name).eval()
     ids = model.generate(prompts, n, 1.0, torch.Generator().manual_seed(0))
     k = prompts.shape[1]
     with torch.no_grad():
@@ -94,12 +92,13 @@ def arms(args, base: str, root: str, seed: int, windows: str) -> list:
         if run not in runs:
             shutil.rmtree(work, ignore_errors=True)
             shutil.copytree(base, work)
-            baseline = [] if 0 in args.arms and run == 1 else ["--no-baseline"]
+            baseline = [] if run == 1 else ["--no-baseline"]  # (arm 0 is always run: its student_scratch)
             distill("train-student", work, "--overwrite", *baseline, *sets([*args.sets, *extra]))
             distill("evaluate", work, "--overwrite", *baseline, *sets([*args.sets, *extra]))
             runs[run] = json.load(open(os.path.join(work, "metrics.json")))
         metrics = runs[run]
-        metrics[model]["judged"], metrics[model]["own"] = written(args.teacher, work, model, args.prompts)
+        student = load_model_at(os.path.join(work, f"{model}.safetensors"), model).eval()
+        metrics[model]["judged"], metrics[model]["own"] = written(args.teacher, student, args.prompts)
         out.append((label, metrics[model], work, model, metrics["teacher"]))
         print(f"seed {seed} {label}: {metrics[model]['bpc']:.4f} bits/char", file=sys.stderr)
     return out
@@ -133,7 +132,7 @@ def main() -> None:
     args.teacher = load_model_at(os.path.join(base, "teacher.safetensors"), "teacher").eval()
     runs = {s: arms(args, base, root, s, windows) for s in range(args.seeds)}
     teacher = runs[0][0][4]
-    teacher["judged"], teacher["own"] = written(args.teacher, base, "teacher", args.prompts)
+    teacher["judged"], teacher["own"] = written(args.teacher, args.teacher, args.prompts)
     print(f"`python benchmarks/lm.py {' '.join(sys.argv[1:])}`\n")
     print("| model | test bits/char | perplexity | next-char accuracy % | params | train s | below scratch | "
           "its text: teacher's bits/char | its text: KL to the teacher, bits/char |")
