@@ -81,6 +81,9 @@ TRAIN = {
     },
     "scheduler": {
         "name": F((str,), "cosine", choices=("constant", "cosine", "multistep")),
+        # how often the lr moves: once an epoch (torchvision's and torchdistill's image recipes) or every step
+        # (Hugging Face, torchtune, nanoGPT: language models, and any run of one or two epochs)
+        "interval": F((str,), "epoch", choices=("epoch", "step")),
         "warmup_epochs": F((int,), 0, non_negative),
         # and a linear warm-up over the first steps (transformers trained from scratch need one: full-rate Adam
         # steps at the start set a from-scratch GPT back by hundreds of steps)

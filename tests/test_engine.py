@@ -225,6 +225,39 @@ def test_warmup_steps_ramp_the_learning_rate_linearly_then_hand_back_to_the_sche
     assert len(seen) > 6
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # (the test's wrapper)
+def test_a_step_interval_decays_the_lr_every_step_and_keeps_old_fingerprints(tmp_path):
+    """`scheduler.interval: step`: the cosine factor at steps/steps-per-epoch, set before each step (times the
+    warm-up ramp over the first steps), down to nearly 0 at the last step; the default, once an epoch, leaves
+    the stage's inputs as they were before the key existed."""
+    from distill.data import load_data
+    from distill.engine.callbacks import Callback
+    from distill.engine.trainer import Trainer, lr_factor
+    from distill.models import mlp
+    from distill.pipeline.training import _train_inputs
+    recipe = Recipe.load("breast_cancer", ["train.epochs=3", "train.scheduler.interval=step",
+                                           "train.scheduler.warmup_steps=3", "data.batch_size=64"])
+    seen = []
+
+    class Rates(Callback):  # the lr each optimizer step uses
+        def on_fit_start(self, t):
+            step = t.opt.step
+            t.opt.step = lambda: (seen.append(t.opt.param_groups[0]["lr"]), step())
+    data = load_data(recipe.cfg["data"])
+    tcfg = recipe.cfg["student"]["train"]
+    trainer = Trainer("student", Objective(mlp(data.input_shape, 2, hidden=[4])), data, recipe.cfg["data"], tcfg,
+                      [Rates()])
+    trainer.fit()
+    per, lr = trainer.per_epoch, tcfg["optimizer"]["lr"]
+    want = [lr * lr_factor(s / per, tcfg["scheduler"], 3) * min(1.0, (s + 1) / 3) for s in range(3 * per)]
+    assert per > 2 and seen == pytest.approx(want, rel=1e-12)
+    assert all(a > b for a, b in zip(seen[3:], seen[4:])) and seen[-1] < 0.01 * lr  # every step lower, to ~0
+    assert trainer.opt.param_groups[0]["lr"] < 0.01 * lr  # (and no epoch-end step of the schedule on top)
+    default = Recipe.load("breast_cancer").cfg["student"]["train"]
+    assert default["scheduler"]["interval"] == "epoch" and "interval" not in _train_inputs(default)["scheduler"]
+    assert _train_inputs(tcfg)["scheduler"]["interval"] == "step"
+
+
 def test_the_teachers_max_pooling_runs_channels_last_with_the_same_bits():
     """teacher_forward (the online teacher, the soft-label cache) pools channels-last: every output bit, and a
     captured pooling output, as the plain forward pass gives them; the model is left without hooks."""

@@ -55,8 +55,11 @@ def make_optimizer(params, ocfg: Dict[str, Any]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=wd, **kind)
 
 
-def lr_factor(epoch: int, scfg: Dict[str, Any], epochs: int) -> float:
-    """Multiplier of the base lr at `epoch`: linear warm-up, then constant, cosine or multi-step decay."""
+def lr_factor(epoch: float, scfg: Dict[str, Any], epochs: int) -> float:
+    """Multiplier of the base lr at `epoch`: linear warm-up, then constant, cosine or multi-step decay. With
+    `scheduler.interval: step` the epoch is fractional (steps done / steps per epoch), so cosine decays every
+    step to nearly 0 at the last one, as Hugging Face, torchtune and nanoGPT schedule it; the milestones of
+    multi-step fall on the same epoch boundaries either way."""
     warm = scfg["warmup_epochs"]
     if epoch < warm:
         return (epoch + 1) / (warm + 1)
@@ -144,9 +147,11 @@ class Trainer:
             groups.setdefault((p.device, p.dtype), []).append(p)
         self.grad_groups = list(groups.values())  # (not the optimizer's param_groups)
         self.opt = make_optimizer(self.params, tcfg["optimizer"])
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda e: lr_factor(e, tcfg["scheduler"], tcfg["epochs"]))
-        self.per_epoch = steps_per_epoch(len(self.data.y_train), self.data_cfg["batch_size"], self.split.parts)
+        self.per_epoch = per = steps_per_epoch(len(self.data.y_train), self.data_cfg["batch_size"], self.split.parts)
+        scfg = tcfg["scheduler"]
+        self.step_sched = scfg.get("interval") == "step"  # the scheduler counts steps, not epochs
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda n: lr_factor(
+            n / per if self.step_sched else n, scfg, tcfg["epochs"]))
         self.epoch_gen = self.gen.get_state()
         self.resumed = False
         for cb in self.callbacks:  # a checkpoint is restored (or old ones cleared) before anything else starts
@@ -229,18 +234,18 @@ class Trainer:
         self.student.load_state_dict(self.prog["best_state"])
         return {"selected_epoch": self.prog["best_epoch"] + 1, **self.prog["best_metrics"]}
 
-    def _warm_up(self, epoch: int) -> None:
-        """`scheduler.warmup_steps`: the lr ramps up linearly over the first steps (the epoch's own factor set
-        by the scheduler is restored at the last of them)."""
+    def _warm_up(self) -> None:
+        """`scheduler.warmup_steps`: the lr ramps up linearly over the first steps (the scheduler's own factor
+        is restored at the last of them)."""
         warm, step = self.tcfg["scheduler"].get("warmup_steps", 0), self.prog["step"]
         if warm and step <= warm:
-            f = lr_factor(epoch, self.tcfg["scheduler"], self.tcfg["epochs"]) * min(1.0, (step + 1) / warm)
+            f = self.sched.lr_lambdas[0](self.sched.last_epoch) * min(1.0, (step + 1) / warm)
             for group in self.opt.param_groups:
                 group["lr"] = group["initial_lr"] * f
 
     def step(self, epoch: int, step: Step) -> None:
         prog, objective = self.prog, self.objective
-        self._warm_up(epoch)
+        self._warm_up()
         objective.progress = prog["step"] / max(self.tcfg["epochs"] * self.per_epoch, 1)  # drives the schedules
         objective.epoch = prog["step"] / max(self.per_epoch, 1)
         self.opt.zero_grad(set_to_none=True)
@@ -274,6 +279,8 @@ class Trainer:
             prog["bad"] = 0
             self.opt.step()
             self._accumulate(parts, total)
+        if self.step_sched:  # (a skipped step counts too: the schedule follows prog["step"])
+            self.sched.step()
         record = self.step_record(epoch, signals) if record_step else None
         for cb in self.callbacks:
             cb.on_step_end(self, epoch, record, bad is not None)
@@ -351,7 +358,8 @@ class Trainer:
     def end_epoch(self, epoch: int, seconds: float) -> None:
         prog = self.prog
         lr = self.opt.param_groups[0]["lr"]
-        self.sched.step()
+        if not self.step_sched:
+            self.sched.step()
         val = self.task.validate(self.student, self.data, self.data_cfg["eval_batch_size"], self.runtime)
         self._select(epoch, val)
         n = max(prog["batch"] - prog["skipped"], 1)

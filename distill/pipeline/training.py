@@ -121,8 +121,16 @@ def base_inputs(run: RunDir, role: str, spec: Dict[str, Any]) -> Dict[str, Any]:
     """What every trained stage depends on. The device counts (a GPU rounds differently) once it is not the CPU,
     so runs made on the CPU keep their fingerprints."""
     device, augment = run.runtime.device.type, run.own_augment(role)
-    return {"spec": spec, "train": run.cfg[role]["train"], "data": run.data.fingerprint,
+    return {"spec": spec, "train": _train_inputs(run.cfg[role]["train"]), "data": run.data.fingerprint,
             **({"device": device} if device != "cpu" else {}), **({"augment": augment} if augment else {})}
+
+
+def _train_inputs(tcfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The train settings, less `scheduler.interval` at its default (the key came later: runs made before it
+    keep their fingerprints, and their teachers are not retrained)."""
+    if tcfg["scheduler"].get("interval", "epoch") != "epoch":
+        return tcfg
+    return {**tcfg, "scheduler": {k: v for k, v in tcfg["scheduler"].items() if k != "interval"}}
 
 
 def train_teacher(run: RunDir) -> nn.Module:
