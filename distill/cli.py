@@ -291,10 +291,7 @@ def _export(args: argparse.Namespace) -> int:
 def _load(target: Optional[str], overrides: List[str], out: Optional[str]):
     from .recipe import Recipe
     if target and os.path.isdir(target):
-        path = os.path.join(target, "recipe.yaml")
-        if not os.path.isfile(path):
-            raise UserError(f"{target}: not a run folder (no recipe.yaml); give a recipe file instead")
-        return Recipe.load(path, overrides), out or target
+        return Recipe.load_run_folder(target, overrides), out or target
     return Recipe.load(target or DEFAULT_RECIPE, overrides), out
 
 

@@ -70,6 +70,34 @@ class Recipe:
         path = resolve_recipe_path(path_or_name)
         return cls.from_dict(read_yaml(path), overrides, source=path)
 
+    @classmethod
+    def load_run_folder(cls, folder: str, overrides: Sequence[str] = ()) -> "Recipe":
+        """The recipe a run folder saved. It is resolved: each role holds its whole `train` section, so a
+        top-level `--set train.KEY=V` no longer reaches the roles as it does in the recipe it came from. The keys
+        one per run (device, timeout_s) are set for every role too; any other that a role would not take is
+        refused, naming the role's own key, rather than left silently unapplied."""
+        path = os.path.join(folder, "recipe.yaml")
+        if not os.path.isfile(path):
+            raise UserError(f"{folder}: not a run folder (no recipe.yaml); give a recipe file instead")
+        raw, extra = read_yaml(path), []
+        for a in overrides:
+            key = a.split("=", 1)[0].strip()
+            if not key.startswith("train.") or not isinstance(raw, dict):
+                continue
+            sub = key.split(".")[1:]
+            if sub[0] in ("device", "timeout_s"):
+                extra += [f"{role}.{a.strip()}" for role in ("teacher", "student")]
+                continue
+            probe = copy.deepcopy(raw)
+            apply_override(probe, a)
+            new = _at(probe, key.split("."))
+            roles = [r for r in ("teacher", "student") if _at(raw.get(r), ["train", *sub]) != new]
+            if roles:
+                own = " and/or ".join(f"{r}.{key}" for r in roles)
+                raise UserError(f"--set {key}: {path} is resolved (each role keeps its own train settings), so "
+                                f"train.* no longer reaches {' or '.join(roles)}; set {own} instead")
+        return cls.from_dict(raw, [*overrides, *extra], source=path)
+
     def __getitem__(self, key: str) -> Any:
         return self.cfg[key]
 
@@ -78,6 +106,13 @@ class Recipe:
 
     def model_cfg(self, role: str) -> Dict[str, Any]:
         return self.cfg[role]
+
+
+def _at(node: Any, keys: List[str]) -> Any:
+    """node[k0][k1]..., or None where a key is missing."""
+    for k in keys:
+        node = node.get(k) if isinstance(node, dict) else None
+    return node
 
 
 def read_yaml(path: str) -> Any:

@@ -205,6 +205,27 @@ def test_commands_that_rank_or_measure_on_validation_refuse_no_validation_split(
         Recipe.load("digits", ["student.train.device=cpu", "train.device=auto"])
 
 
+def test_a_top_level_train_override_on_a_run_folder_is_refused_where_it_would_not_reach_a_role(tmp_path, capsys):
+    """A run folder's recipe.yaml is resolved: `--set train.epochs=...` would silently leave each role's own
+    epochs as they were. It is one line and exit 2, naming the keys that do reach them; the one-per-run keys
+    are set for every role; an override the roles already hold passes."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "recipe.yaml").write_text(Recipe.load("breast_cancer").to_yaml())
+    before = sorted(os.listdir(folder))
+    assert main(["train-student", str(folder), "--set", "train.epochs=7"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--set train.epochs:" in err and "set teacher.train.epochs and/or " \
+        "student.train.epochs instead" in err
+    assert sorted(os.listdir(folder)) == before  # nothing written
+    with pytest.raises(UserError, match="no longer reaches teacher or student; set teacher.train.scheduler.interval"):
+        Recipe.load_run_folder(str(folder), ["train.scheduler.interval=step"])
+    cfg = Recipe.load_run_folder(str(folder), ["student.train.epochs=7", "train.device=cpu", "train.timeout_s=60",
+                                               f"train.seed={Recipe.load('breast_cancer').cfg['train']['seed']}"]).cfg
+    assert cfg["student"]["train"]["epochs"] == 7 and cfg["teacher"]["train"]["epochs"] != 7
+    assert cfg["train"]["timeout_s"] == 60 and all(cfg[r]["train"]["timeout_s"] == 60 for r in ("teacher", "student"))
+
+
 def test_warmup_steps_ramp_the_learning_rate_linearly_then_hand_back_to_the_schedule(tmp_path):
     from distill.data import load_data
     from distill.engine.callbacks import Callback

@@ -14,6 +14,7 @@ import yaml
 from lmkit import arith_files, bpe_llama, char_tokenizer, lm_recipe, tiny_llama, write_jsonl
 
 from distill.data.completions import IGNORE, encode, tokenize_rows
+from distill import Recipe
 from distill.errors import UserError
 from distill.io import sha256_file
 from distill.losses.tokens import token_divergence
@@ -96,6 +97,61 @@ def test_vocabulary_mismatch_is_refused(tmp_path, llama):
     assert p.returncode == 2, p.stderr
     assert "has another tokenizer" in p.stderr and "logit-level KD needs one vocabulary" in p.stderr
     assert not os.path.exists(r["output"]["dir"])
+
+
+def test_sequence_level_kd_crosses_tokenizers(tmp_path, llama, capsys):
+    """A student of another tokenizer (byte-level BPE, the teacher's is per character) learns from the text
+    the teacher writes: the kept completions are re-encoded in its tokens, the student and its baseline read
+    every split in its tokens, its folder holds its own tokenizer and generates the same in plain
+    transformers; the teacher-student KL is left out (two vocabularies), and anything at the logit level,
+    or compress, is still refused in one line."""
+    from distill.cli import main
+    from distill.models.hf import load_tokenizer, tokenizer_hash
+    other = bpe_llama(str(tmp_path / "bpe"))
+    r = lm_recipe(str(tmp_path), student={"hf": other, "train": {"epochs": 1}},
+                  distill={"alpha": 0, "sequence_kd": {"samples": 1, "max_new_tokens": 48}})
+    r["teacher"].update(hf=llama, train={"epochs": 2, "optimizer": {"lr": 3e-3}})
+    del r["student"]["from_teacher"]
+    yaml.safe_dump(r, open(tmp_path / "r.yaml", "w"))
+    assert main(["run", str(tmp_path / "r.yaml")]) == 0  # (in this process: DISTILL_CACHE is the test's)
+    out = r["output"]["dir"]
+    kept = [json.loads(line) for line in open(os.path.join(out, "teacher_samples.jsonl"))]
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    moved = next(e for e in log if "reencoded" in e)
+    assert kept and moved["reencoded"] + moved["too_long"] == len(kept)
+    bpe = load_tokenizer(other, "t")
+    for name in ("student", "student_scratch"):  # saved with the student's own tokenizer
+        assert tokenizer_hash(load_tokenizer(os.path.join(out, name), "t")) == tokenizer_hash(bpe)
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    for name in ("teacher", "student_scratch", "student"):
+        assert {"perplexity", "exact_match"} <= set(metrics[name])
+    assert "teacher_kl" not in metrics["student"] and "top1_agreement" not in metrics["student"]
+    from distill.pipeline.artifacts import load_saved
+    from distill.pipeline.rundir import RunDir
+    from distill.pipeline.teacher_outputs import student_data
+    from distill.tasks.causal_lm import prompts_and_answers
+    run = RunDir(Recipe.load(str(tmp_path / "r.yaml")), out, echo=lambda *a: None)
+    data, added = student_data(run, load_saved(run, "teacher"), "student")
+    assert data.tokenizer == other and added["teacher_written"] == moved["reencoded"] == len(data.y_train)
+    # what the student trained on is the teacher's text, in the student's tokens (with its EOS)
+    texts = [bpe.decode([t for t in y.tolist() if t >= 0]) for y in data.y_train]
+    assert all(t.endswith(bpe.eos_token) for t in texts)
+    assert moved["too_long"] == 0  # (data.max_length 160 holds every one)
+    assert sorted(t[:-len(bpe.eos_token)] for t in texts) == sorted(k["completion"] for k in kept)
+    prompt = prompts_and_answers(run.data_for("student").x_test, run.data_for("student").y_test)[0][0]
+    model = load_saved(run, "student").float()
+    ours = model.complete([prompt], 8)[0][0]
+    assert _greedy_in_plain_transformers(os.path.join(out, "student"), prompt, 8, tmp_path)[:len(ours)] == ours
+    # at the logit level, and in compress, one vocabulary is still needed
+    for argv, message in ((["run", str(tmp_path / "r.yaml"), "--set", "distill.alpha=0.5", "--out",
+                            str(tmp_path / "logits")], "logit-level KD needs one vocabulary"),
+                          (["compress", out, "--set", "compress.steps=[layers]", "--set", "compress.layers.to=1"],
+                           "compress works in the teacher's")):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, err
+    assert not os.path.exists(tmp_path / "logits") and not os.path.exists(os.path.join(out, "compress"))
 
 
 def _topk_form(t_logits, k, temperature=1.0):
@@ -240,20 +296,27 @@ def test_topk_kd_run_end_to_end_and_the_student_folder_generates_in_plain_transf
     student = load_causal_lm(os.path.join(out, "student"), "student")
     assert student.num_layers == 2
     prompt = [1, 8, 9, 15, 9]  # <s> "0+6 ..." style ids
-    ours = student.complete([prompt], 12)[0][0]
+    # the student, and the FFN-pruned model (its config.json says the pruned width), in plain transformers
+    for folder in (os.path.join(out, "student"), pruned):
+        model = load_causal_lm(folder, "m").float()
+        ours = model.complete([prompt], 12)[0][0]
+        theirs = _greedy_in_plain_transformers(folder, prompt, 12, tmp_path)
+        assert theirs[:len(ours)] == ours and (ours[-1] == model.eos_id or len(ours) == 12)
+
+
+def _greedy_in_plain_transformers(folder: str, prompt: list, n: int, cwd) -> list:
+    """The `n` greedy tokens after `prompt` from `folder`, in a process that imports transformers, not distill."""
     script = ("import json, sys, torch, transformers\n"
-              "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]); m.eval()\n"
+              "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32); m.eval()\n"
               "t = transformers.AutoTokenizer.from_pretrained(sys.argv[1])\n"
-              "out = m.generate(torch.tensor([json.loads(sys.argv[2])]), max_new_tokens=12, do_sample=False,\n"
-              "                 pad_token_id=t.pad_token_id, eos_token_id=t.eos_token_id)\n"
+              "out = m.generate(torch.tensor([json.loads(sys.argv[2])]), max_new_tokens=int(sys.argv[3]),\n"
+              "                 do_sample=False, pad_token_id=t.pad_token_id, eos_token_id=t.eos_token_id)\n"
               "assert 'distill' not in sys.modules\n"
               "print(json.dumps(out[0, len(json.loads(sys.argv[2])):].tolist()))\n")
-    q = subprocess.run([sys.executable, "-c", script, os.path.join(out, "student"), json.dumps(prompt)],
-                       capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    q = subprocess.run([sys.executable, "-c", script, folder, json.dumps(prompt), str(n)],
+                       capture_output=True, text=True, timeout=300, cwd=str(cwd))
     assert q.returncode == 0, q.stderr[-2000:]
-    theirs = json.loads(q.stdout.strip().splitlines()[-1])
-    eos = student.eos_id
-    assert theirs[:len(ours)] == ours and (ours[-1] == eos or len(ours) == 12)
+    return json.loads(q.stdout.strip().splitlines()[-1])
 
 
 def test_gguf_and_package_errors(tmp_path):

@@ -130,11 +130,13 @@ def _write_variant_file(cfg: Dict[str, Any], folder: str, name: str, path: str, 
     """Write the variant's deployable file here (the child only loads it); an error message if that fails."""
     from ..data import load_data
     from ..pipeline.artifacts import load_model_at
+    from ..pipeline.rundir import data_cfg_for
     from .measure import variant_path, write_file
     if variant_path(folder, name, variant) is None:  # (a variant without a file of its own)
         return None
-    if "data" not in loaded:
-        loaded["data"] = load_data(cfg["data"])
+    data_cfg = data_cfg_for(cfg, name)
+    if loaded.get("data_cfg") != data_cfg:
+        loaded.update(data_cfg=data_cfg, data=load_data(data_cfg))
     if loaded.get("name") != name:
         loaded.update(name=name, model=load_model_at(path, name))
     try:

@@ -165,9 +165,10 @@ def _peak_mb() -> float:
 
 def measure(job: Dict[str, Any]) -> Dict[str, Any]:
     from ..pipeline.artifacts import load_model_at
+    from ..pipeline.rundir import data_cfg_for
     cfg, variant, ecfg = job["cfg"], job["variant"], job["cfg"]["evaluate"]
     torch.set_num_threads(ecfg["threads"])
-    data = load_data(cfg["data"])
+    data = load_data(data_cfg_for(cfg, job["name"]))  # (a student of another tokenizer: in its own tokens)
     gc.collect()
     base = _rss_mb()
     model = load_model_at(job["path"], job["name"])

@@ -202,6 +202,10 @@ def compress(run: RunDir, teacher: Optional[nn.Module] = None, model: Optional[n
     if not steps:
         raise UserError("compress.steps: empty; name the steps to run, e.g. --set 'compress.steps=[layers, heads, "
                         "qat]' (choose from vocab, layers, heads, channels, qat)")
+    if run.student_tokenizer and run.cfg["compress"]["source"] != TEACHER:
+        raise UserError(f"compress.source: {run.cfg['compress']['source']} reads another tokenizer than the teacher "
+                        f"(student.hf); compress works in the teacher's tokens (its fine-tunes distil the teacher's "
+                        f"logits), which needs one vocabulary")
     c = Compressor(run, teacher or load_saved(run, TEACHER), model or load_saved(run, run.cfg["compress"]["source"]))
     for name in steps:
         getattr(c, name)()

@@ -125,6 +125,7 @@ def prune_ffn(model: HFClassifier, keep: float) -> HFClassifier:
     (intermediate.dense, output.dense) or gated (Llama, Qwen, SmolLM: mlp.gate_proj, up_proj, down_proj)."""
     model = copy.deepcopy(model)
     _, _, layers = layer_list(model.hf)
+    width = None
     for i, layer in enumerate(layers):
         mlp = getattr(layer, "mlp", None)
         if all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
@@ -133,6 +134,7 @@ def prune_ffn(model: HFClassifier, keep: float) -> HFClassifier:
             mlp.gate_proj = slice_module(mlp.gate_proj, out_idx=kept)
             mlp.up_proj = slice_module(mlp.up_proj, out_idx=kept)
             mlp.down_proj = slice_module(mlp.down_proj, in_idx=kept)
+            width = len(kept)
             continue
         up, down = getattr(getattr(layer, "intermediate", None), "dense", None), getattr(
             getattr(layer, "output", None), "dense", None)
@@ -143,6 +145,11 @@ def prune_ffn(model: HFClassifier, keep: float) -> HFClassifier:
         kept = score.argsort(descending=True)[:max(1, round(keep * len(score)))].sort().values
         layer.intermediate.dense = slice_module(up, out_idx=kept)
         layer.output.dense = slice_module(down, in_idx=kept)
+        width = len(kept)
+    # every layer keeps the same count (`keep` of equal widths): the saved config.json says it, so plain
+    # transformers builds the pruned shapes when it loads the folder
+    if width is not None and hasattr(model.hf.config, "intermediate_size"):
+        model.hf.config.intermediate_size = width
     return model
 
 

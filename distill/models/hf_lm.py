@@ -193,13 +193,19 @@ def fresh_lm(teacher: HFCausalLM, layers: int, hidden: int, heads: int, intermed
     return teacher.rewrap(hf)
 
 
+def same_tokenizer(path: str, reference: str, where: str) -> bool:
+    """Whether two tokenizers have the same tokens with the same ids (and special tokens): one vocabulary."""
+    return tokenizer_hash(load_tokenizer(path, where)) == tokenizer_hash(load_tokenizer(reference, "data.tokenizer"))
+
+
 def check_same_tokenizer(path: str, reference: str, where: str) -> None:
     """Logit-level KD compares distributions over one vocabulary: the same tokens with the same ids."""
     a, b = load_tokenizer(path, where), load_tokenizer(reference, "data.tokenizer")
     if tokenizer_hash(a) != tokenizer_hash(b):
         raise UserError(f"{where}: {path} has another tokenizer ({len(a):,} tokens, hash {tokenizer_hash(a)}) than the "
                         f"data's {reference} ({len(b):,} tokens, hash {tokenizer_hash(b)}); logit-level KD needs one "
-                        f"vocabulary (sequence-level KD on teacher-written text, distill generate, works across them)")
+                        f"vocabulary (sequence-level KD crosses tokenizers: distill.sequence_kd.samples with "
+                        f"replace: true and distill.alpha: 0, the student learning the teacher's text alone)")
 
 
 def layer_importance(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> List[float]:

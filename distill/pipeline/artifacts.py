@@ -153,8 +153,8 @@ class HuggingFaceModels:
         m, t = run.cfg[role], run.cfg[TEACHER]
         if m["hf"]:
             model = untrimmed(load_causal_lm(m["hf"], f"{role}.hf"), f"{role}.hf", m["hf"])
-            if role != TEACHER:
-                check_same_tokenizer(m["hf"], run.cfg["data"]["tokenizer"], f"{role}.hf")
+            if role != TEACHER and run.student_tokenizer and not text_only_kd(run.cfg):
+                check_same_tokenizer(m["hf"], run.cfg["data"]["tokenizer"], f"{role}.hf")  # (refuses, naming why)
             return model
         ft = m["from_teacher"]
         if ft and ft["source"] == "finetuned" and os.path.isdir(run.path(TEACHER)):
@@ -172,7 +172,8 @@ class HuggingFaceModels:
         return name
 
     def save(self, run: RunDir, model: nn.Module, name: str, spec: Dict[str, Any], info: Dict[str, Any]) -> None:
-        save_folder(model, run.path(name), run.cfg["data"]["tokenizer"], model_meta(run.data, name, spec, info))
+        data = run.data_for(name)  # (with its own tokenizer: a student of another tokenizer than the teacher's)
+        save_folder(model, run.path(name), data.tokenizer, model_meta(data, name, spec, info))
 
     def layer_features(self, cfg: Dict[str, Any], teacher: nn.Module, student: nn.Module) -> List[Dict[str, Any]]:
         """`distill.layers` (hidden states, attention maps, embeddings, [CLS]) as `distill.features` entries."""
@@ -182,6 +183,14 @@ class HuggingFaceModels:
         return transformer_features(cfg["distill"]["layers"], teacher.num_layers, student.num_layers,
                                     teacher.width == student.width,
                                     teacher_layers(ft, teacher.num_layers) if ft else None)
+
+
+def text_only_kd(cfg: Dict[str, Any]) -> bool:
+    """Whether the student learns from the teacher's text alone (sequence-level KD, nothing at the logit
+    level, no assistants, nothing to compress by logit KD): the one way a student of another tokenizer learns."""
+    from .teacher_outputs import labels_only
+    seq = cfg["distill"]["sequence_kd"]
+    return bool(labels_only(cfg["distill"]) and seq["samples"] and seq["replace"] and not cfg["distill"]["assistants"])
 
 
 def untrimmed(model: nn.Module, where: str, path: str) -> nn.Module:

@@ -19,14 +19,15 @@ def evaluated(cfg: Dict[str, Any]) -> list:
 
 
 def evaluate(run: RunDir) -> Dict[str, Any]:
-    data, ecfg = run.data, run.cfg["evaluate"]
+    ecfg = run.cfg["evaluate"]
     stages = read_json(run.path("stages.json"), {})
     metrics, models = {}, {}
     for name in evaluated(run.cfg):
-        model = models[name] = load_saved(run, name)
+        model, data = load_saved(run, name), run.data_for(name)  # (a student may read its own tokens)
+        models[name] = model
         m = evaluate_model(model, require_saved(run.out, name), data.x_test, data.y_test, ecfg,
                            run.cfg["data"]["eval_batch_size"], run.runtime, task_for(data))
-        if name != TEACHER and hasattr(task_for(data), "agreement") and run.runtime.is_main:
+        if name != TEACHER and data is run.data and hasattr(task_for(data), "agreement") and run.runtime.is_main:
             m.update(task_for(data).agreement(models[TEACHER], model, data.x_test, data.y_test,
                                               run.cfg["data"]["eval_batch_size"]))
         extra = stages.get(name, {})

@@ -155,12 +155,13 @@ def preflight(run: RunDir) -> None:
     assistants = [chain.build(run, i, s) for i, s in enumerate(chain.specs(run))]
     chain.check_auto(run, assistants, teacher, student)
     links = [teacher, *assistants, student]
-    task = task_for(run.data)
-    batch = task.collate(run.data, torch.arange(2), run.data_cfg(STUDENT)["transforms"], 0)
+    data = run.data_for(STUDENT)  # (a student of another tokenizer reads its own tokens, and the teacher's text)
+    task = task_for(data)
+    batch = task.collate(data, torch.arange(2), run.data_cfg(STUDENT)["transforms"], 0)
     for prev, nxt in zip(links, links[1:]):
         t_shapes, s_shapes = feature_shapes(run, prev, nxt, run.dcfg)
-        source = teacher_source(run, prev, "online", quiet=True)
-        Objective(nxt, run.dcfg, source, t_shapes, s_shapes, task=task, n_train=len(run.data.y_train))(
+        source = None if data is not run.data else teacher_source(run, prev, "online", quiet=True)
+        Objective(nxt, run.dcfg, source, t_shapes, s_shapes, task=task, n_train=len(data.y_train))(
             batch.x, batch.y, batch.idx, batch.mask)
 
 

@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..io import append_jsonl, read_json, write_json, write_text
 from ..logbook import summary_writer_class
 from ..recipe import Recipe
-from ..roles import recipe_section
+from ..roles import STUDENT, TEACHER, recipe_section
 
 AFTER_TRAINING = ("output", "compress", "bench", "baseline")  # keys that do not change the trained models
 
@@ -25,6 +25,27 @@ AFTER_TRAINING = ("output", "compress", "bench", "baseline")  # keys that do not
 def run_folder(recipe: Recipe, out: Optional[str] = None) -> str:
     """--out, else the recipe's output.dir, else runs/<name>."""
     return out or recipe.cfg["output"]["dir"] or os.path.join("runs", recipe.cfg["name"])
+
+
+def student_tokenizer(cfg: Dict[str, Any]) -> Optional[str]:
+    """The folder of a causal-LM student (`student.hf`) whose tokenizer is not the data's (the teacher's);
+    None when they share one. Such a student can learn only from the text the teacher writes (sequence-level
+    KD): it, and its baseline, read every split in its own tokens."""
+    from ..models.hf import resolve_hf_path
+    from ..models.hf_lm import same_tokenizer
+    from ..recipe_schema import COMPLETIONS
+    hf = cfg[STUDENT]["hf"]
+    if cfg["data"]["dataset"] not in COMPLETIONS or not hf:
+        return None
+    path = resolve_hf_path(hf, "student.hf")
+    return None if same_tokenizer(path, cfg["data"]["tokenizer"], "student.hf") else path
+
+
+def data_cfg_for(cfg: Dict[str, Any], name: str, own: Any = False) -> Dict[str, Any]:
+    """The `data` section as model `name` reads it: a student of another tokenizer in its own tokens (`own`:
+    that tokenizer when known, else it is looked up)."""
+    own = student_tokenizer(cfg) if own is False and name != TEACHER else own
+    return {**cfg["data"], "tokenizer": own} if own and name != TEACHER else cfg["data"]
 
 
 class RunDir:
@@ -69,6 +90,18 @@ class RunDir:
     @cached_property
     def data(self) -> DataBundle:
         return load_data(self.cfg["data"])
+
+    @cached_property
+    def student_tokenizer(self) -> Optional[str]:
+        return student_tokenizer(self.cfg)
+
+    @cached_property
+    def _student_data(self) -> DataBundle:
+        return load_data(data_cfg_for(self.cfg, STUDENT, self.student_tokenizer))
+
+    def data_for(self, name: str) -> DataBundle:
+        """The data as model `name` reads it: the teacher's tokens, or a student's own (`student_tokenizer`)."""
+        return self._student_data if name != TEACHER and self.student_tokenizer else self.data
 
     @cached_property
     def runtime(self) -> Runtime:

@@ -130,7 +130,7 @@ def student_data(run: RunDir, teacher: nn.Module, name: str) -> Tuple[DataBundle
     """What a distilled model trains on: the labelled training split, plus the inputs the teacher alone
     labels (label -1): the training inputs without labels (`data.label_fraction`) and, for text, the
     augmented copies and unlabeled texts of `distill.data`."""
-    data, added = run.data, {}
+    data, added = run.data_for(name), {}
     if run.cfg["distill"]["sequence_kd"]["windows"]:
         data, added["teacher_written"] = teacher_written(run, teacher, data)
     elif run.cfg["distill"]["sequence_kd"]["samples"]:
@@ -202,6 +202,7 @@ def teacher_completions(run: RunDir, teacher: nn.Module, data: DataBundle) -> Tu
     seq, seed = run.cfg["distill"]["sequence_kd"], run.cfg[STUDENT]["train"]["seed"]
     settings = {k: seq[k] for k in ("samples", "temperature", "top_p", "max_new_tokens", "verify", "batch_size")}
     answer = run.cfg["evaluate"]["exact_match"]["answer"]
+    own, data = data, run.data  # the teacher writes in its tokens (run.data); `own`: the student's
     inputs = {"teacher": weights_sha256(teacher), "data": data.fingerprint, "settings": settings, "answer": answer,
               "seed": seed, **teacher_prompts_input(run)}
 
@@ -236,14 +237,41 @@ def teacher_completions(run: RunDir, teacher: nn.Module, data: DataBundle) -> Tu
         from ..errors import UserError
         raise UserError(f"{run.path(TEACHER_COMPLETIONS)}: the teacher wrote no completion that was kept (none "
                         f"ended within max_new_tokens, or none was verified correct); nothing to train on")
-    x, y = (torch.from_numpy(a) for a in as_arrays([(r["prompt_ids"], r["completion_ids"]) for r in rows],
-                                                   data.pad_id))
+    pairs = [(r["prompt_ids"], r["completion_ids"]) for r in rows]
+    if own is not data:  # (a student of another tokenizer: the teacher's text, in the student's tokens)
+        pairs, data = in_student_tokens(run, rows, own), own
+    x, y = (torch.from_numpy(a) for a in as_arrays(pairs, data.pad_id))
     if not seq["replace"]:
         width = max(x.shape[1], data.x_train.shape[1])
         pad = lambda a, v: torch.nn.functional.pad(a, (0, width - a.shape[1]), value=v)  # noqa: E731
         x, y = torch.cat([pad(data.x_train, data.pad_id), pad(x, data.pad_id)]), torch.cat([pad(data.y_train, -100),
                                                                                           pad(y, -100)])
-    return with_training_split(data, x, y), len(rows)
+    return with_training_split(data, x, y), len(pairs)
+
+
+def in_student_tokens(run: RunDir, rows: list, data: DataBundle) -> list:
+    """The teacher's kept completions as (prompt ids, completion ids) in a student's own tokenizer: each
+    prompt as the student's data has it (the same row of the same split: the split does not depend on the
+    tokenizer), the completion's text re-encoded, with the student's EOS. Rows that no longer fit in
+    data.max_length are left out, and counted."""
+    from ..data.completions import encode, teacher_prompts
+    from ..models.hf import load_tokenizer
+    from ..tasks.causal_lm import prompts_and_answers
+    tok = load_tokenizer(data.tokenizer, "student.hf")
+    prompts = prompts_and_answers(data.x_train, data.y_train)[0] + teacher_prompts(run.cfg, data, tok)[0]
+    limit, pairs = run.cfg["data"]["max_length"], []
+    for r in rows:
+        completion = encode("", r["completion"], True, tok)[1]
+        if len(prompts[r["row"]]) + len(completion) - 1 <= limit:
+            pairs.append((prompts[r["row"]], completion))
+    run.event(f"teacher_samples: {len(pairs)} of the {len(rows)} kept completions re-encoded in the student's "
+              f"tokenizer ({data.tokenizer}); {len(rows) - len(pairs)} longer than data.max_length there",
+              reencoded=len(pairs), too_long=len(rows) - len(pairs))
+    if not pairs:
+        from ..errors import UserError
+        raise UserError(f"data.max_length: {limit} tokens holds none of the teacher's completions in the student's "
+                        f"tokenizer; raise it")
+    return pairs
 
 
 def teacher_prompts_input(run: RunDir) -> Dict[str, Any]:

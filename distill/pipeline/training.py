@@ -57,7 +57,7 @@ def train(run: RunDir, name: str, objective: Objective, data: Optional[DataBundl
         callbacks.append(GradientSignals(m["gradients_every"]))
     if name == STUDENT and run.on_epoch:
         callbacks.append(EpochHook(run.on_epoch))
-    data = data or run.data
+    data = data or run.data_for(name)
     info = Trainer(log_name(name), objective, data, run.data_cfg(name), tcfg, callbacks, rt,
                    task=task_for(data, run.cfg)).fit()
     monitoring = [cb for cb in callbacks if isinstance(cb, (Monitor, GradientSignals))]
@@ -84,9 +84,9 @@ def distil(run: RunDir, name: str, model: nn.Module, teacher: nn.Module, mode: s
         source = teacher_source(run, teacher, mode, data=data, dcfg=dcfg, name=name)
     t_shapes, s_shapes = feature_shapes(run, teacher, model, dcfg)
     objective = Objective(model, dcfg, source, t_shapes, s_shapes, runtime=rt,
-                          n_train=len((data or run.data).y_train))
+                          n_train=len((data or run.data_for(name)).y_train))
     monitor, t0 = None, time.perf_counter()
-    if run.cfg["monitor"]["enabled"]:
+    if run.cfg["monitor"]["enabled"] and run.data_for(name) is run.data:  # (retention: both read the same inputs)
         x, y = run.data.probe(PROBE)
         monitor = retention_monitor(teacher, model.to(rt.device), rt.put(x),
                                     [(f["teacher"], f["student"]) for f in dcfg["features"]], objective.projections(),
@@ -121,7 +121,7 @@ def base_inputs(run: RunDir, role: str, spec: Dict[str, Any]) -> Dict[str, Any]:
     """What every trained stage depends on. The device counts (a GPU rounds differently) once it is not the CPU,
     so runs made on the CPU keep their fingerprints."""
     device, augment = run.runtime.device.type, run.own_augment(role)
-    return {"spec": spec, "train": _train_inputs(run.cfg[role]["train"]), "data": run.data.fingerprint,
+    return {"spec": spec, "train": _train_inputs(run.cfg[role]["train"]), "data": run.data_for(role).fingerprint,
             **({"device": device} if device != "cpu" else {}), **({"augment": augment} if augment else {})}
 
 
