@@ -740,6 +740,9 @@ def test_select_by_validation_exact_match(tmp_path, llama):
     lines = [json.loads(x) for x in open(os.path.join(r["output"]["dir"], "log.jsonl"))]
     epochs = [x for x in lines if x.get("model") == "teacher" and "val_loss" in x]
     assert len(epochs) == 2 and all(0 <= x["val_exact_match"] <= 1 for x in epochs)
+    scores = [x["val_exact_match"] for x in epochs]  # the kept epoch is the first with the best exact match
+    stages = json.load(open(os.path.join(r["output"]["dir"], "stages.json")))
+    assert stages["teacher"]["selected_epoch"] == scores.index(max(scores)) + 1
     with pytest.raises(UserError, match="val_exact_match needs evaluate.exact_match.validate: true"):
         Recipe.load(str(tmp_path / "r.yaml"), ["evaluate.exact_match.validate=false"])
 
@@ -856,3 +859,122 @@ def test_compress_trims_a_causal_lms_vocabulary_and_bench_measures_it(tmp_path):
                  f"teacher.hf={os.path.join(out, 'compress', 'vocab')}", env=env)  # (its ids are its own)
     assert again.returncode == 2 and "is a deployment folder with a trimmed vocabulary" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "again" / "teacher")
+
+
+class _Table(torch.nn.Module):
+    """A 'language model' whose logits at each position are a fixed row per input token."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(logits)
+
+    def forward(self, x):
+        return self.table[x]
+
+
+def test_teacher_student_kl_and_top1_agreement_by_hand():
+    from distill.tasks.causal_lm import agreement
+    g = torch.Generator().manual_seed(0)
+    teacher, student = _Table(torch.randn(6, 5, generator=g) * 2), _Table(torch.randn(6, 5, generator=g) * 2)
+    x = torch.tensor([[1, 2, 3, 0], [4, 5, 1, 0]])
+    y = torch.tensor([[-100, 3, 2, -100], [5, -100, 4, -100]])  # four target positions
+    got = agreement(teacher, student, x, y, batch_size=1)
+    kl, same, n = 0.0, 0, 0
+    for i, j in zip(*torch.nonzero(y >= 0, as_tuple=True)):
+        t, s = teacher.table[x[i, j]].detach(), student.table[x[i, j]].detach()
+        p = t.softmax(-1)
+        kl += float((p * (t.log_softmax(-1) - s.log_softmax(-1))).sum())  # KL(teacher || student)
+        same += int(t.argmax() == s.argmax())
+        n += 1
+    assert n == 4 and got["teacher_kl"] == pytest.approx(kl / n, rel=1e-5)
+    assert got["top1_agreement"] == same / n
+    assert agreement(teacher, teacher, x, y, 2) == {"teacher_kl": pytest.approx(0.0, abs=1e-6), "top1_agreement": 1.0}
+
+
+def test_completions_are_scored_by_exact_match_bleu_and_chrf(tmp_path):
+    sacrebleu = pytest.importorskip("sacrebleu")
+    from distill.tasks.causal_lm import score_completions
+    tok = char_tokenizer(str(tmp_path / "tok"))
+    ids = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    refs = ["ones 2+3=5. answer: 5", "ones 7+6=13, write 3 carry 1. answer: 13", "answer: 8"]
+    outs = ["ones 2+3=5. answer: 5", "ones 7+6=12, write 2 carry 1. answer: 12", "so 8. answer: 8"]
+    cfg = {"answer": r"answer:\s*(-?\d+)"}
+    got = score_completions(tok, [ids("a")] * 3, [ids(o) + [tok.eos_token_id] for o in outs], [ids(r) for r in refs],
+                            cfg)
+    assert got["exact_match"] == pytest.approx(2 / 3)  # the second's answer is wrong
+    assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(outs, [refs]).score)
+    assert got["chrf"] == pytest.approx(sacrebleu.corpus_chrf(outs, [refs]).score)
+    same = score_completions(tok, [ids("a")], [ids(refs[1])], [ids(refs[1])], cfg)
+    assert same["exact_match"] == 1.0 and same["bleu"] == pytest.approx(100.0) and same["chrf"] == pytest.approx(100.0)
+    assert got["samples"][1] == {"prompt": "a", "completion": outs[1], "reference": refs[1]}
+
+
+def test_tokenisation_is_cached_by_file_and_tokenizer(tmp_path):
+    from distill.teachers.cache import default_cache_dir
+    path = write_jsonl(str(tmp_path / "d.jsonl"), [{"prompt": "1+2=", "completion": "3"},
+                                                   {"prompt": "10+20=", "completion": "30"}])
+    tok = char_tokenizer(str(tmp_path / "tok"))
+    x, y = tokenize_rows(path, CFG, tok)
+    cached = sorted(f for f in os.listdir(default_cache_dir()) if f.startswith("completions-"))
+    assert len(cached) == 1
+    os.utime(os.path.join(default_cache_dir(), cached[0]), (0, 0))
+    x2, y2 = tokenize_rows(path, CFG, tok)  # read back from the cache, not tokenised again
+    assert (x2 == x).all() and (y2 == y).all()
+    assert os.path.getmtime(os.path.join(default_cache_dir(), cached[0])) == 0
+    other = char_tokenizer(str(tmp_path / "tok2"), extra="#")  # another tokenizer: another entry
+    tokenize_rows(path, CFG, other)
+    write_jsonl(path, [{"prompt": "1+2=", "completion": "4"}, {"prompt": "10+20=", "completion": "30"}])
+    x3, y3 = tokenize_rows(path, CFG, tok)  # an edited file: another entry, its own tokens
+    assert len([f for f in os.listdir(default_cache_dir()) if f.startswith("completions-")]) == 3
+    assert not (y3 == y).all()
+
+
+def test_on_policy_batches_are_the_students_own_completions_scored_by_the_divergence_alone(tmp_path, llama):
+    """GKD's on-policy batch: the student completes the batch's prompts, its own tokens are the targets, and
+    the loss is the divergence alone on those positions (JSD with beta 1: the reverse KL, TRL's convention),
+    no cross-entropy; it is drawn with probability lambda per training batch, never in evaluation."""
+    from distill.data import load_data
+    from distill.engine.objective import Objective
+    from distill.models.hf_lm import load_causal_lm
+    from distill.tasks import task_for
+    from distill.tasks.causal_lm import prompts_and_answers
+    from distill.teachers.online import online_source
+    r = lm_recipe(str(tmp_path), distill={"method": "jsd", "jsd": {"beta": 1.0}, "alpha": 0.5,
+                                          "on_policy": {"fraction": 1.0, "max_new_tokens": 6}})
+    r["teacher"]["hf"] = llama
+    cfg = Recipe.from_dict(r).cfg
+    data = load_data(cfg["data"])
+    teacher = load_causal_lm(llama, "teacher").eval()
+    student = load_causal_lm(tiny_llama(str(tmp_path / "s"), layers=2, seed=1), "student")
+    obj = Objective(student, cfg["distill"], online_source(teacher, []), task=task_for(data)).train()
+    x, y = data.x_train[:4], data.y_train[:4]
+    torch.manual_seed(0)
+    loss, parts = obj(x, y, torch.arange(4))
+    torch.manual_seed(0)
+    torch.rand(())  # (the draw that chose the on-policy batch)
+    prompts = prompts_and_answers(x, y)[0]
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    outs = student.complete(prompts, 6, cfg["distill"]["on_policy"]["temperature"], 1.0, seed)
+    torch.manual_seed(0)
+    torch.rand(())
+    xs, ys = obj.student_samples(x, y)
+    for row, (p, (ids, _)) in enumerate(zip(prompts, outs)):
+        assert xs[row, :len(p)].tolist() == p and ys[row][ys[row] >= 0].tolist() == (ids or [student.eos_id])
+    keep = ys >= 0
+    with torch.no_grad():
+        want = token_divergence("reverse_kl", student(xs)[keep], teacher(xs)[keep], 1.0)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-4)
+    assert float(parts["ce"]) == 0 and float(parts["total"]) == float(parts["kd"]) == pytest.approx(loss.item())
+    calls = []
+    obj.on_policy_loss = lambda *a: calls.append(1) or (torch.zeros(()), {})
+    obj.on_policy["fraction"] = 0.5
+    torch.manual_seed(1)
+    n = 0
+    for _ in range(40):
+        before = len(calls)
+        obj(x, y, torch.arange(4))
+        n += len(calls) - before
+    assert 10 <= n <= 30  # about half of 40 batches (binomial: 5 standard deviations wide)
+    obj.eval()
+    obj(x, y, torch.arange(4))
+    assert len(calls) == n  # (evaluation: never)

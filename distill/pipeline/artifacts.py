@@ -29,7 +29,7 @@ from ..models.hf import fresh_student, is_model_folder, load_classifier, load_fo
     resolve_hf_path, same_vocabulary, save_folder, select_layers
 from ..recipe import COMPLETIONS, is_text
 from ..roles import TEACHER, stage_command
-from .rundir import RunDir
+from .rundir import RunDir, data_cfg_for
 
 TIMINGS = ("train_time_s", "time_s", "monitor_s")  # in stages.json and metrics.json, never in a weights file
 
@@ -172,8 +172,9 @@ class HuggingFaceModels:
         return name
 
     def save(self, run: RunDir, model: nn.Module, name: str, spec: Dict[str, Any], info: Dict[str, Any]) -> None:
-        data = run.data_for(name)  # (with its own tokenizer: a student of another tokenizer than the teacher's)
-        save_folder(model, run.path(name), data.tokenizer, model_meta(data, name, spec, info))
+        # (with its own tokenizer: a student of another tokenizer than the teacher's)
+        tokenizer = data_cfg_for(run.cfg, name, run.student_tokenizer)["tokenizer"]
+        save_folder(model, run.path(name), tokenizer, model_meta(run.data_for(name), name, spec, info))
 
     def layer_features(self, cfg: Dict[str, Any], teacher: nn.Module, student: nn.Module) -> List[Dict[str, Any]]:
         """`distill.layers` (hidden states, attention maps, embeddings, [CLS]) as `distill.features` entries."""
