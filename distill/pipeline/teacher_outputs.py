@@ -30,13 +30,6 @@ from .stage import Stage, run_stage
 
 # ---------------------------------------------------------------- soft labels
 
-def labels_only(dcfg: Dict[str, Any]) -> bool:
-    """Whether the distillation objective never reads the teacher's outputs (alpha 0 throughout)."""
-    sched = dcfg.get("schedule") or {}
-    return (float(dcfg["alpha"]) == 0.0 and sched.get("alpha", "constant") == "constant" and not dcfg["features"]
-            and not (dcfg.get("on_policy") or {}).get("fraction"))
-
-
 def teacher_mode(run: RunDir) -> str:
     """`auto`: cached soft labels, unless augmentation gives new views every epoch (then online)."""
     mode, ddata = run.cfg["distill"]["teacher_outputs"], run.cfg["distill"]["data"]

@@ -25,13 +25,14 @@ from ..hooks import FeatureCapture
 from ..io import sha256_file, weights_sha256
 from ..models import count_params
 from ..monitor import retention_monitor, with_reaction
+from ..recipe_checks import labels_only
 from ..roles import SCRATCH, STUDENT, TEACHER, log_name
 from ..tasks import task_for
 from ..teachers import teacher_forward
 from .artifacts import artifact, build_role, distill_settings, load_saved, model_spec, save_role
 from .rundir import RunDir
 from .stage import Stage, run_stage
-from .teacher_outputs import labels_only, student_data, teacher_mode, teacher_prompts_input, teacher_source
+from .teacher_outputs import student_data, teacher_mode, teacher_prompts_input, teacher_source
 
 PROBE = chain.PROBE  # validation samples on which retention is measured
 
