@@ -239,6 +239,7 @@ def _export(args: argparse.Namespace) -> int:
     from .data import load_data
     from .io import load_meta, read_json, write_json
     from .pipeline.artifacts import load_model_at, require_saved
+    from .pipeline.rundir import data_cfg_for
     if not os.path.isdir(args.target):
         raise UserError(f"{args.target}: not a run folder; export works on the folder of a finished run")
     recipe, folder = _load(args.target, [], None)
@@ -246,7 +247,7 @@ def _export(args: argparse.Namespace) -> int:
         raise UserError(f"--model {args.model}: choose student, student_scratch, teacher or compress/NAME")
     path = require_saved(folder, args.model)
     model = load_model_at(path, args.model)
-    data = load_data(recipe.cfg["data"])
+    data = load_data(data_cfg_for(recipe.cfg, args.model))  # (a student of another tokenizer: its own tokens)
     out = args.out or os.path.join(folder, "export", args.model.replace("/", "-") + SUFFIX.get(args.format, ""))
     # the model file's own record of its input normalisation; HF folders (text) have none, and runs made
     # before it was saved lack the key: both read as {} (the export then takes the model's inputs as they are)

@@ -61,6 +61,7 @@ class Recipe:
             raise UserError(f"{source}: a recipe is a mapping of sections (data, teacher, student, ...)")
         for a in overrides:
             apply_override(raw, a)
+        _top_level_train(raw, overrides, source)
         cfg = validate_section(raw, SCHEMA, "")
         _cross_checks(cfg)
         return cls(cfg, source)
@@ -72,31 +73,11 @@ class Recipe:
 
     @classmethod
     def load_run_folder(cls, folder: str, overrides: Sequence[str] = ()) -> "Recipe":
-        """The recipe a run folder saved. It is resolved: each role holds its whole `train` section, so a
-        top-level `--set train.KEY=V` no longer reaches the roles as it does in the recipe it came from. The keys
-        one per run (device, timeout_s) are set for every role too; any other that a role would not take is
-        refused, naming the role's own key, rather than left silently unapplied."""
+        """The recipe a run folder saved (resolved: every model holds its whole `train` section)."""
         path = os.path.join(folder, "recipe.yaml")
         if not os.path.isfile(path):
             raise UserError(f"{folder}: not a run folder (no recipe.yaml); give a recipe file instead")
-        raw, extra = read_yaml(path), []
-        for a in overrides:
-            key = a.split("=", 1)[0].strip()
-            if not key.startswith("train.") or not isinstance(raw, dict):
-                continue
-            sub = key.split(".")[1:]
-            if sub[0] in ("device", "timeout_s"):
-                extra += [f"{role}.{a.strip()}" for role in ("teacher", "student")]
-                continue
-            probe = copy.deepcopy(raw)
-            apply_override(probe, a)
-            new = _at(probe, key.split("."))
-            roles = [r for r in ("teacher", "student") if _at(raw.get(r), ["train", *sub]) != new]
-            if roles:
-                own = " and/or ".join(f"{r}.{key}" for r in roles)
-                raise UserError(f"--set {key}: {path} is resolved (each role keeps its own train settings), so "
-                                f"train.* no longer reaches {' or '.join(roles)}; set {own} instead")
-        return cls.from_dict(raw, [*overrides, *extra], source=path)
+        return cls.load(path, overrides)
 
     def __getitem__(self, key: str) -> Any:
         return self.cfg[key]
@@ -106,6 +87,27 @@ class Recipe:
 
     def model_cfg(self, role: str) -> Dict[str, Any]:
         return self.cfg[role]
+
+
+def _top_level_train(raw: Dict[str, Any], overrides: Sequence[str], source: str) -> None:
+    """A top-level `--set train.KEY=V` reaches each model whose own `train` section does not set KEY. In a
+    resolved recipe (a run folder's recipe.yaml) every model sets every key, so it would reach none: that is
+    refused, naming the keys that do reach them, rather than left silently unapplied. The keys one per run
+    (device, timeout_s) are set for every model that holds its own."""
+    for a in overrides:
+        keys = a.split("=", 1)[0].strip().split(".")
+        if keys[0] != "train" or len(keys) < 2 or not isinstance(raw.get("train"), dict):
+            continue
+        new, roles = _at(raw, keys), [r for r in ("teacher", "student") if isinstance(raw.get(r), dict)]
+        own = {r: _at(raw[r], keys) for r in roles if _at(raw[r], keys) is not None}
+        if keys[1] in ("device", "timeout_s"):
+            for r in own:
+                raw[r]["train"][keys[1]] = new
+        elif len(own) == 2 and all(v != new for v in own.values()):
+            key = ".".join(keys)
+            raise UserError(f"--set {key}: every model in {source} sets its own {'.'.join(keys[1:])} (a run folder's "
+                            f"recipe is resolved), so train.* reaches none; set teacher.{key} and/or student.{key} "
+                            f"instead")
 
 
 def _at(node: Any, keys: List[str]) -> Any:

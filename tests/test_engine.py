@@ -205,25 +205,38 @@ def test_commands_that_rank_or_measure_on_validation_refuse_no_validation_split(
         Recipe.load("digits", ["student.train.device=cpu", "train.device=auto"])
 
 
-def test_a_top_level_train_override_on_a_run_folder_is_refused_where_it_would_not_reach_a_role(tmp_path, capsys):
-    """A run folder's recipe.yaml is resolved: `--set train.epochs=...` would silently leave each role's own
-    epochs as they were. It is one line and exit 2, naming the keys that do reach them; the one-per-run keys
-    are set for every role; an override the roles already hold passes."""
+def test_a_top_level_train_override_that_reaches_no_model_is_refused(tmp_path, capsys):
+    """A run folder's recipe.yaml is resolved: each model sets every train key, so `--set train.epochs=...`
+    would silently reach neither. It is one line and exit 2, naming the keys that do reach them; nothing is
+    written. An override the models take (or already hold) passes; the one-per-run keys (device, timeout_s)
+    are set for every model, and do not make the folder 'a run of a different recipe'."""
+    from distill.pipeline.rundir import RunDir
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "recipe.yaml").write_text(Recipe.load("breast_cancer").to_yaml())
     before = sorted(os.listdir(folder))
     assert main(["train-student", str(folder), "--set", "train.epochs=7"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--set train.epochs:" in err and "set teacher.train.epochs and/or " \
-        "student.train.epochs instead" in err
+    assert err.count("\n") == 0 and "--set train.epochs: every model in" in err and "set teacher.train.epochs " \
+        "and/or student.train.epochs instead" in err
     assert sorted(os.listdir(folder)) == before  # nothing written
-    with pytest.raises(UserError, match="no longer reaches teacher or student; set teacher.train.scheduler.interval"):
+    with pytest.raises(UserError, match="reaches none; set teacher.train.scheduler.interval"):
         Recipe.load_run_folder(str(folder), ["train.scheduler.interval=step"])
-    cfg = Recipe.load_run_folder(str(folder), ["student.train.epochs=7", "train.device=cpu", "train.timeout_s=60",
-                                               f"train.seed={Recipe.load('breast_cancer').cfg['train']['seed']}"]).cfg
+    both = Recipe.load_run_folder(str(folder), ["train.epochs=7", "teacher.train.epochs=7", "student.train.epochs=7"])
+    assert both.cfg["teacher"]["train"]["epochs"] == both.cfg["student"]["train"]["epochs"] == 7
+    recipe = Recipe.load_run_folder(str(folder), ["student.train.epochs=7", "train.device=cpu", "train.timeout_s=60",
+                                                  f"train.seed={Recipe.load('breast_cancer').cfg['train']['seed']}"])
+    cfg = recipe.cfg
     assert cfg["student"]["train"]["epochs"] == 7 and cfg["teacher"]["train"]["epochs"] != 7
     assert cfg["train"]["timeout_s"] == 60 and all(cfg[r]["train"]["timeout_s"] == 60 for r in ("teacher", "student"))
+    # (where and how long it runs is not what the run is: the folder is not refused as another run's)
+    RunDir(Recipe.load_run_folder(str(folder), ["train.device=cpu", "train.timeout_s=60"]), str(folder))
+    # in a recipe that leaves a model's own key unset, train.* reaches it, as always
+    from distill.recipe import read_yaml, resolve_recipe_path
+    raw = read_yaml(resolve_recipe_path("breast_cancer"))
+    raw["teacher"]["train"] = {"epochs": 4}
+    cfg = Recipe.from_dict(raw, ["train.epochs=5"]).cfg
+    assert cfg["student"]["train"]["epochs"] == 5 and cfg["teacher"]["train"]["epochs"] == 4
 
 
 def test_warmup_steps_ramp_the_learning_rate_linearly_then_hand_back_to_the_schedule(tmp_path):
@@ -274,6 +287,12 @@ def test_a_step_interval_decays_the_lr_every_step_and_keeps_old_fingerprints(tmp
     assert per > 2 and seen == pytest.approx(want, rel=1e-12)
     assert all(a > b for a, b in zip(seen[3:], seen[4:])) and seen[-1] < 0.01 * lr  # every step lower, to ~0
     assert trainer.opt.param_groups[0]["lr"] < 0.01 * lr  # (and no epoch-end step of the schedule on top)
+    saved = trainer.state()  # resumed with the other interval: refused (its count is in the other unit)
+    again = Trainer("student", Objective(mlp(data.input_shape, 2, hidden=[4])), data, recipe.cfg["data"],
+                    {**tcfg, "scheduler": {**tcfg["scheduler"], "interval": "epoch"}}, [])
+    again._setup()
+    with pytest.raises(UserError, match="train.scheduler.interval: student's checkpoint moved the lr every step"):
+        again.load_state(saved)
     default = Recipe.load("breast_cancer").cfg["student"]["train"]
     assert default["scheduler"]["interval"] == "epoch" and "interval" not in _train_inputs(default)["scheduler"]
     assert _train_inputs(tcfg)["scheduler"]["interval"] == "step"

@@ -84,10 +84,11 @@ def test_selected_by_validation_loss_and_the_student_learns_from_the_teacher(tmp
     assert metrics["student"]["bpc"] < 0.8 * torch.log2(torch.tensor(float(len(set(TEXT))))).item()
 
 
-def test_sigterm_then_resume_is_bitwise_identical(tmp_path):
-    # (the lr moves every step: stopped within an epoch, the resumed schedule carries on from that step)
+@pytest.mark.parametrize("interval", ["epoch", "step"])
+def test_sigterm_then_resume_is_bitwise_identical(tmp_path, interval):
+    # (with the lr moving every step, stopped within an epoch, the resumed schedule carries on from that step)
     path = recipe(tmp_path, student={"train": {"epochs": 6, "checkpoint_seconds": 0,
-                                               "scheduler": {"name": "cosine", "interval": "step"}}})
+                                               "scheduler": {"name": "cosine", "interval": interval}}})
     env = {**os.environ, "DISTILL_QUIET": "1", "OMP_NUM_THREADS": "1"}
     ref = tmp_path / "ref"
     subprocess.run([sys.executable, "-m", "distill", "run", path, "--out", str(ref)], check=True, env=env,
@@ -106,6 +107,8 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path):
     finally:
         if p.poll() is None:
             p.kill()
+    stopped = max((out / "checkpoints").glob("student/step-*.pt"), key=os.path.getmtime)
+    assert torch.load(stopped, weights_only=True)["progress"]["batch"] > 0  # (within an epoch)
     subprocess.run([sys.executable, "-m", "distill", "run", str(out), "--resume"], check=True, env=env,
                    capture_output=True, timeout=300)
     a, b = load_file(ref / "student.safetensors"), load_file(out / "student.safetensors")

@@ -156,6 +156,7 @@ class Trainer:
         self.resumed = False
         for cb in self.callbacks:  # a checkpoint is restored (or old ones cleared) before anything else starts
             cb.restore(self)
+        self.lr = self.opt.param_groups[0]["lr"]
         for cb in self.callbacks:
             cb.on_fit_start(self)
 
@@ -186,7 +187,8 @@ class Trainer:
         calls this)."""
         rng = self.runtime.gather(rng_state()) if self.runtime.distributed else rng_state()
         return {"objective": self.objective.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "epoch_gen": self.epoch_gen,
+                "scheduler": self.sched.state_dict(), "interval": "step" if self.step_sched else "epoch",
+                "epoch_gen": self.epoch_gen,
                 **({"rng_per_rank": rng, "world_size": self.runtime.world_size} if self.runtime.distributed
                    else {"rng": rng}), "progress": self.prog}
 
@@ -196,6 +198,11 @@ class Trainer:
             raise UserError(f"{self.role}: the checkpoint was written by {world} process(es) and this run has "
                             f"{self.runtime.world_size}; resume with --nproc {world} (each process's data and "
                             f"random state depend on the count), or start again without --resume")
+        interval = saved.get("interval", "epoch")  # (the scheduler's count is in steps or in epochs)
+        if interval != ("step" if self.step_sched else "epoch"):
+            raise UserError(f"train.scheduler.interval: {self.role}'s checkpoint moved the lr every {interval}, this "
+                            f"run every {'step' if self.step_sched else 'epoch'}; resume with the same interval, or "
+                            f"start again without --resume")
         self.objective.load_state_dict(saved["objective"])
         self.opt.load_state_dict(saved["optimizer"])
         self.sched.load_state_dict(saved["scheduler"])
@@ -246,6 +253,7 @@ class Trainer:
     def step(self, epoch: int, step: Step) -> None:
         prog, objective = self.prog, self.objective
         self._warm_up()
+        self.lr = self.opt.param_groups[0]["lr"]  # (logged: the rate this step uses; a per-step schedule moves on)
         objective.progress = prog["step"] / max(self.tcfg["epochs"] * self.per_epoch, 1)  # drives the schedules
         objective.epoch = prog["step"] / max(self.per_epoch, 1)
         self.opt.zero_grad(set_to_none=True)
@@ -344,7 +352,7 @@ class Trainer:
         this step (also summed into the epoch's means)."""
         prog = self.prog
         window, n = prog["window"], max(prog["window"].get("n", 0), 1)
-        record = {"model": self.role, "epoch": epoch + 1, "step": prog["step"], "lr": self.opt.param_groups[0]["lr"],
+        record = {"model": self.role, "epoch": epoch + 1, "step": prog["step"], "lr": self.lr,
                   **{f"loss_{k}": v / n for k, v in _read(window, self.runtime).items() if k not in COUNTS},
                   **signals}
         if "max" in window:
@@ -357,7 +365,7 @@ class Trainer:
 
     def end_epoch(self, epoch: int, seconds: float) -> None:
         prog = self.prog
-        lr = self.opt.param_groups[0]["lr"]
+        lr = self.lr
         if not self.step_sched:
             self.sched.step()
         val = self.task.validate(self.student, self.data, self.data_cfg["eval_batch_size"], self.runtime)

@@ -142,7 +142,8 @@ def _check_teacher_prompts(run: RunDir) -> None:
     if run.cfg["distill"]["sequence_kd"]["prompts"] is not None:  # (the recipe has checked samples > 0)
         from ..data.completions import teacher_prompts
         from ..models.hf import load_tokenizer
-        teacher_prompts(run.cfg, run.data, load_tokenizer(run.data.tokenizer, "data.tokenizer"))
+        for data in {id(d): d for d in (run.data, run.data_for(STUDENT))}.values():  # (in the student's tokens too)
+            teacher_prompts(run.cfg, data, load_tokenizer(data.tokenizer, "data.tokenizer"))
 
 
 def preflight(run: RunDir) -> None:

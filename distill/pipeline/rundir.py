@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..io import append_jsonl, read_json, write_json, write_text
 from ..logbook import summary_writer_class
 from ..recipe import Recipe
-from ..roles import STUDENT, TEACHER, recipe_section
+from ..roles import SCRATCH, STUDENT, TEACHER, recipe_section
 
 AFTER_TRAINING = ("output", "compress", "bench", "baseline")  # keys that do not change the trained models
 
@@ -25,6 +25,20 @@ AFTER_TRAINING = ("output", "compress", "bench", "baseline")  # keys that do not
 def run_folder(recipe: Recipe, out: Optional[str] = None) -> str:
     """--out, else the recipe's output.dir, else runs/<name>."""
     return out or recipe.cfg["output"]["dir"] or os.path.join("runs", recipe.cfg["name"])
+
+
+def _comparable(cfg: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """What makes two recipes the same run: not the keys that leave the trained models as they are (output,
+    compress, bench, baseline), nor where and how long it runs (train.device, train.timeout_s; a device
+    that rounds differently is in the stages' fingerprints)."""
+    out = {k: v for k, v in (cfg or {}).items() if k not in AFTER_TRAINING}
+    for section in ("train", TEACHER, STUDENT):
+        node = out.get(section)
+        train = node if section == "train" else (node or {}).get("train") if isinstance(node, dict) else None
+        if isinstance(train, dict):
+            train = {k: v for k, v in train.items() if k not in ("device", "timeout_s")}
+            out[section] = train if section == "train" else {**node, "train": train}
+    return out
 
 
 def student_tokenizer(cfg: Dict[str, Any]) -> Optional[str]:
@@ -42,10 +56,13 @@ def student_tokenizer(cfg: Dict[str, Any]) -> Optional[str]:
 
 
 def data_cfg_for(cfg: Dict[str, Any], name: str, own: Any = False) -> Dict[str, Any]:
-    """The `data` section as model `name` reads it: a student of another tokenizer in its own tokens (`own`:
-    that tokenizer when known, else it is looked up)."""
-    own = student_tokenizer(cfg) if own is False and name != TEACHER else own
-    return {**cfg["data"], "tokenizer": own} if own and name != TEACHER else cfg["data"]
+    """The `data` section as model `name` reads it: the student (and its baseline) of another tokenizer in
+    its own tokens (`own`: that tokenizer when known, else it is looked up); every other model (the teacher,
+    a compressed teacher) in the teacher's."""
+    if name not in (STUDENT, SCRATCH):
+        return cfg["data"]
+    own = student_tokenizer(cfg) if own is False else own
+    return {**cfg["data"], "tokenizer": own} if own else cfg["data"]
 
 
 class RunDir:
@@ -71,8 +88,7 @@ class RunDir:
             before = Recipe.load(old).cfg
         except UserError:
             before = None
-        strip = lambda cfg: {k: v for k, v in (cfg or {}).items() if k not in AFTER_TRAINING}  # noqa: E731
-        if strip(before) != strip(self.cfg):
+        if _comparable(before) != _comparable(self.cfg):
             raise UserError(f"--out {self.out}: the folder holds a run of a different recipe; choose another "
                             f"folder, or pass --overwrite to replace it (unchanged stages are still reused)")
 
@@ -100,8 +116,8 @@ class RunDir:
         return load_data(data_cfg_for(self.cfg, STUDENT, self.student_tokenizer))
 
     def data_for(self, name: str) -> DataBundle:
-        """The data as model `name` reads it: the teacher's tokens, or a student's own (`student_tokenizer`)."""
-        return self._student_data if name != TEACHER and self.student_tokenizer else self.data
+        """The data as model `name` reads it: the teacher's tokens, or the student's own (`student_tokenizer`)."""
+        return self._student_data if name in (STUDENT, SCRATCH) and self.student_tokenizer else self.data
 
     @cached_property
     def runtime(self) -> Runtime:
