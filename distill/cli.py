@@ -267,6 +267,10 @@ def _export(args: argparse.Namespace) -> int:
         print(f"{args.model} -> {out}/ (GPT-2 layout, {info['size_bytes'] / 1024:,.1f} KB); logits match within "
               f"{info['max_abs_diff']:.2g} and greedy tokens are equal on {info['checked_on']} test windows")
         return 0
+    if hasattr(model, "complete") and args.format in ("onnx", "torchscript"):  # (a Hugging Face causal LM)
+        raise UserError(f"--format {args.format}: {args.model} is a Hugging Face causal LM, deployed as its folder "
+                        f"({path}), which plain transformers loads and generates from; export it as safetensors, "
+                        f"or measure its variants with distill bench")
     x = data.x_test[:8]  # normalised with data.stats; a baked-in export is checked on the raw inputs instead
     bake = args.preprocessing and args.format != "safetensors" and "normalize" in prep
     if bake and data.stats:

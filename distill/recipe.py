@@ -94,15 +94,17 @@ def _top_level_train(raw: Dict[str, Any], overrides: Sequence[str], source: str)
     resolved recipe (a run folder's recipe.yaml) every model sets every key, so it would reach none: that is
     refused, naming the keys that do reach them, rather than left silently unapplied. The keys one per run
     (device, timeout_s) are set for every model that holds its own."""
+    given = {a.split("=", 1)[0].strip() for a in overrides}
     for a in overrides:
         keys = a.split("=", 1)[0].strip().split(".")
         if keys[0] != "train" or len(keys) < 2 or not isinstance(raw.get("train"), dict):
             continue
         new, roles = _at(raw, keys), [r for r in ("teacher", "student") if isinstance(raw.get(r), dict)]
         own = {r: _at(raw[r], keys) for r in roles if _at(raw[r], keys) is not None}
-        if keys[1] in ("device", "timeout_s"):
+        if keys[1] in ("device", "timeout_s"):  # (not over a model's own --set: that conflict is refused later)
             for r in own:
-                raw[r]["train"][keys[1]] = new
+                if f"{r}.train.{keys[1]}" not in given:
+                    raw[r]["train"][keys[1]] = new
         elif len(own) == 2 and all(v != new for v in own.values()):
             key = ".".join(keys)
             raise UserError(f"--set {key}: every model in {source} sets its own {'.'.join(keys[1:])} (a run folder's "

@@ -311,6 +311,9 @@ def test_topk_kd_run_end_to_end_and_the_student_folder_generates_in_plain_transf
     pruned = rows["compress/channels", "bf16"]["file"]  # (a pruned model's bf16 folder loads back, pruned)
     assert os.path.isdir(pruned) and load_causal_lm_(pruned).hf.model.layers[0].mlp.up_proj.out_features == 32
     assert "ms/token p50" in open(os.path.join(out, "bench", "bench.md")).read()
+    onnx = _cli("export", out, "--format", "onnx")  # (a causal LM deploys as its folder: one line, not a traceback)
+    assert onnx.returncode == 2 and onnx.stderr.strip().count("\n") == 0, onnx.stderr[-2000:]
+    assert "is a Hugging Face causal LM, deployed as its folder" in onnx.stderr
     from distill.models.hf_lm import load_causal_lm
     student = load_causal_lm(os.path.join(out, "student"), "student")
     assert student.num_layers == 2
