@@ -725,6 +725,7 @@ def test_the_teacher_also_writes_for_the_prompts_without_completions(tmp_path, l
     n_train = n - round(n * 0.1)  # (the rest is the validation split)
     assert prov["prompts"] == n_train + 8 and prov["generated"] == n_train + 8  # the training prompts and these
     assert prov["prompts_file"] == sha256_file(r["distill"]["sequence_kd"]["prompts"])
+    assert prov["tokens_per_s"] > 0 and prov["settings"]["top_p"] == 1.0  # (the rate, in the provenance)
     more = {f"Compute {a} + 1." for a in range(11, 99, 11)}
     rows = [json.loads(line) for line in open(out)]  # (those that ended within 48 tokens)
     assert any(row["row"] >= n_train for row in rows)
@@ -1063,3 +1064,14 @@ def test_a_causal_lm_student_keeps_every_kth_or_the_most_important_teacher_layer
         for mine, theirs in zip(student.hf.model.layers, [teacher.hf.model.layers[i] for i in want]):
             assert torch.equal(mine.mlp.up_proj.weight, theirs.mlp.up_proj.weight)
             assert torch.equal(mine.self_attn.q_proj.weight, theirs.self_attn.q_proj.weight)
+
+
+def test_top_p_is_applied_when_the_teacher_samples(llama):
+    """Nucleus sampling reaches generate: with top_p near 0 only the most likely token is left, so sampling at
+    temperature 1 gives the greedy completion; with top_p 1 the same seeds sample other tokens."""
+    from distill.models.hf_lm import load_causal_lm
+    model = load_causal_lm(llama, "teacher").eval()
+    prompts = [[1, 8 + i, 15, 9 + i] for i in range(6)]
+    greedy = model.complete(prompts, 12)
+    assert model.complete(prompts, 12, 1.0, 1e-6, seed=3) == greedy
+    assert model.complete(prompts, 12, 1.0, 1.0, seed=3) != greedy
