@@ -239,6 +239,7 @@ def _export(args: argparse.Namespace) -> int:
     from .data import load_data
     from .io import load_meta, read_json, write_json
     from .pipeline.artifacts import load_model_at, require_saved
+    from .compress.measure import is_hf_lm
     from .pipeline.rundir import data_cfg_for
     if not os.path.isdir(args.target):
         raise UserError(f"{args.target}: not a run folder; export works on the folder of a finished run")
@@ -267,7 +268,7 @@ def _export(args: argparse.Namespace) -> int:
         print(f"{args.model} -> {out}/ (GPT-2 layout, {info['size_bytes'] / 1024:,.1f} KB); logits match within "
               f"{info['max_abs_diff']:.2g} and greedy tokens are equal on {info['checked_on']} test windows")
         return 0
-    if hasattr(model, "complete") and args.format in ("onnx", "torchscript"):  # (a Hugging Face causal LM)
+    if is_hf_lm(model) and args.format in ("onnx", "torchscript"):
         raise UserError(f"--format {args.format}: {args.model} is a Hugging Face causal LM, deployed as its folder "
                         f"({path}), which plain transformers loads and generates from; export it as safetensors, "
                         f"or measure its variants with distill bench")

@@ -130,11 +130,16 @@ def prompt_ids(text: str, rendered: bool, tok) -> List[int]:
     return list(tok(text, add_special_tokens=not rendered)["input_ids"])
 
 
+def completion_ids(text: str, tok) -> List[int]:
+    """A completion's token ids, followed by EOS."""
+    return list(tok(text, add_special_tokens=False)["input_ids"]) + (
+        [tok.eos_token_id] if tok.eos_token_id is not None else [])
+
+
 def encode(prompt: str, completion: str, rendered: bool, tok) -> Tuple[List[int], List[int]]:
     """Token ids of the prompt (with the tokenizer's BOS unless the chat template rendered it) and of the
     completion followed by EOS."""
-    c = tok(completion, add_special_tokens=False)["input_ids"]
-    return prompt_ids(prompt, rendered, tok), list(c) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+    return prompt_ids(prompt, rendered, tok), completion_ids(completion, tok)
 
 
 def tokenize_rows(path: str, cfg: Dict[str, Any], tok) -> Tuple[np.ndarray, np.ndarray]:

@@ -142,7 +142,7 @@ def _check_teacher_prompts(run: RunDir) -> None:
     if run.cfg["distill"]["sequence_kd"]["prompts"] is not None:  # (the recipe has checked samples > 0)
         from ..data.completions import teacher_prompts
         from ..models.hf import load_tokenizer
-        for data in {id(d): d for d in (run.data, run.data_for(STUDENT))}.values():  # (in the student's tokens too)
+        for data in [run.data] + ([run.data_for(STUDENT)] if run.student_tokenizer else []):  # (the student's too)
             teacher_prompts(run.cfg, data, load_tokenizer(data.tokenizer, "data.tokenizer"))
 
 

@@ -31,13 +31,15 @@ def _comparable(cfg: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """What makes two recipes the same run: not the keys that leave the trained models as they are (output,
     compress, bench, baseline), nor where and how long it runs (train.device, train.timeout_s; a device
     that rounds differently is in the stages' fingerprints)."""
+    def placeless(train: Any) -> Any:
+        return {k: v for k, v in train.items() if k not in ("device", "timeout_s")} if isinstance(train, dict) \
+            else train
     out = {k: v for k, v in (cfg or {}).items() if k not in AFTER_TRAINING}
-    for section in ("train", TEACHER, STUDENT):
-        node = out.get(section)
-        train = node if section == "train" else (node or {}).get("train") if isinstance(node, dict) else None
-        if isinstance(train, dict):
-            train = {k: v for k, v in train.items() if k not in ("device", "timeout_s")}
-            out[section] = train if section == "train" else {**node, "train": train}
+    if "train" in out:
+        out["train"] = placeless(out["train"])
+    for role in (TEACHER, STUDENT):
+        if isinstance(out.get(role), dict) and "train" in out[role]:
+            out[role] = {**out[role], "train": placeless(out[role]["train"])}
     return out
 
 

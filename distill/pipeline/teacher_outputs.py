@@ -247,14 +247,14 @@ def in_student_tokens(run: RunDir, rows: list, data: DataBundle) -> list:
     prompt as the student's data has it (the same row of the same split: the split does not depend on the
     tokenizer), the completion's text re-encoded, with the student's EOS. Rows that no longer fit in
     data.max_length are left out, and counted."""
-    from ..data.completions import encode, teacher_prompts
+    from ..data.completions import completion_ids, teacher_prompts
     from ..models.hf import load_tokenizer
     from ..tasks.causal_lm import prompts_and_answers
     tok = load_tokenizer(data.tokenizer, "student.hf")
     prompts = prompts_and_answers(data.x_train, data.y_train)[0] + teacher_prompts(run.cfg, data, tok)[0]
     limit, pairs = run.cfg["data"]["max_length"], []
     for r in rows:
-        completion = encode("", r["completion"], True, tok)[1]
+        completion = completion_ids(r["completion"], tok)
         if len(prompts[r["row"]]) + len(completion) - 1 <= limit:
             pairs.append((prompts[r["row"]], completion))
     run.event(f"teacher_samples: {len(pairs)} of the {len(rows)} kept completions re-encoded in the student's "
