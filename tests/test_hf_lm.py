@@ -140,6 +140,11 @@ def test_sequence_level_kd_crosses_tokenizers(tmp_path, llama, capsys):
     assert all(t.endswith(bpe.eos_token) for t in texts)
     assert moved["too_long"] == 0  # (data.max_length 160 holds every one)
     assert sorted(t[:-len(bpe.eos_token)] for t in texts) == sorted(k["completion"] for k in kept)
+    from distill.pipeline.teacher_outputs import in_student_tokens
+    short = RunDir(Recipe.load(str(tmp_path / "r.yaml")), out, echo=lambda *a: None)
+    short.cfg["data"]["max_length"] = 3  # (no completion fits: one line naming the key)
+    with pytest.raises(UserError, match=r"^data.max_length: 3 tokens holds none of the teacher's completions"):
+        in_student_tokens(short, kept, data)
     prompt = prompts_and_answers(run.data_for("student").x_test, run.data_for("student").y_test)[0][0]
     model = load_saved(run, "student").float()
     ours = model.complete([prompt], 8)[0][0]
