@@ -144,7 +144,7 @@ def test_sequence_level_kd_crosses_tokenizers(tmp_path, llama, capsys):
     short = RunDir(Recipe.load(str(tmp_path / "r.yaml")), out, echo=lambda *a: None)
     short.cfg["data"]["max_length"] = 3  # (no completion fits: one line naming the key)
     with pytest.raises(UserError, match=r"^data.max_length: 3 tokens holds none of the teacher's completions"):
-        in_student_tokens(short, kept, data)
+        in_student_tokens(short, kept, run.data_for("student"))  # (its own split, before the teacher's replaced it)
     prompt = prompts_and_answers(run.data_for("student").x_test, run.data_for("student").y_test)[0][0]
     model = load_saved(run, "student").float()
     ours = model.complete([prompt], 8)[0][0]
