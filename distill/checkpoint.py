@@ -4,7 +4,8 @@ A checkpoint holds the student and projectors (the objective), optimizer, schedu
 NumPy, torch, and the trainer's shuffling generator as it was at the start of the epoch) and the position in
 the epoch. Each is written atomically (temp file, fsync, rename); the newest K are kept. Loading uses
 `torch.load(weights_only=True)`, so a checkpoint can hold tensors and plain data, never code; a corrupt or
-partial file is skipped with a warning and the next newest is used.
+partial file is skipped with a warning and the next newest is used. Beside them, `inputs.json` holds the
+fingerprint of the stage that wrote them, so a stage whose inputs changed does not continue another's state.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 import torch
 
-from .io import atomic_path
+from .io import atomic_path, read_json, write_json
 
 
 def rng_state() -> Dict[str, Any]:
@@ -39,16 +40,19 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 class Checkpoints:
-    """`folder/step-00000042.pt` files, newest last."""
+    """`folder/step-00000042.pt` files, newest last; `key`: the fingerprint of the stage writing them."""
 
-    def __init__(self, folder: str, keep: int = 2, warn: Callable[[str], None] = print) -> None:
-        self.folder, self.keep, self.warn = folder, max(1, keep), warn
+    def __init__(self, folder: str, keep: int = 2, warn: Callable[[str], None] = print,
+                 key: Optional[str] = None) -> None:
+        self.folder, self.keep, self.warn, self.key = folder, max(1, keep), warn, key
 
     def _files(self) -> list:
         return sorted(glob.glob(os.path.join(self.folder, "step-*.pt")))
 
     def save(self, step: int, state: Dict[str, Any]) -> str:
         path = os.path.join(self.folder, f"step-{step:08d}.pt")
+        if self.key and self.written_by() != self.key:  # (before the first file: none is ever without its key)
+            write_json(os.path.join(self.folder, "inputs.json"), {"fingerprint": self.key})
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
         for old in self._files()[:-self.keep]:
@@ -65,6 +69,12 @@ class Checkpoints:
                           f"{str(e).splitlines()[0] if str(e) else ''})")
         return None
 
+    def written_by(self) -> Optional[str]:
+        """The fingerprint of the stage that wrote the checkpoints here (None: none, or written without one)."""
+        return read_json(os.path.join(self.folder, "inputs.json"), {}).get("fingerprint") if self._files() else None
+
     def clear(self) -> None:
         for path in self._files():
             os.remove(path)
+        if os.path.isfile(os.path.join(self.folder, "inputs.json")):
+            os.remove(os.path.join(self.folder, "inputs.json"))

@@ -148,7 +148,7 @@ def test_sequence_level_kd_crosses_tokenizers(tmp_path, llama, capsys):
     prompt = prompts_and_answers(run.data_for("student").x_test, run.data_for("student").y_test)[0][0]
     model = load_saved(run, "student").float()
     ours = model.complete([prompt], 8)[0][0]
-    assert _greedy_in_plain_transformers(os.path.join(out, "student"), prompt, 8, tmp_path)[:len(ours)] == ours
+    assert _greedy_in_plain_transformers([os.path.join(out, "student")], prompt, 8, tmp_path)[0][:len(ours)] == ours
     # at the logit level, and in compress, one vocabulary is still needed
     for argv, message in ((["run", str(tmp_path / "r.yaml"), "--set", "distill.alpha=0.5", "--out",
                             str(tmp_path / "logits")], "logit-level KD needs one vocabulary"),
@@ -324,26 +324,28 @@ def test_topk_kd_run_end_to_end_and_the_student_folder_generates_in_plain_transf
     assert student.num_layers == 2
     prompt = [1, 8, 9, 15, 9]  # <s> "0+6 ..." style ids
     # the student, and the FFN-pruned model (its config.json says the pruned width), in plain transformers
-    for folder in (os.path.join(out, "student"), pruned):
+    folders = [os.path.join(out, "student"), pruned]
+    for folder, theirs in zip(folders, _greedy_in_plain_transformers(folders, prompt, 12, tmp_path)):
         model = load_causal_lm(folder, "m").float()
         ours = model.complete([prompt], 12)[0][0]
-        theirs = _greedy_in_plain_transformers(folder, prompt, 12, tmp_path)
         assert theirs[:len(ours)] == ours and (ours[-1] == model.eos_id or len(ours) == 12)
 
 
-def _greedy_in_plain_transformers(folder: str, prompt: list, n: int, cwd) -> list:
-    """The `n` greedy tokens after `prompt` from `folder`, in a process that imports transformers, not distill."""
+def _greedy_in_plain_transformers(folders: list, prompt: list, n: int, cwd) -> list:
+    """The `n` greedy tokens after `prompt` from each of `folders`, in one process that imports transformers,
+    not distill."""
     script = ("import json, sys, torch, transformers\n"
-              "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32); m.eval()\n"
-              "t = transformers.AutoTokenizer.from_pretrained(sys.argv[1])\n"
-              "out = m.generate(torch.tensor([json.loads(sys.argv[2])]), max_new_tokens=int(sys.argv[3]),\n"
-              "                 do_sample=False, pad_token_id=t.pad_token_id, eos_token_id=t.eos_token_id)\n"
-              "assert 'distill' not in sys.modules\n"
-              "print(json.dumps(out[0, len(json.loads(sys.argv[2])):].tolist()))\n")
-    q = subprocess.run([sys.executable, "-c", script, folder, json.dumps(prompt), str(n)],
+              "for folder in json.loads(sys.argv[1]):\n"
+              "    m = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32); m.eval()\n"
+              "    t = transformers.AutoTokenizer.from_pretrained(folder)\n"
+              "    out = m.generate(torch.tensor([json.loads(sys.argv[2])]), max_new_tokens=int(sys.argv[3]),\n"
+              "                     do_sample=False, pad_token_id=t.pad_token_id, eos_token_id=t.eos_token_id)\n"
+              "    print(json.dumps(out[0, len(json.loads(sys.argv[2])):].tolist()))\n"
+              "assert 'distill' not in sys.modules\n")
+    q = subprocess.run([sys.executable, "-c", script, json.dumps(folders), json.dumps(prompt), str(n)],
                        capture_output=True, text=True, timeout=300, cwd=str(cwd))
     assert q.returncode == 0, q.stderr[-2000:]
-    return json.loads(q.stdout.strip().splitlines()[-1])
+    return [json.loads(line) for line in q.stdout.strip().splitlines()[-len(folders):]]
 
 
 def test_gguf_and_package_errors(tmp_path):

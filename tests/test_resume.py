@@ -28,12 +28,12 @@ def start(out, *extra):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
 
 
-def same_results(a, b):
-    for name in ("teacher", "student_scratch", "student"):
+def same_results(a, b, names=("teacher", "student_scratch", "student")):
+    for name in names:
         wa, wb = load_file(os.path.join(a, f"{name}.safetensors")), load_file(os.path.join(b, f"{name}.safetensors"))
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
     ma, mb = (json.load(open(os.path.join(d, "metrics.json"))) for d in (a, b))
-    for name in ma:
+    for name in names:
         for key in ("accuracy", "macro_f1", "val_accuracy", "selected_epoch", "params"):
             assert ma[name][key] == mb[name][key], (name, key)
 
@@ -101,8 +101,8 @@ def test_signal_checkpoints_says_how_to_resume_and_resume_matches(reference, tmp
 
 def test_different_recipe_in_the_same_folder_is_refused_unless_overwrite(tmp_path):
     out = tmp_path / "other"
-    args = [sys.executable, "-m", "distill", "run", "digits", "--set", "train.epochs=1", "--set",
-            "teacher.train.epochs=2", "--out", str(out)]
+    args = [sys.executable, "-m", "distill", "run", "breast_cancer", "--set", "train.epochs=1", "--set",
+            "teacher.train.epochs=2", "--set", "evaluate.latency_runs=1", "--out", str(out)]
     assert subprocess.run(args, capture_output=True, env=ENV).returncode == 0
     r = subprocess.run(args[:-2] + ["--set", "distill.alpha=0.5", "--out", str(out)], capture_output=True,
                        text=True, env=ENV)
@@ -112,6 +112,46 @@ def test_different_recipe_in_the_same_folder_is_refused_unless_overwrite(tmp_pat
     r = subprocess.run(args[:-2] + ["--set", "distill.alpha=0.5", "--out", str(out), "--overwrite"],
                        capture_output=True, text=True, env=ENV)
     assert r.returncode == 0 and "teacher: inputs unchanged" in r.stderr
+
+
+def test_resume_continues_only_checkpoints_of_the_same_inputs(tmp_path):
+    """The recipe unchanged but its data file edited after a stop: --resume is refused in one line (the
+    teacher's checkpoints, written on the old rows, kept); with --overwrite they are dropped and the teacher
+    starts over, ending bitwise where a fresh run on the new rows ends."""
+    from sklearn.datasets import load_breast_cancer
+    d = load_breast_cancer()
+    rows = [",".join([f"{v:.6g}" for v in x] + [d.target_names[t]]) for x, t in zip(d.data, d.target)]
+    data = tmp_path / "bc.csv"
+    write = lambda n: data.write_text("\n".join([",".join([*d.feature_names, "label"]), *rows[:n]]) + "\n")  # noqa: E731
+    write(len(rows))
+    recipe = ["breast_cancer", "--set", "data.dataset=csv", "--set", f"data.path={data}", "--set",
+              "teacher.train.epochs=30", "--set", "train.epochs=1", "--set", "train.checkpoint_every=5",
+              "--set", "evaluate.latency_runs=1", "--no-baseline"]
+    cli = lambda out, *extra: subprocess.run([sys.executable, "-m", "distill", "run", *recipe, "--out", str(out),
+                                              *extra], capture_output=True, text=True, env=ENV, timeout=300)  # noqa: E731
+    out = tmp_path / "stopped"
+    p = subprocess.Popen([sys.executable, "-m", "distill", "run", *recipe, "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 120
+    while not list((out / "checkpoints" / "teacher").glob("step-*.pt")) and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 130
+    ck = sorted(os.listdir(out / "checkpoints" / "teacher"))
+    assert "inputs.json" in ck and any(f.startswith("step-") for f in ck)
+    write(len(rows) - 50)  # the data changes under the stopped run
+    recipe_before = (out / "recipe.yaml").read_text()
+    r = cli(out, "--resume")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"--resume: {out / 'checkpoints' / 'teacher'} was written by the teacher stage of other inputs" \
+        in r.stderr.strip().splitlines()[-1]
+    assert sorted(os.listdir(out / "checkpoints" / "teacher")) == ck  # kept, and nothing else rewritten
+    assert (out / "recipe.yaml").read_text() == recipe_before and not (out / "stages.json").exists()
+    r = cli(out, "--resume", "--overwrite")
+    assert r.returncode == 0 and "--overwrite: dropped, the stage starts over" in r.stderr, r.stderr
+    fresh = tmp_path / "fresh"
+    assert cli(fresh).returncode == 0
+    same_results(fresh, out, ("teacher", "student"))
 
 
 def test_kill_during_checkpoint_writing_leaves_the_previous_one(tmp_path):

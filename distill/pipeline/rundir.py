@@ -72,7 +72,8 @@ class RunDir:
                  overwrite: bool = False, tensorboard: bool = False) -> None:
         self.recipe, self.cfg = recipe, recipe.cfg
         self.out = run_folder(recipe, out)
-        self.echo, self.resume = echo, resume
+        self.echo, self.resume, self.overwrite = echo, resume, overwrite
+        self.fingerprints: Dict[str, str] = {}  # stage -> fingerprint, of the stages run (run_stage sets them)
         if tensorboard:
             summary_writer_class()  # a missing package is reported before anything is written
         self.tensorboard = self.path("tensorboard") if tensorboard else None
@@ -141,7 +142,23 @@ class RunDir:
 
     def checkpoints(self, role: str) -> Checkpoints:
         return Checkpoints(self.path(os.path.join("checkpoints", role)), self.train_cfg(role)["keep_checkpoints"],
-                           self.echo)
+                           self.echo, self.fingerprints.get(role))
+
+    def check_checkpoints(self, name: str, fingerprint: str) -> None:
+        """--resume continues a stage from its checkpoints only if they were written by the stage with the same
+        inputs: else the state of other data, another teacher or recipe would be trained on. Refused, keeping
+        them; with --overwrite (the recipe changed on purpose) they are dropped and the stage starts over."""
+        ck = self.checkpoints(name)
+        if not self.resume or self.runtime.from_main(ck.written_by()) in (None, fingerprint):
+            return
+        if not self.overwrite:
+            raise UserError(f"--resume: {ck.folder} was written by the {name} stage of other inputs (its data, "
+                            f"teacher or settings have changed since); restore them to continue, or run again "
+                            f"without --resume to start the stage over")
+        self.echo(f"warning: {ck.folder}: written by the {name} stage of other inputs; --overwrite: dropped, "
+                  f"the stage starts over")
+        if self.runtime.is_main:
+            ck.clear()
 
     def path(self, name: str) -> str:
         return os.path.join(self.out, name)

@@ -32,6 +32,8 @@ def run_stage(run: RunDir, stage: Stage) -> Dict[str, Any]:
     if done:
         run.event(f"{stage.name}: inputs unchanged, reusing {stage.outputs[0]}", model=stage.name)
         return {**done, "reused": True}
+    run.check_checkpoints(stage.name, fingerprint)  # (before open rewrites recipe.yaml)
+    run.fingerprints[stage.name] = fingerprint  # (its checkpoints carry it)
     run.open()
     info = stage.make()
     run.mark_done(stage.name, fingerprint, info)
