@@ -3,6 +3,7 @@ top-k teacher cache, the student folder that plain transformers loads, and the c
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -133,6 +134,13 @@ def test_sequence_level_kd_crosses_tokenizers(tmp_path, llama, capsys):
     from distill.pipeline.teacher_outputs import student_data
     from distill.tasks.causal_lm import prompts_and_answers
     run = RunDir(Recipe.load(str(tmp_path / "r.yaml")), out, echo=lambda *a: None)
+    # bits per byte: each model's nats over its own tokens, divided by the bytes of the same test text
+    text_bytes = sum(len(json.loads(line)["completion"].encode()) for line in open(r["data"]["test_path"]))
+    for name in ("teacher", "student_scratch", "student"):
+        m, y = metrics[name], run.data_for(name).y_test
+        assert m["bits_per_byte"] == pytest.approx(m["loss"] * int((y >= 0).sum()) / math.log(2) / text_bytes,
+                                                   rel=1e-9)
+    assert run.data_for("student").y_test.ne(-100).sum() != run.data_for("teacher").y_test.ne(-100).sum()
     data, added = student_data(run, load_saved(run, "teacher"), "student")
     assert data.tokenizer == other and added["teacher_written"] == moved["reencoded"] == len(data.y_train)
     # what the student trained on is the teacher's text, in the student's tokens (with its EOS)

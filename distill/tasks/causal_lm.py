@@ -1,8 +1,9 @@
 """Causal language modelling: each sample is a sequence of tokens, the target the same sequence shifted by one
 (-100 where no loss counts: the prompt, the padding). The batch's mask is the positions with a target; the
 model is selected by validation loss, and the test metrics are the loss per target token, perplexity, top-1
-accuracy, bits per character for character vocabularies, and, for prompt/completion data of a Hugging Face
-model, exact match of greedy completions (`evaluate.exact_match`).
+accuracy, bits per character for character vocabularies, and, for a Hugging Face model, bits per byte of the
+text (comparable across tokenizers) and, for prompt/completion data, exact match of greedy completions
+(`evaluate.exact_match`).
 
 Scores are summed batch by batch (never all logits at once: 100 sequences x 256 tokens x 49k vocabulary
 would be 5 GB), and with several processes each scores its own rows and the sums are added up.
@@ -85,6 +86,12 @@ def scores(sums: torch.Tensor, characters: bool) -> Dict[str, float]:
     if characters:
         out["bpc"] = loss / math.log(2)
     return out
+
+
+def completion_bytes(tokenizer: Any, y: torch.Tensor) -> int:
+    """UTF-8 bytes of the text the targets spell, as the tokenizer decodes each row's (special tokens left out):
+    what bits per byte divide by, the same text for models of different tokenizers."""
+    return sum(len(tokenizer.decode(row[row >= 0].tolist(), skip_special_tokens=True).encode("utf-8")) for row in y)
 
 
 def token_metrics(logits: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
@@ -239,11 +246,17 @@ class CausalLM:
 
     def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ecfg: Dict[str, Any], batch_size: int,
                  runtime: Any = None, path: Optional[str] = None) -> Dict[str, Any]:
-        out: Dict[str, Any] = scores(token_sums(model, x, y, batch_size, runtime), self.characters)
+        sums = token_sums(model, x, y, batch_size, runtime)
+        out: Dict[str, Any] = scores(sums, self.characters)
+        if not (hasattr(model, "complete") and path and (runtime is None or runtime.is_main)):
+            return out
+        from ..models.hf import load_tokenizer
+        tokenizer = load_tokenizer(path, "evaluate")
+        # per byte of text, not per token: comparable between models of different tokenizers (lm-eval's bits_per_byte)
+        out["bits_per_byte"] = float(sums[0]) / math.log(2) / max(completion_bytes(tokenizer, y), 1)
         em = ecfg.get("exact_match") or {}
-        if em.get("rows") and hasattr(model, "complete") and path and (runtime is None or runtime.is_main):
-            from ..models.hf import load_tokenizer
-            out.update(exact_match(model, load_tokenizer(path, "evaluate.exact_match"), x, y, em))
+        if em.get("rows"):
+            out.update(exact_match(model, tokenizer, x, y, em))
         return out
 
     def metrics(self, logits: torch.Tensor, y: torch.Tensor, ecfg: Dict[str, Any]) -> Dict[str, float]:
