@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                     help="a recipe key and its values to try (repeatable); replaces the default grid")
     sp.add_argument("--sampler", choices=("grid", "tpe"), default="grid",
-                    help="grid: every combination of --grid; tpe: Optuna's TPE over --space (pip install "
-                         "\"distill[search]\")")
+                    help="grid: every combination of --grid; tpe: Optuna's TPE over --space (pip install -e "
+                         "\".[search]\")")
     sp.add_argument("--trials", type=int, default=None, metavar="N", help="tpe: number of trials (default 12)")
     sp.add_argument("--space", action="append", default=[], metavar="KEY=LOW:HIGH[:log] | KEY=A,B,C",
                     help="tpe: a recipe key and its range (integers when both bounds are) or choices; repeatable; "
@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pruner-warmup-epochs", type=int, default=None, metavar="N",
                     help="tpe: epochs every trial runs before it can be pruned (default: a quarter of its epochs)")
     sp.add_argument("--out", default=None, help="output folder (default: runs/search/NAME)")
+    for command in sub.choices.values():  # (--debug before or after the command; SUPPRESS: unset keeps the main one)
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show full tracebacks for errors")
     return p
 
 
@@ -260,8 +263,10 @@ def _export(args: argparse.Namespace) -> int:
         from .compress.hf_gpt import export_gpt2
         from .models.gpt import GPT
         if not isinstance(model, GPT):
-            raise UserError(f"--format hf: for the registry's gpt language models; {args.model} is a "
-                            f"{type(model).__name__} (transformer classifiers are saved as HF folders already)")
+            what = f"a '{saved['spec'].get('model')}' model" if saved.get("spec") else "a Hugging Face folder already"
+            raise UserError(f"--format hf: for the registry's gpt language models; {args.model} is {what} "
+                            f"(transformers are saved as HF folders already; export others as onnx, torchscript "
+                            f"or safetensors)")
         info = export_gpt2(model, data.class_names, data.x_test[:8], out, meta)
         record = os.path.join(folder, "export", "exports.json")
         write_json(record, {**read_json(record, {}), f"{args.model}.hf": info})

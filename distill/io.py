@@ -17,6 +17,9 @@ from torch import nn
 
 from .errors import UserError
 
+_UMASK = os.umask(0o022)  # (read by setting it: there is no other way; restored at once)
+os.umask(_UMASK)
+
 
 @contextmanager
 def atomic_path(path: str) -> Iterator[str]:
@@ -26,6 +29,7 @@ def atomic_path(path: str) -> Iterator[str]:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # (mkstemp makes it 0600: the file gets the mode a plain open would give)
     except OSError as e:
         raise UserError(f"{path}: cannot write in {folder} ({e.strerror or e})") from None
     try:

@@ -18,7 +18,7 @@ def summary_writer_class():
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise UserError("--tensorboard: the tensorboard package is not installed; "
-                        "pip install 'distill[tensorboard]'") from None
+                        "pip install -e '.[tensorboard]'") from None
     return SummaryWriter
 
 

@@ -97,7 +97,7 @@ def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
-        raise UserError("distill report: matplotlib is not installed; pip install \"distill[plot]\"") from None
+        raise UserError("distill report: matplotlib is not installed; pip install -e \".[plot]\"") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt

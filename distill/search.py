@@ -27,6 +27,7 @@ from .recipe import Recipe
 from .roles import SCRATCH
 
 DEFAULT_GRID = {"distill.temperature": [2, 3, 4, 5], "distill.alpha": [0.5, 0.7, 0.9]}
+NO_PLOT = "search: matplotlib is not installed, so no search.png (pip install -e '.[plot]')"
 
 
 def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
@@ -77,7 +78,8 @@ def search(recipe: Recipe, grid: Dict[str, List[Any]], overrides: Sequence[str],
     result = {"grid": grid, "trials": rows, "best": {k: best[k] for k in keys}, "table": table}
     write_json(os.path.join(out, "search.json"), result)
     write_text(os.path.join(out, "search.md"), table + "\n")
-    plot_search(rows, keys, os.path.join(out, "search.png"))
+    if not plot_search(rows, keys, os.path.join(out, "search.png")):
+        echo(NO_PLOT)
     return result
 
 
@@ -249,7 +251,7 @@ def import_optuna() -> Any:
     try:
         import optuna
     except ImportError:
-        raise UserError('--sampler tpe: Optuna is not installed; pip install "distill[search]"') from None
+        raise UserError('--sampler tpe: Optuna is not installed; pip install -e ".[search]"') from None
     return optuna
 
 
@@ -283,7 +285,7 @@ def search_tpe(recipe: Recipe, space: Dict[str, Dict[str, Any]], overrides: Sequ
             "space": {k: {f: v for f, v in d.items() if f != "arg"} for k, d in space.items()},
             "pruner": {"name": pruner, "startup_trials": startup_trials, "warmup_epochs": warmup_epochs}
             if pruner == "median" else {"name": "none"}}
-    return write_tpe(recipe, space, overrides, out, rows, info, time.perf_counter() - t0)
+    return write_tpe(recipe, space, overrides, out, rows, info, time.perf_counter() - t0, echo)
 
 
 def run_trial(trial: Any, recipe: Recipe, space: Dict[str, Dict[str, Any]], overrides: Sequence[str],
@@ -328,7 +330,7 @@ def run_trial(trial: Any, recipe: Recipe, space: Dict[str, Dict[str, Any]], over
 
 
 def write_tpe(recipe: Recipe, space: Dict[str, Dict[str, Any]], overrides: Sequence[str], out: str,
-              rows: List[Dict[str, Any]], info: Dict[str, Any], seconds: float) -> Dict[str, Any]:
+              rows: List[Dict[str, Any]], info: Dict[str, Any], seconds: float, echo=print) -> Dict[str, Any]:
     """The best completed trial (pruned ones are never best), best.yaml, search.md/json/png, epochs saved."""
     done = [r for r in rows if r["state"] == "complete"]
     if not done:
@@ -347,7 +349,8 @@ def write_tpe(recipe: Recipe, space: Dict[str, Dict[str, Any]], overrides: Seque
               "table": table, "summary": summary}
     write_json(os.path.join(out, "search.json"), result)
     write_text(os.path.join(out, "search.md"), table + "\n\n" + summary + "\n")
-    plot_tpe(rows, space, os.path.join(out, "search.png"))
+    if not plot_tpe(rows, space, os.path.join(out, "search.png")):
+        echo(NO_PLOT)
     return result
 
 

@@ -253,6 +253,27 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["--debug", "run", recipe_with(tmp_path, GOOD + "trian: {}\n")])
 
 
+def test_debug_after_the_command_shows_the_traceback_too(tmp_path):
+    from distill.errors import UserError
+    with pytest.raises(UserError):
+        main(["run", recipe_with(tmp_path, GOOD + "trian: {}\n"), "--debug"])
+    assert main(["run", recipe_with(tmp_path, GOOD + "trian: {}\n")]) == 2  # (and without it: one line)
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path, monkeypatch):
+    """A temp file is made 0600; the file it becomes is readable as the umask allows (a shared run folder)."""
+    from distill.io import write_text
+    monkeypatch.setattr("distill.io._UMASK", 0o022)  # (what it read at import, whatever this machine's is)
+    old = os.umask(0o022)
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        write_text(str(tmp_path / "atomic.txt"), "x")
+        assert os.stat(tmp_path / "atomic.txt").st_mode & 0o777 == os.stat(plain).st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+
+
 def test_full_disk_keeps_the_earlier_result(tmp_path, capsys, monkeypatch):
     p = recipe_with(tmp_path, GOOD)
     out = str(tmp_path / "run")

@@ -172,3 +172,20 @@ def test_export_mistakes_are_one_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not (target / "export").exists()
+
+
+def test_onnx_without_the_onnx_package_is_one_line(digits_run, capsys, monkeypatch):
+    """The exporter needs the onnx package (the deploy extra): without it, one line naming the extra, exit 2,
+    and no file (not torch's traceback from deep inside the exporter)."""
+    import sys
+    monkeypatch.setitem(sys.modules, "onnx", None)  # (an import of it raises ImportError)
+    assert main(["export", digits_run, "--format", "onnx", "--out", os.path.join(digits_run, "no.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the onnx package is not installed (pip install -e '.[deploy]')" in err[0], err
+    assert not os.path.exists(os.path.join(digits_run, "no.onnx"))
+
+
+def test_hf_format_of_a_classifier_is_one_line_naming_its_model(digits_run, capsys):
+    assert main(["export", digits_run, "--format", "hf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "student is a 'cnn' model" in err[0] and "export others as onnx" in err[0], err

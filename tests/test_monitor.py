@@ -317,5 +317,5 @@ def test_tensorboard_missing_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
     assert main(["run", "digits", "--out", str(tmp_path / "run"), "--tensorboard"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "pip install 'distill[tensorboard]'" in err
+    assert err.count("\n") == 0 and "pip install -e '.[tensorboard]'" in err
     assert not os.path.exists(tmp_path / "run")  # nothing written

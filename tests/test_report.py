@@ -156,7 +156,7 @@ def test_bad_run_folders_are_one_line_errors(tmp_path, capsys, run_dir):
 def test_without_matplotlib_it_says_so_in_one_line(run_dir, tmp_path, capsys, monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    _one_line_error(capsys, ["report", run_dir, "--out", str(tmp_path / "r.html")], "pip install \"distill[plot]\"")
+    _one_line_error(capsys, ["report", run_dir, "--out", str(tmp_path / "r.html")], "pip install -e \".[plot]\"")
     assert not (tmp_path / "r.html").exists()
 
 

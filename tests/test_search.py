@@ -160,7 +160,7 @@ def test_tpe_without_optuna_is_one_line(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "s")
     assert main(["search", "digits", *FAST, "--sampler", "tpe", "--out", out]) == 2
     err = capsys.readouterr().err.strip()
-    assert 'pip install "distill[search]"' in err and len(err.splitlines()) == 1, err
+    assert 'pip install -e ".[search]"' in err and len(err.splitlines()) == 1, err
     assert not os.path.exists(out)
 
 

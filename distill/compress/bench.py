@@ -121,7 +121,7 @@ def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
     write_text(os.path.join(folder, "bench", "bench.md"), table + "\n")
     plot = os.path.join(folder, "bench", "pareto.png")
     if not plot_pareto(results, plot, lm):
-        echo("bench: matplotlib is not installed, so no pareto.png (pip install 'distill[plot]')")
+        echo("bench: matplotlib is not installed, so no pareto.png (pip install -e '.[plot]')")
     return out
 
 

@@ -89,6 +89,10 @@ def tolerance(reference: torch.Tensor) -> float:
 
 def _onnx(module: nn.Module, inputs: Dict[str, torch.Tensor], axes: Dict[str, Dict], path: str) -> None:
     try:
+        import onnx  # noqa: F401 (torch's exporter writes through it)
+    except ImportError:
+        raise UserError("--format onnx: the onnx package is not installed (pip install -e '.[deploy]')") from None
+    try:
         with warnings.catch_warnings():  # tracer warnings about Python control flow are expected here
             warnings.simplefilter("ignore")
             torch.onnx.export(module, tuple(inputs.values()), path, input_names=list(inputs),
@@ -103,7 +107,7 @@ def _run_onnx(path: str, inputs: Dict[str, torch.Tensor]) -> np.ndarray:
     try:
         import onnxruntime as ort
     except ImportError:
-        raise UserError("--format onnx: onnxruntime is not installed (pip install 'distill[deploy]'); the export "
+        raise UserError("--format onnx: onnxruntime is not installed (pip install -e '.[deploy]'); the export "
                         "is only kept once ONNX Runtime has checked it") from None
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     return session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]

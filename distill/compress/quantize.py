@@ -126,7 +126,7 @@ def onnx_int8(src: str, dst: str, mode: str, calibration=None) -> None:
     included) or `static` (QDQ, activation ranges from `calibration`, a list of input feeds)."""
     from ..io import atomic_path
     module = "onnxruntime.quantization"
-    install = "pip install 'distill[deploy]'"
+    install = "pip install -e '.[deploy]'"
     qtype = _api(f"onnx_{mode}", module, "QuantType", install)
     root = logging.getLogger()
     level = root.level

@@ -177,6 +177,9 @@ class Checkpointing(Callback):
         if saved:
             t.load_state(saved)
             t.resumed = True
+            if self.is_main:
+                self.checkpoints.warn(f"{t.role}: resumed at epoch {t.prog['epoch'] + 1}, step {t.prog['step']}, from "
+                                      f"{self.checkpoints.folder}")
         elif self.is_main:
             self.checkpoints.clear()
         self.last = time.monotonic()

@@ -33,7 +33,7 @@ from ..io import write_json
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-INSTALL_HINT = "install the text extra: pip install 'distill[text]'"
+INSTALL_HINT = "install the text extra: pip install -e '.[text]'"
 
 
 def transformers_module():
@@ -324,7 +324,7 @@ def check_gguf(path: str, where: str) -> str:
         import gguf
     except ImportError:
         raise UserError(f"{where}: reading GGUF files needs the gguf and accelerate packages: "
-                        f"pip install 'distill[llm]'") from None
+                        f"pip install -e '.[llm]'") from None
     try:
         field = gguf.GGUFReader(path).fields.get("general.architecture")
         arch = bytes(field.parts[field.data[0]]).decode() if field is not None else None

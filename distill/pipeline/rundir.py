@@ -92,8 +92,8 @@ class RunDir:
         except UserError:
             before = None
         if _comparable(before) != _comparable(self.cfg):
-            raise UserError(f"--out {self.out}: the folder holds a run of a different recipe; choose another "
-                            f"folder, or pass --overwrite to replace it (unchanged stages are still reused)")
+            raise UserError(f"{self.out}: the folder holds a run of a different recipe; choose another folder "
+                            f"(--out), or pass --overwrite to replace it (unchanged stages are still reused)")
 
     def open(self) -> None:
         """Create the folder and write the resolved recipe (once; before the first stage writes anything)."""
@@ -155,8 +155,8 @@ class RunDir:
             raise UserError(f"--resume: {ck.folder} was written by the {name} stage of other inputs (its data, "
                             f"teacher or settings have changed since); restore them to continue, or run again "
                             f"without --resume to start the stage over")
-        self.echo(f"warning: {ck.folder}: written by the {name} stage of other inputs; --overwrite: dropped, "
-                  f"the stage starts over")
+        self.event(f"warning: {ck.folder}: written by the {name} stage of other inputs; --overwrite: dropped, "
+                   f"the stage starts over", model=name, dropped_checkpoints=ck.folder)
         if self.runtime.is_main:
             ck.clear()
 
