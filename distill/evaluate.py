@@ -80,8 +80,8 @@ def mean_std(values: List[float]) -> Dict[str, float]:
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
 
 
-COLUMNS = [("bpc", "bits/char", "{:.4f}"), ("perplexity", "perplexity", "{:.3f}"), ("bits_per_byte", "bits/byte", "{:.4f}"),
-           ("exact_match", "exact match", "{:.3f}"),
+COLUMNS = [("bpc", "bits/char", "{:.4f}"), ("perplexity", "perplexity", "{:.3f}"),
+           ("bits_per_byte", "bits/byte", "{:.4f}"), ("exact_match", "exact match", "{:.3f}"),
            ("bleu", "BLEU", "{:.1f}"), ("chrf", "chrF", "{:.1f}"), ("top1_agreement", "agree", "{:.3f}"),
            ("accuracy", "accuracy", "{:.4f}"), ("macro_f1", "macro-F1", "{:.4f}"), ("auc", "AUC", "{:.4f}"),
            ("sensitivity", "sensitivity", "{:.4f}"), ("specificity", "specificity", "{:.4f}"),

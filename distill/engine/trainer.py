@@ -389,7 +389,8 @@ class Trainer:
         watched = {"retention": f"{record['retention_watched']:.3f} low, "
                                 f"{'adjusted' if record['adjusted'] else 'warned'}"} if "adjusted" in record else {}
         shown = {"val": f"{val[self.task.select_metric]:.3f}"} if self.task.select_metric in val else {}
-        self.bar.set_postfix(epoch=epoch + 1, loss=f"{sums.get('total', 0.0) / n:.3f}", **shown, **watched)
+        self.bar.set_postfix(epoch=epoch + 1, loss=f"{sums.get('total', 0.0) / n:.3f}", **shown, **watched,
+                             refresh=False)  # (shown at the next redraw: off a terminal, every few seconds)
 
     def _select(self, epoch: int, val: Dict[str, float]) -> None:
         """Keep this epoch's weights if `train.select` is `last`, or if its selection metric is the best yet."""

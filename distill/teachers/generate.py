@@ -81,7 +81,7 @@ def generate(teacher: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], ans
                 rows.append(row)
             fh.flush()
             os.fsync(fh.fileno())
-            progress.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - t0):,.0f}")
+            progress.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - t0):,.0f}", refresh=False)
     seconds = time.perf_counter() - t0
     rows.sort(key=lambda r: (r["row"], r["sample"]))
     kept = [r for r in rows if r["ended"] and r["correct"] is not False]
