@@ -46,13 +46,17 @@ class Checkpoints:
                  key: Optional[str] = None) -> None:
         self.folder, self.keep, self.warn, self.key = folder, max(1, keep), warn, key
 
+    @property
+    def _inputs(self) -> str:
+        return os.path.join(self.folder, "inputs.json")
+
     def _files(self) -> list:
         return sorted(glob.glob(os.path.join(self.folder, "step-*.pt")))
 
     def save(self, step: int, state: Dict[str, Any]) -> str:
         path = os.path.join(self.folder, f"step-{step:08d}.pt")
         if self.key and self.written_by() != self.key:  # (before the first file: none is ever without its key)
-            write_json(os.path.join(self.folder, "inputs.json"), {"fingerprint": self.key})
+            write_json(self._inputs, {"fingerprint": self.key})
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
         for old in self._files()[:-self.keep]:
@@ -71,10 +75,10 @@ class Checkpoints:
 
     def written_by(self) -> Optional[str]:
         """The fingerprint of the stage that wrote the checkpoints here (None: none, or written without one)."""
-        return read_json(os.path.join(self.folder, "inputs.json"), {}).get("fingerprint") if self._files() else None
+        return read_json(self._inputs, {}).get("fingerprint") if self._files() else None
 
     def clear(self) -> None:
         for path in self._files():
             os.remove(path)
-        if os.path.isfile(os.path.join(self.folder, "inputs.json")):
-            os.remove(os.path.join(self.folder, "inputs.json"))
+        if os.path.isfile(self._inputs):
+            os.remove(self._inputs)

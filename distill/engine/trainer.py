@@ -222,7 +222,7 @@ class Trainer:
             self.bar = bar(None, desc=self.role, unit="step", total=tcfg["epochs"] * self.per_epoch,
                            initial=prog["epoch"] * self.per_epoch + prog["batch"], show=self.runtime.is_main)
             try:  # (the bar is closed however training ends, so a stop's message starts a line of its own)
-                self._epochs(stop)
+                self._epochs()
             finally:
                 self.bar.close()
             for cb in self.callbacks:
@@ -230,7 +230,7 @@ class Trainer:
         self.student.load_state_dict(self.prog["best_state"])
         return {"selected_epoch": self.prog["best_epoch"] + 1, **self.prog["best_metrics"]}
 
-    def _epochs(self, stop: Any) -> None:
+    def _epochs(self) -> None:
         for epoch in range(self.prog["epoch"], self.tcfg["epochs"]):
             self.epoch_gen = self.gen.get_state()  # the epoch's batches are drawn from here: a resume redraws them
             self.student.train()  # every epoch: validation below switches to eval mode
@@ -241,7 +241,7 @@ class Trainer:
                 if self.stopping:  # (under torchrun: every process stops at the same step)
                     path = self.checkpoint_now()
                     self.runtime.barrier()  # the checkpoint is on disk before any process exits
-                    raise Interrupted(self.role, stop.signum or signal.SIGTERM,
+                    raise Interrupted(self.role, self.stop.signum or signal.SIGTERM,
                                       f"epoch {epoch + 1}, step {self.prog['step']}", path)
             self.end_epoch(epoch, time.perf_counter() - t0)
 
