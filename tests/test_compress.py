@@ -280,6 +280,17 @@ def test_bench_fills_every_column_and_plots_the_pareto_front(cnn_run, capsys, tm
     assert result["recommended"]["model"] != "teacher"
 
 
+def test_a_forked_measurement_reports_its_error_or_its_death_as_a_row(tmp_path):
+    from distill.compress.bench import _forked
+    (tmp_path / "student.safetensors").write_bytes(b"not weights")  # (a relative path: read in the bench's cwd)
+    job = {"cfg": Recipe.load("digits").cfg, "folder": ".", "name": "student", "path": "student.safetensors",
+           "variant": "fp32", "cwd": str(tmp_path), "env": {"DISTILL_QUIET": "1"}}
+    error = _forked(job)["error"]  # (an exception: one line)
+    assert error.startswith("n/a: student.safetensors: not a readable safetensors file") and "No such" not in error
+    job["cwd"] = str(tmp_path / "gone")  # (it dies before measuring: the last error line it wrote)
+    assert _forked(job)["error"].startswith("FileNotFoundError: [Errno 2] No such file or directory")
+
+
 def test_compress_text_heads_vocab_layers(tmp_path, capsys):
     from textkit import text_recipe
 

@@ -19,19 +19,18 @@ beside it; its latency is milliseconds per step of greedy decoding with the KV c
 prefill measured apart and taken out), its throughput decoded tokens/s at evaluate.throughput_batch, with the
 prefill latency of a test prompt and the peak memory of decoding.
 
-A backend is chosen by measurement: each variant runs in a fresh process (so peak memory is its own) on
-a fixed thread count, after warm-up, and one that fails is reported with its error, not hidden. The
-recommended deployable model is the fastest at batch 1 whose test accuracy is within
-bench.max_accuracy_drop of the distilled student's.
+A backend is chosen by measurement: each variant runs in a process of its own (so peak memory is its own),
+forked from one that has done the imports once, on a fixed thread count, after warm-up, and one that fails
+is reported with its error, not hidden. The recommended deployable model is the fastest at batch 1 whose
+test accuracy is within bench.max_accuracy_drop of the distilled student's.
 """
 from __future__ import annotations
 
-import json
+import multiprocessing
 import os
 import platform
 import re
-import subprocess
-import sys
+import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import UserError, did_you_mean
@@ -131,7 +130,7 @@ def _write_variant_file(cfg: Dict[str, Any], folder: str, name: str, path: str, 
     from ..data import load_data
     from ..pipeline.artifacts import load_model_at
     from ..pipeline.rundir import data_cfg_for
-    from .measure import variant_path, write_file
+    from .measure import failure, variant_path, write_file
     if variant_path(folder, name, variant) is None:  # (a variant without a file of its own)
         return None
     data_cfg = data_cfg_for(cfg, name)
@@ -144,21 +143,45 @@ def _write_variant_file(cfg: Dict[str, Any], folder: str, name: str, path: str, 
     except UserError as e:  # this backend does not apply, or its API is missing: said in one line
         return f"n/a: {e}"[:300]
     except Exception as e:  # a backend that fails is a row of the table, not the end of the bench
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        return failure(e)
     return None
 
 
+# What each measurement process starts with: imported once by the fork server, not once per variant (torch,
+# distill and transformers take seconds to import; a measurement of a small model takes less). An import that
+# fails (transformers is optional) is skipped by multiprocessing.
+PRELOAD = ["distill.compress.measure", "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
+           "transformers.models.auto.tokenization_auto"]
+
+
 def _measure_in_child(cfg: Dict[str, Any], folder: str, name: str, path: str, variant: str) -> Dict[str, Any]:
-    """Run one measurement in a fresh interpreter: its peak memory is its own, and a backend that crashes
-    the process is a failed row, not a failed bench."""
-    job = {"cfg": cfg, "folder": folder, "name": name, "path": path, "variant": variant}
-    proc = subprocess.run([sys.executable, "-m", "distill.compress.measure"], input=json.dumps(job),
-                          capture_output=True, text=True)
-    base = {"model": name, "variant": variant}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode == 0 and lines:
-        return {**base, **json.loads(lines[-1])}
-    return {**base, "error": _last_error(proc.stderr) or f"exit code {proc.returncode}"}
+    """Run one measurement in a process of its own, forked from a server that has done the imports: its peak
+    memory is its own, and a backend that crashes the process is a failed row, not a failed bench."""
+    job = {"cfg": cfg, "folder": folder, "name": name, "path": path, "variant": variant,
+           "cwd": os.getcwd(), "env": dict(os.environ)}  # (the server has those of the first measurement)
+    return {"model": name, "variant": variant, **_forked(job)}
+
+
+def _forked(job: Dict[str, Any]) -> Dict[str, Any]:
+    """`measure.run_job(job)` in a process forked from the server: its numbers, or {"error": why}."""
+    from .measure import run_job
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)  # (read when the server starts, on the first measurement)
+    receive, send = ctx.Pipe(duplex=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        log = os.path.join(tmp, "output.txt")  # (the child's stdout and stderr: backends' chatter stays out of
+        child = ctx.Process(target=run_job, args=(job, send, log))  # the bench's own output)
+        child.start()
+        send.close()
+        try:
+            reply = receive.recv()
+        except EOFError:  # it died without a word (a crash, or killed for memory)
+            reply = None
+        child.join()
+        if reply is None:
+            with open(log, errors="replace") as fh:
+                reply = {"error": _last_error(fh.read()) or f"exit code {child.exitcode}"}
+    return reply
 
 
 def _last_error(stderr: str) -> str:

@@ -1,9 +1,9 @@
 """The variants that `distill bench` measures: how each is made, written to a file, and run.
 
 `write_file` runs in the bench process and writes the deployable file of a variant (its size is the size
-column). `main` runs in a fresh process per variant (`python -m distill.compress.measure`, job as JSON on
-stdin): it loads or converts the model, resets the peak-memory mark, then measures test accuracy, batch-1
-latency percentiles and throughput, and prints one JSON line.
+column). `run_job` runs in a process of its own per variant, which bench forks from a server that has
+imported torch, distill and transformers: it loads or converts the model, resets the peak-memory mark, then
+measures test accuracy, batch-1 latency percentiles and throughput, and sends them back.
 
 A language model is measured as it is used: test perplexity and next-token accuracy over the completion
 tokens, the time per step of greedy decoding with the KV cache at batch 1 (percentiles over a few decodes of
@@ -13,11 +13,9 @@ first test prompt, and the peak memory of decoding.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import resource
 import statistics
-import sys
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -228,16 +226,23 @@ def lm_numbers(run: nn.Module, data: DataBundle, cfg: Dict[str, Any]) -> Dict[st
             "throughput": batch / batched, "prefill_ms": prefill, "prompt_tokens": len(prompt), "decode_tokens": new}
 
 
-def main() -> int:
-    job = json.load(sys.stdin)
+def run_job(job: Dict[str, Any], reply: Any, log: str) -> None:
+    """One measurement, in a process of its own (bench forks one per variant): its output goes to `log`, its
+    numbers, or the error that stopped it, through the pipe end `reply`."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.chdir(job["cwd"])
+    os.environ.clear()
+    os.environ.update(job["env"])
     try:
-        result = measure(job)
+        reply.send(measure(job))
     except UserError as e:  # the variant does not apply here, or its backend is missing
-        print(f"n/a: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
-    return 0
+        reply.send({"error": f"n/a: {e}"[:300]})
+    except Exception as e:  # a backend that fails is a row of the table, not the end of the bench
+        reply.send({"error": failure(e)})
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def failure(e: Exception) -> str:
+    """A backend's exception as a row of the table says it: its type and first line."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
