@@ -280,15 +280,36 @@ def test_bench_fills_every_column_and_plots_the_pareto_front(cnn_run, capsys, tm
     assert result["recommended"]["model"] != "teacher"
 
 
-def test_a_forked_measurement_reports_its_error_or_its_death_as_a_row(tmp_path):
-    from distill.compress.bench import _forked
-    (tmp_path / "student.safetensors").write_bytes(b"not weights")  # (a relative path: read in the bench's cwd)
+def test_the_measuring_server_answers_each_job_and_a_death_is_a_row(tmp_path, monkeypatch):
+    import signal
+    import threading
+    import time
+    from distill.compress.bench import _Server
+    monkeypatch.chdir(tmp_path)  # (the server measures in the bench's directory: a relative path is read here)
+    (tmp_path / "student.safetensors").write_bytes(b"not weights")
     job = {"cfg": Recipe.load("digits").cfg, "folder": ".", "name": "student", "path": "student.safetensors",
-           "variant": "fp32", "cwd": str(tmp_path), "env": {"DISTILL_QUIET": "1"}}
-    error = _forked(job)["error"]  # (an exception: one line)
-    assert error.startswith("n/a: student.safetensors: not a readable safetensors file") and "No such" not in error
-    job["cwd"] = str(tmp_path / "gone")  # (it dies before measuring: the last error line it wrote)
-    assert _forked(job)["error"].startswith("FileNotFoundError: [Errno 2] No such file or directory")
+           "variant": "fp32"}
+    os.mkfifo(tmp_path / "rows.csv")  # (a data file that never answers: the measurement waits on it)
+    stuck = {**job, "cfg": {**job["cfg"], "data": {**job["cfg"]["data"], "dataset": "csv", "path": "rows.csv",
+                                                   "as_image": False}}}
+    with _Server() as server:
+        error = server.ask(job)["error"]  # an exception: one line
+        assert error.startswith("n/a: student.safetensors: not a readable safetensors file") and "No such" not in error
+        children = f"/proc/{server.proc.pid}/task/{server.proc.pid}/children"
+
+        def kill_the_measurement():  # (as the kernel's OOM killer would)
+            for _ in range(600):
+                pids = open(children).read().split()
+                if pids:
+                    return os.kill(int(pids[0]), signal.SIGKILL)
+                time.sleep(0.05)
+        killer = threading.Thread(target=kill_the_measurement)
+        killer.start()
+        assert server.ask(stuck) == {"error": "exit code -9"}  # a crash: this row fails, the bench goes on
+        killer.join()
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait()
+        assert server.ask(job) == {"error": "the measuring process ended (exit code -9)"}
 
 
 def test_compress_text_heads_vocab_layers(tmp_path, capsys):

@@ -204,10 +204,10 @@ def test_student_too_small(runs, capsys):
 
 def bench_in_process(folder, variants, monkeypatch):
     """A real `distill bench`, each variant measured in this process (by the bench's own measure()) rather
-    than in a fresh interpreter, which would cost seconds of start-up per variant."""
+    than in a process of the measuring server, which would cost seconds of start-up."""
     from distill.compress import bench, measure
 
-    def in_process(cfg, folder, name, path, variant):
+    def in_process(server, cfg, folder, name, path, variant):
         threads = torch.get_num_threads()
         try:
             job = {"cfg": cfg, "folder": folder, "name": name, "path": path, "variant": variant}

@@ -26,11 +26,11 @@ test accuracy is within bench.max_accuracy_drop of the distilled student's.
 """
 from __future__ import annotations
 
-import multiprocessing
+import json
 import os
 import platform
-import re
-import tempfile
+import subprocess
+import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import UserError, did_you_mean
@@ -102,14 +102,15 @@ def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
     os.makedirs(os.path.join(folder, "bench", "files"), exist_ok=True)
     results: List[Dict[str, Any]] = []
     loaded: Dict[str, Any] = {}  # the data, and the model whose variants are being written
-    for name, path, variant in bar(rows, desc="bench", unit="variant"):
-        error = _write_variant_file(cfg, folder, name, path, variant, loaded)
-        r = {"model": name, "variant": variant, "error": error} if error else \
-            _measure_in_child(cfg, folder, name, path, variant)
-        results.append(r)
-        echo(f"bench: {name} {variant}: " + (r["error"] if "error" in r else
-                                              f"accuracy {r['accuracy']:.4f}, p50 {r['p50_ms']:.3f} ms"
-                                              + (" per token" if lm else "")))
+    with _Server() as server:
+        for name, path, variant in bar(rows, desc="bench", unit="variant"):
+            error = _write_variant_file(cfg, folder, name, path, variant, loaded)
+            r = {"model": name, "variant": variant, "error": error} if error else \
+                _measure_in_child(server, cfg, folder, name, path, variant)
+            results.append(r)
+            echo(f"bench: {name} {variant}: " + (r["error"] if "error" in r else
+                                                  f"accuracy {r['accuracy']:.4f}, p50 {r['p50_ms']:.3f} ms"
+                                                  + (" per token" if lm else "")))
     summary = summarise(results, cfg["bench"]["max_accuracy_drop"])
     out = {"machine": machine(), "threads": cfg["evaluate"]["threads"], "batch": cfg["evaluate"]["throughput_batch"],
            "latency_runs": lm_runs(cfg) if lm else cfg["bench"]["latency_runs"],
@@ -147,48 +148,43 @@ def _write_variant_file(cfg: Dict[str, Any], folder: str, name: str, path: str, 
     return None
 
 
-# What each measurement process starts with: imported once by the fork server, not once per variant (torch,
-# distill and transformers take seconds to import; a measurement of a small model takes less). An import that
-# fails (transformers is optional) is skipped by multiprocessing.
-PRELOAD = ["distill.compress.measure", "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
-           "transformers.models.auto.tokenization_auto"]
+class _Server:
+    """`python -m distill.compress.measure` for the length of one bench: a fresh interpreter (none of the
+    caller's code) that imports torch, distill and transformers once, then forks a process per measurement,
+    so each has its own peak memory, a crash fails its row only, and none pays the imports again."""
 
+    def __enter__(self) -> "_Server":
+        self.proc: Optional[subprocess.Popen] = None  # (started by the first measurement)
+        return self
 
-def _measure_in_child(cfg: Dict[str, Any], folder: str, name: str, path: str, variant: str) -> Dict[str, Any]:
-    """Run one measurement in a process of its own, forked from a server that has done the imports: its peak
-    memory is its own, and a backend that crashes the process is a failed row, not a failed bench."""
-    job = {"cfg": cfg, "folder": folder, "name": name, "path": path, "variant": variant,
-           "cwd": os.getcwd(), "env": dict(os.environ)}  # (the server has those of the first measurement)
-    return {"model": name, "variant": variant, **_forked(job)}
-
-
-def _forked(job: Dict[str, Any]) -> Dict[str, Any]:
-    """`measure.run_job(job)` in a process forked from the server: its numbers, or {"error": why}."""
-    from .measure import run_job
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)  # (read when the server starts, on the first measurement)
-    receive, send = ctx.Pipe(duplex=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        log = os.path.join(tmp, "output.txt")  # (the child's stdout and stderr: backends' chatter stays out of
-        child = ctx.Process(target=run_job, args=(job, send, log))  # the bench's own output)
-        child.start()
-        send.close()
+    def ask(self, job: Dict[str, Any]) -> Dict[str, Any]:
+        """The numbers of one measurement, or {"error": why}."""
+        if self.proc is None:
+            self.proc = subprocess.Popen([sys.executable, "-m", "distill.compress.measure"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
-            reply = receive.recv()
-        except EOFError:  # it died without a word (a crash, or killed for memory)
-            reply = None
-        child.join()
-        if reply is None:
-            with open(log, errors="replace") as fh:
-                reply = {"error": _last_error(fh.read()) or f"exit code {child.exitcode}"}
-    return reply
+            self.proc.stdin.write(json.dumps(job) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        return json.loads(line) if line else {"error": f"the measuring process ended (exit code {self.proc.poll()})"}
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.proc.stdin.close()  # (its loop ends with its input)
+            self.proc.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
 
 
-def _last_error(stderr: str) -> str:
-    """The exception line of a child's traceback (or its last line: a UserError is printed alone)."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    named = [line for line in lines if line.startswith("n/a:") or re.match(r"^[\w.]+(Error|Exception|Exit)\b", line)]
-    return (named or lines or [""])[-1][:300]
+def _measure_in_child(server: _Server, cfg: Dict[str, Any], folder: str, name: str, path: str,
+                      variant: str) -> Dict[str, Any]:
+    job = {"cfg": cfg, "folder": folder, "name": name, "path": path, "variant": variant}
+    return {"model": name, "variant": variant, **server.ask(job)}
 
 
 def summarise(results: List[Dict[str, Any]], max_drop: float) -> Dict[str, Any]:

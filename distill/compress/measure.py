@@ -1,9 +1,10 @@
 """The variants that `distill bench` measures: how each is made, written to a file, and run.
 
 `write_file` runs in the bench process and writes the deployable file of a variant (its size is the size
-column). `run_job` runs in a process of its own per variant, which bench forks from a server that has
-imported torch, distill and transformers: it loads or converts the model, resets the peak-memory mark, then
-measures test accuracy, batch-1 latency percentiles and throughput, and sends them back.
+column). `main` is the server that bench starts (`python -m distill.compress.measure`, jobs as JSON lines on
+stdin): a fresh interpreter that imports torch, distill and transformers once and forks a process per
+variant, which loads or converts the model, resets the peak-memory mark, then measures test accuracy,
+batch-1 latency percentiles and throughput, and answers one JSON line.
 
 A language model is measured as it is used: test perplexity and next-token accuracy over the completion
 tokens, the time per step of greedy decoding with the KV cache at batch 1 (percentiles over a few decodes of
@@ -13,9 +14,14 @@ first test prompt, and the peak memory of decoding.
 from __future__ import annotations
 
 import gc
+import importlib
+import json
 import os
+import re
 import resource
 import statistics
+import sys
+import tempfile
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -226,23 +232,75 @@ def lm_numbers(run: nn.Module, data: DataBundle, cfg: Dict[str, Any]) -> Dict[st
             "throughput": batch / batched, "prefill_ms": prefill, "prompt_tokens": len(prompt), "decode_tokens": new}
 
 
-def run_job(job: Dict[str, Any], reply: Any, log: str) -> None:
-    """One measurement, in a process of its own (bench forks one per variant): its output goes to `log`, its
-    numbers, or the error that stopped it, through the pipe end `reply`."""
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.chdir(job["cwd"])
-    os.environ.clear()
-    os.environ.update(job["env"])
+# Imported by the server before it forks, so that no measurement pays for them (transformers is optional).
+PRELOAD = ("distill.pipeline.artifacts", "distill.pipeline.rundir", "transformers.modeling_utils",
+           "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto")
+
+
+def main() -> int:
+    """The measurement server (bench starts it): one job per JSON line on stdin, one answer per line on
+    stdout. It forks each measurement from this process, which has imported modules and run nothing."""
+    for module in PRELOAD:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # (whatever else prints cannot reach the answers)
+    for line in sys.stdin:
+        print(json.dumps(forked(json.loads(line))), file=answers, flush=True)
+    return 0
+
+
+def forked(job: Dict[str, Any]) -> Dict[str, Any]:
+    """`measure(job)` in a forked process: its numbers, or {"error": why}. Its output goes to a file, whose
+    last error line names a crash."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = os.path.join(tmp, "output.txt")
+        open(log, "w").close()
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            _measure_and_exit(job, write, log)
+        os.close(write)
+        with os.fdopen(read, "rb") as fh:
+            answer = fh.read()
+        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        if answer:
+            return json.loads(answer)
+        with open(log, errors="replace") as fh:  # (it died without a word: a crash, or killed for memory)
+            return {"error": last_error(fh.read()) or f"exit code {status}"}
+
+
+def _measure_and_exit(job: Dict[str, Any], write: int, log: str) -> None:
     try:
-        reply.send(measure(job))
-    except UserError as e:  # the variant does not apply here, or its backend is missing
-        reply.send({"error": f"n/a: {e}"[:300]})
-    except Exception as e:  # a backend that fails is a row of the table, not the end of the bench
-        reply.send({"error": failure(e)})
+        fd = os.open(log, os.O_WRONLY)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        try:
+            answer = measure(job)
+        except UserError as e:  # the variant does not apply here, or its backend is missing
+            answer = {"error": f"n/a: {e}"[:300]}
+        except Exception as e:  # a backend that fails is a row of the table, not the end of the bench
+            answer = {"error": failure(e)}
+        with os.fdopen(write, "wb") as fh:
+            fh.write(json.dumps(answer).encode())
+    finally:
+        os._exit(0)  # (no cleanup of the server's state: it is the server's)
+
+
+def last_error(output: str) -> str:
+    """The exception line of a traceback in `output` (or its last line)."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    named = [line for line in lines if line.startswith("n/a:") or re.match(r"^[\w.]+(Error|Exception|Exit)\b", line)]
+    return (named or lines or [""])[-1][:300]
 
 
 def failure(e: Exception) -> str:
     """A backend's exception as a row of the table says it: its type and first line."""
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
