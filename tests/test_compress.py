@@ -285,6 +285,8 @@ def test_the_measuring_server_answers_each_job_and_a_death_is_a_row(tmp_path, mo
     import threading
     import time
     from distill.compress.bench import _Server
+    if not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"):
+        pytest.skip("this kernel does not list a process's children in /proc")
     monkeypatch.chdir(tmp_path)  # (the server measures in the bench's directory: a relative path is read here)
     (tmp_path / "student.safetensors").write_bytes(b"not weights")
     job = {"cfg": Recipe.load("digits").cfg, "folder": ".", "name": "student", "path": "student.safetensors",
@@ -303,6 +305,7 @@ def test_the_measuring_server_answers_each_job_and_a_death_is_a_row(tmp_path, mo
                 if pids:
                     return os.kill(int(pids[0]), signal.SIGKILL)
                 time.sleep(0.05)
+            open(tmp_path / "rows.csv", "w").close()  # (none found in 30 s: let it go, and the assertion fail)
         killer = threading.Thread(target=kill_the_measurement)
         killer.start()
         assert server.ask(stuck) == {"error": "exit code -9"}  # a crash: this row fails, the bench goes on
