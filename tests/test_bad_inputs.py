@@ -157,6 +157,11 @@ CASES = {
     "wrong number of outputs": (lambda t: [recipe_with(t, GOOD.replace("model: mlp, args: {hidden: [8]}",
                                                                        "arch: ['Flatten()', 'Linear(64, 3)']"))],
                                 "the model outputs shape (3,) per sample but the data has 10 classes"),
+    "cnn on vectors": (lambda t: [recipe_with(t, TABULAR), "--set", "teacher.model=cnn", "--set", "teacher.args={}"],
+                       "teacher.model: 'cnn' needs images (channels, height, width), and these inputs have shape "
+                       "(30,): set data.as_image: true, or use mlp"),
+    "layer of width 0": (lambda t: [recipe_with(t, GOOD), "--set", "student.args.hidden=[0]"],
+                         "student: body.1.weight has no elements: a layer of size 0"),
     "empty student arch": (lambda t: [recipe_with(t, GOOD), "--set", "student.arch=[]"],
                            'student.arch: empty; give the layers, e.g. arch: ["Flatten()", "Linear(64, 10)"]'),
     "empty teacher model": (lambda t: [recipe_with(t, GOOD), "--set", 'teacher.model=""'],

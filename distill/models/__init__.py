@@ -36,6 +36,9 @@ def mlp(input_shape: Tuple[int, ...], num_classes: int, hidden: Sequence[int] = 
 def cnn(input_shape: Tuple[int, ...], num_classes: int, channels: Sequence[int] = (32, 64),
         hidden: int = 512, dropout: float = 0.0) -> nn.Module:
     """The seed design's CNN: [Conv3x3-ReLU-MaxPool2] per channel width, then FC-ReLU and the classifier."""
+    if len(input_shape) != 3:
+        raise ValueError(f"needs images (channels, height, width), and these inputs have shape {tuple(input_shape)}: "
+                         f"set data.as_image: true, or use mlp")
     c, h, w = input_shape
     layers: list = []
     for out in channels:
@@ -89,8 +92,13 @@ def build_model(spec: Dict[str, Any], input_shape: Tuple[int, ...], num_classes:
             model = builder(tuple(input_shape), num_classes, **(spec.get("args") or {}))
         except TypeError as e:
             raise UserError(f"{where}.args: {e} (model '{spec['model']}')") from None
+        except ValueError as e:  # (the inputs do not suit the model)
+            raise UserError(f"{where}.model: '{spec['model']}' {e}") from None
     else:
         raise UserError(f"{where}: give `model: NAME` (one of {', '.join(MODELS.names())}) or `arch: [layers]`")
+    empty = next((name for name, p in model.named_parameters() if p.numel() == 0), None)
+    if empty is not None:  # (torch builds a layer of width 0 and trains around it, with a warning)
+        raise UserError(f"{where}: {empty} has no elements: a layer of size 0 (in {where}.args or {where}.arch)")
     check_output(model, input_shape, num_classes, where)
     return model
 
