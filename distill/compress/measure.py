@@ -280,9 +280,7 @@ def _measure_and_exit(job: Dict[str, Any], write: int, log: str) -> None:
         os.dup2(fd, 2)
         try:
             answer = measure(job)
-        except UserError as e:  # the variant does not apply here, or its backend is missing
-            answer = {"error": f"n/a: {e}"[:300]}
-        except Exception as e:  # a backend that fails is a row of the table, not the end of the bench
+        except Exception as e:  # a backend that fails or does not apply is a row of the table, not the end
             answer = {"error": failure(e)}
         with os.fdopen(write, "wb") as fh:
             fh.write(json.dumps(answer).encode())
@@ -293,12 +291,15 @@ def _measure_and_exit(job: Dict[str, Any], write: int, log: str) -> None:
 def last_error(output: str) -> str:
     """The exception line of a traceback in `output` (or its last line)."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
-    named = [line for line in lines if line.startswith("n/a:") or re.match(r"^[\w.]+(Error|Exception|Exit)\b", line)]
+    named = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Exit)\b", line)]
     return (named or lines or [""])[-1][:300]
 
 
 def failure(e: Exception) -> str:
-    """A backend's exception as a row of the table says it: its type and first line."""
+    """An exception as a row of the table says it: "n/a: why" where the variant does not apply here or its
+    backend is missing (a UserError), else its type and first line."""
+    if isinstance(e, UserError):
+        return f"n/a: {e}"[:300]
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
 
