@@ -187,8 +187,8 @@ def _search(args: argparse.Namespace) -> int:
 
 def _run_folder(target: str, overrides: List[str]):
     """The recipe of a finished run, with overrides (compress and bench settings may change freely)."""
-    if not os.path.isdir(target):
-        raise UserError(f"{target}: not a run folder; give the folder of a finished run (distill run ... --out DIR)")
+    from .pipeline.artifacts import require_run_folder
+    require_run_folder(target)
     return _load(target, overrides, None)
 
 
@@ -240,13 +240,13 @@ def _export(args: argparse.Namespace) -> int:
 
     from .compress.export import SUFFIX, export_model
     from .data import load_data
-    from .io import load_meta, read_json, write_json
+    from .io import load_meta, read_run_json, write_json
     from .pipeline.artifacts import load_model_at, require_saved
     from .compress.measure import is_hf_lm
     from .pipeline.rundir import data_cfg_for
-    if not os.path.isdir(args.target):
-        raise UserError(f"{args.target}: not a run folder; export works on the folder of a finished run")
-    recipe, folder = _load(args.target, [], None)
+    recipe, folder = _run_folder(args.target, [])
+    record = os.path.join(folder, "export", "exports.json")
+    exports = read_run_json(record, {})  # (read first: a corrupt record is refused before anything is written)
     if args.model not in MODEL_NAMES and not re.fullmatch(r"compress/\w[\w.-]*", args.model):
         raise UserError(f"--model {args.model}: choose student, student_scratch, teacher or compress/NAME")
     path = require_saved(folder, args.model)
@@ -268,8 +268,7 @@ def _export(args: argparse.Namespace) -> int:
                             f"(transformers are saved as HF folders already; export others as onnx, torchscript "
                             f"or safetensors)")
         info = export_gpt2(model, data.class_names, data.x_test[:8], out, meta)
-        record = os.path.join(folder, "export", "exports.json")
-        write_json(record, {**read_json(record, {}), f"{args.model}.hf": info})
+        write_json(record, {**exports, f"{args.model}.hf": info})
         print(f"{args.model} -> {out}/ (GPT-2 layout, {info['size_bytes'] / 1024:,.1f} KB); logits match within "
               f"{info['max_abs_diff']:.2g} and greedy tokens are equal on {info['checked_on']} test windows")
         return 0
@@ -283,8 +282,7 @@ def _export(args: argparse.Namespace) -> int:
         shape = (1, -1, 1, 1) if data.image else (1, -1)
         x = (x * torch.tensor(data.stats["std"]).reshape(shape) + torch.tensor(data.stats["mean"]).reshape(shape))
     info = export_model(model, x, args.format, out, meta, prep if bake else None)
-    record = os.path.join(folder, "export", "exports.json")
-    write_json(record, {**read_json(record, {}), f"{args.model}.{args.format}": info})
+    write_json(record, {**exports, f"{args.model}.{args.format}": info})
     if info["preprocessing"] == "baked":
         takes = "takes raw inputs (normalisation baked in)"
     elif "normalize" in prep:

@@ -102,9 +102,13 @@ class RunView:
     def _json(self, name: str) -> Any:
         return read_run_json(self.path(name))
 
+    def role_metrics(self, role: str) -> Dict[str, Any]:
+        m = (self.metrics or {}).get(role)
+        return m if isinstance(m, dict) else {}  # (absent, or not what evaluate writes: nothing to read)
+
     def accuracy(self, role: str) -> float:
         """Test accuracy of `role` from metrics.json, or Skip."""
-        m = self.metrics.get(role) or {}
+        m = self.role_metrics(role)
         if m.get("skipped"):
             raise Skip(f"the run skipped {role} (baseline: false), so there is nothing to compare against")
         if "accuracy" not in m:
@@ -112,7 +116,7 @@ class RunView:
         return float(m["accuracy"])
 
     def params(self, role: str) -> int:
-        m = self.metrics.get(role) or {}
+        m = self.role_metrics(role)
         if not m.get("params"):
             raise Skip(f"metrics.json has no parameter count for {role}")
         return int(m["params"])

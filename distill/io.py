@@ -6,11 +6,11 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -46,6 +46,18 @@ def atomic_path(path: str) -> Iterator[str]:
             os.remove(tmp)
 
 
+def replace_folder(tmp: str, folder: str) -> None:
+    """Move the finished folder `tmp` to `folder`. An earlier `folder` is moved aside first and removed only
+    after the rename, so a crash leaves the old folder or the new one, never neither."""
+    old = None
+    if os.path.isdir(folder):
+        old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(folder)))
+        os.rename(folder, os.path.join(old, "previous"))
+    os.rename(tmp, folder)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_text(path: str, text: str) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -73,11 +85,16 @@ def read_json(path: str, default: Any = None) -> Any:
 
 
 def read_run_json(path: str, default: Any = None) -> Any:
-    """`read_json` for a file a command wrote into a run folder: unreadable JSON is one clear line."""
+    """`read_json` for a file a command wrote into a run folder (each holds a JSON object): unreadable JSON,
+    or another value than an object, is one clear line."""
     try:
-        return read_json(path, default)
+        value = read_json(path, default)
     except (ValueError, OSError) as e:
         raise UserError(f"{path}: not readable JSON ({e}); re-create it with the command that wrote it") from None
+    if value is not default and not isinstance(value, dict):
+        raise UserError(f"{path}: holds {type(value).__name__}, not a JSON object; re-create it with the command "
+                        f"that wrote it")
+    return value
 
 
 def append_jsonl(path: str, record: Dict[str, Any]) -> None:

@@ -36,8 +36,9 @@ def read_log(path: str) -> Tuple[Dict[str, List[Dict[str, Any]]], Dict[str, List
                 r = json.loads(line)
             except ValueError:  # a line cut short by a crash: the rest of the log is still good
                 continue
-            if not isinstance(r, dict) or "model" not in r or "epoch" not in r or "event" in r:
-                continue
+            if not isinstance(r, dict) or "model" not in r or not isinstance(r.get("epoch"), int) or "event" in r \
+                    or not isinstance(r.get("step", 0), int):
+                continue  # (not a training line, or not one that distill wrote)
             role = str(r["model"])
             if "step" in r:  # (epoch lines have no step)
                 seen = steps.setdefault(role, {})

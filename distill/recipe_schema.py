@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence
@@ -36,6 +37,28 @@ def positive(v: Any) -> Optional[str]:
 
 def non_negative(v: Any) -> Optional[str]:
     return None if v >= 0 else "must be >= 0"
+
+
+def cores() -> int:
+    """The CPU cores this process may run on (a container's or taskset's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def at_most_cores(least: int) -> Callable[[Any], Optional[str]]:
+    """More worker processes or threads than cores only thrash (thousands start thousands of processes)."""
+    def check(v: Any) -> Optional[str]:
+        if v < least:
+            return f"must be >= {least}"
+        return None if v <= cores() else f"more than the {cores()} CPU cores this machine gives the run"
+    return check
+
+
+def regex(v: Any) -> Optional[str]:
+    try:
+        re.compile(v)
+    except re.error as e:
+        return f"not a regular expression ({e})"
+    return None
 
 
 def safe_name(v: Any) -> Optional[str]:
@@ -178,7 +201,7 @@ SCHEMA: Dict[str, Any] = {
         "split_seed": F((int,), 0),
         "batch_size": F((int,), 64, positive),
         "eval_batch_size": F((int,), 512, positive),
-        "workers": F((int,), 0, non_negative),
+        "workers": F((int,), 0, at_most_cores(0)),
         "transforms": TRANSFORMS,
     },
     "teacher": MODEL,
@@ -275,14 +298,14 @@ SCHEMA: Dict[str, Any] = {
         "metrics": F((list,), ["accuracy", "macro_f1", "auc", "sensitivity", "specificity"]),  # binary-only ones apply to 2 classes
         "positive_class": F((int,), 1, non_negative),
         "latency_runs": F((int,), 100, positive),
-        "threads": F((int,), 1, positive),
+        "threads": F((int,), 1, at_most_cores(1)),
         "throughput_batch": F((int,), 32, positive),
         # language models on prompt/completion data: greedy completions of the first `rows` test prompts, the
         # answer taken by the regex `answer` (its first group; none: the whole completion) against the reference's
         "exact_match": {
             "rows": F((int,), 0, non_negative),
             "max_new_tokens": F((int,), 128, positive),
-            "answer": F((str,), None),
+            "answer": F((str,), None, regex),
             # also score the first `rows` validation prompts after each epoch (val_exact_match, which
             # train.select_metric may select by: a task metric, not the loss alone)
             "validate": F((bool,), False),

@@ -375,6 +375,34 @@ def test_compress_mistakes_are_one_line(tmp_path, capsys, args, message):
         assert not os.path.isdir(os.path.join(folder, "compress"))
 
 
+def test_run_folder_records_that_are_not_what_distill_wrote_are_one_line(tmp_path, capsys):
+    from distill.compress.bench import plan
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: m\ndata: {dataset: digits}\nteacher: {model: mlp, args: {hidden: [16]}}\n"
+                      "student: {arch: ['Flatten()', 'Linear(64, 10)']}\ntrain: {epochs: 1}\n"
+                      "evaluate: {latency_runs: 2}\n")
+    folder = str(tmp_path / "run")
+    run(Recipe.load(str(recipe)), folder, **QUIET)
+    # with no variant named, the distilled student is still measured in fp32: every ratio is against it
+    assert ("student", os.path.join(folder, "student.safetensors"), "fp32") in plan(folder, [])
+    for name, text, command, message in [
+            ("compress/compress.json", "[1]", ["bench", folder], "compress.json: holds list, not a JSON object"),
+            ("export/exports.json", "{bad", ["export", folder, "--format", "safetensors"],
+             "exports.json: not readable JSON")]:
+        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+        with open(os.path.join(folder, name), "w") as fh:
+            fh.write(text)
+        capsys.readouterr()
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert os.listdir(os.path.join(folder, "export")) == ["exports.json"]  # refused before the export was written
+    os.makedirs(tmp_path / "empty")
+    for command in ("bench", "compress", "export"):
+        assert main([command, str(tmp_path / "empty")] + (["--format", "onnx"] if command == "export" else [])) == 2
+        assert "not a run folder (no recipe.yaml); give the folder that `distill run` wrote" in capsys.readouterr().err
+
+
 def test_compress_sigterm_then_resume_is_bitwise_identical(cnn_run, tmp_path):
     import shutil
     import signal

@@ -240,11 +240,27 @@ def test_quantization_loss_names_the_int8_variant_that_loses(runs, capsys, monke
     assert ("student", "static") not in found
 
 
+def _healthy_with(runs, tmp, name, text):
+    folder = shutil.copytree(runs("healthy"), str(tmp / "r"))
+    with open(os.path.join(folder, name), "w") as fh:
+        fh.write(text)
+    return folder
+
+
+def test_entries_evaluate_did_not_write_are_passed_over(runs, capsys, tmp_path):
+    folder = _healthy_with(runs, tmp_path, "metrics.json",
+                           json.dumps({**json.load(open(os.path.join(runs("healthy"), "metrics.json"))), "teacher": 5}))
+    report, _ = diagnose(folder, capsys)
+    assert "metrics.json has no test accuracy for teacher" in report["skipped"]["weak_teacher"]
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda tmp, runs: str(tmp / "nope"), "nope: not a run folder"),
     (lambda tmp, runs: str(tmp), "not a run folder (no recipe.yaml)"),
     (lambda tmp, runs: shutil.copytree(runs("healthy"), str(tmp / "r"), ignore=shutil.ignore_patterns("metrics.json")),
      "metrics.json: missing; the run is not finished, run `distill run` first"),
+    (lambda tmp, runs: _healthy_with(runs, tmp, "metrics.json", "[1, 2]"), "metrics.json: holds list, not a JSON object"),
+    (lambda tmp, runs: _healthy_with(runs, tmp, "stages.json", "{bad"), "stages.json: not readable JSON"),
 ])
 def test_bad_input_is_one_line_and_exit_2(make, message, tmp_path, runs, capsys):
     folder = make(tmp_path, runs)

@@ -69,11 +69,49 @@ def test_messages_are_rendered_with_the_chat_template(tmp_path):
     ([{"prompt": "1" * 80, "completion": "2"}], r"line 1: the prompt is \d+ tokens, data.max_length is 64"),
     ([{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "x"}]}],
      r"last message must be the assistant's"),
+    ([{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "2"}]}],
+     r"line 1: 'messages' must be a list of at least two \{role, content\} objects, each role and content text"),
+    ([{"messages": [{"content": "1+1?"}, {"role": "assistant", "content": "2"}]}], r"each role and content text"),
 ])
 def test_bad_rows_are_one_line_naming_the_line(tmp_path, rows, expected):
     tok = char_tokenizer(str(tmp_path / "tok"))
     with pytest.raises(UserError, match=expected):
         tokenize_rows(write_jsonl(str(tmp_path / "d.jsonl"), rows), CFG, tok)
+
+
+def test_a_chat_template_that_refuses_the_messages_is_one_line(tmp_path):
+    tok = char_tokenizer(str(tmp_path / "tok"))
+    tok.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    rows = [{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}]
+    with pytest.raises(UserError, match=r"d.jsonl: line 1: the tokenizer's chat template refuses these messages "
+                                        r"\(Conversation roles must alternate"):
+        tokenize_rows(write_jsonl(str(tmp_path / "d.jsonl"), rows), CFG, tok)
+
+
+def test_lm_settings_that_do_not_fit_the_models_are_refused_before_any_training(tmp_path, llama, capsys):
+    """Each found by preflight from the models themselves: nothing trained, no run folder."""
+    from distill.cli import main
+    r = lm_recipe(str(tmp_path))
+    r["teacher"]["hf"] = llama
+    yaml.safe_dump(r, open(tmp_path / "r.yaml", "w"))
+    bert = tmp_path / "bert"  # a BERT folder, which transformers loads with a language-model head
+    import transformers
+    transformers.BertLMHeadModel(transformers.BertConfig(
+        vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(bert)
+    char_tokenizer(str(bert))
+    for sets, message in [
+        (["distill.topk=1000"], "distill.topk: 1000 is more than the teacher's vocabulary of 54 tokens; give at most 54"),
+        ([f"data.tokenizer={bpe_llama(str(tmp_path / 'bpe'))}"], "is not the teacher's tokenizer"),
+        (["student.from_teacher=null", "student.hf_config={layers: 1, hidden: 64, heads: 4, intermediate: 8}"],
+         "student.hf_config: hidden 64 is wider than the teacher's 32"),
+        ([f"teacher.hf={bert}"], "is not a causal language model: its outputs at a position change with the tokens "
+                                 "after it"),
+    ]:
+        capsys.readouterr()
+        assert main(["run", str(tmp_path / "r.yaml"), *[a for s in sets for a in ("--set", s)]]) == 2, sets
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not os.path.exists(r["output"]["dir"])
 
 
 def test_a_run_refuses_bad_data_with_exit_2_and_writes_nothing(tmp_path, llama):
@@ -642,6 +680,10 @@ def test_a_count_of_teacher_prompts_is_generated_once_for_arith_data():  # (into
     small = {"arith": {"train": 40, "test": 10, "operations": 1, "digits": 1}, "split_seed": 0}
     with pytest.raises(UserError, match=r"distill.sequence_kd.prompts: 1000: cannot draw 1000 distinct problems"):
         teacher_prompts_file({"distill": {"sequence_kd": {"prompts": 1000}}, "data": small})
+    huge = {"arith": {"train": 100_000, "test": 10, "operations": 1, "digits": 1}, "split_seed": 0}
+    with pytest.raises(UserError, match=r"data.arith: train 100000 \+ test 10: cannot draw 100000 distinct problems "
+                                        r"of 1 operations on 1 digits: there are at most 162, 10 of them taken"):
+        arith_files(huge)  # (at once: counted, not searched for)
 
 
 @pytest.mark.parametrize("rows,expected", [
@@ -903,6 +945,18 @@ def test_trimming_needs_a_bpe_tokenizer_of_the_models_own_vocabulary(tmp_path, l
     tj["model"]["continuing_subword_prefix"] = "##"
     with pytest.raises(UserError, match="t: BPE with a subword prefix or word suffix is not supported"):
         kept_tokens(tj, {5}, "t")
+
+
+def test_compress_refuses_a_vocabulary_it_cannot_trim_before_any_step_runs(tmp_path, llama):
+    from distill.compress.pipeline import compress
+    from distill.pipeline.rundir import RunDir
+    r = lm_recipe(str(tmp_path), compress={"steps": ["channels", "vocab"]})
+    r["teacher"]["hf"] = llama  # (a character tokenizer, WordLevel: not BPE)
+    yaml.safe_dump(r, open(tmp_path / "r.yaml", "w"))
+    run, model = RunDir(Recipe.load(str(tmp_path / "r.yaml")), echo=lambda *a: None), load_causal_lm_(llama)
+    with pytest.raises(UserError, match="compress.vocab: .*: a WordLevel tokenizer; trimming a causal LM's vocabulary"):
+        compress(run, model, model)
+    assert not os.path.exists(os.path.join(r["output"]["dir"], "compress"))  # channels was not pruned first
 
 
 def test_compress_trims_a_causal_lms_vocabulary_and_bench_measures_it(tmp_path):

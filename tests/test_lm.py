@@ -133,6 +133,12 @@ def test_bad_language_model_inputs_are_one_line_and_exit_2(tmp_path, capsys):
     _refused(["run", "digits", "--set", "distill.sequence_kd.windows=10", *out], capsys,
              "distill.sequence_kd.windows: sequence-level KD is for language models")
     (tmp_path / "short.txt").write_text("to be or not", encoding="utf-8")
+    _refused(["run", path, "--set", "teacher.args.heads=0", *out], capsys,
+             "teacher.args: heads must be a whole number >= 1, got 0 (model 'gpt')")
+    _refused(["run", path, "--set", "student.args.layers=0", *out], capsys,
+             "student.args: layers must be a whole number >= 1, got 0 (model 'gpt')")
+    _refused(["run", path, "--set", "student.args.heads=3", *out], capsys,
+             "student.args: width 16 is not divisible by heads 3 (model 'gpt')")
     _refused(["run", path, "--set", f"data.path={tmp_path / 'short.txt'}", *out], capsys,
              "the training split holds fewer than two windows of data.max_length + 1 = 25 characters")
     # a teacher trained on a text of other characters: its vocabulary is not the data's
@@ -146,7 +152,7 @@ def test_bad_language_model_inputs_are_one_line_and_exit_2(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
-def test_exported_hf_folder_generates_the_same_greedy_text_in_plain_transformers(tmp_path):
+def test_exported_hf_folder_generates_the_same_greedy_text_in_plain_transformers(tmp_path, capsys):
     pytest.importorskip("transformers")
     from distill.cli import main
     from distill.pipeline.artifacts import load_model_at
@@ -169,6 +175,27 @@ def test_exported_hf_folder_generates_the_same_greedy_text_in_plain_transformers
                          env={**env, "HF_HUB_OFFLINE": "1"}, cwd=str(tmp_path), timeout=120)
     assert got.returncode == 0, got.stderr[-2000:]
     assert "distill" not in got.stderr and got.stdout == want
+    # --out is replaced whole: an earlier export may be, a folder of other files or a file may not
+    assert main(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(folder)]) == 0
+    assert {"config.json", "distill.json"} <= set(os.listdir(folder))
+    assert not [f for f in os.listdir(tmp_path) if f.startswith((".tmp-", ".old-"))]  # (the old one is gone)
+    for out, message in ((tmp_path / "run", "a folder that holds other files and is not an earlier --format hf "
+                                             "export"), (tmp_path / "lm.yaml", "a file; --format hf writes a folder")):
+        before = sorted(os.listdir(out)) if out.is_dir() else out.read_bytes()
+        capsys.readouterr()
+        _refused(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(out)], capsys, message)
+        assert (sorted(os.listdir(out)) if out.is_dir() else out.read_bytes()) == before
+
+
+def test_the_gpt_exports_to_onnx_with_the_tokens_as_its_only_input(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from distill.compress.export import export_model
+    model = build_model({"model": "gpt", "args": {"layers": 1, "width": 16, "heads": 2}}, (12,), 9).eval()
+    x = torch.randint(0, 9, (4, 12))
+    info = export_model(model, x, "onnx", str(tmp_path / "g.onnx"), {})  # (checked in ONNX Runtime on x)
+    import onnx
+    assert [i.name for i in onnx.load(str(tmp_path / "g.onnx")).graph.input] == ["x"]
+    assert info["max_abs_diff"] <= info["tolerance"]
 
 
 def test_kv_cache_generation_equals_recomputing_the_prefix():

@@ -150,6 +150,8 @@ def test_bad_run_folders_are_one_line_errors(tmp_path, capsys, run_dir):
     _one_line_error(capsys, ["report", str(half)], "a multi-seed run: report one seed folder, e.g. seed_0")
     (half / "metrics.json").write_text("{not json")
     _one_line_error(capsys, ["report", str(half)], "metrics.json: not readable JSON")
+    (half / "metrics.json").write_text("[1, 2]")
+    _one_line_error(capsys, ["report", str(half)], "metrics.json: holds list, not a JSON object")
     assert not (half / "report.html").exists()
 
 
@@ -167,7 +169,7 @@ def test_missing_models_leave_a_note_not_a_failure(run_dir, tmp_path):
         shutil.copy(os.path.join(run_dir, f), folder)
     assert main(["report", str(folder)]) == 0
     page = open(folder / "report.html", encoding="utf-8").read()
-    assert "Not available:" in page and "teacher.safetensors: missing" in page
+    assert "Not available:" in page and "teacher (.safetensors, or a Hugging Face folder): missing" in page
     assert "Compression" not in page and "Teacher-assistant chain" not in page
 
 
@@ -193,7 +195,9 @@ def test_log_keeps_the_last_attempt_of_each_epoch(tmp_path):
              {"model": "student", "epoch": 1, "val_accuracy": 0.5},
              {"model": "student", "epoch": 2, "val_accuracy": 0.6},
              {"model": "student", "epoch": 2, "val_accuracy": 0.7},  # resumed: epoch 2 again
-             {"model": "student", "epoch": 1, "step": 10, "loss_total": 1.0}]
+             {"model": "student", "epoch": 1, "step": 10, "loss_total": 1.0},
+             {"model": "student", "epoch": "x", "val_accuracy": 0.9},  # not lines distill writes: passed over
+             {"model": "student", "epoch": 1, "step": "y", "loss_total": 2.0}]
     path = tmp_path / "log.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in lines) + "\n{cut sho")
     epochs, steps = read_log(str(path))

@@ -320,6 +320,10 @@ TEXT_CASES = {
     "student with another vocabulary": (lambda t, b: {"student": {"hf": _other_vocab_bert(str(t / "ov")),
                                                                   "from_teacher": None}},
                                         "has a different vocabulary from the data's tokenizer"),
+    "data tokenizer other than the teacher's": (lambda t, b: {"data": {"tokenizer": _other_vocab_bert(str(t / "ov"))}},
+                                                "is not the teacher's tokenizer"),
+    "fresh student wider than the teacher": (lambda t, b: {"student": {"from_teacher": None, "hf_config": {
+        "layers": 1, "hidden": 64, "heads": 4, "intermediate": 32}}}, "hidden 64 is wider than the teacher's 32"),
     "layer index out of range": (lambda t, b: {"student": {"from_teacher": {"layers": [0, 9]}}},
                                  "give distinct indices in 0..3"),
     "layers and keep_every": (lambda t, b: {"student": {"from_teacher": {"layers": [0], "keep_every": 2}}},

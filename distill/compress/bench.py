@@ -34,7 +34,7 @@ import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import UserError, did_you_mean
-from ..io import read_json, save_figure, write_json, write_text
+from ..io import read_run_json, save_figure, write_json, write_text
 from ..progress import bar
 from ..roles import MODELS_OUT
 
@@ -63,9 +63,11 @@ def plan(folder: str, variants: List[str], only: Optional[List[str]] = None) -> 
     """(model name, model path, variant) for every measurement of this run folder (of the models `only`
     names, and the distilled student, when given)."""
     from ..pipeline.artifacts import require_saved
-    skipped = {k for k, v in read_json(os.path.join(folder, "metrics.json"), {}).items() if v.get("skipped")}
+    variants = ["fp32"] + [v for v in variants if v != "fp32"]  # (every ratio is against the student in fp32)
+    skipped = {k for k, v in read_run_json(os.path.join(folder, "metrics.json"), {}).items()
+               if isinstance(v, dict) and v.get("skipped")}
     models = [(name, require_saved(folder, name)) for name in MODELS_OUT if name not in skipped]  # (baseline: false)
-    record = read_json(os.path.join(folder, "compress", "compress.json"), {})
+    record = read_run_json(os.path.join(folder, "compress", "compress.json"), {})
     compressed = [(f"compress/{r['name']}", r["path"]) for r in record.get("models", [])
                   if os.path.exists(r["path"])]
     deploy = ["student"] + ([compressed[-1][0]] if compressed else [])

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..io import atomic_path, save_model
+from ..models.gpt import GPT
 from ..models.hf import HFClassifier, trim_padding
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -38,6 +39,18 @@ class _TextSignature(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+class _TokensOnly(nn.Module):
+    """tokens -> logits for the registry's GPT, whose forward also takes a key/value cache and a start
+    position: the ONNX exporter would make those defaults inputs of the graph that a caller must feed."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
 
 
 class Normalized(nn.Module):
@@ -79,6 +92,8 @@ def signature(model: nn.Module, x: torch.Tensor) -> Tuple[nn.Module, Dict[str, t
         ids, mask = trim_padding(x, model.pad_id)
         inputs = {"input_ids": ids, "attention_mask": mask}
         return _TextSignature(model).eval(), inputs, {k: {0: "batch", 1: "sequence"} for k in inputs}
+    if isinstance(model, GPT):
+        return _TokensOnly(model).eval(), {"x": x}, {"x": {0: "batch"}}
     return model.eval(), {"x": x}, {"x": {0: "batch"}}
 
 

@@ -16,12 +16,13 @@ from typing import Any, Dict, List
 import torch
 
 from ..errors import UserError
-from ..io import write_json
+from ..io import replace_folder, write_json
 from ..models.gpt import GPT
+from ..models.hf import transformers_module
 
 
 def gpt2_config(model: GPT):
-    from transformers import GPT2Config
+    GPT2Config = transformers_module().GPT2Config
     block = model.blocks[0]
     return GPT2Config(vocab_size=model.tok.num_embeddings, n_positions=model.context,
                       n_embd=model.tok.embedding_dim, n_layer=len(model.blocks), n_head=block.heads,
@@ -48,16 +49,27 @@ def gpt2_state(model: GPT) -> Dict[str, torch.Tensor]:
 def char_tokenizer(vocab: List[str]):
     """A fast tokenizer over single characters (newlines and spaces included), decoding without spaces."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    PreTrainedTokenizerFast = transformers_module().PreTrainedTokenizerFast
     tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(vocab)}, unk_token=vocab[0]))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False)
 
 
+def check_out_folder(folder: str) -> None:
+    """--out is replaced as a whole: only a missing or empty folder, or an earlier export, may be there."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"--out {folder}: a file; --format hf writes a folder, give a new folder's path")
+    if os.path.isdir(folder) and os.listdir(folder) and not all(
+            os.path.isfile(os.path.join(folder, f)) for f in ("distill.json", "config.json")):
+        raise UserError(f"--out {folder}: a folder that holds other files and is not an earlier --format hf "
+                        f"export, which it would replace; give a new folder's path")
+
+
 def export_gpt2(model: GPT, vocab: List[str], x: torch.Tensor, folder: str, meta: Dict[str, Any]) -> Dict[str, Any]:
     """Write `folder` (atomically: a temp folder renamed) after checking logits and greedy tokens on `x`."""
-    from transformers import GPT2LMHeadModel
+    GPT2LMHeadModel = transformers_module().GPT2LMHeadModel  # (quiet: no progress bars of its own)
+    check_out_folder(folder)
     model = model.eval()
     hf = GPT2LMHeadModel(gpt2_config(model))
     missing, unexpected = hf.load_state_dict(gpt2_state(model), strict=False)
@@ -78,15 +90,16 @@ def export_gpt2(model: GPT, vocab: List[str], x: torch.Tensor, folder: str, meta
     if not torch.equal(got, want):
         raise UserError(f"{folder}: greedy generation of the Hugging Face GPT-2 differs from the model's")
     parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot write the folder ({e.strerror or e})") from None
     try:
         hf.save_pretrained(tmp)
         char_tokenizer(vocab).save_pretrained(tmp)
         write_json(os.path.join(tmp, "distill.json"), meta)
-        if os.path.isdir(folder):
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)
+        replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))

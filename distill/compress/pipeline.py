@@ -38,7 +38,7 @@ from . import layers as layer_drop
 from .prune import head_importance, prune_channels, prune_ffn, prune_heads
 from .quantize import finish_qat, prepare_qat
 from .structure import heads_per_layer
-from .vocab import trim_lm_vocabulary, trim_vocabulary
+from .vocab import check_trimmable, trim_lm_vocabulary, trim_vocabulary
 
 
 class Compressor:
@@ -207,6 +207,9 @@ def compress(run: RunDir, teacher: Optional[nn.Module] = None, model: Optional[n
                         f"(student.hf); compress works in the teacher's tokens (its fine-tunes distil the teacher's "
                         f"logits), which needs one vocabulary")
     c = Compressor(run, teacher or load_saved(run, TEACHER), model or load_saved(run, run.cfg["compress"]["source"]))
+    if "vocab" in steps:
+        path = run.cfg["data"]["tokenizer"]
+        check_trimmable(c.model, load_tokenizer(path, "data.tokenizer"), path)
     for name in steps:
         getattr(c, name)()
     write_json(run.path(os.path.join("compress", "compress.json")),

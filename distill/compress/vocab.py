@@ -22,25 +22,45 @@ model tuned on the data, moves to them). Inside distill the model still reads an
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import UserError
 from ..models.hf import HFClassifier
-from ..models.tokenizer_trim import kept_tokens, tokenizer_json
+from ..models.tokenizer_trim import bpe_model, kept_tokens, tokenizer_json
 from .structure import RemappedEmbedding, slice_module
+
+
+def check_trimmable(model, tok, where: str) -> None:
+    """What trimming needs, checked before any compress step runs rather than after the steps before it
+    have fine-tuned: a model not trimmed already, and a tokenizer whose dropped tokens can go somewhere (a
+    classifier's: its unknown token) or that can be rewritten (a causal LM's: BPE, in tokenizer.json)."""
+    if isinstance(model, HFClassifier):
+        _classifier_trimmable(model, tok.unk_token_id)
+    else:
+        _lm_trimmable(model, tok, where)
+
+
+def _classifier_trimmable(model: HFClassifier, unk_id: Optional[int]) -> None:
+    if unk_id is None:
+        raise UserError("compress.vocab: the tokenizer has no unknown token to send dropped tokens to")
+    if isinstance(model.hf.get_input_embeddings(), RemappedEmbedding):
+        raise UserError("compress.vocab: the vocabulary of this model is already trimmed")
+
+
+def _lm_trimmable(model, tok, where: str) -> None:
+    if model.vocab_ids is not None:
+        raise UserError("compress.vocab: the vocabulary of this model is already trimmed")
+    bpe_model(tokenizer_json(tok, where), where)
 
 
 def trim_vocabulary(model: HFClassifier, texts: Sequence[torch.Tensor], unk_id: int) -> HFClassifier:
     """A copy of `model` whose word embeddings hold only the rows of tokens in `texts` (and special tokens)."""
-    if unk_id is None:
-        raise UserError("compress.vocab: the tokenizer has no unknown token to send dropped tokens to")
+    _classifier_trimmable(model, unk_id)
     model = copy.deepcopy(model)
     emb = model.hf.get_input_embeddings()
-    if isinstance(emb, RemappedEmbedding):
-        raise UserError("compress.vocab: the vocabulary of this model is already trimmed")
     ids = torch.cat([t.flatten() for t in texts] + [torch.tensor(model.special_ids + [unk_id, model.pad_id])])
     used = torch.unique(ids[(ids >= 0) & (ids < emb.num_embeddings)])
     new = RemappedEmbedding(len(used), emb.embedding_dim, emb.num_embeddings)
@@ -62,8 +82,7 @@ def trim_lm_vocabulary(model, texts: Sequence[torch.Tensor], tok, where: str):
     """A copy of causal LM `model` with only the embedding and output rows of the tokens in `texts` (see
     `kept_tokens`); it still takes and scores the original ids (`vocab_ids`: new id -> original id)."""
     from ..models.hf import tokenizer_hash
-    if model.vocab_ids is not None:
-        raise UserError("compress.vocab: the vocabulary of this model is already trimmed")
+    _lm_trimmable(model, tok, where)
     used = torch.unique(torch.cat([t.flatten() for t in texts]))
     ids = torch.tensor(kept_tokens(tokenizer_json(tok, where), set(used[used >= 0].tolist()), where))
     hf = copy.deepcopy(model.hf)

@@ -84,6 +84,10 @@ def problem(rng: random.Random, operations: int, digits: int) -> Dict[str, str]:
 def generate(n: int, seed: int = 0, operations: int = 2, digits: int = 2, exclude: Tuple[str, ...] = ()
              ) -> List[Dict[str, str]]:
     """`n` distinct problems (none of whose prompts is in `exclude`), the same for the same arguments."""
+    at_most = (9 * 10 ** (digits - 1)) ** (operations + 1) * 2 ** operations  # (numbers, and + or - each step)
+    if n + len(exclude) > at_most:
+        raise ValueError(f"cannot draw {n} distinct problems of {operations} operations on {digits} digits: there "
+                         f"are at most {at_most:,}{f', {len(exclude):,} of them taken already' if exclude else ''}")
     rng, seen, rows = random.Random(seed), set(exclude), []
     attempts = 0
     while len(rows) < n:

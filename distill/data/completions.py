@@ -42,10 +42,8 @@ def _texts(row: Dict[str, Any], i: int, path: str, cfg: Dict[str, Any], tok) -> 
     """(prompt text, completion text, whether the prompt is already rendered with special tokens)."""
     where = f"{path}: line {i + 1}"
     if "messages" in row:
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) and "content" in m for m in msgs):
-            raise UserError(f"{where}: 'messages' must be a list of at least two {{role, content}} objects")
-        if msgs[-1].get("role") != "assistant" or not str(msgs[-1]["content"]).strip():
+        msgs = _messages(row, where, 2, "at least two {role, content} objects")
+        if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
             raise UserError(f"{where}: the last message must be the assistant's, with content (the completion)")
         return _render(msgs[:-1], tok, where), str(msgs[-1]["content"]), True
     for col, key in ((cfg["prompt_column"], "data.prompt_column"),
@@ -53,6 +51,16 @@ def _texts(row: Dict[str, Any], i: int, path: str, cfg: Dict[str, Any], tok) -> 
         _need_text(row, col, key, where)
     prompt, rendered = _user_prompt(row, cfg, tok, where)
     return prompt, row[cfg["completion_column"]], rendered
+
+
+def _messages(row: Dict[str, Any], where: str, least: int, what: str) -> List[Dict[str, Any]]:
+    """A row's chat: at least `least` {role, content} objects whose role and content are text."""
+    msgs = row["messages"]
+    if not isinstance(msgs, list) or len(msgs) < least or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in msgs):
+        raise UserError(f"{where}: 'messages' must be a list of {what}, each role and content text")
+    return msgs
 
 
 def _need_text(row: Dict[str, Any], col: str, key: str, where: str) -> None:
@@ -75,7 +83,11 @@ def _render(messages: List[Dict[str, Any]], tok, where: str) -> str:
     if not getattr(tok, "chat_template", None):
         raise UserError(f"{where}: the tokenizer has no chat template to render messages with; give prompt and "
                         f"completion columns instead")
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    from jinja2 import TemplateError
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as e:  # (templates refuse, e.g., roles out of turn with raise_exception)
+        raise UserError(f"{where}: the tokenizer's chat template refuses these messages ({e})") from None
 
 
 def tokenize_prompts(path: str, cfg: Dict[str, Any], tok, pattern: Optional[str], need_answers: bool
@@ -88,10 +100,8 @@ def tokenize_prompts(path: str, cfg: Dict[str, Any], tok, pattern: Optional[str]
                                         "object a line")):
         where = f"{path}: line {i + 1}"
         if "messages" in row:
-            msgs = row["messages"]
-            if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "content" in m for m in msgs):
-                raise UserError(f"{where}: 'messages' must be a list of {{role, content}} objects (the prompt)")
-            if msgs[-1].get("role") == "assistant":
+            msgs = _messages(row, where, 1, "{role, content} objects (the prompt)")
+            if msgs[-1]["role"] == "assistant":
                 raise UserError(f"{where}: the last message is the assistant's, a written completion; here the "
                                 f"teacher writes it (drop it, and give the final answer as 'answer')")
             text, rendered = _render(msgs, tok, where), True
@@ -225,7 +235,10 @@ def arith_files(cfg: Dict[str, Any]) -> Tuple[str, str]:
     paths = os.path.join(folder, "train.jsonl"), os.path.join(folder, "test.jsonl")
     if not all(os.path.isfile(p) for p in paths):
         os.makedirs(folder, exist_ok=True)
-        write_split(folder, a["train"], a["test"], cfg["split_seed"], a["operations"], a["digits"])
+        try:
+            write_split(folder, a["train"], a["test"], cfg["split_seed"], a["operations"], a["digits"])
+        except ValueError as e:  # (more problems than there are of this size)
+            raise UserError(f"data.arith: train {a['train']} + test {a['test']}: {e}") from None
     return paths
 
 

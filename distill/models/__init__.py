@@ -16,13 +16,14 @@ from torch import nn
 from ..errors import UserError
 from ..registry import MODELS
 from . import cifar, gpt  # noqa: F401  (register resnet8x4, resnet32x4, wrn_16_2, wrn_40_2; gpt)
-from .layers import build_layer_list
+from .layers import ArgError, build_layer_list, whole
 
 
 @MODELS.register("mlp")
 def mlp(input_shape: Tuple[int, ...], num_classes: int, hidden: Sequence[int] = (256,),
         dropout: float = 0.0) -> nn.Module:
     """Flatten, then Linear-ReLU(-Dropout) blocks; hookable names `body.<i>` and `head`."""
+    whole("hidden", hidden)
     layers, width = [nn.Flatten()], math.prod(input_shape)
     for h in hidden:
         layers += [nn.Linear(width, int(h)), nn.ReLU()]
@@ -39,6 +40,8 @@ def cnn(input_shape: Tuple[int, ...], num_classes: int, channels: Sequence[int] 
     if len(input_shape) != 3:
         raise ValueError(f"needs images (channels, height, width), and these inputs have shape {tuple(input_shape)}: "
                          f"set data.as_image: true, or use mlp")
+    whole("channels", channels)
+    whole("hidden", hidden)
     c, h, w = input_shape
     layers: list = []
     for out in channels:
@@ -90,8 +93,10 @@ def build_model(spec: Dict[str, Any], input_shape: Tuple[int, ...], num_classes:
         builder = MODELS.get(spec["model"], where=f"{where}.model")
         try:
             model = builder(tuple(input_shape), num_classes, **(spec.get("args") or {}))
-        except TypeError as e:
+        except (TypeError, ArgError) as e:
             raise UserError(f"{where}.args: {e} (model '{spec['model']}')") from None
+        except RuntimeError as e:  # (sizes torch cannot allocate)
+            raise UserError(f"{where}.args: cannot build '{spec['model']}' ({str(e).splitlines()[0]})") from None
         except ValueError as e:  # (the inputs do not suit the model)
             raise UserError(f"{where}.model: '{spec['model']}' {e}") from None
     else:

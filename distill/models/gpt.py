@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
 from ..registry import MODELS
+from .layers import ArgError, whole
 
 
 class Block(nn.Module):
@@ -103,6 +103,8 @@ class GPT(nn.Module):
 def gpt(input_shape: Tuple[int, ...], num_classes: int, layers: int = 4, width: int = 256, heads: int = 4,
         dropout: float = 0.0) -> nn.Module:
     """A GPT over the data's tokens (`num_classes` of them) with a context of the data's sequence length."""
+    for name, value in (("layers", layers), ("width", width), ("heads", heads)):
+        whole(name, value)
     if width % heads:
-        raise UserError(f"model.args: width {width} is not divisible by heads {heads}")
+        raise ArgError(f"width {width} is not divisible by heads {heads}")
     return GPT(num_classes, input_shape[0], layers, width, heads, dropout)

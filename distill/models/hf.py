@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..io import write_json
+from ..io import replace_folder, write_json
 
 # Never reach for a hub: a model that is not on disk is a clear error, not a download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -202,8 +202,7 @@ def fresh_student(teacher: HFClassifier, layers: int, hidden: int, heads: int, i
                   where: str) -> HFClassifier:
     """A smaller config of the teacher's architecture, randomly initialised, with the teacher's token,
     position and segment embeddings copied (same width) or projected onto their top principal directions."""
-    if hidden % heads:
-        raise UserError(f"{where}: hidden {hidden} is not divisible by heads {heads}")
+    check_fresh_width(hidden, heads, teacher.hf.get_input_embeddings().weight.shape[1], where)
     tf = transformers_module()
     config = copy.deepcopy(teacher.hf.config)
     config.update({"num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads,
@@ -218,6 +217,17 @@ def fresh_student(teacher: HFClassifier, layers: int, hidden: int, heads: int, i
             if src is not None and dst is not None and src.weight.shape[0] == dst.weight.shape[0]:
                 dst.weight.copy_(src.weight if proj is None else src.weight @ proj)
     return teacher.rewrap(hf)
+
+
+def check_fresh_width(hidden: int, heads: int, teacher_width: int, where: str) -> None:
+    """A fresh student's width: whole heads, and no wider than the teacher, whose embeddings it starts from
+    (projected onto their top principal directions: there are only as many as the teacher is wide)."""
+    if hidden % heads:
+        raise UserError(f"{where}: hidden {hidden} is not divisible by heads {heads}")
+    if hidden > teacher_width:
+        raise UserError(f"{where}: hidden {hidden} is wider than the teacher's {teacher_width}; a fresh student "
+                        f"starts from the teacher's embeddings projected onto fewer directions: give at most "
+                        f"{teacher_width}")
 
 
 def same_vocabulary(a, b) -> bool:
@@ -256,13 +266,7 @@ def save_folder(model: HFClassifier, folder: str, tokenizer_path: str, meta: Dic
         else:
             tok.save_pretrained(tmp)
         write_json(os.path.join(tmp, "distill.json"), meta)
-        old = None
-        if os.path.isdir(folder):
-            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
-            os.rename(folder, os.path.join(old, "model"))
-        os.rename(tmp, folder)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, folder)
     except OSError as e:
         raise UserError(f"{folder}: cannot write the model folder ({e.strerror})") from None
     finally:

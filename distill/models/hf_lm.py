@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .hf import HFWrapper, load_tokenizer, model_folder, pad_id, tokenizer_hash, transformers_module
+from .hf import HFWrapper, check_fresh_width, load_tokenizer, model_folder, pad_id, tokenizer_hash, \
+    transformers_module
 
 
 class HFCausalLM(HFWrapper):
@@ -152,7 +153,22 @@ def load_causal_lm(path: str, where: str) -> HFCausalLM:
     except (OSError, ValueError) as e:
         raise UserError(f"{where}: {path}: cannot load as a causal language model ({str(e).splitlines()[0]})") from None
     hf.eval()
-    return wrap(hf, load_tokenizer(folder, where))
+    model = wrap(hf, load_tokenizer(folder, where))
+    if not attends_causally(model):
+        raise UserError(f"{where}: {path} is not a causal language model: its outputs at a position change with "
+                        f"the tokens after it (an encoder such as BERT: transformers gives it a language-model head, "
+                        f"but it attends both ways); give a decoder such as Llama, Qwen, GPT-2 or SmolLM")
+    return model
+
+
+def attends_causally(model: HFCausalLM) -> bool:
+    """Whether changing the last token leaves the logits of the positions before it unchanged (next to how
+    much the last position's own logits change: a scale that fits any model and precision)."""
+    x = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 5]])
+    with torch.no_grad():
+        logits = model(x).float()
+    change = (logits[0] - logits[1]).abs().amax(-1)
+    return bool(change[:3].max() <= 1e-3 * change[3])
 
 
 def _load_pruned(tf, config, folder: str, where: str) -> nn.Module:
@@ -175,8 +191,7 @@ def _load_pruned(tf, config, folder: str, where: str) -> nn.Module:
 def fresh_lm(teacher: HFCausalLM, layers: int, hidden: int, heads: int, intermediate: int, where: str) -> HFCausalLM:
     """A smaller config of the teacher's architecture, randomly initialised, with the teacher's token
     embeddings copied (same width) or projected onto their top principal directions."""
-    if hidden % heads:
-        raise UserError(f"{where}: hidden {hidden} is not divisible by heads {heads}")
+    check_fresh_width(hidden, heads, teacher.hf.get_input_embeddings().weight.shape[1], where)
     config = copy.deepcopy(teacher.hf.config)
     kv = getattr(config, "num_key_value_heads", None)
     update = {"num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads,

@@ -31,6 +31,19 @@ ALLOWED_LAYERS: Dict[str, type] = {cls.__name__: cls for cls in (
     nn.Flatten, nn.Unflatten, nn.Identity,
 )}
 
+
+class ArgError(ValueError):
+    """A registered model's argument out of range; build_model names the recipe key it came from."""
+
+
+def whole(name: str, value: Any, least: int = 1) -> None:
+    """A size argument (or list of them, one per layer) must be whole numbers >= `least`."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= least for v in values):
+        raise ArgError(f"{name} must be {'whole numbers' if values is value else 'a whole number'} >= {least}, "
+                       f"got {value!r}")
+
+
 MAX_SPEC_CHARS = 1000
 # One layer may hold at most this many parameters (2 GiB of float32): a typo such as
 # Linear(1000000, 1000000) is a clear error instead of the machine running out of memory.

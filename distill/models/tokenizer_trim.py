@@ -19,7 +19,7 @@ def _merge_pairs(merges: list) -> List[tuple]:
     return [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in merges]
 
 
-def _bpe_model(tj: Dict, where: str) -> Dict:
+def bpe_model(tj: Dict, where: str) -> Dict:
     m = tj.get("model", {})
     if m.get("type") != "BPE":
         raise UserError(f"compress.vocab: {where}: a {m.get('type')} tokenizer; trimming a causal LM's vocabulary "
@@ -33,7 +33,7 @@ def kept_tokens(tj: Dict, used_ids: Set[int], where: str) -> List[int]:
     """The ids to keep: those used, every added (special) token, every single character and byte token,
     and, recursively, both halves of every merge that makes a kept token (BPE builds a token through
     them, so without them the data would tokenize differently)."""
-    m = _bpe_model(tj, where)
+    m = bpe_model(tj, where)
     vocab: Dict[str, int] = m["vocab"]
     by_id = {i: t for t, i in vocab.items()}
     keep = {by_id[i] for i in used_ids if i in by_id}

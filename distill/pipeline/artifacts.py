@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..io import load_meta, load_weights, save_model
 from ..losses import transformer_features
 from ..models import build_model
-from ..models.hf_lm import check_same_tokenizer, fresh_lm, load_causal_lm
+from ..models.hf_lm import check_same_tokenizer, fresh_lm, load_causal_lm, same_tokenizer
 from ..models.hf import fresh_student, is_model_folder, load_classifier, load_folder, load_tokenizer, \
     resolve_hf_path, same_vocabulary, save_folder, select_layers
 from ..recipe import COMPLETIONS, is_text
@@ -132,8 +132,11 @@ class HuggingFaceModels:
         if m["hf"]:
             path = resolve_hf_path(m["hf"], f"{role}.hf")
             model = load_classifier(path, names, f"{role}.hf", finetuned=m["finetuned"])
-            if role != TEACHER and not same_vocabulary(load_tokenizer(path, f"{role}.hf"),
-                                                       load_tokenizer(run.cfg["data"]["tokenizer"], "data.tokenizer")):
+            same = lambda: same_vocabulary(load_tokenizer(path, f"{role}.hf"),  # noqa: E731
+                                           load_tokenizer(run.cfg["data"]["tokenizer"], "data.tokenizer"))
+            if role == TEACHER:
+                teacher_reads_the_data_tokens(path, run.cfg["data"]["tokenizer"], same)
+            elif not same():
                 raise UserError(f"{role}.hf: {m['hf']} has a different vocabulary from the data's tokenizer "
                                 f"({run.cfg['data']['tokenizer']}); teacher and student must share one vocabulary")
             return model
@@ -154,8 +157,11 @@ class HuggingFaceModels:
         m, t = run.cfg[role], run.cfg[TEACHER]
         if m["hf"]:
             model = untrimmed(load_causal_lm(m["hf"], f"{role}.hf"), f"{role}.hf", m["hf"])
+            tok = run.cfg["data"]["tokenizer"]
+            if role == TEACHER:
+                teacher_reads_the_data_tokens(m["hf"], tok, lambda: same_tokenizer(m["hf"], tok, "teacher.hf"))
             if role != TEACHER and run.student_tokenizer and not text_only_kd(run.cfg):
-                check_same_tokenizer(m["hf"], run.cfg["data"]["tokenizer"], f"{role}.hf")  # (refuses, naming why)
+                check_same_tokenizer(m["hf"], tok, f"{role}.hf")  # (refuses, naming why)
             return model
         ft = m["from_teacher"]
         if ft and ft["source"] == "finetuned" and os.path.isdir(run.path(TEACHER)):
@@ -185,6 +191,13 @@ class HuggingFaceModels:
         return transformer_features(cfg["distill"]["layers"], teacher.num_layers, student.num_layers,
                                     teacher.width == student.width,
                                     teacher_layers(ft, teacher.num_layers) if ft else None)
+
+
+def teacher_reads_the_data_tokens(teacher: str, tokenizer: str, same) -> None:
+    """data.tokenizer (by default the teacher's own) must give the teacher's ids: `same()` compares them."""
+    if os.path.abspath(teacher) != os.path.abspath(tokenizer) and not same():
+        raise UserError(f"data.tokenizer: {tokenizer} is not the teacher's tokenizer ({teacher}), and the teacher "
+                        f"reads the data's token ids; leave data.tokenizer out (it defaults to the teacher's)")
 
 
 def untrimmed(model: nn.Module, where: str, path: str) -> nn.Module:
@@ -249,8 +262,8 @@ def require_saved(folder: str, name: str) -> str:
     path = os.path.join(folder, f"{name}.safetensors")
     if os.path.isfile(path) or is_model_folder(os.path.join(folder, name)):
         return path if os.path.isfile(path) else os.path.join(folder, name)
-    raise UserError(f"{path}: missing; run the stage that makes it first (distill run, or distill "
-                    f"{stage_command(name)})")
+    raise UserError(f"{os.path.join(folder, name)} (.safetensors, or a Hugging Face folder): missing; run the stage "
+                    f"that makes it first (distill run, or distill {stage_command(name)})")
 
 
 def load_saved(run: RunDir, name: str) -> nn.Module:
@@ -273,13 +286,18 @@ def load_model_at(path: str, name: str) -> nn.Module:
     return model
 
 
-def require_run(folder: str, command: str) -> None:
-    """A finished run folder (recipe.yaml and metrics.json) for `distill COMMAND`, or one clear line saying
-    what is missing."""
+def require_run_folder(folder: str) -> None:
+    """A folder that `distill run` wrote (its recipe.yaml), for the commands that take nothing else."""
     if not os.path.isdir(folder):
         raise UserError(f"{folder}: not a run folder; give the folder of a finished run (distill run ... --out DIR)")
     if not os.path.isfile(os.path.join(folder, "recipe.yaml")):
         raise UserError(f"{folder}: not a run folder (no recipe.yaml); give the folder that `distill run` wrote")
+
+
+def require_run(folder: str, command: str) -> None:
+    """A finished run folder (recipe.yaml and metrics.json) for `distill COMMAND`, or one clear line saying
+    what is missing."""
+    require_run_folder(folder)
     path = os.path.join(folder, "metrics.json")
     if not os.path.isfile(path):
         seeds = (f" (a multi-seed run: {command} one seed folder, e.g. seed_0)"

@@ -153,6 +153,9 @@ def preflight(run: RunDir) -> None:
     _check_teacher_prompts(run)
     teacher, student = build_role(run, TEACHER), build_role(run, STUDENT)
     run.dcfg = resolve_distill(run.cfg, teacher, student)
+    if run.dcfg.get("topk"):
+        from ..teachers.topk import check_k
+        check_k(run.dcfg["topk"], getattr(teacher, "vocab_size", run.data.num_classes))
     assistants = [chain.build(run, i, s) for i, s in enumerate(chain.specs(run))]
     chain.check_auto(run, assistants, teacher, student)
     links = [teacher, *assistants, student]

@@ -14,7 +14,7 @@ from ..checkpoint import Checkpoints
 from ..data import DataBundle, load_data
 from ..engine.runtime import Runtime
 from ..errors import UserError
-from ..io import append_jsonl, read_json, write_json, write_text
+from ..io import append_jsonl, read_run_json, write_json, write_text
 from ..logbook import summary_writer_class
 from ..recipe import Recipe
 from ..roles import SCRATCH, STUDENT, TEACHER, recipe_section
@@ -108,7 +108,12 @@ class RunDir:
 
     @cached_property
     def data(self) -> DataBundle:
-        return load_data(self.cfg["data"])
+        data = load_data(self.cfg["data"])
+        positive = self.cfg["evaluate"]["positive_class"]
+        if data.task == "classification" and data.num_classes == 2 and positive > 1:  # (before any training)
+            raise UserError(f"evaluate.positive_class: {positive}, and the data has 2 classes "
+                            f"({', '.join(data.class_names)}): give 0 or 1")
+        return data
 
     @cached_property
     def student_tokenizer(self) -> Optional[str]:
@@ -164,7 +169,7 @@ class RunDir:
         return os.path.join(self.out, name)
 
     def stages(self) -> Dict[str, Any]:
-        return read_json(self.path("stages.json"), {})
+        return read_run_json(self.path("stages.json"), {})
 
     def stage_done(self, name: str, fingerprint: str, files: Sequence[str]) -> Optional[Dict[str, Any]]:
         rec = self.stages().get(name)

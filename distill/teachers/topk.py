@@ -146,8 +146,15 @@ class TopKCache:
         return lambda x, idx: self.batch(idx, x.shape[1])
 
 
+def check_k(k: int, vocab: int) -> None:
+    if k > vocab:
+        raise UserError(f"distill.topk: {k} is more than the teacher's vocabulary of {vocab} tokens; give at most "
+                        f"{vocab} (k = {vocab} keeps every token, the same as dense logits)")
+
+
 def expected(teacher_sha: str, tokenizer: str, vocab: int, k: int, temperature: float, data: str, rows: int
              ) -> Dict[str, Any]:
+    check_k(k, vocab)
     return {"format": FORMAT, "teacher": teacher_sha, "tokenizer": tokenizer, "vocab": vocab, "k": k,
             "temperature": float(temperature), "data": data, "rows": rows}
 
