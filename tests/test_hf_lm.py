@@ -35,6 +35,15 @@ def _cli(*args, env=None):
                           env={**os.environ, **(env or {})}, timeout=600)
 
 
+def _main(capsys, *args):
+    """`distill ARGS` in this process, with no interpreter to start: (exit code, stdout, stderr)."""
+    from distill.cli import main
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def test_completion_targets_are_shifted_and_cover_the_completion_only(tmp_path, llama):
     tok = char_tokenizer(str(tmp_path / "tok"))
     path = write_jsonl(str(tmp_path / "d.jsonl"), [{"prompt": "1+2=", "completion": "3"},
@@ -114,29 +123,29 @@ def test_lm_settings_that_do_not_fit_the_models_are_refused_before_any_training(
         assert not os.path.exists(r["output"]["dir"])
 
 
-def test_a_run_refuses_bad_data_with_exit_2_and_writes_nothing(tmp_path, llama):
+def test_a_run_refuses_bad_data_with_exit_2_and_writes_nothing(tmp_path, llama, capsys):
     r = lm_recipe(str(tmp_path))
     r["teacher"]["hf"] = llama
     r["data"]["path"] = write_jsonl(str(tmp_path / "bad.jsonl"), [{"prompt": "1+1"}])
     yaml.safe_dump(r, open(tmp_path / "r.yaml", "w"))
-    p = _cli("run", str(tmp_path / "r.yaml"), env={"DISTILL_CACHE": str(tmp_path / "cache")})
-    assert p.returncode == 2, p.stderr
-    assert "bad.jsonl: line 1: no 'completion'" in p.stderr and "Traceback" not in p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1
+    code, _, err = _main(capsys, "run", str(tmp_path / "r.yaml"))
+    assert code == 2, err
+    assert "bad.jsonl: line 1: no 'completion'" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
     assert not os.path.exists(r["output"]["dir"])
 
 
-def test_vocabulary_mismatch_is_refused(tmp_path, llama):
+def test_vocabulary_mismatch_is_refused(tmp_path, llama, capsys):
     other = tiny_llama(str(tmp_path / "other"), extra="#@")  # two more tokens: another tokenizer
     r = lm_recipe(str(tmp_path), student={"hf": other, "train": {"epochs": 1}})
     r["teacher"]["hf"] = llama
     del r["student"]["from_teacher"]
     yaml.safe_dump(r, open(tmp_path / "r.yaml", "w"))
-    p = _cli("run", str(tmp_path / "r.yaml"), env={"DISTILL_CACHE": str(tmp_path / "cache")})
-    assert p.returncode == 2, p.stderr
-    errors = [line for line in p.stderr.splitlines() if "has another tokenizer" in line]
+    code, _, err = _main(capsys, "run", str(tmp_path / "r.yaml"))
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if "has another tokenizer" in line]
     assert len(errors) == 1 and errors[0].startswith("error: student.hf:") and "logit-level KD needs one vocabulary" \
-        in errors[0] and "Traceback" not in p.stderr
+        in errors[0] and "Traceback" not in err
     assert not os.path.exists(r["output"]["dir"])
 
 
@@ -306,7 +315,7 @@ def test_topk_cache_holds_the_teachers_topk_and_resumes_a_killed_build(tmp_path,
         load_or_build(teacher, x, y, folder, {**want, "tokenizer": "other"}, 16)
 
 
-def test_topk_kd_run_end_to_end_and_the_student_folder_generates_in_plain_transformers(tmp_path, llama):
+def test_topk_kd_run_end_to_end_and_the_student_folder_generates_in_plain_transformers(tmp_path, llama, capsys):
     r = lm_recipe(str(tmp_path), distill={"method": "forward_kl", "topk": 8, "temperature": 1.0, "alpha": 0.5})
     r["teacher"]["hf"] = llama
     yaml.safe_dump(r, open(tmp_path / "r.yaml", "w"))
@@ -334,14 +343,13 @@ def test_topk_kd_run_end_to_end_and_the_student_folder_generates_in_plain_transf
         assert sh.get_tensor("ids").dtype == torch.uint16 and sh.get_tensor("ids").shape[1] == 8
         assert sh.get_tensor("logprobs").dtype == torch.float16
     assert sum(s["tokens"] for s in m["shards"]) == m["tokens"] and m["bytes_per_token"] < 2 * len(tok)
-    rep = _cli("report", out, env={"DISTILL_CACHE": str(tmp_path / "cache")})  # generations side by side
-    assert rep.returncode == 0, rep.stderr[-2000:]
+    code, _, err = _main(capsys, "report", out)  # generations side by side
+    assert code == 0, err[-2000:]
     page = open(os.path.join(out, "report.html")).read()
     assert "Sample generations" in page and "Compute " in page and "Confusion matrices" not in page
-    comp = _cli("compress", out, "--set", "compress.steps=[layers, channels]", "--set", "compress.layers.to=1",
-                "--set", "compress.layers.epochs=1", "--set", "compress.channels.epochs=1",
-                env={"DISTILL_CACHE": str(tmp_path / "cache")})
-    assert comp.returncode == 0, comp.stderr[-2000:]
+    code, _, err = _main(capsys, "compress", out, "--set", "compress.steps=[layers, channels]", "--set",
+                         "compress.layers.to=1", "--set", "compress.layers.epochs=1", "--set", "compress.channels.epochs=1")
+    assert code == 0, err[-2000:]
     models = json.load(open(os.path.join(out, "compress", "compress.json")))["models"]
     assert [m["name"] for m in models] == ["layers1", "channels"] and models[1]["params"] < models[0]["params"]
     assert all("val_loss" in m for m in models)
@@ -362,9 +370,9 @@ def test_topk_kd_run_end_to_end_and_the_student_folder_generates_in_plain_transf
     pruned = rows["compress/channels", "bf16"]["file"]  # (a pruned model's bf16 folder loads back, pruned)
     assert os.path.isdir(pruned) and load_causal_lm_(pruned).hf.model.layers[0].mlp.up_proj.out_features == 32
     assert "ms/token p50" in open(os.path.join(out, "bench", "bench.md")).read()
-    onnx = _cli("export", out, "--format", "onnx")  # (a causal LM deploys as its folder: one line, not a traceback)
-    assert onnx.returncode == 2 and onnx.stderr.strip().count("\n") == 0, onnx.stderr[-2000:]
-    assert "is a Hugging Face causal LM, deployed as its folder" in onnx.stderr
+    code, _, err = _main(capsys, "export", out, "--format", "onnx")  # (a causal LM deploys as its folder: one line)
+    assert code == 2 and err.strip().count("\n") == 0, err[-2000:]
+    assert "is a Hugging Face causal LM, deployed as its folder" in err
     from distill.models.hf_lm import load_causal_lm
     student = load_causal_lm(os.path.join(out, "student"), "student")
     assert student.num_layers == 2
@@ -959,7 +967,7 @@ def test_compress_refuses_a_vocabulary_it_cannot_trim_before_any_step_runs(tmp_p
     assert not os.path.exists(os.path.join(r["output"]["dir"], "compress"))  # channels was not pruned first
 
 
-def test_compress_trims_a_causal_lms_vocabulary_and_bench_measures_it(tmp_path):
+def test_compress_trims_a_causal_lms_vocabulary_and_bench_measures_it(tmp_path, capsys):
     r = lm_recipe(str(tmp_path), student={"from_teacher": {"layers": [0]}, "train": {"epochs": 1}},
                   evaluate={"latency_runs": 2, "throughput_batch": 2, "exact_match": {"rows": 2, "max_new_tokens": 4}})
     r["teacher"]["hf"] = bpe_llama(str(tmp_path / "bpe"))
@@ -968,8 +976,8 @@ def test_compress_trims_a_causal_lms_vocabulary_and_bench_measures_it(tmp_path):
     env = {"DISTILL_CACHE": str(tmp_path / "cache")}
     assert (p := _cli("run", str(tmp_path / "r.yaml"), env=env)).returncode == 0, p.stderr[-2000:]
     out = r["output"]["dir"]
-    comp = _cli("compress", out, "--set", "compress.steps=[vocab]", env=env)
-    assert comp.returncode == 0, comp.stderr[-2000:]
+    code, comp_out, comp_err = _main(capsys, "compress", out, "--set", "compress.steps=[vocab]")
+    assert code == 0, comp_err[-2000:]
     step = json.load(open(os.path.join(out, "compress", "compress.json")))["models"][0]
     student = json.load(open(os.path.join(out, "metrics.json")))["student"]
     assert step["vocab_before"] == 420 and 256 < step["vocab_after"] < 420 and step["params"] < student["params"]
@@ -983,13 +991,13 @@ def test_compress_trims_a_causal_lms_vocabulary_and_bench_measures_it(tmp_path):
     # perplexity can only fall (a random model puts much mass on the dropped tokens; a trained one little)
     assert trimmed["perplexity"] <= full["perplexity"] and trimmed["accuracy"] >= full["accuracy"]
     assert trimmed["size_bytes"] < full["size_bytes"] and trimmed["decode_tokens"] == 64
-    assert isinstance(step["test_tokens_outside"], int) and "test tokens are outside them" in comp.stdout + comp.stderr
+    assert isinstance(step["test_tokens_outside"], int) and "test tokens are outside them" in comp_out + comp_err
     bf16 = load_causal_lm_(rows["compress/vocab", "bf16"]["file"])  # (its folder keeps the trimmed tokenizer)
     assert bf16.hf.config.vocab_size == step["vocab_after"] and bf16.vocab_size == 420
-    again = _cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "again"), "--set",
-                 f"teacher.hf={os.path.join(out, 'compress', 'vocab')}", env=env)  # (its ids are its own)
-    assert again.returncode == 2 and "is a deployment folder with a trimmed vocabulary" in again.stderr
-    assert len(again.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "again" / "teacher")
+    code, _, err = _main(capsys, "run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "again"), "--set",
+                         f"teacher.hf={os.path.join(out, 'compress', 'vocab')}")  # (its ids are its own)
+    assert code == 2 and "is a deployment folder with a trimmed vocabulary" in err
+    assert len(err.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "again" / "teacher")
 
 
 class _Table(torch.nn.Module):
