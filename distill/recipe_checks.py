@@ -260,6 +260,9 @@ def _text_checks(cfg: Dict[str, Any]) -> None:
             raise UserError(f"{role}: {'a transformer model needs' if not text_data else 'text data needs'} {need}")
     if cfg["teacher"]["from_teacher"] or cfg["teacher"]["hf_config"]:
         raise UserError("teacher: from_teacher and hf_config are for the student; give the teacher as hf: FOLDER")
+    if cfg["data"]["dataset"] == "text" and cfg["data"]["text_column"] == cfg["data"]["label_column"]:
+        raise UserError(f"data.text_column: {cfg['data']['text_column']!r} is data.label_column too; the models "
+                        f"would read the labels as their input")
     s = cfg["student"]
     if (s["from_teacher"] or s["hf_config"]) and not cfg["teacher"]["hf"]:
         raise UserError("student: from_teacher and hf_config derive the student from the teacher; "

@@ -61,6 +61,10 @@ def regex(v: Any) -> Optional[str]:
     return None
 
 
+def seed_range(v: Any) -> Optional[str]:
+    return None if 0 <= v < 2 ** 32 else "a seed is between 0 and 2**32 - 1 (what numpy and torch take)"
+
+
 def safe_name(v: Any) -> Optional[str]:
     """Names become folder names: no path separators, no '..' (a recipe cannot write outside runs/)."""
     ok = bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", v)) and ".." not in v
@@ -77,7 +81,7 @@ def open_fraction(v: Any) -> Optional[str]:
 
 TRAIN = {
     "epochs": F((int,), 20, positive),
-    "seed": F((int,), 0),
+    "seed": F((int,), 0, seed_range),
     "precision": F((str,), "fp32", choices=("fp32", "bf16")),
     "select": F((str,), "best_val", choices=("best_val", "last")),
     "grad_clip": F(NUM, None, positive),
@@ -198,7 +202,7 @@ SCHEMA: Dict[str, Any] = {
         # keep the labels of this stratified fraction of the training split: the teacher and the scratch student
         # train on those; the distilled student also learns the rest from the teacher's outputs alone
         "label_fraction": F(NUM, 1.0, lambda v: None if 0 < v <= 1 else "must be > 0 and <= 1"),
-        "split_seed": F((int,), 0),
+        "split_seed": F((int,), 0, seed_range),
         "batch_size": F((int,), 64, positive),
         "eval_batch_size": F((int,), 512, positive),
         "workers": F((int,), 0, at_most_cores(0)),
@@ -387,8 +391,13 @@ def _registered_loss(name: str, group: str) -> Optional[str]:
 
 
 def _check_value(v: Any, f: F, path: str) -> Any:
-    if v is None:
-        return None
+    if v is None:  # (null, or a key written with no value)
+        if f.default is None or type(None) in f.types:
+            return None  # optional: null means unset
+        if isinstance(f.default, (dict, list)) and not f.default:
+            return copy.deepcopy(f.default)  # an empty `args:` means none
+        raise UserError(f"{path}: null (or no value); give one, or leave the key out for its default "
+                        f"{f.default!r}")
     if float in f.types and isinstance(v, str) and FLOAT_TEXT.fullmatch(v.strip()):
         v = float(v)  # YAML 1.1 reads 1e-4 (no dot) as a string; it means the number
     ok = isinstance(v, f.types) and not (isinstance(v, bool) and bool not in f.types)
@@ -396,6 +405,8 @@ def _check_value(v: Any, f: F, path: str) -> Any:
         names = " or ".join("number" if t is float else t.__name__ for t in f.types if not (t is int and float in f.types))
         raise UserError(f"{path}: expected {names}, got {type(v).__name__} {v!r}")
     _refuse_non_finite(v, path)
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 2 ** 53:
+        raise UserError(f"{path}: {v} is out of range for any setting")
     if f.choices is not None and v not in f.choices:
         raise UserError(f"{path}: {v!r} is not one of {', '.join(map(str, f.choices))}{did_you_mean(v, f.choices)}")
     if f.check is not None and (msg := f.check(v)):

@@ -58,7 +58,7 @@ def search(recipe: Recipe, grid: Dict[str, List[Any]], overrides: Sequence[str],
     keys = list(grid)
     trials = [dict(zip(keys, combo)) for combo in itertools.product(*grid.values())]
     for t in trials:  # every trial's recipe is validated before the first one runs
-        Recipe.load(recipe.source, [*overrides, *(f"{k}={v}" for k, v in t.items())])
+        need_validation(Recipe.load(recipe.source, [*overrides, *(f"{k}={v}" for k, v in t.items())]))
     rows = []
     folder = os.path.join(out, "trials")
     for i, trial in enumerate(trials):
@@ -210,7 +210,7 @@ def validate_space(recipe: Recipe, space: Dict[str, Dict[str, Any]], overrides: 
     for key, dim in space.items():
         for v in dim.get("choices") or (dim["low"], dim["high"]):
             try:
-                Recipe.load(recipe.source, _sets(overrides, {key: v}))
+                need_validation(Recipe.load(recipe.source, _sets(overrides, {key: v})))
             except UserError as e:
                 raise UserError(f"--space {dim['arg']}: {e}") from None
 

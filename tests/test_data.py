@@ -132,6 +132,13 @@ def test_csv_with_named_classes_and_a_test_file(tmp_path):
     assert int((b.y_test == 1).sum()) == int((d.target[449:] == 0).sum())  # malignant -> index 1
 
 
+def test_csv_with_a_byte_order_mark_reads_its_first_column_by_name(tmp_path):
+    (tmp_path / "bom.csv").write_bytes("\ufeffa,label\n".encode() + b"".join(
+        f"{i},{'xy'[i % 2]}\n".encode() for i in range(40)))
+    b = load_data(data_cfg(dataset="csv", path=str(tmp_path / "bom.csv")))
+    assert b.class_names == ["x", "y"] and b.input_shape == (1,)
+
+
 def test_csv_integer_labels_sort_numerically(tmp_path):
     (tmp_path / "d.csv").write_text("f,label\n" + "".join(f"{i},{[2, 10][i % 2]}\n" for i in range(40)))
     b = load_data(data_cfg(dataset="csv", path=str(tmp_path / "d.csv"), val_fraction=0.2))

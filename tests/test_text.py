@@ -324,6 +324,8 @@ TEXT_CASES = {
                                                 "is not the teacher's tokenizer"),
     "fresh student wider than the teacher": (lambda t, b: {"student": {"from_teacher": None, "hf_config": {
         "layers": 1, "hidden": 64, "heads": 4, "intermediate": 32}}}, "hidden 64 is wider than the teacher's 32"),
+    "text column that is the label column": (lambda t, b: {"data": {"text_column": "label"}},
+                                             "data.text_column: 'label' is data.label_column too"),
     "layer index out of range": (lambda t, b: {"student": {"from_teacher": {"layers": [0, 9]}}},
                                  "give distinct indices in 0..3"),
     "layers and keep_every": (lambda t, b: {"student": {"from_teacher": {"layers": [0], "keep_every": 2}}},

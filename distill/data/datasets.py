@@ -107,8 +107,11 @@ def _npz(cfg: Dict[str, Any]) -> Raw:
             arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot read as .npz ({e})") from None
-    return Raw(_as_nchw(arrays["x_train"], path), arrays["y_train"], _as_nchw(arrays["x_test"], path),
-               arrays["y_test"], image=True)
+    x_train, x_test = _as_nchw(arrays["x_train"], path), _as_nchw(arrays["x_test"], path)
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise UserError(f"{path}: x_test's samples are shaped {x_test.shape[1:]} and x_train's {x_train.shape[1:]}; "
+                        f"the models take one input shape")
+    return Raw(x_train, arrays["y_train"], x_test, arrays["y_test"], image=True)
 
 
 @DATASETS.register("csv")
@@ -134,7 +137,7 @@ def _class_order(name: str) -> tuple:
 def read_text_file(path: str, parse: Callable[[Any], T]) -> T:
     """`parse(fh)` on the UTF-8 file `path`; an unreadable or non-UTF-8 file is a one-line error."""
     try:
-        with open(path, encoding="utf-8", newline="") as fh:
+        with open(path, encoding="utf-8-sig", newline="") as fh:  # (-sig: a byte-order mark is not text)
             return parse(fh)
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
@@ -147,6 +150,11 @@ def _read_csv(path: str, label: str) -> tuple:
     if not rows:
         raise UserError(f"{path}: empty file; a CSV needs a header row and data rows")
     header, body = rows[0], [r for r in rows[1:] if r]
+    twice = sorted({h for h in header if header.count(h) > 1})
+    if twice or "" in (h.strip() for h in header):
+        what = f"names {twice} more than once" if twice else "has a column with no name"
+        raise UserError(f"{path}: the header {what}; every column needs its own name (a second label column "
+                        f"would become a feature)")
     if label not in header:
         raise UserError(f"{path}: no column named '{label}' (data.label_column){did_you_mean(label, header)}; "
                         f"columns: {', '.join(header)}")
@@ -273,6 +281,12 @@ def _check_labels(y_tr: np.ndarray, y_te: np.ndarray, cfg: Dict[str, Any]) -> in
         if y.min() < 0:
             raise UserError(f"{where}: {name} has negative label {y.min()}; labels must be class indices 0..K-1")
     num_classes = int(max(y_tr.max(), y_te.max())) + 1
+    present = np.unique(np.concatenate([y_tr, y_te]))  # (sorted)
+    if len(present) < num_classes:  # (a label id of 10**9 would otherwise make a billion classes)
+        first = next(i for i, c in enumerate(present.tolist() + [num_classes]) if c != i)
+        raise UserError(f"{where}: {num_classes - len(present):,} class indices below the largest label "
+                        f"{num_classes - 1} never occur (the first: {first}); labels must be class indices 0..K-1: "
+                        f"number the classes consecutively")
     if len(np.unique(y_tr)) < 2:
         raise UserError(f"{where}: y_train holds a single class ({y_tr[0]}); classification needs at least two")
     unseen = sorted(set(np.unique(y_te).tolist()) - set(np.unique(y_tr).tolist()))
