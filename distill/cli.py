@@ -379,7 +379,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         raise UserError(f"--nproc: expected a positive number of processes, got {args.nproc}")
     nproc, again = _resume_hint(args, run_folder(recipe, out))
     if nproc > 1 and "LOCAL_RANK" not in os.environ:  # (already one of torchrun's processes: go on)
-        from .launch import child_argv, launch
+        from .launch import check_processes, child_argv, launch
+        check_processes(recipe.cfg, nproc)
         return launch(child_argv(args.argv), nproc, again)
     import torch.distributed as dist
     try:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Dict, List
+from typing import Any, Dict, List
+
+from .errors import UserError
 
 
 def is_main_process() -> bool:
@@ -43,6 +45,19 @@ def _describe(failures: Dict[int, object]) -> str:
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         said.append(f"process {rank} (pid {f.pid}) {how}")
     return ", ".join(said)
+
+
+def check_processes(cfg: Dict[str, Any], nproc: int) -> None:
+    """Before any process starts (each would say the same in a line of its own): no more processes than the
+    machine runs at once, and a global batch each of them can take its share of."""
+    import torch
+    from .engine.sampling import Split
+    from .recipe_schema import cores
+    gpus = torch.cuda.device_count()
+    if nproc > max(cores(), gpus):
+        raise UserError(f"--nproc {nproc}: more processes than this machine's {cores()} CPU cores"
+                        f"{f' and {gpus} GPUs' if gpus else ''}; give at most {max(cores(), gpus)}")
+    Split(0, nproc, cfg["student"]["train"].get("accumulate", 1)).check(cfg["data"]["batch_size"])
 
 
 def launch(argv: List[str], nproc: int, resume: str) -> int:

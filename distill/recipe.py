@@ -43,7 +43,9 @@ def apply_override(raw: Dict[str, Any], assignment: str) -> None:
         if i == len(keys) - 1:
             node[key] = value
         else:
-            if not isinstance(node.get(key), dict):
+            if isinstance(node.get(key), bool) and isinstance(schema, dict) and "enabled" in schema:
+                node[key] = {"enabled": node[key]}  # (`monitor: off` stays off when one of its keys is set)
+            elif not isinstance(node.get(key), dict):
                 node[key] = {}
             node = node[key]
 

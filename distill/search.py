@@ -37,6 +37,10 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
         key, sep, values = item.partition("=")
         if not sep or not key.strip() or not values.strip():
             raise UserError(f"--grid {item}: expected KEY=V1,V2,..., e.g. --grid distill.temperature=2,3,4")
+        if key.strip() in grid:
+            raise UserError(f"--grid {item}: {key.strip()} is given twice; list all its values in one --grid")
+        if "" in (v.strip() for v in values.split(",")):
+            raise UserError(f"--grid {item}: an empty value (a comma too many?)")
         try:
             grid[key.strip()] = [yaml.safe_load(v) for v in values.split(",")]
         except yaml.YAMLError:

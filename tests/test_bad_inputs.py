@@ -93,6 +93,8 @@ CASES = {
                                 "teacher.augment.normalize: normalisation is the same for every model"),
     "augmenting vectors": (lambda t: [recipe_with(t, TABULAR), "--set", "teacher.augment.random_crop=1"],
                            "teacher.augment: random_crop and hflip augment images, and these inputs are not images"),
+    "crop shift as large as the image": (lambda t: [recipe_with(t, GOOD), "--set", "data.transforms.random_crop=100"],
+                                         "data.transforms.random_crop: 100 pixels of shift, on images of 8x8"),
     "flipping vectors": (lambda t: [recipe_with(t, TABULAR), "--set", "data.transforms.hflip=true"],
                          "data.transforms: random_crop and hflip augment images"),
     "negative measure_every": (lambda t: [recipe_with(t, GOOD), "--set", "monitor.measure_every=-1"],
@@ -118,6 +120,13 @@ CASES = {
                                    "data.batch_size: 1" + "0" * 30 + " is out of range for any setting"),
     "the recipe's own folder as --out": (lambda t: [recipe_with(t, GOOD), "--out", str(t)],
                                          "where the run writes its resolved recipe.yaml over yours"),
+    "more processes than cores": (lambda t: [recipe_with(t, GOOD), "--nproc", "100000"],
+                                  "--nproc 100000: more processes than this machine's"),
+    "batch too small for the processes": (lambda t: [recipe_with(t, GOOD), "--nproc", "2", "--set",
+                                                     "data.batch_size=3"],
+                                          "data.batch_size: 3 is the global batch, too small for processes x "
+                                          "train.accumulate = 2 x 1 micro-batches of two samples or more; give at "
+                                          "least 4"),
     "zero processes": (lambda t: [recipe_with(t, GOOD), "--nproc", "0"],
                        "--nproc: expected a positive number of processes, got 0"),
     "zero accumulation": (lambda t: [recipe_with(t, GOOD), "--set", "train.accumulate=0"],
@@ -168,6 +177,7 @@ CASES = {
                                          "x_test's samples are shaped (1, 10, 10) and x_train's (1, 8, 8)"),
     "label ids with gaps": (lambda t: [_npz_recipe(t, y_train=np.arange(40) % 4 * 3, y_test=np.arange(12) % 4 * 3)],
                             "6 class indices below the largest label 9 never occur (the first: 1)"),
+    "csv of labels only": (lambda t: [_csv_recipe(t, "label\nx\ny\n")], "the label column is its only column"),
     "csv ragged row": (lambda t: [_csv_recipe(t, "a,b,label\n1,2,x\n3,y\n")], "line 3 has 2 fields, the header has 3"),
     # models
     "code in a layer spec": (lambda t: [recipe_with(t, GOOD.replace("model: mlp, args: {hidden: [8]}",

@@ -56,6 +56,12 @@ def test_defaults_are_filled_and_overrides_apply(tmp_path):
     assert r["data"]["batch_size"] == 64 and r["distill"]["alpha"] == 0.9
 
 
+def test_a_section_switched_off_stays_off_when_one_of_its_keys_is_set(tmp_path):
+    r = load(tmp_path, BASE + "monitor: off\n", ["monitor.retention_min=0.5"])
+    assert r["monitor"]["enabled"] is False and r["monitor"]["retention_min"] == 0.5
+    assert load(tmp_path, BASE, ["monitor.retention_min=0.5"])["monitor"]["enabled"] is True
+
+
 def test_per_model_train_overrides(tmp_path):
     r = load(tmp_path, BASE + "train: {epochs: 5}\n", ["teacher.train={epochs: 9, optimizer: {lr: 0.1}}"])
     assert r["teacher"]["train"]["epochs"] == 9 and r["teacher"]["train"]["optimizer"]["lr"] == 0.1

@@ -52,6 +52,8 @@ def test_search_ranks_on_validation_and_writes_the_best_recipe(tmp_path, capsys)
     (["--grid", "distill.temperature"], "--grid distill.temperature: expected KEY=V1,V2,..."),
     (["--grid", "distill.temprature=2,3"], "--set distill.temprature: unknown key 'temprature'"),
     (["--grid", "distill.alpha=0.5,1.5"], "distill.alpha: must be between 0 and 1"),
+    (["--grid", "distill.alpha=0.5", "--grid", "distill.alpha=0.9"], "distill.alpha is given twice"),
+    (["--grid", "distill.temperature=2,"], "--grid distill.temperature=2,: an empty value"),
     (["--set", "train.select=last", "--grid", "data.val_fraction=0.1,0"],
      "data.val_fraction: 0 leaves no validation split, and a search ranks its trials on it"),
 ])

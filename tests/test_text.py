@@ -342,6 +342,14 @@ TEXT_CASES = {
                    "row 2: empty or missing 'text'"),
     "bad jsonl": (lambda t, b: {"data": {"path": _write(t / "b.jsonl", '{"text": "a", "label": "x"}\n{oops\n')}},
                   "line 2: not JSON"),
+    "test file with a class training lacks": (
+        lambda t, b: {"data": {"test_path": _write(t / "te.csv", "text,label\na fine film,neutral\n")}},
+        "te.csv: y_test has labels ['neutral'] that never occur in y_train"),
+    "unlabeled file empty": (lambda t, b: {"distill": {"data": {"unlabeled": _write(t / "u.txt", "\n")}}},
+                             "u.txt: no texts (one a line)"),
+    "unlabeled file without the text column": (
+        lambda t, b: {"distill": {"data": {"unlabeled": _write(t / "u.csv", "body\nhello\n")}}},
+        "u.csv: no column named 'text' (data.text_column)"),
     "unlabeled file missing": (lambda t, b: {"distill": {"data": {"unlabeled": str(t / "u.txt")}}},
                                "distill.data.unlabeled: file not found"),
     "cnn student on text": (lambda t, b: {"student": {"from_teacher": None, "model": "mlp"}},

@@ -160,6 +160,8 @@ def _read_csv(path: str, label: str) -> tuple:
                         f"columns: {', '.join(header)}")
     li = header.index(label)
     features = [h for i, h in enumerate(header) if i != li]
+    if not features:
+        raise UserError(f"{path}: the label column is its only column; the features are the other columns")
     x = np.zeros((len(body), len(features)), np.float32)
     for r, row in enumerate(body):
         if len(row) != len(header):
@@ -214,7 +216,7 @@ def load_data(cfg: Dict[str, Any]) -> DataBundle:
         x_tr, x_te, y_tr, y_te = _split(x_all, y_all, cfg, "test_fraction", test_size=cfg["test_fraction"])
     else:
         x_tr, y_tr, x_te, y_te = x_all, y_all, raw.x_test, _as_labels(raw.y_test, cfg, "y_test")
-    num_classes = _check_labels(y_tr, y_te, cfg)
+    num_classes = _check_labels(y_tr, y_te, cfg, raw.class_names)
     if cfg["val_fraction"]:
         x_tr, x_va, y_tr, y_va = _split(x_tr, y_tr, cfg, "val_fraction", test_size=cfg["val_fraction"])
     else:  # no validation split: every training row trains (the last epoch is kept)
@@ -272,7 +274,8 @@ def _as_labels(y: np.ndarray, cfg: Dict[str, Any], name: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def _check_labels(y_tr: np.ndarray, y_te: np.ndarray, cfg: Dict[str, Any]) -> int:
+def _check_labels(y_tr: np.ndarray, y_te: np.ndarray, cfg: Dict[str, Any], names: Optional[List[str]] = None
+                  ) -> int:
     """Labels are class indices 0..K-1 with at least two classes; returns K."""
     where = cfg["path"] or cfg["dataset"]
     for name, y in (("y_train", y_tr), ("y_test", y_te)):
@@ -291,7 +294,8 @@ def _check_labels(y_tr: np.ndarray, y_te: np.ndarray, cfg: Dict[str, Any]) -> in
         raise UserError(f"{where}: y_train holds a single class ({y_tr[0]}); classification needs at least two")
     unseen = sorted(set(np.unique(y_te).tolist()) - set(np.unique(y_tr).tolist()))
     if unseen:
-        raise UserError(f"{where}: y_test has labels {unseen[:5]} that never occur in y_train; "
+        shown = [names[i] for i in unseen[:5]] if names and max(unseen) < len(names) else unseen[:5]
+        raise UserError(f"{cfg.get('test_path') or where}: y_test has labels {shown} that never occur in y_train; "
                         f"labels must be class indices 0..K-1 shared by both splits")
     return num_classes
 

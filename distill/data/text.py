@@ -28,7 +28,10 @@ def read_texts(path: str, text_col: str, label_col: str | None) -> Tuple[List[st
     if path.endswith(".txt"):
         if label_col is not None:
             raise UserError(f"{path}: a .txt file has no labels; give a .csv or .jsonl with a '{label_col}' column")
-        return read_text_file(path, lambda fh: [line.strip() for line in fh if line.strip()]), []
+        texts = read_text_file(path, lambda fh: [line.strip() for line in fh if line.strip()])
+        if not texts:
+            raise UserError(f"{path}: no texts (one a line)")
+        return texts, []
     rows = read_text_file(path, lambda fh: _jsonl_rows(path, fh) if path.endswith((".jsonl", ".json"))
                           else list(csv.DictReader(fh)))
     if not rows:

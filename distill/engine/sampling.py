@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..data import DataBundle
+from ..errors import UserError
 
 
 def batches(n: int, batch_size: int, gen: torch.Generator, lengths: Optional[torch.Tensor] = None,
@@ -67,6 +68,14 @@ class Split:
     @property
     def parts(self) -> int:
         return self.world * self.accumulate
+
+    def check(self, batch: int) -> None:
+        """The global batch must give every micro-batch two samples or more (BatchNorm trains on two)."""
+        least = self.parts * (2 if self.parts > 1 else 1)
+        if batch < least:
+            raise UserError(f"data.batch_size: {batch} is the global batch, too small for processes x train.accumulate"
+                            f" = {self.world} x {self.accumulate} micro-batches of two samples or more; give at "
+                            f"least {least}")
 
     def mine(self, batch: torch.Tensor) -> List[torch.Tensor]:
         pieces = batch.tensor_split(self.parts)

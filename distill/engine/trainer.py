@@ -161,12 +161,8 @@ class Trainer:
             cb.on_fit_start(self)
 
     def _check_split(self) -> None:
-        split, batch = self.split, self.data_cfg["batch_size"]
-        least = split.parts * (2 if split.parts > 1 else 1)  # (BatchNorm trains on two samples or more)
-        if batch < least:
-            raise UserError(f"data.batch_size: {batch} is the global batch, too small for processes x train.accumulate"
-                            f" = {split.world} x {split.accumulate} micro-batches of two samples or more; give at "
-                            f"least {least}")
+        split = self.split
+        split.check(self.data_cfg["batch_size"])
         if split.world > 1 and any(f["loss"] == "crd" for f in getattr(self.objective, "features", [])):
             raise UserError("distill.features: crd keeps one memory bank of the whole training set, which one "
                             "process updates; train CRD in a single process (without --nproc)")

@@ -127,13 +127,18 @@ def execute(run: RunDir, kinds: Sequence[str] = KINDS[:-1], check: bool = True,
 
 
 def _check_augmentation(run: RunDir) -> None:
-    """random_crop and hflip shift and mirror images: refused for any model whose inputs are not images."""
+    """random_crop and hflip shift and mirror images: refused for any model whose inputs are not images, and
+    a shift as large as the image (it pads by as much: 100000 pixels asked for 320 GB)."""
     for role in (TEACHER, STUDENT):
         augment = run.data_cfg(role)["transforms"]
+        key = f"{role}.augment" if run.own_augment(role) else "data.transforms"
         if has_augmentation(augment) and not run.data.image:
-            key = f"{role}.augment" if run.own_augment(role) else "data.transforms"
             raise UserError(f"{key}: random_crop and hflip augment images, and these inputs are not images "
                             f"(each is shaped {tuple(run.data.input_shape)}); remove them")
+        if run.data.image and augment["random_crop"] >= min(run.data.input_shape[1:]):
+            raise UserError(f"{key}.random_crop: {augment['random_crop']} pixels of shift, on images of "
+                            f"{'x'.join(map(str, run.data.input_shape[1:]))}; give fewer than the image's side "
+                            f"(CIFAR uses 4 on 32)")
 
 
 def _check_teacher_prompts(run: RunDir) -> None:
@@ -146,11 +151,21 @@ def _check_teacher_prompts(run: RunDir) -> None:
             teacher_prompts(run.cfg, data, load_tokenizer(data.tokenizer, "data.tokenizer"))
 
 
+def _check_unlabeled(run: RunDir) -> None:
+    """`distill.data.unlabeled` is read when the student's data is made, after the teacher has trained: read
+    it once here, so that a bad file is refused first."""
+    path = run.cfg["distill"]["data"]["unlabeled"]
+    if path:
+        from ..data.text import read_texts
+        read_texts(path, run.cfg["data"]["text_column"], None)
+
+
 def preflight(run: RunDir) -> None:
     """Build the teacher, the student and every assistant, and take one distillation step on two samples per
     link of the chain (teacher -> assistants -> student), before anything is written."""
     _check_augmentation(run)
     _check_teacher_prompts(run)
+    _check_unlabeled(run)
     teacher, student = build_role(run, TEACHER), build_role(run, STUDENT)
     run.dcfg = resolve_distill(run.cfg, teacher, student)
     if run.dcfg.get("topk"):
