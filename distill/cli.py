@@ -301,7 +301,7 @@ def _load(target: Optional[str], overrides: List[str], out: Optional[str]):
     from .recipe import Recipe
     if target and os.path.isdir(target):
         return Recipe.load_run_folder(target, overrides), out or target
-    if target and out and os.path.isfile(os.path.join(out, "recipe.yaml")) and \
+    if target and out and os.path.isfile(target) and os.path.isfile(os.path.join(out, "recipe.yaml")) and \
             os.path.samefile(os.path.join(out, "recipe.yaml"), target):
         raise UserError(f"--out {out}: the folder of {target} itself, where the run writes its resolved "
                         f"recipe.yaml over yours; give another --out")

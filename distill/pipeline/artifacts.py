@@ -74,9 +74,6 @@ class RegistryModels:
         model = build_model(self.spec(run, role), data.input_shape, data.num_classes, where=role)
         if m["checkpoint"]:
             meta = load_meta(m["checkpoint"])
-            if meta.get("input_shape") not in (None, list(data.input_shape)):
-                raise UserError(f"{role}.checkpoint: {m['checkpoint']} was trained on inputs shaped "
-                                f"{tuple(meta['input_shape'])} but the data's are {tuple(data.input_shape)}")
             if meta.get("num_classes") not in (None, data.num_classes):
                 raise UserError(f"{role}.checkpoint: {m['checkpoint']} was trained for {meta['num_classes']} "
                                 f"classes but the data has {data.num_classes}")
@@ -84,6 +81,9 @@ class RegistryModels:
             if names and names != data.class_names:
                 raise UserError(f"{role}.checkpoint: {m['checkpoint']} was trained on classes {names} but the "
                                 f"data has {data.class_names}; teacher and student must share one class list")
+            if meta.get("input_shape") not in (None, list(data.input_shape)):
+                raise UserError(f"{role}.checkpoint: {m['checkpoint']} was trained on inputs shaped "
+                                f"{tuple(meta['input_shape'])} but the data's are {tuple(data.input_shape)}")
             load_weights(model, m["checkpoint"], f"{role}.checkpoint")
         return model
 
