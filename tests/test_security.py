@@ -34,7 +34,7 @@ def no_code_runs(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=800, deadline=None, suppress_health_check=list(HealthCheck))
 @given(RECIPES)
 def test_random_recipes_validate_or_give_a_user_error(raw):
     try:
