@@ -46,16 +46,28 @@ def atomic_path(path: str) -> Iterator[str]:
             os.remove(tmp)
 
 
-def replace_folder(tmp: str, folder: str) -> None:
-    """Move the finished folder `tmp` to `folder`. An earlier `folder` is moved aside first and removed only
-    after the rename, so a crash leaves the old folder or the new one, never neither."""
-    old = None
-    if os.path.isdir(folder):
-        old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(folder)))
-        os.rename(folder, os.path.join(old, "previous"))
-    os.rename(tmp, folder)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+@contextmanager
+def atomic_folder(folder: str) -> Iterator[str]:
+    """`atomic_path` for a folder: yields a temp folder beside `folder`, which replaces `folder` on success
+    and is removed on failure. An earlier `folder` is moved aside first and removed only after the rename, so
+    a crash leaves the old folder or the new one, never neither."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    tmp = None
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+        yield tmp
+        old = tempfile.mkdtemp(prefix=".old-", dir=parent) if os.path.isdir(folder) else None
+        if old:
+            os.rename(folder, os.path.join(old, "previous"))
+        os.rename(tmp, folder)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot write the folder ({e.strerror or e})") from None
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(path: str, text: str) -> None:

@@ -53,10 +53,10 @@ def check_processes(cfg: Dict[str, Any], nproc: int) -> None:
     import torch
     from .engine.sampling import Split
     from .recipe_schema import cores
-    gpus = torch.cuda.device_count()
-    if nproc > max(cores(), gpus):
-        raise UserError(f"--nproc {nproc}: more processes than this machine's {cores()} CPU cores"
-                        f"{f' and {gpus} GPUs' if gpus else ''}; give at most {max(cores(), gpus)}")
+    cpus, gpus = cores(), torch.cuda.device_count()
+    if nproc > max(cpus, gpus):
+        raise UserError(f"--nproc {nproc}: more processes than this machine's {cpus} CPU cores"
+                        f"{f' and {gpus} GPUs' if gpus else ''}; give at most {max(cpus, gpus)}")
     Split(0, nproc, cfg["student"]["train"].get("accumulate", 1)).check(cfg["data"]["batch_size"])
 
 

@@ -49,7 +49,8 @@ def at_most_cores(least: int) -> Callable[[Any], Optional[str]]:
     def check(v: Any) -> Optional[str]:
         if v < least:
             return f"must be >= {least}"
-        return None if v <= cores() else f"more than the {cores()} CPU cores this machine gives the run"
+        n = cores()
+        return None if v <= n else f"more than the {n} CPU cores this machine gives the run"
     return check
 
 

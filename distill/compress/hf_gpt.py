@@ -9,14 +9,12 @@ greedy continuation against `GPT.generate`.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Any, Dict, List
 
 import torch
 
 from ..errors import UserError
-from ..io import replace_folder, write_json
+from ..io import atomic_folder, write_json
 from ..models.gpt import GPT
 from ..models.hf import transformers_module
 
@@ -89,19 +87,10 @@ def export_gpt2(model: GPT, vocab: List[str], x: torch.Tensor, folder: str, meta
         got = hf.generate(prompt, max_new_tokens=new, do_sample=False, pad_token_id=0)
     if not torch.equal(got, want):
         raise UserError(f"{folder}: greedy generation of the Hugging Face GPT-2 differs from the model's")
-    parent = os.path.dirname(os.path.abspath(folder))
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    except OSError as e:
-        raise UserError(f"{folder}: cannot write the folder ({e.strerror or e})") from None
-    try:
+    with atomic_folder(folder) as tmp:
         hf.save_pretrained(tmp)
         char_tokenizer(vocab).save_pretrained(tmp)
         write_json(os.path.join(tmp, "distill.json"), meta)
-        replace_folder(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
     return {"format": "hf", "path": folder, "size_bytes": size, "max_abs_diff": diff, "checked_on": int(len(x)),
             "greedy_tokens_equal": True, "preprocessing": "none"}

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..io import replace_folder, write_json
+from ..io import atomic_folder, write_json
 
 # Never reach for a hub: a model that is not on disk is a clear error, not a download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -250,13 +250,7 @@ def tokenizer_hash(tok) -> str:
 def save_folder(model: HFClassifier, folder: str, tokenizer_path: str, meta: Dict[str, Any]) -> None:
     """A Hugging Face folder (safetensors weights, config with label names, tokenizer) plus distill.json,
     written into a temp folder and renamed into place: a killed run never leaves half a model."""
-    parent = os.path.dirname(os.path.abspath(folder))
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    except OSError as e:
-        raise UserError(f"{folder}: cannot write the model folder ({e.strerror})") from None
-    try:
+    with atomic_folder(folder) as tmp:
         _record_structure(model.hf)
         model.hf.save_pretrained(tmp, safe_serialization=True)
         tok, ids = load_tokenizer(tokenizer_path, "tokenizer"), getattr(model, "vocab_ids", None)
@@ -266,11 +260,6 @@ def save_folder(model: HFClassifier, folder: str, tokenizer_path: str, meta: Dic
         else:
             tok.save_pretrained(tmp)
         write_json(os.path.join(tmp, "distill.json"), meta)
-        replace_folder(tmp, folder)
-    except OSError as e:
-        raise UserError(f"{folder}: cannot write the model folder ({e.strerror})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _record_structure(hf: nn.Module) -> None:
