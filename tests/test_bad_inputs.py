@@ -240,7 +240,23 @@ CASES = {
     "output under a file": (lambda t: [recipe_with(t, GOOD), "--out", str(_garbage(t, "afile")) + "/run"],
                             "cannot write"),
     "stage output missing": (lambda t: ["evaluate", recipe_with(t, GOOD)], "missing; run the stage that makes it"),
+    "tensorboard folder is a file": (lambda t: [recipe_with(t, GOOD), "--tensorboard", "--out", _file_in(t, "run/tensorboard")],
+                                     "run/tensorboard is a file; TensorBoard writes a folder there"),
+    "a later seed's folder holds another recipe": (
+        lambda t: [recipe_with(t, GOOD), "--seeds", "2", "--out", _file_in(t, "seeds/seed_1/recipe.yaml",
+                                                                          GOOD.replace("epochs: 1", "epochs: 2"), 2)],
+        "seeds/seed_1: the folder holds a run of a different recipe"),
 }
+
+
+def _file_in(t, relative, text="x", up=1):
+    """A file at t/relative (its folders made); returns the folder `up` levels above it."""
+    p = t / relative
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    for _ in range(up):
+        p = p.parent
+    return str(p)
 
 
 def _garbage(t, name="g.npz"):

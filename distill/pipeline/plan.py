@@ -208,8 +208,10 @@ def run_seeds(recipe: Recipe, seeds: List[int], out: Optional[str] = None, echo=
               overwrite: bool = False, tensorboard: bool = False) -> Dict[str, Any]:
     """One full run per seed in `OUT/seed_<s>`, then mean and std of every metric in `OUT/summary.json`."""
     base = run_folder(recipe, out)
-    per_seed = {s: run(with_seed(recipe, s), os.path.join(base, f"seed_{s}"), echo, resume, overwrite, tensorboard)
-                for s in seeds}
+    # Every seed's folder is checked (another recipe's run in it, say) before the first seed trains.
+    folders = {s: RunDir(with_seed(recipe, s), os.path.join(base, f"seed_{s}"), echo, resume=resume,
+                         overwrite=overwrite, tensorboard=tensorboard) for s in seeds}
+    per_seed = {s: execute(folders[s])["metrics"] for s in seeds}
     summary: Dict[str, Any] = {"seeds": list(seeds)}
     for name, first in per_seed[seeds[0]].items():  # teacher, students and any assistants
         if first.get("skipped"):

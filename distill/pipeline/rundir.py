@@ -74,9 +74,11 @@ class RunDir:
         self.out = run_folder(recipe, out)
         self.echo, self.resume, self.overwrite = echo, resume, overwrite
         self.fingerprints: Dict[str, str] = {}  # stage -> fingerprint, of the stages run (run_stage sets them)
-        if tensorboard:
-            summary_writer_class()  # a missing package is reported before anything is written
         self.tensorboard = self.path("tensorboard") if tensorboard else None
+        if self.tensorboard:  # (both reported before anything is written)
+            if os.path.exists(self.tensorboard) and not os.path.isdir(self.tensorboard):
+                raise UserError(f"--tensorboard: {self.tensorboard} is a file; TensorBoard writes a folder there")
+            summary_writer_class()
         self.log = self.path("log.jsonl")
         self.on_epoch = None  # called after each epoch of the distilled student: (epoch, record)
         self._opened = False
