@@ -102,19 +102,25 @@ def test_bad_layer_in_recipe_is_refused_before_work(tmp_path):
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_stages_one_by_one_on_a_run_folder(tmp_path):
+def test_stages_one_by_one_on_a_run_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DISTILL_QUIET", "1")
+
+    def stage(*args):  # (in this process: the entry point itself is tested by the other commands here)
+        capsys.readouterr()
+        code = main(list(args))
+        return code, capsys.readouterr()
     out = str(tmp_path / "run")
-    r = cli("train-teacher", "digits", "--set", "train.epochs=2", "--set", "teacher.train.epochs=5",
-            "--out", out)
-    assert r.returncode == 0, r.stderr
+    code, said = stage("train-teacher", "digits", "--set", "train.epochs=2", "--set", "teacher.train.epochs=5",
+                       "--out", out)
+    assert code == 0, said.err
     assert os.path.isfile(os.path.join(out, "teacher.safetensors"))
-    assert cli("soft-labels", out).returncode == 0
-    assert cli("train-student", out).returncode == 0
-    r = cli("evaluate", out)
-    assert r.returncode == 0 and "student (distilled)" in r.stdout
+    assert stage("soft-labels", out)[0] == 0
+    assert stage("train-student", out)[0] == 0
+    code, said = stage("evaluate", out)
+    assert code == 0 and "student (distilled)" in said.out
     assert set(json.load(open(os.path.join(out, "metrics.json")))) == {"teacher", "student", "student_scratch"}
-    r = cli("train-teacher", out)  # nothing changed: reused, not retrained
-    assert "teacher: inputs unchanged" in r.stderr
+    code, said = stage("train-teacher", out)  # nothing changed: reused, not retrained
+    assert code == 0 and "teacher: inputs unchanged" in said.err
 
 
 def test_run_prints_the_table(tmp_path):

@@ -420,7 +420,8 @@ def test_compress_sigterm_then_resume_is_bitwise_identical(cnn_run, tmp_path):
         folders.append(str(tmp_path / name))
         shutil.copytree(cnn_run, folders[-1], ignore=shutil.ignore_patterns("compress", "bench"))
     cmd = [sys.executable, "-m", "distill", "compress"]
-    assert subprocess.run(cmd + [folders[0], *sets], env=env, capture_output=True).returncode == 0
+    ref = subprocess.Popen(cmd + [folders[0], *sets], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)  # (beside the stopped one: one thread each, on 2 cores)
     log, deadline = os.path.join(folders[1], "log.jsonl"), time.time() + 120
     seen = os.path.getsize(log) if os.path.isfile(log) else 0  # (the copied run's log may hold earlier lines)
     p = subprocess.Popen(cmd + [folders[1], *sets], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -440,6 +441,7 @@ def test_compress_sigterm_then_resume_is_bitwise_identical(cnn_run, tmp_path):
     assert p.returncode == 130 and f"continue with: distill compress {folders[1]} --resume" in err, err
     done = subprocess.run(cmd + [folders[1], "--resume", *sets], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
     a, b = (load_file(os.path.join(f, "compress", "channels.safetensors")) for f in folders)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not os.path.exists(os.path.join(folders[1], "checkpoints"))  # cleaned up once the step is saved

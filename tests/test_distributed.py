@@ -79,10 +79,15 @@ def compare(a, b, exact):
 def three_layouts(tmp, recipe):
     """The same recipe as 1 process x accumulate 2, 2 processes, and 1 process with the whole batch at once,
     each with its own soft-label cache."""
-    runs = {}
-    for name, extra in (("accumulate", ["--set", "train.accumulate=2"]), ("two", ["--nproc", "2"]), ("one", [])):
-        runs[name] = str(tmp / name)
-        ok("run", *recipe, "--out", runs[name], "--set", f"output.cache_dir={tmp / ('cache_' + name)}", *extra)
+    layouts = {"accumulate": ["--set", "train.accumulate=2"], "one": [], "two": ["--nproc", "2"]}
+    runs = {name: str(tmp / name) for name in layouts}
+    started = {name: start([sys.executable, "-m", "distill", "run", *recipe, "--out", runs[name], "--set",
+                            f"output.cache_dir={tmp / ('cache_' + name)}", *layouts[name]])
+               for name in ("accumulate", "one")}  # (one thread each: the two single processes run at once)
+    for name, p in started.items():
+        code, _, err = finish(p)
+        assert code == 0, (name, err[-3000:])
+    ok("run", *recipe, "--out", runs["two"], "--set", f"output.cache_dir={tmp / 'cache_two'}", *layouts["two"])
     return runs
 
 
@@ -179,7 +184,7 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize("victim", ["1", "all"])  # (a worker, and every process with the launcher)
-def test_sigkill_then_resume_with_two_processes_is_bitwise_identical(reference, tmp_path, victim):
+def test_sigkill_then_resume_with_two_processes_is_bitwise_identical(reference, tmp_path, victim, capsys):
     out = tmp_path / "run"
     launcher = start([sys.executable, "-m", "distill", "run", *DIGITS, "--out", str(out), "--nproc", "2"])
     deadline = time.time() + 120
@@ -203,8 +208,11 @@ def test_sigkill_then_resume_with_two_processes_is_bitwise_identical(reference, 
     state = torch.load(newest, weights_only=True)
     assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
     # another process count is refused, and the checkpoint kept
-    code, _, err = distill("run", str(out), "--resume")
-    assert code == 2 and "written by 2 process(es) and this run has 1; resume with --nproc 2" in err, err[-2000:]
+    from distill.cli import main
+    capsys.readouterr()
+    assert main(["run", str(out), "--resume"]) == 2  # (in this process: a refusal, before any training)
+    err = capsys.readouterr().err
+    assert "written by 2 process(es) and this run has 1; resume with --nproc 2" in err, err[-2000:]
     assert newest.exists()
     ok("run", str(out), "--nproc", "2", "--resume")
     compare(reference, str(out), exact=True)

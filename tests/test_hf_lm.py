@@ -30,11 +30,6 @@ def llama(tmp_path_factory):
     return tiny_llama(str(tmp_path_factory.mktemp("llama") / "m"))
 
 
-def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "distill.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600)
-
-
 def _main(capsys, *args):
     """`distill ARGS` in this process, with no interpreter to start: (exit code, stdout, stderr)."""
     from distill.cli import main
@@ -315,12 +310,14 @@ def test_topk_cache_holds_the_teachers_topk_and_resumes_a_killed_build(tmp_path,
         load_or_build(teacher, x, y, folder, {**want, "tokenizer": "other"}, 16)
 
 
-def test_topk_kd_run_end_to_end_and_the_student_folder_generates_in_plain_transformers(tmp_path, llama, capsys):
+def test_topk_kd_run_end_to_end_and_the_student_folder_generates_in_plain_transformers(tmp_path, llama, capsys,
+                                                                                       monkeypatch):
     r = lm_recipe(str(tmp_path), distill={"method": "forward_kl", "topk": 8, "temperature": 1.0, "alpha": 0.5})
     r["teacher"]["hf"] = llama
     yaml.safe_dump(r, open(tmp_path / "r.yaml", "w"))
-    p = _cli("run", str(tmp_path / "r.yaml"), env={"DISTILL_CACHE": str(tmp_path / "cache")})
-    assert p.returncode == 0, p.stderr[-2000:]
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    code, _, err = _main(capsys, "run", str(tmp_path / "r.yaml"))
+    assert code == 0, err[-2000:]
     out = r["output"]["dir"]
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     for role in ("teacher", "student_scratch", "student"):
@@ -353,10 +350,10 @@ def test_topk_kd_run_end_to_end_and_the_student_folder_generates_in_plain_transf
     models = json.load(open(os.path.join(out, "compress", "compress.json")))["models"]
     assert [m["name"] for m in models] == ["layers1", "channels"] and models[1]["params"] < models[0]["params"]
     assert all("val_loss" in m for m in models)
-    bench = _cli("bench", out, "--set", "bench.variants=[fp32, dynamic, bf16, onnx]",
-                 "--set", "bench.models=[teacher, compress/channels]", env={"DISTILL_CACHE": str(tmp_path / "cache")})
-    assert bench.returncode == 0, bench.stderr[-2000:]
-    assert "onnx: not for language models" in bench.stdout + bench.stderr
+    code, said, err = _main(capsys, "bench", out, "--set", "bench.variants=[fp32, dynamic, bf16, onnx]",
+                            "--set", "bench.models=[teacher, compress/channels]")
+    assert code == 0, err[-2000:]
+    assert "onnx: not for language models" in said + err
     table = json.load(open(os.path.join(out, "bench", "bench.json")))
     rows = {(r["model"], r["variant"]): r for r in table["results"]}
     assert set(rows) == {("teacher", "fp32"), ("student", "fp32"), ("student", "dynamic"), ("student", "bf16"),
@@ -557,6 +554,7 @@ def _lm_run(tmp_path, name, llama, extra=()):
     r["train"] = {"checkpoint_every": 2}
     r["student"]["train"]["epochs"] = 3
     r["output"]["dir"] = str(tmp_path / name)
+    r["output"]["cache_dir"] = str(tmp_path / f"{name}_cache")  # (a cache each: the reference runs beside the other)
     path = tmp_path / f"{name}.yaml"
     yaml.safe_dump(r, open(path, "w"))
     return [sys.executable, "-m", "distill.cli", "run", str(path), *extra]
@@ -568,8 +566,8 @@ def test_lm_run_with_generation_and_on_policy_resumes_bitwise_after_sigkill(tmp_
     import time
     from safetensors.torch import load_file
     env = {**os.environ, "DISTILL_CACHE": str(tmp_path / "cache"), "DISTILL_QUIET": "1", "OMP_NUM_THREADS": "1"}
-    ref = subprocess.run(_lm_run(tmp_path, "ref", llama), env=env, capture_output=True, text=True, timeout=600)
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    ref = subprocess.Popen(_lm_run(tmp_path, "ref", llama), env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)  # (beside the killed runs: one thread each, 2 cores)
     rng, kills, out = random.Random(0), 0, tmp_path / "killed"
 
     def progress():  # checkpoints and finished stages: they change only when the run has really moved on
@@ -592,6 +590,7 @@ def test_lm_run_with_generation_and_on_policy_resumes_bitwise_after_sigkill(tmp_
     else:
         pytest.fail("the run never finished")
     assert kills >= 1
+    assert ref.wait(timeout=600) == 0, ref.stderr.read()[-2000:]
     for name in ("teacher", "student"):
         a = load_file(str(tmp_path / "ref" / name / "model.safetensors"))
         b = load_file(str(tmp_path / "killed" / name / "model.safetensors"))
@@ -854,7 +853,7 @@ def test_gpt2_layer_selection_and_a_fresh_smaller_llama(tmp_path, llama):
         fresh_lm(teacher, 2, 15, 2, 24, "student.hf_config")
 
 
-def test_select_by_validation_exact_match(tmp_path, llama):
+def test_select_by_validation_exact_match(tmp_path, llama, capsys, monkeypatch):
     from distill.recipe import Recipe
     r = lm_recipe(str(tmp_path), evaluate={"latency_runs": 1, "throughput_batch": 2,
                                            "exact_match": {"rows": 3, "max_new_tokens": 4, "validate": True}},
@@ -862,8 +861,9 @@ def test_select_by_validation_exact_match(tmp_path, llama):
     r["teacher"]["hf"] = llama
     r["teacher"]["train"]["epochs"] = 2
     yaml.safe_dump(r, open(tmp_path / "r.yaml", "w"))
-    p = _cli("train-teacher", str(tmp_path / "r.yaml"), env={"DISTILL_CACHE": str(tmp_path / "cache")})
-    assert p.returncode == 0, p.stderr[-2000:]
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    code, _, err = _main(capsys, "train-teacher", str(tmp_path / "r.yaml"))
+    assert code == 0, err[-2000:]
     lines = [json.loads(x) for x in open(os.path.join(r["output"]["dir"], "log.jsonl"))]
     epochs = [x for x in lines if x.get("model") == "teacher" and "val_loss" in x]
     assert len(epochs) == 2 and all(0 <= x["val_exact_match"] <= 1 for x in epochs)
@@ -967,23 +967,24 @@ def test_compress_refuses_a_vocabulary_it_cannot_trim_before_any_step_runs(tmp_p
     assert not os.path.exists(os.path.join(r["output"]["dir"], "compress"))  # channels was not pruned first
 
 
-def test_compress_trims_a_causal_lms_vocabulary_and_bench_measures_it(tmp_path, capsys):
+def test_compress_trims_a_causal_lms_vocabulary_and_bench_measures_it(tmp_path, capsys, monkeypatch):
     r = lm_recipe(str(tmp_path), student={"from_teacher": {"layers": [0]}, "train": {"epochs": 1}},
                   evaluate={"latency_runs": 2, "throughput_batch": 2, "exact_match": {"rows": 2, "max_new_tokens": 4}})
     r["teacher"]["hf"] = bpe_llama(str(tmp_path / "bpe"))
     r["baseline"] = False
     yaml.safe_dump(r, open(tmp_path / "r.yaml", "w"))
-    env = {"DISTILL_CACHE": str(tmp_path / "cache")}
-    assert (p := _cli("run", str(tmp_path / "r.yaml"), env=env)).returncode == 0, p.stderr[-2000:]
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    code, _, err = _main(capsys, "run", str(tmp_path / "r.yaml"))
+    assert code == 0, err[-2000:]
     out = r["output"]["dir"]
     code, comp_out, comp_err = _main(capsys, "compress", out, "--set", "compress.steps=[vocab]")
     assert code == 0, comp_err[-2000:]
     step = json.load(open(os.path.join(out, "compress", "compress.json")))["models"][0]
     student = json.load(open(os.path.join(out, "metrics.json")))["student"]
     assert step["vocab_before"] == 420 and 256 < step["vocab_after"] < 420 and step["params"] < student["params"]
-    bench = _cli("bench", out, "--set", "bench.variants=[fp32, bf16]", "--set", "bench.models=[compress/vocab]",
-                 env=env)
-    assert bench.returncode == 0, bench.stderr[-2000:]
+    code, _, err = _main(capsys, "bench", out, "--set", "bench.variants=[fp32, bf16]", "--set",
+                         "bench.models=[compress/vocab]")
+    assert code == 0, err[-2000:]
     rows = {(x["model"], x["variant"]): x for x in json.load(open(os.path.join(out, "bench", "bench.json")))["results"]}
     assert not [x for x in rows.values() if "error" in x], rows
     trimmed, full = rows["compress/vocab", "fp32"], rows["student", "fp32"]

@@ -90,9 +90,9 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, interval):
     path = recipe(tmp_path, student={"train": {"epochs": 6, "checkpoint_seconds": 0,
                                                "scheduler": {"name": "cosine", "interval": interval}}})
     env = {**os.environ, "DISTILL_QUIET": "1", "OMP_NUM_THREADS": "1"}
-    ref = tmp_path / "ref"
-    subprocess.run([sys.executable, "-m", "distill", "run", path, "--out", str(ref)], check=True, env=env,
-                   capture_output=True, timeout=300)
+    ref = tmp_path / "ref"  # (beside the stopped run: one thread each, on 2 cores)
+    uncut = subprocess.Popen([sys.executable, "-m", "distill", "run", path, "--out", str(ref)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     out = tmp_path / "stopped"
     p = subprocess.Popen([sys.executable, "-m", "distill", "run", path, "--out", str(out)], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -111,6 +111,7 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, interval):
     assert torch.load(stopped, weights_only=True)["progress"]["batch"] > 0  # (within an epoch)
     subprocess.run([sys.executable, "-m", "distill", "run", str(out), "--resume"], check=True, env=env,
                    capture_output=True, timeout=300)
+    assert uncut.wait(timeout=300) == 0, uncut.stderr.read()
     a, b = load_file(ref / "student.safetensors"), load_file(out / "student.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -40,10 +40,18 @@ def same_results(a, b, names=("teacher", "student_scratch", "student")):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
+    """The uninterrupted run's folder, from `reference()`: the run starts at once, beside the first test's
+    attempts (one thread each, on 2 cores), and is awaited where a test compares with it."""
     out = tmp_path_factory.mktemp("ref")
     p = start(out)
-    assert p.wait(timeout=300) == 0, p.stderr.read()
-    return str(out)
+
+    def done():
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+        return str(out)
+    yield done
+    if p.poll() is None:  # (a test failed before it was awaited)
+        p.kill()
+        p.wait()
 
 
 def _progress(out):
@@ -71,12 +79,12 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_identical(reference, tm
     else:
         pytest.fail("the run never finished")
     assert kills >= 3
-    same_results(reference, out)
+    same_results(reference(), out)
     lines = [json.loads(line) for line in open(out / "log.jsonl")]
     for model in ("teacher", "student_scratch", "student"):  # no duplicated or missing epoch lines
         epochs = [r["epoch"] for r in lines if r.get("model") == model and "val_accuracy" in r]
         assert epochs == list(range(1, EPOCHS + 1)), model
-    ref = [json.loads(line) for line in open(os.path.join(reference, "log.jsonl"))]
+    ref = [json.loads(line) for line in open(os.path.join(reference(), "log.jsonl"))]
     steps = lambda log: [r for r in log if "step" in r and "val_accuracy" not in r]  # noqa: E731
     assert steps(lines) == steps(ref) and steps(ref)  # step lines: none lost or repeated, the same values
 
@@ -96,25 +104,27 @@ def test_signal_checkpoints_says_how_to_resume_and_resume_matches(reference, tmp
     p = subprocess.run([sys.executable, "-m", "distill", "run", "--resume", str(out)], capture_output=True,
                        text=True, env=ENV, timeout=300)
     assert p.returncode == 0, p.stderr
-    same_results(reference, out)
+    same_results(reference(), out)
 
 
-def test_different_recipe_in_the_same_folder_is_refused_unless_overwrite(tmp_path):
+def test_different_recipe_in_the_same_folder_is_refused_unless_overwrite(tmp_path, capsys, monkeypatch):
+    from distill.cli import main
+    from test_bad_inputs import files
+    monkeypatch.setenv("DISTILL_QUIET", "1")
     out = tmp_path / "other"
-    args = [sys.executable, "-m", "distill", "run", "breast_cancer", "--set", "train.epochs=1", "--set",
-            "teacher.train.epochs=2", "--set", "evaluate.latency_runs=1", "--out", str(out)]
-    assert subprocess.run(args, capture_output=True, env=ENV).returncode == 0
-    r = subprocess.run(args[:-2] + ["--set", "distill.alpha=0.5", "--out", str(out)], capture_output=True,
-                       text=True, env=ENV)
-    assert r.returncode == 2 and "holds a run of a different recipe" in r.stderr
-    before = open(out / "metrics.json").read()
-    assert open(out / "metrics.json").read() == before  # the earlier result is untouched
-    r = subprocess.run(args[:-2] + ["--set", "distill.alpha=0.5", "--out", str(out), "--overwrite"],
-                       capture_output=True, text=True, env=ENV)
-    assert r.returncode == 0 and "teacher: inputs unchanged" in r.stderr
+    args = ["run", "breast_cancer", "--set", "train.epochs=1", "--set", "teacher.train.epochs=2", "--set",
+            "evaluate.latency_runs=1", "--out", str(out)]
+    assert main(args) == 0
+    before = files(out)
+    capsys.readouterr()
+    assert main(args + ["--set", "distill.alpha=0.5"]) == 2
+    assert "holds a run of a different recipe" in capsys.readouterr().err
+    assert files(out) == before  # the earlier result is untouched
+    assert main(args + ["--set", "distill.alpha=0.5", "--overwrite"]) == 0
+    assert "teacher: inputs unchanged" in capsys.readouterr().err
 
 
-def test_resume_continues_only_checkpoints_of_the_same_inputs(tmp_path):
+def test_resume_continues_only_checkpoints_of_the_same_inputs(tmp_path, capsys, monkeypatch):
     """The recipe unchanged but its data file edited after a stop: --resume is refused in one line (the
     teacher's checkpoints, written on the old rows, kept); with --overwrite they are dropped and the teacher
     starts over, ending bitwise where a fresh run on the new rows ends."""
@@ -127,8 +137,13 @@ def test_resume_continues_only_checkpoints_of_the_same_inputs(tmp_path):
     recipe = ["breast_cancer", "--set", "data.dataset=csv", "--set", f"data.path={data}", "--set",
               "teacher.train.epochs=30", "--set", "train.epochs=1", "--set", "train.checkpoint_every=5",
               "--set", "evaluate.latency_runs=1", "--no-baseline"]
-    cli = lambda out, *extra: subprocess.run([sys.executable, "-m", "distill", "run", *recipe, "--out", str(out),
-                                              *extra], capture_output=True, text=True, env=ENV, timeout=300)  # noqa: E731
+    monkeypatch.setenv("DISTILL_QUIET", "1")
+
+    def cli(out, *extra):  # (in this process, after the stopped one: `fresh` and the resumed run share its threads)
+        from distill.cli import main
+        capsys.readouterr()
+        code = main(["run", *recipe, "--out", str(out), *extra])
+        return subprocess.CompletedProcess([], code, *capsys.readouterr())
     out = tmp_path / "stopped"
     p = subprocess.Popen([sys.executable, "-m", "distill", "run", *recipe, "--out", str(out)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)

@@ -411,7 +411,8 @@ def test_bundled_minilm_recipe_on_trec(tmp_path, monkeypatch):
     shared_file("trec", "train.csv")
     monkeypatch.chdir(os.path.join(os.path.dirname(__file__), ".."))  # the recipe's data paths are relative
     recipe = Recipe.load("trec_minilm", ["data.train_subset=600", "teacher.train.epochs=2",
-                                         "student.train.epochs=2", "evaluate.latency_runs=5"])
+                                         "student.train.epochs=2", "evaluate.latency_runs=5", "baseline=false",
+                                         "data.max_length=32"])
     metrics = run(recipe, str(tmp_path / "run"), echo=lambda m: None)
     assert metrics["teacher"]["params"] == 22_715_526  # MiniLM-L6 with a 6-class head
     assert metrics["student"]["params"] < 0.8 * metrics["teacher"]["params"]
@@ -444,10 +445,10 @@ def test_text_run_stopped_by_sigterm_then_resumed_is_bitwise_identical(tmp_path)
     env = {**os.environ, "DISTILL_QUIET": "1", "OMP_NUM_THREADS": "1"}
 
     def start(out, *extra):
-        return subprocess.Popen([sys.executable, "-m", "distill", "run", str(path), "--out", str(out), *extra],
+        return subprocess.Popen([sys.executable, "-m", "distill", "run", str(path), "--out", str(out), "--set",
+                                 f"output.cache_dir={out}_cache", *extra],  # (a cache each: the two run at once)
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    ref = start(tmp_path / "ref")
-    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    ref = start(tmp_path / "ref")  # (beside the stopped run and its resumption: one thread each, on 2 cores)
     p = start(tmp_path / "cut")
     ckpt = tmp_path / "cut" / "checkpoints" / "student"
     while p.poll() is None and not (ckpt.exists() and any(ckpt.iterdir())):
@@ -456,6 +457,7 @@ def test_text_run_stopped_by_sigterm_then_resumed_is_bitwise_identical(tmp_path)
     assert p.wait(timeout=120) == 130, p.stderr.read()
     again = start(tmp_path / "cut", "--resume")
     assert again.wait(timeout=300) == 0, again.stderr.read()
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
     for name in ("teacher", "student"):  # (no baseline student: it resumes as the others do)
         a = load_file(str(tmp_path / "ref" / name / "model.safetensors"))
         b = load_file(str(tmp_path / "cut" / name / "model.safetensors"))
