@@ -143,6 +143,11 @@ CASES = {
                           "distill.dkd.beta: must be >= 0, got -1"),
     "no crd negatives": (lambda t: [recipe_with(t, GOOD), "--set", "distill.crd.negatives=0"],
                          "distill.crd.negatives: must be > 0, got 0"),
+    "crd memory banks beyond the machine": (lambda t: [recipe_with(t, GOOD), "--set", "distill.features=[{teacher: "
+                                                      "body.1, student: body.2, loss: crd}]", "--set",
+                                                      "distill.crd.embed_dim=" + "1" + "0" * 12],
+                                            "distill.crd.embed_dim: 1,000,000,000,000 x 1,293 training samples x 2 "
+                                            "memory banks: needs about"),
     "attention transfer on vectors": (lambda t: [recipe_with(t, GOOD), "--set",
                                                  "distill.features=[{teacher: head, student: head, loss: at}]"],
                                       "loss at compares (N, C, H, W) maps"),

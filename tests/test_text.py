@@ -309,6 +309,8 @@ def _finetuned_other_labels(bert, folder):
 
 
 TEXT_CASES = {
+    "augmented copies beyond the machine": (lambda t, b: {"distill": {"data": {"eda": 10 ** 12}}},
+                                            "distill.data.eda: 1,000,000,000,000 copies of"),
     "text column missing": (lambda t, b: {"data": {"text_column": "sentence"}},
                             "no column named 'sentence' (data.text_column)"),
     "teacher folder missing": (lambda t, b: {"teacher": {"hf": str(t / "nope")}}, "nope: no such folder"),

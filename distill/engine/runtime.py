@@ -34,6 +34,23 @@ def resolve_device(name: str, where: str = "train.device") -> torch.device:
     return torch.device(name)
 
 
+def memory_bytes() -> int:
+    """The machine's physical memory (0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def refuse_beyond_memory(what: str, nbytes: float) -> None:
+    """A size that needs more memory than the machine has is one line before the work, not a process that
+    swaps for hours or that the kernel kills. `what` names the setting and how the size follows from it."""
+    have = memory_bytes()
+    if have and nbytes > have:
+        raise UserError(f"{what}: needs about {nbytes / 2 ** 30:,.0f} GiB of memory, more than this machine's "
+                        f"{have / 2 ** 30:,.0f} GiB; give a smaller value")
+
+
 def start_process_group(device: torch.device, timeout_s: float) -> None:
     """Join the job torchrun started (once per process): gloo on the CPU, NCCL on CUDA."""
     import torch.distributed as dist

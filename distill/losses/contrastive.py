@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.runtime import refuse_beyond_memory
 from ..errors import UserError
 from ..registry import LOSSES
 from .relations import embedding
@@ -50,6 +51,8 @@ class CRD(nn.Module):
         super().__init__()
         if n_data < 2:
             raise UserError("distill.features: loss crd needs at least 2 training samples")
+        refuse_beyond_memory(f"distill.crd.embed_dim: {embed_dim:,} x {n_data:,} training samples x 2 memory banks",
+                             2 * n_data * embed_dim * 4 + (s_dim + t_dim) * embed_dim * 4)
         self.n_data, self.k = n_data, min(negatives, n_data - 1)
         self.temperature, self.momentum = temperature, momentum
         self.embed_s, self.embed_t = nn.Linear(s_dim, embed_dim), nn.Linear(t_dim, embed_dim)

@@ -23,6 +23,7 @@ from torch import nn
 from .. import chain
 from ..data import has_augmentation
 from ..engine.objective import Objective
+from ..engine.runtime import refuse_beyond_memory
 from ..launch import is_main_process
 from ..engine.trainer import TrainingDiverged
 from ..errors import UserError
@@ -139,6 +140,12 @@ def _check_augmentation(run: RunDir) -> None:
             raise UserError(f"{key}.random_crop: {augment['random_crop']} pixels of shift, on images of "
                             f"{'x'.join(map(str, run.data.input_shape[1:]))}; give fewer than the image's side "
                             f"(CIFAR uses 4 on 32)")
+    texts = run.cfg["distill"]["data"]
+    for key in ("substitute", "eda"):  # copies of every training text, as token ids (int64)
+        if texts[key] and run.data.variable_length:
+            x = run.data.x_train
+            refuse_beyond_memory(f"distill.data.{key}: {texts[key]:,} copies of {len(x):,} texts of "
+                                 f"{x.shape[1]} tokens", texts[key] * x.numel() * 8)
 
 
 def _check_teacher_prompts(run: RunDir) -> None:
