@@ -27,10 +27,10 @@ def npz(path, n=40, classes=4, **change):
     return str(path)
 
 
-def ckpt(path, spec, shape=(1, 8, 8), classes=10, names=None):
+def ckpt(path, spec, shape=(1, 8, 8), classes=10, names=None, **meta):
     model = build_model(spec, shape, classes)
     save_model(model, str(path), {"spec": spec, "input_shape": list(shape), "num_classes": classes,
-                                  "class_names": names or [str(i) for i in range(classes)]})
+                                  "class_names": names or [str(i) for i in range(classes)], **meta})
     return str(path)
 
 
@@ -241,6 +241,13 @@ CASES = {
     "checkpoint with another class list": (
         lambda t: [_ckpt_recipe(t, ckpt(t / "cn.safetensors", {"model": "mlp"}, names=list("abcdefghij")))],
         "teacher and student must share one class list"),
+    "checkpoint of raw inputs": (
+        lambda t: [_ckpt_recipe(t, ckpt(t / "raw.safetensors", {"model": "mlp"}, preprocessing={}))],
+        "raw.safetensors: it was trained on raw inputs, and data.transforms.normalize is true here; set it to false"),
+    "checkpoint of inputs of another scale": (
+        lambda t: [_ckpt_recipe(t, ckpt(t / "far.safetensors", {"model": "mlp"}, preprocessing={"normalize": {
+            "mean": [100.0], "std": [6.0], "axis": 1, "image": True}}))],
+        "far.safetensors: it was trained on inputs of another scale (the median feature's mean "),
     # output
     "output under a file": (lambda t: [recipe_with(t, GOOD), "--out", str(_garbage(t, "afile")) + "/run"],
                             "cannot write"),

@@ -192,6 +192,19 @@ def test_checkpoint_teacher_is_loaded_not_retrained(digits_run, tmp_path):
     assert m["teacher"]["accuracy"] == metrics["teacher"]["accuracy"]
 
 
+def test_checkpoint_teacher_of_another_split_loads_and_raw_inputs_are_refused(digits_run, tmp_path):
+    from distill.errors import UserError
+    from distill.pipeline.artifacts import build_role
+    out, _, _ = digits_run
+    ck = f"teacher.checkpoint={out}/teacher.safetensors"
+    build_role(RunDir(Recipe.load("digits", [ck, "data.split_seed=3"]), str(tmp_path), quiet), "teacher")  # (the
+    # statistics of another split of the same data are close: accepted)
+    with pytest.raises(UserError, match="trained on normalised inputs, and data.transforms.normalize is false here; "
+                                        "set it to true"):
+        build_role(RunDir(Recipe.load("digits", [ck, "data.transforms.normalize=false"]), str(tmp_path), quiet),
+                   "teacher")
+
+
 def test_multi_seed_summary_has_mean_and_std(tmp_path):
     s = run_seeds(Recipe.load("digits", ["train.epochs=2", "teacher.train.epochs=5"]), [0, 1], out=str(tmp_path), echo=quiet)
     assert s["seeds"] == [0, 1]

@@ -16,6 +16,7 @@ import copy
 import os
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 from torch import nn
 
 from ..data import DataBundle
@@ -41,6 +42,29 @@ def preprocessing(data: DataBundle) -> Dict[str, Any]:
     if not data.stats:
         return {}
     return {"normalize": {"mean": data.stats["mean"], "std": data.stats["std"], "axis": 1, "image": bool(data.image)}}
+
+
+def check_preprocessing(meta: Dict[str, Any], data: DataBundle, where: str) -> None:
+    """A checkpoint that distill saved learnt on inputs normalised (or not) with its training data's
+    statistics; fed this data's, it would silently score other inputs. Normalised against raw is refused, and
+    so are statistics far from this data's: the median feature's (channel's) mean more than half a standard
+    deviation away, or its standard deviation more than twice or half this data's (the median, so that a
+    pixel constant in one split and not in another is not a mismatch)."""
+    if "preprocessing" not in meta:  # (not written by distill: nothing to compare)
+        return
+    theirs, ours = (meta["preprocessing"] or {}).get("normalize"), preprocessing(data).get("normalize")
+    if bool(theirs) != bool(ours):
+        said = lambda v: "true" if v else "false"  # noqa: E731
+        raise UserError(f"{where}: it was trained on {'normalised' if theirs else 'raw'} inputs, and "
+                        f"data.transforms.normalize is {said(ours)} here; set it to {said(theirs)}")
+    if theirs and ours and len(theirs["mean"]) == len(ours["mean"]):
+        m1, s1, m2, s2 = (np.asarray(v, dtype=np.float64) for v in (theirs["mean"], theirs["std"], ours["mean"],
+                                                                    ours["std"]))
+        shift, ratio = float(np.median(np.abs(m1 - m2) / s2)), float(np.median(np.maximum(s1 / s2, s2 / s1)))
+        if shift > 0.5 or ratio > 2:
+            raise UserError(f"{where}: it was trained on inputs of another scale (the median feature's mean "
+                            f"{shift:.3g} standard deviations away from this data's, its standard deviation "
+                            f"{ratio:.3g}x); is it the same dataset and preprocessing?")
 
 
 def model_meta(data: DataBundle, name: str, spec: Dict[str, Any], info: Dict[str, Any]) -> Dict[str, Any]:
@@ -84,6 +108,7 @@ class RegistryModels:
             if meta.get("input_shape") not in (None, list(data.input_shape)):
                 raise UserError(f"{role}.checkpoint: {m['checkpoint']} was trained on inputs shaped "
                                 f"{tuple(meta['input_shape'])} but the data's are {tuple(data.input_shape)}")
+            check_preprocessing(meta, data, f"{role}.checkpoint: {m['checkpoint']}")
             load_weights(model, m["checkpoint"], f"{role}.checkpoint")
         return model
 
