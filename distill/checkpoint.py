@@ -73,6 +73,11 @@ class Checkpoints:
                           f"{str(e).splitlines()[0] if str(e) else ''})")
         return None
 
+    def newest_step(self) -> Optional[int]:
+        """The step of the newest checkpoint file here, readable or not (None: there is none)."""
+        files = self._files()
+        return int(os.path.basename(files[-1])[5:-3]) if files else None
+
     def written_by(self) -> Optional[str]:
         """The fingerprint of the stage that wrote the checkpoints here (None: none, or written without one)."""
         return read_json(self._inputs, {}).get("fingerprint") if self._files() else None

@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a recipe value, e.g. --set 'compress.steps=[layers, heads]' "
                          "--set compress.layers.to=2")
     cp.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune from its checkpoint")
+    cp.add_argument("--overwrite", action="store_true",
+                    help="drop an interrupted fine-tune's checkpoints and start it over")
     bp = sub.add_parser("bench", help="measure every model and deployable variant of a run side by side",
                         description="Accuracy, parameters, file size, latency p50/p95 at batch 1, throughput and "
                                     "peak memory of the teacher, students, compressed models and their quantized "
@@ -201,7 +203,8 @@ def _compress(args: argparse.Namespace) -> int:
     for name in ("teacher", recipe.cfg["compress"]["source"]):
         require_saved(folder, name)
     try:
-        records = execute(RunDir(recipe, folder, _echo, resume=args.resume), ["compress"], check=False)["compress"]
+        records = execute(RunDir(recipe, folder, _echo, resume=args.resume, overwrite=args.overwrite), ["compress"],
+                          check=False)["compress"]
     except Interrupted as e:
         print(f"{e}; continue with: distill compress {folder} --resume", file=sys.stderr)
         return 130

@@ -3,6 +3,7 @@ SIGTERM checkpoints and says how to continue; NaN/Inf steps are skipped, then st
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,7 +91,7 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_identical(reference, tm
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_checkpoints_says_how_to_resume_and_resume_matches(reference, tmp_path, sig):
+def test_signal_checkpoints_says_how_to_resume_and_resume_matches(reference, tmp_path, sig, capsys):
     out = tmp_path / "term"
     p = start(out)
     deadline = time.time() + 120
@@ -101,6 +102,25 @@ def test_signal_checkpoints_says_how_to_resume_and_resume_matches(reference, tmp
     assert p.returncode == 130, err
     assert f"stopped by {sig.name}" in err and f"continue with: distill run {out} --resume" in err
     assert "Traceback" not in err
+    # the same command again without --resume: refused, every checkpoint kept (not silently started over)
+    from distill.cli import main
+    from test_bad_inputs import files
+    kept = files(out)
+    capsys.readouterr()
+    assert main(["run", str(out)]) == 2
+    said = capsys.readouterr().err
+    assert "checkpoints of this teacher stage, stopped at step" in said and "continue with --resume" in said, said
+    assert files(out) == kept
+    if sig == signal.SIGINT:  # every checkpoint unreadable: --resume refuses and keeps them (no silent restart)
+        damaged = out / "garbled"
+        shutil.copytree(out, damaged)
+        for f in (damaged / "checkpoints" / "teacher").glob("step-*.pt"):
+            f.write_bytes(b"not a checkpoint")
+        kept = files(damaged)
+        assert main(["run", str(damaged), "--resume"]) == 2
+        said = capsys.readouterr().err
+        assert f"--resume: no checkpoint in {damaged / 'checkpoints' / 'teacher'} can be read" in said, said
+        assert files(damaged) == kept
     p = subprocess.run([sys.executable, "-m", "distill", "run", "--resume", str(out)], capture_output=True,
                        text=True, env=ENV, timeout=300)
     assert p.returncode == 0, p.stderr

@@ -12,6 +12,7 @@ import os
 import time
 from typing import Any, Callable, Dict, Optional
 
+from ..errors import UserError
 from ..io import append_jsonl, write_text
 
 Trainer = Any  # engine.trainer.Trainer, which imports this module (so it is not imported here)
@@ -174,6 +175,10 @@ class Checkpointing(Callback):
 
     def restore(self, t: Trainer) -> None:
         saved = self.checkpoints.latest() if self.resume else None
+        if self.resume and saved is None and self.checkpoints.newest_step() is not None:
+            raise UserError(f"--resume: no checkpoint in {self.checkpoints.folder} can be read (the lines above say "
+                            f"why); they are kept: restore one, or pass --overwrite without --resume to drop them "
+                            f"and start the stage over")
         if saved:
             t.load_state(saved)
             t.resumed = True

@@ -154,16 +154,27 @@ class RunDir:
     def check_checkpoints(self, name: str, fingerprint: str) -> None:
         """--resume continues a stage from its checkpoints only if they were written by the stage with the same
         inputs: else the state of other data, another teacher or recipe would be trained on. Refused, keeping
-        them; with --overwrite (the recipe changed on purpose) they are dropped and the stage starts over."""
+        them; with --overwrite (the recipe changed on purpose) they are dropped and the stage starts over.
+        Without --resume, checkpoints this very stage could continue from are not dropped unasked: refused
+        unless --overwrite, so that a command repeated without --resume loses no training."""
         ck = self.checkpoints(name)
-        if not self.resume or self.runtime.from_main(ck.written_by()) in (None, fingerprint):
+        step, writer = self.runtime.from_main((ck.newest_step(), ck.written_by()))
+        if step is None:
             return
+        if self.resume and writer in (None, fingerprint):
+            return  # (resumed from them)
         if not self.overwrite:
-            raise UserError(f"--resume: {ck.folder} was written by the {name} stage of other inputs (its data, "
-                            f"teacher or settings have changed since); restore them to continue, or run again "
-                            f"without --resume to start the stage over")
-        self.event(f"warning: {ck.folder}: written by the {name} stage of other inputs; --overwrite: dropped, "
-                   f"the stage starts over", model=name, dropped_checkpoints=ck.folder)
+            if self.resume:
+                raise UserError(f"--resume: {ck.folder} was written by the {name} stage of other inputs (its data, "
+                                f"teacher or settings have changed since); restore them to continue, or pass "
+                                f"--overwrite to drop them and start the stage over")
+            if writer in (None, fingerprint):
+                raise UserError(f"{ck.folder}: checkpoints of this {name} stage, stopped at step {step}; continue "
+                                f"with --resume, or pass --overwrite to drop them and start the stage over")
+        why = "of other inputs" if writer not in (None, fingerprint) else f"stopped at step {step}"
+        self.event(f"warning: {ck.folder}: checkpoints of the {name} stage {why}; "
+                   f"{'--overwrite: ' if self.overwrite else ''}dropped, the stage starts over",
+                   model=name, dropped_checkpoints=ck.folder)
         if self.runtime.is_main:
             ck.clear()
 
