@@ -231,8 +231,21 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_run_file(out: Optional[str], folder: str, own: str) -> None:
+    """An --out inside the run folder may not replace what the run made (its models, records, recipe): only a
+    new path, or one under `own` (the command's own default place, which it rewrites anyway)."""
+    if out is None or not os.path.exists(out):
+        return
+    where = os.path.relpath(os.path.realpath(out), os.path.realpath(folder))
+    outside = where == os.pardir or where.startswith(os.pardir + os.sep)
+    if where == os.curdir or not (outside or where == own or where.startswith(own + os.sep)):
+        raise UserError(f"--out {out}: part of the run folder {folder}, which this would overwrite; give a new path, "
+                        f"or one outside the run folder")
+
+
 def _report(args: argparse.Namespace) -> int:
     from .report import report
+    _refuse_run_file(args.out, args.target, "report.html")
     print(f"report: {report(args.target, args.out)}")
     return 0
 
@@ -255,6 +268,7 @@ def _export(args: argparse.Namespace) -> int:
     path = require_saved(folder, args.model)
     model = load_model_at(path, args.model)
     data = load_data(data_cfg_for(recipe.cfg, args.model))  # (a student of another tokenizer: its own tokens)
+    _refuse_run_file(args.out, folder, "export")
     out = args.out or os.path.join(folder, "export", args.model.replace("/", "-") + SUFFIX.get(args.format, ""))
     # the model file's own record of its input normalisation; HF folders (text) have none, and runs made
     # before it was saved lack the key: both read as {} (the export then takes the model's inputs as they are)

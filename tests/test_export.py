@@ -185,6 +185,28 @@ def test_onnx_without_the_onnx_package_is_one_line(digits_run, capsys, monkeypat
     assert not os.path.exists(os.path.join(digits_run, "no.onnx"))
 
 
+@pytest.mark.parametrize("command,target", [("export", "student.safetensors"), ("export", "."),
+                                            ("report", "metrics.json"), ("report", "recipe.yaml")])
+def test_out_may_not_replace_what_the_run_made(digits_run, capsys, command, target):
+    from test_bad_inputs import files
+    before = files(digits_run)
+    fmt = ["--format", "onnx"] if command == "export" else []
+    assert main([command, digits_run, *fmt, "--out", os.path.join(digits_run, target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "part of the run folder" in err[0], err
+    assert files(digits_run) == before
+
+
+def test_a_model_file_replaced_by_another_is_one_line(digits_run, tmp_path, capsys):
+    import shutil
+    from safetensors.torch import save_file
+    copy = str(tmp_path / "run")
+    shutil.copytree(digits_run, copy)
+    save_file({"w": torch.zeros(2)}, os.path.join(copy, "student.safetensors"))  # (weights, but no architecture)
+    assert main(["export", copy, "--format", "safetensors", "--out", str(tmp_path / "s.safetensors")]) == 2
+    assert "not a model file that distill saved" in capsys.readouterr().err
+
+
 def test_hf_format_of_a_classifier_is_one_line_naming_its_model(digits_run, capsys):
     assert main(["export", digits_run, "--format", "hf"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

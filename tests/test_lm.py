@@ -180,8 +180,11 @@ def test_exported_hf_folder_generates_the_same_greedy_text_in_plain_transformers
     assert main(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(folder)]) == 0
     assert {"config.json", "distill.json"} <= set(os.listdir(folder))
     assert not [f for f in os.listdir(tmp_path) if f.startswith((".tmp-", ".old-"))]  # (the old one is gone)
-    for out, message in ((tmp_path / "run", "a folder that holds other files and is not an earlier --format hf "
-                                             "export"), (tmp_path / "lm.yaml", "a file; --format hf writes a folder")):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    for out, message in ((tmp_path / "mine", "a folder that holds other files and is not an earlier --format hf "
+                                              "export"), (tmp_path / "lm.yaml", "a file; --format hf writes a folder"),
+                         (tmp_path / "run", "part of the run folder")):
         before = sorted(os.listdir(out)) if out.is_dir() else out.read_bytes()
         capsys.readouterr()
         _refused(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(out)], capsys, message)

@@ -306,6 +306,9 @@ def load_model_at(path: str, name: str) -> nn.Module:
         config = transformers_module().AutoConfig.from_pretrained(path, local_files_only=True)
         return load_causal_lm(path, name) if is_causal_lm_config(config) else load_folder(path, name)
     meta = load_meta(path)
+    if not all(k in meta for k in ("spec", "input_shape", "num_classes")):
+        raise UserError(f"{path}: not a model file that distill saved (its header lacks the architecture); was it "
+                        f"replaced? Run the stage that makes it again")
     model = build_model(meta["spec"], tuple(meta["input_shape"]), meta["num_classes"], where=name)
     if "structure" in meta:  # pruned by `distill compress`: rebuild its smaller shape before loading
         from ..compress.structure import fit_to_shapes, saved_shapes
