@@ -174,12 +174,18 @@ def _search(args: argparse.Namespace) -> int:
     space = parse_space(args.space) if args.sampler == "tpe" else None
     recipe, _ = _load(args.target, args.overrides, None)
     out = args.out or os.path.join("runs", "search", recipe.cfg["name"])
-    if args.sampler == "grid":
-        result = search(recipe, grid, args.overrides, out, _echo)
-    else:
-        startup = 3 if args.pruner_startup_trials is None else args.pruner_startup_trials
-        result = search_tpe(recipe, space, args.overrides, out, args.trials or 12, args.pruner or "median",
-                            startup, args.pruner_warmup_epochs, _echo)
+    from .engine.trainer import Interrupted
+    try:
+        if args.sampler == "grid":
+            result = search(recipe, grid, args.overrides, out, _echo)
+        else:
+            startup = 3 if args.pruner_startup_trials is None else args.pruner_startup_trials
+            result = search_tpe(recipe, space, args.overrides, out, args.trials or 12, args.pruner or "median",
+                                startup, args.pruner_warmup_epochs, _echo)
+    except Interrupted as e:
+        print(f"{e}; the search stopped: the same command again reuses the stages it finished (the teacher, "
+              f"the baseline) in {os.path.join(out, 'trials')}", file=sys.stderr)
+        return 130
     print(result["table"])
     if result.get("summary"):
         print(result["summary"])

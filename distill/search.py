@@ -62,12 +62,12 @@ def search(recipe: Recipe, grid: Dict[str, List[Any]], overrides: Sequence[str],
     keys = list(grid)
     trials = [dict(zip(keys, combo)) for combo in itertools.product(*grid.values())]
     for t in trials:  # every trial's recipe is validated before the first one runs
-        need_validation(Recipe.load(recipe.source, [*overrides, *(f"{k}={v}" for k, v in t.items())]))
+        need_validation(Recipe.load(recipe.source, _sets(overrides, t)))
     rows = []
     folder = os.path.join(out, "trials")
     for i, trial in enumerate(trials):
-        sets = [*overrides, *(f"{k}={v}" for k, v in trial.items())]
-        echo(f"search: trial {i + 1}/{len(trials)}: " + ", ".join(f"{k}={v}" for k, v in trial.items()))
+        sets = _sets(overrides, trial)  # (as YAML: a null stays null, not the text 'None')
+        echo(f"search: trial {i + 1}/{len(trials)}: " + ", ".join(f"{k}={yaml_value(v)}" for k, v in trial.items()))
         rd = RunDir(Recipe.load(recipe.source, sets), folder, echo, overwrite=True)
         t0 = time.perf_counter()
         results = execute(rd, TRAINING, check=i == 0)  # (the first trial's preflight covers the models)
@@ -76,7 +76,7 @@ def search(recipe: Recipe, grid: Dict[str, List[Any]], overrides: Sequence[str],
                      "selected_epoch": results["student"].get("selected_epoch"),
                      "time_s": round(time.perf_counter() - t0, 1)})
     best = max(rows, key=lambda r: r["val_accuracy"])  # ties: the first in grid order
-    best_sets = [*overrides, *(f"{k}={best[k]}" for k in keys)]
+    best_sets = _sets(overrides, {k: best[k] for k in keys})
     write_text(os.path.join(out, "best.yaml"), Recipe.load(recipe.source, best_sets).to_yaml())
     table = format_search(rows, keys, best)
     result = {"grid": grid, "trials": rows, "best": {k: best[k] for k in keys}, "table": table}

@@ -252,6 +252,8 @@ CASES = {
     "output under a file": (lambda t: [recipe_with(t, GOOD), "--out", str(_garbage(t, "afile")) + "/run"],
                             "cannot write"),
     "stage output missing": (lambda t: ["evaluate", recipe_with(t, GOOD)], "missing; run the stage that makes it"),
+    "a folder of other files as --out": (lambda t: [recipe_with(t, GOOD), "--out", _file_in(t, "mine/metrics.json")],
+                                         "mine: a folder of other files (metrics.json), not a run folder"),
     "tensorboard folder is a file": (lambda t: [recipe_with(t, GOOD), "--tensorboard", "--out", _file_in(t, "run/tensorboard")],
                                      "run/tensorboard is a file; TensorBoard writes a folder there"),
     "a later seed's folder holds another recipe": (

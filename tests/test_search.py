@@ -48,6 +48,24 @@ def test_search_ranks_on_validation_and_writes_the_best_recipe(tmp_path, capsys)
     assert repeat["val_accuracy"] == trials[3]["val_accuracy"]
 
 
+def test_grid_of_null_and_a_number(tmp_path):
+    """A grid value reaches its trial as YAML: null stays null (it was the text 'None', refused as not a number)."""
+    out = str(tmp_path / "s")
+    assert main(["search", "digits", *FAST, "--grid", "train.grad_clip=null,1.0", "--out", out]) == 0
+    assert [t["train.grad_clip"] for t in json.load(open(os.path.join(out, "search.json")))["trials"]] == [None, 1.0]
+
+
+def test_a_search_stopped_by_a_signal_is_one_line_and_130(tmp_path, capsys, monkeypatch):
+    from distill.engine.trainer import Interrupted
+
+    def stopped(*_a, **_k):
+        raise Interrupted("student", 2, "epoch 1, step 3", "ck/step-00000003.pt")
+    monkeypatch.setattr("distill.search.search", stopped)
+    assert main(["search", "digits", *FAST, "--out", str(tmp_path / "s")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stopped by SIGINT" in err[0] and "the search stopped" in err[0], err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--grid", "distill.temperature"], "--grid distill.temperature: expected KEY=V1,V2,..."),
     (["--grid", "distill.temprature=2,3"], "--set distill.temprature: unknown key 'temprature'"),

@@ -83,6 +83,7 @@ class RunDir:
         self.on_epoch = None  # called after each epoch of the distilled student: (epoch, record)
         self._opened = False
         self._refuse_other_run(overwrite)
+        self._refuse_other_files(overwrite)
 
     def _refuse_other_run(self, overwrite: bool) -> None:
         """A folder holding a run of another recipe is not silently mixed with this one."""
@@ -96,6 +97,18 @@ class RunDir:
         if _comparable(before) != _comparable(self.cfg):
             raise UserError(f"{self.out}: the folder holds a run of a different recipe; choose another folder "
                             f"(--out), or pass --overwrite to replace it (unchanged stages are still reused)")
+
+    def _refuse_other_files(self, overwrite: bool) -> None:
+        """A run writes its files among no one else's: an existing folder of other files (no recipe.yaml) is
+        refused unless --overwrite, as Hugging Face's Trainer refuses a non-empty output_dir (its metrics.json
+        or teacher.safetensors would be replaced unasked)."""
+        if overwrite or not os.path.isdir(self.out) or os.path.isfile(self.path("recipe.yaml")):
+            return
+        others = sorted(os.listdir(self.out))
+        if others:
+            raise UserError(f"{self.out}: a folder of other files ({', '.join(others[:3])}"
+                            f"{', ...' if len(others) > 3 else ''}), not a run folder; give a new or empty folder "
+                            f"(--out), or pass --overwrite to write the run among them")
 
     def open(self) -> None:
         """Create the folder and write the resolved recipe (once; before the first stage writes anything)."""
