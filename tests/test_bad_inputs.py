@@ -254,6 +254,10 @@ CASES = {
     "stage output missing": (lambda t: ["evaluate", recipe_with(t, GOOD)], "missing; run the stage that makes it"),
     "a folder of other files as --out": (lambda t: [recipe_with(t, GOOD), "--out", _file_in(t, "mine/metrics.json")],
                                          "mine: a folder of other files (metrics.json), not a run folder"),
+    "cache folder is a file": (lambda t: [recipe_with(t, GOOD), "--set", f"output.cache_dir={_garbage(t, 'c')}"],
+                               "/c: cannot be the cache folder (File exists)"),
+    "cache folder under a file": (lambda t: [recipe_with(t, GOOD), "--set", f"output.cache_dir={_garbage(t, 'c')}/x"],
+                                  "/c/x: cannot be the cache folder (Not a directory)"),
     "tensorboard folder is a file": (lambda t: [recipe_with(t, GOOD), "--tensorboard", "--out", _file_in(t, "run/tensorboard")],
                                      "run/tensorboard is a file; TensorBoard writes a folder there"),
     "a later seed's folder holds another recipe": (

@@ -31,6 +31,7 @@ from ..evaluate import mean_std
 from ..tasks import task_for
 from ..io import write_json
 from ..recipe import Recipe
+from ..teachers.cache import check_cache_dir
 from ..roles import SCRATCH, STUDENT, TEACHER
 from .artifacts import build_role, distill_settings, load_saved, resolve_distill
 from .evaluation import evaluate
@@ -171,6 +172,7 @@ def preflight(run: RunDir) -> None:
     """Build the teacher, the student and every assistant, and take one distillation step on two samples per
     link of the chain (teacher -> assistants -> student), before anything is written."""
     _check_augmentation(run)
+    check_cache_dir(run.cfg["output"]["cache_dir"])
     _check_teacher_prompts(run)
     _check_unlabeled(run)
     teacher, student = build_role(run, TEACHER), build_role(run, STUDENT)

@@ -22,7 +22,8 @@ from ..engine.batch import TeacherSource
 from ..engine.inference import model_device
 from ..io import sha256_file, sha256_json, weights_sha256, write_json
 from ..roles import STUDENT, TEACHER
-from ..teachers import cache_key, default_cache_dir, load_or_build, online_source
+from ..teachers import cache_key, load_or_build, online_source
+from ..teachers.cache import check_cache_dir
 from .artifacts import distill_settings, load_saved
 from .rundir import RunDir
 from .stage import Stage, run_stage
@@ -59,7 +60,7 @@ def soft_labels(run: RunDir, teacher: Optional[nn.Module] = None, data: Optional
     memo = run.__dict__.setdefault("soft_label_entries", {})  # the plan's soft-label stage, then the student
     if key in memo:
         return memo[key]
-    cache_dir = run.cfg["output"]["cache_dir"] or default_cache_dir()
+    cache_dir = check_cache_dir(run.cfg["output"]["cache_dir"])
     teacher.to(run.runtime.device)
     t0 = time.perf_counter()
     outputs, hit = load_or_build(teacher, data.x_train, key, cache_dir, layers, run.cfg["data"]["eval_batch_size"],
@@ -86,7 +87,7 @@ def topk_labels(run: RunDir, teacher: nn.Module, data: DataBundle, dcfg: Dict[st
     key = "topk-" + sha256_json(want)[:24]
     if key in memo:
         return memo[key]
-    cache_dir = run.cfg["output"]["cache_dir"] or default_cache_dir()
+    cache_dir = check_cache_dir(run.cfg["output"]["cache_dir"])
     t0 = time.perf_counter()
     cache, hit = topk.load_or_build(teacher, data.x_train, data.y_train, os.path.join(cache_dir, key), want,
                                     run.cfg["data"]["eval_batch_size"], run.runtime, run.echo)

@@ -32,6 +32,19 @@ def default_cache_dir() -> str:
     return os.environ.get("DISTILL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "distill")
 
 
+def check_cache_dir(configured: Optional[str]) -> str:
+    """The soft-label cache folder (`output.cache_dir`, else $DISTILL_CACHE, else ~/.cache/distill), made now:
+    a file in its place, or a path that cannot be a folder, is one line before any training, not an OSError
+    when the first entry is written after the teacher has trained."""
+    folder = configured or default_cache_dir()
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        key = "output.cache_dir" if configured else "DISTILL_CACHE" if os.environ.get("DISTILL_CACHE") else "cache"
+        raise UserError(f"{key}: {folder}: cannot be the cache folder ({e.strerror or e})") from None
+    return folder
+
+
 def cache_key(teacher_sha: str, data_fingerprint: str, feature_layers: List[str], device: Optional[str] = None) -> str:
     """The entry of these teacher weights on this data (and, off the CPU, the device that computed it)."""
     return sha256_json({"teacher": teacher_sha, "data": data_fingerprint, "layers": sorted(feature_layers),
