@@ -80,7 +80,13 @@ class Checkpoints:
 
     def written_by(self) -> Optional[str]:
         """The fingerprint of the stage that wrote the checkpoints here (None: none, or written without one)."""
-        return read_json(self._inputs, {}).get("fingerprint") if self._files() else None
+        if not self._files():
+            return None
+        try:
+            inputs = read_json(self._inputs, {})
+        except ValueError:  # (damaged: as unknown as a missing one)
+            return None
+        return inputs.get("fingerprint") if isinstance(inputs, dict) else None
 
     def clear(self) -> None:
         for path in self._files():

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from .errors import UserError
-from .io import read_run_json, save_figure, write_json, write_text
+from .io import save_figure, write_json, write_text
 from .recipe import Recipe
 from .roles import SCRATCH
 
@@ -320,7 +320,7 @@ def run_trial(trial: Any, recipe: Recipe, space: Dict[str, Dict[str, Any]], over
         # The stage is not marked done, and the next trial's recipe differs, so its fingerprint does too: it
         # retrains. Its fit (not resuming) would clear these checkpoints; clear them now, so none outlives the search.
         rd.checkpoints("student").clear()
-        scratch = read_run_json(rd.path("stages.json"), {}).get(SCRATCH, {})
+        scratch = rd.stages().get(SCRATCH, {})
         row.update(state="pruned", pruned_at=len(seen), val_accuracy=max(seen),
                    scratch_val_accuracy=scratch.get("val_accuracy"), selected_epoch=None, epochs=len(seen),
                    time_s=round(time.perf_counter() - t0, 1))

@@ -388,7 +388,9 @@ def test_run_folder_records_that_are_not_what_distill_wrote_are_one_line(tmp_pat
     for name, text, command, message in [
             ("compress/compress.json", "[1]", ["bench", folder], "compress.json: holds list, not a JSON object"),
             ("export/exports.json", "{bad", ["export", folder, "--format", "safetensors"],
-             "exports.json: not readable JSON")]:
+             "exports.json: not readable JSON"),
+            ("stages.json", '{"teacher": 5}', ["evaluate", folder],
+             "stages.json: the record of teacher is not one distill wrote")]:
         os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
         with open(os.path.join(folder, name), "w") as fh:
             fh.write(text)

@@ -121,6 +121,14 @@ def test_signal_checkpoints_says_how_to_resume_and_resume_matches(reference, tmp
         said = capsys.readouterr().err
         assert f"--resume: no checkpoint in {damaged / 'checkpoints' / 'teacher'} can be read" in said, said
         assert files(damaged) == kept
+        # one that loads but is not this stage's (and a garbled inputs.json): refused, kept
+        torch.save({"a": torch.zeros(1)}, sorted((damaged / "checkpoints" / "teacher").glob("step-*.pt"))[-1])
+        (damaged / "checkpoints" / "teacher" / "inputs.json").write_text("{garbled")
+        kept = files(damaged)
+        assert main(["run", str(damaged), "--resume"]) == 2
+        said = capsys.readouterr().err
+        assert "is not one of this teacher stage (KeyError" in said and len(said.strip().splitlines()) == 1, said
+        assert files(damaged) == kept
     p = subprocess.run([sys.executable, "-m", "distill", "run", "--resume", str(out)], capture_output=True,
                        text=True, env=ENV, timeout=300)
     assert p.returncode == 0, p.stderr

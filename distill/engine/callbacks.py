@@ -180,7 +180,13 @@ class Checkpointing(Callback):
                             f"why); they are kept: restore one, or pass --overwrite without --resume to drop them "
                             f"and start the stage over")
         if saved:
-            t.load_state(saved)
+            try:
+                t.load_state(saved)
+            except (KeyError, TypeError, AttributeError, ValueError, IndexError, RuntimeError) as e:
+                raise UserError(f"--resume: the newest readable checkpoint in {self.checkpoints.folder} is not one "
+                                f"of this {t.role} stage ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                                f"); it is kept: restore the stage's own, or pass --overwrite without --resume to "
+                                f"drop them and start the stage over") from None
             t.resumed = True
             if self.is_main:
                 self.checkpoints.warn(f"{t.role}: resumed at epoch {t.prog['epoch'] + 1}, step {t.prog['step']}, from "

@@ -193,12 +193,13 @@ class Trainer:
         if world != self.runtime.world_size:
             raise UserError(f"{self.role}: the checkpoint was written by {world} process(es) and this run has "
                             f"{self.runtime.world_size}; resume with --nproc {world} (each process's data and "
-                            f"random state depend on the count), or start again without --resume")
+                            f"random state depend on the count), or start the stage over with --overwrite (without "
+                            f"--resume)")
         interval = saved.get("interval", "epoch")  # (the scheduler's count is in steps or in epochs)
         if interval != ("step" if self.step_sched else "epoch"):
             raise UserError(f"train.scheduler.interval: {self.role}'s checkpoint moved the lr every {interval}, this "
                             f"run every {'step' if self.step_sched else 'epoch'}; resume with the same interval, or "
-                            f"start again without --resume")
+                            f"start the stage over with --overwrite (without --resume)")
         self.objective.load_state_dict(saved["objective"])
         self.opt.load_state_dict(saved["optimizer"])
         self.sched.load_state_dict(saved["scheduler"])

@@ -7,7 +7,7 @@ from typing import Any, Dict
 from .. import chain
 from ..evaluate import evaluate_model
 from ..tasks import task_for
-from ..io import read_run_json, write_json
+from ..io import write_json
 from ..roles import SCRATCH, STUDENT, TEACHER
 from .artifacts import TIMINGS, load_saved, require_saved
 from .rundir import RunDir
@@ -20,7 +20,7 @@ def evaluated(cfg: Dict[str, Any]) -> list:
 
 def evaluate(run: RunDir) -> Dict[str, Any]:
     ecfg = run.cfg["evaluate"]
-    stages = read_run_json(run.path("stages.json"), {})
+    stages = run.stages()
     metrics, models = {}, {}
     for name in evaluated(run.cfg):
         model, data = load_saved(run, name), run.data_for(name)  # (a student may read its own tokens)

@@ -195,7 +195,12 @@ class RunDir:
         return os.path.join(self.out, name)
 
     def stages(self) -> Dict[str, Any]:
-        return read_run_json(self.path("stages.json"), {})
+        stages = read_run_json(self.path("stages.json"), {})
+        odd = [k for k, v in stages.items() if not (isinstance(v, dict) and isinstance(v.get("fingerprint"), str))]
+        if odd:
+            raise UserError(f"{self.path('stages.json')}: the record of {odd[0]} is not one distill wrote; restore "
+                            f"the file, or remove it to run every stage again")
+        return stages
 
     def stage_done(self, name: str, fingerprint: str, files: Sequence[str]) -> Optional[Dict[str, Any]]:
         rec = self.stages().get(name)
