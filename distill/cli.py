@@ -362,6 +362,12 @@ def _resume_hint(args: argparse.Namespace, folder: str):
     nproc = args.nproc or world
     if world > local:
         return nproc, f"the same torchrun command on every machine, with distill {args.command} {folder} --resume"
+    if getattr(args, "seeds", None):  # (OUT holds a folder per seed, not a run: the command as given, resumed)
+        import shlex
+        sets = [a for o in args.overrides for a in ("--set", o)]
+        return nproc, shlex.join(["distill", args.command, *([args.target] if args.target else []), *sets,
+                                  *(["--no-baseline"] if args.no_baseline else []), "--seeds", str(args.seeds),
+                                  "--out", folder, *(["--nproc", str(nproc)] if nproc > 1 else []), "--resume"])
     return nproc, f"distill {args.command} {folder}{f' --nproc {nproc}' if nproc > 1 else ''} --resume"
 
 

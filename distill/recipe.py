@@ -8,6 +8,7 @@ The keys and their checks are in recipe_schema.py, the rules across keys in reci
 from __future__ import annotations
 
 import copy
+import glob
 import os
 from importlib import resources
 from typing import Any, Dict, List, Sequence
@@ -50,6 +51,15 @@ def apply_override(raw: Dict[str, Any], assignment: str) -> None:
             node = node[key]
 
 
+def seeds_hint(folder: str) -> str:
+    """What to give instead of the folder of a `--seeds` run (a run folder per seed, no recipe.yaml of its own)."""
+    seeds = sorted(glob.glob(os.path.join(glob.escape(folder), "seed_*", "recipe.yaml")))
+    if not seeds:
+        return ""
+    return (f"it holds the runs of --seeds ({len(seeds)}): give one, e.g. {os.path.dirname(seeds[0])}, or resume "
+            f"them all with the --seeds command as first given, plus --resume")
+
+
 class Recipe:
     """A validated, resolved recipe. `Recipe.load("digits")` or `Recipe.load("my.yaml", ["train.epochs=3"])`."""
 
@@ -78,7 +88,8 @@ class Recipe:
         """The recipe a run folder saved (resolved: every model holds its whole `train` section)."""
         path = os.path.join(folder, "recipe.yaml")
         if not os.path.isfile(path):
-            raise UserError(f"{folder}: not a run folder (no recipe.yaml); give a recipe file instead")
+            raise UserError(f"{folder}: not a run folder (no recipe.yaml); "
+                            f"{seeds_hint(folder) or 'give a recipe file instead'}")
         return cls.load(path, overrides)
 
     def __getitem__(self, key: str) -> Any:

@@ -205,12 +205,24 @@ def test_checkpoint_teacher_of_another_split_loads_and_raw_inputs_are_refused(di
                    "teacher")
 
 
-def test_multi_seed_summary_has_mean_and_std(tmp_path):
+def test_multi_seed_summary_has_mean_and_std(tmp_path, capsys):
     s = run_seeds(Recipe.load("digits", ["train.epochs=2", "teacher.train.epochs=5"]), [0, 1], out=str(tmp_path), echo=quiet)
     assert s["seeds"] == [0, 1]
     acc = s["student"]["accuracy"]
     assert set(acc) == {"mean", "std"} and 0 < acc["mean"] <= 1
     assert os.path.isfile(tmp_path / "seed_1" / "metrics.json") and os.path.isfile(tmp_path / "summary.json")
+    from distill.cli import main  # the seeds' folder is not a run: the commands on it say which to give
+    for command in (["report", str(tmp_path)], ["run", str(tmp_path), "--resume"]):
+        assert main(command) == 2
+        assert f"it holds the runs of --seeds (2): give one, e.g. {tmp_path / 'seed_0'}" in capsys.readouterr().err
+
+
+def test_the_resume_hint_of_a_seeds_run_is_the_command_as_given():
+    from distill.cli import _resume_hint, build_parser
+    args = build_parser().parse_args(["run", "breast_cancer", "--set", "train.epochs=1", "--set", "x.y=a b",
+                                      "--seeds", "2", "--out", "sd"])
+    assert _resume_hint(args, "sd")[1] == ("distill run breast_cancer --set train.epochs=1 --set 'x.y=a b' "
+                                           "--seeds 2 --out sd --resume")
 
 
 def test_evaluate_stage_alone_on_a_run_folder(digits_run):

@@ -28,7 +28,7 @@ from ..models import build_model
 from ..models.hf_lm import check_same_tokenizer, fresh_lm, load_causal_lm, same_tokenizer
 from ..models.hf import fresh_student, is_model_folder, load_classifier, load_folder, load_tokenizer, \
     resolve_hf_path, same_vocabulary, save_folder, select_layers
-from ..recipe import COMPLETIONS, is_text
+from ..recipe import COMPLETIONS, is_text, seeds_hint
 from ..recipe_checks import text_only_kd
 from ..roles import TEACHER, stage_command
 from .rundir import RunDir, data_cfg_for
@@ -322,7 +322,8 @@ def require_run_folder(folder: str) -> None:
     if not os.path.isdir(folder):
         raise UserError(f"{folder}: not a run folder; give the folder of a finished run (distill run ... --out DIR)")
     if not os.path.isfile(os.path.join(folder, "recipe.yaml")):
-        raise UserError(f"{folder}: not a run folder (no recipe.yaml); give the folder that `distill run` wrote")
+        raise UserError(f"{folder}: not a run folder (no recipe.yaml); "
+                        f"{seeds_hint(folder) or 'give the folder that `distill run` wrote'}")
 
 
 def require_run(folder: str, command: str) -> None:
