@@ -329,6 +329,7 @@ def run_trial(trial: Any, recipe: Recipe, space: Dict[str, Dict[str, Any]], over
     row.update(state="complete", pruned_at=None, val_accuracy=results["student"]["val_accuracy"],
                scratch_val_accuracy=results.get(SCRATCH, {}).get("val_accuracy"),
                selected_epoch=results["student"].get("selected_epoch"), epochs=len(seen),
+               reused=bool(results["student"].get("reused")),  # (the same student as an earlier trial's: no epoch)
                time_s=round(time.perf_counter() - t0, 1))
     return row["val_accuracy"]
 
@@ -343,10 +344,13 @@ def write_tpe(recipe: Recipe, space: Dict[str, Dict[str, Any]], overrides: Seque
     keys = list(space)
     write_text(os.path.join(out, "best.yaml"),
                Recipe.load(recipe.source, _sets(overrides, {k: best[k] for k in keys})).to_yaml())
-    trained, budget = sum(r["epochs"] for r in rows), sum(r["budget_epochs"] for r in rows)
-    pruned = len(rows) - len(done)
+    trained = sum(r["epochs"] for r in rows)
+    budget = sum(r["budget_epochs"] for r in rows if not r.get("reused"))  # (pruning saved nothing of those)
+    pruned, reused = len(rows) - len(done), sum(1 for r in rows if r.get("reused"))
     summary = (f"{pruned} of {len(rows)} trials pruned; the distilled student trained {trained} of {budget} "
-               f"epochs ({1 - trained / max(budget, 1):.0%} fewer); {seconds:.1f} s in all")
+               f"epochs" + (f" ({1 - trained / budget:.0%} fewer)" if budget else "")
+               + (f"; {reused} trial(s) reused the student of an earlier one with the same settings" if reused else "")
+               + f"; {seconds:.1f} s in all")
     table = format_tpe(rows, keys, best)
     result = {**info, "trials": rows, "best": {k: best[k] for k in keys}, "best_trial": best["trial"],
               "pruned": pruned, "epochs_trained": trained, "epochs_budget": budget, "time_s": round(seconds, 1),
@@ -371,7 +375,8 @@ def format_tpe(rows: List[Dict[str, Any]], keys: List[str], best: Dict[str, Any]
         lines.append("| " + " | ".join([str(r["trial"]), *(_show(r[k]) for k in keys), f"{r['val_accuracy']:.4f}",
                                         "" if scratch is None else f"{scratch:.4f}",
                                         "" if r["selected_epoch"] is None else str(r["selected_epoch"]),
-                                        f"{r['epochs']}/{r['budget_epochs']}", f"{r['time_s']:.1f}", mark]) + " |")
+                                        "reused" if r.get("reused") else f"{r['epochs']}/{r['budget_epochs']}",
+                                        f"{r['time_s']:.1f}", mark]) + " |")
     return "\n".join(lines)
 
 

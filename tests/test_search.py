@@ -66,6 +66,16 @@ def test_a_search_stopped_by_a_signal_is_one_line_and_130(tmp_path, capsys, monk
     assert len(err) == 1 and "stopped by SIGINT" in err[0] and "the search stopped" in err[0], err
 
 
+def test_a_tpe_trial_that_reuses_an_earlier_student_is_not_counted_as_saved_epochs(tmp_path, capsys):
+    out, one = str(tmp_path / "s"), [*FAST, "--sampler", "tpe", "--trials", "1", "--pruner", "none"]
+    assert main(["search", "digits", *one, "--out", out]) == 0
+    assert main(["search", "digits", *one, "--out", out]) == 0  # (trial 1: the recipe's values, already trained)
+    result = json.load(open(os.path.join(out, "search.json")))
+    assert result["trials"][0]["reused"] and result["epochs_budget"] == 0
+    said = capsys.readouterr().out
+    assert "| reused |" in result["table"] and "trained 0 of 0 epochs; 1 trial(s) reused the student" in said
+
+
 @pytest.mark.parametrize("args, message", [
     (["--grid", "distill.temperature"], "--grid distill.temperature: expected KEY=V1,V2,..."),
     (["--grid", "distill.temprature=2,3"], "--set distill.temprature: unknown key 'temprature'"),
