@@ -71,6 +71,7 @@ class Recipe:
         raw = copy.deepcopy(raw) if raw is not None else {}
         if not isinstance(raw, dict):
             raise UserError(f"{source}: a recipe is a mapping of sections (data, teacher, student, ...)")
+        _check_overrides(overrides)
         for a in overrides:
             apply_override(raw, a)
         _top_level_train(raw, overrides, source)
@@ -80,6 +81,13 @@ class Recipe:
 
     @classmethod
     def load(cls, path_or_name: str, overrides: Sequence[str] = ()) -> "Recipe":
+        """A recipe file, a bundled recipe's name, or a run folder (the recipe.yaml it saved)."""
+        if not isinstance(path_or_name, (str, os.PathLike)):
+            raise UserError(f"Recipe.load: expected a recipe file, a bundled recipe's name or a run folder, got "
+                            f"{type(path_or_name).__name__}; for a dict, use Recipe.from_dict")
+        path_or_name = os.fspath(path_or_name)
+        if os.path.isfile(os.path.join(path_or_name, "recipe.yaml")):
+            return cls.load_run_folder(path_or_name, overrides)
         path = resolve_recipe_path(path_or_name)
         return cls.from_dict(read_yaml(path), overrides, source=path)
 
@@ -100,6 +108,12 @@ class Recipe:
 
     def model_cfg(self, role: str) -> Dict[str, Any]:
         return self.cfg[role]
+
+
+def _check_overrides(overrides: Sequence[str]) -> None:
+    """`--set` values from Python: a list of 'KEY=VALUE' texts (one text would be read letter by letter)."""
+    if isinstance(overrides, (str, bytes)) or not all(isinstance(a, str) for a in overrides):
+        raise UserError(f"overrides: expected a list of 'KEY=VALUE' strings, got {overrides!r}")
 
 
 def _top_level_train(raw: Dict[str, Any], overrides: Sequence[str], source: str) -> None:

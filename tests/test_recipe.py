@@ -1,4 +1,6 @@
 """Recipe validation: every mistake is one line naming the key path, before any work starts."""
+import re
+
 import pytest
 
 from distill.errors import UserError
@@ -182,3 +184,27 @@ def test_train_subset_is_stratified_and_repeatable():
     n = len(a.y_train) + len(a.y_val) + len(a.y_test)
     assert n == 500 and a.fingerprint == b.fingerprint
     assert set(a.y_train.tolist()) == set(range(10))
+
+
+def test_python_api_slips_are_user_errors(tmp_path):
+    """The Python API's arguments of the wrong kind are one clear UserError, not AttributeError or TypeError."""
+    from distill import run, run_seeds
+    recipe = Recipe.load("breast_cancer")
+    for call, message in [
+            (lambda: Recipe.load(None), "Recipe.load: expected a recipe file, a bundled recipe's name or a run folder"),
+            (lambda: Recipe.load({"name": "x"}), "for a dict, use Recipe.from_dict"),
+            (lambda: Recipe.load("breast_cancer", "train.epochs=1"), "overrides: expected a list of 'KEY=VALUE'"),
+            (lambda: Recipe.load("breast_cancer", [5]), "overrides: expected a list of 'KEY=VALUE'"),
+            (lambda: run("breast_cancer", str(tmp_path / "a")), "expected a Recipe (Recipe.load(name or path)"),
+            (lambda: run_seeds(recipe, 2, str(tmp_path / "b")), "seeds: expected a non-empty list of seeds"),
+            (lambda: run_seeds(recipe, [], str(tmp_path / "b")), "seeds: expected a non-empty list of seeds"),
+            (lambda: run_seeds(recipe, [-1], str(tmp_path / "b")), "seeds: expected a non-empty list of seeds")]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            call()
+    assert not list(tmp_path.iterdir())
+
+
+def test_recipe_load_reads_a_run_folder(tmp_path):
+    (tmp_path / "recipe.yaml").write_text(Recipe.load("breast_cancer", ["train.epochs=3"]).to_yaml())
+    assert Recipe.load(str(tmp_path)).cfg["train"]["epochs"] == 3
+    assert Recipe.load(tmp_path).cfg == Recipe.load(str(tmp_path / "recipe.yaml")).cfg  # (a Path too)

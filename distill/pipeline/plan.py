@@ -35,7 +35,7 @@ from ..teachers.cache import check_cache_dir
 from ..roles import SCRATCH, STUDENT, TEACHER
 from .artifacts import build_role, distill_settings, load_saved, resolve_distill
 from .evaluation import evaluate
-from .rundir import RunDir, run_folder
+from .rundir import RunDir, check_recipe, run_folder
 from .teacher_outputs import soft_labels, student_data, teacher_source
 from .training import feature_shapes, train_assistant, train_distilled, train_scratch, train_teacher
 
@@ -216,6 +216,11 @@ def with_seed(recipe: Recipe, seed: int) -> Recipe:
 def run_seeds(recipe: Recipe, seeds: List[int], out: Optional[str] = None, echo=print, resume: bool = False,
               overwrite: bool = False, tensorboard: bool = False) -> Dict[str, Any]:
     """One full run per seed in `OUT/seed_<s>`, then mean and std of every metric in `OUT/summary.json`."""
+    check_recipe(recipe)
+    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__") or not list(seeds) or \
+            not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 32 for s in seeds):
+        raise UserError(f"seeds: expected a non-empty list of seeds (whole numbers in 0..2**32 - 1), got {seeds!r:.60}")
+    seeds = list(seeds)
     base = run_folder(recipe, out)
     # Every seed's folder is checked (another recipe's run in it, say) before the first seed trains.
     folders = {s: RunDir(with_seed(recipe, s), os.path.join(base, f"seed_{s}"), echo, resume=resume,

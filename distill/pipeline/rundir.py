@@ -67,9 +67,17 @@ def data_cfg_for(cfg: Dict[str, Any], name: str, own: Any = False) -> Dict[str, 
     return {**cfg["data"], "tokenizer": own} if own else cfg["data"]
 
 
+def check_recipe(recipe: Any) -> None:
+    """The Python API's first argument: a Recipe object (a name or path is a common slip)."""
+    if not isinstance(recipe, Recipe):
+        raise UserError(f"expected a Recipe (Recipe.load(name or path) or Recipe.from_dict(dict)), got "
+                        f"{type(recipe).__name__} {recipe!r:.60}")
+
+
 class RunDir:
     def __init__(self, recipe: Recipe, out: Optional[str] = None, echo=print, resume: bool = False,
                  overwrite: bool = False, tensorboard: bool = False) -> None:
+        check_recipe(recipe)
         self.recipe, self.cfg = recipe, recipe.cfg
         self.out = run_folder(recipe, out)
         self.echo, self.resume, self.overwrite = echo, resume, overwrite
