@@ -62,7 +62,10 @@ def search(recipe: Recipe, grid: Dict[str, List[Any]], overrides: Sequence[str],
     keys = list(grid)
     trials = [dict(zip(keys, combo)) for combo in itertools.product(*grid.values())]
     for t in trials:  # every trial's recipe is validated before the first one runs
-        need_validation(Recipe.load(recipe.source, _sets(overrides, t)))
+        try:
+            need_validation(Recipe.load(recipe.source, _sets(overrides, t)))
+        except UserError as e:  # (named as the grid point: the --set values alone were checked already)
+            raise UserError(f"--grid {', '.join(f'{k}={yaml_value(v)}' for k, v in t.items())}: {e}") from None
     rows = []
     folder = os.path.join(out, "trials")
     for i, trial in enumerate(trials):

@@ -208,3 +208,11 @@ def test_recipe_load_reads_a_run_folder(tmp_path):
     (tmp_path / "recipe.yaml").write_text(Recipe.load("breast_cancer", ["train.epochs=3"]).to_yaml())
     assert Recipe.load(str(tmp_path)).cfg["train"]["epochs"] == 3
     assert Recipe.load(tmp_path).cfg == Recipe.load(str(tmp_path / "recipe.yaml")).cfg  # (a Path too)
+
+
+def test_a_home_folder_in_output_dir_is_expanded(monkeypatch, tmp_path):
+    from distill.pipeline.rundir import run_folder
+    from distill.teachers.cache import check_cache_dir
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert run_folder(Recipe.load("digits", ["output.dir=~/runs/x"])) == str(tmp_path / "runs" / "x")  # (not ./~)
+    assert check_cache_dir("~/cache") == str(tmp_path / "cache") and (tmp_path / "cache").is_dir()

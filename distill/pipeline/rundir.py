@@ -24,7 +24,7 @@ AFTER_TRAINING = ("output", "compress", "bench", "baseline")  # keys that do not
 
 def run_folder(recipe: Recipe, out: Optional[str] = None) -> str:
     """--out, else the recipe's output.dir, else runs/<name>."""
-    return out or recipe.cfg["output"]["dir"] or os.path.join("runs", recipe.cfg["name"])
+    return os.path.expanduser(out or recipe.cfg["output"]["dir"] or os.path.join("runs", recipe.cfg["name"]))
 
 
 def _comparable(cfg: Optional[Dict[str, Any]]) -> Dict[str, Any]:

@@ -36,7 +36,7 @@ def check_cache_dir(configured: Optional[str]) -> str:
     """The soft-label cache folder (`output.cache_dir`, else $DISTILL_CACHE, else ~/.cache/distill), made now:
     a file in its place, or a path that cannot be a folder, is one line before any training, not an OSError
     when the first entry is written after the teacher has trained."""
-    folder = configured or default_cache_dir()
+    folder = os.path.expanduser(configured) if configured else default_cache_dir()  # (~ as a shell reads it)
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
