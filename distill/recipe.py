@@ -46,7 +46,11 @@ def apply_override(raw: Dict[str, Any], assignment: str) -> None:
         else:
             if isinstance(node.get(key), bool) and isinstance(schema, dict) and "enabled" in schema:
                 node[key] = {"enabled": node[key]}  # (`monitor: off` stays off when one of its keys is set)
-            elif not isinstance(node.get(key), dict):
+            elif node.get(key) is not None and not isinstance(node.get(key), dict):  # (replaced silently, it
+                # would be lost: the order of two --set decided which one counted)
+                raise UserError(f"--set {path}: '{'.'.join(keys[:i + 1])}' is {node[key]!r} (the recipe or an "
+                                f"earlier --set), not a section of keys")
+            elif node.get(key) is None:
                 node[key] = {}
             node = node[key]
 
