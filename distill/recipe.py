@@ -102,7 +102,12 @@ class Recipe:
         if not os.path.isfile(path):
             raise UserError(f"{folder}: not a run folder (no recipe.yaml); "
                             f"{seeds_hint(folder) or 'give a recipe file instead'}")
-        return cls.load(path, overrides)
+        try:  # (the saved recipe alone first: a fault in it is named as the file's, not as the user's --set)
+            cls.from_dict(read_yaml(path), source=path)
+        except UserError as e:
+            said = str(e) if str(e).startswith(path) else f"{path}: {e}"
+            raise UserError(f"{said}; the run folder's recipe was changed by hand?") from None
+        return cls.from_dict(read_yaml(path), overrides, source=path)
 
     def __getitem__(self, key: str) -> Any:
         return self.cfg[key]

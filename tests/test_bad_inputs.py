@@ -258,6 +258,8 @@ CASES = {
                                "/c: cannot be the cache folder (File exists)"),
     "cache folder under a file": (lambda t: [recipe_with(t, GOOD), "--set", f"output.cache_dir={_garbage(t, 'c')}/x"],
                                   "/c/x: cannot be the cache folder (Not a directory)"),
+    "a run folder's recipe edited by hand": (lambda t: ["evaluate", _file_in(t, "edited/recipe.yaml", "name: x\n")],
+                                             "edited/recipe.yaml: teacher: missing model"),
     "tensorboard folder is a file": (lambda t: [recipe_with(t, GOOD), "--tensorboard", "--out", _file_in(t, "run/tensorboard")],
                                      "run/tensorboard is a file; TensorBoard writes a folder there"),
     "a later seed's folder holds another recipe": (
