@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import random
+import re
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
@@ -75,8 +76,9 @@ class Checkpoints:
 
     def newest_step(self) -> Optional[int]:
         """The step of the newest checkpoint file here, readable or not (None: there is none)."""
-        files = self._files()
-        return int(os.path.basename(files[-1])[5:-3]) if files else None
+        steps = [int(m.group(1)) for m in (re.fullmatch(r"step-(\d+)\.pt", os.path.basename(f)) for f in self._files())
+                 if m]
+        return max(steps) if steps else (0 if self._files() else None)  # (0: only files of other names)
 
     def written_by(self) -> Optional[str]:
         """The fingerprint of the stage that wrote the checkpoints here (None: none, or written without one)."""

@@ -184,7 +184,7 @@ def _search(args: argparse.Namespace) -> int:
                                 startup, args.pruner_warmup_epochs, _echo)
     except Interrupted as e:
         print(f"{e}; the search stopped: the same command again reuses the stages it finished (the teacher, "
-              f"the baseline) in {os.path.join(out, 'trials')}", file=sys.stderr)
+              f"the baseline) in {os.path.join(out, 'trials')} and continues this one", file=sys.stderr)
         return 130
     print(result["table"])
     if result.get("summary"):
@@ -209,8 +209,8 @@ def _compress(args: argparse.Namespace) -> int:
     for name in ("teacher", recipe.cfg["compress"]["source"]):
         require_saved(folder, name)
     try:
-        records = execute(RunDir(recipe, folder, _echo, resume=args.resume, overwrite=args.overwrite), ["compress"],
-                          check=False)["compress"]
+        records = execute(RunDir(recipe, folder, _echo, resume=args.resume, drop_checkpoints=args.overwrite),
+                          ["compress"], check=False)["compress"]
     except Interrupted as e:
         print(f"{e}; continue with: distill compress {folder} --resume", file=sys.stderr)
         return 130
@@ -238,13 +238,17 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _refuse_run_file(out: Optional[str], folder: str, own: str) -> None:
-    """An --out inside the run folder may not replace what the run made (its models, records, recipe): only a
-    new path, or one under `own` (the command's own default place, which it rewrites anyway)."""
+    """An --out inside the run folder may not replace what the run made (its models, records, recipe, the
+    folder itself); a file of the command's own (under `own`, its default place, or an earlier --out of
+    another name) may be written again."""
+    from .pipeline.rundir import made_by_a_run
     if out is None or not os.path.exists(out):
         return
     where = os.path.relpath(os.path.realpath(out), os.path.realpath(folder))
-    outside = where == os.pardir or where.startswith(os.pardir + os.sep)
-    if where == os.curdir or not (outside or where == own or where.startswith(own + os.sep)):
+    top = where.split(os.sep)[0]
+    if top == os.pardir or top == own:
+        return
+    if where == os.curdir or made_by_a_run(top):
         raise UserError(f"--out {out}: part of the run folder {folder}, which this would overwrite; give a new path, "
                         f"or one outside the run folder")
 
@@ -366,7 +370,9 @@ def _resume_hint(args: argparse.Namespace, folder: str):
         import shlex
         sets = [a for o in args.overrides for a in ("--set", o)]
         return nproc, shlex.join(["distill", args.command, *([args.target] if args.target else []), *sets,
-                                  *(["--no-baseline"] if args.no_baseline else []), "--seeds", str(args.seeds),
+                                  *(["--no-baseline"] if args.no_baseline else []),
+                                  *(["--overwrite"] if args.overwrite else []),
+                                  *(["--tensorboard"] if args.tensorboard else []), "--seeds", str(args.seeds),
                                   "--out", folder, *(["--nproc", str(nproc)] if nproc > 1 else []), "--resume"])
     return nproc, f"distill {args.command} {folder}{f' --nproc {nproc}' if nproc > 1 else ''} --resume"
 

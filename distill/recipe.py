@@ -75,7 +75,7 @@ class Recipe:
         raw = copy.deepcopy(raw) if raw is not None else {}
         if not isinstance(raw, dict):
             raise UserError(f"{source}: a recipe is a mapping of sections (data, teacher, student, ...)")
-        _check_overrides(overrides)
+        overrides = _check_overrides(overrides)
         for a in overrides:
             apply_override(raw, a)
         _top_level_train(raw, overrides, source)
@@ -102,12 +102,16 @@ class Recipe:
         if not os.path.isfile(path):
             raise UserError(f"{folder}: not a run folder (no recipe.yaml); "
                             f"{seeds_hint(folder) or 'give a recipe file instead'}")
-        try:  # (the saved recipe alone first: a fault in it is named as the file's, not as the user's --set)
-            cls.from_dict(read_yaml(path), source=path)
-        except UserError as e:
-            said = str(e) if str(e).startswith(path) else f"{path}: {e}"
-            raise UserError(f"{said}; the run folder's recipe was changed by hand?") from None
-        return cls.from_dict(read_yaml(path), overrides, source=path)
+        raw = read_yaml(path)
+        try:
+            return cls.from_dict(raw, overrides, source=path)
+        except UserError as e:  # a fault of the saved recipe itself (not of a --set, which may repair it, say
+            try:                # a data.path that moved) is named as the file's
+                cls.from_dict(raw, source=path)
+            except UserError:
+                raise UserError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
+            raise
+
 
     def __getitem__(self, key: str) -> Any:
         return self.cfg[key]
@@ -119,10 +123,14 @@ class Recipe:
         return self.cfg[role]
 
 
-def _check_overrides(overrides: Sequence[str]) -> None:
+def _check_overrides(overrides: Sequence[str]) -> List[str]:
     """`--set` values from Python: a list of 'KEY=VALUE' texts (one text would be read letter by letter)."""
-    if isinstance(overrides, (str, bytes)) or not all(isinstance(a, str) for a in overrides):
+    if isinstance(overrides, (str, bytes)) or not hasattr(overrides, "__iter__"):
         raise UserError(f"overrides: expected a list of 'KEY=VALUE' strings, got {overrides!r}")
+    overrides = list(overrides)  # (a generator is read once)
+    if not all(isinstance(a, str) for a in overrides):
+        raise UserError(f"overrides: expected a list of 'KEY=VALUE' strings, got {overrides!r}")
+    return overrides
 
 
 def _top_level_train(raw: Dict[str, Any], overrides: Sequence[str], source: str) -> None:

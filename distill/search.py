@@ -71,7 +71,8 @@ def search(recipe: Recipe, grid: Dict[str, List[Any]], overrides: Sequence[str],
     for i, trial in enumerate(trials):
         sets = _sets(overrides, trial)  # (as YAML: a null stays null, not the text 'None')
         echo(f"search: trial {i + 1}/{len(trials)}: " + ", ".join(f"{k}={yaml_value(v)}" for k, v in trial.items()))
-        rd = RunDir(Recipe.load(recipe.source, sets), folder, echo, overwrite=True)
+        # (resume: a stage a stopped search left half-trained continues; another trial's checkpoints are dropped)
+        rd = RunDir(Recipe.load(recipe.source, sets), folder, echo, resume=True, overwrite=True)
         t0 = time.perf_counter()
         results = execute(rd, TRAINING, check=i == 0)  # (the first trial's preflight covers the models)
         rows.append({**trial, "val_accuracy": results["student"]["val_accuracy"],
@@ -304,7 +305,7 @@ def run_trial(trial: Any, recipe: Recipe, space: Dict[str, Dict[str, Any]], over
     from .pipeline.rundir import RunDir
     params = {k: _suggest(trial, k, d) for k, d in space.items()}
     echo(f"search: trial {trial.number + 1}{of}: " + ", ".join(f"{k}={_show(v)}" for k, v in params.items()))
-    rd = RunDir(Recipe.load(recipe.source, _sets(overrides, params)), folder, echo, overwrite=True)
+    rd = RunDir(Recipe.load(recipe.source, _sets(overrides, params)), folder, echo, resume=True, overwrite=True)
     budget, seen = rd.cfg["student"]["train"]["epochs"], []
 
     def on_epoch(epoch: int, record: Dict[str, Any]) -> None:

@@ -253,7 +253,8 @@ CASES = {
                             "cannot write"),
     "stage output missing": (lambda t: ["evaluate", recipe_with(t, GOOD)], "missing; run the stage that makes it"),
     "a folder of other files as --out": (lambda t: [recipe_with(t, GOOD), "--out", _file_in(t, "mine/metrics.json")],
-                                         "mine: a folder of other files (metrics.json), not a run folder"),
+                                         "mine: not a run folder (no recipe.yaml), and it holds metrics.json, which "
+                                         "the run would replace"),
     "cache folder is a file": (lambda t: [recipe_with(t, GOOD), "--set", f"output.cache_dir={_garbage(t, 'c')}"],
                                "/c: cannot be the cache folder (File exists)"),
     "cache folder under a file": (lambda t: [recipe_with(t, GOOD), "--set", f"output.cache_dir={_garbage(t, 'c')}/x"],

@@ -405,7 +405,7 @@ def test_run_folder_records_that_are_not_what_distill_wrote_are_one_line(tmp_pat
         assert "not a run folder (no recipe.yaml); give the folder that `distill run` wrote" in capsys.readouterr().err
 
 
-def test_compress_sigterm_then_resume_is_bitwise_identical(cnn_run, tmp_path):
+def test_compress_sigterm_then_resume_is_bitwise_identical(cnn_run, tmp_path, capsys):
     import shutil
     import signal
     import subprocess
@@ -441,6 +441,15 @@ def test_compress_sigterm_then_resume_is_bitwise_identical(cnn_run, tmp_path):
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130 and f"continue with: distill compress {folders[1]} --resume" in err, err
+    from test_bad_inputs import files
+    kept = files(folders[1])
+    capsys.readouterr()
+    assert main(["compress", folders[1], *sets]) == 2  # again without --resume: refused, the checkpoint kept
+    assert "stopped at step" in capsys.readouterr().err
+    assert main(["compress", folders[1], "--overwrite", *sets, "--set", "student.train.epochs=50"]) == 2  # (--overwrite
+    # drops a fine-tune's checkpoints, and does not let the run's own recipe change)
+    assert "holds a run of a different recipe" in capsys.readouterr().err
+    assert files(folders[1]) == kept
     done = subprocess.run(cmd + [folders[1], "--resume", *sets], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert ref.wait(timeout=300) == 0, ref.stderr.read()

@@ -197,6 +197,16 @@ def test_out_may_not_replace_what_the_run_made(digits_run, capsys, command, targ
     assert files(digits_run) == before
 
 
+def test_an_earlier_export_inside_the_run_folder_may_be_written_again(digits_run, capsys):
+    out = os.path.join(digits_run, "student.onnx")  # (an export of the student, not the student)
+    try:
+        for _ in range(2):
+            assert main(["export", digits_run, "--format", "onnx", "--out", out]) == 0
+    finally:
+        if os.path.exists(out):
+            os.remove(out)
+
+
 def test_a_model_file_replaced_by_another_is_one_line(digits_run, tmp_path, capsys):
     import shutil
     from safetensors.torch import save_file

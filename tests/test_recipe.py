@@ -216,3 +216,33 @@ def test_a_home_folder_in_output_dir_is_expanded(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert run_folder(Recipe.load("digits", ["output.dir=~/runs/x"])) == str(tmp_path / "runs" / "x")  # (not ./~)
     assert check_cache_dir("~/cache") == str(tmp_path / "cache") and (tmp_path / "cache").is_dir()
+
+
+def test_a_set_repairs_a_run_folders_recipe_whose_data_moved(tmp_path):
+    from sklearn.datasets import load_breast_cancer
+    d = load_breast_cancer()
+    rows = [",".join([*d.feature_names, "label"])] + [",".join([f"{v:.6g}" for v in x] + [str(t)])
+                                                      for x, t in zip(d.data[:80], d.target[:80])]
+    old, new = tmp_path / "old.csv", tmp_path / "new.csv"
+    old.write_text("\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(Recipe.load("breast_cancer", ["data.dataset=csv", f"data.path={old}"]).to_yaml())
+    old.rename(new)
+    assert Recipe.load_run_folder(str(run), [f"data.path={new}"]).cfg["data"]["path"] == str(new)
+    with pytest.raises(UserError, match=re.escape(f"{run / 'recipe.yaml'}: data.path: file not found")):
+        Recipe.load_run_folder(str(run))
+    # overrides given as a generator are read once, not dropped
+    assert Recipe.load("digits", (s for s in ["distill.temperature=7"])).cfg["distill"]["temperature"] == 7
+
+
+def test_a_folder_with_a_job_log_is_not_refused_but_one_with_a_run_file_is(tmp_path):
+    from distill.pipeline.rundir import RunDir
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "slurm-42.out").write_text("log")
+    (tmp_path / "job" / ".DS_Store").write_text("")
+    RunDir(Recipe.load("digits"), str(tmp_path / "job"))
+    (tmp_path / "job" / "teacher.safetensors").write_text("mine")
+    with pytest.raises(UserError, match="holds teacher.safetensors, which the run would replace"):
+        RunDir(Recipe.load("digits"), str(tmp_path / "job"))
+    RunDir(Recipe.load("digits"), str(tmp_path / "job"), overwrite=True)

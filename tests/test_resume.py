@@ -191,7 +191,7 @@ def test_resume_continues_only_checkpoints_of_the_same_inputs(tmp_path, capsys, 
     assert sorted(os.listdir(out / "checkpoints" / "teacher")) == ck  # kept, and nothing else rewritten
     assert (out / "recipe.yaml").read_text() == recipe_before and not (out / "stages.json").exists()
     r = cli(out, "--resume", "--overwrite")
-    assert r.returncode == 0 and "--overwrite: dropped, the stage starts over" in r.stderr, r.stderr
+    assert r.returncode == 0 and "other inputs; dropped, the stage starts over" in r.stderr, r.stderr
     fresh = tmp_path / "fresh"
     assert cli(fresh).returncode == 0
     same_results(fresh, out, ("teacher", "student"))

@@ -60,6 +60,10 @@ def check_preprocessing(meta: Dict[str, Any], data: DataBundle, where: str) -> N
     if theirs and ours and len(theirs["mean"]) == len(ours["mean"]):
         m1, s1, m2, s2 = (np.asarray(v, dtype=np.float64) for v in (theirs["mean"], theirs["std"], ours["mean"],
                                                                     ours["std"]))
+        vary = (s1 != 1.0) & (s2 != 1.0)  # (a feature constant in either is given std 1 there: not compared)
+        if not vary.any():
+            return
+        m1, s1, m2, s2 = m1[vary], s1[vary], m2[vary], s2[vary]
         shift, ratio = float(np.median(np.abs(m1 - m2) / s2)), float(np.median(np.maximum(s1 / s2, s2 / s1)))
         if shift > 0.5 or ratio > 2:
             raise UserError(f"{where}: it was trained on inputs of another scale (the median feature's mean "
@@ -308,7 +312,7 @@ def load_model_at(path: str, name: str) -> nn.Module:
     meta = load_meta(path)
     if not all(k in meta for k in ("spec", "input_shape", "num_classes")):
         raise UserError(f"{path}: not a model file that distill saved (its header lacks the architecture); was it "
-                        f"replaced? Run the stage that makes it again")
+                        f"replaced? Restore it, or remove it and run the stage that makes it again")
     model = build_model(meta["spec"], tuple(meta["input_shape"]), meta["num_classes"], where=name)
     if "structure" in meta:  # pruned by `distill compress`: rebuild its smaller shape before loading
         from ..compress.structure import fit_to_shapes, saved_shapes

@@ -12,6 +12,7 @@ half-made run folder.
 from __future__ import annotations
 
 import copy
+import numbers
 import os
 import shutil
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from ..roles import SCRATCH, STUDENT, TEACHER
 from .artifacts import build_role, distill_settings, load_saved, resolve_distill
 from .evaluation import evaluate
 from .rundir import RunDir, check_recipe, run_folder
-from .teacher_outputs import soft_labels, student_data, teacher_source
+from .teacher_outputs import soft_labels, student_data, teacher_mode, teacher_source
 from .training import feature_shapes, train_assistant, train_distilled, train_scratch, train_teacher
 
 KINDS = ("teacher", "assistant", "generate", "soft_labels", "baseline", "student", "evaluate", "compress")
@@ -172,7 +173,8 @@ def preflight(run: RunDir) -> None:
     """Build the teacher, the student and every assistant, and take one distillation step on two samples per
     link of the chain (teacher -> assistants -> student), before anything is written."""
     _check_augmentation(run)
-    check_cache_dir(run.cfg["output"]["cache_dir"])
+    if teacher_mode(run) == "cached":  # (only where soft labels are cached: an online teacher never writes there)
+        check_cache_dir(run.cfg["output"]["cache_dir"])
     _check_teacher_prompts(run)
     _check_unlabeled(run)
     teacher, student = build_role(run, TEACHER), build_role(run, STUDENT)
@@ -217,10 +219,11 @@ def run_seeds(recipe: Recipe, seeds: List[int], out: Optional[str] = None, echo=
               overwrite: bool = False, tensorboard: bool = False) -> Dict[str, Any]:
     """One full run per seed in `OUT/seed_<s>`, then mean and std of every metric in `OUT/summary.json`."""
     check_recipe(recipe)
-    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__") or not list(seeds) or \
-            not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 32 for s in seeds):
+    given = list(seeds) if hasattr(seeds, "__iter__") and not isinstance(seeds, (str, bytes)) else None
+    if not given or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and 0 <= s < 2 ** 32
+                            for s in given):
         raise UserError(f"seeds: expected a non-empty list of seeds (whole numbers in 0..2**32 - 1), got {seeds!r:.60}")
-    seeds = list(seeds)
+    seeds = [int(s) for s in given]  # (numpy's integers too; a generator is read once)
     base = run_folder(recipe, out)
     # Every seed's folder is checked (another recipe's run in it, say) before the first seed trains.
     folders = {s: RunDir(with_seed(recipe, s), os.path.join(base, f"seed_{s}"), echo, resume=resume,

@@ -17,7 +17,20 @@ from ..errors import UserError
 from ..io import append_jsonl, read_run_json, write_json, write_text
 from ..logbook import summary_writer_class
 from ..recipe import Recipe
-from ..roles import SCRATCH, STUDENT, TEACHER, recipe_section
+from ..roles import SCRATCH, STUDENT, TEACHER, is_assistant, recipe_section
+
+# What `distill run` and the commands after it write at the top of a run folder, besides the models (one file or
+# folder per role: teacher, student, student_scratch, assistant_N, and the teacher's samples).
+RUN_RECORDS = ("recipe.yaml", "metrics.json", "stages.json", "log.jsonl", "soft_labels.json", "summary.json",
+               "report.html", "checkpoints", "compress", "bench", "export", "tensorboard")
+
+
+def made_by_a_run(entry: str) -> bool:
+    """Whether a top-level name in a folder is one a run writes (so that writing there would replace it)."""
+    stem = entry.split(".")[0]
+    model = (stem in (TEACHER, STUDENT, SCRATCH) or is_assistant(stem)) and entry[len(stem):] in ("", ".safetensors")
+    return entry in RUN_RECORDS or model or stem == "teacher_samples"  # (not student.onnx, an export of it)
+
 
 AFTER_TRAINING = ("output", "compress", "bench", "baseline")  # keys that do not change the trained models
 
@@ -76,8 +89,11 @@ def check_recipe(recipe: Any) -> None:
 
 class RunDir:
     def __init__(self, recipe: Recipe, out: Optional[str] = None, echo=print, resume: bool = False,
-                 overwrite: bool = False, tensorboard: bool = False) -> None:
+                 overwrite: bool = False, tensorboard: bool = False, drop_checkpoints: bool = False) -> None:
+        """`overwrite`: --overwrite (another recipe's run, other files, and stale checkpoints may be replaced);
+        `drop_checkpoints`: only the last (distill compress --overwrite)."""
         check_recipe(recipe)
+        self.drop_checkpoints = overwrite or drop_checkpoints
         self.recipe, self.cfg = recipe, recipe.cfg
         self.out = run_folder(recipe, out)
         self.echo, self.resume, self.overwrite = echo, resume, overwrite
@@ -107,16 +123,16 @@ class RunDir:
                             f"(--out), or pass --overwrite to replace it (unchanged stages are still reused)")
 
     def _refuse_other_files(self, overwrite: bool) -> None:
-        """A run writes its files among no one else's: an existing folder of other files (no recipe.yaml) is
-        refused unless --overwrite, as Hugging Face's Trainer refuses a non-empty output_dir (its metrics.json
-        or teacher.safetensors would be replaced unasked)."""
+        """A run does not replace files it did not write: a folder without recipe.yaml that holds names a run
+        writes (a metrics.json, a teacher.safetensors of the user's) is refused unless --overwrite. Other files
+        (a job's log, .DS_Store) are left beside the run."""
         if overwrite or not os.path.isdir(self.out) or os.path.isfile(self.path("recipe.yaml")):
             return
-        others = sorted(os.listdir(self.out))
-        if others:
-            raise UserError(f"{self.out}: a folder of other files ({', '.join(others[:3])}"
-                            f"{', ...' if len(others) > 3 else ''}), not a run folder; give a new or empty folder "
-                            f"(--out), or pass --overwrite to write the run among them")
+        clash = sorted(e for e in os.listdir(self.out) if made_by_a_run(e))
+        if clash:
+            raise UserError(f"{self.out}: not a run folder (no recipe.yaml), and it holds {', '.join(clash[:3])}"
+                            f"{', ...' if len(clash) > 3 else ''}, which the run would replace; give a new or empty "
+                            f"folder (--out), or pass --overwrite to replace them")
 
     def open(self) -> None:
         """Create the folder and write the resolved recipe (once; before the first stage writes anything)."""
@@ -184,7 +200,7 @@ class RunDir:
             return
         if self.resume and writer in (None, fingerprint):
             return  # (resumed from them)
-        if not self.overwrite:
+        if not self.drop_checkpoints:
             if self.resume:
                 raise UserError(f"--resume: {ck.folder} was written by the {name} stage of other inputs (its data, "
                                 f"teacher or settings have changed since); restore them to continue, or pass "
@@ -193,8 +209,7 @@ class RunDir:
                 raise UserError(f"{ck.folder}: checkpoints of this {name} stage, stopped at step {step}; continue "
                                 f"with --resume, or pass --overwrite to drop them and start the stage over")
         why = "of other inputs" if writer not in (None, fingerprint) else f"stopped at step {step}"
-        self.event(f"warning: {ck.folder}: checkpoints of the {name} stage {why}; "
-                   f"{'--overwrite: ' if self.overwrite else ''}dropped, the stage starts over",
+        self.event(f"warning: {ck.folder}: checkpoints of the {name} stage {why}; dropped, the stage starts over",
                    model=name, dropped_checkpoints=ck.folder)
         if self.runtime.is_main:
             ck.clear()
