@@ -190,7 +190,10 @@ def test_python_api_slips_are_user_errors(tmp_path):
     """The Python API's arguments of the wrong kind are one clear UserError, not AttributeError or TypeError."""
     from distill import run, run_seeds
     recipe = Recipe.load("breast_cancer")
+    changed = Recipe.load("breast_cancer")
+    changed.cfg["student"]["train"]["epochs"] = "2"  # (a cfg changed in Python after loading is checked again)
     for call, message in [
+            (lambda: run(changed, str(tmp_path / "c")), "student.train.epochs: expected int, got str '2'"),
             (lambda: Recipe.load(None), "Recipe.load: expected a recipe file, a bundled recipe's name or a run folder"),
             (lambda: Recipe.load({"name": "x"}), "for a dict, use Recipe.from_dict"),
             (lambda: Recipe.load("breast_cancer", "train.epochs=1"), "overrides: expected a list of 'KEY=VALUE'"),

@@ -85,6 +85,7 @@ def check_recipe(recipe: Any) -> None:
     if not isinstance(recipe, Recipe):
         raise UserError(f"expected a Recipe (Recipe.load(name or path) or Recipe.from_dict(dict)), got "
                         f"{type(recipe).__name__} {recipe!r:.60}")
+    Recipe.from_dict(recipe.cfg, source=recipe.source)  # (validated again: its cfg may have been changed in Python)
 
 
 class RunDir:
