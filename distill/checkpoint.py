@@ -76,9 +76,9 @@ class Checkpoints:
 
     def newest_step(self) -> Optional[int]:
         """The step of the newest checkpoint file here, readable or not (None: there is none)."""
-        steps = [int(m.group(1)) for m in (re.fullmatch(r"step-(\d+)\.pt", os.path.basename(f)) for f in self._files())
-                 if m]
-        return max(steps) if steps else (0 if self._files() else None)  # (0: only files of other names)
+        files = self._files()
+        steps = [int(m.group(1)) for m in (re.fullmatch(r"step-(\d+)\.pt", os.path.basename(f)) for f in files) if m]
+        return max(steps) if steps else (0 if files else None)  # (0: only files of other names)
 
     def written_by(self) -> Optional[str]:
         """The fingerprint of the stage that wrote the checkpoints here (None: none, or written without one)."""

@@ -112,7 +112,6 @@ class Recipe:
                 raise UserError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
             raise
 
-
     def __getitem__(self, key: str) -> Any:
         return self.cfg[key]
 
@@ -125,12 +124,10 @@ class Recipe:
 
 def _check_overrides(overrides: Sequence[str]) -> List[str]:
     """`--set` values from Python: a list of 'KEY=VALUE' texts (one text would be read letter by letter)."""
-    if isinstance(overrides, (str, bytes)) or not hasattr(overrides, "__iter__"):
+    given = None if isinstance(overrides, (str, bytes)) or not hasattr(overrides, "__iter__") else list(overrides)
+    if given is None or not all(isinstance(a, str) for a in given):  # (list(): a generator is read once)
         raise UserError(f"overrides: expected a list of 'KEY=VALUE' strings, got {overrides!r}")
-    overrides = list(overrides)  # (a generator is read once)
-    if not all(isinstance(a, str) for a in overrides):
-        raise UserError(f"overrides: expected a list of 'KEY=VALUE' strings, got {overrides!r}")
-    return overrides
+    return given
 
 
 def _top_level_train(raw: Dict[str, Any], overrides: Sequence[str], source: str) -> None:

@@ -97,7 +97,7 @@ class RunDir:
         self.drop_checkpoints = overwrite or drop_checkpoints
         self.recipe, self.cfg = recipe, recipe.cfg
         self.out = run_folder(recipe, out)
-        self.echo, self.resume, self.overwrite = echo, resume, overwrite
+        self.echo, self.resume = echo, resume
         self.fingerprints: Dict[str, str] = {}  # stage -> fingerprint, of the stages run (run_stage sets them)
         self.tensorboard = self.path("tensorboard") if tensorboard else None
         if self.tensorboard:  # (both reported before anything is written)
@@ -199,17 +199,18 @@ class RunDir:
         step, writer = self.runtime.from_main((ck.newest_step(), ck.written_by()))
         if step is None:
             return
-        if self.resume and writer in (None, fingerprint):
+        own = writer in (None, fingerprint)  # (written by this stage with these inputs, or not known otherwise)
+        if self.resume and own:
             return  # (resumed from them)
         if not self.drop_checkpoints:
             if self.resume:
                 raise UserError(f"--resume: {ck.folder} was written by the {name} stage of other inputs (its data, "
                                 f"teacher or settings have changed since); restore them to continue, or pass "
                                 f"--overwrite to drop them and start the stage over")
-            if writer in (None, fingerprint):
+            if own:
                 raise UserError(f"{ck.folder}: checkpoints of this {name} stage, stopped at step {step}; continue "
                                 f"with --resume, or pass --overwrite to drop them and start the stage over")
-        why = "of other inputs" if writer not in (None, fingerprint) else f"stopped at step {step}"
+        why = f"stopped at step {step}" if own else "of other inputs"
         self.event(f"warning: {ck.folder}: checkpoints of the {name} stage {why}; dropped, the stage starts over",
                    model=name, dropped_checkpoints=ck.folder)
         if self.runtime.is_main:
