@@ -249,3 +249,12 @@ def test_a_folder_with_a_job_log_is_not_refused_but_one_with_a_run_file_is(tmp_p
     with pytest.raises(UserError, match="holds teacher.safetensors, which the run would replace"):
         RunDir(Recipe.load("digits"), str(tmp_path / "job"))
     RunDir(Recipe.load("digits"), str(tmp_path / "job"), overwrite=True)
+
+
+def test_a_set_into_a_key_that_holds_a_value_is_refused_in_either_order():
+    for sets in (["train=5", "train.epochs=1"], ["student.args=[1]", "student.args.hidden=[4]"]):
+        with pytest.raises(UserError, match=re.escape(f"--set {sets[1].split('=')[0]}: '{sets[1].split('.')[0]}") +
+                           ".* \\(the recipe or an earlier --set\\), not a section of keys"):
+            Recipe.load("breast_cancer", sets)
+    with pytest.raises(UserError, match="train: expected"):  # (the other order: the section refused as a value)
+        Recipe.load("breast_cancer", ["train.epochs=1", "train=5"])
