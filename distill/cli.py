@@ -5,7 +5,7 @@ import argparse
 import os
 import re
 import sys
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 from .launch import is_main_process
 from .errors import UserError
@@ -238,19 +238,34 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _refuse_run_file(out: Optional[str], folder: str, own: str) -> None:
-    """An --out inside the run folder may not replace what the run made (its models, records, recipe, the
-    folder itself); a file of the command's own (under `own`, its default place, or an earlier --out of
-    another name) may be written again."""
+    """An --out may not replace what a run made (its models, records, recipe, the folder itself), this run's
+    or another's (the nearest folder above `out` that holds a recipe.yaml); a file of the command's own in
+    this run (under `own`, its default place, or an earlier --out of another name) may be written again."""
     from .pipeline.rundir import made_by_a_run
     if out is None or not os.path.exists(out):
         return
-    where = os.path.relpath(os.path.realpath(out), os.path.realpath(folder))
-    top = where.split(os.sep)[0]
-    if top == os.pardir or top == own:
+    real = os.path.realpath(out)
+    run = os.path.realpath(folder)
+    if os.path.relpath(real, run).split(os.sep)[0] == os.pardir:  # outside this run: inside another?
+        run = next((d for d in _folders_up(real) if os.path.isfile(os.path.join(d, "recipe.yaml"))), None)
+        own = None
+    if run is None:
         return
-    if where == os.curdir or made_by_a_run(top):
-        raise UserError(f"--out {out}: part of the run folder {folder}, which this would overwrite; give a new path, "
-                        f"or one outside the run folder")
+    where = os.path.relpath(real, run)
+    top = where.split(os.sep)[0]
+    if top != own and (where == os.curdir or made_by_a_run(top)):
+        raise UserError(f"--out {out}: part of the run folder {run}, which this would overwrite; give a new path, "
+                        f"or one outside any run folder")
+
+
+def _folders_up(path: str) -> Iterator[str]:
+    """`path` if a folder, then each folder above it, to the root."""
+    d = path if os.path.isdir(path) else os.path.dirname(path)
+    while True:
+        yield d
+        if os.path.dirname(d) == d:
+            return
+        d = os.path.dirname(d)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -280,6 +295,10 @@ def _export(args: argparse.Namespace) -> int:
     data = load_data(data_cfg_for(recipe.cfg, args.model))  # (a student of another tokenizer: its own tokens)
     _refuse_run_file(args.out, folder, "export")
     out = args.out or os.path.join(folder, "export", args.model.replace("/", "-") + SUFFIX.get(args.format, ""))
+    other = next((f for f, ext in SUFFIX.items() if out.endswith(ext) and f != args.format), None)
+    if other:  # (a TorchScript file named .onnx is found, and misread, by whatever looks for .onnx files)
+        raise UserError(f"--out {out}: the name of a {other} file, and --format is {args.format}; name it "
+                        f"{os.path.splitext(out)[0] + SUFFIX.get(args.format, '/')}")
     # the model file's own record of its input normalisation; HF folders (text) have none, and runs made
     # before it was saved lack the key: both read as {} (the export then takes the model's inputs as they are)
     saved = load_meta(path) if os.path.isfile(path) else {}
@@ -290,10 +309,11 @@ def _export(args: argparse.Namespace) -> int:
         from .compress.hf_gpt import export_gpt2
         from .models.gpt import GPT
         if not isinstance(model, GPT):
-            what = f"a '{saved['spec'].get('model')}' model" if saved.get("spec") else "a Hugging Face folder already"
-            raise UserError(f"--format hf: for the registry's gpt language models; {args.model} is {what} "
-                            f"(transformers are saved as HF folders already; export others as onnx, torchscript "
-                            f"or safetensors)")
+            if not saved.get("spec"):
+                raise UserError(f"--format hf: for the registry's gpt language models; {args.model} is a Hugging Face "
+                                f"folder already ({path}), which plain transformers loads")
+            raise UserError(f"--format hf: for the registry's gpt language models; {args.model} is a "
+                            f"'{saved['spec'].get('model')}' model (export it as onnx, torchscript or safetensors)")
         info = export_gpt2(model, data.class_names, data.x_test[:8], out, meta)
         write_json(record, {**exports, f"{args.model}.hf": info})
         print(f"{args.model} -> {out}/ (GPT-2 layout, {info['size_bytes'] / 1024:,.1f} KB); logits match within "

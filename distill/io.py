@@ -23,7 +23,12 @@ os.umask(_UMASK)
 
 @contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-    """Yields a temp path beside `path`; on success it replaces `path`, on failure it is removed."""
+    """Yields a temp path beside `path`; on success it replaces `path`, on failure it is removed. A symbolic
+    link is written through (its target is replaced, the link kept); a device, pipe or folder is refused, as
+    the rename would put a plain file in its place (`--out /dev/null` run as root)."""
+    path = os.path.realpath(path) if os.path.islink(path) else path
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UserError(f"{path}: not a regular file; give the path of a file to write")
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)

@@ -220,4 +220,46 @@ def test_a_model_file_replaced_by_another_is_one_line(digits_run, tmp_path, caps
 def test_hf_format_of_a_classifier_is_one_line_naming_its_model(digits_run, capsys):
     assert main(["export", digits_run, "--format", "hf"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "student is a 'cnn' model" in err[0] and "export others as onnx" in err[0], err
+    assert len(err) == 1 and "student is a 'cnn' model" in err[0] and "export it as onnx" in err[0], err
+
+
+def test_out_may_not_replace_what_another_run_made(digits_run, tmp_path, capsys):
+    """Not this run's folder, but another's: its model, records and recipe are as much a run's own."""
+    import shutil
+    from test_bad_inputs import files
+    other = shutil.copytree(digits_run, str(tmp_path / "other"), ignore=shutil.ignore_patterns("export"))
+    before = files(other)
+    for command, target in [("export", "student.safetensors"), ("export", "metrics.json"), ("report", "recipe.yaml"),
+                            ("export", "."), ("report", "stages.json")]:
+        fmt = ["--format", "safetensors"] if command == "export" else []
+        assert main([command, digits_run, *fmt, "--out", os.path.join(other, target)]) == 2, target
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"part of the run folder {os.path.realpath(other)}" in err[0], err
+    assert files(other) == before
+    out = os.path.join(other, "mine.safetensors")  # a new name beside another run's files is the user's to write
+    assert main(["export", digits_run, "--format", "safetensors", "--out", out]) == 0 and os.path.isfile(out)
+
+
+def test_out_that_is_a_device_or_a_link(digits_run, tmp_path, capsys):
+    """A device or pipe is refused (the rename would put a plain file in its place: `--out /dev/null` run as
+    root replaced it); a symbolic link is written through, the link kept."""
+    fifo = str(tmp_path / "pipe.onnx")
+    os.mkfifo(fifo)
+    assert main(["export", digits_run, "--format", "onnx", "--out", fifo]) == 2
+    assert "pipe.onnx: not a regular file" in capsys.readouterr().err
+    import stat
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    target, link = tmp_path / "real.onnx", tmp_path / "latest.onnx"
+    target.write_bytes(b"old")
+    os.symlink(target, link)
+    assert main(["export", digits_run, "--format", "onnx", "--out", str(link)]) == 0
+    assert os.path.islink(link) and target.read_bytes()[:3] != b"old"
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
+def test_out_named_for_another_format_is_one_line(digits_run, tmp_path, capsys):
+    for fmt, name in [("torchscript", "m.onnx"), ("safetensors", "m.pt"), ("onnx", "m.safetensors")]:
+        assert main(["export", digits_run, "--format", fmt, "--out", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "the name of a" in err[0] and f"--format is {fmt}" in err[0], err
+    assert not os.listdir(tmp_path)
