@@ -50,6 +50,9 @@ THRESHOLDS: Dict[str, float] = {
     "spike_excess": 0.25,
     "median_window": 10,
     "warmup_records": 5,
+    # ... and in those first records, a max batch loss above blowup_ratio x the first record's loss (the
+    # untrained model's, which training only lowers) is a blow-up: a learning rate far too high.
+    "blowup_ratio": 10.0,
     # unstable_loss: validation accuracy falling this much from one epoch to the next (after the first
     # warmup_epochs) is oscillation, not noise: with a settled learning rate it moves a point or two.
     "val_drop": 0.15,
@@ -64,6 +67,9 @@ THRESHOLDS: Dict[str, float] = {
     # student_too_small: the student cannot fit the training data: its training accuracy this far below
     # the teacher's (underfitting, a capacity limit rather than a transfer problem).
     "underfit_gap": 0.10,
+    # unstable_loss (and, for that role, not overfitting or student_too_small): a last-epoch training
+    # accuracy within this of chance (1/C) is a model that learnt nothing.
+    "chance_margin": 0.05,
 }
 TH = THRESHOLDS  # (short name for the rules below)
 
@@ -182,13 +188,15 @@ def weak_teacher(run: RunView) -> List[Dict[str, Any]]:
         return []
     tm = run.metrics["teacher"]
     epochs = run.cfg["teacher"]["train"]["epochs"]
+    loaded = (run.stages.get("teacher") or {}).get("loaded_from")
     ev = {"teacher_accuracy": teacher, "scratch_accuracy": scratch, "teacher_margin": TH["teacher_margin"],
           "teacher_val_accuracy": tm.get("val_accuracy"),
           "scratch_val_accuracy": run.metrics[SCRATCH].get("val_accuracy"),
-          "teacher_epochs": epochs, "teacher_selected_epoch": tm.get("selected_epoch")}
+          # (a loaded teacher was not trained here: the recipe's epochs say nothing of it)
+          "teacher_epochs": None if loaded else epochs, "teacher_selected_epoch": tm.get("selected_epoch"),
+          "teacher_loaded_from": loaded}
     from .recipe import is_text
     bigger = "teacher.hf: a larger model" if is_text(run.cfg, "teacher") else "teacher.model / teacher.args"
-    loaded = (run.stages.get("teacher") or {}).get("loaded_from")
     if loaded:
         fix = f"the teacher was loaded from {loaded}: give a better-trained teacher.checkpoint, or train one"
     elif epochs >= 4 and tm.get("selected_epoch") and tm["selected_epoch"] <= epochs / 2:
@@ -226,6 +234,8 @@ def temperature_for(logits: torch.Tensor, target: float, start: float) -> float:
 def overconfident_soft_labels(run: RunView) -> List[Dict[str, Any]]:
     """The teacher's softened outputs are nearly one-hot: the soft labels carry almost no dark knowledge."""
     from .engine.inference import predict
+    if not len(run.data.x_val):
+        raise Skip("the run has no validation split (data.val_fraction: 0) to measure the soft labels on")
     teacher = run.model("teacher")
     t = float(run.cfg["distill"]["temperature"])
     logits = predict(teacher, run.data.x_val, run.cfg["data"]["eval_batch_size"])
@@ -270,16 +280,20 @@ def capacity_gap(run: RunView) -> List[Dict[str, Any]]:
 
 
 def _spikes(records: List[Dict[str, Any]], log_c: float) -> List[Dict[str, Any]]:
-    """Step windows whose max batch loss is far above the running median of the mean loss before them."""
+    """Step windows whose max batch loss is far above the running median of the mean loss before them; in
+    the warm-up records, where the loss falls too fast for a median, far above the first record's loss
+    (the untrained model's, which training only lowers: a blow-up)."""
     out = []
-    for i in range(int(TH["warmup_records"]), len(records)):
+    for i in range(1, len(records)):
         r = records[i]
-        window = [p["loss_total"] for p in records[max(0, i - int(TH["median_window"])):i] if "loss_total" in p]
+        warm = i < TH["warmup_records"]
+        before = records[:1] if warm else records[max(0, i - int(TH["median_window"])):i]
+        window = [p["loss_total"] for p in before if "loss_total" in p]
         peak = r.get("loss_total_max")
         if not window or peak is None:
             continue
         med = statistics.median(window)
-        if peak > TH["spike_ratio"] * med and peak - med > TH["spike_excess"] * log_c:
+        if peak > TH["blowup_ratio" if warm else "spike_ratio"] * med and peak - med > TH["spike_excess"] * log_c:
             out.append({"step": r["step"], "epoch": r["epoch"], "loss_total_max": peak, "running_median": med})
     return out
 
@@ -287,14 +301,23 @@ def _spikes(records: List[Dict[str, Any]], log_c: float) -> List[Dict[str, Any]]
 def _largest_val_drop(records: List[Dict[str, Any]]) -> Tuple[float, Optional[int]]:
     """The largest fall of validation accuracy between consecutive epochs after the warm-up epochs."""
     worst, at = 0.0, None
+    records = [r for r in records if r.get("val_accuracy") is not None]  # (none without a validation split)
     for prev, cur in zip(records, records[1:]):
         if cur["epoch"] > TH["warmup_epochs"] and prev["val_accuracy"] - cur["val_accuracy"] > worst:
             worst, at = prev["val_accuracy"] - cur["val_accuracy"], cur["epoch"]
     return worst, at
 
 
+def did_not_learn(run: RunView, role: str) -> Optional[float]:
+    """The last epoch's training accuracy of `role` when it is at chance (1/C plus chance_margin): the model
+    learnt nothing, a failed training (a diverged loss, a learning rate far too high) rather than a size or
+    generalisation problem. None when it learnt, or the log has no training accuracy."""
+    acc = (run.epochs.get(role) or [{}])[-1].get("train_accuracy")
+    return acc if acc is not None and acc <= 1 / max(run.num_classes, 2) + TH["chance_margin"] else None
+
+
 def unstable_loss(run: RunView) -> List[Dict[str, Any]]:
-    """Loss spikes, skipped NaN/Inf steps, or oscillating validation accuracy, per role."""
+    """Loss spikes, skipped NaN/Inf steps, oscillating validation accuracy, or no learning at all, per role."""
     if not run.epochs and not run.steps:
         raise Skip("log.jsonl has no training records")
     log_c = math.log(max(run.num_classes, 2))
@@ -303,7 +326,8 @@ def unstable_loss(run: RunView) -> List[Dict[str, Any]]:
         spikes = _spikes(run.steps.get(role, []), log_c)
         skipped = sum(int(r.get("skipped_steps", 0)) for r in run.epochs.get(role, []))
         drop, drop_epoch = _largest_val_drop(run.epochs.get(role, []))
-        if not spikes and not skipped and drop <= TH["val_drop"]:
+        chance = did_not_learn(run, role)
+        if not spikes and not skipped and drop <= TH["val_drop"] and chance is None:
             continue
         lr = role_train(run.cfg, role)["optimizer"]["lr"]
         if role.startswith("compress_") and run.cfg["compress"]["lr"]:
@@ -311,7 +335,8 @@ def unstable_loss(run: RunView) -> List[Dict[str, Any]]:
         worst = max(spikes, key=lambda s: s["loss_total_max"] / max(s["running_median"], 1e-12)) if spikes else None
         ev = {"role": role, "spikes": len(spikes), "worst_spike": worst, "spike_ratio": TH["spike_ratio"],
               "spike_excess_nats": TH["spike_excess"] * log_c, "skipped_steps": skipped,
-              "largest_val_drop": drop, "val_drop_epoch": drop_epoch, "val_drop": TH["val_drop"], "lr": lr}
+              "largest_val_drop": drop, "val_drop_epoch": drop_epoch, "val_drop": TH["val_drop"], "lr": lr,
+              "train_accuracy_at_chance": chance}
         what = []
         if spikes:
             what.append(f"{len(spikes)} loss spike(s), worst at step {worst['step']}: max batch loss "
@@ -321,9 +346,13 @@ def unstable_loss(run: RunView) -> List[Dict[str, Any]]:
             what.append(f"{skipped} step(s) skipped for a NaN/Inf loss or gradient")
         if drop > TH["val_drop"]:
             what.append(f"validation accuracy fell {drop:.3f} at epoch {drop_epoch} (> val_drop={TH['val_drop']})")
+        if chance is not None:
+            what.append(f"it learnt nothing: training accuracy {chance:.3f} at the last epoch, chance is "
+                        f"{1 / max(run.num_classes, 2):.3f}")
         clip = "" if role_train(run.cfg, role)["grad_clip"] else \
             f", or clip gradients: --set {'teacher' if role == 'teacher' else 'student'}.train.grad_clip=1.0"
-        out.append(finding("unstable_loss", "high" if skipped else "medium", f"{role}: " + "; ".join(what), ev,
+        out.append(finding("unstable_loss", "high" if skipped or chance is not None else "medium",
+                           f"{role}: " + "; ".join(what), ev,
                            f"lower the learning rate: --set {lr_key(role)}={lr / 2:g} (now {lr:g}){clip}"))
     return out
 
@@ -352,6 +381,8 @@ def overfitting(run: RunView) -> List[Dict[str, Any]]:
         raise Skip("log.jsonl has no epoch records of the trained models")
     out = []
     for role in logged:
+        if did_not_learn(run, role) is not None:  # (a failed training, unstable_loss's finding, not memorising)
+            continue
         last = run.epochs[role][-1]
         if last.get("train_accuracy") is not None:
             train, val, source = last["train_accuracy"], last.get("val_accuracy"), "log: last epoch"
@@ -374,7 +405,15 @@ def overfitting(run: RunView) -> List[Dict[str, Any]]:
         if rise:
             what.append(f"validation loss rose from {rise['min_val_loss']:.3g} (epoch {rise['min_epoch']}) to "
                         f"{rise['last_val_loss']:.3g} (epoch {rise['last_epoch']}) while the training loss fell")
-        out.append(finding("overfitting", "medium", f"{role}: " + "; ".join(what), ev, _regularise(run, role)))
+        kept = ev["selected_epoch"]
+        at_kept = next((r.get("val_loss") for r in run.epochs[role] if r.get("epoch") == kept), None)
+        spared = (rise is not None and gap <= TH["overfit_gap"] and at_kept is not None
+                  and at_kept < TH["rise_factor"] * rise["min_val_loss"])
+        if spared:  # (selection kept an epoch before the rise: the model used is not the overfitted one)
+            what.append(f"the selected model is of epoch {kept}, before the rise, so it is unaffected and the "
+                        f"later epochs were spent for nothing")
+        out.append(finding("overfitting", "low" if spared else "medium", f"{role}: " + "; ".join(what), ev,
+                           _regularise(run, role)))
     return out
 
 
@@ -415,6 +454,10 @@ def student_too_small(run: RunView) -> List[Dict[str, Any]]:
     gain = student - scratch
     if not (teacher - student > TH["teacher_gap"] and teacher - scratch > TH["teacher_gap"]):
         return []
+    failed = [r for r in (STUDENT, SCRATCH) if did_not_learn(run, r) is not None]
+    if failed:
+        raise Skip(f"{' and '.join(failed)} learnt nothing (see unstable_loss): a failed training says nothing "
+                   f"of the student's size")
     train, source = run.train_accuracy(("teacher", "student"))
     underfit = train["teacher"] - train["student"] > TH["underfit_gap"]
     if not (gain > TH["kd_gain_min"] or underfit):
@@ -447,11 +490,18 @@ def student_too_small(run: RunView) -> List[Dict[str, Any]]:
 
 def quantization_loss(run: RunView) -> List[Dict[str, Any]]:
     """An int8 variant in bench/bench.json losing more than bench.max_accuracy_drop against its fp32 model."""
-    from .compress.bench import INT8
+    from .compress.bench import INT8, is_stale, model_versions
     if not run.bench:
         raise Skip("no bench/bench.json; run `distill bench RUN_DIR` first")
     max_drop = float(run.cfg["bench"]["max_accuracy_drop"])
-    rows = {(r["model"], r["variant"]): r for r in run.bench.get("results", []) if "error" not in r}
+    results = run.bench.get("results") if isinstance(run.bench, dict) else None
+    results = [r for r in results or [] if isinstance(r, dict) and "error" not in r
+               and {"model", "variant"} <= set(r) and isinstance(r.get("accuracy"), (int, float))]
+    versions = model_versions(run.folder)
+    rows = {(r["model"], r["variant"]): r for r in results if not is_stale(r, versions)}
+    if results and not rows:
+        raise Skip("bench/bench.json measured earlier versions of the models (trained again since); run "
+                   "`distill bench RUN_DIR` again")
     drops = {k: rows[(k[0], "fp32")]["accuracy"] - r["accuracy"] for k, r in rows.items()
              if k[1] in INT8 and (k[0], "fp32") in rows}
     if not drops:
@@ -469,6 +519,9 @@ def quantization_loss(run: RunView) -> List[Dict[str, Any]]:
             fix = (f"deploy the {pair} int8 variant instead (it loses {drops[(model, pair)]:.4f}), or calibrate on "
                    f"more samples: --set bench.calibration={run.cfg['bench']['calibration'] * 4} "
                    f"(now {run.cfg['bench']['calibration']})")
+        elif model != "compress/qat" and ("compress/qat", variant) in drops:
+            fix = (f"deploy compress/qat's {variant} int8 variant instead (the QAT model, which loses "
+                   f"{drops[('compress/qat', variant)]:.4f})")
         else:
             steps = [s for s in run.cfg["compress"]["steps"] if s != "qat"] + ["qat"]
             fix = (f"quantization-aware training: --set 'compress.steps=[{', '.join(steps)}]' then "

@@ -266,8 +266,9 @@ def curves_section(plt: Any, epochs: Dict[str, List[Dict[str, Any]]], steps: Dic
         x = [r["epoch"] for r in recs]
         axes[0].plot(x, [r.get("loss_total", float("nan")) for r in recs], color=c, marker=_marker(x), ms=3,
                      label=label(role))
-        axes[1].plot(x, [r["val_accuracy"] for r in recs], color=c, marker=_marker(x), ms=3,
-                     label=f"{label(role)} val")
+        if any(r.get("val_accuracy") is not None for r in recs):  # (none without a validation split)
+            axes[1].plot(x, [r.get("val_accuracy", float("nan")) for r in recs], color=c, marker=_marker(x), ms=3,
+                         label=f"{label(role)} val")
         if any("train_accuracy" in r for r in recs):
             axes[1].plot(x, [r.get("train_accuracy", float("nan")) for r in recs], color=c, ls="--", lw=1,
                          label=f"{label(role)} train")
@@ -452,7 +453,10 @@ def compression_section(folder: str) -> str:
         out += (f"<h3>compress ({esc(comp.get('source', 'student'))}: {esc(steps)})</h3>"
                 + table(["step", "params", "file KB", "val accuracy", "details"], rows, numeric_to=4))
     bench = read_run_json(os.path.join(folder, "bench", "bench.json"))
-    if isinstance(bench, dict) and bench.get("results"):
+    if isinstance(bench, dict) and isinstance(bench.get("results"), list) and bench["results"]:
+        from .compress.bench import is_stale, model_versions
+        versions = model_versions(folder)
+        stale = [isinstance(r, dict) and is_stale(r, versions) for r in bench["results"]]
         pareto = os.path.join(folder, "bench", "pareto.png")
         if os.path.isfile(pareto):
             with open(pareto, "rb") as fh:
@@ -460,15 +464,22 @@ def compression_section(folder: str) -> str:
         else:
             out += "<h3>bench</h3>"
         rows = []
-        for r in bench["results"]:
+        for r, old in zip(bench["results"], stale):
+            if not isinstance(r, dict):
+                continue
+            model = f"{r.get('model')} †" if old else r.get("model")
             if "error" in r:
-                rows.append([r.get("model"), r.get("variant"), _short(str(r["error"]), 110)]
+                rows.append([model, r.get("variant"), _short(str(r["error"]), 110)]
                             + [""] * (len(COLUMNS) - 1))
             else:
-                rows.append([r.get("model"), r.get("variant")] + [
+                rows.append([model, r.get("variant")] + [
                     "–" if r.get(k) is None else fmt(r[k] / 1024, "{:,.1f}") if f is None else fmt(r[k], f)
                     for k, _, f in COLUMNS])
         out += table(["model", "variant"] + [c[1] for c in COLUMNS], rows, numeric_from=2)
+        if any(stale):
+            out += note("† measured on an earlier version of the model, which was trained or compressed again "
+                        "since (or is gone): these rows, the plot and the recommendation are out of date; run "
+                        "`distill bench RUN_DIR` again.")
         m = bench.get("machine") or {}
         out += note(f"Machine: {m.get('cpu', '?')} ({m.get('cores', '?')} cores), torch {m.get('torch', '?')}, "
                     f"{bench.get('threads', '?')} thread(s); latency at batch 1, throughput at batch "

@@ -17,6 +17,7 @@ from distill import doctor as doc
 from distill.cli import main
 from distill.recipe import Recipe
 from distill.pipeline.plan import run
+from distill.roles import SCRATCH
 
 BASE = """name: doc
 data: {dataset: digits}
@@ -38,6 +39,9 @@ PROBLEMS = {
     "student_too_small": [TEACHER, "student.args.hidden=[2]"],
     # digits as an .npz whose test split has outliers the training rows never show (see write_outliers)
     "quantization_loss": ["data.dataset=npz", "data.path={npz}"],
+    # not problems of their own: a training that fails (both students at chance), and no validation split
+    "diverged": [TEACHER, "student.train.optimizer.lr=3", "train.epochs=5"],
+    "no_validation": [TEACHER, "data.val_fraction=0", "train.select=last", "train.epochs=5"],
 }
 
 
@@ -267,3 +271,108 @@ def test_bad_input_is_one_line_and_exit_2(make, message, tmp_path, runs, capsys)
     assert main(["doctor", str(folder)]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_training_that_learnt_nothing_is_unstable_not_too_small_or_overfitted(runs, capsys):
+    """lr 3: the distilled student ends at chance (the scratch one, on cross-entropy alone, recovers). That is
+    a failed training (lower the learning rate), not a student too small for its data nor one that memorises
+    it, which the accuracies alone would suggest."""
+    report, _ = diagnose(runs("diverged"), capsys)
+    [f] = [f for f in by_rule(report, "unstable_loss") if f["evidence"]["role"] == "student"]
+    assert f["evidence"]["train_accuracy_at_chance"] <= 0.1 + doc.THRESHOLDS["chance_margin"]
+    assert f["severity"] == "high" and "it learnt nothing" in f["message"]
+    assert "--set student.train.optimizer.lr=1.5 (now 3)" in f["suggestion"]
+    assert not by_rule(report, "student_too_small")
+    assert not [f for f in by_rule(report, "overfitting") if f["evidence"]["role"] == "student"]
+    # both at chance: student_too_small says why it does not judge
+    view = doc.RunView(runs("diverged"))
+    view.epochs[SCRATCH] = [{**r, "train_accuracy": 0.1} for r in view.epochs[SCRATCH]]
+    view.metrics[SCRATCH] = {**view.metrics[SCRATCH], "accuracy": 0.1}
+    with pytest.raises(doc.Skip, match="student and student_scratch learnt nothing"):
+        doc.student_too_small(view)
+
+
+def test_a_run_without_a_validation_split_is_diagnosed_and_reported(runs, capsys):
+    folder = runs("no_validation")
+    report, _ = diagnose(folder, capsys)
+    assert "no validation split" in report["skipped"]["overconfident_soft_labels"]
+    assert "unstable_loss" in report["ran"]
+    pytest.importorskip("matplotlib")
+    assert main(["report", folder]) == 0 and os.path.isfile(os.path.join(folder, "report.html"))
+
+
+def _edit_log(folder, role, edit):
+    log = os.path.join(folder, "log.jsonl")
+    with open(log) as fh:
+        lines = [json.loads(line) for line in fh]
+    epochs = [r for r in lines if r.get("model") == role and "val_accuracy" in r]
+    for i, r in enumerate(epochs):
+        edit(i, r)
+    with open(log, "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in lines)
+    return len(epochs)
+
+
+def test_a_validation_loss_rise_that_selection_avoided_is_low_severity(runs, capsys, tmp_path):
+    """The teacher's validation loss rises after epoch 2 while its training loss falls, but the model kept
+    is epoch 2's: the rise cost epochs, not accuracy (breast_cancer's teacher does this)."""
+    folder = shutil.copytree(runs("healthy"), str(tmp_path / "r"))
+    n = _edit_log(folder, "teacher", lambda i, r: r.update(val_loss=0.12 if i == 0 else 0.1 + 0.02 * (i - 1),
+                                                            loss_ce=1.0 / (i + 1), train_accuracy=r["val_accuracy"]))
+    metrics = json.load(open(os.path.join(folder, "metrics.json")))
+    metrics["teacher"]["selected_epoch"] = 2
+    json.dump(metrics, open(os.path.join(folder, "metrics.json"), "w"))
+    report, out = diagnose(folder, capsys)
+    [f] = [f for f in by_rule(report, "overfitting") if f["evidence"]["role"] == "teacher"]
+    assert f["severity"] == "low" and f["evidence"]["min_epoch"] == 2 and f["evidence"]["last_epoch"] == n
+    assert "the selected model is of epoch 2, before the rise, so it is unaffected" in f["message"]
+    metrics["teacher"]["selected_epoch"] = n  # the last epoch kept: the risen model is the one used
+    json.dump(metrics, open(os.path.join(folder, "metrics.json"), "w"))
+    report, _ = diagnose(folder, capsys)
+    [f] = [f for f in by_rule(report, "overfitting") if f["evidence"]["role"] == "teacher"]
+    assert f["severity"] == "medium" and "unaffected" not in f["message"]
+
+
+def test_a_loaded_teachers_epochs_are_not_evidence(runs, capsys, tmp_path):
+    folder = shutil.copytree(runs("weak_teacher"), str(tmp_path / "r"))
+    stages = json.load(open(os.path.join(folder, "stages.json")))
+    stages["teacher"]["loaded_from"] = "elsewhere/teacher.safetensors"
+    json.dump(stages, open(os.path.join(folder, "stages.json"), "w"))
+    report, out = diagnose(folder, capsys)
+    [f] = by_rule(report, "weak_teacher")
+    assert f["evidence"]["teacher_epochs"] is None and "teacher_epochs" not in out
+    assert f["evidence"]["teacher_loaded_from"] == "elsewhere/teacher.safetensors"
+
+
+def _bench_rows(folder, rows):
+    os.makedirs(os.path.join(folder, "bench"), exist_ok=True)
+    with open(os.path.join(folder, "bench", "bench.json"), "w") as fh:
+        json.dump({"results": rows}, fh)
+
+
+def test_bench_rows_of_an_earlier_model_or_not_what_bench_wrote_are_passed_over(runs, capsys, tmp_path):
+    folder = shutil.copytree(runs("healthy"), str(tmp_path / "r"))
+    now = json.load(open(os.path.join(folder, "stages.json")))["student"]["fingerprint"]
+    rows = [{"model": "student", "variant": "fp32", "accuracy": 0.9, "fingerprint": now},
+            {"model": "student", "variant": "dynamic", "accuracy": 0.5, "fingerprint": now}]
+    _bench_rows(folder, rows)
+    report, _ = diagnose(folder, capsys)
+    assert by_rule(report, "quantization_loss")  # measured on the student as it is: found
+    _bench_rows(folder, [{**r, "fingerprint": "0" * 64} for r in rows])  # a student trained again since
+    report, _ = diagnose(folder, capsys)
+    assert not by_rule(report, "quantization_loss")
+    assert "earlier versions of the models" in report["skipped"]["quantization_loss"]
+    _bench_rows(folder, [{"model": "student"}, 5, {"variant": "fp32", "accuracy": "x"}])  # not what bench writes
+    report, _ = diagnose(folder, capsys)
+    assert "quantization_loss" in report["skipped"]
+
+
+def test_after_qat_the_suggestion_is_the_qat_models_int8_variant(runs, capsys, tmp_path):
+    folder = shutil.copytree(runs("healthy"), str(tmp_path / "r"))
+    _bench_rows(folder, [{"model": m, "variant": v, "accuracy": a} for m, v, a in [
+        ("compress/channels", "fp32", 0.9), ("compress/channels", "dynamic", 0.7),
+        ("compress/qat", "fp32", 0.9), ("compress/qat", "dynamic", 0.895)]])
+    report, _ = diagnose(folder, capsys)
+    [f] = by_rule(report, "quantization_loss")
+    assert f["evidence"]["model"] == "compress/channels"
+    assert "deploy compress/qat's dynamic int8 variant instead" in f["suggestion"] and "0.0050" in f["suggestion"]

@@ -80,6 +80,33 @@ def test_second_run_reuses_every_stage_and_a_new_temperature_only_retrains_the_s
     assert os.path.getmtime(os.path.join(out, "student.safetensors")) > before["student.safetensors"]
 
 
+def test_a_run_stopped_while_retraining_a_model_leaves_no_metrics_of_the_old_ones(digits_run, monkeypatch, tmp_path,
+                                                                                 capsys):
+    """metrics.json describes the models it measured: once a stage starts training one anew it goes, so that a
+    run stopped there is not reported (report, doctor, bench) with the old student's numbers beside the new
+    recipe and models."""
+    from distill.cli import main
+    from distill.pipeline import training
+    shared, _, cache = digits_run
+    out = str(tmp_path / "run")
+    shutil.copytree(shared, out)
+    monkeypatch.setenv("DISTILL_CACHE", cache)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(training, "distil", stopped)
+    rd = RunDir(Recipe.load("digits", ["distill.temperature=3"]), out, quiet, overwrite=True)
+    train_teacher(rd)
+    assert os.path.isfile(os.path.join(out, "metrics.json"))  # (a reused stage changes no model)
+    with pytest.raises(KeyboardInterrupt):
+        train_student(rd)
+    assert not os.path.exists(os.path.join(out, "metrics.json"))
+    assert os.path.isfile(os.path.join(out, "student.safetensors"))  # (the old student stays until replaced)
+    capsys.readouterr()
+    assert main(["report", out]) == 2
+    assert "metrics.json: missing; the run is not finished" in capsys.readouterr().err
+
+
 def test_same_seed_same_weights_and_other_seed_differs(tmp_path):
     def weights(seed, name):
         out = str(tmp_path / f"s{seed}_{name}")

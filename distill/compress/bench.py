@@ -113,6 +113,9 @@ def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
             echo(f"bench: {name} {variant}: " + (r["error"] if "error" in r else
                                                   f"accuracy {r['accuracy']:.4f}, p50 {r['p50_ms']:.3f} ms"
                                                   + (" per token" if lm else "")))
+    versions = model_versions(folder)
+    for r in results:  # (which version of each model was measured: report and doctor flag it once retrained)
+        r["fingerprint"] = versions.get(r["model"])
     summary = summarise(results, cfg["bench"]["max_accuracy_drop"])
     out = {"machine": machine(), "threads": cfg["evaluate"]["threads"], "batch": cfg["evaluate"]["throughput_batch"],
            "latency_runs": lm_runs(cfg) if lm else cfg["bench"]["latency_runs"],
@@ -125,6 +128,17 @@ def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
     if not plot_pareto(results, plot, lm):
         echo("bench: matplotlib is not installed, so no pareto.png (pip install -e '.[plot]')")
     return out
+
+
+def model_versions(folder: str) -> Dict[str, str]:
+    """Each saved model's stage fingerprint (stages.json), which changes when the model is trained again."""
+    stages = read_run_json(os.path.join(folder, "stages.json"), {})
+    return {k: v["fingerprint"] for k, v in stages.items() if isinstance(v, dict) and "fingerprint" in v}
+
+
+def is_stale(row: Dict[str, Any], versions: Dict[str, str]) -> bool:
+    """A bench row measured on an earlier version of its model (retrained, re-compressed, or gone since)."""
+    return "fingerprint" in row and row["fingerprint"] != versions.get(row.get("model"))
 
 
 def _write_variant_file(cfg: Dict[str, Any], folder: str, name: str, path: str, variant: str,

@@ -233,6 +233,13 @@ class RunDir:
             return rec
         return None
 
+    def drop_results(self) -> None:
+        """Remove metrics.json before a stage retrains a model: it describes the models as they were, and a run
+        stopped before its evaluation would otherwise leave it beside models it never measured (report and
+        doctor then refuse the folder as unfinished, until `distill evaluate` or the run completes)."""
+        if self.runtime.is_main and os.path.isfile(self.path("metrics.json")):
+            os.remove(self.path("metrics.json"))
+
     def mark_done(self, name: str, fingerprint: str, info: Dict[str, Any]) -> None:
         if not self.runtime.is_main:
             return
