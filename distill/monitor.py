@@ -179,6 +179,13 @@ def kd_ce_consistency(student: nn.Module, kd: torch.Tensor, ce: torch.Tensor) ->
     return out
 
 
+def _unchanged(action: str) -> str:
+    """Why a reaction changed nothing: warn changes nothing; the others stop at their bounds."""
+    bound = {"lower_temperature": "the temperature is at its floor, 1", "raise_alpha": "alpha is at its ceiling, 1"}
+    return "no adjustment (action: warn)" if action == "warn" else \
+        f"no adjustment (action: {action}; {bound.get(action, 'at its bound')})"
+
+
 def with_reaction(measure: Callable[[], Dict[str, float]], objective: nn.Module, mcfg: Dict, warn: Callable
                   ) -> Callable[[], Dict]:
     """`measure`, plus the recipe's reaction: when the watched retention is under `monitor.retention_min`,
@@ -201,7 +208,7 @@ def with_reaction(measure: Callable[[], Dict[str, float]], objective: nn.Module,
             s["alpha"] = min(1.0, s["alpha"] * f)
         changed = {k: [before[k], s[k]] for k in s if s[k] != before[k]}
         warn(f"monitor: retention {watched:.3f} < {mcfg['retention_min']}: "
-             + (", ".join(f"{k} {a:g} -> {b:g}" for k, (a, b) in changed.items()) or "no adjustment (action: warn)"))
+             + (", ".join(f"{k} {a:g} -> {b:g}" for k, (a, b) in changed.items()) or _unchanged(mcfg["action"])))
         out.update(retention_watched=watched, adjusted=changed)
         return out
     return signals

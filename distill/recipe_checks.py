@@ -21,10 +21,15 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
     if cfg["distill"]["sequence_kd"]["samples"] and data["dataset"] not in COMPLETIONS:
         raise UserError("distill.sequence_kd.samples: teacher-written completions are for prompt/completion data "
                         "(data.dataset: completions or arith); text_lm uses sequence_kd.windows")
+    if cfg["distill"]["on_policy"]["fraction"] and data["dataset"] not in COMPLETIONS:
+        raise UserError(f"distill.on_policy: the student completes prompts, so it is for prompt/completion data "
+                        f"(data.dataset: completions or arith), not {data['dataset']}")
     _teacher_prompts_checks(cfg)
     if data["dataset"] != "text_lm" and cfg["distill"]["sequence_kd"]["windows"]:
-        raise UserError("distill.sequence_kd.windows: sequence-level KD is for language models (data.dataset: "
-                        "text_lm)")
+        other = ("; prompt/completion data uses sequence_kd.samples (completions per prompt)"
+                 if data["dataset"] in COMPLETIONS else "")
+        raise UserError(f"distill.sequence_kd.windows: teacher-written windows of text are for data.dataset: "
+                        f"text_lm{other}")
     if data["dataset"] == "csv":
         _need_file(data["path"], "data.path", "the training .csv file (header row, one column per feature)")
         if data["test_path"]:
@@ -43,6 +48,7 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
         m["train"] = validate_section(_merge(cfg["train"], m["train"]), TRAIN, f"{role}.train")
         m["augment"] = _augment(data["transforms"], m["augment"], role)
     _topk_checks(cfg)
+    _compress_checks(cfg)  # (unknown step names first: the text checks refuse known steps by kind of model)
     _assistant_checks(cfg)  # (before the text checks: chains of transformers are refused outright)
     _text_checks(cfg)
     for i, feat in enumerate(cfg["distill"]["features"]):
@@ -53,7 +59,6 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
         if name not in METRICS:
             raise UserError(f"evaluate.metrics[{i}]: unknown metric {name!r}{did_you_mean(name, METRICS)}; "
                             f"choose from {', '.join(METRICS)}")
-    _compress_checks(cfg)
     _selection_checks(cfg)
     for name in ("alpha", "temperature"):
         if cfg["distill"]["schedule"][name] != "constant" and cfg["distill"]["schedule"][f"{name}_end"] is None:
@@ -118,6 +123,8 @@ def _topk_checks(cfg: Dict[str, Any]) -> None:
                 ("distill.features", bool(d["features"]), "features are not in a top-k cache"),
                 ("distill.schedule.temperature", d["schedule"]["temperature"] != "constant",
                  "the cache holds log-probabilities at one temperature"),
+                ("monitor.action", cfg["monitor"]["enabled"] and cfg["monitor"]["action"] == "lower_temperature",
+                 "the cache holds log-probabilities at one temperature; use action: raise_alpha or warn"),
                 ("distill.sample_weight", d["sample_weight"] != "none", "confidence weights read dense logits"),
                 ("distill.logit_standardize", d["logit_standardize"], "it needs dense logits")]
     for key, bad, why in problems:
@@ -166,7 +173,8 @@ def _completion_checks(cfg: Dict[str, Any]) -> None:
     em = cfg["evaluate"]["exact_match"]
     for role in ("teacher", "student"):
         if cfg[role]["train"]["select_metric"] == "val_exact_match" and not (em["validate"] and em["rows"]):
-            raise UserError(f"{role}.train.select_metric: val_exact_match needs evaluate.exact_match.validate: true "
+            key = "train" if cfg["train"]["select_metric"] == "val_exact_match" else f"{role}.train"  # (as given)
+            raise UserError(f"{key}.select_metric: val_exact_match needs evaluate.exact_match.validate: true "
                             f"and evaluate.exact_match.rows > 0 (the validation prompts completed each epoch)")
     seq = d["sequence_kd"]
     if seq["verify"] and not cfg["evaluate"]["exact_match"]["answer"]:
@@ -256,8 +264,12 @@ def _text_checks(cfg: Dict[str, Any]) -> None:
     text_data = cfg["data"]["dataset"] in ("text", "completions", "arith")
     for role in ("teacher", "student"):
         if is_text(cfg, role) != text_data:
-            need = "data.dataset: text" if not text_data else "a transformer (hf, from_teacher or hf_config)"
-            raise UserError(f"{role}: {'a transformer model needs' if not text_data else 'text data needs'} {need}")
+            if text_data:
+                raise UserError(f"{role}: data.dataset: {cfg['data']['dataset']} needs a transformer (hf, "
+                                f"from_teacher or hf_config)")
+            lm = cfg["data"]["dataset"] == "text_lm"
+            raise UserError(f"{role}: a Hugging Face model needs data.dataset: text (classification) or completions / "
+                            f"arith (causal LMs){'; text_lm is for the registry gpt (model: gpt)' if lm else ''}")
     if cfg["teacher"]["from_teacher"] or cfg["teacher"]["hf_config"]:
         raise UserError("teacher: from_teacher and hf_config are for the student; give the teacher as hf: FOLDER")
     if cfg["data"]["dataset"] == "text" and cfg["data"]["text_column"] == cfg["data"]["label_column"]:
@@ -277,6 +289,9 @@ def _text_checks(cfg: Dict[str, Any]) -> None:
                             "models (data.dataset: completions or arith); give layers or keep_every")
         if ft["layers"] is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in ft["layers"]):
             raise UserError(f"student.from_teacher.layers: expected whole layer indices, got {ft['layers']!r}")
+        if ft["layers"] is not None and list(ft["layers"]) != sorted(set(ft["layers"])):
+            raise UserError(f"student.from_teacher.layers: {ft['layers']}; give the teacher layers to keep in "
+                            f"increasing order, each once (the student runs them in that order)")
     if s["hf_config"] is not None:
         s["hf_config"] = validate_section(s["hf_config"], HF_CONFIG, "student.hf_config")
         missing = [k for k, v in s["hf_config"].items() if v is None]

@@ -112,11 +112,13 @@ def tiny_gguf(folder: str, layers: int = 2, seed: int = 0) -> str:
     return path
 
 
-def tiny_gpt2(folder: str, layers: int = 3, hidden: int = 32, heads: int = 4, seed: int = 0) -> str:
+def tiny_gpt2(folder: str, layers: int = 3, hidden: int = 32, heads: int = 4, seed: int = 0,
+              positions: int = 256) -> str:
     import torch
     tok = char_tokenizer(folder)
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(vocab_size=len(tok), n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256,
+    config = transformers.GPT2Config(vocab_size=len(tok), n_embd=hidden, n_layer=layers, n_head=heads,
+                                     n_positions=positions,
                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     transformers.GPT2LMHeadModel(config).save_pretrained(folder)
     return folder

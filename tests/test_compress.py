@@ -235,6 +235,28 @@ def test_compress_cnn_every_step_saves_a_smaller_loadable_model(cnn_run, capsys)
     assert main(["export", cnn_run, "--model", "compress/../teacher", "--format", "onnx"]) == 2
 
 
+def test_compress_fine_tunes_on_what_the_student_learnt_from(tmp_path):
+    """The default recipe's student learns from the teacher on every training image, labelled or not (a fifth
+    keep their labels): a compress fine-tune distils on the same images, not on the labelled fifth alone."""
+    out = str(tmp_path / "run")
+    run(Recipe.load("digits", ["train.epochs=1", "teacher.train.epochs=1", "compress.steps=[qat]",
+                               "compress.qat.epochs=1"]), out, **QUIET)
+    assert main(["compress", out]) == 0
+    with open(os.path.join(out, "log.jsonl")) as fh:
+        added = {r["event"].split(":")[0]: r["added"] for r in map(json.loads, fh) if "added" in r}
+    assert added["compress/qat"] == added["student"] and added["student"]["unlabelled"] > 900
+
+
+def test_a_missing_baseline_says_how_to_make_it(tmp_path):
+    from distill.errors import UserError
+    from distill.pipeline.artifacts import require_saved
+    with pytest.raises(UserError, match=r"distill train-student\) with the baseline \(baseline: true, and without "
+                                        r"--no-baseline\)"):
+        require_saved(str(tmp_path), "student_scratch")
+    with pytest.raises(UserError, match=r"distill train-student\)$"):
+        require_saved(str(tmp_path), "student")
+
+
 def test_a_missing_quantization_api_is_one_clear_line(monkeypatch):
     import torch.ao.quantization as tq
 
@@ -278,6 +300,18 @@ def test_bench_fills_every_column_and_plots_the_pareto_front(cnn_run, capsys, tm
     with open(os.path.join(folder, "bench", "pareto.png"), "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     assert result["recommended"]["model"] != "teacher"
+    half = load_model_at(rows[("student", "fp16")]["file"], "student")  # (its header names the architecture)
+    assert count_params(half) == rows[("student", "fp32")]["params"]
+    # each row records which version of its model it measured: once the model is trained again, the report
+    # marks the row out of date
+    from distill.report import compression_section
+    stages = json.load(open(os.path.join(folder, "stages.json")))
+    assert {r["fingerprint"] for (m, _), r in rows.items() if m == "student"} == {stages["student"]["fingerprint"]}
+    assert "†" not in compression_section(folder)
+    stages["student"]["fingerprint"] = "0" * 64
+    json.dump(stages, open(os.path.join(folder, "stages.json"), "w"))
+    page = compression_section(folder)
+    assert page.count("student †") == 7 and "teacher †" not in page and "run `distill bench RUN_DIR` again" in page
 
 
 def test_the_measuring_server_answers_each_job_and_a_death_is_a_row(tmp_path, monkeypatch):
@@ -354,7 +388,11 @@ def test_compress_text_heads_vocab_layers(tmp_path, capsys):
      "'heads' applies to transformers only, and the student is not one"),
     (["compress", "RUN", "--set", "compress.steps=[layers]"], "compress.layers.to: missing"),
     (["compress", "RUN", "--set", "compress.steps=[layers]", "--set", "compress.layers.to=1"],
-     "compress.layers: Sequential has no layer or block that can be dropped"),
+     "compress.layers: the student (arch) has no layer or block that can be dropped"),
+    (["compress", "RUN", "--set", "compress.steps=[channels]"],
+     "compress.channels: the student (arch) has no conv layer whose filters can be pruned"),
+    (["compress", "RUN", "--set", "compress.steps=[channels]", "--set", "compress.source=teacher"],
+     "compress.channels: the teacher ('mlp') has no conv layer"),
     (["compress", "RUN", "--set", "compress.heads.keep=1.5"], "compress.heads.keep: must be between 0 and 1"),
     (["bench", "RUN", "--set", "bench.variants=[int4]"], "bench.variants[0]: unknown variant 'int4'"),
     (["bench", "RUN", "--set", "bench.models=[studnet]"], "bench.models[0]: 'studnet' is not a model of"),

@@ -103,7 +103,26 @@ def test_lm_settings_that_do_not_fit_the_models_are_refused_before_any_training(
     transformers.BertLMHeadModel(transformers.BertConfig(
         vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(bert)
     char_tokenizer(str(bert))
+    from lmkit import tiny_gpt2
+    import shutil
+    short = tiny_gpt2(str(tmp_path / "short"), positions=32)  # (learnt positions: 33 is an index error)
+    bigger = shutil.copytree(llama, tmp_path / "bigger")  # the tokenizer of another model, with 2 more tokens
+    char_tokenizer(str(bigger), extra="#@")
+    no_eos = shutil.copytree(llama, tmp_path / "no_eos")
+    config = json.load(open(no_eos / "tokenizer_config.json"))
+    json.dump({**config, "eos_token": None}, open(no_eos / "tokenizer_config.json", "w"))
+    bare = shutil.copytree(llama, tmp_path / "bare")  # weights and config, no tokenizer files
+    for f in os.listdir(bare):
+        if f.startswith("tokenizer") or f in ("special_tokens_map.json", "chat_template.jinja"):
+            os.remove(bare / f)
     for sets, message in [
+        ([f"teacher.hf={short}", "student.from_teacher={layers: [0]}"],
+         "data.max_length: 160 tokens, and the teacher reads at most 32 positions"),
+        (["student.from_teacher=null", "student.hf_config={layers: 1, hidden: 20, heads: 4, intermediate: 16}"],
+         "student.hf_config: hidden 20 / heads 4 = 5 dimensions per head; rotary position embeddings need an even"),
+        ([f"teacher.hf={bigger}"], "its tokenizer has 56 tokens and the model embeds only 54"),
+        ([f"teacher.hf={no_eos}"], "has no EOS token, which ends every completion"),
+        ([f"teacher.hf={bare}"], "no tokenizer in the folder (tokenizer.json, tokenizer.model"),
         (["distill.topk=1000"], "distill.topk: 1000 is more than the teacher's vocabulary of 54 tokens; give at most 54"),
         ([f"data.tokenizer={bpe_llama(str(tmp_path / 'bpe'))}"], "is not the teacher's tokenizer"),
         (["student.from_teacher=null", "student.hf_config={layers: 1, hidden: 64, heads: 4, intermediate: 8}"],
@@ -630,6 +649,13 @@ def test_layer_importance_drops_the_layer_that_matters_least(llama):
      r"distill.sequence_kd.prompts: file not found: nope.jsonl"),
     (["student.from_teacher={keep_every: 2, importance: 2}"], r"give one of layers: \[indices\], keep_every"),
     (["compress.steps=[heads]"], r"compress.steps: heads and qat are not for causal language models yet"),
+    (["compress.steps=[bogus]"], r"compress.steps\[0\]: unknown step 'bogus'"),
+    (["student.from_teacher={layers: [3, 0]}"], r"from_teacher.layers: \[3, 0\]; give the teacher layers to keep in "
+                                                r"increasing order"),
+    (["distill.topk=8", "monitor.enabled=true", "monitor.action=lower_temperature"],
+     r"distill.topk: 8 does not go with monitor.action \(the cache holds log-probabilities at one temperature"),
+    (["train.select_metric=val_exact_match"], r"^train.select_metric: val_exact_match needs"),
+    (["distill.sequence_kd.windows=5"], r"text_lm; prompt/completion data uses sequence_kd.samples"),
     (["compress.steps=[vocab, layers]", "compress.layers.to=1"], r"compress.steps: \['vocab', 'layers'\]: put vocab last"),
 ])
 def test_recipe_refuses_lm_settings_that_do_not_go_together(tmp_path, llama, sets, message):
@@ -1067,6 +1093,36 @@ def test_tokenisation_is_cached_by_file_and_tokenizer(tmp_path):
     x3, y3 = tokenize_rows(path, CFG, tok)  # an edited file: another entry, its own tokens
     assert len([f for f in os.listdir(default_cache_dir()) if f.startswith("completions-")]) == 3
     assert not (y3 == y).all()
+    tok.chat_template = "{{ messages[0]['content'] }}"  # the same vocabulary, another template: another entry
+    tokenize_rows(path, {**CFG, "chat_template": True}, tok)
+    tok.chat_template = "please: {{ messages[0]['content'] }}"
+    x4, _ = tokenize_rows(path, {**CFG, "chat_template": True}, tok)
+    assert len([f for f in os.listdir(default_cache_dir()) if f.startswith("completions-")]) == 5
+    assert tok.decode(x4[0][:8]).startswith("please")
+
+
+def test_greedy_and_sampled_completions_ignore_the_folders_generation_settings(tmp_path, llama):
+    """A repetition penalty or n-gram blocking in generation_config.json (Qwen2.5-Instruct ships one) would
+    change what exact match scores and what the students learn from: completions follow the model alone."""
+    import shutil
+    from distill.models.hf_lm import load_causal_lm
+    plain = load_causal_lm(llama, "teacher")
+    folder = shutil.copytree(llama, tmp_path / "rp")
+    settings = json.load(open(folder / "generation_config.json"))
+    json.dump({**settings, "repetition_penalty": 3.0, "no_repeat_ngram_size": 1, "top_k": 2},
+              open(folder / "generation_config.json", "w"))
+    model = load_causal_lm(str(folder), "teacher")
+    prompt = [1, 20, 21, 22, 23]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(12):
+            ids = torch.cat([ids, model(ids)[0, -1].argmax().view(1, 1)], 1)
+    greedy = ids[0, len(prompt):].tolist()
+    got = model.complete([prompt], 12)[0][0]
+    assert got == greedy[:len(got)] and (len(got) == 12 or got[-1] == model.eos_id)
+    assert len(set(greedy)) < len(greedy)  # (a repeat, which the folder's settings would have blocked)
+    assert model.complete([prompt], 12, temperature=1.0, seed=3) == plain.complete([prompt], 12, temperature=1.0, seed=3)
+    assert model.hf.generation_config.repetition_penalty == 3.0  # (the folder's own settings are left as they were)
 
 
 def test_on_policy_batches_are_the_students_own_completions_scored_by_the_divergence_alone(tmp_path, llama):

@@ -132,7 +132,9 @@ def test_bad_language_model_inputs_are_one_line_and_exit_2(tmp_path, capsys):
     _refused(["run", path, "--set", "distill.sequence_kd.windows=10", "--set", "distill.sequence_kd.prompt=24", *out],
              capsys, "distill.sequence_kd.prompt: 24 characters leave nothing for the teacher to write")
     _refused(["run", "digits", "--set", "distill.sequence_kd.windows=10", *out], capsys,
-             "distill.sequence_kd.windows: sequence-level KD is for language models")
+             "distill.sequence_kd.windows: teacher-written windows of text are for data.dataset: text_lm")
+    _refused(["run", path, "--set", "distill.on_policy.fraction=0.5", *out], capsys,
+             "distill.on_policy: the student completes prompts, so it is for prompt/completion data")
     (tmp_path / "short.txt").write_text("to be or not", encoding="utf-8")
     _refused(["run", path, "--set", "teacher.args.heads=0", *out], capsys,
              "teacher.args: heads must be a whole number >= 1, got 0 (model 'gpt')")
@@ -169,7 +171,7 @@ def test_exported_hf_folder_generates_the_same_greedy_text_in_plain_transformers
     script = ("import sys, transformers as t\n"
               "tok = t.AutoTokenizer.from_pretrained(sys.argv[1]); m = t.AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
               "ids = tok(sys.argv[2], return_tensors='pt').input_ids\n"
-              "out = m.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)\n"
+              "out = m.generate(ids, attention_mask=ids * 0 + 1, max_new_tokens=8, do_sample=False, pad_token_id=0)\n"
               "sys.stdout.write(tok.decode(out[0]))\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     got = subprocess.run([sys.executable, "-c", script, str(folder), prompt], capture_output=True, text=True,
@@ -189,6 +191,28 @@ def test_exported_hf_folder_generates_the_same_greedy_text_in_plain_transformers
         capsys.readouterr()
         _refused(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(out)], capsys, message)
         assert (sorted(os.listdir(out)) if out.is_dir() else out.read_bytes()) == before
+
+
+def test_the_hf_export_check_passes_with_newlines_in_the_prompts_and_its_tokenizer_has_no_unknown(tmp_path):
+    """The newline is token 0 of a character vocabulary, which GPT-2's generate takes for padding when no
+    attention mask is given; and a character outside the vocabulary is an error, not silently a newline."""
+    pytest.importorskip("transformers")
+    from distill.compress.hf_gpt import export_gpt2
+    from distill.pipeline.artifacts import load_model_at
+    path = recipe(tmp_path, teacher={"train": {"epochs": 1}}, student={"train": {"epochs": 1}})
+    run(Recipe.load(path))
+    data = load_data(Recipe.load(path).cfg["data"])
+    assert data.class_names[0] == "\n"
+    x = data.x_test[:8].clone()
+    x[:, 2] = x[:, 5] = 0  # newlines inside the prompts that the check generates from
+    model = load_model_at(str(tmp_path / "run" / "student.safetensors"), "student")
+    info = export_gpt2(model, data.class_names, x, str(tmp_path / "hf"), {"role": "student"})
+    assert info["greedy_tokens_equal"]
+    import transformers
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert tok("All:\n")["input_ids"] == [data.class_names.index(c) for c in "All:\n"]
+    with pytest.raises(Exception, match="UNK"):
+        tok("All: #")
 
 
 def test_the_gpt_exports_to_onnx_with_the_tokens_as_its_only_input(tmp_path):

@@ -101,6 +101,18 @@ def test_reaction_adjusts_strength_logs_it_and_checkpoints_it(action, key, after
     assert "adjusted" not in calm and len(warnings) == 1
 
 
+def test_a_reaction_at_its_bound_says_so_not_that_it_only_warns():
+    from distill.monitor import with_reaction
+    obj, warnings = _objective(), []
+    obj.strength["temperature"] = 1.0
+    mcfg = {"retention_min": 0.85, "watch": "logits", "action": "lower_temperature", "factor": 1.5}
+    with_reaction(lambda: {"retention_cka/logits": 0.80}, obj, mcfg, warnings.append)()
+    assert warnings == ["monitor: retention 0.800 < 0.85: no adjustment (action: lower_temperature; the temperature "
+                        "is at its floor, 1)"]
+    with_reaction(lambda: {"retention_cka/logits": 0.80}, obj, {**mcfg, "action": "warn"}, warnings.append)()
+    assert warnings[-1].endswith("no adjustment (action: warn)")
+
+
 def test_run_with_a_retention_rule_logs_every_adjustment(tmp_path):
     recipe = Recipe.load("digits", ["train.epochs=3", "teacher.train.epochs=2", "monitor.retention_min=0.999",
                                     "monitor.action=lower_temperature", "distill.temperature=4"])

@@ -355,7 +355,7 @@ TEXT_CASES = {
     "unlabeled file missing": (lambda t, b: {"distill": {"data": {"unlabeled": str(t / "u.txt")}}},
                                "distill.data.unlabeled: file not found"),
     "cnn student on text": (lambda t, b: {"student": {"from_teacher": None, "model": "mlp"}},
-                            "student: text data needs a transformer"),
+                            "student: data.dataset: text needs a transformer"),
 }
 
 

@@ -45,10 +45,12 @@ def gpt2_state(model: GPT) -> Dict[str, torch.Tensor]:
 
 
 def char_tokenizer(vocab: List[str]):
-    """A fast tokenizer over single characters (newlines and spaces included), decoding without spaces."""
+    """A fast tokenizer over single characters (newlines and spaces included), decoding without spaces. It has
+    no unknown token (the model has no row for one): a character outside the vocabulary is an error, not
+    silently another character."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     PreTrainedTokenizerFast = transformers_module().PreTrainedTokenizerFast
-    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(vocab)}, unk_token=vocab[0]))
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(vocab)}, unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False)
@@ -84,7 +86,8 @@ def export_gpt2(model: GPT, vocab: List[str], x: torch.Tensor, folder: str, meta
     new = model.context - prompt.shape[1]
     want = model.generate(prompt, new, temperature=0)
     with torch.no_grad():
-        got = hf.generate(prompt, max_new_tokens=new, do_sample=False, pad_token_id=0)
+        got = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, do_sample=False,
+                          pad_token_id=0)  # (the mask given: else transformers hides every token equal to the pad id)
     if not torch.equal(got, want):
         raise UserError(f"{folder}: greedy generation of the Hugging Face GPT-2 differs from the model's")
     with atomic_folder(folder) as tmp:

@@ -118,7 +118,7 @@ def write_file(model: nn.Module, variant: str, data: DataBundle, cfg: Dict[str, 
                name: str, source: str) -> Optional[str]:
     """Write the deployable file of `variant` of the model saved at `source` (in the bench process); None
     for variants without one."""
-    from ..io import atomic_path, save_model
+    from ..io import atomic_path, load_meta, save_model
     from ..models.hf import save_folder
     from .export import export_model
     path = variant_path(folder, name, variant, is_hf_lm(model))
@@ -135,9 +135,9 @@ def write_file(model: nn.Module, variant: str, data: DataBundle, cfg: Dict[str, 
         quantize.onnx_int8(fp32, path, variant[5:], feeds)
     elif variant in ("fp16", "bf16") and is_hf_lm(model):
         save_folder(convert(model, variant, data, cfg), path, source, {"role": name, "precision": variant})
-    elif variant in ("fp16", "bf16"):
+    elif variant in ("fp16", "bf16"):  # (with the source's header: its architecture, so that distill loads it)
         cast = convert(model, variant, data, cfg)
-        save_model(getattr(cast, "model", cast), path, {"role": name, "precision": variant})
+        save_model(getattr(cast, "model", cast), path, {**load_meta(source), "role": name, "precision": variant})
     else:
         with atomic_path(path) as tmp:
             torch.save(convert(model, variant, data, cfg).state_dict(), tmp)

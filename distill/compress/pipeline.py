@@ -30,8 +30,9 @@ from ..models.hf import load_tokenizer
 from ..pipeline.artifacts import distill_settings, kind, load_saved, model_spec, require_saved
 from ..pipeline.rundir import RunDir
 from ..pipeline.stage import Stage, run_stage
+from ..pipeline.teacher_outputs import student_data
 from ..pipeline.training import distil
-from ..recipe import is_text
+from ..recipe import LM_DATASETS, is_text
 from ..roles import STUDENT, TEACHER, compressed, recipe_section
 from ..tasks import task_for
 from . import layers as layer_drop
@@ -50,12 +51,15 @@ class Compressor:
         augment = run.own_augment(STUDENT)  # (the fine-tunes train as the student does)
         self.fingerprint = sha256_json({"source": weights_sha256(self.model), "teacher": weights_sha256(self.teacher),
                                         "version": __version__, "data": run.data.fingerprint,
+                                        "finetune_data": "the student's",  # (fine-tunes read the unlabelled too)
                                         **({"augment": augment} if augment else {})})
         self.records: List[Dict[str, Any]] = []
         self.role = recipe_section(self.c["source"])  # the kind of model compressed (how it is saved)
         self.kind = kind(run.cfg, self.role)
         self.text = is_text(run.cfg, self.role)
         self.drops: List[str] = []  # CNN blocks removed so far, in order (saved so the model can be rebuilt)
+        m = run.cfg[self.role]
+        self.what = f"the {self.c['source']} ({repr(m['model']) if m['model'] else 'arch' if m['arch'] else m['hf']})"
 
     # ------------------------------------------------------------ helpers
     def finetune(self, name: str, teacher: nn.Module, epochs: int, prepare: Optional[Callable] = None,
@@ -68,7 +72,8 @@ class Compressor:
         tcfg["optimizer"]["lr"] = (self.c["lr"] or tcfg["optimizer"]["lr"]) * lr_scale
         dcfg = {**distill_settings(run), "features": []}
         model = prepare(self.model) if prepare else self.model
-        info = distil(run, compressed(name), model, teacher, "online", dcfg=dcfg, tcfg=tcfg)
+        data, _ = student_data(run, teacher, compressed(name))  # (what the student learnt from: unlabelled too)
+        info = distil(run, compressed(name), model, teacher, "online", data=data, dcfg=dcfg, tcfg=tcfg)
         model.cpu(), teacher.cpu()  # pruning and measuring run on the CPU; only fine-tunes use train.device
         info.pop("train_time_s")  # (the step's own time_s covers it)
         return info
@@ -137,7 +142,7 @@ class Compressor:
     def layers(self) -> None:
         lc, data, bs = self.c["layers"], self.run.data, self.run.cfg["data"]["eval_batch_size"]
         if not layer_drop.droppable(self.model):
-            raise UserError(f"compress.layers: {type(self.model).__name__} has no layer or block that can be dropped "
+            raise UserError(f"compress.layers: {self.what} has no layer or block that can be dropped "
                             f"(transformer encoders with 2+ layers, or residual blocks with an identity shortcut)")
         if layer_drop.depth(self.model) <= lc["to"]:
             self.run.event(f"compress: layers: the model has {layer_drop.depth(self.model)} droppable units, not more "
@@ -176,8 +181,8 @@ class Compressor:
         cc = self.c["channels"]
 
         def work() -> Dict[str, Any]:
-            prune = prune_ffn if self.text else prune_channels
-            self.model = prune(self.model, cc["keep"])
+            self.model = prune_ffn(self.model, cc["keep"]) if self.text else \
+                prune_channels(self.model, cc["keep"], self.what)
             return {"finetune": self.finetune("channels", self.teacher, cc["epochs"])}
         self.step("channels", cc, work)
 
@@ -200,8 +205,10 @@ def compress(run: RunDir, teacher: Optional[nn.Module] = None, model: Optional[n
         raise UserError("data.val_fraction: 0 leaves no validation split, and compress measures each step on it; "
                         "distil with data.val_fraction > 0 to compress")
     if not steps:
-        raise UserError("compress.steps: empty; name the steps to run, e.g. --set 'compress.steps=[layers, heads, "
-                        "qat]' (choose from vocab, layers, heads, channels, qat)")
+        lm = run.cfg["data"]["dataset"] in LM_DATASETS
+        raise UserError(f"compress.steps: empty; name the steps to run, e.g. --set 'compress.steps="
+                        f"{'[layers, channels, vocab]' if lm else '[layers, heads, qat]'}' (choose from "
+                        f"{'layers, channels, vocab' if lm else 'vocab, layers, heads, channels, qat'})")
     if run.student_tokenizer and run.cfg["compress"]["source"] != TEACHER:
         raise UserError(f"compress.source: {run.cfg['compress']['source']} reads another tokenizer than the teacher "
                         f"(student.hf); compress works in the teacher's tokens (its fine-tunes distil the teacher's "

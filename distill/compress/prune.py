@@ -202,13 +202,13 @@ def _block_pairs(model: nn.Module):
             yield f"{name}.conv1", [f"{name}.bn2"], f"{name}.conv2", 1
 
 
-def prune_channels(model: nn.Module, keep: float) -> nn.Module:
+def prune_channels(model: nn.Module, keep: float, what: str = "the model") -> nn.Module:
     """A copy of `model` keeping `keep` of the filters of every prunable conv (L1 norm), with the following
     BatchNorm and the next layer's inputs resized to match."""
     model = copy.deepcopy(model)
     pairs = list(_chain_pairs(model)) + list(_block_pairs(model))
     if not pairs:
-        raise UserError(f"compress.channels: {type(model).__name__} has no conv layer whose filters can be pruned "
+        raise UserError(f"compress.channels: {what} has no conv layer whose filters can be pruned "
                         f"(supported: conv chains ending in Flatten + Linear, and the registry's residual blocks)")
     modules = dict(model.named_modules())
     for conv_name, bns, nxt_name, spatial in pairs:

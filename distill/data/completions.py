@@ -21,7 +21,7 @@ import torch
 
 from ..errors import UserError
 from ..io import atomic_path, sha256_file, sha256_json
-from ..models.hf import load_tokenizer, pad_id, tokenizer_hash
+from ..models.hf import load_tokenizer, pad_id, tokenization_hash
 from .datasets import BUNDLES, DataBundle, read_text_file
 from .text import _jsonl_rows
 
@@ -142,8 +142,7 @@ def prompt_ids(text: str, rendered: bool, tok) -> List[int]:
 
 def completion_ids(text: str, tok) -> List[int]:
     """A completion's token ids, followed by EOS."""
-    return list(tok(text, add_special_tokens=False)["input_ids"]) + (
-        [tok.eos_token_id] if tok.eos_token_id is not None else [])
+    return list(tok(text, add_special_tokens=False)["input_ids"]) + [tok.eos_token_id]
 
 
 def encode(prompt: str, completion: str, rendered: bool, tok) -> Tuple[List[int], List[int]]:
@@ -157,7 +156,8 @@ def tokenize_rows(path: str, cfg: Dict[str, Any], tok) -> Tuple[np.ndarray, np.n
     settings. A prompt of `data.max_length` tokens or more, or a sequence that does not fit, is an error."""
     from ..teachers.cache import default_cache_dir
     keys = ("prompt_column", "completion_column", "chat_template", "max_length")
-    key = sha256_json({"file": sha256_file(path), "tokenizer": tokenizer_hash(tok), **{k: cfg[k] for k in keys}})[:24]
+    key = sha256_json({"file": sha256_file(path), "tokenizer": tokenization_hash(tok),
+                       **{k: cfg[k] for k in keys}})[:24]
     cached = os.path.join(default_cache_dir(), f"completions-{key}.npz")
     if os.path.isfile(cached):
         with np.load(cached) as z:
@@ -199,6 +199,9 @@ def load_completions(cfg: Dict[str, Any]) -> DataBundle:
     if cfg["dataset"] == "arith":  # generated here, seeded: written once into the cache as JSONL files
         cfg = {**cfg, **dict(zip(("path", "test_path"), arith_files(cfg)))}
     tok = load_tokenizer(cfg["tokenizer"], "data.tokenizer")
+    if tok.eos_token_id is None:  # (without it the model never learns to stop: generations run to the limit)
+        raise UserError(f"data.tokenizer: {cfg['tokenizer']} has no EOS token, which ends every completion; give "
+                        f"the model's own tokenizer, or set eos_token in its tokenizer_config.json")
     x, y = tokenize_rows(cfg["path"], cfg, tok)
     gen = np.random.default_rng(cfg["split_seed"])
     order = gen.permutation(len(x))

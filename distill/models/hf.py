@@ -75,9 +75,16 @@ def resolve_hf_path(spec: str, where: str) -> str:
     return spec
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
 def load_tokenizer(path: str, where: str):
     if path.endswith(".gguf"):  # (its tokenizer is read from the folder it is converted into, once)
         path = gguf_folder(path, where)
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise UserError(f"{where}: {path}: no tokenizer in the folder ({', '.join(TOKENIZER_FILES[:4])}, ...); copy "
+                        f"the model's tokenizer files into it")
     try:
         return transformers_module().AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
@@ -245,6 +252,17 @@ def tokenizer_hash(tok) -> str:
     """What logit-level KD needs two models to share: the vocabulary (token -> id) and the special tokens."""
     from ..io import sha256_json
     return sha256_json({"vocab": tok.get_vocab(), "special": sorted(map(str, tok.all_special_tokens))})[:16]
+
+
+def tokenization_hash(tok) -> str:
+    """Everything that turns text into ids, for caches of tokenised data: the vocabulary and special tokens
+    (`tokenizer_hash`), the normaliser, pre-tokenizer, merges and BOS/EOS post-processing of the backend, and
+    the chat template. Two tokenizers that share a vocabulary can still tokenise a text differently."""
+    from ..io import sha256_json
+    backend = getattr(tok, "backend_tokenizer", None)
+    return sha256_json({"vocab": tokenizer_hash(tok), "backend": backend.to_str() if backend is not None else None,
+                        "chat_template": getattr(tok, "chat_template", None),
+                        "bos": [getattr(tok, "add_bos_token", None), getattr(tok, "add_eos_token", None)]})[:16]
 
 
 def save_folder(model: HFClassifier, folder: str, tokenizer_path: str, meta: Dict[str, Any]) -> None:

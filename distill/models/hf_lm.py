@@ -48,6 +48,14 @@ class HFCausalLM(HFWrapper):
             self.register_buffer("old2new", old2new.where(old2new >= 0, old2new[self.pad_id]), persistent=False)
 
     @property
+    def context(self) -> Optional[int]:
+        """The most positions the model can read when it learnt a table of position embeddings (GPT-2's
+        n_positions: one more is an index error); None for rotary positions, which have no such table."""
+        c = self.hf.config
+        rotary = getattr(c, "position_embedding_type", "absolute") != "absolute" or getattr(c, "rotary_dim", None)
+        return None if rotary else getattr(c, "n_positions", None)
+
+    @property
     def vocab_size(self) -> int:
         if self.vocab_ids is not None:
             return len(self.old2new)
@@ -99,16 +107,11 @@ class HFCausalLM(HFWrapper):
         attn = torch.zeros_like(ids)
         for i, p in enumerate(prompts):
             ids[i, width - len(p):], attn[i, width - len(p):] = torch.tensor(list(p)), 1
-        pad, eos = self._in_id(self.pad_id), self._in_id(self.eos_id)
-        sample = temperature > 0
-        kw = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if sample else \
-            {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed)  # (generate samples from the global RNG: forked, so it is left as it was)
-                out = self.hf.generate(input_ids=self._in(ids.to(device)), attention_mask=attn.to(device),
-                                       max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                       eos_token_id=eos, **kw)[:, width:]
+                out = self._generate(self._in(ids.to(device)), attn.to(device), max_new_tokens, temperature, top_p)
+                out = out[:, width:]
                 out = (out if self.vocab_ids is None else self.vocab_ids[out]).cpu()
         finally:
             self.train(was_training)
@@ -117,6 +120,23 @@ class HFCausalLM(HFWrapper):
             end = row.index(self.eos_id) + 1 if self.eos_id in row else None
             results.append((row[:end] if end else row, end is not None))
         return results
+
+    def _generate(self, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, temperature: float,
+                  top_p: float) -> torch.Tensor:
+        """Exactly greedy (temperature 0) or plain sampling, whatever the folder's generation_config.json asks
+        for: transformers fills every setting left unset from it (a repetition penalty, n-gram blocking, top-k,
+        a minimum length), so it is swapped for a blank one during the call. The model's own distribution is
+        what exact match measures and what sequence-level and on-policy KD learn from."""
+        from transformers import GenerationConfig
+        sample = temperature > 0
+        kw = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if sample else \
+            {"do_sample": False}
+        own, self.hf.generation_config = self.hf.generation_config, GenerationConfig()
+        try:
+            return self.hf.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
+                                    pad_token_id=self._in_id(self.pad_id), eos_token_id=self._in_id(self.eos_id), **kw)
+        finally:
+            self.hf.generation_config = own
 
 
 def _takes_logits_to_keep(hf: nn.Module) -> bool:
@@ -153,7 +173,12 @@ def load_causal_lm(path: str, where: str) -> HFCausalLM:
     except (OSError, ValueError) as e:
         raise UserError(f"{where}: {path}: cannot load as a causal language model ({str(e).splitlines()[0]})") from None
     hf.eval()
-    model = wrap(hf, load_tokenizer(folder, where))
+    tok = load_tokenizer(folder, where)
+    rows = hf.get_input_embeddings().weight.shape[0]
+    if len(tok) > rows and getattr(config, "distill_vocab_ids", None) is None:
+        raise UserError(f"{where}: {path}: its tokenizer has {len(tok):,} tokens and the model embeds only {rows:,}; "
+                        f"the tokenizer is not the model's (copy the model's own tokenizer files into the folder)")
+    model = wrap(hf, tok)
     if not attends_causally(model):
         raise UserError(f"{where}: {path} is not a causal language model: its outputs at a position change with "
                         f"the tokens after it (an encoder such as BERT: transformers gives it a language-model head, "
@@ -192,6 +217,9 @@ def fresh_lm(teacher: HFCausalLM, layers: int, hidden: int, heads: int, intermed
     """A smaller config of the teacher's architecture, randomly initialised, with the teacher's token
     embeddings copied (same width) or projected onto their top principal directions."""
     check_fresh_width(hidden, heads, teacher.hf.get_input_embeddings().weight.shape[1], where)
+    if (hidden // heads) % 2 and teacher.context is None:  # (rotary: each pair of dimensions turns by an angle)
+        raise UserError(f"{where}: hidden {hidden} / heads {heads} = {hidden // heads} dimensions per head; rotary "
+                        f"position embeddings need an even number")
     config = copy.deepcopy(teacher.hf.config)
     kv = getattr(config, "num_key_value_heads", None)
     update = {"num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads,

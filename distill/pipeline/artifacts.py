@@ -30,7 +30,7 @@ from ..models.hf import fresh_student, is_model_folder, load_classifier, load_fo
     resolve_hf_path, same_vocabulary, save_folder, select_layers
 from ..recipe import COMPLETIONS, is_text, seeds_hint
 from ..recipe_checks import text_only_kd
-from ..roles import TEACHER, stage_command
+from ..roles import SCRATCH, TEACHER, stage_command
 from .rundir import RunDir, data_cfg_for
 
 TIMINGS = ("train_time_s", "time_s", "monitor_s")  # in stages.json and metrics.json, never in a weights file
@@ -184,6 +184,14 @@ class HuggingFaceModels:
         return fresh_student(base, c["layers"], c["hidden"], c["heads"], c["intermediate"], f"{role}.hf_config")
 
     def _build_lm(self, run: RunDir, role: str) -> nn.Module:
+        model = self._lm(run, role)
+        limit, context = run.cfg["data"]["max_length"], getattr(model, "context", None)
+        if context is not None and limit > context:
+            raise UserError(f"data.max_length: {limit} tokens, and the {role} reads at most {context} positions (its "
+                            f"config's n_positions); give data.max_length <= {context}")
+        return model
+
+    def _lm(self, run: RunDir, role: str) -> nn.Module:
         """A causal LM: loaded (teacher, or a student folder of the same tokenizer), or derived from the
         teacher (its layers kept by list or every k-th, or a smaller fresh config)."""
         m, t = run.cfg[role], run.cfg[TEACHER]
@@ -294,8 +302,10 @@ def require_saved(folder: str, name: str) -> str:
     path = os.path.join(folder, f"{name}.safetensors")
     if os.path.isfile(path) or is_model_folder(os.path.join(folder, name)):
         return path if os.path.isfile(path) else os.path.join(folder, name)
+    how = (" with the baseline (baseline: true, and without --no-baseline): the student trained without "
+           "distillation" if name == SCRATCH else "")
     raise UserError(f"{os.path.join(folder, name)} (.safetensors, or a Hugging Face folder): missing; run the stage "
-                    f"that makes it first (distill run, or distill {stage_command(name)})")
+                    f"that makes it first (distill run, or distill {stage_command(name)}){how}")
 
 
 def load_saved(run: RunDir, name: str) -> nn.Module:
