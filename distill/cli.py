@@ -239,15 +239,17 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def _refuse_run_file(out: Optional[str], folder: str, own: str) -> None:
     """An --out may not replace what a run made (its models, records, recipe, the folder itself), this run's
-    or another's (the nearest folder above `out` that holds a recipe.yaml); a file of the command's own in
-    this run (under `own`, its default place, or an earlier --out of another name) may be written again."""
+    or another's (the nearest folder above `out` that holds a run: recipe.yaml with stages.json or log.jsonl,
+    not a project's own recipe.yaml); a file of the command's own in this run (under `own`, its default place,
+    or an earlier --out of another name) may be written again."""
     from .pipeline.rundir import made_by_a_run
     if out is None or not os.path.exists(out):
         return
     real = os.path.realpath(out)
     run = os.path.realpath(folder)
     if os.path.relpath(real, run).split(os.sep)[0] == os.pardir:  # outside this run: inside another?
-        run = next((d for d in _folders_up(real) if os.path.isfile(os.path.join(d, "recipe.yaml"))), None)
+        run = next((d for d in _folders_up(real) if os.path.isfile(os.path.join(d, "recipe.yaml")) and any(
+            os.path.isfile(os.path.join(d, f)) for f in ("stages.json", "log.jsonl"))), None)
         own = None
     if run is None:
         return
@@ -270,8 +272,9 @@ def _folders_up(path: str) -> Iterator[str]:
 
 def _report(args: argparse.Namespace) -> int:
     from .report import report
+    from .io import out_path
     _refuse_run_file(args.out, args.target, "report.html")
-    print(f"report: {report(args.target, args.out)}")
+    print(f"report: {report(args.target, args.out and out_path(args.out))}")
     return 0
 
 
@@ -281,7 +284,7 @@ def _export(args: argparse.Namespace) -> int:
 
     from .compress.export import SUFFIX, export_model
     from .data import load_data
-    from .io import load_meta, read_run_json, write_json
+    from .io import load_meta, out_path, read_run_json, write_json
     from .pipeline.artifacts import load_model_at, require_saved
     from .compress.measure import is_hf_lm
     from .pipeline.rundir import data_cfg_for
@@ -294,7 +297,8 @@ def _export(args: argparse.Namespace) -> int:
     model = load_model_at(path, args.model)
     data = load_data(data_cfg_for(recipe.cfg, args.model))  # (a student of another tokenizer: its own tokens)
     _refuse_run_file(args.out, folder, "export")
-    out = args.out or os.path.join(folder, "export", args.model.replace("/", "-") + SUFFIX.get(args.format, ""))
+    out = out_path(args.out) if args.out else \
+        os.path.join(folder, "export", args.model.replace("/", "-") + SUFFIX.get(args.format, ""))
     other = next((f for f, ext in SUFFIX.items() if out.endswith(ext) and f != args.format), None)
     if other:  # (a TorchScript file named .onnx is found, and misread, by whatever looks for .onnx files)
         raise UserError(f"--out {out}: the name of a {other} file, and --format is {args.format}; name it "

@@ -70,6 +70,8 @@ THRESHOLDS: Dict[str, float] = {
     # unstable_loss (and, for that role, not overfitting or student_too_small): a last-epoch training
     # accuracy within this of chance (1/C) is a model that learnt nothing.
     "chance_margin": 0.05,
+    # ... after at least this many epochs (a shorter run has not had the time to learn).
+    "min_epochs": 3,
 }
 TH = THRESHOLDS  # (short name for the rules below)
 
@@ -293,7 +295,8 @@ def _spikes(records: List[Dict[str, Any]], log_c: float) -> List[Dict[str, Any]]
         if not window or peak is None:
             continue
         med = statistics.median(window)
-        if peak > TH["blowup_ratio" if warm else "spike_ratio"] * med and peak - med > TH["spike_excess"] * log_c:
+        if peak > TH["blowup_ratio" if warm else "spike_ratio"] * med and peak - med > TH["spike_excess"] * log_c \
+                and (not warm or peak > log_c):  # (a blow-up passes the untrained model's loss, about log C)
             out.append({"step": r["step"], "epoch": r["epoch"], "loss_total_max": peak, "running_median": med})
     return out
 
@@ -309,11 +312,18 @@ def _largest_val_drop(records: List[Dict[str, Any]]) -> Tuple[float, Optional[in
 
 
 def did_not_learn(run: RunView, role: str) -> Optional[float]:
-    """The last epoch's training accuracy of `role` when it is at chance (1/C plus chance_margin): the model
-    learnt nothing, a failed training (a diverged loss, a learning rate far too high) rather than a size or
-    generalisation problem. None when it learnt, or the log has no training accuracy."""
-    acc = (run.epochs.get(role) or [{}])[-1].get("train_accuracy")
-    return acc if acc is not None and acc <= 1 / max(run.num_classes, 2) + TH["chance_margin"] else None
+    """The last epoch's training accuracy of `role` when it and the validation accuracy are at chance (1/C plus
+    chance_margin) after at least min_epochs epochs: the model learnt nothing, a failed training rather than a
+    size or generalisation problem. None when it learnt, when it trained too briefly to say, when the log has
+    no training accuracy, and for language models (whose next-token accuracy is far above 1/V by word
+    frequencies alone)."""
+    from .recipe import LM_DATASETS
+    records = run.epochs.get(role) or []
+    if len(records) < TH["min_epochs"] or run.cfg["data"]["dataset"] in LM_DATASETS:
+        return None
+    acc, val = records[-1].get("train_accuracy"), records[-1].get("val_accuracy")
+    chance = 1 / max(run.num_classes, 2) + TH["chance_margin"]
+    return acc if acc is not None and acc <= chance and (val is None or val <= chance) else None
 
 
 def unstable_loss(run: RunView) -> List[Dict[str, Any]]:
@@ -351,9 +361,16 @@ def unstable_loss(run: RunView) -> List[Dict[str, Any]]:
                         f"{1 / max(run.num_classes, 2):.3f}")
         clip = "" if role_train(run.cfg, role)["grad_clip"] else \
             f", or clip gradients: --set {'teacher' if role == 'teacher' else 'student'}.train.grad_clip=1.0"
+        fix = f"lower the learning rate: --set {lr_key(role)}={lr / 2:g} (now {lr:g}){clip}"
+        peak = max((r.get("loss_total_max", 0) for r in run.steps.get(role, [])), default=0)
+        if chance is not None and not spikes and not skipped and peak <= TH["blowup_ratio"] * log_c:
+            epochs = role_train(run.cfg, role)["epochs"]  # (no blow-up: it barely moved, rather than diverged)
+            fix = (f"it barely trained: raise the learning rate (--set {lr_key(role)}={lr * 3:g}, now {lr:g}) or "
+                   f"train longer (--set {'teacher' if role == 'teacher' else 'student'}.train.epochs={epochs * 2}, "
+                   f"now {epochs})")
+        ev["max_batch_loss"] = peak
         out.append(finding("unstable_loss", "high" if skipped or chance is not None else "medium",
-                           f"{role}: " + "; ".join(what), ev,
-                           f"lower the learning rate: --set {lr_key(role)}={lr / 2:g} (now {lr:g}){clip}"))
+                           f"{role}: " + "; ".join(what), ev, fix))
     return out
 
 
@@ -519,7 +536,7 @@ def quantization_loss(run: RunView) -> List[Dict[str, Any]]:
             fix = (f"deploy the {pair} int8 variant instead (it loses {drops[(model, pair)]:.4f}), or calibrate on "
                    f"more samples: --set bench.calibration={run.cfg['bench']['calibration'] * 4} "
                    f"(now {run.cfg['bench']['calibration']})")
-        elif model != "compress/qat" and ("compress/qat", variant) in drops:
+        elif model != "compress/qat" and drops.get(("compress/qat", variant), math.inf) <= max_drop + 1e-12:
             fix = (f"deploy compress/qat's {variant} int8 variant instead (the QAT model, which loses "
                    f"{drops[('compress/qat', variant)]:.4f})")
         else:

@@ -23,10 +23,10 @@ os.umask(_UMASK)
 
 @contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-    """Yields a temp path beside `path`; on success it replaces `path`, on failure it is removed. A symbolic
-    link is written through (its target is replaced, the link kept); a device, pipe or folder is refused, as
-    the rename would put a plain file in its place (`--out /dev/null` run as root)."""
-    path = os.path.realpath(path) if os.path.islink(path) else path
+    """Yields a temp path beside `path`; on success it replaces `path`, on failure it is removed. A device,
+    pipe or folder is refused, as the rename would put a plain file in its place (`--out /dev/null` run as
+    root). A symbolic link is replaced, not written through (a run folder's files may link to another run's;
+    a user's --out is resolved by the command: `out_path`)."""
     if os.path.exists(path) and not os.path.isfile(path):
         raise UserError(f"{path}: not a regular file; give the path of a file to write")
     folder = os.path.dirname(os.path.abspath(path))
@@ -49,6 +49,11 @@ def atomic_path(path: str) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def out_path(path: str) -> str:
+    """A user's --out: a symbolic link is written through (its target replaced, the link kept)."""
+    return os.path.realpath(path) if os.path.islink(path) else path
 
 
 @contextmanager

@@ -123,7 +123,8 @@ def _topk_checks(cfg: Dict[str, Any]) -> None:
                 ("distill.features", bool(d["features"]), "features are not in a top-k cache"),
                 ("distill.schedule.temperature", d["schedule"]["temperature"] != "constant",
                  "the cache holds log-probabilities at one temperature"),
-                ("monitor.action", cfg["monitor"]["enabled"] and cfg["monitor"]["action"] == "lower_temperature",
+                ("monitor.action", cfg["monitor"]["enabled"] and cfg["monitor"]["retention_min"] is not None
+                 and cfg["monitor"]["action"] == "lower_temperature",
                  "the cache holds log-probabilities at one temperature; use action: raise_alpha or warn"),
                 ("distill.sample_weight", d["sample_weight"] != "none", "confidence weights read dense logits"),
                 ("distill.logit_standardize", d["logit_standardize"], "it needs dense logits")]

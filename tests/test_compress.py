@@ -244,7 +244,7 @@ def test_compress_fine_tunes_on_what_the_student_learnt_from(tmp_path):
     assert main(["compress", out]) == 0
     with open(os.path.join(out, "log.jsonl")) as fh:
         added = {r["event"].split(":")[0]: r["added"] for r in map(json.loads, fh) if "added" in r}
-    assert added["compress/qat"] == added["student"] and added["student"]["unlabelled"] > 900
+    assert added["compress"] == added["student"] and added["student"]["unlabelled"] > 900
 
 
 def test_a_missing_baseline_says_how_to_make_it(tmp_path):
@@ -370,12 +370,13 @@ def test_compress_text_heads_vocab_layers(tmp_path, capsys):
         model = load_folder(m["path"], m["name"])
         assert count_params(model) == m["params"]
     assert load_folder(record["models"][3]["path"], "l").num_layers == 2
-    assert main(["bench", out, "--set", "bench.variants=[fp32, onnx_dynamic]",
+    assert main(["bench", out, "--set", "bench.variants=[fp32, fp16, onnx_dynamic]",
                  "--set", "bench.models=[compress/qat]"]) == 0
     result = json.load(open(os.path.join(out, "bench", "bench.json")))
     rows = {(r["model"], r["variant"]): r for r in result["results"]}
     assert {m for m, _ in rows} == {"student", "compress/qat"}  # the models named, and the reference
     assert "error" not in rows[("compress/qat", "onnx_dynamic")], rows[("compress/qat", "onnx_dynamic")]
+    assert "error" not in rows[("student", "fp16")], rows[("student", "fp16")]  # (a transformer: its folder)
     assert rows[("compress/qat", "onnx_dynamic")]["size_bytes"] < rows[("student", "fp32")]["size_bytes"] / 4
 
 

@@ -286,7 +286,7 @@ def test_a_training_that_learnt_nothing_is_unstable_not_too_small_or_overfitted(
     assert not [f for f in by_rule(report, "overfitting") if f["evidence"]["role"] == "student"]
     # both at chance: student_too_small says why it does not judge
     view = doc.RunView(runs("diverged"))
-    view.epochs[SCRATCH] = [{**r, "train_accuracy": 0.1} for r in view.epochs[SCRATCH]]
+    view.epochs[SCRATCH] = [{**r, "train_accuracy": 0.1, "val_accuracy": 0.1} for r in view.epochs[SCRATCH]]
     view.metrics[SCRATCH] = {**view.metrics[SCRATCH], "accuracy": 0.1}
     with pytest.raises(doc.Skip, match="student and student_scratch learnt nothing"):
         doc.student_too_small(view)
@@ -376,3 +376,14 @@ def test_after_qat_the_suggestion_is_the_qat_models_int8_variant(runs, capsys, t
     [f] = by_rule(report, "quantization_loss")
     assert f["evidence"]["model"] == "compress/channels"
     assert "deploy compress/qat's dynamic int8 variant instead" in f["suggestion"] and "0.0050" in f["suggestion"]
+
+
+def test_a_model_at_chance_without_a_blow_up_barely_trained(runs, capsys, tmp_path):
+    """At chance after its epochs with no loss blow-up (a learning rate far too low, say): the advice is to
+    train more, not to lower the learning rate further."""
+    folder = shutil.copytree(runs("healthy"), str(tmp_path / "r"))
+    _edit_log(folder, "student", lambda i, r: r.update(train_accuracy=0.1, val_accuracy=0.1))
+    report, _ = diagnose(folder, capsys)
+    [f] = [f for f in by_rule(report, "unstable_loss") if f["evidence"]["role"] == "student"]
+    assert "it learnt nothing" in f["message"] and f["suggestion"].startswith("it barely trained: raise the learning")
+    assert "--set student.train.epochs=30, now 15" in f["suggestion"]

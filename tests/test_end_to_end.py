@@ -80,31 +80,35 @@ def test_second_run_reuses_every_stage_and_a_new_temperature_only_retrains_the_s
     assert os.path.getmtime(os.path.join(out, "student.safetensors")) > before["student.safetensors"]
 
 
-def test_a_run_stopped_while_retraining_a_model_leaves_no_metrics_of_the_old_ones(digits_run, monkeypatch, tmp_path,
-                                                                                 capsys):
-    """metrics.json describes the models it measured: once a stage starts training one anew it goes, so that a
-    run stopped there is not reported (report, doctor, bench) with the old student's numbers beside the new
-    recipe and models."""
+def test_metrics_of_models_or_a_recipe_replaced_by_a_run_that_stopped_are_not_reported(digits_run, monkeypatch,
+                                                                                      tmp_path, capsys):
+    """metrics.json records which version of each model it measured, and under which recipe: a rerun of a
+    changed recipe that stops before its evaluation leaves the old numbers beside a new recipe.yaml (and
+    perhaps new models), and report and doctor say so instead of showing them as this run's."""
     from distill.cli import main
     from distill.pipeline import training
     shared, _, cache = digits_run
-    out = str(tmp_path / "run")
-    shutil.copytree(shared, out)
     monkeypatch.setenv("DISTILL_CACHE", cache)
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(training, "distil", stopped)
-    rd = RunDir(Recipe.load("digits", ["distill.temperature=3"]), out, quiet, overwrite=True)
-    train_teacher(rd)
-    assert os.path.isfile(os.path.join(out, "metrics.json"))  # (a reused stage changes no model)
-    with pytest.raises(KeyboardInterrupt):
-        train_student(rd)
-    assert not os.path.exists(os.path.join(out, "metrics.json"))
-    assert os.path.isfile(os.path.join(out, "student.safetensors"))  # (the old student stays until replaced)
-    capsys.readouterr()
-    assert main(["report", out]) == 2
-    assert "metrics.json: missing; the run is not finished" in capsys.readouterr().err
+    monkeypatch.setattr(training, "distil", stopped)  # (the distilled student's stage stops)
+    for change, why in [("distill.temperature=3", "measured under another recipe than its recipe.yaml"),
+                        ("student.train.epochs=2", "measured earlier versions of student_scratch, trained again")]:
+        out = str(tmp_path / change)
+        shutil.copytree(shared, out)
+        metrics = open(os.path.join(out, "metrics.json")).read()
+        rd = RunDir(Recipe.load("digits", [change]), out, quiet, overwrite=True)
+        train_teacher(rd)
+        with pytest.raises(KeyboardInterrupt):
+            train_student(rd)  # (a changed student.train retrains the baseline first, which finishes)
+        assert open(os.path.join(out, "metrics.json")).read() == metrics  # (kept as it was: nothing is lost)
+        for command in ("report", "doctor"):
+            capsys.readouterr()
+            assert main([command, out]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and why in err[0] and "finish that run" in err[0], err
+    assert main(["doctor", shared]) == 0  # (the finished run's own metrics are its models')
 
 
 def test_same_seed_same_weights_and_other_seed_differs(tmp_path):

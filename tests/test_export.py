@@ -238,6 +238,12 @@ def test_out_may_not_replace_what_another_run_made(digits_run, tmp_path, capsys)
     assert files(other) == before
     out = os.path.join(other, "mine.safetensors")  # a new name beside another run's files is the user's to write
     assert main(["export", digits_run, "--format", "safetensors", "--out", out]) == 0 and os.path.isfile(out)
+    project = tmp_path / "project"  # a project that keeps its own recipe.yaml is not a run folder
+    (project / "export").mkdir(parents=True)
+    (project / "recipe.yaml").write_text("name: mine\n")
+    for _ in range(2):
+        assert main(["report", digits_run, "--out", str(project / "report.html")]) == 0
+        assert main(["export", digits_run, "--format", "onnx", "--out", str(project / "export" / "s.onnx")]) == 0
 
 
 def test_out_that_is_a_device_or_a_link(digits_run, tmp_path, capsys):
@@ -255,6 +261,10 @@ def test_out_that_is_a_device_or_a_link(digits_run, tmp_path, capsys):
     assert main(["export", digits_run, "--format", "onnx", "--out", str(link)]) == 0
     assert os.path.islink(link) and target.read_bytes()[:3] != b"old"
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+    from distill.io import write_text  # a run's own files are replaced, links too: never written through
+    os.symlink(target, tmp_path / "shared.json")
+    write_text(str(tmp_path / "shared.json"), "{}")
+    assert not os.path.islink(tmp_path / "shared.json") and target.read_bytes()[:3] != b"{}"
 
 
 def test_out_named_for_another_format_is_one_line(digits_run, tmp_path, capsys):

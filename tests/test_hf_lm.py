@@ -117,7 +117,7 @@ def test_lm_settings_that_do_not_fit_the_models_are_refused_before_any_training(
             os.remove(bare / f)
     for sets, message in [
         ([f"teacher.hf={short}", "student.from_teacher={layers: [0]}"],
-         "data.max_length: 160 tokens, and the teacher reads at most 32 positions"),
+         "tokens, and the teacher reads at most 32 positions (its config's n_positions)"),
         (["student.from_teacher=null", "student.hf_config={layers: 1, hidden: 20, heads: 4, intermediate: 16}"],
          "student.hf_config: hidden 20 / heads 4 = 5 dimensions per head; rotary position embeddings need an even"),
         ([f"teacher.hf={bigger}"], "its tokenizer has 56 tokens and the model embeds only 54"),
@@ -652,7 +652,7 @@ def test_layer_importance_drops_the_layer_that_matters_least(llama):
     (["compress.steps=[bogus]"], r"compress.steps\[0\]: unknown step 'bogus'"),
     (["student.from_teacher={layers: [3, 0]}"], r"from_teacher.layers: \[3, 0\]; give the teacher layers to keep in "
                                                 r"increasing order"),
-    (["distill.topk=8", "monitor.enabled=true", "monitor.action=lower_temperature"],
+    (["distill.topk=8", "monitor.enabled=true", "monitor.retention_min=0.9", "monitor.action=lower_temperature"],
      r"distill.topk: 8 does not go with monitor.action \(the cache holds log-probabilities at one temperature"),
     (["train.select_metric=val_exact_match"], r"^train.select_metric: val_exact_match needs"),
     (["distill.sequence_kd.windows=5"], r"text_lm; prompt/completion data uses sequence_kd.samples"),
@@ -1099,6 +1099,20 @@ def test_tokenisation_is_cached_by_file_and_tokenizer(tmp_path):
     x4, _ = tokenize_rows(path, {**CFG, "chat_template": True}, tok)
     assert len([f for f in os.listdir(default_cache_dir()) if f.startswith("completions-")]) == 5
     assert tok.decode(x4[0][:8]).startswith("please")
+
+
+def test_a_character_the_tokenizer_has_no_token_for_is_one_line_naming_the_row(tmp_path):
+    """A tokenizer without an unknown token (an exported character GPT's) raises a bare Exception."""
+    import transformers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate("<>0123456789+= ")}, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=">", pad_token="<")
+    path = write_jsonl(str(tmp_path / "d.jsonl"), [{"prompt": "1+2=", "completion": "3"},
+                                                   {"prompt": "1+2=", "completion": "three"}])
+    with pytest.raises(UserError, match=r"d.jsonl: line 2: the tokenizer cannot encode it \(.*UNK"):
+        tokenize_rows(path, CFG, fast)
 
 
 def test_greedy_and_sampled_completions_ignore_the_folders_generation_settings(tmp_path, llama):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+from functools import cached_property
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -59,7 +60,8 @@ class Compressor:
         self.text = is_text(run.cfg, self.role)
         self.drops: List[str] = []  # CNN blocks removed so far, in order (saved so the model can be rebuilt)
         m = run.cfg[self.role]
-        self.what = f"the {self.c['source']} ({repr(m['model']) if m['model'] else 'arch' if m['arch'] else m['hf']})"
+        built = next((k for k in ("arch", "hf", "from_teacher", "hf_config", "checkpoint") if m.get(k)), "model")
+        self.what = f"the {self.c['source']} ({repr(m['model']) if m['model'] else built})"
 
     # ------------------------------------------------------------ helpers
     def finetune(self, name: str, teacher: nn.Module, epochs: int, prepare: Optional[Callable] = None,
@@ -72,11 +74,16 @@ class Compressor:
         tcfg["optimizer"]["lr"] = (self.c["lr"] or tcfg["optimizer"]["lr"]) * lr_scale
         dcfg = {**distill_settings(run), "features": []}
         model = prepare(self.model) if prepare else self.model
-        data, _ = student_data(run, teacher, compressed(name))  # (what the student learnt from: unlabelled too)
-        info = distil(run, compressed(name), model, teacher, "online", data=data, dcfg=dcfg, tcfg=tcfg)
+        info = distil(run, compressed(name), model, teacher, "online", data=self.data, dcfg=dcfg, tcfg=tcfg)
         model.cpu(), teacher.cpu()  # pruning and measuring run on the CPU; only fine-tunes use train.device
         info.pop("train_time_s")  # (the step's own time_s covers it)
         return info
+
+    @cached_property
+    def data(self):
+        """What every fine-tune distils on: what the student learnt from (the unlabelled inputs, augmented and
+        teacher-written text too), made with the run's teacher once, whichever model a step distils from."""
+        return student_data(self.run, self.teacher, "compress")[0]
 
     def step(self, name: str, params: Dict[str, Any], work: Callable[[], Dict[str, Any]]) -> None:
         """Run `work` (which replaces self.model) unless a saved result with the same inputs exists: a stage

@@ -17,6 +17,7 @@ that `transformers` loads with no distill installed.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import tempfile
@@ -82,12 +83,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 def load_tokenizer(path: str, where: str):
     if path.endswith(".gguf"):  # (its tokenizer is read from the folder it is converted into, once)
         path = gguf_folder(path, where)
-    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
-        raise UserError(f"{where}: {path}: no tokenizer in the folder ({', '.join(TOKENIZER_FILES[:4])}, ...); copy "
-                        f"the model's tokenizer files into it")
     try:
         return transformers_module().AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
+        if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+            raise UserError(f"{where}: {path}: no tokenizer in the folder ({', '.join(TOKENIZER_FILES[:4])}, ...); "
+                            f"copy the model's tokenizer files into it") from None
         raise UserError(f"{where}: {path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
 
 
@@ -260,7 +261,9 @@ def tokenization_hash(tok) -> str:
     the chat template. Two tokenizers that share a vocabulary can still tokenise a text differently."""
     from ..io import sha256_json
     backend = getattr(tok, "backend_tokenizer", None)
-    return sha256_json({"vocab": tokenizer_hash(tok), "backend": backend.to_str() if backend is not None else None,
+    if backend is not None:  # (less the truncation and padding state, which calls to the tokenizer change)
+        backend = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+    return sha256_json({"vocab": tokenizer_hash(tok), "backend": backend,
                         "chat_template": getattr(tok, "chat_template", None),
                         "bos": [getattr(tok, "add_bos_token", None), getattr(tok, "add_eos_token", None)]})[:16]
 

@@ -175,8 +175,11 @@ def load_causal_lm(path: str, where: str) -> HFCausalLM:
     hf.eval()
     tok = load_tokenizer(folder, where)
     rows = hf.get_input_embeddings().weight.shape[0]
-    if len(tok) > rows and getattr(config, "distill_vocab_ids", None) is None:
-        raise UserError(f"{where}: {path}: its tokenizer has {len(tok):,} tokens and the model embeds only {rows:,}; "
+    # (the base vocabulary and the ids every sequence uses: a converter may append an unused unknown token)
+    specials = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    used = max([tok.vocab_size - 1] + [i for i in specials if i is not None])
+    if used >= rows and getattr(config, "distill_vocab_ids", None) is None:
+        raise UserError(f"{where}: {path}: its tokenizer has {used + 1:,} tokens and the model embeds only {rows:,}; "
                         f"the tokenizer is not the model's (copy the model's own tokenizer files into the folder)")
     model = wrap(hf, tok)
     if not attends_causally(model):
@@ -213,11 +216,19 @@ def _load_pruned(tf, config, folder: str, where: str) -> nn.Module:
     return hf
 
 
+def uses_rotary(config) -> bool:
+    """Whether a config's positions are rotary (Llama, Qwen, Mistral, Phi, GPT-NeoX, GPT-J ...), by the keys
+    that set them; learnt or ALiBi positions (GPT-2, OPT, Bloom) have none of these."""
+    keys = ("rope_theta", "rope_parameters", "rope_scaling", "rotary_pct", "partial_rotary_factor", "rotary_dim",
+            "rotary_emb_base")
+    return any(getattr(config, k, None) is not None for k in keys)
+
+
 def fresh_lm(teacher: HFCausalLM, layers: int, hidden: int, heads: int, intermediate: int, where: str) -> HFCausalLM:
     """A smaller config of the teacher's architecture, randomly initialised, with the teacher's token
     embeddings copied (same width) or projected onto their top principal directions."""
     check_fresh_width(hidden, heads, teacher.hf.get_input_embeddings().weight.shape[1], where)
-    if (hidden // heads) % 2 and teacher.context is None:  # (rotary: each pair of dimensions turns by an angle)
+    if (hidden // heads) % 2 and uses_rotary(teacher.hf.config):  # (each pair of dimensions turns by an angle)
         raise UserError(f"{where}: hidden {hidden} / heads {heads} = {hidden // heads} dimensions per head; rotary "
                         f"position embeddings need an even number")
     config = copy.deepcopy(teacher.hf.config)

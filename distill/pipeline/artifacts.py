@@ -22,7 +22,7 @@ from torch import nn
 from ..data import DataBundle
 from ..engine.trainer import set_seed
 from ..errors import UserError
-from ..io import load_meta, load_weights, save_model
+from ..io import load_meta, load_weights, read_run_json, save_model
 from ..losses import transformer_features
 from ..models import build_model
 from ..models.hf_lm import check_same_tokenizer, fresh_lm, load_causal_lm, same_tokenizer
@@ -31,7 +31,7 @@ from ..models.hf import fresh_student, is_model_folder, load_classifier, load_fo
 from ..recipe import COMPLETIONS, is_text, seeds_hint
 from ..recipe_checks import text_only_kd
 from ..roles import SCRATCH, TEACHER, stage_command
-from .rundir import RunDir, data_cfg_for
+from .rundir import RunDir, data_cfg_for, metrics_out_of_date
 
 TIMINGS = ("train_time_s", "time_s", "monitor_s")  # in stages.json and metrics.json, never in a weights file
 
@@ -185,10 +185,14 @@ class HuggingFaceModels:
 
     def _build_lm(self, run: RunDir, role: str) -> nn.Module:
         model = self._lm(run, role)
-        limit, context = run.cfg["data"]["max_length"], getattr(model, "context", None)
-        if context is not None and limit > context:
-            raise UserError(f"data.max_length: {limit} tokens, and the {role} reads at most {context} positions (its "
-                            f"config's n_positions); give data.max_length <= {context}")
+        context = getattr(model, "context", None)
+        if context is not None:  # (the data's longest sequence, not data.max_length: rows are padded to it only)
+            data = run.data_for(role)
+            longest = max(x.shape[1] for x in (data.x_train, data.x_val, data.x_test))
+            if longest > context:
+                raise UserError(f"{run.cfg['data']['path']}: sequences of up to {longest} tokens, and the {role} "
+                                f"reads at most {context} positions (its config's n_positions); give "
+                                f"data.max_length <= {context} to refuse longer rows, or a model of a longer context")
         return model
 
     def _lm(self, run: RunDir, role: str) -> nn.Module:
@@ -350,3 +354,6 @@ def require_run(folder: str, command: str) -> None:
                  if os.path.isfile(os.path.join(folder, "summary.json")) else "")
         raise UserError(f"{path}: missing; the run is not finished{seeds}, run `distill run` first "
                         f"(or `distill evaluate {folder}`)")
+    why = metrics_out_of_date(folder, read_run_json(path))
+    if why:
+        raise UserError(f"{path}: {why}; finish that run (distill run {folder}, with --resume if it was stopped)")

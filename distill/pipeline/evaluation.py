@@ -10,7 +10,7 @@ from ..tasks import task_for
 from ..io import write_json
 from ..roles import SCRATCH, STUDENT, TEACHER
 from .artifacts import TIMINGS, load_saved, require_saved
-from .rundir import RunDir
+from .rundir import RunDir, recipe_key
 
 
 def evaluated(cfg: Dict[str, Any]) -> list:
@@ -31,7 +31,9 @@ def evaluate(run: RunDir) -> Dict[str, Any]:
             m.update(task_for(data).agreement(models[TEACHER], model, data.x_test, data.y_test,
                                               run.cfg["data"]["eval_batch_size"]))
         extra = stages.get(name, {})
-        m.update({k: extra[k] for k in ("val_accuracy", "selected_epoch", *TIMINGS) if k in extra})
+        # (the fingerprint: which version of the model this measured; require_run compares it with stages.json)
+        m.update({k: extra[k] for k in ("val_accuracy", "selected_epoch", *TIMINGS, "fingerprint") if k in extra})
+        m["recipe"] = recipe_key(run.cfg)
         metrics[name] = m
     if not run.cfg["baseline"]:
         metrics[SCRATCH] = {"skipped": True}  # baseline: false; tables, report and doctor say so

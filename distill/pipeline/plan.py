@@ -234,7 +234,8 @@ def run_seeds(recipe: Recipe, seeds: List[int], out: Optional[str] = None, echo=
         if first.get("skipped"):
             summary[name] = first
             continue
-        summary[name] = {k: mean_std([per_seed[s][name][k] for s in seeds]) for k in first}
+        summary[name] = {k: mean_std([per_seed[s][name][k] for s in seeds]) for k, v in first.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)}  # (numbers: not a fingerprint)
     if is_main_process():
         write_json(os.path.join(base, "summary.json"), summary)
     return summary

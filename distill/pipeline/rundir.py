@@ -14,7 +14,7 @@ from ..checkpoint import Checkpoints
 from ..data import DataBundle, load_data
 from ..engine.runtime import Runtime
 from ..errors import UserError
-from ..io import append_jsonl, read_run_json, write_json, write_text
+from ..io import append_jsonl, read_run_json, sha256_json, write_json, write_text
 from ..logbook import summary_writer_class
 from ..recipe import Recipe
 from ..roles import SCRATCH, STUDENT, TEACHER, is_assistant, recipe_section
@@ -54,6 +54,34 @@ def _comparable(cfg: Optional[Dict[str, Any]]) -> Dict[str, Any]:
         if isinstance(out.get(role), dict) and "train" in out[role]:
             out[role] = {**out[role], "train": placeless(out[role]["train"])}
     return out
+
+
+def recipe_key(cfg: Dict[str, Any]) -> str:
+    """A short hash of what makes a run this run (`_comparable`): metrics.json records the one it measured."""
+    return sha256_json(_comparable(cfg))[:16]
+
+
+def metrics_out_of_date(folder: str, metrics: Any) -> Optional[str]:
+    """Why a run folder's metrics.json no longer describes its models (None when it does): a rerun that
+    rewrote recipe.yaml, or retrained a model, and stopped before its evaluation rewrote the metrics. Each
+    model's metrics record its stage fingerprint and the recipe's key (files from before have neither)."""
+    if not isinstance(metrics, dict):
+        return None
+    measured = {k: m for k, m in metrics.items() if isinstance(m, dict)}
+    stages = read_run_json(os.path.join(folder, "stages.json"), {})
+    now = {k: v.get("fingerprint") for k, v in stages.items() if isinstance(v, dict)}
+    stale = [k for k, m in measured.items() if "fingerprint" in m and m["fingerprint"] != now.get(k)]
+    if stale:
+        return f"measured earlier versions of {', '.join(stale)}, trained again since by a run that did not finish"
+    keys = {m["recipe"] for m in measured.values() if "recipe" in m}
+    if keys:
+        try:
+            current = recipe_key(Recipe.load(os.path.join(folder, "recipe.yaml")).cfg)
+        except UserError:
+            return None  # (the command that reads the recipe says what is wrong with it)
+        if keys != {current}:
+            return "measured under another recipe than its recipe.yaml, which a run that did not finish rewrote"
+    return None
 
 
 def student_tokenizer(cfg: Dict[str, Any]) -> Optional[str]:
@@ -232,13 +260,6 @@ class RunDir:
         if rec and rec["fingerprint"] == fingerprint and all(os.path.exists(self.path(f)) for f in files):
             return rec
         return None
-
-    def drop_results(self) -> None:
-        """Remove metrics.json before a stage retrains a model: it describes the models as they were, and a run
-        stopped before its evaluation would otherwise leave it beside models it never measured (report and
-        doctor then refuse the folder as unfinished, until `distill evaluate` or the run completes)."""
-        if self.runtime.is_main and os.path.isfile(self.path("metrics.json")):
-            os.remove(self.path("metrics.json"))
 
     def mark_done(self, name: str, fingerprint: str, info: Dict[str, Any]) -> None:
         if not self.runtime.is_main:

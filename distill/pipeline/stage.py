@@ -12,7 +12,6 @@ from typing import Any, Callable, Dict, Sequence
 
 from .. import __version__
 from ..io import sha256_json
-from ..roles import COMPRESS_DIR
 from .rundir import RunDir
 
 
@@ -36,8 +35,6 @@ def run_stage(run: RunDir, stage: Stage) -> Dict[str, Any]:
     run.check_checkpoints(stage.name, fingerprint)  # (before open rewrites recipe.yaml)
     run.fingerprints[stage.name] = fingerprint  # (its checkpoints carry it)
     run.open()
-    if not stage.name.startswith(COMPRESS_DIR + "/"):  # (a compress step leaves the run's models as they are)
-        run.drop_results()
     info = stage.make()
     run.mark_done(stage.name, fingerprint, info)
     run.runtime.barrier()
