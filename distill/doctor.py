@@ -539,6 +539,10 @@ def quantization_loss(run: RunView) -> List[Dict[str, Any]]:
         elif model != "compress/qat" and drops.get(("compress/qat", variant), math.inf) <= max_drop + 1e-12:
             fix = (f"deploy compress/qat's {variant} int8 variant instead (the QAT model, which loses "
                    f"{drops[('compress/qat', variant)]:.4f})")
+        elif ("compress/qat", variant) in drops:  # (QAT was run, and its int8 variant loses too)
+            fix = (f"compress/qat's {variant} variant loses {drops[('compress/qat', variant)]:.4f} too: deploy in "
+                   f"fp32, fp16 or bf16, or calibrate static int8 on more samples (--set "
+                   f"bench.calibration={run.cfg['bench']['calibration'] * 4})")
         else:
             steps = [s for s in run.cfg["compress"]["steps"] if s != "qat"] + ["qat"]
             fix = (f"quantization-aware training: --set 'compress.steps=[{', '.join(steps)}]' then "

@@ -376,6 +376,12 @@ def test_after_qat_the_suggestion_is_the_qat_models_int8_variant(runs, capsys, t
     [f] = by_rule(report, "quantization_loss")
     assert f["evidence"]["model"] == "compress/channels"
     assert "deploy compress/qat's dynamic int8 variant instead" in f["suggestion"] and "0.0050" in f["suggestion"]
+    _bench_rows(folder, [{"model": m, "variant": v, "accuracy": a} for m, v, a in [  # QAT loses too
+        ("compress/channels", "fp32", 0.9), ("compress/channels", "dynamic", 0.7),
+        ("compress/qat", "fp32", 0.9), ("compress/qat", "dynamic", 0.8)]])
+    report, _ = diagnose(folder, capsys)
+    f = {x["evidence"]["model"]: x for x in by_rule(report, "quantization_loss")}["compress/channels"]
+    assert f["suggestion"].startswith("compress/qat's dynamic variant loses 0.1000 too: deploy in fp32")
 
 
 def test_a_model_at_chance_without_a_blow_up_barely_trained(runs, capsys, tmp_path):

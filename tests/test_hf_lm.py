@@ -1223,3 +1223,12 @@ def test_top_p_is_applied_when_the_teacher_samples(llama):
     greedy = model.complete(prompts, 12)
     assert model.complete(prompts, 12, 1.0, 1e-6, seed=3) == greedy
     assert model.complete(prompts, 12, 1.0, 1.0, seed=3) != greedy
+
+
+def test_a_folder_with_a_config_alone_is_not_taken_for_a_tokenizer(tmp_path):
+    """transformers builds an empty tokenizer (every text unknown) from a bare BERT or GPT-2 config.json."""
+    import transformers
+    from distill.models.hf import load_tokenizer
+    transformers.GPT2Config(vocab_size=60, n_embd=16, n_layer=1, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="no tokenizer in the folder"):
+        load_tokenizer(str(tmp_path), "teacher.hf")

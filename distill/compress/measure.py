@@ -137,7 +137,7 @@ def write_file(model: nn.Module, variant: str, data: DataBundle, cfg: Dict[str, 
         save_folder(convert(model, variant, data, cfg), path, source, {"role": name, "precision": variant})
     elif variant in ("fp16", "bf16"):  # (with the source's header: its architecture, so that distill loads it)
         cast = convert(model, variant, data, cfg)
-        header = load_meta(source) if os.path.isfile(source) else {}  # (a transformer's folder has its config)
+        header = load_meta(source) if os.path.isfile(source) else {}  # (a transformer's folder has no such header)
         save_model(getattr(cast, "model", cast), path, {**header, "role": name, "precision": variant})
     else:
         with atomic_path(path) as tmp:

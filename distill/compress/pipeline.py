@@ -220,7 +220,9 @@ def compress(run: RunDir, teacher: Optional[nn.Module] = None, model: Optional[n
         raise UserError(f"compress.source: {run.cfg['compress']['source']} reads another tokenizer than the teacher "
                         f"(student.hf); compress works in the teacher's tokens (its fine-tunes distil the teacher's "
                         f"logits), which needs one vocabulary")
-    c = Compressor(run, teacher or load_saved(run, TEACHER), model or load_saved(run, run.cfg["compress"]["source"]))
+    teacher = teacher or load_saved(run, TEACHER)
+    model = model or load_saved(run, run.cfg["compress"]["source"])
+    c = Compressor(run, teacher, copy.deepcopy(model) if model is teacher else model)  # (QAT prepares it in place)
     if "vocab" in steps:
         path = run.cfg["data"]["tokenizer"]
         check_trimmable(c.model, load_tokenizer(path, "data.tokenizer"), path)

@@ -165,11 +165,10 @@ def tokenize_rows(path: str, cfg: Dict[str, Any], tok) -> Tuple[np.ndarray, np.n
     seqs = []
     limit = cfg["max_length"]
     for i, row in enumerate(_rows(path)):
+        texts = _texts(row, i, path, cfg, tok)
         try:
-            p, c = encode(*_texts(row, i, path, cfg, tok), tok)
+            p, c = encode(*texts, tok)
         except Exception as e:  # (the tokenizers library raises plain Exceptions: a character it has no token for)
-            if isinstance(e, UserError):
-                raise
             raise UserError(f"{path}: line {i + 1}: the tokenizer cannot encode it "
                             f"({str(e).splitlines()[0]})") from None
         _prompt_fits(len(p), limit, f"{path}: line {i + 1}")

@@ -76,19 +76,21 @@ def resolve_hf_path(spec: str, where: str) -> str:
     return spec
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
-                   "sentencepiece.bpe.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "tekken.json",
+                   "tokenizer_config.json", "special_tokens_map.json")  # (and any *.model, *.tiktoken)
 
 
 def load_tokenizer(path: str, where: str):
     if path.endswith(".gguf"):  # (its tokenizer is read from the folder it is converted into, once)
         path = gguf_folder(path, where)
+    # (checked first: transformers builds an empty tokenizer, every text unknown, from a bare config.json)
+    if os.path.isdir(path) and not any(f in TOKENIZER_FILES or f.endswith((".model", ".tiktoken"))
+                                       for f in os.listdir(path)):
+        raise UserError(f"{where}: {path}: no tokenizer in the folder ({', '.join(TOKENIZER_FILES[:4])}, ...); "
+                        f"copy the model's tokenizer files into it")
     try:
         return transformers_module().AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
-        if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
-            raise UserError(f"{where}: {path}: no tokenizer in the folder ({', '.join(TOKENIZER_FILES[:4])}, ...); "
-                            f"copy the model's tokenizer files into it") from None
         raise UserError(f"{where}: {path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
 
 

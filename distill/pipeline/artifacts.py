@@ -190,7 +190,8 @@ class HuggingFaceModels:
             data = run.data_for(role)
             longest = max(x.shape[1] for x in (data.x_train, data.x_val, data.x_test))
             if longest > context:
-                raise UserError(f"{run.cfg['data']['path']}: sequences of up to {longest} tokens, and the {role} "
+                raise UserError(f"{run.cfg['data']['path'] or 'data.dataset: ' + run.cfg['data']['dataset']}: "
+                                f"sequences of up to {longest} tokens, and the {role} "
                                 f"reads at most {context} positions (its config's n_positions); give "
                                 f"data.max_length <= {context} to refuse longer rows, or a model of a longer context")
         return model

@@ -70,7 +70,8 @@ def metrics_out_of_date(folder: str, metrics: Any) -> Optional[str]:
     measured = {k: m for k, m in metrics.items() if isinstance(m, dict)}
     stages = read_run_json(os.path.join(folder, "stages.json"), {})
     now = {k: v.get("fingerprint") for k, v in stages.items() if isinstance(v, dict)}
-    stale = [k for k, m in measured.items() if "fingerprint" in m and m["fingerprint"] != now.get(k)]
+    # (a model whose stage record is gone, with stages.json, says nothing: only another fingerprint is a change)
+    stale = [k for k, m in measured.items() if "fingerprint" in m and k in now and m["fingerprint"] != now[k]]
     if stale:
         return f"measured earlier versions of {', '.join(stale)}, trained again since by a run that did not finish"
     keys = {m["recipe"] for m in measured.values() if "recipe" in m}
