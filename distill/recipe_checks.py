@@ -43,6 +43,10 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
         if not (given or m["checkpoint"]):
             raise UserError(f"{role}: missing model; give `model: NAME`, `arch: [layers]`, `hf: FOLDER` or "
                             f"`checkpoint: FILE`")
+        built = next((k for k in ("hf", "from_teacher", "hf_config") if m[k]), None)
+        if built and m["args"]:  # (a transformer's size is its folder's config, or hf_config's)
+            raise UserError(f"{role}.args: {m['args']} does nothing with {role}.{built}; they are for registry models "
+                            f"({role}.model); remove them")
         if m["checkpoint"]:
             _need_file(m["checkpoint"], f"{role}.checkpoint", "a .safetensors file written by distill")
         m["train"] = validate_section(_merge(cfg["train"], m["train"]), TRAIN, f"{role}.train")
@@ -103,6 +107,13 @@ def _lm_checks(cfg: Dict[str, Any]) -> None:
     if cfg["compress"]["steps"] or cfg["distill"]["assistants"]:
         raise UserError("compress.steps / distill.assistants: not for language models yet (text_lm)")
     seq = cfg["distill"]["sequence_kd"]
+    idle = [("distill.sequence_kd.verify", seq["verify"], "windows of text have no answer to check"),
+            ("distill.sequence_kd.top_p", seq["top_p"] != 1.0, "the teacher writes windows at temperature alone"),
+            ("distill.vocab_align", cfg["distill"]["vocab_align"] != "none", "teacher and student read the same "
+                                                                            "characters of the text")]
+    for key, used, why in idle:  # (settings of prompt/completion data, which would silently do nothing here)
+        if used:
+            raise UserError(f"{key}: does nothing for text_lm ({why}); it is for prompt/completion data; remove it")
     if seq["windows"] and seq["prompt"] >= data["max_length"]:
         raise UserError(f"distill.sequence_kd.prompt: {seq['prompt']} characters leave nothing for the teacher to "
                         f"write in a window of data.max_length = {data['max_length']}")

@@ -650,6 +650,7 @@ def test_layer_importance_drops_the_layer_that_matters_least(llama):
     (["student.from_teacher={keep_every: 2, importance: 2}"], r"give one of layers: \[indices\], keep_every"),
     (["compress.steps=[heads]"], r"compress.steps: heads and qat are not for causal language models yet"),
     (["compress.steps=[bogus]"], r"compress.steps\[0\]: unknown step 'bogus'"),
+    (["teacher.args={layers: 2}"], r"teacher.args: \{'layers': 2\} does nothing with teacher.hf"),
     (["student.from_teacher={layers: [3, 0]}"], r"from_teacher.layers: \[3, 0\]; give the teacher layers to keep in "
                                                 r"increasing order"),
     (["distill.topk=8", "monitor.enabled=true", "monitor.retention_min=0.9", "monitor.action=lower_temperature"],

@@ -135,6 +135,8 @@ def test_bad_language_model_inputs_are_one_line_and_exit_2(tmp_path, capsys):
              "distill.sequence_kd.windows: teacher-written windows of text are for data.dataset: text_lm")
     _refused(["run", path, "--set", "distill.on_policy.fraction=0.5", *out], capsys,
              "distill.on_policy: the student completes prompts, so it is for prompt/completion data")
+    for key in ("distill.sequence_kd.verify=true", "distill.sequence_kd.top_p=0.5", "distill.vocab_align=truncate"):
+        _refused(["run", path, "--set", key, *out], capsys, f"{key.split('=')[0]}: does nothing for text_lm")
     (tmp_path / "short.txt").write_text("to be or not", encoding="utf-8")
     _refused(["run", path, "--set", "teacher.args.heads=0", *out], capsys,
              "teacher.args: heads must be a whole number >= 1, got 0 (model 'gpt')")
