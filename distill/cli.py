@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -360,7 +361,8 @@ def _load(target: Optional[str], overrides: List[str], out: Optional[str]):
 
 
 def _echo(msg: str) -> None:
-    print(msg, file=sys.stderr)
+    if is_main_process():  # (under torchrun every process runs the command: one of them speaks)
+        print(msg, file=sys.stderr)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -368,8 +370,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv
+    quiet = None if is_main_process() else open(os.devnull, "w")  # (torchrun: rank 0 alone prints results)
     try:
-        return _dispatch(parser, args)
+        with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
+            return _dispatch(parser, args)
     except UserError as e:
         if args.debug:
             raise
@@ -379,6 +383,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
+        if quiet:
+            quiet.close()
         _leave_process_group()
 
 
@@ -424,6 +430,10 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(f"{name:32s} {raw.get('description', '')}")
         return 0
 
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and args.command in ("bench", "export", "report", "doctor"):
+        raise UserError(f"distill {args.command} runs in one process (under torchrun every process would do the "
+                        f"same work{', timing against the others' if args.command == 'bench' else ''}); run it "
+                        f"without torchrun")
     if args.command in ("export", "compress", "bench", "search", "report", "doctor"):
         return {"export": _export, "compress": _compress, "bench": _bench, "search": _search,
                 "report": _report, "doctor": _doctor}[args.command](args)

@@ -57,7 +57,13 @@ def check_processes(cfg: Dict[str, Any], nproc: int) -> None:
     if nproc > max(cpus, gpus):
         raise UserError(f"--nproc {nproc}: more processes than this machine's {cpus} CPU cores"
                         f"{f' and {gpus} GPUs' if gpus else ''}; give at most {max(cpus, gpus)}")
-    Split(0, nproc, cfg["student"]["train"].get("accumulate", 1)).check(cfg["data"]["batch_size"])
+    for role in ("teacher", "student"):  # (each role's own accumulate, named as the recipe gives it)
+        accumulate = cfg[role]["train"].get("accumulate", 1)
+        try:
+            Split(0, nproc, accumulate).check(cfg["data"]["batch_size"])
+        except UserError as e:
+            key = "train.accumulate" if accumulate == cfg["train"].get("accumulate", 1) else f"{role}.train.accumulate"
+            raise UserError(str(e).replace("train.accumulate", key)) from None
 
 
 def launch(argv: List[str], nproc: int, resume: str) -> int:

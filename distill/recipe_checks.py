@@ -16,6 +16,9 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
     data = cfg["data"]
     if data["dataset"] == "npz":
         _need_file(data["path"], "data.path", "the .npz file with x_train, y_train, x_test, y_test")
+    if data["as_image"] and data["dataset"] not in ("digits", "npz"):  # (it would be silently ignored)
+        raise UserError(f"data.as_image: reads digits as 8x8 images (npz images are images already); "
+                        f"{data['dataset']} has no image layout")
     if data["dataset"] == "text_lm":
         _lm_checks(cfg)
     if cfg["distill"]["sequence_kd"]["samples"] and data["dataset"] not in COMPLETIONS:

@@ -23,6 +23,7 @@ import yaml
 
 from .errors import UserError
 from .io import save_figure, write_json, write_text
+from .launch import is_main_process
 from .recipe import Recipe
 from .roles import SCRATCH
 
@@ -81,9 +82,11 @@ def search(recipe: Recipe, grid: Dict[str, List[Any]], overrides: Sequence[str],
                      "time_s": round(time.perf_counter() - t0, 1)})
     best = max(rows, key=lambda r: r["val_accuracy"])  # ties: the first in grid order
     best_sets = _sets(overrides, {k: best[k] for k in keys})
-    write_text(os.path.join(out, "best.yaml"), Recipe.load(recipe.source, best_sets).to_yaml())
     table = format_search(rows, keys, best)
     result = {"grid": grid, "trials": rows, "best": {k: best[k] for k in keys}, "table": table}
+    if not is_main_process():  # (under torchrun every process ran the trials; rank 0 writes)
+        return result
+    write_text(os.path.join(out, "best.yaml"), Recipe.load(recipe.source, best_sets).to_yaml())
     write_json(os.path.join(out, "search.json"), result)
     write_text(os.path.join(out, "search.md"), table + "\n")
     if not plot_search(rows, keys, os.path.join(out, "search.png")):
@@ -346,8 +349,9 @@ def write_tpe(recipe: Recipe, space: Dict[str, Dict[str, Any]], overrides: Seque
         raise UserError("--pruner: every trial was pruned; use --pruner none or more --pruner-startup-trials")
     best = max(done, key=lambda r: r["val_accuracy"])  # ties: the first in trial order
     keys = list(space)
-    write_text(os.path.join(out, "best.yaml"),
-               Recipe.load(recipe.source, _sets(overrides, {k: best[k] for k in keys})).to_yaml())
+    if is_main_process():  # (under torchrun every process ran the trials; rank 0 writes)
+        write_text(os.path.join(out, "best.yaml"),
+                   Recipe.load(recipe.source, _sets(overrides, {k: best[k] for k in keys})).to_yaml())
     trained = sum(r["epochs"] for r in rows)
     budget = sum(r["budget_epochs"] for r in rows if not r.get("reused"))  # (pruning saved nothing of those)
     pruned, reused = len(rows) - len(done), sum(1 for r in rows if r.get("reused"))
@@ -359,6 +363,8 @@ def write_tpe(recipe: Recipe, space: Dict[str, Dict[str, Any]], overrides: Seque
     result = {**info, "trials": rows, "best": {k: best[k] for k in keys}, "best_trial": best["trial"],
               "pruned": pruned, "epochs_trained": trained, "epochs_budget": budget, "time_s": round(seconds, 1),
               "table": table, "summary": summary}
+    if not is_main_process():
+        return result
     write_json(os.path.join(out, "search.json"), result)
     write_text(os.path.join(out, "search.md"), table + "\n\n" + summary + "\n")
     if not plot_tpe(rows, space, os.path.join(out, "search.png")):

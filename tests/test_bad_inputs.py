@@ -184,6 +184,18 @@ CASES = {
                             "6 class indices below the largest label 9 never occur (the first: 1)"),
     "csv of labels only": (lambda t: [_csv_recipe(t, "label\nx\ny\n")], "the label column is its only column"),
     "csv ragged row": (lambda t: [_csv_recipe(t, "a,b,label\n1,2,x\n3,y\n")], "line 3 has 2 fields, the header has 3"),
+    "csv row without a label": (lambda t: [_csv_recipe(t, "a,label\n1,x\n2,\n3,y\n")],
+                                "d.csv: line 3: empty 'label' (data.label_column)"),
+    "npz splits of two pixel types": (lambda t: [_npz_recipe(t, x_test=np.zeros((12, 8, 8), np.float32))],
+                                      "x_train is uint8 and x_test float32"),
+    "tabular data as images": (lambda t: [recipe_with(t, TABULAR), "--set", "data.as_image=true"],
+                               "data.as_image: reads digits as 8x8 images"),
+    "fewer training rows than micro-batches": (lambda t: [recipe_with(t, TABULAR), "--set", "data.val_fraction=0.992",
+                                                          "--set", "train.accumulate=4"],
+                                               "training samples, too few for processes x train.accumulate = 1 x 4"),
+    "teacher accumulation too large for the processes": (
+        lambda t: [recipe_with(t, GOOD), "--nproc", "2", "--set", "data.batch_size=16", "--set",
+                   "teacher.train.accumulate=16"], "teacher.train.accumulate = 2 x 16 micro-batches"),
     # models
     "code in a layer spec": (lambda t: [recipe_with(t, GOOD.replace("model: mlp, args: {hidden: [8]}",
                                                                     "arch: [\"__import__('os').system('id')\"]"))],

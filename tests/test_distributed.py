@@ -264,3 +264,17 @@ def test_a_hung_process_stops_the_other_after_the_collective_timeout(tmp_path):
     assert code == 1 and "error: process 0: lost the other processes" in err, err[-2000:]
     assert f"continue with: distill run {out} --nproc 2 --resume" in err
     torch.load(sorted((out / "checkpoints" / "teacher").glob("step-*.pt"))[-1], weights_only=True)
+
+
+@pytest.mark.parametrize("command", ["bench", "export", "report", "doctor"])
+def test_one_process_commands_under_torchrun_are_refused(command, monkeypatch, capsys, tmp_path):
+    """Under torchrun every process runs the command: a bench would time against the others, and each would
+    write the same files; rank 0 alone prints what a command prints."""
+    from distill.cli import main
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main([command, str(tmp_path), *(["--format", "onnx"] if command == "export" else [])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"process 0: distill {command} runs in one process" in err[0], err
+    monkeypatch.setenv("RANK", "1")  # (another process: it prints nothing of its own)
+    assert main(["recipes"]) == 0 and capsys.readouterr().out == ""

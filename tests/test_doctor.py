@@ -34,7 +34,7 @@ PROBLEMS = {
     "overconfident_soft_labels": [TEACHER, "distill.temperature=0.1"],
     "capacity_gap": [TEACHER, "student.args.hidden=[3]"],  # 41x fewer parameters than the teacher
     "unstable_loss": ["teacher.train.optimizer.lr=0.1"],  # 33x the healthy lr
-    # 80 training rows (pool of 200: 40 test, then half of the rest for validation), 60 epochs
+    # 100 training rows (a subset of 200, half of them for validation; the test split stays whole), 60 epochs
     "overfitting": ["data.train_subset=200", "data.val_fraction=0.5", "teacher.train.epochs=60", "train.epochs=60"],
     "student_too_small": [TEACHER, "student.args.hidden=[2]"],
     # digits as an .npz whose test split has outliers the training rows never show (see write_outliers)

@@ -181,9 +181,10 @@ def test_train_subset_is_stratified_and_repeatable():
     cfg = Recipe.from_dict({"data": {"train_subset": 500}, "teacher": {"model": "mlp"},
                             "student": {"model": "mlp"}})["data"]
     a, b = load_data(cfg), load_data(cfg)
-    n = len(a.y_train) + len(a.y_val) + len(a.y_test)
-    assert n == 500 and a.fingerprint == b.fingerprint
+    assert len(a.y_train) + len(a.y_val) == 500 and a.fingerprint == b.fingerprint
     assert set(a.y_train.tolist()) == set(range(10))
+    whole = load_data({**cfg, "train_subset": None})  # a subset of the training rows: the same test split
+    assert a.y_test.tolist() == whole.y_test.tolist() and len(a.y_test) == 360  # (normalised by other statistics)
 
 
 def test_python_api_slips_are_user_errors(tmp_path):

@@ -107,6 +107,9 @@ def _npz(cfg: Dict[str, Any]) -> Raw:
             arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot read as .npz ({e})") from None
+    if (arrays["x_train"].dtype == np.uint8) != (arrays["x_test"].dtype == np.uint8):  # (uint8 is read as /255)
+        raise UserError(f"{path}: x_train is {arrays['x_train'].dtype} and x_test {arrays['x_test'].dtype}; uint8 "
+                        f"pixels are scaled to [0, 1] and other types are read as they are, so give both one type")
     x_train, x_test = _as_nchw(arrays["x_train"], path), _as_nchw(arrays["x_test"], path)
     if x_train.shape[1:] != x_test.shape[1:]:
         raise UserError(f"{path}: x_test's samples are shaped {x_test.shape[1:]} and x_train's {x_train.shape[1:]}; "
@@ -166,6 +169,8 @@ def _read_csv(path: str, label: str) -> tuple:
     for r, row in enumerate(body):
         if len(row) != len(header):
             raise UserError(f"{path}: line {r + 2} has {len(row)} fields, the header has {len(header)}")
+        if not row[li].strip():  # (else '' would silently be a class of its own)
+            raise UserError(f"{path}: line {r + 2}: empty '{label}' (data.label_column); every row needs its class")
         for c, value in enumerate(v for i, v in enumerate(row) if i != li):
             try:
                 x[r, c] = float(value)
@@ -209,13 +214,12 @@ def load_data(cfg: Dict[str, Any]) -> DataBundle:
     if raw.x_test is not None:
         _check_inputs(raw.x_test, raw.y_test, "test", cfg)
     y_all = _as_labels(raw.y_train, cfg, "y_train")
-    x_all = raw.x_train
-    if cfg["train_subset"] and cfg["train_subset"] < len(y_all):
-        x_all, _, y_all, _ = _split(x_all, y_all, cfg, "train_subset", train_size=cfg["train_subset"])
     if raw.x_test is None:
-        x_tr, x_te, y_tr, y_te = _split(x_all, y_all, cfg, "test_fraction", test_size=cfg["test_fraction"])
+        x_tr, x_te, y_tr, y_te = _split(raw.x_train, y_all, cfg, "test_fraction", test_size=cfg["test_fraction"])
     else:
-        x_tr, y_tr, x_te, y_te = x_all, y_all, raw.x_test, _as_labels(raw.y_test, cfg, "y_test")
+        x_tr, y_tr, x_te, y_te = raw.x_train, y_all, raw.x_test, _as_labels(raw.y_test, cfg, "y_test")
+    if cfg["train_subset"] and cfg["train_subset"] < len(y_tr):  # (of the training rows: the test split stays whole)
+        x_tr, _, y_tr, _ = _split(x_tr, y_tr, cfg, "train_subset", train_size=cfg["train_subset"])
     num_classes = _check_labels(y_tr, y_te, cfg, raw.class_names)
     if cfg["val_fraction"]:
         x_tr, x_va, y_tr, y_va = _split(x_tr, y_tr, cfg, "val_fraction", test_size=cfg["val_fraction"])

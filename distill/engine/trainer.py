@@ -163,6 +163,11 @@ class Trainer:
     def _check_split(self) -> None:
         split = self.split
         split.check(self.data_cfg["batch_size"])
+        n, least = len(self.data.y_train), 2 * split.parts
+        if split.parts > 1 and n < least:  # (an epoch of one batch, cut into micro-batches of which some are empty)
+            raise UserError(f"{self.role}: {n} training samples, too few for processes x train.accumulate = "
+                            f"{split.world} x {split.accumulate} micro-batches of two samples or more (at least "
+                            f"{least}); use fewer processes or less accumulation, or more training data")
         if split.world > 1 and any(f["loss"] == "crd" for f in getattr(self.objective, "features", [])):
             raise UserError("distill.features: crd keeps one memory bank of the whole training set, which one "
                             "process updates; train CRD in a single process (without --nproc)")
