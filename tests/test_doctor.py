@@ -192,7 +192,7 @@ def test_overfitting_without_train_accuracy_in_the_log_measures_it(runs, capsys,
         fh.writelines(json.dumps({k: v for k, v in r.items() if k != "train_accuracy"}) + "\n" for r in lines)
     report, _ = diagnose(folder, capsys)
     ev = {f["evidence"]["role"]: f["evidence"] for f in by_rule(report, "overfitting")}["teacher"]
-    assert ev["source"].startswith("computed") and ev["train_accuracy"] == 1.0 and ev["gap"] > 0.1
+    assert ev["source"].startswith("computed") and ev["train_accuracy"] > 0.95 and ev["gap"] > 0.1
 
 
 def test_student_too_small(runs, capsys):
