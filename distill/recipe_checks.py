@@ -16,6 +16,9 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
     data = cfg["data"]
     if data["dataset"] == "npz":
         _need_file(data["path"], "data.path", "the .npz file with x_train, y_train, x_test, y_test")
+    if data["train_subset"] and data["dataset"] in LM_DATASETS:  # (their rows are made elsewhere: it did nothing)
+        raise UserError(f"data.train_subset: not applied to language-model data ({data['dataset']}); give a "
+                        f"shorter file instead")
     if data["as_image"] and data["dataset"] not in ("digits", "npz"):  # (it would be silently ignored)
         raise UserError(f"data.as_image: reads digits as 8x8 images (npz images are images already); "
                         f"{data['dataset']} has no image layout")

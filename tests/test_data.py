@@ -197,3 +197,14 @@ def test_the_teacher_and_scratch_train_on_the_labels_and_the_student_on_every_in
             last[r["model"]] = r["step"]
     # one epoch: 244 labelled digits are 4 batches of 64; the student's 1,221 (labelled or not) are 20
     assert last == {"teacher": 4, "student_scratch": 4, "student": 20}
+
+
+def test_npz_of_uint8_training_pixels_and_test_pixels_already_in_0_1_loads(tmp_path):
+    """uint8 pixels are scaled to [0, 1]; a float split already there is the same scale (a float split on
+    0..255 beside uint8 is refused: tests/test_bad_inputs.py)."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (52, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x_train=x[:40], y_train=np.arange(40) % 4, x_test=x[40:].astype(np.float32) / 255,
+             y_test=np.arange(12) % 4)
+    d = load_data(data_cfg(dataset="npz", path=str(tmp_path / "d.npz"), transforms={"normalize": False}))
+    assert float(d.x_train.max()) <= 1 and float(d.x_test.max()) <= 1 and float(d.x_test.max()) > 0.5

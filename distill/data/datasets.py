@@ -107,7 +107,9 @@ def _npz(cfg: Dict[str, Any]) -> Raw:
             arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot read as .npz ({e})") from None
-    if (arrays["x_train"].dtype == np.uint8) != (arrays["x_test"].dtype == np.uint8):  # (uint8 is read as /255)
+    other = arrays["x_test" if arrays["x_train"].dtype == np.uint8 else "x_train"]
+    if (arrays["x_train"].dtype == np.uint8) != (arrays["x_test"].dtype == np.uint8) and other.size \
+            and float(np.nanmax(np.abs(other))) > 1.5:  # (uint8 is read as /255: the other split is on 0..255)
         raise UserError(f"{path}: x_train is {arrays['x_train'].dtype} and x_test {arrays['x_test'].dtype}; uint8 "
                         f"pixels are scaled to [0, 1] and other types are read as they are, so give both one type")
     x_train, x_test = _as_nchw(arrays["x_train"], path), _as_nchw(arrays["x_test"], path)

@@ -39,7 +39,7 @@ def cnn(input_shape: Tuple[int, ...], num_classes: int, channels: Sequence[int] 
     """The seed design's CNN: [Conv3x3-ReLU-MaxPool2] per channel width, then FC-ReLU and the classifier."""
     if len(input_shape) != 3:
         raise ValueError(f"needs images (channels, height, width), and these inputs have shape {tuple(input_shape)}: "
-                         f"set data.as_image: true, or use mlp")
+                         f"use mlp (digits can be read as images: data.as_image: true)")
     whole("channels", channels)
     whole("hidden", hidden)
     c, h, w = input_shape
