@@ -454,8 +454,9 @@ def compression_section(folder: str) -> str:
                 + table(["step", "params", "file KB", "val accuracy", "details"], rows, numeric_to=4))
     bench = read_run_json(os.path.join(folder, "bench", "bench.json"))
     if isinstance(bench, dict) and isinstance(bench.get("results"), list) and bench["results"]:
-        from .compress.bench import is_stale, model_versions
-        versions = model_versions(folder)
+        from .compress.bench import is_stale
+        from .pipeline.rundir import stage_fingerprints
+        versions = stage_fingerprints(folder)
         stale = [isinstance(r, dict) and is_stale(r, versions) for r in bench["results"]]
         pareto = os.path.join(folder, "bench", "pareto.png")
         if os.path.isfile(pareto):

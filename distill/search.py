@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import yaml
 
@@ -81,17 +81,23 @@ def search(recipe: Recipe, grid: Dict[str, List[Any]], overrides: Sequence[str],
                      "selected_epoch": results["student"].get("selected_epoch"),
                      "time_s": round(time.perf_counter() - t0, 1)})
     best = max(rows, key=lambda r: r["val_accuracy"])  # ties: the first in grid order
-    best_sets = _sets(overrides, {k: best[k] for k in keys})
     table = format_search(rows, keys, best)
     result = {"grid": grid, "trials": rows, "best": {k: best[k] for k in keys}, "table": table}
-    if not is_main_process():  # (under torchrun every process ran the trials; rank 0 writes)
-        return result
-    write_text(os.path.join(out, "best.yaml"), Recipe.load(recipe.source, best_sets).to_yaml())
-    write_json(os.path.join(out, "search.json"), result)
-    write_text(os.path.join(out, "search.md"), table + "\n")
-    if not plot_search(rows, keys, os.path.join(out, "search.png")):
-        echo(NO_PLOT)
+    write_results(recipe, overrides, out, result, table, lambda path: plot_search(rows, keys, path), echo)
     return result
+
+
+def write_results(recipe: Recipe, overrides: Sequence[str], out: str, result: Dict[str, Any], markdown: str,
+                  plot: Callable[[str], bool], echo=print) -> None:
+    """A finished search's best.yaml (the recipe with the best values), search.json, search.md and
+    search.png; from rank 0 alone (under torchrun every process ran the trials)."""
+    if not is_main_process():
+        return
+    write_text(os.path.join(out, "best.yaml"), Recipe.load(recipe.source, _sets(overrides, result["best"])).to_yaml())
+    write_json(os.path.join(out, "search.json"), result)
+    write_text(os.path.join(out, "search.md"), markdown + "\n")
+    if not plot(os.path.join(out, "search.png")):
+        echo(NO_PLOT)
 
 
 def format_search(rows: List[Dict[str, Any]], keys: List[str], best: Dict[str, Any]) -> str:
@@ -349,9 +355,6 @@ def write_tpe(recipe: Recipe, space: Dict[str, Dict[str, Any]], overrides: Seque
         raise UserError("--pruner: every trial was pruned; use --pruner none or more --pruner-startup-trials")
     best = max(done, key=lambda r: r["val_accuracy"])  # ties: the first in trial order
     keys = list(space)
-    if is_main_process():  # (under torchrun every process ran the trials; rank 0 writes)
-        write_text(os.path.join(out, "best.yaml"),
-                   Recipe.load(recipe.source, _sets(overrides, {k: best[k] for k in keys})).to_yaml())
     trained = sum(r["epochs"] for r in rows)
     budget = sum(r["budget_epochs"] for r in rows if not r.get("reused"))  # (pruning saved nothing of those)
     pruned, reused = len(rows) - len(done), sum(1 for r in rows if r.get("reused"))
@@ -363,12 +366,8 @@ def write_tpe(recipe: Recipe, space: Dict[str, Dict[str, Any]], overrides: Seque
     result = {**info, "trials": rows, "best": {k: best[k] for k in keys}, "best_trial": best["trial"],
               "pruned": pruned, "epochs_trained": trained, "epochs_budget": budget, "time_s": round(seconds, 1),
               "table": table, "summary": summary}
-    if not is_main_process():
-        return result
-    write_json(os.path.join(out, "search.json"), result)
-    write_text(os.path.join(out, "search.md"), table + "\n\n" + summary + "\n")
-    if not plot_tpe(rows, space, os.path.join(out, "search.png")):
-        echo(NO_PLOT)
+    write_results(recipe, overrides, out, result, table + "\n\n" + summary, lambda path: plot_tpe(rows, space, path),
+                  echo)
     return result
 
 

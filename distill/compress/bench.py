@@ -113,7 +113,8 @@ def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
             echo(f"bench: {name} {variant}: " + (r["error"] if "error" in r else
                                                   f"accuracy {r['accuracy']:.4f}, p50 {r['p50_ms']:.3f} ms"
                                                   + (" per token" if lm else "")))
-    versions = model_versions(folder)
+    from ..pipeline.rundir import stage_fingerprints
+    versions = stage_fingerprints(folder)
     for r in results:  # (which version of each model was measured: report and doctor flag it once retrained)
         r["fingerprint"] = versions.get(r["model"])
     summary = summarise(results, cfg["bench"]["max_accuracy_drop"])
@@ -130,13 +131,7 @@ def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
     return out
 
 
-def model_versions(folder: str) -> Dict[str, str]:
-    """Each saved model's stage fingerprint (stages.json), which changes when the model is trained again."""
-    stages = read_run_json(os.path.join(folder, "stages.json"), {})
-    return {k: v["fingerprint"] for k, v in stages.items() if isinstance(v, dict) and "fingerprint" in v}
-
-
-def is_stale(row: Dict[str, Any], versions: Dict[str, str]) -> bool:
+def is_stale(row: Dict[str, Any], versions: Dict[str, Optional[str]]) -> bool:
     """A bench row measured on an earlier version of its model (retrained, re-compressed, or gone since)."""
     return "fingerprint" in row and row["fingerprint"] != versions.get(row.get("model"))
 

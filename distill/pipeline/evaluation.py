@@ -20,7 +20,7 @@ def evaluated(cfg: Dict[str, Any]) -> list:
 
 def evaluate(run: RunDir) -> Dict[str, Any]:
     ecfg = run.cfg["evaluate"]
-    stages = run.stages()
+    stages, key = run.stages(), recipe_key(run.cfg)
     metrics, models = {}, {}
     for name in evaluated(run.cfg):
         model, data = load_saved(run, name), run.data_for(name)  # (a student may read its own tokens)
@@ -33,7 +33,7 @@ def evaluate(run: RunDir) -> Dict[str, Any]:
         extra = stages.get(name, {})
         # (the fingerprint: which version of the model this measured; require_run compares it with stages.json)
         m.update({k: extra[k] for k in ("val_accuracy", "selected_epoch", *TIMINGS, "fingerprint") if k in extra})
-        m["recipe"] = recipe_key(run.cfg)
+        m["recipe"] = key
         metrics[name] = m
     if not run.cfg["baseline"]:
         metrics[SCRATCH] = {"skipped": True}  # baseline: false; tables, report and doctor say so

@@ -61,6 +61,12 @@ def recipe_key(cfg: Dict[str, Any]) -> str:
     return sha256_json(_comparable(cfg))[:16]
 
 
+def stage_fingerprints(folder: str) -> Dict[str, Optional[str]]:
+    """Each stage's fingerprint in a run folder's stages.json (a model's changes when it is trained again)."""
+    stages = read_run_json(os.path.join(folder, "stages.json"), {})
+    return {k: v.get("fingerprint") for k, v in stages.items() if isinstance(v, dict)}
+
+
 def metrics_out_of_date(folder: str, metrics: Any) -> Optional[str]:
     """Why a run folder's metrics.json no longer describes its models (None when it does): a rerun that
     rewrote recipe.yaml, or retrained a model, and stopped before its evaluation rewrote the metrics. Each
@@ -68,8 +74,7 @@ def metrics_out_of_date(folder: str, metrics: Any) -> Optional[str]:
     if not isinstance(metrics, dict):
         return None
     measured = {k: m for k, m in metrics.items() if isinstance(m, dict)}
-    stages = read_run_json(os.path.join(folder, "stages.json"), {})
-    now = {k: v.get("fingerprint") for k, v in stages.items() if isinstance(v, dict)}
+    now = stage_fingerprints(folder)
     # (a model whose stage record is gone, with stages.json, says nothing: only another fingerprint is a change)
     stale = [k for k, m in measured.items() if "fingerprint" in m and k in now and m["fingerprint"] != now[k]]
     if stale:
