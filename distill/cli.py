@@ -8,7 +8,7 @@ import re
 import sys
 from typing import Iterator, List, Optional
 
-from .launch import is_main_process
+from .launch import is_main_process, under_torchrun
 from .errors import UserError
 from .roles import MODELS_OUT, SCRATCH, STUDENT, TEACHER
 
@@ -409,7 +409,7 @@ def _resume_hint(args: argparse.Namespace, folder: str):
 
 def _who() -> str:
     """`process R: ` under torchrun (each process reports its own errors), else nothing."""
-    return f"process {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+    return f"process {os.environ['RANK']}: " if under_torchrun() else ""
 
 
 def _leave_process_group() -> None:
@@ -430,7 +430,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(f"{name:32s} {raw.get('description', '')}")
         return 0
 
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and args.command in ("bench", "export", "report", "doctor"):
+    if under_torchrun() and args.command in ("bench", "export", "report", "doctor"):
         raise UserError(f"distill {args.command} runs in one process (under torchrun every process would do the "
                         f"same work{', timing against the others' if args.command == 'bench' else ''}); run it "
                         f"without torchrun")

@@ -15,10 +15,15 @@ from typing import Any, Dict, List
 from .errors import UserError
 
 
+def under_torchrun() -> bool:
+    """One of several processes torchrun started (readable before any Runtime exists)."""
+    return int(os.environ.get("WORLD_SIZE", 1)) > 1
+
+
 def is_main_process() -> bool:
     """Rank 0 of the job torchrun started, or a plain process: the one that writes and prints (readable before
     any Runtime exists, and after one failed to start)."""
-    return int(os.environ.get("WORLD_SIZE", 1)) <= 1 or int(os.environ.get("RANK", 0)) == 0
+    return not under_torchrun() or int(os.environ.get("RANK", 0)) == 0
 
 
 def child_argv(argv: List[str]) -> List[str]:
