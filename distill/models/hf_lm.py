@@ -52,7 +52,7 @@ class HFCausalLM(HFWrapper):
         """The most positions the model can read when it learnt a table of position embeddings (GPT-2's
         n_positions: one more is an index error); None for rotary positions, which have no such table."""
         c = self.hf.config
-        rotary = getattr(c, "position_embedding_type", "absolute") != "absolute" or getattr(c, "rotary_dim", None)
+        rotary = getattr(c, "position_embedding_type", "absolute") != "absolute" or uses_rotary(c)
         return None if rotary else getattr(c, "n_positions", None)
 
     @property
