@@ -8,7 +8,7 @@ import re
 import sys
 from typing import Iterator, List, Optional
 
-from .launch import is_main_process, under_torchrun
+from .launch import is_main_process, report_error, under_torchrun
 from .errors import UserError
 from .roles import MODELS_OUT, SCRATCH, STUDENT, TEACHER
 
@@ -286,17 +286,19 @@ def _export(args: argparse.Namespace) -> int:
     from .compress.export import SUFFIX, export_model
     from .data import load_data
     from .io import load_meta, out_path, read_run_json, write_json
-    from .pipeline.artifacts import load_model_at, require_saved
+    from .pipeline.artifacts import load_model_at, require_same_data, require_saved
     from .compress.measure import is_hf_lm
-    from .pipeline.rundir import data_cfg_for
+    from .pipeline.rundir import data_cfg_for, stage_fingerprints
     recipe, folder = _run_folder(args.target, [])
     record = os.path.join(folder, "export", "exports.json")
     exports = read_run_json(record, {})  # (read first: a corrupt record is refused before anything is written)
     if args.model not in MODEL_NAMES and not re.fullmatch(r"compress/\w[\w.-]*", args.model):
         raise UserError(f"--model {args.model}: choose student, student_scratch, teacher or compress/NAME")
     path = require_saved(folder, args.model)
-    model = load_model_at(path, args.model)
     data = load_data(data_cfg_for(recipe.cfg, args.model))  # (a student of another tokenizer: its own tokens)
+    require_same_data(folder, args.model, data)  # (the export is checked on test inputs)
+    model = load_model_at(path, args.model)
+    version = stage_fingerprints(folder).get(args.model)  # (which version of the model the record is of)
     _refuse_run_file(args.out, folder, "export")
     out = out_path(args.out) if args.out else \
         os.path.join(folder, "export", args.model.replace("/", "-") + SUFFIX.get(args.format, ""))
@@ -319,7 +321,7 @@ def _export(args: argparse.Namespace) -> int:
                                 f"folder already ({path}), which plain transformers loads")
             raise UserError(f"--format hf: for the registry's gpt language models; {args.model} is a "
                             f"'{saved['spec'].get('model')}' model (export it as onnx, torchscript or safetensors)")
-        info = export_gpt2(model, data.class_names, data.x_test[:8], out, meta)
+        info = {**export_gpt2(model, data.class_names, data.x_test[:8], out, meta), "fingerprint": version}
         write_json(record, {**exports, f"{args.model}.hf": info})
         print(f"{args.model} -> {out}/ (GPT-2 layout, {info['size_bytes'] / 1024:,.1f} KB); logits match within "
               f"{info['max_abs_diff']:.2g} and greedy tokens are equal on {info['checked_on']} test windows")
@@ -333,7 +335,7 @@ def _export(args: argparse.Namespace) -> int:
     if bake and data.stats:
         shape = (1, -1, 1, 1) if data.image else (1, -1)
         x = (x * torch.tensor(data.stats["std"]).reshape(shape) + torch.tensor(data.stats["mean"]).reshape(shape))
-    info = export_model(model, x, args.format, out, meta, prep if bake else None)
+    info = {**export_model(model, x, args.format, out, meta, prep if bake else None), "fingerprint": version}
     write_json(record, {**exports, f"{args.model}.{args.format}": info})
     if info["preprocessing"] == "baked":
         takes = "takes raw inputs (normalisation baked in)"
@@ -377,7 +379,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as e:
         if args.debug:
             raise
-        print(f"error: {_who()}{e}", file=sys.stderr)
+        if not report_error(str(e)):  # (under --nproc the launcher says it, once for every process)
+            print(f"error: {_who()}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -135,11 +135,15 @@ class RunView:
         return load_data(self.cfg["data"])
 
     def model(self, role: str):
-        from .pipeline.artifacts import load_model_at, require_saved
+        from .pipeline.artifacts import load_model_at, require_same_data, require_saved
         try:
             path = require_saved(self.folder, role)
         except UserError:
             raise Skip(f"the saved {role} model is missing") from None
+        try:
+            require_same_data(self.folder, role, self.data)
+        except UserError:
+            raise Skip(f"the {role} was trained on other data than the recipe gives now") from None
         return load_model_at(path, role)
 
     def train_accuracy(self, roles: Tuple[str, ...]) -> Tuple[Dict[str, float], str]:

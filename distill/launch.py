@@ -7,9 +7,12 @@ Several machines use torchrun itself, the same command on each (see README):
 """
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from typing import Any, Dict, List
 
 from .errors import UserError
@@ -71,9 +74,34 @@ def check_processes(cfg: Dict[str, Any], nproc: int) -> None:
             raise UserError(str(e).replace("train.accumulate", key)) from None
 
 
+ERRORS = "DISTILL_ERRORS"  # a folder the launcher gives its processes: each writes its user mistake there
+
+
+def report_error(message: str) -> bool:
+    """Under `--nproc`, a process's user mistake goes to the launcher, which says it once for all of them
+    (they nearly always find the same one); False where there is no launcher to tell (plain torchrun)."""
+    folder = os.environ.get(ERRORS)
+    if not (folder and under_torchrun() and os.path.isdir(folder)):
+        return False
+    with open(os.path.join(folder, os.environ["RANK"]), "w") as fh:
+        fh.write(message)
+    return True
+
+
+def _said(folder: str) -> List[str]:
+    """The processes' user mistakes: one line when they agree, else one per process."""
+    said: Dict[str, List[str]] = {}
+    for rank in sorted(os.listdir(folder), key=int):
+        with open(os.path.join(folder, rank)) as fh:
+            said.setdefault(fh.read(), []).append(rank)
+    if len(said) == 1:
+        return [f"error: {next(iter(said))}"]
+    return [f"error: process{'es' if len(r) > 1 else ''} {', '.join(r)}: {m}" for m, r in said.items()]
+
+
 def launch(argv: List[str], nproc: int, resume: str) -> int:
-    """Run `distill ARGV` in `nproc` processes; returns the exit code for the user (2: a user mistake the
-    processes already reported; 130: interrupted; 1: a process died)."""
+    """Run `distill ARGV` in `nproc` processes; returns the exit code for the user (2: a user mistake, said
+    once; 130: interrupted; 1: a process died)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -81,13 +109,20 @@ def launch(argv: List[str], nproc: int, resume: str) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     args = parse_args(["--standalone", "--nnodes=1", f"--nproc-per-node={nproc}", "--max-restarts=0",
                        "--module", "distill", *argv])
+    errors = os.environ[ERRORS] = tempfile.mkdtemp(prefix="distill-errors-")
+    # (torchrun's own log lines of a failed process repeat, less clearly, what is said below)
+    elastic = logging.getLogger("torch.distributed.elastic")
+    level = elastic.level
+    elastic.setLevel(logging.CRITICAL)
     try:
         run(args)
         return 0
     except ChildFailedError as e:
         codes = [f.exitcode for f in e.failures.values()]
-        if 2 in codes:
-            return 2  # a user mistake: the processes said which in one line
+        if 2 in codes:  # a user mistake
+            for line in _said(errors):
+                print(line, file=sys.stderr)
+            return 2
         if all(c == 130 for c in codes):
             return 130  # interrupted: the main process said where it stopped and how to continue
         print(f"error: {_describe(e.failures)}; the other processes were stopped and the last checkpoint is "
@@ -97,3 +132,7 @@ def launch(argv: List[str], nproc: int, resume: str) -> int:
         print(f"interrupted ({signal.Signals(e.sigval).name}); continue with: {resume}",
               file=sys.stderr)
         return 130
+    finally:
+        elastic.setLevel(level)
+        del os.environ[ERRORS]
+        shutil.rmtree(errors, ignore_errors=True)

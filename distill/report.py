@@ -400,10 +400,12 @@ def confusion_section(plt: Any, recipe: Any, folder: str) -> str:
     """Load the three saved models and count their test-split predictions per true class."""
     import numpy as np
     from .data import load_data
-    from .pipeline.artifacts import load_model_at, require_saved
+    from .pipeline.artifacts import load_model_at, require_same_data, require_saved
     from .engine.inference import predict
     try:
         data = load_data(recipe.cfg["data"])
+        for r in MAIN_ROLES:
+            require_same_data(folder, r, data)
         models = [(r, load_model_at(require_saved(folder, r), r)) for r in MAIN_ROLES]
     except UserError as e:
         return note(f"Not available: {e}")

@@ -394,3 +394,31 @@ def test_full_disk_keeps_the_earlier_result(tmp_path, capsys, monkeypatch):
         path = os.path.join(out, name)
         assert after[path] == before[path], name  # the earlier result is intact
     assert not [f for f in after if f.endswith(".tmp")]
+
+
+def test_models_are_measured_only_on_the_data_they_were_trained_beside(tmp_path, capsys):
+    """After the run's CSV is edited, the test split holds other rows, some the saved models trained on:
+    evaluate, compress, bench and export refuse in one line naming the model, the report leaves out its
+    confusion matrices, and nothing is written. A setting that leaves the splits alone (the batch size) passes."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    rows = ["label," + ",".join(f"p{i}" for i in range(64))]
+    rows += [f"{y}," + ",".join(str(int(v)) for v in x) for x, y in zip(digits.data[:300], digits.target[:300])]
+    csv = tmp_path / "d.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    p = recipe_with(tmp_path, TABULAR.replace("dataset: breast_cancer", f"dataset: csv, path: {csv}"))
+    out = str(tmp_path / "run")
+    assert main(["run", p, "--out", out]) == 0
+    assert main(["evaluate", out, "--set", "data.batch_size=16", "--overwrite"]) == 0  # (the same splits)
+    capsys.readouterr()
+    csv.write_text("\n".join(rows[:1] + rows[101:] + rows[1:101]) + "\n")  # the same rows, in another order
+    before = files(out)
+    for args in (["evaluate", out], ["compress", out, "--set", "compress.steps=[qat]"], ["bench", out],
+                 ["export", out, "--format", "safetensors"]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert "trained on other data than the recipe gives now" in err and "distill run" in err, (args, err)
+        assert len(err.splitlines()) == 1 and any(f"{os.path.join(out, m)}: " in err for m in ("teacher", "student"))
+    assert files(out) == before
+    assert main(["report", out, "--out", str(tmp_path / "r.html")]) == 0
+    assert "trained on other data than the recipe gives now" in (tmp_path / "r.html").read_text()

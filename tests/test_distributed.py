@@ -278,3 +278,22 @@ def test_one_process_commands_under_torchrun_are_refused(command, monkeypatch, c
     assert len(err) == 1 and f"process 0: distill {command} runs in one process" in err[0], err
     monkeypatch.setenv("RANK", "1")  # (another process: it prints nothing of its own)
     assert main(["recipes"]) == 0 and capsys.readouterr().out == ""
+
+
+def test_a_mistake_every_process_finds_is_said_once(tmp_path):
+    """Each of the --nproc processes finds the user's mistake; the launcher says it once, in one line, with
+    neither a line per process nor torchrun's own log lines of the failed processes."""
+    code, _, err = distill("run", "digits", "--out", str(tmp_path / "run"), "--nproc", "2", "--set",
+                           "data.val_fraction=0.99", timeout=120)
+    assert code == 2 and err.strip().splitlines() == [err.strip()], err[-2000:]
+    assert err.startswith("error: data.label_fraction=0.2: cannot split 14 rows"), err
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_mistakes_that_differ_are_said_per_process(tmp_path):
+    from distill.launch import _said
+    for rank, message in (("0", "a"), ("1", "b"), ("2", "a"), ("10", "a")):
+        (tmp_path / rank).write_text(message)
+    assert _said(str(tmp_path)) == ["error: processes 0, 2, 10: a", "error: process 1: b"]
+    (tmp_path / "1").write_text("a")
+    assert _said(str(tmp_path)) == ["error: a"]

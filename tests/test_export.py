@@ -50,6 +50,8 @@ def test_cnn_export_matches_pytorch(digits_run, fmt, capsys):
     assert "outputs match PyTorch" in printed
     info = json.load(open(os.path.join(digits_run, "export", "exports.json")))[f"student.{fmt}"]
     assert info["max_abs_diff"] <= info["tolerance"] and os.path.getsize(info["path"]) == info["size_bytes"]
+    # (which version of the student: stages.json's fingerprint changes when it is trained again)
+    assert info["fingerprint"] == json.load(open(os.path.join(digits_run, "stages.json")))["student"]["fingerprint"]
     student = load_model_at(os.path.join(digits_run, "student.safetensors"), "student").eval()
     raw, x = raw_and_normalised(digits_run)
     with torch.no_grad():

@@ -106,6 +106,11 @@ def test_lm_settings_that_do_not_fit_the_models_are_refused_before_any_training(
     from lmkit import tiny_gpt2
     import shutil
     short = tiny_gpt2(str(tmp_path / "short"), positions=32)  # (learnt positions: 33 is an index error)
+    opt = tmp_path / "opt"  # OPT's learnt positions: a table of 34 rows, the first 2 an offset
+    transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=60, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16,
+        max_position_embeddings=32)).save_pretrained(opt)
+    char_tokenizer(str(opt))
     bigger = shutil.copytree(llama, tmp_path / "bigger")  # the tokenizer of another model, with 2 more tokens
     char_tokenizer(str(bigger), extra="#@")
     no_eos = shutil.copytree(llama, tmp_path / "no_eos")
@@ -117,7 +122,9 @@ def test_lm_settings_that_do_not_fit_the_models_are_refused_before_any_training(
             os.remove(bare / f)
     for sets, message in [
         ([f"teacher.hf={short}", "student.from_teacher={layers: [0]}"],
-         "tokens, and the teacher reads at most 32 positions (its config's n_positions)"),
+         "tokens, and the teacher reads at most 32 positions (its table of learnt positions)"),
+        ([f"teacher.hf={opt}", "student.from_teacher={layers: [0]}"],
+         "tokens, and the teacher reads at most 32 positions (its table of learnt positions)"),
         (["student.from_teacher=null", "student.hf_config={layers: 1, hidden: 20, heads: 4, intermediate: 16}"],
          "student.hf_config: hidden 20 / heads 4 = 5 dimensions per head; rotary position embeddings need an even"),
         ([f"teacher.hf={bigger}"], "its tokenizer has 56 tokens and the model embeds only 54"),
@@ -210,7 +217,7 @@ def test_sequence_level_kd_crosses_tokenizers(tmp_path, llama, capsys):
     assert moved["too_long"] == 0  # (data.max_length 160 holds every one)
     assert sorted(t[:-len(bpe.eos_token)] for t in texts) == sorted(k["completion"] for k in kept)
     from distill.pipeline.teacher_outputs import in_student_tokens
-    short = RunDir(Recipe.load(str(tmp_path / "r.yaml")), out, echo=lambda *a: None)
+    short = RunDir(Recipe.load(str(tmp_path / "r.yaml")), str(tmp_path / "short"), echo=lambda *a: None)
     short.cfg["data"]["max_length"] = 3  # (no completion fits: one line naming the key)
     with pytest.raises(UserError, match=r"^data.max_length: 3 tokens holds none of the teacher's completions"):
         in_student_tokens(short, kept, run.data_for("student"))  # (its own split, before the teacher's replaced it)
@@ -1233,3 +1240,36 @@ def test_a_folder_with_a_config_alone_is_not_taken_for_a_tokenizer(tmp_path):
     transformers.GPT2Config(vocab_size=60, n_embd=16, n_layer=1, n_head=2).save_pretrained(tmp_path)
     with pytest.raises(UserError, match="no tokenizer in the folder"):
         load_tokenizer(str(tmp_path), "teacher.hf")
+
+
+def test_completions_stop_where_learnt_positions_end(tmp_path):
+    """GPT-2 reads at most n_positions tokens: a completion that would run past them (exact match's
+    max_new_tokens after a long prompt) stops there, unended, rather than failing on an index."""
+    from lmkit import tiny_gpt2
+    from distill.models.hf_lm import load_causal_lm
+    model = load_causal_lm(tiny_gpt2(str(tmp_path / "g"), positions=32), "teacher")
+    model.eos_id = -1  # (no EOS: every completion runs to its limit)
+    (a, ended_a), (b, ended_b) = model.complete([[5] * 20, [6] * 12], 40)
+    assert len(a) == len(b) == 12 and not ended_a and not ended_b  # 32 positions less the longest prompt
+    assert model.complete([[5] * 32], 8) == [([], False)]
+    assert len(model.complete([[5] * 4], 8)[0][0]) == 8  # (within them: as asked)
+
+
+def test_a_token_the_tokenizer_added_past_the_embedding_is_refused(tmp_path, llama, capsys):
+    """A token added to the tokenizer (as chat templates' special tokens are) without a row of the model's
+    embedding: one line naming the data and the id, before any training, not an index error."""
+    import shutil
+    import transformers
+    folder = shutil.copytree(llama, tmp_path / "added")
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    tok.add_tokens(["<|sep|>"])
+    tok.save_pretrained(folder)
+    r = lm_recipe(str(tmp_path))
+    r["teacher"]["hf"] = str(folder)
+    r["data"]["path"] = write_jsonl(str(tmp_path / "d.jsonl"), [{"prompt": "1+1<|sep|>", "completion": "2"}] * 8)
+    yaml.safe_dump(r, open(tmp_path / "r.yaml", "w"))
+    code, _, err = _main(capsys, "run", str(tmp_path / "r.yaml"))
+    rows = transformers.AutoModelForCausalLM.from_pretrained(llama).get_input_embeddings().weight.shape[0]
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"d.jsonl: token id {rows} in the tokenised data, and the teacher embeds {rows} tokens" in err, err
+    assert not os.path.exists(r["output"]["dir"])

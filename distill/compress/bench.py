@@ -92,6 +92,7 @@ def plan(folder: str, variants: List[str], only: Optional[List[str]] = None) -> 
 
 
 def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
+    from ..pipeline.artifacts import require_same_data
     cfg = recipe.cfg
     from ..recipe import LM_DATASETS
     from .measure import DECODE, LM_VARIANTS, lm_runs
@@ -101,9 +102,11 @@ def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
              f"are benched as {', '.join(LM_VARIANTS)}")
         variants = [v for v in variants if v in LM_VARIANTS]
     rows = plan(folder, variants, cfg["bench"]["models"])
+    loaded: Dict[str, Any] = {}  # the data, and the model whose variants are being written
+    for name in dict.fromkeys(n for n, _, _ in rows):  # (every row scores its model on the test split)
+        require_same_data(folder, name, _data_for(cfg, name, loaded))
     os.makedirs(os.path.join(folder, "bench", "files"), exist_ok=True)
     results: List[Dict[str, Any]] = []
-    loaded: Dict[str, Any] = {}  # the data, and the model whose variants are being written
     with _Server() as server:
         for name, path, variant in bar(rows, desc="bench", unit="variant"):
             error = _write_variant_file(cfg, folder, name, path, variant, loaded)
@@ -136,18 +139,24 @@ def is_stale(row: Dict[str, Any], versions: Dict[str, Optional[str]]) -> bool:
     return "fingerprint" in row and row["fingerprint"] != versions.get(row.get("model"))
 
 
-def _write_variant_file(cfg: Dict[str, Any], folder: str, name: str, path: str, variant: str,
-                        loaded: Dict[str, Any]) -> Optional[str]:
-    """Write the variant's deployable file here (the child only loads it); an error message if that fails."""
+def _data_for(cfg: Dict[str, Any], name: str, loaded: Dict[str, Any]) -> Any:
+    """The data model `name` reads (kept in `loaded` while the next model reads the same)."""
     from ..data import load_data
-    from ..pipeline.artifacts import load_model_at
     from ..pipeline.rundir import data_cfg_for
-    from .measure import failure, variant_path, write_file
-    if variant_path(folder, name, variant) is None:  # (a variant without a file of its own)
-        return None
     data_cfg = data_cfg_for(cfg, name)
     if loaded.get("data_cfg") != data_cfg:
         loaded.update(data_cfg=data_cfg, data=load_data(data_cfg))
+    return loaded["data"]
+
+
+def _write_variant_file(cfg: Dict[str, Any], folder: str, name: str, path: str, variant: str,
+                        loaded: Dict[str, Any]) -> Optional[str]:
+    """Write the variant's deployable file here (the child only loads it); an error message if that fails."""
+    from ..pipeline.artifacts import load_model_at
+    from .measure import failure, variant_path, write_file
+    if variant_path(folder, name, variant) is None:  # (a variant without a file of its own)
+        return None
+    _data_for(cfg, name, loaded)
     if loaded.get("name") != name:
         loaded.update(name=name, model=load_model_at(path, name))
     try:

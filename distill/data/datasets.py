@@ -10,6 +10,7 @@ import csv
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import numpy as np
@@ -56,6 +57,17 @@ class DataBundle:
         samples, or the first training ones when there is no validation split."""
         x, y = (self.x_val, self.y_val) if len(self.y_val) else (self.x_train, self.y_train)
         return x[:n], y[:n]
+
+    @cached_property
+    def split_fingerprint(self) -> str:
+        """Hash of which rows are in which split: the arrays alone, not the settings that batch, sample or
+        augment them (`fingerprint` has those). A model is measured only on the splits it was trained beside."""
+        h = hashlib.sha256()
+        for t in (self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test, self.x_unlabelled):
+            if t is not None:
+                h.update(str(tuple(t.shape)).encode())
+                h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     @property
     def variable_length(self) -> bool:

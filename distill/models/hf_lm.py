@@ -49,11 +49,15 @@ class HFCausalLM(HFWrapper):
 
     @property
     def context(self) -> Optional[int]:
-        """The most positions the model can read when it learnt a table of position embeddings (GPT-2's
-        n_positions: one more is an index error); None for rotary positions, which have no such table."""
+        """The most positions the model can read when it learnt a table of position embeddings (GPT-2 and
+        GPT-Neo's wpe, OPT's embed_positions less its offset of 2: one more is an index error); None for
+        rotary, ALiBi or sinusoidal positions, which have no such table."""
         c = self.hf.config
-        rotary = getattr(c, "position_embedding_type", "absolute") != "absolute" or uses_rotary(c)
-        return None if rotary else getattr(c, "n_positions", None)
+        if getattr(c, "position_embedding_type", "absolute") != "absolute" or uses_rotary(c):
+            return None
+        tables = [m.num_embeddings - getattr(m, "offset", 0) for n, m in self.hf.named_modules()
+                  if isinstance(m, nn.Embedding) and n.rsplit(".", 1)[-1] in POSITION_TABLES]
+        return min(tables, default=None)
 
     @property
     def vocab_size(self) -> int:
@@ -97,12 +101,16 @@ class HFCausalLM(HFWrapper):
     def complete(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0) -> List[Tuple[List[int], bool]]:
         """Per prompt (token ids), the tokens generated after it up to and including EOS, and whether it
-        ended with EOS (False: cut at `max_new_tokens`). Batched, left-padded, with the KV cache; greedy at
+        ended with EOS (False: cut at `max_new_tokens`, or where a table of learnt positions ends). Batched, left-padded, with the KV cache; greedy at
         temperature 0, else sampled (seeded: the same prompts and seed give the same tokens)."""
+        width = max(len(p) for p in prompts)
+        if self.context is not None:  # (learnt positions end at the table's last row: the completions stop there)
+            max_new_tokens = min(max_new_tokens, self.context - width)
+            if max_new_tokens <= 0:
+                return [([], False) for _ in prompts]
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
-        width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
         for i, p in enumerate(prompts):
@@ -214,6 +222,9 @@ def _load_pruned(tf, config, folder: str, where: str) -> nn.Module:
                         f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
     hf.tie_weights()
     return hf
+
+
+POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")  # (the names transformers gives them)
 
 
 def uses_rotary(config) -> bool:

@@ -185,15 +185,21 @@ class HuggingFaceModels:
 
     def _build_lm(self, run: RunDir, role: str) -> nn.Module:
         model = self._lm(run, role)
+        data = run.data_for(role)
+        where = run.cfg['data']['path'] or 'data.dataset: ' + run.cfg['data']['dataset']
+        splits = [x for x in (data.x_train, data.x_val, data.x_test) if x.numel()]
+        # (a token the tokenizer added past its base vocabulary, say for a chat template, may have no row)
+        top = max(int(t.max()) for t in (*splits, data.y_train, data.y_val, data.y_test) if t.numel())
+        if top >= model.vocab_size:
+            raise UserError(f"{where}: token id {top} in the tokenised data, and the {role} embeds "
+                            f"{model.vocab_size:,} tokens (0 to {model.vocab_size - 1:,}): a token its tokenizer "
+                            f"added (special or chat-template tokens) without a row of the model's embedding")
         context = getattr(model, "context", None)
-        if context is not None:  # (the data's longest sequence, not data.max_length: rows are padded to it only)
-            data = run.data_for(role)
-            longest = max(x.shape[1] for x in (data.x_train, data.x_val, data.x_test))
-            if longest > context:
-                raise UserError(f"{run.cfg['data']['path'] or 'data.dataset: ' + run.cfg['data']['dataset']}: "
-                                f"sequences of up to {longest} tokens, and the {role} "
-                                f"reads at most {context} positions (its config's n_positions); give "
-                                f"data.max_length <= {context} to refuse longer rows, or a model of a longer context")
+        longest = max(x.shape[1] for x in splits)  # (not data.max_length: rows are padded to the longest only)
+        if context is not None and longest > context:
+            raise UserError(f"{where}: sequences of up to {longest} tokens, and the {role} reads at most {context} "
+                            f"positions (its table of learnt positions); give data.max_length <= {context} to refuse "
+                            f"longer rows, or a model of a longer context")
         return model
 
     def _lm(self, run: RunDir, role: str) -> nn.Module:
@@ -314,7 +320,21 @@ def require_saved(folder: str, name: str) -> str:
 
 
 def load_saved(run: RunDir, name: str) -> nn.Module:
-    return load_model_at(require_saved(run.out, name), name)
+    path = require_saved(run.out, name)
+    require_same_data(run.out, name, run.data_for(name))
+    return load_model_at(path, name)
+
+
+def require_same_data(folder: str, name: str, data: DataBundle) -> None:
+    """Model `name` of a run folder was trained on `data`, the data its recipe gives now, by its stage's record:
+    a data file edited since, or a split made otherwise, would put rows it trained on in the test split it is
+    evaluated, compressed, measured or exported on. (Runs made before the record pass: they have none.)"""
+    record = read_run_json(os.path.join(folder, "stages.json"), {}).get(name)
+    then = record.get("data_split") if isinstance(record, dict) else None
+    if then and then != data.split_fingerprint:
+        raise UserError(f"{os.path.join(folder, name)}: trained on other data than the recipe gives now (a data "
+                        f"file or setting changed since: its test split may hold rows it trained on); run `distill "
+                        f"run {folder}` again to retrain it, or restore the data")
 
 
 def load_model_at(path: str, name: str) -> nn.Module:
