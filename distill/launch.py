@@ -65,7 +65,9 @@ def check_processes(cfg: Dict[str, Any], nproc: int) -> None:
     if nproc > max(cpus, gpus):
         raise UserError(f"--nproc {nproc}: more processes than this machine's {cpus} CPU cores"
                         f"{f' and {gpus} GPUs' if gpus else ''}; give at most {max(cpus, gpus)}")
-    for role in ("teacher", "student"):  # (each role's own accumulate, named as the recipe gives it)
+    t = cfg["teacher"]
+    trained = ["student"] + ([] if t.get("checkpoint") or (t.get("hf") and t.get("finetuned")) else ["teacher"])
+    for role in trained:  # (each role's own accumulate, named as the recipe gives it; a loaded teacher has none)
         accumulate = cfg[role]["train"].get("accumulate", 1)
         try:
             Split(0, nproc, accumulate).check(cfg["data"]["batch_size"])

@@ -297,3 +297,16 @@ def test_mistakes_that_differ_are_said_per_process(tmp_path):
     assert _said(str(tmp_path)) == ["error: processes 0, 2, 10: a", "error: process 1: b"]
     (tmp_path / "1").write_text("a")
     assert _said(str(tmp_path)) == ["error: a"]
+
+
+def test_a_loaded_teacher_s_accumulation_is_not_checked_against_the_processes():
+    """`--nproc` checks each trained role's share of the batch; a teacher loaded from a checkpoint or a
+    fine-tuned folder trains no step, so its `train.accumulate` is left alone."""
+    from distill import Recipe
+    from distill.errors import UserError
+    from distill.launch import check_processes
+    cfg = Recipe.load("digits", ["data.batch_size=16", "teacher.train.accumulate=16"]).cfg
+    with pytest.raises(UserError, match="teacher.train.accumulate = 2 x 16 micro-batches"):
+        check_processes(cfg, 2)
+    for loaded in ({"checkpoint": "teacher.safetensors"}, {"hf": "folder", "finetuned": True}):
+        check_processes({**cfg, "teacher": {**cfg["teacher"], **loaded}}, 2)
