@@ -140,8 +140,11 @@ class RunView:
             path = require_saved(self.folder, role)
         except UserError:
             raise Skip(f"the saved {role} model is missing") from None
+        from .data import load_data
+        from .pipeline.rundir import data_cfg_for
+        own = data_cfg_for(self.cfg, role)  # (a student of another tokenizer reads its own tokens)
         try:
-            require_same_data(self.folder, role, self.data)
+            require_same_data(self.folder, role, self.data if own == self.cfg["data"] else load_data(own))
         except UserError:
             raise Skip(f"the {role} was trained on other data than the recipe gives now") from None
         return load_model_at(path, role)

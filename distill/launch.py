@@ -85,18 +85,20 @@ def report_error(message: str) -> bool:
     folder = os.environ.get(ERRORS)
     if not (folder and under_torchrun() and os.path.isdir(folder)):
         return False
-    with open(os.path.join(folder, os.environ["RANK"]), "w") as fh:
+    path = os.path.join(folder, os.environ["RANK"])
+    with open(path + ".tmp", "w") as fh:
         fh.write(message)
+    os.replace(path + ".tmp", path)  # (whole or not at all, should the process be killed meanwhile)
     return True
 
 
-def _said(folder: str) -> List[str]:
-    """The processes' user mistakes: one line when they agree, else one per process."""
+def _said(folder: str, nproc: int) -> List[str]:
+    """The processes' user mistakes: one line when every process found the same, else one per process."""
     said: Dict[str, List[str]] = {}
-    for rank in sorted(os.listdir(folder), key=int):
+    for rank in sorted((f for f in os.listdir(folder) if f.isdigit()), key=int):
         with open(os.path.join(folder, rank)) as fh:
             said.setdefault(fh.read(), []).append(rank)
-    if len(said) == 1:
+    if len(said) == 1 and len(next(iter(said.values()))) == nproc:
         return [f"error: {next(iter(said))}"]
     return [f"error: process{'es' if len(r) > 1 else ''} {', '.join(r)}: {m}" for m, r in said.items()]
 
@@ -122,7 +124,7 @@ def launch(argv: List[str], nproc: int, resume: str) -> int:
     except ChildFailedError as e:
         codes = [f.exitcode for f in e.failures.values()]
         if 2 in codes:  # a user mistake
-            for line in _said(errors):
+            for line in _said(errors, nproc):
                 print(line, file=sys.stderr)
             return 2
         if all(c == 130 for c in codes):

@@ -1,6 +1,7 @@
 """The catalogue of user mistakes. Each one: exit code 2, one line naming the file/key/value and the fix, no
 traceback, and no run folder made (or the earlier run left exactly as it was)."""
 import errno
+import json
 import os
 
 import numpy as np
@@ -409,6 +410,7 @@ def test_models_are_measured_only_on_the_data_they_were_trained_beside(tmp_path,
     p = recipe_with(tmp_path, TABULAR.replace("dataset: breast_cancer", f"dataset: csv, path: {csv}"))
     out = str(tmp_path / "run")
     assert main(["run", p, "--out", out]) == 0
+    assert main(["compress", out, "--set", "compress.steps=[qat]"]) == 0
     assert main(["evaluate", out, "--set", "data.batch_size=16", "--overwrite"]) == 0  # (the same splits)
     capsys.readouterr()
     csv.write_text("\n".join(rows[:1] + rows[101:] + rows[1:101]) + "\n")  # the same rows, in another order
@@ -422,3 +424,11 @@ def test_models_are_measured_only_on_the_data_they_were_trained_beside(tmp_path,
     assert files(out) == before
     assert main(["report", out, "--out", str(tmp_path / "r.html")]) == 0
     assert "trained on other data than the recipe gives now" in (tmp_path / "r.html").read_text()
+    # trained again on the edited data, the run's models are measured; the compressed one, made before, is not
+    assert main(["run", out]) == 0
+    assert main(["bench", out]) == 0
+    err = capsys.readouterr().err
+    assert f"bench: {os.path.join(out, 'compress', 'qat')}: trained on other data" in err
+    assert f"run `distill compress {out}` again (with its compress.steps)" in err and "; left out" in err
+    rows = json.load(open(os.path.join(out, "bench", "bench.json")))["results"]
+    assert {r["model"] for r in rows} == {"teacher", "student_scratch", "student"}

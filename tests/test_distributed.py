@@ -294,9 +294,11 @@ def test_mistakes_that_differ_are_said_per_process(tmp_path):
     from distill.launch import _said
     for rank, message in (("0", "a"), ("1", "b"), ("2", "a"), ("10", "a")):
         (tmp_path / rank).write_text(message)
-    assert _said(str(tmp_path)) == ["error: processes 0, 2, 10: a", "error: process 1: b"]
+    (tmp_path / "3.tmp").write_text("a process killed while it wrote")
+    assert _said(str(tmp_path), 11) == ["error: processes 0, 2, 10: a", "error: process 1: b"]
     (tmp_path / "1").write_text("a")
-    assert _said(str(tmp_path)) == ["error: a"]
+    assert _said(str(tmp_path), 11) == ["error: processes 0, 1, 2, 10: a"]  # (not every process: named)
+    assert _said(str(tmp_path), 4) == ["error: a"]
 
 
 def test_a_loaded_teacher_s_accumulation_is_not_checked_against_the_processes():

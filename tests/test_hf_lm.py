@@ -1250,9 +1250,14 @@ def test_completions_stop_where_learnt_positions_end(tmp_path):
     model = load_causal_lm(tiny_gpt2(str(tmp_path / "g"), positions=32), "teacher")
     model.eos_id = -1  # (no EOS: every completion runs to its limit)
     (a, ended_a), (b, ended_b) = model.complete([[5] * 20, [6] * 12], 40)
-    assert len(a) == len(b) == 12 and not ended_a and not ended_b  # 32 positions less the longest prompt
-    assert model.complete([[5] * 32], 8) == [([], False)]
+    # 32 positions less the longest prompt, and one more: the last token is never read
+    assert len(a) == len(b) == 13 and not ended_a and not ended_b
+    assert len(model.complete([[5] * 32], 8)[0][0]) == 1 and model.complete([[5] * 33], 8) == [([], False)]
     assert len(model.complete([[5] * 4], 8)[0][0]) == 8  # (within them: as asked)
+    from distill.tasks.causal_lm import bench_prompt, decode_rate  # (bench decodes exactly what it asks for)
+    data = type("D", (), {"x_test": torch.full((1, 40), 5), "y_test": torch.full((1, 40), -100), "pad_id": None})
+    prompt, new = bench_prompt(data, model, 64)
+    assert len(prompt) + new == 32 and len(decode_rate(model, prompt, new, 1, 1)) == 1
 
 
 def test_a_token_the_tokenizer_added_past_the_embedding_is_refused(tmp_path, llama, capsys):
@@ -1273,3 +1278,47 @@ def test_a_token_the_tokenizer_added_past_the_embedding_is_refused(tmp_path, lla
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"d.jsonl: token id {rows} in the tokenised data, and the teacher embeds {rows} tokens" in err, err
     assert not os.path.exists(r["output"]["dir"])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "roberta", "llama"])
+def test_the_context_is_where_the_position_table_ends(arch):
+    """`context`: the longest input a model with learnt positions reads (OPT's table starts after an offset
+    of 2, RoBERTa's after its padding row); None for rotary positions."""
+    import transformers
+    from distill.models.hf_lm import HFCausalLM
+    small = dict(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    hf = {"gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+              vocab_size=60, n_embd=16, n_layer=1, n_head=2, n_positions=32)),
+          "opt": lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
+              vocab_size=60, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+              word_embed_proj_dim=16, max_position_embeddings=32)),
+          "roberta": lambda: transformers.RobertaForCausalLM(transformers.RobertaConfig(
+              **small, is_decoder=True, max_position_embeddings=34)),
+          "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**small))}[arch]()
+    model = HFCausalLM(hf.eval(), pad_id=0, eos_id=1)
+    if arch == "llama":
+        assert model.context is None
+        return
+    assert model.context == 32
+    with torch.no_grad():
+        hf(torch.full((1, 32), 5))  # the context's worth reads
+        with pytest.raises((IndexError, RuntimeError)):
+            hf(torch.full((1, 33), 5))  # and one more is past the table
+
+
+def test_a_rerun_after_the_data_changed_retrains_a_student_cut_from_the_finetuned_teacher(tmp_path, llama, capsys):
+    """The student's layers come from the saved (fine-tuned) teacher, read before the teacher is trained again
+    on the edited data: that read is the run's own, not a measurement, so the rerun trains everything again
+    (evaluate alone, before it, refuses the saved models)."""
+    r = lm_recipe(str(tmp_path))
+    r["teacher"]["hf"] = llama
+    r["student"]["from_teacher"]["source"] = "finetuned"
+    yaml.safe_dump(r, open(tmp_path / "r.yaml", "w"))
+    assert _main(capsys, "run", str(tmp_path / "r.yaml"))[0] == 0
+    lines = open(r["data"]["path"]).read().splitlines()
+    open(r["data"]["path"], "w").write("\n".join(lines[:-4]) + "\n")
+    code, _, err = _main(capsys, "evaluate", r["output"]["dir"])
+    assert code == 2 and "teacher: trained on other data than the recipe gives now" in err, err
+    code, _, err = _main(capsys, "run", str(tmp_path / "r.yaml"))
+    assert code == 0, err
+    assert "reusing" not in err  # (every stage trained again)

@@ -28,7 +28,7 @@ from ..evaluate import weights_size
 from ..io import load_meta, sha256_json, weights_sha256, write_json
 from ..models import count_params
 from ..models.hf import load_tokenizer
-from ..pipeline.artifacts import distill_settings, kind, load_saved, model_spec, require_saved
+from ..pipeline.artifacts import distill_settings, kind, load_saved, model_spec, require_same_data, require_saved
 from ..pipeline.rundir import RunDir
 from ..pipeline.stage import Stage, run_stage
 from ..pipeline.teacher_outputs import student_data
@@ -220,6 +220,8 @@ def compress(run: RunDir, teacher: Optional[nn.Module] = None, model: Optional[n
         raise UserError(f"compress.source: {run.cfg['compress']['source']} reads another tokenizer than the teacher "
                         f"(student.hf); compress works in the teacher's tokens (its fine-tunes distil the teacher's "
                         f"logits), which needs one vocabulary")
+    for name in (TEACHER, run.cfg["compress"]["source"]):  # (the fine-tunes and the scores read the data now)
+        require_same_data(run.out, name, run.data_for(name))
     teacher = teacher or load_saved(run, TEACHER)
     model = model or load_saved(run, run.cfg["compress"]["source"])
     c = Compressor(run, teacher, copy.deepcopy(model) if model is teacher else model)  # (QAT prepares it in place)

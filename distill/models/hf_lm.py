@@ -50,12 +50,14 @@ class HFCausalLM(HFWrapper):
     @property
     def context(self) -> Optional[int]:
         """The most positions the model can read when it learnt a table of position embeddings (GPT-2 and
-        GPT-Neo's wpe, OPT's embed_positions less its offset of 2: one more is an index error); None for
+        GPT-Neo's wpe, OPT's embed_positions less its offset: one more is an index error); None for
         rotary, ALiBi or sinusoidal positions, which have no such table."""
         c = self.hf.config
         if getattr(c, "position_embedding_type", "absolute") != "absolute" or uses_rotary(c):
             return None
-        tables = [m.num_embeddings - getattr(m, "offset", 0) for n, m in self.hf.named_modules()
+        # (RoBERTa's positions start after its padding row; OPT's and BioGPT's after an offset of 2)
+        tables = [m.num_embeddings - getattr(m, "offset", 0) - (0 if m.padding_idx is None else m.padding_idx + 1)
+                  for n, m in self.hf.named_modules()
                   if isinstance(m, nn.Embedding) and n.rsplit(".", 1)[-1] in POSITION_TABLES]
         return min(tables, default=None)
 
@@ -104,8 +106,8 @@ class HFCausalLM(HFWrapper):
         ended with EOS (False: cut at `max_new_tokens`, or where a table of learnt positions ends). Batched, left-padded, with the KV cache; greedy at
         temperature 0, else sampled (seeded: the same prompts and seed give the same tokens)."""
         width = max(len(p) for p in prompts)
-        if self.context is not None:  # (learnt positions end at the table's last row: the completions stop there)
-            max_new_tokens = min(max_new_tokens, self.context - width)
+        if self.context is not None:  # (learnt positions end at the table's last row: the completions stop there;
+            max_new_tokens = min(max_new_tokens, self.context - width + 1)  # the last token is never read)
             if max_new_tokens <= 0:
                 return [([], False) for _ in prompts]
         was_training = self.training

@@ -320,21 +320,22 @@ def require_saved(folder: str, name: str) -> str:
 
 
 def load_saved(run: RunDir, name: str) -> nn.Module:
-    path = require_saved(run.out, name)
-    require_same_data(run.out, name, run.data_for(name))
-    return load_model_at(path, name)
+    return load_model_at(require_saved(run.out, name), name)
 
 
 def require_same_data(folder: str, name: str, data: DataBundle) -> None:
     """Model `name` of a run folder was trained on `data`, the data its recipe gives now, by its stage's record:
     a data file edited since, or a split made otherwise, would put rows it trained on in the test split it is
-    evaluated, compressed, measured or exported on. (Runs made before the record pass: they have none.)"""
+    evaluated, compressed, measured or exported on. (Runs made before the record pass: they have none. A run's
+    own stages need no such check: each is trained again when its data changed.)"""
     record = read_run_json(os.path.join(folder, "stages.json"), {}).get(name)
     then = record.get("data_split") if isinstance(record, dict) else None
     if then and then != data.split_fingerprint:
+        again = f"distill compress {folder}` again (with its compress.steps" if name.startswith("compress/") else \
+            f"distill run {folder}` again (to retrain it"
         raise UserError(f"{os.path.join(folder, name)}: trained on other data than the recipe gives now (a data "
-                        f"file or setting changed since: its test split may hold rows it trained on); run `distill "
-                        f"run {folder}` again to retrain it, or restore the data")
+                        f"file or setting changed since: its test split may hold rows it trained on); run `{again}), "
+                        f"or restore the data")
 
 
 def load_model_at(path: str, name: str) -> nn.Module:

@@ -9,7 +9,7 @@ from ..evaluate import evaluate_model
 from ..tasks import task_for
 from ..io import write_json
 from ..roles import SCRATCH, STUDENT, TEACHER
-from .artifacts import TIMINGS, load_saved, require_saved
+from .artifacts import TIMINGS, load_saved, require_same_data, require_saved
 from .rundir import RunDir, recipe_key
 
 
@@ -23,7 +23,9 @@ def evaluate(run: RunDir) -> Dict[str, Any]:
     stages, key = run.stages(), recipe_key(run.cfg)
     metrics, models = {}, {}
     for name in evaluated(run.cfg):
-        model, data = load_saved(run, name), run.data_for(name)  # (a student may read its own tokens)
+        data = run.data_for(name)  # (a student may read its own tokens)
+        require_same_data(run.out, name, data)
+        model = load_saved(run, name)
         models[name] = model
         m = evaluate_model(model, require_saved(run.out, name), data.x_test, data.y_test, ecfg,
                            run.cfg["data"]["eval_batch_size"], run.runtime, task_for(data))

@@ -36,7 +36,8 @@ def run_stage(run: RunDir, stage: Stage) -> Dict[str, Any]:
     run.fingerprints[stage.name] = fingerprint  # (its checkpoints carry it)
     run.open()
     info = stage.make()
-    # (which rows were in which split: evaluate, compress, bench and export compare it with the data they read)
-    run.mark_done(stage.name, fingerprint, {**info, "data_split": run.data_for(stage.name).split_fingerprint})
+    if run.runtime.is_main:  # (which rows were in which split: evaluate, compress, bench and export compare it)
+        info = {**info, "data_split": run.data_for(stage.name).split_fingerprint}
+    run.mark_done(stage.name, fingerprint, info)
     run.runtime.barrier()
     return {"fingerprint": fingerprint, **info, "reused": False}
