@@ -66,7 +66,7 @@ class DataBundle:
         for t in (self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test, self.x_unlabelled):
             if t is not None:
                 h.update(str(tuple(t.shape)).encode())
-                h.update(memoryview(t.contiguous().numpy()).cast("B"))  # (no copy of the array)
+                h.update(t.contiguous().numpy().reshape(-1))  # (its bytes, with no copy of the array)
         return h.hexdigest()[:16]
 
     @property
