@@ -214,6 +214,8 @@ class Trainer:
         self.prog = {**self.prog, "best_score": old.get("best_val"), "best_metrics": {"val_accuracy": old.get("best_val")}
                      if "best_val" in old else {}, **old, "window": old.get("window", {}),
                      "signals": old.get("signals", {})}
+        for acc in (self.prog["sums"], self.prog["window"]):  # (kept on the device, loaded onto the CPU)
+            acc.update({k: v.to(self.runtime.device) for k, v in acc.items() if torch.is_tensor(v)})
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> Dict[str, Any]:

@@ -25,13 +25,15 @@ def evaluate(run: RunDir) -> Dict[str, Any]:
     for name in evaluated(run.cfg):
         data = run.data_for(name)  # (a student may read its own tokens)
         require_same_data(run.out, name, data)
-        model = load_saved(run, name)
+        model = load_saved(run, name).to(run.runtime.device)  # (scored there; evaluate_model times it on the CPU)
         models[name] = model
         m = evaluate_model(model, require_saved(run.out, name), data.x_test, data.y_test, ecfg,
                            run.cfg["data"]["eval_batch_size"], run.runtime, task_for(data))
         if name != TEACHER and data is run.data and hasattr(task_for(data), "agreement") and run.runtime.is_main:
-            m.update(task_for(data).agreement(models[TEACHER], model, data.x_test, data.y_test,
+            teacher = models[TEACHER].to(run.runtime.device)
+            m.update(task_for(data).agreement(teacher, model.to(run.runtime.device), data.x_test, data.y_test,
                                               run.cfg["data"]["eval_batch_size"]))
+            teacher.cpu(), model.cpu()
         extra = stages.get(name, {})
         # (the fingerprint: which version of the model this measured; require_run compares it with stages.json)
         m.update({k: extra[k] for k in ("val_accuracy", "selected_epoch", *TIMINGS, "fingerprint") if k in extra})

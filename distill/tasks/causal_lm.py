@@ -46,8 +46,8 @@ def token_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: i
         with torch.inference_mode():
             for i in range(rows.start, rows.stop, batch_size):
                 xb, yb = trimmed(x[i:min(i + batch_size, rows.stop)], y[i:min(i + batch_size, rows.stop)])
-                logits = model(xb.to(device)).float().cpu()
-                flat, target = logits.reshape(-1, logits.shape[-1]), yb.reshape(-1)
+                logits = model(xb.to(device)).float()  # (scored where the model is: three numbers come back)
+                flat, target = logits.reshape(-1, logits.shape[-1]), yb.reshape(-1).to(device)
                 sums += torch.tensor([F.cross_entropy(flat, target, ignore_index=-100, reduction="sum").item(),
                                       ((flat.argmax(-1) == target) & (target >= 0)).sum().item(),
                                       (target >= 0).sum().item()], dtype=torch.float64)
@@ -67,10 +67,10 @@ def agreement(teacher: nn.Module, student: nn.Module, x: torch.Tensor, y: torch.
         with torch.inference_mode():
             for i in range(0, len(x), batch_size):
                 xb, yb = trimmed(x[i:i + batch_size], y[i:i + batch_size])
-                t = teacher(xb.to(device_t)).float().cpu()
-                s = student(xb.to(device_s)).float().cpu()
+                t = teacher(xb.to(device_t)).float().to(device_s)  # (compared where the student is)
+                s = student(xb.to(device_s)).float()
                 v = min(t.shape[-1], s.shape[-1])
-                keep = yb >= 0
+                keep = (yb >= 0).to(device_s)
                 t, s = t[keep][:, :v], s[keep][:, :v]
                 kl += float(F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="sum"))
                 same += int((t.argmax(-1) == s.argmax(-1)).sum())
@@ -159,7 +159,7 @@ def score_completions(tokenizer: Any, prompts: list, completions: list, answers:
 def exact_match(model: nn.Module, tokenizer: Any, x: torch.Tensor, y: torch.Tensor, cfg: Dict[str, Any],
                 batch_size: int = 8) -> Dict[str, Any]:
     """Greedy completions of the first `cfg.rows` prompts, scored by `score_completions`; with the decode
-    rate (tokens/s at `batch_size`)."""
+    rate (tokens/s at `batch_size`: the test's data.eval_batch_size)."""
     prompts, answers = prompts_and_answers(x[:cfg["rows"]], y[:cfg["rows"]])
     t0 = time.perf_counter()
     completions = greedy_completions(model, prompts, cfg["max_new_tokens"], batch_size)
@@ -256,7 +256,7 @@ class CausalLM:
         out["bits_per_byte"] = float(sums[0]) / math.log(2) / max(completion_bytes(tokenizer, y), 1)
         em = ecfg.get("exact_match") or {}
         if em.get("rows"):
-            out.update(exact_match(model, tokenizer, x, y, em))
+            out.update(exact_match(model, tokenizer, x, y, em, batch_size))
         return out
 
     def metrics(self, logits: torch.Tensor, y: torch.Tensor, ecfg: Dict[str, Any]) -> Dict[str, float]:

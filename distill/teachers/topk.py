@@ -82,9 +82,10 @@ def write_shard(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, te
                 xb = x[i:i + batch_size, :width].to(device)
                 # the teacher's logits on each row's span only (P, V), row after row: not on the prompt
                 logits = (teacher(xb, positions=keep.to(device)) if getattr(teacher, "selects_positions", False)
-                          else teacher(xb)[keep.to(device)]).cpu()
+                          else teacher(xb)[keep.to(device)])
                 vocab = logits.shape[-1]
-                ids, values, tail = topk_of(logits, k, temperature)
+                # (chosen where the teacher is: k ids and values a position come back, not the vocabulary)
+                ids, values, tail = (t.cpu() for t in topk_of(logits, k, temperature))
                 rows = keep.sum(1).tolist()
                 for r, (ids_r, values_r, tail_r) in enumerate(zip(ids.split(rows), values.split(rows), tail.split(rows))):
                     a, b = int(first[i + r]), int(last[i + r])
