@@ -69,6 +69,7 @@ class Recipe:
 
     def __init__(self, cfg: Dict[str, Any], source: str = "<dict>") -> None:
         self.cfg, self.source = cfg, source
+        self.made = copy.deepcopy(cfg)  # (as made: a cfg changed in Python afterwards is checked against it)
 
     @classmethod
     def from_dict(cls, raw: Dict[str, Any], overrides: Sequence[str] = (), source: str = "<dict>") -> "Recipe":

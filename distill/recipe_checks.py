@@ -70,6 +70,7 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
             raise UserError(f"evaluate.metrics[{i}]: unknown metric {name!r}{did_you_mean(name, METRICS)}; "
                             f"choose from {', '.join(METRICS)}")
     _selection_checks(cfg)
+    _monitor_checks(cfg)
     for name in ("alpha", "temperature"):
         if cfg["distill"]["schedule"][name] != "constant" and cfg["distill"]["schedule"][f"{name}_end"] is None:
             raise UserError(f"distill.schedule.{name}_end: missing; a {cfg['distill']['schedule'][name]} schedule "
@@ -215,6 +216,25 @@ def _teacher_prompts_checks(cfg: Dict[str, Any]) -> None:
                         f"else give a JSONL file of prompts")
     elif seq["prompts"] < 1:
         raise UserError(f"{key}: {seq['prompts']}; must be at least 1 (or leave it out)")
+
+
+def _monitor_checks(cfg: Dict[str, Any]) -> None:
+    """A reaction (monitor.action, when retention falls under retention_min) that can move what it adjusts."""
+    m, d = cfg["monitor"], cfg["distill"]
+    if not (m["enabled"] and m["retention_min"] is not None) or m["action"] == "warn":
+        return
+    if m["factor"] <= 1:  # (T / 0.5 would raise the temperature: the reverse of the action named)
+        raise UserError(f"monitor.factor: {m['factor']}: the reaction multiplies by it (T / factor, alpha x factor, "
+                        f"feature weights x factor); give a number above 1")
+    layers = d["layers"]
+    features = d["features"] or layers["hidden"] != "none" or layers["attention"] != "none" \
+        or layers["embeddings_weight"] or layers["cls_weight"]
+    if m["action"] == "raise_feature_weight" and not features:
+        raise UserError("monitor.action: raise_feature_weight scales the feature losses (distill.features, "
+                        "distill.layers), and the recipe has none; use raise_alpha, lower_temperature or warn")
+    if m["action"] == "raise_alpha" and d["alpha"] == 0 and d["schedule"]["alpha"] == "constant":
+        raise UserError("monitor.action: raise_alpha multiplies distill.alpha, which is 0 and stays 0; give "
+                        "distill.alpha above 0, or another action")
 
 
 def _selection_checks(cfg: Dict[str, Any]) -> None:

@@ -58,17 +58,22 @@ def need_validation(recipe: Recipe) -> None:
 def search(recipe: Recipe, grid: Dict[str, List[Any]], overrides: Sequence[str], out: str, echo=print
            ) -> Dict[str, Any]:
     need_validation(recipe)
-    from .pipeline.plan import TRAINING, execute
+    from .pipeline.plan import TRAINING, execute, preflight
     from .pipeline.rundir import RunDir
     keys = list(grid)
     trials = [dict(zip(keys, combo)) for combo in itertools.product(*grid.values())]
+    folder = os.path.join(out, "trials")
+    # (a grid over the models, their args say: each trial's models are built before the first one trains)
+    models = any(k.split(".")[0] in ("teacher", "student") for k in keys)
     for t in trials:  # every trial's recipe is validated before the first one runs
         try:
-            need_validation(Recipe.load(recipe.source, _sets(overrides, t)))
+            trial = Recipe.load(recipe.source, _sets(overrides, t))
+            need_validation(trial)
+            if models:
+                preflight(RunDir(trial, folder, lambda line: None, resume=True, overwrite=True))
         except UserError as e:  # (named as the grid point: the --set values alone were checked already)
             raise UserError(f"--grid {', '.join(f'{k}={yaml_value(v)}' for k, v in t.items())}: {e}") from None
     rows = []
-    folder = os.path.join(out, "trials")
     for i, trial in enumerate(trials):
         sets = _sets(overrides, trial)  # (as YAML: a null stays null, not the text 'None')
         echo(f"search: trial {i + 1}/{len(trials)}: " + ", ".join(f"{k}={yaml_value(v)}" for k, v in trial.items()))
@@ -317,10 +322,17 @@ def run_trial(trial: Any, recipe: Recipe, space: Dict[str, Dict[str, Any]], over
     rd = RunDir(Recipe.load(recipe.source, _sets(overrides, params)), folder, echo, resume=True, overwrite=True)
     budget, seen = rd.cfg["student"]["train"]["epochs"], []
 
-    def on_epoch(epoch: int, record: Dict[str, Any]) -> None:
-        val_accuracy = record["val_accuracy"]
-        seen.append(val_accuracy)
-        trial.report(val_accuracy, epoch)
+    def catch_up(history: List[float]) -> None:
+        """The epochs trained before this process (a resumed search: a trial stopped midway, or finished),
+        reported as they were then: the pruner compares later trials with the same values as without a stop."""
+        for epoch, value in enumerate(history[len(seen):], start=len(seen) + 1):
+            seen.append(value)
+            trial.report(value, epoch)
+
+    def on_epoch(epoch: int, record: Dict[str, Any], history: List[float]) -> None:
+        catch_up(history[:epoch - 1])
+        seen.append(record["val_accuracy"])
+        trial.report(record["val_accuracy"], epoch)
         if epoch < budget and trial.should_prune():  # (at the last epoch nothing is left to save)
             raise TrialPruned(f"pruned at epoch {epoch}")
     rd.on_epoch = on_epoch
@@ -339,11 +351,13 @@ def run_trial(trial: Any, recipe: Recipe, space: Dict[str, Dict[str, Any]], over
                    time_s=round(time.perf_counter() - t0, 1))
         echo(f"search: trial {row['trial']} pruned at epoch {len(seen)} (best validation accuracy {max(seen):.4f})")
         raise
+    catch_up(results["student"].get("val_history", []))  # (a student trained before this process)
+    # the same student as an earlier trial of this search (no epoch of its own), not one a stopped search finished
+    same = any(r is not row and r.get("state") == "complete" and all(r[k] == params[k] for k in params) for r in rows)
     row.update(state="complete", pruned_at=None, val_accuracy=results["student"]["val_accuracy"],
                scratch_val_accuracy=results.get(SCRATCH, {}).get("val_accuracy"),
-               selected_epoch=results["student"].get("selected_epoch"), epochs=len(seen),
-               reused=bool(results["student"].get("reused")),  # (the same student as an earlier trial's: no epoch)
-               time_s=round(time.perf_counter() - t0, 1))
+               selected_epoch=results["student"].get("selected_epoch"),
+               epochs=0 if same else len(seen), reused=same, time_s=round(time.perf_counter() - t0, 1))
     return row["val_accuracy"]
 
 

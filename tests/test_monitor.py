@@ -331,3 +331,23 @@ def test_tensorboard_missing_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pip install -e '.[tensorboard]'" in err
     assert not os.path.exists(tmp_path / "run")  # nothing written
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["monitor.action=lower_temperature", "monitor.factor=0.5"],
+     "monitor.factor: 0.5: the reaction multiplies by it (T / factor, alpha x factor, feature weights x factor); "
+     "give a number above 1"),
+    (["monitor.action=raise_feature_weight"],
+     "monitor.action: raise_feature_weight scales the feature losses (distill.features, distill.layers), and the "
+     "recipe has none"),
+    (["monitor.action=raise_alpha", "distill.alpha=0"],
+     "monitor.action: raise_alpha multiplies distill.alpha, which is 0 and stays 0")])
+def test_a_reaction_that_cannot_move_what_it_adjusts_is_refused(sets, message):
+    """factor <= 1 would turn each action around (T / 0.5 doubles the temperature); a feature weight with no
+    feature loss, or alpha 0, stay where they are however often the reaction fires."""
+    from distill.errors import UserError
+    with pytest.raises(UserError) as e:
+        Recipe.load("breast_cancer", ["monitor.retention_min=0.9", *sets])
+    assert str(e.value).startswith(message), str(e.value)
+    Recipe.load("breast_cancer", [*sets])  # (no retention_min: no reaction, nothing refused)
+    Recipe.load("breast_cancer", ["monitor.retention_min=0.9", "monitor.action=warn", *sets[1:]])

@@ -193,7 +193,15 @@ def test_python_api_slips_are_user_errors(tmp_path):
     recipe = Recipe.load("breast_cancer")
     changed = Recipe.load("breast_cancer")
     changed.cfg["student"]["train"]["epochs"] = "2"  # (a cfg changed in Python after loading is checked again)
+    top = Recipe.load("breast_cancer", ["train.epochs=2"])
+    top.cfg["train"]["epochs"] = 3  # (the roles' train sections were filled from it when it was made)
     for call, message in [
+            (lambda: run(top, str(tmp_path / "d")), "recipe.cfg['train']['epochs'] was changed to 3 after the recipe "
+                                                    "was made, and teacher.train.epochs and student.train.epochs "
+                                                    "still hold 2"),
+            (lambda: run(recipe, str(tmp_path / "e"), echo=None), "echo: expected a function that takes a line"),
+            (lambda: run(recipe, 123), "out: expected a folder path, got int 123"),
+            (lambda: run_seeds(recipe, [0, 0], str(tmp_path / "b")), "seeds: [0, 0] repeats a seed; give each once"),
             (lambda: run(changed, str(tmp_path / "c")), "student.train.epochs: expected int, got str '2'"),
             (lambda: Recipe.load(None), "Recipe.load: expected a recipe file, a bundled recipe's name or a run folder"),
             (lambda: Recipe.load({"name": "x"}), "for a dict, use Recipe.from_dict"),
@@ -259,3 +267,14 @@ def test_a_set_into_a_key_that_holds_a_value_is_refused_in_either_order():
             Recipe.load("breast_cancer", sets)
     with pytest.raises(UserError, match="train: expected"):  # (the other order: the section refused as a value)
         Recipe.load("breast_cancer", ["train.epochs=1", "train=5"])
+
+
+def test_a_recipe_changed_in_python_runs_as_validated(tmp_path):
+    """A key deleted from a loaded recipe's cfg is filled with its default again, and the run reads that
+    validated recipe, not the dict as it was left."""
+    from distill import run
+    r = Recipe.load("breast_cancer", ["train.epochs=1", "teacher.train.epochs=1"])
+    del r.cfg["distill"]["temperature"]
+    metrics = run(r, str(tmp_path / "run"), echo=lambda line: None)
+    assert metrics["student"]["accuracy"] > 0
+    assert Recipe.load(str(tmp_path / "run")).cfg["distill"]["temperature"] == 4.0

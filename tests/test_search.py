@@ -66,14 +66,41 @@ def test_a_search_stopped_by_a_signal_is_one_line_and_130(tmp_path, capsys, monk
     assert len(err) == 1 and "stopped by SIGINT" in err[0] and "the search stopped" in err[0], err
 
 
-def test_a_tpe_trial_that_reuses_an_earlier_student_is_not_counted_as_saved_epochs(tmp_path, capsys):
+def _rows(out):
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in json.load(open(os.path.join(out, "search.json")))["trials"]]
+
+
+def test_a_finished_tpe_search_run_again_says_what_the_first_said(tmp_path, capsys):
+    """Its students are reused, and their epochs reported to the pruner and counted as the first run counted
+    them: the same table, not 'reused' (that is for a trial repeating an earlier trial of the same search)."""
     out, one = str(tmp_path / "s"), [*FAST, "--sampler", "tpe", "--trials", "1", "--pruner", "none"]
     assert main(["search", "digits", *one, "--out", out]) == 0
+    first = _rows(out)
     assert main(["search", "digits", *one, "--out", out]) == 0  # (trial 1: the recipe's values, already trained)
-    result = json.load(open(os.path.join(out, "search.json")))
-    assert result["trials"][0]["reused"] and result["epochs_budget"] == 0
-    said = capsys.readouterr().out
-    assert "| reused |" in result["table"] and "trained 0 of 0 epochs; 1 trial(s) reused the student" in said
+    assert _rows(out) == first and not first[0]["reused"] and first[0]["epochs"] == 2
+    assert "trained 2 of 2 epochs" in capsys.readouterr().out
+
+
+def test_a_stopped_tpe_search_continued_ends_as_an_uninterrupted_one(tmp_path, capsys, monkeypatch):
+    """Stopped (SIGINT) in its first trial and run again, the search resumes that trial and reports its
+    earlier epochs to the pruner too: the same trials, prunings and values as a search never stopped."""
+    import signal
+    from distill.engine import callbacks
+    args = ["search", "digits", *FAST, *TPE, "--trials", "3"]
+    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+    real, calls = callbacks.EpochHook.on_epoch_end, []
+
+    def stop_after_the_first_epoch(self, t, record):
+        calls.append(record["epoch"])
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # (the trainer stops at its next step, checkpointed)
+        real(self, t, record)
+    monkeypatch.setattr(callbacks.EpochHook, "on_epoch_end", stop_after_the_first_epoch)
+    out = str(tmp_path / "stopped")
+    assert main([*args, "--out", out]) == 130
+    monkeypatch.undo()
+    assert main([*args, "--out", out]) == 0
+    assert _rows(out) == _rows(str(tmp_path / "straight"))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -84,6 +111,8 @@ def test_a_tpe_trial_that_reuses_an_earlier_student_is_not_counted_as_saved_epoc
     (["--grid", "distill.temperature=2,"], "--grid distill.temperature=2,: an empty value"),
     (["--set", "train.select=last", "--grid", "data.val_fraction=0.1,0"],
      "data.val_fraction: 0 leaves no validation split, and a search ranks its trials on it"),
+    (["--grid", "student.args.channels=[8],8"],  # (found by building each trial's models before the first trains)
+     "--grid student.args.channels=8: student.args: 'int' object is not iterable (model 'cnn')"),
 ])
 def test_search_mistakes_are_one_line(tmp_path, capsys, args, message):
     out = str(tmp_path / "s")

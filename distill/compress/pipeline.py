@@ -77,6 +77,7 @@ class Compressor:
         info = distil(run, compressed(name), model, teacher, "online", data=self.data, dcfg=dcfg, tcfg=tcfg)
         model.cpu(), teacher.cpu()  # pruning and measuring run on the CPU; only fine-tunes use train.device
         info.pop("train_time_s")  # (the step's own time_s covers it)
+        info.pop("val_history", None)  # (each epoch's accuracy: for a search's pruner, not the step's record)
         return info
 
     @cached_property

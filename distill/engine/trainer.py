@@ -232,7 +232,8 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_fit_end(self)
         self.student.load_state_dict(self.prog["best_state"])
-        return {"selected_epoch": self.prog["best_epoch"] + 1, **self.prog["best_metrics"]}
+        return {"selected_epoch": self.prog["best_epoch"] + 1, **self.prog["best_metrics"],
+                "val_history": self.prog.get("val_history", [])}
 
     def _epochs(self) -> None:
         for epoch in range(self.prog["epoch"], self.tcfg["epochs"]):
@@ -378,6 +379,8 @@ class Trainer:
             self.sched.step()
         val = self.task.validate(self.student, self.data, self.data_cfg["eval_batch_size"], self.runtime)
         self._select(epoch, val)
+        # (every epoch's validation accuracy, checkpointed with the rest: a resumed search's pruner reads it)
+        prog["val_history"] = [*prog.get("val_history", []), val.get("val_accuracy")]
         n = max(prog["batch"] - prog["skipped"], 1)
         sums = _read(prog["sums"], self.runtime)
         counts = {k: sums.pop(k, 0.0) for k in COUNTS}

@@ -218,12 +218,14 @@ def with_seed(recipe: Recipe, seed: int) -> Recipe:
 def run_seeds(recipe: Recipe, seeds: List[int], out: Optional[str] = None, echo=print, resume: bool = False,
               overwrite: bool = False, tensorboard: bool = False) -> Dict[str, Any]:
     """One full run per seed in `OUT/seed_<s>`, then mean and std of every metric in `OUT/summary.json`."""
-    check_recipe(recipe)
+    recipe = check_recipe(recipe)
     given = list(seeds) if hasattr(seeds, "__iter__") and not isinstance(seeds, (str, bytes)) else None
     if not given or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and 0 <= s < 2 ** 32
                             for s in given):
         raise UserError(f"seeds: expected a non-empty list of seeds (whole numbers in 0..2**32 - 1), got {seeds!r:.60}")
     seeds = [int(s) for s in given]  # (numpy's integers too; a generator is read once)
+    if len(set(seeds)) < len(seeds):  # (one run counted twice: a std of 0 that measured nothing)
+        raise UserError(f"seeds: {seeds} repeats a seed; give each once")
     base = run_folder(recipe, out)
     # Every seed's folder is checked (another recipe's run in it, say) before the first seed trains.
     folders = {s: RunDir(with_seed(recipe, s), os.path.join(base, f"seed_{s}"), echo, resume=resume,

@@ -37,6 +37,8 @@ AFTER_TRAINING = ("output", "compress", "bench", "baseline")  # keys that do not
 
 def run_folder(recipe: Recipe, out: Optional[str] = None) -> str:
     """--out, else the recipe's output.dir, else runs/<name>."""
+    if out is not None and not isinstance(out, (str, os.PathLike)):
+        raise UserError(f"out: expected a folder path, got {type(out).__name__} {out!r:.60}")
     return os.path.expanduser(out or recipe.cfg["output"]["dir"] or os.path.join("runs", recipe.cfg["name"]))
 
 
@@ -114,12 +116,23 @@ def data_cfg_for(cfg: Dict[str, Any], name: str, own: Any = False) -> Dict[str, 
     return {**cfg["data"], "tokenizer": own} if own else cfg["data"]
 
 
-def check_recipe(recipe: Any) -> None:
-    """The Python API's first argument: a Recipe object (a name or path is a common slip)."""
+def check_recipe(recipe: Any) -> Recipe:
+    """The Python API's first argument: a Recipe object (a name or path is a common slip), validated again
+    (its cfg may have been changed in Python): the recipe to run."""
     if not isinstance(recipe, Recipe):
         raise UserError(f"expected a Recipe (Recipe.load(name or path) or Recipe.from_dict(dict)), got "
                         f"{type(recipe).__name__} {recipe!r:.60}")
-    Recipe.from_dict(recipe.cfg, source=recipe.source)  # (validated again: its cfg may have been changed in Python)
+    made, cfg = getattr(recipe, "made", None), recipe.cfg
+    for key, value in (cfg.get("train") or {}).items() if isinstance(made, dict) else ():
+        before = made["train"].get(key)
+        kept = [r for r in (TEACHER, STUDENT) if isinstance(cfg.get(r), dict) and value != before
+                == (cfg[r].get("train") or {}).get(key, value)]
+        if kept:  # (the roles' train sections were filled from it when the recipe was made)
+            raise UserError(f"recipe.cfg['train']['{key}'] was changed to {value!r} after the recipe was made, and "
+                            f"{' and '.join(f'{r}.train.{key}' for r in kept)} still hold {before!r}: make the recipe "
+                            f"with the change (Recipe.load(name, ['train.{key}=...']) or Recipe.from_dict), or set "
+                            f"those too")
+    return Recipe.from_dict(cfg, source=recipe.source)
 
 
 class RunDir:
@@ -127,7 +140,10 @@ class RunDir:
                  overwrite: bool = False, tensorboard: bool = False, drop_checkpoints: bool = False) -> None:
         """`overwrite`: --overwrite (another recipe's run, other files, and stale checkpoints may be replaced);
         `drop_checkpoints`: only the last (distill compress --overwrite)."""
-        check_recipe(recipe)
+        recipe = check_recipe(recipe)
+        if not callable(echo):
+            raise UserError(f"echo: expected a function that takes a line of text (print, or lambda line: None), got "
+                            f"{echo!r:.60}")
         self.drop_checkpoints = overwrite or drop_checkpoints
         self.recipe, self.cfg = recipe, recipe.cfg
         self.out = run_folder(recipe, out)
