@@ -66,9 +66,9 @@ def evaluate_model(model: nn.Module, path: str, x: torch.Tensor, y: torch.Tensor
         keep = task.evaluate(model, x, y, ecfg, batch_size, runtime, path)
     else:
         keep = task.metrics(predict(model, x, batch_size, runtime), y, ecfg)
+    model.cpu()  # (scored on the run's device; latency and throughput are the CPU's, on evaluate.threads)
     if runtime is not None and not runtime.is_main:
         return keep
-    model.cpu()  # (scored on the run's device; latency and throughput are the CPU's, on evaluate.threads)
     big = x[:ecfg["throughput_batch"]]
     batch_ms = latency_ms(model, big, max(5, ecfg["latency_runs"] // 10), ecfg["threads"])
     return {**keep, "params": count_params(model), "size_bytes": weights_size(path),

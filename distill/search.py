@@ -64,7 +64,8 @@ def search(recipe: Recipe, grid: Dict[str, List[Any]], overrides: Sequence[str],
     trials = [dict(zip(keys, combo)) for combo in itertools.product(*grid.values())]
     folder = os.path.join(out, "trials")
     # (a grid over the models, their args say: each trial's models are built before the first one trains)
-    models = any(k.split(".")[0] in ("teacher", "student") for k in keys)
+    built = ("model", "args", "arch", "hf", "checkpoint", "from_teacher", "hf_config")
+    models = any(k.split(".")[0] in ("teacher", "student") and k.split(".")[1] in built for k in keys if "." in k)
     for t in trials:  # every trial's recipe is validated before the first one runs
         try:
             trial = Recipe.load(recipe.source, _sets(overrides, t))
@@ -80,7 +81,7 @@ def search(recipe: Recipe, grid: Dict[str, List[Any]], overrides: Sequence[str],
         # (resume: a stage a stopped search left half-trained continues; another trial's checkpoints are dropped)
         rd = RunDir(Recipe.load(recipe.source, sets), folder, echo, resume=True, overwrite=True)
         t0 = time.perf_counter()
-        results = execute(rd, TRAINING, check=i == 0)  # (the first trial's preflight covers the models)
+        results = execute(rd, TRAINING, check=i == 0 and not models)  # (one preflight covers the models)
         rows.append({**trial, "val_accuracy": results["student"]["val_accuracy"],
                      "scratch_val_accuracy": results.get(SCRATCH, {}).get("val_accuracy"),
                      "selected_epoch": results["student"].get("selected_epoch"),
@@ -329,8 +330,9 @@ def run_trial(trial: Any, recipe: Recipe, space: Dict[str, Dict[str, Any]], over
             seen.append(value)
             trial.report(value, epoch)
 
-    def on_epoch(epoch: int, record: Dict[str, Any], history: List[float]) -> None:
-        catch_up(history[:epoch - 1])
+    def on_epoch(epoch: int, record: Dict[str, Any]) -> None:
+        if len(record["val_history"]) == epoch:  # (a checkpoint from before the history was kept has none)
+            catch_up(record["val_history"][:epoch - 1])
         seen.append(record["val_accuracy"])
         trial.report(record["val_accuracy"], epoch)
         if epoch < budget and trial.should_prune():  # (at the last epoch nothing is left to save)
@@ -353,7 +355,8 @@ def run_trial(trial: Any, recipe: Recipe, space: Dict[str, Dict[str, Any]], over
         raise
     catch_up(results["student"].get("val_history", []))  # (a student trained before this process)
     # the same student as an earlier trial of this search (no epoch of its own), not one a stopped search finished
-    same = any(r is not row and r.get("state") == "complete" and all(r[k] == params[k] for k in params) for r in rows)
+    same = bool(results["student"].get("reused")) and any(
+        r is not row and r.get("state") == "complete" and all(r[k] == params[k] for k in params) for r in rows)
     row.update(state="complete", pruned_at=None, val_accuracy=results["student"]["val_accuracy"],
                scratch_val_accuracy=results.get(SCRATCH, {}).get("val_accuracy"),
                selected_epoch=results["student"].get("selected_epoch"),

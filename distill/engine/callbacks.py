@@ -211,16 +211,16 @@ class Checkpointing(Callback):
 
 
 class EpochHook(Callback):
-    """`hook(epoch, record, history)` after each epoch is logged and checkpointed (history: the validation
-    accuracy of every epoch so far, those before a resume too): a search's trial pruner raises from it to
-    stop a bad trial."""
+    """`hook(epoch, record)` after each epoch is logged and checkpointed, the record with `val_history` (the
+    validation accuracy of every epoch so far, those before a resume too): a search's trial pruner raises
+    from it to stop a bad trial."""
     order = 60
 
     def __init__(self, hook: Callable[[int, Dict[str, Any]], None]) -> None:
         self.hook = hook
 
     def on_epoch_end(self, t: Trainer, record: Dict[str, Any]) -> None:
-        self.hook(record["epoch"], record, t.prog["val_history"])
+        self.hook(record["epoch"], {**record, "val_history": list(t.prog["val_history"])})
 
 
 def trim_log(path: str, role: str, epochs_done: int, steps_done: Optional[int] = None) -> None:

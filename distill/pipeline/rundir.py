@@ -123,11 +123,14 @@ def check_recipe(recipe: Any) -> Recipe:
         raise UserError(f"expected a Recipe (Recipe.load(name or path) or Recipe.from_dict(dict)), got "
                         f"{type(recipe).__name__} {recipe!r:.60}")
     made, cfg = getattr(recipe, "made", None), recipe.cfg
-    for key, value in (cfg.get("train") or {}).items() if isinstance(made, dict) else ():
+    top = cfg["train"] if isinstance(made, dict) and isinstance(cfg, dict) and isinstance(cfg.get("train"), dict) \
+        else {}
+    for key, value in top.items():
         before = made["train"].get(key)
-        kept = [r for r in (TEACHER, STUDENT) if isinstance(cfg.get(r), dict) and value != before
-                == (cfg[r].get("train") or {}).get(key, value)]
-        if kept:  # (the roles' train sections were filled from it when the recipe was made)
+        roles = [r for r in (TEACHER, STUDENT)
+                 if isinstance(cfg.get(r), dict) and isinstance(cfg[r].get("train"), dict)]
+        kept = [r for r in roles if value != before == cfg[r]["train"].get(key, value)]
+        if kept and len(kept) == len(roles):  # (filled from it when the recipe was made: the change reaches nothing)
             raise UserError(f"recipe.cfg['train']['{key}'] was changed to {value!r} after the recipe was made, and "
                             f"{' and '.join(f'{r}.train.{key}' for r in kept)} still hold {before!r}: make the recipe "
                             f"with the change (Recipe.load(name, ['train.{key}=...']) or Recipe.from_dict), or set "

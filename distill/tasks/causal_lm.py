@@ -159,7 +159,7 @@ def score_completions(tokenizer: Any, prompts: list, completions: list, answers:
 def exact_match(model: nn.Module, tokenizer: Any, x: torch.Tensor, y: torch.Tensor, cfg: Dict[str, Any],
                 batch_size: int = 8) -> Dict[str, Any]:
     """Greedy completions of the first `cfg.rows` prompts, scored by `score_completions`; with the decode
-    rate (tokens/s at `batch_size`: the test's data.eval_batch_size)."""
+    rate (tokens/s at `batch_size`)."""
     prompts, answers = prompts_and_answers(x[:cfg["rows"]], y[:cfg["rows"]])
     t0 = time.perf_counter()
     completions = greedy_completions(model, prompts, cfg["max_new_tokens"], batch_size)
@@ -255,8 +255,9 @@ class CausalLM:
         # per byte of text, not per token: comparable between models of different tokenizers (lm-eval's bits_per_byte)
         out["bits_per_byte"] = float(sums[0]) / math.log(2) / max(completion_bytes(tokenizer, y), 1)
         em = ecfg.get("exact_match") or {}
-        if em.get("rows"):
-            out.update(exact_match(model, tokenizer, x, y, em, batch_size))
+        if em.get("rows"):  # (batches of 8 on the CPU, as validation's; of data.eval_batch_size on a GPU)
+            gpu = next(model.parameters()).device.type == "cuda"
+            out.update(exact_match(model, tokenizer, x, y, em, batch_size if gpu else 8))
         return out
 
     def metrics(self, logits: torch.Tensor, y: torch.Tensor, ecfg: Dict[str, Any]) -> Dict[str, float]:
