@@ -61,6 +61,7 @@ def main(out: str) -> None:
     seen["steps"], seen["allreduces"] = trainer.prog["step"], CountingTrainer.allreduces
     with open(os.path.join(out, f"rank{rt.rank}.json"), "w") as fh:
         json.dump(seen, fh)
+    torch.distributed.barrier()  # (neither tears the group down while the other is still in a collective)
     torch.distributed.destroy_process_group()
 
 
