@@ -23,7 +23,7 @@ import torch
 from .errors import UserError
 from .io import read_run_json, write_json
 from .logbook import read_log
-from .roles import MODELS_OUT, SCRATCH, STUDENT, TEACHER, is_assistant
+from .roles import MODELS_OUT, SCRATCH, STUDENT, TEACHER, is_assistant, recipe_section
 
 # Every threshold the rules use, in one place. Accuracies are fractions (0.01 = one point).
 THRESHOLDS: Dict[str, float] = {
@@ -367,13 +367,13 @@ def unstable_loss(run: RunView) -> List[Dict[str, Any]]:
             what.append(f"it learnt nothing: training accuracy {chance:.3f} at the last epoch, chance is "
                         f"{1 / max(run.num_classes, 2):.3f}")
         clip = "" if role_train(run.cfg, role)["grad_clip"] else \
-            f", or clip gradients: --set {'teacher' if role == 'teacher' else 'student'}.train.grad_clip=1.0"
+            f", or clip gradients: --set {recipe_section(role)}.train.grad_clip=1.0"
         fix = f"lower the learning rate: --set {lr_key(role)}={lr / 2:g} (now {lr:g}){clip}"
         peak = max((r.get("loss_total_max", 0) for r in run.steps.get(role, [])), default=0)
         if chance is not None and not spikes and not skipped and peak <= TH["blowup_ratio"] * log_c:
             epochs = role_train(run.cfg, role)["epochs"]  # (no blow-up: it barely moved, rather than diverged)
             fix = (f"it barely trained: raise the learning rate (--set {lr_key(role)}={lr * 3:g}, now {lr:g}) or "
-                   f"train longer (--set {'teacher' if role == 'teacher' else 'student'}.train.epochs={epochs * 2}, "
+                   f"train longer (--set {recipe_section(role)}.train.epochs={epochs * 2}, "
                    f"now {epochs})")
         ev["max_batch_loss"] = peak
         out.append(finding("unstable_loss", "high" if skipped or chance is not None else "medium",

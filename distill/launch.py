@@ -65,9 +65,9 @@ def check_processes(cfg: Dict[str, Any], nproc: int) -> None:
     if nproc > max(cpus, gpus):
         raise UserError(f"--nproc {nproc}: more processes than this machine's {cpus} CPU cores"
                         f"{f' and {gpus} GPUs' if gpus else ''}; give at most {max(cpus, gpus)}")
-    t = cfg["teacher"]
-    trained = ["student"] + ([] if t.get("checkpoint") or (t.get("hf") and t.get("finetuned")) else ["teacher"])
-    for role in trained:  # (each role's own accumulate, named as the recipe gives it; a loaded teacher has none)
+    from .recipe_checks import loaded_teacher
+    # (each trained role's own accumulate, named as the recipe gives it; a loaded teacher trains no step)
+    for role in ["student"] + ([] if loaded_teacher(cfg) else ["teacher"]):
         accumulate = cfg[role]["train"].get("accumulate", 1)
         try:
             Split(0, nproc, accumulate).check(cfg["data"]["batch_size"])
@@ -85,10 +85,8 @@ def report_error(message: str) -> bool:
     folder = os.environ.get(ERRORS)
     if not (folder and under_torchrun() and os.path.isdir(folder)):
         return False
-    path = os.path.join(folder, os.environ["RANK"])
-    with open(path + ".tmp", "w") as fh:
-        fh.write(message)
-    os.replace(path + ".tmp", path)  # (whole or not at all, should the process be killed meanwhile)
+    from .io import write_text
+    write_text(os.path.join(folder, os.environ["RANK"]), message)  # (whole or not at all: atomic)
     return True
 
 

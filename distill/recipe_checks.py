@@ -11,6 +11,10 @@ from .recipe_schema import (ASSISTANT, AUGMENT, BENCH_VARIANTS, COMPLETIONS, COM
                             LM_DATASETS, METRICS, TRAIN, validate_section)
 
 
+# the keys of which one says what a role's model is (else its checkpoint's header does)
+MODEL_SOURCES = ("model", "arch", "hf", "from_teacher", "hf_config")
+
+
 def _cross_checks(cfg: Dict[str, Any]) -> None:
     """Rules that involve more than one key, and files that must exist."""
     data = cfg["data"]
@@ -43,7 +47,7 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
     for role in ("teacher", "student"):
         m = cfg[role]
         _refuse_empty(m, role, ("model", "arch", "hf", "checkpoint"))
-        given = [k for k in ("model", "arch", "hf", "from_teacher", "hf_config") if m[k]]
+        given = [k for k in MODEL_SOURCES if m[k]]
         if len(given) > 1:
             raise UserError(f"{role}: give one of {', '.join(given)}, not several")
         if not (given or m["checkpoint"]):
@@ -399,6 +403,13 @@ def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
     for k, v in (over or {}).items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def loaded_teacher(cfg: Dict[str, Any]) -> Optional[str]:
+    """Where the teacher is loaded from without training (a checkpoint, or a fine-tuned Hugging Face model);
+    None when distill trains it."""
+    t = cfg["teacher"]
+    return t["checkpoint"] or (t["hf"] if t["finetuned"] else None)
 
 
 def labels_only(dcfg: Dict[str, Any]) -> bool:

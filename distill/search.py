@@ -64,7 +64,8 @@ def search(recipe: Recipe, grid: Dict[str, List[Any]], overrides: Sequence[str],
     trials = [dict(zip(keys, combo)) for combo in itertools.product(*grid.values())]
     folder = os.path.join(out, "trials")
     # (a grid over the models, their args say: each trial's models are built before the first one trains)
-    built = ("model", "args", "arch", "hf", "checkpoint", "from_teacher", "hf_config")
+    from .recipe_checks import MODEL_SOURCES
+    built = (*MODEL_SOURCES, "args", "checkpoint")
     models = any(k.split(".")[0] in ("teacher", "student") and k.split(".")[1] in built for k in keys if "." in k)
     for t in trials:  # every trial's recipe is validated before the first one runs
         try:

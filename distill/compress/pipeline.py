@@ -34,6 +34,7 @@ from ..pipeline.stage import Stage, run_stage
 from ..pipeline.teacher_outputs import student_data
 from ..pipeline.training import distil
 from ..recipe import LM_DATASETS, is_text
+from ..recipe_checks import MODEL_SOURCES
 from ..roles import STUDENT, TEACHER, compressed, recipe_section
 from ..tasks import task_for
 from . import layers as layer_drop
@@ -60,7 +61,7 @@ class Compressor:
         self.text = is_text(run.cfg, self.role)
         self.drops: List[str] = []  # CNN blocks removed so far, in order (saved so the model can be rebuilt)
         m = run.cfg[self.role]
-        built = next((k for k in ("arch", "hf", "from_teacher", "hf_config", "checkpoint") if m.get(k)), "model")
+        built = next((k for k in (*MODEL_SOURCES, "checkpoint") if m.get(k)), "model")
         self.what = f"the {self.c['source']} ({repr(m['model']) if m['model'] else built})"
 
     # ------------------------------------------------------------ helpers

@@ -103,8 +103,9 @@ class HFCausalLM(HFWrapper):
     def complete(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0) -> List[Tuple[List[int], bool]]:
         """Per prompt (token ids), the tokens generated after it up to and including EOS, and whether it
-        ended with EOS (False: cut at `max_new_tokens`, or where a table of learnt positions ends). Batched, left-padded, with the KV cache; greedy at
-        temperature 0, else sampled (seeded: the same prompts and seed give the same tokens)."""
+        ended with EOS (False: cut at `max_new_tokens`, or where a table of learnt positions ends). Batched,
+        left-padded, with the KV cache; greedy at temperature 0, else sampled (seeded: the same prompts and seed
+        give the same tokens)."""
         width = max(len(p) for p in prompts)
         if self.context is not None:  # (learnt positions end at the table's last row: the completions stop there;
             max_new_tokens = min(max_new_tokens, self.context - width + 1)  # the last token is never read)

@@ -125,16 +125,15 @@ def check_recipe(recipe: Any) -> Recipe:
     made, cfg = getattr(recipe, "made", None), recipe.cfg
     top = cfg["train"] if isinstance(made, dict) and isinstance(cfg, dict) and isinstance(cfg.get("train"), dict) \
         else {}
+    roles = [r for r in (TEACHER, STUDENT) if isinstance(cfg.get(r), dict) and isinstance(cfg[r].get("train"), dict)]
     for key, value in top.items():
         before = made["train"].get(key)
-        roles = [r for r in (TEACHER, STUDENT)
-                 if isinstance(cfg.get(r), dict) and isinstance(cfg[r].get("train"), dict)]
-        kept = [r for r in roles if value != before == cfg[r]["train"].get(key, value)]
-        if kept and len(kept) == len(roles):  # (filled from it when the recipe was made: the change reaches nothing)
+        # (the roles were filled from it when the recipe was made: a change that reached none of them does nothing)
+        if roles and value != before and all(cfg[r]["train"].get(key, value) == before for r in roles):
             raise UserError(f"recipe.cfg['train']['{key}'] was changed to {value!r} after the recipe was made, and "
-                            f"{' and '.join(f'{r}.train.{key}' for r in kept)} still hold {before!r}: make the recipe "
-                            f"with the change (Recipe.load(name, ['train.{key}=...']) or Recipe.from_dict), or set "
-                            f"those too")
+                            f"{' and '.join(f'{r}.train.{key}' for r in roles)} still hold {before!r}: make the "
+                            f"recipe with the change (Recipe.load(name, ['train.{key}=...']) or Recipe.from_dict), or "
+                            f"set those too")
     return Recipe.from_dict(cfg, source=recipe.source)
 
 

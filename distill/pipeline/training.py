@@ -25,7 +25,7 @@ from ..hooks import FeatureCapture
 from ..io import sha256_file, weights_sha256
 from ..models import count_params
 from ..monitor import retention_monitor, with_reaction
-from ..recipe_checks import labels_only
+from ..recipe_checks import labels_only, loaded_teacher
 from ..roles import SCRATCH, STUDENT, TEACHER, log_name
 from ..tasks import task_for
 from ..teachers import teacher_forward
@@ -142,7 +142,7 @@ def train_teacher(run: RunDir) -> nn.Module:
     def make() -> Dict[str, Any]:
         teacher = holder["model"] = build_role(run, TEACHER)
         t0 = time.perf_counter()
-        loaded = m["checkpoint"] or (m["hf"] if m["finetuned"] else None)
+        loaded = loaded_teacher(run.cfg)
         if loaded:
             run.event(f"teacher: loaded from {loaded} (not retrained)", model=TEACHER)
             info: Dict[str, Any] = {"loaded_from": loaded}
