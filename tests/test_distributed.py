@@ -218,6 +218,11 @@ def test_sigkill_then_resume_with_two_processes_is_bitwise_identical(reference, 
     compare(reference, str(out), exact=True)
     m1, m2 = (json.load(open(os.path.join(d, "metrics.json"))) for d in (reference, out))
     assert all(m1[n]["accuracy"] == m2[n]["accuracy"] for n in m1)
+    # the epoch a checkpoint cut in two logs the loss of both processes' steps before it too
+    epochs = [{(r["model"], r["epoch"]): r["loss_total"] for r in map(json.loads, open(os.path.join(d, "log.jsonl")))
+               if "val_accuracy" in r} for d in (reference, out)]
+    assert epochs[0].keys() == epochs[1].keys()
+    assert epochs[0] == pytest.approx(epochs[1], rel=1e-9), state["progress"]["batch"]
 
 
 def _free_port():

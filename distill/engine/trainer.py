@@ -187,11 +187,15 @@ class Trainer:
         same in every process and kept once; each process's RNG state is kept (a collective: every process
         calls this)."""
         rng = self.runtime.gather(rng_state()) if self.runtime.distributed else rng_state()
+        prog = dict(self.prog)
+        for name in ("sums", "window"):  # a part-done epoch's loss sums, over every process (rank 0 resumes them)
+            if self.runtime.distributed and "values" in prog[name]:
+                prog[name] = {**prog[name], "values": self.runtime.sum(prog[name]["values"])}
         return {"objective": self.objective.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "interval": "step" if self.step_sched else "epoch",
                 "epoch_gen": self.epoch_gen,
                 **({"rng_per_rank": rng, "world_size": self.runtime.world_size} if self.runtime.distributed
-                   else {"rng": rng}), "progress": self.prog}
+                   else {"rng": rng}), "progress": prog}
 
     def load_state(self, saved: Dict[str, Any]) -> None:
         world = saved.get("world_size", 1)
@@ -216,6 +220,8 @@ class Trainer:
                      "signals": old.get("signals", {})}
         for acc in (self.prog["sums"], self.prog["window"]):  # (kept on the device, loaded onto the CPU)
             acc.update({k: v.to(self.runtime.device) for k, v in acc.items() if torch.is_tensor(v)})
+            if "values" in acc and "world_size" in saved and self.runtime.rank:  # (rank 0 holds every process's)
+                acc["values"] = torch.zeros_like(acc["values"])
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> Dict[str, Any]:
