@@ -55,8 +55,7 @@ def soft_labels(run: RunDir, teacher: Optional[nn.Module] = None, data: Optional
         from ..errors import UserError
         raise UserError("distill.teacher_outputs: cached: text features vary in length per batch and are not "
                         "cached; use teacher_outputs: online (or auto) with transformer layer losses")
-    device = run.runtime.device.type
-    key = cache_key(weights_sha256(teacher), data.fingerprint, layers, None if device == "cpu" else device)
+    key = cache_key(weights_sha256(teacher), data.fingerprint, layers, _device_key(run))
     memo = run.__dict__.setdefault("soft_label_entries", {})  # the plan's soft-label stage, then the student
     if key in memo:
         return memo[key]
@@ -74,6 +73,12 @@ def soft_labels(run: RunDir, teacher: Optional[nn.Module] = None, data: Optional
     return outputs
 
 
+def _device_key(run: RunDir) -> Optional[str]:
+    """The device a cache entry names: none on the CPU (so entries made before the key named it are found)."""
+    device = run.runtime.device.type
+    return None if device == "cpu" else device
+
+
 def topk_labels(run: RunDir, teacher: nn.Module, data: DataBundle, dcfg: Dict[str, Any]):
     """The teacher's top-k tokens at each position the student learns from, from the on-disk cache: built
     (resumably) when absent, refused when it was built for another tokenizer, teacher or data."""
@@ -83,7 +88,7 @@ def topk_labels(run: RunDir, teacher: nn.Module, data: DataBundle, dcfg: Dict[st
     tok = tokenizer_hash(load_tokenizer(data.tokenizer, "data.tokenizer")) if data.tokenizer else \
         sha256_json(data.class_names)[:16]
     want = topk.expected(weights_sha256(teacher), tok, getattr(teacher, "vocab_size", data.num_classes), dcfg["topk"],
-                         dcfg["temperature"], data.fingerprint, len(data.y_train))
+                         dcfg["temperature"], data.fingerprint, len(data.y_train), _device_key(run))
     key = "topk-" + sha256_json(want)[:24]
     if key in memo:
         return memo[key]

@@ -153,11 +153,13 @@ def check_k(k: int, vocab: int) -> None:
                         f"{vocab} (k = {vocab} keeps every token, the same as dense logits)")
 
 
-def expected(teacher_sha: str, tokenizer: str, vocab: int, k: int, temperature: float, data: str, rows: int
-             ) -> Dict[str, Any]:
+def expected(teacher_sha: str, tokenizer: str, vocab: int, k: int, temperature: float, data: str, rows: int,
+             device: Optional[str] = None) -> Dict[str, Any]:
+    """What an entry is built for; off the CPU also the device that computed it (as the dense cache's key:
+    another device's kernels can pick other tokens at a tie)."""
     check_k(k, vocab)
     return {"format": FORMAT, "teacher": teacher_sha, "tokenizer": tokenizer, "vocab": vocab, "k": k,
-            "temperature": float(temperature), "data": data, "rows": rows}
+            "temperature": float(temperature), "data": data, "rows": rows, **({"device": device} if device else {})}
 
 
 def check_manifest(folder: str, want: Dict[str, Any]) -> None:
