@@ -31,6 +31,19 @@ DEFAULT_GRID = {"distill.temperature": [2, 3, 4, 5], "distill.alpha": [0.5, 0.7,
 NO_PLOT = "search: matplotlib is not installed, so no search.png (pip install -e '.[plot]')"
 
 
+# data keys that change which rows the validation split holds: trials ranked on different splits are not compared
+SPLIT_KEYS = ("dataset", "path", "test_path", "val_fraction", "test_fraction", "split_seed", "arith", "label_column",
+              "text_column", "prompt_column", "completion_column")
+
+
+def _same_split(flag: str, item: str, key: str) -> None:
+    parts = key.split(".")
+    if parts[0] == "data" and len(parts) > 1 and parts[1] in SPLIT_KEYS:
+        raise UserError(f"{flag} {item}: a search ranks its trials on the validation split, and {key} changes the "
+                        f"rows it holds, so the trials would not be compared on the same data; fix it with --set "
+                        f"and search once per value")
+
+
 def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
     """`["distill.temperature=2,4", ...]` -> {"distill.temperature": [2, 4]}; the default grid when empty."""
     grid: Dict[str, List[Any]] = {}
@@ -40,6 +53,7 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
             raise UserError(f"--grid {item}: expected KEY=V1,V2,..., e.g. --grid distill.temperature=2,3,4")
         if key.strip() in grid:
             raise UserError(f"--grid {item}: {key.strip()} is given twice; list all its values in one --grid")
+        _same_split("--grid", item, key.strip())
         if "" in (v.strip() for v in values.split(",")):
             raise UserError(f"--grid {item}: an empty value (a comma too many?)")
         try:
@@ -215,6 +229,7 @@ def parse_space(items: Sequence[str]) -> Dict[str, Dict[str, Any]]:
             raise UserError(f"--space {item}: {SPACE_FORM}")
         if key in space:
             raise UserError(f"--space {item}: {key} is given twice")
+        _same_split("--space", item, key)
         space[key] = {**_parse_dim(item, spec.strip()), "arg": item}
     return space or parse_space(DEFAULT_SPACE_ARGS)
 

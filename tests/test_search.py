@@ -21,6 +21,17 @@ def test_grid_parsing_and_default():
         "distill.temperature": [2, 3.5], "train.optimizer.name": ["adam", "sgd"]}
 
 
+@pytest.mark.parametrize("flag,item", [("--grid", "data.val_fraction=0.1,0.2"), ("--space", "data.split_seed=0,1"),
+                                       ("--grid", "data.arith.train=100,200")])
+def test_a_search_over_the_validation_split_is_refused(flag, item, tmp_path, capsys):
+    assert main(["search", "digits", flag, item, *(["--sampler", "tpe"] if flag == "--space" else []),
+                 "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} {item}: a search ranks its trials on the validation split" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+    assert parse_grid(["data.batch_size=32,64"]) == {"data.batch_size": [32, 64]}  # (the split stays)
+
+
 def test_search_ranks_on_validation_and_writes_the_best_recipe(tmp_path, capsys):
     out = str(tmp_path / "s")
     assert main(["search", "digits", *FAST, *GRID, "--out", out]) == 0
