@@ -180,6 +180,27 @@ def test_text_files_csv_and_jsonl(tmp_path):
     assert read_texts(str(txt), "text", None) == (["one text", "another text"], [])
 
 
+def test_token_ids_are_padded_on_the_right_whatever_the_tokenizer_and_keyed_by_how_it_tokenises(tokenizer, tmp_path):
+    from distill.data.text import tokenize
+    texts = ["the film was great", "dull"]
+    right = tokenize(texts, tokenizer, 8, str(tmp_path), "src")
+    assert right[1].tolist() == [101, 10634, 102, 0, 0, 0, 0, 0]
+    left = transformers.AutoTokenizer.from_pretrained(tokenizer.name_or_path, padding_side="left")
+    np.testing.assert_array_equal(tokenize(texts, left, 8, str(tmp_path / "l"), "src"), right)
+    bare = transformers.AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    bare.pad_token = None  # (no pad token: the pad id falls back to 0 here, [PAD]'s, as the model's wrapper reads it)
+    np.testing.assert_array_equal(tokenize(texts, bare, 8, str(tmp_path / "b"), "src"), right)
+    # another truncation side or normaliser is another cache entry, not the first one's ids
+    cut = transformers.AutoTokenizer.from_pretrained(tokenizer.name_or_path, truncation_side="left")
+    assert tokenize(["one two three four five six"], cut, 4, str(tmp_path), "src2")[0].tolist() == \
+        [101, 2274, 2416, 102]
+    assert tokenize(["one two three four five six"], tokenizer, 4, str(tmp_path), "src2")[0].tolist() == \
+        [101, 2028, 2048, 102]
+    accents = transformers.AutoTokenizer.from_pretrained(tokenizer.name_or_path, strip_accents=False)
+    assert tokenize(["café"], accents, 6, str(tmp_path), "src3").tolist() != \
+        tokenize(["café"], tokenizer, 6, str(tmp_path), "src3").tolist()
+
+
 def test_bucketed_batches_cover_every_index_once_with_similar_lengths():
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(3, 40, (1000,))
@@ -354,6 +375,12 @@ TEXT_CASES = {
         "u.csv: no column named 'text' (data.text_column)"),
     "unlabeled file missing": (lambda t, b: {"distill": {"data": {"unlabeled": str(t / "u.txt")}}},
                                "distill.data.unlabeled: file not found"),
+    "max_length of the special tokens alone": (lambda t, b: {"data": {"max_length": 2}},
+                                               "data.max_length: 2 tokens hold only the tokenizer's 2 special"),
+    "texts longer than the model's positions": (
+        lambda t, b: {"data": {"max_length": 100, "path": _write(t / "long.csv", "text,label\n" + "".join(
+            f"{' '.join(['film'] * (20 + 50 * (i % 2)))},{NAMES[i % 2]}\n" for i in range(40)))}},
+        "sequences of up to 72 tokens, and the teacher reads at most 64 positions"),
     "cnn student on text": (lambda t, b: {"student": {"from_teacher": None, "model": "mlp"}},
                             "student: data.dataset: text needs a transformer"),
 }

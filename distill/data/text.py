@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import UserError, did_you_mean
 from ..io import atomic_path, sha256_file, sha256_json
-from ..models.hf import load_tokenizer
+from ..models.hf import load_tokenizer, pad_id, tokenization_hash
 from ..registry import DATASETS
 from ..teachers.cache import default_cache_dir
 from .datasets import Raw, read_text_file
@@ -70,14 +70,23 @@ def _jsonl_rows(path: str, fh) -> List[Dict[str, Any]]:
 
 
 def tokenize(texts: List[str], tok, max_length: int, cache_dir: str, source_key: str) -> np.ndarray:
-    """(N, max_length) int64 token ids, padded with the pad id; read from the cache when present."""
-    key = sha256_json({"src": source_key, "vocab": sha256_json(tok.get_vocab()), "max": max_length,
-                       "cls": type(tok).__name__, "lower": getattr(tok, "do_lower_case", None)})[:24]
+    """(N, max_length) int64 token ids, padded on the right with `pad_id(tok)` (models trim the padding columns
+    at the end; a tokenizer that pads on the left, or has no pad token, pads here as they expect), truncated on
+    the tokenizer's side; read from the cache when present."""
+    specials = tok.num_special_tokens_to_add()
+    if max_length <= specials:
+        raise UserError(f"data.max_length: {max_length} tokens hold only the tokenizer's {specials} special "
+                        f"token(s) and no text; give more")
+    key = sha256_json({"src": source_key, "tokenization": tokenization_hash(tok), "max": max_length,
+                       "cls": type(tok).__name__, "lower": getattr(tok, "do_lower_case", None),
+                       "truncation": tok.truncation_side, "pad": pad_id(tok), "format": 2})[:24]
     path = os.path.join(cache_dir, f"tokens-{key}.npy")
     if os.path.isfile(path):
         return np.load(path)
-    enc = tok(texts, truncation=True, max_length=max_length, padding="max_length")
-    ids = np.asarray(enc["input_ids"], dtype=np.int64)
+    rows = tok(texts, truncation=True, max_length=max_length)["input_ids"]
+    ids = np.full((len(rows), max_length), pad_id(tok), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = row
     os.makedirs(cache_dir, exist_ok=True)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
@@ -101,6 +110,5 @@ def _text(cfg: Dict[str, Any]):
     xt, yt = tokenize_file(cfg["test_path"], cfg, tok) if cfg["test_path"] else (None, None)
     classes = sorted(set(y) | set(yt or []))
     index = {c: i for i, c in enumerate(classes)}
-    pad = tok.pad_token_id
     return Raw(x, np.array([index[v] for v in y]), xt, None if yt is None else np.array([index[v] for v in yt]),
-               class_names=classes, pad_id=0 if pad is None else int(pad))
+               class_names=classes, pad_id=pad_id(tok))

@@ -101,6 +101,17 @@ def trim_padding(x: torch.Tensor, pad_id: int) -> Tuple[torch.Tensor, torch.Tens
     return x[:, :length], mask[:, :length].long()
 
 
+POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")  # (the names transformers gives them)
+
+
+def uses_rotary(config) -> bool:
+    """Whether a config's positions are rotary (Llama, Qwen, Mistral, Phi, GPT-NeoX, GPT-J ...), by the keys
+    that set them; learnt or ALiBi positions (GPT-2, OPT, Bloom) have none of these."""
+    keys = ("rope_theta", "rope_parameters", "rope_scaling", "rotary_pct", "partial_rotary_factor", "rotary_dim",
+            "rotary_emb_base")
+    return any(getattr(config, k, None) is not None for k in keys)
+
+
 class HFWrapper(nn.Module):
     """What every wrapped Hugging Face model answers: its depth and width, from its config."""
 
@@ -111,6 +122,20 @@ class HFWrapper(nn.Module):
     @property
     def width(self) -> int:
         return self.hf.config.hidden_size
+
+    @property
+    def context(self) -> Optional[int]:
+        """The most positions the model can read when it learnt a table of position embeddings (GPT-2 and
+        GPT-Neo's wpe, OPT's embed_positions less its offset, BERT's and RoBERTa's position_embeddings: one more
+        is an index error); None for rotary, ALiBi or sinusoidal positions, which have no such table."""
+        c = self.hf.config
+        if getattr(c, "position_embedding_type", "absolute") != "absolute" or uses_rotary(c):
+            return None
+        # (RoBERTa's positions start after its padding row; OPT's and BioGPT's after an offset of 2)
+        tables = [m.num_embeddings - getattr(m, "offset", 0) - (0 if m.padding_idx is None else m.padding_idx + 1)
+                  for n, m in self.hf.named_modules()
+                  if isinstance(m, nn.Embedding) and n.rsplit(".", 1)[-1] in POSITION_TABLES]
+        return min(tables, default=None)
 
 
 class HFClassifier(HFWrapper):
@@ -147,8 +172,7 @@ class HFClassifier(HFWrapper):
 
 
 def _wrap(hf: nn.Module, tokenizer) -> HFClassifier:
-    return HFClassifier(hf, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-                        tokenizer.mask_token_id, tokenizer.all_special_ids)
+    return HFClassifier(hf, pad_id(tokenizer), tokenizer.mask_token_id, tokenizer.all_special_ids)
 
 
 def _label_config(class_names: List[str]) -> Dict[str, Any]:

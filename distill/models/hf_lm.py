@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import UserError
 from .hf import HFWrapper, check_fresh_width, load_tokenizer, model_folder, pad_id, tokenizer_hash, \
-    transformers_module
+    transformers_module, uses_rotary
 
 
 class HFCausalLM(HFWrapper):
@@ -46,20 +46,6 @@ class HFCausalLM(HFWrapper):
             old2new = torch.full((hf.config.distill_vocab_size,), -1, dtype=torch.long, device=device)
             old2new[self.vocab_ids] = torch.arange(len(ids), device=device)
             self.register_buffer("old2new", old2new.where(old2new >= 0, old2new[self.pad_id]), persistent=False)
-
-    @property
-    def context(self) -> Optional[int]:
-        """The most positions the model can read when it learnt a table of position embeddings (GPT-2 and
-        GPT-Neo's wpe, OPT's embed_positions less its offset: one more is an index error); None for
-        rotary, ALiBi or sinusoidal positions, which have no such table."""
-        c = self.hf.config
-        if getattr(c, "position_embedding_type", "absolute") != "absolute" or uses_rotary(c):
-            return None
-        # (RoBERTa's positions start after its padding row; OPT's and BioGPT's after an offset of 2)
-        tables = [m.num_embeddings - getattr(m, "offset", 0) - (0 if m.padding_idx is None else m.padding_idx + 1)
-                  for n, m in self.hf.named_modules()
-                  if isinstance(m, nn.Embedding) and n.rsplit(".", 1)[-1] in POSITION_TABLES]
-        return min(tables, default=None)
 
     @property
     def vocab_size(self) -> int:
@@ -225,17 +211,6 @@ def _load_pruned(tf, config, folder: str, where: str) -> nn.Module:
                         f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
     hf.tie_weights()
     return hf
-
-
-POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")  # (the names transformers gives them)
-
-
-def uses_rotary(config) -> bool:
-    """Whether a config's positions are rotary (Llama, Qwen, Mistral, Phi, GPT-NeoX, GPT-J ...), by the keys
-    that set them; learnt or ALiBi positions (GPT-2, OPT, Bloom) have none of these."""
-    keys = ("rope_theta", "rope_parameters", "rope_scaling", "rotary_pct", "partial_rotary_factor", "rotary_dim",
-            "rotary_emb_base")
-    return any(getattr(config, k, None) is not None for k in keys)
 
 
 def fresh_lm(teacher: HFCausalLM, layers: int, hidden: int, heads: int, intermediate: int, where: str) -> HFCausalLM:

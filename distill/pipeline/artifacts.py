@@ -148,6 +148,16 @@ def important_layers(run: RunDir, teacher: nn.Module, keep: int) -> List[int]:
     return most_important(memo[key], keep)
 
 
+def fits_context(model: nn.Module, longest: int, where: str, role: str, cut: str) -> nn.Module:
+    """`model`, refused when it has a table of learnt positions shorter than the data's longest row."""
+    context = getattr(model, "context", None)
+    if context is not None and longest > context:
+        raise UserError(f"{where}: sequences of up to {longest} tokens, and the {role} reads at most {context} "
+                        f"positions (its table of learnt positions); give data.max_length <= {context} {cut}, or "
+                        f"a model of a longer context")
+    return model
+
+
 class HuggingFaceModels:
     """Transformers loaded from a folder or derived from the teacher (layer selection, or a smaller fresh
     config), saved as Hugging Face folders. Students must read the teacher's tokens: one vocabulary."""
@@ -160,6 +170,12 @@ class HuggingFaceModels:
     def build(self, run: RunDir, role: str) -> nn.Module:
         if run.data.task == "causal_lm":
             return self._build_lm(run, role)
+        data = run.data_for(role)  # (texts are padded to data.max_length: their real lengths count)
+        longest = max(int((x != data.pad_id).sum(1).max()) for x in (data.x_train, data.x_val, data.x_test) if len(x))
+        return fits_context(self._classifier(run, role), longest, run.cfg["data"]["path"], role,
+                            "to cut texts there")
+
+    def _classifier(self, run: RunDir, role: str) -> nn.Module:
         m, t, names = run.cfg[role], run.cfg[TEACHER], run.data.class_names
         if m["hf"]:
             path = resolve_hf_path(m["hf"], f"{role}.hf")
@@ -194,13 +210,8 @@ class HuggingFaceModels:
             raise UserError(f"{where}: token id {top} in the tokenised data, and the {role} embeds "
                             f"{model.vocab_size:,} tokens (0 to {model.vocab_size - 1:,}): a token its tokenizer "
                             f"added (special or chat-template tokens) without a row of the model's embedding")
-        context = getattr(model, "context", None)
         longest = max(x.shape[1] for x in splits)  # (not data.max_length: rows are padded to the longest only)
-        if context is not None and longest > context:
-            raise UserError(f"{where}: sequences of up to {longest} tokens, and the {role} reads at most {context} "
-                            f"positions (its table of learnt positions); give data.max_length <= {context} to refuse "
-                            f"longer rows, or a model of a longer context")
-        return model
+        return fits_context(model, longest, where, role, "to refuse longer rows")
 
     def _lm(self, run: RunDir, role: str) -> nn.Module:
         """A causal LM: loaded (teacher, or a student folder of the same tokenizer), or derived from the
