@@ -159,6 +159,11 @@ CASES = {
                       "data.path: file not found: no.npz"),
     "npz garbage": (lambda t: [recipe_with(t, GOOD.replace("dataset: digits", f"dataset: npz, path: {_garbage(t)}"))],
                     "cannot read as .npz"),
+    "npz empty file": (lambda t: [recipe_with(t, GOOD.replace("dataset: digits", f"dataset: npz, path: {_empty(t)}"))],
+                       "e.npz: cannot read as .npz (neither a zip of arrays nor a NumPy file)"),
+    "npz that is one array": (lambda t: [recipe_with(t, GOOD.replace("dataset: digits", f"dataset: npz, path: "
+                                                                                        f"{_one_array(t)}"))],
+                              "a.npz: one array (an .npy file), not an .npz of x_train, y_train, x_test, y_test"),
     "npz missing arrays": (lambda t: [_npz_recipe(t, x_test=None)], "missing arrays ['x_test']"),
     "empty data": (lambda t: [_npz_recipe(t, x_train=np.zeros((0, 8, 8), np.uint8), y_train=np.zeros(0, int))],
                    "y_train is empty"),
@@ -188,6 +193,8 @@ CASES = {
     "csv ragged row": (lambda t: [_csv_recipe(t, "a,b,label\n1,2,x\n3,y\n")], "line 3 has 2 fields, the header has 3"),
     "csv row without a label": (lambda t: [_csv_recipe(t, "a,label\n1,x\n2,\n3,y\n")],
                                 "d.csv: line 3: empty 'label' (data.label_column)"),
+    "csv row without a label after blank lines": (lambda t: [_csv_recipe(t, "a,label\n1,x\n\n\n2,\n3,y\n")],
+                                                  "d.csv: line 5: empty 'label' (data.label_column)"),
     "npz splits of two pixel types": (lambda t: [_npz_recipe(t, x_test=np.full((12, 8, 8), 200, np.float32))],
                                       "x_train is uint8 and x_test float32"),
     "tabular data as images": (lambda t: [recipe_with(t, TABULAR), "--set", "data.as_image=true"],
@@ -301,6 +308,17 @@ def _garbage(t, name="g.npz"):
     p = t / name
     p.write_bytes(b"this is not the file you are looking for")
     return str(p)
+
+
+def _empty(t):
+    (t / "e.npz").write_bytes(b"")
+    return str(t / "e.npz")
+
+
+def _one_array(t):
+    with open(t / "a.npz", "wb") as fh:  # (np.save appends .npy to a path: a file keeps the name)
+        np.save(fh, np.zeros(3))
+    return str(t / "a.npz")
 
 
 def _truncated(t):

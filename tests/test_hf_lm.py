@@ -693,6 +693,9 @@ def test_arith_generator_is_seeded_disjoint_and_its_traces_are_right(tmp_path):
         assert eval(r["prompt"][len("Compute "):-1]) == int(r["answer"])  # (digits and + - only)
         assert extract(r["completion"], ANSWER) == r["answer"]
         assert r["completion"].count("So ") == 2  # one worked step per operation
+    wide = generate(5, seed=0, operations=3, digits=6)  # (columns past the named places: their power of ten)
+    assert all(extract(r["completion"], ANSWER) == r["answer"] for r in wide)
+    assert any("10^7" in r["completion"] or "millions" in r["completion"] for r in wide)
 
 
 def test_arith_prompts_are_answer_only_and_disjoint_from_both_splits(tmp_path):
@@ -741,6 +744,17 @@ def test_bad_teacher_prompts_are_one_line_naming_the_line(tmp_path, rows, expect
     tok = char_tokenizer(str(tmp_path / "tok"))
     with pytest.raises(UserError, match=expected):
         tokenize_prompts(write_jsonl(str(tmp_path / "p.jsonl"), rows), CFG, tok, r"Answer:\s*(-?\d+)", True)
+
+
+def test_errors_name_the_file_line_after_blank_lines(tmp_path):
+    from distill.data.completions import tokenize_prompts
+    tok = char_tokenizer(str(tmp_path / "tok"))
+    (tmp_path / "p.jsonl").write_text('{"prompt": "1+1"}\n\n\n{"question": "2+2"}\n')
+    with pytest.raises(UserError, match=r"p.jsonl: line 4: no 'prompt'"):
+        tokenize_prompts(str(tmp_path / "p.jsonl"), CFG, tok, None, False)
+    (tmp_path / "d.jsonl").write_text('{"prompt": "1+1", "completion": "2"}\n\n{"prompt": "2+2"}\n')
+    with pytest.raises(UserError, match=r"d.jsonl: line 3: no 'completion'"):
+        tokenize_rows(str(tmp_path / "d.jsonl"), CFG, tok)
 
 
 def test_a_teacher_prompts_file_that_is_not_jsonl_is_one_line(tmp_path):

@@ -362,7 +362,10 @@ TEXT_CASES = {
     "text in a txt file": (lambda t, b: {"data": {"path": _write(t / "a.txt", "hello\n")}},
                            "give a .csv or .jsonl file of texts and labels"),
     "empty text": (lambda t, b: {"data": {"path": _write(t / "e.csv", "text,label\nfine,a\n,b\n")}},
-                   "row 2: empty or missing 'text'"),
+                   "e.csv: line 3: empty or missing 'text'"),
+    "empty label after blank lines": (
+        lambda t, b: {"data": {"path": _write(t / "e.jsonl", '{"text": "a", "label": "x"}\n\n\n{"text": "b"}\n')}},
+        "e.jsonl: line 4: empty or missing 'label'"),
     "bad jsonl": (lambda t, b: {"data": {"path": _write(t / "b.jsonl", '{"text": "a", "label": "x"}\n{oops\n')}},
                   "line 2: not JSON"),
     "test file with a class training lacks": (

@@ -26,7 +26,12 @@ from typing import Dict, List, Tuple
 
 from ..io import atomic_path
 
-PLACES = ["ones", "tens", "hundreds", "thousands", "ten-thousands"]
+PLACES = ["ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands", "millions"]
+
+
+def place(i: int) -> str:
+    """The name of column `i` (0: ones); past the named ones, its power of ten."""
+    return PLACES[i] if i < len(PLACES) else f"10^{i}"
 ANSWER = r"Answer:\s*(-?\d+)"  # the regex that extracts the final answer (evaluate.exact_match.answer)
 
 
@@ -40,10 +45,10 @@ def column_add(a: int, b: int) -> str:
     for i in range(width):
         s = da[i] + db[i] + carry
         terms = f"{da[i]}+{db[i]}" + (f"+{carry}" if carry else "")
-        steps.append(f"{PLACES[i]} {terms}={s}" + (f", write {s % 10} carry {s // 10}" if s >= 10 else ""))
+        steps.append(f"{place(i)} {terms}={s}" + (f", write {s % 10} carry {s // 10}" if s >= 10 else ""))
         carry = s // 10
     if carry:
-        steps.append(f"{PLACES[width]} {carry}")
+        steps.append(f"{place(width)} {carry}")
     return f"{a}+{b}: " + "; ".join(steps) + f". So {a + b}."
 
 
@@ -55,13 +60,13 @@ def column_sub(a: int, b: int) -> str:
         top = da[i] - borrow
         left = f"{da[i]}-{borrow}" if borrow else f"{da[i]}"
         if top < db[i]:
-            steps.append(f"{PLACES[i]} {left}-{db[i]}, borrow: {top + 10}-{db[i]}={top + 10 - db[i]}")
+            steps.append(f"{place(i)} {left}-{db[i]}, borrow: {top + 10}-{db[i]}={top + 10 - db[i]}")
             borrow = 1
         else:
             if i >= len(str(b)) and not borrow:
-                steps.append(f"{PLACES[i]} {da[i]}")
+                steps.append(f"{place(i)} {da[i]}")
             else:
-                steps.append(f"{PLACES[i]} {left}-{db[i]}={top - db[i]}")
+                steps.append(f"{place(i)} {left}-{db[i]}={top - db[i]}")
             borrow = 0
     return f"{a}-{b}: " + "; ".join(steps) + f". So {a - b}."
 

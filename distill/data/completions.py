@@ -23,24 +23,25 @@ from ..errors import UserError
 from ..io import atomic_path, sha256_file, sha256_json
 from ..models.hf import load_tokenizer, pad_id, tokenization_hash
 from .datasets import BUNDLES, DataBundle, read_text_file
-from .text import _jsonl_rows
+from .text import jsonl_rows
 
 IGNORE = -100  # the target of a position that no loss counts (prompt, padding)
 
 
 def _rows(path: str, what: str = "completions data is JSONL, one {prompt, completion} or {messages} object a line"
-          ) -> List[Dict[str, Any]]:
+          ) -> List[Tuple[int, Dict[str, Any]]]:
+    """(line number, object) of each row of a JSONL file."""
     if not path.endswith((".jsonl", ".json")):
         raise UserError(f"{path}: {what}")
-    rows = read_text_file(path, lambda fh: _jsonl_rows(path, fh))
+    rows = read_text_file(path, lambda fh: jsonl_rows(path, fh))
     if not rows:
         raise UserError(f"{path}: no rows")
     return rows
 
 
-def _texts(row: Dict[str, Any], i: int, path: str, cfg: Dict[str, Any], tok) -> Tuple[str, str, bool]:
+def _texts(row: Dict[str, Any], line: int, path: str, cfg: Dict[str, Any], tok) -> Tuple[str, str, bool]:
     """(prompt text, completion text, whether the prompt is already rendered with special tokens)."""
-    where = f"{path}: line {i + 1}"
+    where = f"{path}: line {line}"
     if "messages" in row:
         msgs = _messages(row, where, 2, "at least two {role, content} objects")
         if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
@@ -90,15 +91,15 @@ def _render(messages: List[Dict[str, Any]], tok, where: str) -> str:
         raise UserError(f"{where}: the tokenizer's chat template refuses these messages ({e})") from None
 
 
-def tokenize_prompts(path: str, cfg: Dict[str, Any], tok, pattern: Optional[str], need_answers: bool
-                     ) -> Tuple[List[List[int]], List[Optional[str]]]:
+def tokenize_prompts(path: str, cfg: Dict[str, Any], tok, pattern: Optional[str], need_answers: bool,
+                     held: frozenset = frozenset()) -> Tuple[List[List[int]], List[Optional[str]]]:
     """The token ids of each prompt of a JSONL file of {prompt} or {messages} rows without completions (the
     teacher writes those), rendered as the training prompts are, and each row's reference answer as the
-    verifier compares it (`_answer`)."""
+    verifier compares it (`_answer`). A prompt among `held` (the held-out prompts' ids) is refused."""
     ids, answers = [], []
-    for i, row in enumerate(_rows(path, "teacher prompts are JSONL, one {prompt, answer} or {messages, answer} "
-                                        "object a line")):
-        where = f"{path}: line {i + 1}"
+    for line, row in _rows(path, "teacher prompts are JSONL, one {prompt, answer} or {messages, answer} "
+                                 "object a line"):
+        where = f"{path}: line {line}"
         if "messages" in row:
             msgs = _messages(row, where, 1, "{role, content} objects (the prompt)")
             if msgs[-1]["role"] == "assistant":
@@ -110,6 +111,9 @@ def tokenize_prompts(path: str, cfg: Dict[str, Any], tok, pattern: Optional[str]
             text, rendered = _user_prompt(row, cfg, tok, where)
         ids.append(prompt_ids(text, rendered, tok))
         _prompt_fits(len(ids[-1]), cfg["max_length"], where)
+        if tuple(ids[-1]) in held:
+            raise UserError(f"{where}: this prompt is also a validation or test prompt; the teacher's trace of it "
+                            f"would train the student on a held-out problem")
         answers.append(_answer(row, where, pattern, need_answers))
     return ids, answers
 
@@ -164,16 +168,16 @@ def tokenize_rows(path: str, cfg: Dict[str, Any], tok) -> Tuple[np.ndarray, np.n
             return z["x"], z["y"]
     seqs = []
     limit = cfg["max_length"]
-    for i, row in enumerate(_rows(path)):
-        texts = _texts(row, i, path, cfg, tok)
+    for line, row in _rows(path):
+        texts = _texts(row, line, path, cfg, tok)
         try:
             p, c = encode(*texts, tok)
         except Exception as e:  # (the tokenizers library raises plain Exceptions: a character it has no token for)
-            raise UserError(f"{path}: line {i + 1}: the tokenizer cannot encode it "
+            raise UserError(f"{path}: line {line}: the tokenizer cannot encode it "
                             f"({str(e).splitlines()[0]})") from None
-        _prompt_fits(len(p), limit, f"{path}: line {i + 1}")
+        _prompt_fits(len(p), limit, f"{path}: line {line}")
         if len(p) + len(c) - 1 > limit:
-            raise UserError(f"{path}: line {i + 1}: prompt and completion are {len(p) + len(c)} tokens with EOS, "
+            raise UserError(f"{path}: line {line}: prompt and completion are {len(p) + len(c)} tokens with EOS, "
                             f"more than data.max_length + 1 = {limit + 1}; raise data.max_length")
         seqs.append((p, c))
     x, y = as_arrays(seqs, pad_id(tok))
@@ -275,15 +279,10 @@ def teacher_prompts(cfg: Dict[str, Any], data: DataBundle, tok) -> Tuple[List[Li
     if path is None:
         return [], []
     from ..tasks.causal_lm import prompts_and_answers
-    ids, answers = tokenize_prompts(path, cfg["data"], tok, cfg["evaluate"]["exact_match"]["answer"],
-                                    cfg["distill"]["sequence_kd"]["verify"])
-    held = {tuple(p) for x, y in ((data.x_val, data.y_val), (data.x_test, data.y_test)) if len(y)
-            for p in prompts_and_answers(x, y)[0]}
-    for i, p in enumerate(ids):
-        if tuple(p) in held:
-            raise UserError(f"{path}: line {i + 1}: this prompt is also a validation or test prompt; the teacher's "
-                            f"trace of it would train the student on a held-out problem")
-    return ids, answers
+    held = frozenset(tuple(p) for x, y in ((data.x_val, data.y_val), (data.x_test, data.y_test)) if len(y)
+                     for p in prompts_and_answers(x, y)[0])
+    return tokenize_prompts(path, cfg["data"], tok, cfg["evaluate"]["exact_match"]["answer"],
+                            cfg["distill"]["sequence_kd"]["verify"], held)
 
 
 BUNDLES["completions"] = BUNDLES["arith"] = load_completions

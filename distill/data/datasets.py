@@ -112,12 +112,19 @@ def _breast_cancer(cfg: Dict[str, Any]) -> Raw:
 def _npz(cfg: Dict[str, Any]) -> Raw:
     path = cfg["path"]
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:  # (a file that is no NumPy format is tried as a pickle: refused)
+        why = "neither a zip of arrays nor a NumPy file" if "pickle" in str(e) or isinstance(e, EOFError) else e
+        raise UserError(f"{path}: cannot read as .npz ({why})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise UserError(f"{path}: one array (an .npy file), not an .npz of x_train, y_train, x_test, y_test")
+    try:
+        with z:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
             if missing:
                 raise UserError(f"{path}: missing arrays {missing}; an .npz needs x_train, y_train, x_test, y_test")
             arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:
         raise UserError(f"{path}: cannot read as .npz ({e})") from None
     other = arrays["x_test" if arrays["x_train"].dtype == np.uint8 else "x_train"]
     if (arrays["x_train"].dtype == np.uint8) != (arrays["x_test"].dtype == np.uint8) and other.size \
@@ -148,7 +155,7 @@ def _csv(cfg: Dict[str, Any]) -> Raw:
 
 def _class_order(name: str) -> tuple:
     """Integer labels in numeric order (2 before 10), names alphabetically."""
-    return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
+    return (0, int(name), "") if name.lstrip("-").isdecimal() and name.isascii() else (1, 0, name)
 
 
 def read_text_file(path: str, parse: Callable[[Any], T]) -> T:
@@ -162,11 +169,17 @@ def read_text_file(path: str, parse: Callable[[Any], T]) -> T:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
 
 
+def _numbered(fh) -> List[Tuple[int, List[str]]]:
+    """(line number, fields) of each non-blank CSV row, for errors that say where."""
+    reader = csv.reader(fh)
+    return [(reader.line_num, row) for row in reader if row]
+
+
 def _read_csv(path: str, label: str) -> tuple:
-    rows = read_text_file(path, lambda fh: list(csv.reader(fh)))
+    rows = read_text_file(path, _numbered)
     if not rows:
         raise UserError(f"{path}: empty file; a CSV needs a header row and data rows")
-    header, body = rows[0], [r for r in rows[1:] if r]
+    header, body = rows[0][1], rows[1:]
     twice = sorted({h for h in header if header.count(h) > 1})
     if twice or "" in (h.strip() for h in header):
         what = f"names {twice} more than once" if twice else "has a column with no name"
@@ -180,17 +193,17 @@ def _read_csv(path: str, label: str) -> tuple:
     if not features:
         raise UserError(f"{path}: the label column is its only column; the features are the other columns")
     x = np.zeros((len(body), len(features)), np.float32)
-    for r, row in enumerate(body):
+    for r, (line, row) in enumerate(body):
         if len(row) != len(header):
-            raise UserError(f"{path}: line {r + 2} has {len(row)} fields, the header has {len(header)}")
+            raise UserError(f"{path}: line {line} has {len(row)} fields, the header has {len(header)}")
         if not row[li].strip():  # (else '' would silently be a class of its own)
-            raise UserError(f"{path}: line {r + 2}: empty '{label}' (data.label_column); every row needs its class")
+            raise UserError(f"{path}: line {line}: empty '{label}' (data.label_column); every row needs its class")
         for c, value in enumerate(v for i, v in enumerate(row) if i != li):
             try:
                 x[r, c] = float(value)
             except ValueError:
-                raise UserError(f"{path}: line {r + 2}, column '{features[c]}': {value!r} is not a number") from None
-    return header, x, [row[li].strip() for row in body]
+                raise UserError(f"{path}: line {line}, column '{features[c]}': {value!r} is not a number") from None
+    return header, x, [row[li].strip() for _, row in body]
 
 
 def _as_nchw(x: np.ndarray, path: str) -> np.ndarray:

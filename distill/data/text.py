@@ -19,7 +19,7 @@ from ..io import atomic_path, sha256_file, sha256_json
 from ..models.hf import load_tokenizer, pad_id, tokenization_hash
 from ..registry import DATASETS
 from ..teachers.cache import default_cache_dir
-from .datasets import Raw, read_text_file
+from .datasets import Raw, _class_order, read_text_file
 
 
 def read_texts(path: str, text_col: str, label_col: str | None) -> Tuple[List[str], List[str]]:
@@ -32,29 +32,37 @@ def read_texts(path: str, text_col: str, label_col: str | None) -> Tuple[List[st
         if not texts:
             raise UserError(f"{path}: no texts (one a line)")
         return texts, []
-    rows = read_text_file(path, lambda fh: _jsonl_rows(path, fh) if path.endswith((".jsonl", ".json"))
-                          else list(csv.DictReader(fh)))
+    rows = read_text_file(path, lambda fh: jsonl_rows(path, fh) if path.endswith((".jsonl", ".json"))
+                          else _csv_rows(fh))
     if not rows:
         raise UserError(f"{path}: no rows")
+    first = rows[0][1]
     for col, key in ((text_col, "data.text_column"), (label_col, "data.label_column")):
-        if col is not None and col not in rows[0]:
-            raise UserError(f"{path}: no column named '{col}' ({key}){did_you_mean(col, list(rows[0]))}; "
-                            f"columns: {', '.join(map(str, rows[0]))}")
+        if col is not None and col not in first:
+            raise UserError(f"{path}: no column named '{col}' ({key}){did_you_mean(col, list(first))}; "
+                            f"columns: {', '.join(map(str, first))}")
     texts, labels = [], []
-    for i, row in enumerate(rows):
+    for line, row in rows:
         text = row.get(text_col)
         if not isinstance(text, str) or not text.strip():
-            raise UserError(f"{path}: row {i + 1}: empty or missing '{text_col}'")
+            raise UserError(f"{path}: line {line}: empty or missing '{text_col}'")
         texts.append(text)
         if label_col is not None:
             label = row.get(label_col)
             if label is None or str(label).strip() == "":
-                raise UserError(f"{path}: row {i + 1}: empty or missing '{label_col}'")
+                raise UserError(f"{path}: line {line}: empty or missing '{label_col}'")
             labels.append(str(label).strip())
     return texts, labels
 
 
-def _jsonl_rows(path: str, fh) -> List[Dict[str, Any]]:
+def _csv_rows(fh) -> List[Tuple[int, Dict[str, Any]]]:
+    """(line number, row) of each CSV row (blank lines skipped, as DictReader does), for errors that say where."""
+    reader = csv.DictReader(fh)
+    return [(reader.line_num, row) for row in reader]
+
+
+def jsonl_rows(path: str, fh) -> List[Tuple[int, Dict[str, Any]]]:
+    """(line number, object) of each non-blank line of a JSONL file."""
     rows = []
     for i, line in enumerate(fh):
         if not line.strip():
@@ -65,7 +73,7 @@ def _jsonl_rows(path: str, fh) -> List[Dict[str, Any]]:
             raise UserError(f"{path}: line {i + 1}: not JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise UserError(f"{path}: line {i + 1}: expected a JSON object per line")
-        rows.append(row)
+        rows.append((i + 1, row))
     return rows
 
 
@@ -108,7 +116,7 @@ def _text(cfg: Dict[str, Any]):
     tok = load_tokenizer(cfg["tokenizer"], "data.tokenizer")
     x, y = tokenize_file(cfg["path"], cfg, tok)
     xt, yt = tokenize_file(cfg["test_path"], cfg, tok) if cfg["test_path"] else (None, None)
-    classes = sorted(set(y) | set(yt or []))
+    classes = sorted(set(y) | set(yt or []), key=_class_order)  # (as tabular CSV: 2 before 10)
     index = {c: i for i, c in enumerate(classes)}
     return Raw(x, np.array([index[v] for v in y]), xt, None if yt is None else np.array([index[v] for v in yt]),
                class_names=classes, pad_id=pad_id(tok))
