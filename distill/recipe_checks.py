@@ -11,6 +11,9 @@ from .recipe_schema import (ASSISTANT, AUGMENT, BENCH_VARIANTS, COMPLETIONS, COM
                             LM_DATASETS, METRICS, TRAIN, validate_section)
 
 
+READS_PATH = ("npz", "csv", "text", "text_lm", "completions")  # the datasets read from data.path
+READS_TEST_PATH = ("csv", "text", "completions")  # and those that read a test split from data.test_path
+
 # the keys of which one says what a role's model is (else its checkpoint's header does)
 MODEL_SOURCES = ("model", "arch", "hf", "from_teacher", "hf_config")
 
@@ -23,6 +26,13 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
     if data["train_subset"] and data["dataset"] in LM_DATASETS:  # (their rows are made elsewhere: it did nothing)
         raise UserError(f"data.train_subset: not applied to language-model data ({data['dataset']}); give a "
                         f"shorter file instead")
+    for key, readers in (("path", READS_PATH), ("test_path", READS_TEST_PATH)):  # (else silently ignored)
+        if data[key] and data["dataset"] not in readers:
+            made = {"arith": "generated from data.arith", "digits": "shipped with scikit-learn",
+                    "breast_cancer": "shipped with scikit-learn", "npz": "in data.path (x_test, y_test)"}
+            raise UserError(f"data.{key}: {data['dataset']} does not read it (its {'test ' * (key == 'test_path')}"
+                            f"data is {made.get(data['dataset'], 'carved from data.path')}); remove it, or use a "
+                            f"dataset that reads it: {', '.join(readers)}")
     if data["as_image"] and data["dataset"] not in ("digits", "npz"):  # (it would be silently ignored)
         raise UserError(f"data.as_image: reads digits as 8x8 images (npz images are images already); "
                         f"{data['dataset']} has no image layout")

@@ -197,6 +197,12 @@ CASES = {
                                                   "d.csv: line 5: empty 'label' (data.label_column)"),
     "npz splits of two pixel types": (lambda t: [_npz_recipe(t, x_test=np.full((12, 8, 8), 200, np.float32))],
                                       "x_train is uint8 and x_test float32"),
+    "a test file for data that has its own test split": (
+        lambda t: [recipe_with(t, GOOD), "--set", "data.test_path=test.csv"],
+        "data.test_path: digits does not read it (its test data is shipped with scikit-learn)"),
+    "a data file for generated data": (
+        lambda t: [recipe_with(t, GOOD), "--set", "data.dataset=arith", "--set", "data.path=train.jsonl"],
+        "data.path: arith does not read it (its data is generated from data.arith)"),
     "tabular data as images": (lambda t: [recipe_with(t, TABULAR), "--set", "data.as_image=true"],
                                "data.as_image: reads digits as 8x8 images"),
     "a subset of language-model data": (lambda t: [recipe_with(t, GOOD), "--set", "data.dataset=arith", "--set",

@@ -371,6 +371,8 @@ TEXT_CASES = {
     "test file with a class training lacks": (
         lambda t, b: {"data": {"test_path": _write(t / "te.csv", "text,label\na fine film,neutral\n")}},
         "te.csv: y_test has labels ['neutral'] that never occur in y_train"),
+    "unlabeled texts that are test texts": (lambda t, b: {"distill": {"data": {"unlabeled": str(t / "test.csv")}}},
+                                            "test.csv: 60 of its 60 texts are validation or test texts too"),
     "unlabeled file empty": (lambda t, b: {"distill": {"data": {"unlabeled": _write(t / "u.txt", "\n")}}},
                              "u.txt: no texts (one a line)"),
     "unlabeled file without the text column": (

@@ -14,6 +14,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .datasets import with_teacher_labelled
 
 
@@ -115,6 +116,20 @@ def eda(x: np.ndarray, text: TokenText, copies: int, prob: float, rng: np.random
     return np.stack(out) if out else np.zeros((0, x.shape[1]), np.int64)
 
 
+def not_held_out(ids: np.ndarray, data, path: str) -> np.ndarray:
+    """`ids`, refused when a text is also a validation or test text: the student would learn the teacher's
+    labels of the texts it is scored on."""
+    def key(row: np.ndarray) -> bytes:  # (the ids without padding: splits may be padded to other widths)
+        return row[row != data.pad_id].tobytes()
+    held = {key(row) for x in (data.x_val, data.x_test) for row in x.numpy()}
+    found = [i for i, row in enumerate(ids) if key(row) in held]
+    if found:
+        raise UserError(f"distill.data.unlabeled: {path}: {len(found)} of its {len(ids)} texts are validation or "
+                        f"test texts too (the first: text {found[0] + 1}); the student would learn the teacher's "
+                        f"labels of texts it is scored on; remove them")
+    return ids
+
+
 def with_augmented_texts(data, ddcfg: Dict, data_cfg: Dict, teacher, seed: int):
     """`data` plus the augmented copies and unlabeled texts of `distill.data`, appended to the training split
     with label -1 (no hard label: the teacher's soft labels are their target). Returns (bundle, counts)."""
@@ -133,7 +148,8 @@ def with_augmented_texts(data, ddcfg: Dict, data_cfg: Dict, teacher, seed: int):
         if ddcfg["eda"]:
             parts["eda"] = eda(x, text, ddcfg["eda"], ddcfg["word_prob"], rng)
     if ddcfg["unlabeled"]:
-        parts["unlabeled"] = tokenize_file(ddcfg["unlabeled"], data_cfg, tok, labelled=False)[0]
+        parts["unlabeled"] = not_held_out(tokenize_file(ddcfg["unlabeled"], data_cfg, tok, labelled=False)[0], data,
+                                          ddcfg["unlabeled"])
     counts = {k: len(v) for k, v in parts.items()}
     if not parts:
         return data, counts

@@ -162,11 +162,14 @@ def _check_teacher_prompts(run: RunDir) -> None:
 
 def _check_unlabeled(run: RunDir) -> None:
     """`distill.data.unlabeled` is read when the student's data is made, after the teacher has trained: read
-    it once here, so that a bad file is refused first."""
-    path = run.cfg["distill"]["data"]["unlabeled"]
+    (and tokenised, into the token cache) once here, so that a bad file is refused first."""
+    path, cfg = run.cfg["distill"]["data"]["unlabeled"], run.cfg["data"]
     if path:
-        from ..data.text import read_texts
-        read_texts(path, run.cfg["data"]["text_column"], None)
+        from ..data.augment_text import not_held_out
+        from ..data.text import tokenize_file
+        from ..models.hf import load_tokenizer
+        ids = tokenize_file(path, cfg, load_tokenizer(cfg["tokenizer"], "data.tokenizer"), labelled=False)[0]
+        not_held_out(ids, run.data_for(STUDENT), path)
 
 
 def preflight(run: RunDir) -> None:
