@@ -41,6 +41,7 @@ def atomic_path(path: str) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # (again: a writer that made the file anew, as safetensors does, left 0600)
         os.replace(tmp, path)
     except OSError as e:  # disk full, read-only or vanished folder: the earlier `path` is left as it was
         full = e.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -67,6 +68,7 @@ def atomic_folder(folder: str) -> Iterator[str]:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
         yield tmp
+        _plain_modes(tmp)
         old = tempfile.mkdtemp(prefix=".old-", dir=parent) if os.path.isdir(folder) else None
         if old:
             os.rename(folder, os.path.join(old, "previous"))
@@ -78,6 +80,17 @@ def atomic_folder(folder: str) -> Iterator[str]:
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _plain_modes(folder: str) -> None:
+    """The modes a plain mkdir and open give, for a folder mkdtemp made 0700 and files written 0600 (safetensors):
+    a model folder another user's server reads."""
+    os.chmod(folder, 0o777 & ~_UMASK)
+    for root, dirs, names in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~_UMASK)
+        for n in names:
+            os.chmod(os.path.join(root, n), 0o666 & ~_UMASK)
 
 
 def write_text(path: str, text: str) -> None:
