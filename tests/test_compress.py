@@ -220,7 +220,7 @@ def test_compress_cnn_every_step_saves_a_smaller_loadable_model(cnn_run, capsys)
     from distill.engine.inference import accuracy
     data = load_data(recipe.cfg["data"])
     for m in record["models"]:  # every step reloads from its file, and is the model that was measured
-        model = load_model_at(m["path"], m["name"])
+        model = load_model_at(os.path.join(cnn_run, m["path"]), m["name"])
         assert count_params(model) == m["params"]
         assert layer_drop.depth(model) == {"layers2": 2, "layers1": 1}.get(m["name"], 1)
         assert accuracy(model, data.x_val, data.y_val) == pytest.approx(m["val_accuracy"])
@@ -228,6 +228,41 @@ def test_compress_cnn_every_step_saves_a_smaller_loadable_model(cnn_run, capsys)
     assert main(["compress", cnn_run, "--set", "compress.steps=[layers, channels, qat]",
                  "--set", "compress.layers.to=1"]) == 0
     assert capsys.readouterr().err.count("inputs unchanged") == 4
+    # how the fine-tunes train is an input: another compress.lr redoes the steps (it reused them, then trained
+    # the next changed step at that lr); a stopped compress lists the steps it made since, not older ones after
+    from distill.compress.pipeline import Compressor
+
+    def stop(self):
+        raise KeyboardInterrupt
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Compressor, "qat", stop)
+        assert main(["compress", cnn_run, "--set", "compress.steps=[layers, channels, qat]",
+                     "--set", "compress.layers.to=1", "--set", "compress.lr=0.0001"]) != 0
+    assert "inputs unchanged" not in capsys.readouterr().err
+    stopped = json.load(open(os.path.join(cnn_run, "compress", "compress.json")))
+    assert [m["name"] for m in stopped["models"]] == ["layers2", "layers1", "channels"]
+    assert stopped["models"][2]["val_accuracy"] != record["models"][2]["val_accuracy"]
+    assert main(["compress", cnn_run, "--set", "compress.steps=[layers, channels, qat]",
+                 "--set", "compress.layers.to=1", "--set", "compress.lr=null"]) == 0  # (the run's recipe kept 1e-4)
+    again = json.load(open(os.path.join(cnn_run, "compress", "compress.json")))["models"]
+    assert [(m["name"], m["val_accuracy"]) for m in again] == [(m["name"], m["val_accuracy"]) for m in record["models"]]
+    # bench finds the compressed models in the folder it is given (copied or moved), and writes every file of a
+    # model anew: onnx_dynamic quantizes this version's ONNX file, not one an earlier bench left
+    import shutil
+    from distill.compress.bench import _write_variant_file, compressed_models
+    copy = os.path.join(os.path.dirname(cnn_run), "copied")
+    shutil.copytree(cnn_run, copy)
+    assert compressed_models(copy) == [(f"compress/{n}", os.path.join(copy, "compress", f"{n}.safetensors"))
+                                       for n in ("layers2", "layers1", "channels", "qat")]
+    pytest.importorskip("onnxruntime")
+    files = os.path.join(copy, "bench", "files")
+    os.makedirs(files)
+    with open(os.path.join(files, "compress-qat-onnx.onnx"), "wb") as fh:
+        fh.write(b"an earlier version")
+    cfg = Recipe.load(os.path.join(copy, "recipe.yaml")).cfg
+    assert _write_variant_file(cfg, copy, "compress/qat", compressed_models(copy)[3][1], "onnx_dynamic", {}) is None
+    assert os.path.getsize(os.path.join(files, "compress-qat-onnx.onnx")) > 1000
+    shutil.rmtree(copy)
     # a compressed model exports like any other (ONNX checked in ONNX Runtime)
     pytest.importorskip("onnxruntime")
     assert main(["export", cnn_run, "--model", "compress/channels", "--format", "onnx"]) == 0
@@ -366,10 +401,10 @@ def test_compress_text_heads_vocab_layers(tmp_path, capsys):
     params = [m["params"] for m in record["models"]]
     assert params == sorted(params, reverse=True) and params[1] < params[0] and params[3] < params[2]
     assert sum(record["models"][1]["heads_per_layer"]) == 7  # 60% of 3 x 4 heads
-    for m in record["models"]:
-        model = load_folder(m["path"], m["name"])
+    for m in record["models"]:  # (paths within the run folder)
+        model = load_folder(os.path.join(out, m["path"]), m["name"])
         assert count_params(model) == m["params"]
-    assert load_folder(record["models"][3]["path"], "l").num_layers == 2
+    assert load_folder(os.path.join(out, record["models"][3]["path"]), "l").num_layers == 2
     assert main(["bench", out, "--set", "bench.variants=[fp32, fp16, onnx_dynamic]",
                  "--set", "bench.models=[compress/qat]"]) == 0
     result = json.load(open(os.path.join(out, "bench", "bench.json")))
@@ -487,7 +522,9 @@ def test_compress_sigterm_then_resume_is_bitwise_identical(cnn_run, tmp_path, ca
     assert "stopped at step" in capsys.readouterr().err
     assert main(["compress", folders[1], "--overwrite", *sets, "--set", "student.train.epochs=50"]) == 2  # (--overwrite
     # drops a fine-tune's checkpoints, and does not let the run's own recipe change)
-    assert "holds a run of a different recipe" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds a run of a different recipe (student.train.epochs differ)" in err and "compress and bench may " \
+        "change only output.*, compress.*, bench.*, baseline.*" in err, err
     assert files(folders[1]) == kept
     done = subprocess.run(cmd + [folders[1], "--resume", *sets], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

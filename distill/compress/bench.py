@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from typing import Any, Dict, List, Optional, Tuple
@@ -59,6 +60,17 @@ def machine() -> Dict[str, Any]:
             "onnxruntime": ort, "quantized_engine": torch.backends.quantized.engine, "system": platform.platform()}
 
 
+def compressed_models(folder: str) -> List[Tuple[str, str]]:
+    """(name, path) of each model of compress/compress.json, found in this run folder by its step's name
+    (the folder may have been moved or copied since), refused when one is missing."""
+    from ..pipeline.artifacts import require_saved
+    path = os.path.join(folder, "compress", "compress.json")
+    models = read_run_json(path, {}).get("models", [])
+    if not isinstance(models, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str) for r in models):
+        raise UserError(f"{path}: 'models' is not a list of records with a name; run distill compress again")
+    return [(f"compress/{r['name']}", require_saved(folder, f"compress/{r['name']}")) for r in models]
+
+
 def plan(folder: str, variants: List[str], only: Optional[List[str]] = None) -> List[Tuple[str, str, str]]:
     """(model name, model path, variant) for every measurement of this run folder (of the models `only`
     names, and the distilled student, when given)."""
@@ -67,9 +79,7 @@ def plan(folder: str, variants: List[str], only: Optional[List[str]] = None) -> 
     skipped = {k for k, v in read_run_json(os.path.join(folder, "metrics.json"), {}).items()
                if isinstance(v, dict) and v.get("skipped")}
     models = [(name, require_saved(folder, name)) for name in MODELS_OUT if name not in skipped]  # (baseline: false)
-    record = read_run_json(os.path.join(folder, "compress", "compress.json"), {})
-    compressed = [(f"compress/{r['name']}", r["path"]) for r in record.get("models", [])
-                  if os.path.exists(r["path"])]
+    compressed = compressed_models(folder)
     deploy = ["student"] + ([compressed[-1][0]] if compressed else [])
     names = [n for n, _ in compressed]
     # int8 after training (PTQ) of the model that QAT started from, to compare with QAT itself
@@ -165,13 +175,24 @@ def _write_variant_file(cfg: Dict[str, Any], folder: str, name: str, path: str, 
     if variant_path(folder, name, variant) is None:  # (a variant without a file of its own)
         return None
     _data_for(cfg, name, loaded)
-    if loaded.get("name") != name:
-        loaded.update(name=name, model=load_model_at(path, name))
+    if loaded.get("name") != name:  # (a model's rows come together: its files of an earlier bench go first, so
+        loaded.update(name=name, model=load_model_at(path, name))  # none is reused, as onnx_* reused the onnx file)
+        _drop_files(folder, name)
     try:
         write_file(loaded["model"], variant, loaded["data"], cfg, folder, name, path)
     except Exception as e:  # a backend that fails or does not apply is a row of the table, not the end of the bench
         return failure(e)
     return None
+
+
+def _drop_files(folder: str, name: str) -> None:
+    """The deployable files an earlier bench wrote of model `name` (of an earlier version of it, maybe)."""
+    files = os.path.join(folder, "bench", "files")
+    prefix = f"{name.replace('/', '-')}-"
+    for entry in os.listdir(files) if os.path.isdir(files) else []:
+        if entry.startswith(prefix):
+            path = os.path.join(files, entry)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 class _Server:

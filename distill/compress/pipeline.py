@@ -54,6 +54,9 @@ class Compressor:
         self.fingerprint = sha256_json({"source": weights_sha256(self.model), "teacher": weights_sha256(self.teacher),
                                         "version": __version__, "data": run.data.fingerprint,
                                         "finetune_data": "the student's",  # (fine-tunes read the unlabelled too)
+                                        # (how the fine-tunes train: the student's settings, compress.lr)
+                                        "finetune": {"lr": self.c["lr"], "train": run.train_cfg(STUDENT),
+                                                     "distill": distill_settings(run)},
                                         **({"augment": augment} if augment else {})})
         self.records: List[Dict[str, Any]] = []
         self.role = recipe_section(self.c["source"])  # the kind of model compressed (how it is saved)
@@ -109,15 +112,22 @@ class Compressor:
                 self.drops = list(load_meta(run.path(out))["structure"]["drop"])
         scores = task_for(run.data).validate(self.model, run.data, run.cfg["data"]["eval_batch_size"])
         val = scores["val_accuracy"]
-        record = {"name": name, "path": require_saved(run.path("compress"), name),
-                  "params": count_params(self.model), **scores, **info}
-        record["size_bytes"] = weights_size(record["path"])
+        path = require_saved(run.out, compressed(name))
+        record = {"name": name, "path": os.path.relpath(path, run.out),  # (the folder may move: bench resolves it)
+                  "params": count_params(self.model), **scores, **info, "size_bytes": weights_size(path)}
         if self.text:
             record["heads_per_layer"] = heads_per_layer(self.model.hf)
         self.records.append(record)
+        self.write_record()
         run.event(f"compress: {name}: {record['params']:,} parameters, validation accuracy {val:.4f}"
                   + (f", loss {scores['val_loss']:.4f}" if "val_loss" in scores else ""),
                   **{k: v for k, v in record.items() if k in ("name", "params", "val_accuracy", "val_loss")})
+
+    def write_record(self) -> None:
+        """compress.json, the chain so far: written after each step, so that a stopped compress leaves the
+        steps it made since, not an earlier chain's later steps (made from other models) beside them."""
+        write_json(self.run.path(os.path.join("compress", "compress.json")),
+                   {"source": self.c["source"], "steps": self.c["steps"], "models": self.records})
 
     def save(self, name: str, info: Dict[str, Any]) -> None:
         run = self.run
@@ -232,6 +242,4 @@ def compress(run: RunDir, teacher: Optional[nn.Module] = None, model: Optional[n
         check_trimmable(c.model, load_tokenizer(path, "data.tokenizer"), path)
     for name in steps:
         getattr(c, name)()
-    write_json(run.path(os.path.join("compress", "compress.json")),
-               {"source": run.cfg["compress"]["source"], "steps": steps, "models": c.records})
     return c.records

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 from functools import cached_property
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from ..checkpoint import Checkpoints
 from ..data import DataBundle, load_data
@@ -40,6 +40,14 @@ def run_folder(recipe: Recipe, out: Optional[str] = None) -> str:
     if out is not None and not isinstance(out, (str, os.PathLike)):
         raise UserError(f"out: expected a folder path, got {type(out).__name__} {out!r:.60}")
     return os.path.expanduser(out or recipe.cfg["output"]["dir"] or os.path.join("runs", recipe.cfg["name"]))
+
+
+def _differing(a: Any, b: Any, prefix: str = "") -> List[str]:
+    """The dotted keys whose values differ between two recipe dicts."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [prefix or "the recipe"] if a != b else []
+    return [k for key in sorted(set(a) | set(b), key=str)
+            for k in _differing(a.get(key), b.get(key), f"{prefix}{key}" if not prefix else f"{prefix}.{key}")]
 
 
 def _comparable(cfg: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -172,8 +180,11 @@ class RunDir:
         except UserError:
             before = None
         if _comparable(before) != _comparable(self.cfg):
-            raise UserError(f"{self.out}: the folder holds a run of a different recipe; choose another folder "
-                            f"(--out), or pass --overwrite to replace it (unchanged stages are still reused)")
+            keys = _differing(_comparable(before), _comparable(self.cfg))
+            raise UserError(f"{self.out}: the folder holds a run of a different recipe ({', '.join(keys[:3])}"
+                            f"{' ...' if len(keys) > 3 else ''} differ); choose another folder (--out), or give "
+                            f"distill run --overwrite to replace it (unchanged stages are still reused); distill "
+                            f"compress and bench may change only {', '.join(k + '.*' for k in AFTER_TRAINING)}")
 
     def _refuse_other_files(self, overwrite: bool) -> None:
         """A run does not replace files it did not write: a folder without recipe.yaml that holds names a run
