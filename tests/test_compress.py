@@ -192,6 +192,16 @@ def test_pareto_front():
 
 # ---------------------------------------------------------------- the commands, end to end
 
+def test_the_model_qat_started_from_is_benched_as_int8_also_when_it_is_the_source(tmp_path, monkeypatch):
+    from distill.compress import bench
+    os.makedirs(tmp_path / "compress")
+    (tmp_path / "compress" / "compress.json").write_text(json.dumps({"source": "teacher", "models": [{"name": "qat"}]}))
+    monkeypatch.setattr("distill.pipeline.artifacts.require_saved", lambda folder, name: name)
+    rows = bench.plan(str(tmp_path), ["fp32", "dynamic", "onnx_dynamic"])
+    assert [v for m, _, v in rows if m == "teacher"] == ["fp32", "dynamic", "onnx_dynamic"]
+    assert [v for m, _, v in rows if m == "compress/qat"] == ["fp32", "dynamic", "onnx_dynamic"]
+
+
 @pytest.fixture(scope="module")
 def cnn_run(tmp_path_factory):
     """A tiny run whose student is a wide ResNet (residual blocks to drop, channels to prune)."""

@@ -82,8 +82,10 @@ def plan(folder: str, variants: List[str], only: Optional[List[str]] = None) -> 
     compressed = compressed_models(folder)
     deploy = ["student"] + ([compressed[-1][0]] if compressed else [])
     names = [n for n, _ in compressed]
-    # int8 after training (PTQ) of the model that QAT started from, to compare with QAT itself
-    ptq = [n for i, n in enumerate(names[:-1]) if names[i + 1].endswith("/qat")]
+    # int8 after training (PTQ) of the model that QAT started from, to compare with QAT itself (the compressed
+    # model before it, or compress.source when QAT is the first step)
+    source = read_run_json(os.path.join(folder, "compress", "compress.json"), {}).get("source", "student")
+    ptq = [n for i, n in enumerate([source, *names][:-1]) if names[i].endswith("/qat")]
     everything = models + compressed
     if only is not None:
         known = [n for n, _ in everything]
