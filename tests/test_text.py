@@ -236,6 +236,22 @@ def test_mask_tokens_masks_about_the_fraction_and_never_special_or_pad(tokenizer
     assert torch.equal(y[~masked], x[~masked])
 
 
+def test_words_of_a_byte_level_bpe_tokenizer_are_whole_words():
+    """EDA deletes and swaps words: for a BPE tokenizer (GPT-2, RoBERTa), the pieces after a word's first
+    (those without its space marker, Ġ) belong to it, as WordPiece's ## pieces do."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(["the film was good and the plot was great"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>")
+    text = TokenText(tok)
+    ids = tok("the films were great")["input_ids"]
+    _, words, _ = text.words(np.array(ids + [tok.pad_token_id] * 3))
+    assert ["".join(tok.convert_ids_to_tokens(w)) for w in words] == ["the", "Ġfilms", "Ġwere", "Ġgreat"]
+    assert text.whole_word(tok.convert_tokens_to_ids("Ġgreat")) and not text.whole_word(tok.convert_tokens_to_ids("s"))
+
+
 def test_substitution_and_eda_are_deterministic_and_keep_the_framing(teacher, tokenizer):
     text = TokenText(tokenizer)
     x = tokens(tokenizer, ["the movie was wonderful and the cast too", "a dull script"], 16).numpy()

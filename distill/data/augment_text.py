@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..models.hf import pad_id
 from .datasets import with_teacher_labelled
 
 
@@ -35,11 +36,18 @@ class TokenText:
         for tok, i in vocab.items():
             if i < len(self.tokens):
                 self.tokens[i] = tok
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad = pad_id(tokenizer)  # (what the texts are padded with: data/text.py)
         self.special = set(tokenizer.all_special_ids)
+        # how a token says where a word starts: WordPiece marks the pieces after the first ("##ing"); byte-level
+        # BPE (GPT-2, RoBERTa: "Ġ") and SentencePiece ("▁") mark the first piece, after a space
         self.wordpiece = any(t.startswith("##") for t in self.tokens)
+        probe = tokenizer.tokenize("a word")  # (the marker, if any, on the word after a space)
+        self.start = next((m for m in ("Ġ", "▁") if not self.wordpiece and any(p.startswith(m) for p in probe[1:])),
+                          None)
 
     def is_continuation(self, i: int) -> bool:
+        if self.start is not None:
+            return i not in self.special and not self.tokens[i].startswith(self.start)
         return self.wordpiece and self.tokens[i].startswith("##")
 
     def words(self, row: np.ndarray) -> tuple:
@@ -65,7 +73,7 @@ class TokenText:
         return np.array(ids + [self.pad] * (length - len(ids)), dtype=np.int64)
 
     def whole_word(self, i: int) -> bool:
-        t = self.tokens[i]
+        t = self.tokens[i][len(self.start):] if self.start else self.tokens[i]
         return i not in self.special and t.isalpha() and not self.is_continuation(i)
 
 
