@@ -201,6 +201,25 @@ def test_token_ids_are_padded_on_the_right_whatever_the_tokenizer_and_keyed_by_h
         tokenize(["café"], tokenizer, 6, str(tmp_path), "src3").tolist()
 
 
+def test_a_decoder_classifier_without_a_pad_token_pads_with_eos_and_pools_each_text_s_last_token(tmp_path):
+    from lmkit import tiny_llama
+
+    from distill.data.text import tokenize
+    folder = tiny_llama(str(tmp_path / "llama"))
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    tok.pad_token = None
+    tok.save_pretrained(folder)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    config.pad_token_id = None
+    config.save_pretrained(folder)
+    model = load_classifier(folder, NAMES, "teacher.hf").eval()
+    ids = torch.from_numpy(tokenize(["hello there", "hi"], tok, 12, str(tmp_path), "s"))
+    assert ids[1, 2:].eq(tok.eos_token_id).all()
+    with torch.no_grad():
+        both = model(ids)  # (a batch of two: transformers refuses it when the config has no pad id)
+        assert torch.allclose(both[1], model(ids[1:])[0], atol=1e-5)
+
+
 def test_bucketed_batches_cover_every_index_once_with_similar_lengths():
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(3, 40, (1000,))

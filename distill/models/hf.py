@@ -144,6 +144,8 @@ class HFClassifier(HFWrapper):
     def __init__(self, hf: nn.Module, pad_id: int, mask_id: Optional[int], special_ids: Sequence[int]) -> None:
         super().__init__()
         self.hf, self.pad_id, self.mask_id = hf, int(pad_id), mask_id
+        if getattr(hf.config, "pad_token_id", None) is None:  # (decoder classifiers pool at the last token before
+            hf.config.pad_token_id = self.pad_id  # the padding, and refuse batches of more than one without it)
         self.special_ids = sorted(int(i) for i in special_ids)
         n = hf.config.num_hidden_layers
         self.embeddings, self.cls = nn.Identity(), nn.Identity()
