@@ -32,16 +32,20 @@ NO_PLOT = "search: matplotlib is not installed, so no search.png (pip install -e
 
 
 # data keys that change which rows the validation split holds: trials ranked on different splits are not compared
-SPLIT_KEYS = ("dataset", "path", "test_path", "val_fraction", "test_fraction", "split_seed", "arith", "label_column",
-              "text_column", "prompt_column", "completion_column")
+SPLIT_KEYS = ("dataset", "path", "test_path", "val_fraction", "test_fraction", "split_seed", "train_subset", "arith",
+              "label_column", "text_column", "prompt_column", "completion_column")
 
 
-def _same_split(flag: str, item: str, key: str) -> None:
-    parts = key.split(".")
-    if parts[0] == "data" and len(parts) > 1 and parts[1] in SPLIT_KEYS:
-        raise UserError(f"{flag} {item}: a search ranks its trials on the validation split, and {key} changes the "
-                        f"rows it holds, so the trials would not be compared on the same data; fix it with --set "
-                        f"and search once per value")
+def same_split(flag: str, keys: Sequence[str], cfg: Dict[str, Any]) -> None:
+    """Refuse search keys that change which rows the validation split holds (text_lm: its windows, by their
+    length): the trials are ranked on it."""
+    for key in keys:
+        parts = key.split(".")
+        if parts[0] == "data" and len(parts) > 1 and (parts[1] in SPLIT_KEYS or (
+                parts[1] == "max_length" and cfg["data"]["dataset"] == "text_lm")):
+            raise UserError(f"{flag} {key}: a search ranks its trials on the validation split, and {key} changes "
+                            f"the rows it holds, so the trials would not be compared on the same data; fix it with "
+                            f"--set and search once per value")
 
 
 def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
@@ -53,7 +57,6 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
             raise UserError(f"--grid {item}: expected KEY=V1,V2,..., e.g. --grid distill.temperature=2,3,4")
         if key.strip() in grid:
             raise UserError(f"--grid {item}: {key.strip()} is given twice; list all its values in one --grid")
-        _same_split("--grid", item, key.strip())
         if "" in (v.strip() for v in values.split(",")):
             raise UserError(f"--grid {item}: an empty value (a comma too many?)")
         try:
@@ -72,6 +75,7 @@ def need_validation(recipe: Recipe) -> None:
 def search(recipe: Recipe, grid: Dict[str, List[Any]], overrides: Sequence[str], out: str, echo=print
            ) -> Dict[str, Any]:
     need_validation(recipe)
+    same_split("--grid", list(grid), recipe.cfg)
     from .pipeline.plan import TRAINING, execute, preflight
     from .pipeline.rundir import RunDir
     keys = list(grid)
@@ -229,7 +233,6 @@ def parse_space(items: Sequence[str]) -> Dict[str, Dict[str, Any]]:
             raise UserError(f"--space {item}: {SPACE_FORM}")
         if key in space:
             raise UserError(f"--space {item}: {key} is given twice")
-        _same_split("--space", item, key)
         space[key] = {**_parse_dim(item, spec.strip()), "arg": item}
     return space or parse_space(DEFAULT_SPACE_ARGS)
 
@@ -302,6 +305,7 @@ def search_tpe(recipe: Recipe, space: Dict[str, Dict[str, Any]], overrides: Sequ
     below the median of the completed trials at that epoch (once `startup_trials` have completed)."""
     optuna = import_optuna()
     need_validation(recipe)
+    same_split("--space", list(space), recipe.cfg)
     validate_space(recipe, space, overrides)
     seed = recipe.cfg["student"]["train"]["seed"]
     if warmup_epochs is None:

@@ -297,6 +297,10 @@ CASES = {
         lambda t: [recipe_with(t, GOOD), "--seeds", "2", "--out", _file_in(t, "seeds/seed_1/recipe.yaml",
                                                                           GOOD.replace("epochs: 1", "epochs: 2"), 2)],
         "seeds/seed_1: the folder holds a run of a different recipe"),
+    "a run folder whose recipe no longer loads": (
+        lambda t: [recipe_with(t, GOOD), "--out", _file_in(t, "old/recipe.yaml", GOOD.replace(
+            "dataset: digits", "dataset: digits, test_path: ignored.csv"))],
+        "old: the folder's recipe.yaml no longer loads (data.test_path: digits does not read it"),
 }
 
 

@@ -22,14 +22,24 @@ def test_grid_parsing_and_default():
 
 
 @pytest.mark.parametrize("flag,item", [("--grid", "data.val_fraction=0.1,0.2"), ("--space", "data.split_seed=0,1"),
-                                       ("--grid", "data.arith.train=100,200")])
+                                       ("--grid", "data.arith.train=100,200"), ("--grid", "data.train_subset=500,900")])
 def test_a_search_over_the_validation_split_is_refused(flag, item, tmp_path, capsys):
     assert main(["search", "digits", flag, item, *(["--sampler", "tpe"] if flag == "--space" else []),
                  "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
-    assert f"{flag} {item}: a search ranks its trials on the validation split" in err and len(err.splitlines()) == 1
+    key = item.split("=")[0]
+    assert f"{flag} {key}: a search ranks its trials on the validation split, and {key} changes" in err, err
+    assert len(err.splitlines()) == 1
     assert not (tmp_path / "s").exists()
     assert parse_grid(["data.batch_size=32,64"]) == {"data.batch_size": [32, 64]}  # (the split stays)
+
+
+def test_the_context_length_is_a_split_key_of_windowed_text_only():
+    from distill.errors import UserError
+    from distill.search import same_split
+    same_split("--grid", ["data.max_length"], {"data": {"dataset": "text"}})  # (the same texts, cut elsewhere)
+    with pytest.raises(UserError, match="--grid data.max_length: a search ranks its trials on the validation split"):
+        same_split("--grid", ["data.max_length"], {"data": {"dataset": "text_lm"}})  # (other windows)
 
 
 def test_search_ranks_on_validation_and_writes_the_best_recipe(tmp_path, capsys):

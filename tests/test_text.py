@@ -408,6 +408,10 @@ TEXT_CASES = {
         "te.csv: y_test has labels ['neutral'] that never occur in y_train"),
     "unlabeled texts that are test texts": (lambda t, b: {"distill": {"data": {"unlabeled": str(t / "test.csv")}}},
                                             "test.csv: 60 of its 60 texts are validation or test texts too"),
+    "unlabeled texts longer than the model reads": (
+        lambda t, b: {"data": {"max_length": 100},
+                      "distill": {"data": {"unlabeled": _write(t / "long.txt", ("film " * 90 + "\n") * 3)}}},
+        "long.txt: sequences of up to 92 tokens, and the teacher reads at most 64 positions"),
     "unlabeled file empty": (lambda t, b: {"distill": {"data": {"unlabeled": _write(t / "u.txt", "\n")}}},
                              "u.txt: no texts (one a line)"),
     "unlabeled file without the text column": (

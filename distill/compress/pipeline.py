@@ -56,7 +56,7 @@ class Compressor:
                                         "finetune_data": "the student's",  # (fine-tunes read the unlabelled too)
                                         # (how the fine-tunes train: the student's settings, compress.lr)
                                         "finetune": {"lr": self.c["lr"], "train": run.train_cfg(STUDENT),
-                                                     "distill": distill_settings(run)},
+                                                     "distill": run.cfg["distill"]},  # (as set: nothing built)
                                         **({"augment": augment} if augment else {})})
         self.records: List[Dict[str, Any]] = []
         self.role = recipe_section(self.c["source"])  # the kind of model compressed (how it is saved)

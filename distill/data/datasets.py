@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
@@ -155,7 +156,8 @@ def _csv(cfg: Dict[str, Any]) -> Raw:
 
 def _class_order(name: str) -> tuple:
     """Integer labels in numeric order (2 before 10), names alphabetically."""
-    return (0, int(name), "") if name.lstrip("-").isdecimal() and name.isascii() else (1, 0, name)
+    # (ties of value, "1" and "01", in text order: the same order in every process, whatever the set's)
+    return (0, int(name), name) if re.fullmatch(r"-?[0-9]+", name) else (1, 0, name)
 
 
 def read_text_file(path: str, parse: Callable[[Any], T]) -> T:

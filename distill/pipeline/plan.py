@@ -160,16 +160,22 @@ def _check_teacher_prompts(run: RunDir) -> None:
             teacher_prompts(run.cfg, data, load_tokenizer(data.tokenizer, "data.tokenizer"))
 
 
-def _check_unlabeled(run: RunDir) -> None:
+def _check_unlabeled(run: RunDir, models: Sequence[nn.Module]) -> None:
     """`distill.data.unlabeled` is read when the student's data is made, after the teacher has trained: read
-    (and tokenised, into the token cache) once here, so that a bad file is refused first."""
+    (and tokenised, into the token cache) once here, so that a bad file, a held-out text or one longer than
+    the models read is refused first."""
     path, cfg = run.cfg["distill"]["data"]["unlabeled"], run.cfg["data"]
     if path:
         from ..data.augment_text import not_held_out
         from ..data.text import tokenize_file
         from ..models.hf import load_tokenizer
-        ids = tokenize_file(path, cfg, load_tokenizer(cfg["tokenizer"], "data.tokenizer"), labelled=False)[0]
-        not_held_out(ids, run.data_for(STUDENT), path)
+        from .artifacts import fits_context
+        data = run.data_for(STUDENT)
+        ids = not_held_out(tokenize_file(path, cfg, load_tokenizer(cfg["tokenizer"], "data.tokenizer"),
+                                         labelled=False)[0], data, path)
+        longest = int((ids != data.pad_id).sum(1).max())
+        for name, model in zip((TEACHER, STUDENT), models):
+            fits_context(model, longest, path, name, "to cut texts there")
 
 
 def preflight(run: RunDir) -> None:
@@ -179,8 +185,8 @@ def preflight(run: RunDir) -> None:
     if teacher_mode(run) == "cached":  # (only where soft labels are cached: an online teacher never writes there)
         check_cache_dir(run.cfg["output"]["cache_dir"])
     _check_teacher_prompts(run)
-    _check_unlabeled(run)
     teacher, student = build_role(run, TEACHER), build_role(run, STUDENT)
+    _check_unlabeled(run, (teacher, student))
     run.dcfg = resolve_distill(run.cfg, teacher, student)
     if run.dcfg.get("topk"):
         from ..teachers.topk import check_k

@@ -177,8 +177,9 @@ class RunDir:
             return
         try:
             before = Recipe.load(old).cfg
-        except UserError:
-            before = None
+        except UserError as e:  # (a key it held is refused now, say)
+            raise UserError(f"{self.out}: the folder's recipe.yaml no longer loads ({e}); choose another folder "
+                            f"(--out), or give distill run --overwrite to replace it") from None
         if _comparable(before) != _comparable(self.cfg):
             keys = _differing(_comparable(before), _comparable(self.cfg))
             raise UserError(f"{self.out}: the folder holds a run of a different recipe ({', '.join(keys[:3])}"
