@@ -469,3 +469,22 @@ def test_models_are_measured_only_on_the_data_they_were_trained_beside(tmp_path,
     assert f"run `distill compress {out}` again (with its compress.steps)" in err and "; left out" in err
     rows = json.load(open(os.path.join(out, "bench", "bench.json")))["results"]
     assert {r["model"] for r in rows} == {"teacher", "student_scratch", "student"}
+
+
+def test_a_model_made_for_another_recipe_is_not_evaluated_as_this_one(tmp_path, capsys):
+    """A rerun that changes the recipe and stops before a stage leaves that stage's model of the old recipe
+    beside the new recipe.yaml: evaluate refuses it, where it used to score it under the new recipe's key."""
+    out, p = str(tmp_path / "run"), recipe_with(tmp_path, GOOD)
+    assert main(["run", p, "--out", out]) == 0
+    before = json.load(open(os.path.join(out, "stages.json")))
+    assert main(["run", p, "--out", out, "--overwrite", "--set", "student.train.epochs=2"]) == 0
+    stages = json.load(open(os.path.join(out, "stages.json")))
+    assert stages["teacher"]["fingerprint"] == before["teacher"]["fingerprint"]  # reused: the new recipe's now
+    assert stages["teacher"]["recipe"] == stages["student"]["recipe"] != before["student"]["recipe"]
+    stages["student_scratch"] = before["student_scratch"]  # (as a rerun stopped before the baseline leaves it)
+    with open(os.path.join(out, "stages.json"), "w") as fh:
+        json.dump(stages, fh)
+    capsys.readouterr()
+    assert main(["evaluate", out]) == 2
+    err = capsys.readouterr().err
+    assert "student_scratch.safetensors: made by a run of another recipe than" in err and "--resume" in err, err

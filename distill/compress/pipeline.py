@@ -105,7 +105,7 @@ class Compressor:
             self.save(name, info)
             return info
         record = run_stage(run, Stage(compressed(name), inputs, [out], make))
-        info = {k: v for k, v in record.items() if k not in ("fingerprint", "reused")}
+        info = {k: v for k, v in record.items() if k not in ("fingerprint", "reused", "recipe")}
         if record["reused"]:
             self.model = load_saved(run, compressed(name))
             if not self.text:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from .. import chain
+from ..errors import UserError
 from ..evaluate import evaluate_model
 from ..tasks import task_for
 from ..io import write_json
@@ -25,6 +26,10 @@ def evaluate(run: RunDir) -> Dict[str, Any]:
     for name in evaluated(run.cfg):
         data = run.data_for(name)  # (a student may read its own tokens)
         require_same_data(run.out, name, data)
+        if run.made_for_another_recipe(name):
+            raise UserError(f"{require_saved(run.out, name)}: made by a run of another recipe than "
+                            f"{run.path('recipe.yaml')} (a rerun that changed it stopped before training this "
+                            f"model); finish the run first: distill run {run.out} --resume")
         model = load_saved(run, name).to(run.runtime.device)  # (scored there; evaluate_model times it on the CPU)
         models[name] = model
         m = evaluate_model(model, require_saved(run.out, name), data.x_test, data.y_test, ecfg,

@@ -297,11 +297,24 @@ class RunDir:
             return rec
         return None
 
+    def mark_reused(self, name: str) -> None:
+        """A stage reused by this recipe is this recipe's (its record names the recipe a model was made for)."""
+        stages = self.stages()
+        if self.runtime.is_main and stages[name].get("recipe") != recipe_key(self.cfg):
+            stages[name]["recipe"] = recipe_key(self.cfg)
+            write_json(self.path("stages.json"), stages)
+
+    def made_for_another_recipe(self, name: str) -> bool:
+        """Whether model `name` was made by a stage of another recipe than this one (a rerun that changed the
+        recipe and stopped before it reached this stage); records from before the key say nothing."""
+        key = self.stages().get(name, {}).get("recipe")
+        return key is not None and key != recipe_key(self.cfg)
+
     def mark_done(self, name: str, fingerprint: str, info: Dict[str, Any]) -> None:
         if not self.runtime.is_main:
             return
         stages = self.stages()
-        stages[name] = {"fingerprint": fingerprint, **info}
+        stages[name] = {"fingerprint": fingerprint, **info, "recipe": recipe_key(self.cfg)}
         write_json(self.path("stages.json"), stages)
         folder = self.path(os.path.join("checkpoints", name))
         shutil.rmtree(folder, ignore_errors=True)  # the stage is done

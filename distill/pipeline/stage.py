@@ -31,6 +31,7 @@ def run_stage(run: RunDir, stage: Stage) -> Dict[str, Any]:
     done = run.runtime.from_main(run.stage_done(stage.name, fingerprint, stage.outputs))
     if done:
         run.event(f"{stage.name}: inputs unchanged, reusing {stage.outputs[0]}", model=stage.name)
+        run.mark_reused(stage.name)
         return {**done, "reused": True}
     run.check_checkpoints(stage.name, fingerprint)  # (before open rewrites recipe.yaml)
     run.fingerprints[stage.name] = fingerprint  # (its checkpoints carry it)
