@@ -155,9 +155,11 @@ class RunView:
         last = {r: (self.epochs.get(r) or [{}])[-1].get("train_accuracy") for r in roles}
         if all(v is not None for v in last.values()):
             return {r: float(v) for r, v in last.items()}, "log: last epoch (train mode, running over the epoch)"
-        from .engine.inference import accuracy
-        bs = self.cfg["data"]["eval_batch_size"]
-        return ({r: accuracy(self.model(r), self.data.x_train, self.data.y_train, bs) for r in roles},
+        from dataclasses import replace
+        from .tasks import task_for
+        train = replace(self.data, x_val=self.data.x_train, y_val=self.data.y_train)  # (scored as validation is:
+        bs = self.cfg["data"]["eval_batch_size"]  # per class, or per predicted token of a language model)
+        return ({r: task_for(train).validate(self.model(r), train, bs)["val_accuracy"] for r in roles},
                 "computed: selected model on the training split")
 
     @cached_property
@@ -222,21 +224,26 @@ def weak_teacher(run: RunView) -> List[Dict[str, Any]]:
                     f"by more than teacher_margin={TH['teacher_margin']}: it has little to teach", ev, fix)]
 
 
-def normalised_entropy(logits: torch.Tensor, temperature: float) -> float:
-    """Mean entropy of softmax(logits / T) over samples, divided by log(C) (0: one-hot, 1: uniform)."""
-    logp = torch.log_softmax(logits.double() / temperature, 1)
-    return float(-(logp.exp() * logp).sum(1).mean() / math.log(logits.shape[1]))
+LM_ROWS = 32  # validation sequences a language model's soft labels are measured on
 
 
-def temperature_for(logits: torch.Tensor, target: float, start: float) -> float:
+def normalised_entropy(logits: torch.Tensor, temperature: float, mask: Optional[torch.Tensor] = None) -> float:
+    """Mean entropy of softmax(logits / T) over the classes (the last dimension: a language model's vocabulary),
+    divided by log(C) (0: one-hot, 1: uniform); over the samples, or the positions `mask` keeps."""
+    logp = torch.log_softmax(logits.double() / temperature, -1)
+    h = -(logp.exp() * logp).sum(-1)
+    return float((h if mask is None else h[mask]).mean() / math.log(logits.shape[-1]))
+
+
+def temperature_for(logits: torch.Tensor, target: float, start: float, mask: Optional[torch.Tensor] = None) -> float:
     """The smallest T (to 0.1, rounded up) at which the mean normalised entropy reaches `target`. Entropy
     rises monotonically with T towards 1 (uniform), so bisection finds it."""
     lo, hi = start, max(start, 1.0)
-    while normalised_entropy(logits, hi) < target and hi < 1e4:
+    while normalised_entropy(logits, hi, mask) < target and hi < 1e4:
         lo, hi = hi, hi * 2
     for _ in range(50):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if normalised_entropy(logits, mid) < target else (lo, mid)
+        lo, hi = (mid, hi) if normalised_entropy(logits, mid, mask) < target else (lo, mid)
     return math.ceil(hi * 10) / 10
 
 
@@ -247,14 +254,17 @@ def overconfident_soft_labels(run: RunView) -> List[Dict[str, Any]]:
         raise Skip("the run has no validation split (data.val_fraction: 0) to measure the soft labels on")
     teacher = run.model("teacher")
     t = float(run.cfg["distill"]["temperature"])
-    logits = predict(teacher, run.data.x_val, run.cfg["data"]["eval_batch_size"])
-    h = normalised_entropy(logits, t)
+    x, mask = run.data.x_val, None
+    if run.data.task == "causal_lm":  # (per predicted token, of the first sequences: batch x length x vocabulary)
+        x, mask = x[:LM_ROWS], run.data.y_val[:LM_ROWS] >= 0
+    logits = predict(teacher, x, run.cfg["data"]["eval_batch_size"])
+    h = normalised_entropy(logits, t, mask)
     if h >= TH["entropy_min"]:
         return []
-    better = temperature_for(logits, TH["entropy_min"], t)
+    better = temperature_for(logits, TH["entropy_min"], t, mask)
     ev = {"temperature": t, "normalised_entropy": h, "entropy_min": TH["entropy_min"], "split": "validation",
-          "samples": int(logits.shape[0]), "suggested_temperature": better,
-          "entropy_at_suggested": normalised_entropy(logits, better)}
+          "samples": int(logits.shape[0]), **({"positions": int(mask.sum())} if mask is not None else {}),
+          "suggested_temperature": better, "entropy_at_suggested": normalised_entropy(logits, better, mask)}
     return [finding("overconfident_soft_labels", "medium",
                     f"at distill.temperature={t:g} the teacher's softened outputs have mean entropy {h:.3f} of "
                     f"log(C) on the validation split (threshold entropy_min={TH['entropy_min']}): nearly one-hot, "

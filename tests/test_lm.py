@@ -82,6 +82,26 @@ def test_selected_by_validation_loss_and_the_student_learns_from_the_teacher(tmp
     assert stages["teacher"]["selected_epoch"] == min(val, key=val.get)
     # from the teacher's outputs only, the student gets far below a uniform guess (log2 of the vocabulary)
     assert metrics["student"]["bpc"] < 0.8 * torch.log2(torch.tensor(float(len(set(TEXT))))).item()
+    # the doctor on a run whose teacher is loaded (no epoch lines: the training accuracy is computed, per token)
+    from distill.cli import main
+    other = tmp_path / "loaded"
+    other.mkdir()
+    run(Recipe.load(recipe(other, teacher={"checkpoint": str(tmp_path / "run" / "teacher.safetensors")},
+                           student={"train": {"epochs": 1}})))
+    assert main(["doctor", str(other / "run")]) == 0
+    doctor = json.load(open(other / "run" / "doctor.json"))
+    assert {"overconfident_soft_labels", "student_too_small", "overfitting"} <= set(doctor["ran"])
+
+
+def test_the_soft_label_entropy_is_over_the_vocabulary_at_the_positions_with_a_target():
+    from distill.doctor import normalised_entropy
+    sure = torch.full((2, 5, 7), -50.0)
+    sure[..., 3] = 50.0  # one-hot over the vocabulary at every position
+    assert normalised_entropy(sure, 1.0) < 1e-6
+    mask = torch.tensor([[True] * 3 + [False] * 2] * 2)
+    flat = sure.clone()
+    flat[:, 3:] = 0.0  # uniform at the positions without a target: not counted
+    assert normalised_entropy(flat, 1.0, mask) < 1e-6 and normalised_entropy(flat, 1.0) == pytest.approx(0.4)
 
 
 @pytest.mark.parametrize("interval", ["epoch", "step"])
