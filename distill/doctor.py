@@ -103,6 +103,8 @@ class RunView:
         self.bench = self._json(os.path.join("bench", "bench.json"))
         self.chain = self._json("chain.json")
         self.epochs, self.steps = read_log(self.path("log.jsonl"))
+        if not self.cfg["baseline"]:  # (lines of a baseline an earlier recipe trained: not this run's)
+            self.epochs.pop(SCRATCH, None), self.steps.pop(SCRATCH, None)
 
     def path(self, name: str) -> str:
         return os.path.join(self.folder, name)

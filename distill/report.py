@@ -397,21 +397,23 @@ def generations_section(metrics: Dict[str, Any]) -> str:
 
 
 def confusion_section(plt: Any, recipe: Any, folder: str) -> str:
-    """Load the three saved models and count their test-split predictions per true class."""
+    """Load the saved models (the baseline when the run has one) and count their test-split predictions per
+    true class."""
     import numpy as np
     from .data import load_data
     from .pipeline.artifacts import load_model_at, require_same_data, require_saved
     from .engine.inference import predict
+    roles = [r for r in MAIN_ROLES if r != SCRATCH or recipe.cfg["baseline"]]
     try:
         data = load_data(recipe.cfg["data"])
-        for r in MAIN_ROLES:
+        for r in roles:
             require_same_data(folder, r, data)
-        models = [(r, load_model_at(require_saved(folder, r), r)) for r in MAIN_ROLES]
+        models = [(r, load_model_at(require_saved(folder, r), r)) for r in roles]
     except UserError as e:
         return note(f"Not available: {e}")
     k, y = data.num_classes, data.y_test.numpy()
     bs = recipe.cfg["data"].get("eval_batch_size", 512)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5.2 if k <= TICKS_UP_TO else 4.6))
+    fig, axes = plt.subplots(1, len(roles), figsize=(5 * len(roles), 5.2 if k <= TICKS_UP_TO else 4.6))
     names = [_short(str(n), 14).replace("$", r"\$") for n in data.class_names]  # a $ pair would be mathtext
     for ax, (role, model) in zip(axes, models):
         pred = predict(model, data.x_test, bs).argmax(1).numpy()
@@ -440,7 +442,7 @@ def confusion_section(plt: Any, recipe: Any, folder: str) -> str:
 
 
 def compression_section(folder: str) -> str:
-    from .compress.bench import COLUMNS
+    from .compress.bench import COLUMNS, compressed_out_of_date
     out = ""
     comp = read_run_json(os.path.join(folder, "compress", "compress.json"))
     if isinstance(comp, dict) and comp.get("models"):
@@ -454,12 +456,17 @@ def compression_section(folder: str) -> str:
         steps = " → ".join(map(str, comp.get("steps", [])))
         out += (f"<h3>compress ({esc(comp.get('source', 'student'))}: {esc(steps)})</h3>"
                 + table(["step", "params", "file KB", "val accuracy", "details"], rows, numeric_to=4))
+        if compressed_out_of_date(folder):
+            out += note(f"Out of date: these models were {compressed_out_of_date(folder)}; run `distill compress "
+                        f"RUN_DIR` again.")
     bench = read_run_json(os.path.join(folder, "bench", "bench.json"))
     if isinstance(bench, dict) and isinstance(bench.get("results"), list) and bench["results"]:
         from .compress.bench import is_stale
         from .pipeline.rundir import stage_fingerprints
         versions = stage_fingerprints(folder)
-        stale = [isinstance(r, dict) and is_stale(r, versions) for r in bench["results"]]
+        old_chain = compressed_out_of_date(folder) is not None  # (its models' rows too, though unchanged since)
+        stale = [isinstance(r, dict) and (is_stale(r, versions) or old_chain and str(r.get("model")).startswith(
+            "compress/")) for r in bench["results"]]
         pareto = os.path.join(folder, "bench", "pareto.png")
         if os.path.isfile(pareto):
             with open(pareto, "rb") as fh:
@@ -548,6 +555,8 @@ def build_report(folder: str) -> str:
     if not isinstance(metrics, dict):
         raise UserError(f"{os.path.join(folder, 'metrics.json')}: not a metrics object; run `distill run` again")
     epochs, steps = read_log(os.path.join(folder, "log.jsonl"))
+    if not recipe.cfg["baseline"]:  # (lines of a baseline an earlier recipe trained: not this run's)
+        epochs.pop(SCRATCH, None), steps.pop(SCRATCH, None)
     student = epochs.get("student", [])
     parts: List[Tuple[str, str, Callable[[], str]]] = [
         ("summary", "Summary", lambda: summary_section(recipe, metrics)),

@@ -272,6 +272,15 @@ def test_compress_cnn_every_step_saves_a_smaller_loadable_model(cnn_run, capsys)
     cfg = Recipe.load(os.path.join(copy, "recipe.yaml")).cfg
     assert _write_variant_file(cfg, copy, "compress/qat", compressed_models(copy)[3][1], "onnx_dynamic", {}) is None
     assert os.path.getsize(os.path.join(files, "compress-qat-onnx.onnx")) > 1000
+    # the student compressed here trained again: the chain is out of date, in the report and for bench
+    from distill.compress.bench import compressed_out_of_date
+    from distill.report import compression_section
+    assert compressed_out_of_date(copy) is None and "Out of date" not in compression_section(copy)
+    stages = json.load(open(os.path.join(copy, "stages.json")))
+    stages["student"]["fingerprint"] = "0" * 64
+    json.dump(stages, open(os.path.join(copy, "stages.json"), "w"))
+    assert compressed_out_of_date(copy) == "compressed from earlier versions of student, trained again since"
+    assert "Out of date: these models were compressed from earlier versions of student" in compression_section(copy)
     shutil.rmtree(copy)
     # a compressed model exports like any other (ONNX checked in ONNX Runtime)
     pytest.importorskip("onnxruntime")

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 
 import pytest
+import yaml
 
 from distill import Recipe, run
 from distill.cli import main
@@ -171,6 +172,26 @@ def test_missing_models_leave_a_note_not_a_failure(run_dir, tmp_path):
     page = open(folder / "report.html", encoding="utf-8").read()
     assert "Not available:" in page and "teacher (.safetensors, or a Hugging Face folder): missing" in page
     assert "Compression" not in page and "Teacher-assistant chain" not in page
+
+
+def test_a_run_without_a_baseline_has_confusion_matrices_and_no_baseline_left_from_before(run_dir, tmp_path):
+    """As a rerun with --no-baseline leaves it: the old baseline's file and log lines, metrics saying skipped."""
+    folder = str(tmp_path / "nobase")
+    shutil.copytree(run_dir, folder)
+    recipe = yaml.safe_load(open(os.path.join(folder, "recipe.yaml")))
+    recipe["baseline"] = False
+    yaml.safe_dump(recipe, open(os.path.join(folder, "recipe.yaml"), "w"))
+    metrics = json.load(open(os.path.join(folder, "metrics.json")))
+    metrics["student_scratch"] = {"skipped": True}
+    json.dump(metrics, open(os.path.join(folder, "metrics.json"), "w"))
+    from distill.doctor import RunView
+    assert "student_scratch" in json.load(open(os.path.join(folder, "stages.json")))  # (its log lines are there)
+    assert "student_scratch" not in RunView(folder).epochs  # (the doctor reads none of them: not this run's)
+    os.remove(os.path.join(folder, "student_scratch.safetensors"))  # (as a run that never had one)
+    assert main(["report", folder]) == 0
+    page = open(os.path.join(folder, "report.html"), encoding="utf-8").read()
+    section = page[page.index("Confusion matrices"):]
+    assert "Not available" not in section[:400] and "confusion matrices" in section
 
 
 def test_many_layer_pairs_become_a_heatmap_and_empty_logs_a_note():

@@ -124,6 +124,10 @@ def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
                 raise
             echo(f"bench: {e}; left out")  # (a compressed model made before the run was trained again)
             stale.add(name)
+    why = compressed_out_of_date(folder)
+    if why and any(n.startswith("compress/") for n, _, _ in rows):
+        echo(f"bench: the compressed models were {why}; left out (run distill compress again)")
+        stale |= {n for n, _, _ in rows if n.startswith("compress/")}
     rows = [r for r in rows if r[0] not in stale]
     os.makedirs(os.path.join(folder, "bench", "files"), exist_ok=True)
     results: List[Dict[str, Any]] = []
@@ -152,6 +156,18 @@ def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
     if not plot_pareto(results, plot, lm):
         echo("bench: matplotlib is not installed, so no pareto.png (pip install -e '.[plot]')")
     return out
+
+
+def compressed_out_of_date(folder: str) -> Optional[str]:
+    """Why compress.json's models are not made from the run's models as they are now (None when they are):
+    the teacher or the compressed source trained again since."""
+    from ..pipeline.rundir import stage_fingerprints
+    made = read_run_json(os.path.join(folder, "compress", "compress.json"), {}).get("made_from")
+    if not isinstance(made, dict):  # (records from before say nothing)
+        return None
+    now = stage_fingerprints(folder)
+    changed = [k for k, v in made.items() if now.get(k) != v]
+    return f"compressed from earlier versions of {' and '.join(changed)}, trained again since" if changed else None
 
 
 def is_stale(row: Dict[str, Any], versions: Dict[str, Optional[str]]) -> bool:

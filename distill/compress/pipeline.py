@@ -29,7 +29,7 @@ from ..io import load_meta, sha256_json, weights_sha256, write_json
 from ..models import count_params
 from ..models.hf import load_tokenizer
 from ..pipeline.artifacts import distill_settings, kind, load_saved, model_spec, require_same_data, require_saved
-from ..pipeline.rundir import RunDir
+from ..pipeline.rundir import RunDir, stage_fingerprints
 from ..pipeline.stage import Stage, run_stage
 from ..pipeline.teacher_outputs import student_data
 from ..pipeline.training import distil
@@ -126,8 +126,11 @@ class Compressor:
     def write_record(self) -> None:
         """compress.json, the chain so far: written after each step, so that a stopped compress leaves the
         steps it made since, not an earlier chain's later steps (made from other models) beside them."""
+        versions = stage_fingerprints(self.run.out)  # (which versions the chain was made from: report, bench)
+        made_from = {k: versions.get(k) for k in dict.fromkeys((TEACHER, self.c["source"]))}
         write_json(self.run.path(os.path.join("compress", "compress.json")),
-                   {"source": self.c["source"], "steps": self.c["steps"], "models": self.records})
+                   {"source": self.c["source"], "steps": self.c["steps"], "made_from": made_from,
+                    "models": self.records})
 
     def save(self, name: str, info: Dict[str, Any]) -> None:
         run = self.run

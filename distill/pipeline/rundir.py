@@ -22,7 +22,7 @@ from ..roles import SCRATCH, STUDENT, TEACHER, is_assistant, recipe_section
 # What `distill run` and the commands after it write at the top of a run folder, besides the models (one file or
 # folder per role: teacher, student, student_scratch, assistant_N, and the teacher's samples).
 RUN_RECORDS = ("recipe.yaml", "metrics.json", "stages.json", "log.jsonl", "soft_labels.json", "summary.json",
-               "report.html", "checkpoints", "compress", "bench", "export", "tensorboard")
+               "chain.json", "doctor.json", "report.html", "checkpoints", "compress", "bench", "export", "tensorboard")
 
 
 def made_by_a_run(entry: str) -> bool:
