@@ -121,7 +121,7 @@ class RunView:
         m = self.role_metrics(role)
         if m.get("skipped"):
             raise Skip(f"the run skipped {role} (baseline: false), so there is nothing to compare against")
-        if "accuracy" not in m:
+        if m.get("accuracy") is None:
             raise Skip(f"metrics.json has no test accuracy for {role}")
         return float(m["accuracy"])
 

@@ -22,6 +22,9 @@ def summary_writer_class():
     return SummaryWriter
 
 
+MEASURED = ("loss_", "val_", "train_", "lr", "retention", "grad")  # numeric fields of the training lines
+
+
 def read_log(path: str) -> Tuple[Dict[str, List[Dict[str, Any]]], Dict[str, List[Dict[str, Any]]]]:
     """Epoch records and step records per model, in order. A log can hold several attempts (resumed or
     repeated stages): a later record replaces an earlier one of the same epoch (step), and a new epoch 1
@@ -40,6 +43,9 @@ def read_log(path: str) -> Tuple[Dict[str, List[Dict[str, Any]]], Dict[str, List
                     or not isinstance(r.get("step", 0), int):
                 continue  # (not a training line, or not one that distill wrote)
             role = str(r["model"])
+            # (a measurement that is not a number, in a line edited by hand, is dropped: the plots compute with them)
+            r = {k: v for k, v in r.items() if not k.startswith(MEASURED) or v is None or (
+                isinstance(v, (int, float)) and not isinstance(v, bool))}
             if "step" in r:  # (epoch lines have no step)
                 seen = steps.setdefault(role, {})
                 if seen and r["epoch"] == 1 and r["step"] <= max(seen):

@@ -445,9 +445,9 @@ def compression_section(folder: str) -> str:
     from .compress.bench import COLUMNS, compressed_out_of_date
     out = ""
     comp = read_run_json(os.path.join(folder, "compress", "compress.json"))
-    if isinstance(comp, dict) and comp.get("models"):
+    if isinstance(comp, dict) and isinstance(comp.get("models"), list) and comp["models"]:
         rows = []
-        for r in comp["models"]:
+        for r in (r for r in comp["models"] if isinstance(r, dict)):  # (not what distill writes: left out)
             info = {k: v for k, v in r.items() if k not in ("name", "path", "params", "size_bytes", "val_accuracy")}
             rows.append([r.get("name"), fmt(r.get("params"), "{:,}"),
                          fmt(r["size_bytes"] / 1024, "{:,.1f}") if isinstance(r.get("size_bytes"), (int, float))
