@@ -194,7 +194,7 @@ def summary_section(recipe: Any, metrics: Dict[str, Any]) -> str:
 
 def headline(metrics: Dict[str, Any]) -> str:
     """Compression ratio and accuracy retained, in one sentence (empty when a model is missing)."""
-    t, s, b = metrics.get(TEACHER), metrics.get(STUDENT), metrics.get(SCRATCH)
+    t, s, b = (m if isinstance(m, dict) else {} for m in map(metrics.get, (TEACHER, STUDENT, SCRATCH)))
     if not (t and s) or not all(isinstance(m.get(k), (int, float)) for m in (t, s) for k in ("params", "accuracy")):
         return ""
     text = (f"The distilled student has {t['params'] / s['params']:.1f}× fewer parameters than the teacher "

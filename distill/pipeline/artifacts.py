@@ -390,12 +390,11 @@ def require_run(folder: str, command: str) -> None:
     from ..evaluate import COLUMNS
     numbers = {k for k, _, _ in COLUMNS} | {"val_accuracy", "selected_epoch", "train_time_s"}  # (tables compute)
     metrics = read_run_json(path)
-    for role, m in metrics.items():  # (a file edited by hand: one line, not a traceback in report or doctor)
-        bad = not isinstance(m, dict) or next((k for k, v in m.items() if k in numbers and v is not None and (
-            isinstance(v, bool) or not isinstance(v, (int, float)))), None)
-        if bad:
-            what = f"'{bad}' is not a number" if isinstance(bad, str) else "not an object of metrics"
-            raise UserError(f"{path}: {role}: {what}; re-create it with distill evaluate {folder}")
+    for role, m in metrics.items():  # (a file edited by hand: one line, not a traceback in report or doctor;
+        bad = next((k for k, v in m.items() if k in numbers and v is not None and (  # entries of other shapes
+            isinstance(v, bool) or not isinstance(v, (int, float)))), None) if isinstance(m, dict) else None
+        if bad:  # are passed over)
+            raise UserError(f"{path}: {role}: '{bad}' is not a number; re-create it with distill evaluate {folder}")
     why = metrics_out_of_date(folder, metrics)
     if why:
         raise UserError(f"{path}: {why}; finish that run (distill run {folder}, with --resume if it was stopped)")
