@@ -851,6 +851,8 @@ def test_answer_extraction():
     assert extract("Answer: 3 then Answer: 4", r"Answer:\s*(-?\d+)") == "4"  # the last one counts
     assert extract("no answer here", r"Answer:\s*(-?\d+)") is None
     assert extract("  free text ", None) == "free text"
+    assert extract("so the answer is 7", r"answer is (\d+)|Answer:\s*(\d+)") == "7"
+    assert extract("Answer: 12", r"answer is (\d+)|Answer:\s*(\d+)") == "12"  # (the second alternative's group)
 
 
 def test_compress_drops_layers_and_prunes_the_gated_ffn_of_a_causal_lm(tmp_path, llama):
@@ -899,6 +901,18 @@ def test_gpt2_layer_selection_and_a_fresh_smaller_llama(tmp_path, llama):
         assert small(x).shape == (2, 7, teacher.vocab_size)
     with pytest.raises(UserError, match="hidden 15 is not divisible by heads 2"):
         fresh_lm(teacher, 2, 15, 2, 24, "student.hf_config")
+    assert small.hf.model.layers[0].mlp.up_proj.weight.shape == (24, 16)
+    small2 = fresh_lm(gpt2, layers=1, hidden=16, heads=2, intermediate=24, where="student.hf_config")
+    assert small2.hf.transformer.h[0].mlp.c_fc.weight.shape == (16, 24)  # (GPT-2 names the width n_inner)
+    assert not gpt2.training and not teacher.training  # (loaded models are in eval mode, wrapper and all)
+    # a weights file cut short is one line
+    import shutil
+    cut = str(tmp_path / "cut")
+    shutil.copytree(str(tmp_path / "gpt2"), cut)
+    with open(os.path.join(cut, "model.safetensors"), "r+b") as fh:
+        fh.truncate(os.path.getsize(os.path.join(cut, "model.safetensors")) // 2)
+    with pytest.raises(UserError, match="teacher.hf: .*cut: cannot load as a causal language model"):
+        load_causal_lm(cut, "teacher.hf")
 
 
 def test_select_by_validation_exact_match(tmp_path, llama, capsys, monkeypatch):

@@ -17,6 +17,7 @@ import copy
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import UserError
@@ -167,7 +168,7 @@ def load_causal_lm(path: str, where: str) -> HFCausalLM:
             hf = _load_pruned(tf, config, folder, where)
         else:
             hf = tf.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # (a weights file cut short: safetensors' own error)
         raise UserError(f"{where}: {path}: cannot load as a causal language model ({str(e).splitlines()[0]})") from None
     hf.eval()
     tok = load_tokenizer(folder, where)
@@ -178,7 +179,7 @@ def load_causal_lm(path: str, where: str) -> HFCausalLM:
     if used >= rows and getattr(config, "distill_vocab_ids", None) is None:
         raise UserError(f"{where}: {path}: its tokenizer has {used + 1:,} tokens and the model embeds only {rows:,}; "
                         f"the tokenizer is not the model's (copy the model's own tokenizer files into the folder)")
-    model = wrap(hf, tok)
+    model = wrap(hf, tok).eval()  # (the wrapper too: helpers that restore a model's mode restore this one)
     if not attends_causally(model):
         raise UserError(f"{where}: {path} is not a causal language model: its outputs at a position change with "
                         f"the tokens after it (an encoder such as BERT: transformers gives it a language-model head, "
@@ -222,8 +223,13 @@ def fresh_lm(teacher: HFCausalLM, layers: int, hidden: int, heads: int, intermed
                         f"position embeddings need an even number")
     config = copy.deepcopy(teacher.hf.config)
     kv = getattr(config, "num_key_value_heads", None)
-    update = {"num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads,
-              "intermediate_size": intermediate, "head_dim": hidden // heads}
+    # (the feed-forward width's name: GPT-2's n_inner, OPT's ffn_dim, intermediate_size elsewhere)
+    ffn = next((k for k in ("intermediate_size", "n_inner", "ffn_dim") if hasattr(config, k)), None)
+    if ffn is None:
+        raise UserError(f"{where}.intermediate: the {config.model_type} config names its feed-forward width "
+                        f"otherwise; give a student folder (student.hf) of that architecture instead")
+    update = {"num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads, ffn: intermediate,
+              **({"head_dim": hidden // heads} if hasattr(config, "head_dim") else {})}
     if kv is not None:  # grouped-query attention: keep the ratio where it divides, else one group per head
         update["num_key_value_heads"] = max(1, heads * kv // config.num_attention_heads) \
             if heads % max(1, heads * kv // config.num_attention_heads) == 0 else heads

@@ -115,15 +115,15 @@ def prompts_and_answers(x: torch.Tensor, y: torch.Tensor) -> tuple:
 
 
 def extract(text: str, pattern: Optional[str]) -> Optional[str]:
-    """The answer in a completion: the last match of `pattern` (its first group, if it has one), else the
-    whole text stripped."""
+    """The answer in a completion: the last match of `pattern` (its first group that matched, if it has
+    groups), else the whole text stripped."""
     if not pattern:
         return text.strip()
     found = list(re.finditer(pattern, text))
     if not found:
         return None
-    m = found[-1]
-    return (m.group(1) if m.groups() else m.group(0)).strip()
+    m = found[-1]  # (of several groups, the first that matched: alternatives each have their own)
+    return next((g for g in m.groups() if g is not None), m.group(0)).strip()
 
 
 def greedy_completions(model: nn.Module, prompts: list, max_new_tokens: int, batch_size: int = 8) -> list:
