@@ -203,6 +203,10 @@ CASES = {
     "a data file for generated data": (
         lambda t: [recipe_with(t, GOOD), "--set", "data.dataset=arith", "--set", "data.path=train.jsonl"],
         "data.path: arith does not read it (its data is generated from data.arith)"),
+    "cached soft labels for augmented views": (
+        lambda t: [recipe_with(t, GOOD), "--set", "distill.teacher_outputs=cached", "--set",
+                   "student.augment.random_crop=1"],
+        "distill.teacher_outputs: cached soft labels are the teacher's on the training inputs as they are"),
     "tabular data as images": (lambda t: [recipe_with(t, TABULAR), "--set", "data.as_image=true"],
                                "data.as_image: reads digits as 8x8 images"),
     "a subset of language-model data": (lambda t: [recipe_with(t, GOOD), "--set", "data.dataset=arith", "--set",

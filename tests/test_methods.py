@@ -110,6 +110,9 @@ def test_at_pools_the_larger_map_and_refuses_vectors():
     g = torch.Generator().manual_seed(2)
     s, t = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 5, 4, 4, generator=g)
     assert at_loss(s, t).item() == pytest.approx(at_loss(torch.nn.functional.avg_pool2d(s, 2), t).item(), rel=1e-6)
+    wide, tall = torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 3, 8, 4, generator=g)  # (each side the smaller)
+    pool = torch.nn.functional.adaptive_avg_pool2d
+    assert at_loss(wide, tall).item() == pytest.approx(at_loss(pool(wide, 4), pool(tall, 4)).item(), rel=1e-6)
     from distill.errors import UserError
     with pytest.raises(UserError, match="loss at compares"):
         at_loss(torch.randn(2, 3), torch.randn(2, 3))

@@ -126,6 +126,29 @@ def test_student_folder_round_trips_through_plain_transformers(tmp_path):
 
 # ---------------------------------------------------------------- losses
 
+def test_sequence_features_are_compared_at_each_text_s_real_tokens_not_its_padding(teacher, tokenizer):
+    """A short text's hidden-state loss is the same alone as beside a long one (whose length pads it)."""
+    from distill.engine.objective import Objective
+    from distill.teachers.online import online_source
+    student = select_layers(teacher, [0, 2], "student.from_teacher")
+    feats = [{"teacher": t, "student": t, "loss": loss, "weight": 1.0, "projector": "identity"}
+             for t, loss in (("hidden.1", "mse"), ("attention.1", "attention_kl"), ("cls", "mse"))]
+    x = tokens(tokenizer, ["a dull film", "the plot was great and the cast was superb too"])
+    shapes = {"hidden.1": (16, 32), "cls": (32,)}  # (the same width: no projector)
+    objective = Objective(student, {"method": "kd", "alpha": 0.5, "temperature": 2.0, "features": feats},
+                          online_source(teacher, [f["teacher"] for f in feats]), shapes, shapes).eval()
+    y, idx = torch.tensor([0, 1]), torch.arange(2)
+    with torch.no_grad():
+        _, both = objective(x, y, idx)
+        short, long = ({k: float(v) for k, v in objective(x[i:i + 1], y[i:i + 1], idx[i:i + 1])[1].items()}
+                       for i in range(2))
+    both = {k: float(v) for k, v in both.items()}
+    n = [int((x[i] != tokenizer.pad_token_id).sum()) for i in range(2)]  # (real tokens: the positions averaged)
+    for k in ("feat0_mse", "feat1_attention_kl"):  # (attention_mse's mean over keys counts padded keys, as TinyBERT)
+        assert both[k] == pytest.approx((n[0] * short[k] + n[1] * long[k]) / sum(n), rel=1e-4), k
+    assert both["feat2_mse"] == pytest.approx((short["feat2_mse"] + long["feat2_mse"]) / 2, rel=1e-4)  # ([CLS])
+
+
 def test_attention_kl_and_mse_against_hand_computed_values():
     t = torch.tensor([[[[0.5, 0.5, 0.0], [0.2, 0.7, 0.1], [1.0, 0.0, 0.0]]]])
     s = torch.tensor([[[[0.25, 0.75, 0.0], [0.3, 0.3, 0.4], [0.5, 0.5, 0.0]]]])

@@ -214,6 +214,15 @@ class Objective(nn.Module):
         keep = y >= 0
         return keep if mask is None else keep & mask.to(keep.device).bool()
 
+    def padding_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The real (not padding) positions of a padded text batch, as a text classifier trims it (its sequence
+        features are as wide); None for other students (a language model's batches say their own)."""
+        pad = getattr(self.student, "pad_id", None)
+        if pad is None or x.dtype != torch.long or getattr(self.student, "per_position", False):
+            return None
+        from ..models.hf import trim_padding
+        return trim_padding(x, pad)[1].bool()
+
     def student_logits(self, x: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor]) -> Tuple:
         """(logits, the targets and mask they are scored against, the positions kept or None): at the scored
         positions only, flattened, when the student can (no mask is left then), else at every position."""
@@ -247,11 +256,14 @@ class Objective(nn.Module):
         self.terms = {"kd": kd, "ce": loss}
         alpha = self.current("alpha")
         loss = (1 - alpha) * loss + alpha * kd
+        padding = self.padding_mask(x_student) if mask is None and self.features else None
         for i, (f, proj) in enumerate(zip(self.features, self.projectors)):
             s_feat, t_feat = cap.outputs[f["student"]], t_out.features[f["teacher"]]
+            # (a text classifier's sequence features are compared at the real tokens of each text, not its padding)
+            where = padding if padding is not None and t_feat.dim() >= 3 else mask
             compares = LOSSES.tags(f["loss"]).get("compares")
             if compares == "embedding":  # the module is the loss (it holds its own trainable parts and state)
-                term = proj(s_feat, t_feat, idx, **_masked(mask))
+                term = proj(s_feat, t_feat, idx, **_masked(where))
             else:
                 if compares == "width":
                     s_feat, t_feat = align(s_feat, t_feat, proj)
@@ -259,7 +271,7 @@ class Objective(nn.Module):
                     raise UserError(f"distill.features[{i}]: student '{f['student']}' gives "
                                     f"{tuple(s_feat.shape[1:])} after the projector, teacher '{f['teacher']}' "
                                     f"gives {tuple(t_feat.shape[1:])}")
-                term = _loss(f["loss"])(s_feat, t_feat, **_masked(mask))
+                term = _loss(f["loss"])(s_feat, t_feat, **_masked(where))
             parts[f"feat{i}_{f['loss']}"] = term.detach()
             loss = loss + f["weight"] * self.strength["feature_scale"] * term
         parts["total"] = loss.detach()

@@ -42,7 +42,7 @@ def at_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, mask: Option
     if student_feat.dim() != 4 or teacher_feat.dim() != 4:
         raise UserError(f"distill.features: loss at compares (N, C, H, W) maps; got student "
                         f"{tuple(student_feat.shape[1:])}, teacher {tuple(teacher_feat.shape[1:])}")
-    size = min(student_feat.shape[2:], teacher_feat.shape[2:])
+    size = tuple(min(a, b) for a, b in zip(student_feat.shape[2:], teacher_feat.shape[2:]))  # (per side)
     s, t = (f if tuple(f.shape[2:]) == tuple(size) else F.adaptive_avg_pool2d(f, size)
             for f in (student_feat, teacher_feat))
     return (attention_map(s) - attention_map(t)).norm(dim=1).mean()

@@ -142,7 +142,13 @@ def _check_augmentation(run: RunDir) -> None:
             raise UserError(f"{key}.random_crop: {augment['random_crop']} pixels of shift, on images of "
                             f"{'x'.join(map(str, run.data.input_shape[1:]))}; give fewer than the image's side "
                             f"(CIFAR uses 4 on 32)")
-    texts = run.cfg["distill"]["data"]
+    texts, views = run.cfg["distill"]["data"], run.data_cfg(STUDENT)["transforms"]
+    if run.cfg["distill"]["teacher_outputs"] == "cached" and (has_augmentation(views) or (
+            texts["mask"] and texts["teacher_sees"] == "noised")):
+        what = ("shifted or mirrored views" if has_augmentation(views) else "noised texts the teacher is to see")
+        raise UserError(f"distill.teacher_outputs: cached soft labels are the teacher's on the training inputs as "
+                        f"they are, and the student learns from {what} (each batch new): the targets would belong "
+                        f"to other inputs; use online (or auto, which chooses it)")
     for key in ("substitute", "eda"):  # copies of every training text, as token ids (int64)
         if texts[key] and run.data.variable_length:
             x = run.data.x_train
