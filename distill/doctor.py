@@ -226,15 +226,18 @@ def weak_teacher(run: RunView) -> List[Dict[str, Any]]:
                     f"by more than teacher_margin={TH['teacher_margin']}: it has little to teach", ev, fix)]
 
 
-LM_ROWS = 32  # validation sequences a language model's soft labels are measured on
+LM_ROWS = 8  # validation sequences a language model's soft labels are measured on (their logits are held whole)
 
 
 def normalised_entropy(logits: torch.Tensor, temperature: float, mask: Optional[torch.Tensor] = None) -> float:
     """Mean entropy of softmax(logits / T) over the classes (the last dimension: a language model's vocabulary),
     divided by log(C) (0: one-hot, 1: uniform); over the samples, or the positions `mask` keeps."""
-    logp = torch.log_softmax(logits.double() / temperature, -1)
-    h = -(logp.exp() * logp).sum(-1)
-    return float((h if mask is None else h[mask]).mean() / math.log(logits.shape[-1]))
+    flat = (logits if mask is None else logits[mask.to(logits.device)]).reshape(-1, logits.shape[-1])
+    total = 0.0
+    for rows in flat.split(256):  # (in pieces: a language model's positions x vocabulary, in float64)
+        logp = torch.log_softmax(rows.double() / temperature, -1)
+        total += float(-(logp.exp() * logp).sum())
+    return total / max(len(flat), 1) / math.log(logits.shape[-1])
 
 
 def temperature_for(logits: torch.Tensor, target: float, start: float, mask: Optional[torch.Tensor] = None) -> float:

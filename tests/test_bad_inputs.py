@@ -492,3 +492,14 @@ def test_a_model_made_for_another_recipe_is_not_evaluated_as_this_one(tmp_path, 
     assert main(["evaluate", out]) == 2
     err = capsys.readouterr().err
     assert "student_scratch.safetensors: made by a run of another recipe than" in err and "--resume" in err, err
+
+
+def test_a_teacher_a_stage_command_builds_on_is_this_recipe_s(tmp_path, capsys):
+    """train-student of a changed recipe on the folder's teacher adopts it: evaluate then measures it."""
+    out, p = str(tmp_path / "run"), recipe_with(tmp_path, GOOD)
+    assert main(["train-teacher", p, "--out", out]) == 0
+    changed = str(tmp_path / "b.yaml")
+    with open(changed, "w") as fh:
+        fh.write(GOOD + "distill: {temperature: 3.0}\n")
+    assert main(["train-student", changed, "--out", out, "--overwrite"]) == 0
+    assert main(["evaluate", changed, "--out", out]) == 0, capsys.readouterr().err

@@ -853,6 +853,7 @@ def test_answer_extraction():
     assert extract("  free text ", None) == "free text"
     assert extract("so the answer is 7", r"answer is (\d+)|Answer:\s*(\d+)") == "7"
     assert extract("Answer: 12", r"answer is (\d+)|Answer:\s*(\d+)") == "12"  # (the second alternative's group)
+    assert extract("Answer: ?", r"Answer:\s*(-?\d+)?") is None  # (its only group, optional, unmatched: no answer)
 
 
 def test_compress_drops_layers_and_prunes_the_gated_ffn_of_a_causal_lm(tmp_path, llama):
@@ -904,6 +905,15 @@ def test_gpt2_layer_selection_and_a_fresh_smaller_llama(tmp_path, llama):
     assert small.hf.model.layers[0].mlp.up_proj.weight.shape == (24, 16)
     small2 = fresh_lm(gpt2, layers=1, hidden=16, heads=2, intermediate=24, where="student.hf_config")
     assert small2.hf.transformer.h[0].mlp.c_fc.weight.shape == (16, 24)  # (GPT-2 names the width n_inner)
+    import transformers
+    from distill.models.hf_lm import HFCausalLM
+    opt = HFCausalLM(transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=60, hidden_size=32, word_embed_proj_dim=32, ffn_dim=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64)), 1, 2)
+    small3 = fresh_lm(opt, layers=1, hidden=16, heads=2, intermediate=24, where="student.hf_config")
+    assert small3.hf.model.decoder.layers[0].fc1.weight.shape == (24, 16)  # (OPT: ffn_dim, its embeddings 16 wide)
+    with torch.no_grad():
+        assert small3(torch.randint(3, 60, (2, 5))).shape == (2, 5, 60)
     assert not gpt2.training and not teacher.training  # (loaded models are in eval mode, wrapper and all)
     # a weights file cut short is one line
     import shutil

@@ -132,9 +132,9 @@ def test_sequence_features_are_compared_at_each_text_s_real_tokens_not_its_paddi
     from distill.teachers.online import online_source
     student = select_layers(teacher, [0, 2], "student.from_teacher")
     feats = [{"teacher": t, "student": t, "loss": loss, "weight": 1.0, "projector": "identity"}
-             for t, loss in (("hidden.1", "mse"), ("attention.1", "attention_kl"), ("cls", "mse"))]
+             for t, loss in (("hidden.1", "mse"), ("attention.1", "attention_kl"), ("cls", "mse"), ("attention.0", "mse"))]
     x = tokens(tokenizer, ["a dull film", "the plot was great and the cast was superb too"])
-    shapes = {"hidden.1": (16, 32), "cls": (32,)}  # (the same width: no projector)
+    shapes = {"hidden.1": (16, 32), "cls": (32,), "attention.0": (4, 16, 16)}  # (the same width: no projector)
     objective = Objective(student, {"method": "kd", "alpha": 0.5, "temperature": 2.0, "features": feats},
                           online_source(teacher, [f["teacher"] for f in feats]), shapes, shapes).eval()
     y, idx = torch.tensor([0, 1]), torch.arange(2)
@@ -147,6 +147,7 @@ def test_sequence_features_are_compared_at_each_text_s_real_tokens_not_its_paddi
     for k in ("feat0_mse", "feat1_attention_kl"):  # (attention_mse's mean over keys counts padded keys, as TinyBERT)
         assert both[k] == pytest.approx((n[0] * short[k] + n[1] * long[k]) / sum(n), rel=1e-4), k
     assert both["feat2_mse"] == pytest.approx((short["feat2_mse"] + long["feat2_mse"]) / 2, rel=1e-4)  # ([CLS])
+    assert both["feat3_mse"] >= 0  # (mse on whole attention maps: compared as maps, the padding mask not theirs)
 
 
 def test_attention_kl_and_mse_against_hand_computed_values():

@@ -259,8 +259,10 @@ class Objective(nn.Module):
         padding = self.padding_mask(x_student) if mask is None and self.features else None
         for i, (f, proj) in enumerate(zip(self.features, self.projectors)):
             s_feat, t_feat = cap.outputs[f["student"]], t_out.features[f["teacher"]]
-            # (a text classifier's sequence features are compared at the real tokens of each text, not its padding)
-            where = padding if padding is not None and t_feat.dim() >= 3 else mask
+            # (a text classifier's sequence features are compared at the real tokens of each text, not its padding:
+            # hidden states (N, L, D) by position, attention maps by query row)
+            sequence = t_feat.dim() == 3 or f["loss"] in ("attention_kl", "attention_mse")
+            where = padding if padding is not None and sequence else mask
             compares = LOSSES.tags(f["loss"]).get("compares")
             if compares == "embedding":  # the module is the loss (it holds its own trainable parts and state)
                 term = proj(s_feat, t_feat, idx, **_masked(where))

@@ -225,11 +225,14 @@ def fresh_lm(teacher: HFCausalLM, layers: int, hidden: int, heads: int, intermed
     kv = getattr(config, "num_key_value_heads", None)
     # (the feed-forward width's name: GPT-2's n_inner, OPT's ffn_dim, intermediate_size elsewhere)
     ffn = next((k for k in ("intermediate_size", "n_inner", "ffn_dim") if hasattr(config, k)), None)
-    if ffn is None:
-        raise UserError(f"{where}.intermediate: the {config.model_type} config names its feed-forward width "
-                        f"otherwise; give a student folder (student.hf) of that architecture instead")
-    update = {"num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads, ffn: intermediate,
-              **({"head_dim": hidden // heads} if hasattr(config, "head_dim") else {})}
+    if ffn is None and intermediate != 4 * hidden:  # (Bloom's, say, is 4 x hidden, not a setting)
+        raise UserError(f"{where}.intermediate: the {config.model_type} config has no feed-forward width to set "
+                        f"(it is 4 x hidden = {4 * hidden}); give {4 * hidden}, or a student folder (student.hf)")
+    update = {"num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads,
+              **({ffn: intermediate} if ffn else {}),
+              **({"head_dim": hidden // heads} if hasattr(config, "head_dim") else {}),
+              # (OPT projects its embeddings to this width when it differs: the student's are its own width)
+              **({"word_embed_proj_dim": hidden} if hasattr(config, "word_embed_proj_dim") else {})}
     if kv is not None:  # grouped-query attention: keep the ratio where it divides, else one group per head
         update["num_key_value_heads"] = max(1, heads * kv // config.num_attention_heads) \
             if heads % max(1, heads * kv // config.num_attention_heads) == 0 else heads

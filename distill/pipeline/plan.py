@@ -78,8 +78,10 @@ class Execution:
         self.soft_labels_asked = "soft_labels" in kinds and "student" not in kinds  # `distill soft-labels`
 
     def model(self, name: str) -> nn.Module:
+        """A model this execution trained, or the folder's (a stage command builds on it: it is this recipe's)."""
         if name not in self.models:
             self.models[name] = load_saved(self.run, name)
+            self.run.mark_reused(name)
         return self.models[name]
 
     def do(self, step: Step) -> None:

@@ -298,9 +298,11 @@ class RunDir:
         return None
 
     def mark_reused(self, name: str) -> None:
-        """A stage reused by this recipe is this recipe's (its record names the recipe a model was made for)."""
+        """A stage reused by this recipe, or a saved model a stage command builds on, is this recipe's (its
+        record names the recipe a model was made for; recipe.yaml is written first)."""
         stages = self.stages()
-        if self.runtime.is_main and stages[name].get("recipe") != recipe_key(self.cfg):
+        if self.runtime.is_main and name in stages and stages[name].get("recipe") != recipe_key(self.cfg):
+            self.open()
             stages[name]["recipe"] = recipe_key(self.cfg)
             write_json(self.path("stages.json"), stages)
 

@@ -123,7 +123,9 @@ def extract(text: str, pattern: Optional[str]) -> Optional[str]:
     if not found:
         return None
     m = found[-1]  # (of several groups, the first that matched: alternatives each have their own)
-    return next((g for g in m.groups() if g is not None), m.group(0)).strip()
+    if not m.groups():
+        return m.group(0).strip()
+    return next((g.strip() for g in m.groups() if g is not None), None)  # (an optional group unmatched: none)
 
 
 def greedy_completions(model: nn.Module, prompts: list, max_new_tokens: int, batch_size: int = 8) -> list:
