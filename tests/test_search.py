@@ -131,7 +131,7 @@ def test_a_stopped_tpe_search_continued_ends_as_an_uninterrupted_one(tmp_path, c
     (["--grid", "distill.alpha=0.5", "--grid", "distill.alpha=0.9"], "distill.alpha is given twice"),
     (["--grid", "distill.temperature=2,"], "--grid distill.temperature=2,: an empty value"),
     (["--set", "train.select=last", "--grid", "data.val_fraction=0.1,0"],
-     "data.val_fraction: 0 leaves no validation split, and a search ranks its trials on it"),
+     "--grid data.val_fraction: a search ranks its trials on the validation split"),
     (["--grid", "student.args.channels=[8],8"],  # (found by building each trial's models before the first trains)
      "--grid student.args.channels=8: student.args: 'int' object is not iterable (model 'cnn')"),
 ])

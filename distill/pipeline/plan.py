@@ -74,17 +74,22 @@ class Execution:
     """The models and stage records of one execution of the plan."""
 
     def __init__(self, run: RunDir, kinds: Sequence[str] = KINDS) -> None:
-        self.run, self.models, self.records = run, {}, {}
+        self.run, self.models, self.records, self.loaded = run, {}, {}, []
         self.soft_labels_asked = "soft_labels" in kinds and "student" not in kinds  # `distill soft-labels`
 
     def model(self, name: str) -> nn.Module:
-        """A model this execution trained, or the folder's (a stage command builds on it: it is this recipe's)."""
+        """A model this execution trained, or the folder's."""
         if name not in self.models:
             self.models[name] = load_saved(self.run, name)
-            self.run.mark_reused(name)
+            self.loaded.append(name)
         return self.models[name]
 
     def do(self, step: Step) -> None:
+        self._do(step)
+        for name in self.loaded:  # (a stage command built on the folder's model: it is this recipe's now)
+            self.run.mark_reused(name)
+
+    def _do(self, step: Step) -> None:
         run = self.run
         if step.kind == "teacher":
             self.models[TEACHER] = train_teacher(run)

@@ -307,10 +307,18 @@ class RunDir:
             write_json(self.path("stages.json"), stages)
 
     def made_for_another_recipe(self, name: str) -> bool:
-        """Whether model `name` was made by a stage of another recipe than this one (a rerun that changed the
-        recipe and stopped before it reached this stage); records from before the key say nothing."""
+        """Whether model `name` was made by a stage of another recipe than the folder's recipe.yaml (a rerun
+        that changed the recipe and stopped before it reached this stage); records from before the key say
+        nothing. (The folder's, as it is before this command writes its own: `evaluate --overwrite` with other
+        settings measures the folder's models by the user's choice.)"""
         key = self.stages().get(name, {}).get("recipe")
-        return key is not None and key != recipe_key(self.cfg)
+        if key is None:
+            return False
+        try:
+            folder = recipe_key(Recipe.load(self.path("recipe.yaml")).cfg) if not self._opened else None
+        except UserError:
+            folder = None
+        return key != (folder or recipe_key(self.cfg))
 
     def mark_done(self, name: str, fingerprint: str, info: Dict[str, Any]) -> None:
         if not self.runtime.is_main:
