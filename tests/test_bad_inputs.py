@@ -481,6 +481,9 @@ def test_a_model_made_for_another_recipe_is_not_evaluated_as_this_one(tmp_path, 
     out, p = str(tmp_path / "run"), recipe_with(tmp_path, GOOD)
     assert main(["run", p, "--out", out]) == 0
     before = json.load(open(os.path.join(out, "stages.json")))
+    from distill.io import load_meta  # (each epoch's accuracy is the stage's record, not the deployed file's)
+    assert "val_history" in before["student"]
+    assert "val_history" not in load_meta(os.path.join(out, "student.safetensors"))
     assert main(["run", p, "--out", out, "--overwrite", "--set", "student.train.epochs=2"]) == 0
     stages = json.load(open(os.path.join(out, "stages.json")))
     assert stages["teacher"]["fingerprint"] == before["teacher"]["fingerprint"]  # reused: the new recipe's now

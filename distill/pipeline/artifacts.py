@@ -73,10 +73,11 @@ def check_preprocessing(meta: Dict[str, Any], data: DataBundle, where: str) -> N
 
 def model_meta(data: DataBundle, name: str, spec: Dict[str, Any], info: Dict[str, Any]) -> Dict[str, Any]:
     """The header a saved model carries: its architecture, its data's shape and classes, its preprocessing,
-    and what its stage recorded (timings left out)."""
+    and what its stage recorded (timings, and each epoch's validation accuracy, left out: the file's size is
+    the deployable model's)."""
     return {"spec": spec, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
             "class_names": data.class_names, "role": name, "preprocessing": preprocessing(data),
-            **{k: v for k, v in info.items() if k not in TIMINGS}}
+            **{k: v for k, v in info.items() if k not in (*TIMINGS, "val_history")}}
 
 
 def teacher_layers(from_teacher: Dict[str, Any], n: int) -> List[int]:
