@@ -22,7 +22,7 @@ import torch
 
 from .errors import UserError
 from .io import read_run_json, write_json
-from .logbook import read_log
+from .logbook import read_run_log
 from .roles import MODELS_OUT, SCRATCH, STUDENT, TEACHER, is_assistant, recipe_section
 
 # Every threshold the rules use, in one place. Accuracies are fractions (0.01 = one point).
@@ -102,9 +102,7 @@ class RunView:
         self.stages = self._json("stages.json") or {}
         self.bench = self._json(os.path.join("bench", "bench.json"))
         self.chain = self._json("chain.json")
-        self.epochs, self.steps = read_log(self.path("log.jsonl"))
-        if not self.cfg["baseline"]:  # (lines of a baseline an earlier recipe trained: not this run's)
-            self.epochs.pop(SCRATCH, None), self.steps.pop(SCRATCH, None)
+        self.epochs, self.steps = read_run_log(folder, self.cfg)
 
     def path(self, name: str) -> str:
         return os.path.join(self.folder, name)
@@ -229,10 +227,10 @@ def weak_teacher(run: RunView) -> List[Dict[str, Any]]:
 LM_ROWS = 8  # validation sequences a language model's soft labels are measured on (their logits are held whole)
 
 
-def normalised_entropy(logits: torch.Tensor, temperature: float, mask: Optional[torch.Tensor] = None) -> float:
+def normalised_entropy(logits: torch.Tensor, temperature: float) -> float:
     """Mean entropy of softmax(logits / T) over the classes (the last dimension: a language model's vocabulary),
-    divided by log(C) (0: one-hot, 1: uniform); over the samples, or the positions `mask` keeps."""
-    flat = (logits if mask is None else logits[mask.to(logits.device)]).reshape(-1, logits.shape[-1])
+    divided by log(C) (0: one-hot, 1: uniform), over every sample (position)."""
+    flat = logits.reshape(-1, logits.shape[-1])
     total = 0.0
     for rows in flat.split(256):  # (in pieces: a language model's positions x vocabulary, in float64)
         logp = torch.log_softmax(rows.double() / temperature, -1)
@@ -240,15 +238,15 @@ def normalised_entropy(logits: torch.Tensor, temperature: float, mask: Optional[
     return total / max(len(flat), 1) / math.log(logits.shape[-1])
 
 
-def temperature_for(logits: torch.Tensor, target: float, start: float, mask: Optional[torch.Tensor] = None) -> float:
+def temperature_for(logits: torch.Tensor, target: float, start: float) -> float:
     """The smallest T (to 0.1, rounded up) at which the mean normalised entropy reaches `target`. Entropy
     rises monotonically with T towards 1 (uniform), so bisection finds it."""
     lo, hi = start, max(start, 1.0)
-    while normalised_entropy(logits, hi, mask) < target and hi < 1e4:
+    while normalised_entropy(logits, hi) < target and hi < 1e4:
         lo, hi = hi, hi * 2
     for _ in range(50):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if normalised_entropy(logits, mid, mask) < target else (lo, mid)
+        lo, hi = (mid, hi) if normalised_entropy(logits, mid) < target else (lo, mid)
     return math.ceil(hi * 10) / 10
 
 
@@ -263,13 +261,16 @@ def overconfident_soft_labels(run: RunView) -> List[Dict[str, Any]]:
     if run.data.task == "causal_lm":  # (per predicted token, of the first sequences: batch x length x vocabulary)
         x, mask = x[:LM_ROWS], run.data.y_val[:LM_ROWS] >= 0
     logits = predict(teacher, x, run.cfg["data"]["eval_batch_size"])
-    h = normalised_entropy(logits, t, mask)
+    samples = int(logits.shape[0])
+    if mask is not None:  # (once: the positions with a target, (P, V))
+        logits = logits[mask.to(logits.device)]
+    h = normalised_entropy(logits, t)
     if h >= TH["entropy_min"]:
         return []
-    better = temperature_for(logits, TH["entropy_min"], t, mask)
+    better = temperature_for(logits, TH["entropy_min"], t)
     ev = {"temperature": t, "normalised_entropy": h, "entropy_min": TH["entropy_min"], "split": "validation",
-          "samples": int(logits.shape[0]), **({"positions": int(mask.sum())} if mask is not None else {}),
-          "suggested_temperature": better, "entropy_at_suggested": normalised_entropy(logits, better, mask)}
+          "samples": samples, **({"positions": int(mask.sum())} if mask is not None else {}),
+          "suggested_temperature": better, "entropy_at_suggested": normalised_entropy(logits, better)}
     return [finding("overconfident_soft_labels", "medium",
                     f"at distill.temperature={t:g} the teacher's softened outputs have mean entropy {h:.3f} of "
                     f"log(C) on the validation split (threshold entropy_min={TH['entropy_min']}): nearly one-hot, "

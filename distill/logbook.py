@@ -25,6 +25,17 @@ def summary_writer_class():
 MEASURED = ("loss_", "val_", "train_", "lr", "retention", "grad")  # numeric fields of the training lines
 
 
+def read_run_log(folder: str, cfg: Dict[str, Any]) -> Tuple[Dict[str, List[Dict[str, Any]]],
+                                                            Dict[str, List[Dict[str, Any]]]]:
+    """`read_log` of a run folder, for its recipe `cfg`: without the lines of a baseline an earlier recipe
+    trained, when this one has none (baseline: false)."""
+    from .roles import SCRATCH
+    epochs, steps = read_log(os.path.join(folder, "log.jsonl"))
+    if not cfg["baseline"]:
+        epochs.pop(SCRATCH, None), steps.pop(SCRATCH, None)
+    return epochs, steps
+
+
 def read_log(path: str) -> Tuple[Dict[str, List[Dict[str, Any]]], Dict[str, List[Dict[str, Any]]]]:
     """Epoch records and step records per model, in order. A log can hold several attempts (resumed or
     repeated stages): a later record replaces an earlier one of the same epoch (step), and a new epoch 1

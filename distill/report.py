@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from .errors import UserError
 from .evaluate import LABELS  # (one set of model labels for the tables and the report)
 from .io import read_run_json, write_text
-from .logbook import read_log
+from .logbook import read_run_log
 from .roles import SCRATCH, STUDENT, TEACHER, is_assistant
 
 MAIN_ROLES = (TEACHER, SCRATCH, STUDENT)
@@ -443,7 +443,7 @@ def confusion_section(plt: Any, recipe: Any, folder: str) -> str:
 
 def compression_section(folder: str) -> str:
     from .compress.bench import COLUMNS, compressed_out_of_date
-    out = ""
+    out, old_chain = "", compressed_out_of_date(folder)  # (its models' bench rows are out of date too)
     comp = read_run_json(os.path.join(folder, "compress", "compress.json"))
     if isinstance(comp, dict) and isinstance(comp.get("models"), list) and comp["models"]:
         rows = []
@@ -456,16 +456,14 @@ def compression_section(folder: str) -> str:
         steps = " → ".join(map(str, comp.get("steps", [])))
         out += (f"<h3>compress ({esc(comp.get('source', 'student'))}: {esc(steps)})</h3>"
                 + table(["step", "params", "file KB", "val accuracy", "details"], rows, numeric_to=4))
-        if compressed_out_of_date(folder):
-            out += note(f"Out of date: these models were {compressed_out_of_date(folder)}; run `distill compress "
-                        f"RUN_DIR` again.")
+        if old_chain:
+            out += note(f"Out of date: these models were {old_chain}; run `distill compress RUN_DIR` again.")
     bench = read_run_json(os.path.join(folder, "bench", "bench.json"))
     if isinstance(bench, dict) and isinstance(bench.get("results"), list) and bench["results"]:
         from .compress.bench import is_stale
         from .pipeline.rundir import stage_fingerprints
         versions = stage_fingerprints(folder)
-        old_chain = compressed_out_of_date(folder) is not None  # (its models' rows too, though unchanged since)
-        stale = [isinstance(r, dict) and (is_stale(r, versions) or old_chain and str(r.get("model")).startswith(
+        stale = [isinstance(r, dict) and (is_stale(r, versions) or bool(old_chain) and str(r.get("model")).startswith(
             "compress/")) for r in bench["results"]]
         pareto = os.path.join(folder, "bench", "pareto.png")
         if os.path.isfile(pareto):
@@ -554,9 +552,7 @@ def build_report(folder: str) -> str:
     metrics = read_run_json(os.path.join(folder, "metrics.json"))
     if not isinstance(metrics, dict):
         raise UserError(f"{os.path.join(folder, 'metrics.json')}: not a metrics object; run `distill run` again")
-    epochs, steps = read_log(os.path.join(folder, "log.jsonl"))
-    if not recipe.cfg["baseline"]:  # (lines of a baseline an earlier recipe trained: not this run's)
-        epochs.pop(SCRATCH, None), steps.pop(SCRATCH, None)
+    epochs, steps = read_run_log(folder, recipe.cfg)
     student = epochs.get("student", [])
     parts: List[Tuple[str, str, Callable[[], str]]] = [
         ("summary", "Summary", lambda: summary_section(recipe, metrics)),

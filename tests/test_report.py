@@ -224,7 +224,7 @@ def test_many_layer_pairs_become_a_heatmap_and_empty_logs_a_note():
 
 
 def test_log_keeps_the_last_attempt_of_each_epoch(tmp_path):
-    from distill.report import read_log
+    from distill.logbook import read_log
     lines = [{"model": "student", "epoch": 1, "val_accuracy": 0.1},  # a first training, later repeated
              {"model": "student", "epoch": 2, "val_accuracy": 0.2},
              {"model": "student", "epoch": 3, "val_accuracy": 0.3},

@@ -21,12 +21,12 @@ def evaluated(cfg: Dict[str, Any]) -> list:
 
 def evaluate(run: RunDir) -> Dict[str, Any]:
     ecfg = run.cfg["evaluate"]
-    stages, key = run.stages(), recipe_key(run.cfg)
+    stages, key, made_for = run.stages(), recipe_key(run.cfg), run.folder_recipe_key()
     metrics, models = {}, {}
     for name in evaluated(run.cfg):
         data = run.data_for(name)  # (a student may read its own tokens)
         require_same_data(run.out, name, data)
-        if run.made_for_another_recipe(name):
+        if stages.get(name, {}).get("recipe") not in (None, made_for):  # (records from before the key: none)
             raise UserError(f"{require_saved(run.out, name)}: made by a run of another recipe than "
                             f"{run.path('recipe.yaml')} (a rerun that changed it stopped before training this "
                             f"model); finish the run first: distill run {run.out} --resume")

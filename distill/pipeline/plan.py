@@ -86,8 +86,8 @@ class Execution:
 
     def do(self, step: Step) -> None:
         self._do(step)
-        for name in self.loaded:  # (a stage command built on the folder's model: it is this recipe's now)
-            self.run.mark_reused(name)
+        while self.loaded:  # (a stage command built on the folder's model: it is this recipe's now; marked once)
+            self.run.mark_reused(self.loaded.pop())
 
     def _do(self, step: Step) -> None:
         run = self.run

@@ -306,19 +306,17 @@ class RunDir:
             stages[name]["recipe"] = recipe_key(self.cfg)
             write_json(self.path("stages.json"), stages)
 
-    def made_for_another_recipe(self, name: str) -> bool:
-        """Whether model `name` was made by a stage of another recipe than the folder's recipe.yaml (a rerun
-        that changed the recipe and stopped before it reached this stage); records from before the key say
-        nothing. (The folder's, as it is before this command writes its own: `evaluate --overwrite` with other
-        settings measures the folder's models by the user's choice.)"""
-        key = self.stages().get(name, {}).get("recipe")
-        if key is None:
-            return False
+    def folder_recipe_key(self) -> str:
+        """The key of the recipe the folder's models are to be of: its recipe.yaml as it is before this command
+        writes its own (`evaluate --overwrite` with other settings measures the folder's models by the user's
+        choice), else this recipe's. A stage record of another key was made by a rerun that changed the recipe
+        and stopped before it reached that stage."""
         try:
-            folder = recipe_key(Recipe.load(self.path("recipe.yaml")).cfg) if not self._opened else None
+            if not self._opened and os.path.isfile(self.path("recipe.yaml")):
+                return recipe_key(Recipe.load(self.path("recipe.yaml")).cfg)
         except UserError:
-            folder = None
-        return key != (folder or recipe_key(self.cfg))
+            pass
+        return recipe_key(self.cfg)
 
     def mark_done(self, name: str, fingerprint: str, info: Dict[str, Any]) -> None:
         if not self.runtime.is_main:
