@@ -480,6 +480,11 @@ def test_run_folder_records_that_are_not_what_distill_wrote_are_one_line(tmp_pat
     assert ("student", os.path.join(folder, "student.safetensors"), "fp32") in plan(folder, [])
     for name, text, command, message in [
             ("compress/compress.json", "[1]", ["bench", folder], "compress.json: holds list, not a JSON object"),
+            ("compress/compress.json", '{"models": ["x"]}', ["bench", folder],
+             "compress.json: 'models' is not a list of records with a name; run distill compress again"),
+            ("compress/compress.json", '{"models": [{"name": "gone"}]}', ["bench", folder],
+             "compress/gone (.safetensors, or a Hugging Face folder): missing; run the stage that makes it first "
+             "(distill run, or distill compress)"),
             ("export/exports.json", "{bad", ["export", folder, "--format", "safetensors"],
              "exports.json: not readable JSON"),
             ("stages.json", '{"teacher": 5}', ["evaluate", folder],

@@ -914,6 +914,12 @@ def test_gpt2_layer_selection_and_a_fresh_smaller_llama(tmp_path, llama):
     assert small3.hf.model.decoder.layers[0].fc1.weight.shape == (24, 16)  # (OPT: ffn_dim, its embeddings 16 wide)
     with torch.no_grad():
         assert small3(torch.randint(3, 60, (2, 5))).shape == (2, 5, 60)
+    bloom = HFCausalLM(transformers.BloomForCausalLM(transformers.BloomConfig(  # (its MLP is 4 x hidden, fixed)
+        vocab_size=60, hidden_size=32, n_layer=2, n_head=4)), 1, 2)
+    with pytest.raises(UserError, match=r"student.hf_config.intermediate: the bloom config has no feed-forward "
+                                        r"width to set \(it is 4 x hidden = 64\); give 64"):
+        fresh_lm(bloom, layers=1, hidden=16, heads=2, intermediate=24, where="student.hf_config")
+    assert fresh_lm(bloom, 1, 16, 2, 64, "student.hf_config").width == 16
     assert not gpt2.training and not teacher.training  # (loaded models are in eval mode, wrapper and all)
     # a weights file cut short is one line
     import shutil
