@@ -1366,3 +1366,19 @@ def test_a_rerun_after_the_data_changed_retrains_a_student_cut_from_the_finetune
     code, _, err = _main(capsys, "run", str(tmp_path / "r.yaml"))
     assert code == 0, err
     assert "reusing" not in err  # (every stage trained again)
+
+
+def test_a_short_prompt_beside_a_long_one_is_not_cut_where_the_long_ones_position_table_ends(tmp_path):
+    """With learnt positions (GPT-2), each prompt is completed up to its own end of the table: a short prompt
+    batched with one near the context gets the tokens it gets alone, not the long prompt's few."""
+    import transformers
+    from lmkit import tiny_gpt2
+    from distill.models.hf_lm import HFCausalLM
+    folder = tiny_gpt2(str(tmp_path / "g"), layers=1, positions=32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = HFCausalLM(hf, pad_id=0, eos_id=None)  # (no EOS: every completion runs to its cap)
+    short, long = [5, 6, 7, 8], [5, 6, 7, 8] * 7  # 4 and 28 tokens: the long one has room for 5
+    both = model.complete([short, long], 12)
+    assert [len(t) for t, _ in both] == [12, 5]
+    assert both == [model.complete([short], 12)[0], model.complete([long], 12)[0]]
+    assert both[1][1] is False  # (cut at the table's end, not ended)

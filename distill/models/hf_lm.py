@@ -14,7 +14,7 @@ most of the 30 s goes into converting the tokenizer), so later runs load the fol
 from __future__ import annotations
 
 import copy
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors import SafetensorError
@@ -93,11 +93,14 @@ class HFCausalLM(HFWrapper):
         ended with EOS (False: cut at `max_new_tokens`, or where a table of learnt positions ends). Batched,
         left-padded, with the KV cache; greedy at temperature 0, else sampled (seeded: the same prompts and seed
         give the same tokens)."""
-        width = max(len(p) for p in prompts)
-        if self.context is not None:  # (learnt positions end at the table's last row: the completions stop there;
-            max_new_tokens = min(max_new_tokens, self.context - width + 1)  # the last token is never read)
-            if max_new_tokens <= 0:
+        if self.context is not None:  # (learnt positions end at the table's last row: a completion stops there;
+            caps = [min(max_new_tokens, self.context - len(p) + 1) for p in prompts]  # its last token is never read)
+            if len(set(caps)) > 1:  # (one batch would stop every prompt where the longest one's table ends)
+                return self._complete_by_cap(prompts, caps, temperature, top_p, seed)
+            if caps[0] <= 0:
                 return [([], False) for _ in prompts]
+            max_new_tokens = caps[0]
+        width = max(len(p) for p in prompts)
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
@@ -117,6 +120,16 @@ class HFCausalLM(HFWrapper):
         for row in out.tolist():
             end = row.index(self.eos_id) + 1 if self.eos_id in row else None
             results.append((row[:end] if end else row, end is not None))
+        return results
+
+    def _complete_by_cap(self, prompts, caps: List[int], temperature: float, top_p: float,
+                         seed: int) -> List[Tuple[List[int], bool]]:
+        """complete() of the prompts that have room for the same number of new tokens, one batch each."""
+        results: List[Any] = [None] * len(prompts)
+        for cap in sorted(set(caps)):
+            rows = [i for i, c in enumerate(caps) if c == cap]
+            for i, out in zip(rows, self.complete([prompts[i] for i in rows], cap, temperature, top_p, seed)):
+                results[i] = out
         return results
 
     def _generate(self, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, temperature: float,
