@@ -95,6 +95,11 @@ def test_every_loss_takes_a_mask_and_all_true_equals_no_mask():
     ones, some = torch.ones(3, 5, dtype=torch.bool), torch.rand(3, 5) > 0.4
     assert torch.allclose(kd_loss(s, t, 2.0, mask=ones),
                           kd_loss(s.reshape(15, 7), t.reshape(15, 7), 2.0))
+    for name in LOSSES.names(group="logits"):
+        loss, labels = LOSSES.get(name), torch.randint(0, 7, (3, 5))  # (each position a sample, with no mask too:
+        kw = {"labels": labels} if name == "dkd" else {}  # kd was once the sum over positions, 5x)
+        flat = loss(s.reshape(15, 7), t.reshape(15, 7), 2.0, **({"labels": labels.reshape(15)} if kw else {}))
+        assert torch.allclose(loss(s, t, 2.0, **kw), flat) and torch.allclose(loss(s, t, 2.0, mask=ones, **kw), flat)
     kl = torch.nn.functional.kl_div(torch.log_softmax(s / 2, -1), torch.log_softmax(t / 2, -1), reduction="none",
                                     log_target=True).sum(-1)
     assert torch.allclose(kd_loss(s, t, 2.0, mask=some), kl[some].mean() * 4)  # masked positions left out

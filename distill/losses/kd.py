@@ -21,7 +21,8 @@ def masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Ten
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
             weights: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """KL(softmax(t/T) || softmax(s/T)) * T^2, averaged over the batch (weighted per sample by `weights`;
-    over the positions where `mask` is true, for outputs with positions such as tokens).
+    over the positions where `mask` is true, for outputs with positions such as tokens: over every position
+    when there is no mask, as if each were a sample).
 
     The teacher's distribution is the target (the first argument of the KL), and T^2 keeps the gradient
     scale independent of T (Hinton et al. 2015), so alpha means the same thing at any temperature.
@@ -29,7 +30,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     t = temperature
     log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    if weights is None and mask is None:
+    if weights is None and mask is None and student_logits.dim() == 2:
         return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
     per_position = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1)
     if weights is not None:
