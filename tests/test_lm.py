@@ -244,8 +244,14 @@ def test_the_gpt_exports_to_onnx_with_the_tokens_as_its_only_input(tmp_path):
     x = torch.randint(0, 9, (4, 12))
     info = export_model(model, x, "onnx", str(tmp_path / "g.onnx"), {})  # (checked in ONNX Runtime on x)
     import onnx
+    import onnxruntime
     assert [i.name for i in onnx.load(str(tmp_path / "g.onnx")).graph.input] == ["x"]
     assert info["max_abs_diff"] <= info["tolerance"]
+    session = onnxruntime.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"])
+    for shape in ((1, 12), (2, 5), (3, 1)):  # (any batch and any length up to the context: a prompt, a decode)
+        x = torch.randint(0, 9, shape)
+        with torch.no_grad():
+            assert torch.allclose(torch.from_numpy(session.run(None, {"x": x.numpy()})[0]), model(x), atol=1e-5)
 
 
 def test_kv_cache_generation_equals_recomputing_the_prefix():
