@@ -1382,3 +1382,31 @@ def test_a_short_prompt_beside_a_long_one_is_not_cut_where_the_long_ones_positio
     assert [len(t) for t, _ in both] == [12, 5]
     assert both == [model.complete([short], 12)[0], model.complete([long], 12)[0]]
     assert both[1][1] is False  # (cut at the table's end, not ended)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "smollm3"])
+def test_students_of_configs_with_per_layer_lists_save_and_reload_as_trained(tmp_path, arch):
+    """Qwen2 lists each layer's attention kind and SmolLM3 which layers turn by rotary positions: a student's
+    config keeps the entries of its own layers, so its folder saves (a list of the teacher's length is
+    refused by transformers) and reloads as the model that was trained (SmolLM3's kept layers 1 and 2 are
+    rotary off and on: saved as the teacher's layers 0 and 1, they came back the other way round)."""
+    import transformers
+    from lmkit import char_tokenizer
+    from distill.models.hf import save_folder, select_layers
+    from distill.models.hf_lm import fresh_lm, load_causal_lm
+    base = str(tmp_path / arch)
+    tok = char_tokenizer(base)
+    config, model = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                     "smollm3": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM)}[arch]
+    extra = {"no_rope_layer_interval": 2} if arch == "smollm3" else {}
+    torch.manual_seed(0)
+    model(config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=64, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                 pad_token_id=tok.pad_token_id, **extra)).save_pretrained(base)
+    teacher, x = load_causal_lm(base, "teacher.hf"), torch.randint(5, 40, (2, 9))
+    for name, student in (("kept", select_layers(teacher, [1, 2], "student.layers")),
+                          ("fresh", fresh_lm(teacher, 2, 16, 2, 24, "student.hf_config"))):
+        save_folder(student, str(tmp_path / name), base, {})
+        back = load_causal_lm(str(tmp_path / name), "student")
+        with torch.no_grad():
+            assert torch.equal(back(x), student(x)), name

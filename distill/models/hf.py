@@ -228,10 +228,26 @@ def select_layers(model: nn.Module, keep: Sequence[int], where: str) -> nn.Modul
         for m in layer.modules():
             if hasattr(m, "layer_idx"):
                 m.layer_idx = j
-    hf.config.num_hidden_layers = len(keep)
-    if getattr(hf.config, "layer_types", None):  # (per-layer attention kinds, e.g. sliding windows)
-        hf.config.layer_types = [hf.config.layer_types[i] for i in keep]
+    keep_layers_config(hf.config, keep)
     return model.rewrap(hf)
+
+
+PER_LAYER = ("layer_types", "no_rope_layers")  # (config lists of one entry per layer: Gemma2/Qwen2's attention
+LAYER_INDICES = ("mlp_only_layers",)  # kinds, SmolLM3's rotary switch; lists of layer indices: Qwen-MoE's dense)
+
+
+def keep_layers_config(config, keep: Sequence[int]) -> None:
+    """`config` made the config of its layers `keep`, in order: the per-layer lists follow the layers, or the
+    saved folder (and plain transformers) would rebuild each kept layer as the one at its new index was."""
+    for key in PER_LAYER:
+        values = getattr(config, key, None)
+        if isinstance(values, (list, tuple)) and len(values) == config.num_hidden_layers:
+            setattr(config, key, [values[i] for i in keep])
+    for key in LAYER_INDICES:
+        values = getattr(config, key, None)
+        if isinstance(values, (list, tuple)):
+            setattr(config, key, [j for j, i in enumerate(keep) if i in values])
+    config.num_hidden_layers = len(keep)
 
 
 def fresh_student(teacher: HFClassifier, layers: int, hidden: int, heads: int, intermediate: int,

@@ -21,8 +21,8 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import UserError
-from .hf import HFWrapper, check_fresh_width, load_tokenizer, model_folder, pad_id, tokenizer_hash, \
-    transformers_module, uses_rotary
+from .hf import HFWrapper, check_fresh_width, keep_layers_config, load_tokenizer, model_folder, pad_id, \
+    tokenizer_hash, transformers_module, uses_rotary
 
 
 class HFCausalLM(HFWrapper):
@@ -241,7 +241,9 @@ def fresh_lm(teacher: HFCausalLM, layers: int, hidden: int, heads: int, intermed
     if ffn is None and intermediate != 4 * hidden:  # (Bloom's, say, is 4 x hidden, not a setting)
         raise UserError(f"{where}.intermediate: the {config.model_type} config has no feed-forward width to set "
                         f"(it is 4 x hidden = {4 * hidden}); give {4 * hidden}, or a student folder (student.hf)")
-    update = {"num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads,
+    n = config.num_hidden_layers  # (the teacher's per-layer lists, for its first `layers`, repeated if deeper)
+    keep_layers_config(config, [i % n for i in range(layers)])
+    update = {"hidden_size": hidden, "num_attention_heads": heads,
               **({ffn: intermediate} if ffn else {}),
               **({"head_dim": hidden // heads} if hasattr(config, "head_dim") else {}),
               # (OPT projects its embeddings to this width when it differs: the student's are its own width)
