@@ -125,3 +125,16 @@ def test_text_chains_are_refused():
         Recipe.from_dict({"data": {"dataset": "text", "path": "x.csv"}, "teacher": {"hf": "t"},
                           "student": {"hf_config": {"layers": 1, "hidden": 8, "heads": 1, "intermediate": 8}},
                           "distill": {"assistants": "auto"}})
+
+
+def test_a_chain_whose_metrics_leave_out_accuracy_still_measures_its_decay(chain_run, tmp_path):
+    """evaluate.metrics without accuracy: the chain measures the test accuracy itself (it crashed after the
+    whole run), the same as evaluate's."""
+    import shutil
+    out, metrics = chain_run
+    shutil.copytree(out, tmp_path / "run")
+    again = run(Recipe.load("digits", [*TINY, EXPLICIT, "evaluate.metrics=[macro_f1]"]), out=str(tmp_path / "run"),
+                echo=lambda m: None, overwrite=True)
+    assert "accuracy" not in again["student"] and again["student"]["macro_f1"] == metrics["student"]["macro_f1"]
+    gens = json.load(open(tmp_path / "run" / "chain.json"))["generations"]
+    assert [g["test_accuracy"] for g in gens] == [metrics[g["name"]]["accuracy"] for g in gens]
