@@ -203,7 +203,7 @@ def with_reaction(measure: Callable[[], Dict[str, float]], objective: nn.Module,
         if mcfg["action"] == "raise_feature_weight":
             s["feature_scale"] *= f
         elif mcfg["action"] == "lower_temperature":
-            s["temperature"] = max(1.0, s["temperature"] / f)
+            s["temperature"] = min(s["temperature"], max(1.0, s["temperature"] / f))  # (never raised)
         elif mcfg["action"] == "raise_alpha":
             s["alpha"] = min(1.0, s["alpha"] * f)
         changed = {k: [before[k], s[k]] for k in s if s[k] != before[k]}

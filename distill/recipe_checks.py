@@ -246,9 +246,16 @@ def _monitor_checks(cfg: Dict[str, Any]) -> None:
     if m["action"] == "raise_feature_weight" and not features:
         raise UserError("monitor.action: raise_feature_weight scales the feature losses (distill.features, "
                         "distill.layers), and the recipe has none; use raise_alpha, lower_temperature or warn")
-    if m["action"] == "raise_alpha" and d["alpha"] == 0 and d["schedule"]["alpha"] == "constant":
-        raise UserError("monitor.action: raise_alpha multiplies distill.alpha, which is 0 and stays 0; give "
-                        "distill.alpha above 0, or another action")
+    moves = {"raise_alpha": "alpha", "lower_temperature": "temperature"}.get(m["action"])
+    if moves and d["schedule"][moves] != "constant":  # (it would move the schedule's start, not the value in use)
+        raise UserError(f"monitor.action: {m['action']} adjusts distill.{moves}, which distill.schedule.{moves}: "
+                        f"{d['schedule'][moves]} moves already; use one of the two")
+    if m["action"] == "raise_alpha" and d["alpha"] in (0, 1):
+        raise UserError(f"monitor.action: raise_alpha multiplies distill.alpha up to 1, and it is "
+                        f"{d['alpha']:g}: it cannot move; give distill.alpha between 0 and 1, or another action")
+    if m["action"] == "lower_temperature" and d["temperature"] <= 1:
+        raise UserError(f"monitor.action: lower_temperature divides distill.temperature down to 1, and it is "
+                        f"{d['temperature']:g}: it cannot move; give distill.temperature above 1, or another action")
 
 
 def _selection_checks(cfg: Dict[str, Any]) -> None:
