@@ -97,8 +97,9 @@ def search(recipe: Recipe, grid: Dict[str, List[Any]], overrides: Sequence[str],
     for i, trial in enumerate(trials):
         sets = _sets(overrides, trial)  # (as YAML: a null stays null, not the text 'None')
         echo(f"search: trial {i + 1}/{len(trials)}: " + ", ".join(f"{k}={yaml_value(v)}" for k, v in trial.items()))
-        # (resume: a stage a stopped search left half-trained continues; another trial's checkpoints are dropped)
+        # (resume: the trials a stopped search finished are reused, the one it stopped in continues)
         rd = RunDir(Recipe.load(recipe.source, sets), folder, echo, resume=True, overwrite=True)
+        rd.remember = True
         t0 = time.perf_counter()
         results = execute(rd, TRAINING, check=i == 0 and not models)  # (one preflight covers the models)
         rows.append({**trial, "val_accuracy": results["student"]["val_accuracy"],
@@ -341,6 +342,7 @@ def run_trial(trial: Any, recipe: Recipe, space: Dict[str, Dict[str, Any]], over
     params = {k: _suggest(trial, k, d) for k, d in space.items()}
     echo(f"search: trial {trial.number + 1}{of}: " + ", ".join(f"{k}={_show(v)}" for k, v in params.items()))
     rd = RunDir(Recipe.load(recipe.source, _sets(overrides, params)), folder, echo, resume=True, overwrite=True)
+    rd.remember = True
     budget, seen = rd.cfg["student"]["train"]["epochs"], []
 
     def catch_up(history: List[float]) -> None:

@@ -124,6 +124,35 @@ def test_a_stopped_tpe_search_continued_ends_as_an_uninterrupted_one(tmp_path, c
     assert _rows(out) == _rows(str(tmp_path / "straight"))
 
 
+def test_a_grid_search_stopped_in_a_later_trial_reuses_the_finished_ones_and_resumes_that_one(tmp_path, capsys,
+                                                                                              monkeypatch):
+    """The trials share one folder. Run again, the search used to train its finished trials anew, and the
+    first of them dropped the checkpoints of the trial it had stopped in; now it reuses their results (kept
+    by fingerprint in trials/trials.json) and continues the stopped trial from its checkpoint."""
+    import signal
+    from distill.engine import callbacks
+    args = ["search", "digits", *FAST, "--grid", "distill.temperature=2,3,4"]
+    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+    real, ends = callbacks.LogLines.on_epoch_end, []
+
+    def stop_in_the_third_trial(self, t, record):
+        real(self, t, record)
+        ends.append(t.role)
+        if ends.count("student") == 5:  # (trial 3's first epoch: 2 epochs a trial)
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(callbacks.LogLines, "on_epoch_end", stop_in_the_third_trial)
+    out = str(tmp_path / "stopped")
+    assert main([*args, "--out", out]) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main([*args, "--out", out]) == 0
+    err = capsys.readouterr().err
+    assert "student: inputs unchanged, reusing its result in an earlier trial" in err  # (trial 1's)
+    assert err.count("student: inputs unchanged") == 2, err  # (trial 2's student is the folder's)
+    assert "student: resumed at epoch" in err and "dropped" not in err, err
+    assert _rows(out) == _rows(str(tmp_path / "straight"))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--grid", "distill.temperature"], "--grid distill.temperature: expected KEY=V1,V2,..."),
     (["--grid", "distill.temprature=2,3"], "--set distill.temprature: unknown key 'temprature'"),

@@ -22,7 +22,13 @@ from ..roles import SCRATCH, STUDENT, TEACHER, is_assistant, recipe_section
 # What `distill run` and the commands after it write at the top of a run folder, besides the models (one file or
 # folder per role: teacher, student, student_scratch, assistant_N, and the teacher's samples).
 RUN_RECORDS = ("recipe.yaml", "metrics.json", "stages.json", "log.jsonl", "soft_labels.json", "summary.json",
-               "chain.json", "doctor.json", "report.html", "checkpoints", "compress", "bench", "export", "tensorboard")
+               "chain.json", "doctor.json", "report.html", "checkpoints", "compress", "bench", "export", "tensorboard",
+               "trials.json")
+# A search's trials share one folder, where each trial trains the students again. Their records are kept by
+# fingerprint in trials.json (remember=True), so that a search run again skips the trials it finished, and
+# the trial it stopped in resumes from its checkpoints: training an earlier trial again would drop them.
+# (The students are the leaves of a search's stages: no later stage reads their files.)
+REMEMBERED = (SCRATCH, STUDENT)
 
 
 def made_by_a_run(entry: str) -> bool:
@@ -166,6 +172,7 @@ class RunDir:
             summary_writer_class()
         self.log = self.path("log.jsonl")
         self.on_epoch = None  # called after each epoch of the distilled student: (epoch, record)
+        self.remember = False  # a search's trials: see REMEMBERED
         self._opened = False
         self._refuse_other_run(overwrite)
         self._refuse_other_files(overwrite)
@@ -295,6 +302,9 @@ class RunDir:
         rec = self.stages().get(name)
         if rec and rec["fingerprint"] == fingerprint and all(os.path.exists(self.path(f)) for f in files):
             return rec
+        if self.remember and name in REMEMBERED:
+            rec = read_run_json(self.path("trials.json"), {}).get(name, {}).get(fingerprint)
+            return {**rec, "remembered": True} if isinstance(rec, dict) else None
         return None
 
     def mark_reused(self, name: str) -> None:
@@ -324,6 +334,10 @@ class RunDir:
         stages = self.stages()
         stages[name] = {"fingerprint": fingerprint, **info, "recipe": recipe_key(self.cfg)}
         write_json(self.path("stages.json"), stages)
+        if self.remember and name in REMEMBERED:
+            trials = read_run_json(self.path("trials.json"), {})
+            trials.setdefault(name, {})[fingerprint] = stages[name]
+            write_json(self.path("trials.json"), trials)
         folder = self.path(os.path.join("checkpoints", name))
         shutil.rmtree(folder, ignore_errors=True)  # the stage is done
         while folder != self.out and os.path.isdir(os.path.dirname(folder)):  # and now-empty parents

@@ -29,6 +29,9 @@ def run_stage(run: RunDir, stage: Stage) -> Dict[str, Any]:
     # Under torchrun every process runs every stage (training is shared out): the main process decides whether
     # the stage is reused, and the others wait until it has written the stage's files before reading them.
     done = run.runtime.from_main(run.stage_done(stage.name, fingerprint, stage.outputs))
+    if done and done.pop("remembered", False):  # (a search's trial finished earlier: its files are another's)
+        run.event(f"{stage.name}: inputs unchanged, reusing its result in an earlier trial", model=stage.name)
+        return {**done, "reused": True}
     if done:
         run.event(f"{stage.name}: inputs unchanged, reusing {stage.outputs[0]}", model=stage.name)
         run.mark_reused(stage.name)
