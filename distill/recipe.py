@@ -2,7 +2,7 @@
 
 The whole recipe is checked before any work starts: an unknown key, a wrong type, a value out of
 range or a missing file is one line naming the key path and the fix (a `UserError`, exit code 2).
-YAML is read with `safe_load`, so `!!python` tags are refused; nothing in a recipe is ever executed.
+YAML is read with a safe loader (RecipeLoader), so `!!python` tags are refused; nothing in a recipe is ever executed.
 The keys and their checks are in recipe_schema.py, the rules across keys in recipe_checks.py.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import glob
 import os
+import re
 from importlib import resources
 from typing import Any, Dict, List, Sequence
 
@@ -30,9 +31,10 @@ def apply_override(raw: Dict[str, Any], assignment: str) -> None:
         raise UserError(f"--set {assignment}: expected KEY.PATH=VALUE, e.g. train.epochs=3")
     path, text = assignment.split("=", 1)
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise UserError(f"--set {path}: cannot read value {text!r}") from None
+        value = load_yaml(text)
+    except yaml.YAMLError as e:
+        why = getattr(e, "problem", None)
+        raise UserError(f"--set {path}: cannot read value {text!r}" + (f" ({why})" if why else "")) from None
     keys, node, schema = path.strip().split("."), raw, SCHEMA
     for i, key in enumerate(keys):
         if isinstance(schema, dict):
@@ -77,7 +79,8 @@ class Recipe:
         if not isinstance(raw, dict):
             raise UserError(f"{source}: a recipe is a mapping of sections (data, teacher, student, ...)")
         overrides = _check_overrides(overrides)
-        for a in overrides:
+        for i, a in enumerate(overrides):
+            _refuse_replacing_earlier(overrides[:i], a)
             apply_override(raw, a)
         _top_level_train(raw, overrides, source)
         cfg = validate_section(raw, SCHEMA, "")
@@ -131,6 +134,18 @@ def _check_overrides(overrides: Sequence[str]) -> List[str]:
     return given
 
 
+def _refuse_replacing_earlier(earlier: Sequence[str], assignment: str) -> None:
+    """`--set train.optimizer.lr=0.01 --set train.optimizer={name: sgd}`: the second replaces the section the
+    first wrote into, and the order of the two would decide whether lr counts; refused, as the other order of a
+    key set under a value is."""
+    keys = assignment.split("=", 1)[0].strip().split(".")
+    for e in earlier:
+        inner = e.split("=", 1)[0].strip().split(".")
+        if len(inner) > len(keys) and inner[:len(keys)] == keys:
+            raise UserError(f"--set {'.'.join(keys)}: replaces the whole section that the earlier --set "
+                            f"{'.'.join(inner)} wrote into (it would be lost); give the section first, then its keys")
+
+
 def _top_level_train(raw: Dict[str, Any], overrides: Sequence[str], source: str) -> None:
     """A top-level `--set train.KEY=V` reaches each model whose own `train` section does not set KEY. In a
     resolved recipe (a run folder's recipe.yaml) every model sets every key, so it would reach none: that is
@@ -147,7 +162,7 @@ def _top_level_train(raw: Dict[str, Any], overrides: Sequence[str], source: str)
             for r in own:
                 if f"{r}.train.{keys[1]}" not in given:
                     raw[r]["train"][keys[1]] = new
-        elif len(own) == 2 and all(v != new for v in own.values()):
+        elif len(own) == 2 and any(v != new for v in own.values()):  # (one already equal: the other is missed)
             key = ".".join(keys)
             raise UserError(f"--set {key}: every model in {source} sets its own {'.'.join(keys[1:])} (a run folder's "
                             f"recipe is resolved), so train.* reaches none; set teacher.{key} and/or student.{key} "
@@ -161,13 +176,44 @@ def _at(node: Any, keys: List[str]) -> Any:
     return node
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """safe_load, plus two guards against values that would silently differ from the text: a key given twice
+    in one mapping is refused (PyYAML keeps the last, dropping the first section without a word), and only
+    decimal integers are integers (YAML 1.1 reads `017` as 15 and `1:30` as 90; they stay text, and the
+    schema names them)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (the later one would "
+                                                        f"silently replace the first)", key_node.start_mark)
+            seen.add(key) if isinstance(key, (str, int, float, bool)) else None
+        return super().construct_mapping(node, deep)
+
+
+RecipeLoader.yaml_implicit_resolvers = {  # (a copy: yaml.SafeLoader's own table is left as it is)
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$"),
+                                   list("-+0123456789"))
+
+
+def load_yaml(text: Any) -> Any:
+    """A recipe's YAML (a file or a --set value) read as data: no tags that build objects, see RecipeLoader."""
+    return yaml.load(text, Loader=RecipeLoader)
+
+
 def read_yaml(path: str) -> Any:
     try:
         with open(path, encoding="utf-8") as fh:
-            return yaml.safe_load(fh)
+            return load_yaml(fh)
     except yaml.constructor.ConstructorError as e:
         mark = f" (line {e.problem_mark.line + 1})" if e.problem_mark else ""
-        raise UserError(f"{path}{mark}: YAML tags such as !!python are not allowed in a recipe") from None
+        tag = "constructor for the tag" in (e.problem or "")
+        raise UserError(f"{path}{mark}: " + ("YAML tags such as !!python are not allowed in a recipe" if tag
+                                             else e.problem)) from None
     except yaml.reader.ReaderError as e:
         code = ord(e.character) if isinstance(e.character, str) else e.character
         raise UserError(f"{path}: character {e.position + 1}: control character #x{code:04x} is not allowed "

@@ -92,6 +92,51 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
     ms = cfg["train"]["scheduler"]["milestones"]
     if any(not isinstance(m, int) or isinstance(m, bool) or m <= 0 for m in ms):
         raise UserError(f"train.scheduler.milestones: expected positive whole epochs, got {ms!r}")
+    if not cfg["evaluate"]["metrics"]:
+        raise UserError("evaluate.metrics: empty; name the test metrics to measure, e.g. [accuracy, macro_f1]")
+    _idle_checks(cfg)
+
+
+def _idle_checks(cfg: Dict[str, Any]) -> None:
+    """A setting that the chosen optimizer, scheduler, method or schedule never reads, given a value other than
+    its default, is refused: silently ignored, it would look applied (a DKD setting with method: kd is not DKD)."""
+    from .recipe_schema import SCHEMA
+    from .registry import LOSSES
+    d = cfg["distill"]
+    read = {LOSSES.tags(d["method"]).get("settings")} | {LOSSES.tags(f["loss"]).get("settings") for f in d["features"]}
+    for section in ("dkd", "dist", "jsd", "skew", "crd"):
+        changed = [k for k, f in SCHEMA["distill"][section].items() if d[section][k] != f.default]
+        if section not in read and changed:
+            raise UserError(f"distill.{section}.{changed[0]}: {d[section][changed[0]]!r} does nothing here: the "
+                            f"{section} settings are read by the {_readers(section)} loss, and neither distill.method "
+                            f"({d['method']}) nor distill.features uses it; remove it")
+    for name in ("alpha", "temperature"):
+        if d["schedule"][name] == "constant" and d["schedule"][f"{name}_end"] is not None:
+            raise UserError(f"distill.schedule.{name}_end: does nothing with distill.schedule.{name}: constant; give "
+                            f"linear or cosine, or remove it")
+    for role in ("teacher", "student"):
+        t = cfg[role]["train"]
+        opt, sched = t["optimizer"], t["scheduler"]
+        idle = [("optimizer.momentum", opt["name"] != "sgd" and opt["momentum"] != 0.9, f"{opt['name']} has none"),
+                ("optimizer.nesterov", opt["name"] != "sgd" and opt["nesterov"], f"{opt['name']} has none"),
+                ("optimizer.nesterov", opt["name"] == "sgd" and opt["nesterov"] and not opt["momentum"],
+                 "Nesterov momentum needs optimizer.momentum > 0"),
+                ("optimizer.fused", opt["name"] == "sgd" and opt["fused"], "for adam and adamw"),
+                ("scheduler.milestones", sched["name"] != "multistep" and sched["milestones"], "for multistep"),
+                ("scheduler.gamma", sched["name"] != "multistep" and sched["gamma"] != 0.1, "for multistep")]
+        for key, bad, why in idle:
+            if bad:
+                k = key.split(".")
+                given = "train" if cfg["train"][k[0]][k[1]] == t[k[0]][k[1]] else f"{role}.train"
+                raise UserError(f"{given}.{key}: {t[k[0]][k[1]]!r} does nothing here ({why}); remove it")
+    if cfg["teacher"]["finetuned"] and not cfg["teacher"]["hf"]:
+        raise UserError("teacher.finetuned: for a Hugging Face teacher (teacher.hf) already fine-tuned on the labels; "
+                        "a registry teacher is trained, or loaded with teacher.checkpoint")
+
+
+def _readers(section: str) -> str:
+    from .registry import LOSSES
+    return " or ".join(n for n in LOSSES.names() if LOSSES.tags(n).get("settings") == section)
 
 
 EMPTY_FIX = {
@@ -264,6 +309,11 @@ def _selection_checks(cfg: Dict[str, Any]) -> None:
         for key in ("device", "timeout_s"):
             if cfg[role]["train"][key] != cfg["train"][key]:
                 raise UserError(f"{role}.train.{key}: one per run; set train.{key} instead")
+    for role in ("teacher", "student"):
+        if cfg[role]["train"]["select_metric"] == "val_exact_match" and cfg["data"]["dataset"] not in COMPLETIONS:
+            key = "train" if cfg["train"]["select_metric"] == "val_exact_match" else f"{role}.train"
+            raise UserError(f"{key}.select_metric: val_exact_match completes prompts: it is for prompt/completion "
+                            f"data (data.dataset: completions or arith), not {cfg['data']['dataset']}")
     if cfg["data"]["val_fraction"] > 0:
         return
     for role in ("teacher", "student"):

@@ -24,7 +24,7 @@ import yaml
 from .errors import UserError
 from .io import save_figure, write_json, write_text
 from .launch import is_main_process
-from .recipe import Recipe
+from .recipe import Recipe, load_yaml
 from .roles import SCRATCH
 
 DEFAULT_GRID = {"distill.temperature": [2, 3, 4, 5], "distill.alpha": [0.5, 0.7, 0.9]}
@@ -60,7 +60,7 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
         if "" in (v.strip() for v in values.split(",")):
             raise UserError(f"--grid {item}: an empty value (a comma too many?)")
         try:
-            grid[key.strip()] = [yaml.safe_load(v) for v in values.split(",")]
+            grid[key.strip()] = [load_yaml(v) for v in values.split(",")]
         except yaml.YAMLError:
             raise UserError(f"--grid {item}: cannot read the values") from None
     return grid or dict(DEFAULT_GRID)
@@ -187,7 +187,7 @@ SPACE_FORM = "expected KEY=LOW:HIGH, KEY=LOW:HIGH:log or KEY=A,B,C, e.g. --space
 def _number(text: str) -> Optional[float]:
     """A bound as a number: YAML's reading, or float() for forms YAML 1.1 leaves as text (1e-5)."""
     try:
-        v = yaml.safe_load(text)
+        v = load_yaml(text)
     except yaml.YAMLError:
         return None
     if isinstance(v, str):
@@ -201,7 +201,7 @@ def _number(text: str) -> Optional[float]:
 def _parse_dim(item: str, spec: str) -> Dict[str, Any]:
     if "," in spec:
         try:
-            choices = [yaml.safe_load(v) for v in spec.split(",")]
+            choices = [load_yaml(v) for v in spec.split(",")]
         except yaml.YAMLError:
             raise UserError(f"--space {item}: cannot read the choices") from None
         if any(c is not None and not isinstance(c, (bool, int, float, str)) for c in choices):

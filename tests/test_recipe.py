@@ -32,13 +32,13 @@ BASE = "teacher: {model: mlp}\nstudent: {model: mlp, args: {hidden: [8]}}\n"
                                             "train.select: last), got 1.0"),
     ("student: {model: mlp}\n", "teacher: missing model"),
     ("teacher: {model: mlp, arch: ['ReLU()']}\nstudent: {model: mlp}\n", "teacher: give one of model, arch, not several"),
-    (BASE + "teacher: {checkpoint: /nope.safetensors}\n", "teacher.checkpoint: file not found"),
+    ("teacher: {model: mlp, checkpoint: /nope.safetensors}\nstudent: {model: mlp}\n", "teacher.checkpoint: file not found"),
     (BASE + "distill: {features: [{teacher: body.0}]}\n", "distill.features[0].student: missing module name"),
     (BASE + "distill: {features: [{teacher: a, student: b, loss: kl}]}\n",
      "distill.features[0].loss: not a feature loss of the registry; choose from at, attention_kl, attention_mse, cosine, crd, mse, pkt, rkd, rkd_angle, rkd_distance, sp"),
     (BASE + "evaluate: {metrics: [acuracy]}\n", "evaluate.metrics[0]: unknown metric 'acuracy' (did you mean 'accuracy'?)"),
     (BASE + "train: {scheduler: {name: multistep, milestones: [10, -1]}}\n", "train.scheduler.milestones"),
-    (BASE + "student: {model: mlp, train: {epochs: 0}}\n", "student.train.epochs: must be > 0"),
+    ("teacher: {model: mlp}\nstudent: {model: mlp, train: {epochs: 0}}\n", "student.train.epochs: must be > 0"),
     ("- just\n- a list\n", "a recipe is a mapping"),
     (BASE + "train: {epochs: !!python/object/apply:os.system ['echo pwned']}\n", "YAML tags such as !!python are not allowed"),
     (BASE + "train: {epochs: [1, 2\n", "malformed YAML"),
@@ -265,7 +265,8 @@ def test_a_set_into_a_key_that_holds_a_value_is_refused_in_either_order():
         with pytest.raises(UserError, match=re.escape(f"--set {sets[1].split('=')[0]}: '{sets[1].split('.')[0]}") +
                            ".* \\(the recipe or an earlier --set\\), not a section of keys"):
             Recipe.load("breast_cancer", sets)
-    with pytest.raises(UserError, match="train: expected"):  # (the other order: the section refused as a value)
+    with pytest.raises(UserError, match="--set train: replaces the whole section that the earlier --set "
+                                        "train.epochs wrote into"):  # (the other order)
         Recipe.load("breast_cancer", ["train.epochs=1", "train=5"])
 
 
@@ -278,3 +279,69 @@ def test_a_recipe_changed_in_python_runs_as_validated(tmp_path):
     metrics = run(r, str(tmp_path / "run"), echo=lambda line: None)
     assert metrics["student"]["accuracy"] > 0
     assert Recipe.load(str(tmp_path / "run")).cfg["distill"]["temperature"] == 4.0
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["distill.dkd.beta=4"], "distill.dkd.beta: 4 does nothing here: the dkd settings are read by the dkd loss, and "
+                             "neither distill.method (kd) nor distill.features uses it"),
+    (["distill.method=jsd", "distill.skew.alpha=0.3"], "distill.skew.alpha: 0.3 does nothing here: the skew settings "
+                                                       "are read by the skew_kl or skew_reverse_kl loss"),
+    (["distill.crd.negatives=64"], "distill.crd.negatives: 64 does nothing here"),
+    (["distill.schedule.alpha_end=0.5"], "distill.schedule.alpha_end: does nothing with distill.schedule.alpha: "
+                                         "constant"),
+    (["train.optimizer.momentum=0.5"], "train.optimizer.momentum: 0.5 does nothing here (adamw has none)"),
+    (["student.train.optimizer.nesterov=true"], "student.train.optimizer.nesterov: True does nothing here (adamw has "
+                                                "none)"),
+    (["train.optimizer.name=sgd", "train.optimizer.nesterov=true", "train.optimizer.momentum=0"],
+     "train.optimizer.nesterov: True does nothing here (Nesterov momentum needs optimizer.momentum > 0)"),
+    (["train.optimizer.name=sgd", "train.optimizer.fused=true"], "train.optimizer.fused: True does nothing here (for "
+                                                                 "adam and adamw)"),
+    (["train.scheduler.milestones=[1]"], "train.scheduler.milestones: [1] does nothing here (for multistep)"),
+    (["teacher.train.scheduler.gamma=0.5"], "teacher.train.scheduler.gamma: 0.5 does nothing here (for multistep)"),
+    (["teacher.finetuned=true"], "teacher.finetuned: for a Hugging Face teacher"),
+    (["train.select_metric=val_exact_match"], "train.select_metric: val_exact_match completes prompts: it is for "
+                                              "prompt/completion data (data.dataset: completions or arith), not digits"),
+    (["evaluate.metrics=[]"], "evaluate.metrics: empty"),
+])
+def test_settings_that_would_do_nothing_are_refused(sets, message):
+    """Each was accepted and silently ignored (a DKD setting with method kd is not DKD; a grid over a cosine
+    schedule's milestones ran the same trial twice), or crashed after the run had started (Nesterov without
+    momentum, val_exact_match on a classifier)."""
+    with pytest.raises(UserError) as e:
+        Recipe.load("digits", sets)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    (BASE + "train: {epochs: 3}\ndistill: {alpha: 0.5}\ntrain: {seed: 7}\n",
+     "(line 5): duplicate key 'train' (the later one would silently replace the first)"),
+    (BASE + "train: {epochs: 3, epochs: 4}\n", "duplicate key 'epochs'"),
+    (BASE + "train: {epochs: 017}\n", "train.epochs: expected int, got str '017'"),  # (YAML 1.1: octal 15)
+    (BASE + "train: {epochs: 1:30}\n", "train.epochs: expected int, got str '1:30'"),  # (YAML 1.1: base 60, 90)
+    (BASE + "? [a]\n: 1\n", "(line 3): found unhashable key"),
+])
+def test_yaml_that_would_silently_read_otherwise_is_refused(tmp_path, text, message):
+    with pytest.raises(UserError) as e:
+        load(tmp_path, text)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert load(tmp_path, BASE + "train: {epochs: 1_0}\n")["train"]["epochs"] == 10
+
+
+def test_a_set_that_replaces_a_section_an_earlier_set_wrote_into_is_refused():
+    """The order of the two decided whether lr counted; the section first, then its keys, is the way."""
+    with pytest.raises(UserError, match=re.escape("--set train.optimizer: replaces the whole section that the earlier "
+                                                  "--set train.optimizer.lr wrote into")):
+        Recipe.load("digits", ["train.optimizer.lr=0.01", "train.optimizer={name: sgd}"])
+    cfg = Recipe.load("digits", ["train.optimizer={name: sgd}", "train.optimizer.lr=0.01"]).cfg
+    assert cfg["train"]["optimizer"]["name"] == "sgd" and cfg["train"]["optimizer"]["lr"] == 0.01
+
+
+def test_a_top_level_train_set_that_one_model_already_holds_still_must_reach_the_other(tmp_path):
+    """In a run folder's resolved recipe, `--set train.epochs=V` where the teacher has V and the student not:
+    it reached neither (the student kept its own) and everything was reused, with no word."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    r = Recipe.load("breast_cancer", ["teacher.train.epochs=7", "student.train.epochs=5"])
+    (folder / "recipe.yaml").write_text(r.to_yaml())
+    with pytest.raises(UserError, match="--set train.epochs: every model in .* sets its own epochs"):
+        Recipe.load_run_folder(str(folder), ["train.epochs=7"])
