@@ -375,6 +375,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     quiet = None if is_main_process() else open(os.devnull, "w")  # (torchrun: rank 0 alone prints results)
     try:
         with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
+            if isinstance(getattr(args, "out", None), str) and not args.out.strip():  # (else the default folder)
+                raise UserError("--out: empty; give a path (is a shell variable unset?)")
             return _dispatch(parser, args)
     except UserError as e:
         if args.debug:

@@ -371,9 +371,9 @@ SCHEMA: Dict[str, Any] = {
         # all of them. The distilled student in fp32 is always measured: every ratio is against it.
         "models": F((list, type(None)), None),
     },
-    "output": {
-        "dir": F((str,), None),
-        "cache_dir": F((str,), None),
+    "output": {  # (an empty path would silently mean the default: refused)
+        "dir": F((str,), None, lambda v: None if v.strip() else "empty; give a folder, or leave the key out"),
+        "cache_dir": F((str,), None, lambda v: None if v.strip() else "empty; give a folder, or leave the key out"),
     },
 }
 

@@ -128,3 +128,16 @@ def test_run_prints_the_table(tmp_path):
     assert r.returncode == 0, r.stderr
     for row in ("teacher", "student (no KD)", "student (distilled)", "accuracy", "ms/sample"):
         assert row in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "digits", "--out", ""], "--out: empty; give a path (is a shell variable unset?)"),
+    (["report", "runs/x", "--out", " "], "--out: empty"),
+    (["run", "digits", "--set", "output.dir=''"], "output.dir: empty; give a folder, or leave the key out"),
+])
+def test_an_empty_out_is_refused_not_read_as_the_default_folder(args, message, tmp_path, capsys, monkeypatch):
+    """`--out "$OUT"` with OUT unset used to write runs/NAME in the current folder."""
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and os.listdir(tmp_path) == []
