@@ -175,6 +175,8 @@ def _search(args: argparse.Namespace) -> int:
     space = parse_space(args.space) if args.sampler == "tpe" else None
     recipe, _ = _load(args.target, args.overrides, None)
     out = args.out or os.path.join("runs", "search", recipe.cfg["name"])
+    from .pipeline.rundir import refuse_inside_a_run
+    refuse_inside_a_run(out, "the trials, best.yaml and search.json")
     from .engine.trainer import Interrupted
     try:
         if args.sampler == "grid":

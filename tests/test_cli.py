@@ -141,3 +141,23 @@ def test_an_empty_out_is_refused_not_read_as_the_default_folder(args, message, t
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and os.listdir(tmp_path) == []
+
+
+def test_runs_inside_another_run_folder_are_refused(tmp_path, capsys):
+    """A run made in another run's compress/ was exported as that run's compressed model; --seeds and a
+    search wrote their folders among a run's files."""
+    run_dir = str(tmp_path / "r")
+    assert main(["train-teacher", "digits", "--set", "teacher.train.epochs=1", "--out", run_dir]) == 0
+    capsys.readouterr()
+    before = sorted(os.listdir(run_dir))
+    for args, message in (
+            (["train-teacher", "digits", "--out", os.path.join(run_dir, "compress")],
+             f"--out {run_dir}/compress: inside the run folder {run_dir}, which would take what this run writes"),
+            (["run", "digits", "--seeds", "2", "--out", run_dir],
+             f"--out {run_dir}: a run folder; the seeds' folders and summary.json would be mixed with its files"),
+            (["search", "digits", "--out", run_dir],
+             f"--out {run_dir}: a run folder; the trials, best.yaml and search.json would be mixed")):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+    assert sorted(os.listdir(run_dir)) == before

@@ -36,7 +36,7 @@ from ..teachers.cache import check_cache_dir
 from ..roles import SCRATCH, STUDENT, TEACHER
 from .artifacts import build_role, distill_settings, load_saved, resolve_distill
 from .evaluation import evaluate
-from .rundir import RunDir, check_recipe, run_folder
+from .rundir import RunDir, check_recipe, refuse_inside_a_run, run_folder
 from .teacher_outputs import soft_labels, student_data, teacher_mode, teacher_source
 from .training import feature_shapes, train_assistant, train_distilled, train_scratch, train_teacher
 
@@ -249,6 +249,7 @@ def run_seeds(recipe: Recipe, seeds: List[int], out: Optional[str] = None, echo=
     if len(set(seeds)) < len(seeds):  # (one run counted twice: a std of 0 that measured nothing)
         raise UserError(f"seeds: {seeds} repeats a seed; give each once")
     base = run_folder(recipe, out)
+    refuse_inside_a_run(base, "the seeds' folders and summary.json")
     # Every seed's folder is checked (another recipe's run in it, say) before the first seed trains.
     folders = {s: RunDir(with_seed(recipe, s), os.path.join(base, f"seed_{s}"), echo, resume=resume,
                          overwrite=overwrite, tensorboard=tensorboard) for s in seeds}

@@ -48,6 +48,27 @@ def run_folder(recipe: Recipe, out: Optional[str] = None) -> str:
     return os.path.expanduser(out or recipe.cfg["output"]["dir"] or os.path.join("runs", recipe.cfg["name"]))
 
 
+def is_run_folder(folder: str) -> bool:
+    return all(os.path.isfile(os.path.join(folder, f)) for f in ("recipe.yaml", "stages.json"))
+
+
+def refuse_inside_a_run(out: str, what: str = "") -> None:
+    """A run folder inside another run's (its compress/, or --seeds or search folders made there): that run
+    would take the files of this one for its own (`distill export --model compress/teacher`). `what`: `out`
+    holds the folders of several runs (--seeds, a search), and is checked itself too."""
+    if what and is_run_folder(out):
+        raise UserError(f"--out {out}: a run folder; {what} would be mixed with its files; choose another folder")
+    folder = os.path.dirname(os.path.abspath(out))
+    while True:
+        if is_run_folder(folder):
+            raise UserError(f"--out {out}: inside the run folder {folder}, which would take what this run writes "
+                            f"for its own; choose a folder outside it")
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return
+        folder = parent
+
+
 def _differing(a: Any, b: Any, prefix: str = "") -> List[str]:
     """The dotted keys whose values differ between two recipe dicts."""
     if not (isinstance(a, dict) and isinstance(b, dict)):
@@ -176,6 +197,7 @@ class RunDir:
         self._opened = False
         self._refuse_other_run(overwrite)
         self._refuse_other_files(overwrite)
+        refuse_inside_a_run(self.out)
 
     def _refuse_other_run(self, overwrite: bool) -> None:
         """A folder holding a run of another recipe is not silently mixed with this one."""
