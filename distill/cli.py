@@ -462,7 +462,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         code = _run_command(args, recipe, out)
         if dist.is_initialized():  # every process finishes together: none leaves the group under the others
-            dist.barrier()
+            from .engine.runtime import wait_for_all
+            wait_for_all()
         return code
     except Interrupted as e:
         if is_main_process():

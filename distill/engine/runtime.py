@@ -51,6 +51,13 @@ def refuse_beyond_memory(what: str, nbytes: float) -> None:
                         f"{have / 2 ** 30:,.0f} GiB; give a smaller value")
 
 
+# How long the other processes wait at a barrier while the main process works alone (writes a stage's files,
+# the teacher's completions, a cache; measures latency): hours, where train.timeout_s (the collectives of
+# training) is minutes. A process that dies is seen by torchrun, which ends the others; this bounds a hang.
+WAIT_S = 24 * 3600
+_waits: List[Any] = []  # (the gloo group of those barriers, made with the process group)
+
+
 def start_process_group(device: torch.device, timeout_s: float) -> None:
     """Join the job torchrun started (once per process): gloo on the CPU, NCCL on CUDA."""
     import torch.distributed as dist
@@ -59,6 +66,13 @@ def start_process_group(device: torch.device, timeout_s: float) -> None:
     cuda = device.type == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
                             **({"device_id": device} if cuda else {}))  # (NCCL: bound to this process's GPU)
+    _waits[:] = [dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=WAIT_S))]
+
+
+def wait_for_all() -> None:
+    """Every process here, however long the main process works alone before it (up to WAIT_S)."""
+    import torch.distributed as dist
+    dist.barrier(group=_waits[0] if _waits else None)
 
 
 def shard(n: int, parts: int, i: int) -> range:
@@ -104,8 +118,7 @@ class Runtime:
     # ------------------------------------------------------------ collectives (no-ops in one process)
     def barrier(self) -> None:
         if self.distributed:
-            import torch.distributed as dist
-            dist.barrier()
+            wait_for_all()
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         """`value` summed over the processes (a new tensor; `value` itself in one process)."""

@@ -39,6 +39,7 @@ def evaluate(run: RunDir) -> Dict[str, Any]:
             m.update(task_for(data).agreement(teacher, model.to(run.runtime.device), data.x_test, data.y_test,
                                               run.cfg["data"]["eval_batch_size"]))
             teacher.cpu(), model.cpu()
+        run.runtime.barrier()  # (the others wait while the main process measures speed and exact match alone)
         extra = stages.get(name, {})
         # (the fingerprint: which version of the model this measured; require_run compares it with stages.json)
         m.update({k: extra[k] for k in ("val_accuracy", "selected_epoch", *TIMINGS, "fingerprint") if k in extra})
