@@ -127,5 +127,6 @@ def epoch_batches(data: DataBundle, data_cfg: Dict[str, Any], gen: torch.Generat
                        int(torch.randint(0, 2**31 - 1, (1,), generator=gen)), split)
     if data_cfg["workers"] == 0:
         return (ds[i] for i in range(start, len(ds)))
-    return torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(start, len(ds)),
-                                       num_workers=data_cfg["workers"])
+    return torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(start, len(ds)),  # (a generator of its
+                                       num_workers=data_cfg["workers"],  # own: else its base seed is drawn from
+                                       generator=torch.Generator().manual_seed(ds.seed))  # the global RNG, dropout's)
