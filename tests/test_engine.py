@@ -350,3 +350,20 @@ def test_the_gradient_check_flags_nan_or_inf_in_any_group_and_leaves_every_bit()
     assert bool(flag_non_finite(grads, torch.zeros(1)))
     halves = [torch.ones(3, dtype=torch.bfloat16), torch.tensor([float("nan")], dtype=torch.bfloat16)]
     assert bool(flag_non_finite(halves, torch.zeros(1))) and not bool(flag_non_finite(halves[:1], torch.zeros(1)))
+
+
+def test_a_steps_loss_parts_are_summed_by_name_whatever_their_order():
+    """An on-policy step gives its parts (ce, kd, total, counts) in another order than a step on gold tokens:
+    the epoch's sums were reset at every switch, and its logged losses came from the last steps only."""
+    from types import SimpleNamespace
+    from distill.engine.trainer import Trainer
+    t = SimpleNamespace(prog={"sums": {}, "window": {}})
+    gold = {"ce": torch.tensor(1.0), "correct": torch.tensor(3), "labelled": torch.tensor(4), "kd": torch.tensor(0.5),
+            "total": torch.tensor(0.75)}
+    on_policy = {"ce": torch.tensor(0.0), "kd": torch.tensor(0.25), "total": torch.tensor(0.25),
+                 "correct": torch.tensor(0), "labelled": torch.tensor(0)}
+    for parts in (gold, on_policy, gold):
+        Trainer._accumulate(t, parts, parts["total"])
+    sums = dict(zip(t.prog["sums"]["keys"], t.prog["sums"]["values"].tolist()))
+    assert sums == {"ce": 2.0, "correct": 6.0, "kd": 1.25, "labelled": 8.0, "total": 1.75}
+    assert t.prog["window"]["n"] == 3

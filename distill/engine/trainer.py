@@ -350,10 +350,10 @@ class Trainer:
         """Loss sums for the epoch and for the window since the last step line: one float64 vector on the
         device (one add per step, not one per part), read back (and summed over processes) once per log line.
         `total` is the step's whole loss (over every process), for the window's maximum."""
-        keys = list(parts)
+        keys = sorted(parts)  # (by name: an on-policy step gives its parts in another order than a gold one)
         # stacked straight into float64: each part is cast on its own (no common type first, no precision lost)
         values = torch.empty(len(keys), dtype=torch.float64, device=total.device)
-        torch.stack([v.detach().reshape(()) for v in parts.values()], out=values)
+        torch.stack([parts[k].detach().reshape(()) for k in keys], out=values)
         for acc in (self.prog["sums"], self.prog["window"]):
             same = acc.get("keys") == keys
             acc.update(keys=keys, values=acc["values"] + values if same else values)
