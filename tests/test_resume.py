@@ -337,3 +337,27 @@ def test_consecutive_nan_steps_stop_with_a_clear_error(tmp_path):
     assert "epoch 1 step 5" in msg and "the ce loss was NaN or Inf for 3 steps in a row" in msg
     assert "learning rate" in msg and "\n" not in msg
     assert Checkpoints(str(tmp_path / "ck")).latest() is None  # nothing bad was saved (no epoch finished)
+
+
+def test_a_signal_after_a_stages_last_step_stops_the_run_once_the_stage_is_saved(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the teacher's last validation was dropped when training ended (the loop looks between
+    steps), and the run trained every later stage. It stops now, with the teacher saved; run again, the teacher
+    is reused."""
+    from distill.cli import main
+    from distill.engine import trainer as T
+    real = T.Trainer.end_epoch
+
+    def end_epoch(self, epoch, seconds):
+        if self.role == "teacher" and epoch + 1 == self.tcfg["epochs"]:
+            os.kill(os.getpid(), signal.SIGINT)  # (as the teacher's last epoch is validated)
+        return real(self, epoch, seconds)
+    monkeypatch.setattr(T.Trainer, "end_epoch", end_epoch)
+    args = ["run", "digits", "--set", "teacher.train.epochs=2", "--set", "train.epochs=1", "--out", str(tmp_path)]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "teacher: stopped by SIGINT once the stage had finished (it is saved; the next stages did not start)" \
+        in err, err
+    assert list(json.load(open(tmp_path / "stages.json"))) == ["teacher"]
+    monkeypatch.undo()
+    assert main([*args, "--resume"]) == 0
+    assert "teacher: inputs unchanged" in capsys.readouterr().err

@@ -76,12 +76,28 @@ class TrainingDiverged(UserError):
 
 
 class Interrupted(Exception):
-    """SIGINT/SIGTERM: the current step finished and a checkpoint was written."""
+    """SIGINT/SIGTERM: the current step finished and a checkpoint was written (or, `where` None: the signal came
+    after the stage's last step, and the stage finished and was saved before the run stopped)."""
 
-    def __init__(self, role: str, signum: int, where: str, checkpoint: Optional[str]) -> None:
+    def __init__(self, role: str, signum: int, where: Optional[str], checkpoint: Optional[str]) -> None:
         self.role, self.signum, self.checkpoint = role, signum, checkpoint
-        super().__init__(f"{role}: stopped by {signal.Signals(signum).name} at {where}; "
+        name = signal.Signals(signum).name
+        super().__init__(f"{role}: stopped by {name} once the stage had finished (it is saved; the next stages "
+                         f"did not start)" if where is None else f"{role}: stopped by {name} at {where}; "
                          f"checkpoint {checkpoint or 'not written (checkpoints are off)'}")
+
+
+_pending: List[int] = []  # a signal that came after a stage's last step (its validation, last checkpoint)
+
+
+def stop_if_asked(role: str, runtime: Runtime = CPU) -> None:
+    """After a stage is saved: stop the run for a SIGINT/SIGTERM that came after the stage's last step (the
+    loop only looks between steps), rather than forget it and go on to the next stages. Every process stops
+    if the main one had it (a collective: every process calls this)."""
+    signum = runtime.from_main(_pending[-1] if _pending else None)
+    _pending.clear()
+    if signum is not None:
+        raise Interrupted(role, signum, None, None)
 
 
 class _StopOnSignal:
@@ -100,9 +116,11 @@ class _StopOnSignal:
     def _set(self, signum: int, _frame: Any) -> None:
         self.signum = signum
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+        if self.signum is not None and exc_type is None:  # (after the last step: see stop_if_asked)
+            _pending.append(self.signum)
 
 
 COUNTS = ("correct", "labelled")  # summed to give the training accuracy, not averaged like losses

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Sequence
 
 from .. import __version__
+from ..engine.trainer import stop_if_asked
 from ..io import sha256_json
 from .rundir import RunDir
 
@@ -44,4 +45,5 @@ def run_stage(run: RunDir, stage: Stage) -> Dict[str, Any]:
         info = {**info, "data_split": run.data_for(stage.name).split_fingerprint}
     run.mark_done(stage.name, fingerprint, info)
     run.runtime.barrier()
+    stop_if_asked(stage.name, run.runtime)
     return {"fingerprint": fingerprint, **info, "reused": False}
