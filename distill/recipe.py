@@ -44,7 +44,11 @@ def apply_override(raw: Dict[str, Any], assignment: str) -> None:
         elif isinstance(schema, F) and dict not in schema.types:
             raise UserError(f"--set {path}: '{'.'.join(keys[:i])}' holds a value, not keys")
         if i == len(keys) - 1:
-            node[key] = value
+            if isinstance(value, bool) and isinstance(node.get(key), dict) and isinstance(schema, dict) \
+                    and "enabled" in schema:  # (`monitor: off` over keys set before: a switch, they stay)
+                node[key]["enabled"] = value
+            else:
+                node[key] = value
         else:
             if isinstance(node.get(key), bool) and isinstance(schema, dict) and "enabled" in schema:
                 node[key] = {"enabled": node[key]}  # (`monitor: off` stays off when one of its keys is set)
@@ -139,6 +143,11 @@ def _refuse_replacing_earlier(earlier: Sequence[str], assignment: str) -> None:
     first wrote into, and the order of the two would decide whether lr counts; refused, as the other order of a
     key set under a value is."""
     keys = assignment.split("=", 1)[0].strip().split(".")
+    try:
+        if isinstance(load_yaml(assignment.split("=", 1)[-1]), bool):
+            return  # (a section's switch, `monitor=off`: it keeps the keys set before, see apply_override)
+    except yaml.YAMLError:
+        return  # (apply_override names the value)
     for e in earlier:
         inner = e.split("=", 1)[0].strip().split(".")
         if len(inner) > len(keys) and inner[:len(keys)] == keys:

@@ -334,6 +334,10 @@ def test_a_set_that_replaces_a_section_an_earlier_set_wrote_into_is_refused():
         Recipe.load("digits", ["train.optimizer.lr=0.01", "train.optimizer={name: sgd}"])
     cfg = Recipe.load("digits", ["train.optimizer={name: sgd}", "train.optimizer.lr=0.01"]).cfg
     assert cfg["train"]["optimizer"]["name"] == "sgd" and cfg["train"]["optimizer"]["lr"] == 0.01
+    for switch in ("off", "on"):  # (a section's switch keeps the keys set before it, in either order)
+        for sets in (["monitor.gradients=false", f"monitor={switch}"], [f"monitor={switch}", "monitor.gradients=false"]):
+            m = Recipe.load("digits", sets).cfg["monitor"]
+            assert (m["enabled"], m["gradients"]) == (switch == "on", False), sets
 
 
 def test_a_top_level_train_set_that_one_model_already_holds_still_must_reach_the_other(tmp_path):
