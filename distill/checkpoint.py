@@ -60,7 +60,10 @@ class Checkpoints:
             write_json(self._inputs, {"fingerprint": self.key})
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
-        for old in self._files()[:-self.keep]:
+        files = self._files()
+        at = files.index(path)
+        # (files past this step are ones a resume went back from, unreadable: kept, they would outrank this one)
+        for old in files[at + 1:] + files[:at + 1][:-self.keep]:
             os.remove(old)
         return path
 

@@ -368,7 +368,8 @@ def run_trial(trial: Any, recipe: Recipe, space: Dict[str, Dict[str, Any]], over
     except TrialPruned:
         # The stage is not marked done, and the next trial's recipe differs, so its fingerprint does too: it
         # retrains. Its fit (not resuming) would clear these checkpoints; clear them now, so none outlives the search.
-        rd.checkpoints("student").clear()
+        if rd.runtime.is_main:  # (under torchrun every process is here: one removes the files)
+            rd.checkpoints("student").clear()
         scratch = rd.stages().get(SCRATCH, {})
         row.update(state="pruned", pruned_at=len(seen), val_accuracy=max(seen),
                    scratch_val_accuracy=scratch.get("val_accuracy"), selected_epoch=None, epochs=len(seen),

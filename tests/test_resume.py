@@ -246,6 +246,10 @@ def test_keeps_the_last_k(tmp_path):
     for step in range(5):
         c.save(step, {"step": step})
     assert sorted(os.listdir(tmp_path)) == ["step-00000003.pt", "step-00000004.pt"]
+    (tmp_path / "step-00000009.pt").write_bytes(b"unreadable")  # (a resume went back from it to step 4)
+    c.save(6, {"step": 6})  # (kept, the stale step 9 outranked it: with keep 1 the new one was deleted at once)
+    assert sorted(os.listdir(tmp_path)) == ["step-00000004.pt", "step-00000006.pt"]
+    assert Checkpoints(str(tmp_path), keep=1).save(7, {"step": 7}) and os.listdir(tmp_path) == ["step-00000007.pt"]
 
 
 def test_pickled_code_in_a_checkpoint_is_refused(tmp_path):
