@@ -161,3 +161,11 @@ def test_runs_inside_another_run_folder_are_refused(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, err
     assert sorted(os.listdir(run_dir)) == before
+
+
+def test_test_metrics_that_all_need_two_classes_are_refused_on_more(tmp_path, capsys):
+    """evaluate.metrics: [auc] on digits' 10 classes left a results table with no quality measure at all."""
+    assert main(["run", "digits", "--set", "evaluate.metrics=[auc, specificity]", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "evaluate.metrics: ['auc', 'specificity'] are for two classes, and the data has 10" in err, err
+    assert not os.path.exists(tmp_path / "r")

@@ -21,6 +21,7 @@ from ..roles import SCRATCH, STUDENT, TEACHER, is_assistant, recipe_section
 
 # What `distill run` and the commands after it write at the top of a run folder, besides the models (one file or
 # folder per role: teacher, student, student_scratch, assistant_N, and the teacher's samples).
+BINARY_METRICS = ("auc", "sensitivity", "specificity")  # (of a positive class: for two classes only)
 RUN_RECORDS = ("recipe.yaml", "metrics.json", "stages.json", "log.jsonl", "soft_labels.json", "summary.json",
                "chain.json", "doctor.json", "report.html", "checkpoints", "compress", "bench", "export", "tensorboard",
                "trials.json")
@@ -258,6 +259,10 @@ class RunDir:
         if data.task == "classification" and data.num_classes == 2 and positive > 1:  # (before any training)
             raise UserError(f"evaluate.positive_class: {positive}, and the data has 2 classes "
                             f"({', '.join(data.class_names)}): give 0 or 1")
+        metrics = self.cfg["evaluate"]["metrics"]
+        if data.task == "classification" and data.num_classes > 2 and set(metrics) <= set(BINARY_METRICS):
+            raise UserError(f"evaluate.metrics: {metrics} are for two classes, and the data has "
+                            f"{data.num_classes}: no test metric would be measured; add accuracy or macro_f1")
         return data
 
     @cached_property
