@@ -129,6 +129,23 @@ def _idle_checks(cfg: Dict[str, Any]) -> None:
                 k = key.split(".")
                 given = "train" if cfg["train"][k[0]][k[1]] == t[k[0]][k[1]] else f"{role}.train"
                 raise UserError(f"{given}.{key}: {t[k[0]][k[1]]!r} does nothing here ({why}); remove it")
+    data, schema = cfg["data"], SCHEMA["data"]
+    texts = {"text": ("tokenizer", "max_length", "text_column"), "text_lm": ("max_length",),
+             "completions": ("tokenizer", "max_length", "chat_template", "prompt_column", "completion_column"),
+             "arith": ("tokenizer", "max_length", "chat_template")}  # (the text keys each dataset reads)
+    for key in ("tokenizer", "max_length", "text_column", "chat_template", "prompt_column", "completion_column"):
+        if data[key] != schema[key].default and key not in texts.get(data["dataset"], ()):
+            raise UserError(f"data.{key}: {data[key]!r} does nothing for data.dataset: {data['dataset']} (it is read "
+                            f"by {', '.join(k for k, keys in texts.items() if key in keys)}); remove it")
+    lm = data["dataset"] in LM_DATASETS
+    em = cfg["evaluate"]["exact_match"]
+    changed = [k for k, f in SCHEMA["evaluate"]["exact_match"].items() if em[k] != f.default]
+    if changed and data["dataset"] not in COMPLETIONS:
+        raise UserError(f"evaluate.exact_match.{changed[0]}: does nothing for data.dataset: {data['dataset']} (it "
+                        f"completes prompts: completions or arith); remove it")
+    if d["vocab_align"] != "none" and not lm:
+        raise UserError(f"distill.vocab_align: does nothing for data.dataset: {data['dataset']} (for language "
+                        f"models whose output layers are padded to different sizes); remove it")
     if cfg["teacher"]["finetuned"] and not cfg["teacher"]["hf"]:
         raise UserError("teacher.finetuned: for a Hugging Face teacher (teacher.hf) already fine-tuned on the labels; "
                         "a registry teacher is trained, or loaded with teacher.checkpoint")

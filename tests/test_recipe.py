@@ -302,6 +302,11 @@ def test_a_recipe_changed_in_python_runs_as_validated(tmp_path):
     (["train.select_metric=val_exact_match"], "train.select_metric: val_exact_match completes prompts: it is for "
                                               "prompt/completion data (data.dataset: completions or arith), not digits"),
     (["evaluate.metrics=[]"], "evaluate.metrics: empty"),
+    (["data.tokenizer=some/folder"], "data.tokenizer: 'some/folder' does nothing for data.dataset: digits (it is read "
+                                     "by text, completions, arith)"),
+    (["data.max_length=32"], "data.max_length: 32 does nothing for data.dataset: digits"),
+    (["evaluate.exact_match.rows=8"], "evaluate.exact_match.rows: does nothing for data.dataset: digits"),
+    (["distill.vocab_align=truncate"], "distill.vocab_align: does nothing for data.dataset: digits"),
 ])
 def test_settings_that_would_do_nothing_are_refused(sets, message):
     """Each was accepted and silently ignored (a DKD setting with method kd is not DKD; a grid over a cosine
