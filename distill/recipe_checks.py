@@ -100,6 +100,7 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
 def _idle_checks(cfg: Dict[str, Any]) -> None:
     """A setting that the chosen optimizer, scheduler, method or schedule never reads, given a value other than
     its default, is refused: silently ignored, it would look applied (a DKD setting with method: kd is not DKD)."""
+    from . import losses  # noqa: F401  (fills the registry)
     from .recipe_schema import SCHEMA
     from .registry import LOSSES
     d = cfg["distill"]
