@@ -100,14 +100,11 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
 def _idle_checks(cfg: Dict[str, Any]) -> None:
     """A setting that the chosen optimizer, scheduler, method or schedule never reads, given a value other than
     its default, is refused: silently ignored, it would look applied (a DKD setting with method: kd is not DKD)."""
-    from . import losses  # noqa: F401  (fills the registry)
     from .recipe_schema import SCHEMA
-    from .registry import LOSSES
     d = cfg["distill"]
-    read = {LOSSES.tags(d["method"]).get("settings")} | {LOSSES.tags(f["loss"]).get("settings") for f in d["features"]}
     for section in ("dkd", "dist", "jsd", "skew", "crd"):
         changed = [k for k, f in SCHEMA["distill"][section].items() if d[section][k] != f.default]
-        if section not in read and changed:
+        if changed and section not in _settings_read(d):
             raise UserError(f"distill.{section}.{changed[0]}: {d[section][changed[0]]!r} does nothing here: the "
                             f"{section} settings are read by the {_readers(section)} loss, and neither distill.method "
                             f"({d['method']}) nor distill.features uses it; remove it")
@@ -150,6 +147,13 @@ def _idle_checks(cfg: Dict[str, Any]) -> None:
     if cfg["teacher"]["finetuned"] and not cfg["teacher"]["hf"]:
         raise UserError("teacher.finetuned: for a Hugging Face teacher (teacher.hf) already fine-tuned on the labels; "
                         "a registry teacher is trained, or loaded with teacher.checkpoint")
+
+
+def _settings_read(d: Dict[str, Any]) -> set:
+    """The settings sections (dkd, jsd, ...) that distill.method and the feature losses read."""
+    from . import losses  # noqa: F401  (fills the registry; imported only here: a recipe loads without torch)
+    from .registry import LOSSES
+    return {LOSSES.tags(d["method"]).get("settings")} | {LOSSES.tags(f["loss"]).get("settings") for f in d["features"]}
 
 
 def _readers(section: str) -> str:
