@@ -52,7 +52,7 @@ class Checkpoints:
         return os.path.join(self.folder, "inputs.json")
 
     def _files(self) -> list:
-        return sorted(glob.glob(os.path.join(self.folder, "step-*.pt")))
+        return sorted(glob.glob(os.path.join(glob.escape(self.folder), "step-*.pt")))  # (a "[" in a folder name)
 
     def save(self, step: int, state: Dict[str, Any]) -> str:
         path = os.path.join(self.folder, f"step-{step:08d}.pt")

@@ -242,6 +242,7 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tmp_path):
 
 
 def test_keeps_the_last_k(tmp_path):
+    tmp_path = tmp_path / "run[1]"  # (a folder name that is a glob pattern: its files were never found)
     c = Checkpoints(str(tmp_path), keep=2)
     for step in range(5):
         c.save(step, {"step": step})
