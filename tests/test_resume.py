@@ -366,16 +366,3 @@ def test_a_signal_after_a_stages_last_step_stops_the_run_once_the_stage_is_saved
     monkeypatch.undo()
     assert main([*args, "--resume"]) == 0
     assert "teacher: inputs unchanged" in capsys.readouterr().err
-
-
-def test_checkpointing_more_often_neither_retrains_a_stage_nor_makes_the_folder_another_recipes(tmp_path, capsys):
-    """checkpoint_every, checkpoint_seconds and keep_checkpoints leave the weights as they are: changed (to
-    checkpoint more often after a crash, say), they retrained the stage and disowned its checkpoints."""
-    from distill.cli import main
-    out = str(tmp_path / "run")
-    assert main(["run", "digits", "--set", "teacher.train.epochs=1", "--set", "train.epochs=1", "--out", out]) == 0
-    capsys.readouterr()
-    assert main(["run", out, "--set", "teacher.train.checkpoint_seconds=30", "--set", "teacher.train.keep_checkpoints=5",
-                 "--set", "student.train.checkpoint_every=3"]) == 0
-    err = capsys.readouterr().err
-    assert all(f"{name}: inputs unchanged" in err for name in ("teacher", "student_scratch", "student")), err

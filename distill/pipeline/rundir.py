@@ -16,7 +16,7 @@ from ..engine.runtime import Runtime
 from ..errors import UserError
 from ..io import append_jsonl, read_run_json, sha256_json, write_json, write_text
 from ..logbook import summary_writer_class
-from ..recipe import TRAIN, Recipe
+from ..recipe import Recipe
 from ..roles import SCRATCH, STUDENT, TEACHER, is_assistant, recipe_section
 
 # What `distill run` and the commands after it write at the top of a run folder, besides the models (one file or
@@ -78,25 +78,13 @@ def _differing(a: Any, b: Any, prefix: str = "") -> List[str]:
             for k in _differing(a.get(key), b.get(key), f"{prefix}{key}" if not prefix else f"{prefix}.{key}")]
 
 
-# How often checkpoints are written and how many are kept leave the weights as they are: changing them (to
-# checkpoint more often after a crash, say) must neither retrain a stage nor disown its checkpoints, nor make
-# the folder another recipe's. They are compared at their defaults, so runs that left them there keep their keys.
-CADENCE = ("checkpoint_every", "checkpoint_seconds", "keep_checkpoints")
-
-
-def at_default_cadence(train: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: TRAIN[k].default if k in CADENCE else v for k, v in train.items()}
-
-
 def _comparable(cfg: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """What makes two recipes the same run: not the keys that leave the trained models as they are (output,
     compress, bench, baseline), nor where and how long it runs (train.device, train.timeout_s; a device
-    that rounds differently is in the stages' fingerprints), nor how often it checkpoints (taken at their
-    defaults, so that the keys of runs that left them there did not change)."""
+    that rounds differently is in the stages' fingerprints)."""
     def placeless(train: Any) -> Any:
-        if not isinstance(train, dict):
-            return train
-        return {k: v for k, v in at_default_cadence(train).items() if k not in ("device", "timeout_s")}
+        return {k: v for k, v in train.items() if k not in ("device", "timeout_s")} if isinstance(train, dict) \
+            else train
     out = {k: v for k, v in (cfg or {}).items() if k not in AFTER_TRAINING}
     if "train" in out:
         out["train"] = placeless(out["train"])

@@ -30,7 +30,7 @@ from ..roles import SCRATCH, STUDENT, TEACHER, log_name
 from ..tasks import task_for
 from ..teachers import teacher_forward
 from .artifacts import artifact, build_role, distill_settings, load_saved, model_spec, save_role
-from .rundir import RunDir, at_default_cadence
+from .rundir import RunDir
 from .stage import Stage, run_stage
 from .teacher_outputs import student_data, teacher_mode, teacher_prompts_input, teacher_source
 
@@ -128,8 +128,7 @@ def base_inputs(run: RunDir, role: str, spec: Dict[str, Any]) -> Dict[str, Any]:
 
 def _train_inputs(tcfg: Dict[str, Any]) -> Dict[str, Any]:
     """The train settings, less `scheduler.interval` at its default (the key came later: runs made before it
-    keep their fingerprints, and their teachers are not retrained), with CADENCE at its defaults."""
-    tcfg = at_default_cadence(tcfg)
+    keep their fingerprints, and their teachers are not retrained)."""
     if tcfg["scheduler"].get("interval", "epoch") != "epoch":
         return tcfg
     return {**tcfg, "scheduler": {k: v for k, v in tcfg["scheduler"].items() if k != "interval"}}
