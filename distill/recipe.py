@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Sequence
 import yaml
 
 from .errors import UserError, did_you_mean
-from .recipe_checks import _cross_checks, is_text
+from .recipe_checks import _cross_checks, idle_settings, is_text
 from .recipe_schema import BENCH_VARIANTS, COMPLETIONS, COMPRESS_STEPS, LM_DATASETS, METRICS, SCHEMA, TRAIN, F, \
     validate_section
 
@@ -76,6 +76,7 @@ class Recipe:
     def __init__(self, cfg: Dict[str, Any], source: str = "<dict>") -> None:
         self.cfg, self.source = cfg, source
         self.made = copy.deepcopy(cfg)  # (as made: a cfg changed in Python afterwards is checked against it)
+        self.warnings: List[str] = []  # settings that do nothing here (recipe_checks.idle_settings); a run says them
 
     @classmethod
     def from_dict(cls, raw: Dict[str, Any], overrides: Sequence[str] = (), source: str = "<dict>") -> "Recipe":
@@ -89,7 +90,9 @@ class Recipe:
         _top_level_train(raw, overrides, source)
         cfg = validate_section(raw, SCHEMA, "")
         _cross_checks(cfg)
-        return cls(cfg, source)
+        recipe = cls(cfg, source)
+        recipe.warnings = idle_settings(cfg)
+        return recipe
 
     @classmethod
     def load(cls, path_or_name: str, overrides: Sequence[str] = ()) -> "Recipe":

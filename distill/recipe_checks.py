@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from .errors import UserError, did_you_mean
 from .recipe_schema import (ASSISTANT, AUGMENT, BENCH_VARIANTS, COMPLETIONS, COMPRESS_STEPS, FROM_TEACHER, HF_CONFIG,
@@ -94,59 +94,73 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
         raise UserError(f"train.scheduler.milestones: expected positive whole epochs, got {ms!r}")
     if not cfg["evaluate"]["metrics"]:
         raise UserError("evaluate.metrics: empty; name the test metrics to measure, e.g. [accuracy, macro_f1]")
-    _idle_checks(cfg)
+    for role in ("teacher", "student"):  # (torch refuses it when the optimizer is built, after the run started)
+        opt = cfg[role]["train"]["optimizer"]
+        if opt["name"] == "sgd" and opt["nesterov"] and not opt["momentum"]:
+            raise UserError(f"{role}.train.optimizer.nesterov: Nesterov momentum needs optimizer.momentum > 0")
 
 
-def _idle_checks(cfg: Dict[str, Any]) -> None:
-    """A setting that the chosen optimizer, scheduler, method or schedule never reads, given a value other than
-    its default, is refused: silently ignored, it would look applied (a DKD setting with method: kd is not DKD)."""
+def idle_settings(cfg: Dict[str, Any]) -> List[str]:
+    """Settings that the chosen optimizer, scheduler, method, schedule, reaction or dataset never reads, given a
+    value other than the default: silently ignored, each would look applied (a DKD setting with method: kd is not
+    DKD). Warnings, not errors: a search crosses a method with its settings, and an older run folder keeps them."""
     from .recipe_schema import SCHEMA
-    d = cfg["distill"]
+    d, out = cfg["distill"], []
     for section in ("dkd", "dist", "jsd", "skew", "crd"):
         changed = [k for k, f in SCHEMA["distill"][section].items() if d[section][k] != f.default]
         if changed and section not in _settings_read(d):
-            raise UserError(f"distill.{section}.{changed[0]}: {d[section][changed[0]]!r} does nothing here: the "
-                            f"{section} settings are read by the {_readers(section)} loss, and neither distill.method "
-                            f"({d['method']}) nor distill.features uses it; remove it")
+            out.append(f"distill.{section}.{changed[0]}: {d[section][changed[0]]!r} does nothing here: the {section} "
+                       f"settings are read by the {_readers(section)} loss, and neither distill.method ({d['method']}) "
+                       f"nor distill.features uses it")
     for name in ("alpha", "temperature"):
         if d["schedule"][name] == "constant" and d["schedule"][f"{name}_end"] is not None:
-            raise UserError(f"distill.schedule.{name}_end: does nothing with distill.schedule.{name}: constant; give "
-                            f"linear or cosine, or remove it")
+            out.append(f"distill.schedule.{name}_end: does nothing with distill.schedule.{name}: constant")
     for role in ("teacher", "student"):
         t = cfg[role]["train"]
         opt, sched = t["optimizer"], t["scheduler"]
         idle = [("optimizer.momentum", opt["name"] != "sgd" and opt["momentum"] != 0.9, f"{opt['name']} has none"),
                 ("optimizer.nesterov", opt["name"] != "sgd" and opt["nesterov"], f"{opt['name']} has none"),
-                ("optimizer.nesterov", opt["name"] == "sgd" and opt["nesterov"] and not opt["momentum"],
-                 "Nesterov momentum needs optimizer.momentum > 0"),
                 ("optimizer.fused", opt["name"] == "sgd" and opt["fused"], "for adam and adamw"),
                 ("scheduler.milestones", sched["name"] != "multistep" and sched["milestones"], "for multistep"),
                 ("scheduler.gamma", sched["name"] != "multistep" and sched["gamma"] != 0.1, "for multistep")]
-        for key, bad, why in idle:
-            if bad:
-                k = key.split(".")
-                given = "train" if cfg["train"][k[0]][k[1]] == t[k[0]][k[1]] else f"{role}.train"
-                raise UserError(f"{given}.{key}: {t[k[0]][k[1]]!r} does nothing here ({why}); remove it")
+        out += [f"{role}.train.{key}: {t[key.split('.')[0]][key.split('.')[1]]!r} does nothing here ({why})"
+                for key, bad, why in idle if bad]
     data, schema = cfg["data"], SCHEMA["data"]
     texts = {"text": ("tokenizer", "max_length", "text_column"), "text_lm": ("max_length",),
              "completions": ("tokenizer", "max_length", "chat_template", "prompt_column", "completion_column"),
              "arith": ("tokenizer", "max_length", "chat_template")}  # (the text keys each dataset reads)
     for key in ("tokenizer", "max_length", "text_column", "chat_template", "prompt_column", "completion_column"):
         if data[key] != schema[key].default and key not in texts.get(data["dataset"], ()):
-            raise UserError(f"data.{key}: {data[key]!r} does nothing for data.dataset: {data['dataset']} (it is read "
-                            f"by {', '.join(k for k, keys in texts.items() if key in keys)}); remove it")
-    lm = data["dataset"] in LM_DATASETS
+            out.append(f"data.{key}: {data[key]!r} does nothing for data.dataset: {data['dataset']} (it is read by "
+                       f"{', '.join(k for k, keys in texts.items() if key in keys)})")
     em = cfg["evaluate"]["exact_match"]
     changed = [k for k, f in SCHEMA["evaluate"]["exact_match"].items() if em[k] != f.default]
     if changed and data["dataset"] not in COMPLETIONS:
-        raise UserError(f"evaluate.exact_match.{changed[0]}: does nothing for data.dataset: {data['dataset']} (it "
-                        f"completes prompts: completions or arith); remove it")
-    if d["vocab_align"] != "none" and not lm:
-        raise UserError(f"distill.vocab_align: does nothing for data.dataset: {data['dataset']} (for language "
-                        f"models whose output layers are padded to different sizes); remove it")
+        out.append(f"evaluate.exact_match.{changed[0]}: does nothing for data.dataset: {data['dataset']} (it "
+                   f"completes prompts: completions or arith)")
+    if d["vocab_align"] != "none" and data["dataset"] not in LM_DATASETS:
+        out.append(f"distill.vocab_align: does nothing for data.dataset: {data['dataset']} (for language models "
+                   f"whose output layers are padded to different sizes)")
     if cfg["teacher"]["finetuned"] and not cfg["teacher"]["hf"]:
-        raise UserError("teacher.finetuned: for a Hugging Face teacher (teacher.hf) already fine-tuned on the labels; "
-                        "a registry teacher is trained, or loaded with teacher.checkpoint")
+        out.append("teacher.finetuned: does nothing without teacher.hf (a Hugging Face teacher already fine-tuned on "
+                   "the labels); a registry teacher is trained, or loaded with teacher.checkpoint")
+    return out + _idle_reaction(cfg)
+
+
+def _idle_reaction(cfg: Dict[str, Any]) -> List[str]:
+    """A monitor reaction that cannot move what it adjusts, or whose adjustment a schedule overrides."""
+    m, d = cfg["monitor"], cfg["distill"]
+    if not (m["enabled"] and m["retention_min"] is not None):
+        return []
+    moves = {"raise_alpha": "alpha", "lower_temperature": "temperature"}.get(m["action"])
+    if moves and d["schedule"][moves] != "constant":
+        return [f"monitor.action: {m['action']} scales the start of distill.schedule.{moves}: "
+                f"{d['schedule'][moves]}, not the {moves} in use"]
+    if (m["action"] == "raise_alpha" and d["alpha"] == 1) or (m["action"] == "lower_temperature"
+                                                             and d["temperature"] <= 1):
+        return [f"monitor.action: {m['action']} does nothing at distill.{moves} {d[moves]:g} (alpha goes up to 1, "
+                f"T down to 1)"]
+    return []
 
 
 def _settings_read(d: Dict[str, Any]) -> set:
@@ -313,16 +327,9 @@ def _monitor_checks(cfg: Dict[str, Any]) -> None:
     if m["action"] == "raise_feature_weight" and not features:
         raise UserError("monitor.action: raise_feature_weight scales the feature losses (distill.features, "
                         "distill.layers), and the recipe has none; use raise_alpha, lower_temperature or warn")
-    moves = {"raise_alpha": "alpha", "lower_temperature": "temperature"}.get(m["action"])
-    if moves and d["schedule"][moves] != "constant":  # (it would move the schedule's start, not the value in use)
-        raise UserError(f"monitor.action: {m['action']} adjusts distill.{moves}, which distill.schedule.{moves}: "
-                        f"{d['schedule'][moves]} moves already; use one of the two")
-    if m["action"] == "raise_alpha" and d["alpha"] in (0, 1):
-        raise UserError(f"monitor.action: raise_alpha multiplies distill.alpha up to 1, and it is "
-                        f"{d['alpha']:g}: it cannot move; give distill.alpha between 0 and 1, or another action")
-    if m["action"] == "lower_temperature" and d["temperature"] <= 1:
-        raise UserError(f"monitor.action: lower_temperature divides distill.temperature down to 1, and it is "
-                        f"{d['temperature']:g}: it cannot move; give distill.temperature above 1, or another action")
+    if m["action"] == "raise_alpha" and d["alpha"] == 0 and d["schedule"]["alpha"] == "constant":
+        raise UserError("monitor.action: raise_alpha multiplies distill.alpha, which is 0 and stays 0; give "
+                        "distill.alpha above 0, or another action")
 
 
 def _selection_checks(cfg: Dict[str, Any]) -> None:

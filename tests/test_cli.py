@@ -169,3 +169,10 @@ def test_test_metrics_that_all_need_two_classes_are_refused_on_more(tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert "evaluate.metrics: ['auc', 'specificity'] are for two classes, and the data has 10" in err, err
     assert not os.path.exists(tmp_path / "r")
+
+
+def test_a_setting_that_does_nothing_is_said_when_the_run_starts(tmp_path, capsys):
+    assert main(["train-teacher", "digits", "--set", "teacher.train.epochs=1", "--set", "distill.dkd.beta=4",
+                 "--out", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: distill.dkd.beta: 4 does nothing here: the dkd settings are read by the dkd loss" in err, err

@@ -341,24 +341,36 @@ def test_tensorboard_missing_is_one_line(tmp_path, monkeypatch, capsys):
      "monitor.action: raise_feature_weight scales the feature losses (distill.features, distill.layers), and the "
      "recipe has none"),
     (["monitor.action=raise_alpha", "distill.alpha=0"],
-     "monitor.action: raise_alpha multiplies distill.alpha up to 1, and it is 0: it cannot move"),
-    (["monitor.action=raise_alpha", "distill.alpha=1"],
-     "monitor.action: raise_alpha multiplies distill.alpha up to 1, and it is 1: it cannot move"),
-    (["monitor.action=lower_temperature", "distill.temperature=0.5"],  # (once raised to 1: the reverse)
-     "monitor.action: lower_temperature divides distill.temperature down to 1, and it is 0.5: it cannot move"),
-    (["monitor.action=raise_alpha", "distill.schedule.alpha=linear", "distill.schedule.alpha_end=0.1"],
-     "monitor.action: raise_alpha adjusts distill.alpha, which distill.schedule.alpha: linear moves already"),
-    (["monitor.action=lower_temperature", "distill.temperature=4", "distill.schedule.temperature=cosine",
-      "distill.schedule.temperature_end=1"],
-     "monitor.action: lower_temperature adjusts distill.temperature, which distill.schedule.temperature: cosine "
-     "moves already")])
+     "monitor.action: raise_alpha multiplies distill.alpha, which is 0 and stays 0")])
 def test_a_reaction_that_cannot_move_what_it_adjusts_is_refused(sets, message):
     """factor <= 1 would turn each action around (T / 0.5 doubles the temperature); a feature weight with no
-    feature loss, alpha 0 or 1, or T at most 1 stay where they are however often the reaction fires (T 0.5 was
-    raised to 1); under a schedule it would move the schedule's start, not the value in use."""
+    feature loss, or alpha 0, stay where they are however often the reaction fires."""
     from distill.errors import UserError
     with pytest.raises(UserError) as e:
         Recipe.load("breast_cancer", ["monitor.retention_min=0.9", *sets])
     assert str(e.value).startswith(message), str(e.value)
     Recipe.load("breast_cancer", [*sets])  # (no retention_min: no reaction, nothing refused)
     Recipe.load("breast_cancer", ["monitor.retention_min=0.9", "monitor.action=warn", *sets[1:]])
+
+
+@pytest.mark.parametrize("sets, warning", [
+    (["monitor.action=raise_alpha", "distill.alpha=1"], "monitor.action: raise_alpha does nothing at distill.alpha 1"),
+    (["monitor.action=lower_temperature", "distill.temperature=0.5"],  # (it was raised to 1: the reverse)
+     "monitor.action: lower_temperature does nothing at distill.temperature 0.5"),
+    (["monitor.action=raise_alpha", "distill.schedule.alpha=linear", "distill.schedule.alpha_end=0.1"],
+     "monitor.action: raise_alpha scales the start of distill.schedule.alpha: linear, not the alpha in use"),
+])
+def test_a_reaction_that_cannot_move_or_that_a_schedule_overrides_is_said(sets, warning):
+    """Said as a warning when a run starts (a search may cross the reaction with these values)."""
+    said = Recipe.load("breast_cancer", ["monitor.retention_min=0.9", *sets]).warnings
+    assert len(said) == 1 and said[0].startswith(warning), said
+    assert Recipe.load("breast_cancer", sets).warnings == []  # (no retention_min: no reaction)
+
+
+def test_lower_temperature_never_raises_the_temperature():
+    from distill.monitor import with_reaction
+    obj, warnings = _objective(), []
+    obj.strength["temperature"] = 0.5
+    mcfg = {"retention_min": 0.85, "watch": "logits", "action": "lower_temperature", "factor": 1.5}
+    with_reaction(lambda: {"retention_cka/logits": 0.80}, obj, mcfg, warnings.append)()
+    assert obj.strength["temperature"] == 0.5

@@ -281,7 +281,7 @@ def test_a_recipe_changed_in_python_runs_as_validated(tmp_path):
     assert Recipe.load(str(tmp_path / "run")).cfg["distill"]["temperature"] == 4.0
 
 
-@pytest.mark.parametrize("sets, message", [
+@pytest.mark.parametrize("sets, warning", [
     (["distill.dkd.beta=4"], "distill.dkd.beta: 4 does nothing here: the dkd settings are read by the dkd loss, and "
                              "neither distill.method (kd) nor distill.features uses it"),
     (["distill.method=jsd", "distill.skew.alpha=0.3"], "distill.skew.alpha: 0.3 does nothing here: the skew settings "
@@ -289,29 +289,40 @@ def test_a_recipe_changed_in_python_runs_as_validated(tmp_path):
     (["distill.crd.negatives=64"], "distill.crd.negatives: 64 does nothing here"),
     (["distill.schedule.alpha_end=0.5"], "distill.schedule.alpha_end: does nothing with distill.schedule.alpha: "
                                          "constant"),
-    (["train.optimizer.momentum=0.5"], "train.optimizer.momentum: 0.5 does nothing here (adamw has none)"),
+    (["student.train.optimizer.momentum=0.5"], "student.train.optimizer.momentum: 0.5 does nothing here (adamw has "
+                                               "none)"),
     (["student.train.optimizer.nesterov=true"], "student.train.optimizer.nesterov: True does nothing here (adamw has "
                                                 "none)"),
-    (["train.optimizer.name=sgd", "train.optimizer.nesterov=true", "train.optimizer.momentum=0"],
-     "train.optimizer.nesterov: True does nothing here (Nesterov momentum needs optimizer.momentum > 0)"),
-    (["train.optimizer.name=sgd", "train.optimizer.fused=true"], "train.optimizer.fused: True does nothing here (for "
-                                                                 "adam and adamw)"),
-    (["train.scheduler.milestones=[1]"], "train.scheduler.milestones: [1] does nothing here (for multistep)"),
+    (["student.train.optimizer.name=sgd", "student.train.optimizer.fused=true"],
+     "student.train.optimizer.fused: True does nothing here (for adam and adamw)"),
+    (["student.train.scheduler.milestones=[1]"], "student.train.scheduler.milestones: [1] does nothing here (for "
+                                                 "multistep)"),
     (["teacher.train.scheduler.gamma=0.5"], "teacher.train.scheduler.gamma: 0.5 does nothing here (for multistep)"),
-    (["teacher.finetuned=true"], "teacher.finetuned: for a Hugging Face teacher"),
-    (["train.select_metric=val_exact_match"], "train.select_metric: val_exact_match completes prompts: it is for "
-                                              "prompt/completion data (data.dataset: completions or arith), not digits"),
-    (["evaluate.metrics=[]"], "evaluate.metrics: empty"),
+    (["teacher.finetuned=true"], "teacher.finetuned: does nothing without teacher.hf"),
     (["data.tokenizer=some/folder"], "data.tokenizer: 'some/folder' does nothing for data.dataset: digits (it is read "
                                      "by text, completions, arith)"),
     (["data.max_length=32"], "data.max_length: 32 does nothing for data.dataset: digits"),
     (["evaluate.exact_match.rows=8"], "evaluate.exact_match.rows: does nothing for data.dataset: digits"),
     (["distill.vocab_align=truncate"], "distill.vocab_align: does nothing for data.dataset: digits"),
 ])
-def test_settings_that_would_do_nothing_are_refused(sets, message):
+def test_settings_that_would_do_nothing_are_said(sets, warning):
     """Each was accepted and silently ignored (a DKD setting with method kd is not DKD; a grid over a cosine
-    schedule's milestones ran the same trial twice), or crashed after the run had started (Nesterov without
-    momentum, val_exact_match on a classifier)."""
+    schedule's milestones ran the same trial twice). A warning, said when a run starts, not an error: a search
+    crosses a method with its settings, and older run folders keep theirs."""
+    warnings = Recipe.load("digits", sets).warnings
+    assert len(warnings) == 1 and warnings[0].startswith(warning), warnings
+    assert Recipe.load("digits").warnings == []
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["train.optimizer.name=sgd", "train.optimizer.nesterov=true", "train.optimizer.momentum=0"],
+     "teacher.train.optimizer.nesterov: Nesterov momentum needs optimizer.momentum > 0"),
+    (["train.select_metric=val_exact_match"], "train.select_metric: val_exact_match completes prompts: it is for "
+                                              "prompt/completion data (data.dataset: completions or arith), not digits"),
+    (["evaluate.metrics=[]"], "evaluate.metrics: empty"),
+])
+def test_settings_that_would_crash_or_measure_nothing_are_refused(sets, message):
+    """Nesterov without momentum and val_exact_match on a classifier crashed after the run had started."""
     with pytest.raises(UserError) as e:
         Recipe.load("digits", sets)
     assert str(e.value).startswith(message), str(e.value)

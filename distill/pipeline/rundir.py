@@ -15,6 +15,7 @@ from ..data import DataBundle, load_data
 from ..engine.runtime import Runtime
 from ..errors import UserError
 from ..io import append_jsonl, read_run_json, sha256_json, write_json, write_text
+from ..launch import is_main_process
 from ..logbook import summary_writer_class
 from ..recipe import Recipe
 from ..roles import SCRATCH, STUDENT, TEACHER, is_assistant, recipe_section
@@ -199,6 +200,9 @@ class RunDir:
         self._refuse_other_run(overwrite)
         self._refuse_other_files(overwrite)
         refuse_inside_a_run(self.out)
+        if is_main_process():
+            for warning in recipe.warnings:  # (settings that do nothing here: said, not refused)
+                echo(f"warning: {warning}")
 
     def _refuse_other_run(self, overwrite: bool) -> None:
         """A folder holding a run of another recipe is not silently mixed with this one."""
