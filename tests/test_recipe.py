@@ -341,6 +341,9 @@ def test_yaml_that_would_silently_read_otherwise_is_refused(tmp_path, text, mess
         load(tmp_path, text)
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
     assert load(tmp_path, BASE + "train: {epochs: 1_0}\n")["train"]["epochs"] == 10
+    merged = load(tmp_path, "teacher: {model: mlp, train: &t {epochs: 1, seed: 3}}\n"
+                            "student: {model: mlp, train: {<<: *t, epochs: 2}}\n")  # (a merge key is no duplicate)
+    assert (merged["student"]["train"]["epochs"], merged["student"]["train"]["seed"]) == (2, 3)
 
 
 def test_a_set_that_replaces_a_section_an_earlier_set_wrote_into_is_refused():
