@@ -1294,8 +1294,8 @@ def test_completions_stop_where_learnt_positions_end(tmp_path):
     model = load_causal_lm(tiny_gpt2(str(tmp_path / "g"), positions=32), "teacher")
     model.eos_id = -1  # (no EOS: every completion runs to its limit)
     (a, ended_a), (b, ended_b) = model.complete([[5] * 20, [6] * 12], 40)
-    # 32 positions less the longest prompt, and one more: the last token is never read
-    assert len(a) == len(b) == 13 and not ended_a and not ended_b
+    # 32 positions less each prompt, and one more: the last token is never read
+    assert (len(a), len(b)) == (13, 21) and not ended_a and not ended_b
     assert len(model.complete([[5] * 32], 8)[0][0]) == 1 and model.complete([[5] * 33], 8) == [([], False)]
     assert len(model.complete([[5] * 4], 8)[0][0]) == 8  # (within them: as asked)
     from distill.tasks.causal_lm import bench_prompt, decode_rate  # (bench decodes exactly what it asks for)

@@ -171,7 +171,7 @@ def test_bad_language_model_inputs_are_one_line_and_exit_2(tmp_path, capsys):
     other.mkdir()
     small = recipe(other, output={"dir": str(other / "run")})
     (other / "text.txt").write_text("abc " * 2000, encoding="utf-8")
-    run(Recipe.load(small, ["teacher.train.epochs=1", "train.epochs=1"]))
+    run(Recipe.load(small, ["teacher.train.epochs=1", "student.train.epochs=1"]))
     _refused(["run", path, "--set", f"teacher.checkpoint={other / 'run' / 'teacher.safetensors'}",
               "--set", "teacher.model=null", *out], capsys, "teacher.checkpoint")
     assert not (tmp_path / "bad").exists()
