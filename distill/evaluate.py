@@ -11,6 +11,7 @@ from torch import nn
 
 from .engine.inference import predict
 from .models import count_params
+from .models.hf import trim_padding
 from .roles import SCRATCH, STUDENT, TEACHER, is_assistant
 from .tasks import task_for
 
@@ -43,12 +44,14 @@ def latency_percentiles(model: nn.Module, x: torch.Tensor, runs: int = 100, thre
 
 
 def typical_sample(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """One test input for batch-1 latency: for text, a text of median length (lengths vary), else the first."""
+    """One test input for batch-1 latency: for text, a text of median length (lengths vary), without its
+    padding (a causal LM would read the padding too), else the first."""
     pad = getattr(model, "pad_id", None)
     if pad is None:
         return x[:1]
     lengths = (x != pad).sum(1)
-    return x[lengths.argsort()[len(x) // 2]].unsqueeze(0)
+    i = int(lengths.argsort()[len(x) // 2])
+    return trim_padding(x[i:i + 1], pad)[0]
 
 
 def weights_size(path: str) -> int:
@@ -70,6 +73,8 @@ def evaluate_model(model: nn.Module, path: str, x: torch.Tensor, y: torch.Tensor
     if runtime is not None and not runtime.is_main:
         return keep
     big = x[:ecfg["throughput_batch"]]
+    if getattr(model, "pad_id", None) is not None:  # (the batch's own width, not the longest test text's)
+        big = trim_padding(big, model.pad_id)[0]
     batch_ms = latency_ms(model, big, max(5, ecfg["latency_runs"] // 10), ecfg["threads"])
     return {**keep, "params": count_params(model), "size_bytes": weights_size(path),
             "latency_ms": latency_ms(model, typical_sample(x, model), ecfg["latency_runs"], ecfg["threads"]),
@@ -87,7 +92,7 @@ COLUMNS = [("bpc", "bits/char", "{:.4f}"), ("perplexity", "perplexity", "{:.3f}"
            ("accuracy", "accuracy", "{:.4f}"), ("macro_f1", "macro-F1", "{:.4f}"), ("auc", "AUC", "{:.4f}"),
            ("sensitivity", "sensitivity", "{:.4f}"), ("specificity", "specificity", "{:.4f}"),
            ("params", "params", "{:,.0f}"), ("size_bytes", "size KB", None), ("latency_ms", "ms/sample", "{:.4f}"),
-           ("throughput", "samples/s", "{:,.0f}"), ("decode_tokens_per_s", "decode tok/s", "{:,.0f}")]
+           ("throughput", "samples/s", "{:,.0f}"), ("completion_tokens_per_s", "completion tok/s", "{:,.0f}")]
 LABELS = {TEACHER: "teacher", SCRATCH: "student (no KD)", STUDENT: "student (distilled)"}
 
 

@@ -367,3 +367,26 @@ def test_a_steps_loss_parts_are_summed_by_name_whatever_their_order():
     sums = dict(zip(t.prog["sums"]["keys"], t.prog["sums"]["values"].tolist()))
     assert sums == {"ce": 2.0, "correct": 6.0, "kd": 1.25, "labelled": 8.0, "total": 1.75}
     assert t.prog["window"]["n"] == 3
+
+
+def test_macro_f1_leaves_out_a_class_neither_in_the_test_split_nor_predicted():
+    """Over the classes present: a class the test split lacks (and no model predicts) counted as F1 0,
+    understating every model (perfect predictions scored 0.667)."""
+    from sklearn.metrics import f1_score
+    from distill.tasks.classification import classification_metrics
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    logits = torch.zeros(6, 3)
+    logits[torch.arange(6), y] = 5
+    assert classification_metrics(logits, y)["macro_f1"] == 1.0
+    logits[0] = torch.tensor([0.0, 0.0, 5.0])  # (a class predicted but absent counts, as in sklearn)
+    assert classification_metrics(logits, y)["macro_f1"] == f1_score(y, logits.argmax(1), average="macro")
+
+
+def test_latency_reads_a_median_length_text_without_its_padding():
+    """A causal LM reads every column it is given: latency and throughput ran over the longest test text's
+    width, padding included."""
+    from types import SimpleNamespace
+    from distill.evaluate import typical_sample
+    x = torch.tensor([[5, 6, 7, 0, 0, 0], [5, 0, 0, 0, 0, 0], [5, 6, 7, 8, 9, 4]])
+    assert typical_sample(x, SimpleNamespace(pad_id=0)).tolist() == [[5, 6, 7]]
+    assert typical_sample(x, SimpleNamespace(pad_id=None)).tolist() == [x[0].tolist()]  # (fixed-width inputs)

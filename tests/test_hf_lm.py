@@ -347,7 +347,7 @@ def test_topk_kd_run_end_to_end_and_the_student_folder_generates_in_plain_transf
     out = r["output"]["dir"]
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     for role in ("teacher", "student_scratch", "student"):
-        assert {"loss", "perplexity", "exact_match", "decode_tokens_per_s"} <= set(metrics[role])
+        assert {"loss", "perplexity", "exact_match", "completion_tokens_per_s"} <= set(metrics[role])
     entry = json.load(open(os.path.join(out, "soft_labels.json")))
     assert entry["topk"] == 8
     # the manifest the run wrote: what the entry was built for, and its size

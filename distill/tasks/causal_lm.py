@@ -94,13 +94,14 @@ def completion_bytes(tokenizer: Any, y: torch.Tensor) -> int:
     return sum(len(tokenizer.decode(row[row >= 0].tolist(), skip_special_tokens=True).encode("utf-8")) for row in y)
 
 
-def token_metrics(logits: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
-    """Mean next-token cross-entropy (nats), bits per token, perplexity and top-1 accuracy over the targets."""
+def token_metrics(logits: torch.Tensor, y: torch.Tensor, characters: bool = False) -> Dict[str, float]:
+    """Mean next-token cross-entropy (nats), perplexity and top-1 accuracy over the targets; bits per character
+    when the tokens are characters."""
     flat, target = logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1)
     keep = target >= 0
     sums = torch.tensor([F.cross_entropy(flat, target, ignore_index=-100, reduction="sum").item(),
                          ((flat.argmax(-1) == target) & keep).sum().item(), keep.sum().item()], dtype=torch.float64)
-    return scores(sums, True)
+    return scores(sums, characters)
 
 
 def prompts_and_answers(x: torch.Tensor, y: torch.Tensor) -> tuple:
@@ -160,14 +161,15 @@ def score_completions(tokenizer: Any, prompts: list, completions: list, answers:
 
 def exact_match(model: nn.Module, tokenizer: Any, x: torch.Tensor, y: torch.Tensor, cfg: Dict[str, Any],
                 batch_size: int = 8) -> Dict[str, Any]:
-    """Greedy completions of the first `cfg.rows` prompts, scored by `score_completions`; with the decode
-    rate (tokens/s at `batch_size`)."""
+    """Greedy completions of the first `cfg.rows` prompts, scored by `score_completions`; with the tokens they
+    wrote per second (at `batch_size`): the pace of this pass, not a model's decode speed (a batch steps until
+    its longest completion ends, so it depends on what each model writes; `distill bench` measures decoding)."""
     prompts, answers = prompts_and_answers(x[:cfg["rows"]], y[:cfg["rows"]])
     t0 = time.perf_counter()
     completions = greedy_completions(model, prompts, cfg["max_new_tokens"], batch_size)
-    rate = sum(map(len, completions)) / (time.perf_counter() - t0)  # (decoding alone, not the scoring)
+    rate = sum(map(len, completions)) / (time.perf_counter() - t0)  # (completing alone, not the scoring)
     out = score_completions(tokenizer, prompts, completions, answers, cfg)
-    return {"exact_match": out.pop("exact_match"), "decode_tokens_per_s": rate, **out}
+    return {"exact_match": out.pop("exact_match"), "completion_tokens_per_s": rate, **out}
 
 
 def bench_prompt(data: Any, model: nn.Module, new_tokens: int) -> tuple:
@@ -263,7 +265,7 @@ class CausalLM:
         return out
 
     def metrics(self, logits: torch.Tensor, y: torch.Tensor, ecfg: Dict[str, Any]) -> Dict[str, float]:
-        return token_metrics(logits, y)
+        return token_metrics(logits, y, self.characters)
 
     def agreement(self, teacher: nn.Module, student: nn.Module, x: torch.Tensor, y: torch.Tensor,
                   batch_size: int) -> Dict[str, float]:

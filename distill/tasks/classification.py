@@ -55,8 +55,9 @@ def classification_metrics(logits: torch.Tensor, y: torch.Tensor, positive: int 
     from sklearn.metrics import f1_score, roc_auc_score  # (here: a language-model run does not load sklearn)
     pred, y_np = logits.argmax(1).numpy(), y.numpy()
     out = {"accuracy": float((pred == y_np).mean()),
-           "macro_f1": float(f1_score(y_np, pred, average="macro", labels=list(range(logits.shape[1])),
-                                      zero_division=0))}
+           # (over the classes in the labels or the predictions: a class the test split lacks and no model
+           # predicts would count as F1 0 and understate every model)
+           "macro_f1": float(f1_score(y_np, pred, average="macro", zero_division=0))}
     if logits.shape[1] == 2:
         prob = torch.softmax(logits, 1)[:, positive].numpy()
         is_pos = y_np == positive
