@@ -102,3 +102,27 @@ def test_yaml_safe_loader_is_what_reads_recipes(tmp_path):
 def test_run_names_cannot_escape_the_runs_folder(name):
     with pytest.raises(UserError, match="name: "):
         Recipe.from_dict({"name": name, "teacher": {"model": "mlp"}, "student": {"model": "mlp"}})
+
+
+@pytest.mark.parametrize("where", ["config.json", "tokenizer_config.json"])
+def test_a_model_folder_that_names_code_of_its_own_is_refused_and_its_code_never_runs(tmp_path, where):
+    """transformers asks on the terminal whether to run a folder's modelling code (auto_map); a 'y' on stdin
+    ran it. distill refuses such a folder in one line, for every kind of model it loads, and never asks."""
+    import json
+    from distill.models.hf import load_classifier, load_tokenizer
+    from distill.models.hf_lm import load_causal_lm
+    from distill.pipeline.artifacts import load_model_at
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    ran = tmp_path / "ran"
+    (folder / "evil.py").write_text(f"open({str(ran)!r}, 'w').write('ran')\n")
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({}))
+    cfg = json.loads((folder / where).read_text())
+    (folder / where).write_text(json.dumps({**cfg, "auto_map": {"AutoConfig": "evil.EvilConfig",
+                                                                "AutoTokenizer": ["evil.EvilTokenizer", None]}}))
+    for load in (lambda: load_tokenizer(str(folder), "data.tokenizer"), lambda: load_causal_lm(str(folder), "teacher.hf"),
+                 lambda: load_classifier(str(folder), ["a", "b"], "teacher.hf"), lambda: load_model_at(str(folder), "x")):
+        with pytest.raises(UserError, match=f"{where} names code of its own .*distill never runs code"):
+            load()
+    assert not ran.exists()

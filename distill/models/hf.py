@@ -80,16 +80,35 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
                    "tokenizer_config.json", "special_tokens_map.json")  # (and any *.model, *.tiktoken)
 
 
+def refuse_remote_code(folder: str, where: str) -> None:
+    """A model folder whose config names code of its own (`auto_map`: a modelling or tokenizer .py beside the
+    weights) is refused: distill never runs code from a folder (every from_pretrained also passes
+    trust_remote_code=False; this says so in one line, before transformers would ask on the terminal)."""
+    for name in ("config.json", "tokenizer_config.json"):
+        path = os.path.join(folder, name)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                cfg = json.load(fh)
+        except (OSError, ValueError):
+            continue  # (none, or unreadable: the loader says so)
+        if isinstance(cfg, dict) and cfg.get("auto_map"):
+            what = ", ".join(sorted(cfg["auto_map"])) if isinstance(cfg["auto_map"], dict) else "auto_map"
+            raise UserError(f"{where}: {path} names code of its own ({what}); distill never runs code from a "
+                            f"model folder: use a model type that transformers ships")
+
+
 def load_tokenizer(path: str, where: str):
     if path.endswith(".gguf"):  # (its tokenizer is read from the folder it is converted into, once)
         path = gguf_folder(path, where)
+    if os.path.isdir(path):
+        refuse_remote_code(path, where)
     # (checked first: transformers builds an empty tokenizer, every text unknown, from a bare config.json)
     if os.path.isdir(path) and not any(f in TOKENIZER_FILES or f.endswith((".model", ".tiktoken"))
                                        for f in os.listdir(path)):
         raise UserError(f"{where}: {path}: no tokenizer in the folder ({', '.join(TOKENIZER_FILES[:4])}, ...); "
                         f"copy the model's tokenizer files into it")
     try:
-        return transformers_module().AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return transformers_module().AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise UserError(f"{where}: {path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
 
@@ -186,8 +205,9 @@ def load_classifier(path: str, class_names: List[str], where: str, finetuned: bo
     """A pretrained encoder with a new classification head, or (`finetuned`) a classifier already trained
     on this task, whose label names must be the data's."""
     tf = transformers_module()
+    refuse_remote_code(path, where)
     try:
-        config = tf.AutoConfig.from_pretrained(path, local_files_only=True)
+        config = tf.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise UserError(f"{where}: {path}: not a Hugging Face model folder ({str(e).splitlines()[0]})") from None
     if finetuned:
@@ -197,7 +217,7 @@ def load_classifier(path: str, class_names: List[str], where: str, finetuned: bo
                             f"{list(class_names)}; teacher and student must share one class list")
     try:  # not fine-tuned here: any classification head it has is replaced, whatever its size
         hf = tf.AutoModelForSequenceClassification.from_pretrained(
-            path, local_files_only=True, ignore_mismatched_sizes=not finetuned, **_label_config(class_names))
+            path, local_files_only=True, trust_remote_code=False, ignore_mismatched_sizes=not finetuned, **_label_config(class_names))
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{where}: {path}: cannot load as a sequence classifier "
                         f"({str(e).splitlines()[0]})") from None
@@ -344,15 +364,16 @@ def load_folder(folder: str, where: str) -> HFClassifier:
     from ..compress.structure import fit_to_shapes, saved_shapes
     from ..io import load_weights
     tf = transformers_module()
+    refuse_remote_code(folder, where)
     try:
-        config = tf.AutoConfig.from_pretrained(folder, local_files_only=True)
+        config = tf.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         if getattr(config, "distill_pruned", False):
             hf = tf.AutoModelForSequenceClassification.from_config(config)
             fit_to_shapes(hf, saved_shapes(weights_file(folder)))
             load_weights(hf, weights_file(folder), where)
             hf.eval()
         else:
-            hf = tf.AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)
+            hf = tf.AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise UserError(f"{where}: {folder}: cannot load ({str(e).splitlines()[0]})") from None
     return _wrap(hf, load_tokenizer(folder, where))
@@ -407,8 +428,8 @@ def gguf_folder(path: str, where: str) -> str:
     tf = transformers_module()
     base, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     try:
-        tok = tf.AutoTokenizer.from_pretrained(base, gguf_file=name, local_files_only=True)
-        quantised = tf.AutoModelForCausalLM.from_pretrained(base, gguf_file=name, local_files_only=True)
+        tok = tf.AutoTokenizer.from_pretrained(base, gguf_file=name, local_files_only=True, trust_remote_code=False)
+        quantised = tf.AutoModelForCausalLM.from_pretrained(base, gguf_file=name, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"{where}: {path}: cannot load as a causal language model ({str(e).splitlines()[0]})") from None
     config = quantised.config
