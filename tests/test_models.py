@@ -40,3 +40,21 @@ def test_registry_model_bad_args_and_unknown_name():
     model = build_model({"model": "cnn"}, (1, 8, 8), 10)
     with pytest.raises(UserError, match=r"teacher: the model cannot take input of shape \(1, 16, 16\)"):
         check_output(model, (1, 16, 16), 10, "teacher")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"arch": ["ReLU(inplace=True)", "Flatten()", "Linear(64, 10)"]}, "may not set inplace="),
+    ({"arch": ["MaxPool2d(2, return_indices=True)", "Flatten()", "Linear(16, 10)"]},
+     "teacher.arch[0]: MaxPool2d gives a tuple, not a tensor"),
+    ({"arch": ["Flatten()", "Linear(in_features=64, out_features=10, in_features=5)"]}, "gives in_features= twice"),
+    ({"arch": ["Flatten(start_dim='a')", "Linear(64, 10)"]}, "teacher.arch[0]: Flatten cannot take input of shape"),
+    ({"model": "wrn_16_2", "args": {"drop_rate": 2.0}}, "dropout probability has to be between 0 and 1"),
+])
+def test_layers_that_build_but_cannot_run_are_one_line(spec, message):
+    """Each was a traceback (an error other than RuntimeError in the first forward pass, a tuple output), or,
+    for an in-place first layer, silently changed the stored data the teacher reads, for every model."""
+    from distill.errors import UserError
+    shape = (3, 32, 32) if "model" in spec else (1, 8, 8)
+    with pytest.raises(UserError) as e:
+        build_model(spec, shape, 10, "teacher")
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)

@@ -116,12 +116,15 @@ def check_output(model: nn.Module, input_shape: Tuple[int, ...], num_classes: in
     try:
         with torch.no_grad():
             for i, layer in enumerate(model if sequential else [model]):
+                at = f"{where}.arch[{i}]: {type(layer).__name__}" if sequential else f"{where}: the model"
                 try:
-                    x = layer(x)
-                except RuntimeError as e:
-                    at = f"{where}.arch[{i}]: {type(layer).__name__}" if sequential else f"{where}: the model"
-                    raise UserError(f"{at} cannot take input of shape {tuple(x.shape[1:])} "
-                                    f"({str(e).splitlines()[0]})") from None
+                    out = layer(x)
+                except Exception as e:  # (a constructor argument that only the forward pass finds wrong, too)
+                    why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    raise UserError(f"{at} cannot take input of shape {tuple(x.shape[1:])} ({why})") from None
+                if not torch.is_tensor(out):  # (MaxPool2d(return_indices=True) gives a tuple)
+                    raise UserError(f"{at} gives a {type(out).__name__}, not a tensor, for the next layer")
+                x = out
     finally:
         model.train(was_training)
     if getattr(model, "per_position", False):  # a language model: logits per position over the vocabulary
