@@ -167,9 +167,31 @@ def load_meta(path: str) -> Dict[str, Any]:
     except (SafetensorError, OSError, ValueError) as e:
         raise _not_safetensors(path, e) from None
     try:
-        return json.loads(meta["distill"]) if "distill" in meta else {}
+        out = json.loads(meta["distill"]) if "distill" in meta else {}
     except ValueError:
         raise UserError(f"{path}: the distill metadata in the header is not valid JSON") from None
+    return _checked_meta(path, out)
+
+
+# The header fields distill reads, and what each must be (a file written elsewhere, or edited, is refused in
+# one line rather than failing deep in the loading code).
+_META_KINDS = {"spec": dict, "input_shape": list, "num_classes": int, "class_names": list, "preprocessing": dict}
+
+
+def _checked_meta(path: str, meta: Any) -> Dict[str, Any]:
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: the distill metadata in the header is {type(meta).__name__}, not a mapping; "
+                        f"was the file written by distill?")
+    for key, kind in _META_KINDS.items():
+        v = meta.get(key)
+        if v is not None and (not isinstance(v, kind) or isinstance(v, bool)):
+            article = "an" if kind is int else "a"
+            raise UserError(f"{path}: the header's {key} is {v!r:.60}, not {article} {kind.__name__}; was the file "
+                            f"written by distill?")
+    shape = meta.get("input_shape")
+    if shape is not None and not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise UserError(f"{path}: the header's input_shape {shape!r:.60} is not a list of positive sizes")
+    return meta
 
 
 def load_weights(model: nn.Module, path: str, where: str) -> None:

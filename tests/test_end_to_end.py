@@ -234,6 +234,10 @@ def test_checkpoint_teacher_of_another_split_loads_and_raw_inputs_are_refused(di
                                         "set it to true"):
         build_role(RunDir(Recipe.load("digits", [ck, "data.transforms.normalize=false"]), str(tmp_path), quiet),
                    "teacher")
+    # weights of the same shapes under another architecture (here its dropout; ReLU for Tanh alike) loaded silently
+    with pytest.raises(UserError, match="holds a model of another architecture .* leave teacher.model, args and arch "
+                                        "out to load it as it was saved"):
+        build_role(RunDir(Recipe.load("digits", [ck, "teacher.args.dropout=0.1"]), str(tmp_path), quiet), "teacher")
 
 
 def test_multi_seed_summary_has_mean_and_std(tmp_path, capsys):

@@ -126,3 +126,22 @@ def test_a_model_folder_that_names_code_of_its_own_is_refused_and_its_code_never
         with pytest.raises(UserError, match=f"{where} names code of its own .*distill never runs code"):
             load()
     assert not ran.exists()
+
+
+@pytest.mark.parametrize("meta, message", [
+    ([1, 2], "the distill metadata in the header is list, not a mapping"),
+    ({"spec": "abc"}, "the header's spec is 'abc', not a dict"),
+    ({"input_shape": [-1, 8, 8]}, "the header's input_shape [-1, 8, 8] is not a list of positive sizes"),
+    ({"num_classes": "10"}, "the header's num_classes is '10', not an int"),
+])
+def test_a_model_file_with_a_malformed_header_is_one_line(tmp_path, meta, message):
+    """A file written elsewhere or edited: each was an AttributeError or TypeError deep in the loading code."""
+    import json
+    import torch
+    from safetensors.torch import save_file
+    from distill.io import load_meta
+    path = str(tmp_path / "m.safetensors")
+    save_file({"w": torch.zeros(1)}, path, metadata={"distill": json.dumps(meta)})
+    with pytest.raises(UserError) as e:
+        load_meta(path)
+    assert message in str(e.value), str(e.value)

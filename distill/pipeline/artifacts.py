@@ -86,6 +86,13 @@ def teacher_layers(from_teacher: Dict[str, Any], n: int) -> List[int]:
         range(0, n, from_teacher["keep_every"]))
 
 
+def _plain(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """A registry spec as compared: the model, its args, and its layer list without spaces."""
+    arch = spec.get("arch")
+    return {"model": spec.get("model"), "args": spec.get("args") or {},
+            "arch": [str(a).replace(" ", "") for a in arch] if isinstance(arch, list) else arch}
+
+
 class RegistryModels:
     """Registry models and layer lists, saved as one .safetensors file that names its architecture."""
 
@@ -100,9 +107,14 @@ class RegistryModels:
 
     def build(self, run: RunDir, role: str) -> nn.Module:
         m, data = run.cfg[role], run.data
-        model = build_model(self.spec(run, role), data.input_shape, data.num_classes, where=role)
+        spec = self.spec(run, role)
+        model = build_model(spec, data.input_shape, data.num_classes, where=role)
         if m["checkpoint"]:
             meta = load_meta(m["checkpoint"])
+            if meta.get("spec") and _plain(meta["spec"]) != _plain(spec):  # (the same weights' shapes can take
+                raise UserError(f"{role}.checkpoint: {m['checkpoint']} holds a model of another architecture "  # Tanh
+                                f"({_plain(meta['spec'])}) than {role} gives ({_plain(spec)}); leave {role}.model, "
+                                f"args and arch out to load it as it was saved")  # for ReLU: silently another model)
             if meta.get("num_classes") not in (None, data.num_classes):
                 raise UserError(f"{role}.checkpoint: {m['checkpoint']} was trained for {meta['num_classes']} "
                                 f"classes but the data has {data.num_classes}")
