@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator
@@ -30,26 +31,36 @@ def atomic_path(path: str) -> Iterator[str]:
     if os.path.exists(path) and not os.path.isfile(path):
         raise UserError(f"{path}: not a regular file; give the path of a file to write")
     folder = os.path.dirname(os.path.abspath(path))
+    # (the mode a plain open would give, or the mode of the file it replaces: a 0600 file stays 0600)
+    mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.isfile(path) else 0o666 & ~_UMASK
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
         os.close(fd)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # (mkstemp makes it 0600: the file gets the mode a plain open would give)
+        os.chmod(tmp, mode)  # (mkstemp makes it 0600)
     except OSError as e:
         raise UserError(f"{path}: cannot write in {folder} ({e.strerror or e})") from None
     try:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # (again: a writer that made the file anew, as safetensors does, left 0600)
+        os.chmod(tmp, mode)  # (again: a writer that made the file anew, as safetensors does, left 0600)
         os.replace(tmp, path)
-    except OSError as e:  # disk full, read-only or vanished folder: the earlier `path` is left as it was
-        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-        raise UserError(f"{path}: cannot write ({e.strerror or e}){'; free some disk space' if full else ''}; "
+    except (OSError, SafetensorError, RuntimeError) as e:  # disk full, read-only or vanished folder: the earlier
+        if isinstance(e, RuntimeError) and not _write_failed(e):  # `path` is left as it was
+            raise
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        raise UserError(f"{path}: cannot write ({why}){'; free some disk space' if full else ''}; "
                         f"the previous version of the file, if any, is unchanged") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _write_failed(e: RuntimeError) -> bool:
+    """torch.save's writer failing on the disk (it raises RuntimeError, not OSError)."""
+    return any(k in str(e) for k in ("PytorchStreamWriter", "inline_container", "file write failed"))
 
 
 def out_path(path: str) -> str:

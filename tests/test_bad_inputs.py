@@ -409,6 +409,9 @@ def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path, monkeypatch):
         from distill.io import save_model  # (safetensors writes its file anew, 0600: the mode is set again)
         save_model(torch.nn.Linear(2, 2), str(tmp_path / "m.safetensors"), {})
         assert os.stat(tmp_path / "m.safetensors").st_mode & 0o777 == 0o644
+        os.chmod(tmp_path / "atomic.txt", 0o600)  # (a file its owner made private stays private when rewritten)
+        write_text(str(tmp_path / "atomic.txt"), "y")
+        assert os.stat(tmp_path / "atomic.txt").st_mode & 0o777 == 0o600
         from distill.io import atomic_folder
         with atomic_folder(str(tmp_path / "hf")) as tmp:  # (mkdtemp makes a folder 0700)
             from safetensors.torch import save_file  # (as transformers' save_pretrained writes it: 0600)

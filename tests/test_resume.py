@@ -366,3 +366,36 @@ def test_a_signal_after_a_stages_last_step_stops_the_run_once_the_stage_is_saved
     monkeypatch.undo()
     assert main([*args, "--resume"]) == 0
     assert "teacher: inputs unchanged" in capsys.readouterr().err
+
+
+def test_a_full_disk_while_saving_a_model_or_a_checkpoint_is_one_line_and_keeps_the_previous_file(tmp_path):
+    """safetensors and torch.save report a failed write as SafetensorError and RuntimeError, not OSError:
+    a traceback, where write_json said one line. (A full disk, made here with a file-size limit.)"""
+    script = (
+        "import os, resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "from distill.checkpoint import Checkpoints\n"
+        "from distill.errors import UserError\n"
+        "from distill.io import save_model\n"
+        "from distill.models import build_model\n"
+        "d = sys.argv[1]\n"
+        "m = build_model({'arch': ['Flatten()', 'Linear(64, 1000)', 'ReLU()', 'Linear(1000, 10)']}, (1, 8, 8), 10)\n"
+        "save_model(m, os.path.join(d, 'm.safetensors'), {})\n"
+        "before = open(os.path.join(d, 'm.safetensors'), 'rb').read()\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
+        "for save in (lambda: save_model(m, os.path.join(d, 'm.safetensors'), {}),\n"
+        "             lambda: Checkpoints(os.path.join(d, 'ck')).save(1, {'w': m.state_dict()})):\n"
+        "    try:\n"
+        "        save()\n"
+        "    except UserError as e:\n"
+        "        print('one line:', str(e))\n"
+        "assert open(os.path.join(d, 'm.safetensors'), 'rb').read() == before\n"
+        "print('left:', sorted(f for _, _, fs in os.walk(d) for f in fs))\n")
+    p = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                       env=ENV)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    assert [line.split(": cannot write")[0] for line in lines[:2]] == [
+        f"one line: {tmp_path / 'm.safetensors'}", f"one line: {tmp_path / 'ck' / 'step-00000001.pt'}"], lines
+    assert all("the previous version of the file, if any, is unchanged" in line for line in lines[:2])
+    assert lines[2] == "left: ['m.safetensors']"  # (no temp file left behind)
