@@ -58,3 +58,15 @@ def test_layers_that_build_but_cannot_run_are_one_line(spec, message):
     with pytest.raises(UserError) as e:
         build_model(spec, shape, 10, "teacher")
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_model_too_big_for_memory_is_refused_before_it_is_allocated():
+    """The per-layer cap counted one layer's parameters: an mlp of several wide layers (or a layer list of
+    many) was allocated until the machine swapped. The whole model is sized on the meta device first."""
+    import time
+    from distill.errors import UserError
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match=r"teacher: 40,015,[0-9,]+ parameters .* needs about [0-9,]+ GiB of memory, "
+                                        r"more than this machine's"):
+        build_model({"model": "mlp", "args": {"hidden": [200000, 200000]}}, (64,), 10, "teacher")
+    assert time.perf_counter() - t0 < 30  # (nothing allocated)

@@ -86,7 +86,31 @@ class _Classifier(nn.Module):
 
 def build_model(spec: Dict[str, Any], input_shape: Tuple[int, ...], num_classes: int,
                 where: str = "model") -> nn.Module:
-    """Build from a spec and check with a dry run that it maps `input_shape` to `num_classes` logits."""
+    """Build from a spec and check with a dry run that it maps `input_shape` to `num_classes` logits. Its size
+    is taken first from a build on the meta device (nothing allocated): a model that would not fit in memory
+    for training is one line, not a machine that swaps or a process the kernel kills."""
+    try:
+        with torch.device("meta"):
+            probe = _construct(spec, input_shape, num_classes, where)
+    except UserError:
+        raise
+    except Exception:  # (a builder that computes at init: sized by the build itself)
+        probe = None
+    if probe is not None:
+        from ..engine.runtime import refuse_beyond_memory
+        params = sum(p.numel() * p.element_size() for p in probe.parameters())
+        buffers = sum(b.numel() * b.element_size() for b in probe.buffers())
+        refuse_beyond_memory(f"{where}: {count_params(probe):,} parameters and {buffers:,} bytes of buffers (weights, "
+                             f"gradients and two optimizer moments in training)", 4 * params + buffers)
+    model = _construct(spec, input_shape, num_classes, where)
+    empty = next((name for name, p in model.named_parameters() if p.numel() == 0), None)
+    if empty is not None:  # (torch builds a layer of width 0 and trains around it, with a warning)
+        raise UserError(f"{where}: {empty} has no elements: a layer of size 0 (in {where}.args or {where}.arch)")
+    check_output(model, input_shape, num_classes, where)
+    return model
+
+
+def _construct(spec: Dict[str, Any], input_shape: Tuple[int, ...], num_classes: int, where: str) -> nn.Module:
     if spec.get("arch"):
         model = build_layer_list(spec["arch"], where=f"{where}.arch")
     elif spec.get("model"):
@@ -101,10 +125,6 @@ def build_model(spec: Dict[str, Any], input_shape: Tuple[int, ...], num_classes:
             raise UserError(f"{where}.model: '{spec['model']}' {e}") from None
     else:
         raise UserError(f"{where}: give `model: NAME` (one of {', '.join(MODELS.names())}) or `arch: [layers]`")
-    empty = next((name for name, p in model.named_parameters() if p.numel() == 0), None)
-    if empty is not None:  # (torch builds a layer of width 0 and trains around it, with a warning)
-        raise UserError(f"{where}: {empty} has no elements: a layer of size 0 (in {where}.args or {where}.arch)")
-    check_output(model, input_shape, num_classes, where)
     return model
 
 
