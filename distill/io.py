@@ -36,21 +36,21 @@ def atomic_path(path: str) -> Iterator[str]:
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        os.chmod(tmp, mode)  # (mkstemp makes it 0600)
+        os.close(fd)  # (0600 while it is written: a read-only file replaced stays writable until it is whole)
     except OSError as e:
         raise UserError(f"{path}: cannot write in {folder} ({e.strerror or e})") from None
     try:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp, mode)  # (again: a writer that made the file anew, as safetensors does, left 0600)
+        os.chmod(tmp, mode)  # (mkstemp and a writer that makes the file anew, as safetensors does, leave 0600)
         os.replace(tmp, path)
     except (OSError, SafetensorError, RuntimeError) as e:  # disk full, read-only or vanished folder: the earlier
         if isinstance(e, RuntimeError) and not _write_failed(e):  # `path` is left as it was
             raise
         full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        text = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip() or type(e).__name__
+        why = text.splitlines()[0]
         raise UserError(f"{path}: cannot write ({why}){'; free some disk space' if full else ''}; "
                         f"the previous version of the file, if any, is unchanged") from None
     finally:
@@ -60,7 +60,7 @@ def atomic_path(path: str) -> Iterator[str]:
 
 def _write_failed(e: RuntimeError) -> bool:
     """torch.save's writer failing on the disk (it raises RuntimeError, not OSError)."""
-    return any(k in str(e) for k in ("PytorchStreamWriter", "inline_container", "file write failed"))
+    return any(k in str(e) for k in ("PytorchStreamWriter", "unexpected pos", "file write failed"))
 
 
 def out_path(path: str) -> str:

@@ -105,25 +105,30 @@ def test_run_names_cannot_escape_the_runs_folder(name):
 
 
 @pytest.mark.parametrize("where", ["config.json", "tokenizer_config.json"])
-def test_a_model_folder_that_names_code_of_its_own_is_refused_and_its_code_never_runs(tmp_path, where):
-    """transformers asks on the terminal whether to run a folder's modelling code (auto_map); a 'y' on stdin
-    ran it. distill refuses such a folder in one line, for every kind of model it loads, and never asks."""
+def test_a_model_folder_that_exists_only_as_its_own_code_is_refused_and_the_code_never_runs(tmp_path, where):
+    """transformers asks on the terminal whether to run a folder's code (auto_map), and a 'y' on stdin ran it.
+    distill passes trust_remote_code=False, and refuses in one line a folder whose model or tokenizer type only
+    its own code defines, for every kind of model it loads; a shipped type that still names its old code (hub
+    snapshots of Phi) is not refused, and loads as transformers' own class."""
     import json
-    from distill.models.hf import load_classifier, load_tokenizer
+    from distill.models.hf import load_classifier, load_tokenizer, refuse_remote_code
     from distill.models.hf_lm import load_causal_lm
     from distill.pipeline.artifacts import load_model_at
     folder = tmp_path / "evil"
     folder.mkdir()
     ran = tmp_path / "ran"
     (folder / "evil.py").write_text(f"open({str(ran)!r}, 'w').write('ran')\n")
-    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    (folder / "tokenizer_config.json").write_text(json.dumps({}))
+    code = {"auto_map": {"AutoConfig": "evil.EvilConfig", "AutoTokenizer": ["evil.EvilTokenizer", None]}}
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", **code}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", **code}))
+    refuse_remote_code(str(folder), "teacher.hf")  # (shipped types: nothing of the folder's is run)
+    kind = {"config.json": ("model_type", "evilbert"), "tokenizer_config.json": ("tokenizer_class", "EvilTokenizer")}
     cfg = json.loads((folder / where).read_text())
-    (folder / where).write_text(json.dumps({**cfg, "auto_map": {"AutoConfig": "evil.EvilConfig",
-                                                                "AutoTokenizer": ["evil.EvilTokenizer", None]}}))
+    (folder / where).write_text(json.dumps({**cfg, kind[where][0]: kind[where][1]}))
     for load in (lambda: load_tokenizer(str(folder), "data.tokenizer"), lambda: load_causal_lm(str(folder), "teacher.hf"),
                  lambda: load_classifier(str(folder), ["a", "b"], "teacher.hf"), lambda: load_model_at(str(folder), "x")):
-        with pytest.raises(UserError, match=f"{where} names code of its own .*distill never runs code"):
+        with pytest.raises(UserError, match=f"{where}: its {kind[where][0]} '{kind[where][1]}' exists only as code in "
+                                            f"the folder .*distill never runs code"):
             load()
     assert not ran.exists()
 

@@ -85,10 +85,11 @@ class _Classifier(nn.Module):
 
 
 def build_model(spec: Dict[str, Any], input_shape: Tuple[int, ...], num_classes: int,
-                where: str = "model") -> nn.Module:
+                where: str = "model", training: bool = True) -> nn.Module:
     """Build from a spec and check with a dry run that it maps `input_shape` to `num_classes` logits. Its size
     is taken first from a build on the meta device (nothing allocated): a model that would not fit in memory
-    for training is one line, not a machine that swaps or a process the kernel kills."""
+    (for `training`, or to load a saved one) is one line, not a machine that swaps or a process the kernel
+    kills."""
     try:
         with torch.device("meta"):
             probe = _construct(spec, input_shape, num_classes, where)
@@ -100,8 +101,9 @@ def build_model(spec: Dict[str, Any], input_shape: Tuple[int, ...], num_classes:
         from ..engine.runtime import refuse_beyond_memory
         params = sum(p.numel() * p.element_size() for p in probe.parameters())
         buffers = sum(b.numel() * b.element_size() for b in probe.buffers())
-        refuse_beyond_memory(f"{where}: {count_params(probe):,} parameters and {buffers:,} bytes of buffers (weights, "
-                             f"gradients and two optimizer moments in training)", 4 * params + buffers)
+        refuse_beyond_memory(f"{where}: {count_params(probe):,} parameters and {buffers:,} bytes of buffers"
+                             + (" (weights, gradients and two optimizer moments in training)" if training else ""),
+                             (4 if training else 1) * params + buffers)
     model = _construct(spec, input_shape, num_classes, where)
     empty = next((name for name, p in model.named_parameters() if p.numel() == 0), None)
     if empty is not None:  # (torch builds a layer of width 0 and trains around it, with a warning)

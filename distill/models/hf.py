@@ -81,20 +81,23 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 
 
 def refuse_remote_code(folder: str, where: str) -> None:
-    """A model folder whose config names code of its own (`auto_map`: a modelling or tokenizer .py beside the
-    weights) is refused: distill never runs code from a folder (every from_pretrained also passes
-    trust_remote_code=False; this says so in one line, before transformers would ask on the terminal)."""
-    for name in ("config.json", "tokenizer_config.json"):
+    """A model folder whose model or tokenizer exists only as code of its own (`auto_map` naming a .py beside
+    the weights, for a type transformers does not ship) is refused in one line: distill never runs code from
+    a folder (every from_pretrained passes trust_remote_code=False, so transformers never asks on the terminal;
+    a folder of a shipped type that still names its old code, as hub snapshots of Phi do, loads as that type)."""
+    tf = transformers_module()
+    for name, kind, known in (("config.json", "model_type", lambda v: v in tf.CONFIG_MAPPING),
+                              ("tokenizer_config.json", "tokenizer_class", lambda v: hasattr(tf, str(v)))):
         path = os.path.join(folder, name)
         try:
             with open(path, encoding="utf-8") as fh:
                 cfg = json.load(fh)
         except (OSError, ValueError):
             continue  # (none, or unreadable: the loader says so)
-        if isinstance(cfg, dict) and cfg.get("auto_map"):
-            what = ", ".join(sorted(cfg["auto_map"])) if isinstance(cfg["auto_map"], dict) else "auto_map"
-            raise UserError(f"{where}: {path} names code of its own ({what}); distill never runs code from a "
-                            f"model folder: use a model type that transformers ships")
+        if isinstance(cfg, dict) and cfg.get("auto_map") and not known(cfg.get(kind)):
+            raise UserError(f"{where}: {path}: its {kind} {cfg.get(kind)!r} exists only as code in the folder "
+                            f"(auto_map); distill never runs code from a model folder: use a type that "
+                            f"transformers ships")
 
 
 def load_tokenizer(path: str, where: str):

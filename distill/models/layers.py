@@ -49,9 +49,7 @@ MAX_SPEC_CHARS = 1000
 # Linear(1000000, 1000000) is a clear error instead of the machine running out of memory.
 MAX_LAYER_PARAMS = 500_000_000
 _FORBIDDEN_KWARGS = {"device": "the trainer places the model on its device",
-                     "dtype": "the trainer chooses the dtype",
-                     # (a first layer in place would change the stored data the teacher reads, for every model)
-                     "inplace": "the layers' inputs are shared, and an in-place first layer changes the data"}
+                     "dtype": "the trainer chooses the dtype"}
 _WHAT = {ast.Call: "a function call", ast.Name: "a variable name; quote strings, e.g. 'mean'",
          ast.Attribute: "attribute access", ast.Subscript: "a subscript", ast.Lambda: "a lambda",
          ast.ListComp: "a comprehension", ast.SetComp: "a comprehension",
@@ -154,6 +152,9 @@ def parse_layer(spec: str, where: str = "") -> nn.Module:
         if kw.arg in _FORBIDDEN_KWARGS:
             fail(f"may not set {kw.arg}= ({_FORBIDDEN_KWARGS[kw.arg]})")
         kwargs[kw.arg] = _literal(kw.value, fail)
+    # (in place, a first layer would change the stored data the teacher reads, for every model: built out of
+    # place, which computes the same)
+    kwargs.pop("inplace", None)
 
     usage = f"usage: {_signature(cls)}"
     try:

@@ -13,6 +13,7 @@ the weights and that description: timings live in stages.json and metrics.json.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from typing import Any, Dict, List, Optional
 
@@ -87,10 +88,10 @@ def teacher_layers(from_teacher: Dict[str, Any], n: int) -> List[int]:
 
 
 def _plain(spec: Dict[str, Any]) -> Dict[str, Any]:
-    """A registry spec as compared: the model, its args, and its layer list without spaces."""
+    """A registry spec as compared: as a file stores it (JSON: tuples are lists), layer lists without spaces."""
     arch = spec.get("arch")
-    return {"model": spec.get("model"), "args": spec.get("args") or {},
-            "arch": [str(a).replace(" ", "") for a in arch] if isinstance(arch, list) else arch}
+    return json.loads(json.dumps({"model": spec.get("model"), "args": spec.get("args") or {},
+                                  "arch": [str(a).replace(" ", "") for a in arch] if arch else arch}))
 
 
 class RegistryModels:
@@ -378,7 +379,7 @@ def load_model_at(path: str, name: str) -> nn.Module:
     if not all(k in meta for k in ("spec", "input_shape", "num_classes")):
         raise UserError(f"{path}: not a model file that distill saved (its header lacks the architecture); was it "
                         f"replaced? Restore it, or remove it and run the stage that makes it again")
-    model = build_model(meta["spec"], tuple(meta["input_shape"]), meta["num_classes"], where=name)
+    model = build_model(meta["spec"], tuple(meta["input_shape"]), meta["num_classes"], where=name, training=False)
     if "structure" in meta:  # pruned by `distill compress`: rebuild its smaller shape before loading
         from ..compress.structure import fit_to_shapes, saved_shapes
         fit_to_shapes(model, saved_shapes(path), meta["structure"]["drop"])
