@@ -87,7 +87,17 @@ def report_error(message: str) -> bool:
         return False
     from .io import write_text
     write_text(os.path.join(folder, os.environ["RANK"]), message)  # (whole or not at all: atomic)
+    # (torchrun stops the others once this process exits: a moment for them to say theirs, so that the same
+    # mistake found by every process is said once, not as process 1's when process 0 was a little slower)
+    import time
+    deadline = time.monotonic() + REPORT_WAIT_S
+    while time.monotonic() < deadline and len([f for f in os.listdir(folder) if f.isdigit()]) < \
+            int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1))):
+        time.sleep(0.05)
     return True
+
+
+REPORT_WAIT_S = 5.0
 
 
 def _said(folder: str, nproc: int) -> List[str]:

@@ -265,7 +265,7 @@ CASES = {
     "pickle checkpoint": (lambda t: [_ckpt_recipe(t, _pickle(t))], "a pickle-based PyTorch file"),
     "checkpoint of another architecture": (
         lambda t: [_ckpt_recipe(t, ckpt(t / "mlp.safetensors", {"model": "mlp"}), model="model: cnn, ")],
-        "holds weights of another architecture"),
+        "holds a model of another architecture ({'model': 'mlp', 'args': {}, 'arch': None}) than teacher gives"),
     "checkpoint of other inputs": (
         lambda t: [_ckpt_recipe(t, ckpt(t / "v.safetensors", {"model": "mlp"}, shape=(64,)))],
         "was trained on inputs shaped (64,) but the data's are (1, 8, 8)"),
