@@ -200,10 +200,12 @@ class RecipeLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # (`<<: *anchor` merges; its keys may be overridden)
                 continue
             key = self.construct_object(key_node, deep=True)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # (an unhashable key: the mapping's own construction says so)
+            if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (the later one would "
                                                         f"silently replace the first)", key_node.start_mark)
-            seen.add(key) if isinstance(key, (str, int, float, bool)) else None
+            seen.add(key)
         return super().construct_mapping(node, deep)
 
 

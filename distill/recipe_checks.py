@@ -338,7 +338,6 @@ def _selection_checks(cfg: Dict[str, Any]) -> None:
         for key in ("device", "timeout_s"):
             if cfg[role]["train"][key] != cfg["train"][key]:
                 raise UserError(f"{role}.train.{key}: one per run; set train.{key} instead")
-    for role in ("teacher", "student"):
         if cfg[role]["train"]["select_metric"] == "val_exact_match" and cfg["data"]["dataset"] not in COMPLETIONS:
             key = "train" if cfg["train"]["select_metric"] == "val_exact_match" else f"{role}.train"
             raise UserError(f"{key}.select_metric: val_exact_match completes prompts: it is for prompt/completion "

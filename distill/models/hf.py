@@ -80,6 +80,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
                    "tokenizer_config.json", "special_tokens_map.json")  # (and any *.model, *.tiktoken)
 
 
+# Every from_pretrained: from local files only, and never the folder's own code (see refuse_remote_code).
+OFFLINE = {"local_files_only": True, "trust_remote_code": False}
+
+
 def refuse_remote_code(folder: str, where: str) -> None:
     """A model folder whose model or tokenizer exists only as code of its own (`auto_map` naming a .py beside
     the weights, for a type transformers does not ship) is refused in one line: distill never runs code from
@@ -111,7 +115,7 @@ def load_tokenizer(path: str, where: str):
         raise UserError(f"{where}: {path}: no tokenizer in the folder ({', '.join(TOKENIZER_FILES[:4])}, ...); "
                         f"copy the model's tokenizer files into it")
     try:
-        return transformers_module().AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        return transformers_module().AutoTokenizer.from_pretrained(path, **OFFLINE)
     except (OSError, ValueError) as e:
         raise UserError(f"{where}: {path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
 
@@ -210,7 +214,7 @@ def load_classifier(path: str, class_names: List[str], where: str, finetuned: bo
     tf = transformers_module()
     refuse_remote_code(path, where)
     try:
-        config = tf.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        config = tf.AutoConfig.from_pretrained(path, **OFFLINE)
     except (OSError, ValueError) as e:
         raise UserError(f"{where}: {path}: not a Hugging Face model folder ({str(e).splitlines()[0]})") from None
     if finetuned:
@@ -220,7 +224,7 @@ def load_classifier(path: str, class_names: List[str], where: str, finetuned: bo
                             f"{list(class_names)}; teacher and student must share one class list")
     try:  # not fine-tuned here: any classification head it has is replaced, whatever its size
         hf = tf.AutoModelForSequenceClassification.from_pretrained(
-            path, local_files_only=True, trust_remote_code=False, ignore_mismatched_sizes=not finetuned, **_label_config(class_names))
+            path, **OFFLINE, ignore_mismatched_sizes=not finetuned, **_label_config(class_names))
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{where}: {path}: cannot load as a sequence classifier "
                         f"({str(e).splitlines()[0]})") from None
@@ -369,14 +373,14 @@ def load_folder(folder: str, where: str) -> HFClassifier:
     tf = transformers_module()
     refuse_remote_code(folder, where)
     try:
-        config = tf.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        config = tf.AutoConfig.from_pretrained(folder, **OFFLINE)
         if getattr(config, "distill_pruned", False):
             hf = tf.AutoModelForSequenceClassification.from_config(config)
             fit_to_shapes(hf, saved_shapes(weights_file(folder)))
             load_weights(hf, weights_file(folder), where)
             hf.eval()
         else:
-            hf = tf.AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+            hf = tf.AutoModelForSequenceClassification.from_pretrained(folder, **OFFLINE)
     except (OSError, ValueError) as e:
         raise UserError(f"{where}: {folder}: cannot load ({str(e).splitlines()[0]})") from None
     return _wrap(hf, load_tokenizer(folder, where))
@@ -431,8 +435,8 @@ def gguf_folder(path: str, where: str) -> str:
     tf = transformers_module()
     base, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     try:
-        tok = tf.AutoTokenizer.from_pretrained(base, gguf_file=name, local_files_only=True, trust_remote_code=False)
-        quantised = tf.AutoModelForCausalLM.from_pretrained(base, gguf_file=name, local_files_only=True, trust_remote_code=False)
+        tok = tf.AutoTokenizer.from_pretrained(base, gguf_file=name, **OFFLINE)
+        quantised = tf.AutoModelForCausalLM.from_pretrained(base, gguf_file=name, **OFFLINE)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"{where}: {path}: cannot load as a causal language model ({str(e).splitlines()[0]})") from None
     config = quantised.config

@@ -21,8 +21,8 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import UserError
-from .hf import HFWrapper, check_fresh_width, keep_layers_config, load_tokenizer, model_folder, pad_id, \
-    refuse_remote_code, tokenizer_hash, transformers_module, uses_rotary
+from .hf import OFFLINE, HFWrapper, check_fresh_width, keep_layers_config, load_tokenizer, model_folder, \
+    pad_id, refuse_remote_code, tokenizer_hash, transformers_module, uses_rotary
 
 
 class HFCausalLM(HFWrapper):
@@ -177,11 +177,11 @@ def load_causal_lm(path: str, where: str) -> HFCausalLM:
     folder = model_folder(path, where)
     refuse_remote_code(folder, where)
     try:
-        config = tf.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        config = tf.AutoConfig.from_pretrained(folder, **OFFLINE)
         if getattr(config, "distill_pruned", False):
             hf = _load_pruned(tf, config, folder, where)
         else:
-            hf = tf.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, trust_remote_code=False, dtype=torch.float32)
+            hf = tf.AutoModelForCausalLM.from_pretrained(folder, **OFFLINE, dtype=torch.float32)
     except (OSError, ValueError, SafetensorError) as e:  # (a weights file cut short: safetensors' own error)
         raise UserError(f"{where}: {path}: cannot load as a causal language model ({str(e).splitlines()[0]})") from None
     hf.eval()

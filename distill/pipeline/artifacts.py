@@ -367,11 +367,10 @@ def load_model_at(path: str, name: str) -> nn.Module:
     """A model a stage saved: a Hugging Face folder, or a .safetensors file that names its architecture."""
     if os.path.isdir(path):
         from ..models.hf_lm import is_causal_lm_config
-        from ..models.hf import refuse_remote_code, transformers_module
+        from ..models.hf import OFFLINE, refuse_remote_code, transformers_module
         refuse_remote_code(path, name)
         try:
-            config = transformers_module().AutoConfig.from_pretrained(path, local_files_only=True,
-                                                                      trust_remote_code=False)
+            config = transformers_module().AutoConfig.from_pretrained(path, **OFFLINE)
         except (OSError, ValueError) as e:
             raise UserError(f"{path}: not a Hugging Face model folder ({str(e).splitlines()[0]})") from None
         return load_causal_lm(path, name) if is_causal_lm_config(config) else load_folder(path, name)
