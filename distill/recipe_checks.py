@@ -125,6 +125,13 @@ def idle_settings(cfg: Dict[str, Any]) -> List[str]:
                 ("scheduler.gamma", sched["name"] != "multistep" and sched["gamma"] != 0.1, "for multistep")]
         out += [f"{role}.train.{key}: {t[key.split('.')[0]][key.split('.')[1]]!r} does nothing here ({why})"
                 for key, bad, why in idle if bad]
+        late = [m for m in sched["milestones"] if m >= t["epochs"]] if sched["name"] == "multistep" else []
+        if late:
+            out.append(f"{role}.train.scheduler.milestones: {late} never reached: epochs run 0 to "
+                       f"{t['epochs'] - 1} ({role}.train.epochs {t['epochs']})")
+        if sched["warmup_epochs"] >= t["epochs"]:
+            out.append(f"{role}.train.scheduler.warmup_epochs: {sched['warmup_epochs']} not less than "
+                       f"{role}.train.epochs {t['epochs']}: the lr never reaches optimizer.lr")
     data, schema = cfg["data"], SCHEMA["data"]
     texts = {"text": ("tokenizer", "max_length", "text_column"), "text_lm": ("max_length",),
              "completions": ("tokenizer", "max_length", "chat_template", "prompt_column", "completion_column"),

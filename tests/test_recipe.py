@@ -297,6 +297,10 @@ def test_a_recipe_changed_in_python_runs_as_validated(tmp_path):
      "student.train.optimizer.fused: True does nothing here (for adam and adamw)"),
     (["student.train.scheduler.milestones=[1]"], "student.train.scheduler.milestones: [1] does nothing here (for "
                                                  "multistep)"),
+    (["student.train.scheduler.name=multistep", "student.train.scheduler.milestones=[5, 400]"],
+     "student.train.scheduler.milestones: [400] never reached: epochs run 0 to "),
+    (["teacher.train.scheduler.warmup_epochs=500"], "teacher.train.scheduler.warmup_epochs: 500 not less than "
+                                                    "teacher.train.epochs"),
     (["teacher.train.scheduler.gamma=0.5"], "teacher.train.scheduler.gamma: 0.5 does nothing here (for multistep)"),
     (["teacher.finetuned=true"], "teacher.finetuned: does nothing without teacher.hf"),
     (["data.tokenizer=some/folder"], "data.tokenizer: 'some/folder' does nothing for data.dataset: digits (it is read "
