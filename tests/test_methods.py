@@ -180,6 +180,30 @@ def test_rkd_is_zero_for_a_scaled_rotated_copy():
     assert rkd_loss(3 * t @ q, t).item() == pytest.approx(0.0, abs=1e-5)
 
 
+def test_rkd_on_two_samples_is_zero_not_nan():
+    """Two samples have no triplet of distinct ones: the angle term averaged an empty tensor to NaN, and the
+    step was skipped without a word (a last batch of 2, or batch_size 2, stopped the run blaming the lr)."""
+    s = torch.randn(2, 4, requires_grad=True)
+    loss = rkd_loss(s, torch.randn(2, 4))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    assert rkd_angle(s, torch.randn(2, 4)).item() == 0.0
+
+
+def test_dist_weights_each_position_of_a_sequence():
+    """Confidence weights on (N, L, V) logits were left (N, L) while the rows were flattened and masked: a
+    traceback for DIST on a GPT student."""
+    from distill.losses.kd import confidence_weights
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 6, 10, generator=g), torch.randn(4, 6, 10, generator=g)
+    mask = torch.rand(4, 6, generator=g) > 0.3
+    w = confidence_weights(t)
+    got = dist_loss(s, t, 2.0, weights=w, mask=mask)
+    keep = mask.reshape(-1)
+    rows = dist_loss(s.reshape(-1, 10)[keep], t.reshape(-1, 10)[keep], 2.0, weights=w.reshape(-1)[keep])
+    assert got.item() == pytest.approx(rows.item(), rel=1e-6)
+
+
 def test_sp_matches_the_paper():
     g = torch.Generator().manual_seed(6)
     s, t = torch.randn(4, 2, 3, 3, generator=g), torch.randn(4, 5, 2, 2, generator=g)

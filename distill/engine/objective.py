@@ -269,7 +269,9 @@ class Objective(nn.Module):
             else:
                 if compares == "width":
                     s_feat, t_feat = align(s_feat, t_feat, proj)
-                if compares != "relations" and s_feat.shape != t_feat.shape:
+                heads_only = compares == "maps" and s_feat.dim() == t_feat.dim() == 4 and \
+                    s_feat.shape[0] == t_feat.shape[0] and s_feat.shape[2:] == t_feat.shape[2:]  # (averaged over heads)
+                if compares != "relations" and s_feat.shape != t_feat.shape and not heads_only:
                     raise UserError(f"distill.features[{i}]: student '{f['student']}' gives "
                                     f"{tuple(s_feat.shape[1:])} after the projector, teacher '{f['teacher']}' "
                                     f"gives {tuple(t_feat.shape[1:])}")

@@ -86,6 +86,9 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     y_t = F.softmax(teacher_logits.float() / t, -1)
     if y_s.dim() > 2:  # positions (tokens): every kept position is a row
         keep = mask.reshape(-1).bool() if mask is not None else slice(None)
+        if weights is not None:  # per sample (N,) or per position (N, L): one per kept row, like the rows
+            lead = y_s.shape[:-1]
+            weights = weights.reshape(weights.shape + (1,) * (len(lead) - weights.dim())).expand(lead).reshape(-1)[keep]
         y_s, y_t = y_s.reshape(-1, y_s.shape[-1])[keep], y_t.reshape(-1, y_t.shape[-1])[keep]
         mask = None
     inter = _weighted(1 - _pearson(y_s, y_t, 1), weights, mask)

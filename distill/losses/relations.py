@@ -96,6 +96,8 @@ def _relation_huber(student_feat: torch.Tensor, teacher_feat: torch.Tensor, mask
     """The Huber loss between psi(teacher) and psi(student) over the `distinct` entries (RKD's form)."""
     s, t = embedding(student_feat, mask), embedding(teacher_feat, mask)
     keep = distinct(len(s), s.device)
+    if not bool(keep.any()):  # (fewer samples than a pair / triplet needs: nothing to compare, not NaN)
+        return s.sum() * 0.0
     return F.smooth_l1_loss(psi(s)[keep], psi(t)[keep])
 
 

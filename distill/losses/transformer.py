@@ -4,7 +4,9 @@ Hidden states, embedding outputs and [CLS] vectors use the foundation's feature 
 through a projector when widths differ); the layer map below only writes those `distill.features` entries.
 Attention maps are probabilities over keys, (N, heads, L, L):
   attention_kl   KL(teacher || student) per query row, as in MiniLM's self-attention distillation;
-  attention_mse  mean squared difference of the maps, TinyBERT's attention loss.
+  attention_mse  mean squared difference of the maps: TinyBERT's attention loss, on the probabilities that
+                 Hugging Face models return (TinyBERT takes the scores before the softmax, so its values, and
+                 the weight that balances them, are larger).
 When the head counts differ, both sides are averaged over heads first.
 """
 from __future__ import annotations
@@ -19,6 +21,9 @@ from .kd import masked_mean
 
 
 def _heads_alike(s: torch.Tensor, t: torch.Tensor):
+    if s.dim() != 4 or t.dim() != 4 or s.shape[-1] != s.shape[-2] or t.shape[-1] != t.shape[-2]:
+        raise UserError(f"distill.features: the attention losses compare (N, heads, L, L) attention maps (the "
+                        f"attention.<i> taps); got student {tuple(s.shape[1:])}, teacher {tuple(t.shape[1:])}")
     s, t = s.float(), t.float()
     if s.shape[1] != t.shape[1]:
         s, t = s.mean(1, keepdim=True), t.mean(1, keepdim=True)
