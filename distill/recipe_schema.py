@@ -123,7 +123,7 @@ TRAIN = {
 
 TRANSFORMS = {
     "normalize": F((bool,), True),
-    "random_crop": F((int,), 0, non_negative),  # pixels of zero padding a random crop shifts by, per sample
+    "random_crop": F((int,), 0, non_negative),  # pixels a random crop shifts by, padded with the mean, per sample
     "hflip": F((bool,), False),
 }
 AUGMENT = {k: v for k, v in TRANSFORMS.items() if k != "normalize"}  # what a model may set for itself (`augment`)

@@ -161,6 +161,9 @@ CASES = {
                     "cannot read as .npz"),
     "npz empty file": (lambda t: [recipe_with(t, GOOD.replace("dataset: digits", f"dataset: npz, path: {_empty(t)}"))],
                        "e.npz: cannot read as .npz (neither a zip of arrays nor a NumPy file)"),
+    "npz cut short": (lambda t: [recipe_with(t, GOOD.replace("dataset: digits", f"dataset: npz, path: "
+                                                                          f"{_cut_short(t)}"))],
+                      "c.npz: cannot read as .npz (truncated or not a zip)"),
     "npz that is one array": (lambda t: [recipe_with(t, GOOD.replace("dataset: digits", f"dataset: npz, path: "
                                                                                         f"{_one_array(t)}"))],
                               "a.npz: one array (an .npy file), not an .npz of x_train, y_train, x_test, y_test"),
@@ -333,6 +336,12 @@ def _one_array(t):
     with open(t / "a.npz", "wb") as fh:  # (np.save appends .npy to a path: a file keeps the name)
         np.save(fh, np.zeros(3))
     return str(t / "a.npz")
+
+
+def _cut_short(t):
+    data = open(npz(t / "full.npz", n=400), "rb").read()  # (an interrupted copy: the zip's directory is lost)
+    (t / "c.npz").write_bytes(data[: len(data) // 2])
+    return str(t / "c.npz")
 
 
 def _truncated(t):

@@ -93,3 +93,16 @@ def test_weights_hash_ignores_metadata(tmp_path):
     with torch.no_grad():
         u[0].weight[0, 0] += 1e-6
     assert weights_sha256(t) != weights_sha256(u)
+
+
+def test_cache_entries_of_teachers_with_the_same_weights_and_other_modules_differ():
+    """ReLU or Tanh between the same Linear layers: one weights hash, two functions. The soft-label key was the
+    weights hash alone, and the Tanh teacher's run was served the ReLU teacher's cached logits."""
+    from distill.pipeline.teacher_outputs import _teacher_sha
+    relu = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    tanh = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    tanh.load_state_dict(relu.state_dict())
+    assert _teacher_sha(relu) != _teacher_sha(tanh)
+    twin = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    twin.load_state_dict(relu.state_dict())
+    assert _teacher_sha(relu) == _teacher_sha(twin)

@@ -164,6 +164,38 @@ def test_attention_kl_and_mse_against_hand_computed_values():
     assert attention_mse(s, t2).item() == pytest.approx(((s - (t + s) / 2) ** 2).mean().item(), rel=1e-6)
 
 
+def test_attention_losses_compare_maps_of_any_head_count_and_refuse_other_features():
+    """A 2-head student against a 12-head teacher was refused by the shape check before the losses could
+    average heads; a non-attention feature was accepted, and attention_kl on it has no lower bound."""
+    from torch import nn
+
+    from distill.engine.batch import TeacherOutputs
+    from distill.engine.objective import Objective
+    from distill.errors import UserError
+
+    class Attends(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.att, self.head = nn.Linear(4, 8), nn.Identity(), nn.Linear(4, 3)
+
+        def forward(self, x):  # (N, L, 4) -> 2 heads of (L, L) maps
+            q = self.q(x).view(x.shape[0], x.shape[1], 2, 4).transpose(1, 2)
+            self.att(torch.softmax(q @ x.transpose(1, 2).unsqueeze(1), -1))
+            return self.head(x.mean(1))
+
+    g = torch.Generator().manual_seed(0)
+    x, y, maps = torch.randn(5, 6, 4, generator=g), torch.tensor([0, 1, 2, 0, 1]), torch.rand(5, 4, 6, 6, generator=g)
+    maps = maps / maps.sum(-1, keepdim=True)
+    dcfg = {"alpha": 0.5, "temperature": 2.0, "features": [{"teacher": "att", "student": "att", "weight": 1.0,
+                                                           "loss": "attention_kl", "projector": "identity"}]}
+    obj = Objective(Attends(), dcfg, lambda xx, idx: TeacherOutputs(torch.randn(5, 3, generator=g), {"att": maps}),
+                    {"att": (4, 6, 6)}, {"att": (2, 6, 6)})
+    total = obj(x, y, torch.arange(5))[0]
+    assert torch.isfinite(total)
+    with pytest.raises(UserError, match=r"the attention losses compare \(N, heads, L, L\) attention maps"):
+        attention_kl(torch.rand(4, 128), torch.rand(4, 128))
+
+
 def test_ce_ignores_texts_without_a_hard_label():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, -1.0]])
     y = torch.tensor([0, -1, 1])
@@ -202,6 +234,31 @@ def test_text_files_csv_and_jsonl(tmp_path):
     txt = tmp_path / "u.txt"
     txt.write_text("one text\n\nanother text\n")
     assert read_texts(str(txt), "text", None) == (["one text", "another text"], [])
+
+
+def test_text_files_a_reader_would_misread_are_refused_and_long_texts_read(tmp_path, tokenizer, monkeypatch):
+    """An unquoted comma made a row's second word its class; a JSONL 1.0 or NaN became a class of its own; a
+    text over 128 K characters, or an unusable cache folder, was a traceback."""
+    from distill.data.text import tokenize_file
+    from distill.errors import UserError
+    bad = tmp_path / "b.csv"
+    bad.write_text("text,label\na fine film,positive\nthe movie was great, really,positive\n")
+    with pytest.raises(UserError, match=r"b.csv: line 3 has 3 fields, the header has 2 \(a comma in a text needs"):
+        read_texts(str(bad), "text", "label")
+    for label in ("1.0", "NaN", "true", '["y"]'):
+        jl = tmp_path / "l.jsonl"
+        jl.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": %s}\n' % label)
+        with pytest.raises(UserError, match=f"l.jsonl: line 2: 'label' is .*; a class is a name or a whole number"):
+            read_texts(str(jl), "text", "label")
+    jl.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": "x"}\n')
+    assert read_texts(str(jl), "text", "label")[1] == ["1", "x"]
+    long = tmp_path / "long.csv"
+    long.write_text("text,label\n" + "film " * 40000 + ",a\nshort,b\n")
+    assert [len(t) for t in read_texts(str(long), "text", "label")[0]] == [200000, 5]
+    monkeypatch.setenv("DISTILL_CACHE", str(long / "cache"))
+    cfg = {"text_column": "text", "label_column": "label", "max_length": 16}
+    with pytest.raises(UserError, match="DISTILL_CACHE: .*long.csv/cache: cannot be the cache folder"):
+        tokenize_file(str(long), cfg, tokenizer)
 
 
 def test_token_ids_are_padded_on_the_right_whatever_the_tokenizer_and_keyed_by_how_it_tokenises(tokenizer, tmp_path):

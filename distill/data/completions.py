@@ -158,11 +158,11 @@ def encode(prompt: str, completion: str, rendered: bool, tok) -> Tuple[List[int]
 def tokenize_rows(path: str, cfg: Dict[str, Any], tok) -> Tuple[np.ndarray, np.ndarray]:
     """(inputs, targets) of every row of `path`, each (N, longest - 1), padded; cached by file, tokenizer and
     settings. A prompt of `data.max_length` tokens or more, or a sequence that does not fit, is an error."""
-    from ..teachers.cache import default_cache_dir
+    from ..teachers.cache import check_cache_dir
     keys = ("prompt_column", "completion_column", "chat_template", "max_length")
     key = sha256_json({"file": sha256_file(path), "tokenizer": tokenization_hash(tok),
                        **{k: cfg[k] for k in keys}})[:24]
-    cached = os.path.join(default_cache_dir(), f"completions-{key}.npz")
+    cached = os.path.join(check_cache_dir(None), f"completions-{key}.npz")
     if os.path.isfile(cached):
         with np.load(cached) as z:
             return z["x"], z["y"]
@@ -240,10 +240,10 @@ def load_completions(cfg: Dict[str, Any]) -> DataBundle:
 def arith_files(cfg: Dict[str, Any]) -> Tuple[str, str]:
     """The train and test JSONL of `data.arith` (distill's multi-step arithmetic generator, seeded by
     data.split_seed), made once in the cache."""
-    from ..teachers.cache import default_cache_dir
+    from ..teachers.cache import check_cache_dir
     from .arith import write_split
     a = cfg["arith"]
-    folder = os.path.join(default_cache_dir(), "arith", sha256_json({**a, "seed": cfg["split_seed"]})[:16])
+    folder = os.path.join(check_cache_dir(None), "arith", sha256_json({**a, "seed": cfg["split_seed"]})[:16])
     paths = os.path.join(folder, "train.jsonl"), os.path.join(folder, "test.jsonl")
     if not all(os.path.isfile(p) for p in paths):
         os.makedirs(folder, exist_ok=True)

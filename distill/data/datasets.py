@@ -10,6 +10,7 @@ import csv
 import hashlib
 import json
 import re
+import zipfile
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
@@ -114,8 +115,9 @@ def _npz(cfg: Dict[str, Any]) -> Raw:
     path = cfg["path"]
     try:
         z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:  # (a file that is no NumPy format is tried as a pickle: refused)
-        why = "neither a zip of arrays nor a NumPy file" if "pickle" in str(e) or isinstance(e, EOFError) else e
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # (no NumPy format is tried as a pickle)
+        why = "neither a zip of arrays nor a NumPy file" if "pickle" in str(e) or isinstance(e, EOFError) else \
+            "truncated or not a zip" if isinstance(e, zipfile.BadZipFile) else e
         raise UserError(f"{path}: cannot read as .npz ({why})") from None
     if not isinstance(z, np.lib.npyio.NpzFile):
         raise UserError(f"{path}: one array (an .npy file), not an .npz of x_train, y_train, x_test, y_test")
@@ -125,7 +127,7 @@ def _npz(cfg: Dict[str, Any]) -> Raw:
             if missing:
                 raise UserError(f"{path}: missing arrays {missing}; an .npz needs x_train, y_train, x_test, y_test")
             arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # (a member cut short by truncation)
         raise UserError(f"{path}: cannot read as .npz ({e})") from None
     other = arrays["x_test" if arrays["x_train"].dtype == np.uint8 else "x_train"]
     if (arrays["x_train"].dtype == np.uint8) != (arrays["x_test"].dtype == np.uint8) and other.size \
@@ -162,6 +164,7 @@ def _class_order(name: str) -> tuple:
 
 def read_text_file(path: str, parse: Callable[[Any], T]) -> T:
     """`parse(fh)` on the UTF-8 file `path`; an unreadable or non-UTF-8 file is a one-line error."""
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 28))  # (a long document, not 128 K characters)
     try:
         with open(path, encoding="utf-8-sig", newline="") as fh:  # (-sig: a byte-order mark is not text)
             return parse(fh)
@@ -169,6 +172,8 @@ def read_text_file(path: str, parse: Callable[[Any], T]) -> T:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except csv.Error as e:  # (a field over the limit: an unclosed quote that runs to the end)
+        raise UserError(f"{path}: not readable as CSV ({e})") from None
 
 
 def _numbered(fh) -> List[Tuple[int, List[str]]]:

@@ -18,7 +18,7 @@ from ..errors import UserError, did_you_mean
 from ..io import atomic_path, sha256_file, sha256_json
 from ..models.hf import load_tokenizer, pad_id, tokenization_hash
 from ..registry import DATASETS
-from ..teachers.cache import default_cache_dir
+from ..teachers.cache import check_cache_dir
 from .datasets import Raw, _class_order, read_text_file
 
 
@@ -43,6 +43,9 @@ def read_texts(path: str, text_col: str, label_col: str | None) -> Tuple[List[st
                             f"columns: {', '.join(map(str, first))}")
     texts, labels = [], []
     for line, row in rows:
+        if None in row:  # (csv.DictReader puts the fields past the header's under the key None)
+            raise UserError(f"{path}: line {line} has {len(first) + len(row[None])} fields, the header has "
+                            f"{len(first)} (a comma in a text needs the text in double quotes)")
         text = row.get(text_col)
         if not isinstance(text, str) or not text.strip():
             raise UserError(f"{path}: line {line}: empty or missing '{text_col}'")
@@ -51,6 +54,9 @@ def read_texts(path: str, text_col: str, label_col: str | None) -> Tuple[List[st
             label = row.get(label_col)
             if label is None or str(label).strip() == "":
                 raise UserError(f"{path}: line {line}: empty or missing '{label_col}'")
+            if isinstance(label, bool) or not isinstance(label, (str, int)):  # (JSONL: 1.0, NaN, [..] are no class)
+                raise UserError(f"{path}: line {line}: '{label_col}' is {json.dumps(label)}; a class is a name or "
+                                f"a whole number")
             labels.append(str(label).strip())
     return texts, labels
 
@@ -106,7 +112,7 @@ def tokenize_file(path: str, cfg: Dict[str, Any], tok, labelled: bool = True) ->
     """Token ids and raw labels of one file, tokenised by `tok`, with the ids cached."""
     texts, labels = read_texts(path, cfg["text_column"], cfg["label_column"] if labelled else None)
     src = {"file": sha256_file(path), "text": cfg["text_column"], "label": cfg["label_column"] if labelled else None}
-    ids = tokenize(texts, tok, cfg["max_length"], default_cache_dir(), sha256_json(src))
+    ids = tokenize(texts, tok, cfg["max_length"], check_cache_dir(None), sha256_json(src))
     return ids, labels
 
 

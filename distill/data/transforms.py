@@ -12,7 +12,9 @@ def has_augmentation(tcfg: Dict[str, Any]) -> bool:
 
 
 def augment(x: torch.Tensor, tcfg: Dict[str, Any], gen: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding (`random_crop` pixels) and horizontal flip, per sample."""
+    """Random crop (`random_crop` pixels of padding) and horizontal flip, per sample. The padding is 0 in the
+    normalised inputs, i.e. the training mean (grey); torchvision's RandomCrop before Normalize pads with raw 0
+    (black). Every published number here was measured with this padding."""
     pad = int(tcfg["random_crop"])
     if pad:
         n, _, h, w = x.shape

@@ -427,9 +427,9 @@ def check_gguf(path: str, where: str) -> str:
 def gguf_folder(path: str, where: str) -> str:
     """The Hugging Face folder converted from GGUF file `path` (once; kept in the cache by the file's hash)."""
     from ..io import sha256_file
-    from ..teachers.cache import default_cache_dir
+    from ..teachers.cache import check_cache_dir
     check_gguf(path, where)
-    folder = os.path.join(default_cache_dir(), "gguf", sha256_file(path)[:16])
+    folder = os.path.join(check_cache_dir(None), "gguf", sha256_file(path)[:16])
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
     tf = transformers_module()

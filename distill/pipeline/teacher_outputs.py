@@ -55,7 +55,7 @@ def soft_labels(run: RunDir, teacher: Optional[nn.Module] = None, data: Optional
         from ..errors import UserError
         raise UserError("distill.teacher_outputs: cached: text features vary in length per batch and are not "
                         "cached; use teacher_outputs: online (or auto) with transformer layer losses")
-    key = cache_key(weights_sha256(teacher), data.fingerprint, layers, _device_key(run))
+    key = cache_key(_teacher_sha(teacher), data.fingerprint, layers, _device_key(run))
     memo = run.__dict__.setdefault("soft_label_entries", {})  # the plan's soft-label stage, then the student
     if key in memo:
         return memo[key]
@@ -73,6 +73,12 @@ def soft_labels(run: RunDir, teacher: Optional[nn.Module] = None, data: Optional
     return outputs
 
 
+def _teacher_sha(teacher: nn.Module) -> str:
+    """The teacher's weights and the modules that compute with them: the weights alone do not tell ReLU from
+    Tanh between the same Linear layers, and a cache entry of one would be served for the other."""
+    return weights_sha256(teacher) + sha256_json(repr(teacher))[:16]
+
+
 def _device_key(run: RunDir) -> Optional[str]:
     """The device a cache entry names: none on the CPU (so entries made before the key named it are found)."""
     device = run.runtime.device.type
@@ -87,7 +93,7 @@ def topk_labels(run: RunDir, teacher: nn.Module, data: DataBundle, dcfg: Dict[st
     memo = run.__dict__.setdefault("soft_label_entries", {})
     tok = tokenizer_hash(load_tokenizer(data.tokenizer, "data.tokenizer")) if data.tokenizer else \
         sha256_json(data.class_names)[:16]
-    want = topk.expected(weights_sha256(teacher), tok, getattr(teacher, "vocab_size", data.num_classes), dcfg["topk"],
+    want = topk.expected(_teacher_sha(teacher), tok, getattr(teacher, "vocab_size", data.num_classes), dcfg["topk"],
                          dcfg["temperature"], data.fingerprint, len(data.y_train), _device_key(run))
     key = "topk-" + sha256_json(want)[:24]
     if key in memo:
