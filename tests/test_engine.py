@@ -390,3 +390,46 @@ def test_latency_reads_a_median_length_text_without_its_padding():
     x = torch.tensor([[5, 6, 7, 0, 0, 0], [5, 0, 0, 0, 0, 0], [5, 6, 7, 8, 9, 4]])
     assert typical_sample(x, SimpleNamespace(pad_id=0)).tolist() == [[5, 6, 7]]
     assert typical_sample(x, SimpleNamespace(pad_id=None)).tolist() == [x[0].tolist()]  # (fixed-width inputs)
+
+
+def test_accumulating_micro_batches_trains_as_the_whole_batch_when_some_samples_lack_a_label(tmp_path):
+    """Cross-entropy is a mean over the labelled samples. Each micro-batch took its own (1 label of 4 weighed as
+    much as 3 of 4): with label_fraction < 1, train.accumulate and --nproc changed the result. Now a micro-batch's
+    mean weighs its share of the step's labels (Hugging Face's num_items_in_batch)."""
+    from safetensors.torch import load_file
+    sets = ["teacher.args.dropout=0.0", "train.epochs=3", "train.select=last", "data.label_fraction=0.3",
+            "monitor=off", f"output.cache_dir={tmp_path / 'cache'}"]
+    for name, extra in (("one", []), ("two", ["student.train.accumulate=2"])):
+        run(Recipe.load("breast_cancer", sets + extra), str(tmp_path / name), echo=quiet)
+    one, two = (load_file(str(tmp_path / n / "student.safetensors")) for n in ("one", "two"))
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_language_model_s_token_means_weigh_each_micro_batch_by_its_target_tokens():
+    """ce and the token KD term are means over a micro-batch's target tokens; completions of unequal length
+    give micro-batches unequal counts. With target_share set as the trainer sets it, two micro-batches give the
+    whole batch's gradient."""
+    from distill.models.gpt import GPT
+    torch.manual_seed(0)
+    student = GPT(vocabulary=11, context=8, layers=1, width=16, heads=2, dropout=0.0)
+    x, y = torch.randint(0, 11, (4, 8)), torch.randint(0, 11, (4, 8))
+    y[0, :7] = -100  # 1 target token in the first half, 13 in the second
+    y[1, :] = -100
+    y[2, :3] = -100
+    t_logits = torch.randn(4, 8, 11)
+    obj = Objective(student, {"alpha": 0.5, "temperature": 2.0, "method": "forward_kl", "features": []},
+                    lambda xx, idx: TeacherOutputs(t_logits[idx]))
+
+    def grad(pieces):
+        student.zero_grad()
+        for idx in pieces:
+            share = len(idx) / 4
+            obj.target_share = int((y[idx] >= 0).sum()) / int((y >= 0).sum()) / share
+            loss, _ = obj(x[idx], y[idx], idx, y[idx] >= 0)
+            (loss * share).backward()
+        obj.target_share = 1.0
+        return [p.grad.clone() for p in student.parameters()]
+
+    for whole, halves in zip(grad([torch.arange(4)]), grad([torch.arange(2), torch.arange(2, 4)])):
+        torch.testing.assert_close(whole, halves, rtol=1e-5, atol=1e-7)

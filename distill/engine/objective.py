@@ -103,10 +103,11 @@ class Objective(nn.Module):
         self.progress = 0.0
         self.epoch = 0.0  # epochs done (fractional), set by the trainer: warm-ups count in epochs
         self.terms: Dict[str, torch.Tensor] = {}  # the last batch's KD and CE terms, for gradient consistency
+        self.target_share = 1.0  # set by the trainer per micro-batch: see per_target
         # on-policy KD (GKD): with probability `fraction` a batch is the student's own completions of its prompts
         self.on_policy = dict(self.dcfg.get("on_policy") or {}) if self.teachers else {}
 
-    _PER_STEP = frozenset({"progress", "epoch", "terms"})
+    _PER_STEP = frozenset({"progress", "epoch", "terms", "target_share"})
 
     def __setattr__(self, name: str, value: Any) -> None:
         """The trainer sets progress, epoch and terms on every step: plain attributes, so they skip
@@ -194,6 +195,13 @@ class Objective(nn.Module):
         xa, ya = as_arrays([(p, ids or [s.eos_id]) for p, (ids, _) in zip(prompts, outs)], s.pad_id)
         return torch.from_numpy(xa).to(x.device), torch.from_numpy(ya).to(x.device)
 
+    def per_target(self, term: torch.Tensor) -> torch.Tensor:
+        """A term that is a mean over the micro-batch's targets (labelled samples, target tokens), reweighted so
+        that the step's is the mean over all of its targets: the trainer weighs each micro-batch by its share of
+        the step's samples, and `target_share` is its share of the targets over that (Hugging Face's
+        num_items_in_batch). 1 when there is one micro-batch, or every sample has one target."""
+        return term if self.target_share == 1.0 else term * self.target_share
+
     def on_policy_loss(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
                        ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """The divergence alone, teacher vs student, on the student's own completions (no gold tokens there)."""
@@ -239,7 +247,8 @@ class Objective(nn.Module):
         x_student = self.noised(x)
         with self._capture as cap:
             logits, y_kept, mask_kept, keep = self.student_logits(x_student, y, mask)
-        loss = _loss("ce")(logits, y_kept, **_masked(mask_kept))
+        ce = _loss("ce")(logits, y_kept, **_masked(mask_kept))
+        loss = self.per_target(ce)
         parts = {"ce": loss.detach(), **self.task.counts(logits, y_kept)}
         if not self.teachers:
             parts["total"] = parts["ce"]
@@ -252,8 +261,10 @@ class Objective(nn.Module):
             t_out = at_positions(t_out, keep)
         weights = confidence_weights(t_out.logits) if self.dcfg.get("sample_weight") == "confidence" else None
         kd = self.logit_term(logits, t_out.logits if t_out.dense else t_out, y_kept, weights, mask_kept)
+        self.terms = {"kd": kd, "ce": ce}
+        if getattr(self.student, "per_position", False):  # (a mean over the target tokens, as ce is)
+            kd = self.per_target(kd)
         parts["kd"] = kd.detach()
-        self.terms = {"kd": kd, "ce": loss}
         alpha = self.current("alpha")
         loss = (1 - alpha) * loss + alpha * kd
         padding = self.padding_mask(x_student) if mask is None and self.features else None

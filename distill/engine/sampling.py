@@ -5,9 +5,9 @@ from the trainer's own generator so that a resumed run redraws exactly the same 
 accumulation, each batch is cut into `processes x train.accumulate` contiguous micro-batches and process r
 takes micro-batches r*A ... r*A+A-1: every process draws the same global order (the same generator, seeded
 alike), so no sample is dropped or seen twice. Each micro-batch's loss weighs its share of the batch's
-samples, so for losses that are means over samples the optimisation does not depend on the process count
-(losses that relate the samples of a batch, or average over labelled samples or masked positions of unequal
-count, see each micro-batch alone)."""
+samples, and a mean over targets (labelled samples, target tokens) its share of the batch's targets, so the
+optimisation does not depend on the process count (except for losses that relate the samples of a batch,
+which see each micro-batch alone)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -88,9 +88,11 @@ WHOLE = Split()
 @dataclass
 class Step:
     """This process's share of one optimizer step: its micro-batches, and the size of the global batch (a
-    micro-batch's loss weighs len(micro-batch) / `n` of the step's)."""
+    micro-batch's loss weighs len(micro-batch) / `n` of the step's); with several micro-batches, the global
+    batch's `targets` (labelled samples, target tokens), which means over targets are taken over."""
     micro: List[Any]
     n: int
+    targets: int = 0
 
 
 class _EpochBatches(torch.utils.data.Dataset):
@@ -113,7 +115,8 @@ class _EpochBatches(torch.utils.data.Dataset):
             return Step([self.task.collate(self.data, batch, self.tcfg, self.seed + i)], len(batch))
         first = split.rank * split.accumulate  # micro-batch j augments with its own seed (0: the batch's)
         return Step([self.task.collate(self.data, piece, self.tcfg, self.seed + i + (first + j) * 2**31)
-                     for j, piece in enumerate(split.mine(batch))], len(batch))
+                     for j, piece in enumerate(split.mine(batch))], len(batch),
+                    int((self.data.y_train[batch] >= 0).sum()))  # (every process counts the whole batch's)
 
 
 def epoch_batches(data: DataBundle, data_cfg: Dict[str, Any], gen: torch.Generator, task: Any = None, start: int = 0,

@@ -295,6 +295,7 @@ class Trainer:
         parts: Dict[str, torch.Tensor] = {}
         for i, batch in enumerate(step.micro):
             share = len(batch.idx) / step.n  # of the global batch's loss
+            objective.target_share = int((batch.y >= 0).sum()) / step.targets / share if step.targets else 1.0
             last = i == len(step.micro) - 1
             with self.model.no_sync() if not last and self.model is not objective else contextlib.nullcontext():
                 batch = self.runtime.put(batch)
@@ -307,6 +308,7 @@ class Trainer:
                 scale = share * self.runtime.world_size  # (DDP averages the processes' gradients)
                 (loss if scale == 1.0 else loss * scale).backward()
             parts = micro_parts if share == 1.0 else _add_share(parts, micro_parts, share)
+        objective.target_share = 1.0
         if self.tcfg["grad_clip"]:
             nn.utils.clip_grad_norm_(self.params, self.tcfg["grad_clip"])
         bad, total = self._non_finite(parts)  # one host sync per step: whether to skip it
