@@ -146,6 +146,23 @@ def test_channel_pruning_removes_filters_and_resizes_the_next_layer(name):
         assert torch.equal(fresh.eval()(x), pruned(x))
 
 
+@pytest.mark.parametrize("stats", [True, False])
+def test_channel_pruning_of_a_cnn_whose_batchnorm_has_no_weights(stats):
+    """BatchNorm2d(affine=False) has no weight: pruning read its shape from it (a traceback)."""
+    torch.manual_seed(0)
+    arch = ["Conv2d(1, 8, 3, padding=1)", f"BatchNorm2d(8, affine=False, track_running_stats={stats})", "ReLU()",
+            "Conv2d(8, 8, 3, padding=1)", "ReLU()", "Flatten()", "Linear(512, 10)"]
+    model = build_model({"arch": arch}, (1, 8, 8), 10).eval()
+    pruned = prune_channels(model, 0.5).eval()
+    assert pruned[0].out_channels == 4 and pruned[1].num_features == 4
+    fresh = build_model({"arch": arch}, (1, 8, 8), 10)
+    fit_to_shapes(fresh, {k: tuple(v.shape) for k, v in pruned.state_dict().items()})
+    fresh.load_state_dict(pruned.state_dict())
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), pruned(x))
+
+
 def test_channel_pruning_keeps_the_filters_with_the_largest_l1_norm():
     model = build_model({"model": "cnn", "args": {"channels": [4], "hidden": 8}}, (1, 8, 8), 3)
     conv = model.body[0]

@@ -188,8 +188,8 @@ def test_sequence_level_kd_crosses_tokenizers(tmp_path, llama, capsys):
     out = r["output"]["dir"]
     kept = [json.loads(line) for line in open(os.path.join(out, "teacher_samples.jsonl"))]
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    moved = next(e for e in log if "reencoded" in e)
-    assert kept and moved["reencoded"] + moved["too_long"] == len(kept)
+    moved = next(e for e in log if "too_long" in e)
+    assert kept and moved["fit"] + moved["too_long"] == len(kept)
     bpe = load_tokenizer(other, "t")
     for name in ("student", "student_scratch"):  # saved with the student's own tokenizer
         assert tokenizer_hash(load_tokenizer(os.path.join(out, name), "t")) == tokenizer_hash(bpe)
@@ -210,7 +210,7 @@ def test_sequence_level_kd_crosses_tokenizers(tmp_path, llama, capsys):
                                                    rel=1e-9)
     assert run.data_for("student").y_test.ne(-100).sum() != run.data_for("teacher").y_test.ne(-100).sum()
     data, added = student_data(run, load_saved(run, "teacher"), "student")
-    assert data.tokenizer == other and added["teacher_written"] == moved["reencoded"] == len(data.y_train)
+    assert data.tokenizer == other and added["teacher_written"] == moved["fit"] == len(data.y_train)
     # what the student trained on is the teacher's text, in the student's tokens (with its EOS)
     texts = [bpe.decode([t for t in y.tolist() if t >= 0]) for y in data.y_train]
     assert all(t.endswith(bpe.eos_token) for t in texts)
@@ -1410,3 +1410,31 @@ def test_students_of_configs_with_per_layer_lists_save_and_reload_as_trained(tmp
         back = load_causal_lm(str(tmp_path / name), "student")
         with torch.no_grad():
             assert torch.equal(back(x), student(x)), name
+
+
+def test_rows_longer_than_a_model_reads_are_left_out_or_refused_before_training():
+    """The teacher may write past data.max_length (max_new_tokens counts from the prompt), and a student's own
+    samples may run past the teacher's table of learnt positions: both were an IndexError mid-training."""
+    from types import SimpleNamespace
+
+    from distill.errors import UserError
+    from distill.pipeline.teacher_outputs import _within
+    from distill.pipeline.training import _fits_contexts
+    events = []
+    run = SimpleNamespace(cfg={"data": {"max_length": 8}}, event=lambda msg, **kw: events.append(kw))
+    assert _within(run, [([1, 2, 3], [4, 5]), ([1, 2, 3], list(range(7)))], 2, "") == [([1, 2, 3], [4, 5])]
+    assert events == [{"fit": 1, "too_long": 1}]
+    with pytest.raises(UserError, match="^data.max_length: 8 tokens holds none of the teacher's completions"):
+        _within(run, [([1, 2, 3], list(range(7)))], 1, "")
+    x = torch.tensor([[5, 6, 7, 8, 9, 0], [5, 6, 7, 8, 0, 0]])
+    y = torch.tensor([[-100, -100, 8, 9, 3, -100], [-100, 7, 8, 3, -100, -100]])  # prompts of 3 and 2 tokens
+    data = SimpleNamespace(x_train=x, y_train=y)
+    short, plain = SimpleNamespace(context=5), SimpleNamespace()
+    with pytest.raises(UserError, match=r"^distill.sequence_kd: sequences of up to 6 tokens, and the student reads "
+                                        r"at most 5 positions"):
+        _fits_contexts("student", short, plain, data, {})
+    on_policy = {"on_policy": {"fraction": 0.5, "max_new_tokens": 4}}
+    _fits_contexts("student", plain, SimpleNamespace(context=6), data, on_policy)  # 3 + 4 - 1 = 6 positions
+    with pytest.raises(UserError, match=r"^distill.on_policy.max_new_tokens: 4 new tokens after prompts of up to "
+                                        r"3, and the teacher reads at most 5 positions .*; give at most 3"):
+        _fits_contexts("student", plain, short, data, on_policy)

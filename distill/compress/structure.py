@@ -43,17 +43,27 @@ def empty_like(module: nn.Module, out: int, inp: int) -> nn.Module:
     raise UserError(f"cannot resize a {type(module).__name__} module")
 
 
+def _shape_of(module: nn.Module) -> torch.Tensor:
+    """The tensor whose shape is the module's: its weight; a BatchNorm2d(affine=False) has none, and its
+    running statistics (if it tracks them) or its feature count stand in."""
+    if module.weight is not None:
+        return module.weight
+    stats = getattr(module, "running_mean", None)
+    return stats if stats is not None else torch.empty(module.num_features)
+
+
 def slice_module(module: nn.Module, out_idx: Optional[torch.Tensor] = None,
                  in_idx: Optional[torch.Tensor] = None) -> nn.Module:
     """A smaller copy of a Linear, Conv2d or BatchNorm2d keeping output units `out_idx` and input units
     `in_idx` (None keeps all)."""
-    w = module.weight
+    w = _shape_of(module)
     out_idx = torch.arange(w.shape[0]) if out_idx is None else out_idx
     n_in = w.shape[1] if w.dim() > 1 else w.shape[0]
     in_idx = torch.arange(n_in) if in_idx is None or w.dim() == 1 else in_idx
     new = empty_like(module, len(out_idx), len(in_idx) if w.dim() > 1 else len(out_idx))
     with torch.no_grad():
-        new.weight.copy_(w[out_idx][:, in_idx] if w.dim() > 1 else w[out_idx])
+        if module.weight is not None:
+            new.weight.copy_(w[out_idx][:, in_idx] if w.dim() > 1 else w[out_idx])
         if getattr(module, "bias", None) is not None:
             new.bias.copy_(module.bias[out_idx])
         if isinstance(module, nn.BatchNorm2d) and module.track_running_stats:
@@ -96,12 +106,12 @@ def fit_to_shapes(model: nn.Module, shapes: Dict[str, Tuple[int, ...]], drops: S
     for name in drops:
         drop_block(model, name)
     for name, module in list(model.named_modules()):
-        w = shapes.get(f"{name}.weight")
+        w = shapes.get(f"{name}.weight", shapes.get(f"{name}.running_mean"))  # (BatchNorm2d(affine=False))
         if w is None:
             continue
         if isinstance(module, nn.Embedding) and f"{name}.remap" in shapes:
             replace(model, name, RemappedEmbedding(w[0], w[1], shapes[f"{name}.remap"][0]))
-        elif isinstance(module, (nn.Linear, nn.Conv2d, nn.BatchNorm2d)) and tuple(w) != tuple(module.weight.shape):
+        elif isinstance(module, (nn.Linear, nn.Conv2d, nn.BatchNorm2d)) and tuple(w) != tuple(_shape_of(module).shape):
             inp = w[0] if len(w) == 1 else w[1] * getattr(module, "groups", 1)
             replace(model, name, empty_like(module, w[0], inp))
     sync_attention_heads(model)

@@ -242,9 +242,11 @@ def teacher_completions(run: RunDir, teacher: nn.Module, data: DataBundle) -> Tu
         from ..errors import UserError
         raise UserError(f"{run.path(TEACHER_COMPLETIONS)}: the teacher wrote no completion that was kept (none "
                         f"ended within max_new_tokens, or none was verified correct); nothing to train on")
-    pairs = [(r["prompt_ids"], r["completion_ids"]) for r in rows]
     if own is not data:  # (a student of another tokenizer: the teacher's text, in the student's tokens)
         pairs, data = in_student_tokens(run, rows, own), own
+    else:
+        pairs = [(r["prompt_ids"], r["completion_ids"]) for r in rows]
+        pairs = _within(run, pairs, len(rows), "")
     x, y = (torch.from_numpy(a) for a in as_arrays(pairs, data.pad_id))
     if not seq["replace"]:
         width = max(x.shape[1], data.x_train.shape[1])
@@ -252,6 +254,19 @@ def teacher_completions(run: RunDir, teacher: nn.Module, data: DataBundle) -> Tu
         x, y = torch.cat([pad(data.x_train, data.pad_id), pad(x, data.pad_id)]), torch.cat([pad(data.y_train, -100),
                                                                                           pad(y, -100)])
     return with_training_split(data, x, y), len(pairs)
+
+
+def _within(run: RunDir, pairs: list, kept: int, how: str) -> list:
+    """The (prompt, completion) pairs whose training row fits in data.max_length (the teacher may write past
+    it: max_new_tokens counts from the prompt); those left out are counted."""
+    limit = run.cfg["data"]["max_length"]
+    fit = [(p, c) for p, c in pairs if len(p) + len(c) - 1 <= limit]
+    run.event(f"teacher_samples: {len(fit)} of the {kept} kept completions{how} fit in data.max_length "
+              f"({limit}); {len(pairs) - len(fit)} longer left out", fit=len(fit), too_long=len(pairs) - len(fit))
+    if not fit:
+        from ..errors import UserError
+        raise UserError(f"data.max_length: {limit} tokens holds none of the teacher's completions{how}; raise it")
+    return fit
 
 
 def in_student_tokens(run: RunDir, rows: list, data: DataBundle) -> list:
@@ -264,19 +279,8 @@ def in_student_tokens(run: RunDir, rows: list, data: DataBundle) -> list:
     from ..tasks.causal_lm import prompts_and_answers
     tok = load_tokenizer(data.tokenizer, "student.hf")
     prompts = prompts_and_answers(data.x_train, data.y_train)[0] + teacher_prompts(run.cfg, data, tok)[0]
-    limit, pairs = run.cfg["data"]["max_length"], []
-    for r in rows:
-        completion = completion_ids(r["completion"], tok)
-        if len(prompts[r["row"]]) + len(completion) - 1 <= limit:
-            pairs.append((prompts[r["row"]], completion))
-    run.event(f"teacher_samples: {len(pairs)} of the {len(rows)} kept completions re-encoded in the student's "
-              f"tokenizer ({data.tokenizer}); {len(rows) - len(pairs)} longer than data.max_length there",
-              reencoded=len(pairs), too_long=len(rows) - len(pairs))
-    if not pairs:
-        from ..errors import UserError
-        raise UserError(f"data.max_length: {limit} tokens holds none of the teacher's completions in the student's "
-                        f"tokenizer; raise it")
-    return pairs
+    return _within(run, [(prompts[r["row"]], completion_ids(r["completion"], tok)) for r in rows], len(rows),
+                   f" re-encoded in the student's tokenizer ({data.tokenizer})")
 
 
 def teacher_prompts_input(run: RunDir) -> Dict[str, Any]:

@@ -76,6 +76,8 @@ def distil(run: RunDir, name: str, model: nn.Module, teacher: nn.Module, mode: s
     the recipe's monitor rule may also adjust the distillation strength."""
     dcfg = dcfg or distill_settings(run)
     rt = run.runtime
+    if run.data.task == "causal_lm":
+        _fits_contexts(name, model, teacher, data or run.data_for(name), dcfg)
     teacher.to(rt.device)
     if labels_only(dcfg):  # (sequence-level KD: the teacher's knowledge is in the data; no outputs needed)
         run.event(f"{name}: distill.alpha is 0 with no feature or on-policy term: trained on its data alone, the "
@@ -100,6 +102,24 @@ def distil(run: RunDir, name: str, model: nn.Module, teacher: nn.Module, mode: s
     if monitor:
         info["monitor_s"] = round(info.get("monitor_s", 0.0) + setup_s, 3)
     return info
+
+
+def _fits_contexts(name: str, model: nn.Module, teacher: nn.Module, data: DataBundle, dcfg: Dict[str, Any]) -> None:
+    """A language model with a table of learnt positions reads no row longer than it: the rows the teacher
+    wrote (sequence-level KD), and the student's own samples that the teacher scores (on-policy), are checked
+    before training, not met as an index error in its middle."""
+    from ..errors import UserError
+    from ..tasks.causal_lm import prompts_and_answers
+    from .artifacts import fits_context
+    fits_context(model, data.x_train.shape[1], "distill.sequence_kd", name, "(the teacher's completions longer "
+                 "than that are left out)")
+    steps, context = (dcfg.get("on_policy") or {}).get("max_new_tokens"), getattr(teacher, "context", None)
+    if (dcfg.get("on_policy") or {}).get("fraction") and context is not None:
+        longest = max(len(p) for p in prompts_and_answers(data.x_train, data.y_train)[0])
+        if longest + steps - 1 > context:
+            raise UserError(f"distill.on_policy.max_new_tokens: {steps} new tokens after prompts of up to {longest}, "
+                            f"and the teacher reads at most {context} positions (its table of learnt positions); "
+                            f"give at most {context - longest + 1}")
 
 
 def feature_shapes(run: RunDir, teacher: nn.Module, student: nn.Module, dcfg: Dict[str, Any]):
