@@ -427,12 +427,20 @@ def test_compress_text_heads_vocab_layers(tmp_path, capsys):
     from textkit import text_recipe
 
     from distill.models.hf import load_folder
-    recipe = Recipe.from_dict(text_recipe(str(tmp_path), student={"from_teacher": {"layers": [0, 1, 2]}}))
+    from distill.models.hf import load_tokenizer
+    (tmp_path / "u.txt").write_text("the zebra was quantum\nan orchestra film\n")
+    recipe = Recipe.from_dict(text_recipe(str(tmp_path), student={"from_teacher": {"layers": [0, 1, 2]}},
+                                          distill={"data": {"unlabeled": str(tmp_path / "u.txt")}}))
     out = str(tmp_path / "run")
     run(recipe, out, **QUIET)
     assert main(["compress", out, "--set", "compress.steps=[vocab, heads, channels, layers, qat]",
                  "--set", "compress.layers.to=2", "--set", "compress.heads.importance=l1"]) == 0
     record = json.load(open(os.path.join(out, "compress", "compress.json")))
+    # the words of the texts without labels, which the student learnt from, keep their rows (were [UNK])
+    remap = load_folder(os.path.join(out, "compress", "vocab"), "v").hf.get_input_embeddings().remap
+    tok = load_tokenizer(str(tmp_path / "bert"), "t")
+    words = torch.tensor(tok.convert_tokens_to_ids(["zebra", "quantum", "orchestra"]))
+    assert tok.unk_token_id not in words.tolist() and len(set(remap[words].tolist())) == 3
     assert [m["name"] for m in record["models"]] == ["vocab", "heads", "channels", "layers2", "qat"]
     params = [m["params"] for m in record["models"]]
     assert params == sorted(params, reverse=True) and params[1] < params[0] and params[3] < params[2]
@@ -498,7 +506,9 @@ def test_run_folder_records_that_are_not_what_distill_wrote_are_one_line(tmp_pat
     for name, text, command, message in [
             ("compress/compress.json", "[1]", ["bench", folder], "compress.json: holds list, not a JSON object"),
             ("compress/compress.json", '{"models": ["x"]}', ["bench", folder],
-             "compress.json: 'models' is not a list of records with a name; run distill compress again"),
+             "compress.json: 'models' is not a list of records with a step's name; run distill compress again"),
+            ("compress/compress.json", '{"models": [{"name": "../teacher"}]}', ["bench", folder],  # (benched the
+             "compress.json: 'models' is not a list of records with a step's name"),  # teacher as deployable)
             ("compress/compress.json", '{"models": [{"name": "gone"}]}', ["bench", folder],
              "compress/gone (.safetensors, or a Hugging Face folder): missing; run the stage that makes it first "
              "(distill run, or distill compress)"),

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -66,8 +67,9 @@ def compressed_models(folder: str) -> List[Tuple[str, str]]:
     from ..pipeline.artifacts import require_saved
     path = os.path.join(folder, "compress", "compress.json")
     models = read_run_json(path, {}).get("models", [])
-    if not isinstance(models, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str) for r in models):
-        raise UserError(f"{path}: 'models' is not a list of records with a name; run distill compress again")
+    if not isinstance(models, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str)
+                                               and re.fullmatch(r"\w[\w.-]*", r["name"]) for r in models):
+        raise UserError(f"{path}: 'models' is not a list of records with a step's name; run distill compress again")
     return [(f"compress/{r['name']}", require_saved(folder, f"compress/{r['name']}")) for r in models]
 
 

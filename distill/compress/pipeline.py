@@ -141,9 +141,11 @@ class Compressor:
     def vocab(self) -> None:
         data, path = self.run.data, self.run.cfg["data"]["tokenizer"]
         tok = load_tokenizer(path, "data.tokenizer")
-        texts = [data.x_train, data.x_val]
+        # (every input the student learnt from and the fine-tunes read: the unlabelled, augmented and
+        # teacher-written ones too; a token seen only there would be read as [UNK])
+        texts = [data.x_train, data.x_val, self.data.x_train]
         if data.task == "causal_lm":  # (the completions too: the model must still write them)
-            texts += [data.y_train, data.y_val]
+            texts += [data.y_train, data.y_val, self.data.y_train]
 
         def work() -> Dict[str, Any]:
             before = self.model.hf.get_input_embeddings().num_embeddings
