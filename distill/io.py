@@ -133,11 +133,13 @@ def read_json(path: str, default: Any = None) -> Any:
 def read_run_json(path: str, default: Any = None) -> Any:
     """`read_json` for a file a command wrote into a run folder (each holds a JSON object): unreadable JSON,
     or another value than an object, is one clear line."""
+    if not os.path.isfile(path):
+        return default
     try:
-        value = read_json(path, default)
+        value = read_json(path)
     except (ValueError, OSError) as e:
         raise UserError(f"{path}: not readable JSON ({e}); re-create it with the command that wrote it") from None
-    if value is not default and not isinstance(value, dict):
+    if not isinstance(value, dict):  # (`null` too: it is not "no file")
         raise UserError(f"{path}: holds {type(value).__name__}, not a JSON object; re-create it with the command "
                         f"that wrote it")
     return value

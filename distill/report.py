@@ -175,7 +175,8 @@ def _short(text: str, n: int) -> str:
 
 def summary_section(recipe: Any, metrics: Dict[str, Any]) -> str:
     from .evaluate import COLUMNS
-    rows = role_order([r for r in metrics if isinstance(metrics[r], dict) and "accuracy" in metrics[r]])
+    rows = role_order([r for r, m in metrics.items() if isinstance(m, dict) and not m.get("skipped")
+                       and any(k in m for k, _, _ in COLUMNS)])  # (evaluate.metrics may leave accuracy out)
     cols = [(k, name, f) for k, name, f in COLUMNS if any(k in metrics[r] for r in rows)]
     cols += [(k, name, f) for k, name, f in (("val_accuracy", "val accuracy", "{:.4f}"),
                                              ("selected_epoch", "selected epoch", "{:d}"),
@@ -442,7 +443,7 @@ def confusion_section(plt: Any, recipe: Any, folder: str) -> str:
 
 
 def compression_section(folder: str) -> str:
-    from .compress.bench import COLUMNS, compressed_out_of_date
+    from .compress.bench import bench_columns, compressed_out_of_date, speed_note
     out, old_chain = "", compressed_out_of_date(folder)  # (its models' bench rows are out of date too)
     comp = read_run_json(os.path.join(folder, "compress", "compress.json"))
     if isinstance(comp, dict) and isinstance(comp.get("models"), list) and comp["models"]:
@@ -461,6 +462,7 @@ def compression_section(folder: str) -> str:
     bench = read_run_json(os.path.join(folder, "bench", "bench.json"))
     if isinstance(bench, dict) and isinstance(bench.get("results"), list) and bench["results"]:
         from .compress.bench import is_stale
+        columns = bench_columns(bench)  # (a language model's are per token)
         from .pipeline.rundir import stage_fingerprints
         versions = stage_fingerprints(folder)
         stale = [isinstance(r, dict) and (is_stale(r, versions) or bool(old_chain) and str(r.get("model")).startswith(
@@ -478,20 +480,20 @@ def compression_section(folder: str) -> str:
             model = f"{r.get('model')} †" if old else r.get("model")
             if "error" in r:
                 rows.append([model, r.get("variant"), _short(str(r["error"]), 110)]
-                            + [""] * (len(COLUMNS) - 1))
+                            + [""] * (len(columns) - 1))
             else:
                 rows.append([model, r.get("variant")] + [
                     "–" if r.get(k) is None else fmt(r[k] / 1024, "{:,.1f}") if f is None else fmt(r[k], f)
-                    for k, _, f in COLUMNS])
-        out += table(["model", "variant"] + [c[1] for c in COLUMNS], rows, numeric_from=2)
+                    for k, _, f in columns])
+        out += table(["model", "variant"] + [c[1] for c in columns], rows, numeric_from=2)
         if any(stale):
             out += note("† measured on an earlier version of the model, which was trained or compressed again "
                         "since (or is gone): these rows, the plot and the recommendation are out of date; run "
                         "`distill bench RUN_DIR` again.")
         m = bench.get("machine") or {}
         out += note(f"Machine: {m.get('cpu', '?')} ({m.get('cores', '?')} cores), torch {m.get('torch', '?')}, "
-                    f"{bench.get('threads', '?')} thread(s); latency at batch 1, throughput at batch "
-                    f"{bench.get('batch', '?')}. Speed-up and Δ acc are against the distilled student (fp32).")
+                    f"{bench.get('threads', '?')} thread(s); {speed_note(bench)}. Speed-up and Δ acc are against "
+                    f"the distilled student (fp32).")
         rec = bench.get("recommended")
         if isinstance(rec, dict):
             out += f"<p>Recommended (fastest within the accuracy budget): <b>{esc(rec.get('model'))} " \

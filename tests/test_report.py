@@ -153,6 +153,8 @@ def test_bad_run_folders_are_one_line_errors(tmp_path, capsys, run_dir):
     _one_line_error(capsys, ["report", str(half)], "metrics.json: not readable JSON")
     (half / "metrics.json").write_text("[1, 2]")
     _one_line_error(capsys, ["report", str(half)], "metrics.json: holds list, not a JSON object")
+    (half / "metrics.json").write_text("null")  # (was read as "no file": a traceback)
+    _one_line_error(capsys, ["report", str(half)], "metrics.json: holds NoneType, not a JSON object")
     (half / "metrics.json").write_text('{"teacher": {"accuracy": "high"}}')
     _one_line_error(capsys, ["doctor", str(half)], "metrics.json: teacher: 'accuracy' is not a number")
     assert not (half / "report.html").exists()
@@ -170,6 +172,29 @@ def test_hand_edited_records_of_other_shapes_are_left_out_not_a_traceback(run_di
         fh.write(json.dumps({"model": "student", "epoch": 3, "loss_total": "abc", "val_accuracy": [1]}) + "\n")
     assert main(["report", str(folder)]) == 0
     assert main(["doctor", str(folder)]) == 0
+
+
+def test_summary_without_accuracy_and_a_language_model_s_bench_in_its_own_columns(run_dir, tmp_path):
+    """evaluate.metrics without accuracy left the summary table empty; an LM's bench rows (perplexity, ms per
+    token, tokens/s) were shown under the classifier's columns (accuracy, p50 ms, samples/s)."""
+    folder = tmp_path / "f1"
+    shutil.copytree(run_dir, folder)
+    metrics = json.load(open(folder / "metrics.json"))
+    for m in metrics.values():
+        m.pop("accuracy", None)
+    json.dump(metrics, open(folder / "metrics.json", "w"))
+    bench = {"language_model": True, "threads": 1, "batch": 4, "latency_runs": 2, "decode_tokens": 16,
+             "machine": {}, "results": [{"model": "student", "variant": "fp32", "perplexity": 3.25, "accuracy": 0.5,
+                                         "p50_ms": 1.5, "throughput": 321.5, "prefill_ms": 7.25}]}
+    os.makedirs(folder / "bench", exist_ok=True)
+    json.dump(bench, open(folder / "bench" / "bench.json", "w"))
+    assert main(["report", str(folder)]) == 0
+    html = (folder / "report.html").read_text()
+    summary = html[html.index("<table>"):html.index("</table>")]
+    assert "macro-F1" in summary and f"{metrics['student']['macro_f1']:.4f}" in summary
+    for header in ("perplexity", "ms/token p50", "tokens/s", "prefill ms"):
+        assert f"<th>{header}</th>" in html, header
+    assert "321.5" in html and "greedy decoding with the KV cache, 16 new tokens" in html
 
 
 def test_without_matplotlib_it_says_so_in_one_line(run_dir, tmp_path, capsys, monkeypatch):

@@ -293,10 +293,25 @@ LM_COLUMNS = [("perplexity", "perplexity", "{:.3f}"), ("accuracy", "token acc", 
     ("throughput", "tokens/s", "{:,.1f}"), ("prefill_ms", "prefill ms", "{:.1f}"), ("peak_mb", "peak MB", "{:.0f}")]
 
 
+def bench_columns(out: Dict[str, Any]) -> List[Tuple[str, str, Optional[str]]]:
+    """The columns of a bench result: a language model's are per token."""
+    return LM_COLUMNS if out.get("language_model", False) else COLUMNS
+
+
+def speed_note(out: Dict[str, Any]) -> str:
+    """How latency and throughput were measured, as bench.md and the report say it."""
+    get = lambda k: out.get(k, "?")  # noqa: E731  (the report reads files that may be partial)
+    if out.get("language_model", False):
+        return (f"greedy decoding with the KV cache, {get('decode_tokens')} new tokens: ms per step at batch 1 over "
+                f"{get('latency_runs')} decodes after warm-up (the prefill, measured apart, taken out), tokens/s at "
+                f"batch {get('batch')}; token acc is next-token accuracy on the test completions; peak MB is that of "
+                f"decoding")
+    return f"latency at batch 1 over {get('latency_runs')} runs after warm-up, throughput at batch {get('batch')}"
+
+
 def format_bench(out: Dict[str, Any]) -> str:
     """A Markdown table (readable as plain text too) with the machine and the recommendations under it."""
-    lm = out.get("language_model", False)
-    columns = LM_COLUMNS if lm else COLUMNS
+    columns = bench_columns(out)
     head = ["model", "variant"] + [c[1] for c in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in out["results"]:
@@ -309,13 +324,9 @@ def format_bench(out: Dict[str, Any]) -> str:
                 for k, _, fmt in columns]
         lines.append("| " + " | ".join(cells) + " |")
     m = out["machine"]
-    speed = (f"greedy decoding with the KV cache, {out.get('decode_tokens')} new tokens: ms per step at batch 1 "
-             f"over {out['latency_runs']} decodes after warm-up (the prefill, measured apart, taken out), tokens/s "
-             f"at batch {out['batch']}; token acc is next-token accuracy on the test completions; peak MB is "
-             f"that of decoding" if lm else
-             f"latency at batch 1 over {out['latency_runs']} runs after warm-up, throughput at batch {out['batch']}")
     lines += ["", f"Machine: {m['cpu']} ({m['cores']} cores), torch {m['torch']}, onnxruntime {m['onnxruntime']}, "
-                  f"{out['threads']} thread(s); {speed}. Speed-up and Δ acc are against the distilled student (fp32)."]
+                  f"{out['threads']} thread(s); {speed_note(out)}. Speed-up and Δ acc are against the distilled "
+                  f"student (fp32)."]
     for key, what in (("recommended", "Recommended (fastest within the accuracy budget)"),
                       ("int8_backend", "Fastest int8 variant within the budget"),
                       ("smallest", "Smallest deployable file")):
