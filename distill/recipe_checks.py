@@ -151,7 +151,29 @@ def idle_settings(cfg: Dict[str, Any]) -> List[str]:
     if cfg["teacher"]["finetuned"] and not cfg["teacher"]["hf"]:
         out.append("teacher.finetuned: does nothing without teacher.hf (a Hugging Face teacher already fine-tuned on "
                    "the labels); a registry teacher is trained, or loaded with teacher.checkpoint")
-    return out + _idle_reaction(cfg)
+    return out + _idle_reaction(cfg) + _idle_generation(cfg)
+
+
+def _idle_generation(cfg: Dict[str, Any]) -> List[str]:
+    """Settings of a sampler that never runs: the teacher writes nothing (sequence_kd), the student samples
+    nothing (on_policy), or the setting is the other data's."""
+    from .recipe_schema import SCHEMA
+    seq, op, out = cfg["distill"]["sequence_kd"], cfg["distill"]["on_policy"], []
+    defaults = {k: f.default for k, f in SCHEMA["distill"]["sequence_kd"].items()}
+    if not (seq["samples"] or seq["windows"]):
+        changed = [k for k in ("temperature", "replace", "top_p", "max_new_tokens", "verify", "batch_size", "prompt")
+                   if seq[k] != defaults[k]]
+        if changed:
+            out.append(f"distill.sequence_kd.{changed[0]}: does nothing while sequence_kd.samples (and windows) is "
+                       f"0: the teacher writes nothing")
+    elif seq["samples"] and seq["prompt"] != defaults["prompt"]:
+        out.append("distill.sequence_kd.prompt: does nothing for prompt/completion data (the characters a teacher-"
+                   "written window of text_lm starts from)")
+    changed = [k for k in ("temperature", "max_new_tokens") if op[k] != SCHEMA["distill"]["on_policy"][k].default]
+    if changed and not op["fraction"]:
+        out.append(f"distill.on_policy.{changed[0]}: does nothing while distill.on_policy.fraction is 0: the "
+                   f"student samples nothing")
+    return out
 
 
 def _idle_reaction(cfg: Dict[str, Any]) -> List[str]:

@@ -698,6 +698,18 @@ def test_arith_generator_is_seeded_disjoint_and_its_traces_are_right(tmp_path):
     assert any("10^7" in r["completion"] or "millions" in r["completion"] for r in wide)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--digits", "0"], "--digits: must be 1 or more, got 0"),
+    (["--train", "200", "--operations", "1", "--digits", "1"], "cannot draw 200 distinct problems"),
+])
+def test_the_arith_command_says_a_bad_argument_in_one_line(tmp_path, capsys, args, message):
+    from distill.data.arith import main
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err, err
+
+
 def test_arith_prompts_are_answer_only_and_disjoint_from_both_splits(tmp_path):
     from distill.data.arith import write_prompts, write_split
     train, test = write_split(str(tmp_path), 60, 20, seed=1, operations=1, digits=2)
@@ -728,6 +740,19 @@ def test_a_count_of_teacher_prompts_is_generated_once_for_arith_data():  # (into
     with pytest.raises(UserError, match=r"data.arith: train 100000 \+ test 10: cannot draw 100000 distinct problems "
                                         r"of 1 operations on 1 digits: there are at most 162, 10 of them taken"):
         arith_files(huge)  # (at once: counted, not searched for)
+
+
+def test_arith_data_is_the_same_data_whichever_folder_caches_it(tmp_path, llama, monkeypatch):
+    """The generated files' paths went into the data fingerprint: another DISTILL_CACHE retrained everything."""
+    from distill.data import load_data
+    r = lm_recipe(str(tmp_path))
+    r["data"] = {"dataset": "arith", "tokenizer": llama, "max_length": 160,
+                 "arith": {"train": 30, "test": 8, "operations": 1, "digits": 2}}
+    prints = []
+    for cache in ("a", "b"):
+        monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / cache))
+        prints.append(load_data(Recipe.from_dict(r).cfg["data"]).fingerprint)
+    assert prints[0] == prints[1]
 
 
 @pytest.mark.parametrize("rows,expected", [

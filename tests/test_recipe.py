@@ -308,6 +308,10 @@ def test_a_recipe_changed_in_python_runs_as_validated(tmp_path):
     (["data.max_length=32"], "data.max_length: 32 does nothing for data.dataset: digits"),
     (["evaluate.exact_match.rows=8"], "evaluate.exact_match.rows: does nothing for data.dataset: digits"),
     (["distill.vocab_align=truncate"], "distill.vocab_align: does nothing for data.dataset: digits"),
+    (["distill.sequence_kd.top_p=0.9"], "distill.sequence_kd.top_p: does nothing while sequence_kd.samples (and "
+                                        "windows) is 0"),
+    (["distill.on_policy.max_new_tokens=64"], "distill.on_policy.max_new_tokens: does nothing while "
+                                              "distill.on_policy.fraction is 0"),
 ])
 def test_settings_that_would_do_nothing_are_said(sets, warning):
     """Each was accepted and silently ignored (a DKD setting with method kd is not DKD; a grid over a cosine

@@ -148,12 +148,18 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompts", type=int, default=0, help="also write prompts.jsonl: this many answer-only problems")
     a = p.parse_args(argv)
-    os.makedirs(a.out, exist_ok=True)
-    for path in write_split(a.out, a.train, a.test, a.seed, a.operations, a.digits):
-        print(path)
-    if a.prompts:
-        print(write_prompts(os.path.join(a.out, "prompts.jsonl"), a.prompts, a.train, a.test, a.seed, a.operations,
-                            a.digits))
+    for name, least in (("train", 1), ("test", 0), ("operations", 1), ("digits", 1), ("prompts", 0)):
+        if getattr(a, name) < least:
+            p.error(f"--{name}: must be {least} or more, got {getattr(a, name)}")
+    try:
+        os.makedirs(a.out, exist_ok=True)
+        for path in write_split(a.out, a.train, a.test, a.seed, a.operations, a.digits):
+            print(path)
+        if a.prompts:
+            print(write_prompts(os.path.join(a.out, "prompts.jsonl"), a.prompts, a.train, a.test, a.seed,
+                                a.operations, a.digits))
+    except (ValueError, OSError) as e:  # (more problems than there are of this size; an unwritable folder)
+        p.error(str(e))
 
 
 if __name__ == "__main__":

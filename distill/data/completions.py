@@ -205,6 +205,7 @@ def _pad_to(a: np.ndarray, width: int, value: int) -> np.ndarray:
 
 
 def load_completions(cfg: Dict[str, Any]) -> DataBundle:
+    given = cfg  # (hashed as given: where the cache keeps the generated files is not the data)
     if cfg["dataset"] == "arith":  # generated here, seeded: written once into the cache as JSONL files
         cfg = {**cfg, **dict(zip(("path", "test_path"), arith_files(cfg)))}
     tok = load_tokenizer(cfg["tokenizer"], "data.tokenizer")
@@ -230,7 +231,7 @@ def load_completions(cfg: Dict[str, Any]) -> DataBundle:
     pad = pad_id(tok)
     xs = [torch.from_numpy(_pad_to(a, width, pad)) for a in (x[train], x[val], xt)]
     ys = [torch.from_numpy(_pad_to(a, width, IGNORE)) for a in (y[train], y[val], yt)]
-    h = hashlib.sha256(sha256_json({k: v for k, v in cfg.items() if k not in ("workers", "eval_batch_size")}).encode())
+    h = hashlib.sha256(sha256_json({k: v for k, v in given.items() if k not in ("workers", "eval_batch_size")}).encode())
     for t in xs + ys:
         h.update(t.numpy().tobytes())
     return DataBundle(xs[0], ys[0], xs[1], ys[1], xs[2], ys[2], len(tok), [], (width,), False, h.hexdigest()[:16],
