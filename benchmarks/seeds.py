@@ -34,7 +34,7 @@ def markdown(summary: dict, recipe: Recipe, command: str, wall_s: float) -> str:
         for name, _, scale, fmt in cols:
             ms = summary[key][name]
             cells.append(f"{ms['mean'] * scale:{fmt}}" + (f" ± {ms['std'] * scale:{fmt}}" if name in
-                                                           ("accuracy", "macro_f1") else ""))
+                                                           ("accuracy", "macro_f1") and ms["std"] is not None else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     t, s, b = (summary[k]["accuracy"]["mean"] * 100 for k in ("teacher", "student", "student_scratch"))
     ratio = summary["teacher"]["params"]["mean"] / summary["student"]["params"]["mean"]

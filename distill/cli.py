@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "student side by side. With no RECIPE, runs the bundled 'digits' recipe.")
     _recipe_args(r, "a recipe file or a bundled recipe name (see `distill recipes`); default: digits")
     r.add_argument("--seeds", type=int, default=None, metavar="N",
-                   help="repeat the run for seeds 0..N-1 (in OUT/seed_<s>) and report mean ± std")
+                   help="repeat the run for seeds 0..N-1 (in OUT/seed_<s>) and report mean ± sample std")
 
     sub.add_parser("recipes", help="list the bundled recipes", description="List the bundled recipes.")
 

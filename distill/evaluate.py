@@ -83,7 +83,8 @@ def evaluate_model(model: nn.Module, path: str, x: torch.Tensor, y: torch.Tensor
 
 def mean_std(values: List[float]) -> Dict[str, float]:
     arr = np.asarray(values, dtype=float)
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
+    # (the sample standard deviation, n - 1: of one seed there is none, and 0 would say there is no spread)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else None}
 
 
 COLUMNS = [("bpc", "bits/char", "{:.4f}"), ("perplexity", "perplexity", "{:.3f}"),
@@ -98,7 +99,7 @@ LABELS = {TEACHER: "teacher", SCRATCH: "student (no KD)", STUDENT: "student (dis
 
 def _cell(value: Any, fmt: Optional[str], key: str) -> str:
     if isinstance(value, dict):  # mean and std over seeds; sizes do not vary with the seed
-        if key in ("params", "size_bytes"):
+        if key in ("params", "size_bytes") or value["std"] is None:
             return _cell(value["mean"], fmt, key)
         return f"{_cell(value['mean'], fmt, key)} ± {_cell(value['std'], fmt, key)}"
     if key == "size_bytes":

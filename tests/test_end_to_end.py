@@ -245,6 +245,11 @@ def test_multi_seed_summary_has_mean_and_std(tmp_path, capsys):
     assert s["seeds"] == [0, 1]
     acc = s["student"]["accuracy"]
     assert set(acc) == {"mean", "std"} and 0 < acc["mean"] <= 1
+    from distill.evaluate import format_table, mean_std
+    assert acc["std"] == pytest.approx(np.std([json.load(open(tmp_path / f"seed_{i}" / "metrics.json"))["student"][
+        "accuracy"] for i in (0, 1)], ddof=1))  # (the sample std)
+    one = mean_std([0.5])  # (one seed has no spread to show: not ± 0)
+    assert one == {"mean": 0.5, "std": None} and "±" not in format_table({"student": {"accuracy": one}})
     assert os.path.isfile(tmp_path / "seed_1" / "metrics.json") and os.path.isfile(tmp_path / "summary.json")
     from distill.cli import main  # the seeds' folder is not a run: the commands on it say which to give
     for command in (["report", str(tmp_path)], ["run", str(tmp_path), "--resume"]):
