@@ -129,10 +129,14 @@ def test_signal_checkpoints_says_how_to_resume_and_resume_matches(reference, tmp
         said = capsys.readouterr().err
         assert "is not one of this teacher stage (KeyError" in said and len(said.strip().splitlines()) == 1, said
         assert files(damaged) == kept
+    newest = sorted((out / "checkpoints" / "teacher").glob("step-*.pt"))[-1]
+    before = torch.load(newest, weights_only=True)["progress"]["seconds"]
     p = subprocess.run([sys.executable, "-m", "distill", "run", "--resume", str(out)], capture_output=True,
                        text=True, env=ENV, timeout=300)
     assert p.returncode == 0, p.stderr
     same_results(reference(), out)
+    # the stage's time counts the attempt before the stop (it counted the resumed one alone)
+    assert json.load(open(out / "stages.json"))["teacher"]["train_time_s"] > before > 0
 
 
 def test_different_recipe_in_the_same_folder_is_refused_unless_overwrite(tmp_path, capsys, monkeypatch):

@@ -172,6 +172,7 @@ class Trainer:
             n / per if self.step_sched else n, scfg, tcfg["epochs"]))
         self.epoch_gen = self.gen.get_state()
         self.resumed = False
+        self.started = time.perf_counter()  # (with the attempts before a resume, in prog["seconds"])
         for cb in self.callbacks:  # a checkpoint is restored (or old ones cleared) before anything else starts
             cb.restore(self)
         self.lr = self.opt.param_groups[0]["lr"]
@@ -205,7 +206,7 @@ class Trainer:
         same in every process and kept once; each process's RNG state is kept (a collective: every process
         calls this)."""
         rng = self.runtime.gather(rng_state()) if self.runtime.distributed else rng_state()
-        prog = dict(self.prog)
+        prog = {**self.prog, "seconds": self.prog.get("seconds", 0.0) + time.perf_counter() - self.started}
         for name in ("sums", "window"):  # a part-done epoch's loss sums, over every process (rank 0 resumes them)
             if self.runtime.distributed and "values" in prog[name]:
                 prog[name] = {**prog[name], "values": self.runtime.sum(prog[name]["values"])}
@@ -257,7 +258,7 @@ class Trainer:
                 cb.on_fit_end(self)
         self.student.load_state_dict(self.prog["best_state"])
         return {"selected_epoch": self.prog["best_epoch"] + 1, **self.prog["best_metrics"],
-                "val_history": self.prog.get("val_history", [])}
+                "val_history": self.prog.get("val_history", []), "earlier_s": self.prog.get("seconds", 0.0)}
 
     def _epochs(self) -> None:
         for epoch in range(self.prog["epoch"], self.tcfg["epochs"]):

@@ -98,7 +98,7 @@ def distil(run: RunDir, name: str, model: nn.Module, teacher: nn.Module, mode: s
             monitor = with_reaction(monitor, objective, run.cfg["monitor"], run.echo)
     setup_s = time.perf_counter() - t0  # (the teacher's side of the probe, once)
     info = train(run, name, objective, data, monitor, tcfg)
-    info.update(train_time_s=round(time.perf_counter() - t0, 3), teacher_outputs=mode)
+    info.update(train_time_s=_seconds(t0, info), teacher_outputs=mode)
     if monitor:
         info["monitor_s"] = round(info.get("monitor_s", 0.0) + setup_s, 3)
     return info
@@ -120,6 +120,12 @@ def _fits_contexts(name: str, model: nn.Module, teacher: nn.Module, data: DataBu
             raise UserError(f"distill.on_policy.max_new_tokens: {steps} new tokens after prompts of up to {longest}, "
                             f"and the teacher reads at most {context} positions (its table of learnt positions); "
                             f"give at most {context - longest + 1}")
+
+
+def _seconds(t0: float, info: Dict[str, Any]) -> float:
+    """A stage's training time: this attempt's since `t0`, and a resumed one's earlier attempts (up to the
+    checkpoint it resumed from)."""
+    return round(time.perf_counter() - t0 + info.pop("earlier_s", 0.0), 3)
 
 
 def feature_shapes(run: RunDir, teacher: nn.Module, student: nn.Module, dcfg: Dict[str, Any]):
@@ -168,7 +174,7 @@ def train_teacher(run: RunDir) -> nn.Module:
             info: Dict[str, Any] = {"loaded_from": loaded}
         else:
             info = train(run, TEACHER, Objective(teacher, runtime=run.runtime))
-        info["train_time_s"] = round(time.perf_counter() - t0, 3)
+        info["train_time_s"] = _seconds(t0, info)
         save_role(run, teacher, TEACHER, TEACHER, spec, info)
         return info
     record = run_stage(run, Stage(TEACHER, {**base_inputs(run, TEACHER, spec), "checkpoint": sha256_file(
@@ -192,7 +198,7 @@ def train_scratch(run: RunDir, teacher: nn.Module) -> Dict[str, Any]:
         scratch = build_role(run, STUDENT)
         t0 = time.perf_counter()
         info = train(run, SCRATCH, Objective(scratch, runtime=run.runtime))
-        info["train_time_s"] = round(time.perf_counter() - t0, 3)
+        info["train_time_s"] = _seconds(t0, info)
         save_role(run, scratch, STUDENT, SCRATCH, spec, info)
         return info
     return run_stage(run, Stage(SCRATCH, student_inputs(run, teacher), [artifact(run.cfg, STUDENT, SCRATCH)], make))
