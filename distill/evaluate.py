@@ -11,7 +11,6 @@ from torch import nn
 
 from .engine.inference import predict
 from .models import count_params
-from .models.hf import trim_padding
 from .roles import SCRATCH, STUDENT, TEACHER, is_assistant
 from .tasks import task_for
 
@@ -49,9 +48,16 @@ def typical_sample(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
     pad = getattr(model, "pad_id", None)
     if pad is None:
         return x[:1]
-    lengths = (x != pad).sum(1)
+    lengths = unpadded_lengths(x, pad)
     i = int(lengths.argsort()[len(x) // 2])
-    return trim_padding(x[i:i + 1], pad)[0]
+    return x[i:i + 1, :int(lengths[i])]
+
+
+def unpadded_lengths(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Per right-padded row, the tokens up to its last one that is not padding: the pad id may occur inside a
+    text too (SmolLM2's EOS ends each chat turn and pads), so counting the other ids cut real tokens off."""
+    real = (x != pad).int()
+    return torch.where(real.any(1), x.shape[1] - real.flip(1).argmax(1), torch.ones_like(real[:, 0]))
 
 
 def weights_size(path: str) -> int:
@@ -74,7 +80,7 @@ def evaluate_model(model: nn.Module, path: str, x: torch.Tensor, y: torch.Tensor
         return keep
     big = x[:ecfg["throughput_batch"]]
     if getattr(model, "pad_id", None) is not None:  # (the batch's own width, not the longest test text's)
-        big = trim_padding(big, model.pad_id)[0]
+        big = big[:, :int(unpadded_lengths(big, model.pad_id).max())]
     batch_ms = latency_ms(model, big, max(5, ecfg["latency_runs"] // 10), ecfg["threads"])
     return {**keep, "params": count_params(model), "size_bytes": weights_size(path),
             "latency_ms": latency_ms(model, typical_sample(x, model), ecfg["latency_runs"], ecfg["threads"]),

@@ -390,6 +390,9 @@ def test_latency_reads_a_median_length_text_without_its_padding():
     x = torch.tensor([[5, 6, 7, 0, 0, 0], [5, 0, 0, 0, 0, 0], [5, 6, 7, 8, 9, 4]])
     assert typical_sample(x, SimpleNamespace(pad_id=0)).tolist() == [[5, 6, 7]]
     assert typical_sample(x, SimpleNamespace(pad_id=None)).tolist() == [x[0].tolist()]  # (fixed-width inputs)
+    # the pad id inside a text (SmolLM2 pads with the EOS that ends each chat turn): real tokens, not cut off
+    x = torch.tensor([[5, 2, 7, 2, 8, 2, 2], [5, 2, 2, 2, 2, 2, 2], [5, 6, 7, 8, 9, 4, 3]])
+    assert typical_sample(x, SimpleNamespace(pad_id=2)).tolist() == [[5, 2, 7, 2, 8]]
 
 
 def test_accumulating_micro_batches_trains_as_the_whole_batch_when_some_samples_lack_a_label(tmp_path):
