@@ -70,7 +70,8 @@ THRESHOLDS: Dict[str, float] = {
     # unstable_loss (and, for that role, not overfitting or student_too_small): a last-epoch training
     # accuracy within this of chance (1/C) is a model that learnt nothing.
     "chance_margin": 0.05,
-    # ... after at least this many epochs (a shorter run has not had the time to learn).
+    # ... after at least this many epochs (a shorter run has not had the time to learn); overfitting too
+    # waits for them (a model two epochs in is still fitting, and its gap is noise).
     "min_epochs": 3,
 }
 TH = THRESHOLDS  # (short name for the rules below)
@@ -421,8 +422,8 @@ def overfitting(run: RunView) -> List[Dict[str, Any]]:
         raise Skip("log.jsonl has no epoch records of the trained models")
     out = []
     for role in logged:
-        if did_not_learn(run, role) is not None:  # (a failed training, unstable_loss's finding, not memorising)
-            continue
+        if did_not_learn(run, role) is not None or len(run.epochs[role]) < TH["min_epochs"]:
+            continue  # (a failed training, unstable_loss's finding, or too short a one: not memorising)
         last = run.epochs[role][-1]
         if last.get("train_accuracy") is not None:
             train, val, source = last["train_accuracy"], last.get("val_accuracy"), "log: last epoch"

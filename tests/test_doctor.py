@@ -393,3 +393,18 @@ def test_a_model_at_chance_without_a_blow_up_barely_trained(runs, capsys, tmp_pa
     [f] = [f for f in by_rule(report, "unstable_loss") if f["evidence"]["role"] == "student"]
     assert "it learnt nothing" in f["message"] and f["suggestion"].startswith("it barely trained: raise the learning")
     assert "--set student.train.epochs=30, now 15" in f["suggestion"]
+
+
+def test_a_model_two_epochs_in_is_not_called_overfitted(runs, capsys, tmp_path):
+    """A 0.10 gap two epochs in (23% training accuracy against 13% on validation) is a model still fitting,
+    not memorising: overfitting waits for min_epochs, as did_not_learn does."""
+    folder = shutil.copytree(runs("overfitting"), str(tmp_path / "r"))
+    with open(os.path.join(folder, "log.jsonl")) as fh:
+        lines = [json.loads(line) for line in fh]
+    kept = [r for r in lines if r.get("model") == "teacher" and "val_accuracy" in r][:2]
+    lines = [r for r in lines if not (r.get("model") == "teacher" and "epoch" in r) or r in kept]
+    with open(os.path.join(folder, "log.jsonl"), "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in lines)
+    _edit_log(folder, "teacher", lambda i, r: r.update(train_accuracy=0.4, val_accuracy=0.2))
+    report, _ = diagnose(folder, capsys)
+    assert not [f for f in by_rule(report, "overfitting") if f["evidence"]["role"] == "teacher"]
