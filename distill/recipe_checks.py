@@ -125,6 +125,8 @@ def idle_settings(cfg: Dict[str, Any]) -> List[str]:
                 ("scheduler.gamma", sched["name"] != "multistep" and sched["gamma"] != 0.1, "for multistep")]
         out += [f"{role}.train.{key}: {t[key.split('.')[0]][key.split('.')[1]]!r} does nothing here ({why})"
                 for key, bad, why in idle if bad]
+        if role == "teacher" and loaded_teacher(cfg):  # (loaded, not trained: its schedule is never used)
+            continue
         late = [m for m in sched["milestones"] if m >= t["epochs"]] if sched["name"] == "multistep" else []
         if late:
             out.append(f"{role}.train.scheduler.milestones: {late} never reached: epochs run 0 to "

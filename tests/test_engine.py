@@ -410,9 +410,9 @@ def test_accumulating_micro_batches_trains_as_the_whole_batch_when_some_samples_
 
 
 def test_a_language_model_s_token_means_weigh_each_micro_batch_by_its_target_tokens():
-    """ce and the token KD term are means over a micro-batch's target tokens; completions of unequal length
-    give micro-batches unequal counts. With target_share set as the trainer sets it, two micro-batches give the
-    whole batch's gradient."""
+    """ce, the token KD term and a feature loss over the target tokens are means over a micro-batch's targets;
+    completions of unequal length give micro-batches unequal counts. With target_share set as the trainer sets
+    it, two micro-batches give the whole batch's gradient."""
     from distill.models.gpt import GPT
     torch.manual_seed(0)
     student = GPT(vocabulary=11, context=8, layers=1, width=16, heads=2, dropout=0.0)
@@ -420,9 +420,11 @@ def test_a_language_model_s_token_means_weigh_each_micro_batch_by_its_target_tok
     y[0, :7] = -100  # 1 target token in the first half, 13 in the second
     y[1, :] = -100
     y[2, :3] = -100
-    t_logits = torch.randn(4, 8, 11)
-    obj = Objective(student, {"alpha": 0.5, "temperature": 2.0, "method": "forward_kl", "features": []},
-                    lambda xx, idx: TeacherOutputs(t_logits[idx]))
+    t_logits, t_feat = torch.randn(4, 8, 11), torch.randn(4, 8, 16)
+    hidden = [{"teacher": "blocks.0", "student": "blocks.0", "loss": "mse", "weight": 1.0, "projector": "identity"}]
+    obj = Objective(student, {"alpha": 0.5, "temperature": 2.0, "method": "forward_kl", "features": hidden},
+                    lambda xx, idx: TeacherOutputs(t_logits[idx], {"blocks.0": t_feat[idx]}),
+                    {"blocks.0": (8, 16)}, {"blocks.0": (8, 16)})
 
     def grad(pieces):
         student.zero_grad()

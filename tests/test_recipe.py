@@ -322,6 +322,20 @@ def test_settings_that_would_do_nothing_are_said(sets, warning):
     assert Recipe.load("digits").warnings == []
 
 
+def test_a_loaded_teacher_s_schedule_is_not_said_to_be_unreached(tmp_path):
+    """A teacher loaded from a checkpoint is not trained: its milestones past a shortened train.epochs are no
+    mistake (the student's are)."""
+    ck = tmp_path / "t.safetensors"
+    ck.write_bytes(b"")
+    sets = ["train.scheduler.name=multistep", "train.scheduler.milestones=[50]", "train.epochs=30",
+            "teacher.train.epochs=30"]
+    said = [w.split(":")[0] for w in Recipe.load("digits", sets).warnings]
+    assert said == ["teacher.train.scheduler.milestones", "student.train.scheduler.milestones"]
+    said = [w.split(":")[0] for w in Recipe.load("digits", sets + [f"teacher.checkpoint={ck}",
+                                                                  "teacher.model=null"]).warnings]
+    assert said == ["student.train.scheduler.milestones"]
+
+
 @pytest.mark.parametrize("sets, message", [
     (["train.optimizer.name=sgd", "train.optimizer.nesterov=true", "train.optimizer.momentum=0"],
      "teacher.train.optimizer.nesterov: Nesterov momentum needs optimizer.momentum > 0"),

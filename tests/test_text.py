@@ -245,6 +245,9 @@ def test_text_files_a_reader_would_misread_are_refused_and_long_texts_read(tmp_p
     bad.write_text("text,label\na fine film,positive\nthe movie was great, really,positive\n")
     with pytest.raises(UserError, match=r"b.csv: line 3 has 3 fields, the header has 2 \(a comma in a text needs"):
         read_texts(str(bad), "text", "label")
+    bad.write_text("text,label\nthe movie was great, really,positive\na fine film,positive\n")  # (the first row)
+    with pytest.raises(UserError, match=r"b.csv: line 2 has 3 fields, the header has 2 "):
+        read_texts(str(bad), "text", "label")
     for label in ("1.0", "NaN", "true", '["y"]'):
         jl = tmp_path / "l.jsonl"
         jl.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": %s}\n' % label)

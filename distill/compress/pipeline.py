@@ -141,13 +141,13 @@ class Compressor:
     def vocab(self) -> None:
         data, path = self.run.data, self.run.cfg["data"]["tokenizer"]
         tok = load_tokenizer(path, "data.tokenizer")
-        # (every input the student learnt from and the fine-tunes read: the unlabelled, augmented and
-        # teacher-written ones too; a token seen only there would be read as [UNK])
-        texts = [data.x_train, data.x_val, self.data.x_train]
-        if data.task == "causal_lm":  # (the completions too: the model must still write them)
-            texts += [data.y_train, data.y_val, self.data.y_train]
 
         def work() -> Dict[str, Any]:
+            # (every input the student learnt from and the fine-tunes read: the unlabelled, augmented and
+            # teacher-written ones too; a token seen only there would be read as [UNK])
+            texts = [data.x_train, data.x_val, self.data.x_train]
+            if data.task == "causal_lm":  # (the completions too: the model must still write them)
+                texts += [data.y_train, data.y_val, self.data.y_train]
             before = self.model.hf.get_input_embeddings().num_embeddings
             if data.task != "causal_lm":
                 self.model = trim_vocabulary(self.model, texts, tok.unk_token_id)
@@ -161,7 +161,7 @@ class Compressor:
             self.run.event(f"compress: vocab: {len(self.model.vocab_ids):,} of {before:,} tokens kept; {outside} of "
                            f"{len(test):,} test tokens are outside them")
             return {"vocab_before": before, "vocab_after": len(self.model.vocab_ids), "test_tokens_outside": outside}
-        self.step("vocab", {}, work)
+        self.step("vocab", {"kept": "tokens of the student's training inputs"}, work)  # (not the labelled alone)
 
     def layers(self) -> None:
         lc, data, bs = self.c["layers"], self.run.data, self.run.cfg["data"]["eval_batch_size"]

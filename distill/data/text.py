@@ -44,8 +44,9 @@ def read_texts(path: str, text_col: str, label_col: str | None) -> Tuple[List[st
     texts, labels = [], []
     for line, row in rows:
         if None in row:  # (csv.DictReader puts the fields past the header's under the key None)
-            raise UserError(f"{path}: line {line} has {len(first) + len(row[None])} fields, the header has "
-                            f"{len(first)} (a comma in a text needs the text in double quotes)")
+            header = len([k for k in row if k is not None])
+            raise UserError(f"{path}: line {line} has {header + len(row[None])} fields, the header has {header} (a "
+                            f"comma in a text needs the text in double quotes)")
         text = row.get(text_col)
         if not isinstance(text, str) or not text.strip():
             raise UserError(f"{path}: line {line}: empty or missing '{text_col}'")

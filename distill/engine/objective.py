@@ -287,6 +287,9 @@ class Objective(nn.Module):
                                     f"{tuple(s_feat.shape[1:])} after the projector, teacher '{f['teacher']}' "
                                     f"gives {tuple(t_feat.shape[1:])}")
                 term = _loss(f["loss"])(s_feat, t_feat, **_masked(where))
+                if where is not None and where is mask and getattr(self.student, "per_position", False) \
+                        and compares != "relations":  # (a mean over the target tokens, as ce is)
+                    term = self.per_target(term)
             parts[f"feat{i}_{f['loss']}"] = term.detach()
             loss = loss + f["weight"] * self.strength["feature_scale"] * term
         parts["total"] = loss.detach()
