@@ -289,3 +289,18 @@ def test_csv_dataset_runs_end_to_end(tmp_path):
     m = run(Recipe.load("breast_cancer", ["data.dataset=csv", f"data.path={tmp_path / 'bc.csv'}", "train.epochs=5"]),
             out=str(tmp_path / "run"), echo=quiet)
     assert m["student"]["accuracy"] > 0.8 and "auc" in m["student"]
+
+
+def test_a_longer_timeout_or_another_device_name_retrains_nothing(tmp_path):
+    """train.timeout_s (how long a collective may wait) and train.device: auto vs cpu leave every model as it
+    is; they were in the stages' fingerprints, so raising the timeout retrained every model and refused
+    --resume of a stopped one."""
+    sets = ["train.epochs=2", "teacher.train.epochs=2", "data.train_subset=300", "monitor=off"]
+    out = str(tmp_path / "r")
+    run(Recipe.load("digits", sets), out, echo=quiet)
+    before = json.load(open(os.path.join(out, "stages.json")))
+    run(Recipe.load("digits", sets + ["train.timeout_s=600", "train.device=cpu"]), out, echo=quiet)
+    after = json.load(open(os.path.join(out, "stages.json")))
+    for stage in ("teacher", "student_scratch", "student"):
+        assert after[stage]["fingerprint"] == before[stage]["fingerprint"], stage
+        assert after[stage]["train_time_s"] == before[stage]["train_time_s"], stage  # (reused, not retrained)

@@ -154,7 +154,11 @@ def base_inputs(run: RunDir, role: str, spec: Dict[str, Any]) -> Dict[str, Any]:
 
 def _train_inputs(tcfg: Dict[str, Any]) -> Dict[str, Any]:
     """The train settings, less `scheduler.interval` at its default (the key came later: runs made before it
-    keep their fingerprints, and their teachers are not retrained)."""
+    keep their fingerprints, and their teachers are not retrained). Where and how long it may wait (device,
+    timeout_s) are read as their defaults: they leave the model as it is (a device that rounds differently is
+    in base_inputs), and a raised timeout must not refuse --resume."""
+    from ..recipe_schema import SCHEMA
+    tcfg = {**tcfg, **{k: SCHEMA["train"][k].default for k in ("device", "timeout_s") if k in tcfg}}
     if tcfg["scheduler"].get("interval", "epoch") != "epoch":
         return tcfg
     return {**tcfg, "scheduler": {k: v for k, v in tcfg["scheduler"].items() if k != "interval"}}
