@@ -204,10 +204,15 @@ def test_exported_hf_folder_generates_the_same_greedy_text_in_plain_transformers
     assert main(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(folder)]) == 0
     assert {"config.json", "distill.json"} <= set(os.listdir(folder))
     assert not [f for f in os.listdir(tmp_path) if f.startswith((".tmp-", ".old-"))]  # (the old one is gone)
+    assert json.load(open(folder / "distill.json"))["export"] == "hf"
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
+    (tmp_path / "model").mkdir()  # (a model folder copied out of a run: distill.json and config.json too)
+    (tmp_path / "model" / "distill.json").write_text('{"spec": {"hf": "x"}}')
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "bert"}')
     for out, message in ((tmp_path / "mine", "a folder that holds other files and is not an earlier --format hf "
-                                              "export"), (tmp_path / "lm.yaml", "a file; --format hf writes a folder"),
+                                              "export"), (tmp_path / "model", "is not an earlier --format hf export"),
+                         (tmp_path / "lm.yaml", "a file; --format hf writes a folder"),
                          (tmp_path / "run", "part of the run folder")):
         before = sorted(os.listdir(out)) if out.is_dir() else out.read_bytes()
         capsys.readouterr()

@@ -403,3 +403,32 @@ def test_a_full_disk_while_saving_a_model_or_a_checkpoint_is_one_line_and_keeps_
         f"one line: {tmp_path / 'm.safetensors'}", f"one line: {tmp_path / 'ck' / 'step-00000001.pt'}"], lines
     assert all("the previous version of the file, if any, is unchanged" in line for line in lines[:2])
     assert lines[2] == "left: ['m.safetensors']"  # (no temp file left behind)
+
+
+def test_a_run_resumed_at_an_epoch_s_last_step_logs_the_rate_that_step_used(tmp_path, monkeypatch):
+    """With a per-step schedule the optimizer's rate has moved on when the checkpoint at an epoch's last step
+    is written; the resumed run logged that next rate on the epoch's line (the weights were right)."""
+    from distill import Recipe, run
+    from distill.engine import trainer as T
+    sets = ["teacher.train.epochs=2", "student.train.epochs=2", "baseline=false", "monitor.enabled=false",
+            "student.train.scheduler.interval=step", "student.train.checkpoint_every=20",
+            "student.train.checkpoint_seconds=0", f"output.cache_dir={tmp_path / 'cache'}"]  # (20 steps an epoch)
+    quiet = lambda m: None  # noqa: E731
+    run(Recipe.load("digits", sets), str(tmp_path / "whole"), echo=quiet)
+
+    class Stop(Exception):
+        pass
+    end_epoch = T.Trainer.end_epoch
+
+    def stop_first(self, epoch, seconds):
+        if self.role == "student" and epoch == 0:
+            raise Stop()  # (after the step-20 checkpoint, before the epoch's line)
+        return end_epoch(self, epoch, seconds)
+    monkeypatch.setattr(T.Trainer, "end_epoch", stop_first)
+    with pytest.raises(Stop):
+        run(Recipe.load("digits", sets), str(tmp_path / "cut"), echo=quiet)
+    monkeypatch.setattr(T.Trainer, "end_epoch", end_epoch)
+    run(Recipe.load("digits", sets), str(tmp_path / "cut"), echo=quiet, resume=True)
+    lines = [[json.loads(line) for line in open(tmp_path / d / "log.jsonl") if '"val_accuracy"' in line
+              and '"student"' in line] for d in ("whole", "cut")]
+    assert [r["lr"] for r in lines[0]] == [r["lr"] for r in lines[1]] and len(lines[0]) == 2

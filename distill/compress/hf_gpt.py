@@ -8,6 +8,7 @@ greedy continuation against `GPT.generate`.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Dict, List
 
@@ -60,10 +61,23 @@ def check_out_folder(folder: str) -> None:
     """--out is replaced as a whole: only a missing or empty folder, or an earlier export, may be there."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"--out {folder}: a file; --format hf writes a folder, give a new folder's path")
-    if os.path.isdir(folder) and os.listdir(folder) and not all(
-            os.path.isfile(os.path.join(folder, f)) for f in ("distill.json", "config.json")):
+    if os.path.isdir(folder) and os.listdir(folder) and not _an_export(folder):
         raise UserError(f"--out {folder}: a folder that holds other files and is not an earlier --format hf "
                         f"export, which it would replace; give a new folder's path")
+
+
+def _an_export(folder: str) -> bool:
+    """An earlier --format hf export: its distill.json says so (or, written before it did, a GPT-2 without
+    the spec that a model folder of a run carries, which a copied-out student has)."""
+    try:
+        with open(os.path.join(folder, "distill.json"), encoding="utf-8") as fh:
+            meta = json.load(fh)
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and isinstance(config, dict) and (
+        meta.get("export") == "hf" or ("spec" not in meta and config.get("model_type") == "gpt2"))
 
 
 def export_gpt2(model: GPT, vocab: List[str], x: torch.Tensor, folder: str, meta: Dict[str, Any]) -> Dict[str, Any]:
@@ -93,7 +107,7 @@ def export_gpt2(model: GPT, vocab: List[str], x: torch.Tensor, folder: str, meta
     with atomic_folder(folder) as tmp:
         hf.save_pretrained(tmp)
         char_tokenizer(vocab).save_pretrained(tmp)
-        write_json(os.path.join(tmp, "distill.json"), meta)
+        write_json(os.path.join(tmp, "distill.json"), {**meta, "export": "hf"})
     size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
     return {"format": "hf", "path": folder, "size_bytes": size, "max_abs_diff": diff, "checked_on": int(len(x)),
             "greedy_tokens_equal": True, "preprocessing": "none"}

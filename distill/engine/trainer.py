@@ -175,7 +175,8 @@ class Trainer:
         self.started = time.perf_counter()  # (with the attempts before a resume, in prog["seconds"])
         for cb in self.callbacks:  # a checkpoint is restored (or old ones cleared) before anything else starts
             cb.restore(self)
-        self.lr = self.opt.param_groups[0]["lr"]
+        # (the rate the last step used, as an epoch line logs it: a per-step schedule has moved the optimizer's on)
+        self.lr = self.prog.get("lr", self.opt.param_groups[0]["lr"])
         for cb in self.callbacks:
             cb.on_fit_start(self)
 
@@ -287,7 +288,7 @@ class Trainer:
     def step(self, epoch: int, step: Step) -> None:
         prog, objective = self.prog, self.objective
         self._warm_up()
-        self.lr = self.opt.param_groups[0]["lr"]  # (logged: the rate this step uses; a per-step schedule moves on)
+        self.lr = prog["lr"] = self.opt.param_groups[0]["lr"]  # (logged: the rate this step uses; kept for resumes)
         objective.progress = prog["step"] / max(self.tcfg["epochs"] * self.per_epoch, 1)  # drives the schedules
         objective.epoch = prog["step"] / max(self.per_epoch, 1)
         self.opt.zero_grad(set_to_none=True)

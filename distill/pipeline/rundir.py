@@ -213,12 +213,12 @@ class RunDir:
             before = Recipe.load(old).cfg
         except UserError as e:  # (a key it held is refused now, say)
             raise UserError(f"{self.out}: the folder's recipe.yaml no longer loads ({e}); choose another folder "
-                            f"(--out), or give distill run --overwrite to replace it") from None
+                            f"(--out), or give --overwrite to replace it") from None
         if _comparable(before) != _comparable(self.cfg):
             keys = _differing(_comparable(before), _comparable(self.cfg))
             raise UserError(f"{self.out}: the folder holds a run of a different recipe ({', '.join(keys[:3])}"
                             f"{' ...' if len(keys) > 3 else ''} differ); choose another folder (--out), or give "
-                            f"distill run --overwrite to replace it (unchanged stages are still reused); distill "
+                            f"--overwrite to replace it (unchanged stages are still reused); distill "
                             f"compress and bench may change only {', '.join(k + '.*' for k in AFTER_TRAINING)}")
 
     def _refuse_other_files(self, overwrite: bool) -> None:
