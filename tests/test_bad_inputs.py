@@ -453,7 +453,8 @@ def test_full_disk_keeps_the_earlier_result(tmp_path, capsys, monkeypatch):
 def test_models_are_measured_only_on_the_data_they_were_trained_beside(tmp_path, capsys):
     """After the run's CSV is edited, the test split holds other rows, some the saved models trained on:
     evaluate, compress, bench and export refuse in one line naming the model, the report leaves out its
-    confusion matrices, and nothing is written. A setting that leaves the splits alone (the batch size) passes."""
+    confusion matrices, and nothing is written. A setting that leaves the splits alone (the evaluation batch)
+    passes."""
     from sklearn.datasets import load_digits
     digits = load_digits()
     rows = ["label," + ",".join(f"p{i}" for i in range(64))]
@@ -464,7 +465,7 @@ def test_models_are_measured_only_on_the_data_they_were_trained_beside(tmp_path,
     out = str(tmp_path / "run")
     assert main(["run", p, "--out", out]) == 0
     assert main(["compress", out, "--set", "compress.steps=[qat]"]) == 0
-    assert main(["evaluate", out, "--set", "data.batch_size=16", "--overwrite"]) == 0  # (the same splits)
+    assert main(["evaluate", out, "--set", "data.eval_batch_size=16", "--overwrite"]) == 0  # (the same splits)
     capsys.readouterr()
     csv.write_text("\n".join(rows[:1] + rows[101:] + rows[1:101]) + "\n")  # the same rows, in another order
     before = files(out)

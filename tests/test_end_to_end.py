@@ -304,3 +304,23 @@ def test_a_longer_timeout_or_another_device_name_retrains_nothing(tmp_path):
     for stage in ("teacher", "student_scratch", "student"):
         assert after[stage]["fingerprint"] == before[stage]["fingerprint"], stage
         assert after[stage]["train_time_s"] == before[stage]["train_time_s"], stage  # (reused, not retrained)
+
+
+def test_evaluate_with_other_measuring_settings_keeps_the_folder_whole(tmp_path, capsys):
+    """evaluate --set evaluate.X --overwrite rewrote recipe.yaml and left the stage records of the old recipe:
+    the next plain evaluate was refused as if a rerun had stopped. A change the models would need training
+    for is refused (it made recipe.yaml describe models the folder does not hold)."""
+    from distill.cli import main
+    from test_bad_inputs import files
+    out = str(tmp_path / "r")
+    run(Recipe.load("digits", ["train.epochs=2", "teacher.train.epochs=2", "data.train_subset=300"]), out,
+        echo=quiet)
+    assert main(["evaluate", out, "--set", "evaluate.latency_runs=3", "--overwrite"]) == 0
+    assert main(["evaluate", out]) == 0
+    before = files(out)
+    capsys.readouterr()
+    assert main(["evaluate", out, "--set", "student.train.epochs=5", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "student.train.epochs: distill evaluate trains nothing, and the folder's models were trained without " \
+           f"this change; give it to distill run {out} --overwrite" in err, err
+    assert files(out) == before

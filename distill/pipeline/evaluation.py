@@ -22,6 +22,7 @@ def evaluated(cfg: Dict[str, Any]) -> list:
 def evaluate(run: RunDir) -> Dict[str, Any]:
     ecfg = run.cfg["evaluate"]
     stages, key, made_for = run.stages(), recipe_key(run.cfg), run.folder_recipe_key()
+    replaced = run.measuring_changes()
     metrics, models = {}, {}
     for name in evaluated(run.cfg):
         data = run.data_for(name)  # (a student may read its own tokens)
@@ -50,6 +51,8 @@ def evaluate(run: RunDir) -> Dict[str, Any]:
     if not run.runtime.is_main:
         return metrics
     run.open()
+    if replaced:
+        run.restamp(replaced)
     write_json(run.path("metrics.json"), metrics)
     chain.report(run, metrics, models)  # chain.json: accuracy and retention per generation, when there are assistants
     return metrics

@@ -359,6 +359,34 @@ class RunDir:
             pass
         return recipe_key(self.cfg)
 
+    def measuring_changes(self) -> Optional[str]:
+        """For `distill evaluate --overwrite` with other settings (it trains nothing): the key of the folder's
+        recipe that this one replaces when only how the models are measured changed (evaluate.*, the evaluation
+        batch); refused when a change is one the models would have to be trained again for (recipe.yaml would
+        then describe models the folder does not hold). None when nothing changed."""
+        if self._opened or not os.path.isfile(self.path("recipe.yaml")):
+            return None
+        try:
+            before = Recipe.load(self.path("recipe.yaml")).cfg
+        except UserError:
+            return None
+        changed = _differing(_comparable(before), _comparable(self.cfg))
+        trained = [k for k in changed if not k.startswith(("evaluate.", "data.eval_batch_size", "data.workers"))]
+        if trained:
+            raise UserError(f"{', '.join(trained[:3])}{' ...' if len(trained) > 3 else ''}: distill evaluate trains "
+                            f"nothing, and the folder's models were trained without this change; give it to distill "
+                            f"run {self.out} --overwrite (which trains again what it changes), or leave it out")
+        return recipe_key(before) if changed else None
+
+    def restamp(self, old_key: str) -> None:
+        """The stage records of the folder's recipe `old_key` marked as of this one (which changed only how
+        the models are measured), so that the next command on the folder does not take them for a stopped rerun's."""
+        stages = self.stages()
+        for record in stages.values():
+            if record.get("recipe") == old_key:
+                record["recipe"] = recipe_key(self.cfg)
+        write_json(self.path("stages.json"), stages)
+
     def mark_done(self, name: str, fingerprint: str, info: Dict[str, Any]) -> None:
         if not self.runtime.is_main:
             return
