@@ -11,6 +11,7 @@ from torch import nn
 
 from .engine.inference import predict
 from .models import count_params
+from .models.hf import unpadded_lengths
 from .roles import SCRATCH, STUDENT, TEACHER, is_assistant
 from .tasks import task_for
 
@@ -51,13 +52,6 @@ def typical_sample(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
     lengths = unpadded_lengths(x, pad)
     i = int(lengths.argsort()[len(x) // 2])
     return x[i:i + 1, :int(lengths[i])]
-
-
-def unpadded_lengths(x: torch.Tensor, pad: int) -> torch.Tensor:
-    """Per right-padded row, the tokens up to its last one that is not padding: the pad id may occur inside a
-    text too (SmolLM2's EOS ends each chat turn and pads), so counting the other ids cut real tokens off."""
-    real = (x != pad).int()
-    return torch.where(real.any(1), x.shape[1] - real.flip(1).argmax(1), torch.ones_like(real[:, 0]))
 
 
 def weights_size(path: str) -> int:

@@ -77,6 +77,80 @@ def test_fresh_student_projects_embeddings_to_a_smaller_width(teacher, tokenizer
     assert student(x).shape == (1, 2)
 
 
+def test_fresh_students_of_other_encoders_honour_their_sizes_or_are_refused(tokenizer):
+    """DistilBERT names its feed-forward width hidden_dim (intermediate was ignored); a decoder has no
+    embeddings module to copy from, and ELECTRA's embeddings are narrower than its layers (tracebacks)."""
+    from distill.errors import UserError
+    from distill.models.hf import HFClassifier
+    wrap = lambda hf: HFClassifier(hf, 0, None, [])  # noqa: E731
+    distil = wrap(transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
+        vocab_size=64, dim=32, hidden_dim=64, n_layers=2, n_heads=2, num_labels=2)))
+    student = fresh_student(distil, layers=1, hidden=16, heads=2, intermediate=24, where="student.hf_config")
+    assert student.hf.distilbert.transformer.layer[0].ffn.lin1.out_features == 24
+    for hf in (transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_labels=2)),
+               transformers.ElectraForSequenceClassification(transformers.ElectraConfig(
+                   vocab_size=64, embedding_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=2, num_labels=2))):
+        with pytest.raises(UserError, match="student.hf_config: a fresh smaller config is made of encoders whose "
+                                            "embeddings are as wide as their layers"):
+            fresh_student(wrap(hf), layers=1, hidden=16, heads=2, intermediate=24, where="student.hf_config")
+
+
+def test_a_decoder_classifier_pools_and_taps_its_real_tokens():
+    """A Llama classifier padded with EOS (2) while its config says 0 pooled on padding; a text holding the pad
+    id lost its tail; the last hidden tap was after the final norm (the others before it); cls was the first
+    token, which in a decoder sees only itself."""
+    from distill.models.hf import HFClassifier
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                      num_attention_heads=2, num_labels=2, pad_token_id=0)
+    model = HFClassifier(transformers.LlamaForSequenceClassification(config), 2, None, []).eval()
+    assert model.hf.config.pad_token_id == 2
+    x = torch.tensor([[5, 6, 2, 7, 8], [5, 9, 9, 2, 2]])  # (a 2 inside the first text; the second padded)
+    seen = {}
+    for name in ("hidden.0", "hidden.3", "cls"):
+        model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o))
+    with torch.no_grad():
+        both = model(x)
+        taps = dict(seen)  # (the batch's; the calls below tap again)
+        alone = [model(x[:1]), model(x[1:2, :3])]
+        plain = model.hf(input_ids=x[:1], attention_mask=torch.ones_like(x[:1])).logits
+        raw = model.hf(input_ids=x, attention_mask=torch.tensor([[1] * 5, [1, 1, 1, 0, 0]]),
+                       output_hidden_states=True)
+    assert torch.allclose(both, torch.cat(alone), atol=1e-5) and torch.allclose(both[:1], plain, atol=1e-5)
+    assert not torch.allclose(taps["hidden.3"], raw.hidden_states[-1], atol=1e-3)  # (not the normed output)
+    assert torch.allclose(taps["hidden.0"], raw.hidden_states[1], atol=1e-6)
+    assert torch.allclose(taps["cls"][1], taps["hidden.3"][1, 2])  # (the second text's last real token)
+
+
+def test_a_head_trained_for_other_labels_is_drawn_afresh_unless_finetuned(bert, tmp_path):
+    """ignore_mismatched_sizes redraws only heads of another size: a 3-class head loaded for 3 other classes
+    kept the old labels' weights (and was renamed)."""
+    import shutil
+    old = load_classifier(bert, ["a", "b", "c"], "t")
+    with torch.no_grad():
+        old.hf.classifier.weight.fill_(0.5)
+    old.hf.save_pretrained(str(tmp_path / "clf"))
+    for f in os.listdir(bert):
+        if f.startswith(("tokenizer", "vocab", "special")):
+            shutil.copy(os.path.join(bert, f), tmp_path / "clf")
+    fresh = load_classifier(str(tmp_path / "clf"), ["neg", "neu", "pos"], "t")
+    assert not (fresh.hf.classifier.weight == 0.5).any() and 0.01 < float(fresh.hf.classifier.weight.std()) < 0.03
+    assert (load_classifier(str(tmp_path / "clf"), ["a", "b", "c"], "t", finetuned=True).hf.classifier.weight
+            == 0.5).all()
+    from distill.errors import UserError
+    with pytest.raises(UserError, match="teacher.hf: .*m.gguf: a GGUF file holds a causal language model"):
+        load_classifier(str(tmp_path / "m.gguf"), NAMES, "teacher.hf")
+    torch.manual_seed(0)  # a folder without a head: drawn by transformers alone, the same random draws as before
+    load_classifier(bert, NAMES, "t")
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    transformers.AutoModelForSequenceClassification.from_pretrained(bert, num_labels=len(NAMES))
+    assert torch.equal(after, torch.rand(1))
+
+
 def test_dynamic_padding_gives_the_same_logits_at_any_padded_length(teacher, tokenizer):
     teacher.eval()
     texts = ["what is the capital of france", "who wrote hamlet"]
@@ -251,7 +325,7 @@ def test_text_files_a_reader_would_misread_are_refused_and_long_texts_read(tmp_p
     for label in ("1.0", "NaN", "true", '["y"]'):
         jl = tmp_path / "l.jsonl"
         jl.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": %s}\n' % label)
-        with pytest.raises(UserError, match=f"l.jsonl: line 2: 'label' is .*; a class is a name or a whole number"):
+        with pytest.raises(UserError, match=r"l.jsonl: line 2: 'label' is .*; a class is a name or a whole number"):
             read_texts(str(jl), "text", "label")
     jl.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": "x"}\n')
     assert read_texts(str(jl), "text", "label")[1] == ["1", "x"]

@@ -122,9 +122,17 @@ def load_tokenizer(path: str, where: str):
 
 def trim_padding(x: torch.Tensor, pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dynamic padding: (ids, attention mask) without the columns that are padding in every row."""
-    mask = x != pad_id
-    length = max(int(mask.sum(1).max()), 1)
-    return x[:, :length], mask[:, :length].long()
+    lengths = unpadded_lengths(x, pad_id)
+    length = int(lengths.max())
+    return x[:, :length], (torch.arange(length, device=x.device)[None] < lengths[:, None]).long()
+
+
+def unpadded_lengths(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Per right-padded row, the tokens up to its last one that is not padding (at least 1): the pad id may
+    occur inside a text too (a model without a pad token pads with the EOS that may end a chat turn), so
+    counting the other ids cut real tokens off, and masked them."""
+    real = (x != pad).int()
+    return torch.where(real.any(1), x.shape[1] - real.flip(1).argmax(1), torch.ones_like(real[:, 0]))
 
 
 POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")  # (the names transformers gives them)
@@ -170,8 +178,10 @@ class HFClassifier(HFWrapper):
     def __init__(self, hf: nn.Module, pad_id: int, mask_id: Optional[int], special_ids: Sequence[int]) -> None:
         super().__init__()
         self.hf, self.pad_id, self.mask_id = hf, int(pad_id), mask_id
-        if getattr(hf.config, "pad_token_id", None) is None:  # (decoder classifiers pool at the last token before
-            hf.config.pad_token_id = self.pad_id  # the padding, and refuse batches of more than one without it)
+        # (decoder classifiers pool at the last token before the config's pad id, and refuse batches of more than
+        # one without it: it must be the id the texts are padded with, which a config may name otherwise, as
+        # Llama-2's says 0 while its tokenizer has no pad token and EOS pads)
+        hf.config.pad_token_id = self.pad_id
         self.special_ids = sorted(int(i) for i in special_ids)
         n = hf.config.num_hidden_layers
         self.embeddings, self.cls = nn.Identity(), nn.Identity()
@@ -187,12 +197,20 @@ class HFClassifier(HFWrapper):
         attentions = any(t._forward_hooks for t in self.attention)  # only computed when a loss reads them
         if attentions and self.hf.config._attn_implementation != "eager":
             self.hf.set_attn_implementation("eager")  # sdpa never materialises the attention maps
-        out = self.hf(input_ids=x, attention_mask=mask, output_hidden_states=True,
-                      output_attentions=attentions)
+        layers = layer_list(self.hf)[2]
+        last: List[torch.Tensor] = []  # (the last layer's own output: a decoder's hidden_states[-1] is after its
+        grab = layers[-1].register_forward_hook(  # final norm, while the other layers' are before any)
+            lambda m, i, o: last.append(o[0] if isinstance(o, tuple) else o))
+        try:
+            out = self.hf(input_ids=x, attention_mask=mask, output_hidden_states=True, output_attentions=attentions)
+        finally:
+            grab.remove()
         self.embeddings(out.hidden_states[0])
-        for tap, h in zip(self.hidden, out.hidden_states[1:]):
+        for tap, h in zip(self.hidden, [*out.hidden_states[1:len(layers)], last[-1]]):
             tap(h)
-        self.cls(out.hidden_states[-1][:, 0])
+        # ([CLS], the first token; a decoder's first token sees only itself: its last real one, which it pools)
+        at = mask.sum(1) - 1 if hasattr(self.hf, "score") else torch.zeros_like(mask[:, 0])
+        self.cls(last[-1][torch.arange(len(x), device=x.device), at])
         if attentions:
             for tap, a in zip(self.attention, out.attentions):
                 tap(a)
@@ -212,6 +230,9 @@ def load_classifier(path: str, class_names: List[str], where: str, finetuned: bo
     """A pretrained encoder with a new classification head, or (`finetuned`) a classifier already trained
     on this task, whose label names must be the data's."""
     tf = transformers_module()
+    if path.endswith(".gguf"):
+        raise UserError(f"{where}: {path}: a GGUF file holds a causal language model (data.dataset: completions, "
+                        f"arith or text_lm); a text classifier is loaded from a Hugging Face folder")
     refuse_remote_code(path, where)
     try:
         config = tf.AutoConfig.from_pretrained(path, **OFFLINE)
@@ -223,12 +244,33 @@ def load_classifier(path: str, class_names: List[str], where: str, finetuned: bo
             raise UserError(f"{where}: {path} was fine-tuned for classes {labels} but the data has "
                             f"{list(class_names)}; teacher and student must share one class list")
     try:  # not fine-tuned here: any classification head it has is replaced, whatever its size
-        hf = tf.AutoModelForSequenceClassification.from_pretrained(
-            path, **OFFLINE, ignore_mismatched_sizes=not finetuned, **_label_config(class_names))
+        hf, info = tf.AutoModelForSequenceClassification.from_pretrained(
+            path, **OFFLINE, ignore_mismatched_sizes=not finetuned, output_loading_info=True,
+            **_label_config(class_names))
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{where}: {path}: cannot load as a sequence classifier "
                         f"({str(e).splitlines()[0]})") from None
+    if not finetuned:
+        _fresh_head(hf, info)
     return _wrap(hf, load_tokenizer(path, where))
+
+
+def _fresh_head(hf: nn.Module, info: Dict[str, Any]) -> None:
+    """A head the folder held at this task's size was loaded as it was (ignore_mismatched_sizes redraws only
+    the heads of other sizes): trained for other labels, it would start the model with their meaning. Its
+    modules are drawn afresh; a head the folder lacked was drawn by from_pretrained, and is left as it is (no
+    more random draws: the runs of such folders are unchanged)."""
+    drawn = set(info.get("missing_keys", [])) | {k[0] if isinstance(k, tuple) else k
+                                                  for k in info.get("mismatched_keys", [])}
+    base, std = hf.base_model_prefix, getattr(hf.config, "initializer_range", None) or 0.02
+    for name, module in hf.named_children():
+        params = [f"{name}.{p}" for p, _ in module.named_parameters()]
+        if name != base and params and not set(params) <= drawn:
+            for layer in (m for m in module.modules() if isinstance(m, nn.Linear)):  # (as transformers draws a
+                with torch.no_grad():  # head: its weights normal, std initializer_range; its biases 0)
+                    layer.weight.normal_(0.0, std)
+                    if layer.bias is not None:
+                        layer.bias.zero_()
 
 
 def layer_list(hf: nn.Module) -> Tuple[nn.Module, str, nn.ModuleList]:
@@ -282,10 +324,16 @@ def fresh_student(teacher: HFClassifier, layers: int, hidden: int, heads: int, i
     """A smaller config of the teacher's architecture, randomly initialised, with the teacher's token,
     position and segment embeddings copied (same width) or projected onto their top principal directions."""
     check_fresh_width(hidden, heads, teacher.hf.get_input_embeddings().weight.shape[1], where)
-    tf = transformers_module()
     config = copy.deepcopy(teacher.hf.config)
+    if getattr(teacher.hf.base_model, "embeddings", None) is None or \
+            getattr(config, "embedding_size", config.hidden_size) != config.hidden_size:
+        raise UserError(f"{where}: a fresh smaller config is made of encoders whose embeddings are as wide as their "
+                        f"layers (BERT, RoBERTa, DistilBERT, MiniLM); the teacher is {config.model_type}: keep its "
+                        f"layers with student.from_teacher instead")
+    tf = transformers_module()
+    feed_forward = [k for k in ("intermediate_size", "hidden_dim") if k in config.to_dict()]  # (DistilBERT's)
     config.update({"num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads,
-                   "intermediate_size": intermediate})
+                   **{k: intermediate for k in feed_forward or ["intermediate_size"]}})
     hf = tf.AutoModelForSequenceClassification.from_config(config)
     t_emb, s_emb = teacher.hf.base_model.embeddings, hf.base_model.embeddings
     with torch.no_grad():
