@@ -19,6 +19,7 @@ import numpy as np
 
 from distill import Recipe, run
 from distill.pipeline.plan import with_seed
+from needs_data import skip_without_data  # benchmarks/needs_data.py
 
 VARIANTS = {
     "fixed (the recipe)": [],
@@ -40,6 +41,7 @@ def main() -> int:
     p.add_argument("recipe")
     p.add_argument("--seeds", type=int, default=5)
     args = p.parse_args()
+    skip_without_data(args.recipe)
     os.environ.setdefault("DISTILL_QUIET", "1")
     recipe = Recipe.load(args.recipe)
     base = os.path.join("runs", "bench", "adaptive", recipe["name"])

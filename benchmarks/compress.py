@@ -27,6 +27,7 @@ from distill.compress.pipeline import compress
 from distill.io import read_json, write_json
 from distill.pipeline.plan import with_seed
 from distill.pipeline.rundir import RunDir
+from needs_data import skip_without_data  # benchmarks/needs_data.py
 
 TORCH_VARIANTS = ("fp32", "dynamic", "static", "fp16", "bf16", "torchao", "pt2e")
 
@@ -128,6 +129,7 @@ def main() -> int:
     p.add_argument("--report-only", action="store_true", help="print the tables from the bench.json files of an "
                                                                  "earlier run of this benchmark, measuring nothing")
     args = p.parse_args()
+    skip_without_data(args.recipe)
     os.environ.setdefault("DISTILL_QUIET", "1")
     recipe = Recipe.load(args.recipe)
     base = os.path.join("runs", "bench", "compress", recipe["name"])

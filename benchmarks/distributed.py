@@ -27,6 +27,7 @@ import sys
 import time
 
 import torch
+from needs_data import skip_without_data  # benchmarks/needs_data.py
 
 LAYOUTS = (("1 process x 2 threads", 1, 2), ("2 processes x 1 thread", 2, 1))
 
@@ -121,6 +122,7 @@ def main() -> None:
                    help="recipe overrides for every run (default: 2 teacher epochs, 2 student epochs)")
     p.add_argument("--root", default=os.path.join("runs", "bench", "distributed"))
     args = p.parse_args()
+    skip_without_data(*args.recipes, sets=args.sets)
     sets = args.sets or ["teacher.train.epochs=2", "student.train.epochs=2"]  # (a recipe's own student epochs
     # would keep a top-level train.epochs from reaching the student: trec_minilm's 4 did)
     rows = [row for recipe in args.recipes for row in bench(recipe, sets, args.repeats, args.root)]

@@ -47,6 +47,7 @@ from distill.pipeline.plan import preflight
 from distill.pipeline.rundir import RunDir
 from distill.pipeline.training import train_distilled, train_teacher
 from distill.teachers import teacher_forward
+from needs_data import skip_without_data  # benchmarks/needs_data.py
 
 
 def plain_kd_loop(rd: RunDir, teacher: torch.nn.Module, fast_pools: bool = False) -> float:
@@ -156,6 +157,7 @@ def main() -> int:
     p.add_argument("--stage-only", action="store_true",
                    help="time only the plain loop and the stage with the monitor off and on")
     args = p.parse_args()
+    skip_without_data(args.recipe, sets=args.overrides)
     # the teacher online on plain inputs (no augmentation), no feature losses, every label: the case both
     # loops implement
     recipe = Recipe.load(args.recipe, args.overrides + ["data.transforms.random_crop=0", "data.transforms.hflip=false",

@@ -39,6 +39,7 @@ from distill import Recipe
 from distill.data import load_data
 from distill.io import load_meta
 from distill.pipeline.artifacts import load_model_at
+from needs_data import skip_without_data  # benchmarks/needs_data.py
 
 ARMS = (("student, no distillation", "student_scratch", []), ("forward KL", "student", ["distill.method=forward_kl"]),
         ("reverse KL", "student", ["distill.method=reverse_kl"]),
@@ -117,6 +118,7 @@ def main() -> None:
     p.add_argument("--arms", default=",".join(map(str, range(len(ARMS)))),
                    help="comma-separated arm numbers (0: no distillation, always run)")
     args = p.parse_args()
+    skip_without_data(args.recipe, sets=args.sets)
     try:
         args.arms = sorted({0, *(int(a) for a in args.arms.split(","))})
     except ValueError:

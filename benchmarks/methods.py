@@ -24,6 +24,7 @@ from typing import Dict, List
 from distill import Recipe, run
 from distill.pipeline.plan import execute, with_seed
 from distill.pipeline.rundir import RunDir
+from needs_data import skip_without_data  # benchmarks/needs_data.py
 
 # CIFAR-100 resnet32x4 -> resnet8x4: RepDistiller README (student, KD, FitNet, AT, SP, RKD, PKT, CRD) and
 # mdistiller README (DKD). DIST and logit standardisation are in neither table.
@@ -70,6 +71,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=30, help="student epochs (every method)")
     p.add_argument("--out", default=os.path.join("runs", "bench", "methods"))
     args = p.parse_args()
+    skip_without_data(args.recipe)
     t_start = time.perf_counter()
     base = Recipe.load(args.recipe)
     teacher_dir = os.path.join(args.out, "teacher")

@@ -33,6 +33,7 @@ from distill.monitor import kd_ce_consistency, retention_monitor
 from distill.pipeline.artifacts import build_role
 from distill.pipeline.rundir import RunDir
 from distill.pipeline.training import PROBE
+from needs_data import skip_without_data  # benchmarks/needs_data.py
 
 
 def timed(fn, n: int) -> float:
@@ -49,6 +50,7 @@ def main() -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
+    skip_without_data(args.recipe, sets=args.overrides)
     torch.manual_seed(0)
     recipe = Recipe.load(args.recipe, args.overrides)
     rd = RunDir(recipe, tempfile.mkdtemp(), echo=lambda m: None)  # (builds and writes nothing)

@@ -24,6 +24,7 @@ from distill.compress.bench import bench
 from distill.compress.pipeline import compress
 from distill.io import read_json
 from distill.pipeline.rundir import RunDir
+from needs_data import skip_without_data  # benchmarks/needs_data.py
 
 
 def stat(values, fmt=".2f") -> str:
@@ -38,6 +39,7 @@ def main() -> int:
     p.add_argument("--to", type=int, default=2)
     p.add_argument("--epochs", type=int, default=1, help="distillation epochs after each dropped layer")
     args = p.parse_args()
+    skip_without_data(args.recipe)
     os.environ.setdefault("DISTILL_QUIET", "1")
     name = Recipe.load(args.recipe)["name"]
     t0 = time.perf_counter()

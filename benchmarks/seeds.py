@@ -20,6 +20,7 @@ import torch
 
 from distill import Recipe, run_seeds
 from distill.evaluate import format_table
+from needs_data import skip_without_data  # benchmarks/needs_data.py
 
 
 def markdown(summary: dict, recipe: Recipe, command: str, wall_s: float) -> str:
@@ -73,6 +74,7 @@ def main() -> int:
     p.add_argument("--per-seed", action="store_true", help="also a row per seed and the demo's criteria")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    skip_without_data(args.recipe, sets=args.overrides)
     recipe = Recipe.load(args.recipe, args.overrides)
     out = args.out or os.path.join("runs", "bench", recipe["name"])
     t0 = time.perf_counter()

@@ -24,6 +24,7 @@ import torch
 
 from distill import Recipe, run
 from distill.pipeline.plan import with_seed
+from needs_data import skip_without_data  # benchmarks/needs_data.py
 
 # Which teacher layers a student of each depth keeps (spread over the stack; DistilBERT's initialisation).
 KEEP = {3: [0, 2, 4], 2: [0, 3], 1: [0]}
@@ -74,6 +75,7 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    skip_without_data(args.recipe, sets=args.overrides)
     os.environ.setdefault("DISTILL_QUIET", "1")
     recipe = Recipe.load(args.recipe, args.overrides)
     base = args.out or os.path.join("runs", "bench", recipe["name"])

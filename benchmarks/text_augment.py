@@ -25,7 +25,27 @@ from distill import Recipe, run
 from distill.data.text import read_texts
 from distill.pipeline.plan import with_seed
 from text import KEEP  # benchmarks/text.py: the teacher layers a student of each depth keeps
+from needs_data import skip_without_data  # benchmarks/needs_data.py
 
+
+
+def held_out_removed(recipe: Recipe) -> list:
+    """The training file's texts, less those that are validation texts of the labelled subset or test texts
+    (TREC's training file repeats some test questions): the student must not learn the teacher's labels of
+    the texts that pick its epoch or score it (distill refuses such a file)."""
+    from distill.data import load_data
+    from distill.data.text import tokenize_file
+    from distill.models.hf import load_tokenizer
+    cfg = recipe["data"]
+    texts, _ = read_texts(cfg["path"], cfg["text_column"], None)
+    ids = tokenize_file(cfg["path"], cfg, load_tokenizer(cfg["tokenizer"], "data.tokenizer"), labelled=False)[0]
+    data = load_data(cfg)
+    key = lambda row: row[row != data.pad_id].tobytes()  # noqa: E731
+    held = {key(row) for x in (data.x_val, data.x_test) for row in x.numpy()}
+    kept = [t for t, row in zip(texts, ids) if key(row) not in held]
+    print(f"unlabeled texts: {len(kept)} of the {len(texts)} training texts ({len(texts) - len(kept)} are validation "
+          f"or test texts)", file=sys.stderr)
+    return kept
 
 
 def variants(unlabeled: str, epochs: int) -> dict:
@@ -47,14 +67,15 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    skip_without_data(args.recipe)
     os.environ.setdefault("DISTILL_QUIET", "1")
     base_sets = [f"data.train_subset={args.train_subset}", f"student.from_teacher.layers={KEEP[args.layers]}",
                  *args.overrides]
     recipe = Recipe.load(args.recipe, base_sets)
     base = args.out or os.path.join("runs", "bench", recipe["name"] + "_augment")
     os.makedirs(base, exist_ok=True)
-    unlabeled = os.path.join(base, "unlabeled.txt")  # every training text, labels dropped
-    texts, _ = read_texts(recipe["data"]["path"], recipe["data"]["text_column"], None)
+    unlabeled = os.path.join(base, "unlabeled.txt")  # the training file's texts, labels dropped, held-out ones left out
+    texts = held_out_removed(recipe)
     with open(unlabeled, "w", encoding="utf-8") as fh:
         fh.write("\n".join(" ".join(t.split()) for t in texts) + "\n")
     t0 = time.perf_counter()

@@ -1465,3 +1465,23 @@ def test_rows_longer_than_a_model_reads_are_left_out_or_refused_before_training(
     with pytest.raises(UserError, match=r"^distill.on_policy.max_new_tokens: 4 new tokens after prompts of up to "
                                         r"3, and the teacher reads at most 5 positions .*; give at most 3"):
         _fits_contexts("student", plain, short, data, on_policy)
+
+
+def test_evaluate_may_not_change_the_answer_pattern_that_picked_the_teacher_s_completions(tmp_path, llama):
+    """evaluate.exact_match.answer also picks the completions sequence KD keeps (verify): under distill
+    evaluate --overwrite it is a training key, refused; without sequence KD it only measures."""
+    from distill.pipeline.rundir import RunDir
+    r = lm_recipe(str(tmp_path), distill={"sequence_kd": {"samples": 1, "verify": True}},
+                  evaluate={"exact_match": {"answer": r"Answer:\s*(-?\d+)"}})
+    os.makedirs(r["output"]["dir"])
+    with open(os.path.join(r["output"]["dir"], "recipe.yaml"), "w") as fh:
+        fh.write(Recipe.from_dict(r).to_yaml())
+    other = {**r, "evaluate": {**r["evaluate"], "exact_match": {**r["evaluate"]["exact_match"], "answer": r"(\d+)$"}}}
+    with pytest.raises(UserError, match=r"^evaluate.exact_match.answer: distill evaluate trains nothing"):
+        RunDir(Recipe.from_dict(other), r["output"]["dir"], echo=lambda *a: None, overwrite=True).measuring_changes()
+    other["distill"] = {**other["distill"], "sequence_kd": {"samples": 0}}
+    r["distill"] = other["distill"]
+    with open(os.path.join(r["output"]["dir"], "recipe.yaml"), "w") as fh:
+        fh.write(Recipe.from_dict(r).to_yaml())
+    assert RunDir(Recipe.from_dict(other), r["output"]["dir"], echo=lambda *a: None,
+                  overwrite=True).measuring_changes() is not None

@@ -32,7 +32,7 @@ from ..pipeline.artifacts import distill_settings, kind, load_saved, model_spec,
 from ..pipeline.rundir import RunDir, stage_fingerprints
 from ..pipeline.stage import Stage, run_stage
 from ..pipeline.teacher_outputs import student_data
-from ..pipeline.training import distil
+from ..pipeline.training import distil, waitless
 from ..recipe import LM_DATASETS, is_text
 from ..recipe_checks import MODEL_SOURCES
 from ..roles import STUDENT, TEACHER, compressed, recipe_section
@@ -55,7 +55,7 @@ class Compressor:
                                         "version": __version__, "data": run.data.fingerprint,
                                         "finetune_data": "the student's",  # (fine-tunes read the unlabelled too)
                                         # (how the fine-tunes train: the student's settings, compress.lr)
-                                        "finetune": {"lr": self.c["lr"], "train": run.train_cfg(STUDENT),
+                                        "finetune": {"lr": self.c["lr"], "train": waitless(run.train_cfg(STUDENT)),
                                                      "distill": run.cfg["distill"]},  # (as set: nothing built)
                                         **({"augment": augment} if augment else {})})
         self.records: List[Dict[str, Any]] = []

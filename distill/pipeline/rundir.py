@@ -371,7 +371,13 @@ class RunDir:
         except UserError:
             return None
         changed = _differing(_comparable(before), _comparable(self.cfg))
-        trained = [k for k in changed if not k.startswith(("evaluate.", "data.eval_batch_size", "data.workers"))]
+        # (how answers are found and checked also picks the teacher's completions that sequence KD keeps, and
+        # the epochs that val_exact_match selects: then it is a training key too)
+        trains = bool(self.cfg["distill"]["sequence_kd"]["samples"]) or any(
+            self.cfg[r]["train"]["select_metric"] == "val_exact_match" for r in (TEACHER, STUDENT))
+        measuring = ("evaluate.", "data.eval_batch_size", "data.workers", "name", "description")
+        trained = [k for k in changed
+                   if not k.startswith(measuring) or (trains and k.startswith("evaluate.exact_match"))]
         if trained:
             raise UserError(f"{', '.join(trained[:3])}{' ...' if len(trained) > 3 else ''}: distill evaluate trains "
                             f"nothing, and the folder's models were trained without this change; give it to distill "

@@ -152,13 +152,19 @@ def base_inputs(run: RunDir, role: str, spec: Dict[str, Any]) -> Dict[str, Any]:
             **({"device": device} if device != "cpu" else {}), **({"augment": augment} if augment else {})}
 
 
+def waitless(tcfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The train settings with timeout_s (how long a process waits for the others, which leaves the model as it
+    is) read as its default: raising it retrains nothing and does not refuse --resume. A value equal to the
+    default is kept as written, so those folders keep their fingerprints."""
+    from ..recipe_schema import SCHEMA
+    default = SCHEMA["train"]["timeout_s"].default
+    return {**tcfg, "timeout_s": default} if tcfg.get("timeout_s", default) != default else tcfg
+
+
 def _train_inputs(tcfg: Dict[str, Any]) -> Dict[str, Any]:
     """The train settings, less `scheduler.interval` at its default (the key came later: runs made before it
-    keep their fingerprints, and their teachers are not retrained). Where and how long it may wait (device,
-    timeout_s) are read as their defaults: they leave the model as it is (a device that rounds differently is
-    in base_inputs), and a raised timeout must not refuse --resume."""
-    from ..recipe_schema import SCHEMA
-    tcfg = {**tcfg, **{k: SCHEMA["train"][k].default for k in ("device", "timeout_s") if k in tcfg}}
+    keep their fingerprints, and their teachers are not retrained), and with `waitless` timeout_s."""
+    tcfg = waitless(tcfg)
     if tcfg["scheduler"].get("interval", "epoch") != "epoch":
         return tcfg
     return {**tcfg, "scheduler": {k: v for k, v in tcfg["scheduler"].items() if k != "interval"}}
