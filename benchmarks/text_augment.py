@@ -34,15 +34,14 @@ def held_out_removed(recipe: Recipe) -> list:
     (TREC's training file repeats some test questions): the student must not learn the teacher's labels of
     the texts that pick its epoch or score it (distill refuses such a file)."""
     from distill.data import load_data
+    from distill.data.augment_text import held_out_rows
     from distill.data.text import tokenize_file
     from distill.models.hf import load_tokenizer
     cfg = recipe["data"]
     texts, _ = read_texts(cfg["path"], cfg["text_column"], None)
     ids = tokenize_file(cfg["path"], cfg, load_tokenizer(cfg["tokenizer"], "data.tokenizer"), labelled=False)[0]
-    data = load_data(cfg)
-    key = lambda row: row[row != data.pad_id].tobytes()  # noqa: E731
-    held = {key(row) for x in (data.x_val, data.x_test) for row in x.numpy()}
-    kept = [t for t, row in zip(texts, ids) if key(row) not in held]
+    held = set(held_out_rows(ids, load_data(cfg)))
+    kept = [t for i, t in enumerate(texts) if i not in held]
     print(f"unlabeled texts: {len(kept)} of the {len(texts)} training texts ({len(texts) - len(kept)} are validation "
           f"or test texts)", file=sys.stderr)
     return kept

@@ -8,14 +8,13 @@ greedy continuation against `GPT.generate`.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, List
 
 import torch
 
 from ..errors import UserError
-from ..io import atomic_folder, write_json
+from ..io import atomic_folder, read_json, write_json
 from ..models.gpt import GPT
 from ..models.hf import transformers_module
 
@@ -70,10 +69,7 @@ def _an_export(folder: str) -> bool:
     """An earlier --format hf export: its distill.json says so (or, written before it did, a GPT-2 without
     the spec that a model folder of a run carries, which a copied-out student has)."""
     try:
-        with open(os.path.join(folder, "distill.json"), encoding="utf-8") as fh:
-            meta = json.load(fh)
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as fh:
-            config = json.load(fh)
+        meta, config = (read_json(os.path.join(folder, f)) for f in ("distill.json", "config.json"))
     except (OSError, ValueError):
         return False
     return isinstance(meta, dict) and isinstance(config, dict) and (

@@ -124,13 +124,18 @@ def eda(x: np.ndarray, text: TokenText, copies: int, prob: float, rng: np.random
     return np.stack(out) if out else np.zeros((0, x.shape[1]), np.int64)
 
 
-def not_held_out(ids: np.ndarray, data, path: str) -> np.ndarray:
-    """`ids`, refused when a text is also a validation or test text: the student would learn the teacher's
-    labels of the texts it is scored on."""
+def held_out_rows(ids: np.ndarray, data) -> List[int]:
+    """The rows of `ids` that are also validation or test texts of `data`."""
     def key(row: np.ndarray) -> bytes:  # (the ids without padding: splits may be padded to other widths)
         return row[row != data.pad_id].tobytes()
     held = {key(row) for x in (data.x_val, data.x_test) for row in x.numpy()}
-    found = [i for i, row in enumerate(ids) if key(row) in held]
+    return [i for i, row in enumerate(ids) if key(row) in held]
+
+
+def not_held_out(ids: np.ndarray, data, path: str) -> np.ndarray:
+    """`ids`, refused when a text is also a validation or test text: the student would learn the teacher's
+    labels of the texts it is scored on."""
+    found = held_out_rows(ids, data)
     if found:
         raise UserError(f"distill.data.unlabeled: {path}: {len(found)} of its {len(ids)} texts are validation or "
                         f"test texts too (the first: text {found[0] + 1}); the student would learn the teacher's "

@@ -352,23 +352,26 @@ class RunDir:
         writes its own (`evaluate --overwrite` with other settings measures the folder's models by the user's
         choice), else this recipe's. A stage record of another key was made by a rerun that changed the recipe
         and stopped before it reached that stage."""
+        before = self._folder_cfg()
+        return recipe_key(before if before is not None else self.cfg)
+
+    def _folder_cfg(self) -> Optional[Dict[str, Any]]:
+        """The folder's recipe.yaml as it is before this command writes its own; None when there is none, it no
+        longer loads, or this command has written it."""
         try:
             if not self._opened and os.path.isfile(self.path("recipe.yaml")):
-                return recipe_key(Recipe.load(self.path("recipe.yaml")).cfg)
+                return Recipe.load(self.path("recipe.yaml")).cfg
         except UserError:
             pass
-        return recipe_key(self.cfg)
+        return None
 
     def measuring_changes(self) -> Optional[str]:
         """For `distill evaluate --overwrite` with other settings (it trains nothing): the key of the folder's
         recipe that this one replaces when only how the models are measured changed (evaluate.*, the evaluation
         batch); refused when a change is one the models would have to be trained again for (recipe.yaml would
         then describe models the folder does not hold). None when nothing changed."""
-        if self._opened or not os.path.isfile(self.path("recipe.yaml")):
-            return None
-        try:
-            before = Recipe.load(self.path("recipe.yaml")).cfg
-        except UserError:
+        before = self._folder_cfg()
+        if before is None:
             return None
         changed = _differing(_comparable(before), _comparable(self.cfg))
         # (how answers are found and checked also picks the teacher's completions that sequence KD keeps, and
