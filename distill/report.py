@@ -443,7 +443,7 @@ def confusion_section(plt: Any, recipe: Any, folder: str) -> str:
 
 
 def compression_section(folder: str) -> str:
-    from .compress.bench import bench_columns, compressed_out_of_date, speed_note
+    from .compress.bench import bench_columns, compressed_out_of_date, recommended_on, speed_note
     out, old_chain = "", compressed_out_of_date(folder)  # (its models' bench rows are out of date too)
     comp = read_run_json(os.path.join(folder, "compress", "compress.json"))
     if isinstance(comp, dict) and isinstance(comp.get("models"), list) and comp["models"]:
@@ -496,8 +496,8 @@ def compression_section(folder: str) -> str:
                     f"the distilled student (fp32).")
         rec = bench.get("recommended")
         if isinstance(rec, dict):
-            out += f"<p>Recommended (fastest within the accuracy budget): <b>{esc(rec.get('model'))} " \
-                   f"{esc(rec.get('variant'))}</b></p>"
+            out += f"<p>Recommended (fastest within the accuracy budget, {esc(recommended_on(bench))}): " \
+                   f"<b>{esc(rec.get('model'))} {esc(rec.get('variant'))}</b></p>"
     return out or note("No compression results: run `distill compress RUN_DIR` and `distill bench RUN_DIR`.")
 
 

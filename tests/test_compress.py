@@ -89,6 +89,20 @@ def test_gradient_head_importance_is_the_loss_sensitivity(bert):
     for layer, head in ((0, 1), (3, 2)):
         assert grads[layer][head] >= raw[layer][head] * 0.99  # sum of |per-sample| >= |sum|
         assert grads[layer][head] > 0
+    # a batch of samples without labels (data.label_fraction) adds nothing, where it made every score NaN
+    unlabelled = _gradient_importance(model, parts, _ids(6), torch.tensor([0, 1, 1, 0, -1, -1]), batch_size=4)
+    assert all(torch.equal(a, b) for a, b in zip(unlabelled, _gradient_importance(model, parts, x, y, 4)))
+
+
+def test_calibration_and_head_importance_read_a_fixed_random_sample_not_the_first_rows():
+    from distill.compress.measure import calibration
+    from distill.data import load_data
+    data = load_data(Recipe.load("breast_cancer").cfg["data"])
+    pick = data.training_sample(64)
+    assert torch.equal(pick, data.training_sample(64)) and len(set(pick.tolist())) == 64
+    assert pick.tolist() == sorted(pick.tolist()) and pick.max() > 64  # not the first 64 rows
+    assert torch.equal(calibration(data, 64), data.x_train[pick])
+    assert len(data.training_sample(10 ** 6)) == len(data.y_train)
 
 
 def test_ffn_pruning_and_vocabulary_trimming(bert, tmp_path):
@@ -370,7 +384,8 @@ def test_bench_fills_every_column_and_plots_the_pareto_front(cnn_run, capsys, tm
     assert {"QuantizeLinear", "DequantizeLinear"} <= static_nodes
     with open(os.path.join(folder, "bench", "pareto.png"), "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert result["recommended"]["model"] != "teacher"
+    assert result["recommended"]["model"] != "teacher" and result["recommended"]["chosen_on"] == "validation"
+    assert all(0 <= r["val_accuracy"] <= 1 for r in rows.values())
     half = load_model_at(rows[("student", "fp16")]["file"], "student")  # (its header names the architecture)
     assert count_params(half) == rows[("student", "fp32")]["params"]
     # each row records which version of its model it measured: once the model is trained again, the report
@@ -383,6 +398,26 @@ def test_bench_fills_every_column_and_plots_the_pareto_front(cnn_run, capsys, tm
     json.dump(stages, open(os.path.join(folder, "stages.json"), "w"))
     page = compression_section(folder)
     assert page.count("student †") == 7 and "teacher †" not in page and "run `distill bench RUN_DIR` again" in page
+
+
+def test_the_recommendation_is_chosen_on_validation_accuracy_not_test():
+    from distill.compress.bench import format_bench, summarise
+
+    def row(model, variant, test, val, ms):
+        return {"model": model, "variant": variant, "accuracy": test, "val_accuracy": val, "p50_ms": ms,
+                "size_bytes": 100, "file": f"{model}.{variant}"}
+    rows = [row("teacher", "fp32", 0.99, 0.99, 9.0), row("student", "fp32", 0.95, 0.95, 4.0),
+            row("student", "dynamic", 0.95, 0.90, 1.0),  # fastest and as good on test, but not on validation
+            row("student", "onnx", 0.90, 0.95, 2.0)]     # within the budget on validation, not on test
+    out = summarise([dict(r) for r in rows], 0.01)
+    assert out["recommended"] == {"model": "student", "variant": "onnx", "file": "student.onnx",
+                                  "chosen_on": "validation"}
+    assert "Recommended (fastest within the accuracy budget, chosen on validation accuracy): student onnx" in \
+        format_bench({"results": [], "machine": {"cpu": "x", "cores": 2, "torch": "t", "onnxruntime": None},
+                      "threads": 1, **out})
+    # data without a validation split: chosen on test, and it says so
+    out = summarise([{k: v for k, v in r.items() if k != "val_accuracy"} for r in rows], 0.01)
+    assert (out["recommended"]["variant"], out["recommended"]["chosen_on"]) == ("dynamic", "test")
 
 
 def test_the_measuring_server_answers_each_job_and_a_death_is_a_row(tmp_path, monkeypatch):

@@ -341,6 +341,9 @@ def test_bench_measures_a_gpt_student_by_decoding(tmp_path):
     assert set(rows) == {("teacher", "fp32"), ("student", "fp32"), ("student", "dynamic")}, rows
     assert not [r for r in rows.values() if "error" in r], rows
     assert rows["student", "fp32"]["bpc"] == pytest.approx(metrics["student"]["bpc"], rel=1e-4)
+    # the recommendation is chosen on validation next-token accuracy, as the run measured it
+    assert rows["student", "fp32"]["val_accuracy"] == pytest.approx(metrics["student"]["val_accuracy"], rel=1e-4)
+    assert out["recommended"]["chosen_on"] == "validation"
     assert os.path.isfile(rows["student", "dynamic"]["file"])  # (the int8 file: at this width no smaller than fp32)
     # the context is 24 tokens: a 1-token prompt and 23 new ones, every step with the KV cache
     assert all(r["p50_ms"] > 0 and r["throughput"] > 0 and (r["prompt_tokens"], r["decode_tokens"]) == (1, 23)

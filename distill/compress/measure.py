@@ -3,8 +3,9 @@
 `write_file` runs in the bench process and writes the deployable file of a variant (its size is the size
 column). `main` is the server that bench starts (`python -m distill.compress.measure`, jobs as JSON lines on
 stdin): a fresh interpreter that imports torch, distill and transformers once and forks a process per
-variant, which loads or converts the model, resets the peak-memory mark, then measures test accuracy,
-batch-1 latency percentiles and throughput, and answers one JSON line.
+variant, which loads or converts the model, resets the peak-memory mark, then measures test accuracy
+(and validation accuracy, which bench's recommendation is chosen on), batch-1 latency percentiles and
+throughput, and answers one JSON line.
 
 A language model is measured as it is used: test perplexity and next-token accuracy over the completion
 tokens, the time per step of greedy decoding with the KV cache at batch 1 (percentiles over a few decodes of
@@ -58,8 +59,9 @@ def is_hf_lm(model: nn.Module) -> bool:
 
 
 def calibration(data: DataBundle, n: int) -> torch.Tensor:
-    """The first `n` training samples (a fixed choice: static int8 is the same every time)."""
-    return data.x_train[:n]
+    """`n` training samples drawn at random with a fixed seed (static int8 is the same every time): the first
+    `n` of a file sorted by class would calibrate the activation ranges on a few classes only."""
+    return data.x_train[data.training_sample(n)]
 
 
 def _onnx_feeds(model: nn.Module, x: torch.Tensor):
@@ -196,15 +198,20 @@ def measure(job: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def classifier_numbers(run: nn.Module, data: DataBundle, cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Test accuracy and macro-F1, batch-1 latency percentiles and throughput at `evaluate.throughput_batch`."""
+    """Test accuracy and macro-F1, validation accuracy, batch-1 latency percentiles and throughput at
+    `evaluate.throughput_batch`."""
     ecfg = cfg["evaluate"]
     logits = predict(run, data.x_test, cfg["data"]["eval_batch_size"])
     metrics = classification_metrics(logits, data.y_test, ecfg["positive_class"])
+    val = {}
+    if len(data.y_val):  # what the recommendation chooses on (the test split is only reported)
+        val_logits = predict(run, data.x_val, cfg["data"]["eval_batch_size"])
+        val["val_accuracy"] = classification_metrics(val_logits, data.y_val, ecfg["positive_class"])["accuracy"]
     sample = typical_sample(data.x_test, run)
     p50, p95 = latency_percentiles(run, sample, cfg["bench"]["latency_runs"], ecfg["threads"])
     big = data.x_test[:ecfg["throughput_batch"]]
     batch_ms = latency_percentiles(run, big, max(5, cfg["bench"]["latency_runs"] // 10), ecfg["threads"])[0]
-    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "p50_ms": p50, "p95_ms": p95,
+    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], **val, "p50_ms": p50, "p95_ms": p95,
             "throughput": len(big) / batch_ms * 1000}
 
 
@@ -214,13 +221,16 @@ def lm_runs(cfg: Dict[str, Any]) -> int:
 
 
 def lm_numbers(run: nn.Module, data: DataBundle, cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Test perplexity and next-token accuracy (the accuracy column), milliseconds per decoding step at batch
-    1 (p50, p95; the prefill not included), decoded tokens/s at `evaluate.throughput_batch`, and the prefill
-    of the first test prompt. The peak-memory mark is reset after the perplexity pass (which holds a batch of
+    """Test perplexity and next-token accuracy (the accuracy column; validation accuracy too), milliseconds per
+    decoding step at batch 1 (p50, p95; the prefill not included), decoded tokens/s at
+    `evaluate.throughput_batch`, and the prefill of the first test prompt. The peak-memory mark is reset after the perplexity pass (which holds a batch of
     full-vocabulary logits): the peak is that of decoding."""
     from ..tasks.causal_lm import CausalLM, bench_prompt, decode_rate, scores, token_sums
     ecfg, runs = cfg["evaluate"], lm_runs(cfg)
-    m = scores(token_sums(run, data.x_test, data.y_test, cfg["data"]["eval_batch_size"]), CausalLM(data).characters)
+    bs, characters = cfg["data"]["eval_batch_size"], CausalLM(data).characters
+    m = scores(token_sums(run, data.x_test, data.y_test, bs), characters)
+    if len(data.y_val):  # what the recommendation chooses on (the test split is only reported)
+        m["val_accuracy"] = scores(token_sums(run, data.x_val, data.y_val, bs), characters)["accuracy"]
     gc.collect()
     _reset_peak()
     prompt, new = bench_prompt(data, run, DECODE)
@@ -229,6 +239,7 @@ def lm_numbers(run: nn.Module, data: DataBundle, cfg: Dict[str, Any]) -> Dict[st
     batched = statistics.median(decode_rate(run, prompt, new, batch, runs))
     prefill = latency_percentiles(run, torch.tensor([prompt]), runs, ecfg["threads"])[0]
     return {"accuracy": m["accuracy"], "perplexity": m["perplexity"], **({"bpc": m["bpc"]} if "bpc" in m else {}),
+            **({"val_accuracy": m["val_accuracy"]} if "val_accuracy" in m else {}),
             "p50_ms": 1000 * float(np.percentile(per_token, 50)), "p95_ms": 1000 * float(np.percentile(per_token, 95)),
             "throughput": batch / batched, "prefill_ms": prefill, "prompt_tokens": len(prompt), "decode_tokens": new}
 

@@ -193,8 +193,8 @@ class Compressor:
         hc, data = self.c["heads"], self.run.data
 
         def work() -> Dict[str, Any]:
-            n = min(hc["samples"], len(data.y_train))
-            scores = head_importance(self.model, hc["importance"], data.x_train[:n], data.y_train[:n])
+            pick = data.training_sample(hc["samples"])
+            scores = head_importance(self.model, hc["importance"], data.x_train[pick], data.y_train[pick])
             before = heads_per_layer(self.model.hf)
             self.model = prune_heads(self.model, hc["keep"], scores)
             return {"heads_before": before, "importance": [s.tolist() for s in scores],

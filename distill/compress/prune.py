@@ -73,6 +73,8 @@ def _gradient_importance(model: HFClassifier, parts, x: torch.Tensor, y: torch.T
     model.eval()  # no dropout: the gradient of the deployed (eval) network
     try:
         for i in range(0, len(x), batch_size):
+            if not (y[i:i + batch_size] >= 0).any():  # (data.label_fraction: a batch without labels is NaN)
+                continue
             loss = F.cross_entropy(model(x[i:i + batch_size]), y[i:i + batch_size], ignore_index=-1)
             grads = torch.autograd.grad(loss, gates)
             for t, g in zip(total, grads):

@@ -60,6 +60,12 @@ class DataBundle:
         x, y = (self.x_val, self.y_val) if len(self.y_val) else (self.x_train, self.y_train)
         return x[:n], y[:n]
 
+    def training_sample(self, n: int) -> torch.Tensor:
+        """Indices of n training samples drawn at random with a fixed seed, in order: the same every time, and
+        not the first n of a file sorted by class (what static int8 calibrates on, what head importance reads)."""
+        pick = torch.randperm(len(self.y_train), generator=torch.Generator().manual_seed(0))[:n]
+        return pick.sort().values
+
     @cached_property
     def split_fingerprint(self) -> str:
         """Hash of which rows are in which split: the arrays alone, not the settings that batch, sample or
