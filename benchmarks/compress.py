@@ -117,7 +117,9 @@ def targets(results: List[Dict], text: bool) -> str:
     out.append(f"- smallest deployable file ({small[0]['model']} {small[0]['variant']}): "
                f"1/{stat([1 / x for x in ratio], '.1f')} of the teacher's (target ≤ 1/8)")
     rec = sorted({f"{r['recommended']['model']} {r['recommended']['variant']}" for r in results})
-    out.append(f"- recommended by `distill bench` (fastest within 1 point of the student): {', '.join(rec)}")
+    on = sorted({r["recommended"].get("chosen_on", "test") for r in results})
+    out.append(f"- recommended by `distill bench` (fastest within 1 point of the student, chosen on "
+               f"{' and '.join(on)} accuracy): {', '.join(rec)}")
     return "\n".join(out)
 
 

@@ -108,7 +108,9 @@ def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> InputG
     receive no gradient and its train/eval mode is restored."""
     was_training = model.training
     model.eval()
-    table = model.hf.get_input_embeddings() if hasattr(model, "hf") else None
+    # token ids: differentiate by the embedded tokens (a Hugging Face model's table, or the registry GPT's)
+    table = model.hf.get_input_embeddings() if hasattr(model, "hf") else \
+        model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     store: Dict[str, torch.Tensor] = {}
 
     def leaf(_m: nn.Module, _i: tuple, out: torch.Tensor) -> torch.Tensor:

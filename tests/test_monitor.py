@@ -185,6 +185,24 @@ def test_token_input_gradients_compare_through_the_vocabulary_whatever_the_width
     assert gradient_cosine(ga, ga) == pytest.approx(1.0)
 
 
+def test_a_character_gpt_s_input_gradient_is_by_its_embedded_tokens():
+    """The registry GPT (text_lm, where monitor.gradients is on by default) was differentiated by its float
+    ids, which its embedding never reads: a traceback at the first probe."""
+    from distill.models import build_model
+    from distill.monitor import gradient_cosine, input_gradient, retention_monitor
+    torch.manual_seed(0)
+    gpt = lambda width: build_model({"model": "gpt", "args": {"layers": 1, "width": width, "heads": 2}},  # noqa
+                                    (12,), 20)
+    a, b = gpt(16), gpt(8)
+    x, y = torch.randint(0, 20, (4, 12)), torch.randint(0, 20, (4, 12))
+    y[:, :3] = -1  # (positions without a target are left out)
+    ga = input_gradient(a, x, y)
+    assert ga.grad.shape == (4, 12, 16) and ga.embedding.shape == (20, 16)
+    assert gradient_cosine(ga, input_gradient(a, x, y)) == pytest.approx(1.0)
+    assert -1.0 <= gradient_cosine(ga, input_gradient(b, x, y)) <= 1.0
+    assert "grad_input_cos" in retention_monitor(a, b, x, [], labels=y)()
+
+
 def test_kd_ce_consistency_matches_separate_backward_passes_per_layer():
     from distill.monitor import kd_ce_consistency
     from distill.losses import ce_loss, kd_loss

@@ -59,6 +59,10 @@ class GPT(nn.Module):
         self.head.weight = self.tok.weight  # tied: the output layer reads the embedding table
         self.apply(self._init)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token table (Hugging Face's name for it): what the monitor's input gradient differentiates by."""
+        return self.tok
+
     @staticmethod
     def _init(m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Embedding)):
