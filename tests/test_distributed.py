@@ -133,6 +133,25 @@ def test_language_model_two_processes_train_as_one_accumulating(tmp_path):
     compare(runs["accumulate"], runs["two"], exact=True)
 
 
+def test_on_policy_kd_with_a_feature_loss_two_processes_train_as_one_accumulating(tmp_path):
+    """Whether a step is on-policy, and the student's samples, are drawn from the step's seeds, not each
+    process's RNG: the processes took different branches (a gloo abort, as the projector's gradient was
+    reduced on one process only) and, without features, trained otherwise than one process accumulating."""
+    import yaml
+    from lmkit import lm_recipe
+    recipe = lm_recipe(str(tmp_path), train={"select": "last"}, distill={
+        "method": "jsd", "temperature": 1.0, "alpha": 0.5, "on_policy": {"fraction": 0.5, "max_new_tokens": 6},
+        "features": [{"student": "hf.model.layers.1", "teacher": "hf.model.layers.3", "loss": "mse"}]})
+    recipe.pop("output")
+    (tmp_path / "op.yaml").write_text(yaml.safe_dump(recipe))
+    runs = {}
+    for name, extra in (("accumulate", ["--set", "train.accumulate=2"]), ("two", ["--nproc", "2"])):
+        runs[name] = str(tmp_path / name)
+        ok("run", str(tmp_path / "op.yaml"), "--out", runs[name], "--set",
+           f"output.cache_dir={tmp_path / ('cache_' + name)}", *extra)
+    compare(runs["accumulate"], runs["two"], exact=True)
+
+
 def test_worker_checks_evaluation_gather_cache_key_refusal_and_one_sync_per_step(tmp_path):
     code, out, err = finish(start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                                    "2", os.path.join(ROOT, "tests", "distributed_worker.py"), str(tmp_path)]), 120)

@@ -1267,6 +1267,17 @@ def test_on_policy_batches_are_the_students_own_completions_scored_by_the_diverg
     obj.eval()
     obj(x, y, torch.arange(4))
     assert len(calls) == n  # (evaluation: never)
+    # in the trainer the draw is the step's (from its seed), whatever each process's RNG holds
+    obj.train()
+    draws = []
+    for step in range(40):
+        obj.step_seeds = (1000 + step, 7)
+        torch.manual_seed(step)
+        draw = obj.on_policy_now()
+        torch.manual_seed(step + 99)
+        assert obj.on_policy_now() == draw
+        draws.append(draw)
+    assert 10 <= sum(draws) <= 30
 
 
 def test_a_causal_lm_student_keeps_every_kth_or_the_most_important_teacher_layers(tmp_path, llama):

@@ -104,10 +104,11 @@ class Objective(nn.Module):
         self.epoch = 0.0  # epochs done (fractional), set by the trainer: warm-ups count in epochs
         self.terms: Dict[str, torch.Tensor] = {}  # the last batch's KD and CE terms, for gradient consistency
         self.target_share = 1.0  # set by the trainer per micro-batch: see per_target
+        self.step_seeds: Optional[Tuple[int, int]] = None  # set by the trainer: see on_policy_now
         # on-policy KD (GKD): with probability `fraction` a batch is the student's own completions of its prompts
         self.on_policy = dict(self.dcfg.get("on_policy") or {}) if self.teachers else {}
 
-    _PER_STEP = frozenset({"progress", "epoch", "terms", "target_share"})
+    _PER_STEP = frozenset({"progress", "epoch", "terms", "target_share", "step_seeds"})
 
     def __setattr__(self, name: str, value: Any) -> None:
         """The trainer sets progress, epoch and terms on every step: plain attributes, so they skip
@@ -183,14 +184,27 @@ class Objective(nn.Module):
     def teacher_outputs(self, x: torch.Tensor, idx: torch.Tensor) -> TeacherOutputs:
         return self.runtime.put(self.aggregate({name: source(x, idx) for name, source in self.teachers.items()}))
 
+    def on_policy_now(self) -> bool:
+        """Whether this step is on-policy (probability `on_policy.fraction`): one draw per optimizer step from
+        the step's seed, the same on every process and micro-batch, so N processes train as one accumulating
+        N (each process's global RNG differs); a resumed run draws it again. Outside the trainer (no step
+        seeds), from the global RNG."""
+        if not (self.on_policy.get("fraction") and self.training):
+            return False
+        if self.step_seeds is None:
+            return float(torch.rand(())) < self.on_policy["fraction"]
+        coin = torch.rand(2, generator=torch.Generator().manual_seed(self.step_seeds[0]))[1]
+        return float(coin) < self.on_policy["fraction"]
+
     def student_samples(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The batch's prompts completed by the student itself (sampled at `on_policy.temperature`, seeded from
-        the global RNG, which checkpoints save), as inputs and targets: the targets are the student's tokens."""
+        the micro-batch's seed, or outside the trainer the global RNG, which checkpoints save), as inputs and
+        targets: the targets are the student's tokens."""
         from ..data.completions import as_arrays
         from ..tasks.causal_lm import prompts_and_answers
         prompts, _ = prompts_and_answers(x.cpu(), y.cpu())
         op, s = self.on_policy, self.student
-        seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        seed = int(torch.randint(0, 2**31 - 1, (1,))) if self.step_seeds is None else self.step_seeds[1] % (2**31 - 1)
         outs = s.complete(prompts, op["max_new_tokens"], op["temperature"], 1.0, seed)
         xa, ya = as_arrays([(p, ids or [s.eos_id]) for p, (ids, _) in zip(prompts, outs)], s.pad_id)
         return torch.from_numpy(xa).to(x.device), torch.from_numpy(ya).to(x.device)
@@ -242,7 +256,7 @@ class Objective(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, mask: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """The loss and its parts (detached tensors: read back once per log line, not every step)."""
-        if self.on_policy.get("fraction") and self.training and float(torch.rand(())) < self.on_policy["fraction"]:
+        if self.on_policy_now():
             return self.on_policy_loss(x, y, idx)
         x_student = self.noised(x)
         with self._capture as cap:

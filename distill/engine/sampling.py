@@ -89,10 +89,15 @@ WHOLE = Split()
 class Step:
     """This process's share of one optimizer step: its micro-batches, and the size of the global batch (a
     micro-batch's loss weighs len(micro-batch) / `n` of the step's); with several micro-batches, the global
-    batch's `targets` (labelled samples, target tokens), which means over targets are taken over."""
+    batch's `targets` (labelled samples, target tokens), which means over targets are taken over. `seed` is
+    the step's (the same on every process), `seeds` each micro-batch's (its place in the global batch, not
+    its process): what the step's random choices are drawn from (on-policy KD), so that N processes draw what
+    one process accumulating N does, and a resumed run draws them again."""
     micro: List[Any]
     n: int
     targets: int = 0
+    seed: Optional[int] = None
+    seeds: Optional[List[int]] = None
 
 
 class _EpochBatches(torch.utils.data.Dataset):
@@ -110,13 +115,14 @@ class _EpochBatches(torch.utils.data.Dataset):
         return len(self.batches)
 
     def __getitem__(self, i: int) -> Step:
-        batch, split = self.batches[i], self.split
+        batch, split, seed = self.batches[i], self.split, self.seed + i
         if split.parts == 1:
-            return Step([self.task.collate(self.data, batch, self.tcfg, self.seed + i)], len(batch))
+            return Step([self.task.collate(self.data, batch, self.tcfg, seed)], len(batch), seed=seed, seeds=[seed])
         first = split.rank * split.accumulate  # micro-batch j augments with its own seed (0: the batch's)
-        return Step([self.task.collate(self.data, piece, self.tcfg, self.seed + i + (first + j) * 2**31)
-                     for j, piece in enumerate(split.mine(batch))], len(batch),
-                    int((self.data.y_train[batch] >= 0).sum()))  # (every process counts the whole batch's)
+        seeds = [seed + (first + j) * 2**31 for j in range(split.accumulate)]
+        return Step([self.task.collate(self.data, piece, self.tcfg, s) for s, piece in zip(seeds, split.mine(batch))],
+                    len(batch), int((self.data.y_train[batch] >= 0).sum()),  # (every process counts the whole batch's)
+                    seed, seeds)
 
 
 def epoch_batches(data: DataBundle, data_cfg: Dict[str, Any], gen: torch.Generator, task: Any = None, start: int = 0,

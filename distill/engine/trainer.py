@@ -199,7 +199,12 @@ class Trainer:
             return objective
         from torch.nn.parallel import DistributedDataParallel
         cuda = self.runtime.device.type == "cuda"
-        return DistributedDataParallel(objective, device_ids=[self.runtime.device.index] if cuda else None)
+        # an on-policy step is the divergence alone: the feature projectors get no gradient in it (on every
+        # process alike, the step's draw being shared), which DDP must be told of
+        unused = bool(getattr(objective, "on_policy", {}).get("fraction")) and any(
+            p.requires_grad for p in getattr(objective, "projectors", nn.ModuleList()).parameters())
+        return DistributedDataParallel(objective, device_ids=[self.runtime.device.index] if cuda else None,
+                                       find_unused_parameters=unused)
 
     def state(self) -> Dict[str, Any]:
         """What a checkpoint holds: the objective (student, projectors, strength), optimizer, scheduler, the
@@ -296,6 +301,7 @@ class Trainer:
         signals: Dict[str, float] = {}
         parts: Dict[str, torch.Tensor] = {}
         for i, batch in enumerate(step.micro):
+            objective.step_seeds = None if step.seed is None else (step.seed, step.seeds[i])
             share = len(batch.idx) / step.n  # of the global batch's loss
             objective.target_share = int((batch.y >= 0).sum()) / step.targets / share if step.targets else 1.0
             last = i == len(step.micro) - 1
@@ -310,7 +316,7 @@ class Trainer:
                 scale = share * self.runtime.world_size  # (DDP averages the processes' gradients)
                 (loss if scale == 1.0 else loss * scale).backward()
             parts = micro_parts if share == 1.0 else _add_share(parts, micro_parts, share)
-        objective.target_share = 1.0
+        objective.target_share, objective.step_seeds = 1.0, None
         if self.tcfg["grad_clip"]:
             nn.utils.clip_grad_norm_(self.params, self.tcfg["grad_clip"])
         bad, total = self._non_finite(parts)  # one host sync per step: whether to skip it
