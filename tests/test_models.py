@@ -73,8 +73,16 @@ def test_a_model_too_big_for_memory_is_refused_before_it_is_allocated():
 def test_an_in_place_layer_is_built_out_of_place():
     """In place, a first layer changed the stored data the teacher reads, for every model (the baseline's
     accuracy moved with the teacher's arch); out of place it computes the same."""
-    model = build_model({"arch": ["ReLU(inplace=True)", "Flatten()", "Linear(64, 10)"]}, (1, 8, 8), 10, "teacher")
-    x = torch.randn(4, 1, 8, 8)
-    before = x.clone()
-    model(x)
-    assert not model[0].inplace and torch.equal(x, before)
+    for first in ("ReLU(inplace=True)", "ReLU(True)", "LeakyReLU(0.1, True)", "Dropout(0.5, True)"):
+        model = build_model({"arch": [first, "Flatten()", "Linear(64, 10)"]}, (1, 8, 8), 10, "teacher")
+        x = torch.randn(4, 1, 8, 8)
+        before = x.clone()
+        model(x)
+        assert not model[0].inplace and torch.equal(x, before), first
+    # and a feature hook on the layer before one given in place by position holds that layer's own output
+    from distill.hooks import FeatureCapture
+    model = build_model({"arch": ["Conv2d(1, 4, 3, padding=1)", "ReLU(True)", "Flatten()", "Linear(256, 10)"]},
+                        (1, 8, 8), 10, "teacher").eval()
+    with FeatureCapture(model, ["0"]) as cap:
+        model(x)
+    assert torch.equal(cap.outputs["0"], model[0](x)) and cap.outputs["0"].min() < 0

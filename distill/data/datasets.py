@@ -56,9 +56,12 @@ class DataBundle:
 
     def probe(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """A fixed set of n inputs and labels to measure a model on while it trains: the first validation
-        samples, or the first training ones when there is no validation split."""
-        x, y = (self.x_val, self.y_val) if len(self.y_val) else (self.x_train, self.y_train)
-        return x[:n], y[:n]
+        samples (a shuffled split), or without one a fixed sample of the training ones (a file's own order
+        may be sorted by class)."""
+        if len(self.y_val):
+            return self.x_val[:n], self.y_val[:n]
+        pick = self.training_sample(n)
+        return self.x_train[pick], self.y_train[pick]
 
     def training_sample(self, n: int) -> torch.Tensor:
         """Indices of n training samples drawn at random with a fixed seed, in order: the same every time, and
@@ -220,10 +223,19 @@ def _read_csv(path: str, label: str) -> tuple:
 
 
 def _as_nchw(x: np.ndarray, path: str) -> np.ndarray:
-    """(N,H,W) -> (N,1,H,W); channels-last (N,H,W,C) with C in 1..4 -> (N,C,H,W); uint8 -> [0, 1]."""
+    """(N,H,W) -> (N,1,H,W); channels-last (N,H,W,C) with C in 1..4 -> (N,C,H,W); uint8 -> [0, 1]. Where both
+    the second and the last side are 4 or less, either layout could be meant: the one whose images are square
+    is taken, and if both or neither are, the file is refused rather than guessed."""
     if x.ndim == 3:
         x = x[:, None]
-    elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+    elif x.ndim == 4 and x.shape[1] <= 4 and x.shape[-1] <= 4:
+        first, last = x.shape[2] == x.shape[3], x.shape[1] == x.shape[2]
+        if first == last:
+            raise UserError(f"{path}: images of shape {x.shape[1:]} could be channels-first (N,C,H,W) or "
+                            f"channels-last (N,H,W,C); store them with image sides larger than 4")
+        if last:
+            x = x.transpose(0, 3, 1, 2)
+    elif x.ndim == 4 and x.shape[-1] <= 4:
         x = x.transpose(0, 3, 1, 2)
     elif x.ndim != 4:
         raise UserError(f"{path}: images must be (N,H,W), (N,H,W,C) or (N,C,H,W), got shape {x.shape}")

@@ -152,8 +152,9 @@ def parse_layer(spec: str, where: str = "") -> nn.Module:
         if kw.arg in _FORBIDDEN_KWARGS:
             fail(f"may not set {kw.arg}= ({_FORBIDDEN_KWARGS[kw.arg]})")
         kwargs[kw.arg] = _literal(kw.value, fail)
-    # (in place, a first layer would change the stored data the teacher reads, for every model: built out of
-    # place, which computes the same)
+    # (in place, a first layer would change the stored data the teacher reads, for every model, and a feature
+    # hook on the layer before would hold the output after it: built out of place, which computes the same;
+    # given by position, it is turned off on the built layer below)
     kwargs.pop("inplace", None)
 
     usage = f"usage: {_signature(cls)}"
@@ -164,7 +165,10 @@ def parse_layer(spec: str, where: str = "") -> nn.Module:
         if n_params > MAX_LAYER_PARAMS:
             fail(f"would have {n_params:,} parameters (at most {MAX_LAYER_PARAMS:,} per layer); "
                  "check the sizes")
-        return cls(*args, **kwargs)
+        layer = cls(*args, **kwargs)
+        if getattr(layer, "inplace", False):  # (given by position: ReLU(True), Dropout(0.5, True))
+            layer.inplace = False
+        return layer
     except UserError:
         raise
     except Exception as e:  # TypeError/ValueError/RuntimeError from the constructor
