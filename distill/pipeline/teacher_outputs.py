@@ -165,18 +165,19 @@ def teacher_written(run: RunDir, teacher: nn.Module, data: DataBundle) -> Tuple[
         from safetensors.torch import save_file
         from ..io import atomic_path
         from ..progress import bar
+        if not run.runtime.is_main:  # (one process writes; the others wait for the file)
+            return {}
         gen = torch.Generator().manual_seed(seed)
         n, length = seq["windows"], data.x_train.shape[1]
         prompts = data.x_train[torch.randint(0, len(data.x_train), (n,), generator=gen), :seq["prompt"]]
         teacher.to(run.runtime.device)
         t0, rows = time.perf_counter(), []
-        for start in bar(range(0, n, 256), desc="teacher writes", unit="batch", show=run.runtime.is_main):
+        for start in bar(range(0, n, 256), desc="teacher writes", unit="batch"):
             rows.append(teacher.generate(prompts[start:start + 256].to(model_device(teacher)),
                                          length + 1 - seq["prompt"], seq["temperature"], gen).cpu())
         ids, seconds = torch.cat(rows), time.perf_counter() - t0
-        if run.runtime.is_main:
-            with atomic_path(run.path(out)) as tmp:
-                save_file({"ids": ids.contiguous()}, tmp)
+        with atomic_path(run.path(out)) as tmp:
+            save_file({"ids": ids.contiguous()}, tmp)
         written = n * (length + 1 - seq["prompt"])
         run.event(f"teacher_samples: {n} windows, {written:,} characters written by the teacher at "
                   f"{written / seconds:,.0f} characters/s", windows=n, tokens_per_s=written / seconds)
