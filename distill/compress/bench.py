@@ -291,7 +291,8 @@ def summarise(results: List[Dict[str, Any]], max_drop: float) -> Dict[str, Any]:
 
 
 COLUMNS = [("accuracy", "accuracy", "{:.4f}"), ("accuracy_change", "Δ acc", "{:+.4f}"),
-           ("val_accuracy", "val acc", "{:.4f}"), ("params", "params", "{:,}"), ("size_bytes", "file KB", None), ("p50_ms", "p50 ms", "{:.3f}"), ("p95_ms", "p95 ms", "{:.3f}"),
+           ("val_accuracy", "val acc", "{:.4f}"), ("params", "params", "{:,}"), ("size_bytes", "file KB", None),
+           ("p50_ms", "p50 ms", "{:.3f}"), ("p95_ms", "p95 ms", "{:.3f}"),
            ("speedup", "speed-up", "{:.2f}×"), ("throughput", "samples/s", "{:,.0f}"), ("peak_mb", "peak MB", "{:.0f}")]
 
 

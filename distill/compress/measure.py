@@ -223,8 +223,8 @@ def lm_runs(cfg: Dict[str, Any]) -> int:
 def lm_numbers(run: nn.Module, data: DataBundle, cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Test perplexity and next-token accuracy (the accuracy column; validation accuracy too), milliseconds per
     decoding step at batch 1 (p50, p95; the prefill not included), decoded tokens/s at
-    `evaluate.throughput_batch`, and the prefill of the first test prompt. The peak-memory mark is reset after the perplexity pass (which holds a batch of
-    full-vocabulary logits): the peak is that of decoding."""
+    `evaluate.throughput_batch`, and the prefill of the first test prompt. The peak-memory mark is reset after
+    the perplexity pass (which holds a batch of full-vocabulary logits): the peak is that of decoding."""
     from ..tasks.causal_lm import CausalLM, bench_prompt, decode_rate, scores, token_sums
     ecfg, runs = cfg["evaluate"], lm_runs(cfg)
     bs, characters = cfg["data"]["eval_batch_size"], CausalLM(data).characters
