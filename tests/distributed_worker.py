@@ -14,7 +14,7 @@ from distill.engine.trainer import Trainer
 from distill.errors import UserError
 from distill.models import mlp
 from distill.recipe import Recipe
-from distill.teachers.cache import _same_key_everywhere
+from distill.teachers.cache import same_key_everywhere
 
 
 class CountingTrainer(Trainer):
@@ -46,10 +46,16 @@ def main(out: str) -> None:
 
     # a process whose cache key differs from rank 0's refuses
     try:
-        _same_key_everywhere(f"key-of-rank-{rt.rank}", rt)
+        same_key_everywhere(f"key-of-rank-{rt.rank}", rt)
         seen["mismatch"] = None
     except UserError as e:
         seen["mismatch"] = str(e)
+    from distill.teachers.topk import load_or_build  # (the top-k cache checks the same, naming itself)
+    try:
+        load_or_build(None, torch.zeros(2, 3), torch.zeros(2, 3), os.path.join(sys.argv[1], "topk"),
+                      {"format": 1, "teacher": f"t{rt.rank}"}, 2, rt)
+    except UserError as e:
+        seen["topk_mismatch"] = str(e)
 
     # accumulation: gradients are synchronised once per optimizer step, not once per micro-batch
     recipe = Recipe.load("breast_cancer", ["train.epochs=1", "train.accumulate=2", "data.batch_size=32"])

@@ -161,6 +161,7 @@ def test_worker_checks_evaluation_gather_cache_key_refusal_and_one_sync_per_step
         seen = json.load(open(tmp_path / f"rank{rank}.json"))
         assert seen["world"] == 2 and seen["rows"] == 7 and seen["same_as_one_process"]
         assert "process 1 needs cache entry key-of-rank-1 and process 0 needs key-of-rank-0" in seen["mismatch"]
+        assert seen["topk_mismatch"].startswith("top-k cache: process 1 needs cache entry")
         # accumulate 2: 12 optimizer steps, 12 all-reduces (one bucket), not 24
         assert seen["steps"] == 12 and seen["allreduces"] == seen["steps"]
 

@@ -77,7 +77,7 @@ def load_or_build(teacher: nn.Module, x_train: torch.Tensor, key: str, cache_dir
     """Returns (outputs, hit): the cache entry for `key`, computing it first when absent. Under torchrun the
     processes share the teacher pass out and the main one publishes the entry; every process then checks it
     holds what its own teacher and data call for."""
-    _same_key_everywhere(key, runtime)
+    same_key_everywhere(key, runtime)
     entry = os.path.join(cache_dir, key)
     hit = runtime.from_main(_complete(entry))
     if not hit:
@@ -93,11 +93,12 @@ def load_or_build(teacher: nn.Module, x_train: torch.Tensor, key: str, cache_dir
     return CachedOutputs(logits, feats), hit
 
 
-def _same_key_everywhere(key: str, runtime: Runtime) -> None:
+def same_key_everywhere(key: str, runtime: Runtime, what: str = "soft labels") -> None:
+    """Every process needs the cache entry the main one builds (the same teacher and data on every machine)."""
     keys = runtime.gather(key)
     for rank, other in enumerate(keys):
         if other != keys[0]:
-            raise UserError(f"soft labels: process {rank} needs cache entry {other} and process 0 needs {keys[0]}: "
+            raise UserError(f"{what}: process {rank} needs cache entry {other} and process 0 needs {keys[0]}: "
                             f"the teacher weights or the data differ between processes; refusing to train")
 
 

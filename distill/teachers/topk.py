@@ -37,7 +37,7 @@ from ..engine.batch import TeacherOutputs
 from ..engine.inference import model_device
 from ..engine.runtime import CPU, Runtime
 from ..errors import UserError
-from ..io import atomic_path, read_json, write_json
+from ..io import atomic_path, read_json, sha256_json, write_json
 from ..progress import bar
 
 FORMAT = 1
@@ -176,6 +176,8 @@ def load_or_build(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, folder: 
                   batch_size: int, runtime: Runtime = CPU, echo=print) -> tuple:
     """(the cache entry in `folder`, whether it was there already): built first when absent, resuming a
     killed build at its first missing shard."""
+    from .cache import same_key_everywhere
+    same_key_everywhere(sha256_json(want)[:16], runtime, "top-k cache")
     if runtime.from_main(os.path.isfile(os.path.join(folder, "manifest.json"))):
         check_manifest(folder, want)
         return TopKCache(folder), True
@@ -201,6 +203,7 @@ def load_or_build(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, folder: 
         tokens += write_shard(teacher, x[lo:hi], y[lo:hi], want["k"], want["temperature"], _shard_path(partial, s),
                               batch_size)
     runtime.barrier()
+    tokens = int(runtime.sum(torch.tensor(tokens)))  # (every process's shards: the manifest's rate is the pass's)
     if runtime.is_main:
         _finish(partial, folder, want, n_shards, tokens, time.perf_counter() - t0)
     runtime.barrier()
