@@ -238,7 +238,7 @@ def cnn_run(tmp_path_factory):
     """A tiny run whose student is a wide ResNet (residual blocks to drop, channels to prune)."""
     tmp = tmp_path_factory.mktemp("cnnrun")
     recipe = tmp / "r.yaml"
-    recipe.write_text("name: c\ndata: {dataset: digits, as_image: true}\n"
+    recipe.write_text("name: c\ndata: {dataset: digits, as_image: true, train_subset: 256}\n"
                       "teacher: {model: cnn, args: {channels: [8, 16], hidden: 32}}\n"
                       "student: {model: wrn_16_2}\ntrain: {epochs: 1}\nevaluate: {latency_runs: 5}\n"
                       "bench: {latency_runs: 5, calibration: 32}\n")
@@ -273,7 +273,7 @@ def test_compress_cnn_every_step_saves_a_smaller_loadable_model(cnn_run, capsys)
     # the next changed step at that lr); a stopped compress lists the steps it made since, not older ones after
     from distill.compress.pipeline import Compressor
 
-    def stop(self):
+    def stop(self, *args):
         raise KeyboardInterrupt
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Compressor, "qat", stop)
@@ -283,6 +283,13 @@ def test_compress_cnn_every_step_saves_a_smaller_loadable_model(cnn_run, capsys)
     stopped = json.load(open(os.path.join(cnn_run, "compress", "compress.json")))
     assert [m["name"] for m in stopped["models"]] == ["layers2", "layers1", "channels"]
     assert stopped["models"][2]["val_accuracy"] != record["models"][2]["val_accuracy"]
+    # stopped inside a step's work (its file may be replaced by then): compress.json names no later step of the
+    # older chain, made from other models
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Compressor, "finetune", stop)
+        assert main(["compress", cnn_run, "--set", "compress.steps=[layers, channels, qat]",
+                     "--set", "compress.layers.to=1", "--set", "compress.lr=0.0002"]) != 0
+    assert json.load(open(os.path.join(cnn_run, "compress", "compress.json")))["models"] == []
     assert main(["compress", cnn_run, "--set", "compress.steps=[layers, channels, qat]",
                  "--set", "compress.layers.to=1", "--set", "compress.lr=null"]) == 0  # (the run's recipe kept 1e-4)
     again = json.load(open(os.path.join(cnn_run, "compress", "compress.json")))["models"]
@@ -398,6 +405,15 @@ def test_bench_fills_every_column_and_plots_the_pareto_front(cnn_run, capsys, tm
     json.dump(stages, open(os.path.join(folder, "stages.json"), "w"))
     page = compression_section(folder)
     assert page.count("student †") == 7 and "teacher †" not in page and "run `distill bench RUN_DIR` again" in page
+    # a bench stopped midway (having removed an earlier bench's files) leaves no record recommending them
+    from distill.compress import bench as bench_module
+
+    def stop(*args):
+        raise KeyboardInterrupt
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench_module, "_measure_in_child", stop)
+        assert main(["bench", folder, "--set", "bench.variants=[fp32, onnx]"]) != 0
+    assert not any(os.path.exists(os.path.join(folder, "bench", f)) for f in ("bench.json", "bench.md", "pareto.png"))
 
 
 def test_the_recommendation_is_chosen_on_validation_accuracy_not_test():
@@ -576,7 +592,7 @@ def test_compress_sigterm_then_resume_is_bitwise_identical(cnn_run, tmp_path, ca
 
     from distill.roles import compressed, log_name
     env = {**os.environ, "DISTILL_QUIET": "1", "OMP_NUM_THREADS": "1"}
-    sets = ["--set", "compress.steps=[channels]", "--set", "compress.channels.epochs=3"]
+    sets = ["--set", "compress.steps=[channels]", "--set", "compress.channels.epochs=8"]  # (4 steps each)
     folders = []
     for name in ("ref", "stopped"):
         folders.append(str(tmp_path / name))

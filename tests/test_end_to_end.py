@@ -111,6 +111,44 @@ def test_metrics_of_models_or_a_recipe_replaced_by_a_run_that_stopped_are_not_re
     assert main(["doctor", shared]) == 0  # (the finished run's own metrics are its models')
 
 
+def test_a_stage_stopped_after_replacing_its_file_is_made_again_and_its_model_is_not_measured(digits_run, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """A stage killed after its output was replaced and before stages.json took its new record: the old record
+    was reused for the new file (another temperature's samples 'reused' as this one's). The record is marked
+    unfinished before a stage makes its files."""
+    from distill.cli import main
+    from distill.pipeline.stage import Stage, run_stage
+    shared, _, cache = digits_run
+    monkeypatch.setenv("DISTILL_CACHE", cache)
+    out = str(tmp_path / "run")
+    shutil.copytree(shared, out)
+
+    def make(text, stop=False):
+        def write():
+            with open(os.path.join(out, "x.txt"), "w") as fh:
+                fh.write(text)
+            if stop:
+                raise KeyboardInterrupt  # (killed here)
+            return {}
+        return write
+    rd = RunDir(Recipe.load("digits"), out, quiet)
+    assert not run_stage(rd, Stage("x", {"v": 1}, ["x.txt"], make("one")))["reused"]
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(rd, Stage("x", {"v": 2}, ["x.txt"], make("two", stop=True)))
+    record = run_stage(RunDir(Recipe.load("digits"), out, quiet), Stage("x", {"v": 1}, ["x.txt"], make("one")))
+    assert not record["reused"] and open(os.path.join(out, "x.txt")).read() == "one"
+    # a model whose stage did not finish: its metrics are out of date, and evaluate refuses to measure it
+    stages = json.load(open(os.path.join(out, "stages.json")))
+    stages["student"]["fingerprint"] = "unfinished"
+    json.dump(stages, open(os.path.join(out, "stages.json"), "w"))
+    for command, why in (("report", "measured earlier versions of student"),
+                         ("evaluate", "a run that started making it again stopped before it finished")):
+        capsys.readouterr()
+        assert main([command, out]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0], err
+
+
 def test_same_seed_same_weights_and_other_seed_differs(tmp_path):
     def weights(seed, name):
         out = str(tmp_path / f"s{seed}_{name}")

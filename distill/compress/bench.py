@@ -133,6 +133,10 @@ def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
         echo(f"bench: the compressed models were {why}; left out (run distill compress again)")
         stale |= {n for n, _, _ in rows if n.startswith("compress/")}
     rows = [r for r in rows if r[0] not in stale]
+    for record in ("bench.json", "bench.md", "pareto.png"):  # (an earlier bench's record goes before its files:
+        path = os.path.join(folder, "bench", record)       # a bench stopped midway leaves no recommendation of
+        if os.path.isfile(path):                           # a file it has removed)
+            os.remove(path)
     os.makedirs(os.path.join(folder, "bench", "files"), exist_ok=True)
     results: List[Dict[str, Any]] = []
     with _Server() as server:

@@ -99,6 +99,7 @@ class Compressor:
         out = self.kind.artifact(compressed(name))
 
         def make() -> Dict[str, Any]:
+            self.write_record()  # (the chain so far: a compress killed from here on names no step of an older chain)
             t0 = time.perf_counter()
             info = work()
             info["time_s"] = round(time.perf_counter() - t0, 3)

@@ -100,6 +100,9 @@ def recipe_key(cfg: Dict[str, Any]) -> str:
     return sha256_json(_comparable(cfg))[:16]
 
 
+UNFINISHED = "unfinished"  # the fingerprint of a stage record while the stage makes its files anew
+
+
 def stage_fingerprints(folder: str) -> Dict[str, Optional[str]]:
     """Each stage's fingerprint in a run folder's stages.json (a model's changes when it is trained again)."""
     stages = read_run_json(os.path.join(folder, "stages.json"), {})
@@ -396,6 +399,15 @@ class RunDir:
                 record["recipe"] = recipe_key(self.cfg)
         write_json(self.path("stages.json"), stages)
 
+    def mark_unfinished(self, name: str) -> None:
+        """Before a stage makes its files anew: its record no longer describes them (a run killed after a file
+        was replaced, before mark_done, would reuse the new file under the old record), and the models measured
+        under the old fingerprint read as out of date until the stage is done."""
+        stages = self.stages() if self.runtime.is_main else {}
+        if name in stages:
+            stages[name] = {**stages[name], "fingerprint": UNFINISHED}
+            write_json(self.path("stages.json"), stages)
+
     def mark_done(self, name: str, fingerprint: str, info: Dict[str, Any]) -> None:
         if not self.runtime.is_main:
             return
@@ -407,7 +419,8 @@ class RunDir:
             trials.setdefault(name, {})[fingerprint] = stages[name]
             write_json(self.path("trials.json"), trials)
         folder = self.path(os.path.join("checkpoints", name))
-        shutil.rmtree(folder, ignore_errors=True)  # the stage is done
+        Checkpoints(folder).clear()  # the stage is done (its step files before inputs.json, which names them)
+        shutil.rmtree(folder, ignore_errors=True)
         while folder != self.out and os.path.isdir(os.path.dirname(folder)):  # and now-empty parents
             folder = os.path.dirname(folder)
             if os.listdir(folder) or folder == self.out:

@@ -40,6 +40,7 @@ def run_stage(run: RunDir, stage: Stage) -> Dict[str, Any]:
     run.check_checkpoints(stage.name, fingerprint)  # (before open rewrites recipe.yaml)
     run.fingerprints[stage.name] = fingerprint  # (its checkpoints carry it)
     run.open()
+    run.mark_unfinished(stage.name)
     info = stage.make()
     if run.runtime.is_main:  # (which rows were in which split: evaluate, compress, bench and export compare it)
         info = {**info, "data_split": run.data_for(stage.name).split_fingerprint}
