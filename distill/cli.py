@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                            f"not redone.")
         _recipe_args(sp, stage_help)
     ex = sub.add_parser("export", help="export a trained model: onnx (checked in ONNX Runtime), torchscript, "
-                                       "safetensors",
+                                       "safetensors, hf",
                         description="Export a model of a finished run. The export is loaded back and run on test "
                                     "inputs; it is kept only if its outputs match PyTorch's. ONNX and TorchScript "
                                     "files take raw inputs: the training data's normalisation (mean/std, saved "
@@ -227,7 +227,9 @@ def _compress(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from .compress.bench import bench
+    from .pipeline.rundir import refuse_other_recipe
     recipe, folder = _run_folder(args.target, args.overrides)
+    refuse_other_recipe(folder, recipe.cfg)  # (a training key given here would be ignored: the models are made)
     result = bench(recipe, folder, _echo)
     print(result["table"])
     print(f"results: {os.path.join(folder, 'bench')} (bench.json, bench.md, pareto.png)")
@@ -306,7 +308,8 @@ def _export(args: argparse.Namespace) -> int:
         os.path.join(folder, "export", args.model.replace("/", "-") + SUFFIX.get(args.format, ""))
     other = next((f for f, ext in SUFFIX.items() if out.endswith(ext) and f != args.format), None)
     if other:  # (a TorchScript file named .onnx is found, and misread, by whatever looks for .onnx files)
-        raise UserError(f"--out {out}: the name of a {other} file, and --format is {args.format}; name it "
+        raise UserError(f"--out {out}: the name of {'an' if other[0] in 'aeiou' else 'a'} {other} file, and --format "
+                        f"is {args.format}; name it "
                         f"{os.path.splitext(out)[0] + SUFFIX.get(args.format, '/')}")
     # the model file's own record of its input normalisation; HF folders (text) have none, and runs made
     # before it was saved lack the key: both read as {} (the export then takes the model's inputs as they are)

@@ -176,9 +176,10 @@ def _top_level_train(raw: Dict[str, Any], overrides: Sequence[str], source: str)
                     raw[r]["train"][keys[1]] = new
         elif len(own) == 2 and any(v != new for v in own.values()):  # (one already equal: the other is missed)
             key = ".".join(keys)
-            raise UserError(f"--set {key}: every model in {source} sets its own {'.'.join(keys[1:])} (a run folder's "
-                            f"recipe is resolved), so train.* reaches none; set teacher.{key} and/or student.{key} "
-                            f"instead")
+            by_set = " with these --set overrides" if any(f"{r}.{key}" in given for r in own) else ""
+            folder = " (a run folder's recipe is resolved)" if os.path.basename(source) == "recipe.yaml" else ""
+            raise UserError(f"--set {key}: every model in {source}{by_set} sets its own {'.'.join(keys[1:])}"
+                            f"{folder}, so train.* reaches none; set teacher.{key} and/or student.{key} instead")
 
 
 def _at(node: Any, keys: List[str]) -> Any:

@@ -324,8 +324,10 @@ def retention_section(plt: Any, student: List[Dict[str, Any]]) -> str:
     for ax, (p, ks) in zip(axes[0], keys.items()):
         series_panel(ax, student, ks, titles[p], p, vmin=0.0 if p == "retention_cka/" else -1.0, vmax=1.0)
     return (img_png(figure_png(fig), "knowledge retention per layer")
-            + "<p>Measured each epoch on a fixed validation probe; one line per teacher → student layer pair "
-              "(and the logits).</p>")
+            + "<p>Measured on a fixed validation probe at the end of each epoch that passes a multiple of "
+              "<code>monitor.measure_every</code> steps, and of the last (every epoch with "
+              "<code>monitor.retention_min</code>); one line per teacher → student layer "
+              "pair (and the logits).</p>")
 
 
 def gradient_section(plt: Any, student: List[Dict[str, Any]], steps: List[Dict[str, Any]]) -> str:

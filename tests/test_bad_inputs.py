@@ -288,6 +288,8 @@ CASES = {
     # output
     "output under a file": (lambda t: [recipe_with(t, GOOD), "--out", str(_garbage(t, "afile")) + "/run"],
                             "cannot write"),
+    "a file as --out": (lambda t: [recipe_with(t, GOOD), "--out", _garbage(t, "afile")],
+                        "afile: not a folder (a file, a device or a pipe)"),
     "stage output missing": (lambda t: ["evaluate", recipe_with(t, GOOD)], "missing; run the stage that makes it"),
     "a folder of other files as --out": (lambda t: [recipe_with(t, GOOD), "--out", _file_in(t, "mine/metrics.json")],
                                          "mine: not a run folder (no recipe.yaml), and it holds metrics.json, which "

@@ -362,3 +362,8 @@ def test_evaluate_with_other_measuring_settings_keeps_the_folder_whole(tmp_path,
     assert "student.train.epochs: distill evaluate trains nothing, and the folder's models were trained without " \
            f"this change; give it to distill run {out} --overwrite" in err, err
     assert files(out) == before
+    # another recipe named for the folder: the command that would apply it names that recipe
+    assert main(["evaluate", "digits_all_labels", "--out", out, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "give it to distill run " in err and f"digits_all_labels.yaml --out {out} --overwrite" in err, err
+    assert files(out) == before

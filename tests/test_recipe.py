@@ -388,5 +388,9 @@ def test_a_top_level_train_set_that_one_model_already_holds_still_must_reach_the
     folder.mkdir()
     r = Recipe.load("breast_cancer", ["teacher.train.epochs=7", "student.train.epochs=5"])
     (folder / "recipe.yaml").write_text(r.to_yaml())
-    with pytest.raises(UserError, match="--set train.epochs: every model in .* sets its own epochs"):
+    with pytest.raises(UserError, match=r"--set train.epochs: every model in .* sets its own epochs \(a run folder"):
         Recipe.load_run_folder(str(folder), ["train.epochs=7"])
+    # a recipe whose models get their own epochs from --set here: said so, and no run folder named
+    with pytest.raises(UserError, match=r"every model in .*digits.yaml with these --set overrides sets its own "
+                                        r"epochs, so train.\* reaches none"):
+        Recipe.load("digits", ["teacher.train.epochs=2", "student.train.epochs=2", "train.epochs=5"])

@@ -346,6 +346,7 @@ def test_consecutive_nan_steps_stop_with_a_clear_error(tmp_path):
     assert "epoch 1 step 5" in msg and "the ce loss was NaN or Inf for 3 steps in a row" in msg
     assert "learning rate" in msg and "\n" not in msg
     assert Checkpoints(str(tmp_path / "ck")).latest() is None  # nothing bad was saved (no epoch finished)
+    assert "no checkpoint was written" in msg  # (it said the last good one was kept, of none)
 
 
 def test_a_signal_after_a_stages_last_step_stops_the_run_once_the_stage_is_saved(tmp_path, monkeypatch, capsys):

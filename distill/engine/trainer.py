@@ -31,6 +31,7 @@ from ..checkpoint import rng_state, set_rng_state
 from ..data import DataBundle
 from ..errors import UserError
 from ..progress import bar
+from ..roles import recipe_section
 from .callbacks import Callback, Checkpointing, LogLines
 from .runtime import CPU, Runtime, flush_denormal
 from .sampling import Split, Step, epoch_batches, steps_per_epoch
@@ -365,11 +366,14 @@ class Trainer:
         prog["bad"] += 1
         prog["skipped"] += 1
         if prog["bad"] >= tcfg["max_bad_steps"]:
-            kept = any(isinstance(cb, Checkpointing) for cb in self.callbacks)
+            # (a checkpoint written: the callback's throttle, train.checkpoint_seconds, may not have let one be)
+            kept = any(isinstance(cb, Checkpointing) and cb.checkpoints.newest_step() is not None
+                       for cb in self.callbacks)
             raise TrainingDiverged(
                 f"{self.role}: epoch {epoch + 1} step {prog['step']}: the {bad} "
                 f"{'loss ' if bad != 'gradient' else ''}was NaN or Inf for {prog['bad']} steps in a row; "
-                f"likely cause: learning rate too high (train.optimizer.lr={tcfg['optimizer']['lr']}), "
+                f"likely cause: learning rate too high ({recipe_section(self.role)}.train.optimizer.lr="
+                f"{tcfg['optimizer']['lr']}), "
                 f"NaN/Inf in the input data, or bf16 overflow; "
                 f"{'the last good checkpoint is kept' if kept else 'no checkpoint was written'}")
         self.opt.zero_grad(set_to_none=True)

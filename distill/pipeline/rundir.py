@@ -100,6 +100,25 @@ def recipe_key(cfg: Dict[str, Any]) -> str:
     return sha256_json(_comparable(cfg))[:16]
 
 
+def refuse_other_recipe(out: str, cfg: Dict[str, Any]) -> None:
+    """A folder holding a run of another recipe is not silently mixed with this one (nor benched as if it were
+    this recipe's)."""
+    old = os.path.join(out, "recipe.yaml")
+    if not os.path.isfile(old):
+        return
+    try:
+        before = Recipe.load(old).cfg
+    except UserError as e:  # (a key it held is refused now, say)
+        raise UserError(f"{out}: the folder's recipe.yaml no longer loads ({e}); choose another folder (--out), or "
+                        f"give --overwrite to replace it") from None
+    if _comparable(before) != _comparable(cfg):
+        keys = _differing(_comparable(before), _comparable(cfg))
+        raise UserError(f"{out}: the folder holds a run of a different recipe ({', '.join(keys[:3])}"
+                        f"{' ...' if len(keys) > 3 else ''} differ); choose another folder (--out), or give "
+                        f"--overwrite to replace it (unchanged stages are still reused); distill compress and "
+                        f"bench may change only {', '.join(k if k == 'baseline' else k + '.*' for k in AFTER_TRAINING)}")
+
+
 UNFINISHED = "unfinished"  # the fingerprint of a stage record while the stage makes its files anew
 
 
@@ -208,26 +227,15 @@ class RunDir:
                 echo(f"warning: {warning}")
 
     def _refuse_other_run(self, overwrite: bool) -> None:
-        """A folder holding a run of another recipe is not silently mixed with this one."""
-        old = self.path("recipe.yaml")
-        if overwrite or not os.path.isfile(old):
-            return
-        try:
-            before = Recipe.load(old).cfg
-        except UserError as e:  # (a key it held is refused now, say)
-            raise UserError(f"{self.out}: the folder's recipe.yaml no longer loads ({e}); choose another folder "
-                            f"(--out), or give --overwrite to replace it") from None
-        if _comparable(before) != _comparable(self.cfg):
-            keys = _differing(_comparable(before), _comparable(self.cfg))
-            raise UserError(f"{self.out}: the folder holds a run of a different recipe ({', '.join(keys[:3])}"
-                            f"{' ...' if len(keys) > 3 else ''} differ); choose another folder (--out), or give "
-                            f"--overwrite to replace it (unchanged stages are still reused); distill "
-                            f"compress and bench may change only {', '.join(k + '.*' for k in AFTER_TRAINING)}")
+        if not overwrite:
+            refuse_other_recipe(self.out, self.cfg)
 
     def _refuse_other_files(self, overwrite: bool) -> None:
         """A run does not replace files it did not write: a folder without recipe.yaml that holds names a run
         writes (a metrics.json, a teacher.safetensors of the user's) is refused unless --overwrite. Other files
         (a job's log, .DS_Store) are left beside the run."""
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise UserError(f"--out {self.out}: not a folder (a file, a device or a pipe); give a folder for the run")
         if overwrite or not os.path.isdir(self.out) or os.path.isfile(self.path("recipe.yaml")):
             return
         clash = sorted(e for e in os.listdir(self.out) if made_by_a_run(e))
@@ -385,9 +393,11 @@ class RunDir:
         trained = [k for k in changed
                    if not k.startswith(measuring) or (trains and k.startswith("evaluate.exact_match"))]
         if trained:
+            own = os.path.abspath(self.recipe.source) == os.path.abspath(self.path("recipe.yaml"))
+            command = f"distill run {self.out}" if own else f"distill run {self.recipe.source} --out {self.out}"
             raise UserError(f"{', '.join(trained[:3])}{' ...' if len(trained) > 3 else ''}: distill evaluate trains "
-                            f"nothing, and the folder's models were trained without this change; give it to distill "
-                            f"run {self.out} --overwrite (which trains again what it changes), or leave it out")
+                            f"nothing, and the folder's models were trained without this change; give it to "
+                            f"{command} --overwrite (which trains again what it changes), or leave it out")
         return recipe_key(before) if changed else None
 
     def restamp(self, old_key: str) -> None:
