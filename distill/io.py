@@ -71,16 +71,23 @@ def out_path(path: str) -> str:
 @contextmanager
 def atomic_folder(folder: str) -> Iterator[str]:
     """`atomic_path` for a folder: yields a temp folder beside `folder`, which replaces `folder` on success
-    and is removed on failure. An earlier `folder` is moved aside first and removed only after the rename, so
-    a crash leaves the old folder or the new one, never neither."""
+    and is removed on failure. An earlier `folder` is moved aside first and removed only after the rename: a
+    crash between the two renames leaves it aside (`.old-<name>-*/previous`), and the next write of `folder`
+    puts it back first, so that a failure then still leaves the old folder."""
     parent = os.path.dirname(os.path.abspath(folder))
+    aside = f".old-{os.path.basename(os.path.abspath(folder))}-"
     tmp = None
     try:
         os.makedirs(parent, exist_ok=True)
+        for name in sorted(os.listdir(parent)):  # (a crash between the renames of an earlier write)
+            if name.startswith(aside) and os.path.isdir(os.path.join(parent, name, "previous")):
+                if not os.path.exists(folder):
+                    os.rename(os.path.join(parent, name, "previous"), folder)
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
         yield tmp
         _plain_modes(tmp)
-        old = tempfile.mkdtemp(prefix=".old-", dir=parent) if os.path.isdir(folder) else None
+        old = tempfile.mkdtemp(prefix=aside, dir=parent) if os.path.isdir(folder) else None
         if old:
             os.rename(folder, os.path.join(old, "previous"))
         os.rename(tmp, folder)
@@ -91,6 +98,39 @@ def atomic_folder(folder: str) -> Iterator[str]:
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sweep_stale(folder: str, age_s: float = 24 * 3600) -> None:
+    """Remove the temp folders (.tmp-*) that processes killed mid-build left in `folder` a day ago or more (a
+    live build's is younger)."""
+    import time
+    now = time.time()
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        path = os.path.join(folder, name)
+        if name.startswith(".tmp-") and now - os.path.getmtime(path) > age_s:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def locked(path: str, echo: Any = None) -> Iterator[None]:
+    """An exclusive lock on the file `path` (made if absent) while the block runs: another process building the
+    same thing waits (saying so with `echo`) and then finds it built."""
+    import fcntl
+    try:
+        fh = open(path, "a")
+    except OSError as e:
+        raise UserError(f"{path}: cannot write in {os.path.dirname(os.path.abspath(path))} ({e.strerror or e})") \
+            from None
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if echo:
+                echo(f"{path}: another process holds it; waiting")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+    finally:
+        fh.close()  # (closing releases the lock)
 
 
 def _plain_modes(folder: str) -> None:

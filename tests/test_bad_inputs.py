@@ -433,6 +433,19 @@ def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path, monkeypatch):
         os.umask(old)
 
 
+def test_a_folder_left_aside_by_a_crash_between_the_renames_is_put_back_first(tmp_path):
+    from distill.io import atomic_folder
+    (tmp_path / ".old-hf-x1" / "previous").mkdir(parents=True)  # (killed after the old folder went aside)
+    (tmp_path / ".old-hf-x1" / "previous" / "w.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(str(tmp_path / "hf")) as tmp:
+            raise RuntimeError("the next write fails too")
+    assert (tmp_path / "hf" / "w.txt").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["hf"]
+    with atomic_folder(str(tmp_path / "hf")) as tmp:
+        open(os.path.join(tmp, "w.txt"), "w").write("new")
+    assert (tmp_path / "hf" / "w.txt").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["hf"]
+
+
 def test_full_disk_keeps_the_earlier_result(tmp_path, capsys, monkeypatch):
     p = recipe_with(tmp_path, GOOD)
     out = str(tmp_path / "run")
@@ -521,3 +534,36 @@ def test_a_teacher_a_stage_command_builds_on_is_this_recipe_s(tmp_path, capsys):
         fh.write(GOOD + "distill: {temperature: 3.0}\n")
     assert main(["train-student", changed, "--out", out, "--overwrite"]) == 0
     assert main(["evaluate", changed, "--out", out]) == 0, capsys.readouterr().err
+
+
+def test_a_second_builder_of_the_same_thing_waits_for_the_first(tmp_path):
+    """Two top-k cache builds of one entry at once: the second renamed the shared .partial folder away under
+    the first (a traceback). Each build holds a lock on the entry; the second waits and finds it built."""
+    import threading
+    import time
+    from distill.io import locked
+    order, said = [], []
+
+    def first():
+        with locked(str(tmp_path / "e.lock")):
+            order.append("first in")
+            time.sleep(0.5)
+            order.append("first out")
+    t = threading.Thread(target=first)
+    t.start()
+    while not order:
+        time.sleep(0.01)
+    with locked(str(tmp_path / "e.lock"), said.append):
+        order.append("second in")
+    t.join()
+    assert order == ["first in", "first out", "second in"] and "another process holds it; waiting" in said[0]
+
+
+def test_temp_folders_of_builds_killed_a_day_ago_are_swept(tmp_path):
+    """(the GGUF conversion left one of a model's size per kill, and never swept them)"""
+    from distill.io import sweep_stale
+    for name in (".tmp-old", ".tmp-live", "model"):
+        (tmp_path / name).mkdir()
+    os.utime(tmp_path / ".tmp-old", (0, 0))
+    sweep_stale(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [".tmp-live", "model"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -24,7 +23,7 @@ from ..engine.runtime import CPU, Runtime, shard
 from ..errors import UserError
 from ..hooks import FeatureCapture
 from .online import teacher_forward
-from ..io import read_json, sha256_json, write_json
+from ..io import read_json, sha256_json, sweep_stale, write_json
 from ..progress import bar
 
 
@@ -106,15 +105,6 @@ def _complete(entry: str) -> bool:
     return os.path.isfile(os.path.join(entry, "meta.json"))
 
 
-def _sweep_stale(cache_dir: str, age_s: float = 24 * 3600) -> None:
-    """Remove temp folders left by runs killed mid-build a day ago or more (a live build is younger)."""
-    now = time.time()
-    for name in os.listdir(cache_dir):
-        path = os.path.join(cache_dir, name)
-        if name.startswith(".tmp-") and now - os.path.getmtime(path) > age_s:
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def _build(teacher: nn.Module, x: torch.Tensor, entry: str, layers: List[str], batch_size: int,
            runtime: Runtime = CPU) -> None:
     """Writes into a temp folder, then renames it into place: a killed run leaves no partial entry.
@@ -126,7 +116,7 @@ def _build(teacher: nn.Module, x: torch.Tensor, entry: str, layers: List[str], b
     tmp = None
     if runtime.is_main:
         os.makedirs(parent, exist_ok=True)
-        _sweep_stale(parent)
+        sweep_stale(parent)
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     tmp = runtime.from_main(tmp)
     try:

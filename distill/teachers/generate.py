@@ -56,8 +56,8 @@ def generate(teacher: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], ans
     complete = {b for b in finished if sum(r["batch"] == b for r in done) == n * len(prompts[b * size:(b + 1) * size])}
     rows = [r for r in done if r["batch"] in complete]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(partial, "w", encoding="utf-8") as fh:  # (rewritten without any half-written batch)
-        fh.writelines(json.dumps(r) + "\n" for r in [{"key": key}, *rows])
+    with atomic_path(partial) as tmp, open(tmp, "w", encoding="utf-8") as fh:  # (rewritten without any half-
+        fh.writelines(json.dumps(r) + "\n" for r in [{"key": key}, *rows])  # written batch; a kill here keeps it)
     t0, tokens = time.perf_counter(), 0
     todo = [i for i, _ in enumerate(batches) if i not in complete]
     with open(partial, "a", encoding="utf-8") as fh:

@@ -24,6 +24,7 @@ shard); the folder is renamed into place once the manifest is written.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -37,7 +38,7 @@ from ..engine.batch import TeacherOutputs
 from ..engine.inference import model_device
 from ..engine.runtime import CPU, Runtime
 from ..errors import UserError
-from ..io import atomic_path, read_json, sha256_json, write_json
+from ..io import atomic_path, locked, read_json, sha256_json, write_json
 from ..progress import bar
 
 FORMAT = 1
@@ -177,9 +178,16 @@ def check_manifest(folder: str, want: Dict[str, Any]) -> None:
 def load_or_build(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, folder: str, want: Dict[str, Any],
                   batch_size: int, runtime: Runtime = CPU, echo=print) -> tuple:
     """(the cache entry in `folder`, whether it was there already): built first when absent, resuming a
-    killed build at its first missing shard."""
+    killed build at its first missing shard. Another command building the same entry (a run beside, sharing
+    the cache) is waited for, and its entry used."""
     from .cache import same_key_everywhere
     same_key_everywhere(sha256_json(want)[:16], runtime, "top-k cache")
+    with locked(folder + ".lock", echo) if runtime.is_main else contextlib.nullcontext():
+        return _load_or_build(teacher, x, y, folder, want, batch_size, runtime, echo)
+
+
+def _load_or_build(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, folder: str, want: Dict[str, Any],
+                   batch_size: int, runtime: Runtime, echo) -> tuple:
     if runtime.from_main(os.path.isfile(os.path.join(folder, "manifest.json"))):
         check_manifest(folder, want)
         return TopKCache(folder), True
