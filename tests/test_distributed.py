@@ -126,7 +126,8 @@ def test_text_model_two_processes_train_as_one(tmp_path):
 def test_language_model_two_processes_train_as_one_accumulating(tmp_path):
     """With teacher-written windows beside the text (which the main process alone writes)."""
     import test_lm
-    path = test_lm.recipe(tmp_path, train={"select": "last"}, distill={"sequence_kd": {"windows": 16, "replace": False}})
+    path = test_lm.recipe(tmp_path, train={"select": "last"},
+                          distill={"sequence_kd": {"windows": 16, "replace": False}})
     runs = {}
     for name, extra in (("accumulate", ["--set", "train.accumulate=2"]), ("two", ["--nproc", "2"])):
         runs[name] = str(tmp_path / name)

@@ -113,10 +113,11 @@ def refuse_other_recipe(out: str, cfg: Dict[str, Any]) -> None:
                         f"give --overwrite to replace it") from None
     if _comparable(before) != _comparable(cfg):
         keys = _differing(_comparable(before), _comparable(cfg))
+        free = ", ".join(k if k == "baseline" else k + ".*" for k in AFTER_TRAINING)  # (baseline: a switch)
         raise UserError(f"{out}: the folder holds a run of a different recipe ({', '.join(keys[:3])}"
                         f"{' ...' if len(keys) > 3 else ''} differ); choose another folder (--out), or give "
                         f"--overwrite to replace it (unchanged stages are still reused); distill compress and "
-                        f"bench may change only {', '.join(k if k == 'baseline' else k + '.*' for k in AFTER_TRAINING)}")
+                        f"bench may change only {free}")
 
 
 UNFINISHED = "unfinished"  # the fingerprint of a stage record while the stage makes its files anew
