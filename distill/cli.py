@@ -208,9 +208,11 @@ def _compress(args: argparse.Namespace) -> int:
     from .pipeline.artifacts import require_saved
     from .pipeline.plan import execute
     from .pipeline.rundir import RunDir
+    from .pipeline.rundir import require_finished
     recipe, folder = _run_folder(args.target, args.overrides)
     for name in ("teacher", recipe.cfg["compress"]["source"]):
         require_saved(folder, name)
+        require_finished(folder, name, "compress")
     try:
         records = execute(RunDir(recipe, folder, _echo, resume=args.resume, drop_checkpoints=args.overwrite),
                           ["compress"], check=False)["compress"]
@@ -227,9 +229,9 @@ def _compress(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from .compress.bench import bench
-    from .pipeline.rundir import refuse_other_recipe
+    from .pipeline.rundir import refuse_training_keys
     recipe, folder = _run_folder(args.target, args.overrides)
-    refuse_other_recipe(folder, recipe.cfg)  # (a training key given here would be ignored: the models are made)
+    refuse_training_keys(folder, recipe.cfg)  # (a training key given here would be ignored: the models are made)
     result = bench(recipe, folder, _echo)
     print(result["table"])
     print(f"results: {os.path.join(folder, 'bench')} (bench.json, bench.md, pareto.png)")
@@ -292,13 +294,14 @@ def _export(args: argparse.Namespace) -> int:
     from .io import load_meta, out_path, read_run_json, write_json
     from .pipeline.artifacts import load_model_at, require_same_data, require_saved
     from .compress.measure import is_hf_lm
-    from .pipeline.rundir import data_cfg_for, stage_fingerprints
+    from .pipeline.rundir import data_cfg_for, require_finished, stage_fingerprints
     recipe, folder = _run_folder(args.target, [])
     record = os.path.join(folder, "export", "exports.json")
     exports = read_run_json(record, {})  # (read first: a corrupt record is refused before anything is written)
     if args.model not in MODEL_NAMES and not re.fullmatch(r"compress/\w[\w.-]*", args.model):
         raise UserError(f"--model {args.model}: choose student, student_scratch, teacher or compress/NAME")
     path = require_saved(folder, args.model)
+    require_finished(folder, args.model, "export")
     data = load_data(data_cfg_for(recipe.cfg, args.model))  # (a student of another tokenizer: its own tokens)
     require_same_data(folder, args.model, data)  # (the export is checked on test inputs)
     model = load_model_at(path, args.model)

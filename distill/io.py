@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -80,7 +81,9 @@ def atomic_folder(folder: str) -> Iterator[str]:
     try:
         os.makedirs(parent, exist_ok=True)
         for name in sorted(os.listdir(parent)):  # (a crash between the renames of an earlier write)
-            if name.startswith(aside) and os.path.isdir(os.path.join(parent, name, "previous")):
+            # (mkdtemp's suffix is 8 of [a-z0-9_]: a sibling folder named <name>-x has its own)
+            if re.fullmatch(re.escape(aside) + r"[a-z0-9_]{8}", name) and \
+                    os.path.isdir(os.path.join(parent, name, "previous")):
                 if not os.path.exists(folder):
                     os.rename(os.path.join(parent, name, "previous"), folder)
                 shutil.rmtree(os.path.join(parent, name), ignore_errors=True)

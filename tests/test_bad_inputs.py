@@ -435,8 +435,8 @@ def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path, monkeypatch):
 
 def test_a_folder_left_aside_by_a_crash_between_the_renames_is_put_back_first(tmp_path):
     from distill.io import atomic_folder
-    (tmp_path / ".old-hf-x1" / "previous").mkdir(parents=True)  # (killed after the old folder went aside)
-    (tmp_path / ".old-hf-x1" / "previous" / "w.txt").write_text("old")
+    (tmp_path / ".old-hf-x1234567" / "previous").mkdir(parents=True)  # (killed after the old folder went aside)
+    (tmp_path / ".old-hf-x1234567" / "previous" / "w.txt").write_text("old")
     with pytest.raises(RuntimeError):
         with atomic_folder(str(tmp_path / "hf")) as tmp:
             raise RuntimeError("the next write fails too")
@@ -444,6 +444,11 @@ def test_a_folder_left_aside_by_a_crash_between_the_renames_is_put_back_first(tm
     with atomic_folder(str(tmp_path / "hf")) as tmp:
         open(os.path.join(tmp, "w.txt"), "w").write("new")
     assert (tmp_path / "hf" / "w.txt").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["hf"]
+    # the folder a sibling named hf-2 left aside is that sibling's: not put in hf's place, nor removed
+    (tmp_path / ".old-hf-2-abcdefgh" / "previous").mkdir(parents=True)
+    with atomic_folder(str(tmp_path / "hf")) as tmp:
+        pass
+    assert sorted(os.listdir(tmp_path)) == [".old-hf-2-abcdefgh", "hf"]
 
 
 def test_full_disk_keeps_the_earlier_result(tmp_path, capsys, monkeypatch):

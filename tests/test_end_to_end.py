@@ -142,11 +142,16 @@ def test_a_stage_stopped_after_replacing_its_file_is_made_again_and_its_model_is
     stages["student"]["fingerprint"] = "unfinished"
     json.dump(stages, open(os.path.join(out, "stages.json"), "w"))
     for command, why in (("report", "measured earlier versions of student"),
-                         ("evaluate", "a run that started making it again stopped before it finished")):
+                         ("evaluate", "a run that started making it again stopped before it finished"),
+                         ("export", "finish the run first (export needs it)"),
+                         ("compress", "finish the run first (compress needs it)"),
+                         ("bench", "finish the run first (bench needs it)")):
         capsys.readouterr()
-        assert main([command, out]) == 2
+        assert main([command, out] + (["--format", "safetensors"] if command == "export" else [])) == 2, command
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and why in err[0], err
+    from distill.compress.bench import is_stale
+    assert is_stale({"model": "student", "fingerprint": "unfinished"}, {"student": "unfinished"})
 
 
 def test_same_seed_same_weights_and_other_seed_differs(tmp_path):

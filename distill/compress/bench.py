@@ -109,6 +109,7 @@ def plan(folder: str, variants: List[str], only: Optional[List[str]] = None) -> 
 
 def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
     from ..pipeline.artifacts import require_same_data
+    from ..pipeline.rundir import require_finished
     cfg = recipe.cfg
     from ..recipe import LM_DATASETS
     from .measure import DECODE, LM_VARIANTS, lm_runs
@@ -122,6 +123,7 @@ def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
     stale = set()
     for name in dict.fromkeys(n for n, _, _ in rows):  # (every row scores its model on the test split)
         try:
+            require_finished(folder, name, "bench")
             require_same_data(folder, name, _data_for(cfg, name, loaded))
         except UserError as e:
             if not name.startswith("compress/"):  # (the run's own models: the run is out of date)
@@ -173,14 +175,18 @@ def compressed_out_of_date(folder: str) -> Optional[str]:
     made = read_run_json(os.path.join(folder, "compress", "compress.json"), {}).get("made_from")
     if not isinstance(made, dict):  # (records from before say nothing)
         return None
+    from ..pipeline.rundir import UNFINISHED
     now = stage_fingerprints(folder)
-    changed = [k for k, v in made.items() if now.get(k) != v]
+    changed = [k for k, v in made.items() if now.get(k) != v or v == UNFINISHED]
     return f"compressed from earlier versions of {' and '.join(changed)}, trained again since" if changed else None
 
 
 def is_stale(row: Dict[str, Any], versions: Dict[str, Optional[str]]) -> bool:
-    """A bench row measured on an earlier version of its model (retrained, re-compressed, or gone since)."""
-    return "fingerprint" in row and row["fingerprint"] != versions.get(row.get("model"))
+    """A bench row measured on an earlier version of its model (retrained, re-compressed, or gone since, or
+    being made again by a run that stopped)."""
+    from ..pipeline.rundir import UNFINISHED
+    return "fingerprint" in row and (row["fingerprint"] != versions.get(row.get("model"))
+                                     or row["fingerprint"] == UNFINISHED)
 
 
 def _data_for(cfg: Dict[str, Any], name: str, loaded: Dict[str, Any]) -> Any:

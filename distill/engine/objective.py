@@ -204,7 +204,8 @@ class Objective(nn.Module):
         from ..tasks.causal_lm import prompts_and_answers
         prompts, _ = prompts_and_answers(x.cpu(), y.cpu())
         op, s = self.on_policy, self.student
-        seed = int(torch.randint(0, 2**31 - 1, (1,))) if self.step_seeds is None else self.step_seeds[1] % (2**31 - 1)
+        gen = None if self.step_seeds is None else torch.Generator().manual_seed(self.step_seeds[1])
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))  # (the micro-batch's seeds are 2**31 apart)
         outs = s.complete(prompts, op["max_new_tokens"], op["temperature"], 1.0, seed)
         xa, ya = as_arrays([(p, ids or [s.eos_id]) for p, (ids, _) in zip(prompts, outs)], s.pad_id)
         return torch.from_numpy(xa).to(x.device), torch.from_numpy(ya).to(x.device)

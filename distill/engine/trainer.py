@@ -72,6 +72,12 @@ def lr_factor(epoch: float, scfg: Dict[str, Any], epochs: int) -> float:
     return 1.0
 
 
+def lr_key(role: str) -> str:
+    """The recipe key that sets a model's learning rate (a compress fine-tune's is compress.lr, scaled by QAT's
+    lr_scale)."""
+    return "compress.lr" if role.startswith("compress/") else f"{recipe_section(role)}.train.optimizer.lr"
+
+
 class TrainingDiverged(UserError):
     """Too many consecutive steps with a NaN or Inf loss or gradient."""
 
@@ -372,8 +378,7 @@ class Trainer:
             raise TrainingDiverged(
                 f"{self.role}: epoch {epoch + 1} step {prog['step']}: the {bad} "
                 f"{'loss ' if bad != 'gradient' else ''}was NaN or Inf for {prog['bad']} steps in a row; "
-                f"likely cause: learning rate too high ({recipe_section(self.role)}.train.optimizer.lr="
-                f"{tcfg['optimizer']['lr']}), "
+                f"likely cause: learning rate too high ({lr_key(self.role)}: {tcfg['optimizer']['lr']} here), "
                 f"NaN/Inf in the input data, or bf16 overflow; "
                 f"{'the last good checkpoint is kept' if kept else 'no checkpoint was written'}")
         self.opt.zero_grad(set_to_none=True)

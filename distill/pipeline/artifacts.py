@@ -142,7 +142,8 @@ class RegistryModels:
 
 def important_layers(run: RunDir, teacher: nn.Module, keep: int) -> List[int]:
     """The `keep` teacher layers that matter most on the validation split (Minitron depth pruning): each
-    layer's importance is the rise in loss when it alone is skipped, on the first 8 validation sequences.
+    layer's importance is the rise in loss when it alone is skipped, on the data's probe of 8 sequences (the
+    first validation ones; without a validation split, a fixed sample of the training ones).
     Measured once per teacher (the scores are logged)."""
     from ..io import weights_sha256
     from ..models.hf_lm import layer_importance, most_important

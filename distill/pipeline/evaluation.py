@@ -11,7 +11,7 @@ from ..tasks import task_for
 from ..io import write_json
 from ..roles import SCRATCH, STUDENT, TEACHER
 from .artifacts import TIMINGS, load_saved, require_same_data, require_saved
-from .rundir import UNFINISHED, RunDir, recipe_key
+from .rundir import RunDir, recipe_key, require_finished
 
 
 def evaluated(cfg: Dict[str, Any]) -> list:
@@ -31,9 +31,7 @@ def evaluate(run: RunDir) -> Dict[str, Any]:
             raise UserError(f"{require_saved(run.out, name)}: made by a run of another recipe than "
                             f"{run.path('recipe.yaml')} (a rerun that changed it stopped before training this "
                             f"model); finish the run first: distill run {run.out} --resume")
-        if stages.get(name, {}).get("fingerprint") == UNFINISHED:
-            raise UserError(f"{require_saved(run.out, name)}: a run that started making it again stopped before it "
-                            f"finished; finish the run first: distill run {run.out} --resume")
+        require_finished(run.out, name, "evaluate")
         model = load_saved(run, name).to(run.runtime.device)  # (scored there; evaluate_model times it on the CPU)
         models[name] = model
         m = evaluate_model(model, require_saved(run.out, name), data.x_test, data.y_test, ecfg,

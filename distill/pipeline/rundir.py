@@ -100,9 +100,12 @@ def recipe_key(cfg: Dict[str, Any]) -> str:
     return sha256_json(_comparable(cfg))[:16]
 
 
+# keys of how models are measured (and named), not of how they are made
+MEASURING = ("evaluate.", "data.eval_batch_size", "data.workers", "name", "description")
+
+
 def refuse_other_recipe(out: str, cfg: Dict[str, Any]) -> None:
-    """A folder holding a run of another recipe is not silently mixed with this one (nor benched as if it were
-    this recipe's)."""
+    """A folder holding a run of another recipe is not silently mixed with this one."""
     old = os.path.join(out, "recipe.yaml")
     if not os.path.isfile(old):
         return
@@ -120,7 +123,30 @@ def refuse_other_recipe(out: str, cfg: Dict[str, Any]) -> None:
                         f"bench may change only {free}")
 
 
+def refuse_training_keys(out: str, cfg: Dict[str, Any]) -> None:
+    """distill bench measures a folder's models as they were made: a --set of a key they would have to be made
+    again for would be ignored, and is refused (how they are measured, and compress.*, may change)."""
+    try:
+        before = Recipe.load(os.path.join(out, "recipe.yaml")).cfg
+    except UserError:
+        return  # (the commands that make the models say what is wrong with it)
+    trained = [k for k in _differing(_comparable(before), _comparable(cfg)) if not k.startswith(MEASURING)]
+    if trained:
+        raise UserError(f"{', '.join(trained[:3])}{' ...' if len(trained) > 3 else ''}: distill bench measures the "
+                        f"folder's models as they were trained, without this change; give it to distill run {out} "
+                        f"--overwrite (which trains again what it changes), or leave it out")
+
+
 UNFINISHED = "unfinished"  # the fingerprint of a stage record while the stage makes its files anew
+
+
+def require_finished(out: str, name: str, command: str) -> None:
+    """A model whose stage was started again and stopped (its record `unfinished`) is not measured, compressed
+    or exported as if it were done."""
+    record = read_run_json(os.path.join(out, "stages.json"), {}).get(name)
+    if isinstance(record, dict) and record.get("fingerprint") == UNFINISHED:
+        raise UserError(f"{name}: a run that started making it again stopped before it finished; finish the run "
+                        f"first ({command} needs it): distill run {out} --resume")
 
 
 def stage_fingerprints(folder: str) -> Dict[str, Optional[str]]:
@@ -390,9 +416,8 @@ class RunDir:
         # the epochs that val_exact_match selects: then it is a training key too)
         trains = bool(self.cfg["distill"]["sequence_kd"]["samples"]) or any(
             self.cfg[r]["train"]["select_metric"] == "val_exact_match" for r in (TEACHER, STUDENT))
-        measuring = ("evaluate.", "data.eval_batch_size", "data.workers", "name", "description")
         trained = [k for k in changed
-                   if not k.startswith(measuring) or (trains and k.startswith("evaluate.exact_match"))]
+                   if not k.startswith(MEASURING) or (trains and k.startswith("evaluate.exact_match"))]
         if trained:
             own = os.path.abspath(self.recipe.source) == os.path.abspath(self.path("recipe.yaml"))
             command = f"distill run {self.out}" if own else f"distill run {self.recipe.source} --out {self.out}"

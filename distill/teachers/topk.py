@@ -182,7 +182,9 @@ def load_or_build(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, folder: 
     the cache) is waited for, and its entry used."""
     from .cache import same_key_everywhere
     same_key_everywhere(sha256_json(want)[:16], runtime, "top-k cache")
-    with locked(folder + ".lock", echo) if runtime.is_main else contextlib.nullcontext():
+    built = os.path.isfile(os.path.join(folder, "manifest.json"))  # (a read-only cache is read without a lock)
+    with locked(folder + ".lock", echo) if runtime.is_main and not built else contextlib.nullcontext():
+        runtime.barrier()  # (the other processes wait here, however long the main one waits for the lock)
         return _load_or_build(teacher, x, y, folder, want, batch_size, runtime, echo)
 
 
