@@ -283,10 +283,10 @@ def test_compress_cnn_every_step_saves_a_smaller_loadable_model(cnn_run, capsys)
     stopped = json.load(open(os.path.join(cnn_run, "compress", "compress.json")))
     assert [m["name"] for m in stopped["models"]] == ["layers2", "layers1", "channels"]
     assert stopped["models"][2]["val_accuracy"] != record["models"][2]["val_accuracy"]
-    # stopped inside a step's work (its file may be replaced by then): compress.json names no later step of the
-    # older chain, made from other models
+    # stopped as a step's file is replaced: compress.json names no later step of the older chain, made from
+    # other models
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Compressor, "finetune", stop)
+        mp.setattr(Compressor, "save", stop)
         assert main(["compress", cnn_run, "--set", "compress.steps=[layers, channels, qat]",
                      "--set", "compress.layers.to=1", "--set", "compress.lr=0.0002"]) != 0
     assert json.load(open(os.path.join(cnn_run, "compress", "compress.json")))["models"] == []

@@ -93,8 +93,8 @@ def test_metrics_of_models_or_a_recipe_replaced_by_a_run_that_stopped_are_not_re
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(training, "distil", stopped)  # (the distilled student's stage stops)
-    for change, why in [("distill.temperature=3", "measured under another recipe than its recipe.yaml"),
-                        ("student.train.epochs=2", "measured earlier versions of student_scratch, trained again")]:
+    for change, why in [("distill.temperature=3", "measured earlier versions of student, trained again"),
+                        ("student.train.epochs=2", "measured earlier versions of student_scratch, student, trained")]:
         out = str(tmp_path / change)
         shutil.copytree(shared, out)
         metrics = open(os.path.join(out, "metrics.json")).read()

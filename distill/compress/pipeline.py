@@ -99,11 +99,11 @@ class Compressor:
         out = self.kind.artifact(compressed(name))
 
         def make() -> Dict[str, Any]:
-            self.write_record()  # (the chain so far: a compress killed from here on names no step of an older chain)
             t0 = time.perf_counter()
             info = work()
             info["time_s"] = round(time.perf_counter() - t0, 3)
-            self.save(name, info)
+            self.write_record()  # (the chain so far, before the step's file is replaced: a compress killed from
+            self.save(name, info)  # here on names no step of an older chain, made from other models)
             return info
         record = run_stage(run, Stage(compressed(name), inputs, [out], make))
         info = {k: v for k, v in record.items() if k not in ("fingerprint", "reused", "recipe")}
