@@ -265,3 +265,16 @@ def test_log_keeps_the_last_attempt_of_each_epoch(tmp_path):
     epochs, steps = read_log(str(path))
     assert [(r["epoch"], r["val_accuracy"]) for r in epochs["student"]] == [(1, 0.5), (2, 0.7)]
     assert [r["step"] for r in steps["student"]] == [10]
+
+
+def test_metrics_under_another_recipe_than_the_folder_s_are_out_of_date(tmp_path):
+    """A rerun that rewrote recipe.yaml and stopped before it retrained any model (its records unchanged)."""
+    from distill import Recipe
+    from distill.pipeline.rundir import metrics_out_of_date, recipe_key
+    recipe = Recipe.load("digits")
+    (tmp_path / "recipe.yaml").write_text(recipe.to_yaml())
+    (tmp_path / "stages.json").write_text(json.dumps({"student": {"fingerprint": "a"}}))
+    same = {"student": {"fingerprint": "a", "recipe": recipe_key(recipe.cfg)}}
+    assert metrics_out_of_date(str(tmp_path), same) is None
+    other = {"student": {"fingerprint": "a", "recipe": "0" * 16}}
+    assert "measured under another recipe than its recipe.yaml" in metrics_out_of_date(str(tmp_path), other)
