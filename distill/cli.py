@@ -207,8 +207,7 @@ def _compress(args: argparse.Namespace) -> int:
     from .engine.trainer import Interrupted
     from .pipeline.artifacts import require_saved
     from .pipeline.plan import execute
-    from .pipeline.rundir import RunDir
-    from .pipeline.rundir import require_finished
+    from .pipeline.rundir import RunDir, require_finished
     recipe, folder = _run_folder(args.target, args.overrides)
     for name in ("teacher", recipe.cfg["compress"]["source"]):
         require_saved(folder, name)

@@ -10,6 +10,7 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator
 
@@ -106,7 +107,6 @@ def atomic_folder(folder: str) -> Iterator[str]:
 def sweep_stale(folder: str, age_s: float = 24 * 3600) -> None:
     """Remove the temp folders (.tmp-*) that processes killed mid-build left in `folder` a day ago or more (a
     live build's is younger)."""
-    import time
     now = time.time()
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         path = os.path.join(folder, name)

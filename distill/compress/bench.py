@@ -334,10 +334,9 @@ def recommended_on(out: Dict[str, Any]) -> str:
     """Which split the recommendation was chosen on, as bench.md and the report say it (a bench.json written
     before validation accuracy was measured chose on test accuracy)."""
     rec = out.get("recommended")
-    if isinstance(rec, dict) and rec.get("chosen_on") == "validation":
-        return "chosen on validation accuracy"
-    return "chosen on test accuracy: the data has no validation split" if isinstance(rec, dict) and \
-        rec.get("chosen_on") == "test" else "chosen on test accuracy"
+    chosen = rec.get("chosen_on") if isinstance(rec, dict) else None
+    return {"validation": "chosen on validation accuracy",
+            "test": "chosen on test accuracy: the data has no validation split"}.get(chosen, "chosen on test accuracy")
 
 
 def format_bench(out: Dict[str, Any]) -> str:

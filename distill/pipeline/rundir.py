@@ -100,6 +100,11 @@ def recipe_key(cfg: Dict[str, Any]) -> str:
     return sha256_json(_comparable(cfg))[:16]
 
 
+def _listed(keys: List[str]) -> str:
+    """The first keys of a list, for a one-line error."""
+    return ", ".join(keys[:3]) + (" ..." if len(keys) > 3 else "")
+
+
 # keys of how models are measured (and named), not of how they are made
 MEASURING = ("evaluate.", "data.eval_batch_size", "data.workers", "name", "description")
 
@@ -117,10 +122,9 @@ def refuse_other_recipe(out: str, cfg: Dict[str, Any]) -> None:
     if _comparable(before) != _comparable(cfg):
         keys = _differing(_comparable(before), _comparable(cfg))
         free = ", ".join(k if k == "baseline" else k + ".*" for k in AFTER_TRAINING)  # (baseline: a switch)
-        raise UserError(f"{out}: the folder holds a run of a different recipe ({', '.join(keys[:3])}"
-                        f"{' ...' if len(keys) > 3 else ''} differ); choose another folder (--out), or give "
-                        f"--overwrite to replace it (unchanged stages are still reused); distill compress and "
-                        f"bench may change only {free}")
+        raise UserError(f"{out}: the folder holds a run of a different recipe ({_listed(keys)} differ); choose "
+                        f"another folder (--out), or give --overwrite to replace it (unchanged stages are still "
+                        f"reused); distill compress and bench may change only {free}")
 
 
 def refuse_training_keys(out: str, cfg: Dict[str, Any]) -> None:
@@ -132,9 +136,9 @@ def refuse_training_keys(out: str, cfg: Dict[str, Any]) -> None:
         return  # (the commands that make the models say what is wrong with it)
     trained = [k for k in _differing(_comparable(before), _comparable(cfg)) if not k.startswith(MEASURING)]
     if trained:
-        raise UserError(f"{', '.join(trained[:3])}{' ...' if len(trained) > 3 else ''}: distill bench measures the "
-                        f"folder's models as they were trained, without this change; give it to distill run {out} "
-                        f"--overwrite (which trains again what it changes), or leave it out")
+        raise UserError(f"{_listed(trained)}: distill bench measures the folder's models as they were trained, "
+                        f"without this change; give it to distill run {out} --overwrite (which trains again what it "
+                        f"changes), or leave it out")
 
 
 UNFINISHED = "unfinished"  # the fingerprint of a stage record while the stage makes its files anew
@@ -421,9 +425,9 @@ class RunDir:
         if trained:
             own = os.path.abspath(self.recipe.source) == os.path.abspath(self.path("recipe.yaml"))
             command = f"distill run {self.out}" if own else f"distill run {self.recipe.source} --out {self.out}"
-            raise UserError(f"{', '.join(trained[:3])}{' ...' if len(trained) > 3 else ''}: distill evaluate trains "
-                            f"nothing, and the folder's models were trained without this change; give it to "
-                            f"{command} --overwrite (which trains again what it changes), or leave it out")
+            raise UserError(f"{_listed(trained)}: distill evaluate trains nothing, and the folder's models were "
+                            f"trained without this change; give it to {command} --overwrite (which trains again "
+                            f"what it changes), or leave it out")
         return recipe_key(before) if changed else None
 
     def restamp(self, old_key: str) -> None:
