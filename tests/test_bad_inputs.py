@@ -546,6 +546,7 @@ def test_a_second_builder_of_the_same_thing_waits_for_the_first(tmp_path):
     the first (a traceback). Each build holds a lock on the entry; the second waits and finds it built."""
     import threading
     import time
+    from distill.errors import UserError
     from distill.io import locked
     order, said = [], []
 
@@ -562,6 +563,10 @@ def test_a_second_builder_of_the_same_thing_waits_for_the_first(tmp_path):
         order.append("second in")
     t.join()
     assert order == ["first in", "first out", "second in"] and "another process holds it; waiting" in said[0]
+    # a cache folder that cannot be written: one line naming the lock file
+    with pytest.raises(UserError, match=r"e.lock: cannot write in .*gone"):
+        with locked(str(tmp_path / "gone" / "e.lock")):
+            pass
 
 
 def test_temp_folders_of_builds_killed_a_day_ago_are_swept(tmp_path):
