@@ -178,13 +178,12 @@ def _search(args: argparse.Namespace) -> int:
     from .pipeline.rundir import refuse_inside_a_run
     refuse_inside_a_run(out, "the trials, best.yaml and search.json")
     from .engine.trainer import Interrupted
+    startup = 3 if args.pruner_startup_trials is None else args.pruner_startup_trials
     try:
-        if args.sampler == "grid":
-            result = search(recipe, grid, args.overrides, out, _echo)
-        else:
-            startup = 3 if args.pruner_startup_trials is None else args.pruner_startup_trials
-            result = search_tpe(recipe, space, args.overrides, out, args.trials or 12, args.pruner or "median",
-                                startup, args.pruner_warmup_epochs, _echo)
+        with _writing(out):
+            result = search(recipe, grid, args.overrides, out, _echo) if args.sampler == "grid" else \
+                search_tpe(recipe, space, args.overrides, out, args.trials or 12, args.pruner or "median", startup,
+                           args.pruner_warmup_epochs, _echo)
     except Interrupted as e:
         print(f"{e}; the search stopped: the same command again reuses the stages it finished (the teacher, "
               f"the baseline) in {os.path.join(out, 'trials')} and continues this one", file=sys.stderr)
@@ -446,23 +445,42 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         raise UserError(f"distill {args.command} runs in one process (under torchrun every process would do the "
                         f"same work{', timing against the others' if args.command == 'bench' else ''}); run it "
                         f"without torchrun")
-    if args.command in ("export", "compress", "bench", "search", "report", "doctor"):
-        return {"export": _export, "compress": _compress, "bench": _bench, "search": _search,
-                "report": _report, "doctor": _doctor}[args.command](args)
+    if args.command == "doctor":  # (it reads only)
+        return _doctor(args)
+    if args.command in ("export", "compress", "bench", "report"):
+        with _writing(args.target):
+            return {"export": _export, "compress": _compress, "bench": _bench, "report": _report}[args.command](args)
+    if args.command == "search":
+        return _search(args)
     if isinstance(args.resume, str):
         if args.target:
             raise UserError(f"--resume {args.resume}: give the run folder once, either as RECIPE or after --resume")
         args.target, args.resume = args.resume, True
     recipe, out = _load(args.target, [*args.overrides, *(["baseline=false"] if args.no_baseline else [])], args.out)
-    from .engine.trainer import Interrupted  # (after the recipe: a mistake in it is told before torch loads)
-    from .pipeline.rundir import run_folder
+    from .pipeline.rundir import run_folder  # (after the recipe: a mistake in it is told before torch loads)
     if args.nproc is not None and args.nproc < 1:
         raise UserError(f"--nproc: expected a positive number of processes, got {args.nproc}")
     nproc, again = _resume_hint(args, run_folder(recipe, out))
-    if nproc > 1 and "LOCAL_RANK" not in os.environ:  # (already one of torchrun's processes: go on)
-        from .launch import check_processes, child_argv, launch
-        check_processes(recipe.cfg, nproc)
-        return launch(child_argv(args.argv), nproc, again)
+    with _writing(run_folder(recipe, out)):
+        if nproc > 1 and "LOCAL_RANK" not in os.environ:  # (already one of torchrun's processes: go on)
+            from .launch import check_processes, child_argv, launch
+            check_processes(recipe.cfg, nproc)
+            return launch(child_argv(args.argv), nproc, again)
+        return _run_or_stop(args, recipe, out, again)
+
+
+def _writing(folder: str):
+    """Held while a command writes in `folder` (see io.folder_lock); under torchrun the command that launched
+    the processes holds it, for them all (when torchrun was started by hand, no process does: the processes
+    of one job would refuse each other)."""
+    from .io import folder_lock
+    return contextlib.nullcontext() if under_torchrun() else folder_lock(folder)
+
+
+def _run_or_stop(args: argparse.Namespace, recipe, out: Optional[str], again: str) -> int:
+    """The command, in this process; an interruption or a lost peer process said in one line with the command
+    that continues."""
+    from .engine.trainer import Interrupted
     import torch.distributed as dist
     try:
         code = _run_command(args, recipe, out)

@@ -136,6 +136,49 @@ def locked(path: str, echo: Any = None) -> Iterator[None]:
         fh.close()  # (closing releases the lock)
 
 
+@contextmanager
+def folder_lock(folder: str) -> Iterator[None]:
+    """One distill command at a time writes in `folder`: a second one is refused in one line instead of mixing
+    its files with the first's. The lock is a file outside the folder (in the temp folder, named by the
+    folder's real path), so that nothing is written in it before the command checked its inputs; the kernel
+    releases it when the holder dies, and the holder removes it at the end."""
+    import fcntl
+    path = folder_lock_path(folder)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    while True:
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip()
+            fh.close()
+            raise UserError(f"{folder}: another distill command{f' (process {holder})' if holder else ''} is "
+                            f"writing in this folder; wait for it to end, or use another folder") from None
+        try:  # (the holder before us may have removed the file after we opened it: lock the one at `path`)
+            same = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        fh.close()
+    try:
+        fh.truncate(0)
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+    finally:
+        try:
+            os.remove(path)  # (while still held: a command that opened it now finds it removed and retries)
+        finally:
+            fh.close()
+
+
+def folder_lock_path(folder: str) -> str:
+    locks = os.path.join(tempfile.gettempdir(), f"distill-locks-{os.getuid()}")
+    return os.path.join(locks, hashlib.sha256(os.path.realpath(folder).encode()).hexdigest()[:32] + ".lock")
+
+
 def _plain_modes(folder: str) -> None:
     """The modes a plain mkdir and open give, for a folder mkdtemp made 0700 and files written 0600 (safetensors):
     a model folder another user's server reads."""

@@ -577,3 +577,36 @@ def test_temp_folders_of_builds_killed_a_day_ago_are_swept(tmp_path):
     os.utime(tmp_path / ".tmp-old", (0, 0))
     sweep_stale(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == [".tmp-live", "model"]
+
+
+def test_a_second_command_in_a_run_folder_is_refused_until_the_first_ends(tmp_path, capsys):
+    """Two commands writing in one run folder at once mixed their files (a `run --overwrite` beside a
+    `compress`). The first holds the folder; the second is refused in one line naming its process, before it
+    writes anything; a killed holder leaves the folder free."""
+    import signal
+    import subprocess
+    import sys
+    from distill.io import folder_lock, folder_lock_path
+    out = str(tmp_path / "run")
+    with folder_lock(out):
+        for argv in (["run", "--out", out], ["compress", out], ["bench", out], ["report", out],
+                     ["search", "--grid", "distill.temperature=2,4", "--out", out]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err.strip()
+            assert err == f"error: {out}: another distill command (process {os.getpid()}) is writing in this " \
+                          f"folder; wait for it to end, or use another folder", argv
+        assert not os.path.exists(out)
+        assert main(["doctor", str(tmp_path)]) in (0, 2)  # (doctor only reads: never refused for the lock)
+        assert "another distill command" not in capsys.readouterr().err
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from distill.io import folder_lock\n"
+                               f"with folder_lock({out!r}):\n print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["run", "--out", out]) == 2 and f"(process {holder.pid})" in capsys.readouterr().err
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with folder_lock(out):  # (free again, the killed holder's file taken over)
+        assert os.path.isfile(folder_lock_path(out))
+    assert not os.path.exists(folder_lock_path(out))  # (removed at the end: none pile up)
