@@ -824,16 +824,24 @@ def test_a_teacher_prompt_that_is_a_held_out_prompt_is_refused(tmp_path):
     assert len(teacher_prompts(cfg, data, tok)[0]) == 1
 
 
-def test_an_edited_teacher_prompts_file_is_a_new_input_to_the_stages_on_it(tmp_path):
+def test_an_edited_teacher_prompts_or_unlabeled_file_is_a_new_input_to_the_stages_on_it(tmp_path):
+    """(an edited distill.data.unlabeled file was not: the student trained on the old texts was reused)"""
     from types import SimpleNamespace
-    from distill.pipeline.teacher_outputs import teacher_prompts_input
+    from distill.pipeline.teacher_outputs import added_files_input
     path = write_jsonl(str(tmp_path / "p.jsonl"), [{"prompt": "1+1=", "answer": "2"}])
-    run = SimpleNamespace(cfg={"distill": {"sequence_kd": {"samples": 1, "prompts": path}}, "data": {}})
-    before = teacher_prompts_input(run)
+    run = SimpleNamespace(cfg={"distill": {"sequence_kd": {"samples": 1, "prompts": path}, "data": {"unlabeled": None}},
+                               "data": {}})
+    before = added_files_input(run)
     write_jsonl(path, [{"prompt": "1+1=", "answer": "3"}])
-    assert before and teacher_prompts_input(run) != before  # (teacher_samples', the student's, assistants')
+    assert before and added_files_input(run) != before  # (teacher_samples', the student's, assistants')
     run.cfg["distill"]["sequence_kd"]["samples"] = 0
-    assert teacher_prompts_input(run) == {}
+    assert added_files_input(run) == {}
+    texts = tmp_path / "unlabeled.txt"
+    texts.write_text("what is a lens\n")
+    run.cfg["distill"]["data"]["unlabeled"] = str(texts)
+    before = added_files_input(run)
+    texts.write_text("what is a lens\nwho wrote it\n")
+    assert list(before) == ["unlabeled"] and added_files_input(run) != before
 
 
 def test_a_killed_generation_of_other_prompts_is_not_continued(tmp_path):

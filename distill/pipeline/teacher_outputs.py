@@ -210,7 +210,7 @@ def teacher_completions(run: RunDir, teacher: nn.Module, data: DataBundle) -> Tu
     answer = run.cfg["evaluate"]["exact_match"]["answer"]
     own, data = data, run.data  # the teacher writes in its tokens (run.data); `own`: the student's
     inputs = {"teacher": weights_sha256(teacher), "data": data.fingerprint, "settings": settings, "answer": answer,
-              "seed": seed, **teacher_prompts_input(run)}
+              "seed": seed, **added_files_input(run)}
 
     def make() -> Dict[str, Any]:
         if not hasattr(teacher, "complete"):
@@ -284,13 +284,16 @@ def in_student_tokens(run: RunDir, rows: list, data: DataBundle) -> list:
                    f" re-encoded in the student's tokenizer ({data.tokenizer})")
 
 
-def teacher_prompts_input(run: RunDir) -> Dict[str, Any]:
-    """The hash of the `distill.sequence_kd.prompts` file, for the fingerprints of the stages that depend on
-    it (the teacher's samples, and the distilled student and assistants trained on them; not the scratch
-    student): an edited file is a new input."""
+def added_files_input(run: RunDir) -> Dict[str, Any]:
+    """The hashes of the files of inputs a distilled model adds to the data: the `distill.sequence_kd.prompts`
+    file (for the teacher's samples, and the distilled student and assistants trained on them) and the
+    `distill.data.unlabeled` texts (the student and assistants); not for the scratch student. An edited file
+    is a new input."""
     from ..data.completions import teacher_prompts_file
     path = teacher_prompts_file(run.cfg) if run.cfg["distill"]["sequence_kd"]["samples"] else None
-    return {"teacher_prompts": sha256_file(path)} if path else {}
+    unlabeled = run.cfg["distill"]["data"]["unlabeled"]
+    return {**({"teacher_prompts": sha256_file(path)} if path else {}),
+            **({"unlabeled": sha256_file(unlabeled)} if unlabeled else {})}
 
 
 def read_jsonl(path: str) -> list:

@@ -32,7 +32,7 @@ from ..teachers import teacher_forward
 from .artifacts import artifact, build_role, distill_settings, load_saved, model_spec, save_role
 from .rundir import RunDir
 from .stage import Stage, run_stage
-from .teacher_outputs import student_data, teacher_mode, teacher_prompts_input, teacher_source
+from .teacher_outputs import student_data, teacher_mode, added_files_input, teacher_source
 
 PROBE = chain.PROBE  # validation samples on which retention is measured
 
@@ -232,7 +232,7 @@ def train_distilled(run: RunDir, teacher: nn.Module) -> Dict[str, Any]:
         save_role(run, student, STUDENT, STUDENT, spec, info)  # the projectors stay behind in the objective
         return info
     inputs = {**student_inputs(run, teacher), "distill": dcfg, "mode": mode, "teacher": weights_sha256(teacher),
-              "monitor": reaction, **teacher_prompts_input(run)}
+              "monitor": reaction, **added_files_input(run)}
     return run_stage(run, Stage(STUDENT, inputs, [artifact(run.cfg, STUDENT, STUDENT)], make))
 
 
@@ -251,7 +251,7 @@ def train_assistant(run: RunDir, i: int, spec: Dict[str, Any], teacher: nn.Modul
         save_role(run, model, STUDENT, name, spec, info)
         return info
     inputs = {**base_inputs(run, STUDENT, spec), "distill": distill_settings(run), "mode": mode,
-              "teacher": weights_sha256(teacher), **teacher_prompts_input(run)}
+              "teacher": weights_sha256(teacher), **added_files_input(run)}
     record = run_stage(run, Stage(name, inputs, [f"{name}.safetensors"], make))
     return load_saved(run, name) if record["reused"] else holder["model"]
 
