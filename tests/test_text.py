@@ -583,6 +583,12 @@ TEXT_CASES = {
         lambda t, b: {"data": {"max_length": 100, "path": _write(t / "long.csv", "text,label\n" + "".join(
             f"{' '.join(['film'] * (20 + 50 * (i % 2)))},{NAMES[i % 2]}\n" for i in range(40)))}},
         "sequences of up to 72 tokens, and the teacher reads at most 64 positions"),
+    "test file the training file again": (lambda t, b: {"data": {"test_path": str(t / "train.csv")}},
+                                           "data.test_path: "),
+    "a column named twice": (lambda t, b: {"data": {"path": _write(t / "d.csv", "text,label,text\n\"a, b\",x,z\n")}},
+                             "d.csv: the header names ['text'] more than once; every column needs its own name"),
+    "a JSON array for JSONL": (lambda t, b: {"data": {"path": _write(t / "a.json", '[{"text": "a", "label": "x"}]\n')}},
+                               "a.json: line 1: expected a JSON object per line (a JSON array is not read: write one"),
     "cnn student on text": (lambda t, b: {"student": {"from_teacher": None, "model": "mlp"}},
                             "student: data.dataset: text needs a transformer"),
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
 import zipfile
 from dataclasses import dataclass, field, replace
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError, did_you_mean
+from ..io import sha256_file
 from ..registry import DATASETS
 
 T = TypeVar("T")
@@ -191,16 +193,20 @@ def _numbered(fh) -> List[Tuple[int, List[str]]]:
     return [(reader.line_num, row) for row in reader if row]
 
 
+def check_header(path: str, header: List[str], why: str) -> None:
+    """Every column of a CSV header named, each once (`why`: what a repeated name would do)."""
+    twice = sorted({h for h in header if header.count(h) > 1})
+    if twice or "" in (h.strip() for h in header):
+        what = f"names {twice} more than once" if twice else "has a column with no name"
+        raise UserError(f"{path}: the header {what}; every column needs its own name ({why})")
+
+
 def _read_csv(path: str, label: str) -> tuple:
     rows = read_text_file(path, _numbered)
     if not rows:
         raise UserError(f"{path}: empty file; a CSV needs a header row and data rows")
     header, body = rows[0][1], rows[1:]
-    twice = sorted({h for h in header if header.count(h) > 1})
-    if twice or "" in (h.strip() for h in header):
-        what = f"names {twice} more than once" if twice else "has a column with no name"
-        raise UserError(f"{path}: the header {what}; every column needs its own name (a second label column "
-                        f"would become a feature)")
+    check_header(path, header, "a second label column would become a feature")
     if label not in header:
         raise UserError(f"{path}: no column named '{label}' (data.label_column){did_you_mean(label, header)}; "
                         f"columns: {', '.join(header)}")
@@ -271,6 +277,10 @@ def load_data(cfg: Dict[str, Any]) -> DataBundle:
     """The `data` section of a resolved recipe -> normalised train/val/test tensors."""
     if cfg["dataset"] in BUNDLES:  # data that is not labelled samples (text_lm: next-token windows of a text)
         return BUNDLES[cfg["dataset"]](cfg)
+    if cfg.get("path") and cfg.get("test_path") and os.path.isfile(cfg["path"]) and os.path.isfile(cfg["test_path"]) \
+            and sha256_file(cfg["path"]) == sha256_file(cfg["test_path"]):  # (scores measured on training rows)
+        raise UserError(f"data.test_path: {cfg['test_path']} holds the same rows as data.path ({cfg['path']}); "
+                        f"give a test file the models do not train on, or none (data.test_fraction splits one off)")
     raw = DATASETS.get(cfg["dataset"], "data.dataset")(cfg)
     _check_inputs(raw.x_train, raw.y_train, "train", cfg)
     if raw.x_test is not None:

@@ -19,7 +19,7 @@ from ..io import atomic_path, sha256_file, sha256_json
 from ..models.hf import load_tokenizer, pad_id, tokenization_hash
 from ..registry import DATASETS
 from ..teachers.cache import check_cache_dir
-from .datasets import Raw, _class_order, read_text_file
+from .datasets import Raw, _class_order, check_header, read_text_file
 
 
 def read_texts(path: str, text_col: str, label_col: str | None) -> Tuple[List[str], List[str]]:
@@ -33,7 +33,7 @@ def read_texts(path: str, text_col: str, label_col: str | None) -> Tuple[List[st
             raise UserError(f"{path}: no texts (one a line)")
         return texts, []
     rows = read_text_file(path, lambda fh: jsonl_rows(path, fh) if path.endswith((".jsonl", ".json"))
-                          else _csv_rows(fh))
+                          else _csv_rows(path, fh))
     if not rows:
         raise UserError(f"{path}: no rows")
     first = rows[0][1]
@@ -62,9 +62,11 @@ def read_texts(path: str, text_col: str, label_col: str | None) -> Tuple[List[st
     return texts, labels
 
 
-def _csv_rows(fh) -> List[Tuple[int, Dict[str, Any]]]:
+def _csv_rows(path: str, fh) -> List[Tuple[int, Dict[str, Any]]]:
     """(line number, row) of each CSV row (blank lines skipped, as DictReader does), for errors that say where."""
     reader = csv.DictReader(fh)
+    if reader.fieldnames:
+        check_header(path, reader.fieldnames, "only the last column of a name would be read")
     return [(reader.line_num, row) for row in reader]
 
 
@@ -77,9 +79,11 @@ def jsonl_rows(path: str, fh) -> List[Tuple[int, Dict[str, Any]]]:
         try:
             row = json.loads(line)
         except ValueError as e:
-            raise UserError(f"{path}: line {i + 1}: not JSON ({e.msg})") from None
+            array = " (a JSON array is not read: write one object a line, JSONL)" if line.lstrip()[:1] == "[" else ""
+            raise UserError(f"{path}: line {i + 1}: not JSON ({e.msg}){array}") from None
         if not isinstance(row, dict):
-            raise UserError(f"{path}: line {i + 1}: expected a JSON object per line")
+            array = " (a JSON array is not read: write one object a line, JSONL)" if isinstance(row, list) else ""
+            raise UserError(f"{path}: line {i + 1}: expected a JSON object per line{array}")
         rows.append((i + 1, row))
     return rows
 

@@ -39,8 +39,11 @@ def check_cache_dir(configured: Optional[str]) -> str:
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        key = "output.cache_dir" if configured else "DISTILL_CACHE" if os.environ.get("DISTILL_CACHE") else "cache"
-        raise UserError(f"{key}: {folder}: cannot be the cache folder ({e.strerror or e})") from None
+        if configured or os.environ.get("DISTILL_CACHE"):
+            key = "output.cache_dir" if configured else "DISTILL_CACHE"
+            raise UserError(f"{key}: {folder}: cannot be the cache folder ({e.strerror or e})") from None
+        raise UserError(f"{folder}: cannot be the cache folder ({e.strerror or e}); set DISTILL_CACHE to a folder "
+                        f"that can") from None
     return folder
 
 
