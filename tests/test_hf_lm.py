@@ -1504,3 +1504,37 @@ def test_evaluate_may_not_change_the_answer_pattern_that_picked_the_teacher_s_co
         fh.write(Recipe.from_dict(r).to_yaml())
     assert RunDir(Recipe.from_dict(other), r["output"]["dir"], echo=lambda *a: None,
                   overwrite=True).measuring_changes() is not None
+
+
+def test_an_on_policy_step_weighs_each_micro_batch_by_its_share_of_the_sampled_tokens(tmp_path, llama, monkeypatch):
+    """An on-policy micro-batch's divergence is a mean over its sampled tokens. The trainer weighed it by its
+    share of the step's samples only, so a step split into micro-batches took a mean of their means (short
+    completions counted as much as long ones), and train.accumulate changed the result. The student now writes
+    every micro-batch's completions first, and each weighs by its share of the step's sampled tokens. (Here
+    the completions are fixed per row, of unequal lengths, so that the two splits train on the same ones.)"""
+    from safetensors.torch import load_file
+    from distill.data.completions import as_arrays
+    from distill.engine.objective import Objective
+    from distill.pipeline.plan import run
+    from distill.tasks.causal_lm import prompts_and_answers
+
+    def written(self, x, y):
+        prompts, answers = prompts_and_answers(x.cpu(), y.cpu())
+        seqs = [(p, a if sum(p) % 2 else a[:1]) for p, a in zip(prompts, answers)]
+        xa, ya = as_arrays(seqs, self.student.pad_id)
+        return torch.from_numpy(xa), torch.from_numpy(ya)
+    monkeypatch.setattr(Objective, "student_samples", written)
+    r = lm_recipe(str(tmp_path), distill={"method": "forward_kl", "alpha": 0.5,
+                                          "on_policy": {"fraction": 1.0, "max_new_tokens": 6}},
+                  evaluate={"latency_runs": 1, "throughput_batch": 2, "exact_match": {"rows": 0}}, baseline=False)
+    r["teacher"]["hf"] = llama
+    r["student"]["train"]["optimizer"] = {"name": "sgd", "lr": 0.5}  # (Adam turns float noise into lr-sized steps)
+    r["data"]["batch_size"] = 9  # (the epoch's last batch, 7, is split too, not merged into the one before)
+    r["output"]["cache_dir"] = str(tmp_path / "cache")
+    weights = []
+    for accumulate in (1, 2):
+        r["student"]["train"]["accumulate"] = accumulate
+        run(Recipe.from_dict(r), str(tmp_path / "run"), echo=lambda line: None, overwrite=True)
+        weights.append(load_file(str(tmp_path / "run" / "student" / "model.safetensors")))
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=1e-5, atol=1e-6, msg=k)  # (2e-3 apart before)

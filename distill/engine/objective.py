@@ -105,10 +105,11 @@ class Objective(nn.Module):
         self.terms: Dict[str, torch.Tensor] = {}  # the last batch's KD and CE terms, for gradient consistency
         self.target_share = 1.0  # set by the trainer per micro-batch: see per_target
         self.step_seeds: Optional[Tuple[int, int]] = None  # set by the trainer: see on_policy_now
+        self.samples: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # the trainer's: see on_policy_loss
         # on-policy KD (GKD): with probability `fraction` a batch is the student's own completions of its prompts
         self.on_policy = dict(self.dcfg.get("on_policy") or {}) if self.teachers else {}
 
-    _PER_STEP = frozenset({"progress", "epoch", "terms", "target_share", "step_seeds"})
+    _PER_STEP = frozenset({"progress", "epoch", "terms", "target_share", "step_seeds", "samples"})
 
     def __setattr__(self, name: str, value: Any) -> None:
         """The trainer sets progress, epoch and terms on every step: plain attributes, so they skip
@@ -219,11 +220,14 @@ class Objective(nn.Module):
 
     def on_policy_loss(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
                        ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """The divergence alone, teacher vs student, on the student's own completions (no gold tokens there)."""
-        x, y = self.student_samples(x, y)
+        """The divergence alone, teacher vs student, on the student's own completions (no gold tokens there):
+        those the trainer had the student write for this micro-batch at the start of the step (`samples`), with
+        `target_share` its share of the step's sampled tokens; else written now."""
+        x, y = self.samples if self.samples is not None else self.student_samples(x, y)
         logits, y_kept, mask, keep = self.student_logits(x, y, y >= 0)
         t_out = self.teacher_outputs(x, idx)
         kd = self.logit_term(logits, (t_out if keep is None else at_positions(t_out, keep)).logits, y_kept, None, mask)
+        kd = self.per_target(kd)  # (a mean over this micro-batch's sampled tokens, reweighted to the step's)
         self.terms = {}
         zero = kd.detach() * 0
         counts = {k: torch.zeros_like(v) for k, v in self.task.counts(logits, y_kept).items()}  # (no gold tokens)

@@ -288,6 +288,26 @@ class Trainer:
                                       f"epoch {epoch + 1}, step {self.prog['step']}", path)
             self.end_epoch(epoch, time.perf_counter() - t0)
 
+    def _on_policy_samples(self, step: Step) -> Tuple[Optional[list], int]:
+        """An on-policy step's completions, every micro-batch's, and how many target tokens they hold in the
+        step on every process: the student writes them before any loss, so that each micro-batch's divergence
+        weighs by its share of the step's sampled tokens (as gold targets do) and the step's loss is the mean
+        over them all, however the step is split over micro-batches and processes. (None, 0) otherwise."""
+        objective = self.objective
+        if step.seed is None:  # (no step seed: the draw is the global RNG's, taken in the forward pass once)
+            return None, 0
+        objective.step_seeds = (step.seed, step.seeds[0])
+        if not objective.on_policy_now():
+            return None, 0
+        samples = []
+        with self.runtime.autocast(self.tcfg["precision"]):  # (as in the forward pass)
+            for seed, batch in zip(step.seeds, step.micro):
+                objective.step_seeds = (step.seed, seed)
+                batch = self.runtime.put(batch)
+                samples.append(objective.student_samples(batch.x, batch.y))
+        count = torch.tensor(sum(int((y >= 0).sum()) for _, y in samples), dtype=torch.float64)
+        return samples, int(self.runtime.sum(count))
+
     def _warm_up(self) -> None:
         """`scheduler.warmup_steps`: the lr ramps up linearly over the first steps (the scheduler's own factor
         is restored at the last of them)."""
@@ -307,10 +327,15 @@ class Trainer:
         record_step = any(cb.wants_step(self, prog["step"] + 1) for cb in self.callbacks)
         signals: Dict[str, float] = {}
         parts: Dict[str, torch.Tensor] = {}
+        samples, sampled = self._on_policy_samples(step)
         for i, batch in enumerate(step.micro):
             objective.step_seeds = None if step.seed is None else (step.seed, step.seeds[i])
             share = len(batch.idx) / step.n  # of the global batch's loss
-            objective.target_share = int((batch.y >= 0).sum()) / step.targets / share if step.targets else 1.0
+            if samples:
+                objective.samples = samples[i]
+                objective.target_share = int((samples[i][1] >= 0).sum()) / sampled / share
+            else:
+                objective.target_share = int((batch.y >= 0).sum()) / step.targets / share if step.targets else 1.0
             last = i == len(step.micro) - 1
             with self.model.no_sync() if not last and self.model is not objective else contextlib.nullcontext():
                 batch = self.runtime.put(batch)
@@ -323,7 +348,7 @@ class Trainer:
                 scale = share * self.runtime.world_size  # (DDP averages the processes' gradients)
                 (loss if scale == 1.0 else loss * scale).backward()
             parts = micro_parts if share == 1.0 else _add_share(parts, micro_parts, share)
-        objective.target_share, objective.step_seeds = 1.0, None
+        objective.target_share, objective.step_seeds, objective.samples = 1.0, None, None
         if self.tcfg["grad_clip"]:
             nn.utils.clip_grad_norm_(self.params, self.tcfg["grad_clip"])
         bad, total = self._non_finite(parts)  # one host sync per step: whether to skip it
