@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -76,21 +77,17 @@ def search(recipe: Recipe, grid: Dict[str, List[Any]], overrides: Sequence[str],
            ) -> Dict[str, Any]:
     need_validation(recipe)
     same_split("--grid", list(grid), recipe.cfg)
+    from .engine.trainer import TrainingDiverged
     from .pipeline.plan import TRAINING, execute, preflight
     from .pipeline.rundir import RunDir
     keys = list(grid)
     trials = [dict(zip(keys, combo)) for combo in itertools.product(*grid.values())]
     folder = os.path.join(out, "trials")
-    # (a grid over the models, their args say: each trial's models are built before the first one trains)
-    from .recipe_checks import MODEL_SOURCES
-    built = (*MODEL_SOURCES, "args", "checkpoint")
-    models = any(k.split(".")[0] in ("teacher", "student") and k.split(".")[1] in built for k in keys if "." in k)
-    for t in trials:  # every trial's recipe is validated before the first one runs
+    for t in trials:  # every trial's recipe is checked, and its models built, before the first one trains
         try:
             trial = Recipe.load(recipe.source, _sets(overrides, t))
             need_validation(trial)
-            if models:
-                preflight(RunDir(trial, folder, lambda line: None, resume=True, overwrite=True))
+            preflight(RunDir(trial, folder, lambda line: None, resume=True, overwrite=True))
         except UserError as e:  # (named as the grid point: the --set values alone were checked already)
             raise UserError(f"--grid {', '.join(f'{k}={yaml_value(v)}' for k, v in t.items())}: {e}") from None
     rows = []
@@ -101,16 +98,39 @@ def search(recipe: Recipe, grid: Dict[str, List[Any]], overrides: Sequence[str],
         rd = RunDir(Recipe.load(recipe.source, sets), folder, echo, resume=True, overwrite=True)
         rd.remember = True
         t0 = time.perf_counter()
-        results = execute(rd, TRAINING, check=i == 0 and not models)  # (one preflight covers the models)
-        rows.append({**trial, "val_accuracy": results["student"]["val_accuracy"],
-                     "scratch_val_accuracy": results.get(SCRATCH, {}).get("val_accuracy"),
-                     "selected_epoch": results["student"].get("selected_epoch"),
-                     "time_s": round(time.perf_counter() - t0, 1)})
-    best = max(rows, key=lambda r: r["val_accuracy"])  # ties: the first in grid order
+        row = {**trial, "state": "complete", "val_accuracy": None, "scratch_val_accuracy": None,
+               "selected_epoch": None}
+        try:
+            results = execute(rd, TRAINING, check=False)  # (checked above)
+            row.update(val_accuracy=results["student"]["val_accuracy"],
+                       scratch_val_accuracy=results.get(SCRATCH, {}).get("val_accuracy"),
+                       selected_epoch=results["student"].get("selected_epoch"))
+        except TrainingDiverged as e:  # (a point of the grid where training blows up: a result, not the end)
+            row.update(state="diverged", error=str(e))
+            _diverged(rd, e, f"trial {i + 1}", echo)
+        rows.append({**row, "time_s": round(time.perf_counter() - t0, 1)})
+    best = max(_completed(rows), key=lambda r: r["val_accuracy"])  # ties: the first in grid order
     table = format_search(rows, keys, best)
     result = {"grid": grid, "trials": rows, "best": {k: best[k] for k in keys}, "table": table}
     write_results(recipe, overrides, out, result, table, lambda path: plot_search(rows, keys, path), echo)
     return result
+
+
+def _diverged(rd: Any, e: Any, trial: str, echo=print) -> None:
+    """A trial whose training diverged: said, and its stage's checkpoints removed (the next trial's recipe
+    differs, so it would not continue them)."""
+    echo(f"search: {trial} diverged: {e}")
+    if rd.runtime.is_main:
+        rd.checkpoints(e.role).clear()
+
+
+def _completed(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The trials that finished training; one line when none did (every one diverged or could not be built)."""
+    done = [r for r in rows if r["state"] == "complete"]
+    if not done and all(r["state"] in ("diverged", "refused") for r in rows):
+        raise UserError(f"every trial {'diverged' if rows[0]['state'] == 'diverged' else 'was refused'}; "
+                        f"the first: {rows[0]['error']}")
+    return done
 
 
 def write_results(recipe: Recipe, overrides: Sequence[str], out: str, result: Dict[str, Any], markdown: str,
@@ -131,6 +151,10 @@ def format_search(rows: List[Dict[str, Any]], keys: List[str], best: Dict[str, A
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         mark = "best" if r is best else ""
+        if r.get("state") == "diverged":
+            lines.append("| " + " | ".join([*(str(r[k]) for k in keys), "diverged", "", "", f"{r['time_s']:.1f}",
+                                            ""]) + " |")
+            continue
         lines.append("| " + " | ".join([*(str(r[k]) for k in keys), f"{r['val_accuracy']:.4f}",
                                         "skipped" if r["scratch_val_accuracy"] is None
                                         else f"{r['scratch_val_accuracy']:.4f}", str(r["selected_epoch"]),
@@ -156,8 +180,8 @@ def plot_search(rows: List[Dict[str, Any]], keys: List[str], path: str) -> bool:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     if len(keys) == 2:
         xs, ys = (_ordered({r[k] for r in rows}) for k in keys)
-        grid = [[next((r["val_accuracy"] for r in rows if r[keys[0]] == x and r[keys[1]] == y), float("nan"))
-                 for x in xs] for y in ys]
+        grid = [[next((r["val_accuracy"] for r in rows if r[keys[0]] == x and r[keys[1]] == y
+                       and r["val_accuracy"] is not None), float("nan")) for x in xs] for y in ys]
         im = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
         ax.set_xticks(range(len(xs)), [str(x) for x in xs])
         ax.set_yticks(range(len(ys)), [str(y) for y in ys])
@@ -169,7 +193,7 @@ def plot_search(rows: List[Dict[str, Any]], keys: List[str], path: str) -> bool:
         fig.colorbar(im, ax=ax, label="validation accuracy")
     else:
         labels = [", ".join(f"{r[k]}" for k in keys) for r in rows]
-        ax.bar(range(len(rows)), [r["val_accuracy"] for r in rows])
+        ax.bar(range(len(rows)), [float("nan") if r["val_accuracy"] is None else r["val_accuracy"] for r in rows])
         ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=7)
         ax.set_ylabel("validation accuracy")
         ax.set_xlabel(", ".join(keys))
@@ -198,10 +222,17 @@ def _number(text: str) -> Optional[float]:
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
+def _choice(text: str) -> Any:
+    """A choice as YAML reads it, but 1e6 or 1.5e-3 a number (YAML 1.1 leaves them text; the recipe reads them
+    as numbers, so the recipe's own value would not be found among the choices)."""
+    v = load_yaml(text)
+    return float(v) if isinstance(v, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", v) else v
+
+
 def _parse_dim(item: str, spec: str) -> Dict[str, Any]:
     if "," in spec:
         try:
-            choices = [load_yaml(v) for v in spec.split(",")]
+            choices = [_choice(v) for v in spec.split(",")]
         except yaml.YAMLError:
             raise UserError(f"--space {item}: cannot read the choices") from None
         if any(c is not None and not isinstance(c, (bool, int, float, str)) for c in choices):
@@ -248,12 +279,19 @@ def _sets(overrides: Sequence[str], params: Dict[str, Any]) -> List[str]:
     return [*overrides, *(f"{k}={yaml_value(v)}" for k, v in params.items())]
 
 
-def validate_space(recipe: Recipe, space: Dict[str, Dict[str, Any]], overrides: Sequence[str]) -> None:
-    """Each bound and each choice, loaded into the recipe: an out-of-range space is refused before any trial."""
+def validate_space(recipe: Recipe, space: Dict[str, Dict[str, Any]], overrides: Sequence[str],
+                   folder: Optional[str] = None) -> None:
+    """Each bound and each choice, loaded into the recipe (and, given the trials' `folder`, its models built
+    and a step taken, as before a run): an out-of-range space is refused before any trial."""
+    from .pipeline.plan import preflight
+    from .pipeline.rundir import RunDir
     for key, dim in space.items():
         for v in dim.get("choices") or (dim["low"], dim["high"]):
             try:
-                need_validation(Recipe.load(recipe.source, _sets(overrides, {key: v})))
+                point = Recipe.load(recipe.source, _sets(overrides, {key: v}))
+                need_validation(point)
+                if folder:
+                    preflight(RunDir(point, folder, lambda line: None, resume=True, overwrite=True))
             except UserError as e:
                 raise UserError(f"--space {dim['arg']}: {e}") from None
 
@@ -307,7 +345,7 @@ def search_tpe(recipe: Recipe, space: Dict[str, Dict[str, Any]], overrides: Sequ
     optuna = import_optuna()
     need_validation(recipe)
     same_split("--space", list(space), recipe.cfg)
-    validate_space(recipe, space, overrides)
+    validate_space(recipe, space, overrides, os.path.join(out, "trials"))
     seed = recipe.cfg["student"]["train"]["seed"]
     if warmup_epochs is None:
         warmup_epochs = recipe.cfg["student"]["train"]["epochs"] // 4
@@ -337,7 +375,8 @@ def run_trial(trial: Any, recipe: Recipe, space: Dict[str, Dict[str, Any]], over
     """One trial in the shared trials folder: the distilled student's validation accuracy, reported every
     epoch to the pruner, which may stop it (optuna.TrialPruned); its row is appended to `rows` either way."""
     from optuna import TrialPruned
-    from .pipeline.plan import TRAINING, execute
+    from .engine.trainer import TrainingDiverged
+    from .pipeline.plan import TRAINING, execute, preflight
     from .pipeline.rundir import RunDir
     params = {k: _suggest(trial, k, d) for k, d in space.items()}
     echo(f"search: trial {trial.number + 1}{of}: " + ", ".join(f"{k}={_show(v)}" for k, v in params.items()))
@@ -363,8 +402,20 @@ def run_trial(trial: Any, recipe: Recipe, space: Dict[str, Dict[str, Any]], over
     row = {"trial": trial.number + 1, **params, "budget_epochs": budget}
     rows.append(row)
     t0 = time.perf_counter()
+    failed = dict(pruned_at=None, val_accuracy=None, scratch_val_accuracy=None, selected_epoch=None, epochs=0)
+    try:  # (every trial: a point of the space may not build where its bounds did)
+        preflight(rd)
+    except UserError as e:  # (a failed trial to Optuna, which goes on: its value is NaN)
+        row.update(state="refused", error=str(e), time_s=round(time.perf_counter() - t0, 1), **failed)
+        echo(f"search: trial {row['trial']} refused: {e}")
+        return float("nan")
     try:
-        results = execute(rd, TRAINING, check=trial.number == 0)
+        results = execute(rd, TRAINING, check=False)
+    except TrainingDiverged as e:
+        row.update(state="diverged", error=str(e), time_s=round(time.perf_counter() - t0, 1),
+                   **{**failed, "epochs": len(seen)})
+        _diverged(rd, e, f"trial {row['trial']}", echo)
+        return float("nan")
     except TrialPruned:
         # The stage is not marked done, and the next trial's recipe differs, so its fingerprint does too: it
         # retrains. Its fit (not resuming) would clear these checkpoints; clear them now, so none outlives the search.
@@ -390,15 +441,18 @@ def run_trial(trial: Any, recipe: Recipe, space: Dict[str, Dict[str, Any]], over
 def write_tpe(recipe: Recipe, space: Dict[str, Dict[str, Any]], overrides: Sequence[str], out: str,
               rows: List[Dict[str, Any]], info: Dict[str, Any], seconds: float, echo=print) -> Dict[str, Any]:
     """The best completed trial (pruned ones are never best), best.yaml, search.md/json/png, epochs saved."""
-    done = [r for r in rows if r["state"] == "complete"]
+    done = _completed(rows)
     if not done:
         raise UserError("--pruner: every trial was pruned; use --pruner none or more --pruner-startup-trials")
     best = max(done, key=lambda r: r["val_accuracy"])  # ties: the first in trial order
     keys = list(space)
     trained = sum(r["epochs"] for r in rows)
     budget = sum(r["budget_epochs"] for r in rows if not r.get("reused"))  # (pruning saved nothing of those)
-    pruned, reused = len(rows) - len(done), sum(1 for r in rows if r.get("reused"))
-    summary = (f"{pruned} of {len(rows)} trials pruned; the distilled student trained {trained} of {budget} "
+    pruned, reused = sum(1 for r in rows if r["state"] == "pruned"), sum(1 for r in rows if r.get("reused"))
+    failed = {s: sum(1 for r in rows if r["state"] == s) for s in ("diverged", "refused")}
+    summary = (f"{pruned} of {len(rows)} trials pruned"
+               + "".join(f", {n} {s}" for s, n in failed.items() if n)
+               + f"; the distilled student trained {trained} of {budget} "
                f"epochs" + (f" ({1 - trained / budget:.0%} fewer)" if budget else "")
                + (f"; {reused} trial(s) reused the student of an earlier one with the same settings" if reused else "")
                + f"; {seconds:.1f} s in all")
@@ -419,9 +473,11 @@ def format_tpe(rows: List[Dict[str, Any]], keys: List[str], best: Dict[str, Any]
     head = ["trial", *keys, "val accuracy", "no-KD val accuracy", "epoch", "epochs trained", "seconds", ""]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        mark = "best" if r is best else (f"pruned at epoch {r['pruned_at']}" if r["state"] == "pruned" else "")
-        scratch = r["scratch_val_accuracy"]
-        lines.append("| " + " | ".join([str(r["trial"]), *(_show(r[k]) for k in keys), f"{r['val_accuracy']:.4f}",
+        mark = "best" if r is best else (f"pruned at epoch {r['pruned_at']}" if r["state"] == "pruned" else
+                                         r["state"] if r["state"] in ("diverged", "refused") else "")
+        scratch, acc = r["scratch_val_accuracy"], r["val_accuracy"]
+        lines.append("| " + " | ".join([str(r["trial"]), *(_show(r[k]) for k in keys),
+                                        "" if acc is None else f"{acc:.4f}",
                                         "" if scratch is None else f"{scratch:.4f}",
                                         "" if r["selected_epoch"] is None else str(r["selected_epoch"]),
                                         "reused" if r.get("reused") else f"{r['epochs']}/{r['budget_epochs']}",

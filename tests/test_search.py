@@ -2,6 +2,7 @@
 table, plot and best recipe written; the same seed gives the same trials; mistakes are one line."""
 import glob
 import json
+import re
 import os
 import sys
 
@@ -163,6 +164,8 @@ def test_a_grid_search_stopped_in_a_later_trial_reuses_the_finished_ones_and_res
      "--grid data.val_fraction: a search ranks its trials on the validation split"),
     (["--grid", "student.args.channels=[8],8"],  # (found by building each trial's models before the first trains)
      "--grid student.args.channels=8: student.args: 'int' object is not iterable (model 'cnn')"),
+    (["--set", "distill.teacher_outputs=cached", "--grid", "student.augment.random_crop=0,1"],  # (a later trial:
+     "--grid student.augment.random_crop=1: distill.teacher_outputs: cached soft labels"),  # it trained, unchecked)
 ])
 def test_search_mistakes_are_one_line(tmp_path, capsys, args, message):
     out = str(tmp_path / "s")
@@ -246,6 +249,8 @@ def test_tpe_search_prunes_and_repeats_by_seed(tmp_path, capsys):
     (["--space", "train.epochs=1.5:3"], "--space train.epochs=1.5:3: train.epochs"),
     (["--space", "train.optimizer.name=adam,rmsprop"], "--space train.optimizer.name=adam,rmsprop"),
     (["--trials", "0"], "--trials 0: expected a number >= 1"),
+    (["--space", "student.args.dropout=0.0:1.2"],  # (the models built at each bound: trial 2 stopped the search)
+     "--space student.args.dropout=0.0:1.2: student.model: 'cnn' dropout probability has to be between 0 and 1"),
     (["--grid", "distill.alpha=0.5"], "--grid distill.alpha=0.5: only for --sampler grid"),
 ])
 def test_tpe_mistakes_are_one_line(tmp_path, capsys, args, message):
@@ -282,3 +287,28 @@ def test_search_over_distillation_methods(tmp_path):
     assert [t["distill.method"] for t in trials] == ["kd", "dkd", "dist"]
     assert len({t["val_accuracy"] for t in trials}) > 1  # three different objectives, three different students
     assert Recipe.load(os.path.join(out, "best.yaml")).cfg["distill"]["method"] in ("kd", "dkd", "dist")
+
+
+def test_a_trial_that_diverges_is_a_row_of_the_search_not_its_end(tmp_path, capsys):
+    """One diverging grid point (or TPE trial) stopped the whole search with the NaN error, and no rerun could
+    finish it. It is now a row marked diverged, never best, its checkpoints removed."""
+    out = str(tmp_path / "g")
+    assert main(["search", "digits", *FAST, "--grid", "student.train.optimizer.lr=0.003,1e6", "--out", out]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"search: trial 2 diverged: student(_scratch)?: epoch 1 step \d+: the ce loss was NaN", err), err
+    rows = json.load(open(os.path.join(out, "search.json")))["trials"]
+    assert [r["state"] for r in rows] == ["complete", "diverged"] and rows[1]["val_accuracy"] is None
+    assert "| 1e6 | diverged |" in open(os.path.join(out, "search.md")).read()
+    assert not any(os.listdir(os.path.join(out, "trials", "checkpoints", r)) for r in ("student", "student_scratch")
+                   if os.path.isdir(os.path.join(out, "trials", "checkpoints", r)))
+    out = str(tmp_path / "t")  # TPE: the recipe's own point first (1e6), then the space's choices
+    assert main(["search", "digits", *FAST, "--set", "student.train.optimizer.lr=1e6", "--sampler", "tpe",
+                 "--trials", "3", "--pruner", "none", "--space", "student.train.optimizer.lr=1e6,0.003",
+                 "--out", out]) == 0
+    result = json.load(open(os.path.join(out, "search.json")))
+    assert result["trials"][0]["state"] == "diverged" and result["best"] == {"student.train.optimizer.lr": 0.003}
+    assert re.search(r"0 of 3 trials pruned, [12] diverged;", result["summary"]), result["summary"]
+    assert main(["search", "digits", *FAST, "--grid", "student.train.optimizer.lr=1e6", "--out",
+                 str(tmp_path / "all")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "error: every trial diverged; the first: student")

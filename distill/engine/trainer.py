@@ -79,7 +79,11 @@ def lr_key(role: str) -> str:
 
 
 class TrainingDiverged(UserError):
-    """Too many consecutive steps with a NaN or Inf loss or gradient."""
+    """Too many consecutive steps with a NaN or Inf loss or gradient (in the stage of `role`)."""
+
+    def __init__(self, role: str, message: str) -> None:
+        super().__init__(message)
+        self.role = role
 
 
 class Interrupted(Exception):
@@ -400,7 +404,7 @@ class Trainer:
             # (a checkpoint written: the callback's throttle, train.checkpoint_seconds, may not have let one be)
             kept = any(isinstance(cb, Checkpointing) and cb.checkpoints.newest_step() is not None
                        for cb in self.callbacks)
-            raise TrainingDiverged(
+            raise TrainingDiverged(self.role,
                 f"{self.role}: epoch {epoch + 1} step {prog['step']}: the {bad} "
                 f"{'loss ' if bad != 'gradient' else ''}was NaN or Inf for {prog['bad']} steps in a row; "
                 f"likely cause: learning rate too high ({lr_key(self.role)}: {tcfg['optimizer']['lr']} here), "
