@@ -181,9 +181,16 @@ def kd_ce_consistency(student: nn.Module, kd: torch.Tensor, ce: torch.Tensor) ->
     return out
 
 
+# raise_feature_weight multiplies the feature losses' weights by at most this: a retention that the features
+# cannot lift (a student too small) otherwise grew it by `factor` every epoch, to 1e7 in 40 epochs, until the
+# feature losses drowned the task's and the student fell below the one trained without distillation.
+FEATURE_SCALE_MAX = 10.0
+
+
 def _unchanged(action: str) -> str:
     """Why a reaction changed nothing: warn changes nothing; the others stop at their bounds."""
-    bound = {"lower_temperature": "the temperature is at its floor, 1", "raise_alpha": "alpha is at its ceiling, 1"}
+    bound = {"lower_temperature": "the temperature is at its floor, 1", "raise_alpha": "alpha is at its ceiling, 1",
+             "raise_feature_weight": f"the feature scale is at its ceiling, {FEATURE_SCALE_MAX:g}"}
     return "no adjustment (action: warn)" if action == "warn" else \
         f"no adjustment (action: {action}; {bound.get(action, 'at its bound')})"
 
@@ -203,7 +210,7 @@ def with_reaction(measure: Callable[[], Dict[str, float]], objective: nn.Module,
             return out
         s, f, before = objective.strength, mcfg["factor"], dict(objective.strength)
         if mcfg["action"] == "raise_feature_weight":
-            s["feature_scale"] *= f
+            s["feature_scale"] = min(FEATURE_SCALE_MAX, max(s["feature_scale"], s["feature_scale"] * f))
         elif mcfg["action"] == "lower_temperature":
             s["temperature"] = min(s["temperature"], max(1.0, s["temperature"] / f))  # (never raised)
         elif mcfg["action"] == "raise_alpha":

@@ -111,6 +111,12 @@ def test_a_reaction_at_its_bound_says_so_not_that_it_only_warns():
                         "is at its floor, 1)"]
     with_reaction(lambda: {"retention_cka/logits": 0.80}, obj, {**mcfg, "action": "warn"}, warnings.append)()
     assert warnings[-1].endswith("no adjustment (action: warn)")
+    # the feature weights stop at 10 times the recipe's (they grew 1.5 times an epoch, to 1e7 in 40 epochs)
+    raise_features = {**mcfg, "action": "raise_feature_weight"}
+    for _ in range(8):
+        with_reaction(lambda: {"retention_cka/logits": 0.80}, obj, raise_features, warnings.append)()
+    assert obj.strength["feature_scale"] == 10.0 and warnings[-1].endswith(
+        "no adjustment (action: raise_feature_weight; the feature scale is at its ceiling, 10)")
 
 
 def test_run_with_a_retention_rule_logs_every_adjustment(tmp_path):
