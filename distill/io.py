@@ -20,6 +20,9 @@ from torch import nn
 
 from .errors import UserError
 
+# The prefix of distill's temp folders: only these are swept (a cache folder a recipe names may be anyone's)
+TMP_PREFIX = ".distill-tmp-"
+
 _UMASK = os.umask(0o022)  # (read by setting it: there is no other way; restored at once)
 os.umask(_UMASK)
 
@@ -74,10 +77,10 @@ def out_path(path: str) -> str:
 def atomic_folder(folder: str) -> Iterator[str]:
     """`atomic_path` for a folder: yields a temp folder beside `folder`, which replaces `folder` on success
     and is removed on failure. An earlier `folder` is moved aside first and removed only after the rename: a
-    crash between the two renames leaves it aside (`.old-<name>-*/previous`), and the next write of `folder`
-    puts it back first, so that a failure then still leaves the old folder."""
+    crash between the two renames leaves it aside (`.distill-old-<name>-*/previous`), and the next write of
+    `folder` puts it back first, so that a failure then still leaves the old folder."""
     parent = os.path.dirname(os.path.abspath(folder))
-    aside = f".old-{os.path.basename(os.path.abspath(folder))}-"
+    aside = f".distill-old-{os.path.basename(os.path.abspath(folder))}-"
     tmp = None
     try:
         os.makedirs(parent, exist_ok=True)
@@ -88,7 +91,7 @@ def atomic_folder(folder: str) -> Iterator[str]:
                 if not os.path.exists(folder):
                     os.rename(os.path.join(parent, name, "previous"), folder)
                 shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+        tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent)
         yield tmp
         _plain_modes(tmp)
         old = tempfile.mkdtemp(prefix=aside, dir=parent) if os.path.isdir(folder) else None
@@ -105,12 +108,12 @@ def atomic_folder(folder: str) -> Iterator[str]:
 
 
 def sweep_stale(folder: str, age_s: float = 24 * 3600) -> None:
-    """Remove the temp folders (.tmp-*) that processes killed mid-build left in `folder` a day ago or more (a
-    live build's is younger)."""
+    """Remove the temp folders (TMP_PREFIX*, distill's own only) that processes killed mid-build left in
+    `folder` a day ago or more (a live build's is younger)."""
     now = time.time()
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         path = os.path.join(folder, name)
-        if name.startswith(".tmp-") and now - os.path.getmtime(path) > age_s:
+        if name.startswith(TMP_PREFIX) and now - os.path.getmtime(path) > age_s:
             shutil.rmtree(path, ignore_errors=True)
 
 

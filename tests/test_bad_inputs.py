@@ -435,8 +435,8 @@ def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path, monkeypatch):
 
 def test_a_folder_left_aside_by_a_crash_between_the_renames_is_put_back_first(tmp_path):
     from distill.io import atomic_folder
-    (tmp_path / ".old-hf-x1234567" / "previous").mkdir(parents=True)  # (killed after the old folder went aside)
-    (tmp_path / ".old-hf-x1234567" / "previous" / "w.txt").write_text("old")
+    (tmp_path / ".distill-old-hf-x1234567" / "previous").mkdir(parents=True)  # (killed after the old folder went aside)
+    (tmp_path / ".distill-old-hf-x1234567" / "previous" / "w.txt").write_text("old")
     with pytest.raises(RuntimeError):
         with atomic_folder(str(tmp_path / "hf")) as tmp:
             raise RuntimeError("the next write fails too")
@@ -445,10 +445,10 @@ def test_a_folder_left_aside_by_a_crash_between_the_renames_is_put_back_first(tm
         open(os.path.join(tmp, "w.txt"), "w").write("new")
     assert (tmp_path / "hf" / "w.txt").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["hf"]
     # the folder a sibling named hf-2 left aside is that sibling's: not put in hf's place, nor removed
-    (tmp_path / ".old-hf-2-abcdefgh" / "previous").mkdir(parents=True)
+    (tmp_path / ".distill-old-hf-2-abcdefgh" / "previous").mkdir(parents=True)
     with atomic_folder(str(tmp_path / "hf")) as tmp:
         pass
-    assert sorted(os.listdir(tmp_path)) == [".old-hf-2-abcdefgh", "hf"]
+    assert sorted(os.listdir(tmp_path)) == [".distill-old-hf-2-abcdefgh", "hf"]
 
 
 def test_full_disk_keeps_the_earlier_result(tmp_path, capsys, monkeypatch):
@@ -570,13 +570,15 @@ def test_a_second_builder_of_the_same_thing_waits_for_the_first(tmp_path):
 
 
 def test_temp_folders_of_builds_killed_a_day_ago_are_swept(tmp_path):
-    """(the GGUF conversion left one of a model's size per kill, and never swept them)"""
+    """(the GGUF conversion left one of a model's size per kill, and never swept them) Only distill's own: a
+    recipe's output.cache_dir may be a folder of the user's, whose old .tmp-* folders are not distill's."""
     from distill.io import sweep_stale
-    for name in (".tmp-old", ".tmp-live", "model"):
+    for name in (".distill-tmp-old", ".distill-tmp-live", "model", ".tmp-users"):
         (tmp_path / name).mkdir()
-    os.utime(tmp_path / ".tmp-old", (0, 0))
+    for name in (".distill-tmp-old", ".tmp-users"):
+        os.utime(tmp_path / name, (0, 0))
     sweep_stale(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == [".tmp-live", "model"]
+    assert sorted(os.listdir(tmp_path)) == [".distill-tmp-live", ".tmp-users", "model"]
 
 
 def test_a_second_command_in_a_run_folder_is_refused_until_the_first_ends(tmp_path, capsys):

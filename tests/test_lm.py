@@ -203,7 +203,7 @@ def test_exported_hf_folder_generates_the_same_greedy_text_in_plain_transformers
     # --out is replaced whole: an earlier export may be, a folder of other files or a file may not
     assert main(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(folder)]) == 0
     assert {"config.json", "distill.json"} <= set(os.listdir(folder))
-    assert not [f for f in os.listdir(tmp_path) if f.startswith((".tmp-", ".old-"))]  # (the old one is gone)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith((".distill-tmp-", ".distill-old-"))]  # (the old one is gone)
     assert json.load(open(folder / "distill.json"))["export"] == "hf"
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")

@@ -63,7 +63,7 @@ def test_partial_entry_is_not_a_hit(tmp_path):
     again, hit = load_or_build(teacher, x, "k3", str(tmp_path), [], batch_size=4)
     assert hit
     np.testing.assert_array_equal(np.asarray(again.logits), np.asarray(out.logits))
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]  # the temp folder is gone
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".distill-tmp-")]  # the temp folder is gone
 
 
 def test_cached_outputs_batch_returns_tensors():
@@ -74,7 +74,7 @@ def test_cached_outputs_batch_returns_tensors():
 
 
 def test_stale_temp_folders_are_swept(tmp_path):
-    stale, fresh = tmp_path / ".tmp-old", tmp_path / ".tmp-live"
+    stale, fresh = tmp_path / ".distill-tmp-old", tmp_path / ".distill-tmp-live"
     stale.mkdir()
     fresh.mkdir()
     os.utime(stale, (0, 0))

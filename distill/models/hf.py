@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..io import _plain_modes, atomic_folder, sweep_stale, write_json
+from ..io import TMP_PREFIX, _plain_modes, atomic_folder, sweep_stale, write_json
 
 # Never reach for a hub: a model that is not on disk is a clear error, not a download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -496,7 +496,7 @@ def gguf_folder(path: str, where: str) -> str:
         hf.generation_config = quantised.generation_config
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     sweep_stale(os.path.dirname(folder))  # (conversions killed midway: a model's size each)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(folder))
+    tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=os.path.dirname(folder))
     try:
         hf.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

@@ -23,7 +23,7 @@ from ..engine.runtime import CPU, Runtime, shard
 from ..errors import UserError
 from ..hooks import FeatureCapture
 from .online import teacher_forward
-from ..io import read_json, sha256_json, sweep_stale, write_json
+from ..io import TMP_PREFIX, read_json, sha256_json, sweep_stale, write_json
 from ..progress import bar
 
 
@@ -120,7 +120,7 @@ def _build(teacher: nn.Module, x: torch.Tensor, entry: str, layers: List[str], b
     if runtime.is_main:
         os.makedirs(parent, exist_ok=True)
         sweep_stale(parent)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+        tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent)
     tmp = runtime.from_main(tmp)
     try:
         if not runtime.distributed:
