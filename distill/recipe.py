@@ -211,15 +211,47 @@ class RecipeLoader(yaml.SafeLoader):
 
 
 RecipeLoader.yaml_implicit_resolvers = {  # (a copy: yaml.SafeLoader's own table is left as it is)
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:int"]
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$"),
                                    list("-+0123456789"))
+# Floats: decimals and exponents, 1e-4 too (YAML 1.1 wants a dot and a signed exponent: 1e-4 stayed text inside
+# a model's args), not base 60 (1:30.0 read as 90.0).
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+# A recipe is a small tree: more values than this (aliases that repeat aliases: 1 KB of YAML can name 10**8
+# of them) or deeper nesting is refused, before any code walks it
+MAX_VALUES, MAX_DEPTH = 100_000, 64
 
 
 def load_yaml(text: Any) -> Any:
-    """A recipe's YAML (a file or a --set value) read as data: no tags that build objects, see RecipeLoader."""
-    return yaml.load(text, Loader=RecipeLoader)
+    """A recipe's YAML (a file or a --set value) read as data: no tags that build objects, see RecipeLoader;
+    each value its own (a value an alias repeats is copied: a --set of one place would change the other too)."""
+    try:
+        return _own_copy(yaml.load(text, Loader=RecipeLoader))
+    except RecursionError:
+        raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep", None) from None
+
+
+def _own_copy(tree: Any) -> Any:
+    count = 0
+
+    def copy(node: Any, above: frozenset) -> Any:
+        nonlocal count
+        if not isinstance(node, (dict, list)):
+            return node
+        count += 1
+        if id(node) in above:
+            raise yaml.composer.ComposerError(None, None, "an alias inside the value it names (&a {x: *a})", None)
+        if count > MAX_VALUES or len(above) >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"more than {MAX_VALUES:,} values, or nested more than "
+                                              f"{MAX_DEPTH} levels deep (aliases that repeat aliases?)", None)
+        inner = above | {id(node)}
+        return {k: copy(v, inner) for k, v in node.items()} if isinstance(node, dict) else [copy(v, inner) for v in node]
+    return copy(tree, frozenset())
 
 
 def read_yaml(path: str) -> Any:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -222,17 +221,10 @@ def _number(text: str) -> Optional[float]:
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def _choice(text: str) -> Any:
-    """A choice as YAML reads it, but 1e6 or 1.5e-3 a number (YAML 1.1 leaves them text; the recipe reads them
-    as numbers, so the recipe's own value would not be found among the choices)."""
-    v = load_yaml(text)
-    return float(v) if isinstance(v, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", v) else v
-
-
 def _parse_dim(item: str, spec: str) -> Dict[str, Any]:
     if "," in spec:
         try:
-            choices = [_choice(v) for v in spec.split(",")]
+            choices = [load_yaml(v) for v in spec.split(",")]
         except yaml.YAMLError:
             raise UserError(f"--space {item}: cannot read the choices") from None
         if any(c is not None and not isinstance(c, (bool, int, float, str)) for c in choices):

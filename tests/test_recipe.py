@@ -357,6 +357,12 @@ def test_settings_that_would_crash_or_measure_nothing_are_refused(sets, message)
     (BASE + "train: {epochs: 017}\n", "train.epochs: expected int, got str '017'"),  # (YAML 1.1: octal 15)
     (BASE + "train: {epochs: 1:30}\n", "train.epochs: expected int, got str '1:30'"),  # (YAML 1.1: base 60, 90)
     (BASE + "? [a]\n: 1\n", "(line 3): found unhashable key"),
+    (BASE + "distill: {temperature: 1:30.0}\n", "distill.temperature: expected number, got str '1:30.0'"),
+    # aliases that repeat aliases (10**8 values from 1 KB: validation ran for ever), or name their own value
+    (BASE + "x0: &a0 [1]\n" + "".join(f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)),
+     "malformed YAML (more than 100,000 values, or nested more than 64 levels deep (aliases that repeat"),
+    ("teacher: {model: mlp, args: &a {x: *a}}\n", "malformed YAML (an alias inside the value it names"),
+    ("teacher: {model: mlp, args: {x: " + "[" * 800 + "]" * 800 + "}}\n", "malformed YAML (nested more than 64"),
 ])
 def test_yaml_that_would_silently_read_otherwise_is_refused(tmp_path, text, message):
     with pytest.raises(UserError) as e:
@@ -366,6 +372,12 @@ def test_yaml_that_would_silently_read_otherwise_is_refused(tmp_path, text, mess
     merged = load(tmp_path, "teacher: {model: mlp, train: &t {epochs: 1, seed: 3}}\n"
                             "student: {model: mlp, train: {<<: *t, epochs: 2}}\n")  # (a merge key is no duplicate)
     assert (merged["student"]["train"]["epochs"], merged["student"]["train"]["seed"]) == (2, 3)
+    # a value an alias repeats is copied: a --set of one place changed the other too (one dict in both)
+    shared = "teacher: {model: mlp, train: &t {optimizer: {lr: 0.01}}}\nstudent: {model: mlp, train: {<<: *t}}\n"
+    both = load(tmp_path, shared, ["student.train.optimizer.lr=0.5"])
+    assert (both["teacher"]["train"]["optimizer"]["lr"], both["student"]["train"]["optimizer"]["lr"]) == (0.01, 0.5)
+    # 3e-1 is a number inside a model's args too (YAML 1.1 leaves it text, which only the schema's keys read)
+    assert load(tmp_path, BASE, ["student.args={hidden: [8], dropout: 3e-1}"])["student"]["args"]["dropout"] == 0.3
 
 
 def test_a_set_that_replaces_a_section_an_earlier_set_wrote_into_is_refused():

@@ -298,7 +298,7 @@ def test_a_trial_that_diverges_is_a_row_of_the_search_not_its_end(tmp_path, caps
     assert re.search(r"search: trial 2 diverged: student(_scratch)?: epoch 1 step \d+: the ce loss was NaN", err), err
     rows = json.load(open(os.path.join(out, "search.json")))["trials"]
     assert [r["state"] for r in rows] == ["complete", "diverged"] and rows[1]["val_accuracy"] is None
-    assert "| 1e6 | diverged |" in open(os.path.join(out, "search.md")).read()
+    assert "| 1000000.0 | diverged |" in open(os.path.join(out, "search.md")).read()
     assert not any(os.listdir(os.path.join(out, "trials", "checkpoints", r)) for r in ("student", "student_scratch")
                    if os.path.isdir(os.path.join(out, "trials", "checkpoints", r)))
     out = str(tmp_path / "t")  # TPE: the recipe's own point first (1e6), then the space's choices
