@@ -29,8 +29,10 @@ class Registry:
         return self._tags.get(name, {})
 
     def get(self, name: str, where: str = "") -> Callable:
+        at = f"{where}: " if where else ""
+        if not isinstance(name, str):  # (a list or a mapping from a file's header: unhashable, a TypeError)
+            raise UserError(f"{at}expected the name of a {self.kind}, got {type(name).__name__} {name!r:.60}")
         if name not in self._items:
-            at = f"{where}: " if where else ""
             raise UserError(f"{at}unknown {self.kind} '{name}'{did_you_mean(name, self._items)}; "
                             f"choose one of: {', '.join(sorted(self._items))}")
         return self._items[name]

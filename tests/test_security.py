@@ -138,6 +138,13 @@ def test_a_model_folder_that_exists_only_as_its_own_code_is_refused_and_the_code
     ({"spec": "abc"}, "the header's spec is 'abc', not a dict"),
     ({"input_shape": [-1, 8, 8]}, "the header's input_shape [-1, 8, 8] is not a list of positive sizes"),
     ({"num_classes": "10"}, "the header's num_classes is '10', not an int"),
+    # (fields inside the header's: each a TypeError, or 720 GB asked of the allocator, where the code read them)
+    ({"spec": {"model": ["mlp"]}}, "the header's spec.model is ['mlp'], not what distill writes"),
+    ({"spec": {"model": "mlp", "args": 5}}, "the header's spec.args is 5, not what distill writes"),
+    ({"preprocessing": {"normalize": 5}}, "the header's preprocessing.normalize is 5, not what distill writes"),
+    ({"preprocessing": {"normalize": {"mean": [0.1], "std": [1, 2]}}}, "the header's preprocessing.normalize is"),
+    ({"structure": 5}, "the header's structure is 5, not what distill writes"),
+    ({"input_shape": [1, 300000, 300000]}, "input_shape [1, 300000, 300000] is over 16,777,216 values an input"),
 ])
 def test_a_model_file_with_a_malformed_header_is_one_line(tmp_path, meta, message):
     """A file written elsewhere or edited: each was an AttributeError or TypeError deep in the loading code."""
