@@ -383,6 +383,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
             if isinstance(getattr(args, "out", None), str) and not args.out.strip():  # (else the default folder)
                 raise UserError("--out: empty; give a path (is a shell variable unset?)")
+            if isinstance(getattr(args, "target", None), str) and not args.target.strip():  # (else the default
+                raise UserError(f"distill {args.command}: the recipe or run folder given is empty; give one, or "
+                                f"none (is a shell variable unset?)")  # recipe, trained in full)
             return _dispatch(parser, args)
     except UserError as e:
         if args.debug:

@@ -612,3 +612,13 @@ def test_a_second_command_in_a_run_folder_is_refused_until_the_first_ends(tmp_pa
     with folder_lock(out):  # (free again, the killed holder's file taken over)
         assert os.path.isfile(folder_lock_path(out))
     assert not os.path.exists(folder_lock_path(out))  # (removed at the end: none pile up)
+
+
+def test_the_stage_functions_given_a_recipe_say_they_take_a_run_folder():
+    """(exported beside run(); given a Recipe each was an AttributeError)"""
+    import distill
+    from distill.errors import UserError
+    recipe = distill.Recipe.load("digits")
+    for name in ("train_teacher", "soft_labels", "train_student"):
+        with pytest.raises(UserError, match=rf"^{name}: expected a RunDir \(RunDir\(recipe, out\)\), got Recipe"):
+            getattr(distill, name)(recipe)

@@ -134,6 +134,8 @@ def test_run_prints_the_table(tmp_path):
     (["run", "digits", "--out", ""], "--out: empty; give a path (is a shell variable unset?)"),
     (["report", "runs/x", "--out", " "], "--out: empty"),
     (["run", "digits", "--set", "output.dir=''"], "output.dir: empty; give a folder, or leave the key out"),
+    (["run", ""], "distill run: the recipe or run folder given is empty; give one, or none (is a shell"),
+    (["evaluate", " "], "distill evaluate: the recipe or run folder given is empty"),  # (it scored runs/digits)
 ])
 def test_an_empty_out_is_refused_not_read_as_the_default_folder(args, message, tmp_path, capsys, monkeypatch):
     """`--out "$OUT"` with OUT unset used to write runs/NAME in the current folder."""

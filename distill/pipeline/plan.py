@@ -36,7 +36,7 @@ from ..teachers.cache import check_cache_dir
 from ..roles import SCRATCH, STUDENT, TEACHER
 from .artifacts import build_role, distill_settings, load_saved, resolve_distill
 from .evaluation import evaluate
-from .rundir import RunDir, check_recipe, refuse_inside_a_run, run_folder
+from .rundir import RunDir, check_recipe, check_run, refuse_inside_a_run, run_folder
 from .teacher_outputs import soft_labels, student_data, teacher_mode, teacher_source
 from .training import feature_shapes, train_assistant, train_distilled, train_scratch, train_teacher
 
@@ -227,7 +227,8 @@ def run(recipe: Recipe, out: Optional[str] = None, echo: Callable[[str], None] =
 def train_student(run: RunDir, teacher: Optional[nn.Module] = None) -> Dict[str, Any]:
     """The students' stages of the plan (through any assistants): the baseline and the distilled student,
     from `teacher` (else the run folder's); returns their stage records."""
-    return execute(run, ("assistant", "generate", "soft_labels", "baseline", "student"), check=False, teacher=teacher)
+    return execute(check_run(run, "train_student"), ("assistant", "generate", "soft_labels", "baseline", "student"),
+                   check=False, teacher=teacher)
 
 
 def with_seed(recipe: Recipe, seed: int) -> Recipe:

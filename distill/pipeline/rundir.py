@@ -206,6 +206,15 @@ def data_cfg_for(cfg: Dict[str, Any], name: str, own: Any = False) -> Dict[str, 
     return {**cfg["data"], "tokenizer": own} if own else cfg["data"]
 
 
+def check_run(run: Any, what: str) -> "RunDir":
+    """The stage functions' first argument (train_teacher, soft_labels, train_student): a RunDir, the folder
+    the stage reads and writes; a Recipe is a common slip (run() and run_seeds() take one)."""
+    if not isinstance(run, RunDir):
+        raise UserError(f"{what}: expected a RunDir (RunDir(recipe, out)), got {type(run).__name__} {run!r:.60}; "
+                        f"run(recipe, out) runs every stage")
+    return run
+
+
 def check_recipe(recipe: Any) -> Recipe:
     """The Python API's first argument: a Recipe object (a name or path is a common slip), validated again
     (its cfg may have been changed in Python): the recipe to run."""

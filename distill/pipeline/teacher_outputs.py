@@ -25,7 +25,7 @@ from ..roles import STUDENT, TEACHER
 from ..teachers import cache_key, load_or_build, online_source
 from ..teachers.cache import check_cache_dir
 from .artifacts import distill_settings, load_saved
-from .rundir import RunDir
+from .rundir import RunDir, check_run
 from .stage import Stage, run_stage
 
 
@@ -47,6 +47,7 @@ def soft_labels(run: RunDir, teacher: Optional[nn.Module] = None, data: Optional
                 dcfg: Optional[Dict[str, Any]] = None):
     """Teacher logits (and hooked features) on the un-augmented training inputs, from the on-disk cache (for
     a language model with `distill.topk`, the top-k cache)."""
+    check_run(run, "soft_labels")
     teacher, data = teacher or load_saved(run, TEACHER), data or run.data
     if (dcfg or distill_settings(run))["topk"]:
         return topk_labels(run, teacher, data, dcfg or distill_settings(run))

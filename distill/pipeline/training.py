@@ -30,7 +30,7 @@ from ..roles import SCRATCH, STUDENT, TEACHER, log_name
 from ..tasks import task_for
 from ..teachers import teacher_forward
 from .artifacts import artifact, build_role, distill_settings, load_saved, model_spec, save_role
-from .rundir import RunDir
+from .rundir import RunDir, check_run
 from .stage import Stage, run_stage
 from .teacher_outputs import student_data, teacher_mode, added_files_input, teacher_source
 
@@ -171,7 +171,7 @@ def _train_inputs(tcfg: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def train_teacher(run: RunDir) -> nn.Module:
-    m, spec = run.cfg[TEACHER], model_spec(run, TEACHER)
+    m, spec = check_run(run, "train_teacher").cfg[TEACHER], model_spec(run, TEACHER)
     out = artifact(run.cfg, TEACHER, TEACHER)
     holder: Dict[str, nn.Module] = {}
 
