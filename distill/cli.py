@@ -248,8 +248,8 @@ def _refuse_run_file(out: Optional[str], folder: str, own: str) -> None:
     not a project's own recipe.yaml); a file of the command's own in this run (under `own`, its default place,
     or an earlier --out of another name) may be written again."""
     from .pipeline.rundir import made_by_a_run
-    if out is None or not os.path.exists(out):
-        return
+    if out is None:
+        return  # (an --out not made yet is checked too: a new file in a run's checkpoints/ would be among them)
     real = os.path.realpath(out)
     run = os.path.realpath(folder)
     if os.path.relpath(real, run).split(os.sep)[0] == os.pardir:  # outside this run: inside another?

@@ -188,7 +188,8 @@ def test_onnx_without_the_onnx_package_is_one_line(digits_run, capsys, monkeypat
 
 
 @pytest.mark.parametrize("command,target", [("export", "student.safetensors"), ("export", "."),
-                                            ("report", "metrics.json"), ("report", "recipe.yaml")])
+                                            ("report", "metrics.json"), ("report", "recipe.yaml"),
+                                            ("export", "checkpoints/teacher/new.onnx")])  # (not there yet: written)
 def test_out_may_not_replace_what_the_run_made(digits_run, capsys, command, target):
     from test_bad_inputs import files
     before = files(digits_run)
