@@ -29,16 +29,13 @@ from .monitor import linear_cka
 from .pipeline.artifacts import model_spec
 from .pipeline.rundir import RunDir
 from .registry import MODELS
-from .roles import STUDENT, TEACHER, assistant
+from .roles import STUDENT, TEACHER, assistant_names
 
 PROBE = 256  # validation samples on which retention is measured (as the monitor does)
 EXPLICIT = "list the assistant explicitly, e.g. distill.assistants: [{model: cnn, args: {...}}]"
 
 
-def names(cfg: Dict[str, Any]) -> List[str]:
-    """`assistant_1`, ... for the recipe's chain (none without `distill.assistants`)."""
-    a = cfg["distill"].get("assistants") or []
-    return [assistant(i) for i in range(1 if a == "auto" else len(a))]
+names = assistant_names  # (`assistant_1`, ... for the recipe's chain)
 
 
 def specs(run: RunDir) -> List[Dict[str, Any]]:

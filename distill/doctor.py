@@ -257,7 +257,12 @@ def overconfident_soft_labels(run: RunView) -> List[Dict[str, Any]]:
     if not len(run.data.x_val):
         raise Skip("the run has no validation split (data.val_fraction: 0) to measure the soft labels on")
     teacher = run.model("teacher")
-    t = float(run.cfg["distill"]["temperature"])
+    # (a schedule moves T: the softest soft labels the run distilled on, at the largest T, are what is judged)
+    d = run.cfg["distill"]
+    scheduled = d["schedule"]["temperature"] != "constant" and d["schedule"].get("temperature_end") is not None \
+        and d["schedule"]["temperature_end"] > d["temperature"]
+    t = float(d["schedule"]["temperature_end"] if scheduled else d["temperature"])
+    key = "distill.schedule.temperature_end" if scheduled else "distill.temperature"
     x, mask = run.data.x_val, None
     if run.data.task == "causal_lm":  # (per predicted token, of the first sequences: batch x length x vocabulary)
         x, mask = x[:LM_ROWS], run.data.y_val[:LM_ROWS] >= 0
@@ -273,10 +278,11 @@ def overconfident_soft_labels(run: RunView) -> List[Dict[str, Any]]:
           "samples": samples, **({"positions": int(mask.sum())} if mask is not None else {}),
           "suggested_temperature": better, "entropy_at_suggested": normalised_entropy(logits, better)}
     return [finding("overconfident_soft_labels", "medium",
-                    f"at distill.temperature={t:g} the teacher's softened outputs have mean entropy {h:.3f} of "
+                    f"at {key}={t:g}{', the largest T of the schedule' if scheduled else ''} the teacher's softened "
+                    f"outputs have mean entropy {h:.3f} of "
                     f"log(C) on the validation split (threshold entropy_min={TH['entropy_min']}): nearly one-hot, "
                     f"little dark knowledge", ev,
-                    f"raise the temperature: --set distill.temperature={better:g} gives entropy "
+                    f"raise the temperature: --set {key}={better:g} gives entropy "
                     f"{ev['entropy_at_suggested']:.3f} of log(C) on the same logits")]
 
 
@@ -465,8 +471,8 @@ def _regularise(run: RunView, role: str) -> str:
     tips = [f"more weight decay: --set {key}.train.optimizer.weight_decay={wd * 10 if wd else 1e-4:g} (now {wd:g})",
             f"fewer epochs: --set {key}.train.epochs={max(1, tcfg['epochs'] // 2)} (now {tcfg['epochs']})"]
     args = run.cfg[key].get("args") or {}
-    if run.cfg[key].get("model") in ("mlp", "cnn") and not args.get("dropout"):
-        tips.append(f"dropout: --set {key}.args.dropout=0.3")
+    if run.cfg[key].get("model") in ("mlp", "cnn") and not args.get("dropout") and not is_assistant(role):
+        tips.append(f"dropout: --set {key}.args.dropout=0.3")  # (an assistant's args are in distill.assistants)
     d = run.cfg["data"]
     if d["train_subset"]:
         tips.append(f"more data: data.train_subset={d['train_subset']} keeps only that many training rows; "

@@ -27,12 +27,14 @@ MEASURED = ("loss_", "val_", "train_", "lr", "retention", "grad")  # numeric fie
 
 def read_run_log(folder: str, cfg: Dict[str, Any]) -> Tuple[Dict[str, List[Dict[str, Any]]],
                                                             Dict[str, List[Dict[str, Any]]]]:
-    """`read_log` of a run folder, for its recipe `cfg`: without the lines of a baseline an earlier recipe
-    trained, when this one has none (baseline: false)."""
-    from .roles import SCRATCH
+    """`read_log` of a run folder, for its recipe `cfg`: without the lines of models an earlier recipe trained
+    and this one has not: a baseline (baseline: false here), assistants past this recipe's chain."""
+    from .roles import SCRATCH, assistant_names, is_assistant
     epochs, steps = read_log(os.path.join(folder, "log.jsonl"))
-    if not cfg["baseline"]:
-        epochs.pop(SCRATCH, None), steps.pop(SCRATCH, None)
+    chain = assistant_names(cfg)
+    for role in [r for r in {*epochs, *steps} if (r == SCRATCH and not cfg["baseline"])
+                 or (is_assistant(r) and r not in chain)]:
+        epochs.pop(role, None), steps.pop(role, None)
     return epochs, steps
 
 

@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+from typing import Any, Dict, List
+
 TEACHER = "teacher"
 STUDENT = "student"
 SCRATCH = "student_scratch"
@@ -19,6 +21,12 @@ COMPRESS_DIR = "compress"
 def assistant(i: int) -> str:
     """The i-th assistant (0-based index into `distill.assistants`)."""
     return f"{ASSISTANT_PREFIX}{i + 1}"
+
+
+def assistant_names(cfg: Dict[str, Any]) -> List[str]:
+    """`assistant_1`, ... for the recipe's chain (none without `distill.assistants`)."""
+    a = cfg["distill"].get("assistants") or []
+    return [assistant(i) for i in range(1 if a == "auto" else len(a))]
 
 
 def is_assistant(name: str) -> bool:

@@ -42,6 +42,11 @@ PROBLEMS = {
     # not problems of their own: a training that fails (both students at chance), and no validation split
     "diverged": [TEACHER, "student.train.optimizer.lr=3", "train.epochs=5"],
     "no_validation": [TEACHER, "data.val_fraction=0", "train.select=last", "train.epochs=5"],
+    # T moved by a schedule from 0.1 (overconfident) up to 8, or only up to 0.2
+    "scheduled_to_8": [TEACHER, "distill.temperature=0.1", "distill.schedule.temperature=linear",
+                       "distill.schedule.temperature_end=8", "train.epochs=5"],
+    "scheduled_to_0.2": [TEACHER, "distill.temperature=0.1", "distill.schedule.temperature=linear",
+                         "distill.schedule.temperature_end=0.2", "train.epochs=5"],
 }
 
 
@@ -408,3 +413,26 @@ def test_a_model_two_epochs_in_is_not_called_overfitted(runs, capsys, tmp_path):
     _edit_log(folder, "teacher", lambda i, r: r.update(train_accuracy=0.4, val_accuracy=0.2))
     report, _ = diagnose(folder, capsys)
     assert not [f for f in by_rule(report, "overfitting") if f["evidence"]["role"] == "teacher"]
+
+
+def test_a_temperature_schedule_is_judged_at_its_largest_temperature(runs, capsys):
+    """The soft labels were judged at distill.temperature alone, and a run distilled from T = 0.1 up to 8 was
+    told to raise the temperature."""
+    report, _ = diagnose(runs("scheduled_to_8"), capsys)
+    assert not by_rule(report, "overconfident_soft_labels")
+    report, _ = diagnose(runs("scheduled_to_0.2"), capsys)
+    [f] = by_rule(report, "overconfident_soft_labels")
+    assert f["evidence"]["temperature"] == 0.2 and "--set distill.schedule.temperature_end=" in f["suggestion"]
+    assert "at distill.schedule.temperature_end=0.2, the largest T of the schedule" in f["message"]
+
+
+def test_the_log_of_an_assistant_this_recipe_has_not_is_passed_over(tmp_path):
+    """A folder run again with fewer assistants: the doctor and the report read the earlier run's assistant_2
+    as this run's (a finding about a model the recipe does not make)."""
+    from distill.logbook import read_run_log
+    lines = [{"model": m, "epoch": 1, "val_accuracy": 0.5} for m in ("teacher", "assistant_1", "assistant_2")]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    cfg = {"baseline": True, "distill": {"assistants": [{"model": "mlp"}]}}
+    assert sorted(read_run_log(str(tmp_path), cfg)[0]) == ["assistant_1", "teacher"]
+    assert sorted(read_run_log(str(tmp_path), {**cfg, "distill": {"assistants": "auto"}})[0]) == \
+        ["assistant_1", "teacher"]
