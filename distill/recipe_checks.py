@@ -153,6 +153,17 @@ def idle_settings(cfg: Dict[str, Any]) -> List[str]:
     if cfg["teacher"]["finetuned"] and not cfg["teacher"]["hf"]:
         out.append("teacher.finetuned: does nothing without teacher.hf (a Hugging Face teacher already fine-tuned on "
                    "the labels); a registry teacher is trained, or loaded with teacher.checkpoint")
+    if cfg["student"]["finetuned"] and not cfg["student"]["hf"]:
+        out.append("student.finetuned: does nothing without student.hf (a Hugging Face student whose head is kept)")
+    arith = [k for k, f in schema["arith"].items() if data["arith"][k] != f.default]
+    if arith and data["dataset"] != "arith":
+        out.append(f"data.arith.{arith[0]}: does nothing for data.dataset: {data['dataset']} (it sizes the arith "
+                   f"problems)")
+    text_only = [f"distill.data.{k}" for k, f in SCHEMA["distill"]["data"].items() if d["data"][k] != f.default] + \
+        (["distill.layers.map"] if d["layers"]["map"] != SCHEMA["distill"]["layers"]["map"].default else [])
+    if text_only and data["dataset"] != "text":
+        out.append(f"{text_only[0]}: does nothing for data.dataset: {data['dataset']} (for transformers on text "
+                   f"classification)")
     return out + _idle_reaction(cfg) + _idle_generation(cfg)
 
 
@@ -181,6 +192,12 @@ def _idle_generation(cfg: Dict[str, Any]) -> List[str]:
 def _idle_reaction(cfg: Dict[str, Any]) -> List[str]:
     """A monitor reaction that cannot move what it adjusts, or whose adjustment a schedule overrides."""
     m, d = cfg["monitor"], cfg["distill"]
+    if m["enabled"] and m["retention_min"] is None:
+        from .recipe_schema import SCHEMA
+        changed = [k for k in ("action", "factor", "watch") if m[k] != SCHEMA["monitor"][k].default]
+        if changed:
+            return [f"monitor.{changed[0]}: does nothing without monitor.retention_min (the retention under which "
+                    f"the monitor reacts)"]
     if not (m["enabled"] and m["retention_min"] is not None):
         return []
     moves = {"raise_alpha": "alpha", "lower_temperature": "temperature"}.get(m["action"])

@@ -388,7 +388,8 @@ def test_a_reaction_that_cannot_move_or_that_a_schedule_overrides_is_said(sets, 
     """Said as a warning when a run starts (a search may cross the reaction with these values)."""
     said = Recipe.load("breast_cancer", ["monitor.retention_min=0.9", *sets]).warnings
     assert len(said) == 1 and said[0].startswith(warning), said
-    assert Recipe.load("breast_cancer", sets).warnings == []  # (no retention_min: no reaction)
+    assert Recipe.load("breast_cancer", sets).warnings == [  # (no retention_min: no reaction)
+        "monitor.action: does nothing without monitor.retention_min (the retention under which the monitor reacts)"]
 
 
 def test_lower_temperature_never_raises_the_temperature():

@@ -312,6 +312,12 @@ def test_a_recipe_changed_in_python_runs_as_validated(tmp_path):
                                         "windows) is 0"),
     (["distill.on_policy.max_new_tokens=64"], "distill.on_policy.max_new_tokens: does nothing while "
                                               "distill.on_policy.fraction is 0"),
+    (["student.finetuned=true"], "student.finetuned: does nothing without student.hf"),
+    (["data.arith.train=5"], "data.arith.train: does nothing for data.dataset: digits"),
+    (["distill.layers.map=uniform"], "distill.layers.map: does nothing for data.dataset: digits (for transformers"),
+    (["distill.data.word_prob=0.3"], "distill.data.word_prob: does nothing for data.dataset: digits"),
+    (["monitor.action=raise_alpha"], "monitor.action: does nothing without monitor.retention_min"),
+    (["monitor.factor=3"], "monitor.factor: does nothing without monitor.retention_min"),
 ])
 def test_settings_that_would_do_nothing_are_said(sets, warning):
     """Each was accepted and silently ignored (a DKD setting with method kd is not DKD; a grid over a cosine
