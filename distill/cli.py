@@ -383,9 +383,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
             if isinstance(getattr(args, "out", None), str) and not args.out.strip():  # (else the default folder)
                 raise UserError("--out: empty; give a path (is a shell variable unset?)")
-            if isinstance(getattr(args, "target", None), str) and not args.target.strip():  # (else the default
-                raise UserError(f"distill {args.command}: the recipe or run folder given is empty; give one, or "
-                                f"none (is a shell variable unset?)")  # recipe, trained in full)
+            for given in (getattr(args, "target", None), getattr(args, "resume", None)):
+                if isinstance(given, str) and not given.strip():  # (else the default recipe, trained in full)
+                    folder = args.command in ("compress", "bench", "export", "report", "doctor")
+                    raise UserError(f"distill {args.command}: the {'run folder' if folder else 'recipe or run folder'} "
+                                    f"given is empty; give one{'' if folder else ', or none'} (is a shell variable "
+                                    f"unset?)")
             return _dispatch(parser, args)
     except UserError as e:
         if args.debug:
@@ -448,7 +451,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         raise UserError(f"distill {args.command} runs in one process (under torchrun every process would do the "
                         f"same work{', timing against the others' if args.command == 'bench' else ''}); run it "
                         f"without torchrun")
-    if args.command == "doctor":  # (it reads only)
+    if args.command == "doctor":  # (it reads the run, writing only its own doctor.json: not locked, so that a
+        # run can be diagnosed while it trains)
         return _doctor(args)
     if args.command in ("export", "compress", "bench", "report"):
         with _writing(args.target):

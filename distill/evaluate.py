@@ -55,7 +55,9 @@ def typical_sample(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
 
 
 def weights_size(path: str) -> int:
-    """Bytes of the weights: the file, or a Hugging Face folder's model.safetensors (tokenizer not counted)."""
+    """Bytes of the model's file as deployed: the safetensors file (its weights and distill's header: class
+    names, preprocessing, the run's record of the model, about 2 KB), or a Hugging Face folder's
+    model.safetensors (tokenizer not counted). Two students of one architecture differ by their headers."""
     return os.path.getsize(os.path.join(path, "model.safetensors") if os.path.isdir(path) else path)
 
 

@@ -127,7 +127,7 @@ class Recipe:
         return self.cfg[key]
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.cfg, sort_keys=False)
+        return dump_yaml(self.cfg, sort_keys=False)
 
     def model_cfg(self, role: str) -> Dict[str, Any]:
         return self.cfg[role]
@@ -221,6 +221,20 @@ RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
     list("-+0123456789."))
+
+class RecipeDumper(yaml.SafeDumper):
+    """YAML that RecipeLoader reads back as written, and other YAML readers too: a text that either's resolvers
+    would read as something else (1e3, .5e2 for RecipeLoader; 017, 1:30 for YAML 1.1) is quoted."""
+
+
+RecipeDumper.yaml_implicit_resolvers = {
+    first: RecipeLoader.yaml_implicit_resolvers.get(first, []) + yaml.SafeLoader.yaml_implicit_resolvers.get(first, [])
+    for first in {*RecipeLoader.yaml_implicit_resolvers, *yaml.SafeLoader.yaml_implicit_resolvers}}
+
+
+def dump_yaml(data: Any, **kw: Any) -> str:
+    return yaml.dump(data, Dumper=RecipeDumper, **kw)
+
 
 # A recipe is a small tree: more values than this (aliases that repeat aliases: 1 KB of YAML can name 10**8
 # of them) or deeper nesting is refused, before any code walks it

@@ -161,9 +161,8 @@ def idle_settings(cfg: Dict[str, Any]) -> List[str]:
                    f"problems)")
     text_only = [f"distill.data.{k}" for k, f in SCHEMA["distill"]["data"].items() if d["data"][k] != f.default] + \
         (["distill.layers.map"] if d["layers"]["map"] != SCHEMA["distill"]["layers"]["map"].default else [])
-    if text_only and data["dataset"] != "text":
-        out.append(f"{text_only[0]}: does nothing for data.dataset: {data['dataset']} (for transformers on text "
-                   f"classification)")
+    if text_only and data["dataset"] not in ("text", "completions", "arith"):
+        out.append(f"{text_only[0]}: does nothing for data.dataset: {data['dataset']} (for transformers on text)")
     return out + _idle_reaction(cfg) + _idle_generation(cfg)
 
 

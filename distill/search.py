@@ -24,8 +24,8 @@ import yaml
 from .errors import UserError
 from .io import save_figure, write_json, write_text
 from .launch import is_main_process
-from .recipe import Recipe, load_yaml
-from .roles import SCRATCH
+from .recipe import Recipe, dump_yaml, load_yaml
+from .roles import SCRATCH, TEACHER
 
 DEFAULT_GRID = {"distill.temperature": [2, 3, 4, 5], "distill.alpha": [0.5, 0.7, 0.9]}
 NO_PLOT = "search: matplotlib is not installed, so no search.png (pip install -e '.[plot]')"
@@ -105,6 +105,8 @@ def search(recipe: Recipe, grid: Dict[str, List[Any]], overrides: Sequence[str],
                        scratch_val_accuracy=results.get(SCRATCH, {}).get("val_accuracy"),
                        selected_epoch=results["student"].get("selected_epoch"))
         except TrainingDiverged as e:  # (a point of the grid where training blows up: a result, not the end)
+            if not _of_the_trial(e.role, keys):
+                raise
             row.update(state="diverged", error=str(e))
             _diverged(rd, e, f"trial {i + 1}", echo)
         rows.append({**row, "time_s": round(time.perf_counter() - t0, 1)})
@@ -113,6 +115,14 @@ def search(recipe: Recipe, grid: Dict[str, List[Any]], overrides: Sequence[str],
     result = {"grid": grid, "trials": rows, "best": {k: best[k] for k in keys}, "table": table}
     write_results(recipe, overrides, out, result, table, lambda path: plot_search(rows, keys, path), echo)
     return result
+
+
+def _of_the_trial(role: str, keys: Sequence[str]) -> bool:
+    """Whether a stage of `role` may differ between trials over `keys`: the distilled student and assistants
+    always do; the teacher and the baseline only if a key can reach them. A stage every trial shares that
+    diverged would diverge again in each: the search stops there, as a run would."""
+    reach = {TEACHER: ("teacher.", "train.", "data."), SCRATCH: ("student.", "train.", "data.", "baseline")}
+    return role not in reach or any(k.startswith(reach[role]) for k in keys)
 
 
 def _diverged(rd: Any, e: Any, trial: str, echo=print) -> None:
@@ -263,7 +273,7 @@ def parse_space(items: Sequence[str]) -> Dict[str, Dict[str, Any]]:
 
 def yaml_value(v: Any) -> str:
     """A value as `--set` text that reads back as the same value (1e-05 must be written 1.0e-05 in YAML 1.1)."""
-    text = yaml.safe_dump(v, default_flow_style=True, width=1 << 30).strip()
+    text = dump_yaml(v, default_flow_style=True, width=1 << 30).strip()
     return text[:-3].strip() if text.endswith("...") else text
 
 
@@ -404,6 +414,8 @@ def run_trial(trial: Any, recipe: Recipe, space: Dict[str, Dict[str, Any]], over
     try:
         results = execute(rd, TRAINING, check=False)
     except TrainingDiverged as e:
+        if not _of_the_trial(e.role, list(space)):
+            raise
         row.update(state="diverged", error=str(e), time_s=round(time.perf_counter() - t0, 1),
                    **{**failed, "epochs": len(seen)})
         _diverged(rd, e, f"trial {row['trial']}", echo)
@@ -438,8 +450,9 @@ def write_tpe(recipe: Recipe, space: Dict[str, Dict[str, Any]], overrides: Seque
         raise UserError("--pruner: every trial was pruned; use --pruner none or more --pruner-startup-trials")
     best = max(done, key=lambda r: r["val_accuracy"])  # ties: the first in trial order
     keys = list(space)
-    trained = sum(r["epochs"] for r in rows)
-    budget = sum(r["budget_epochs"] for r in rows if not r.get("reused"))  # (pruning saved nothing of those)
+    trained = sum(r["epochs"] for r in rows if r["state"] in ("complete", "pruned"))
+    budget = sum(r["budget_epochs"] for r in rows  # (pruning saved nothing of those reused, diverged or refused)
+                 if not r.get("reused") and r["state"] in ("complete", "pruned"))
     pruned, reused = sum(1 for r in rows if r["state"] == "pruned"), sum(1 for r in rows if r.get("reused"))
     failed = {s: sum(1 for r in rows if r["state"] == s) for s in ("diverged", "refused")}
     summary = (f"{pruned} of {len(rows)} trials pruned"

@@ -449,6 +449,15 @@ def test_a_folder_left_aside_by_a_crash_between_the_renames_is_put_back_first(tm
     with atomic_folder(str(tmp_path / "hf")) as tmp:
         pass
     assert sorted(os.listdir(tmp_path)) == [".distill-old-hf-2-abcdefgh", "hf"]
+    # one left aside under the name of earlier versions (.old-) is put back too
+    import shutil
+    shutil.rmtree(tmp_path / "hf")
+    (tmp_path / ".old-hf-x7654321" / "previous").mkdir(parents=True)
+    (tmp_path / ".old-hf-x7654321" / "previous" / "w.txt").write_text("older")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(str(tmp_path / "hf")) as tmp:
+            raise RuntimeError("fails")
+    assert (tmp_path / "hf" / "w.txt").read_text() == "older"
 
 
 def test_full_disk_keeps_the_earlier_result(tmp_path, capsys, monkeypatch):
@@ -598,8 +607,8 @@ def test_a_second_command_in_a_run_folder_is_refused_until_the_first_ends(tmp_pa
             assert err == f"error: {out}: another distill command (process {os.getpid()}) is writing in this " \
                           f"folder; wait for it to end, or use another folder", argv
         assert not os.path.exists(out)
-        assert main(["doctor", str(tmp_path)]) in (0, 2)  # (doctor only reads: never refused for the lock)
-        assert "another distill command" not in capsys.readouterr().err
+        assert main(["doctor", out]) == 2  # (doctor only reads, and writes its own doctor.json: not locked)
+        assert "not a run folder" in capsys.readouterr().err
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from distill.io import folder_lock\n"
                                f"with folder_lock({out!r}):\n print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)

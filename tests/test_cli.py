@@ -136,6 +136,8 @@ def test_run_prints_the_table(tmp_path):
     (["run", "digits", "--set", "output.dir=''"], "output.dir: empty; give a folder, or leave the key out"),
     (["run", ""], "distill run: the recipe or run folder given is empty; give one, or none (is a shell"),
     (["evaluate", " "], "distill evaluate: the recipe or run folder given is empty"),  # (it scored runs/digits)
+    (["run", "--resume", ""], "distill run: the recipe or run folder given is empty"),
+    (["compress", ""], "distill compress: the run folder given is empty; give one (is a shell variable unset?)"),
 ])
 def test_an_empty_out_is_refused_not_read_as_the_default_folder(args, message, tmp_path, capsys, monkeypatch):
     """`--out "$OUT"` with OUT unset used to write runs/NAME in the current folder."""

@@ -314,7 +314,7 @@ def test_a_recipe_changed_in_python_runs_as_validated(tmp_path):
                                               "distill.on_policy.fraction is 0"),
     (["student.finetuned=true"], "student.finetuned: does nothing without student.hf"),
     (["data.arith.train=5"], "data.arith.train: does nothing for data.dataset: digits"),
-    (["distill.layers.map=uniform"], "distill.layers.map: does nothing for data.dataset: digits (for transformers"),
+    (["distill.layers.map=uniform"], "distill.layers.map: does nothing for data.dataset: digits (for transformers on text)"),
     (["distill.data.word_prob=0.3"], "distill.data.word_prob: does nothing for data.dataset: digits"),
     (["monitor.action=raise_alpha"], "monitor.action: does nothing without monitor.retention_min"),
     (["monitor.factor=3"], "monitor.factor: does nothing without monitor.retention_min"),
@@ -412,3 +412,13 @@ def test_a_top_level_train_set_that_one_model_already_holds_still_must_reach_the
     with pytest.raises(UserError, match=r"every model in .*digits.yaml with these --set overrides sets its own "
                                         r"epochs, so train.\* reaches none"):
         Recipe.load("digits", ["teacher.train.epochs=2", "student.train.epochs=2", "train.epochs=5"])
+
+
+def test_a_resolved_recipe_reads_back_as_written():
+    """The run folder's recipe.yaml: a text the loader would read as a number (1e3, now a float) was written
+    unquoted, and the run folder could not be read again."""
+    from distill.recipe import load_yaml
+    for name in ("1e3", "5e-2", "017", "1.10", "true"):
+        r = Recipe.load("digits", [f"name='{name}'", "distill.temperature=2.5e0"])
+        back = load_yaml(r.to_yaml())
+        assert back["name"] == name and back["distill"]["temperature"] == 2.5, r.to_yaml()[:80]

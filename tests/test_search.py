@@ -312,3 +312,8 @@ def test_a_trial_that_diverges_is_a_row_of_the_search_not_its_end(tmp_path, caps
                  str(tmp_path / "all")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
         "error: every trial diverged; the first: student")
+    # a stage every trial shares (the teacher, for a grid over T) stops the search at once: it would diverge in each
+    assert main(["search", "digits", *FAST, "--set", "teacher.train.optimizer.lr=1e6", "--grid",
+                 "distill.temperature=2,3", "--out", str(tmp_path / "shared")]) == 2
+    err = capsys.readouterr().err
+    assert "trial 2/2" not in err and err.strip().splitlines()[-1].startswith("error: teacher: epoch "), err

@@ -586,7 +586,7 @@ TEXT_CASES = {
     "test file the training file again": (lambda t, b: {"data": {"test_path": str(t / "train.csv")}},
                                            "data.test_path: "),
     "a column named twice": (lambda t, b: {"data": {"path": _write(t / "d.csv", "text,label,text\n\"a, b\",x,z\n")}},
-                             "d.csv: the header names ['text'] more than once; every column needs its own name"),
+                             "d.csv: the header names 'text' more than once; only the last such column would be read"),
     "a JSON array for JSONL": (lambda t, b: {"data": {"path": _write(t / "a.json", '[{"text": "a", "label": "x"}]\n')}},
                                "a.json: line 1: expected a JSON object per line (a JSON array is not read: write one"),
     "cnn student on text": (lambda t, b: {"student": {"from_teacher": None, "model": "mlp"}},
@@ -706,3 +706,11 @@ def test_a_classifier_for_other_labels_can_be_the_pretrained_base(bert, tmp_path
     other = _finetuned_other_labels(bert, str(tmp_path / "ft"))
     model = load_classifier(other, NAMES, "teacher.hf")
     assert model.hf.classifier.weight.shape == (2, 32) and model.hf.config.id2label == {0: "negative", 1: "positive"}
+
+
+def test_a_text_csv_with_an_unnamed_index_column_is_read(tmp_path):
+    """pandas' to_csv writes its index as a first column with no name; the text reader reads two columns
+    and leaves the others alone (only a column it reads, named twice, is refused)."""
+    path = tmp_path / "idx.csv"
+    path.write_text(",text,label,x,x\n0,hello world,pos,1,2\n1,bad day,neg,3,4\n")
+    assert read_texts(str(path), "text", "label") == (["hello world", "bad day"], ["pos", "neg"])

@@ -193,20 +193,16 @@ def _numbered(fh) -> List[Tuple[int, List[str]]]:
     return [(reader.line_num, row) for row in reader if row]
 
 
-def check_header(path: str, header: List[str], why: str) -> None:
-    """Every column of a CSV header named, each once (`why`: what a repeated name would do)."""
-    twice = sorted({h for h in header if header.count(h) > 1})
-    if twice or "" in (h.strip() for h in header):
-        what = f"names {twice} more than once" if twice else "has a column with no name"
-        raise UserError(f"{path}: the header {what}; every column needs its own name ({why})")
-
-
 def _read_csv(path: str, label: str) -> tuple:
     rows = read_text_file(path, _numbered)
     if not rows:
         raise UserError(f"{path}: empty file; a CSV needs a header row and data rows")
     header, body = rows[0][1], rows[1:]
-    check_header(path, header, "a second label column would become a feature")
+    twice = sorted({h for h in header if header.count(h) > 1})
+    if twice or "" in (h.strip() for h in header):
+        what = f"names {twice} more than once" if twice else "has a column with no name"
+        raise UserError(f"{path}: the header {what}; every column needs its own name (a second label column "
+                        f"would become a feature)")
     if label not in header:
         raise UserError(f"{path}: no column named '{label}' (data.label_column){did_you_mean(label, header)}; "
                         f"columns: {', '.join(header)}")

@@ -19,7 +19,7 @@ from ..io import atomic_path, sha256_file, sha256_json
 from ..models.hf import load_tokenizer, pad_id, tokenization_hash
 from ..registry import DATASETS
 from ..teachers.cache import check_cache_dir
-from .datasets import Raw, _class_order, check_header, read_text_file
+from .datasets import Raw, _class_order, read_text_file
 
 
 def read_texts(path: str, text_col: str, label_col: str | None) -> Tuple[List[str], List[str]]:
@@ -33,7 +33,7 @@ def read_texts(path: str, text_col: str, label_col: str | None) -> Tuple[List[st
             raise UserError(f"{path}: no texts (one a line)")
         return texts, []
     rows = read_text_file(path, lambda fh: jsonl_rows(path, fh) if path.endswith((".jsonl", ".json"))
-                          else _csv_rows(path, fh))
+                          else _csv_rows(path, fh, (text_col, label_col)))
     if not rows:
         raise UserError(f"{path}: no rows")
     first = rows[0][1]
@@ -62,11 +62,16 @@ def read_texts(path: str, text_col: str, label_col: str | None) -> Tuple[List[st
     return texts, labels
 
 
-def _csv_rows(path: str, fh) -> List[Tuple[int, Dict[str, Any]]]:
-    """(line number, row) of each CSV row (blank lines skipped, as DictReader does), for errors that say where."""
+def _csv_rows(path: str, fh, read: Tuple[str | None, ...]) -> List[Tuple[int, Dict[str, Any]]]:
+    """(line number, row) of each CSV row (blank lines skipped, as DictReader does), for errors that say where.
+    A column read (`read`) named twice in the header is refused: DictReader keeps the last silently. (Other
+    columns may repeat or have no name: pandas writes its index as a column with none.)"""
     reader = csv.DictReader(fh)
-    if reader.fieldnames:
-        check_header(path, reader.fieldnames, "only the last column of a name would be read")
+    header = reader.fieldnames or []
+    twice = [c for c in read if c is not None and header.count(c) > 1]
+    if twice:
+        raise UserError(f"{path}: the header names '{twice[0]}' more than once; only the last such column would be "
+                        f"read: rename the others")
     return [(reader.line_num, row) for row in reader]
 
 
