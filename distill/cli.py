@@ -5,7 +5,9 @@ import argparse
 import contextlib
 import os
 import re
+import signal
 import sys
+import threading
 from typing import Iterator, List, Optional
 
 from .launch import is_main_process, report_error, under_torchrun
@@ -379,6 +381,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
     quiet = None if is_main_process() else open(os.devnull, "w")  # (torchrun: rank 0 alone prints results)
+    # SIGTERM (what a job scheduler sends) outside training stops the command as Ctrl-C does, in one line that
+    # says how to go on (training's own handler, while it runs, checkpoints first). Not under torchrun, whose
+    # agent stops the processes with it and reads their exit codes.
+    term = signal.signal(signal.SIGTERM, _terminated) \
+        if not under_torchrun() and threading.current_thread() is threading.main_thread() else None
     try:
         with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
             if isinstance(getattr(args, "out", None), str) and not args.out.strip():  # (else the default folder)
@@ -396,13 +403,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not report_error(str(e)):  # (under --nproc the launcher says it, once for every process)
             print(f"error: {_who()}{e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        again = getattr(args, "again", None)
+        print(f"interrupted ({'SIGTERM' if isinstance(e, Terminated) else 'SIGINT'})"
+              f"{f'; continue with: {again}' if again else ''}", file=sys.stderr)
         return 130
     finally:
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)
         if quiet:
             quiet.close()
         _leave_process_group()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, outside training."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 def _resume_hint(args: argparse.Namespace, folder: str):
@@ -468,6 +487,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.nproc is not None and args.nproc < 1:
         raise UserError(f"--nproc: expected a positive number of processes, got {args.nproc}")
     nproc, again = _resume_hint(args, run_folder(recipe, out))
+    args.again = again  # (said if the command is interrupted outside training)
     with _writing(run_folder(recipe, out)):
         if nproc > 1 and "LOCAL_RANK" not in os.environ:  # (already one of torchrun's processes: go on)
             from .launch import check_processes, child_argv, launch

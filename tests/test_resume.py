@@ -433,3 +433,28 @@ def test_a_run_resumed_at_an_epoch_s_last_step_logs_the_rate_that_step_used(tmp_
     lines = [[json.loads(line) for line in open(tmp_path / d / "log.jsonl") if '"val_accuracy"' in line
               and '"student"' in line] for d in ("whole", "cut")]
     assert [r["lr"] for r in lines[0]] == [r["lr"] for r in lines[1]] and len(lines[0]) == 2
+
+
+def test_sigterm_after_training_says_how_to_go_on(tmp_path):
+    """Outside training (here: while the models are measured) SIGTERM killed the command silently (exit -15):
+    a job scheduler's stop got no line. It stops as Ctrl-C does, with the command that continues."""
+    out = tmp_path / "r"
+    p = subprocess.Popen([sys.executable, "-m", "distill", "run", "--set", "teacher.train.epochs=2", "--set",
+                          "train.epochs=2", "--set", "evaluate.latency_runs=100000", "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # (the students are made: evaluation measures them now)
+            stages = json.load(open(out / "stages.json")) if (out / "stages.json").is_file() else {}
+            if stages.get("student", {}).get("fingerprint", "unfinished") != "unfinished":
+                break
+            time.sleep(0.1)
+        time.sleep(0.5)
+        p.send_signal(signal.SIGTERM)
+        err = p.communicate(timeout=60)[1]
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130, err
+    assert err.strip().splitlines()[-1] == f"interrupted (SIGTERM); continue with: distill run {out} --resume"
