@@ -287,9 +287,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     """`distill export RUN_DIR --format F`: write, verify, and record the export in export/exports.json."""
-    import torch
-
-    from .compress.export import SUFFIX, export_model
+    from .compress.export import SUFFIX, export_model, raw_inputs
     from .data import load_data
     from .io import load_meta, out_path, read_run_json, write_json
     from .pipeline.artifacts import load_model_at, require_same_data, require_saved
@@ -341,8 +339,7 @@ def _export(args: argparse.Namespace) -> int:
     x = data.x_test[:8]  # normalised with data.stats; a baked-in export is checked on the raw inputs instead
     bake = args.preprocessing and args.format != "safetensors" and "normalize" in prep
     if bake and data.stats:
-        shape = (1, -1, 1, 1) if data.image else (1, -1)
-        x = (x * torch.tensor(data.stats["std"]).reshape(shape) + torch.tensor(data.stats["mean"]).reshape(shape))
+        x = raw_inputs(x, data.stats, data.image)
     info = {**export_model(model, x, args.format, out, meta, prep if bake else None), "fingerprint": version}
     write_json(record, {**exports, f"{args.model}.{args.format}": info})
     if info["preprocessing"] == "baked":

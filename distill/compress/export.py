@@ -70,6 +70,13 @@ class Normalized(nn.Module):
         return self.model((x - self.mean) / self.std)
 
 
+def raw_inputs(x: torch.Tensor, stats: Dict[str, Any], image: bool) -> torch.Tensor:
+    """Inputs normalised with a DataBundle's `stats` back as the reader gave them (for a file that bakes the
+    normalisation in)."""
+    shape = (1, -1, 1, 1) if image else (1, -1)
+    return x * torch.tensor(stats["std"]).reshape(shape) + torch.tensor(stats["mean"]).reshape(shape)
+
+
 def normalized(model: nn.Module, preprocessing: Optional[Dict[str, Any]], x: torch.Tensor) -> Optional[Normalized]:
     """`model` wrapped in the normalisation of `preprocessing` (checked against the raw batch `x`), or None
     when there is none to bake in (no "normalize", or a text model: token ids are never normalised)."""

@@ -23,7 +23,7 @@ import resource
 import statistics
 import sys
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -101,17 +101,17 @@ class _Cast(nn.Module):
 class _OnnxRuntime(nn.Module):
     """An ONNX Runtime session behind the usual one-tensor interface (text: trimmed ids and mask)."""
 
-    def __init__(self, path: str, pad_id: Optional[int], threads: int) -> None:
+    def __init__(self, path: str, pad_id: Optional[int], threads: int, raw: Optional[Callable] = None) -> None:
         super().__init__()
         import onnxruntime as ort
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        self.pad_id = pad_id
+        self.pad_id, self.raw = pad_id, raw  # (raw: the data's inputs as read, for a file that normalises them)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pad_id is None:
-            return torch.from_numpy(self.session.run(None, {"x": x.numpy()})[0])
+            return torch.from_numpy(self.session.run(None, {"x": (self.raw(x) if self.raw else x).numpy()})[0])
         ids, mask = trim_padding(x, self.pad_id)
         return torch.from_numpy(self.session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
 
@@ -126,14 +126,15 @@ def write_file(model: nn.Module, variant: str, data: DataBundle, cfg: Dict[str, 
     path = variant_path(folder, name, variant, is_hf_lm(model))
     if path is None:
         return None
-    if variant == "onnx":
-        meta = {"role": name, "class_names": data.class_names}
-        export_model(model, data.x_test[:8], "onnx", path, meta)
+    if variant == "onnx":  # (taking raw inputs, the normalisation baked in, as distill export writes it)
+        meta, prep, raw = {"role": name, "class_names": data.class_names}, baked(source, data), _raw(source, data)
+        export_model(model, raw(data.x_test[:8]) if raw else data.x_test[:8], "onnx", path, meta, prep)
     elif variant.startswith("onnx_"):
         fp32 = variant_path(folder, name, "onnx")
         if not os.path.isfile(fp32):
             write_file(model, "onnx", data, cfg, folder, name, source)
-        feeds = _onnx_feeds(model, calibration(data, cfg["bench"]["calibration"])) if variant == "onnx_static" else None
+        calib, raw = calibration(data, cfg["bench"]["calibration"]), _raw(source, data)
+        feeds = _onnx_feeds(model, raw(calib) if raw else calib) if variant == "onnx_static" else None
         quantize.onnx_int8(fp32, path, variant[5:], feeds)
     elif variant in ("fp16", "bf16") and is_hf_lm(model):
         save_folder(convert(model, variant, data, cfg), path, source, {"role": name, "precision": variant})
@@ -145,6 +146,19 @@ def write_file(model: nn.Module, variant: str, data: DataBundle, cfg: Dict[str, 
         with atomic_path(path) as tmp:
             torch.save(convert(model, variant, data, cfg).state_dict(), tmp)
     return path
+
+
+def baked(source: str, data: DataBundle) -> Optional[Dict[str, Any]]:
+    """The preprocessing an ONNX file of the model saved at `source` bakes in (its normalisation), else None."""
+    from ..io import load_meta
+    prep = (load_meta(source).get("preprocessing") or {}) if os.path.isfile(source) else {}
+    return prep if "normalize" in prep and data.stats and data.pad_id is None else None
+
+
+def _raw(source: str, data: DataBundle) -> Optional[Callable]:
+    """For a file that bakes the normalisation in: the map from the data's (normalised) inputs to raw ones."""
+    from .export import raw_inputs
+    return (lambda x: raw_inputs(x, data.stats, data.image)) if baked(source, data) else None
 
 
 def _rss_mb() -> float:
@@ -183,7 +197,7 @@ def measure(job: Dict[str, Any]) -> Dict[str, Any]:
     file = variant_path(job["folder"], job["name"], variant, is_hf_lm(model))
     if variant.startswith("onnx"):
         del model
-        run: nn.Module = _OnnxRuntime(file, data.pad_id, ecfg["threads"])
+        run: nn.Module = _OnnxRuntime(file, data.pad_id, ecfg["threads"], _raw(job["path"], data))
     else:
         run = convert(model, variant, data, cfg)
         if run is not model:
