@@ -300,6 +300,11 @@ def _export(args: argparse.Namespace) -> int:
         raise UserError(f"--model {args.model}: choose student, student_scratch, teacher or compress/NAME")
     path = require_saved(folder, args.model)
     require_finished(folder, args.model, "export")
+    if args.model.startswith("compress/"):
+        from .compress.bench import compressed_out_of_date
+        why = compressed_out_of_date(folder)  # (as bench and the report leave them out)
+        if why:
+            raise UserError(f"--model {args.model}: {why}; compress again first: distill compress {folder}")
     data = load_data(data_cfg_for(recipe.cfg, args.model))  # (a student of another tokenizer: its own tokens)
     require_same_data(folder, args.model, data)  # (the export is checked on test inputs)
     model = load_model_at(path, args.model)
@@ -317,7 +322,9 @@ def _export(args: argparse.Namespace) -> int:
     saved = load_meta(path) if os.path.isfile(path) else {}
     prep = saved.get("preprocessing") or {}
     meta = {"role": args.model, "class_names": data.class_names, "num_classes": data.num_classes,
-            "input_shape": list(data.input_shape), "preprocessing": prep}
+            "input_shape": list(data.input_shape), "preprocessing": prep,
+            # (the architecture, and a compressed model's structure: without them no one rebuilds the file)
+            **{k: saved[k] for k in ("spec", "structure") if k in saved}}
     if args.format == "hf":  # a Hugging Face folder (GPT-2 layout) that plain transformers loads
         from .compress.hf_gpt import export_gpt2
         from .models.gpt import GPT

@@ -319,12 +319,22 @@ def test_compress_cnn_every_step_saves_a_smaller_loadable_model(cnn_run, capsys)
     json.dump(stages, open(os.path.join(copy, "stages.json"), "w"))
     assert compressed_out_of_date(copy) == "compressed from earlier versions of student, trained again since"
     assert "Out of date: these models were compressed from earlier versions of student" in compression_section(copy)
+    assert main(["export", copy, "--model", "compress/channels", "--format", "onnx"]) == 2  # (it exported them)
+    assert "--model compress/channels: compressed from earlier versions of student, trained again since; compress " \
+        "again first" in capsys.readouterr().err
     shutil.rmtree(copy)
     # a compressed model exports like any other (ONNX checked in ONNX Runtime)
     pytest.importorskip("onnxruntime")
     assert main(["export", cnn_run, "--model", "compress/channels", "--format", "onnx"]) == 0
     assert os.path.isfile(os.path.join(cnn_run, "export", "compress-channels.onnx"))
     assert main(["export", cnn_run, "--model", "compress/../teacher", "--format", "onnx"]) == 2
+    # as safetensors, with the architecture and the dropped blocks: distill rebuilds it (it could not)
+    assert main(["export", cnn_run, "--model", "compress/layers1", "--format", "safetensors"]) == 0
+    exported = load_model_at(os.path.join(cnn_run, "export", "compress-layers1.safetensors"), "x").eval()
+    original = load_model_at(os.path.join(cnn_run, "compress", "layers1.safetensors"), "x").eval()
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(exported(x), original(x))
 
 
 def test_compress_fine_tunes_on_what_the_student_learnt_from(tmp_path):
@@ -651,3 +661,17 @@ def test_compress_sigterm_then_resume_is_bitwise_identical(cnn_run, tmp_path, ca
     a, b = (load_file(os.path.join(f, "compress", "channels.safetensors")) for f in folders)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not os.path.exists(os.path.join(folders[1], "checkpoints"))  # cleaned up once the step is saved
+
+
+def test_a_compress_that_makes_no_model_leaves_no_earlier_chain_behind(cnn_run, tmp_path):
+    """compress.json kept the earlier chain when the new one made nothing (layers.to already met): bench then
+    measured the earlier chain's models as this recipe's."""
+    import shutil
+    folder = str(tmp_path / "run")
+    shutil.copytree(cnn_run, folder, ignore=shutil.ignore_patterns("compress", "bench", "export"))
+    assert main(["compress", folder, "--set", "compress.steps=[channels]"]) == 0
+    assert [m["name"] for m in json.load(open(os.path.join(folder, "compress", "compress.json")))["models"]] == \
+        ["channels"]
+    assert main(["compress", folder, "--set", "compress.steps=[layers]", "--set", "compress.layers.to=50"]) == 0
+    record = json.load(open(os.path.join(folder, "compress", "compress.json")))
+    assert record["steps"] == ["layers"] and record["models"] == []

@@ -248,4 +248,5 @@ def compress(run: RunDir, teacher: Optional[nn.Module] = None, model: Optional[n
         check_trimmable(c.model, load_tokenizer(path, "data.tokenizer"), path)
     for name in steps:
         getattr(c, name)()
+    c.write_record()  # (also when no step made a model: the earlier chain's records would stay, and bench them)
     return c.records
