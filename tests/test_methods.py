@@ -358,3 +358,16 @@ def test_an_unknown_method_is_one_clear_error():
     with pytest.raises(UserError, match="distill.method.*not a logits loss of the registry; choose from dist, dkd, "
                                         "forward_kl, jsd, kd, reverse_kl"):
         Recipe.load("digits", ["distill.method=fitnet"])
+
+
+def test_a_nan_batch_leaves_the_crd_banks_and_normalisers_finite():
+    """The trainer skips a step whose loss is NaN, but CRD had written the batch's NaN embeddings into its
+    memory banks (and a first NaN batch fixed Z at NaN): every later step that drew those rows was NaN too."""
+    torch.manual_seed(0)
+    crd = CRD(s_dim=3, t_dim=4, n_data=20, embed_dim=8, negatives=4)
+    bad = torch.randn(6, 3)
+    bad[2] = float("nan")
+    assert not torch.isfinite(crd(bad, torch.randn(6, 4), torch.arange(6)))
+    assert torch.isfinite(crd.memory_s).all() and torch.isfinite(crd.memory_t).all()
+    assert torch.isfinite(crd(torch.randn(6, 3), torch.randn(6, 4), torch.arange(6)))  # (Z fixed on this one)
+    assert torch.isfinite(crd.z).all() and (crd.z > 0).all()

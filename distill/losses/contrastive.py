@@ -73,8 +73,10 @@ class CRD(nn.Module):
         else:  # a large one: only the rows drawn (B x (1 + K) x d, not B x M)
             dots = torch.bmm(memory[contrast], anchors.unsqueeze(2)).squeeze(2)
         p = torch.exp(dots / self.temperature)
-        if self.z[side] < 0:  # fixed on the first batch: the mean score times the number of samples
-            self.z[side] = p.detach().mean() * self.n_data
+        if self.z[side] < 0:  # fixed on the first batch: the mean score times the number of samples (on the
+            z = p.detach().mean() * self.n_data  # first finite one: a NaN batch is skipped, and would fix Z at NaN)
+            if torch.isfinite(z):
+                self.z[side] = z
         return p / self.z[side].clone()  # (a copy: setting the other side's Z must not touch this graph)
 
     def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, idx: torch.Tensor,
@@ -85,7 +87,10 @@ class CRD(nn.Module):
         contrast = torch.cat([idx.unsqueeze(1), self.negatives(idx)], 1)
         loss = (nce_loss(self.scores(v_t, self.memory_s, contrast, 0), self.n_data)
                 + nce_loss(self.scores(v_s, self.memory_t, contrast, 1), self.n_data))
-        with torch.no_grad():
-            for memory, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
-                memory[idx] = F.normalize(self.momentum * memory[idx] + (1 - self.momentum) * v.detach(), dim=1)
+        with torch.no_grad():  # (rows of a NaN or Inf embedding are left out: the trainer skips that step, and
+            for memory, v in ((self.memory_s, v_s), (self.memory_t, v_t)):  # a NaN row would stay in the bank)
+                ok = torch.isfinite(v).all(1)
+                rows = idx if bool(ok.all()) else idx[ok]
+                memory[rows] = F.normalize(self.momentum * memory[rows] + (1 - self.momentum) * v.detach()[ok],
+                                           dim=1)
         return loss
