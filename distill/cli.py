@@ -300,9 +300,11 @@ def _export(args: argparse.Namespace) -> int:
         raise UserError(f"--model {args.model}: choose student, student_scratch, teacher or compress/NAME")
     path = require_saved(folder, args.model)
     require_finished(folder, args.model, "export")
-    if args.model.startswith("compress/"):
-        from .compress.bench import compressed_out_of_date
-        why = compressed_out_of_date(folder)  # (as bench and the report leave them out)
+    if args.model.startswith("compress/"):  # (what bench and the report measure: the current chain, up to date)
+        from .compress.bench import compressed_models, compressed_out_of_date
+        why = compressed_out_of_date(folder) or (None if args.model in dict(compressed_models(folder)) else
+                                                 "not a model of the last compress (compress/compress.json): one an "
+                                                 "earlier chain made, maybe from an earlier version of its source")
         if why:
             raise UserError(f"--model {args.model}: {why}; compress again first: distill compress {folder}")
     data = load_data(data_cfg_for(recipe.cfg, args.model))  # (a student of another tokenizer: its own tokens)
@@ -388,8 +390,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # SIGTERM (what a job scheduler sends) outside training stops the command as Ctrl-C does, in one line that
     # says how to go on (training's own handler, while it runs, checkpoints first). Not under torchrun, whose
     # agent stops the processes with it and reads their exit codes.
-    term = signal.signal(signal.SIGTERM, _terminated) \
-        if not under_torchrun() and threading.current_thread() is threading.main_thread() else None
+    handle = not under_torchrun() and threading.current_thread() is threading.main_thread()
+    term = signal.signal(signal.SIGTERM, _terminated) if handle else None
     try:
         with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
             if isinstance(getattr(args, "out", None), str) and not args.out.strip():  # (else the default folder)
@@ -413,8 +415,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{f'; continue with: {again}' if again else ''}", file=sys.stderr)
         return 130
     finally:
-        if term is not None:
-            signal.signal(signal.SIGTERM, term)
+        if handle:  # (None: a handler set outside Python; the default is the nearest)
+            signal.signal(signal.SIGTERM, term if term is not None else signal.SIG_DFL)
         if quiet:
             quiet.close()
         _leave_process_group()

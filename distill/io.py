@@ -82,13 +82,12 @@ def atomic_folder(folder: str) -> Iterator[str]:
     `folder` puts it back first, so that a failure then still leaves the old folder."""
     parent = os.path.dirname(os.path.abspath(folder))
     aside = f".distill-old-{os.path.basename(os.path.abspath(folder))}-"
-    before = f".old-{os.path.basename(os.path.abspath(folder))}-"  # (the name of versions before 2026-12-07)
     tmp = None
     try:
         os.makedirs(parent, exist_ok=True)
         for name in sorted(os.listdir(parent)):  # (a crash between the renames of an earlier write)
             # (mkdtemp's suffix is 8 of [a-z0-9_]: a sibling folder named <name>-x has its own)
-            if re.fullmatch(f"({re.escape(aside)}|{re.escape(before)})" + r"[a-z0-9_]{8}", name) and \
+            if re.fullmatch(re.escape(aside) + r"[a-z0-9_]{8}", name) and \
                     os.path.isdir(os.path.join(parent, name, "previous")):
                 if not os.path.exists(folder):
                     os.rename(os.path.join(parent, name, "previous"), folder)
@@ -295,15 +294,14 @@ def _checked_meta(path: str, meta: Any) -> Dict[str, Any]:
     shape = meta.get("input_shape")
     if shape is not None and not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
         raise UserError(f"{path}: the header's input_shape {shape!r:.60} is not a list of positive sizes")
-    spec = meta.get("spec") or {}
-    if shape and spec.get("model") == "mlp" and math.prod(shape) > MAX_INPUT_VALUES:  # (its first layer would be
+    if shape and math.prod(shape) > MAX_INPUT_VALUES:  # (a model for it, and a check on 2 such inputs, would ask
         raise UserError(f"{path}: the header's input_shape {shape!r:.60} is over {MAX_INPUT_VALUES:,} values an "
-                        f"input, for an mlp; was the file written by distill?")  # allocated before any check)
+                        f"input; was the file written by distill?")  # the allocator for all there is)
     _check_inner(path, meta)
     return meta
 
 
-MAX_INPUT_VALUES = 1 << 24  # (an mlp's inputs: its first layer holds this many x its width)
+MAX_INPUT_VALUES = 1 << 24  # values of one input (3 x 2364 x 2364 images), in data and in model headers
 
 
 def _check_inner(path: str, meta: Dict[str, Any]) -> None:

@@ -121,7 +121,8 @@ def _of_the_trial(role: str, keys: Sequence[str]) -> bool:
     """Whether a stage of `role` may differ between trials over `keys`: the distilled student and assistants
     always do; the teacher and the baseline only if a key can reach them. A stage every trial shares that
     diverged would diverge again in each: the search stops there, as a run would."""
-    reach = {TEACHER: ("teacher.", "train.", "data."), SCRATCH: ("student.", "train.", "data.", "baseline")}
+    reach = {TEACHER: ("teacher.", "train.", "data.", "evaluate."),  # (evaluate: a val_exact_match selection)
+             SCRATCH: ("student.", "teacher.", "train.", "data.", "baseline", "evaluate.")}  # (teacher: from_teacher)
     return role not in reach or any(k.startswith(reach[role]) for k in keys)
 
 

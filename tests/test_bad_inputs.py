@@ -449,15 +449,6 @@ def test_a_folder_left_aside_by_a_crash_between_the_renames_is_put_back_first(tm
     with atomic_folder(str(tmp_path / "hf")) as tmp:
         pass
     assert sorted(os.listdir(tmp_path)) == [".distill-old-hf-2-abcdefgh", "hf"]
-    # one left aside under the name of earlier versions (.old-) is put back too
-    import shutil
-    shutil.rmtree(tmp_path / "hf")
-    (tmp_path / ".old-hf-x7654321" / "previous").mkdir(parents=True)
-    (tmp_path / ".old-hf-x7654321" / "previous" / "w.txt").write_text("older")
-    with pytest.raises(RuntimeError):
-        with atomic_folder(str(tmp_path / "hf")) as tmp:
-            raise RuntimeError("fails")
-    assert (tmp_path / "hf" / "w.txt").read_text() == "older"
 
 
 def test_full_disk_keeps_the_earlier_result(tmp_path, capsys, monkeypatch):

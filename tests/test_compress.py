@@ -663,7 +663,7 @@ def test_compress_sigterm_then_resume_is_bitwise_identical(cnn_run, tmp_path, ca
     assert not os.path.exists(os.path.join(folders[1], "checkpoints"))  # cleaned up once the step is saved
 
 
-def test_a_compress_that_makes_no_model_leaves_no_earlier_chain_behind(cnn_run, tmp_path):
+def test_a_compress_that_makes_no_model_leaves_no_earlier_chain_behind(cnn_run, tmp_path, capsys):
     """compress.json kept the earlier chain when the new one made nothing (layers.to already met): bench then
     measured the earlier chain's models as this recipe's."""
     import shutil
@@ -675,3 +675,7 @@ def test_a_compress_that_makes_no_model_leaves_no_earlier_chain_behind(cnn_run, 
     assert main(["compress", folder, "--set", "compress.steps=[layers]", "--set", "compress.layers.to=50"]) == 0
     record = json.load(open(os.path.join(folder, "compress", "compress.json")))
     assert record["steps"] == ["layers"] and record["models"] == []
+    # the earlier chain's file is still there, but no model of this one: not exported (bench leaves it out)
+    assert os.path.isfile(os.path.join(folder, "compress", "channels.safetensors"))
+    assert main(["export", folder, "--model", "compress/channels", "--format", "safetensors"]) == 2
+    assert "--model compress/channels: not a model of the last compress" in capsys.readouterr().err

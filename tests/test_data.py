@@ -233,3 +233,13 @@ def test_npz_of_uint8_training_pixels_and_test_pixels_already_in_0_1_loads(tmp_p
              y_test=np.arange(12) % 4)
     d = load_data(data_cfg(dataset="npz", path=str(tmp_path / "d.npz"), transforms={"normalize": False}))
     assert float(d.x_train.max()) <= 1 and float(d.x_test.max()) <= 1 and float(d.x_test.max()) > 0.5
+
+
+def test_inputs_larger_than_a_model_header_may_declare_are_refused_when_read(monkeypatch):
+    """A model file whose header declares inputs over io.MAX_INPUT_VALUES is refused when loaded; data of that
+    size is refused when read, not trained on into files no command could load."""
+    import distill.data.datasets as datasets
+    monkeypatch.setattr(datasets, "MAX_INPUT_VALUES", 32)  # (digits: 64 values an input)
+    with pytest.raises(UserError, match=r"^digits: inputs of shape \(64,\) hold 64 values each, over the 32 distill "
+                                        r"reads; resize them$"):
+        load_data(data_cfg(dataset="digits"))

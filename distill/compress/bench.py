@@ -33,6 +33,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from typing import Any, Dict, List, Optional, Tuple
@@ -240,7 +241,8 @@ class _Server:
         """The numbers of one measurement, or {"error": why}."""
         if self.proc is None:
             self.proc = subprocess.Popen([sys.executable, "-m", "distill.compress.measure"], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                         start_new_session=True)  # (a group of its own: see __exit__)
         try:
             self.proc.stdin.write(json.dumps(job) + "\n")
             self.proc.stdin.flush()
@@ -249,15 +251,23 @@ class _Server:
             line = ""
         return json.loads(line) if line else {"error": f"the measuring process ended (exit code {self.proc.poll()})"}
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        """At the end, the server's loop ends with its input; stopped (Ctrl-C, SIGTERM, an error), the server
+        and the measurement it forked are killed at once, by their process group (the server's own pid)."""
         if self.proc is None:
             return
+        if exc_type is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=30)
+                return
+            except (OSError, subprocess.TimeoutExpired):
+                pass
         try:
-            self.proc.stdin.close()  # (its loop ends with its input)
-            self.proc.wait(timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
-            self.proc.wait()
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:  # (gone already)
+            pass
+        self.proc.wait()
 
 
 def _measure_in_child(server: _Server, cfg: Dict[str, Any], folder: str, name: str, path: str,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 import re
 import zipfile
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError, did_you_mean
-from ..io import sha256_file
+from ..io import MAX_INPUT_VALUES, sha256_file
 from ..registry import DATASETS
 
 T = TypeVar("T")
@@ -309,6 +310,10 @@ def load_data(cfg: Dict[str, Any]) -> DataBundle:
         std = np.where(std > 1e-6, std + 1e-6, 1.0)
         x_tr, x_va, x_te, x_un = [(a - mean) / std for a in (x_tr, x_va, x_te, x_un)]
         stats = {"mean": mean.reshape(-1).tolist(), "std": std.reshape(-1).tolist()}
+    values = math.prod(x_tr.shape[1:])
+    if values > MAX_INPUT_VALUES:  # (a saved model's header declaring it would be refused: see io._checked_meta)
+        raise UserError(f"{cfg['path'] or cfg['dataset']}: inputs of shape {tuple(x_tr.shape[1:])} hold {values:,} "
+                        f"values each, over the {MAX_INPUT_VALUES:,} distill reads; resize them")
     dtype = np.float32 if raw.pad_id is None else np.int64
     tensors = [torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)) for a in (x_tr, x_va, x_te, x_un)]
     labels = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in (y_tr, y_va, y_te)]

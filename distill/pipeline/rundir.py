@@ -79,25 +79,13 @@ def _differing(a: Any, b: Any, prefix: str = "") -> List[str]:
             for k in _differing(a.get(key), b.get(key), f"{prefix}{key}" if not prefix else f"{prefix}.{key}")]
 
 
-# Train keys that leave the trained model as it is (how long a process waits for the others; how often
-# checkpoints are written and how many are kept: a resumed run ends bitwise equal): read at their defaults in
-# the stages' fingerprints and the recipe key, so that changing them retrains nothing and does not refuse
-# --resume. A value at its default reads as written, so the folders made before keep their fingerprints.
-MODEL_NEUTRAL = ("timeout_s", "keep_checkpoints", "checkpoint_every", "checkpoint_seconds")
-
-
-def at_defaults(train: Dict[str, Any]) -> Dict[str, Any]:
-    from ..recipe_schema import SCHEMA
-    return {**train, **{k: SCHEMA["train"][k].default for k in MODEL_NEUTRAL if k in train}}
-
-
 def _comparable(cfg: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """What makes two recipes the same run: not the keys that leave the trained models as they are (output,
-    compress, bench, baseline; the train keys of MODEL_NEUTRAL), nor where it runs (train.device; a device
+    compress, bench, baseline), nor where and how long it runs (train.device, train.timeout_s; a device
     that rounds differently is in the stages' fingerprints)."""
     def placeless(train: Any) -> Any:
-        return {k: v for k, v in at_defaults(train).items() if k not in ("device", "timeout_s")} \
-            if isinstance(train, dict) else train
+        return {k: v for k, v in train.items() if k not in ("device", "timeout_s")} if isinstance(train, dict) \
+            else train
     out = {k: v for k, v in (cfg or {}).items() if k not in AFTER_TRAINING}
     if "train" in out:
         out["train"] = placeless(out["train"])

@@ -30,7 +30,7 @@ from ..roles import SCRATCH, STUDENT, TEACHER, log_name
 from ..tasks import task_for
 from ..teachers import teacher_forward
 from .artifacts import artifact, build_role, distill_settings, load_saved, model_spec, save_role
-from .rundir import RunDir, at_defaults, check_run
+from .rundir import RunDir, check_run
 from .stage import Stage, run_stage
 from .teacher_outputs import student_data, teacher_mode, added_files_input, teacher_source
 
@@ -153,9 +153,12 @@ def base_inputs(run: RunDir, role: str, spec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def waitless(tcfg: Dict[str, Any]) -> Dict[str, Any]:
-    """The train settings with those that leave the model as it is (see rundir.at_defaults) read as their
-    defaults: changing them retrains nothing and does not refuse --resume."""
-    return at_defaults(tcfg)
+    """The train settings with timeout_s (how long a process waits for the others, which leaves the model as it
+    is) read as its default: raising it retrains nothing and does not refuse --resume. A value equal to the
+    default is kept as written, so those folders keep their fingerprints."""
+    from ..recipe_schema import SCHEMA
+    default = SCHEMA["train"]["timeout_s"].default
+    return {**tcfg, "timeout_s": default} if tcfg.get("timeout_s", default) != default else tcfg
 
 
 def _train_inputs(tcfg: Dict[str, Any]) -> Dict[str, Any]:
