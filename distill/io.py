@@ -3,6 +3,7 @@ so a crash never leaves a half-written file and never destroys the previous good
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -349,6 +350,28 @@ def sha256_file(path: str) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def files_sha256(path: str) -> str:
+    """The content hash of a model file, or of a model folder (every file in it, by relative name): what a
+    stage loaded from there. Remembered per (path, names, sizes, modification times): hashed once a run."""
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return _files_sha256(path, ((os.path.basename(path), st.st_size, st.st_mtime_ns),))
+    listing = []
+    for root, dirs, names in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # (.cache of the hub's tools)
+        for name in sorted(names):
+            st = os.stat(os.path.join(root, name))
+            listing.append((os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns))
+    return _files_sha256(path, tuple(listing))
+
+
+@functools.lru_cache(maxsize=64)
+def _files_sha256(path: str, listing: tuple) -> str:
+    if os.path.isfile(path):
+        return sha256_file(path)
+    return sha256_json([[name, sha256_file(os.path.join(path, name))] for name, _, _ in listing])
 
 
 def weights_sha256(model: nn.Module) -> str:

@@ -113,7 +113,7 @@ class Recipe:
         if not os.path.isfile(path):
             raise UserError(f"{folder}: not a run folder (no recipe.yaml); "
                             f"{seeds_hint(folder) or 'give a recipe file instead'}")
-        raw = read_yaml(path)
+        raw = _unpinned_tokenizer(read_yaml(path), overrides)
         try:
             return cls.from_dict(raw, overrides, source=path)
         except UserError as e:  # a fault of the saved recipe itself (not of a --set, which may repair it, say
@@ -131,6 +131,21 @@ class Recipe:
 
     def model_cfg(self, role: str) -> Dict[str, Any]:
         return self.cfg[role]
+
+
+def _unpinned_tokenizer(raw: Any, overrides: Sequence[str]) -> Any:
+    """A saved recipe holds data.tokenizer resolved to the teacher's folder when it was left out. An override of
+    the teacher then takes its own tokenizer, as the recipe would, not the earlier teacher's (which was kept:
+    the other vocabulary was refused, or the same one rendered with the earlier chat template)."""
+    if not isinstance(raw, dict):
+        return raw  # (from_dict says what is wrong with it)
+    keys = [o.split("=", 1)[0].strip() for o in overrides if isinstance(o, str)]
+    data, teacher = raw.get("data"), raw.get("teacher")
+    if isinstance(data, dict) and isinstance(teacher, dict) and data.get("tokenizer") and \
+            data["tokenizer"] == teacher.get("hf") and {"teacher", "teacher.hf"} & set(keys) and \
+            not {"data", "data.tokenizer"} & set(keys):
+        raw["data"] = {**data, "tokenizer": None}
+    return raw
 
 
 def _check_overrides(overrides: Sequence[str]) -> List[str]:

@@ -276,3 +276,19 @@ def test_out_named_for_another_format_is_one_line(digits_run, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "the name of a" in err[0] and f"--format is {fmt}" in err[0], err
     assert not os.listdir(tmp_path)
+
+
+def test_models_of_an_earlier_recipe_are_not_benched_compressed_or_exported(digits_run, tmp_path, capsys):
+    """A stage command that rewrote recipe.yaml (here the teacher, trained again on other settings) leaves the
+    students of the earlier recipe: evaluate, report and doctor refused them, but bench measured them and
+    recommended one, compress fine-tuned one, and export wrote it."""
+    import shutil
+    folder = shutil.copytree(digits_run, str(tmp_path / "r"), ignore=shutil.ignore_patterns("bench", "export"))
+    assert main(["train-teacher", folder, "--set", "teacher.train.epochs=2", "--overwrite"]) == 0
+    capsys.readouterr()
+    for argv in (["bench", folder], ["compress", folder, "--set", "compress.steps=[qat]"],
+                 ["export", folder, "--format", "safetensors"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert "made by a run of another recipe than" in err and "distill run" in err and "\n" not in err, err
+    assert not os.path.exists(os.path.join(folder, "bench")) and not os.path.exists(os.path.join(folder, "export"))

@@ -1538,3 +1538,21 @@ def test_an_on_policy_step_weighs_each_micro_batch_by_its_share_of_the_sampled_t
         weights.append(load_file(str(tmp_path / "run" / "student" / "model.safetensors")))
     for k in weights[0]:
         torch.testing.assert_close(weights[0][k], weights[1][k], rtol=1e-5, atol=1e-6, msg=k)  # (2e-3 apart before)
+
+
+def test_a_model_folder_replaced_under_the_same_path_is_a_new_input(tmp_path):
+    """A stage loaded from teacher.hf (or a .gguf) was keyed by the path alone: new weights written to the same
+    folder reused the teacher and students trained from the old ones."""
+    from types import SimpleNamespace
+    from distill.pipeline.artifacts import HuggingFaceModels
+    folder = str(tmp_path / "m")
+    tiny_llama(folder, seed=0)
+    none = {"hf": None, "finetuned": False, "from_teacher": None, "hf_config": None}
+    run = SimpleNamespace(cfg={"teacher": {**none, "hf": folder}, "student": {**none, "from_teacher": {"layers": [0]}}})
+    specs = lambda: [HuggingFaceModels().spec(run, r) for r in ("teacher", "student")]  # noqa: E731
+    before = specs()
+    assert specs() == before  # (the same files: the same spec)
+    tiny_llama(folder, seed=7)
+    after = specs()
+    assert after[0]["hf_files"] != before[0]["hf_files"] and after[1]["teacher_hf_files"] != \
+        before[1]["teacher_hf_files"]

@@ -348,3 +348,19 @@ def test_bench_measures_a_gpt_student_by_decoding(tmp_path):
     # the context is 24 tokens: a 1-token prompt and 23 new ones, every step with the KV cache
     assert all(r["p50_ms"] > 0 and r["throughput"] > 0 and (r["prompt_tokens"], r["decode_tokens"]) == (1, 23)
                for r in rows.values())
+
+
+def test_a_stage_command_on_a_teacher_of_a_shorter_context_is_refused_before_anything_is_written(tmp_path, capsys):
+    """train-student on rows longer than the saved teacher's table of learnt positions: preflight built a fresh
+    teacher from the new recipe, so the mismatch was an IndexError traceback, after recipe.yaml was rewritten
+    and the baseline trained again."""
+    from distill.cli import main
+    from test_bad_inputs import files
+    path = recipe(tmp_path)
+    out = str(tmp_path / "run")
+    assert main(["train-teacher", path]) == 0
+    capsys.readouterr()
+    before = files(out)
+    _refused(["train-student", out, "--set", "data.max_length=48", "--overwrite"], capsys,
+             "teacher.safetensors: sequences of up to 48 tokens, and the teacher reads at most 24 positions")
+    assert files(out) == before

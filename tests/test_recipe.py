@@ -422,3 +422,25 @@ def test_a_resolved_recipe_reads_back_as_written():
         r = Recipe.load("digits", [f"name='{name}'", "distill.temperature=2.5e0"])
         back = load_yaml(r.to_yaml())
         assert back["name"] == name and back["distill"]["temperature"] == 2.5, r.to_yaml()[:80]
+
+
+def test_a_run_folder_given_another_teacher_takes_that_teacher_s_tokenizer(tmp_path):
+    """recipe.yaml holds data.tokenizer resolved to the teacher's folder when it was left out; a --set of
+    teacher.hf on the run folder kept the first teacher's tokenizer (another vocabulary was refused as if the
+    user had set it; the same one rendered prompts with the first teacher's chat template)."""
+    import yaml
+    from lmkit import arith_files
+    train, test = arith_files(str(tmp_path / "arith"))
+    first, second = tmp_path / "llama", tmp_path / "llama2"
+    for folder in (first, second):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    raw = {"data": {"dataset": "completions", "path": train, "test_path": test},
+           "teacher": {"hf": str(first)}, "student": {"from_teacher": {"layers": [0]}}}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump(Recipe.from_dict(raw).cfg))
+    assert Recipe.load_run_folder(str(tmp_path / "run")).cfg["data"]["tokenizer"] == str(first)
+    moved = Recipe.load_run_folder(str(tmp_path / "run"), [f"teacher.hf={second}"]).cfg
+    assert moved["data"]["tokenizer"] == str(second)
+    kept = Recipe.load_run_folder(str(tmp_path / "run"), [f"teacher.hf={second}", f"data.tokenizer={first}"]).cfg
+    assert kept["data"]["tokenizer"] == str(first)  # (given with it: the user's)

@@ -110,7 +110,7 @@ def plan(folder: str, variants: List[str], only: Optional[List[str]] = None) -> 
 
 def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
     from ..pipeline.artifacts import require_same_data
-    from ..pipeline.rundir import require_finished
+    from ..pipeline.rundir import require_finished, require_this_recipe
     cfg = recipe.cfg
     from ..recipe import LM_DATASETS
     from .measure import DECODE, LM_VARIANTS, lm_runs
@@ -125,6 +125,7 @@ def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
     for name in dict.fromkeys(n for n, _, _ in rows):  # (every row scores its model on the test split)
         try:
             require_finished(folder, name, "bench")
+            require_this_recipe(folder, name, "bench")
             require_same_data(folder, name, _data_for(cfg, name, loaded))
         except UserError as e:
             if not name.startswith("compress/"):  # (the run's own models: the run is out of date)

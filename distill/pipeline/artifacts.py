@@ -23,7 +23,7 @@ from torch import nn
 from ..data import DataBundle
 from ..engine.trainer import set_seed
 from ..errors import UserError
-from ..io import load_meta, load_weights, read_run_json, save_model
+from ..io import files_sha256, load_meta, load_weights, read_run_json, save_model
 from ..losses import transformer_features
 from ..models import build_model
 from ..models.hf_lm import check_same_tokenizer, fresh_lm, load_causal_lm, same_tokenizer
@@ -178,9 +178,17 @@ class HuggingFaceModels:
     config), saved as Hugging Face folders. Students must read the teacher's tokens: one vocabulary."""
 
     def spec(self, run: RunDir, role: str) -> Dict[str, Any]:
+        """The recipe's keys, and the content of the folders or files they name: a folder whose model was
+        replaced under the same path is a new input (it was reused by its path)."""
         m = run.cfg[role]
         spec = {k: m[k] for k in ("hf", "finetuned", "from_teacher", "hf_config")}
-        return {**spec, "teacher_hf": run.cfg[TEACHER]["hf"]} if role != TEACHER else spec
+        if m["hf"]:
+            spec["hf_files"] = files_sha256(resolve_hf_path(m["hf"], f"{role}.hf"))
+        if role == TEACHER:
+            return spec
+        t = run.cfg[TEACHER]["hf"]
+        return {**spec, "teacher_hf": t,
+                **({"teacher_hf_files": files_sha256(resolve_hf_path(t, "teacher.hf"))} if t else {})}
 
     def build(self, run: RunDir, role: str) -> nn.Module:
         if run.data.task == "causal_lm":

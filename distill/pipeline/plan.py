@@ -34,7 +34,7 @@ from ..io import write_json
 from ..recipe import Recipe
 from ..teachers.cache import check_cache_dir
 from ..roles import SCRATCH, STUDENT, TEACHER
-from .artifacts import build_role, distill_settings, load_saved, resolve_distill
+from .artifacts import artifact, build_role, distill_settings, fits_context, load_saved, resolve_distill
 from .evaluation import evaluate
 from .rundir import RunDir, check_recipe, check_run, refuse_inside_a_run, run_folder
 from .teacher_outputs import soft_labels, student_data, teacher_mode, teacher_source
@@ -118,7 +118,7 @@ def execute(run: RunDir, kinds: Sequence[str] = KINDS[:-1], check: bool = True,
     existed = os.path.isdir(run.out)
     try:
         if check:
-            preflight(run)
+            preflight(run, saved_teacher=teacher is None and "teacher" not in kinds)
         ex = Execution(run, kinds)
         if teacher is not None:
             ex.models[TEACHER] = teacher
@@ -182,7 +182,6 @@ def _check_unlabeled(run: RunDir, models: Sequence[nn.Module]) -> None:
         from ..data.augment_text import not_held_out
         from ..data.text import tokenize_file
         from ..models.hf import load_tokenizer
-        from .artifacts import fits_context
         data = run.data_for(STUDENT)
         ids = not_held_out(tokenize_file(path, cfg, load_tokenizer(cfg["tokenizer"], "data.tokenizer"),
                                          labelled=False)[0], data, path)
@@ -191,10 +190,17 @@ def _check_unlabeled(run: RunDir, models: Sequence[nn.Module]) -> None:
             fits_context(model, longest, path, name, "to cut texts there")
 
 
-def preflight(run: RunDir) -> None:
+def preflight(run: RunDir, saved_teacher: bool = False) -> None:
     """Build the teacher, the student and every assistant, and take one distillation step on two samples per
-    link of the chain (teacher -> assistants -> student), before anything is written."""
+    link of the chain (teacher -> assistants -> student), before anything is written. `saved_teacher`: the
+    command builds on the folder's teacher (train-student, generate, soft-labels), which must read this data."""
     _check_augmentation(run)
+    if saved_teacher and os.path.exists(run.path(artifact(run.cfg, TEACHER, TEACHER))):
+        data = run.data  # (a table of learnt positions shorter than the rows: an IndexError mid-run, after the
+        if data.x_train.dim() == 2:  # baseline was trained again)
+            fits_context(load_saved(run, TEACHER), int(data.x_train.shape[1]),
+                         run.path(artifact(run.cfg, TEACHER, TEACHER)), "teacher", "(the rows the teacher was "
+                         "trained on), or train the teacher again")
     if teacher_mode(run) == "cached":  # (only where soft labels are cached: an online teacher never writes there)
         check_cache_dir(run.cfg["output"]["cache_dir"])
     _check_teacher_prompts(run)

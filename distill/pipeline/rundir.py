@@ -153,6 +153,17 @@ def require_finished(out: str, name: str, command: str) -> None:
                         f"first ({command} needs it): distill run {out} --resume")
 
 
+def require_this_recipe(out: str, name: str, command: str) -> None:
+    """A model made by a run of another recipe than the folder's recipe.yaml (a rerun that changed it stopped,
+    or a stage command rewrote it, before this model was made again) is not measured, compressed or exported as
+    this recipe's (evaluate refuses it too). The folder's recipe as saved: the command's own --set (bench's
+    evaluate.threads) does not make its models another recipe's."""
+    record = read_run_json(os.path.join(out, "stages.json"), {}).get(name)
+    if isinstance(record, dict) and record.get("recipe") not in (None, recipe_key(Recipe.load_run_folder(out).cfg)):
+        raise UserError(f"{name}: made by a run of another recipe than {os.path.join(out, 'recipe.yaml')} (it was "
+                        f"changed since); finish the run first ({command} needs it): distill run {out} --resume")
+
+
 def stage_fingerprints(folder: str) -> Dict[str, Optional[str]]:
     """Each stage's fingerprint in a run folder's stages.json (a model's changes when it is trained again)."""
     stages = read_run_json(os.path.join(folder, "stages.json"), {})
