@@ -303,8 +303,10 @@ def _export(args: argparse.Namespace) -> int:
     require_finished(folder, args.model, "export")
     require_this_recipe(folder, args.model, "export")
     if args.model.startswith("compress/"):  # (what bench and the report measure: the current chain, up to date)
-        from .compress.bench import compressed_models, compressed_out_of_date
-        why = compressed_out_of_date(folder) or (None if args.model in dict(compressed_models(folder)) else
+        from .compress.bench import compressed_out_of_date
+        chain = read_run_json(os.path.join(folder, "compress", "compress.json"), {}).get("models") or []
+        named = [f"compress/{r.get('name')}" for r in chain if isinstance(r, dict)]
+        why = compressed_out_of_date(folder) or (None if args.model in named else
                                                  "not a model of the last compress (compress/compress.json): one an "
                                                  "earlier chain made, maybe from an earlier version of its source")
         if why:

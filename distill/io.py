@@ -353,18 +353,18 @@ def sha256_file(path: str) -> str:
 
 
 def files_sha256(path: str) -> str:
-    """The content hash of a model file, or of a model folder (every file in it, by relative name): what a
-    stage loaded from there. Remembered per (path, names, sizes, modification times): hashed once a run."""
-    if os.path.isfile(path):
-        st = os.stat(path)
-        return _files_sha256(path, ((os.path.basename(path), st.st_size, st.st_mtime_ns),))
-    listing = []
-    for root, dirs, names in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # (.cache of the hub's tools)
-        for name in sorted(names):
-            st = os.stat(os.path.join(root, name))
-            listing.append((os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns))
-    return _files_sha256(path, tuple(listing))
+    """The content hash of a model file, or of a model folder (its files, by name; not its subfolders, such as
+    a trainer's checkpoint-*/ or a run made inside it, which the loader does not read): what a stage loaded
+    from there. Remembered per (path, names, sizes, modification times): hashed once a command."""
+    try:
+        if os.path.isfile(path):
+            st = os.stat(path)
+            return _files_sha256(path, ((os.path.basename(path), st.st_size, st.st_mtime_ns),))
+        names = sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))  # (not a dangling link)
+        stats = [os.stat(os.path.join(path, n)) for n in names]
+        return _files_sha256(path, tuple((n, st.st_size, st.st_mtime_ns) for n, st in zip(names, stats)))
+    except OSError as e:
+        raise UserError(f"{getattr(e, 'filename', None) or path}: cannot read ({e.strerror or e})") from None
 
 
 @functools.lru_cache(maxsize=64)

@@ -1552,7 +1552,38 @@ def test_a_model_folder_replaced_under_the_same_path_is_a_new_input(tmp_path):
     specs = lambda: [HuggingFaceModels().spec(run, r) for r in ("teacher", "student")]  # noqa: E731
     before = specs()
     assert specs() == before  # (the same files: the same spec)
+    os.symlink("/nonexistent/file", os.path.join(folder, "README.md"))  # (a dangling link: skipped, not a
+    os.makedirs(os.path.join(folder, "checkpoint-5"))                     # traceback; subfolders: not read)
+    open(os.path.join(folder, "checkpoint-5", "optimizer.pt"), "w").write("changes")
+    assert specs() == before
     tiny_llama(folder, seed=7)
     after = specs()
     assert after[0]["hf_files"] != before[0]["hf_files"] and after[1]["teacher_hf_files"] != \
         before[1]["teacher_hf_files"]
+
+
+def test_a_folder_made_before_the_model_content_was_hashed_is_reused_then_follows_the_content(tmp_path,
+                                                                                             monkeypatch):
+    """The content hash of teacher.hf came later than the folders: their records (and checkpoints) hold the
+    fingerprint without it. They are taken as this stage's (and restamped), not trained again; after that, new
+    weights in the folder train the stages again."""
+    from distill.pipeline.artifacts import HuggingFaceModels
+    from distill.pipeline.plan import run
+    r = lm_recipe(str(tmp_path), evaluate={"latency_runs": 1, "throughput_batch": 2, "exact_match": {"rows": 0}},
+                  baseline=False)
+    r["output"]["cache_dir"] = str(tmp_path / "cache")
+    out, said = str(tmp_path / "run"), []
+    spec = HuggingFaceModels.spec
+    with monkeypatch.context() as m:  # (the code before: no content keys)
+        m.setattr(HuggingFaceModels, "spec", lambda self, run, role: {
+            k: v for k, v in spec(self, run, role).items() if k not in ("hf_files", "teacher_hf_files")})
+        run(Recipe.from_dict(r), out, echo=lambda line: None)
+    before = json.load(open(os.path.join(out, "stages.json")))
+    run(Recipe.from_dict(r), out, echo=said.append)
+    after = json.load(open(os.path.join(out, "stages.json")))
+    assert "teacher: inputs unchanged, reusing teacher" in said and "student: inputs unchanged, reusing student" in said
+    assert after["teacher"]["fingerprint"] != before["teacher"]["fingerprint"]  # (restamped: the content's own)
+    tiny_llama(r["teacher"]["hf"], seed=9)  # new weights in the same folder
+    said.clear()
+    run(Recipe.from_dict(r), out, echo=said.append)
+    assert not any("reusing" in line for line in said), said

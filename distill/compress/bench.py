@@ -264,10 +264,11 @@ class _Server:
                 return
             except (OSError, subprocess.TimeoutExpired):
                 pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except OSError:  # (gone already)
-            pass
+        if self.proc.poll() is None:  # (not reaped yet: its pid, and so its group, is still its own)
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
         self.proc.wait()
 
 

@@ -195,12 +195,12 @@ def preflight(run: RunDir, saved_teacher: bool = False) -> None:
     link of the chain (teacher -> assistants -> student), before anything is written. `saved_teacher`: the
     command builds on the folder's teacher (train-student, generate, soft-labels), which must read this data."""
     _check_augmentation(run)
-    if saved_teacher and os.path.exists(run.path(artifact(run.cfg, TEACHER, TEACHER))):
-        data = run.data  # (a table of learnt positions shorter than the rows: an IndexError mid-run, after the
-        if data.x_train.dim() == 2:  # baseline was trained again)
-            fits_context(load_saved(run, TEACHER), int(data.x_train.shape[1]),
-                         run.path(artifact(run.cfg, TEACHER, TEACHER)), "teacher", "(the rows the teacher was "
-                         "trained on), or train the teacher again")
+    saved = run.path(artifact(run.cfg, TEACHER, TEACHER))
+    if saved_teacher and run.cfg[TEACHER]["model"] == "gpt" and os.path.exists(saved):
+        # (the registry GPT's table of learnt positions, shorter than the rows: an IndexError mid-run, after the
+        # baseline was trained again; Hugging Face models are checked when built, on the real lengths)
+        fits_context(load_saved(run, TEACHER), int(run.data.x_train.shape[1]), saved, "teacher",
+                     "(the rows the teacher was trained on), or train the teacher again")
     if teacher_mode(run) == "cached":  # (only where soft labels are cached: an online teacher never writes there)
         check_cache_dir(run.cfg["output"]["cache_dir"])
     _check_teacher_prompts(run)

@@ -353,7 +353,7 @@ class RunDir:
         return Checkpoints(self.path(os.path.join("checkpoints", role)), self.train_cfg(role)["keep_checkpoints"],
                            self.echo, self.fingerprints.get(role))
 
-    def check_checkpoints(self, name: str, fingerprint: str) -> None:
+    def check_checkpoints(self, name: str, fingerprint: str, earlier: Optional[str] = None) -> None:
         """--resume continues a stage from its checkpoints only if they were written by the stage with the same
         inputs: else the state of other data, another teacher or recipe would be trained on. Refused, keeping
         them; with --overwrite (the recipe changed on purpose) they are dropped and the stage starts over.
@@ -363,7 +363,8 @@ class RunDir:
         step, writer = self.runtime.from_main((ck.newest_step(), ck.written_by()))
         if step is None:
             return
-        own = writer in (None, fingerprint)  # (written by this stage with these inputs, or not known otherwise)
+        # (written by this stage with these inputs, or by it before a later key was hashed, or not known otherwise)
+        own = writer in (None, fingerprint, earlier)
         if self.resume and own:
             return  # (resumed from them)
         if not self.drop_checkpoints:
@@ -391,9 +392,16 @@ class RunDir:
                             f"the file, or remove it to run every stage again")
         return stages
 
-    def stage_done(self, name: str, fingerprint: str, files: Sequence[str]) -> Optional[Dict[str, Any]]:
-        rec = self.stages().get(name)
+    def stage_done(self, name: str, fingerprint: str, files: Sequence[str], restamp: Optional[str] = None
+                   ) -> Optional[Dict[str, Any]]:
+        """The record of stage `name` done with `fingerprint` (and its files there), else None; `restamp`: the
+        fingerprint the record then takes (found by the fingerprint of an earlier version: see stage.py)."""
+        stages = self.stages()
+        rec = stages.get(name)
         if rec and rec["fingerprint"] == fingerprint and all(os.path.exists(self.path(f)) for f in files):
+            if restamp and self.runtime.is_main:
+                stages[name] = rec = {**rec, "fingerprint": restamp}
+                write_json(self.path("stages.json"), stages)
             return rec
         if self.remember and name in REMEMBERED:
             rec = read_run_json(self.path("trials.json"), {}).get(name, {}).get(fingerprint)

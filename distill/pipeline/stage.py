@@ -24,12 +24,27 @@ class Stage:
     make: Callable[[], Dict[str, Any]]  # builds, trains and saves the outputs; returns what to record
 
 
+# Inputs that came later than the folders they are read in, hashed without them too: a record or checkpoints
+# of that earlier fingerprint are this stage's (and take the new one), so that those folders are not
+# trained again, or refused --resume, for a key they could not hold.
+LATER_KEYS = ("hf_files", "teacher_hf_files")  # (the content of teacher.hf / student.hf: 2026-12-07)
+
+
+def _without_later_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_later_keys(v) for k, v in value.items() if k not in LATER_KEYS}
+    return [_without_later_keys(v) for v in value] if isinstance(value, list) else value
+
+
 def run_stage(run: RunDir, stage: Stage) -> Dict[str, Any]:
     """Run (or reuse) `stage`; returns its record in stages.json, with `reused` saying which."""
     fingerprint = sha256_json({**stage.inputs, "version": __version__})
+    earlier = sha256_json({**_without_later_keys(stage.inputs), "version": __version__})
     # Under torchrun every process runs every stage (training is shared out): the main process decides whether
     # the stage is reused, and the others wait until it has written the stage's files before reading them.
-    done = run.runtime.from_main(run.stage_done(stage.name, fingerprint, stage.outputs))
+    done = run.runtime.from_main(run.stage_done(stage.name, fingerprint, stage.outputs)
+                                 or (earlier != fingerprint and run.stage_done(stage.name, earlier, stage.outputs,
+                                                                              restamp=fingerprint)) or None)
     if done and done.pop("remembered", False):  # (a search's trial finished earlier: its files are another's)
         run.event(f"{stage.name}: inputs unchanged, reusing its result in an earlier trial", model=stage.name)
         return {**done, "reused": True}
@@ -37,7 +52,7 @@ def run_stage(run: RunDir, stage: Stage) -> Dict[str, Any]:
         run.event(f"{stage.name}: inputs unchanged, reusing {stage.outputs[0]}", model=stage.name)
         run.mark_reused(stage.name)
         return {**done, "reused": True}
-    run.check_checkpoints(stage.name, fingerprint)  # (before open rewrites recipe.yaml)
+    run.check_checkpoints(stage.name, fingerprint, earlier)  # (before open rewrites recipe.yaml)
     run.fingerprints[stage.name] = fingerprint  # (its checkpoints carry it)
     run.open()
     run.mark_unfinished(stage.name)
