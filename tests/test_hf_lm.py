@@ -1565,8 +1565,9 @@ def test_a_model_folder_replaced_under_the_same_path_is_a_new_input(tmp_path):
 def test_a_folder_made_before_the_model_content_was_hashed_is_reused_then_follows_the_content(tmp_path,
                                                                                              monkeypatch):
     """The content hash of teacher.hf came later than the folders: their records (and checkpoints) hold the
-    fingerprint without it. They are taken as this stage's (and restamped), not trained again; after that, new
-    weights in the folder train the stages again."""
+    fingerprint without it. They are taken as this stage's, not trained again, and keep their fingerprints
+    (which metrics.json and compress.json name). A folder made now follows the content: new weights in the
+    model folder train the stages again."""
     from distill.pipeline.artifacts import HuggingFaceModels
     from distill.pipeline.plan import run
     r = lm_recipe(str(tmp_path), evaluate={"latency_runs": 1, "throughput_batch": 2, "exact_match": {"rows": 0}},
@@ -1582,8 +1583,10 @@ def test_a_folder_made_before_the_model_content_was_hashed_is_reused_then_follow
     run(Recipe.from_dict(r), out, echo=said.append)
     after = json.load(open(os.path.join(out, "stages.json")))
     assert "teacher: inputs unchanged, reusing teacher" in said and "student: inputs unchanged, reusing student" in said
-    assert after["teacher"]["fingerprint"] != before["teacher"]["fingerprint"]  # (restamped: the content's own)
+    assert {k: v["fingerprint"] for k, v in after.items()} == {k: v["fingerprint"] for k, v in before.items()}
+    new = str(tmp_path / "new")
+    run(Recipe.from_dict(r), new, echo=lambda line: None)
     tiny_llama(r["teacher"]["hf"], seed=9)  # new weights in the same folder
     said.clear()
-    run(Recipe.from_dict(r), out, echo=said.append)
+    run(Recipe.from_dict(r), new, echo=said.append)
     assert not any("reusing" in line for line in said), said

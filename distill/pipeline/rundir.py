@@ -392,16 +392,9 @@ class RunDir:
                             f"the file, or remove it to run every stage again")
         return stages
 
-    def stage_done(self, name: str, fingerprint: str, files: Sequence[str], restamp: Optional[str] = None
-                   ) -> Optional[Dict[str, Any]]:
-        """The record of stage `name` done with `fingerprint` (and its files there), else None; `restamp`: the
-        fingerprint the record then takes (found by the fingerprint of an earlier version: see stage.py)."""
-        stages = self.stages()
-        rec = stages.get(name)
+    def stage_done(self, name: str, fingerprint: str, files: Sequence[str]) -> Optional[Dict[str, Any]]:
+        rec = self.stages().get(name)
         if rec and rec["fingerprint"] == fingerprint and all(os.path.exists(self.path(f)) for f in files):
-            if restamp and self.runtime.is_main:
-                stages[name] = rec = {**rec, "fingerprint": restamp}
-                write_json(self.path("stages.json"), stages)
             return rec
         if self.remember and name in REMEMBERED:
             rec = read_run_json(self.path("trials.json"), {}).get(name, {}).get(fingerprint)

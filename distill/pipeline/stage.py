@@ -25,8 +25,9 @@ class Stage:
 
 
 # Inputs that came later than the folders they are read in, hashed without them too: a record or checkpoints
-# of that earlier fingerprint are this stage's (and take the new one), so that those folders are not
-# trained again, or refused --resume, for a key they could not hold.
+# of that earlier fingerprint are this stage's, so that those folders are not trained again, or refused
+# --resume, for a key they could not hold. (The record keeps its fingerprint, which metrics.json, compress.json
+# and bench rows name: such a stage is judged as before, by the other inputs, until it is trained again.)
 LATER_KEYS = ("hf_files", "teacher_hf_files")  # (the content of teacher.hf / student.hf: 2026-12-07)
 
 
@@ -43,8 +44,8 @@ def run_stage(run: RunDir, stage: Stage) -> Dict[str, Any]:
     # Under torchrun every process runs every stage (training is shared out): the main process decides whether
     # the stage is reused, and the others wait until it has written the stage's files before reading them.
     done = run.runtime.from_main(run.stage_done(stage.name, fingerprint, stage.outputs)
-                                 or (earlier != fingerprint and run.stage_done(stage.name, earlier, stage.outputs,
-                                                                              restamp=fingerprint)) or None)
+                                 or (earlier != fingerprint and run.stage_done(stage.name, earlier, stage.outputs))
+                                 or None)
     if done and done.pop("remembered", False):  # (a search's trial finished earlier: its files are another's)
         run.event(f"{stage.name}: inputs unchanged, reusing its result in an earlier trial", model=stage.name)
         return {**done, "reused": True}
