@@ -208,12 +208,11 @@ def _compress(args: argparse.Namespace) -> int:
     from .engine.trainer import Interrupted
     from .pipeline.artifacts import require_saved
     from .pipeline.plan import execute
-    from .pipeline.rundir import RunDir, require_finished, require_this_recipe
+    from .pipeline.rundir import RunDir, require_current
     recipe, folder = _run_folder(args.target, args.overrides)
     for name in ("teacher", recipe.cfg["compress"]["source"]):
         require_saved(folder, name)
-        require_finished(folder, name, "compress")
-        require_this_recipe(folder, name, "compress")
+        require_current(folder, name, "compress")
     try:
         records = execute(RunDir(recipe, folder, _echo, resume=args.resume, drop_checkpoints=args.overwrite),
                           ["compress"], check=False)["compress"]
@@ -293,20 +292,17 @@ def _export(args: argparse.Namespace) -> int:
     from .io import load_meta, out_path, read_run_json, write_json
     from .pipeline.artifacts import load_model_at, require_same_data, require_saved
     from .compress.measure import is_hf_lm
-    from .pipeline.rundir import data_cfg_for, require_finished, require_this_recipe, stage_fingerprints
+    from .pipeline.rundir import data_cfg_for, require_current, stage_fingerprints
     recipe, folder = _run_folder(args.target, [])
     record = os.path.join(folder, "export", "exports.json")
     exports = read_run_json(record, {})  # (read first: a corrupt record is refused before anything is written)
     if args.model not in MODEL_NAMES and not re.fullmatch(r"compress/\w[\w.-]*", args.model):
         raise UserError(f"--model {args.model}: choose student, student_scratch, teacher or compress/NAME")
     path = require_saved(folder, args.model)
-    require_finished(folder, args.model, "export")
-    require_this_recipe(folder, args.model, "export")
+    require_current(folder, args.model, "export")
     if args.model.startswith("compress/"):  # (what bench and the report measure: the current chain, up to date)
-        from .compress.bench import compressed_out_of_date
-        chain = read_run_json(os.path.join(folder, "compress", "compress.json"), {}).get("models") or []
-        named = [f"compress/{r.get('name')}" for r in chain if isinstance(r, dict)]
-        why = compressed_out_of_date(folder) or (None if args.model in named else
+        from .compress.bench import chain_names, compressed_out_of_date
+        why = compressed_out_of_date(folder) or (None if args.model in chain_names(folder) else
                                                  "not a model of the last compress (compress/compress.json): one an "
                                                  "earlier chain made, maybe from an earlier version of its source")
         if why:

@@ -295,9 +295,10 @@ def _checked_meta(path: str, meta: Any) -> Dict[str, Any]:
     shape = meta.get("input_shape")
     if shape is not None and not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
         raise UserError(f"{path}: the header's input_shape {shape!r:.60} is not a list of positive sizes")
-    if shape and math.prod(shape) > MAX_INPUT_VALUES:  # (a model for it, and a check on 2 such inputs, would ask
+    # (a model built for a larger input, and its check on two of them, would ask the allocator for all there is)
+    if shape and math.prod(shape) > MAX_INPUT_VALUES:
         raise UserError(f"{path}: the header's input_shape {shape!r:.60} is over {MAX_INPUT_VALUES:,} values an "
-                        f"input; was the file written by distill?")  # the allocator for all there is)
+                        f"input; was the file written by distill?")
     _check_inner(path, meta)
     return meta
 
@@ -307,24 +308,21 @@ MAX_INPUT_VALUES = 1 << 24  # values of one input (3 x 2364 x 2364 images), in d
 
 def _check_inner(path: str, meta: Dict[str, Any]) -> None:
     """The header's nested fields that code indexes: what they must be, else one line (not a TypeError)."""
-    spec, normalize = meta.get("spec") or {}, (meta.get("preprocessing") or {}).get("normalize")
-    structure = meta.get("structure")
+    spec, norm, structure = meta.get("spec") or {}, (meta.get("preprocessing") or {}).get("normalize"), \
+        meta.get("structure")
     numbers = lambda v: isinstance(v, list) and all(  # noqa: E731
         isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-    bad = next((what for what, ok in (
-        ("spec.model", spec.get("model") is None or isinstance(spec.get("model"), str)),
-        ("spec.args", spec.get("args") is None or isinstance(spec.get("args"), dict)),
-        ("preprocessing.normalize", not normalize or (isinstance(normalize, dict) and numbers(normalize.get("mean"))
-                                                      and numbers(normalize.get("std"))
-                                                      and len(normalize["mean"]) == len(normalize["std"]))),
-        ("structure", structure is None or (isinstance(structure, dict) and isinstance(structure.get("drop"), list)
-                                            and all(isinstance(d, str) for d in structure["drop"]))))
-                if not ok), None)
-    if bad:
-        value = {"spec.model": spec.get("model"), "spec.args": spec.get("args"), "preprocessing.normalize": normalize,
-                 "structure": structure}[bad]
-        raise UserError(f"{path}: the header's {bad} is {value!r:.60}, not what distill writes; was the file "
-                        f"written by distill?")
+    fields = [("spec.model", spec.get("model"), lambda v: v is None or isinstance(v, str)),
+              ("spec.args", spec.get("args"), lambda v: v is None or isinstance(v, dict)),
+              ("preprocessing.normalize", norm, lambda v: not v or (isinstance(v, dict) and numbers(v.get("mean"))
+                                                                    and numbers(v.get("std"))
+                                                                    and len(v["mean"]) == len(v["std"]))),
+              ("structure", structure, lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("drop"), list)
+                                                               and all(isinstance(d, str) for d in v["drop"])))]
+    for what, value, ok in fields:
+        if not ok(value):
+            raise UserError(f"{path}: the header's {what} is {value!r:.60}, not what distill writes; was the file "
+                            f"written by distill?")
 
 
 def load_weights(model: nn.Module, path: str, where: str) -> None:

@@ -233,9 +233,11 @@ RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(
 # Floats: decimals and exponents, 1e-4 too (YAML 1.1 wants a dot and a signed exponent: 1e-4 stayed text inside
 # a model's args), not base 60 (1:30.0 read as 90.0).
 RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+    "tag:yaml.org,2002:float", re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
     list("-+0123456789."))
+
 
 class RecipeDumper(yaml.SafeDumper):
     """YAML that RecipeLoader reads back as written, and other YAML readers too: a text that either's resolvers

@@ -64,16 +64,21 @@ def machine() -> Dict[str, Any]:
             "onnxruntime": ort, "quantized_engine": torch.backends.quantized.engine, "system": platform.platform()}
 
 
-def compressed_models(folder: str) -> List[Tuple[str, str]]:
-    """(name, path) of each model of compress/compress.json, found in this run folder by its step's name
-    (the folder may have been moved or copied since), refused when one is missing."""
-    from ..pipeline.artifacts import require_saved
+def chain_names(folder: str) -> List[str]:
+    """`compress/<step>` of each model of compress/compress.json, the last compress's chain."""
     path = os.path.join(folder, "compress", "compress.json")
     models = read_run_json(path, {}).get("models", [])
     if not isinstance(models, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str)
                                                and re.fullmatch(r"\w[\w.-]*", r["name"]) for r in models):
         raise UserError(f"{path}: 'models' is not a list of records with a step's name; run distill compress again")
-    return [(f"compress/{r['name']}", require_saved(folder, f"compress/{r['name']}")) for r in models]
+    return [f"compress/{r['name']}" for r in models]
+
+
+def compressed_models(folder: str) -> List[Tuple[str, str]]:
+    """(name, path) of each model of the chain, found in this run folder by its step's name (the folder may
+    have been moved or copied since), refused when one is missing."""
+    from ..pipeline.artifacts import require_saved
+    return [(name, require_saved(folder, name)) for name in chain_names(folder)]
 
 
 def plan(folder: str, variants: List[str], only: Optional[List[str]] = None) -> List[Tuple[str, str, str]]:
@@ -110,7 +115,7 @@ def plan(folder: str, variants: List[str], only: Optional[List[str]] = None) -> 
 
 def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
     from ..pipeline.artifacts import require_same_data
-    from ..pipeline.rundir import require_finished, require_this_recipe
+    from ..pipeline.rundir import require_current
     cfg = recipe.cfg
     from ..recipe import LM_DATASETS
     from .measure import DECODE, LM_VARIANTS, lm_runs
@@ -124,8 +129,7 @@ def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
     stale = set()
     for name in dict.fromkeys(n for n, _, _ in rows):  # (every row scores its model on the test split)
         try:
-            require_finished(folder, name, "bench")
-            require_this_recipe(folder, name, "bench")
+            require_current(folder, name, "bench")
             require_same_data(folder, name, _data_for(cfg, name, loaded))
         except UserError as e:
             if not name.startswith("compress/"):  # (the run's own models: the run is out of date)

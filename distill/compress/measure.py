@@ -24,7 +24,7 @@ import statistics
 import sys
 import tempfile
 from dataclasses import replace
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -128,14 +128,15 @@ def write_file(model: nn.Module, variant: str, data: DataBundle, cfg: Dict[str, 
     if path is None:
         return None
     if variant == "onnx":  # (taking raw inputs, the normalisation baked in, as distill export writes it)
-        meta, prep, raw = {"role": name, "class_names": data.class_names}, baked(source, data), _raw(source, data)
-        export_model(model, raw(data.x_test[:8]) if raw else data.x_test[:8], "onnx", path, meta, prep)
+        prep = baked(source, data)
+        export_model(model, _as_read(data.x_test[:8], data, prep), "onnx", path,
+                     {"role": name, "class_names": data.class_names}, prep)
     elif variant.startswith("onnx_"):
         fp32 = variant_path(folder, name, "onnx")
         if not os.path.isfile(fp32):
             write_file(model, "onnx", data, cfg, folder, name, source)
-        calib, raw = calibration(data, cfg["bench"]["calibration"]), _raw(source, data)
-        feeds = _onnx_feeds(model, raw(calib) if raw else calib) if variant == "onnx_static" else None
+        calib = _as_read(calibration(data, cfg["bench"]["calibration"]), data, baked(source, data))
+        feeds = _onnx_feeds(model, calib) if variant == "onnx_static" else None
         quantize.onnx_int8(fp32, path, variant[5:], feeds)
     elif variant in ("fp16", "bf16") and is_hf_lm(model):
         save_folder(convert(model, variant, data, cfg), path, source, {"role": name, "precision": variant})
@@ -156,10 +157,10 @@ def baked(source: str, data: DataBundle) -> Optional[Dict[str, Any]]:
     return prep if "normalize" in prep and data.stats and data.pad_id is None else None
 
 
-def _raw(source: str, data: DataBundle) -> Optional[Callable]:
-    """For a file that bakes the normalisation in: the map from the data's (normalised) inputs to raw ones."""
+def _as_read(x: torch.Tensor, data: DataBundle, prep: Optional[Dict[str, Any]]) -> torch.Tensor:
+    """The data's (normalised) inputs `x` as the reader gave them, for a file that bakes `prep` in; else `x`."""
     from .export import raw_inputs
-    return (lambda x: raw_inputs(x, data.stats, data.image)) if baked(source, data) else None
+    return raw_inputs(x, data.stats, data.image) if prep else x
 
 
 def _rss_mb() -> float:
@@ -199,9 +200,9 @@ def measure(job: Dict[str, Any]) -> Dict[str, Any]:
     if variant.startswith("onnx"):
         del model
         run: nn.Module = _OnnxRuntime(file, data.pad_id, ecfg["threads"])
-        raw = _raw(job["path"], data)
-        if raw:  # (the file normalises its inputs: it is fed them as read, converted once, not in the timed calls)
-            data = replace(data, x_test=raw(data.x_test), x_val=raw(data.x_val))
+        prep = baked(job["path"], data)
+        if prep:  # (a file that normalises its inputs is fed them as read: converted once, not in the timed calls)
+            data = replace(data, x_test=_as_read(data.x_test, data, prep), x_val=_as_read(data.x_val, data, prep))
     else:
         run = convert(model, variant, data, cfg)
         if run is not model:

@@ -266,6 +266,12 @@ def _split(x: np.ndarray, y: np.ndarray, cfg: Dict[str, Any], key: str, names: O
     return parts
 
 
+def _same_bytes(a: Optional[str], b: Optional[str]) -> bool:
+    """Whether two files hold the same bytes (read in full only when their sizes are equal)."""
+    return bool(a and b) and os.path.isfile(a) and os.path.isfile(b) and \
+        os.path.getsize(a) == os.path.getsize(b) and sha256_file(a) == sha256_file(b)
+
+
 # datasets that make their DataBundle themselves (registered by their modules: data/lm.py)
 BUNDLES: Dict[str, Callable[[Dict[str, Any]], DataBundle]] = {}
 
@@ -274,12 +280,15 @@ def load_data(cfg: Dict[str, Any]) -> DataBundle:
     """The `data` section of a resolved recipe -> normalised train/val/test tensors."""
     if cfg["dataset"] in BUNDLES:  # data that is not labelled samples (text_lm: next-token windows of a text)
         return BUNDLES[cfg["dataset"]](cfg)
-    if cfg.get("path") and cfg.get("test_path") and os.path.isfile(cfg["path"]) and os.path.isfile(cfg["test_path"]) \
-            and sha256_file(cfg["path"]) == sha256_file(cfg["test_path"]):  # (scores measured on training rows)
+    if _same_bytes(cfg.get("path"), cfg.get("test_path")):  # (scores measured on training rows)
         raise UserError(f"data.test_path: {cfg['test_path']} holds the same rows as data.path ({cfg['path']}); "
                         f"give a test file the models do not train on, or none (data.test_fraction splits one off)")
     raw = DATASETS.get(cfg["dataset"], "data.dataset")(cfg)
     _check_inputs(raw.x_train, raw.y_train, "train", cfg)
+    values = math.prod(raw.x_train.shape[1:])
+    if values > MAX_INPUT_VALUES:  # (a saved model's header declaring it would be refused: see io._checked_meta)
+        raise UserError(f"{cfg['path'] or cfg['dataset']}: inputs of shape {tuple(raw.x_train.shape[1:])} hold "
+                        f"{values:,} values each, over the {MAX_INPUT_VALUES:,} distill reads; resize them")
     if raw.x_test is not None:
         _check_inputs(raw.x_test, raw.y_test, "test", cfg)
     y_all = _as_labels(raw.y_train, cfg, "y_train")
@@ -310,10 +319,6 @@ def load_data(cfg: Dict[str, Any]) -> DataBundle:
         std = np.where(std > 1e-6, std + 1e-6, 1.0)
         x_tr, x_va, x_te, x_un = [(a - mean) / std for a in (x_tr, x_va, x_te, x_un)]
         stats = {"mean": mean.reshape(-1).tolist(), "std": std.reshape(-1).tolist()}
-    values = math.prod(x_tr.shape[1:])
-    if values > MAX_INPUT_VALUES:  # (a saved model's header declaring it would be refused: see io._checked_meta)
-        raise UserError(f"{cfg['path'] or cfg['dataset']}: inputs of shape {tuple(x_tr.shape[1:])} hold {values:,} "
-                        f"values each, over the {MAX_INPUT_VALUES:,} distill reads; resize them")
     dtype = np.float32 if raw.pad_id is None else np.int64
     tensors = [torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)) for a in (x_tr, x_va, x_te, x_un)]
     labels = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in (y_tr, y_va, y_te)]

@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from .. import chain
-from ..errors import UserError
 from ..evaluate import evaluate_model
 from ..tasks import task_for
 from ..io import write_json
 from ..roles import SCRATCH, STUDENT, TEACHER
 from .artifacts import TIMINGS, load_saved, require_same_data, require_saved
-from .rundir import RunDir, recipe_key, require_finished
+from .rundir import RunDir, recipe_key, require_current
 
 
 def evaluated(cfg: Dict[str, Any]) -> list:
@@ -27,11 +26,7 @@ def evaluate(run: RunDir) -> Dict[str, Any]:
     for name in evaluated(run.cfg):
         data = run.data_for(name)  # (a student may read its own tokens)
         require_same_data(run.out, name, data)
-        if stages.get(name, {}).get("recipe") not in (None, made_for):  # (records from before the key: none)
-            raise UserError(f"{require_saved(run.out, name)}: made by a run of another recipe than "
-                            f"{run.path('recipe.yaml')} (a rerun that changed it stopped before training this "
-                            f"model); finish the run first: distill run {run.out} --resume")
-        require_finished(run.out, name, "evaluate")
+        require_current(run.out, name, "evaluate", made_for)
         model = load_saved(run, name).to(run.runtime.device)  # (scored there; evaluate_model times it on the CPU)
         models[name] = model
         m = evaluate_model(model, require_saved(run.out, name), data.x_test, data.y_test, ecfg,
