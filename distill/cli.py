@@ -211,8 +211,7 @@ def _compress(args: argparse.Namespace) -> int:
     from .pipeline.rundir import RunDir, require_current
     recipe, folder = _run_folder(args.target, args.overrides)
     for name in ("teacher", recipe.cfg["compress"]["source"]):
-        require_saved(folder, name)
-        require_current(folder, name, "compress")
+        require_current(folder, name, require_saved(folder, name), "compress")
     try:
         records = execute(RunDir(recipe, folder, _echo, resume=args.resume, drop_checkpoints=args.overwrite),
                           ["compress"], check=False)["compress"]
@@ -299,7 +298,7 @@ def _export(args: argparse.Namespace) -> int:
     if args.model not in MODEL_NAMES and not re.fullmatch(r"compress/\w[\w.-]*", args.model):
         raise UserError(f"--model {args.model}: choose student, student_scratch, teacher or compress/NAME")
     path = require_saved(folder, args.model)
-    require_current(folder, args.model, "export")
+    require_current(folder, args.model, path, "export")
     if args.model.startswith("compress/"):  # (what bench and the report measure: the current chain, up to date)
         from .compress.bench import chain_names, compressed_out_of_date
         why = compressed_out_of_date(folder) or (None if args.model in chain_names(folder) else

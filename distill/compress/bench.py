@@ -127,9 +127,9 @@ def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
     rows = plan(folder, variants, cfg["bench"]["models"])
     loaded: Dict[str, Any] = {}  # the data, and the model whose variants are being written
     stale = set()
-    for name in dict.fromkeys(n for n, _, _ in rows):  # (every row scores its model on the test split)
+    for name, path in {n: p for n, p, _ in rows}.items():  # (every row scores its model on the test split)
         try:
-            require_current(folder, name, "bench")
+            require_current(folder, name, path, "bench")
             require_same_data(folder, name, _data_for(cfg, name, loaded))
         except UserError as e:
             if not name.startswith("compress/"):  # (the run's own models: the run is out of date)

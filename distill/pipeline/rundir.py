@@ -144,11 +144,11 @@ def refuse_training_keys(out: str, cfg: Dict[str, Any]) -> None:
 UNFINISHED = "unfinished"  # the fingerprint of a stage record while the stage makes its files anew
 
 
-def require_current(out: str, name: str, command: str, made_for: Optional[str] = None) -> None:
+def require_current(out: str, name: str, path: str, command: str, made_for: Optional[str] = None) -> None:
     """A model is measured, compressed or exported only as the folder's recipe made it: not one whose stage was
     started again and stopped (its record `unfinished`), nor one made by a run of another recipe than the
     folder's (recipe.yaml was changed since, by a run or a stage command that stopped before it made this model
-    again). `made_for`: the recipe key it must hold (evaluate: the folder's before this command rewrites it),
+    again). `path`: its file or folder, as the refusal names it. `made_for`: the recipe key it must hold (evaluate: the folder's before this command rewrites it),
     else that of recipe.yaml as saved (a command's own --set, bench's evaluate.threads, does not make the
     folder's models another recipe's)."""
     record = read_run_json(os.path.join(out, "stages.json"), {}).get(name)
@@ -159,8 +159,7 @@ def require_current(out: str, name: str, command: str, made_for: Optional[str] =
                         f"first ({command} needs it): distill run {out} --resume")
     made = record.get("recipe")  # (records from before the key: none)
     if made is not None and made != (made_for or recipe_key(Recipe.load_run_folder(out).cfg)):
-        from .artifacts import require_saved
-        raise UserError(f"{require_saved(out, name)}: made by a run of another recipe than "
+        raise UserError(f"{path}: made by a run of another recipe than "
                         f"{os.path.join(out, 'recipe.yaml')} (a rerun that changed it stopped before making this "
                         f"model again); finish the run first ({command} needs it): distill run {out} --resume")
 
