@@ -15,7 +15,6 @@ from .errors import UserError
 from .roles import MODELS_OUT, SCRATCH, STUDENT, TEACHER
 
 DEFAULT_RECIPE = "digits"
-MODEL_NAMES = (STUDENT, SCRATCH, TEACHER)
 NEEDS = {"generate": (TEACHER,), "soft-labels": (TEACHER,), "train-student": (TEACHER,), "evaluate": MODELS_OUT}
 
 
@@ -286,81 +285,12 @@ def _report(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     """`distill export RUN_DIR --format F`: write, verify, and record the export in export/exports.json."""
-    from .compress.export import SUFFIX, export_model, raw_inputs
-    from .data import load_data
-    from .io import load_meta, out_path, read_run_json, write_json
-    from .pipeline.artifacts import load_model_at, require_same_data, require_saved
-    from .compress.measure import is_hf_lm
-    from .pipeline.rundir import data_cfg_for, require_current, stage_fingerprints
+    from .compress.export_run import export_run_model
+    from .io import out_path
     recipe, folder = _run_folder(args.target, [])
-    record = os.path.join(folder, "export", "exports.json")
-    exports = read_run_json(record, {})  # (read first: a corrupt record is refused before anything is written)
-    if args.model not in MODEL_NAMES and not re.fullmatch(r"compress/\w[\w.-]*", args.model):
-        raise UserError(f"--model {args.model}: choose student, student_scratch, teacher or compress/NAME")
-    path = require_saved(folder, args.model)
-    require_current(folder, args.model, path, "export")
-    if args.model.startswith("compress/"):  # (what bench and the report measure: the current chain, up to date)
-        from .compress.bench import chain_names, compressed_out_of_date
-        why = compressed_out_of_date(folder) or (None if args.model in chain_names(folder) else
-                                                 "not a model of the last compress (compress/compress.json): one an "
-                                                 "earlier chain made, maybe from an earlier version of its source")
-        if why:
-            raise UserError(f"--model {args.model}: {why}; compress again first: distill compress {folder}")
-    data = load_data(data_cfg_for(recipe.cfg, args.model))  # (a student of another tokenizer: its own tokens)
-    require_same_data(folder, args.model, data)  # (the export is checked on test inputs)
-    model = load_model_at(path, args.model)
-    version = stage_fingerprints(folder).get(args.model)  # (which version of the model the record is of)
     _refuse_run_file(args.out, folder, "export")
-    out = out_path(args.out) if args.out else \
-        os.path.join(folder, "export", args.model.replace("/", "-") + SUFFIX.get(args.format, ""))
-    other = next((f for f, ext in SUFFIX.items() if out.endswith(ext) and f != args.format), None)
-    if other:  # (a TorchScript file named .onnx is found, and misread, by whatever looks for .onnx files)
-        raise UserError(f"--out {out}: the name of {'an' if other[0] in 'aeiou' else 'a'} {other} file, and --format "
-                        f"is {args.format}; name it "
-                        f"{os.path.splitext(out)[0] + SUFFIX.get(args.format, '/')}")
-    # the model file's own record of its input normalisation; HF folders (text) have none, and runs made
-    # before it was saved lack the key: both read as {} (the export then takes the model's inputs as they are)
-    saved = load_meta(path) if os.path.isfile(path) else {}
-    prep = saved.get("preprocessing") or {}
-    meta = {"role": args.model, "class_names": data.class_names, "num_classes": data.num_classes,
-            "input_shape": list(data.input_shape), "preprocessing": prep,
-            # (the architecture, and a compressed model's structure: without them no one rebuilds the file)
-            **{k: saved[k] for k in ("spec", "structure") if k in saved}}
-    if args.format == "hf":  # a Hugging Face folder (GPT-2 layout) that plain transformers loads
-        from .compress.hf_gpt import export_gpt2
-        from .models.gpt import GPT
-        if not isinstance(model, GPT):
-            if not saved.get("spec"):
-                raise UserError(f"--format hf: for the registry's gpt language models; {args.model} is a Hugging Face "
-                                f"folder already ({path}), which plain transformers loads")
-            raise UserError(f"--format hf: for the registry's gpt language models; {args.model} is a "
-                            f"'{saved['spec'].get('model')}' model (export it as onnx, torchscript or safetensors)")
-        info = {**export_gpt2(model, data.class_names, data.x_test[:8], out, meta), "fingerprint": version}
-        write_json(record, {**exports, f"{args.model}.hf": info})
-        print(f"{args.model} -> {out}/ (GPT-2 layout, {info['size_bytes'] / 1024:,.1f} KB); logits match within "
-              f"{info['max_abs_diff']:.2g} and greedy tokens are equal on {info['checked_on']} test windows")
-        return 0
-    if is_hf_lm(model) and args.format in ("onnx", "torchscript"):
-        raise UserError(f"--format {args.format}: {args.model} is a Hugging Face causal LM, deployed as its folder "
-                        f"({path}), which plain transformers loads and generates from; export it as safetensors, "
-                        f"or measure its variants with distill bench")
-    x = data.x_test[:8]  # normalised with data.stats; a baked-in export is checked on the raw inputs instead
-    bake = args.preprocessing and args.format != "safetensors" and "normalize" in prep
-    if bake and data.stats:
-        x = raw_inputs(x, data.stats, data.image)
-    info = {**export_model(model, x, args.format, out, meta, prep if bake else None), "fingerprint": version}
-    write_json(record, {**exports, f"{args.model}.{args.format}": info})
-    if info["preprocessing"] == "baked":
-        takes = "takes raw inputs (normalisation baked in)"
-    elif "normalize" in prep:
-        takes = ("weights only (normalisation in its metadata)" if args.format == "safetensors"
-                 else "takes normalised inputs (--no-preprocessing)")
-    else:
-        takes = ("takes normalised inputs (the model file predates saved normalisation statistics; "
-                 "re-train it to bake them in)" if data.stats else "takes inputs as they are (no normalisation)")
-    print(f"{args.model} -> {out} ({info['size_bytes'] / 1024:,.1f} KB); outputs match PyTorch within "
-          f"{info['max_abs_diff']:.2g} (tolerance {info['tolerance']:.2g}) on {info['checked_on']} test inputs; "
-          f"{takes}")
+    print(export_run_model(recipe, folder, args.model, args.format, args.out and out_path(args.out),
+                           args.preprocessing))
     return 0
 
 
