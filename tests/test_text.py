@@ -172,6 +172,30 @@ def test_taps_expose_hidden_states_attentions_and_cls(teacher, tokenizer):
     assert torch.equal(cap.outputs["cls"], cap.outputs["hidden.3"][:, 0])
 
 
+def test_attention_taps_give_the_maps_before_dropout_in_training():
+    """Eager attention returns its maps after dropout: a student in training compared maps whose rows did not
+    sum to 1 (zeros costing -log 1e-12 each in attention_kl), and a student equal to its teacher never reached 0.
+    The taps give the softmax's maps; the layer's output still has its dropout."""
+    from distill.hooks import FeatureCapture
+    from distill.models.hf import HFClassifier
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, num_labels=2, initializer_range=0.5,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.5)
+    model = HFClassifier(transformers.BertForSequenceClassification(config), 0, None, [])
+    x = torch.tensor([[5, 6, 7, 8, 9], [5, 9, 9, 0, 0]])
+    with FeatureCapture(model, ["attention.0"]) as cap, torch.no_grad():
+        model.train()
+        trained = model(x)
+        maps = cap.outputs["attention.0"]
+        model.eval()
+        evaluated = model(x)
+    assert torch.allclose(maps.sum(-1), torch.ones(2, 2, 5), atol=1e-5)
+    assert torch.allclose(maps, cap.outputs["attention.0"], atol=1e-6)  # (layer 0's input has no dropout here)
+    assert attention_kl(maps, cap.outputs["attention.0"]).item() == pytest.approx(0.0, abs=1e-6)
+    assert not torch.allclose(trained, evaluated, atol=1e-2)  # (the attention dropout still applies)
+
+
 def test_student_folder_round_trips_through_plain_transformers(tmp_path):
     """The saved student is a normal Hugging Face folder: a fresh Python process that never imports distill
     loads it with transformers alone and gets the same predictions and the label names."""

@@ -172,6 +172,30 @@ class HFWrapper(nn.Module):
         return min(tables, default=None)
 
 
+MAPS_BEFORE_DROPOUT = "distill_eager"
+
+
+def _maps_before_dropout(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: Optional[torch.Tensor], dropout: float = 0.0, **kwargs: Any):
+    """The model's own eager attention, returning the attention maps before dropout: eager returns them after
+    it (in training a tenth of a map zeroed, the rest scaled, rows not summing to 1), and MiniLM's and TinyBERT's
+    losses compare the softmax's maps. The output is still the one with dropout, as the model trains."""
+    import sys
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise UserError(f"attention taps: {type(module).__name__} has no eager attention of its own to read the "
+                        f"maps from; distil its hidden states instead")
+    out, maps = eager(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
+    if dropout and module.training:
+        maps = eager(module, query, key, value, attention_mask, dropout=0.0, **kwargs)[1]
+    return out, maps
+
+
+def _register_maps_before_dropout() -> None:
+    from transformers import AttentionInterface
+    AttentionInterface.register(MAPS_BEFORE_DROPOUT, _maps_before_dropout)
+
+
 class HFClassifier(HFWrapper):
     """Token ids in, logits out; hidden states, attentions and [CLS] exposed as named taps."""
 
@@ -195,8 +219,9 @@ class HFClassifier(HFWrapper):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, mask = trim_padding(x, self.pad_id)
         attentions = any(t._forward_hooks for t in self.attention)  # only computed when a loss reads them
-        if attentions and self.hf.config._attn_implementation != "eager":
-            self.hf.set_attn_implementation("eager")  # sdpa never materialises the attention maps
+        if attentions and self.hf.config._attn_implementation != MAPS_BEFORE_DROPOUT:
+            _register_maps_before_dropout()  # (sdpa never materialises the attention maps)
+            self.hf.set_attn_implementation(MAPS_BEFORE_DROPOUT)
         layers = layer_list(self.hf)[2]
         last: List[torch.Tensor] = []  # (the last layer's own output: a decoder's hidden_states[-1] is after its
         grab = layers[-1].register_forward_hook(  # final norm, while the other layers' are before any)
