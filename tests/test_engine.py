@@ -132,6 +132,23 @@ def test_objective_takes_a_dict_of_teachers_and_an_aggregator():
         TeacherOutputs()  # neither dense logits nor the top-k form
 
 
+@pytest.mark.parametrize("method", ["kd", "dkd", "dist", "forward_kl"])
+def test_every_logit_method_refuses_other_widths_and_scores_no_position_as_zero(method):
+    """kd, dkd and dist met a teacher of another width with a bare RuntimeError (the token methods alone named
+    it), and a micro-batch with no position to score (a causal LM's, flattened) with 0/0 = NaN, a skipped step."""
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 5)
+    x, y, idx = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]), torch.arange(6)
+    dcfg = {"alpha": 0.5, "temperature": 2.0, "features": [], "method": method}
+    objective = Objective(student, dcfg, {"a": lambda xx, i: TeacherOutputs(teacher(xx).detach())})
+    with pytest.raises(UserError, match=f"distill.method: {method}: the student gives 3 logits per token and the "
+                                        f"teacher 5"):
+        objective(x, y, idx)
+    none = torch.zeros(0, 3, requires_grad=True)
+    term = objective.logit_term(none, torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), None, None)
+    assert term.item() == 0.0 and term.requires_grad
+
+
 def test_runtime_picks_the_device_and_refuses_a_missing_one():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

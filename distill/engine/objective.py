@@ -21,6 +21,7 @@ from ..errors import UserError
 from ..hooks import FeatureCapture
 from ..losses import Projector, align, confidence_weights
 from ..losses.logits import standardize
+from ..losses.tokens import require_same_shape
 from ..registry import AGGREGATORS, LOSSES
 from .batch import TeacherOutputs, TeacherSource
 from .runtime import CPU, Runtime
@@ -173,6 +174,9 @@ class Objective(nn.Module):
         if t_logits.shape[-1] != logits.shape[-1] and self.dcfg.get("vocab_align") == "truncate":
             v = min(t_logits.shape[-1], logits.shape[-1])  # (same tokenizer, output layers padded differently)
             logits, t_logits = logits[..., :v], t_logits[..., :v]
+        require_same_shape(self.method, logits, t_logits)  # (every method, not the token ones alone)
+        if not logits.numel():  # (no position to score in this micro-batch: nothing to learn, not 0/0)
+            return logits.sum() * 0
         if self.dcfg.get("logit_standardize"):
             logits, t_logits = standardize(logits), standardize(t_logits)
         extra = {"labels": y} if self.method_labels else {}

@@ -130,6 +130,20 @@ def topk_buckets(z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return TopkBuckets.apply(z, ids)
 
 
+def require_same_shape(name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+    """Logit KD compares one vocabulary (or class list) on both sides: a mismatch is a user's, said plainly."""
+    if student_logits.shape == teacher_logits.shape:
+        return
+    from ..errors import UserError
+    if student_logits.shape[:-1] == teacher_logits.shape[:-1]:
+        raise UserError(f"distill.method: {name}: the student gives {student_logits.shape[-1]:,} logits per "
+                        f"token and the teacher {teacher_logits.shape[-1]:,}; logit KD needs one vocabulary "
+                        f"(set distill.vocab_align: truncate when the tokenizers agree and only the output "
+                        f"layers are padded to different sizes)")
+    raise UserError(f"distill.method: {name}: the student gives logits of shape {tuple(student_logits.shape)} "
+                    f"and the teacher {tuple(teacher_logits.shape)}; the vocabularies (or classes) must match")
+
+
 def token_divergence(name: str, student_logits: torch.Tensor, teacher_logits: Any, temperature: float,
                      weights: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
                      chunk: int = CHUNK, **settings: float) -> torch.Tensor:
@@ -141,15 +155,7 @@ def token_divergence(name: str, student_logits: torch.Tensor, teacher_logits: An
     vocabulary that is the dense divergence."""
     if not isinstance(teacher_logits, torch.Tensor):
         return _topk_divergence(name, student_logits, teacher_logits, temperature, weights, mask, chunk, **settings)
-    if student_logits.shape != teacher_logits.shape:
-        from ..errors import UserError
-        if student_logits.shape[:-1] == teacher_logits.shape[:-1]:
-            raise UserError(f"distill.method: {name}: the student gives {student_logits.shape[-1]:,} logits per "
-                            f"token and the teacher {teacher_logits.shape[-1]:,}; logit KD needs one vocabulary "
-                            f"(set distill.vocab_align: truncate when the tokenizers agree and only the output "
-                            f"layers are padded to different sizes)")
-        raise UserError(f"distill.method: {name}: the student gives logits of shape {tuple(student_logits.shape)} "
-                        f"and the teacher {tuple(teacher_logits.shape)}; the vocabularies (or classes) must match")
+    require_same_shape(name, student_logits, teacher_logits)
     vocab, t = student_logits.shape[-1], float(temperature)
     w = _weights(student_logits, weights, mask)
 
