@@ -142,6 +142,10 @@ def test_pkt_matches_the_paper():
 def rkd_by_hand(s, t):
     n = len(s)
 
+    def unit(v):  # (a sample twice in the batch: no direction, 0)
+        norm = np.linalg.norm(v)
+        return v / norm if norm else v * 0
+
     def psi_d(x):
         d = {(i, j): np.linalg.norm(x[i] - x[j]) for i in range(n) for j in range(n) if i != j}
         mu = np.mean(list(d.values()))
@@ -153,8 +157,7 @@ def rkd_by_hand(s, t):
             for i in range(n):
                 for k in range(n):
                     if len({i, j, k}) == 3:
-                        e1 = (x[i] - x[j]) / np.linalg.norm(x[i] - x[j])
-                        e2 = (x[k] - x[j]) / np.linalg.norm(x[k] - x[j])
+                        e1, e2 = unit(x[i] - x[j]), unit(x[k] - x[j])
                         out[(i, j, k)] = float(np.dot(e1, e2))
         return out
     ds, dt, a_s, a_t = psi_d(s), psi_d(t), psi_a(s), psi_a(t)
@@ -188,6 +191,26 @@ def test_rkd_on_two_samples_is_zero_not_nan():
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
     assert rkd_angle(s, torch.randn(2, 4)).item() == 0.0
+
+
+def test_rkd_angle_of_a_sample_drawn_twice_keeps_a_normal_gradient():
+    """F.normalize of x_i - x_j = 0 has the gradient 1/eps: a sample twice in a batch (drawn with replacement)
+    multiplied the student's gradient by a thousand. The coinciding pair is left out of the angles instead."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(6, 5)
+    x, t = torch.randn(8, 6), torch.randn(8, 5)
+    twice = x.clone()
+    twice[3] = twice[1]
+    norms = []
+    for inputs in (x, twice):
+        net.zero_grad()
+        rkd_loss(net(inputs), t).backward()
+        norms.append(torch.cat([p.grad.flatten() for p in net.parameters()]).norm().item())
+    assert norms[1] < 10 * norms[0]
+    s = torch.randn(5, 4, dtype=torch.float64)
+    s[4] = s[0]
+    dist, angle = rkd_by_hand(s.numpy(), t[:5].double().numpy())  # (the value: the pair's angle counts as 0)
+    assert rkd_angle(s, t[:5]).item() == pytest.approx(angle, rel=1e-6)
 
 
 def test_dist_weights_each_position_of_a_sequence():

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..registry import LOSSES
 
+EPS = 1e-12  # (F.normalize's)
+
 
 def embedding(feat: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One vector per sample: maps and vectors flattened, sequences averaged over their (kept) positions."""
@@ -77,7 +79,11 @@ def _distances(x: torch.Tensor) -> torch.Tensor:
 
 def _angles(x: torch.Tensor) -> torch.Tensor:
     """cos of the angle at vertex j between samples i and k, for every (j, i, k) (RKD's psi_A)."""
-    e = F.normalize(x.unsqueeze(0) - x.unsqueeze(1), dim=2)  # e[j, i] = (x_i - x_j) / ||x_i - x_j||
+    d = x.unsqueeze(0) - x.unsqueeze(1)
+    norm = d.norm(dim=2, keepdim=True)
+    # e[j, i] = (x_i - x_j) / ||x_i - x_j||, and 0 where the two coincide (a sample drawn twice in a batch):
+    # F.normalize's gradient there is 1/eps, 1e12, a spike of 1000x in the student's gradient
+    e = torch.where(norm > EPS, d / norm.clamp_min(EPS), torch.zeros_like(d))
     return e @ e.transpose(1, 2)
 
 
