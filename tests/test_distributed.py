@@ -135,6 +135,32 @@ def test_language_model_two_processes_train_as_one_accumulating(tmp_path):
     compare(runs["accumulate"], runs["two"], exact=True)
 
 
+def test_compress_under_torchrun_writes_its_models_once(tmp_path):
+    """Every process saved the compressed models and wrote compress.json: transformers writes no weights from a
+    process that is not the main one, and whichever rename landed last left a Hugging Face folder without them
+    (compress failed every time on a language model); a CNN's files were written twice over."""
+    import shutil
+    import yaml
+    import lmkit
+    recipe = lmkit.lm_recipe(str(tmp_path), train={"select": "last"})
+    recipe.pop("output")
+    path = tmp_path / "lm.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    ok("run", str(path), "--out", one, "--no-baseline", "--set", f"output.cache_dir={tmp_path / 'cache'}")
+    shutil.copytree(one, two)
+    steps = ["--set", "compress.steps=[layers]", "--set", "compress.layers.to=1", "--set", "compress.layers.epochs=1"]
+    ok("compress", one, *steps)
+    code, out, err = finish(start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                   "2", "-m", "distill", "compress", two, *steps]))
+    assert code == 0, err[-3000:]
+    assert out.count("models: ") == 1  # (the table once, from the main process)
+    records = [json.load(open(os.path.join(d, "compress", "compress.json")))["models"] for d in (one, two)]
+    assert [r["name"] for r in records[0]] == [r["name"] for r in records[1]] == ["layers1"]
+    a, b = weights(one, "compress/layers1"), weights(two, "compress/layers1")  # (two processes: a batch twice
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}  # as large, other weights)
+
+
 def test_on_policy_kd_with_a_feature_loss_two_processes_train_as_one_accumulating(tmp_path):
     """Whether a step is on-policy, and the student's samples, are drawn from the step's seeds, not each
     process's RNG: the processes took different branches (a gloo abort, as the projector's gradient was

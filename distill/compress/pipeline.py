@@ -28,7 +28,8 @@ from ..evaluate import weights_size
 from ..io import load_meta, sha256_json, weights_sha256, write_json
 from ..models import count_params
 from ..models.hf import load_tokenizer
-from ..pipeline.artifacts import distill_settings, kind, load_saved, model_spec, require_same_data, require_saved
+from ..pipeline.artifacts import (distill_settings, kind, load_saved, model_spec, require_same_data, require_saved,
+                                  save_role)
 from ..pipeline.rundir import RunDir, stage_fingerprints
 from ..pipeline.stage import Stage, run_stage
 from ..pipeline.teacher_outputs import student_data
@@ -127,6 +128,8 @@ class Compressor:
     def write_record(self) -> None:
         """compress.json, the chain so far: written after each step, so that a stopped compress leaves the
         steps it made since, not an earlier chain's later steps (made from other models) beside them."""
+        if not self.run.runtime.is_main:  # (under torchrun every process runs the chain; one writes it)
+            return
         versions = stage_fingerprints(self.run.out)  # (which versions the chain was made from: report, bench)
         made_from = {k: versions.get(k) for k in dict.fromkeys((TEACHER, self.c["source"]))}
         write_json(self.run.path(os.path.join("compress", "compress.json")),
@@ -134,9 +137,8 @@ class Compressor:
                     "models": self.records})
 
     def save(self, name: str, info: Dict[str, Any]) -> None:
-        run = self.run
-        self.kind.save(run, self.model, compressed(name), model_spec(run, self.role),
-                       {**info, "structure": {"drop": self.drops}})
+        save_role(self.run, self.model, self.role, compressed(name), model_spec(self.run, self.role),
+                  {**info, "structure": {"drop": self.drops}})
 
     # ------------------------------------------------------------ steps
     def vocab(self) -> None:
