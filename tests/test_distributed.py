@@ -195,11 +195,15 @@ def test_worker_checks_evaluation_gather_cache_key_refusal_and_one_sync_per_step
 
 def test_processes_wait_for_the_main_one_working_alone_longer_than_the_collective_timeout(tmp_path):
     """train.timeout_s bounds the collectives of training; a run under --nproc failed after training when the
-    main process measured latency (or wrote completions, a cache) for longer, with 'lost the other processes'."""
+    main process measured latency (or wrote completions, a cache) for longer, with 'lost the other processes',
+    and in training when it wrote a checkpoint for longer."""
     code, out, err = finish(start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                                    "2", os.path.join(ROOT, "tests", "distributed_wait.py"), str(tmp_path)]), 120)
     assert code == 0, err[-3000:]
-    assert [json.load(open(tmp_path / f"rank{r}.json"))["sum"] for r in (0, 1)] == [2.0, 2.0]
+    seen = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    assert [r["sum"] for r in seen] == [4.0, 4.0]
+    # (a checkpoint written for longer than the timeout in training: process 1 waited, and knows where it is)
+    assert [r["checkpoint"] for r in seen] == ["checkpoints/step-00000007.pt"] * 2
 
 
 def _stat(pid):

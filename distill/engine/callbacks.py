@@ -196,10 +196,14 @@ class Checkpointing(Callback):
         self.last = time.monotonic()
 
     def save(self, t: Trainer) -> Optional[str]:
-        """Every process calls this (the state gathers each one's RNG); the main one writes the file."""
+        """Every process calls this (the state gathers each one's RNG); the main one writes the file, and
+        every process returns its path. The others wait for it on the long wait, not in the next step's
+        collective: a write slower than `train.timeout_s` (a large optimizer state, a slow disk) stopped the run."""
         self.last = time.monotonic()
         state = t.state()
-        return self.checkpoints.save(t.prog["step"], state) if self.is_main else None
+        path = self.checkpoints.save(t.prog["step"], state) if self.is_main else None
+        t.runtime.barrier()
+        return t.runtime.from_main(path)
 
     def on_step_end(self, t: Trainer, epoch: int, record: Optional[Dict[str, Any]], skipped: bool) -> None:
         if self.every and t.prog["step"] % self.every == 0 and not skipped:

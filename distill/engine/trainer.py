@@ -286,8 +286,7 @@ class Trainer:
             for step in epoch_batches(self.data, self.data_cfg, self.gen, self.task, self.prog["batch"], self.split):
                 self.step(epoch, step)
                 if self.stopping:  # (under torchrun: every process stops at the same step)
-                    path = self.checkpoint_now()
-                    self.runtime.barrier()  # the checkpoint is on disk before any process exits
+                    path = self.checkpoint_now()  # (on disk before any process exits: every one waits for it)
                     raise Interrupted(self.role, self.stop.signum or signal.SIGTERM,
                                       f"epoch {epoch + 1}, step {self.prog['step']}", path)
             self.end_epoch(epoch, time.perf_counter() - t0)
