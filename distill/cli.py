@@ -8,9 +8,10 @@ import re
 import signal
 import sys
 import threading
+import time
 from typing import Iterator, List, Optional
 
-from .launch import is_main_process, report_error, under_torchrun
+from .launch import ERRORS, is_main_process, report_error, under_torchrun
 from .errors import UserError
 from .roles import MODELS_OUT, SCRATCH, STUDENT, TEACHER
 
@@ -186,8 +187,9 @@ def _search(args: argparse.Namespace) -> int:
                 search_tpe(recipe, space, args.overrides, out, args.trials or 12, args.pruner or "median", startup,
                            args.pruner_warmup_epochs, _echo)
     except Interrupted as e:
-        print(f"{e}; the search stopped: the same command again reuses the stages it finished (the teacher, "
-              f"the baseline) in {os.path.join(out, 'trials')} and continues this one", file=sys.stderr)
+        if is_main_process():  # (under torchrun every process stops here: one says it)
+            print(f"{e}; the search stopped: the same command again reuses the stages it finished (the teacher, "
+                  f"the baseline) in {os.path.join(out, 'trials')} and continues this one", file=sys.stderr)
         return 130
     print(result["table"])
     if result.get("summary"):
@@ -215,7 +217,10 @@ def _compress(args: argparse.Namespace) -> int:
         records = execute(RunDir(recipe, folder, _echo, resume=args.resume, drop_checkpoints=args.overwrite),
                           ["compress"], check=False)["compress"]
     except Interrupted as e:
-        print(f"{e}; continue with: distill compress {folder} --resume", file=sys.stderr)
+        if is_main_process():  # (compress has no --nproc: under torchrun, the same torchrun command continues)
+            again = f"distill compress {folder} --resume"
+            print(f"{e}; continue with: {'the same torchrun command, with ' if under_torchrun() else ''}{again}",
+                  file=sys.stderr)
         return 130
     width = max([5] + [len(r["name"]) for r in records])
     print(f"{'model':{width}s}  {'params':>12s}  {'size KB':>10s}  val accuracy")
@@ -321,6 +326,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # agent stops the processes with it and reads their exit codes.
     handle = not under_torchrun() and threading.current_thread() is threading.main_thread()
     term = signal.signal(signal.SIGTERM, _terminated) if handle else None
+    if under_torchrun():
+        _stop_when_orphaned()
     try:
         with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
             if isinstance(getattr(args, "out", None), str) and not args.out.strip():  # (else the default folder)
@@ -340,6 +347,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         again = getattr(args, "again", None)
+        if not is_main_process() or os.environ.get(ERRORS):  # (one line: rank 0's, or --nproc's launcher's)
+            return 130
         print(f"interrupted ({'SIGTERM' if isinstance(e, Terminated) else 'SIGINT'})"
               f"{f'; continue with: {again}' if again else ''}", file=sys.stderr)
         return 130
@@ -349,6 +358,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         if quiet:
             quiet.close()
         _leave_process_group()
+
+
+def _stop_when_orphaned() -> None:
+    """torchrun starts its processes in sessions of their own: a launcher killed with SIGKILL left them training
+    on, the folder's lock released, and a second command could write beside them. Each process stops as on
+    SIGTERM (in training: a checkpoint, then out) once its parent is gone."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name="distill-parent-watch", daemon=True).start()
 
 
 class Terminated(KeyboardInterrupt):
@@ -423,7 +445,11 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         raise UserError(f"--nproc: expected a positive number of processes, got {args.nproc}")
     nproc, again = _resume_hint(args, run_folder(recipe, out))
     args.again = again  # (said if the command is interrupted outside training)
-    with _writing(run_folder(recipe, out)):
+    base = run_folder(recipe, out)  # (and with --seeds, each seed's run folder in it, which a stage command names)
+    seeds = [os.path.join(base, f"seed_{s}") for s in range(args.seeds)] if getattr(args, "seeds", None) else []
+    with contextlib.ExitStack() as held:
+        for folder in [base, *seeds]:
+            held.enter_context(_writing(folder))
         if nproc > 1 and "LOCAL_RANK" not in os.environ:  # (already one of torchrun's processes: go on)
             from .launch import check_processes, child_argv, launch
             check_processes(recipe.cfg, nproc)

@@ -123,9 +123,12 @@ def launch(argv: List[str], nproc: int, resume: str) -> int:
                        "--module", "distill", *argv])
     errors = os.environ[ERRORS] = tempfile.mkdtemp(prefix="distill-errors-")
     # (torchrun's own log lines of a failed process repeat, less clearly, what is said below)
-    elastic = logging.getLogger("torch.distributed.elastic")
-    level = elastic.level
-    elastic.setLevel(logging.CRITICAL)
+    # (each of its modules' loggers has a level of its own: every one is set, not the parent alone)
+    elastic = [logging.getLogger(n) for n in ["torch.distributed.elastic", *logging.root.manager.loggerDict]
+               if n.startswith("torch.distributed.elastic")]
+    levels = [log.level for log in elastic]
+    for log in elastic:
+        log.setLevel(logging.CRITICAL)
     try:
         run(args)
         return 0
@@ -145,6 +148,7 @@ def launch(argv: List[str], nproc: int, resume: str) -> int:
               file=sys.stderr)
         return 130
     finally:
-        elastic.setLevel(level)
+        for log, level in zip(elastic, levels):
+            log.setLevel(level)
         del os.environ[ERRORS]
         shutil.rmtree(errors, ignore_errors=True)

@@ -598,6 +598,11 @@ def test_a_second_command_in_a_run_folder_is_refused_until_the_first_ends(tmp_pa
             assert err == f"error: {out}: another distill command (process {os.getpid()}) is writing in this " \
                           f"folder; wait for it to end, or use another folder", argv
         assert not os.path.exists(out)
+    seed = os.path.join(out, "seed_1")  # (a --seeds run holds each seed's folder too: a stage command names one)
+    with folder_lock(seed):
+        assert main(["run", "--out", out, "--seeds", "2"]) == 2
+        assert capsys.readouterr().err.strip().startswith(f"error: {seed}: another distill command (process ")
+        assert not os.path.exists(out)
         assert main(["doctor", out]) == 2  # (doctor only reads, and writes its own doctor.json: not locked)
         assert "not a run folder" in capsys.readouterr().err
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from distill.io import folder_lock\n"

@@ -244,7 +244,9 @@ def reference(tmp_path_factory):
     return str(out)
 
 
-@pytest.mark.parametrize("victim", ["1", "all"])  # (a worker, and every process with the launcher)
+# (a worker; every process with the launcher; the launcher alone, whose processes, in sessions of their own,
+# trained on without it, the folder's lock released)
+@pytest.mark.parametrize("victim", ["1", "all", "launcher"])
 def test_sigkill_then_resume_with_two_processes_is_bitwise_identical(reference, tmp_path, victim, capsys):
     out = tmp_path / "run"
     launcher = start([sys.executable, "-m", "distill", "run", *DIGITS, "--out", str(out), "--nproc", "2"])
@@ -254,13 +256,14 @@ def test_sigkill_then_resume_with_two_processes_is_bitwise_identical(reference, 
     ranks = {_rank_of(p): p for p in _children(launcher.pid)}
     assert set(ranks) == {0, 1}, ranks
     killed_at = time.time()
-    for pid in ([ranks[int(victim)]] if victim != "all" else [launcher.pid, *ranks.values()]):
+    victims = {"all": [launcher.pid, *ranks.values()], "launcher": [launcher.pid]}.get(victim)
+    for pid in victims or [ranks[int(victim)]]:
         os.kill(pid, signal.SIGKILL)
     code, _, err = finish(launcher, 60)
     assert time.time() - killed_at < 30  # the surviving process stopped at once (a peer's socket closed)
     for pid in ranks.values():  # no process left behind (a SIGKILLed one may take a moment to finish exiting)
         assert _gone_within(pid, 10), f"process {pid} still runs 10 s after the kill"
-    if victim != "all":
+    if victim.isdigit():
         assert code == 1
         last = err.strip().splitlines()[-1]
         assert last.startswith(f"error: process {victim} (pid {ranks[int(victim)]}) was killed by SIGKILL"), last

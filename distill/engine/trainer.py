@@ -21,6 +21,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -214,6 +215,9 @@ class Trainer:
         # process alike, the step's draw being shared), which DDP must be told of
         unused = bool(getattr(objective, "on_policy", {}).get("fraction")) and any(
             p.requires_grad for p in getattr(objective, "projectors", nn.ModuleList()).parameters())
+        # (a conv of one input channel: its gradient's stride over that size-1 dimension differs from the bucket's,
+        # which DDP warns of on every process of every run, harmlessly: the layout of one element is no layout)
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         return DistributedDataParallel(objective, device_ids=[self.runtime.device.index] if cuda else None,
                                        find_unused_parameters=unused)
 
