@@ -250,23 +250,25 @@ def _doctor(args: argparse.Namespace) -> int:
 def _refuse_run_file(out: Optional[str], folder: str, own: str) -> None:
     """An --out may not replace what a run made (its models, records, recipe, the folder itself), this run's
     or another's (the nearest folder above `out` that holds a run: recipe.yaml with stages.json or log.jsonl,
-    not a project's own recipe.yaml); a file of the command's own in this run (under `own`, its default place,
+    not a project's own recipe.yaml; or several: a --seeds or search folder's records); a file of the command's own in this run (under `own`, its default place,
     or an earlier --out of another name) may be written again."""
-    from .pipeline.rundir import made_by_a_run
+    from .pipeline.rundir import holds_runs, made_by_a_run, made_by_runs
     if out is None:
         return  # (an --out not made yet is checked too: a new file in a run's checkpoints/ would be among them)
     real = os.path.realpath(out)
     run = os.path.realpath(folder)
     if os.path.relpath(real, run).split(os.sep)[0] == os.pardir:  # outside this run: inside another?
-        run = next((d for d in _folders_up(real) if os.path.isfile(os.path.join(d, "recipe.yaml")) and any(
-            os.path.isfile(os.path.join(d, f)) for f in ("stages.json", "log.jsonl"))), None)
+        run = next((d for d in _folders_up(real) if holds_runs(d) or os.path.isfile(os.path.join(d, "recipe.yaml"))
+                    and any(os.path.isfile(os.path.join(d, f)) for f in ("stages.json", "log.jsonl"))), None)
         own = None
     if run is None:
         return
     where = os.path.relpath(real, run)
     top = where.split(os.sep)[0]
-    if top != own and (where == os.curdir or made_by_a_run(top)):
-        raise UserError(f"--out {out}: part of the run folder {run}, which this would overwrite; give a new path, "
+    made = made_by_runs if holds_runs(run) else made_by_a_run  # (a --seeds or search folder's summary, best.yaml)
+    if top != own and (where == os.curdir or made(top)):
+        what = "the folder of several runs" if made is made_by_runs else "the run folder"
+        raise UserError(f"--out {out}: part of {what} {run}, which this would overwrite; give a new path, "
                         f"or one outside any run folder")
 
 

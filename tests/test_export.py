@@ -220,6 +220,25 @@ def test_a_model_file_replaced_by_another_is_one_line(digits_run, tmp_path, caps
     assert "not a model file that distill saved" in capsys.readouterr().err
 
 
+def test_out_may_not_replace_the_records_of_a_seeds_or_search_folder(digits_run, tmp_path, capsys):
+    """Their tops hold no run of their own (no recipe.yaml), and report and export wrote over summary.json,
+    best.yaml or search.png."""
+    seeds, search = tmp_path / "seeds", tmp_path / "search"
+    (seeds / "seed_0").mkdir(parents=True)
+    (search / "trials").mkdir(parents=True)
+    for path in (seeds / "summary.json", search / "search.json", search / "best.yaml", search / "search.png"):
+        path.write_text("{}")
+    for command, target in [("report", seeds / "summary.json"), ("report", search / "best.yaml"),
+                            ("export", search / "search.png"), ("export", search / "trials" / "s.onnx"),
+                            ("report", seeds / "seed_1")]:
+        fmt = ["--format", "onnx"] if command == "export" else []
+        assert main([command, digits_run, *fmt, "--out", str(target)]) == 2, target
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "part of the folder of several runs" in err[0], err
+    assert (search / "best.yaml").read_text() == "{}" and (seeds / "summary.json").read_text() == "{}"
+    assert main(["report", digits_run, "--out", str(seeds / "mine.html")]) == 0  # (a new name: the user's)
+
+
 def test_hf_format_of_a_classifier_is_one_line_naming_its_model(digits_run, capsys):
     assert main(["export", digits_run, "--format", "hf"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -40,6 +40,24 @@ def made_by_a_run(entry: str) -> bool:
     return entry in RUN_RECORDS or model or stem == "teacher_samples"  # (not student.onnx, an export of it)
 
 
+# What a folder of several runs holds at its top: a --seeds run's summary.json and seed_<s>/, a search's records
+# and trials/ (their runs are inside, in folders of their own)
+RUNS_RECORDS = ("summary.json", "search.json", "search.md", "search.png", "best.yaml", "trials")
+
+
+def holds_runs(folder: str) -> bool:
+    """A --seeds folder (summary.json beside seed_<s>/) or a search's (search.json or best.yaml beside trials/)."""
+    def has(name: str) -> bool:
+        return os.path.exists(os.path.join(folder, name))
+    seeds = os.path.isdir(folder) and any(e.startswith("seed_") for e in os.listdir(folder))
+    return (has("summary.json") and seeds) or ((has("search.json") or has("best.yaml")) and has("trials"))
+
+
+def made_by_runs(entry: str) -> bool:
+    """Whether a top-level name in a folder of several runs is one they write."""
+    return entry in RUNS_RECORDS or entry.startswith("seed_")
+
+
 AFTER_TRAINING = ("output", "compress", "bench", "baseline")  # keys that do not change the trained models
 
 
