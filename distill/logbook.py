@@ -28,12 +28,16 @@ MEASURED = ("loss_", "val_", "train_", "lr", "retention", "grad")  # numeric fie
 def read_run_log(folder: str, cfg: Dict[str, Any]) -> Tuple[Dict[str, List[Dict[str, Any]]],
                                                             Dict[str, List[Dict[str, Any]]]]:
     """`read_log` of a run folder, for its recipe `cfg`: without the lines of models an earlier recipe trained
-    and this one has not: a baseline (baseline: false here), assistants past this recipe's chain."""
+    and this one has not: a baseline (baseline: false here), assistants past this recipe's chain, a teacher
+    this recipe loads (its stage says where from) instead."""
+    from .io import read_run_json
     from .roles import SCRATCH, assistant_names, is_assistant
     epochs, steps = read_log(os.path.join(folder, "log.jsonl"))
     chain = assistant_names(cfg)
+    stages = read_run_json(os.path.join(folder, "stages.json"), {})
+    loaded = {k for k, v in stages.items() if isinstance(v, dict) and v.get("loaded_from")}
     for role in [r for r in {*epochs, *steps} if (r == SCRATCH and not cfg["baseline"])
-                 or (is_assistant(r) and r not in chain)]:
+                 or (is_assistant(r) and r not in chain) or r in loaded]:
         epochs.pop(role, None), steps.pop(role, None)
     return epochs, steps
 

@@ -426,7 +426,7 @@ def test_a_temperature_schedule_is_judged_at_its_largest_temperature(runs, capsy
     assert "at distill.schedule.temperature_end=0.2, the largest T of the schedule" in f["message"]
 
 
-def test_the_log_of_an_assistant_this_recipe_has_not_is_passed_over(tmp_path):
+def test_the_log_of_a_model_this_recipe_has_not_trained_is_passed_over(tmp_path):
     """A folder run again with fewer assistants: the doctor and the report read the earlier run's assistant_2
     as this run's (a finding about a model the recipe does not make)."""
     from distill.logbook import read_run_log
@@ -436,3 +436,6 @@ def test_the_log_of_an_assistant_this_recipe_has_not_is_passed_over(tmp_path):
     assert sorted(read_run_log(str(tmp_path), cfg)[0]) == ["assistant_1", "teacher"]
     assert sorted(read_run_log(str(tmp_path), {**cfg, "distill": {"assistants": "auto"}})[0]) == \
         ["assistant_1", "teacher"]
+    # a teacher loaded now (its stage says from where): the lines of the one an earlier recipe trained are not it
+    (tmp_path / "stages.json").write_text(json.dumps({"teacher": {"fingerprint": "f", "loaded_from": "t.safetensors"}}))
+    assert sorted(read_run_log(str(tmp_path), cfg)[0]) == ["assistant_1"]
