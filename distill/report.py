@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import json
+import math
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -203,10 +204,10 @@ def headline(metrics: Dict[str, Any]) -> str:
     if isinstance(t.get("size_bytes"), (int, float)) and s.get("size_bytes"):
         text += f"; its file is {t['size_bytes'] / s['size_bytes']:.1f}× smaller"
     text += ")"
-    if t["accuracy"]:
+    if t["accuracy"] and math.isfinite(t["accuracy"]) and math.isfinite(s["accuracy"]):  # (no "nan%")
         text += (f" and keeps {100 * s['accuracy'] / t['accuracy']:.1f}% of the teacher's test accuracy "
                  f"({s['accuracy']:.4f} vs {t['accuracy']:.4f})")
-        if b and isinstance(b.get("accuracy"), (int, float)):
+        if b and isinstance(b.get("accuracy"), (int, float)) and math.isfinite(b["accuracy"]):
             text += f"; the same student trained without distillation keeps {100 * b['accuracy'] / t['accuracy']:.1f}%"
         elif b and b.get("skipped"):
             text += "; the student trained without distillation was skipped (baseline: false)"
@@ -221,7 +222,7 @@ def settings_list(recipe: Any) -> str:
     items = [("recipe", f"{cfg['name']}" + (f" — {cfg['description']}" if cfg.get("description") else "")),
              ("dataset", data["dataset"] + (f" ({data['path']})" if data.get("path") else "")),
              ("teacher / student", f"{_model(cfg['teacher'])} / {_model(cfg['student'])}"),
-             ("distillation", f"T = {d.get('temperature')}, alpha = {d.get('alpha')}"),
+             ("distillation", _method(d) + f", T = {d.get('temperature')}, alpha = {d.get('alpha')}"),
              ("features", feats)]
     extra = {k: v for k, v in ((k, _set(d.get(k))) for k in ("layers", "schedule", "assistants", "sample_weight"))
              if v}
@@ -234,6 +235,23 @@ def settings_list(recipe: Any) -> str:
     if mon.get("retention_min") is not None:
         items.append(("monitor", f"retention_min = {mon['retention_min']}, action = {mon.get('action')}"))
     return "<dl>" + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in items) + "</dl>"
+
+
+def _method(d: Dict[str, Any]) -> str:
+    """The logit term, with its own settings (dkd: {...}, jsd: {beta}) and how the teacher's outputs reach it."""
+    method = d.get("method", "kd")
+    own = {"skew_kl": "skew", "skew_reverse_kl": "skew"}.get(method, method)
+    said = [method + (f" {json.dumps(d[own])}" if isinstance(d.get(own), dict) else "")]
+    if d.get("logit_standardize"):
+        said.append("logits standardised")
+    if d.get("topk"):
+        said.append(f"top-{d['topk']} cache")
+    on_policy, seq = d.get("on_policy") or {}, d.get("sequence_kd") or {}
+    if on_policy.get("fraction"):
+        said.append(f"on-policy {json.dumps(on_policy)}")
+    if seq.get("windows") or seq.get("samples"):
+        said.append(f"sequence-level KD {json.dumps({k: v for k, v in seq.items() if v is not None})}")
+    return ", ".join(said)
 
 
 def _model(m: Dict[str, Any]) -> str:

@@ -92,6 +92,7 @@ def test_report_is_self_contained_with_every_section(report_html):
     assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; more" in page  # text from files is escaped
     assert "n/a: &lt;not installed&gt;" in page
     assert "<dt>features</dt><dd>body.3 → body.3 (mse)</dd>" in page  # the feature pair, teacher → student
+    assert "<dt>distillation</dt><dd>kd, T = " in page  # (the method: a dkd or dist run read as plain KD)
     assert "temperature: 4 → 2.667" in page  # the monitor's first adjustment, before → after
     assert "fewer parameters than the teacher" in page and "of the teacher&#x27;s test accuracy" in page
 
@@ -233,6 +234,25 @@ def test_a_run_without_a_baseline_has_confusion_matrices_and_no_baseline_left_fr
     page = open(os.path.join(folder, "report.html"), encoding="utf-8").read()
     section = page[page.index("Confusion matrices"):]
     assert "Not available" not in section[:400] and "confusion matrices" in section
+
+
+def test_the_settings_name_the_method_and_its_own_settings():
+    from distill.recipe import Recipe as R
+    from distill.report import settings_list
+    page = settings_list(R.load("digits", ["distill.method=dkd", "distill.logit_standardize=true"]))
+    assert '<dd>dkd {&quot;alpha&quot;: 1.0, &quot;beta&quot;: 8.0, &quot;warmup_epochs&quot;: 20}, logits standardised, ' \
+           'T = 2.0, alpha = 0.9</dd>' in page, page
+    assert "<dd>jsd {&quot;beta&quot;: 0.5}, T = " in settings_list(R.load("digits", ["distill.method=jsd"]))
+
+
+def test_the_headline_says_no_share_of_an_accuracy_that_is_not_a_number():
+    from distill.report import headline
+    nan = float("nan")
+    models = {"teacher": {"params": 800, "accuracy": nan}, "student": {"params": 100, "accuracy": 0.6},
+              "student_scratch": {"params": 100, "accuracy": 0.5}}
+    assert headline(models) == "The distilled student has 8.0× fewer parameters than the teacher (100 vs 800)."
+    models["teacher"]["accuracy"], models["student_scratch"]["accuracy"] = 0.8, nan
+    assert headline(models).endswith("keeps 75.0% of the teacher's test accuracy (0.6000 vs 0.8000).")
 
 
 def test_many_layer_pairs_become_a_heatmap_and_empty_logs_a_note():
