@@ -91,7 +91,8 @@ def mean_std(values: List[float]) -> Dict[str, float]:
 
 COLUMNS = [("bpc", "bits/char", "{:.4f}"), ("perplexity", "perplexity", "{:.3f}"),
            ("bits_per_byte", "bits/byte", "{:.4f}"), ("exact_match", "exact match", "{:.3f}"),
-           ("bleu", "BLEU", "{:.1f}"), ("chrf", "chrF", "{:.1f}"), ("top1_agreement", "agree", "{:.3f}"),
+           ("bleu", "BLEU", "{:.1f}"), ("chrf", "chrF", "{:.1f}"), ("teacher_kl", "KL to teacher", "{:.3f}"),
+           ("top1_agreement", "agree", "{:.3f}"),
            ("accuracy", "accuracy", "{:.4f}"), ("macro_f1", "macro-F1", "{:.4f}"), ("auc", "AUC", "{:.4f}"),
            ("sensitivity", "sensitivity", "{:.4f}"), ("specificity", "specificity", "{:.4f}"),
            ("params", "params", "{:,.0f}"), ("size_bytes", "size KB", None), ("latency_ms", "ms/sample", "{:.4f}"),
@@ -114,10 +115,12 @@ def format_table(metrics: Dict[str, Any]) -> str:
     assistants = sorted((k for k in metrics if is_assistant(k)), key=lambda k: int(k.split("_")[1]))
     skipped = [k for k, v in metrics.items() if isinstance(v, dict) and v.get("skipped")]
     rows = [k for k in (TEACHER, *assistants, SCRATCH, STUDENT) if k in metrics and k not in skipped]
-    cols = [c for c in COLUMNS if all(c[0] in metrics[r] for r in rows)]
+    # (a column any row has: the teacher has no agreement with itself, and it dropped the students' column)
+    cols = [c for c in COLUMNS if any(metrics[r].get(c[0]) is not None for r in rows)]
     table = [["model"] + [c[1] for c in cols]]
     label = lambda r: LABELS.get(r) or f"assistant {r.split('_')[1]} (distilled)"  # noqa: E731
-    table += [[label(r)] + [_cell(metrics[r][c[0]], c[2], c[0]) for c in cols] for r in rows]
+    table += [[label(r)] + [_cell(metrics[r][c[0]], c[2], c[0]) if metrics[r].get(c[0]) is not None else "–"
+                            for c in cols] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in table]

@@ -149,6 +149,16 @@ def test_every_logit_method_refuses_other_widths_and_scores_no_position_as_zero(
     assert term.item() == 0.0 and term.requires_grad
 
 
+def test_the_table_keeps_a_column_some_models_have():
+    """The teacher has no KL to itself nor agreement: the students' columns were dropped from a language
+    model's table (KL was in no table at all)."""
+    table = format_table({"teacher": {"perplexity": 1.06, "params": 100},
+                          "student": {"perplexity": 1.1, "params": 50, "teacher_kl": 0.13, "top1_agreement": 0.95}})
+    head, _, teacher, student = table.splitlines()
+    assert head.split("  ")[0] == "model" and "KL to teacher" in head and "agree" in head
+    assert teacher.split()[-3:] == ["–", "–", "100"] and student.split()[-3:] == ["0.130", "0.950", "50"]
+
+
 def test_runtime_picks_the_device_and_refuses_a_missing_one():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
