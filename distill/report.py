@@ -409,12 +409,19 @@ def generations_section(metrics: Dict[str, Any]) -> str:
                     "completion data)")
     first = metrics[roles[0]]["samples"]
     head = ["prompt", "reference", *(LABELS.get(r, r) for r in roles)]
-    rows = [[s["prompt"][-120:], s["reference"], *(metrics[r]["samples"][i]["completion"] if
-                                                   i < len(metrics[r]["samples"]) else "" for r in roles)]
+    rows = [[_tail(s["prompt"], 120), s["reference"], *(metrics[r]["samples"][i]["completion"] if
+                                                         i < len(metrics[r]["samples"]) else "" for r in roles)]
             for i, s in enumerate(first)]
-    ems = ", ".join(f"{LABELS.get(r, r)} {metrics[r]['exact_match']:.2f}" for r in roles if "exact_match" in metrics[r])
-    return table(head, rows, numeric_from=len(head)) + note(f"Greedy completions of the first test prompts. "
-                                                           f"Exact match on the test prompts scored: {ems}.")
+    ems = ", ".join(f"{LABELS.get(r, r)} {metrics[r]['exact_match']:.2f}" for r in roles
+                    if isinstance(metrics[r].get("exact_match"), (int, float)))
+    # (as written: a worked answer's lines, and the space before an answer that exact match may count)
+    return f'<div class="texts">{table(head, rows, numeric_from=len(head))}</div>' + note(
+        f"Greedy completions of the first test prompts. Exact match on the test prompts scored: {ems}.")
+
+
+def _tail(text: str, n: int) -> str:
+    """The last `n` characters of `text`, marked as cut when it is longer."""
+    return text if len(text) <= n else "…" + text[-n:]
 
 
 def confusion_section(plt: Any, recipe: Any, folder: str) -> str:
@@ -561,6 +568,7 @@ text-align:left;vertical-align:top}th{background:#f3f6f8}td.num{text-align:right
 tbody tr:nth-child(even){background:#fafbfc}img{max-width:100%;height:auto;display:block;margin:.6em 0}
 dl{display:grid;grid-template-columns:max-content auto;gap:3px 16px;font-size:.92em}dt{font-weight:600;color:#444}
 dd{margin:0;word-break:break-word}.note{color:#666;font-style:italic}.sub{color:#555;margin:0}
+.texts td{white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.95em}
 """
 
 

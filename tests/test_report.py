@@ -255,6 +255,17 @@ def test_the_headline_says_no_share_of_an_accuracy_that_is_not_a_number():
     assert headline(models).endswith("keeps 75.0% of the teacher's test accuracy (0.6000 vs 0.8000).")
 
 
+def test_sample_generations_keep_their_whitespace_and_say_where_a_prompt_is_cut():
+    from distill.report import generations_section
+    sample = {"prompt": "x" * 130 + "Compute 7 + 5.", "reference": "7+5: ones 12\nAnswer: 12",
+              "completion": " 12"}
+    page = generations_section({"student": {"samples": [sample], "exact_match": None},
+                                "teacher": {"samples": [sample], "exact_match": 1.0}})
+    assert '<div class="texts"><table>' in page and "Answer: 12" in page and "<td> 12</td>" in page
+    assert "<td>…" + "x" * 106 + "Compute 7 + 5.</td>" in page
+    assert "scored: teacher 1.00." in page  # (a hand-edited null is left out, not a traceback)
+
+
 def test_many_layer_pairs_become_a_heatmap_and_empty_logs_a_note():
     from distill.report import _pyplot, gradient_section, retention_section
     plt = _pyplot()
