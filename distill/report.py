@@ -117,6 +117,10 @@ def figure_png(fig: Any) -> bytes:
 def _epoch_axis(ax: Any) -> None:
     import matplotlib.ticker
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    low, high = ax.get_xlim()
+    if high - low < 1:  # (one epoch: matplotlib's margins would leave no whole number to tick)
+        middle = round((low + high) / 2)
+        ax.set_xlim(middle - 0.5, middle + 0.5)
     ax.set_xlabel("epoch")
     ax.grid(alpha=0.3)
 
@@ -124,12 +128,19 @@ def _epoch_axis(ax: Any) -> None:
 def series_panel(ax: Any, records: List[Dict[str, Any]], keys: List[str], title: str, prefix: str,
                  vmin: Optional[float] = None, vmax: Optional[float] = None, cmap: str = "viridis") -> None:
     """One line per key over epochs, or a key × epoch heatmap when there are many keys."""
-    epochs = [r["epoch"] for r in records]
     if len(keys) > HEATMAP_OVER:
         import numpy as np
+        # (the epochs measured, each as wide as the gap to its neighbours: the monitor measures every few epochs
+        # of short runs, and a column per epoch left the others as blank stripes)
+        records = [r for r in records if any(k in r for k in keys)] or records
+        epochs = np.array([r["epoch"] for r in records], dtype=float)
+        mids = (epochs[1:] + epochs[:-1]) / 2
+        first, last = (epochs[0] - (mids[0] - epochs[0]), epochs[-1] + (epochs[-1] - mids[-1])) if len(mids) else \
+            (epochs[0] - 0.5, epochs[0] + 0.5)
         grid = np.array([[r.get(k, float("nan")) for r in records] for k in keys], dtype=float)
-        im = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest",
-                       extent=(epochs[0] - 0.5, epochs[-1] + 0.5, len(keys) - 0.5, -0.5))
+        im = ax.pcolormesh(np.concatenate([[first], mids, [last]]), np.arange(len(keys) + 1) - 0.5,
+                           np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax)
+        ax.set_ylim(len(keys) - 0.5, -0.5)
         ax.set_yticks(range(len(keys)))
         ax.set_yticklabels([_short(k[len(prefix):], 40) for k in keys], fontsize=max(5, 9 - len(keys) // 12))
         ax.figure.colorbar(im, ax=ax, fraction=0.04)
@@ -290,7 +301,7 @@ def curves_section(plt: Any, epochs: Dict[str, List[Dict[str, Any]]], steps: Dic
                          label=f"{label(role)} val")
         if any("train_accuracy" in r for r in recs):
             axes[1].plot(x, [r.get("train_accuracy", float("nan")) for r in recs], color=c, ls="--", lw=1,
-                         label=f"{label(role)} train")
+                         marker=_marker(x) and "x", ms=3, label=f"{label(role)} train")  # (one epoch: a point)
     axes[0].set_title(f"training loss per epoch (each model's own objective{_log_scale(axes[0])})", fontsize=10)
     axes[1].set_title("accuracy per epoch (solid: validation, dashed: train)", fontsize=10)
     for ax in axes:

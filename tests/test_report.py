@@ -277,6 +277,20 @@ def test_many_layer_pairs_become_a_heatmap_and_empty_logs_a_note():
     assert len(plt.get_fignums()) == n  # figures are closed once embedded
     assert "logged no retention" in retention_section(plt, [{"epoch": 1}])
     assert "logged no gradient consistency" in gradient_section(plt, [{"epoch": 1}], [])
+    # measured every third epoch: a column per measured epoch, as wide as the gap (not blank stripes between)
+    from distill.report import series_panel
+    keys = [f"grad_kd_ce_cos/m{i}" for i in range(12)]
+    fig, ax = plt.subplots()
+    series_panel(ax, [{"epoch": e, **({k: 0.1 for k in keys} if e % 3 == 1 else {})} for e in range(1, 11)], keys,
+                 "t", "grad_kd_ce_cos/")
+    mesh = ax.collections[0]
+    assert mesh.get_array().shape == (12, 4) and not mesh.get_array().mask.any()
+    assert ax.get_xlim() == (-0.5, 11.5)
+    plt.close(fig)
+    fig, ax = plt.subplots()  # (one measured epoch)
+    series_panel(ax, [{"epoch": 2, **{k: 0.1 for k in keys}}], keys, "t", "grad_kd_ce_cos/")
+    assert ax.get_xlim() == (1.5, 2.5)
+    plt.close(fig)
 
 
 def test_log_keeps_the_last_attempt_of_each_epoch(tmp_path):
