@@ -8,7 +8,6 @@ import re
 import signal
 import sys
 import threading
-import time
 from typing import Iterator, List, Optional
 
 from .launch import ERRORS, is_main_process, report_error, under_torchrun
@@ -302,14 +301,15 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _load(target: Optional[str], overrides: List[str], out: Optional[str]):
-    from .recipe import Recipe
+    from .recipe import Recipe, bundled_recipe_path
     if target and os.path.isdir(target):
         return Recipe.load_run_folder(target, overrides), out or target
     if target and out and os.path.isfile(target) and os.path.isfile(os.path.join(out, "recipe.yaml")) and \
             os.path.samefile(os.path.join(out, "recipe.yaml"), target):
         raise UserError(f"--out {out}: the folder of {target} itself, where the run writes its resolved "
                         f"recipe.yaml over yours; give another --out")
-    return Recipe.load(target or DEFAULT_RECIPE, overrides), out
+    # (no recipe given: the bundled default, not a file or run folder that happens to be named like it here)
+    return Recipe.load(target or bundled_recipe_path(DEFAULT_RECIPE), overrides), out
 
 
 def _echo(msg: str) -> None:
@@ -328,8 +328,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # agent stops the processes with it and reads their exit codes.
     handle = not under_torchrun() and threading.current_thread() is threading.main_thread()
     term = signal.signal(signal.SIGTERM, _terminated) if handle else None
-    if under_torchrun():
-        _stop_when_orphaned()
+    # (torchrun's agent sets TORCHELASTIC_RUN_ID in its processes; WORLD_SIZE alone may be a user's)
+    watch = _stop_when_orphaned() if under_torchrun() and os.environ.get("TORCHELASTIC_RUN_ID") else None
     try:
         with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
             if isinstance(getattr(args, "out", None), str) and not args.out.strip():  # (else the default folder)
@@ -359,20 +359,24 @@ def main(argv: Optional[List[str]] = None) -> int:
             signal.signal(signal.SIGTERM, term if term is not None else signal.SIG_DFL)
         if quiet:
             quiet.close()
+        if watch is not None:
+            watch.set()
         _leave_process_group()
 
 
-def _stop_when_orphaned() -> None:
+def _stop_when_orphaned() -> threading.Event:
     """torchrun starts its processes in sessions of their own: a launcher killed with SIGKILL left them training
     on, the folder's lock released, and a second command could write beside them. Each process stops as on
-    SIGTERM (in training: a checkpoint, then out) once its parent is gone."""
-    parent = os.getppid()
+    SIGTERM (in training: a checkpoint, then out) once its parent is gone, until the event returned is set."""
+    parent, done = os.getppid(), threading.Event()
 
     def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os.kill(os.getpid(), signal.SIGTERM)
+        while not done.wait(0.5):
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
     threading.Thread(target=watch, name="distill-parent-watch", daemon=True).start()
+    return done
 
 
 class Terminated(KeyboardInterrupt):

@@ -313,12 +313,16 @@ def bundled_recipes() -> List[str]:
     return sorted(p.name[:-5] for p in resources.files("distill.recipes").iterdir() if p.name.endswith(".yaml"))
 
 
+def bundled_recipe_path(name: str) -> str:
+    return str(resources.files("distill.recipes") / f"{name}.yaml")
+
+
 def resolve_recipe_path(path_or_name: str) -> str:
     """A file path, or the name of a bundled recipe (`distill recipes` lists them)."""
     if os.path.isfile(path_or_name):
         return path_or_name
     name = path_or_name[:-5] if path_or_name.endswith(".yaml") else path_or_name
     if name in bundled_recipes():
-        return str(resources.files("distill.recipes") / f"{name}.yaml")
+        return bundled_recipe_path(name)
     raise UserError(f"{path_or_name}: no such recipe file or bundled recipe{did_you_mean(name, bundled_recipes())}; "
                     f"bundled: {', '.join(bundled_recipes())}")

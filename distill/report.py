@@ -129,23 +129,8 @@ def series_panel(ax: Any, records: List[Dict[str, Any]], keys: List[str], title:
                  vmin: Optional[float] = None, vmax: Optional[float] = None, cmap: str = "viridis") -> None:
     """One line per key over epochs, or a key × epoch heatmap when there are many keys."""
     if len(keys) > HEATMAP_OVER:
-        import numpy as np
-        # (the epochs measured, each as wide as the gap to its neighbours: the monitor measures every few epochs
-        # of short runs, and a column per epoch left the others as blank stripes)
-        records = [r for r in records if any(k in r for k in keys)] or records
-        epochs = np.array([r["epoch"] for r in records], dtype=float)
-        mids = (epochs[1:] + epochs[:-1]) / 2
-        first, last = (epochs[0] - (mids[0] - epochs[0]), epochs[-1] + (epochs[-1] - mids[-1])) if len(mids) else \
-            (epochs[0] - 0.5, epochs[0] + 0.5)
-        grid = np.array([[r.get(k, float("nan")) for r in records] for k in keys], dtype=float)
-        im = ax.pcolormesh(np.concatenate([[first], mids, [last]]), np.arange(len(keys) + 1) - 0.5,
-                           np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax)
-        ax.set_ylim(len(keys) - 0.5, -0.5)
-        ax.set_yticks(range(len(keys)))
-        ax.set_yticklabels([_short(k[len(prefix):], 40) for k in keys], fontsize=max(5, 9 - len(keys) // 12))
-        ax.figure.colorbar(im, ax=ax, fraction=0.04)
-        _epoch_axis(ax)
-        ax.grid(False)
+        labels = [_short(k[len(prefix):], 40) for k in keys]
+        heatmap(ax, records, keys, labels, cmap, vmin, vmax)
     else:
         for k in keys:
             xs, ys = _logged(records, k)
@@ -155,6 +140,28 @@ def series_panel(ax: Any, records: List[Dict[str, Any]], keys: List[str], title:
             ax.set_ylim(min(vmin, ax.get_ylim()[0]), max(vmax, ax.get_ylim()[1]) if vmax is not None else None)
         _epoch_axis(ax)
     ax.set_title(title, fontsize=10)
+
+
+def heatmap(ax: Any, records: List[Dict[str, Any]], keys: List[str], labels: List[str], cmap: str,
+            vmin: Optional[float], vmax: Optional[float]) -> None:
+    """A key x epoch heatmap of the epochs that measured the keys, each as wide as the gap to its neighbours:
+    the monitor measures every few epochs of short runs, and a column per epoch left the others blank."""
+    import numpy as np
+    records = [r for r in records if any(k in r for k in keys)] or records
+    epochs = np.array([r["epoch"] for r in records], dtype=float)
+    mids = (epochs[1:] + epochs[:-1]) / 2
+    first, last = (epochs[0] - (mids[0] - epochs[0]), epochs[-1] + (epochs[-1] - mids[-1])) if len(mids) else \
+        (epochs[0] - 0.5, epochs[0] + 0.5)
+    grid = np.array([[r.get(k, float("nan")) for r in records] for k in keys], dtype=float)
+    im = ax.pcolormesh(np.concatenate([[first], mids, [last]]), np.arange(len(keys) + 1) - 0.5,
+                       np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax)
+    ax.set_xlim(max(first, epochs[0] - 0.5), last)  # (no epoch 0 before the first measured one)
+    ax.set_ylim(len(keys) - 0.5, -0.5)
+    ax.set_yticks(range(len(keys)))
+    ax.set_yticklabels(labels, fontsize=max(5, 9 - len(keys) // 12))
+    ax.figure.colorbar(im, ax=ax, fraction=0.04)
+    _epoch_axis(ax)
+    ax.grid(False)
 
 
 def _logged(records: List[Dict[str, Any]], key: str) -> Tuple[List[Any], List[Any]]:
@@ -369,17 +376,8 @@ def gradient_section(plt: Any, student: List[Dict[str, Any]], steps: List[Dict[s
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, height), squeeze=False)
     i = 0
     if modules:
-        import numpy as np
         ax = axes[0][0]
-        x = [r["epoch"] for r in student]
-        grid = np.array([[r.get(m, float("nan")) for r in student] for m in modules], dtype=float)
-        im = ax.imshow(grid, aspect="auto", cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest",
-                       extent=(x[0] - 0.5, x[-1] + 0.5, len(modules) - 0.5, -0.5))
-        ax.set_yticks(range(len(modules)))
-        ax.set_yticklabels([_short(m.split("/", 1)[1], 40) for m in modules], fontsize=max(5, 9 - len(modules) // 12))
-        fig.colorbar(im, ax=ax, fraction=0.04)
-        _epoch_axis(ax)
-        ax.grid(False)
+        heatmap(ax, student, modules, [_short(m.split("/", 1)[1], 40) for m in modules], "RdBu", -1, 1)
         ax.set_title("cos(∇KD, ∇CE) per student module (blue: agree, red: oppose)", fontsize=10)
         i = 1
     if lines:

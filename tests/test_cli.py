@@ -180,3 +180,14 @@ def test_a_setting_that_does_nothing_is_said_when_the_run_starts(tmp_path, capsy
                  "--out", str(tmp_path / "r")]) == 0
     err = capsys.readouterr().err
     assert "warning: distill.dkd.beta: 4 does nothing here: the dkd settings are read by the dkd loss" in err, err
+
+
+def test_no_recipe_given_is_the_bundled_default_even_beside_a_folder_of_its_name(tmp_path, monkeypatch):
+    """`distill run` in a folder holding a run folder named digits/ resolved that folder's recipe, not the
+    bundled default README names."""
+    from distill.cli import _load
+    (tmp_path / "digits").mkdir()
+    (tmp_path / "digits" / "recipe.yaml").write_text("name: mine\n")
+    monkeypatch.chdir(tmp_path)
+    recipe, out = _load(None, [], None)
+    assert recipe.cfg["name"] == "digits" and recipe.source.endswith(os.path.join("recipes", "digits.yaml"))

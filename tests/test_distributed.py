@@ -357,6 +357,13 @@ def test_a_mistake_every_process_finds_is_said_once(tmp_path):
     assert code == 2 and err.strip().splitlines() == [err.strip()], err[-2000:]
     assert err.startswith("error: data.label_fraction=0.2: cannot split 14 rows"), err
     assert not os.path.exists(tmp_path / "run")
+    # CRD under --nproc: refused before the teacher and the baseline trained (it was after them, by the trainer)
+    code, _, err = distill("run", "digits", "--out", str(tmp_path / "crd"), "--nproc", "2", "--set",
+                           "distill.features=[{student: body.0, teacher: body.0, loss: crd}]", timeout=120)
+    assert code == 2 and err.strip() == "error: distill.features: crd keeps one memory bank of the whole training " \
+                                        "set, which one process updates; train CRD in a single process (without " \
+                                        "--nproc)", err[-2000:]
+    assert not os.path.exists(tmp_path / "crd")
 
 
 def test_mistakes_that_differ_are_said_per_process(tmp_path):

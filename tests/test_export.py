@@ -236,7 +236,8 @@ def test_out_may_not_replace_the_records_of_a_seeds_or_search_folder(digits_run,
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "part of the folder of several runs" in err[0], err
     assert (search / "best.yaml").read_text() == "{}" and (seeds / "summary.json").read_text() == "{}"
-    assert main(["report", digits_run, "--out", str(seeds / "mine.html")]) == 0  # (a new name: the user's)
+    for mine in ("mine.html", "seed_0_report.html"):  # (a new name: the user's)
+        assert main(["report", digits_run, "--out", str(seeds / mine)]) == 0
 
 
 def test_hf_format_of_a_classifier_is_one_line_naming_its_model(digits_run, capsys):

@@ -266,7 +266,7 @@ def test_sample_generations_keep_their_whitespace_and_say_where_a_prompt_is_cut(
     assert "scored: teacher 1.00." in page  # (a hand-edited null is left out, not a traceback)
 
 
-def test_many_layer_pairs_become_a_heatmap_and_empty_logs_a_note():
+def test_many_layer_pairs_become_a_heatmap_and_empty_logs_a_note(monkeypatch):
     from distill.report import _pyplot, gradient_section, retention_section
     plt = _pyplot()
     recs = [{"epoch": e, **{f"retention_cka/t{i}->s{i}": 0.5 + 0.04 * i for i in range(12)},
@@ -278,14 +278,21 @@ def test_many_layer_pairs_become_a_heatmap_and_empty_logs_a_note():
     assert "logged no retention" in retention_section(plt, [{"epoch": 1}])
     assert "logged no gradient consistency" in gradient_section(plt, [{"epoch": 1}], [])
     # measured every third epoch: a column per measured epoch, as wide as the gap (not blank stripes between)
-    from distill.report import series_panel
+    import distill.report
+    from distill.report import heatmap, series_panel
     keys = [f"grad_kd_ce_cos/m{i}" for i in range(12)]
+    every_third = [{"epoch": e, **({k: 0.1 for k in keys} if e % 3 == 1 else {})} for e in range(1, 11)]
+    drawn = []
+    monkeypatch.setattr(distill.report, "heatmap", lambda ax, *a: (drawn.append(ax), heatmap(ax, *a))[1])
+    gradient_section(plt, every_third, [])  # (the gradient section's heatmap and the retention section's)
+    retention_section(plt, [{"epoch": r["epoch"], **{k.replace("grad_kd_ce_cos/", "retention_cka/"): v
+                                                     for k, v in r.items() if k != "epoch"}} for r in every_third])
+    assert len(drawn) == 2
     fig, ax = plt.subplots()
-    series_panel(ax, [{"epoch": e, **({k: 0.1 for k in keys} if e % 3 == 1 else {})} for e in range(1, 11)], keys,
-                 "t", "grad_kd_ce_cos/")
+    series_panel(ax, every_third, keys, "t", "grad_kd_ce_cos/")
     mesh = ax.collections[0]
     assert mesh.get_array().shape == (12, 4) and not mesh.get_array().mask.any()
-    assert ax.get_xlim() == (-0.5, 11.5)
+    assert ax.get_xlim() == (0.5, 11.5)
     plt.close(fig)
     fig, ax = plt.subplots()  # (one measured epoch)
     series_panel(ax, [{"epoch": 2, **{k: 0.1 for k in keys}}], keys, "t", "grad_kd_ce_cos/")

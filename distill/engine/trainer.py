@@ -201,8 +201,8 @@ class Trainer:
                             f"{split.world} x {split.accumulate} micro-batches of two samples or more (at least "
                             f"{least}); use fewer processes or less accumulation, or more training data")
         if split.world > 1 and any(f["loss"] == "crd" for f in getattr(self.objective, "features", [])):
-            raise UserError("distill.features: crd keeps one memory bank of the whole training set, which one "
-                            "process updates; train CRD in a single process (without --nproc)")
+            from ..losses.contrastive import ONE_PROCESS
+            raise UserError(ONE_PROCESS)
 
     def _wrap(self, objective: nn.Module) -> nn.Module:
         """The objective itself in one process; under torchrun, wrapped in DistributedDataParallel (which also

@@ -26,6 +26,10 @@ from ..errors import UserError
 from ..registry import LOSSES
 from .relations import embedding
 
+# (its memory banks hold the whole training set, updated by the process that saw each sample)
+ONE_PROCESS = ("distill.features: crd keeps one memory bank of the whole training set, which one process updates; "
+               "train CRD in a single process (without --nproc)")
+
 
 def flat_width(shape: Tuple[int, ...]) -> int:
     """The width of `embedding()`'s vector for per-sample shape `shape`."""

@@ -219,9 +219,12 @@ class HFClassifier(HFWrapper):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, mask = trim_padding(x, self.pad_id)
         attentions = any(t._forward_hooks for t in self.attention)  # only computed when a loss reads them
-        if attentions and self.hf.config._attn_implementation != MAPS_BEFORE_DROPOUT:
-            _register_maps_before_dropout()  # (sdpa never materialises the attention maps)
-            self.hf.set_attn_implementation(MAPS_BEFORE_DROPOUT)
+        # (sdpa never materialises the attention maps; a model whose attention is its own, DeBERTa's, takes no
+        # other function than eager, whose maps are after dropout)
+        want = MAPS_BEFORE_DROPOUT if getattr(self.hf, "_supports_attention_backend", False) else "eager"
+        if attentions and self.hf.config._attn_implementation != want:
+            _register_maps_before_dropout()
+            self.hf.set_attn_implementation(want)
         layers = layer_list(self.hf)[2]
         last: List[torch.Tensor] = []  # (the last layer's own output: a decoder's hidden_states[-1] is after its
         grab = layers[-1].register_forward_hook(  # final norm, while the other layers' are before any)

@@ -207,6 +207,9 @@ def preflight(run: RunDir, saved_teacher: bool = False) -> None:
     teacher, student = build_role(run, TEACHER), build_role(run, STUDENT)
     _check_unlabeled(run, (teacher, student))
     run.dcfg = resolve_distill(run.cfg, teacher, student)
+    if run.runtime.distributed and any(f["loss"] == "crd" for f in run.dcfg["features"]):
+        from ..losses.contrastive import ONE_PROCESS  # (the trainer refuses it too: after the teacher trained)
+        raise UserError(ONE_PROCESS)
     if run.dcfg.get("topk"):
         from ..teachers.topk import check_k
         check_k(run.dcfg["topk"], getattr(teacher, "vocab_size", run.data.num_classes))

@@ -6,6 +6,7 @@ that runs (`open`). Only the main process writes.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from functools import cached_property
 from typing import Any, Dict, List, Optional, Sequence
@@ -49,13 +50,13 @@ def holds_runs(folder: str) -> bool:
     """A --seeds folder (summary.json beside seed_<s>/) or a search's (search.json or best.yaml beside trials/)."""
     def has(name: str) -> bool:
         return os.path.exists(os.path.join(folder, name))
-    seeds = os.path.isdir(folder) and any(e.startswith("seed_") for e in os.listdir(folder))
+    seeds = os.path.isdir(folder) and any(re.fullmatch(r"seed_\d+", e) for e in os.listdir(folder))
     return (has("summary.json") and seeds) or ((has("search.json") or has("best.yaml")) and has("trials"))
 
 
 def made_by_runs(entry: str) -> bool:
     """Whether a top-level name in a folder of several runs is one they write."""
-    return entry in RUNS_RECORDS or entry.startswith("seed_")
+    return entry in RUNS_RECORDS or re.fullmatch(r"seed_\d+", entry) is not None
 
 
 AFTER_TRAINING = ("output", "compress", "bench", "baseline")  # keys that do not change the trained models
