@@ -279,7 +279,8 @@ def load_meta(path: str) -> Dict[str, Any]:
 
 # The header fields distill reads, and what each must be (a file written elsewhere, or edited, is refused in
 # one line rather than failing deep in the loading code).
-_META_KINDS = {"spec": dict, "input_shape": list, "num_classes": int, "class_names": list, "preprocessing": dict}
+_META_KINDS = {"spec": dict, "input_shape": list, "num_classes": int, "class_names": list, "preprocessing": dict,
+               "rows": dict}
 
 
 def _checked_meta(path: str, meta: Any) -> Dict[str, Any]:

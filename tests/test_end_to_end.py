@@ -266,13 +266,21 @@ def test_checkpoint_teacher_is_loaded_not_retrained(digits_run, tmp_path):
     assert m["teacher"]["accuracy"] == metrics["teacher"]["accuracy"]
 
 
-def test_checkpoint_teacher_of_another_split_loads_and_raw_inputs_are_refused(digits_run, tmp_path):
+def test_checkpoint_teacher_of_another_split_or_raw_inputs_is_refused(digits_run, tmp_path):
+    """Another split of the same data: its statistics are close, and the teacher loaded silently, trained on
+    most of this test split (0.989 on it, against 0.975 on its own)."""
     from distill.errors import UserError
     from distill.pipeline.artifacts import build_role
     out, _, _ = digits_run
     ck = f"teacher.checkpoint={out}/teacher.safetensors"
-    build_role(RunDir(Recipe.load("digits", [ck, "data.split_seed=3"]), str(tmp_path), quiet), "teacher")  # (the
-    # statistics of another split of the same data are close: accepted)
+    for split in ("data.split_seed=3", "data.test_fraction=0.3"):
+        with pytest.raises(UserError, match=r"trained on another split of this data \(data.split_seed or "
+                                            r"test_fraction differ\), so rows of this test split may be rows it "
+                                            r"trained on"):
+            build_role(RunDir(Recipe.load("digits", [ck, split]), str(tmp_path), quiet), "teacher")
+    # the same test rows under another validation or label fraction, or another data set's rows: loaded
+    for same_test in ("data.val_fraction=0.2", "data.label_fraction=0.5"):
+        build_role(RunDir(Recipe.load("digits", [ck, same_test]), str(tmp_path), quiet), "teacher")
     with pytest.raises(UserError, match="trained on normalised inputs, and data.transforms.normalize is false here; "
                                         "set it to true"):
         build_role(RunDir(Recipe.load("digits", [ck, "data.transforms.normalize=false"]), str(tmp_path), quiet),

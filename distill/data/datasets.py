@@ -56,6 +56,9 @@ class DataBundle:
     x_unlabelled: Optional[torch.Tensor] = None  # data.label_fraction < 1: training inputs without their labels
     task: str = "classification"  # the task of the registry that trains on it (causal_lm: next tokens)
     tokenizer: Optional[str] = None  # completions: the tokenizer (folder or GGUF) that made the token ids
+    # which rows the data holds, and which are its test rows, whatever the split or order (see rows_digest):
+    # a saved model carries them, so that one loaded for another split of the same data is told apart
+    rows: Dict[str, str] = field(default_factory=dict)
 
     def probe(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """A fixed set of n inputs and labels to measure a model on while it trains: the first validation
@@ -308,6 +311,7 @@ def load_data(cfg: Dict[str, Any]) -> DataBundle:
     x_un = x_tr[:0]
     if cfg["label_fraction"] < 1:  # the rest of the training inputs lose their labels
         x_tr, x_un, y_tr, _ = _split(x_tr, y_tr, cfg, "label_fraction", names, train_size=cfg["label_fraction"])
+    rows = {"all": rows_digest(x_tr, x_un, x_va, x_te), "test": rows_digest(x_te)}  # (before normalisation)
     stats: Dict[str, Any] = {}
     if cfg["transforms"]["normalize"] and raw.pad_id is None:  # token ids are never normalised
         axes = (0, 2, 3) if raw.image else (0,)
@@ -325,7 +329,15 @@ def load_data(cfg: Dict[str, Any]) -> DataBundle:
     names = raw.class_names or [str(i) for i in range(num_classes)]
     return DataBundle(tensors[0], labels[0], tensors[1], labels[1], tensors[2], labels[2], num_classes,
                       names, tuple(tensors[0].shape[1:]), raw.image, _fingerprint(cfg, tensors, labels), stats,
-                      raw.pad_id, tensors[3] if len(tensors[3]) else None)
+                      raw.pad_id, tensors[3] if len(tensors[3]) else None, rows=rows)
+
+
+def rows_digest(*arrays: np.ndarray) -> str:
+    """A hash of the set of rows in `arrays`, whatever their order and whichever array holds each: the same for
+    two splits of one data set, while their test rows' differ."""
+    rows = sorted(hashlib.blake2b(np.ascontiguousarray(r).tobytes(), digest_size=8).digest()
+                  for a in arrays for r in a)
+    return hashlib.sha256(b"".join(rows)).hexdigest()[:16]
 
 
 def with_training_split(data: DataBundle, x: torch.Tensor, y: torch.Tensor) -> DataBundle:

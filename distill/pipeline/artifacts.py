@@ -72,12 +72,24 @@ def check_preprocessing(meta: Dict[str, Any], data: DataBundle, where: str) -> N
                             f"{ratio:.3g}x); is it the same dataset and preprocessing?")
 
 
+def check_split(meta: Dict[str, Any], data: DataBundle, where: str) -> None:
+    """A checkpoint trained on another split of this same data has trained on rows of this test split, maybe
+    most of them: its test score, and its students', would be inflated (a loaded teacher scored 0.989 where it
+    scored 0.975 on its own test split). Refused; files that predate the record pass."""
+    theirs, ours = meta.get("rows") or {}, data.rows
+    if theirs.get("all") and theirs.get("all") == ours.get("all") and theirs.get("test") != ours.get("test"):
+        raise UserError(f"{where}: trained on another split of this data (data.split_seed or test_fraction "
+                        f"differ), so rows of this test split may be rows it trained on and the scores would be "
+                        f"inflated; split the data as it was split then, or train it here")
+
+
 def model_meta(data: DataBundle, name: str, spec: Dict[str, Any], info: Dict[str, Any]) -> Dict[str, Any]:
     """The header a saved model carries: its architecture, its data's shape and classes, its preprocessing,
     and what its stage recorded (timings, and each epoch's validation accuracy, left out: the file's size is
     the deployable model's)."""
     return {"spec": spec, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
             "class_names": data.class_names, "role": name, "preprocessing": preprocessing(data),
+            **({"rows": data.rows} if data.rows else {}),
             **{k: v for k, v in info.items() if k not in (*TIMINGS, "val_history")}}
 
 
@@ -127,6 +139,7 @@ class RegistryModels:
                 raise UserError(f"{role}.checkpoint: {m['checkpoint']} was trained on inputs shaped "
                                 f"{tuple(meta['input_shape'])} but the data's are {tuple(data.input_shape)}")
             check_preprocessing(meta, data, f"{role}.checkpoint: {m['checkpoint']}")
+            check_split(meta, data, f"{role}.checkpoint: {m['checkpoint']}")
             load_weights(model, m["checkpoint"], f"{role}.checkpoint")
         return model
 
