@@ -64,6 +64,27 @@ _NOT_LITERAL = ("has a non-literal argument ({}); only literal arguments are all
 _LITERAL_NODES = (ast.Constant, ast.Tuple, ast.List, ast.UnaryOp, ast.USub, ast.UAdd, ast.Load)
 
 
+_PYTHON_WORDS = {"true": "True", "false": "False", "none": "None", "null": "None"}
+
+
+def _check_kinds(cls: type, args: List[Any], kwargs: Dict[str, Any], fail: Callable[[str], NoReturn]) -> None:
+    """A switch takes True or False, and a size no bool: bias='false' is a non-empty string, which a layer reads
+    as True (the bias kept, silently), and Linear(True, 2) a layer of one input."""
+    try:
+        bound = inspect.signature(cls).bind_partial(*args, **kwargs).arguments
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return  # (the constructor says what is wrong below)
+    for name, value in bound.items():
+        default = params[name].default
+        if isinstance(default, bool) and not isinstance(value, bool):
+            fail(f"gives {name}={value!r}; write {name}=True or {name}=False")
+        if isinstance(value, bool) and not isinstance(default, bool) and default is not None:
+            fail(f"gives {name}={value!r}, which is a number here; write the number")
+        if isinstance(value, bool) and default is params[name].empty:
+            fail(f"gives {name}={value!r}, which is a number here; write the number")
+
+
 def _what(node: ast.AST) -> str:
     return _WHAT.get(type(node), f"a {type(node).__name__} expression")
 
@@ -97,6 +118,8 @@ def _signature(cls: type) -> str:
 
 def _literal(node: ast.AST, fail: Callable[[str], NoReturn]) -> Any:
     bad = next((n for n in ast.walk(node) if not isinstance(n, _LITERAL_NODES)), None)
+    if isinstance(bad, ast.Name) and bad.id.lower() in _PYTHON_WORDS:  # (YAML's spelling, in a Python call)
+        fail(f"writes {bad.id}; write {_PYTHON_WORDS[bad.id.lower()]}")
     if bad is not None:
         fail(_NOT_LITERAL.format(_what(bad)))
     try:
@@ -156,6 +179,7 @@ def parse_layer(spec: str, where: str = "") -> nn.Module:
     # hook on the layer before would hold the output after it: built out of place, which computes the same;
     # given by position, it is turned off on the built layer below)
     kwargs.pop("inplace", None)
+    _check_kinds(cls, args, kwargs, fail)
 
     usage = f"usage: {_signature(cls)}"
     try:
