@@ -230,8 +230,8 @@ def _read_csv(path: str, label: str) -> tuple:
 
 def _as_nchw(x: np.ndarray, path: str) -> np.ndarray:
     """(N,H,W) -> (N,1,H,W); channels-last (N,H,W,C) with C in 1..4 -> (N,C,H,W); uint8 -> [0, 1]. Where both
-    the second and the last side are 4 or less, either layout could be meant: the one whose images are square
-    is taken, and if both or neither are, the file is refused rather than guessed."""
+    the second and the last side are 4 or less, or both more, either layout could be meant: the one whose images
+    are square is taken, and if both or neither are, the file is refused rather than guessed."""
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[1] <= 4 and x.shape[-1] <= 4:
@@ -243,6 +243,13 @@ def _as_nchw(x: np.ndarray, path: str) -> np.ndarray:
             x = x.transpose(0, 3, 1, 2)
     elif x.ndim == 4 and x.shape[-1] <= 4:
         x = x.transpose(0, 3, 1, 2)
+    elif x.ndim == 4 and x.shape[1] > 4:  # (more than 4 channels, either side: 8-band images, say)
+        first, last = x.shape[2] == x.shape[3], x.shape[1] == x.shape[2]
+        if first == last:
+            raise UserError(f"{path}: images of shape {x.shape[1:]} could be channels-first (N,C,H,W) or "
+                            f"channels-last (N,H,W,C); store them channels-first")
+        if last:
+            x = x.transpose(0, 3, 1, 2)
     elif x.ndim != 4:
         raise UserError(f"{path}: images must be (N,H,W), (N,H,W,C) or (N,C,H,W), got shape {x.shape}")
     x = np.ascontiguousarray(x)
