@@ -142,6 +142,10 @@ def idle_settings(cfg: Dict[str, Any]) -> List[str]:
         if data[key] != schema[key].default and key not in texts.get(data["dataset"], ()):
             out.append(f"data.{key}: {data[key]!r} does nothing for data.dataset: {data['dataset']} (it is read by "
                        f"{', '.join(k for k, keys in texts.items() if key in keys)})")
+    if data["sampling"] == "balanced" and (data["label_fraction"] < 1 or d["data"]["unlabeled"]):
+        out.append("data.sampling: balanced draws the rows only the teacher labels (data.label_fraction, "
+                   "distill.data.unlabeled) as one more group, as often as a class: the distilled student sees them "
+                   "at about 1/(classes + 1) of its steps, however many there are")
     em = cfg["evaluate"]["exact_match"]
     changed = [k for k, f in SCHEMA["evaluate"]["exact_match"].items() if em[k] != f.default]
     if changed and data["dataset"] not in COMPLETIONS:

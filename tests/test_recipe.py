@@ -318,6 +318,7 @@ def test_a_recipe_changed_in_python_runs_as_validated(tmp_path):
     (["distill.data.word_prob=0.3"], "distill.data.word_prob: does nothing for data.dataset: digits"),
     (["monitor.action=raise_alpha"], "monitor.action: does nothing without monitor.retention_min"),
     (["monitor.factor=3"], "monitor.factor: does nothing without monitor.retention_min"),
+    (["data.sampling=balanced"], "data.sampling: balanced draws the rows only the teacher labels"),  # (digits: 0.2)
 ])
 def test_settings_that_would_do_nothing_are_said(sets, warning):
     """Each was accepted and silently ignored (a DKD setting with method kd is not DKD; a grid over a cosine
