@@ -234,22 +234,16 @@ def _as_nchw(x: np.ndarray, path: str) -> np.ndarray:
     are square is taken, and if both or neither are, the file is refused rather than guessed."""
     if x.ndim == 3:
         x = x[:, None]
-    elif x.ndim == 4 and x.shape[1] <= 4 and x.shape[-1] <= 4:
+    elif x.ndim == 4 and (x.shape[1] <= 4) == (x.shape[-1] <= 4):  # (either side could hold the channels)
         first, last = x.shape[2] == x.shape[3], x.shape[1] == x.shape[2]
         if first == last:
             raise UserError(f"{path}: images of shape {x.shape[1:]} could be channels-first (N,C,H,W) or "
-                            f"channels-last (N,H,W,C); store them with image sides larger than 4")
+                            f"channels-last (N,H,W,C); store them channels-first"
+                            f"{' with image sides larger than 4' if x.shape[1] <= 4 else ''}")
         if last:
             x = x.transpose(0, 3, 1, 2)
     elif x.ndim == 4 and x.shape[-1] <= 4:
         x = x.transpose(0, 3, 1, 2)
-    elif x.ndim == 4 and x.shape[1] > 4:  # (more than 4 channels, either side: 8-band images, say)
-        first, last = x.shape[2] == x.shape[3], x.shape[1] == x.shape[2]
-        if first == last:
-            raise UserError(f"{path}: images of shape {x.shape[1:]} could be channels-first (N,C,H,W) or "
-                            f"channels-last (N,H,W,C); store them channels-first")
-        if last:
-            x = x.transpose(0, 3, 1, 2)
     elif x.ndim != 4:
         raise UserError(f"{path}: images must be (N,H,W), (N,H,W,C) or (N,C,H,W), got shape {x.shape}")
     x = np.ascontiguousarray(x)
