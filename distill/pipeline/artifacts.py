@@ -76,7 +76,7 @@ def check_split(meta: Dict[str, Any], data: DataBundle, where: str) -> None:
     """A checkpoint trained on another split of this same data has trained on rows of this test split, maybe
     most of them: its test score, and its students', would be inflated (a loaded teacher scored 0.989 where it
     scored 0.975 on its own test split). Refused; files that predate the record pass."""
-    theirs, ours = meta.get("rows") or {}, data.rows
+    theirs, ours = meta.get("rows") if isinstance(meta.get("rows"), dict) else {}, data.rows
     if theirs.get("all") and theirs.get("all") == ours.get("all") and theirs.get("test") != ours.get("test"):
         raise UserError(f"{where}: trained on another split of this data (data.split_seed or test_fraction "
                         f"differ), so rows of this test split may be rows it trained on and the scores would be "
@@ -216,6 +216,9 @@ class HuggingFaceModels:
         if m["hf"]:
             path = resolve_hf_path(m["hf"], f"{role}.hf")
             model = load_classifier(path, names, f"{role}.hf", finetuned=m["finetuned"])
+            made = os.path.join(path, "distill.json")  # (a folder distill fine-tuned: which rows it trained on)
+            if os.path.isfile(made):
+                check_split(read_run_json(made, {}), run.data_for(role), f"{role}.hf: {m['hf']}")
             same = lambda: same_vocabulary(load_tokenizer(path, f"{role}.hf"),  # noqa: E731
                                            load_tokenizer(run.cfg["data"]["tokenizer"], "data.tokenizer"))
             if role == TEACHER:
