@@ -37,10 +37,17 @@ import torch
 OUT_DEFAULT = "runs/arith_bench"
 
 
+class ArmFailed(Exception):
+    """A distill command of the benchmark failed; it said why on stderr."""
+
+
 def distill(*args: str) -> None:
     env = {**os.environ, "DISTILL_QUIET": "1"}
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "distill", *args], check=True, env=env, stdout=subprocess.DEVNULL)
+    done = subprocess.run([sys.executable, "-m", "distill", *args], env=env, stdout=subprocess.DEVNULL)
+    if done.returncode:  # (its one-line reason is above, on stderr: no traceback of this script's over it)
+        raise ArmFailed(f"error: distill {' '.join(args[:2])} exited with code {done.returncode} (its reason is "
+                        f"above); the arms finished before it are kept and reused by the same command again")
     print(f"  ({time.perf_counter() - t0:.0f} s) distill {' '.join(args)}", flush=True)
 
 
@@ -203,4 +210,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ArmFailed as e:
+        print(e, file=sys.stderr)
+        sys.exit(1)

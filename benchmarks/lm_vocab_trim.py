@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import yaml
 
 from distill.data import load_data
 from distill.models.hf import load_tokenizer
-from distill.pipeline.artifacts import load_model_at, require_saved
+from distill.pipeline.artifacts import load_model_at, require_run_folder, require_saved
 from distill.tasks.causal_lm import greedy_completions, prompts_and_answers, score_completions
 
 
@@ -24,6 +25,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run")
     a = p.parse_args()
+    require_run_folder(a.run)
     cfg = yaml.safe_load(open(os.path.join(a.run, "recipe.yaml")))
     data = load_data(cfg["data"])
     tok = load_tokenizer(cfg["data"]["tokenizer"], "data.tokenizer")
@@ -47,4 +49,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from distill.errors import UserError
+    try:
+        main()
+    except UserError as e:  # (a run folder not compressed yet, say: one line, as distill says it)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
