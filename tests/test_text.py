@@ -191,6 +191,7 @@ def test_attention_taps_give_the_maps_before_dropout_in_training():
         model.eval()
         evaluated = model(x)
     assert torch.allclose(maps.sum(-1), torch.ones(2, 2, 5), atol=1e-5)
+    assert maps[1, :, :, 3:].abs().max() == 0  # (no attention to padding: a function of its own had no mask)
     assert torch.allclose(maps, cap.outputs["attention.0"], atol=1e-6)  # (layer 0's input has no dropout here)
     assert attention_kl(maps, cap.outputs["attention.0"]).item() == pytest.approx(0.0, abs=1e-6)
     assert not torch.allclose(trained, evaluated, atol=1e-2)  # (the attention dropout still applies)

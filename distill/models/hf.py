@@ -192,8 +192,12 @@ def _maps_before_dropout(module: nn.Module, query: torch.Tensor, key: torch.Tens
 
 
 def _register_maps_before_dropout() -> None:
+    """The attention function, and eager's mask with it: transformers builds no mask at all for an attention
+    function it has no mask function for (padding was attended to)."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
     AttentionInterface.register(MAPS_BEFORE_DROPOUT, _maps_before_dropout)
+    AttentionMaskInterface.register(MAPS_BEFORE_DROPOUT, eager_mask)
 
 
 class HFClassifier(HFWrapper):
