@@ -42,7 +42,7 @@ def atomic_path(path: str) -> Iterator[str]:
     mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.isfile(path) else 0o666 & ~_UMASK
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.path.basename(path)}.", suffix=".tmp", dir=folder)
         os.close(fd)  # (0600 while it is written: a read-only file replaced stays writable until it is whole)
     except OSError as e:
         raise UserError(f"{path}: cannot write in {folder} ({e.strerror or e})") from None
@@ -119,6 +119,25 @@ def sweep_stale(folder: str, age_s: float = 24 * 3600) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def sweep_leftovers(folder: str, age_s: float = 60.0) -> None:
+    """Remove the temp files and folders (TMP_PREFIX*) that a command killed mid-write left anywhere in `folder`,
+    a run folder whose lock is held (so no other command writes there): a killed export left
+    `.distill-tmp-student.onnx.*.tmp` beside the file for good. Those under a minute old are left, as `doctor`,
+    which holds no lock, may be writing its record."""
+    now, top = time.time(), os.path.abspath(folder).count(os.sep)
+    for root, dirs, files in os.walk(folder):
+        if os.path.abspath(root).count(os.sep) - top >= 3:  # (a run folder's files are 3 deep at most:
+            dirs[:] = []  # checkpoints/<stage>/, compress/<step>/; a folder of the user's is not walked whole)
+        for name in [*files, *dirs]:
+            path = os.path.join(root, name)
+            try:
+                if name.startswith(TMP_PREFIX) and now - os.path.getmtime(path) > age_s:
+                    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            except OSError:
+                pass  # (gone already, or not ours to remove: it stays, as before)
+        dirs[:] = [d for d in dirs if not d.startswith(TMP_PREFIX)]
+
+
 @contextmanager
 def locked(path: str, echo: Any = None) -> Iterator[None]:
     """An exclusive lock on the file `path` (made if absent) while the block runs: another process building the
@@ -171,6 +190,7 @@ def folder_lock(folder: str) -> Iterator[None]:
         fh.truncate(0)
         fh.write(str(os.getpid()))
         fh.flush()
+        sweep_leftovers(folder)
         yield
     finally:
         try:

@@ -3,6 +3,7 @@ traceback, and no run folder made (or the earlier run left exactly as it was).""
 import errno
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -581,6 +582,32 @@ def test_temp_folders_of_builds_killed_a_day_ago_are_swept(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".distill-tmp-live", ".tmp-users", "model"]
 
 
+def test_a_writing_command_sweeps_the_temp_files_a_killed_one_left(tmp_path):
+    """A SIGKILL mid-write left `.student.onnx.*.tmp` beside the file, and no later command removed it (the
+    temp names were not distill's prefix). Under the folder's lock no other command writes there: a leftover
+    over a minute old is removed; a younger one (doctor holds no lock) and the recovery copy of a folder stay."""
+    from distill.io import atomic_path, folder_lock
+    out = tmp_path / "run"
+    (out / "export").mkdir(parents=True)
+    with pytest.raises(KeyboardInterrupt), atomic_path(str(out / "export" / "student.onnx")) as tmp:
+        raise KeyboardInterrupt  # (removed on an exception; a SIGKILL leaves it, as written below)
+    assert os.path.basename(tmp).startswith(".distill-tmp-student.onnx.")
+    leftover = out / "export" / os.path.basename(tmp)
+    leftover.write_text("half an ONNX file")
+    young, old_folder = out / ".distill-tmp-doctor.json.x.tmp", out / ".distill-tmp-abc"
+    aside = out / ".distill-old-teacher-abcdefgh"
+    young.write_text("{}")
+    (old_folder / "inner").mkdir(parents=True)
+    aside.mkdir()
+    long_ago = time.time() - 3600
+    for path in (leftover, old_folder):
+        os.utime(path, (long_ago, long_ago))
+    with folder_lock(str(out)):
+        pass
+    assert not os.path.exists(leftover) and not old_folder.exists()
+    assert young.exists() and aside.exists()
+
+
 def test_a_second_command_in_a_run_folder_is_refused_until_the_first_ends(tmp_path, capsys):
     """Two commands writing in one run folder at once mixed their files (a `run --overwrite` beside a
     `compress`). The first holds the folder; the second is refused in one line naming its process, before it
@@ -627,3 +654,16 @@ def test_the_stage_functions_given_a_recipe_say_they_take_a_run_folder():
     for name in ("train_teacher", "soft_labels", "train_student"):
         with pytest.raises(UserError, match=rf"^{name}: expected a RunDir \(RunDir\(recipe, out\)\), got Recipe"):
             getattr(distill, name)(recipe)
+
+
+def test_an_unfinished_compressed_model_names_the_command_that_finishes_it(tmp_path):
+    """bench told a killed compress's step to `distill run RUN --resume`, which never makes it: the same line
+    came back after it. The command that makes the model finishes it."""
+    from distill.errors import UserError
+    from distill.pipeline.rundir import UNFINISHED, require_current
+    (tmp_path / "stages.json").write_text(json.dumps({"compress/channels": {"fingerprint": UNFINISHED},
+                                                      "student": {"fingerprint": UNFINISHED}}))
+    for name, again in (("compress/channels", "compress"), ("student", "run")):
+        with pytest.raises(UserError, match=f"finish the run first \\(bench needs it\\): distill {again} "
+                                            f"{tmp_path} --resume$"):
+            require_current(str(tmp_path), name, str(tmp_path / name), "bench")

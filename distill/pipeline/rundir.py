@@ -173,14 +173,15 @@ def require_current(out: str, name: str, path: str, command: str, made_for: Opti
     record = read_run_json(os.path.join(out, "stages.json"), {}).get(name)
     if not isinstance(record, dict):
         return
+    again = f"distill {'compress' if name.startswith('compress/') else 'run'} {out} --resume"  # (its maker)
     if record.get("fingerprint") == UNFINISHED:
         raise UserError(f"{name}: a run that started making it again stopped before it finished; finish the run "
-                        f"first ({command} needs it): distill run {out} --resume")
+                        f"first ({command} needs it): {again}")
     made = record.get("recipe")  # (records from before the key: none)
     if made is not None and made != (made_for or recipe_key(Recipe.load_run_folder(out).cfg)):
         raise UserError(f"{path}: made by a run of another recipe than "
                         f"{os.path.join(out, 'recipe.yaml')} (a rerun that changed it stopped before making this "
-                        f"model again); finish the run first ({command} needs it): distill run {out} --resume")
+                        f"model again); finish the run first ({command} needs it): {again}")
 
 
 def stage_fingerprints(folder: str) -> Dict[str, Optional[str]]:
