@@ -679,3 +679,24 @@ def test_a_compress_that_makes_no_model_leaves_no_earlier_chain_behind(cnn_run, 
     assert os.path.isfile(os.path.join(folder, "compress", "channels.safetensors"))
     assert main(["export", folder, "--model", "compress/channels", "--format", "safetensors"]) == 2
     assert "--model compress/channels: not a model of the last compress" in capsys.readouterr().err
+
+
+def test_a_model_made_from_an_unfinished_step_of_the_chain_is_left_out(cnn_run, tmp_path, capsys):
+    """A compress killed in its channels step left the chain's qat (made from the earlier channels model)
+    finished: bench recommended it, export wrote it. Each step distils the model before it."""
+    import shutil
+    from distill.pipeline.rundir import UNFINISHED
+    folder = str(tmp_path / "run")
+    shutil.copytree(cnn_run, folder, ignore=shutil.ignore_patterns("compress", "bench", "export"))
+    assert main(["compress", folder, "--set", "compress.steps=[channels, qat]"]) == 0
+    stages = json.load(open(os.path.join(folder, "stages.json")))
+    stages["compress/channels"]["fingerprint"] = UNFINISHED  # (as a compress killed while making it leaves it)
+    json.dump(stages, open(os.path.join(folder, "stages.json"), "w"))
+    capsys.readouterr()
+    assert main(["export", folder, "--model", "compress/qat", "--format", "safetensors"]) == 2
+    assert f"finish the run first (export needs it): distill compress {folder} --resume" in capsys.readouterr().err
+    assert main(["bench", folder, "--set", "bench.variants=[fp32]", "--set", "bench.latency_runs=2"]) == 0
+    err = capsys.readouterr().err
+    assert "bench: compress/qat: made from a model of the chain that is left out; left out" in err, err
+    rows = json.load(open(os.path.join(folder, "bench", "bench.json")))["results"]
+    assert not [r for r in rows if r["model"].startswith("compress/")]

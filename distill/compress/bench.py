@@ -136,6 +136,11 @@ def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
                 raise
             echo(f"bench: {e}; left out")  # (a compressed model made before the run was trained again)
             stale.add(name)
+    chain = chain_names(folder)
+    for name in chain[next((i for i, n in enumerate(chain) if n in stale), len(chain)) + 1:]:
+        if name not in stale and name in {n for n, _, _ in rows}:  # (each step distils the model before it: one
+            echo(f"bench: {name}: made from a model of the chain that is left out; left out")  # made from another)
+            stale.add(name)
     why = compressed_out_of_date(folder)
     if why and any(n.startswith("compress/") for n, _, _ in rows):
         echo(f"bench: the compressed models were {why}; left out (run distill compress again)")

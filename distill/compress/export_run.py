@@ -31,12 +31,17 @@ def export_run_model(recipe, folder: str, name: str, fmt: str, out: Optional[str
 
 def _require_current_chain(folder: str, name: str) -> None:
     """What bench and the report measure: a model of the last compress, which is up to date."""
+    from ..pipeline.artifacts import require_saved
+    from ..pipeline.rundir import require_current
     from .bench import chain_names, compressed_out_of_date
-    why = compressed_out_of_date(folder) or (None if name in chain_names(folder) else
+    chain = chain_names(folder)
+    why = compressed_out_of_date(folder) or (None if name in chain else
                                              "not a model of the last compress (compress/compress.json): one an "
                                              "earlier chain made, maybe from an earlier version of its source")
     if why:
         raise UserError(f"--model {name}: {why}; compress again first: distill compress {folder}")
+    for before in chain[:chain.index(name)]:  # (each step distils the model before it: one unfinished is made anew)
+        require_current(folder, before, require_saved(folder, before), "export")
 
 
 def _out_file(folder: str, name: str, fmt: str, out: Optional[str]) -> str:
