@@ -249,8 +249,8 @@ def _doctor(args: argparse.Namespace) -> int:
 def _refuse_run_file(out: Optional[str], folder: str, own: str) -> None:
     """An --out may not replace what a run made (its models, records, recipe, the folder itself), this run's
     or another's (the nearest folder above `out` that holds a run: recipe.yaml with stages.json or log.jsonl,
-    not a project's own recipe.yaml; or several: a --seeds or search folder's records); a file of the command's own in this run (under `own`, its default place,
-    or an earlier --out of another name) may be written again."""
+    not a project's own recipe.yaml; or several: a --seeds or search folder's records); a file of the command's
+    own in this run (under `own`, its default place, or an earlier --out of another name) may be written again."""
     from .pipeline.rundir import holds_runs, made_by_a_run, made_by_runs
     if out is None:
         return  # (an --out not made yet is checked too: a new file in a run's checkpoints/ would be among them)
@@ -446,13 +446,14 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             raise UserError(f"--resume {args.resume}: give the run folder once, either as RECIPE or after --resume")
         args.target, args.resume = args.resume, True
     recipe, out = _load(args.target, [*args.overrides, *(["baseline=false"] if args.no_baseline else [])], args.out)
-    from .pipeline.rundir import run_folder  # (after the recipe: a mistake in it is told before torch loads)
+    from .pipeline.rundir import run_folder, seed_folder  # (after the recipe: its mistakes are told before torch loads)
     if args.nproc is not None and args.nproc < 1:
         raise UserError(f"--nproc: expected a positive number of processes, got {args.nproc}")
-    nproc, again = _resume_hint(args, run_folder(recipe, out))
+    base = run_folder(recipe, out)
+    nproc, again = _resume_hint(args, base)
     args.again = again  # (said if the command is interrupted outside training)
-    base = run_folder(recipe, out)  # (and with --seeds, each seed's run folder in it, which a stage command names)
-    seeds = [os.path.join(base, f"seed_{s}") for s in range(args.seeds)] if getattr(args, "seeds", None) else []
+    # (with --seeds, each seed's run folder in it is held too: a stage command may name one)
+    seeds = [seed_folder(base, s) for s in range(args.seeds)] if getattr(args, "seeds", None) else []
     with contextlib.ExitStack() as held:
         for folder in [base, *seeds]:
             held.enter_context(_writing(folder))

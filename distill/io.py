@@ -109,33 +109,21 @@ def atomic_folder(folder: str) -> Iterator[str]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def sweep_stale(folder: str, age_s: float = 24 * 3600) -> None:
-    """Remove the temp folders (TMP_PREFIX*, distill's own only) that processes killed mid-build left in
-    `folder` a day ago or more (a live build's is younger)."""
-    now = time.time()
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        path = os.path.join(folder, name)
-        if name.startswith(TMP_PREFIX) and now - os.path.getmtime(path) > age_s:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def sweep_leftovers(folder: str, age_s: float = 60.0) -> None:
-    """Remove the temp files and folders (TMP_PREFIX*) that a command killed mid-write left anywhere in `folder`,
-    a run folder whose lock is held (so no other command writes there): a killed export left
-    `.distill-tmp-student.onnx.*.tmp` beside the file for good. Those under a minute old are left, as `doctor`,
-    which holds no lock, may be writing its record."""
+def sweep_stale(folder: str, age_s: float = 24 * 3600, depth: int = 1) -> None:
+    """Remove the temp files and folders (TMP_PREFIX*, distill's own only) that processes killed mid-write left
+    in `folder`, and in its subfolders down to `depth` levels in all, `age_s` ago or more (a live write's is
+    younger)."""
     now, top = time.time(), os.path.abspath(folder).count(os.sep)
     for root, dirs, files in os.walk(folder):
-        if os.path.abspath(root).count(os.sep) - top >= 3:  # (a run folder's files are 3 deep at most:
-            dirs[:] = []  # checkpoints/<stage>/, compress/<step>/; a folder of the user's is not walked whole)
         for name in [*files, *dirs]:
             path = os.path.join(root, name)
             try:
                 if name.startswith(TMP_PREFIX) and now - os.path.getmtime(path) > age_s:
                     shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
             except OSError:
-                pass  # (gone already, or not ours to remove: it stays, as before)
-        dirs[:] = [d for d in dirs if not d.startswith(TMP_PREFIX)]
+                pass  # (gone already, or not ours to remove: it stays)
+        deeper = os.path.abspath(root).count(os.sep) - top + 1 < depth
+        dirs[:] = [d for d in dirs if deeper and not d.startswith(TMP_PREFIX)]
 
 
 @contextmanager
@@ -190,7 +178,9 @@ def folder_lock(folder: str) -> Iterator[None]:
         fh.truncate(0)
         fh.write(str(os.getpid()))
         fh.flush()
-        sweep_leftovers(folder)
+        # (what a command killed mid-write left anywhere in the run, 4 levels down at most: checkpoints/<stage>/,
+        # compress/<step>/; no other command writes here now, but doctor, which holds no lock: a minute's grace)
+        sweep_stale(folder, age_s=60.0, depth=4)
         yield
     finally:
         try:

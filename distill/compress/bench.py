@@ -127,7 +127,8 @@ def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
     rows = plan(folder, variants, cfg["bench"]["models"])
     loaded: Dict[str, Any] = {}  # the data, and the model whose variants are being written
     stale = set()
-    for name, path in {n: p for n, p, _ in rows}.items():  # (every row scores its model on the test split)
+    paths = {n: p for n, p, _ in rows}
+    for name, path in paths.items():  # (every row scores its model on the test split)
         try:
             require_current(folder, name, path, "bench")
             require_same_data(folder, name, _data_for(cfg, name, loaded))
@@ -138,7 +139,7 @@ def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
             stale.add(name)
     chain = chain_names(folder)
     for name in chain[next((i for i, n in enumerate(chain) if n in stale), len(chain)) + 1:]:
-        if name not in stale and name in {n for n, _, _ in rows}:  # (each step distils the model before it: one
+        if name not in stale and name in paths:  # (each step distils the model before it: one
             echo(f"bench: {name}: made from a model of the chain that is left out; left out")  # made from another)
             stale.add(name)
     why = compressed_out_of_date(folder)

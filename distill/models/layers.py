@@ -71,17 +71,15 @@ def _check_kinds(cls: type, args: List[Any], kwargs: Dict[str, Any], fail: Calla
     """A switch takes True or False, and a size no bool: bias='false' is a non-empty string, which a layer reads
     as True (the bias kept, silently), and Linear(True, 2) a layer of one input."""
     try:
-        bound = inspect.signature(cls).bind_partial(*args, **kwargs).arguments
-        params = inspect.signature(cls).parameters
+        signature = inspect.signature(cls)
+        bound = signature.bind_partial(*args, **kwargs).arguments
     except (TypeError, ValueError):
         return  # (the constructor says what is wrong below)
     for name, value in bound.items():
-        default = params[name].default
+        default = signature.parameters[name].default  # (`empty` for a size given by position: no bool either)
         if isinstance(default, bool) and isinstance(value, str):  # (0, 1 and None are read as they mean)
             fail(f"gives {name}={value!r}; write {name}=True or {name}=False")
         if isinstance(value, bool) and not isinstance(default, bool) and default is not None:
-            fail(f"gives {name}={value!r}, which is a number here; write the number")
-        if isinstance(value, bool) and default is params[name].empty:
             fail(f"gives {name}={value!r}, which is a number here; write the number")
 
 

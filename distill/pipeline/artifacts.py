@@ -216,9 +216,8 @@ class HuggingFaceModels:
         if m["hf"]:
             path = resolve_hf_path(m["hf"], f"{role}.hf")
             model = load_classifier(path, names, f"{role}.hf", finetuned=m["finetuned"])
-            made = os.path.join(path, "distill.json")  # (a folder distill fine-tuned: which rows it trained on)
-            if os.path.isfile(made):
-                check_split(read_run_json(made, {}), run.data_for(role), f"{role}.hf: {m['hf']}")
+            check_split(read_run_json(os.path.join(path, "distill.json"), {}),  # (a folder distill fine-tuned:
+                        run.data_for(role), f"{role}.hf: {m['hf']}")  # which rows it trained on)
             same = lambda: same_vocabulary(load_tokenizer(path, f"{role}.hf"),  # noqa: E731
                                            load_tokenizer(run.cfg["data"]["tokenizer"], "data.tokenizer"))
             if role == TEACHER:

@@ -26,10 +26,11 @@ def evaluate(run: RunDir) -> Dict[str, Any]:
     for name in evaluated(run.cfg):
         data = run.data_for(name)  # (a student may read its own tokens)
         require_same_data(run.out, name, data)
-        require_current(run.out, name, require_saved(run.out, name), "evaluate", made_for)
+        path = require_saved(run.out, name)
+        require_current(run.out, name, path, "evaluate", made_for)
         model = load_saved(run, name).to(run.runtime.device)  # (scored there; evaluate_model times it on the CPU)
         models[name] = model
-        m = evaluate_model(model, require_saved(run.out, name), data.x_test, data.y_test, ecfg,
+        m = evaluate_model(model, path, data.x_test, data.y_test, ecfg,
                            run.cfg["data"]["eval_batch_size"], run.runtime, task_for(data))
         if name != TEACHER and data is run.data and hasattr(task_for(data), "agreement") and run.runtime.is_main:
             teacher = models[TEACHER].to(run.runtime.device)

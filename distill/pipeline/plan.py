@@ -36,7 +36,7 @@ from ..teachers.cache import check_cache_dir
 from ..roles import SCRATCH, STUDENT, TEACHER
 from .artifacts import artifact, build_role, distill_settings, fits_context, load_saved, resolve_distill
 from .evaluation import evaluate
-from .rundir import RunDir, check_recipe, check_run, refuse_inside_a_run, run_folder
+from .rundir import RunDir, check_recipe, check_run, refuse_inside_a_run, run_folder, seed_folder
 from .teacher_outputs import soft_labels, student_data, teacher_mode, teacher_source
 from .training import feature_shapes, train_assistant, train_distilled, train_scratch, train_teacher
 
@@ -261,7 +261,7 @@ def run_seeds(recipe: Recipe, seeds: List[int], out: Optional[str] = None, echo=
     base = run_folder(recipe, out)
     refuse_inside_a_run(base, "the seeds' folders and summary.json")
     # Every seed's folder is checked (another recipe's run in it, say) before the first seed trains.
-    folders = {s: RunDir(with_seed(recipe, s), os.path.join(base, f"seed_{s}"), echo, resume=resume,
+    folders = {s: RunDir(with_seed(recipe, s), seed_folder(base, s), echo, resume=resume,
                          overwrite=overwrite, tensorboard=tensorboard) for s in seeds}
     per_seed = {s: execute(folders[s])["metrics"] for s in seeds}
     summary: Dict[str, Any] = {"seeds": list(seeds)}

@@ -46,17 +46,25 @@ def made_by_a_run(entry: str) -> bool:
 RUNS_RECORDS = ("summary.json", "search.json", "search.md", "search.png", "best.yaml", "trials")
 
 
+SEED_FOLDER = re.compile(r"seed_\d+")
+
+
+def seed_folder(base: str, seed: int) -> str:
+    """The run folder of one seed of `distill run --seeds` in its folder `base`."""
+    return os.path.join(base, f"seed_{seed}")
+
+
 def holds_runs(folder: str) -> bool:
     """A --seeds folder (summary.json beside seed_<s>/) or a search's (search.json or best.yaml beside trials/)."""
     def has(name: str) -> bool:
         return os.path.exists(os.path.join(folder, name))
-    seeds = os.path.isdir(folder) and any(re.fullmatch(r"seed_\d+", e) for e in os.listdir(folder))
+    seeds = os.path.isdir(folder) and any(SEED_FOLDER.fullmatch(e) for e in os.listdir(folder))
     return (has("summary.json") and seeds) or ((has("search.json") or has("best.yaml")) and has("trials"))
 
 
 def made_by_runs(entry: str) -> bool:
     """Whether a top-level name in a folder of several runs is one they write."""
-    return entry in RUNS_RECORDS or re.fullmatch(r"seed_\d+", entry) is not None
+    return entry in RUNS_RECORDS or SEED_FOLDER.fullmatch(entry) is not None
 
 
 AFTER_TRAINING = ("output", "compress", "bench", "baseline")  # keys that do not change the trained models
@@ -167,9 +175,9 @@ def require_current(out: str, name: str, path: str, command: str, made_for: Opti
     """A model is measured, compressed or exported only as the folder's recipe made it: not one whose stage was
     started again and stopped (its record `unfinished`), nor one made by a run of another recipe than the
     folder's (recipe.yaml was changed since, by a run or a stage command that stopped before it made this model
-    again). `path`: its file or folder, as the refusal names it. `made_for`: the recipe key it must hold (evaluate: the folder's before this command rewrites it),
-    else that of recipe.yaml as saved (a command's own --set, bench's evaluate.threads, does not make the
-    folder's models another recipe's)."""
+    again). `path`: its file or folder, as the refusal names it. `made_for`: the recipe key it must hold
+    (evaluate: the folder's before this command rewrites it), else that of recipe.yaml as saved (a command's
+    own --set, bench's evaluate.threads, does not make the folder's models another recipe's)."""
     record = read_run_json(os.path.join(out, "stages.json"), {}).get(name)
     if not isinstance(record, dict):
         return
