@@ -189,7 +189,7 @@ def _search(args: argparse.Namespace) -> int:
         if is_main_process():  # (under torchrun every process stops here: one says it)
             print(f"{e}; the search stopped: the same command again reuses the stages it finished (the teacher, "
                   f"the baseline) in {os.path.join(out, 'trials')} and continues this one", file=sys.stderr)
-        return 130
+        return e.exit_code
     print(result["table"])
     if result.get("summary"):
         print(result["summary"])
@@ -220,7 +220,7 @@ def _compress(args: argparse.Namespace) -> int:
             again = f"distill compress {folder} --resume"
             print(f"{e}; continue with: {'the same torchrun command, with ' if under_torchrun() else ''}{again}",
                   file=sys.stderr)
-        return 130
+        return e.exit_code
     width = max([5] + [len(r["name"]) for r in records])
     print(f"{'model':{width}s}  {'params':>12s}  {'size KB':>10s}  val accuracy")
     for r in records:
@@ -349,11 +349,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         again = getattr(args, "again", None)
-        if not is_main_process() or os.environ.get(ERRORS):  # (one line: rank 0's, or --nproc's launcher's)
-            return 130
-        print(f"interrupted ({'SIGTERM' if isinstance(e, Terminated) else 'SIGINT'})"
-              f"{f'; continue with: {again}' if again else ''}", file=sys.stderr)
-        return 130
+        signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+        if is_main_process() and not os.environ.get(ERRORS):  # (one line: rank 0's, or --nproc's launcher's)
+            print(f"interrupted ({signum.name}){f'; continue with: {again}' if again else ''}", file=sys.stderr)
+        return 128 + signum
     finally:
         if handle:  # (None: a handler set outside Python; the default is the nearest)
             signal.signal(signal.SIGTERM, term if term is not None else signal.SIG_DFL)
@@ -486,7 +485,7 @@ def _run_or_stop(args: argparse.Namespace, recipe, out: Optional[str], again: st
     except Interrupted as e:
         if is_main_process():
             print(f"{e}; continue with: {again}", file=sys.stderr)
-        return 130
+        return e.exit_code
     except RuntimeError as e:  # a peer died or hung: this process stops too, its last checkpoint kept
         if not (isinstance(e, dist.DistError) or (dist.is_initialized() and LOST_PEER.search(str(e)))):
             raise

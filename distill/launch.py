@@ -113,7 +113,7 @@ def _said(folder: str, nproc: int) -> List[str]:
 
 def launch(argv: List[str], nproc: int, resume: str) -> int:
     """Run `distill ARGV` in `nproc` processes; returns the exit code for the user (2: a user mistake, said
-    once; 130: interrupted; 1: a process died)."""
+    once; 128 + the signal, 130 or 143: interrupted; 1: a process died)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -138,15 +138,15 @@ def launch(argv: List[str], nproc: int, resume: str) -> int:
             for line in _said(errors, nproc):
                 print(line, file=sys.stderr)
             return 2
-        if all(c == 130 for c in codes):
-            return 130  # interrupted: the main process said where it stopped and how to continue
+        if all(c in (130, 143) for c in codes):
+            return codes[0]  # interrupted: the main process said where it stopped and how to continue
         print(f"error: {_describe(e.failures)}; the other processes were stopped and the last checkpoint is "
               f"kept; continue with: {resume}", file=sys.stderr)
         return 1
     except SignalException as e:
         print(f"interrupted ({signal.Signals(e.sigval).name}); continue with: {resume}",
               file=sys.stderr)
-        return 130
+        return 128 + e.sigval
     finally:
         for log, level in zip(elastic, levels):
             log.setLevel(level)

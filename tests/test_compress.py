@@ -643,7 +643,7 @@ def test_compress_sigterm_then_resume_is_bitwise_identical(cnn_run, tmp_path, ca
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 130 and f"continue with: distill compress {folders[1]} --resume" in err, err
+    assert p.returncode == 143 and f"continue with: distill compress {folders[1]} --resume" in err, err
     from test_bad_inputs import files
     kept = files(folders[1])
     capsys.readouterr()

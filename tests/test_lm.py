@@ -123,7 +123,7 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, interval):
         while not list((out / "checkpoints").glob("student/step-*.pt")) and p.poll() is None:
             pass
         p.send_signal(signal.SIGTERM)
-        assert p.wait(timeout=120) == 130
+        assert p.wait(timeout=120) == 143
     finally:
         if p.poll() is None:
             p.kill()

@@ -739,7 +739,7 @@ def test_text_run_stopped_by_sigterm_then_resumed_is_bitwise_identical(tmp_path)
     while p.poll() is None and not (ckpt.exists() and any(ckpt.iterdir())):
         time.sleep(0.02)
     p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=120) == 130, p.stderr.read()
+    assert p.wait(timeout=120) == 143, p.stderr.read()
     again = start(tmp_path / "cut", "--resume")
     assert again.wait(timeout=300) == 0, again.stderr.read()
     assert ref.wait(timeout=300) == 0, ref.stderr.read()

@@ -93,6 +93,7 @@ class Interrupted(Exception):
 
     def __init__(self, role: str, signum: int, where: Optional[str], checkpoint: Optional[str]) -> None:
         self.role, self.signum, self.checkpoint = role, signum, checkpoint
+        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
         name = signal.Signals(signum).name
         super().__init__(f"{role}: stopped by {name} once the stage had finished (it is saved; the next stages "
                          f"did not start)" if where is None else f"{role}: stopped by {name} at {where}; "
