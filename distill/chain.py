@@ -52,8 +52,13 @@ def build(run: RunDir, i: int, spec: Dict[str, Any]) -> nn.Module:
 
 
 def check_auto(run: RunDir, assistants: List[nn.Module], teacher: nn.Module, student: nn.Module) -> None:
-    """An `auto` assistant must lie between the student and the teacher in size."""
+    """An `auto` assistant must lie between the student and the teacher in size; explicit ones that do not
+    shrink from the teacher to the student are said (a chain is meant to bridge a gap, step by step)."""
     if run.cfg["distill"]["assistants"] != "auto":
+        sizes = [count_params(m) for m in (teacher, *assistants, student)]
+        if any(a <= b for a, b in zip(sizes, sizes[1:])) and run.runtime.is_main:  # (preflight: nothing written)
+            run.echo(f"warning: distill.assistants: the chain's sizes are {' > '.join(f'{n:,}' for n in sizes)} "
+                      f"parameters (teacher to student), not each smaller than the one before it")
         return
     n, lo, hi = count_params(assistants[0]), count_params(student), count_params(teacher)
     if not lo < n < hi:

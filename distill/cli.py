@@ -176,8 +176,9 @@ def _search(args: argparse.Namespace) -> int:
     space = parse_space(args.space) if args.sampler == "tpe" else None
     recipe, _ = _load(args.target, args.overrides, None)
     out = args.out or os.path.join("runs", "search", recipe.cfg["name"])
-    from .pipeline.rundir import refuse_inside_a_run
+    from .pipeline.rundir import refuse_inside_a_run, refuse_other_records
     refuse_inside_a_run(out, "the trials, best.yaml and search.json")
+    refuse_other_records(out, "search")
     from .engine.trainer import Interrupted
     startup = 3 if args.pruner_startup_trials is None else args.pruner_startup_trials
     try:
@@ -541,7 +542,8 @@ def _run_command(args: argparse.Namespace, recipe, out: Optional[str]) -> int:
     elif args.command == "generate":
         print(f"teacher samples: {rd.path('teacher_samples.jsonl' if seq['samples'] else 'teacher_samples.safetensors')}")
     elif args.command == "soft-labels":
-        print(f"soft labels: {rd.path('soft_labels.json')}")
+        if "soft_labels" in records:  # (else the run said there is none to cache)
+            print(f"soft labels: {records['soft_labels']}")
     elif args.command == "train-student":
         made = [require_saved(rd.out, n) for n in (STUDENT, SCRATCH) if n in records]
         print(f"students: {', '.join(made)}")

@@ -14,8 +14,10 @@ per-epoch hook; the table says where each pruned trial stopped and how many epoc
 """
 from __future__ import annotations
 
+import glob
 import itertools
 import os
+import shutil
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -38,9 +40,15 @@ SPLIT_KEYS = ("dataset", "path", "test_path", "val_fraction", "test_fraction", "
 
 def same_split(flag: str, keys: Sequence[str], cfg: Dict[str, Any]) -> None:
     """Refuse search keys that change which rows the validation split holds (text_lm: its windows, by their
-    length): the trials are ranked on it."""
+    length): the trials are ranked on it; and keys that leave the trained students as they are (where the
+    run is written, compress, bench, the test-time measures): their trials would differ in nothing."""
+    from .pipeline.rundir import AFTER_TRAINING
     for key in keys:
         parts = key.split(".")
+        if parts[0] in AFTER_TRAINING or (parts[0] == "evaluate" and parts[1:2] != ["exact_match"]):
+            raise UserError(f"{flag} {key}: does not change the students a trial trains (it is read after "
+                            f"training, or says where the run is written), so every trial would be the same; "
+                            f"search training settings (distill.*, student.*, train.*)")
         if parts[0] == "data" and len(parts) > 1 and (parts[1] in SPLIT_KEYS or (
                 parts[1] == "max_length" and cfg["data"]["dataset"] == "text_lm")):
             raise UserError(f"{flag} {key}: a search ranks its trials on the validation split, and {key} changes "
@@ -63,7 +71,18 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
             grid[key.strip()] = [load_yaml(v) for v in values.split(",")]
         except yaml.YAMLError:
             raise UserError(f"--grid {item}: cannot read the values") from None
+        _once("--grid", item, grid[key.strip()])
     return grid or dict(DEFAULT_GRID)
+
+
+def _once(flag: str, item: str, values: List[Any]) -> None:
+    """A value given twice would train the same trial twice (2 and 2.0 are one value)."""
+    twice = next((v for i, v in enumerate(values) if v in values[:i]), _NONE)
+    if twice is not _NONE:
+        raise UserError(f"{flag} {item}: {yaml_value(twice)} is given twice; give each value once")
+
+
+_NONE = object()
 
 
 def need_validation(recipe: Recipe) -> None:
@@ -138,8 +157,10 @@ def _completed(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """The trials that finished training; one line when none did (every one diverged or could not be built)."""
     done = [r for r in rows if r["state"] == "complete"]
     if not done and all(r["state"] in ("diverged", "refused") for r in rows):
-        raise UserError(f"every trial {'diverged' if rows[0]['state'] == 'diverged' else 'was refused'}; "
-                        f"the first: {rows[0]['error']}")
+        states = {r["state"] for r in rows}
+        said = "diverged" if states == {"diverged"} else "was refused" if states == {"refused"} else \
+            "diverged or was refused"
+        raise UserError(f"every trial {said}; the first: {rows[0]['error']}")
     return done
 
 
@@ -149,6 +170,9 @@ def write_results(recipe: Recipe, overrides: Sequence[str], out: str, result: Di
     search.png; from rank 0 alone (under torchrun every process ran the trials)."""
     if not is_main_process():
         return
+    from .pipeline.rundir import TRIAL_ASIDE  # (set aside by trials rerun after a stop; every trial is done now)
+    for aside in glob.glob(os.path.join(glob.escape(out), "trials", "checkpoints", f"*.{TRIAL_ASIDE}*")):
+        shutil.rmtree(aside, ignore_errors=True)
     write_text(os.path.join(out, "best.yaml"), Recipe.load(recipe.source, _sets(overrides, result["best"])).to_yaml())
     write_json(os.path.join(out, "search.json"), result)
     write_text(os.path.join(out, "search.md"), markdown + "\n")
@@ -173,6 +197,8 @@ def format_search(rows: List[Dict[str, Any]], keys: List[str], best: Dict[str, A
 
 
 def _ordered(values) -> list:
+    """The distinct values, sorted (a list value, not hashable, is told apart by its text)."""
+    values = list({repr(v): v for v in values}.values())
     try:
         return sorted(values)
     except TypeError:  # mixed kinds (numbers and names): sort as text
@@ -189,7 +215,7 @@ def plot_search(rows: List[Dict[str, Any]], keys: List[str], path: str) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     if len(keys) == 2:
-        xs, ys = (_ordered({r[k] for r in rows}) for k in keys)
+        xs, ys = (_ordered(r[k] for r in rows) for k in keys)
         grid = [[next((r["val_accuracy"] for r in rows if r[keys[0]] == x and r[keys[1]] == y
                        and r["val_accuracy"] is not None), float("nan")) for x in xs] for y in ys]
         im = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
@@ -240,6 +266,7 @@ def _parse_dim(item: str, spec: str) -> Dict[str, Any]:
             raise UserError(f"--space {item}: cannot read the choices") from None
         if any(c is not None and not isinstance(c, (bool, int, float, str)) for c in choices):
             raise UserError(f"--space {item}: choices must be plain values (numbers, words, true/false)")
+        _once("--space", item, choices)
         return {"choices": choices}
     parts = spec.split(":")
     log = len(parts) == 3 and parts[2].strip() == "log"
@@ -426,7 +453,7 @@ def run_trial(trial: Any, recipe: Recipe, space: Dict[str, Dict[str, Any]], over
         # retrains. Its fit (not resuming) would clear these checkpoints; clear them now, so none outlives the search.
         if rd.runtime.is_main:  # (under torchrun every process is here: one removes the files)
             rd.checkpoints("student").clear()
-        scratch = rd.stages().get(SCRATCH, {})
+        scratch = rd.records.get(SCRATCH, {})  # (this trial's: stages.json may hold a trial's that a stop cut short)
         row.update(state="pruned", pruned_at=len(seen), val_accuracy=max(seen),
                    scratch_val_accuracy=scratch.get("val_accuracy"), selected_epoch=None, epochs=len(seen),
                    time_s=round(time.perf_counter() - t0, 1))

@@ -138,3 +138,17 @@ def test_a_chain_whose_metrics_leave_out_accuracy_still_measures_its_decay(chain
     assert "accuracy" not in again["student"] and again["student"]["macro_f1"] == metrics["student"]["macro_f1"]
     gens = json.load(open(tmp_path / "run" / "chain.json"))["generations"]
     assert [g["test_accuracy"] for g in gens] == [metrics[g["name"]]["accuracy"] for g in gens]
+
+
+def test_an_explicit_chain_that_does_not_shrink_is_said(tmp_path):
+    """An assistant 25 times the teacher's size ran with no word; `auto` is refused outside the gap."""
+    from distill import RunDir
+    from distill.pipeline.plan import preflight
+    said = []
+    big = "distill.assistants=[{model: cnn, args: {channels: [32, 64], hidden: 256}}]"
+    preflight(RunDir(Recipe.load("digits", [*TINY, big]), str(tmp_path / "big"), said.append))
+    [warning] = [m for m in said if m.startswith("warning: distill.assistants")]
+    assert "not each smaller than the one before it" in warning and not os.path.exists(tmp_path / "big")
+    said.clear()
+    preflight(RunDir(Recipe.load("digits", [*TINY, EXPLICIT]), str(tmp_path / "ok"), said.append))
+    assert not [m for m in said if "distill.assistants" in m]

@@ -92,6 +92,26 @@ def _rows(out):
     return [{k: v for k, v in r.items() if k != "time_s"} for r in json.load(open(os.path.join(out, "search.json")))["trials"]]
 
 
+def _stopped_then_run_again(args, out, stop_when, monkeypatch, capsys, hook="LogLines"):
+    """`distill search ARGS --out OUT` stopped by SIGINT at the first epoch end where `stop_when(t, record)`
+    (the trainer stops at its next step, checkpointed), then run again to its end; the second run's stderr."""
+    import signal
+    from distill.engine import callbacks
+    cls = getattr(callbacks, hook)
+    real = cls.on_epoch_end
+
+    def stopping(self, t, record):
+        real(self, t, record)
+        if stop_when(t, record):
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(cls, "on_epoch_end", stopping)
+    assert main([*args, "--out", out]) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main([*args, "--out", out]) == 0
+    return capsys.readouterr().err
+
+
 def test_a_finished_tpe_search_run_again_says_what_the_first_said(tmp_path, capsys):
     """Its students are reused, and their epochs reported to the pruner and counted as the first run counted
     them: the same table, not 'reused' (that is for a trial repeating an earlier trial of the same search)."""
@@ -106,22 +126,10 @@ def test_a_finished_tpe_search_run_again_says_what_the_first_said(tmp_path, caps
 def test_a_stopped_tpe_search_continued_ends_as_an_uninterrupted_one(tmp_path, capsys, monkeypatch):
     """Stopped (SIGINT) in its first trial and run again, the search resumes that trial and reports its
     earlier epochs to the pruner too: the same trials, prunings and values as a search never stopped."""
-    import signal
-    from distill.engine import callbacks
     args = ["search", "digits", *FAST, *TPE, "--trials", "3"]
     assert main([*args, "--out", str(tmp_path / "straight")]) == 0
-    real, calls = callbacks.EpochHook.on_epoch_end, []
-
-    def stop_after_the_first_epoch(self, t, record):
-        calls.append(record["epoch"])
-        if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGINT)  # (the trainer stops at its next step, checkpointed)
-        real(self, t, record)
-    monkeypatch.setattr(callbacks.EpochHook, "on_epoch_end", stop_after_the_first_epoch)
     out = str(tmp_path / "stopped")
-    assert main([*args, "--out", out]) == 130
-    monkeypatch.undo()
-    assert main([*args, "--out", out]) == 0
+    _stopped_then_run_again(args, out, lambda t, record: True, monkeypatch, capsys, hook="EpochHook")
     assert _rows(out) == _rows(str(tmp_path / "straight"))
 
 
@@ -130,31 +138,85 @@ def test_a_grid_search_stopped_in_a_later_trial_reuses_the_finished_ones_and_res
     """The trials share one folder. Run again, the search used to train its finished trials anew, and the
     first of them dropped the checkpoints of the trial it had stopped in; now it reuses their results (kept
     by fingerprint in trials/trials.json) and continues the stopped trial from its checkpoint."""
-    import signal
-    from distill.engine import callbacks
     args = ["search", "digits", *FAST, "--grid", "distill.temperature=2,3,4"]
     assert main([*args, "--out", str(tmp_path / "straight")]) == 0
-    real, ends = callbacks.LogLines.on_epoch_end, []
+    ends = []
 
-    def stop_in_the_third_trial(self, t, record):
-        real(self, t, record)
+    def in_the_third_trial(t, record):
         ends.append(t.role)
-        if ends.count("student") == 5:  # (trial 3's first epoch: 2 epochs a trial)
-            os.kill(os.getpid(), signal.SIGINT)
-    monkeypatch.setattr(callbacks.LogLines, "on_epoch_end", stop_in_the_third_trial)
+        return ends.count("student") == 5  # (trial 3's first epoch: 2 epochs a trial)
     out = str(tmp_path / "stopped")
-    assert main([*args, "--out", out]) == 130
-    monkeypatch.undo()
-    capsys.readouterr()
-    assert main([*args, "--out", out]) == 0
-    err = capsys.readouterr().err
+    err = _stopped_then_run_again(args, out, in_the_third_trial, monkeypatch, capsys)
     assert "student: inputs unchanged, reusing its result in an earlier trial" in err  # (trial 1's)
     assert err.count("student: inputs unchanged") == 2, err  # (trial 2's student is the folder's)
     assert "student: resumed at epoch" in err and "dropped" not in err, err
     assert _rows(out) == _rows(str(tmp_path / "straight"))
 
 
+def test_a_trial_rerun_before_the_stopped_one_sets_its_checkpoints_aside(tmp_path, capsys, monkeypatch):
+    """Run again, a search trains again the trials it did not keep (a diverged or pruned one), in the folder
+    the stopped trial's checkpoints are in: they were dropped as "of other inputs", and the stopped trial
+    started over. They are set aside now, and brought back for the trial that wrote them."""
+    args = ["search", "digits", *FAST, "--grid", "student.train.optimizer.lr=1e6,0.003"]
+    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+    out = str(tmp_path / "stopped")
+    err = _stopped_then_run_again(args, out, lambda t, record: t.role == "student" and "0.003" in open(
+        os.path.join(out, "trials", "recipe.yaml")).read(), monkeypatch, capsys)  # (trial 2's student)
+    assert "search: trial 1 diverged" in err and "student: resumed at epoch" in err and "dropped" not in err, err
+    assert _rows(out) == _rows(str(tmp_path / "straight"))
+    assert not glob.glob(os.path.join(out, "trials", "checkpoints", "*"))  # (none set aside is left)
+
+
+def test_a_pruned_trial_rerun_after_a_stop_reports_its_own_baseline(tmp_path, capsys, monkeypatch):
+    """A pruned trial's baseline accuracy was read from stages.json, which after a stop held the baseline of
+    the trial the search had stopped in: search.json gave the pruned trial another trial's number."""
+    args = ["search", "digits", "--set", "train.epochs=4", "--set", "teacher.train.epochs=2", *TPE, "--trials", "5"]
+    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+    straight = _rows(str(tmp_path / "straight"))
+    assert [r["state"] for r in straight[:3]] == ["complete", "pruned", "complete"], straight
+    epochs = []
+
+    def in_the_third_trial(t, record):
+        epochs.append(record["epoch"])
+        return len(epochs) == straight[0]["epochs"] + straight[1]["epochs"] + 1
+    _stopped_then_run_again(args, str(tmp_path / "stopped"), in_the_third_trial, monkeypatch, capsys, hook="EpochHook")
+    assert _rows(str(tmp_path / "stopped")) == straight
+
+
+def test_a_grid_of_list_values_is_plotted(tmp_path):
+    """The heatmap's axes took the distinct values as a set: a grid over layer widths, [8] and [16], trained
+    every trial and then failed with a traceback (a list is not hashable)."""
+    pytest.importorskip("matplotlib")
+    from distill.search import plot_search
+    keys = ["student.args.channels", "distill.alpha"]
+    rows = [{keys[0]: c, keys[1]: a, "val_accuracy": 0.5 + i / 10} for i, (c, a) in
+            enumerate([([8], 0.5), ([8], 0.9), ([16], 0.5), ([16], 0.9)])]
+    assert plot_search(rows, keys, str(tmp_path / "s.png")) and os.path.getsize(tmp_path / "s.png") > 1000
+
+
+@pytest.mark.parametrize("kind, given, message", [
+    ("search", {"best.yaml": "x: 1"}, "holds best.yaml, which no earlier search here wrote"),
+    ("search", {"summary.json": "{}"}, "holds summary.json, of a --seeds run"),
+    ("seeds", {"summary.json": "{}"}, "holds summary.json, which no earlier --seeds run here wrote"),
+    ("seeds", {"search.md": ""}, "holds search.md, of a search"),
+])
+def test_search_and_seeds_refuse_files_they_did_not_write(tmp_path, capsys, kind, given, message):
+    out = tmp_path / "o"
+    out.mkdir()
+    for name, text in given.items():
+        (out / name).write_text(text)
+    args = ["search", "digits", *FAST, "--grid", "distill.temperature=2,3"] if kind == "search" else \
+        ["run", "digits", *FAST, "--seeds", "1"]
+    assert main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert sorted(os.listdir(out)) == sorted(given)  # (nothing written, nothing replaced)
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--grid", "distill.temperature=2,2.0"], "--grid distill.temperature=2,2.0: 2.0 is given twice"),
+    (["--grid", "output.dir=/tmp/a,/tmp/b"], "--grid output.dir: does not change the students a trial trains"),
+    (["--grid", "evaluate.latency_runs=1,2"], "--grid evaluate.latency_runs: does not change the students"),
     (["--grid", "distill.temperature"], "--grid distill.temperature: expected KEY=V1,V2,..."),
     (["--grid", "distill.temprature=2,3"], "--set distill.temprature: unknown key 'temprature'"),
     (["--grid", "distill.alpha=0.5,1.5"], "distill.alpha: must be between 0 and 1"),

@@ -32,6 +32,7 @@ RUN_RECORDS = ("recipe.yaml", "metrics.json", "stages.json", "log.jsonl", "soft_
 # the trial it stopped in resumes from its checkpoints: training an earlier trial again would drop them.
 # (The students are the leaves of a search's stages: no later stage reads their files.)
 REMEMBERED = (SCRATCH, STUDENT)
+TRIAL_ASIDE = "trial-"  # checkpoints/<stage>.trial-<fingerprint>: another trial's checkpoints, set aside
 
 
 def made_by_a_run(entry: str) -> bool:
@@ -60,6 +61,27 @@ def holds_runs(folder: str) -> bool:
         return os.path.exists(os.path.join(folder, name))
     seeds = os.path.isdir(folder) and any(SEED_FOLDER.fullmatch(e) for e in os.listdir(folder))
     return (has("summary.json") and seeds) or ((has("search.json") or has("best.yaml")) and has("trials"))
+
+
+def refuse_other_records(out: str, kind: str) -> None:
+    """A --seeds (`kind` "seeds") or search folder is not given another kind's folder, nor files of the names
+    it writes that no earlier run of it wrote (a user's best.yaml or summary.json): it would replace them."""
+    if not os.path.isdir(out):
+        return
+    entries = os.listdir(out)
+    seeds = [e for e in entries if e == "summary.json" or SEED_FOLDER.fullmatch(e)]
+    search = [e for e in entries if e in RUNS_RECORDS and e != "summary.json"]
+    mine, other = (seeds, search) if kind == "seeds" else (search, seeds)
+    if other:
+        raise UserError(f"--out {out}: holds {sorted(other)[0]}, of {'a search' if kind == 'seeds' else 'a --seeds run'}"
+                        f"; choose another folder")
+    # (the seeds' folders and the trials' are run folders, which check their own files)
+    runs = [e for e in mine if SEED_FOLDER.fullmatch(e)] if kind == "seeds" else ["trials"]
+    found = sorted(e for e in mine if e not in runs and not SEED_FOLDER.fullmatch(e))
+    if found and not any(os.path.isfile(os.path.join(out, e, "recipe.yaml")) for e in runs):
+        raise UserError(f"--out {out}: holds {', '.join(found)}, which no earlier "
+                        f"{'--seeds run' if kind == 'seeds' else 'search'} here wrote and this one would replace; "
+                        f"choose another folder, or move them")
 
 
 def made_by_runs(entry: str) -> bool:
@@ -289,6 +311,7 @@ class RunDir:
         self.out = run_folder(recipe, out)
         self.echo, self.resume = echo, resume
         self.fingerprints: Dict[str, str] = {}  # stage -> fingerprint, of the stages run (run_stage sets them)
+        self.records: Dict[str, Any] = {}  # stage -> its record, of the stages run or reused by this process
         self.tensorboard = self.path("tensorboard") if tensorboard else None
         if self.tensorboard:  # (both reported before anything is written)
             if os.path.exists(self.tensorboard) and not os.path.isdir(self.tensorboard):
@@ -388,6 +411,8 @@ class RunDir:
         Without --resume, checkpoints this very stage could continue from are not dropped unasked: refused
         unless --overwrite, so that a command repeated without --resume loses no training."""
         ck = self.checkpoints(name)
+        if self.remember and self.runtime.is_main:
+            self._trial_checkpoints(ck, fingerprint)
         step, writer = self.runtime.from_main((ck.newest_step(), ck.written_by()))
         if step is None:
             return
@@ -408,6 +433,19 @@ class RunDir:
                    model=name, dropped_checkpoints=ck.folder)
         if self.runtime.is_main:
             ck.clear()
+
+    @staticmethod
+    def _trial_checkpoints(ck: Checkpoints, fingerprint: str) -> None:
+        """A search's trials train one after another in one folder: the checkpoints of another trial (the one a
+        stopped search stopped in, met again after trials it reruns: pruned or diverged ones) are set aside
+        beside the folder, named by their fingerprint, not dropped; and this trial's, set aside, come back."""
+        writer = ck.written_by()
+        if writer not in (None, fingerprint):
+            os.replace(ck.folder, f"{ck.folder}.{TRIAL_ASIDE}{writer[:24]}")
+        aside = f"{ck.folder}.{TRIAL_ASIDE}{fingerprint[:24]}"
+        if os.path.isdir(aside) and ck.newest_step() is None:
+            shutil.rmtree(ck.folder, ignore_errors=True)
+            os.replace(aside, ck.folder)
 
     def path(self, name: str) -> str:
         return os.path.join(self.out, name)
