@@ -50,7 +50,7 @@ def read_log(path: str) -> Tuple[Dict[str, List[Dict[str, Any]]], Dict[str, List
     steps: Dict[str, Dict[int, Dict[str, Any]]] = {}
     if not os.path.isfile(path):
         return {}, {}
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8", errors="replace") as fh:  # (a line of bytes damaged: not JSON, passed over)
         for line in fh:
             try:
                 r = json.loads(line)

@@ -167,7 +167,28 @@ def idle_settings(cfg: Dict[str, Any]) -> List[str]:
         (["distill.layers.map"] if d["layers"]["map"] != SCHEMA["distill"]["layers"]["map"].default else [])
     if text_only and data["dataset"] not in ("text", "completions", "arith"):
         out.append(f"{text_only[0]}: does nothing for data.dataset: {data['dataset']} (for transformers on text)")
-    return out + _idle_reaction(cfg) + _idle_generation(cfg)
+    return out + _idle_reaction(cfg) + _idle_generation(cfg) + _idle_data(cfg)
+
+
+def _idle_data(cfg: Dict[str, Any]) -> List[str]:
+    """Text noise and augmentation settings of a switch that is off, and rows only the teacher labels while
+    distill.alpha leaves the teacher out (they have no target, and are trained on for nothing)."""
+    from .recipe_schema import SCHEMA
+    dd, out = cfg["distill"]["data"], []
+    if cfg["data"]["dataset"] == "text":
+        off = {"mask_fraction": ("mask", not dd["mask"]), "teacher_sees": ("mask", not dd["mask"]),
+               "word_prob": ("eda and substitute", not (dd["eda"] or dd["substitute"])),
+               "neighbours": ("substitute", not dd["substitute"])}
+        out += [f"distill.data.{k}: does nothing while distill.data.{switch} is off" for k, (switch, unread)
+                in off.items() if unread and dd[k] != SCHEMA["distill"]["data"][k].default]
+    d = cfg["distill"]
+    teacher_only = [key for key, on in (("data.label_fraction", cfg["data"]["label_fraction"] < 1),
+                                        ("distill.data.unlabeled", dd["unlabeled"]), ("distill.data.eda", dd["eda"]),
+                                        ("distill.data.substitute", dd["substitute"])) if on]
+    if teacher_only and d["alpha"] == 0 and d["schedule"]["alpha"] == "constant":
+        out.append(f"{teacher_only[0]}: adds rows only the teacher labels, and distill.alpha 0 leaves the teacher "
+                   f"out: they have no target and train nothing")
+    return out
 
 
 def _idle_generation(cfg: Dict[str, Any]) -> List[str]:
@@ -291,7 +312,10 @@ def _topk_checks(cfg: Dict[str, Any]) -> None:
                  and cfg["monitor"]["action"] == "lower_temperature",
                  "the cache holds log-probabilities at one temperature; use action: raise_alpha or warn"),
                 ("distill.sample_weight", d["sample_weight"] != "none", "confidence weights read dense logits"),
-                ("distill.logit_standardize", d["logit_standardize"], "it needs dense logits")]
+                ("distill.logit_standardize", d["logit_standardize"], "it needs dense logits"),
+                ("distill.vocab_align", d["vocab_align"] != "none",
+                 "the cache ranks the teacher's whole vocabulary, padding rows the student lacks included; use "
+                 "dense logits, topk: 0")]
     for key, bad, why in problems:
         if bad:
             raise UserError(f"distill.topk: {d['topk']} does not go with {key} ({why})")
@@ -300,6 +324,7 @@ def _topk_checks(cfg: Dict[str, Any]) -> None:
 def _completion_checks(cfg: Dict[str, Any]) -> None:
     """Causal LMs on prompt/completion JSONL: Hugging Face models, the teacher's tokenizer by default."""
     from .models.hf import resolve_hf_path
+    from .recipe_schema import SCHEMA
     data, d = cfg["data"], cfg["distill"]
     if data["dataset"] == "completions":
         _need_file(data["path"], "data.path", "a .jsonl file of {prompt, completion} or {messages} rows")
@@ -312,8 +337,9 @@ def _completion_checks(cfg: Dict[str, Any]) -> None:
         data["tokenizer"] = cfg["teacher"]["hf"]
     elif not (os.path.isdir(data["tokenizer"]) or os.path.isfile(data["tokenizer"])):
         raise UserError(f"data.tokenizer: {data['tokenizer']}: no such folder or GGUF file")
+    noise = [k for k, f in SCHEMA["distill"]["data"].items() if d["data"][k] != f.default]  # (all for classifiers)
     for key, used in (("distill.layers", d["layers"]["hidden"] != "none" or d["layers"]["attention"] != "none"),
-                      ("distill.data", d["data"]["mask"] or d["data"]["substitute"] or d["data"]["eda"]),
+                      (f"distill.data.{noise[0]}" if noise else "distill.data", bool(noise)),
                       ("compress.steps", bool(set(cfg["compress"]["steps"]) - {"layers", "channels", "vocab"})),
                       ("distill.assistants", bool(d["assistants"]))):
         if used:

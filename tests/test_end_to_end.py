@@ -380,3 +380,32 @@ def test_evaluate_with_other_measuring_settings_keeps_the_folder_whole(tmp_path,
     err = capsys.readouterr().err
     assert "give it to distill run " in err and f"digits_all_labels.yaml --out {out} --overwrite" in err, err
     assert files(out) == before
+
+
+def test_the_api_stage_functions_check_and_cache_as_their_commands_do(tmp_path, monkeypatch):
+    """train_student skipped the checks `distill train-student` makes (cached soft labels for shifted views
+    trained); soft_labels computed the teacher's outputs on the labelled rows alone, and recorded that entry
+    as the one the student used. A student that runs the teacher online has none to cache."""
+    from distill import soft_labels
+    from distill.errors import UserError
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    fast = ["teacher.train.epochs=1", "train.epochs=1", "data.train_subset=400"]
+    rd = RunDir(Recipe.load("digits", fast), str(tmp_path / "r"), quiet)
+    import random
+    import torch
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    teacher = train_teacher(rd)  # (the caller's RNGs are left as they were: they were reseeded, and a random
+    draws = (random.random(), np.random.rand(), torch.rand(1).item())  # search around the API drew one point)
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    assert draws == (random.random(), np.random.rand(), torch.rand(1).item())
+    outputs = soft_labels(rd, teacher)
+    assert len(outputs.logits) == len(rd.data.y_train) + len(rd.data.x_unlabelled) > 4 * len(rd.data.y_train)
+    used = json.load(open(rd.path("soft_labels.json")))["cache_key"]
+    train_student(rd, teacher)
+    assert json.load(open(rd.path("soft_labels.json")))["cache_key"] == used
+    shifted = RunDir(Recipe.load("digits", [*fast, "distill.teacher_outputs=cached", "student.augment.random_crop=1"]),
+                     str(tmp_path / "r"), quiet, overwrite=True)
+    with pytest.raises(UserError, match="cached soft labels are the teacher's on the training inputs as they are"):
+        train_student(shifted, teacher)
+    online = RunDir(Recipe.load("digits", [*fast, "student.augment.random_crop=1"]), str(tmp_path / "o"), quiet)
+    assert soft_labels(online, teacher) is None and not os.path.exists(online.path("soft_labels.json"))

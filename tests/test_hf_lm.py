@@ -120,7 +120,16 @@ def test_lm_settings_that_do_not_fit_the_models_are_refused_before_any_training(
     for f in os.listdir(bare):
         if f.startswith("tokenizer") or f in ("special_tokens_map.json", "chat_template.jinja"):
             os.remove(bare / f)
+    no_template = shutil.copytree(llama, tmp_path / "no_template")
+    os.remove(no_template / "chat_template.jinja")
+    (tmp_path / "random.gguf").write_bytes(b"not a model at all")
     for sets, message in [
+        ([f"distill.data.unlabeled={tmp_path / 'r.yaml'}"],  # (a traceback after two stages had trained)
+         "distill.data.unlabeled: not for prompt/completion language models"),
+        (["distill.topk=8", "distill.vocab_align=truncate"], "distill.topk: 8 does not go with distill.vocab_align"),
+        ([f"teacher.hf={no_template}", "data.chat_template=true"],
+         "data.chat_template: true, and the tokenizer"),  # (it said to give the columns the rows had)
+        ([f"teacher.hf={tmp_path / 'random.gguf'}"], "teacher.hf: "),  # (it named data.tokenizer, never set)
         ([f"teacher.hf={short}", "student.from_teacher={layers: [0]}"],
          "tokens, and the teacher reads at most 32 positions (its table of learnt positions)"),
         ([f"teacher.hf={opt}", "student.from_teacher={layers: [0]}"],
@@ -887,6 +896,10 @@ def test_answer_extraction():
     assert extract("no answer here", r"Answer:\s*(-?\d+)") is None
     assert extract("  free text ", None) == "free text"
     assert extract("so the answer is 7", r"answer is (\d+)|Answer:\s*(\d+)") == "7"
+    # a match of no characters is no answer: "\d*" matched every text, scoring any output right
+    assert extract("garbage", r"\d*") is None and extract("Answer: 122", r"\d*") == "122"
+    assert extract("Answer: 122", r"(-?\d+)?$") == "122"  # (not the empty match at the very end)
+    assert extract("Answer: ", r"Answer:\s*(\d*)") is None
     assert extract("Answer: 12", r"answer is (\d+)|Answer:\s*(\d+)") == "12"  # (the second alternative's group)
     assert extract("Answer: ?", r"Answer:\s*(-?\d+)?") is None  # (its only group, optional, unmatched: no answer)
 
@@ -1186,6 +1199,13 @@ def test_tokenisation_is_cached_by_file_and_tokenizer(tmp_path):
     x4, _ = tokenize_rows(path, {**CFG, "chat_template": True}, tok)
     assert len([f for f in os.listdir(default_cache_dir()) if f.startswith("completions-")]) == 5
     assert tok.decode(x4[0][:8]).startswith("please")
+    tok.add_special_tokens({"additional_special_tokens": ["</s>", "<|user|>", "<|assistant|>"]})
+    tokenize_rows(path, {**CFG, "chat_template": True}, tok)
+    entries = len([f for f in os.listdir(default_cache_dir()) if f.startswith("completions-")])
+    tok.eos_token = "<|assistant|>"  # the same special tokens, another of them ends a completion: another
+    _, y5 = tokenize_rows(path, {**CFG, "chat_template": True}, tok)  # entry (its targets end in the new EOS)
+    assert len([f for f in os.listdir(default_cache_dir()) if f.startswith("completions-")]) == entries + 1
+    assert tok.eos_token_id in y5[0].tolist() and tok.convert_tokens_to_ids("</s>") not in y5[0].tolist()
 
 
 def test_a_character_the_tokenizer_has_no_token_for_is_one_line_naming_the_row(tmp_path):

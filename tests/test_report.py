@@ -147,7 +147,7 @@ def test_bad_run_folders_are_one_line_errors(tmp_path, capsys, run_dir):
     half = tmp_path / "half"
     half.mkdir()
     shutil.copy(os.path.join(run_dir, "recipe.yaml"), half)
-    _one_line_error(capsys, ["report", str(half)], "run `distill run` first")
+    _one_line_error(capsys, ["report", str(half)], f"the run is not finished: distill run {half} finishes it")
     (half / "summary.json").write_text("{}")
     _one_line_error(capsys, ["report", str(half)], "a multi-seed run: report one seed folder, e.g. seed_0")
     (half / "metrics.json").write_text("{not json")

@@ -106,3 +106,26 @@ def test_cache_entries_of_teachers_with_the_same_weights_and_other_modules_diffe
     twin = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     twin.load_state_dict(relu.state_dict())
     assert _teacher_sha(relu) == _teacher_sha(twin)
+
+
+def test_a_damaged_entry_is_one_line_naming_it(tmp_path):
+    """An entry whose logits file was deleted or cut short after it was written gave a FileNotFoundError or
+    numpy's "mmap length is greater than file size" traceback."""
+    import pytest
+    from distill.errors import UserError
+    teacher, x = _teacher(), torch.randn(30, 6)
+    load_or_build(teacher, x, "k4", str(tmp_path), ["1"], batch_size=8)
+    logits = tmp_path / "k4" / "logits.npy"
+    with open(logits, "r+b") as fh:
+        fh.truncate(logits.stat().st_size - 40)
+    with pytest.raises(UserError, match=r"k4: a cached teacher output is unreadable .*delete the folder to rebuild"):
+        load_or_build(teacher, x, "k4", str(tmp_path), ["1"], batch_size=8)
+    logits.unlink()
+    with pytest.raises(UserError, match=r"k4: a cached teacher output is unreadable"):
+        load_or_build(teacher, x, "k4", str(tmp_path), ["1"], batch_size=8)
+    load_or_build(teacher, x[:10], "k5", str(tmp_path), ["1"], batch_size=8)  # a file of another entry's length
+    (tmp_path / "k5" / "feat_0.npy").replace(tmp_path / "k4" / "feat_0.npy")
+    load_or_build(teacher, x, "k6", str(tmp_path), ["1"], batch_size=8)
+    (tmp_path / "k6" / "logits.npy").replace(logits)
+    with pytest.raises(UserError, match=r"k4: feat_0.npy holds another number of samples than the 30"):
+        load_or_build(teacher, x, "k4", str(tmp_path), ["1"], batch_size=8)

@@ -625,6 +625,9 @@ TEXT_CASES = {
         "u.csv: no column named 'text' (data.text_column)"),
     "unlabeled file missing": (lambda t, b: {"distill": {"data": {"unlabeled": str(t / "u.txt")}}},
                                "distill.data.unlabeled: file not found"),
+    "more neighbours than whole words": (  # (a traceback from topk, after the teacher and baseline trained)
+        lambda t, b: {"distill": {"data": {"substitute": 1, "neighbours": 40000}}},
+        "distill.data.neighbours: 40000, and the tokenizer"),
     "max_length of the special tokens alone": (lambda t, b: {"data": {"max_length": 2}},
                                                "data.max_length: 2 tokens hold only the tokenizer's 2 special"),
     "texts longer than the model's positions": (
@@ -762,3 +765,19 @@ def test_a_text_csv_with_an_unnamed_index_column_is_read(tmp_path):
     path = tmp_path / "idx.csv"
     path.write_text(",text,label,x,x\n0,hello world,pos,1,2\n1,bad day,neg,3,4\n")
     assert read_texts(str(path), "text", "label") == (["hello world", "bad day"], ["pos", "neg"])
+
+
+def test_text_noise_settings_of_a_switch_that_is_off_and_rows_nothing_learns_from_are_said(tmp_path):
+    """mask_fraction without mask, word_prob without eda or substitute, neighbours without substitute: each
+    was silently ignored (and retrained the student); rows only the teacher labels, with alpha 0: no target."""
+    recipe = text_recipe(str(tmp_path))
+    for data, warning in [({"mask_fraction": 0.3}, "distill.data.mask_fraction: does nothing while distill.data.mask"),
+                          ({"teacher_sees": "noised"}, "distill.data.teacher_sees: does nothing while"),
+                          ({"word_prob": 0.5}, "distill.data.word_prob: does nothing while distill.data.eda and"),
+                          ({"neighbours": 4, "eda": 1}, "distill.data.neighbours: does nothing while distill.data.sub")]:
+        said = Recipe.from_dict({**recipe, "distill": {"data": data}}).warnings
+        assert len(said) == 1 and said[0].startswith(warning), said
+    said = Recipe.from_dict({**recipe, "distill": {"alpha": 0, "data": {"eda": 1}}}).warnings
+    assert said == ["distill.data.eda: adds rows only the teacher labels, and distill.alpha 0 leaves the teacher "
+                    "out: they have no target and train nothing"]
+    assert Recipe.from_dict({**recipe, "distill": {"alpha": 0.5, "data": {"eda": 1}}}).warnings == []

@@ -77,6 +77,17 @@ class TokenText:
         return i not in self.special and t.isalpha() and not self.is_continuation(i)
 
 
+def check_neighbours(k: int, tokenizer_path: str) -> None:
+    """`distill.data.neighbours` refused before anything trains when the tokenizer has no more whole-word
+    tokens than that to draw from (the word itself aside)."""
+    from ..models.hf import load_tokenizer
+    text = TokenText(load_tokenizer(tokenizer_path, "data.tokenizer"))
+    n = sum(text.whole_word(i) for i in range(len(text.tokens)))
+    if k >= n:
+        raise UserError(f"distill.data.neighbours: {k}, and the tokenizer ({tokenizer_path}) has {n:,} whole-word "
+                        f"tokens to draw substitutes from; give fewer than {n:,}")
+
+
 def neighbour_table(embeddings: torch.Tensor, text: TokenText, token_ids: Sequence[int], k: int
                     ) -> Dict[int, np.ndarray]:
     """For each token in `token_ids`, its `k` nearest whole-word tokens by cosine of input embeddings."""

@@ -76,6 +76,9 @@ def _user_prompt(row: Dict[str, Any], cfg: Dict[str, Any], tok, where: str) -> T
     """A plain row's prompt (rendered as a user turn with `data.chat_template`) and whether it is rendered."""
     text = row[cfg["prompt_column"]]
     if cfg["chat_template"]:
+        if not getattr(tok, "chat_template", None):
+            raise UserError(f"data.chat_template: true, and the tokenizer ({cfg['tokenizer']}) has no chat template "
+                            f"to render prompts with; set it to false")
         return _render([{"role": "user", "content": text}], tok, where), True
     return text, False
 

@@ -232,7 +232,7 @@ def trim_log(path: str, role: str, epochs_done: int, steps_done: Optional[int] =
     `epochs_done`, step lines past `steps_done`."""
     if not os.path.isfile(path):
         return
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8", errors="replace") as fh:  # (damaged bytes: that line is dropped below)
         lines = fh.readlines()
     keep = [line for line in lines if not _past(line, role, epochs_done, steps_done)]
     if len(keep) != len(lines):
@@ -244,7 +244,7 @@ def _past(line: str, role: str, epochs_done: int, steps_done: Optional[int]) -> 
         rec = json.loads(line)
     except ValueError:
         return True  # a torn last line from a kill mid-write
-    if rec.get("model") != role:
+    if not isinstance(rec, dict) or rec.get("model") != role:
         return False
     if "step" in rec and steps_done is not None:
         return rec["step"] > steps_done

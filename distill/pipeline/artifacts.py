@@ -13,6 +13,7 @@ the weights and that description: timings live in stages.json and metrics.json.
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import os
 from typing import Any, Dict, List, Optional
@@ -31,8 +32,8 @@ from ..models.hf import fresh_student, is_model_folder, load_classifier, load_fo
     resolve_hf_path, same_vocabulary, save_folder, select_layers
 from ..recipe import COMPLETIONS, is_text, seeds_hint
 from ..recipe_checks import text_only_kd
-from ..roles import SCRATCH, TEACHER, stage_command
-from .rundir import RunDir, data_cfg_for, metrics_out_of_date
+from ..roles import SCRATCH, STUDENT, TEACHER, stage_command
+from .rundir import UNFINISHED, RunDir, data_cfg_for, metrics_out_of_date
 
 TIMINGS = ("train_time_s", "time_s", "monitor_s")  # in stages.json and metrics.json, never in a weights file
 
@@ -419,6 +420,19 @@ def require_run_folder(folder: str) -> None:
                         f"{seeds_hint(folder) or 'give the folder that `distill run` wrote'}")
 
 
+def finish_command(folder: str) -> str:
+    """The command that finishes a run folder without metrics.json: a stage stopped midway (checkpoints, or a
+    stage record left unfinished) resumes; every model saved needs only its evaluation."""
+    stages = read_run_json(os.path.join(folder, "stages.json"), {})
+    stopped = any(isinstance(r, dict) and r.get("fingerprint") == UNFINISHED for r in stages.values()) or \
+        glob.glob(os.path.join(glob.escape(folder), "checkpoints", "*", "step-*.pt"))
+    if stopped:
+        return f"distill run {folder} --resume"
+    if STUDENT in stages and all(isinstance(r, dict) and r.get("fingerprint") != UNFINISHED for r in stages.values()):
+        return f"distill evaluate {folder}"
+    return f"distill run {folder}"
+
+
 def require_run(folder: str, command: str) -> None:
     """A finished run folder (recipe.yaml and metrics.json) for `distill COMMAND`, or one clear line saying
     what is missing."""
@@ -427,8 +441,7 @@ def require_run(folder: str, command: str) -> None:
     if not os.path.isfile(path):
         seeds = (f" (a multi-seed run: {command} one seed folder, e.g. seed_0)"
                  if os.path.isfile(os.path.join(folder, "summary.json")) else "")
-        raise UserError(f"{path}: missing; the run is not finished{seeds}, run `distill run` first "
-                        f"(or `distill evaluate {folder}`)")
+        raise UserError(f"{path}: missing; the run is not finished{seeds}: {finish_command(folder)} finishes it")
     from ..evaluate import COLUMNS
     numbers = {k for k, _, _ in COLUMNS} | {"val_accuracy", "selected_epoch", "train_time_s"}  # (tables compute)
     metrics = read_run_json(path)

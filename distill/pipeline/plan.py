@@ -12,6 +12,7 @@ half-made run folder.
 from __future__ import annotations
 
 import copy
+import functools
 import numbers
 import os
 import shutil
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from .. import chain
+from ..checkpoint import rng_state, set_rng_state
 from ..data import has_augmentation
 from ..engine.objective import Objective
 from ..engine.runtime import refuse_beyond_memory
@@ -36,9 +38,11 @@ from ..teachers.cache import check_cache_dir
 from ..roles import SCRATCH, STUDENT, TEACHER
 from .artifacts import artifact, build_role, distill_settings, fits_context, load_saved, resolve_distill
 from .evaluation import evaluate
-from .rundir import RunDir, check_recipe, check_run, refuse_inside_a_run, run_folder, seed_folder
-from .teacher_outputs import soft_labels, student_data, teacher_mode, teacher_source
-from .training import feature_shapes, train_assistant, train_distilled, train_scratch, train_teacher
+from .rundir import (RunDir, check_recipe, check_run, refuse_inside_a_run, refuse_other_records, run_folder,
+                     seed_folder)
+from . import teacher_outputs, training
+from .teacher_outputs import student_data, teacher_mode, teacher_source
+from .training import feature_shapes, train_assistant, train_distilled, train_scratch
 
 KINDS = ("teacher", "assistant", "generate", "soft_labels", "baseline", "student", "evaluate", "compress")
 TRAINING = ("teacher", "assistant", "generate", "soft_labels", "baseline", "student")
@@ -76,6 +80,7 @@ class Execution:
     def __init__(self, run: RunDir, kinds: Sequence[str] = KINDS) -> None:
         self.run, self.models, self.records, self.loaded = run, {}, {}, []
         self.soft_labels_asked = "soft_labels" in kinds and "student" not in kinds  # `distill soft-labels`
+        self.soft_labels = None  # what `distill soft-labels` made (None: the student runs the teacher online)
 
     def model(self, name: str) -> nn.Module:
         """A model this execution trained, or the folder's."""
@@ -92,16 +97,21 @@ class Execution:
     def _do(self, step: Step) -> None:
         run = self.run
         if step.kind == "teacher":
-            self.models[TEACHER] = train_teacher(run)
+            self.models[TEACHER] = training.train_teacher(run)
         elif step.kind == "assistant":
             self.models[step.name] = train_assistant(run, step.index, chain.specs(run)[step.index],
                                                      self.model(step.teacher))
         elif step.kind == "generate":
             student_data(self.run, self.model(step.teacher), "teacher_samples")
         elif step.kind == "soft_labels":  # (in a full run the student's stage reads them itself, when it trains)
-            if self.soft_labels_asked:  # on the inputs the student trains on (teacher-labelled ones included)
+            if self.soft_labels_asked and teacher_mode(run) != "cached":
+                run.event("soft labels: none to cache: this recipe's student runs the teacher online (augmented or "
+                          "noised inputs, text feature losses, or on-policy samples)", teacher_outputs="online")
+            elif self.soft_labels_asked:  # on the inputs the student trains on (teacher-labelled ones included)
                 teacher = self.model(step.teacher)
-                soft_labels(run, teacher, student_data(run, teacher, "soft labels")[0])
+                self.soft_labels = teacher_outputs.soft_labels(run, teacher,
+                                                               student_data(run, teacher, "soft labels")[0])
+                self.records["soft_labels"] = run.path("soft_labels.json")
         elif step.kind == "baseline":
             self.records[SCRATCH] = train_scratch(run, self.model(TEACHER))
         elif step.kind == "student":
@@ -115,6 +125,11 @@ def execute(run: RunDir, kinds: Sequence[str] = KINDS[:-1], check: bool = True,
     """Run the plan's stages of `kinds` in order (`check`: preflight first; `teacher`: the teacher already in
     memory, else it is trained or read from the folder); returns the students' stage records and, when
     evaluated, the metrics. A user mistake found before any stage finished leaves no run folder behind."""
+    return _execution(run, kinds, check, teacher).records
+
+
+def _execution(run: RunDir, kinds: Sequence[str], check: bool = True, teacher: Optional[nn.Module] = None
+               ) -> Execution:
     existed = os.path.isdir(run.out)
     try:
         if check:
@@ -128,7 +143,7 @@ def execute(run: RunDir, kinds: Sequence[str] = KINDS[:-1], check: bool = True,
         if "compress" in kinds:  # (its steps chain their models: one compressor runs them in order)
             from ..compress.pipeline import compress
             ex.records["compress"] = compress(run, ex.model(TEACHER), ex.model(run.cfg["compress"]["source"]))
-        return ex.records
+        return ex
     except UserError as e:
         if not existed and not isinstance(e, TrainingDiverged) and not run.stages() \
                 and is_main_process():  # (under torchrun: the main process cleans up)
@@ -156,6 +171,9 @@ def _check_augmentation(run: RunDir) -> None:
         raise UserError(f"distill.teacher_outputs: cached soft labels are the teacher's on the training inputs as "
                         f"they are, and the student learns from {what} (each batch new): the targets would belong "
                         f"to other inputs; use online (or auto, which chooses it)")
+    if texts["substitute"]:
+        from ..data.augment_text import check_neighbours
+        check_neighbours(texts["neighbours"], run.cfg["data"]["tokenizer"])
     for key in ("substitute", "eda"):  # copies of every training text, as token ids (int64)
         if texts[key] and run.data.variable_length:
             x = run.data.x_train
@@ -226,6 +244,20 @@ def preflight(run: RunDir, saved_teacher: bool = False) -> None:
             batch.x, batch.y, batch.idx, batch.mask)
 
 
+def _keeps_callers_rng(fn: Callable) -> Callable:
+    """The Python API seeds the global RNGs (Python's, NumPy's, torch's) to train: the caller's states are put
+    back after, else a random search written around run() draws the same point every time."""
+    @functools.wraps(fn)
+    def keeping(*args: Any, **kwargs: Any) -> Any:
+        state = rng_state()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            set_rng_state(state)
+    return keeping
+
+
+@_keeps_callers_rng
 def run(recipe: Recipe, out: Optional[str] = None, echo: Callable[[str], None] = print, resume: bool = False,
         overwrite: bool = False, tensorboard: bool = False) -> Dict[str, Any]:
     """Every stage up to evaluation; returns the contents of metrics.json. `resume` continues from checkpoints."""
@@ -233,11 +265,28 @@ def run(recipe: Recipe, out: Optional[str] = None, echo: Callable[[str], None] =
     return execute(rd)["metrics"]
 
 
+# The Python API's stage functions: each runs its part of the plan as its command does, preflight first.
+
+@_keeps_callers_rng
+def train_teacher(run: RunDir) -> nn.Module:
+    """`distill train-teacher`: the teacher trained (or loaded, or reused from the folder); returns it."""
+    return _execution(check_run(run, "train_teacher"), ("teacher",)).models[TEACHER]
+
+
+@_keeps_callers_rng
+def soft_labels(run: RunDir, teacher: Optional[nn.Module] = None):
+    """`distill soft-labels`: the teacher's outputs on the inputs the student trains on (teacher-labelled ones
+    included), from the on-disk cache, built when absent; None when this recipe's student runs the teacher
+    online (nothing is cached then)."""
+    return _execution(check_run(run, "soft_labels"), ("soft_labels",), teacher=teacher).soft_labels
+
+
+@_keeps_callers_rng
 def train_student(run: RunDir, teacher: Optional[nn.Module] = None) -> Dict[str, Any]:
-    """The students' stages of the plan (through any assistants): the baseline and the distilled student,
-    from `teacher` (else the run folder's); returns their stage records."""
+    """`distill train-student`: the students' stages of the plan (through any assistants), the baseline and the
+    distilled student, from `teacher` (else the run folder's); returns their stage records."""
     return execute(check_run(run, "train_student"), ("assistant", "generate", "soft_labels", "baseline", "student"),
-                   check=False, teacher=teacher)
+                   teacher=teacher)
 
 
 def with_seed(recipe: Recipe, seed: int) -> Recipe:
@@ -247,6 +296,7 @@ def with_seed(recipe: Recipe, seed: int) -> Recipe:
     return Recipe(cfg, recipe.source)
 
 
+@_keeps_callers_rng
 def run_seeds(recipe: Recipe, seeds: List[int], out: Optional[str] = None, echo=print, resume: bool = False,
               overwrite: bool = False, tensorboard: bool = False) -> Dict[str, Any]:
     """One full run per seed in `OUT/seed_<s>`, then mean and std of every metric in `OUT/summary.json`."""
@@ -260,6 +310,7 @@ def run_seeds(recipe: Recipe, seeds: List[int], out: Optional[str] = None, echo=
         raise UserError(f"seeds: {seeds} repeats a seed; give each once")
     base = run_folder(recipe, out)
     refuse_inside_a_run(base, "the seeds' folders and summary.json")
+    refuse_other_records(base, "seeds")
     # Every seed's folder is checked (another recipe's run in it, say) before the first seed trains.
     folders = {s: RunDir(with_seed(recipe, s), seed_folder(base, s), echo, resume=resume,
                          overwrite=overwrite, tensorboard=tensorboard) for s in seeds}

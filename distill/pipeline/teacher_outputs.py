@@ -223,6 +223,11 @@ def teacher_completions(run: RunDir, teacher: nn.Module, data: DataBundle) -> Tu
             tok = load_tokenizer(data.tokenizer, "data.tokenizer")
             prompts, refs = prompts_and_answers(data.x_train, data.y_train)
             answers = [extract(tok.decode(r, skip_special_tokens=True), answer) for r in refs]
+            missing = sum(a is None for a in answers)
+            if settings["verify"] and missing:  # (their prompts' completions can only be dropped as wrong)
+                run.event(f"warning: distill.sequence_kd.verify: {missing} of the {len(answers)} training "
+                          f"completions have no answer that evaluate.exact_match.answer ({answer}) finds; every "
+                          f"teacher completion of their prompts is dropped as wrong", no_answer=missing)
             extra, extra_answers = teacher_prompts(run.cfg, data, tok)
             teacher.to(run.runtime.device)
             counts = generate(teacher, tok, prompts + extra, answers + extra_answers, settings, answer,

@@ -117,16 +117,16 @@ def prompts_and_answers(x: torch.Tensor, y: torch.Tensor) -> tuple:
 
 def extract(text: str, pattern: Optional[str]) -> Optional[str]:
     """The answer in a completion: the last match of `pattern` (its first group that matched, if it has
-    groups), else the whole text stripped."""
+    groups), else the whole text stripped; None when nothing is found. A match of no characters finds
+    nothing (`\\d*` matches every text: each would equal every other)."""
     if not pattern:
         return text.strip()
-    found = list(re.finditer(pattern, text))
+    found = [m for m in re.finditer(pattern, text) if m.group(0).strip()]
     if not found:
         return None
     m = found[-1]  # (of several groups, the first that matched: alternatives each have their own)
-    if not m.groups():
-        return m.group(0).strip()
-    return next((g.strip() for g in m.groups() if g is not None), None)  # (an optional group unmatched: none)
+    answer = m.group(0) if not m.groups() else next((g for g in m.groups() if g is not None), "")
+    return answer.strip() or None  # (an optional group unmatched, or matched empty: none)
 
 
 def greedy_completions(model: nn.Module, prompts: list, max_new_tokens: int, batch_size: int = 8) -> list:

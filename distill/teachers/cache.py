@@ -23,7 +23,7 @@ from ..engine.runtime import CPU, Runtime, shard
 from ..errors import UserError
 from ..hooks import FeatureCapture
 from .online import teacher_forward
-from ..io import TMP_PREFIX, read_json, sha256_json, sweep_stale, write_json
+from ..io import TMP_PREFIX, read_run_json, sha256_json, sweep_stale, write_json
 from ..progress import bar
 
 
@@ -84,15 +84,22 @@ def load_or_build(teacher: nn.Module, x_train: torch.Tensor, key: str, cache_dir
     hit = runtime.from_main(_complete(entry))
     if not hit:
         _build(teacher, x_train, entry, feature_layers, batch_size, runtime)
-    meta = read_json(os.path.join(entry, "meta.json"))
+    meta = read_run_json(os.path.join(entry, "meta.json"))
     if meta["n"] != len(x_train) or meta.get("key", key) != key:
         raise UserError(f"{entry}: the cached teacher outputs hold {meta['n']} samples of key {meta.get('key')}, "
                         f"and process {runtime.rank} trains on {len(x_train)} of key {key}; refusing to train on "
                         f"a mismatched entry (delete the folder to rebuild it)")
-    logits = np.load(os.path.join(entry, "logits.npy"), mmap_mode="r")
-    feats = {name: np.load(os.path.join(entry, f"feat_{i}.npy"), mmap_mode="r")
-             for i, name in enumerate(meta["layers"])}
-    return CachedOutputs(logits, feats), hit
+    files = {None: "logits.npy", **{name: f"feat_{i}.npy" for i, name in enumerate(meta["layers"])}}
+    try:  # (an entry damaged after it was written: a file deleted or cut short)
+        arrays = {name: np.load(os.path.join(entry, f), mmap_mode="r") for name, f in files.items()}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{entry}: a cached teacher output is unreadable ({e}); delete the folder to rebuild it")
+    short = [files[name] for name, a in arrays.items() if len(a) != meta["n"]]
+    if short:
+        raise UserError(f"{entry}: {short[0]} holds another number of samples than the {meta['n']} its meta.json "
+                        f"names; delete the folder to rebuild it")
+    logits = arrays.pop(None)
+    return CachedOutputs(logits, arrays), hit
 
 
 def same_key_everywhere(key: str, runtime: Runtime, what: str = "soft labels") -> None:
