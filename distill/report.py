@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 import os
@@ -21,10 +20,10 @@ from .errors import UserError
 from .evaluate import LABELS  # (one set of model labels for the tables and the report)
 from .io import read_run_json, write_text
 from .logbook import read_run_log
+from .plots import epoch_axis, figure_png, heatmap, log_scale, logged, marker, pyplot, series_panel, short
 from .roles import SCRATCH, STUDENT, TEACHER, is_assistant
 
 MAIN_ROLES = (TEACHER, SCRATCH, STUDENT)
-HEATMAP_OVER = 8  # more series than this in one panel: a heatmap reads better than a tangle of lines
 NUMBERS_UP_TO = 15  # classes up to which a confusion matrix shows its counts
 TICKS_UP_TO = 30  # classes up to which its axes name every class
 
@@ -90,104 +89,6 @@ def note(text: str) -> str:
 
 def section(anchor: str, title: str, body: str) -> str:
     return f'<section id="{anchor}"><h2>{esc(title)}</h2>\n{body}\n</section>'
-
-
-# ---------------------------------------------------------------- plotting
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserError("distill report: matplotlib is not installed; pip install -e \".[plot]\"") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def figure_png(fig: Any) -> bytes:
-    """A figure as PNG bytes (for embedding), then closed."""
-    import matplotlib.pyplot as plt
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _epoch_axis(ax: Any) -> None:
-    import matplotlib.ticker
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    low, high = ax.get_xlim()
-    if high - low < 1:  # (one epoch: matplotlib's margins would leave no whole number to tick)
-        middle = round((low + high) / 2)
-        ax.set_xlim(middle - 0.5, middle + 0.5)
-    ax.set_xlabel("epoch")
-    ax.grid(alpha=0.3)
-
-
-def series_panel(ax: Any, records: List[Dict[str, Any]], keys: List[str], title: str, prefix: str,
-                 vmin: Optional[float] = None, vmax: Optional[float] = None, cmap: str = "viridis") -> None:
-    """One line per key over epochs, or a key × epoch heatmap when there are many keys."""
-    if len(keys) > HEATMAP_OVER:
-        labels = [_short(k[len(prefix):], 40) for k in keys]
-        heatmap(ax, records, keys, labels, cmap, vmin, vmax)
-    else:
-        for k in keys:
-            xs, ys = _logged(records, k)
-            ax.plot(xs, ys, marker=_marker(xs), ms=3, label=_short(k[len(prefix):], 40))
-        ax.legend(fontsize=8, loc="best")
-        if vmin is not None:
-            ax.set_ylim(min(vmin, ax.get_ylim()[0]), max(vmax, ax.get_ylim()[1]) if vmax is not None else None)
-        _epoch_axis(ax)
-    ax.set_title(title, fontsize=10)
-
-
-def heatmap(ax: Any, records: List[Dict[str, Any]], keys: List[str], labels: List[str], cmap: str,
-            vmin: Optional[float], vmax: Optional[float]) -> None:
-    """A key x epoch heatmap of the epochs that measured the keys, each as wide as the gap to its neighbours:
-    the monitor measures every few epochs of short runs, and a column per epoch left the others blank."""
-    import numpy as np
-    records = [r for r in records if any(k in r for k in keys)] or records
-    epochs = np.array([r["epoch"] for r in records], dtype=float)
-    mids = (epochs[1:] + epochs[:-1]) / 2
-    first, last = (epochs[0] - (mids[0] - epochs[0]), epochs[-1] + (epochs[-1] - mids[-1])) if len(mids) else \
-        (epochs[0] - 0.5, epochs[0] + 0.5)
-    grid = np.array([[r.get(k, float("nan")) for r in records] for k in keys], dtype=float)
-    im = ax.pcolormesh(np.concatenate([[first], mids, [last]]), np.arange(len(keys) + 1) - 0.5,
-                       np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax)
-    ax.set_xlim(max(first, epochs[0] - 0.5), last)  # (no epoch 0 before the first measured one)
-    ax.set_ylim(len(keys) - 0.5, -0.5)
-    ax.set_yticks(range(len(keys)))
-    ax.set_yticklabels(labels, fontsize=max(5, 9 - len(keys) // 12))
-    ax.figure.colorbar(im, ax=ax, fraction=0.04)
-    _epoch_axis(ax)
-    ax.grid(False)
-
-
-def _logged(records: List[Dict[str, Any]], key: str) -> Tuple[List[Any], List[Any]]:
-    """(epochs, values) of the records that logged `key`: the monitor measures every few epochs of tiny ones,
-    and a line through NaNs would show nothing."""
-    pts = [(r["epoch"], r[key]) for r in records if key in r]
-    return [e for e, _ in pts], [v for _, v in pts]
-
-
-def _marker(points: Sequence[Any]) -> Optional[str]:
-    """Dots on a line with few points (so a single point shows), none on a long one (they would hide it)."""
-    return "o" if len(points) <= 30 else None
-
-
-def _log_scale(ax: Any) -> str:
-    """Log y for losses spanning decades (a KD term scaled by T^2 starts far above where every loss ends);
-    returns the note for the title."""
-    ys = [y for line in ax.get_lines() for y in line.get_ydata() if y == y]
-    if ys and min(ys) > 0 and max(ys) / min(ys) > 10:
-        ax.set_yscale("log")
-        return "; log scale"
-    return ""
-
-
-def _short(text: str, n: int) -> str:
-    return text if len(text) <= n else text[:n - 1] + "…"
 
 
 # ---------------------------------------------------------------- sections
@@ -301,18 +202,18 @@ def curves_section(plt: Any, epochs: Dict[str, List[Dict[str, Any]]], steps: Dic
     for i, role in enumerate(roles):
         recs, c = epochs[role], f"C{i % 10}"
         x = [r["epoch"] for r in recs]
-        axes[0].plot(x, [r.get("loss_total", float("nan")) for r in recs], color=c, marker=_marker(x), ms=3,
+        axes[0].plot(x, [r.get("loss_total", float("nan")) for r in recs], color=c, marker=marker(x), ms=3,
                      label=label(role))
         if any(r.get("val_accuracy") is not None for r in recs):  # (none without a validation split)
-            axes[1].plot(x, [r.get("val_accuracy", float("nan")) for r in recs], color=c, marker=_marker(x), ms=3,
+            axes[1].plot(x, [r.get("val_accuracy", float("nan")) for r in recs], color=c, marker=marker(x), ms=3,
                          label=f"{label(role)} val")
         if any("train_accuracy" in r for r in recs):
             axes[1].plot(x, [r.get("train_accuracy", float("nan")) for r in recs], color=c, ls="--", lw=1,
-                         marker=_marker(x) and "x", ms=3, label=f"{label(role)} train")  # (one epoch: a point)
-    axes[0].set_title(f"training loss per epoch (each model's own objective{_log_scale(axes[0])})", fontsize=10)
+                         marker=marker(x) and "x", ms=3, label=f"{label(role)} train")  # (one epoch: a point)
+    axes[0].set_title(f"training loss per epoch (each model's own objective{log_scale(axes[0])})", fontsize=10)
     axes[1].set_title("accuracy per epoch (solid: validation, dashed: train)", fontsize=10)
     for ax in axes:
-        _epoch_axis(ax)
+        epoch_axis(ax)
         ax.legend(fontsize=7, loc="best")
     out = img_png(figure_png(fig), "training curves")
     student = epochs.get("student", [])
@@ -324,10 +225,10 @@ def curves_section(plt: Any, epochs: Dict[str, List[Dict[str, Any]]], steps: Dic
         if parts:
             x = [r["epoch"] for r in student]
             for k in ["loss_total"] + parts:
-                ax.plot(x, [r.get(k, float("nan")) for r in student], marker=_marker(x), ms=3, label=k[5:])
-            ax.set_title(f"distilled student: loss terms per epoch (total and parts{_log_scale(ax)})", fontsize=10)
+                ax.plot(x, [r.get(k, float("nan")) for r in student], marker=marker(x), ms=3, label=k[5:])
+            ax.set_title(f"distilled student: loss terms per epoch (total and parts{log_scale(ax)})", fontsize=10)
             ax.legend(fontsize=7)
-            _epoch_axis(ax)
+            epoch_axis(ax)
         else:
             ax.axis("off")
         ax = axes[0][1]
@@ -335,9 +236,9 @@ def curves_section(plt: Any, epochs: Dict[str, List[Dict[str, Any]]], steps: Dic
             recs = steps.get(role) or []
             if recs:
                 ax.plot([r["step"] for r in recs], [r.get("loss_total", float("nan")) for r in recs],
-                        color=f"C{i % 10}", lw=1.2, label=label(role), marker=_marker(recs), ms=3)
+                        color=f"C{i % 10}", lw=1.2, label=label(role), marker=marker(recs), ms=3)
         if step_roles:
-            ax.set_title(f"training loss every few steps (mean since the previous record{_log_scale(ax)})",
+            ax.set_title(f"training loss every few steps (mean since the previous record{log_scale(ax)})",
                          fontsize=10)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
@@ -377,16 +278,16 @@ def gradient_section(plt: Any, student: List[Dict[str, Any]], steps: List[Dict[s
     i = 0
     if modules:
         ax = axes[0][0]
-        heatmap(ax, student, modules, [_short(m.split("/", 1)[1], 40) for m in modules], "RdBu", -1, 1)
+        heatmap(ax, student, modules, [short(m.split("/", 1)[1], 40) for m in modules], "RdBu", -1, 1)
         ax.set_title("cos(∇KD, ∇CE) per student module (blue: agree, red: oppose)", fontsize=10)
         i = 1
     if lines:
         ax = axes[0][i]
         for j, k in enumerate(lines):
-            xs, ys = _logged(student, k)
-            ax.plot(xs, ys, marker=_marker(xs), ms=3, color=f"C{j}", label=k)
+            xs, ys = logged(student, k)
+            ax.plot(xs, ys, marker=marker(xs), ms=3, color=f"C{j}", label=k)
         ax.axhline(0, color="gray", lw=0.8)
-        _epoch_axis(ax)
+        epoch_axis(ax)
         ax.legend(fontsize=8)
         ax.set_title("whole-model gradient cosines per epoch", fontsize=10)
     return (img_png(figure_png(fig), "gradient consistency")
@@ -451,7 +352,7 @@ def confusion_section(plt: Any, recipe: Any, folder: str) -> str:
     k, y = data.num_classes, data.y_test.numpy()
     bs = recipe.cfg["data"].get("eval_batch_size", 512)
     fig, axes = plt.subplots(1, len(roles), figsize=(5 * len(roles), 5.2 if k <= TICKS_UP_TO else 4.6))
-    names = [_short(str(n), 14).replace("$", r"\$") for n in data.class_names]  # a $ pair would be mathtext
+    names = [short(str(n), 14).replace("$", r"\$") for n in data.class_names]  # a $ pair would be mathtext
     for ax, (role, model) in zip(axes, models):
         pred = predict(model, data.x_test, bs).argmax(1).numpy()
         cm = np.zeros((k, k), dtype=int)
@@ -488,7 +389,7 @@ def compression_section(folder: str) -> str:
             info = {k: v for k, v in r.items() if k not in ("name", "path", "params", "size_bytes", "val_accuracy")}
             rows.append([r.get("name"), fmt(r.get("params"), "{:,}"),
                          fmt(r["size_bytes"] / 1024, "{:,.1f}") if isinstance(r.get("size_bytes"), (int, float))
-                         else "–", fmt(r.get("val_accuracy")), _short(json.dumps(info), 160)])
+                         else "–", fmt(r.get("val_accuracy")), short(json.dumps(info), 160)])
         # (details: the step's own record, e.g. what was removed and the fine-tune's time)
         steps = " → ".join(map(str, comp.get("steps", [])))
         out += (f"<h3>compress ({esc(comp.get('source', 'student'))}: {esc(steps)})</h3>"
@@ -515,7 +416,7 @@ def compression_section(folder: str) -> str:
                 continue
             model = f"{r.get('model')} †" if old else r.get("model")
             if "error" in r:
-                rows.append([model, r.get("variant"), _short(str(r["error"]), 110)]
+                rows.append([model, r.get("variant"), short(str(r["error"]), 110)]
                             + [""] * (len(columns) - 1))
             else:
                 rows.append([model, r.get("variant")] + [
@@ -556,7 +457,7 @@ def chain_section(plt: Any, chain: Dict[str, Any]) -> str:
         ax.plot(x, [g.get(key) if isinstance(g.get(key), (int, float)) else float("nan") for g in gens],
                 marker="o", label=name)
     ax.set_xticks(x)
-    ax.set_xticklabels([_short(label(str(g.get("name"))), 22) for g in gens], fontsize=8)
+    ax.set_xticklabels([short(label(str(g.get("name"))), 22) for g in gens], fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -586,7 +487,9 @@ def build_report(folder: str) -> str:
     from .recipe import Recipe
     from .pipeline.artifacts import require_run
     require_run(folder, "report")
-    plt = _pyplot()  # a missing matplotlib is one line, before any work
+    plt = pyplot()
+    if plt is None:  # (one line, before any work)
+        raise UserError("distill report: matplotlib is not installed; pip install -e \".[plot]\"")
     recipe = Recipe.load(os.path.join(folder, "recipe.yaml"))
     metrics = read_run_json(os.path.join(folder, "metrics.json"))
     if not isinstance(metrics, dict):

@@ -26,6 +26,7 @@ import yaml
 from .errors import UserError
 from .io import save_figure, write_json, write_text
 from .launch import is_main_process
+from .plots import pyplot
 from .recipe import Recipe, dump_yaml, load_yaml
 from .roles import SCRATCH, TEACHER
 
@@ -207,11 +208,8 @@ def _ordered(values) -> list:
 
 def plot_search(rows: List[Dict[str, Any]], keys: List[str], path: str) -> bool:
     """Validation accuracy over the grid: a heatmap for two keys, else one line per trial order."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     if len(keys) == 2:
@@ -521,11 +519,8 @@ def format_tpe(rows: List[Dict[str, Any]], keys: List[str], best: Dict[str, Any]
 def plot_tpe(rows: List[Dict[str, Any]], space: Dict[str, Dict[str, Any]], path: str) -> bool:
     """Validation accuracy per trial in trial order (pruned ones hollow, at their best before stopping) and,
     for two numeric keys, the trials over those keys coloured by accuracy."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     numeric = [k for k, d in space.items() if "choices" not in d][:2]
     fig, axes = plt.subplots(1, 2 if len(numeric) == 2 else 1, figsize=(11 if len(numeric) == 2 else 6.5, 4.5),
@@ -541,6 +536,7 @@ def plot_tpe(rows: List[Dict[str, Any]], space: Dict[str, Dict[str, Any]], path:
         best = max(best, r["val_accuracy"]) if r["state"] == "complete" else best
         running.append(best if best >= 0 else float("nan"))
     ax.step([r["trial"] for r in rows], running, where="post", color="gray", lw=1, label="best so far")
+    import matplotlib.ticker
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel("validation accuracy")

@@ -267,8 +267,9 @@ def test_sample_generations_keep_their_whitespace_and_say_where_a_prompt_is_cut(
 
 
 def test_many_layer_pairs_become_a_heatmap_and_empty_logs_a_note(monkeypatch):
-    from distill.report import _pyplot, gradient_section, retention_section
-    plt = _pyplot()
+    from distill.plots import pyplot
+    from distill.report import gradient_section, retention_section
+    plt = pyplot()
     recs = [{"epoch": e, **{f"retention_cka/t{i}->s{i}": 0.5 + 0.04 * i for i in range(12)},
              **{f"grad_kd_ce_cos/m{i}": -0.5 + 0.1 * i for i in range(12)}} for e in (1, 2, 3)]
     n = len(plt.get_fignums())
@@ -278,12 +279,14 @@ def test_many_layer_pairs_become_a_heatmap_and_empty_logs_a_note(monkeypatch):
     assert "logged no retention" in retention_section(plt, [{"epoch": 1}])
     assert "logged no gradient consistency" in gradient_section(plt, [{"epoch": 1}], [])
     # measured every third epoch: a column per measured epoch, as wide as the gap (not blank stripes between)
+    import distill.plots
     import distill.report
-    from distill.report import heatmap, series_panel
+    from distill.plots import heatmap, series_panel
     keys = [f"grad_kd_ce_cos/m{i}" for i in range(12)]
     every_third = [{"epoch": e, **({k: 0.1 for k in keys} if e % 3 == 1 else {})} for e in range(1, 11)]
     drawn = []
-    monkeypatch.setattr(distill.report, "heatmap", lambda ax, *a: (drawn.append(ax), heatmap(ax, *a))[1])
+    for module in (distill.report, distill.plots):  # (the report's own call, and series_panel's)
+        monkeypatch.setattr(module, "heatmap", lambda ax, *a: (drawn.append(ax), heatmap(ax, *a))[1])
     gradient_section(plt, every_third, [])  # (the gradient section's heatmap and the retention section's)
     retention_section(plt, [{"epoch": r["epoch"], **{k.replace("grad_kd_ce_cos/", "retention_cka/"): v
                                                      for k, v in r.items() if k != "epoch"}} for r in every_third])

@@ -401,13 +401,11 @@ def pareto(points: List[Tuple[float, float]]) -> List[int]:
 def plot_pareto(results: List[Dict[str, Any]], path: str, lm: bool = False) -> bool:
     """Accuracy against batch-1 latency (a language model's: per decoded token) and against file size, Pareto
     fronts marked. False without matplotlib."""
-    try:
-        import matplotlib
-        import matplotlib.ticker
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    from ..plots import pyplot
+    plt = pyplot()
+    if plt is None:
         return False
+    import matplotlib.ticker
     ok = [r for r in results if "error" not in r]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     latency = "ms per decoded token at batch 1, p50 (log)" if lm else "latency p50 at batch 1 (ms, log)"
