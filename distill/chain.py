@@ -56,9 +56,10 @@ def check_auto(run: RunDir, assistants: List[nn.Module], teacher: nn.Module, stu
     shrink from the teacher to the student are said (a chain is meant to bridge a gap, step by step)."""
     if run.cfg["distill"]["assistants"] != "auto":
         sizes = [count_params(m) for m in (teacher, *assistants, student)]
-        if any(a <= b for a, b in zip(sizes, sizes[1:])) and run.runtime.is_main:  # (preflight: nothing written)
-            run.echo(f"warning: distill.assistants: the chain's sizes are {' > '.join(f'{n:,}' for n in sizes)} "
-                      f"parameters (teacher to student), not each smaller than the one before it")
+        if assistants and any(a <= b for a, b in zip(sizes, sizes[1:])) and run.runtime.is_main:  # (preflight:
+            run.echo(f"warning: distill.assistants: the chain's sizes are "  # nothing is written)
+                     f"{' -> '.join(f'{n:,}' for n in sizes)} parameters (teacher to student), not each smaller "
+                     f"than the one before it")
         return
     n, lo, hi = count_params(assistants[0]), count_params(student), count_params(teacher)
     if not lo < n < hi:

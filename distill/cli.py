@@ -209,8 +209,9 @@ def _compress(args: argparse.Namespace) -> int:
     from .engine.trainer import Interrupted
     from .pipeline.artifacts import require_saved
     from .pipeline.plan import execute
-    from .pipeline.rundir import RunDir, require_current
+    from .pipeline.rundir import RunDir, refuse_training_keys, require_current
     recipe, folder = _run_folder(args.target, args.overrides)
+    refuse_training_keys(folder, recipe.cfg, "compress")  # (the folder's models are what it compresses)
     for name in ("teacher", recipe.cfg["compress"]["source"]):
         require_current(folder, name, require_saved(folder, name), "compress")
     try:

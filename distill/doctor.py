@@ -571,32 +571,39 @@ def quantization_loss(run: RunView) -> List[Dict[str, Any]]:
         pair = DYNAMIC_OF.get(variant)
         if pair and (model, pair) in drops:
             ev[f"{pair}_drop"] = drops[(model, pair)]
-        # (an alternative is offered only within the budget; QAT's int8 model measured against this model's
-        # fp32, whose place it would take, not against the QAT model's own fp32)
-        qat = ev["fp32_accuracy"] - rows[("compress/qat", variant)]["accuracy"] \
-            if ("compress/qat", variant) in rows and model != "compress/qat" else None
-        if pair and drops.get((model, pair), math.inf) <= max_drop + 1e-12:
-            fix = (f"deploy the {pair} int8 variant instead (it loses {drops[(model, pair)]:.4f}), or calibrate on "
-                   f"more samples: --set bench.calibration={run.cfg['bench']['calibration'] * 4} "
-                   f"(now {run.cfg['bench']['calibration']})")
-        elif qat is not None and qat <= max_drop + 1e-12:
-            fix = (f"deploy compress/qat's {variant} int8 variant instead (the QAT model: "
-                   f"{rows[('compress/qat', variant)]['accuracy']:.4f}, {qat:.4f} below {model} in fp32)")
-        elif ("compress/qat", variant) in rows:  # (QAT was run, and its int8 variant loses too)
-            fix = (f"compress/qat's {variant} variant loses too ({rows[('compress/qat', variant)]['accuracy']:.4f}): "
-                   f"deploy in fp32, fp16 or bf16, or calibrate static int8 on more samples (--set "
-                   f"bench.calibration={run.cfg['bench']['calibration'] * 4})")
-        else:
-            steps = [s for s in run.cfg["compress"]["steps"] if s != "qat"] + ["qat"]
-            fix = (f"quantization-aware training: --set 'compress.steps=[{', '.join(steps)}]' then "
-                   f"`distill compress` and `distill bench` again (QAT learns weights that survive int8)")
-            static = [v for v, d in DYNAMIC_OF.items() if d == variant and drops.get((model, v), math.inf) <= max_drop]
-            if static:
-                fix += f"; or deploy the {static[0]} int8 variant, which loses {drops[(model, static[0])]:.4f}"
+        fix = _int8_fix(run, model, variant, rows, drops, max_drop)
         out.append(finding("quantization_loss", "medium",
                            f"{model} {variant}: test accuracy {ev['int8_accuracy']:.4f} vs {ev['fp32_accuracy']:.4f} "
                            f"in fp32, a drop of {drop:.4f} (> bench.max_accuracy_drop={max_drop})", ev, fix))
     return out
+
+
+def _int8_fix(run: RunView, model: str, variant: str, rows: Dict[Tuple[str, str], Dict[str, Any]],
+              drops: Dict[Tuple[str, str], float], max_drop: float) -> str:
+    """What to deploy instead of an int8 variant over the budget: an alternative is offered only within it,
+    and QAT's int8 model only for a model it would replace (the compress chain's source and steps), measured
+    against that model's fp32 (not the QAT model's own)."""
+    within = max_drop + 1e-12
+    pair = DYNAMIC_OF.get(variant)
+    if pair and drops.get((model, pair), math.inf) <= within:
+        return (f"deploy the {pair} int8 variant instead (it loses {drops[(model, pair)]:.4f}), or calibrate on "
+                f"more samples: --set bench.calibration={run.cfg['bench']['calibration'] * 4} "
+                f"(now {run.cfg['bench']['calibration']})")
+    chain = [run.cfg["compress"]["source"], *(f"compress/{s}" for s in run.cfg["compress"]["steps"] if s != "qat")]
+    qat = rows.get(("compress/qat", variant)) if model in chain else None
+    below = rows[(model, "fp32")]["accuracy"] - qat["accuracy"] if qat else None
+    if below is not None and below <= within:
+        return (f"deploy compress/qat's {variant} int8 variant instead (the QAT model: {qat['accuracy']:.4f}, "
+                f"{below:.4f} below {model} in fp32)")
+    static = [v for v, d in DYNAMIC_OF.items() if d == variant and drops.get((model, v), math.inf) <= within]
+    instead = f"; or deploy the {static[0]} int8 variant, which loses {drops[(model, static[0])]:.4f}" if static else ""
+    if qat is None and model in chain:
+        steps = [s for s in run.cfg["compress"]["steps"] if s != "qat"] + ["qat"]
+        return (f"quantization-aware training: --set 'compress.steps=[{', '.join(steps)}]' then "
+                f"`distill compress` and `distill bench` again (QAT learns weights that survive int8){instead}")
+    also = f"compress/qat's {variant} variant loses too ({qat['accuracy']:.4f}): " if qat else ""
+    return (f"{also}deploy in fp32, fp16 or bf16, or calibrate static int8 on more samples (--set "
+            f"bench.calibration={run.cfg['bench']['calibration'] * 4}){instead}")
 
 
 RULES: List[Tuple[str, Callable[[RunView], List[Dict[str, Any]]]]] = [

@@ -20,9 +20,9 @@ class FeatureCapture:
         modules = dict(model.named_modules())
         for name in names:
             if not name or name not in modules:
-                valid = module_names(model)
-                raise UserError(f"{where}: no module named '{name}'{did_you_mean(name, valid)}; "
-                                f"valid names: {', '.join(valid)}")
+                valid = module_names(model)  # (a transformer's run to hundreds: the first, as one line)
+                shown = ", ".join(valid[:40]) + (f", ... ({len(valid)} in all)" if len(valid) > 40 else "")
+                raise UserError(f"{where}: no module named '{name}'{did_you_mean(name, valid)}; valid names: {shown}")
         self.model, self.names = model, list(dict.fromkeys(names))
         self._modules = [(n, modules[n]) for n in self.names]  # (looked up once: not on every batch)
         self.outputs: Dict[str, torch.Tensor] = {}

@@ -172,7 +172,8 @@ def idle_settings(cfg: Dict[str, Any]) -> List[str]:
 
 def _idle_data(cfg: Dict[str, Any]) -> List[str]:
     """Text noise and augmentation settings of a switch that is off, and rows only the teacher labels while
-    distill.alpha leaves the teacher out (they have no target, and are trained on for nothing)."""
+    distill.alpha leaves the teacher's logits out and no feature loss reads them (they have no target, and
+    are trained on for nothing)."""
     from .recipe_schema import SCHEMA
     dd, out = cfg["distill"]["data"], []
     if cfg["data"]["dataset"] == "text":
@@ -185,7 +186,8 @@ def _idle_data(cfg: Dict[str, Any]) -> List[str]:
     teacher_only = [key for key, on in (("data.label_fraction", cfg["data"]["label_fraction"] < 1),
                                         ("distill.data.unlabeled", dd["unlabeled"]), ("distill.data.eda", dd["eda"]),
                                         ("distill.data.substitute", dd["substitute"])) if on]
-    if teacher_only and d["alpha"] == 0 and d["schedule"]["alpha"] == "constant":
+    features = d["features"] or d["layers"]["hidden"] != "none" or d["layers"]["attention"] != "none"
+    if teacher_only and d["alpha"] == 0 and d["schedule"]["alpha"] == "constant" and not features:
         out.append(f"{teacher_only[0]}: adds rows only the teacher labels, and distill.alpha 0 leaves the teacher "
                    f"out: they have no target and train nothing")
     return out
@@ -465,6 +467,10 @@ def _compress_checks(cfg: Dict[str, Any]) -> None:
             raise UserError(f"compress.steps: '{step}' applies to transformers only, and the {role} is not one")
     if "layers" in c["steps"] and not c["layers"]["to"]:
         raise UserError("compress.layers.to: missing; give the number of layers to keep, e.g. to: 2")
+    after = c["steps"][c["steps"].index("qat") + 1:] if "qat" in c["steps"] else []
+    if set(after) - {"vocab"}:
+        raise UserError(f"compress.steps: {c['steps']}: put qat last (only vocab may follow it): the steps after it "
+                        f"fine-tune in fp32, and undo the weights QAT learnt for int8")
 
 
 def is_text(cfg: Dict[str, Any], role: str) -> bool:

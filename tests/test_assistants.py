@@ -152,3 +152,6 @@ def test_an_explicit_chain_that_does_not_shrink_is_said(tmp_path):
     said.clear()
     preflight(RunDir(Recipe.load("digits", [*TINY, EXPLICIT]), str(tmp_path / "ok"), said.append))
     assert not [m for m in said if "distill.assistants" in m]
+    self_kd = "student.args={channels: [16, 32], hidden: 64}"  # (no chain: a student the teacher's size is KD)
+    preflight(RunDir(Recipe.load("digits", [*TINY, self_kd]), str(tmp_path / "self"), said.append))
+    assert not [m for m in said if "distill.assistants" in m]

@@ -65,10 +65,10 @@ def test_head_pruning_removes_parameters_and_keeps_the_output_shape(bert, import
 
 def test_gradient_head_importance_is_the_loss_sensitivity(bert):
     """|dL/d gate| per head, checked against a finite difference of the loss when one head is scaled."""
-    from distill.compress.prune import _attention_parts
+    from distill.compress.prune import attention_parts
     _, model = bert
     x, y = _ids(4), torch.tensor([0, 1, 1, 0])
-    parts = _attention_parts(model)
+    parts = attention_parts(model)
     raw = [s * 0 for s in head_importance(model, "l1")]
 
     def loss_with(layer, head, scale):
@@ -256,6 +256,11 @@ def test_compress_cnn_every_step_saves_a_smaller_loadable_model(cnn_run, capsys)
     assert names == ["layers2", "layers1", "channels", "qat"]
     params = [m["params"] for m in record["models"]]
     assert params[0] < 691_674 and params[1] < params[0] and params[2] < params[1] and params[3] == params[2]
+    pruned = record["models"][2]  # (what was removed, and why, as for the other steps)
+    assert set(pruned["widths_after"]) == set(pruned["widths_before"]) and "L1 norm" in pruned["ranked_by"]
+    cut = {k for k, w in pruned["widths_before"].items() if pruned["widths_after"][k] < w}  # (a residual block's
+    assert "block1.0.conv1" in cut and "block1.0.conv2" not in cut  # inner conv: its output joins no sum)
+    assert all(pruned["widths_after"][k] <= w for k, w in pruned["widths_before"].items())
     recipe = Recipe.load(os.path.join(cnn_run, "recipe.yaml"))
     from distill.data import load_data
     from distill.engine.inference import accuracy
@@ -537,6 +542,15 @@ def test_compress_text_heads_vocab_layers(tmp_path, capsys):
     assert rows[("compress/qat", "onnx_dynamic")]["size_bytes"] < rows[("student", "fp32")]["size_bytes"] / 4
 
 
+def _small_run(tmp_path, student="{arch: ['Flatten()', 'Linear(64, 10)']}", data="{dataset: digits}"):
+    """tmp_path/run: one epoch on digits, a small MLP teacher and `student`."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: m\ndata: {data}\nteacher: {{model: mlp, args: {{hidden: [16]}}}}\nstudent: {student}\n"
+                      f"train: {{epochs: 1}}\nevaluate: {{latency_runs: 2}}\n")
+    run(Recipe.load(str(recipe)), str(tmp_path / "run"), **QUIET)
+    return str(tmp_path / "run")
+
+
 @pytest.mark.parametrize("args, message", [
     (["compress", "nope"], "nope: not a run folder"),
     (["bench", "nope"], "nope: not a run folder"),
@@ -552,17 +566,15 @@ def test_compress_text_heads_vocab_layers(tmp_path, capsys):
     (["compress", "RUN", "--set", "compress.steps=[channels]", "--set", "compress.source=teacher"],
      "compress.channels: the teacher ('mlp') has no conv layer"),
     (["compress", "RUN", "--set", "compress.heads.keep=1.5"], "compress.heads.keep: must be between 0 and 1"),
+    (["compress", "RUN", "--set", "compress.steps=[qat, channels]"], "compress.steps: ['qat', 'channels']: put qat "
+                                                                     "last (only vocab may follow it)"),
+    (["compress", "RUN", "--set", "compress.steps=[qat]", "--set", "distill.temperature=7"],  # (it said to give
+     "distill.temperature: distill compress compresses the folder's models as they were trained"),  # --out)
     (["bench", "RUN", "--set", "bench.variants=[int4]"], "bench.variants[0]: unknown variant 'int4'"),
     (["bench", "RUN", "--set", "bench.models=[studnet]"], "bench.models[0]: 'studnet' is not a model of"),
 ])
 def test_compress_mistakes_are_one_line(tmp_path, capsys, args, message):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("name: m\ndata: {dataset: digits}\nteacher: {model: mlp, args: {hidden: [16]}}\n"
-                      "student: {arch: ['Flatten()', 'Linear(64, 10)']}\ntrain: {epochs: 1}\n"
-                      "evaluate: {latency_runs: 2}\n")
-    folder = str(tmp_path / "run")
-    if "RUN" in args:
-        run(Recipe.load(str(recipe)), folder, **QUIET)
+    folder = _small_run(tmp_path) if "RUN" in args else str(tmp_path / "run")
     before = sorted(os.listdir(folder)) if os.path.isdir(folder) else None
     assert main([folder if a == "RUN" else a for a in args]) == 2
     err = capsys.readouterr().err.strip()
@@ -571,14 +583,21 @@ def test_compress_mistakes_are_one_line(tmp_path, capsys, args, message):
         assert not os.path.isdir(os.path.join(folder, "compress"))
 
 
+def test_a_later_steps_mistake_is_found_before_the_first_step_fine_tunes(tmp_path, capsys):
+    """[channels, layers] on a plain CNN (no block to drop): layers was refused only after channels had
+    fine-tuned and replaced the earlier chain's models and records."""
+    folder = _small_run(tmp_path, "{model: cnn, args: {channels: [4], hidden: 8}}",
+                        "{dataset: digits, as_image: true, train_subset: 200}")
+    assert main(["compress", folder, "--set", "compress.steps=[channels, layers]", "--set", "compress.layers.to=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("compress.layers: the student ('cnn') has no layer or block that can be dropped (transformer "
+                        "encoders with 2+ layers, or residual blocks with an identity shortcut)"), err
+    assert not os.path.isdir(os.path.join(folder, "compress"))
+
+
 def test_run_folder_records_that_are_not_what_distill_wrote_are_one_line(tmp_path, capsys):
     from distill.compress.bench import plan
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("name: m\ndata: {dataset: digits}\nteacher: {model: mlp, args: {hidden: [16]}}\n"
-                      "student: {arch: ['Flatten()', 'Linear(64, 10)']}\ntrain: {epochs: 1}\n"
-                      "evaluate: {latency_runs: 2}\n")
-    folder = str(tmp_path / "run")
-    run(Recipe.load(str(recipe)), folder, **QUIET)
+    folder = _small_run(tmp_path)
     # with no variant named, the distilled student is still measured in fp32: every ratio is against it
     assert ("student", os.path.join(folder, "student.safetensors"), "fp32") in plan(folder, [])
     for name, text, command, message in [
@@ -652,8 +671,7 @@ def test_compress_sigterm_then_resume_is_bitwise_identical(cnn_run, tmp_path, ca
     assert main(["compress", folders[1], "--overwrite", *sets, "--set", "student.train.epochs=50"]) == 2  # (--overwrite
     # drops a fine-tune's checkpoints, and does not let the run's own recipe change)
     err = capsys.readouterr().err
-    assert "holds a run of a different recipe (student.train.epochs differ)" in err and "compress and bench may " \
-        "change only output.*, compress.*, bench.*, baseline" in err, err
+    assert "student.train.epochs: distill compress compresses the folder's models as they were trained" in err, err
     assert files(folders[1]) == kept
     done = subprocess.run(cmd + [folders[1], "--resume", *sets], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -417,6 +417,11 @@ def test_damaged_log_bytes_or_model_file_skip_what_needs_them(runs, capsys, tmp_
 
 def test_after_qat_the_suggestion_is_the_qat_models_int8_variant(runs, capsys, tmp_path):
     folder = shutil.copytree(runs("healthy"), str(tmp_path / "r"))
+    recipe = os.path.join(folder, "recipe.yaml")  # (compress settings leave the run's models as they are)
+    with open(recipe) as fh:
+        text = fh.read().replace("compress:\n  steps: []", "compress:\n  steps: [channels, qat]")
+    with open(recipe, "w") as fh:
+        fh.write(text)
     _bench_rows(folder, [{"model": m, "variant": v, "accuracy": a} for m, v, a in [
         ("compress/channels", "fp32", 0.9), ("compress/channels", "dynamic", 0.7),
         ("compress/qat", "fp32", 0.9), ("compress/qat", "dynamic", 0.895)]])
@@ -440,6 +445,12 @@ def test_after_qat_the_suggestion_is_the_qat_models_int8_variant(runs, capsys, t
              if x["evidence"]["model"] == "student"}
     assert set(found) == {"dynamic", "static"}
     assert all("deploy compress/qat's" not in f and "deploy the dynamic" not in f for f in found.values()), found
+    _bench_rows(folder, [{"model": m, "variant": v, "accuracy": a} for m, v, a in [  # (QAT's student does not
+        ("teacher", "fp32", 0.93), ("teacher", "dynamic", 0.8),  # take the teacher's place)
+        ("compress/qat", "fp32", 0.93), ("compress/qat", "dynamic", 0.93)]])
+    report, _ = diagnose(folder, capsys)
+    [f] = by_rule(report, "quantization_loss")
+    assert f["evidence"]["model"] == "teacher" and "compress/qat" not in f["suggestion"], f
 
 
 def test_a_model_at_chance_without_a_blow_up_barely_trained(runs, capsys, tmp_path):

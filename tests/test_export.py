@@ -312,3 +312,14 @@ def test_models_of_an_earlier_recipe_are_not_benched_compressed_or_exported(digi
         err = capsys.readouterr().err.strip()
         assert "made by a run of another recipe than" in err and "distill run" in err and "\n" not in err, err
     assert not os.path.exists(os.path.join(folder, "bench")) and not os.path.exists(os.path.join(folder, "export"))
+
+
+def test_an_export_over_another_models_file_replaces_its_entry(digits_run, tmp_path, capsys):
+    """The teacher exported to x.onnx, then the student to the same file: exports.json kept the teacher's
+    entry (its size and fingerprint) for a file that was now the student's."""
+    out = str(tmp_path / "x.onnx")
+    assert main(["export", digits_run, "--model", "teacher", "--format", "onnx", "--out", out]) == 0
+    assert json.load(open(os.path.join(digits_run, "export", "exports.json")))["teacher.onnx"]["path"] == out
+    assert main(["export", digits_run, "--model", "student", "--format", "onnx", "--out", out]) == 0
+    exports = json.load(open(os.path.join(digits_run, "export", "exports.json")))
+    assert "teacher.onnx" not in exports and exports["student.onnx"]["size_bytes"] == os.path.getsize(out)

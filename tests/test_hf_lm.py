@@ -900,6 +900,7 @@ def test_answer_extraction():
     assert extract("garbage", r"\d*") is None and extract("Answer: 122", r"\d*") == "122"
     assert extract("Answer: 122", r"(-?\d+)?$") == "122"  # (not the empty match at the very end)
     assert extract("Answer: ", r"Answer:\s*(\d*)") is None
+    assert extract("5", r"(a*)(\d+)") == "5"  # (the first group that holds something)
     assert extract("Answer: 12", r"answer is (\d+)|Answer:\s*(\d+)") == "12"  # (the second alternative's group)
     assert extract("Answer: ?", r"Answer:\s*(-?\d+)?") is None  # (its only group, optional, unmatched: no answer)
 

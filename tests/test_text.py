@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from textkit import sentiment_csv, text_recipe, tiny_bert, transformers  # noqa: F401  (skips without it)
+from textkit import minilm, sentiment_csv, text_recipe, tiny_bert, transformers  # noqa: F401  (skips without it)
 
 from distill import Recipe, run
 from distill.data.augment_text import TokenText, eda, mask_tokens, neighbour_table, substitute
@@ -312,6 +312,10 @@ def test_layer_maps():
     assert layer_pairs([5, 0], 6, 2) == [5, 0]
     with pytest.raises(Exception, match="one teacher layer in 0..5 for each of the student's 2 layers"):
         layer_pairs([1, 2, 3], 6, 2)
+    for kind in ("uniform", "auto"):  # (a student deeper than its teacher was matched to layer -1: 'hidden.-1')
+        with pytest.raises(Exception, match="uniform matches each of the student's 6 layers to one of the "
+                                            "teacher's 4, and the student has more; give a list"):
+            layer_pairs(kind, 4, 6)
     lcfg = {"map": "uniform", "hidden": "mse", "hidden_weight": 2.0, "attention": "kl", "attention_weight": 1.0,
             "embeddings_weight": 0.5, "cls_weight": 1.0}
     feats = transformer_features(lcfg, 4, 2, same_width=False)
@@ -570,7 +574,56 @@ def _finetuned_other_labels(bert, folder):
     return folder
 
 
+def _copy_with(bert, folder, weights=None, cut=False, tokenizer=None):
+    """The tiny BERT's folder with another model's weights, its weights file cut short, or its tokenizer
+    edited (`tokenizer`: file name -> a function of its JSON)."""
+    import shutil
+    shutil.copytree(bert, folder)
+    path = os.path.join(folder, "model.safetensors")
+    if weights is not None:
+        weights.save_pretrained(folder + "_w")
+        shutil.copy(os.path.join(folder + "_w", "model.safetensors"), path)
+    if cut:
+        with open(path, "r+b") as fh:
+            fh.truncate(os.path.getsize(path) // 2)
+    for name, edit in (tokenizer or {}).items():
+        with open(os.path.join(folder, name)) as fh:
+            data = edit(json.load(fh))
+        with open(os.path.join(folder, name), "w") as fh:
+            json.dump(data, fh)
+    return folder
+
+
+CASED = {"tokenizer.json": lambda d: {**d, "normalizer": {**d["normalizer"], "lowercase": False}},
+         "tokenizer_config.json": lambda d: {**d, "do_lower_case": False}}
+
+
+def _t5(folder):
+    """A tiny encoder-decoder, with a BERT tokenizer."""
+    transformers.T5Model(transformers.T5Config(vocab_size=30522, d_model=16, d_kv=8, d_ff=16, num_layers=1,
+                                               num_heads=2)).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(str(minilm.get_model_path())).save_pretrained(folder)
+    return folder
+
+
 TEXT_CASES = {
+    # (each was a run that exited 0 on a random encoder, or a traceback)
+    "teacher folder of another model's weights": (
+        lambda t, b: {"teacher": {"hf": _copy_with(b, str(t / "alien"), transformers.GPT2Model(
+            transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2)))}},
+        "of the encoder's weights are missing from the folder or of another shape than its config.json gives"),
+    "teacher weights cut short": (lambda t, b: {"teacher": {"hf": _copy_with(b, str(t / "cut"), cut=True)}},
+                                  "cannot load as a sequence classifier"),
+    "encoder-decoder teacher": (lambda t, b: {"teacher": {"hf": _t5(str(t / "t5"))}},
+                                "an encoder-decoder model (t5); a text classifier is an encoder"),
+    "data tokenizer that splits text otherwise": (  # (the same vocabulary; cased text read as [UNK]s)
+        lambda t, b: {"data": {"tokenizer": _copy_with(b, str(t / "cased"), tokenizer=CASED)}},
+        "is not the teacher's tokenizer"),
+    "student deeper than the teacher on a uniform map": (
+        lambda t, b: {"student": {"from_teacher": None, "hf_config": {"layers": 6, "hidden": 32, "heads": 4,
+                                                                      "intermediate": 32}},
+                      "distill": {"layers": {"hidden": "mse"}}},
+        "distill.layers.map: uniform matches each of the student's 6 layers to one of the teacher's 4"),
     "augmented copies beyond the machine": (lambda t, b: {"distill": {"data": {"eda": 10 ** 12}}},
                                             "distill.data.eda: 1,000,000,000,000 copies of"),
     "text column missing": (lambda t, b: {"data": {"text_column": "sentence"}},
@@ -583,7 +636,7 @@ TEXT_CASES = {
         "was fine-tuned for classes ['a', 'b', 'c'] but the data has ['negative', 'positive']"),
     "student with another vocabulary": (lambda t, b: {"student": {"hf": _other_vocab_bert(str(t / "ov")),
                                                                   "from_teacher": None}},
-                                        "has a different vocabulary from the data's tokenizer"),
+                                        "has another tokenizer than the data's"),
     "data tokenizer other than the teacher's": (lambda t, b: {"data": {"tokenizer": _other_vocab_bert(str(t / "ov"))}},
                                                 "is not the teacher's tokenizer"),
     "fresh student wider than the teacher": (lambda t, b: {"student": {"from_teacher": None, "hf_config": {
@@ -781,3 +834,23 @@ def test_text_noise_settings_of_a_switch_that_is_off_and_rows_nothing_learns_fro
     assert said == ["distill.data.eda: adds rows only the teacher labels, and distill.alpha 0 leaves the teacher "
                     "out: they have no target and train nothing"]
     assert Recipe.from_dict({**recipe, "distill": {"alpha": 0.5, "data": {"eda": 1}}}).warnings == []
+    assert Recipe.from_dict({**recipe, "distill": {"alpha": 0, "data": {"eda": 1},  # (a hidden-state loss reads
+                                                    "layers": {"hidden": "mse"}}}).warnings == []  # them: TinyBERT)
+
+
+def test_a_pruned_folder_as_teacher_keeps_its_pruned_weights(tmp_path, bert):
+    """A folder distill compress pruned, given as teacher.hf, was loaded into its config's full shapes with
+    its attention weights drawn at random (exit 0); it is built at its saved shapes now, as a fine-tuned
+    classifier, or refused in one line without `finetuned`."""
+    from distill.compress.prune import head_importance, prune_heads
+    from distill.errors import UserError
+    from distill.models.hf import load_classifier, save_folder
+    teacher = load_classifier(bert, NAMES, "teacher.hf")
+    pruned = prune_heads(teacher, 0.5, head_importance(teacher, "l1"))
+    save_folder(pruned, str(tmp_path / "p"), bert, {"class_names": NAMES})
+    with pytest.raises(UserError, match="is a model distill compress pruned, whose head is its own; load it with "
+                                        "teacher.finetuned: true"):
+        load_classifier(str(tmp_path / "p"), NAMES, "teacher.hf")
+    again = load_classifier(str(tmp_path / "p"), NAMES, "teacher.hf", finetuned=True)
+    for (name, a), (_, b) in zip(pruned.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -86,7 +86,7 @@ def _export(recipe, folder: str, name: str, path: str, fmt: str, out: Optional[s
     if bake and data.stats:
         x = raw_inputs(x, data.stats, data.image)
     info = {**export_model(model, x, fmt, out, meta, prep if bake else None), "fingerprint": version}
-    write_json(record, {**exports, f"{name}.{fmt}": info})
+    write_json(record, with_entry(exports, f"{name}.{fmt}", info))
     return (f"{name} -> {out} ({info['size_bytes'] / 1024:,.1f} KB); outputs match PyTorch within "
             f"{info['max_abs_diff']:.2g} (tolerance {info['tolerance']:.2g}) on {info['checked_on']} test inputs; "
             f"{_takes(info, prep, fmt, bool(data.stats))}")
@@ -105,9 +105,17 @@ def _export_hf(model, name: str, path: str, saved: Dict[str, Any], data, out: st
         raise UserError(f"--format hf: for the registry's gpt language models; {name} is a "
                         f"'{saved['spec'].get('model')}' model (export it as onnx, torchscript or safetensors)")
     info = {**export_gpt2(model, data.class_names, data.x_test[:8], out, meta), "fingerprint": version}
-    write_json(record, {**exports, f"{name}.hf": info})
+    write_json(record, with_entry(exports, f"{name}.hf", info))
     return (f"{name} -> {out}/ (GPT-2 layout, {info['size_bytes'] / 1024:,.1f} KB); logits match within "
             f"{info['max_abs_diff']:.2g} and greedy tokens are equal on {info['checked_on']} test windows")
+
+
+def with_entry(exports: Dict[str, Any], key: str, info: Dict[str, Any]) -> Dict[str, Any]:
+    """exports.json with this export's entry; another entry of the same file is dropped (the file is this
+    export's now: it described another model's, which is gone)."""
+    here = os.path.realpath(info["path"])
+    return {**{k: v for k, v in exports.items() if not (isinstance(v, dict) and isinstance(v.get("path"), str)
+                                                        and os.path.realpath(v["path"]) == here)}, key: info}
 
 
 def _takes(info: Dict[str, Any], prep: Dict[str, Any], fmt: str, has_stats: bool) -> str:

@@ -39,7 +39,7 @@ from ..recipe_checks import MODEL_SOURCES
 from ..roles import STUDENT, TEACHER, compressed, recipe_section
 from ..tasks import task_for
 from . import layers as layer_drop
-from .prune import head_importance, prune_channels, prune_ffn, prune_heads
+from .prune import attention_parts, ffn_kinds, filter_pairs, head_importance, prune_channels, prune_ffn, prune_heads
 from .quantize import finish_qat, prepare_qat
 from .structure import heads_per_layer
 from .vocab import check_trimmable, trim_lm_vocabulary, trim_vocabulary
@@ -166,11 +166,22 @@ class Compressor:
             return {"vocab_before": before, "vocab_after": len(self.model.vocab_ids), "test_tokens_outside": outside}
         self.step("vocab", {"kept": "tokens of the student's training inputs"}, work)  # (not the labelled alone)
 
-    def layers(self) -> None:
-        lc, data, bs = self.c["layers"], self.run.data, self.run.cfg["data"]["eval_batch_size"]
-        if not layer_drop.droppable(self.model):
+    def check(self, steps: List[str]) -> None:
+        """Every step applies to the model, checked before the first one fine-tunes: a later step's mistake
+        was found after the earlier steps had replaced the chain's models. (The steps change the sizes of what
+        the others look for, not its kind: pruning keeps the layers, dropping layers keeps each one's parts.)"""
+        if "layers" in steps and not layer_drop.droppable(self.model):
             raise UserError(f"compress.layers: {self.what} has no layer or block that can be dropped "
                             f"(transformer encoders with 2+ layers, or residual blocks with an identity shortcut)")
+        if "heads" in steps:
+            attention_parts(self.model)
+        if "channels" in steps and self.text:
+            ffn_kinds(self.model)
+        elif "channels" in steps:
+            filter_pairs(self.model, self.what)
+
+    def layers(self) -> None:
+        lc, data, bs = self.c["layers"], self.run.data, self.run.cfg["data"]["eval_batch_size"]
         if layer_drop.depth(self.model) <= lc["to"]:
             self.run.event(f"compress: layers: the model has {layer_drop.depth(self.model)} droppable units, not more "
                            f"than compress.layers.to={lc['to']}; nothing to drop")
@@ -208,10 +219,21 @@ class Compressor:
         cc = self.c["channels"]
 
         def work() -> Dict[str, Any]:
+            before = self._widths()
             self.model = prune_ffn(self.model, cc["keep"]) if self.text else \
                 prune_channels(self.model, cc["keep"], self.what)
-            return {"finetune": self.finetune("channels", self.teacher, cc["epochs"])}
+            return {"widths_before": before, "widths_after": self._widths(),  # (what was removed, and why:)
+                    "ranked_by": "L1 norm of each neuron's (filter's) weights, the largest kept",
+                    "finetune": self.finetune("channels", self.teacher, cc["epochs"])}
         self.step("channels", cc, work)
+
+    def _widths(self) -> Dict[str, int]:
+        """The width channels pruning sets, by module: each conv's filters, or each layer's feed-forward
+        neurons."""
+        if not self.text:
+            return {n: m.out_channels for n, m in self.model.named_modules() if isinstance(m, nn.Conv2d)}
+        return {n: m.out_features for n, m in self.model.named_modules()
+                if n.endswith(("intermediate.dense", "mlp.up_proj")) and isinstance(m, nn.Linear)}
 
     def qat(self) -> None:
         def work() -> Dict[str, Any]:
@@ -248,6 +270,7 @@ def compress(run: RunDir, teacher: Optional[nn.Module] = None, model: Optional[n
     if "vocab" in steps:
         path = run.cfg["data"]["tokenizer"]
         check_trimmable(c.model, load_tokenizer(path, "data.tokenizer"), path)
+    c.check(steps)
     for name in steps:
         getattr(c, name)()
     c.write_record()  # (also when no step made a model: the earlier chain's records would stay, and bench them)

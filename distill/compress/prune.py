@@ -24,7 +24,7 @@ from .structure import replace, slice_module, sync_attention_heads
 Blocks = List[Tuple[str, nn.Module]]
 
 
-def _attention_parts(model: HFClassifier) -> List[Tuple[nn.Module, nn.Module, nn.Module]]:
+def attention_parts(model: HFClassifier) -> List[Tuple[nn.Module, nn.Module, nn.Module]]:
     """(layer, self-attention, output projection) per layer of a BERT-family encoder."""
     _, _, layers = layer_list(model.hf)
     parts = []
@@ -41,7 +41,7 @@ def _attention_parts(model: HFClassifier) -> List[Tuple[nn.Module, nn.Module, nn
 def head_importance(model: HFClassifier, method: str, x: Optional[torch.Tensor] = None,
                     y: Optional[torch.Tensor] = None, batch_size: int = 32) -> List[torch.Tensor]:
     """One score per head per layer, normalised to unit L2 norm within each layer."""
-    parts = _attention_parts(model)
+    parts = attention_parts(model)
     if method == "l1":
         scores = []
         for _, att, out in parts:
@@ -103,7 +103,7 @@ def keep_top(scores: List[torch.Tensor], keep: float) -> List[torch.Tensor]:
 def prune_heads(model: HFClassifier, keep: float, scores: List[torch.Tensor]) -> HFClassifier:
     """A copy of `model` with only the kept heads: smaller query/key/value and output projections."""
     model = copy.deepcopy(model)
-    for (_, att, out), kept in zip(_attention_parts(model), keep_top(scores, keep)):
+    for (_, att, out), kept in zip(attention_parts(model), keep_top(scores, keep)):
         d = att.attention_head_size
         rows = (kept[:, None] * d + torch.arange(d)).flatten()
         for name in ("query", "key", "value"):
@@ -128,9 +128,9 @@ def prune_ffn(model: HFClassifier, keep: float) -> HFClassifier:
     model = copy.deepcopy(model)
     _, _, layers = layer_list(model.hf)
     width = None
-    for i, layer in enumerate(layers):
+    for layer, gated in zip(layers, ffn_kinds(model)):
         mlp = getattr(layer, "mlp", None)
-        if all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
+        if gated:
             score = _l1_rows(mlp.gate_proj.weight) + _l1_rows(mlp.up_proj.weight) + _l1_rows(mlp.down_proj.weight.t())
             kept = score.argsort(descending=True)[:max(1, round(keep * len(score)))].sort().values
             mlp.gate_proj = slice_module(mlp.gate_proj, out_idx=kept)
@@ -138,11 +138,7 @@ def prune_ffn(model: HFClassifier, keep: float) -> HFClassifier:
             mlp.down_proj = slice_module(mlp.down_proj, in_idx=kept)
             width = len(kept)
             continue
-        up, down = getattr(getattr(layer, "intermediate", None), "dense", None), getattr(
-            getattr(layer, "output", None), "dense", None)
-        if not (isinstance(up, nn.Linear) and isinstance(down, nn.Linear)):
-            raise UserError(f"compress.channels: layer {i} has no intermediate.dense/output.dense feed-forward pair "
-                            f"nor a gated mlp (gate_proj, up_proj, down_proj)")
+        up, down = layer.intermediate.dense, layer.output.dense
         score = _l1_rows(up.weight) + _l1_rows(down.weight.t())
         kept = score.argsort(descending=True)[:max(1, round(keep * len(score)))].sort().values
         layer.intermediate.dense = slice_module(up, out_idx=kept)
@@ -153,6 +149,23 @@ def prune_ffn(model: HFClassifier, keep: float) -> HFClassifier:
     if width is not None and hasattr(model.hf.config, "intermediate_size"):
         model.hf.config.intermediate_size = width
     return model
+
+
+def ffn_kinds(model: HFClassifier) -> List[bool]:
+    """Per layer, whether its feed-forward block is gated (Llama, Qwen, SmolLM: mlp.gate_proj, up_proj,
+    down_proj) or BERT-style (intermediate.dense, output.dense); a layer of neither is one line."""
+    _, _, layers = layer_list(model.hf)
+    kinds = []
+    for i, layer in enumerate(layers):
+        mlp = getattr(layer, "mlp", None)
+        gated = all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))
+        up, down = getattr(getattr(layer, "intermediate", None), "dense", None), getattr(
+            getattr(layer, "output", None), "dense", None)
+        if not (gated or (isinstance(up, nn.Linear) and isinstance(down, nn.Linear))):
+            raise UserError(f"compress.channels: layer {i} has no intermediate.dense/output.dense feed-forward pair "
+                            f"nor a gated mlp (gate_proj, up_proj, down_proj)")
+        kinds.append(gated)
+    return kinds
 
 
 # ---------------------------------------------------------------- CNN filters
@@ -204,14 +217,20 @@ def _block_pairs(model: nn.Module):
             yield f"{name}.conv1", [f"{name}.bn2"], f"{name}.conv2", 1
 
 
-def prune_channels(model: nn.Module, keep: float, what: str = "the model") -> nn.Module:
-    """A copy of `model` keeping `keep` of the filters of every prunable conv (L1 norm), with the following
-    BatchNorm and the next layer's inputs resized to match."""
-    model = copy.deepcopy(model)
+def filter_pairs(model: nn.Module, what: str = "the model") -> list:
+    """The convs whose filters can be pruned, with what follows each; none is one line."""
     pairs = list(_chain_pairs(model)) + list(_block_pairs(model))
     if not pairs:
         raise UserError(f"compress.channels: {what} has no conv layer whose filters can be pruned "
                         f"(supported: conv chains ending in Flatten + Linear, and the registry's residual blocks)")
+    return pairs
+
+
+def prune_channels(model: nn.Module, keep: float, what: str = "the model") -> nn.Module:
+    """A copy of `model` keeping `keep` of the filters of every prunable conv (L1 norm), with the following
+    BatchNorm and the next layer's inputs resized to match."""
+    model = copy.deepcopy(model)
+    pairs = filter_pairs(model, what)
     modules = dict(model.named_modules())
     for conv_name, bns, nxt_name, spatial in pairs:
         conv, nxt = modules[conv_name], modules[nxt_name]

@@ -64,6 +64,9 @@ def layer_pairs(kind: Any, n_teacher: int, n_student: int, selected: Optional[Se
     if kind == "auto":
         kind = list(selected) if selected is not None else "uniform"
     if kind == "uniform":
+        if n_student > n_teacher:  # (layer 0 would be matched to teacher layer -1)
+            raise UserError(f"distill.layers.map: uniform matches each of the student's {n_student} layers to one of "
+                            f"the teacher's {n_teacher}, and the student has more; give a list of teacher layers")
         return [(j + 1) * n_teacher // n_student - 1 for j in range(n_student)]
     if kind == "last":
         return [n_teacher - 1] * n_student

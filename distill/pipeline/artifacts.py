@@ -29,7 +29,7 @@ from ..losses import transformer_features
 from ..models import build_model
 from ..models.hf_lm import check_same_tokenizer, fresh_lm, load_causal_lm, same_tokenizer
 from ..models.hf import fresh_student, is_model_folder, load_classifier, load_folder, load_tokenizer, \
-    resolve_hf_path, same_vocabulary, save_folder, select_layers
+    resolve_hf_path, save_folder, select_layers, tokenization_hash
 from ..recipe import COMPLETIONS, is_text, seeds_hint
 from ..recipe_checks import text_only_kd
 from ..roles import SCRATCH, STUDENT, TEACHER, stage_command
@@ -219,13 +219,15 @@ class HuggingFaceModels:
             model = load_classifier(path, names, f"{role}.hf", finetuned=m["finetuned"])
             check_split(read_run_json(os.path.join(path, "distill.json"), {}),  # (a folder distill fine-tuned:
                         run.data_for(role), f"{role}.hf: {m['hf']}")  # which rows it trained on)
-            same = lambda: same_vocabulary(load_tokenizer(path, f"{role}.hf"),  # noqa: E731
-                                           load_tokenizer(run.cfg["data"]["tokenizer"], "data.tokenizer"))
+            # (one vocabulary is not enough: a tokenizer that does not lowercase reads cased text as [UNK]s)
+            same = lambda: tokenization_hash(load_tokenizer(path, f"{role}.hf")) == tokenization_hash(  # noqa: E731
+                load_tokenizer(run.cfg["data"]["tokenizer"], "data.tokenizer"))
             if role == TEACHER:
                 teacher_reads_the_data_tokens(path, run.cfg["data"]["tokenizer"], same)
             elif not same():
-                raise UserError(f"{role}.hf: {m['hf']} has a different vocabulary from the data's tokenizer "
-                                f"({run.cfg['data']['tokenizer']}); teacher and student must share one vocabulary")
+                raise UserError(f"{role}.hf: {m['hf']} has another tokenizer than the data's "
+                                f"({run.cfg['data']['tokenizer']}: its vocabulary, or how it splits text); teacher "
+                                f"and student must read the same token ids")
             return model
         ft = m["from_teacher"]
         if ft and ft["source"] == "finetuned" and os.path.isdir(run.path(TEACHER)):

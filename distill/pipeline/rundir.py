@@ -176,18 +176,21 @@ def refuse_other_recipe(out: str, cfg: Dict[str, Any]) -> None:
                         f"reused); distill compress and bench may change only {free}")
 
 
-def refuse_training_keys(out: str, cfg: Dict[str, Any]) -> None:
-    """distill bench measures a folder's models as they were made: a --set of a key they would have to be made
-    again for would be ignored, and is refused (how they are measured, and compress.*, may change)."""
+def refuse_training_keys(out: str, cfg: Dict[str, Any], command: str = "bench") -> None:
+    """distill bench measures a folder's models as they were made, and compress starts from them: a --set of
+    a key they would have to be made again for would be ignored, and is refused (compress.*, and for bench
+    how the models are measured, may change)."""
     try:
         before = Recipe.load(os.path.join(out, "recipe.yaml")).cfg
     except UserError:
         return  # (the commands that make the models say what is wrong with it)
-    trained = [k for k in _differing(_comparable(before), _comparable(cfg)) if not k.startswith(MEASURING)]
+    free = MEASURING if command == "bench" else ()
+    trained = [k for k in _differing(_comparable(before), _comparable(cfg)) if not k.startswith(free)]
     if trained:
-        raise UserError(f"{_listed(trained)}: distill bench measures the folder's models as they were trained, "
-                        f"without this change; give it to distill run {out} --overwrite (which trains again what it "
-                        f"changes), or leave it out")
+        does = "measures the folder's models" if command == "bench" else "compresses the folder's models"
+        raise UserError(f"{_listed(trained)}: distill {command} {does} as they were trained, without this change; "
+                        f"give it to distill run {out} --overwrite (which trains again what it changes), or leave it "
+                        f"out")
 
 
 UNFINISHED = "unfinished"  # the fingerprint of a stage record while the stage makes its files anew
@@ -412,7 +415,7 @@ class RunDir:
         unless --overwrite, so that a command repeated without --resume loses no training."""
         ck = self.checkpoints(name)
         if self.remember and self.runtime.is_main:
-            self._trial_checkpoints(ck, fingerprint)
+            self._trial_checkpoints(ck, fingerprint, earlier)
         step, writer = self.runtime.from_main((ck.newest_step(), ck.written_by()))
         if step is None:
             return
@@ -435,12 +438,13 @@ class RunDir:
             ck.clear()
 
     @staticmethod
-    def _trial_checkpoints(ck: Checkpoints, fingerprint: str) -> None:
+    def _trial_checkpoints(ck: Checkpoints, fingerprint: str, earlier: Optional[str] = None) -> None:
         """A search's trials train one after another in one folder: the checkpoints of another trial (the one a
         stopped search stopped in, met again after trials it reruns: pruned or diverged ones) are set aside
-        beside the folder, named by their fingerprint, not dropped; and this trial's, set aside, come back."""
+        beside the folder, named by their fingerprint, not dropped; and this trial's, set aside, come back.
+        (`earlier`: this stage's fingerprint before a later key was hashed; its checkpoints are its own.)"""
         writer = ck.written_by()
-        if writer not in (None, fingerprint):
+        if writer not in (None, fingerprint, earlier):
             os.replace(ck.folder, f"{ck.folder}.{TRIAL_ASIDE}{writer[:24]}")
         aside = f"{ck.folder}.{TRIAL_ASIDE}{fingerprint[:24]}"
         if os.path.isdir(aside) and ck.newest_step() is None:

@@ -125,8 +125,8 @@ def extract(text: str, pattern: Optional[str]) -> Optional[str]:
     if not found:
         return None
     m = found[-1]  # (of several groups, the first that matched: alternatives each have their own)
-    answer = m.group(0) if not m.groups() else next((g for g in m.groups() if g is not None), "")
-    return answer.strip() or None  # (an optional group unmatched, or matched empty: none)
+    answer = m.group(0) if not m.groups() else next((g for g in m.groups() if g and g.strip()), "")
+    return answer.strip() or None  # (groups unmatched, or matched empty: none)
 
 
 def greedy_completions(model: nn.Module, prompts: list, max_new_tokens: int, batch_size: int = 8) -> list:
