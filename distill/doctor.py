@@ -589,15 +589,17 @@ def _int8_fix(run: RunView, model: str, variant: str, rows: Dict[Tuple[str, str]
         return (f"deploy the {pair} int8 variant instead (it loses {drops[(model, pair)]:.4f}), or calibrate on "
                 f"more samples: --set bench.calibration={run.cfg['bench']['calibration'] * 4} "
                 f"(now {run.cfg['bench']['calibration']})")
-    chain = [run.cfg["compress"]["source"], *(f"compress/{s}" for s in run.cfg["compress"]["steps"] if s != "qat")]
-    qat = rows.get(("compress/qat", variant)) if model in chain else None
+    # (the chain: the source, then each step's model, layers' named by depth, compress/layers2, each made from
+    # the one before; QAT's from the last)
+    chain = model == run.cfg["compress"]["source"] or (model.startswith("compress/") and model != "compress/qat")
+    qat = rows.get(("compress/qat", variant)) if chain else None
     below = rows[(model, "fp32")]["accuracy"] - qat["accuracy"] if qat else None
     if below is not None and below <= within:
         return (f"deploy compress/qat's {variant} int8 variant instead (the QAT model: {qat['accuracy']:.4f}, "
                 f"{below:.4f} below {model} in fp32)")
     static = [v for v, d in DYNAMIC_OF.items() if d == variant and drops.get((model, v), math.inf) <= within]
     instead = f"; or deploy the {static[0]} int8 variant, which loses {drops[(model, static[0])]:.4f}" if static else ""
-    if qat is None and model in chain:
+    if qat is None and chain:
         steps = [s for s in run.cfg["compress"]["steps"] if s != "qat"] + ["qat"]
         return (f"quantization-aware training: --set 'compress.steps=[{', '.join(steps)}]' then "
                 f"`distill compress` and `distill bench` again (QAT learns weights that survive int8){instead}")

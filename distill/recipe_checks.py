@@ -170,6 +170,14 @@ def idle_settings(cfg: Dict[str, Any]) -> List[str]:
     return out + _idle_reaction(cfg) + _idle_generation(cfg) + _idle_data(cfg)
 
 
+def has_feature_losses(d: Dict[str, Any]) -> bool:
+    """Whether `distill` (a recipe's section) asks for any loss on features: distill.features, or a layer,
+    embeddings or [CLS] loss of distill.layers."""
+    layers = d["layers"]
+    return bool(d["features"] or layers["hidden"] != "none" or layers["attention"] != "none"
+                or layers["embeddings_weight"] or layers["cls_weight"])
+
+
 def _idle_data(cfg: Dict[str, Any]) -> List[str]:
     """Text noise and augmentation settings of a switch that is off, and rows only the teacher labels while
     distill.alpha leaves the teacher's logits out and no feature loss reads them (they have no target, and
@@ -186,8 +194,7 @@ def _idle_data(cfg: Dict[str, Any]) -> List[str]:
     teacher_only = [key for key, on in (("data.label_fraction", cfg["data"]["label_fraction"] < 1),
                                         ("distill.data.unlabeled", dd["unlabeled"]), ("distill.data.eda", dd["eda"]),
                                         ("distill.data.substitute", dd["substitute"])) if on]
-    features = d["features"] or d["layers"]["hidden"] != "none" or d["layers"]["attention"] != "none"
-    if teacher_only and d["alpha"] == 0 and d["schedule"]["alpha"] == "constant" and not features:
+    if teacher_only and d["alpha"] == 0 and d["schedule"]["alpha"] == "constant" and not has_feature_losses(d):
         out.append(f"{teacher_only[0]}: adds rows only the teacher labels, and distill.alpha 0 leaves the teacher "
                    f"out: they have no target and train nothing")
     return out
@@ -400,10 +407,7 @@ def _monitor_checks(cfg: Dict[str, Any]) -> None:
     if m["factor"] <= 1:  # (T / 0.5 would raise the temperature: the reverse of the action named)
         raise UserError(f"monitor.factor: {m['factor']}: the reaction multiplies by it (T / factor, alpha x factor, "
                         f"feature weights x factor); give a number above 1")
-    layers = d["layers"]
-    features = d["features"] or layers["hidden"] != "none" or layers["attention"] != "none" \
-        or layers["embeddings_weight"] or layers["cls_weight"]
-    if m["action"] == "raise_feature_weight" and not features:
+    if m["action"] == "raise_feature_weight" and not has_feature_losses(d):
         raise UserError("monitor.action: raise_feature_weight scales the feature losses (distill.features, "
                         "distill.layers), and the recipe has none; use raise_alpha, lower_temperature or warn")
     if m["action"] == "raise_alpha" and d["alpha"] == 0 and d["schedule"]["alpha"] == "constant":

@@ -445,6 +445,12 @@ def test_after_qat_the_suggestion_is_the_qat_models_int8_variant(runs, capsys, t
              if x["evidence"]["model"] == "student"}
     assert set(found) == {"dynamic", "static"}
     assert all("deploy compress/qat's" not in f and "deploy the dynamic" not in f for f in found.values()), found
+    _bench_rows(folder, [{"model": m, "variant": v, "accuracy": a} for m, v, a in [  # (the layers step's model,
+        ("compress/layers2", "fp32", 0.9), ("compress/layers2", "dynamic", 0.7),  # named by its depth)
+        ("compress/qat", "fp32", 0.9), ("compress/qat", "dynamic", 0.895)]])
+    report, _ = diagnose(folder, capsys)
+    [f] = by_rule(report, "quantization_loss")
+    assert "deploy compress/qat's dynamic int8 variant instead" in f["suggestion"], f
     _bench_rows(folder, [{"model": m, "variant": v, "accuracy": a} for m, v, a in [  # (QAT's student does not
         ("teacher", "fp32", 0.93), ("teacher", "dynamic", 0.8),  # take the teacher's place)
         ("compress/qat", "fp32", 0.93), ("compress/qat", "dynamic", 0.93)]])

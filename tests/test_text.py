@@ -316,6 +316,8 @@ def test_layer_maps():
         with pytest.raises(Exception, match="uniform matches each of the student's 6 layers to one of the "
                                             "teacher's 4, and the student has more; give a list"):
             layer_pairs(kind, 4, 6)
+    deeper = {"map": "auto", "hidden": "none", "attention": "none", "embeddings_weight": 0.0, "cls_weight": 1.0}
+    assert [f["teacher"] for f in transformer_features(deeper, 4, 6, same_width=False)] == ["cls"]  # (nothing paired)
     lcfg = {"map": "uniform", "hidden": "mse", "hidden_weight": 2.0, "attention": "kl", "attention_weight": 1.0,
             "embeddings_weight": 0.5, "cls_weight": 1.0}
     feats = transformer_features(lcfg, 4, 2, same_width=False)
@@ -834,8 +836,8 @@ def test_text_noise_settings_of_a_switch_that_is_off_and_rows_nothing_learns_fro
     assert said == ["distill.data.eda: adds rows only the teacher labels, and distill.alpha 0 leaves the teacher "
                     "out: they have no target and train nothing"]
     assert Recipe.from_dict({**recipe, "distill": {"alpha": 0.5, "data": {"eda": 1}}}).warnings == []
-    assert Recipe.from_dict({**recipe, "distill": {"alpha": 0, "data": {"eda": 1},  # (a hidden-state loss reads
-                                                    "layers": {"hidden": "mse"}}}).warnings == []  # them: TinyBERT)
+    for layers in ({"hidden": "mse"}, {"cls_weight": 1.0}):  # (a feature loss reads them: TinyBERT)
+        assert Recipe.from_dict({**recipe, "distill": {"alpha": 0, "data": {"eda": 1}, "layers": layers}}).warnings == []
 
 
 def test_a_pruned_folder_as_teacher_keeps_its_pruned_weights(tmp_path, bert):

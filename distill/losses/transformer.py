@@ -82,7 +82,8 @@ def transformer_features(lcfg: Dict[str, Any], n_teacher: int, n_student: int, s
     """`distill.layers` -> feature-loss entries on the models' taps (hidden.i, attention.i, embeddings, cls)."""
     proj = "identity" if same_width else "linear"
     feats: List[Dict[str, Any]] = []
-    pairs = layer_pairs(lcfg["map"], n_teacher, n_student, selected)
+    layered = lcfg["hidden"] != "none" or lcfg["attention"] != "none"  # (else no layer is paired: any depth goes)
+    pairs = layer_pairs(lcfg["map"], n_teacher, n_student, selected) if layered else []
     for j, i in enumerate(pairs):
         if lcfg["hidden"] != "none":
             feats.append({"teacher": f"hidden.{i}", "student": f"hidden.{j}", "loss": lcfg["hidden"],

@@ -429,17 +429,17 @@ def tokenizer_hash(tok) -> str:
     return sha256_json({"vocab": tok.get_vocab(), "special": sorted(map(str, tok.all_special_tokens))})[:16]
 
 
-def tokenization_hash(tok) -> str:
+def tokenization_hash(tok, chat: bool = True) -> str:
     """Everything that turns text into ids, for caches of tokenised data: the vocabulary and special tokens
     (`tokenizer_hash`), the normaliser, pre-tokenizer, merges and BOS/EOS post-processing of the backend, and
-    the chat template, and which tokens are BOS, EOS and padding (the ids a completion ends and is padded
-    with). Two tokenizers that share a vocabulary can still tokenise a text differently."""
+    (`chat`) the chat template, and which tokens are BOS, EOS and padding (the ids a completion ends and is
+    padded with). Two tokenizers that share a vocabulary can still tokenise a text differently."""
     from ..io import sha256_json
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None:  # (less the truncation and padding state, which calls to the tokenizer change)
         backend = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
     return sha256_json({"vocab": tokenizer_hash(tok), "backend": backend,
-                        "chat_template": getattr(tok, "chat_template", None),
+                        "chat_template": getattr(tok, "chat_template", None) if chat else None,
                         "bos": [getattr(tok, "add_bos_token", None), getattr(tok, "add_eos_token", None)],
                         "roles": [tok.bos_token_id, tok.eos_token_id, pad_id(tok)]})[:16]
 
@@ -541,10 +541,11 @@ def gguf_folder(path: str, where: str) -> str:
     """The Hugging Face folder converted from GGUF file `path` (once; kept in the cache by the file's hash)."""
     from ..io import sha256_file
     from ..teachers.cache import check_cache_dir
-    check_gguf(path, where)
+    gguf_magic(path, where)
     folder = os.path.join(check_cache_dir(None), "gguf", sha256_file(path)[:16])
-    if os.path.isfile(os.path.join(folder, "config.json")):
+    if os.path.isfile(os.path.join(folder, "config.json")):  # (converted, so checked, before)
         return folder
+    check_gguf(path, where)
     tf = transformers_module()
     base, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     try:

@@ -219,9 +219,10 @@ class HuggingFaceModels:
             model = load_classifier(path, names, f"{role}.hf", finetuned=m["finetuned"])
             check_split(read_run_json(os.path.join(path, "distill.json"), {}),  # (a folder distill fine-tuned:
                         run.data_for(role), f"{role}.hf: {m['hf']}")  # which rows it trained on)
-            # (one vocabulary is not enough: a tokenizer that does not lowercase reads cased text as [UNK]s)
-            same = lambda: tokenization_hash(load_tokenizer(path, f"{role}.hf")) == tokenization_hash(  # noqa: E731
-                load_tokenizer(run.cfg["data"]["tokenizer"], "data.tokenizer"))
+            # (one vocabulary is not enough: a tokenizer that does not lowercase reads cased text as [UNK]s; a
+            # classifier renders no chat)
+            same = lambda: tokenization_hash(load_tokenizer(path, f"{role}.hf"), chat=False) == (  # noqa: E731
+                tokenization_hash(load_tokenizer(run.cfg["data"]["tokenizer"], "data.tokenizer"), chat=False))
             if role == TEACHER:
                 teacher_reads_the_data_tokens(path, run.cfg["data"]["tokenizer"], same)
             elif not same():

@@ -73,8 +73,8 @@ def refuse_other_records(out: str, kind: str) -> None:
     search = [e for e in entries if e in RUNS_RECORDS and e != "summary.json"]
     mine, other = (seeds, search) if kind == "seeds" else (search, seeds)
     if other:
-        raise UserError(f"--out {out}: holds {sorted(other)[0]}, of {'a search' if kind == 'seeds' else 'a --seeds run'}"
-                        f"; choose another folder")
+        whose = "a search" if kind == "seeds" else "a --seeds run"
+        raise UserError(f"--out {out}: holds {sorted(other)[0]}, of {whose}; choose another folder")
     # (the seeds' folders and the trials' are run folders, which check their own files)
     runs = [e for e in mine if SEED_FOLDER.fullmatch(e)] if kind == "seeds" else ["trials"]
     found = sorted(e for e in mine if e not in runs and not SEED_FOLDER.fullmatch(e))
@@ -187,10 +187,10 @@ def refuse_training_keys(out: str, cfg: Dict[str, Any], command: str = "bench") 
     free = MEASURING if command == "bench" else ()
     trained = [k for k in _differing(_comparable(before), _comparable(cfg)) if not k.startswith(free)]
     if trained:
-        does = "measures the folder's models" if command == "bench" else "compresses the folder's models"
-        raise UserError(f"{_listed(trained)}: distill {command} {does} as they were trained, without this change; "
-                        f"give it to distill run {out} --overwrite (which trains again what it changes), or leave it "
-                        f"out")
+        does = "measures the folder's models as they were trained, without this change" if command == "bench" else \
+            "changes only compress.*, bench.* and output.* of the folder's recipe (its models were made with the rest)"
+        raise UserError(f"{_listed(trained)}: distill {command} {does}; give it to distill run {out} --overwrite "
+                        f"(which trains again what it changes), or leave it out")
 
 
 UNFINISHED = "unfinished"  # the fingerprint of a stage record while the stage makes its files anew
