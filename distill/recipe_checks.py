@@ -89,9 +89,11 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
         if cfg["distill"]["schedule"][name] != "constant" and cfg["distill"]["schedule"][f"{name}_end"] is None:
             raise UserError(f"distill.schedule.{name}_end: missing; a {cfg['distill']['schedule'][name]} schedule "
                             f"moves {name} from distill.{name} to {name}_end")
-    ms = cfg["train"]["scheduler"]["milestones"]
-    if any(not isinstance(m, int) or isinstance(m, bool) or m <= 0 for m in ms):
-        raise UserError(f"train.scheduler.milestones: expected positive whole epochs, got {ms!r}")
+    for key, train in (("train", cfg["train"]), ("teacher.train", cfg["teacher"]["train"]),
+                       ("student.train", cfg["student"]["train"])):  # (a model's own: a traceback, or a lr cut
+        ms = train["scheduler"]["milestones"]  # from its first epoch, at milestone 0)
+        if any(not isinstance(m, int) or isinstance(m, bool) or m <= 0 for m in ms):
+            raise UserError(f"{key}.scheduler.milestones: expected positive whole epochs, got {ms!r}")
     if not cfg["evaluate"]["metrics"]:
         raise UserError("evaluate.metrics: empty; name the test metrics to measure, e.g. [accuracy, macro_f1]")
     for role in ("teacher", "student"):  # (torch refuses it when the optimizer is built, after the run started)

@@ -409,3 +409,20 @@ def test_the_api_stage_functions_check_and_cache_as_their_commands_do(tmp_path, 
         train_student(shifted, teacher)
     online = RunDir(Recipe.load("digits", [*fast, "student.augment.random_crop=1"]), str(tmp_path / "o"), quiet)
     assert soft_labels(online, teacher) is None and not os.path.exists(online.path("soft_labels.json"))
+
+
+def test_a_soft_label_entry_is_of_one_batch_size(tmp_path, monkeypatch):
+    """On the CPU a teacher's outputs differ in their last bits with the batch size (data.eval_batch_size), and
+    the entry one run computed was served to a run of another: the student's bits hung on which ran first."""
+    from distill import soft_labels
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    fast = ["teacher.train.epochs=1", "train.epochs=1", "data.train_subset=400"]
+    rd = RunDir(Recipe.load("digits", fast), str(tmp_path / "r"), quiet)
+    teacher = train_teacher(rd)
+    keys = []
+    for batch in (512, 7):
+        rd = RunDir(Recipe.load("digits", [*fast, f"data.eval_batch_size={batch}"]), str(tmp_path / "r"), quiet,
+                    overwrite=True)
+        soft_labels(rd, teacher)
+        keys.append(json.load(open(rd.path("soft_labels.json")))["cache_key"])
+    assert keys[0] != keys[1] and len(os.listdir(tmp_path / "cache")) == 2

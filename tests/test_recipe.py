@@ -349,6 +349,11 @@ def test_a_loaded_teacher_s_schedule_is_not_said_to_be_unreached(tmp_path):
     (["train.select_metric=val_exact_match"], "train.select_metric: val_exact_match completes prompts: it is for "
                                               "prompt/completion data (data.dataset: completions or arith), not digits"),
     (["evaluate.metrics=[]"], "evaluate.metrics: empty"),
+    # (a model's own milestones went unchecked: a traceback, or the lr cut from the first epoch)
+    (["teacher.train.scheduler.name=multistep", "teacher.train.scheduler.milestones=[a]"],
+     "teacher.train.scheduler.milestones: expected positive whole epochs, got ['a']"),
+    (["student.train.scheduler.name=multistep", "student.train.scheduler.milestones=[0]"],
+     "student.train.scheduler.milestones: expected positive whole epochs, got [0]"),
 ])
 def test_settings_that_would_crash_or_measure_nothing_are_refused(sets, message):
     """Nesterov without momentum and val_exact_match on a classifier crashed after the run had started."""

@@ -3,6 +3,7 @@ SIGTERM checkpoints and says how to continue; NaN/Inf steps are skipped, then st
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -347,6 +348,20 @@ def test_consecutive_nan_steps_stop_with_a_clear_error(tmp_path):
     assert "learning rate" in msg and "\n" not in msg
     assert Checkpoints(str(tmp_path / "ck")).latest() is None  # nothing bad was saved (no epoch finished)
     assert "no checkpoint was written" in msg  # (it said the last good one was kept, of none)
+
+
+def test_an_update_that_makes_the_weights_non_finite_stops_the_stage(tmp_path):
+    """lr 1e308: the first step's loss and gradient were finite, its update made every weight Inf, each later
+    step was skipped, and a stage shorter than max_bad_steps was saved, all NaN. lr 1e38 with Adam: torch's
+    overflow error, as a traceback."""
+    from torch import nn
+    for lr, said in ((1e308, "epoch 1: the weights became NaN or Inf (an update too large)"),
+                     (1e38, "epoch 1 step 1: the optimizer's update overflowed")):
+        with pytest.raises(TrainingDiverged, match=re.escape(said)) as err:
+            _train(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), tmp_path / str(lr),
+                   optimizer={"name": "adam", "lr": lr}, max_bad_steps=50)
+        assert "learning rate too high" in str(err.value)
+        assert Checkpoints(str(tmp_path / str(lr) / "ck")).latest() is None  # (nothing non-finite was saved)
 
 
 def test_a_signal_after_a_stages_last_step_stops_the_run_once_the_stage_is_saved(tmp_path, monkeypatch, capsys):

@@ -41,13 +41,15 @@ def test_key_changes_with_teacher_data_and_layers():
     k = cache_key("teacherA", "dataA", [])
     assert k == cache_key("teacherA", "dataA", [])
     assert len({k, cache_key("teacherB", "dataA", []), cache_key("teacherA", "dataB", []),
-                cache_key("teacherA", "dataA", ["layer1"]), cache_key("teacherA", "dataA", [], "cuda")}) == 5
+                cache_key("teacherA", "dataA", ["layer1"]), cache_key("teacherA", "dataA", [], {"device": "cuda"}),
+                cache_key("teacherA", "dataA", [], {"batch": 7})}) == 6
 
 
 def test_topk_entry_names_a_device_off_the_cpu_only():
     from distill.teachers.topk import expected
     cpu = expected("t", "tok", 100, 8, 1.0, "d", 10)
-    assert "device" not in cpu and expected("t", "tok", 100, 8, 1.0, "d", 10, "cuda") == {**cpu, "device": "cuda"}
+    assert "device" not in cpu and expected("t", "tok", 100, 8, 1.0, "d", 10, {"device": "cuda"}) == {
+        **cpu, "device": "cuda"}
 
 
 def test_partial_entry_is_not_a_hit(tmp_path):

@@ -368,7 +368,14 @@ class Trainer:
             signals = {}
         else:
             prog["bad"] = 0
-            self.opt.step()
+            try:
+                self.opt.step()
+            except RuntimeError as e:  # (torch's Adam: lr / bias correction past float32's range)
+                if "overflow" not in str(e):
+                    raise
+                raise TrainingDiverged(self.role, f"{self.role}: epoch {epoch + 1} step {prog['step']}: the "
+                                       f"optimizer's update overflowed ({str(e).splitlines()[0]}); "
+                                       f"{self._too_high()}") from None
             self._accumulate(parts, total)
         if self.step_sched:  # (a skipped step counts too: the schedule follows prog["step"])
             self.sched.step()
@@ -411,10 +418,23 @@ class Trainer:
             raise TrainingDiverged(self.role,
                 f"{self.role}: epoch {epoch + 1} step {prog['step']}: the {bad} "
                 f"{'loss ' if bad != 'gradient' else ''}was NaN or Inf for {prog['bad']} steps in a row; "
-                f"likely cause: learning rate too high ({lr_key(self.role)}: {tcfg['optimizer']['lr']} here), "
-                f"NaN/Inf in the input data, or bf16 overflow; "
+                f"likely cause: {self._too_high()}, NaN/Inf in the input data, or bf16 overflow; "
                 f"{'the last good checkpoint is kept' if kept else 'no checkpoint was written'}")
         self.opt.zero_grad(set_to_none=True)
+
+    def _too_high(self) -> str:
+        return f"learning rate too high ({lr_key(self.role)}: {self.tcfg['optimizer']['lr']} here)"
+
+    def _weights_finite(self, epoch: int) -> None:
+        """A step whose loss and gradients were finite can still make the weights Inf or NaN (an update too
+        large): every later step is then skipped, and a stage shorter than train.max_bad_steps would be saved,
+        its weights all NaN. Checked once an epoch, before validation selects the epoch."""
+        found = torch.zeros(1, dtype=torch.float32, device=self.params[0].device)
+        for group in self.grad_groups:  # (of one device and dtype each)
+            found = flag_non_finite([p.detach() for p in group], found)
+        if bool(found):
+            raise TrainingDiverged(self.role, f"{self.role}: epoch {epoch + 1}: the weights became NaN or Inf (an "
+                                   f"update too large); likely cause: {self._too_high()}")
 
     def _accumulate(self, parts: Dict[str, torch.Tensor], total: torch.Tensor) -> None:
         """Loss sums for the epoch and for the window since the last step line: one float64 vector on the
@@ -453,6 +473,7 @@ class Trainer:
         lr = self.lr
         if not self.step_sched:
             self.sched.step()
+        self._weights_finite(epoch)
         val = self.task.validate(self.student, self.data, self.data_cfg["eval_batch_size"], self.runtime)
         self._select(epoch, val)
         # (every epoch's validation accuracy, checkpointed with the rest: a resumed search's pruner reads it)

@@ -21,6 +21,7 @@ from ..data.datasets import with_teacher_labelled, with_training_split
 from ..engine.batch import TeacherSource
 from ..engine.inference import model_device
 from ..io import sha256_file, sha256_json, weights_sha256, write_json
+from ..recipe_schema import SCHEMA
 from ..roles import STUDENT, TEACHER
 from ..teachers import cache_key, load_or_build, online_source
 from ..teachers.cache import check_cache_dir
@@ -56,7 +57,7 @@ def soft_labels(run: RunDir, teacher: Optional[nn.Module] = None, data: Optional
         from ..errors import UserError
         raise UserError("distill.teacher_outputs: cached: text features vary in length per batch and are not "
                         "cached; use teacher_outputs: online (or auto) with transformer layer losses")
-    key = cache_key(_teacher_sha(teacher), data.fingerprint, layers, _device_key(run))
+    key = cache_key(_teacher_sha(teacher), data.fingerprint, layers, _computed_by(run))
     memo = run.__dict__.setdefault("soft_label_entries", {})  # the plan's soft-label stage, then the student
     if key in memo:
         return memo[key]
@@ -80,10 +81,14 @@ def _teacher_sha(teacher: nn.Module) -> str:
     return weights_sha256(teacher) + sha256_json(repr(teacher))[:16]
 
 
-def _device_key(run: RunDir) -> Optional[str]:
-    """The device a cache entry names: none on the CPU (so entries made before the key named it are found)."""
-    device = run.runtime.device.type
-    return None if device == "cpu" else device
+def _computed_by(run: RunDir) -> Dict[str, Any]:
+    """How an entry's outputs were computed, where that changes their last bits: off the CPU the device, and
+    a batch size other than the default (a teacher's outputs on the CPU differ in the last bits with it, and
+    the entry of one batch size was served to a run of another). Neither is named otherwise, so that entries
+    made before the key named them are found."""
+    device, batch = run.runtime.device.type, run.cfg["data"]["eval_batch_size"]
+    default = SCHEMA["data"]["eval_batch_size"].default
+    return {**({"device": device} if device != "cpu" else {}), **({"batch": batch} if batch != default else {})}
 
 
 def topk_labels(run: RunDir, teacher: nn.Module, data: DataBundle, dcfg: Dict[str, Any]):
@@ -95,7 +100,7 @@ def topk_labels(run: RunDir, teacher: nn.Module, data: DataBundle, dcfg: Dict[st
     tok = tokenizer_hash(load_tokenizer(data.tokenizer, "data.tokenizer")) if data.tokenizer else \
         sha256_json(data.class_names)[:16]
     want = topk.expected(_teacher_sha(teacher), tok, getattr(teacher, "vocab_size", data.num_classes), dcfg["topk"],
-                         dcfg["temperature"], data.fingerprint, len(data.y_train), _device_key(run))
+                         dcfg["temperature"], data.fingerprint, len(data.y_train), _computed_by(run))
     key = "topk-" + sha256_json(want)[:24]
     if key in memo:
         return memo[key]

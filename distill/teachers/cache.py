@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -47,10 +47,12 @@ def check_cache_dir(configured: Optional[str]) -> str:
     return folder
 
 
-def cache_key(teacher_sha: str, data_fingerprint: str, feature_layers: List[str], device: Optional[str] = None) -> str:
-    """The entry of these teacher weights on this data (and, off the CPU, the device that computed it)."""
+def cache_key(teacher_sha: str, data_fingerprint: str, feature_layers: List[str],
+              computed: Optional[Dict[str, Any]] = None) -> str:
+    """The entry of these teacher weights on this data (and `computed`: how, where that changes the last bits:
+    the device off the CPU, a batch size other than the default)."""
     return sha256_json({"teacher": teacher_sha, "data": data_fingerprint, "layers": sorted(feature_layers),
-                        **({"device": device} if device else {})})[:24]
+                        **(computed or {})})[:24]
 
 
 @dataclass

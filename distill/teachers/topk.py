@@ -158,12 +158,12 @@ def check_k(k: int, vocab: int) -> None:
 
 
 def expected(teacher_sha: str, tokenizer: str, vocab: int, k: int, temperature: float, data: str, rows: int,
-             device: Optional[str] = None) -> Dict[str, Any]:
-    """What an entry is built for; off the CPU also the device that computed it (as the dense cache's key:
-    another device's kernels can pick other tokens at a tie)."""
+             computed: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """What an entry is built for; and how it was computed where that changes the last bits (as the dense
+    cache's key: another device's kernels, or another batch size, can pick other tokens at a tie)."""
     check_k(k, vocab)
     return {"format": FORMAT, "teacher": teacher_sha, "tokenizer": tokenizer, "vocab": vocab, "k": k,
-            "temperature": float(temperature), "data": data, "rows": rows, **({"device": device} if device else {})}
+            "temperature": float(temperature), "data": data, "rows": rows, **(computed or {})}
 
 
 def check_manifest(folder: str, want: Dict[str, Any]) -> None:
