@@ -19,3 +19,8 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module 'distill' has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    """The lazy exports too (tab completion offers them)."""
+    return sorted({*globals(), *_EXPORTS})

@@ -199,7 +199,10 @@ def with_reaction(measure: Callable[[], Dict[str, float]], objective: nn.Module,
                   ) -> Callable[[], Dict]:
     """`measure`, plus the recipe's reaction: when the watched retention is under `monitor.retention_min`,
     warn and adjust the objective's distillation strength; the change is returned with the signals (so the
-    epoch's log line records it, before and after) and saved in checkpoints with the objective."""
+    epoch's log line records it, before and after) and saved in checkpoints with the objective. A reaction at
+    its bound is said once (the log line of each epoch still records it): it was the same line every epoch."""
+    at_bound: list = []
+
     def signals() -> Dict:
         out: Dict = measure()
         if mcfg["retention_min"] is None:
@@ -216,8 +219,12 @@ def with_reaction(measure: Callable[[], Dict[str, float]], objective: nn.Module,
         elif mcfg["action"] == "raise_alpha":
             s["alpha"] = min(1.0, s["alpha"] * f)
         changed = {k: [before[k], s[k]] for k in s if s[k] != before[k]}
-        warn(f"monitor: retention {watched:.3f} < {mcfg['retention_min']}: "
-             + (", ".join(f"{k} {a:g} -> {b:g}" for k, (a, b) in changed.items()) or _unchanged(mcfg["action"])))
+        bound = not changed and mcfg["action"] != "warn"
+        if not (bound and at_bound):
+            warn(f"monitor: retention {watched:.3f} < {mcfg['retention_min']}: "
+                 + (", ".join(f"{k} {a:g} -> {b:g}" for k, (a, b) in changed.items()) or _unchanged(mcfg["action"]))
+                 + (" (said once; each epoch's log line records it)" if bound else ""))
+        at_bound.extend([True] if bound else [])
         out.update(retention_watched=watched, adjusted=changed)
         return out
     return signals

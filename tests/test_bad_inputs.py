@@ -654,6 +654,7 @@ def test_the_stage_functions_given_a_recipe_say_they_take_a_run_folder():
     for name in ("train_teacher", "soft_labels", "train_student"):
         with pytest.raises(UserError, match=rf"^{name}: expected a RunDir \(RunDir\(recipe, out\)\), got Recipe"):
             getattr(distill, name)(recipe)
+    assert set(distill.__all__) <= set(dir(distill))  # (the lazy exports: tab completion offered none)
 
 
 def test_an_unfinished_compressed_model_names_the_command_that_finishes_it(tmp_path):

@@ -106,9 +106,11 @@ def test_a_reaction_at_its_bound_says_so_not_that_it_only_warns():
     obj, warnings = _objective(), []
     obj.strength["temperature"] = 1.0
     mcfg = {"retention_min": 0.85, "watch": "logits", "action": "lower_temperature", "factor": 1.5}
-    with_reaction(lambda: {"retention_cka/logits": 0.80}, obj, mcfg, warnings.append)()
+    at_floor = with_reaction(lambda: {"retention_cka/logits": 0.80}, obj, mcfg, warnings.append)
+    for _ in range(3):  # (said once: it was the same line every epoch, 150 times in a 150-epoch run)
+        assert at_floor()["adjusted"] == {}
     assert warnings == ["monitor: retention 0.800 < 0.85: no adjustment (action: lower_temperature; the temperature "
-                        "is at its floor, 1)"]
+                        "is at its floor, 1) (said once; each epoch's log line records it)"]
     with_reaction(lambda: {"retention_cka/logits": 0.80}, obj, {**mcfg, "action": "warn"}, warnings.append)()
     assert warnings[-1].endswith("no adjustment (action: warn)")
     # the feature weights stop at 10 times the recipe's (they grew 1.5 times an epoch, to 1e7 in 40 epochs)
@@ -116,7 +118,8 @@ def test_a_reaction_at_its_bound_says_so_not_that_it_only_warns():
     for _ in range(8):
         with_reaction(lambda: {"retention_cka/logits": 0.80}, obj, raise_features, warnings.append)()
     assert obj.strength["feature_scale"] == 10.0 and warnings[-1].endswith(
-        "no adjustment (action: raise_feature_weight; the feature scale is at its ceiling, 10)")
+        "no adjustment (action: raise_feature_weight; the feature scale is at its ceiling, 10) (said once; each "
+        "epoch's log line records it)")
 
 
 def test_run_with_a_retention_rule_logs_every_adjustment(tmp_path):
