@@ -51,7 +51,7 @@ def build(run: RunDir, i: int, spec: Dict[str, Any]) -> nn.Module:
     return build_model(spec, run.data.input_shape, run.data.num_classes, where=f"distill.assistants[{i}]")
 
 
-def check_auto(run: RunDir, assistants: List[nn.Module], teacher: nn.Module, student: nn.Module) -> None:
+def check_sizes(run: RunDir, assistants: List[nn.Module], teacher: nn.Module, student: nn.Module) -> None:
     """An `auto` assistant must lie between the student and the teacher in size; explicit ones that do not
     shrink from the teacher to the student are said (a chain is meant to bridge a gap, step by step)."""
     if run.cfg["distill"]["assistants"] != "auto":

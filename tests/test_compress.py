@@ -569,7 +569,7 @@ def _small_run(tmp_path, student="{arch: ['Flatten()', 'Linear(64, 10)']}", data
     (["compress", "RUN", "--set", "compress.steps=[qat, channels]"], "compress.steps: ['qat', 'channels']: put qat "
                                                                      "last (only vocab may follow it)"),
     (["compress", "RUN", "--set", "compress.steps=[qat]", "--set", "distill.temperature=7"],  # (it said to give
-     "distill.temperature: distill compress changes only compress.*, bench.* and output.* of the folder's"),
+     "distill.temperature: distill compress changes only output.*, compress.*, bench.*, baseline of the folder's"),
     (["bench", "RUN", "--set", "bench.variants=[int4]"], "bench.variants[0]: unknown variant 'int4'"),
     (["bench", "RUN", "--set", "bench.models=[studnet]"], "bench.models[0]: 'studnet' is not a model of"),
 ])
@@ -671,7 +671,7 @@ def test_compress_sigterm_then_resume_is_bitwise_identical(cnn_run, tmp_path, ca
     assert main(["compress", folders[1], "--overwrite", *sets, "--set", "student.train.epochs=50"]) == 2  # (--overwrite
     # drops a fine-tune's checkpoints, and does not let the run's own recipe change)
     err = capsys.readouterr().err
-    assert "student.train.epochs: distill compress changes only compress.*, bench.* and output.*" in err, err
+    assert "student.train.epochs: distill compress changes only output.*, compress.*, bench.*, baseline" in err, err
     assert files(folders[1]) == kept
     done = subprocess.run(cmd + [folders[1], "--resume", *sets], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -355,13 +355,18 @@ def test_an_update_that_makes_the_weights_non_finite_stops_the_stage(tmp_path):
     step was skipped, and a stage shorter than max_bad_steps was saved, all NaN. lr 1e38 with Adam: torch's
     overflow error, as a traceback."""
     from torch import nn
-    for lr, said in ((1e308, "epoch 1: the weights became NaN or Inf (an update too large)"),
-                     (1e38, "epoch 1 step 1: the optimizer's update overflowed")):
+    for optimizer, over, said in (
+            ("adam", {"lr": 1e308}, "epoch 1: the weights became NaN or Inf (an update too large)"),
+            ("adam", {"lr": 1e308, "checkpoint_every": 1},  # (a checkpoint of them, resumed from: the same again)
+             "epoch 1 step 1: the weights became NaN or Inf (an update too large)"),
+            ("adam", {"lr": 1e38}, "epoch 1 step 1: the optimizer's update overflowed"),
+            ("sgd", {"lr": 1e30}, "epoch 1: the validation loss is NaN or Inf (the outputs overflow)")):  # (weights
+        folder = tmp_path / f"{optimizer}{len(over)}{over['lr']}"  # finite, 2e29)
         with pytest.raises(TrainingDiverged, match=re.escape(said)) as err:
-            _train(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), tmp_path / str(lr),
-                   optimizer={"name": "adam", "lr": lr}, max_bad_steps=50)
-        assert "learning rate too high" in str(err.value)
-        assert Checkpoints(str(tmp_path / str(lr) / "ck")).latest() is None  # (nothing non-finite was saved)
+            _train(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), folder, max_bad_steps=50,
+                   optimizer={"name": optimizer, "lr": over["lr"]}, **{k: v for k, v in over.items() if k != "lr"})
+        assert "learning rate too high" in str(err.value) and "no checkpoint was written" in str(err.value)
+        assert Checkpoints(str(folder / "ck")).latest() is None  # (nothing non-finite was saved)
 
 
 def test_a_signal_after_a_stages_last_step_stops_the_run_once_the_stage_is_saved(tmp_path, monkeypatch, capsys):

@@ -370,12 +370,12 @@ class Trainer:
             prog["bad"] = 0
             try:
                 self.opt.step()
-            except RuntimeError as e:  # (torch's Adam: lr / bias correction past float32's range)
-                if "overflow" not in str(e):
+            except RuntimeError as e:  # (the optimizer's step size past float32's range: lr 1e38 in Adam)
+                if "cannot be converted to type float without overflow" not in str(e):
                     raise
                 raise TrainingDiverged(self.role, f"{self.role}: epoch {epoch + 1} step {prog['step']}: the "
                                        f"optimizer's update overflowed ({str(e).splitlines()[0]}); "
-                                       f"{self._too_high()}") from None
+                                       f"{self._too_high()}; {self._kept()}") from None
             self._accumulate(parts, total)
         if self.step_sched:  # (a skipped step counts too: the schedule follows prog["step"])
             self.sched.step()
@@ -412,29 +412,30 @@ class Trainer:
         prog["bad"] += 1
         prog["skipped"] += 1
         if prog["bad"] >= tcfg["max_bad_steps"]:
-            # (a checkpoint written: the callback's throttle, train.checkpoint_seconds, may not have let one be)
-            kept = any(isinstance(cb, Checkpointing) and cb.checkpoints.newest_step() is not None
-                       for cb in self.callbacks)
             raise TrainingDiverged(self.role,
                 f"{self.role}: epoch {epoch + 1} step {prog['step']}: the {bad} "
                 f"{'loss ' if bad != 'gradient' else ''}was NaN or Inf for {prog['bad']} steps in a row; "
-                f"likely cause: {self._too_high()}, NaN/Inf in the input data, or bf16 overflow; "
-                f"{'the last good checkpoint is kept' if kept else 'no checkpoint was written'}")
+                f"likely cause: {self._too_high()}, NaN/Inf in the input data, or bf16 overflow; {self._kept()}")
         self.opt.zero_grad(set_to_none=True)
 
     def _too_high(self) -> str:
         return f"learning rate too high ({lr_key(self.role)}: {self.tcfg['optimizer']['lr']} here)"
 
-    def _weights_finite(self, epoch: int) -> None:
+    def _kept(self) -> str:
+        """(a checkpoint written: the callback's throttle, train.checkpoint_seconds, may not have let one be)"""
+        kept = any(isinstance(cb, Checkpointing) and cb.checkpoints.newest_step() is not None for cb in self.callbacks)
+        return "the last good checkpoint is kept" if kept else "no checkpoint was written"
+
+    def weights_finite(self, where: str) -> None:
         """A step whose loss and gradients were finite can still make the weights Inf or NaN (an update too
         large): every later step is then skipped, and a stage shorter than train.max_bad_steps would be saved,
-        its weights all NaN. Checked once an epoch, before validation selects the epoch."""
+        its weights all NaN. Checked before a checkpoint is written and before an epoch is validated."""
         found = torch.zeros(1, dtype=torch.float32, device=self.params[0].device)
         for group in self.grad_groups:  # (of one device and dtype each)
             found = flag_non_finite([p.detach() for p in group], found)
         if bool(found):
-            raise TrainingDiverged(self.role, f"{self.role}: epoch {epoch + 1}: the weights became NaN or Inf (an "
-                                   f"update too large); likely cause: {self._too_high()}")
+            raise TrainingDiverged(self.role, f"{self.role}: {where}: the weights became NaN or Inf (an update too "
+                                   f"large); likely cause: {self._too_high()}; {self._kept()}")
 
     def _accumulate(self, parts: Dict[str, torch.Tensor], total: torch.Tensor) -> None:
         """Loss sums for the epoch and for the window since the last step line: one float64 vector on the
@@ -473,8 +474,11 @@ class Trainer:
         lr = self.lr
         if not self.step_sched:
             self.sched.step()
-        self._weights_finite(epoch)
+        self.weights_finite(f"epoch {epoch + 1}")
         val = self.task.validate(self.student, self.data, self.data_cfg["eval_batch_size"], self.runtime)
+        if not math.isfinite(val.get("val_loss", 0.0)):  # (weights finite, yet so large the outputs overflow)
+            raise TrainingDiverged(self.role, f"{self.role}: epoch {epoch + 1}: the validation loss is NaN or Inf "
+                                   f"(the outputs overflow); likely cause: {self._too_high()}; {self._kept()}")
         self._select(epoch, val)
         # (every epoch's validation accuracy, checkpointed with the rest: a resumed search's pruner reads it)
         prog["val_history"] = [*prog.get("val_history", []), val.get("val_accuracy")]

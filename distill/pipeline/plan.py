@@ -232,7 +232,7 @@ def preflight(run: RunDir, saved_teacher: bool = False) -> None:
         from ..teachers.topk import check_k
         check_k(run.dcfg["topk"], getattr(teacher, "vocab_size", run.data.num_classes))
     assistants = [chain.build(run, i, s) for i, s in enumerate(chain.specs(run))]
-    chain.check_auto(run, assistants, teacher, student)
+    chain.check_sizes(run, assistants, teacher, student)
     links = [teacher, *assistants, student]
     data = run.data_for(STUDENT)  # (a student of another tokenizer reads its own tokens, and the teacher's text)
     task = task_for(data)

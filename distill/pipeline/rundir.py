@@ -170,10 +170,14 @@ def refuse_other_recipe(out: str, cfg: Dict[str, Any]) -> None:
                         f"give --overwrite to replace it") from None
     if _comparable(before) != _comparable(cfg):
         keys = _differing(_comparable(before), _comparable(cfg))
-        free = ", ".join(k if k == "baseline" else k + ".*" for k in AFTER_TRAINING)  # (baseline: a switch)
         raise UserError(f"{out}: the folder holds a run of a different recipe ({_listed(keys)} differ); choose "
                         f"another folder (--out), or give --overwrite to replace it (unchanged stages are still "
-                        f"reused); distill compress and bench may change only {free}")
+                        f"reused); distill compress and bench may change only {_after_training()}")
+
+
+def _after_training() -> str:
+    """The keys of AFTER_TRAINING, as a refusal names them."""
+    return ", ".join(k if k == "baseline" else k + ".*" for k in AFTER_TRAINING)  # (baseline: a switch)
 
 
 def refuse_training_keys(out: str, cfg: Dict[str, Any], command: str = "bench") -> None:
@@ -188,7 +192,7 @@ def refuse_training_keys(out: str, cfg: Dict[str, Any], command: str = "bench") 
     trained = [k for k in _differing(_comparable(before), _comparable(cfg)) if not k.startswith(free)]
     if trained:
         does = "measures the folder's models as they were trained, without this change" if command == "bench" else \
-            "changes only compress.*, bench.* and output.* of the folder's recipe (its models were made with the rest)"
+            f"changes only {_after_training()} of the folder's recipe (its models were made with the rest)"
         raise UserError(f"{_listed(trained)}: distill {command} {does}; give it to distill run {out} --overwrite "
                         f"(which trains again what it changes), or leave it out")
 
