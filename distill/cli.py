@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -174,8 +175,8 @@ def _search(args: argparse.Namespace) -> int:
     _check_sampler_flags(args)
     grid = parse_grid(args.grid) if args.sampler == "grid" else None
     space = parse_space(args.space) if args.sampler == "tpe" else None
-    recipe, _ = _load(args.target, args.overrides, None)
-    out = args.out or os.path.join("runs", "search", recipe.cfg["name"])
+    recipe, _ = _load(args.target, args.overrides, None, writes=False)  # (into --out, not output.dir)
+    out = os.path.expanduser(args.out or os.path.join("runs", "search", recipe.cfg["name"]))
     from .pipeline.rundir import refuse_inside_a_run, refuse_other_records
     refuse_inside_a_run(out, "the trials, best.yaml and search.json")
     refuse_other_records(out, "search")
@@ -219,7 +220,7 @@ def _compress(args: argparse.Namespace) -> int:
                           ["compress"], check=False)["compress"]
     except Interrupted as e:
         if is_main_process():  # (compress has no --nproc: under torchrun, the same torchrun command continues)
-            again = f"distill compress {folder} --resume"
+            again = f"distill compress {shlex.quote(folder)} --resume"
             print(f"{e}; continue with: {'the same torchrun command, with ' if under_torchrun() else ''}{again}",
                   file=sys.stderr)
         return e.exit_code
@@ -286,8 +287,9 @@ def _folders_up(path: str) -> Iterator[str]:
 def _report(args: argparse.Namespace) -> int:
     from .report import report
     from .io import out_path
-    _refuse_run_file(args.out, args.target, "report.html")
-    print(f"report: {report(args.target, args.out and out_path(args.out))}")
+    out = args.out and out_path(args.out)
+    _refuse_run_file(out, args.target, "report.html")
+    print(f"report: {report(args.target, out)}")
     return 0
 
 
@@ -296,13 +298,15 @@ def _export(args: argparse.Namespace) -> int:
     from .compress.export_run import export_run_model
     from .io import out_path
     recipe, folder = _run_folder(args.target, [])
-    _refuse_run_file(args.out, folder, "export")
-    print(export_run_model(recipe, folder, args.model, args.format, args.out and out_path(args.out),
-                           args.preprocessing))
+    out = args.out and out_path(args.out)
+    _refuse_run_file(out, folder, "export")
+    print(export_run_model(recipe, folder, args.model, args.format, out, args.preprocessing))
     return 0
 
 
-def _load(target: Optional[str], overrides: List[str], out: Optional[str]):
+def _load(target: Optional[str], overrides: List[str], out: Optional[str], writes: bool = True):
+    """The recipe (a file, a bundled name, a run folder's) and the folder a command given `out` writes into;
+    `writes`: the command writes its resolved recipe.yaml there (a run, a stage command)."""
     from .recipe import Recipe, bundled_recipe_path
     if target and os.path.isdir(target):
         return Recipe.load_run_folder(target, overrides), out or target
@@ -311,7 +315,16 @@ def _load(target: Optional[str], overrides: List[str], out: Optional[str]):
         raise UserError(f"--out {out}: the folder of {target} itself, where the run writes its resolved "
                         f"recipe.yaml over yours; give another --out")
     # (no recipe given: the bundled default, not a file or run folder that happens to be named like it here)
-    return Recipe.load(target or bundled_recipe_path(DEFAULT_RECIPE), overrides), out
+    recipe = Recipe.load(target or bundled_recipe_path(DEFAULT_RECIPE), overrides)
+    if writes and target and out is None and os.path.isfile(target):  # (output.dir: the recipe's own folder)
+        from .pipeline.rundir import run_folder
+        folder = run_folder(recipe)
+        mine = os.path.join(folder, "recipe.yaml")
+        if os.path.isfile(mine) and os.path.samefile(mine, target) and \
+                not os.path.isfile(os.path.join(folder, "stages.json")):  # (a run folder's own recipe: run again)
+            raise UserError(f"output.dir: {folder}: the folder of {target} itself, where the run writes its resolved "
+                            f"recipe.yaml over yours; give another output.dir (or --out)")
+    return recipe, out
 
 
 def _echo(msg: str) -> None:
@@ -395,16 +408,16 @@ def _resume_hint(args: argparse.Namespace, folder: str):
     world, local = int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1)))
     nproc = args.nproc or world
     if world > local:
-        return nproc, f"the same torchrun command on every machine, with distill {args.command} {folder} --resume"
+        return nproc, (f"the same torchrun command on every machine, with distill {args.command} "
+                       f"{shlex.quote(folder)} --resume")
     if getattr(args, "seeds", None):  # (OUT holds a folder per seed, not a run: the command as given, resumed)
-        import shlex
         sets = [a for o in args.overrides for a in ("--set", o)]
         return nproc, shlex.join(["distill", args.command, *([args.target] if args.target else []), *sets,
                                   *(["--no-baseline"] if args.no_baseline else []),
                                   *(["--overwrite"] if args.overwrite else []),
                                   *(["--tensorboard"] if args.tensorboard else []), "--seeds", str(args.seeds),
                                   "--out", folder, *(["--nproc", str(nproc)] if nproc > 1 else []), "--resume"])
-    return nproc, f"distill {args.command} {folder}{f' --nproc {nproc}' if nproc > 1 else ''} --resume"
+    return nproc, f"distill {args.command} {shlex.quote(folder)}{f' --nproc {nproc}' if nproc > 1 else ''} --resume"
 
 
 def _who() -> str:
@@ -446,7 +459,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.target:
             raise UserError(f"--resume {args.resume}: give the run folder once, either as RECIPE or after --resume")
         args.target, args.resume = args.resume, True
-    recipe, out = _load(args.target, [*args.overrides, *(["baseline=false"] if args.no_baseline else [])], args.out)
+    recipe, out = _load(args.target, [*args.overrides, *(["baseline=false"] if args.no_baseline else [])], args.out,
+                        writes=getattr(args, "seeds", None) is None)  # (--seeds writes a folder per seed)
     from .pipeline.rundir import run_folder, seed_folder  # (after the recipe: its mistakes are told before torch loads)
     if args.nproc is not None and args.nproc < 1:
         raise UserError(f"--nproc: expected a positive number of processes, got {args.nproc}")

@@ -71,7 +71,9 @@ def _write_failed(e: RuntimeError) -> bool:
 
 
 def out_path(path: str) -> str:
-    """A user's --out: a symbolic link is written through (its target replaced, the link kept)."""
+    """A user's --out: `~` read as a shell reads it (`--out=~/x` reaches here as it is), and a symbolic link
+    written through (its target replaced, the link kept)."""
+    path = os.path.expanduser(path)
     return os.path.realpath(path) if os.path.islink(path) else path
 
 

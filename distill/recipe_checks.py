@@ -18,8 +18,25 @@ READS_TEST_PATH = ("csv", "text", "completions")  # and those that read a test s
 MODEL_SOURCES = ("model", "arch", "hf", "from_teacher", "hf_config")
 
 
+PATH_KEYS = (("data", "path"), ("data", "test_path"), ("data", "tokenizer"), ("teacher", "checkpoint"),
+             ("teacher", "hf"), ("student", "checkpoint"), ("student", "hf"), ("distill", "data", "unlabeled"),
+             ("distill", "sequence_kd", "prompts"))  # (the files a recipe names)
+
+
+def _home_expanded(cfg: Dict[str, Any]) -> None:
+    """`~` in the files a recipe names reads as a shell reads it, as in output.dir (a data.path of ~/d.csv was
+    'file not found: ~/d.csv')."""
+    for *section, key in PATH_KEYS:
+        node = cfg
+        for name in section:
+            node = node[name]
+        if isinstance(node.get(key), str) and node[key].startswith("~"):
+            node[key] = os.path.expanduser(node[key])
+
+
 def _cross_checks(cfg: Dict[str, Any]) -> None:
     """Rules that involve more than one key, and files that must exist."""
+    _home_expanded(cfg)
     data = cfg["data"]
     if data["dataset"] == "npz":
         _need_file(data["path"], "data.path", "the .npz file with x_train, y_train, x_test, y_test")

@@ -395,6 +395,16 @@ def test_bad_input(case, tmp_path, capsys, monkeypatch):
     assert files(tmp_path) == before  # nothing made, nothing changed
 
 
+def test_the_recipes_own_folder_as_output_dir_is_refused(tmp_path, capsys):
+    """output.dir naming the folder of the recipe file replaced the user's recipe.yaml (its comments, its
+    layout) with the resolved one; --out there was refused already."""
+    path = recipe_with(tmp_path, "# mine\n" + GOOD + f"output: {{dir: {tmp_path}}}\n")
+    assert main(["run", path]) == 2
+    assert capsys.readouterr().err.strip().endswith("itself, where the run writes its resolved recipe.yaml over "
+                                                    "yours; give another output.dir (or --out)")
+    assert open(path).read().startswith("# mine") and sorted(os.listdir(tmp_path)) == ["recipe.yaml"]
+
+
 def test_debug_shows_the_traceback(tmp_path):
     from distill.errors import UserError
     with pytest.raises(UserError):
@@ -668,3 +678,11 @@ def test_an_unfinished_compressed_model_names_the_command_that_finishes_it(tmp_p
         with pytest.raises(UserError, match=f"finish the run first \\(bench needs it\\): distill {again} "
                                             f"{tmp_path} --resume$"):
             require_current(str(tmp_path), name, str(tmp_path / name), "bench")
+
+
+def test_a_suggested_command_quotes_a_folder_with_a_space(tmp_path):
+    """`continue with: distill run /tmp/int run --resume`, pasted, was `unrecognized arguments: run`."""
+    import shlex
+    from distill.pipeline.artifacts import finish_command
+    folder = str(tmp_path / "int run")
+    assert shlex.split(finish_command(folder)) == ["distill", "run", folder]

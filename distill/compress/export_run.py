@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from typing import Any, Dict, Optional
 
 from ..errors import UserError
@@ -39,7 +40,7 @@ def _require_current_chain(folder: str, name: str) -> None:
                                              "not a model of the last compress (compress/compress.json): one an "
                                              "earlier chain made, maybe from an earlier version of its source")
     if why:
-        raise UserError(f"--model {name}: {why}; compress again first: distill compress {folder}")
+        raise UserError(f"--model {name}: {why}; compress again first: distill compress {shlex.quote(folder)}")
     for before in chain[:chain.index(name)]:  # (each step distils the model before it: one unfinished is made anew)
         require_current(folder, before, require_saved(folder, before), "export")
 

@@ -476,7 +476,9 @@ class Trainer:
             self.sched.step()
         self.weights_finite(f"epoch {epoch + 1}")
         val = self.task.validate(self.student, self.data, self.data_cfg["eval_batch_size"], self.runtime)
-        if not math.isfinite(val.get("val_loss", 0.0)):  # (weights finite, yet so large the outputs overflow)
+        # (weights finite, yet so large that the outputs overflow: the steps are skipped since, and the validation
+        # loss is NaN; not NaN inputs in the validation split alone, which training's finite steps rule out)
+        if prog["bad"] and not math.isfinite(val.get("val_loss", 0.0)):
             raise TrainingDiverged(self.role, f"{self.role}: epoch {epoch + 1}: the validation loss is NaN or Inf "
                                    f"(the outputs overflow); likely cause: {self._too_high()}; {self._kept()}")
         self._select(epoch, val)

@@ -16,6 +16,7 @@ import copy
 import glob
 import json
 import os
+import shlex
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -384,8 +385,8 @@ def require_same_data(folder: str, name: str, data: DataBundle) -> None:
     record = read_run_json(os.path.join(folder, "stages.json"), {}).get(name)
     then = record.get("data_split") if isinstance(record, dict) else None
     if then and then != data.split_fingerprint:
-        again = f"distill compress {folder}` again (with its compress.steps" if name.startswith("compress/") else \
-            f"distill run {folder}` again (to retrain it"
+        again = f"distill compress {shlex.quote(folder)}` again (with its compress.steps" \
+            if name.startswith("compress/") else f"distill run {shlex.quote(folder)}` again (to retrain it"
         raise UserError(f"{os.path.join(folder, name)}: trained on other data than the recipe gives now (a data "
                         f"file or setting changed since: its test split may hold rows it trained on); run `{again}), "
                         f"or restore the data")
@@ -430,10 +431,10 @@ def finish_command(folder: str) -> str:
     stopped = any(isinstance(r, dict) and r.get("fingerprint") == UNFINISHED for r in stages.values()) or \
         glob.glob(os.path.join(glob.escape(folder), "checkpoints", "*", "step-*.pt"))
     if stopped:
-        return f"distill run {folder} --resume"
+        return f"distill run {shlex.quote(folder)} --resume"
     if STUDENT in stages and all(isinstance(r, dict) and r.get("fingerprint") != UNFINISHED for r in stages.values()):
-        return f"distill evaluate {folder}"
-    return f"distill run {folder}"
+        return f"distill evaluate {shlex.quote(folder)}"
+    return f"distill run {shlex.quote(folder)}"
 
 
 def require_run(folder: str, command: str) -> None:
@@ -452,7 +453,9 @@ def require_run(folder: str, command: str) -> None:
         bad = next((k for k, v in m.items() if k in numbers and v is not None and (  # entries of other shapes
             isinstance(v, bool) or not isinstance(v, (int, float)))), None) if isinstance(m, dict) else None
         if bad:  # are passed over)
-            raise UserError(f"{path}: {role}: '{bad}' is not a number; re-create it with distill evaluate {folder}")
+            raise UserError(f"{path}: {role}: '{bad}' is not a number; re-create it with distill evaluate "
+                            f"{shlex.quote(folder)}")
     why = metrics_out_of_date(folder, metrics)
     if why:
-        raise UserError(f"{path}: {why}; finish that run (distill run {folder}, with --resume if it was stopped)")
+        raise UserError(f"{path}: {why}; finish that run (distill run {shlex.quote(folder)}, with --resume if it was "
+                        f"stopped)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 from functools import cached_property
 from typing import Any, Dict, List, Optional, Sequence
@@ -193,8 +194,8 @@ def refuse_training_keys(out: str, cfg: Dict[str, Any], command: str = "bench") 
     if trained:
         does = "measures the folder's models as they were trained, without this change" if command == "bench" else \
             f"changes only {_after_training()} of the folder's recipe (its models were made with the rest)"
-        raise UserError(f"{_listed(trained)}: distill {command} {does}; give it to distill run {out} --overwrite "
-                        f"(which trains again what it changes), or leave it out")
+        raise UserError(f"{_listed(trained)}: distill {command} {does}; give it to distill run {shlex.quote(out)} "
+                        f"--overwrite (which trains again what it changes), or leave it out")
 
 
 UNFINISHED = "unfinished"  # the fingerprint of a stage record while the stage makes its files anew
@@ -210,7 +211,8 @@ def require_current(out: str, name: str, path: str, command: str, made_for: Opti
     record = read_run_json(os.path.join(out, "stages.json"), {}).get(name)
     if not isinstance(record, dict):
         return
-    again = f"distill {'compress' if name.startswith('compress/') else 'run'} {out} --resume"  # (its maker)
+    maker = "compress" if name.startswith("compress/") else "run"
+    again = f"distill {maker} {shlex.quote(out)} --resume"  # (the command that makes it)
     if record.get("fingerprint") == UNFINISHED:
         raise UserError(f"{name}: a run that started making it again stopped before it finished; finish the run "
                         f"first ({command} needs it): {again}")
@@ -519,7 +521,8 @@ class RunDir:
                    if not k.startswith(MEASURING) or (trains and k.startswith("evaluate.exact_match"))]
         if trained:
             own = os.path.abspath(self.recipe.source) == os.path.abspath(self.path("recipe.yaml"))
-            command = f"distill run {self.out}" if own else f"distill run {self.recipe.source} --out {self.out}"
+            command = f"distill run {shlex.quote(self.out)}" if own else \
+                f"distill run {shlex.quote(self.recipe.source)} --out {shlex.quote(self.out)}"
             raise UserError(f"{_listed(trained)}: distill evaluate trains nothing, and the folder's models were "
                             f"trained without this change; give it to {command} --overwrite (which trains again "
                             f"what it changes), or leave it out")
