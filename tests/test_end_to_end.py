@@ -426,3 +426,14 @@ def test_a_soft_label_entry_is_of_one_batch_size(tmp_path, monkeypatch):
         soft_labels(rd, teacher)
         keys.append(json.load(open(rd.path("soft_labels.json")))["cache_key"])
     assert keys[0] != keys[1] and len(os.listdir(tmp_path / "cache")) == 2
+
+
+def test_a_metric_one_seed_leaves_undefined_is_left_out_of_its_mean():
+    """(a NaN AUC of one seed made the mean and std over every seed NaN)"""
+    from distill.pipeline.plan import summarise_seeds
+    summary = summarise_seeds({0: {"student": {"accuracy": 0.9, "auc": 0.8, "fingerprint": "a"}},
+                               1: {"student": {"accuracy": 0.8, "auc": None, "fingerprint": "b"}},
+                               2: {"student": {"accuracy": 0.7, "auc": 0.6, "fingerprint": "c"}}})
+    assert summary["student"]["accuracy"] == pytest.approx({"mean": 0.8, "std": 0.1})
+    assert summary["student"]["auc"] == pytest.approx({"mean": 0.7, "std": 2 ** 0.5 / 10, "seeds": 2})
+    assert "fingerprint" not in summary["student"] and summary["seeds"] == [0, 1, 2]

@@ -409,6 +409,19 @@ def test_macro_f1_leaves_out_a_class_neither_in_the_test_split_nor_predicted():
     assert classification_metrics(logits, y)["macro_f1"] == f1_score(y, logits.argmax(1), average="macro")
 
 
+def test_binary_metrics_a_one_class_test_split_leaves_undefined_are_null_in_valid_json(tmp_path):
+    """AUC, sensitivity or specificity of a test split without the positive (or negative) class were written
+    as a bare NaN, which is not JSON (a JavaScript reader refuses the file); one seed's NaN made the mean
+    over --seeds NaN too."""
+    import json
+    from distill.io import write_json
+    from distill.tasks.classification import classification_metrics
+    m = classification_metrics(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]), 1)
+    assert m["auc"] is None and m["sensitivity"] is None and m["specificity"] == 0.5
+    write_json(str(tmp_path / "m.json"), m)
+    assert json.loads(open(tmp_path / "m.json").read(), parse_constant=lambda c: 1 / 0) == m  # (no NaN token)
+
+
 def test_latency_reads_a_median_length_text_without_its_padding():
     """A causal LM reads every column it is given: latency and throughput ran over the longest test text's
     width, padding included."""

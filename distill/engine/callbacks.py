@@ -200,7 +200,6 @@ class Checkpointing(Callback):
         every process returns its path. The others wait for it on the long wait, not in the next step's
         collective: a write slower than `train.timeout_s` (a large optimizer state, a slow disk) stopped the run."""
         self.last = time.monotonic()
-        t.weights_finite(f"epoch {t.prog['epoch'] + 1} step {t.prog['step']}")  # (never a checkpoint of NaN)
         state = t.state()
         path = self.checkpoints.save(t.prog["step"], state) if self.is_main else None
         t.runtime.barrier()

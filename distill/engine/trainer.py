@@ -226,7 +226,8 @@ class Trainer:
         """What a checkpoint holds: the objective (student, projectors, strength), optimizer, scheduler, the
         shuffling generator as at the start of the epoch, every RNG and the progress. The weights are the
         same in every process and kept once; each process's RNG state is kept (a collective: every process
-        calls this)."""
+        calls this). Never of NaN or Inf weights: resumed from, they would fail every time."""
+        self.weights_finite(f"epoch {self.prog['epoch'] + 1} step {self.prog['step']}")
         rng = self.runtime.gather(rng_state()) if self.runtime.distributed else rng_state()
         prog = {**self.prog, "seconds": self.prog.get("seconds", 0.0) + time.perf_counter() - self.started}
         for name in ("sums", "window"):  # a part-done epoch's loss sums, over every process (rank 0 resumes them)

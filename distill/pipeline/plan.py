@@ -296,6 +296,24 @@ def with_seed(recipe: Recipe, seed: int) -> Recipe:
     return Recipe(cfg, recipe.source)
 
 
+def summarise_seeds(per_seed: Dict[int, Dict[str, Any]]) -> Dict[str, Any]:
+    """Mean and std over seeds of each model's numbers (not a fingerprint); a metric a seed left undefined
+    (null: AUC of a one-class test split) is left out of its mean, which says over how many seeds it is."""
+    seeds = list(per_seed)
+    summary: Dict[str, Any] = {"seeds": seeds}
+    for name, first in per_seed[seeds[0]].items():  # teacher, students and any assistants
+        if first.get("skipped"):
+            summary[name] = first
+            continue
+        summary[name] = {}
+        for k in first:
+            values = [v for s in seeds if isinstance(v := per_seed[s][name].get(k), (int, float))
+                      and not isinstance(v, bool)]
+            if values:
+                summary[name][k] = {**mean_std(values), **({"seeds": len(values)} if len(values) < len(seeds) else {})}
+    return summary
+
+
 @_keeps_callers_rng
 def run_seeds(recipe: Recipe, seeds: List[int], out: Optional[str] = None, echo=print, resume: bool = False,
               overwrite: bool = False, tensorboard: bool = False) -> Dict[str, Any]:
@@ -314,14 +332,7 @@ def run_seeds(recipe: Recipe, seeds: List[int], out: Optional[str] = None, echo=
     # Every seed's folder is checked (another recipe's run in it, say) before the first seed trains.
     folders = {s: RunDir(with_seed(recipe, s), seed_folder(base, s), echo, resume=resume,
                          overwrite=overwrite, tensorboard=tensorboard) for s in seeds}
-    per_seed = {s: execute(folders[s])["metrics"] for s in seeds}
-    summary: Dict[str, Any] = {"seeds": list(seeds)}
-    for name, first in per_seed[seeds[0]].items():  # teacher, students and any assistants
-        if first.get("skipped"):
-            summary[name] = first
-            continue
-        summary[name] = {k: mean_std([per_seed[s][name][k] for s in seeds]) for k, v in first.items()
-                         if isinstance(v, (int, float)) and not isinstance(v, bool)}  # (numbers: not a fingerprint)
+    summary = summarise_seeds({s: execute(folders[s])["metrics"] for s in seeds})
     if is_main_process():
         write_json(os.path.join(base, "summary.json"), summary)
     return summary

@@ -61,8 +61,9 @@ def classification_metrics(logits: torch.Tensor, y: torch.Tensor, positive: int 
     if logits.shape[1] == 2:
         prob = torch.softmax(logits, 1)[:, positive].numpy()
         is_pos = y_np == positive
-        out["auc"] = float(roc_auc_score(is_pos, prob)) if 0 < is_pos.sum() < len(is_pos) else float("nan")
-        out["sensitivity"] = float((pred[is_pos] == positive).mean()) if is_pos.any() else float("nan")
-        out["specificity"] = float((pred[~is_pos] != positive).mean()) if (~is_pos).any() else float("nan")
+        # (undefined when the test split lacks a class: null in metrics.json, which NaN is not valid JSON for)
+        out["auc"] = float(roc_auc_score(is_pos, prob)) if 0 < is_pos.sum() < len(is_pos) else None
+        out["sensitivity"] = float((pred[is_pos] == positive).mean()) if is_pos.any() else None
+        out["specificity"] = float((pred[~is_pos] != positive).mean()) if (~is_pos).any() else None
     return out
 
