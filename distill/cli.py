@@ -308,6 +308,7 @@ def _load(target: Optional[str], overrides: List[str], out: Optional[str], write
     """The recipe (a file, a bundled name, a run folder's) and the folder a command given `out` writes into;
     `writes`: the command writes its resolved recipe.yaml there (a run, a stage command)."""
     from .recipe import Recipe, bundled_recipe_path
+    out = os.path.expanduser(out) if out else out  # (`--out=~/x` reaches here as it is)
     if target and os.path.isdir(target):
         return Recipe.load_run_folder(target, overrides), out or target
     if target and out and os.path.isfile(target) and os.path.isfile(os.path.join(out, "recipe.yaml")) and \
@@ -320,8 +321,8 @@ def _load(target: Optional[str], overrides: List[str], out: Optional[str], write
         from .pipeline.rundir import run_folder
         folder = run_folder(recipe)
         mine = os.path.join(folder, "recipe.yaml")
-        if os.path.isfile(mine) and os.path.samefile(mine, target) and \
-                not os.path.isfile(os.path.join(folder, "stages.json")):  # (a run folder's own recipe: run again)
+        ran = any(os.path.isfile(os.path.join(folder, f)) for f in ("stages.json", "log.jsonl"))
+        if os.path.isfile(mine) and os.path.samefile(mine, target) and not ran:  # (a run's own recipe: run again)
             raise UserError(f"output.dir: {folder}: the folder of {target} itself, where the run writes its resolved "
                             f"recipe.yaml over yours; give another output.dir (or --out)")
     return recipe, out

@@ -31,7 +31,8 @@ def apply_override(raw: Dict[str, Any], assignment: str) -> None:
         raise UserError(f"--set {assignment}: expected KEY.PATH=VALUE, e.g. train.epochs=3")
     path, text = assignment.split("=", 1)
     if not text.strip():  # (read as null, it meant the default: a teacher trained where one was to be loaded)
-        raise UserError(f"--set {path}: no value (is a shell variable unset?); give null to unset it")
+        raise UserError(f"--set {path}: no value (is a shell variable unset?); give null to unset an optional key, "
+                        f"'' for an empty text, or leave the key out for its default")
     try:
         value = load_yaml(text)
     except yaml.YAMLError as e:

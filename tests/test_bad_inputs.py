@@ -395,7 +395,7 @@ def test_bad_input(case, tmp_path, capsys, monkeypatch):
     assert files(tmp_path) == before  # nothing made, nothing changed
 
 
-def test_the_recipes_own_folder_as_output_dir_is_refused(tmp_path, capsys):
+def test_the_recipes_own_folder_as_output_dir_is_refused(tmp_path, capsys, monkeypatch):
     """output.dir naming the folder of the recipe file replaced the user's recipe.yaml (its comments, its
     layout) with the resolved one; --out there was refused already."""
     path = recipe_with(tmp_path, "# mine\n" + GOOD + f"output: {{dir: {tmp_path}}}\n")
@@ -403,6 +403,12 @@ def test_the_recipes_own_folder_as_output_dir_is_refused(tmp_path, capsys):
     assert capsys.readouterr().err.strip().endswith("itself, where the run writes its resolved recipe.yaml over "
                                                     "yours; give another output.dir (or --out)")
     assert open(path).read().startswith("# mine") and sorted(os.listdir(tmp_path)) == ["recipe.yaml"]
+    monkeypatch.setenv("HOME", str(tmp_path.parent))  # (--out=~/x reaches distill unexpanded: it got past)
+    assert main(["run", path, f"--out=~/{tmp_path.name}"]) == 2
+    assert "where the run writes its resolved recipe.yaml over yours" in capsys.readouterr().err
+    from distill.cli import _load
+    (tmp_path / "log.jsonl").write_text("")  # (a run stopped in its first stage: its own recipe runs again)
+    assert _load(path, [], None)[0].cfg["output"]["dir"] == str(tmp_path)
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -94,7 +94,8 @@ def test_per_model_augmentation_is_refused_for_text_lm(tmp_path):
 @pytest.mark.parametrize("assignment, message", [
     ("train.epoch=3", "--set train.epoch: unknown key 'epoch' (did you mean 'epochs'?)"),
     ("train.epochs", "expected KEY.PATH=VALUE"),
-    ("teacher.checkpoint=", "--set teacher.checkpoint: no value (is a shell variable unset?); give null to unset it"),
+    ("teacher.checkpoint=", "--set teacher.checkpoint: no value (is a shell variable unset?); give null to unset an "
+                            "optional key"),
     ("output.cache_dir=  ", "--set output.cache_dir: no value"),  # (read as null: the default, silently)
     ("train.epochs.x=1", "holds a value, not keys"),
     ("teacher.augment.normalize=false", "teacher.augment.normalize: normalisation is the same for every model"),

@@ -423,9 +423,11 @@ class Trainer:
         return f"learning rate too high ({lr_key(self.role)}: {self.tcfg['optimizer']['lr']} here)"
 
     def _kept(self) -> str:
-        """(a checkpoint written: the callback's throttle, train.checkpoint_seconds, may not have let one be)"""
-        kept = any(isinstance(cb, Checkpointing) and cb.checkpoints.newest_step() is not None for cb in self.callbacks)
-        return "the last good checkpoint is kept" if kept else "no checkpoint was written"
+        """(a checkpoint written: the callback's throttle, train.checkpoint_seconds, may not have let one be; it
+        holds finite weights, which may still be the ones that overflowed since)"""
+        steps = [cb.checkpoints.newest_step() for cb in self.callbacks if isinstance(cb, Checkpointing)]
+        step = next((s for s in steps if s is not None), None)
+        return f"the last checkpoint, step {step}, is kept" if step is not None else "no checkpoint was written"
 
     def weights_finite(self, where: str) -> None:
         """A step whose loss and gradients were finite can still make the weights Inf or NaN (an update too
