@@ -311,20 +311,18 @@ def _load(target: Optional[str], overrides: List[str], out: Optional[str], write
     out = os.path.expanduser(out) if out else out  # (`--out=~/x` reaches here as it is)
     if target and os.path.isdir(target):
         return Recipe.load_run_folder(target, overrides), out or target
-    if target and out and os.path.isfile(target) and os.path.isfile(os.path.join(out, "recipe.yaml")) and \
-            os.path.samefile(os.path.join(out, "recipe.yaml"), target):
-        raise UserError(f"--out {out}: the folder of {target} itself, where the run writes its resolved "
-                        f"recipe.yaml over yours; give another --out")
     # (no recipe given: the bundled default, not a file or run folder that happens to be named like it here)
     recipe = Recipe.load(target or bundled_recipe_path(DEFAULT_RECIPE), overrides)
-    if writes and target and out is None and os.path.isfile(target):  # (output.dir: the recipe's own folder)
+    if target and os.path.isfile(target):  # the run writes its resolved recipe.yaml into the folder: not the user's
         from .pipeline.rundir import run_folder
-        folder = run_folder(recipe)
+        folder = run_folder(recipe, out)
         mine = os.path.join(folder, "recipe.yaml")
         ran = any(os.path.isfile(os.path.join(folder, f)) for f in ("stages.json", "log.jsonl"))
-        if os.path.isfile(mine) and os.path.samefile(mine, target) and not ran:  # (a run's own recipe: run again)
-            raise UserError(f"output.dir: {folder}: the folder of {target} itself, where the run writes its resolved "
-                            f"recipe.yaml over yours; give another output.dir (or --out)")
+        # (--out is refused there always; output.dir where the command writes it, unless it is a run's own)
+        if os.path.isfile(mine) and os.path.samefile(mine, target) and (out or (writes and not ran)):
+            where, instead = (f"--out {folder}", "--out") if out else (f"output.dir: {folder}", "output.dir (or --out)")
+            raise UserError(f"{where}: the folder of {target} itself, where the run writes its resolved recipe.yaml "
+                            f"over yours; give another {instead}")
     return recipe, out
 
 

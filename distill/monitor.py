@@ -201,9 +201,10 @@ def with_reaction(measure: Callable[[], Dict[str, float]], objective: nn.Module,
     warn and adjust the objective's distillation strength; the change is returned with the signals (so the
     epoch's log line records it, before and after) and saved in checkpoints with the objective. A reaction at
     its bound is said once (the log line of each epoch still records it): it was the same line every epoch."""
-    at_bound: list = []
+    said_bound = False
 
     def signals() -> Dict:
+        nonlocal said_bound
         out: Dict = measure()
         if mcfg["retention_min"] is None:
             return out
@@ -220,11 +221,11 @@ def with_reaction(measure: Callable[[], Dict[str, float]], objective: nn.Module,
             s["alpha"] = min(1.0, s["alpha"] * f)
         changed = {k: [before[k], s[k]] for k in s if s[k] != before[k]}
         bound = not changed and mcfg["action"] != "warn"
-        if not (bound and at_bound):
+        if not (bound and said_bound):
             warn(f"monitor: retention {watched:.3f} < {mcfg['retention_min']}: "
                  + (", ".join(f"{k} {a:g} -> {b:g}" for k, (a, b) in changed.items()) or _unchanged(mcfg["action"]))
                  + (" (said once; each epoch's log line records it)" if bound else ""))
-        at_bound.extend([True] if bound else [])
+        said_bound = said_bound or bound
         out.update(retention_watched=watched, adjusted=changed)
         return out
     return signals

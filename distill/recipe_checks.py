@@ -119,6 +119,11 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
             raise UserError(f"{role}.train.optimizer.nesterov: Nesterov momentum needs optimizer.momentum > 0")
 
 
+def _not_default(values: Dict[str, Any], schema: Dict[str, Any]) -> List[str]:
+    """The keys of a recipe section (`values`, with its `schema`) given a value other than the default."""
+    return [k for k, f in schema.items() if values[k] != f.default]
+
+
 def idle_settings(cfg: Dict[str, Any]) -> List[str]:
     """Settings that the chosen optimizer, scheduler, method, schedule, reaction or dataset never reads, given a
     value other than the default: silently ignored, each would look applied (a DKD setting with method: kd is not
@@ -126,7 +131,7 @@ def idle_settings(cfg: Dict[str, Any]) -> List[str]:
     from .recipe_schema import SCHEMA
     d, out = cfg["distill"], []
     for section in ("dkd", "dist", "jsd", "skew", "crd"):
-        changed = [k for k, f in SCHEMA["distill"][section].items() if d[section][k] != f.default]
+        changed = _not_default(d[section], SCHEMA["distill"][section])
         if changed and section not in _settings_read(d):
             out.append(f"distill.{section}.{changed[0]}: {d[section][changed[0]]!r} does nothing here: the {section} "
                        f"settings are read by the {_readers(section)} loss, and neither distill.method ({d['method']}) "
@@ -166,7 +171,7 @@ def idle_settings(cfg: Dict[str, Any]) -> List[str]:
                    "distill.data.unlabeled) as one more group, as often as a class: the distilled student sees them "
                    "at about 1/(classes + 1) of its steps, however many there are")
     em = cfg["evaluate"]["exact_match"]
-    changed = [k for k, f in SCHEMA["evaluate"]["exact_match"].items() if em[k] != f.default]
+    changed = _not_default(em, SCHEMA["evaluate"]["exact_match"])
     if changed and data["dataset"] not in COMPLETIONS:
         out.append(f"evaluate.exact_match.{changed[0]}: does nothing for data.dataset: {data['dataset']} (it "
                    f"completes prompts: completions or arith)")
@@ -178,11 +183,11 @@ def idle_settings(cfg: Dict[str, Any]) -> List[str]:
                    "the labels); a registry teacher is trained, or loaded with teacher.checkpoint")
     if cfg["student"]["finetuned"] and not cfg["student"]["hf"]:
         out.append("student.finetuned: does nothing without student.hf (a Hugging Face student whose head is kept)")
-    arith = [k for k, f in schema["arith"].items() if data["arith"][k] != f.default]
+    arith = _not_default(data["arith"], schema["arith"])
     if arith and data["dataset"] != "arith":
         out.append(f"data.arith.{arith[0]}: does nothing for data.dataset: {data['dataset']} (it sizes the arith "
                    f"problems)")
-    text_only = [f"distill.data.{k}" for k, f in SCHEMA["distill"]["data"].items() if d["data"][k] != f.default] + \
+    text_only = [f"distill.data.{k}" for k in _not_default(d["data"], SCHEMA["distill"]["data"])] + \
         (["distill.layers.map"] if d["layers"]["map"] != SCHEMA["distill"]["layers"]["map"].default else [])
     if text_only and data["dataset"] not in ("text", "completions", "arith"):
         out.append(f"{text_only[0]}: does nothing for data.dataset: {data['dataset']} (for transformers on text)")
@@ -365,7 +370,7 @@ def _completion_checks(cfg: Dict[str, Any]) -> None:
         data["tokenizer"] = cfg["teacher"]["hf"]
     elif not (os.path.isdir(data["tokenizer"]) or os.path.isfile(data["tokenizer"])):
         raise UserError(f"data.tokenizer: {data['tokenizer']}: no such folder or GGUF file")
-    noise = [k for k, f in SCHEMA["distill"]["data"].items() if d["data"][k] != f.default]  # (all for classifiers)
+    noise = _not_default(d["data"], SCHEMA["distill"]["data"])  # (all for classifiers)
     for key, used in (("distill.layers", d["layers"]["hidden"] != "none" or d["layers"]["attention"] != "none"),
                       (f"distill.data.{noise[0]}" if noise else "distill.data", bool(noise)),
                       ("compress.steps", bool(set(cfg["compress"]["steps"]) - {"layers", "channels", "vocab"})),

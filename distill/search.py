@@ -78,12 +78,9 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
 
 def _once(flag: str, item: str, values: List[Any]) -> None:
     """A value given twice would train the same trial twice (2 and 2.0 are one value)."""
-    twice = next((v for i, v in enumerate(values) if v in values[:i]), _NONE)
-    if twice is not _NONE:
-        raise UserError(f"{flag} {item}: {yaml_value(twice)} is given twice; give each value once")
-
-
-_NONE = object()
+    for i, v in enumerate(values):
+        if v in values[:i]:
+            raise UserError(f"{flag} {item}: {yaml_value(v)} is given twice; give each value once")
 
 
 def need_validation(recipe: Recipe) -> None:

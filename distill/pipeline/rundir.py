@@ -78,7 +78,7 @@ def refuse_other_records(out: str, kind: str) -> None:
         raise UserError(f"--out {out}: holds {sorted(other)[0]}, of {whose}; choose another folder")
     # (the seeds' folders and the trials' are run folders, which check their own files)
     runs = [e for e in mine if SEED_FOLDER.fullmatch(e)] if kind == "seeds" else ["trials"]
-    found = sorted(e for e in mine if e not in runs and not SEED_FOLDER.fullmatch(e))
+    found = sorted(e for e in mine if e not in runs)
     if found and not any(os.path.isfile(os.path.join(out, e, "recipe.yaml")) for e in runs):
         raise UserError(f"--out {out}: holds {', '.join(found)}, which no earlier "
                         f"{'--seeds run' if kind == 'seeds' else 'search'} here wrote and this one would replace; "

@@ -48,13 +48,11 @@ def run_stage(run: RunDir, stage: Stage) -> Dict[str, Any]:
                                  or None)
     if done and done.pop("remembered", False):  # (a search's trial finished earlier: its files are another's)
         run.event(f"{stage.name}: inputs unchanged, reusing its result in an earlier trial", model=stage.name)
-        run.records[stage.name] = {**done, "reused": True}
-        return run.records[stage.name]
+        return _recorded(run, stage.name, {**done, "reused": True})
     if done:
         run.event(f"{stage.name}: inputs unchanged, reusing {stage.outputs[0]}", model=stage.name)
         run.mark_reused(stage.name)
-        run.records[stage.name] = {**done, "reused": True}
-        return run.records[stage.name]
+        return _recorded(run, stage.name, {**done, "reused": True})
     run.check_checkpoints(stage.name, fingerprint, earlier)  # (before open rewrites recipe.yaml)
     run.fingerprints[stage.name] = fingerprint  # (its checkpoints carry it)
     run.open()
@@ -64,6 +62,12 @@ def run_stage(run: RunDir, stage: Stage) -> Dict[str, Any]:
         info = {**info, "data_split": run.data_for(stage.name).split_fingerprint}
     run.mark_done(stage.name, fingerprint, info)
     run.runtime.barrier()
-    run.records[stage.name] = {"fingerprint": fingerprint, **info, "reused": False}
+    record = _recorded(run, stage.name, {"fingerprint": fingerprint, **info, "reused": False})
     stop_if_asked(stage.name, run.runtime)
-    return run.records[stage.name]
+    return record
+
+
+def _recorded(run: RunDir, name: str, record: Dict[str, Any]) -> Dict[str, Any]:
+    """`record`, kept as this process's record of stage `name` (a search's pruned trial reads its own)."""
+    run.records[name] = record
+    return record
