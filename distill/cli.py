@@ -313,16 +313,9 @@ def _load(target: Optional[str], overrides: List[str], out: Optional[str], write
         return Recipe.load_run_folder(target, overrides), out or target
     # (no recipe given: the bundled default, not a file or run folder that happens to be named like it here)
     recipe = Recipe.load(target or bundled_recipe_path(DEFAULT_RECIPE), overrides)
-    if target and os.path.isfile(target):  # the run writes its resolved recipe.yaml into the folder: not the user's
-        from .pipeline.rundir import run_folder
-        folder = run_folder(recipe, out)
-        mine = os.path.join(folder, "recipe.yaml")
-        ran = any(os.path.isfile(os.path.join(folder, f)) for f in ("stages.json", "log.jsonl"))
-        # (--out is refused there always; output.dir where the command writes it, unless it is a run's own)
-        if os.path.isfile(mine) and os.path.samefile(mine, target) and (out or (writes and not ran)):
-            where, instead = (f"--out {folder}", "--out") if out else (f"output.dir: {folder}", "output.dir (or --out)")
-            raise UserError(f"{where}: the folder of {target} itself, where the run writes its resolved recipe.yaml "
-                            f"over yours; give another {instead}")
+    if target and os.path.isfile(target) and (out or writes):  # (said before torch loads; RunDir checks it too)
+        from .pipeline.rundir import refuse_recipe_overwrite, run_folder
+        refuse_recipe_overwrite(recipe, run_folder(recipe, out), out_given=bool(out))
     return recipe, out
 
 

@@ -411,6 +411,21 @@ def test_the_recipes_own_folder_as_output_dir_is_refused(tmp_path, capsys, monke
     assert _load(path, [], None)[0].cfg["output"]["dir"] == str(tmp_path)
 
 
+def test_the_recipes_own_folder_is_refused_from_python_too(tmp_path):
+    """The Python API's run() replaced the user's recipe.yaml too (the guard was the command line's); a run's own
+    recipe.yaml, in the resolved form it writes, is still its to rewrite."""
+    from distill import Recipe, run
+    from distill.errors import UserError
+    from distill.pipeline.rundir import RunDir
+    path = recipe_with(tmp_path, "# mine\n" + GOOD + f"output: {{dir: {tmp_path}}}\n")
+    with pytest.raises(UserError, match="over yours; give another output.dir"):
+        run(Recipe.load(path))
+    assert open(path).read().startswith("# mine") and sorted(os.listdir(tmp_path)) == ["recipe.yaml"]
+    resolved = Recipe.load(path)
+    (tmp_path / "recipe.yaml").write_text(resolved.to_yaml())  # (as a run stopped before its first record left it)
+    assert RunDir(Recipe.load(path)).out == str(tmp_path)
+
+
 def test_debug_shows_the_traceback(tmp_path):
     from distill.errors import UserError
     with pytest.raises(UserError):

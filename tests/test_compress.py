@@ -270,6 +270,10 @@ def test_compress_cnn_every_step_saves_a_smaller_loadable_model(cnn_run, capsys)
         assert count_params(model) == m["params"]
         assert layer_drop.depth(model) == {"layers2": 2, "layers1": 1}.get(m["name"], 1)
         assert accuracy(model, data.x_val, data.y_val) == pytest.approx(m["val_accuracy"])
+    qat = record["models"][3]  # (deployed as dynamic int8: measured so too, beside its float weights')
+    int8 = dynamic_int8(load_model_at(os.path.join(cnn_run, qat["path"]), "qat"))
+    assert accuracy(int8, data.x_val, data.y_val) == pytest.approx(qat["int8_val_accuracy"])
+    assert "int8_val_accuracy" not in record["models"][2]
     # unchanged inputs: nothing is redone
     assert main(["compress", cnn_run, "--set", "compress.steps=[layers, channels, qat]",
                  "--set", "compress.layers.to=1"]) == 0

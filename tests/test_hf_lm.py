@@ -1611,3 +1611,23 @@ def test_a_folder_made_before_the_model_content_was_hashed_is_reused_then_follow
     said.clear()
     run(Recipe.from_dict(r), new, echo=said.append)
     assert not any("reusing" in line for line in said), said
+
+
+def test_a_prompt_split_into_training_and_held_out_rows_is_warned(tmp_path):
+    """Two completions of one prompt may land in training and test: the test score then counts a problem the
+    models trained on. Said before training, for each split; a file of distinct prompts says nothing."""
+    from distill.pipeline.plan import _warn_held_out_prompts
+    from distill.pipeline.rundir import RunDir
+    rows = [{"prompt": f"{i}+{i}=", "completion": f"{2 * i}"} for i in range(30)]
+    r = lm_recipe(str(tmp_path))
+    r["data"].update(test_path=None, test_fraction=0.2, val_fraction=0.2)
+
+    def said(rows):
+        r["data"]["path"], lines = write_jsonl(str(tmp_path / f"{len(rows)}.jsonl"), rows), []
+        _warn_held_out_prompts(RunDir(Recipe.from_dict(r), echo=lines.append))
+        return lines
+    assert said(rows) == []
+    twice = said(rows + [{**x, "completion": x["completion"] + "."} for x in rows])  # (12 of 60 rows tested)
+    assert [x.split(" rows have")[0].split(": ")[-1] for x in twice] == ["10 of the 12 validation", "8 of the 12 test"]
+    assert all(x.startswith("warning: data.path: ") and x.endswith("give each prompt one row, or a data.test_path")
+               for x in twice)

@@ -40,7 +40,7 @@ from ..roles import STUDENT, TEACHER, compressed, recipe_section
 from ..tasks import task_for
 from . import layers as layer_drop
 from .prune import attention_parts, ffn_kinds, filter_pairs, head_importance, prune_channels, prune_ffn, prune_heads
-from .quantize import finish_qat, prepare_qat
+from .quantize import dynamic_int8, finish_qat, prepare_qat
 from .structure import heads_per_layer
 from .vocab import check_trimmable, trim_lm_vocabulary, trim_vocabulary
 
@@ -112,7 +112,11 @@ class Compressor:
             self.model = load_saved(run, compressed(name))
             if not self.text:
                 self.drops = list(load_meta(run.path(out))["structure"]["drop"])
-        scores = task_for(run.data).validate(self.model, run.data, run.cfg["data"]["eval_batch_size"])
+        def validate(model: nn.Module) -> Dict[str, float]:
+            return task_for(run.data).validate(model, run.data, run.cfg["data"]["eval_batch_size"])
+        scores = validate(self.model)
+        if name == "qat":  # (its float weights are kept; deployed as dynamic int8, measured so too)
+            scores["int8_val_accuracy"] = validate(dynamic_int8(self.model))["val_accuracy"]
         val = scores["val_accuracy"]
         path = require_saved(run.out, compressed(name))
         record = {"name": name, "path": os.path.relpath(path, run.out),  # (the folder may move: bench resolves it)
@@ -121,7 +125,8 @@ class Compressor:
             record["heads_per_layer"] = heads_per_layer(self.model.hf)
         self.records.append(record)
         self.write_record()
-        run.event(f"compress: {name}: {record['params']:,} parameters, validation accuracy {val:.4f}"
+        int8 = f" ({scores['int8_val_accuracy']:.4f} as dynamic int8)" if "int8_val_accuracy" in scores else ""
+        run.event(f"compress: {name}: {record['params']:,} parameters, validation accuracy {val:.4f}{int8}"
                   + (f", loss {scores['val_loss']:.4f}" if "val_loss" in scores else ""),
                   **{k: v for k, v in record.items() if k in ("name", "params", "val_accuracy", "val_loss")})
 

@@ -208,11 +208,32 @@ def _check_unlabeled(run: RunDir, models: Sequence[nn.Module]) -> None:
             fits_context(model, longest, path, name, "to cut texts there")
 
 
+def _warn_held_out_prompts(run: RunDir) -> None:
+    """A prompt written twice in a completions file (two completions of one problem) can be split into training
+    and into validation or test: the held-out score then counts a problem the models trained on."""
+    from ..recipe_schema import COMPLETIONS
+    from ..tasks.causal_lm import prompts_and_answers
+    if run.cfg["data"]["dataset"] not in COMPLETIONS or not run.runtime.is_main:
+        return
+    data = run.data
+    seen = {tuple(p) for p in prompts_and_answers(data.x_train, data.y_train)[0]}
+    for split, x, y in (("validation", data.x_val, data.y_val), ("test", data.x_test, data.y_test)):
+        prompts = prompts_and_answers(x, y)[0] if len(y) else []
+        both = sum(tuple(p) in seen for p in prompts)
+        if both:
+            fix = ("remove them from data.test_path or data.path" if split == "test" and run.cfg["data"]["test_path"]
+                   else "give each prompt one row, or a data.test_path")
+            run.echo(f"warning: data.path: {both} of the {len(prompts)} {split} rows have a prompt that training "
+                     f"rows have too (a prompt given twice, split both ways): their {split} scores count "
+                     f"problems the models trained on; {fix}")
+
+
 def preflight(run: RunDir, saved_teacher: bool = False) -> None:
     """Build the teacher, the student and every assistant, and take one distillation step on two samples per
     link of the chain (teacher -> assistants -> student), before anything is written. `saved_teacher`: the
     command builds on the folder's teacher (train-student, generate, soft-labels), which must read this data."""
     _check_augmentation(run)
+    _warn_held_out_prompts(run)
     saved = run.path(artifact(run.cfg, TEACHER, TEACHER))
     if saved_teacher and run.cfg[TEACHER]["model"] == "gpt" and os.path.exists(saved):
         # (the registry GPT's table of learnt positions, shorter than the rows: an IndexError mid-run, after the

@@ -100,6 +100,33 @@ def run_folder(recipe: Recipe, out: Optional[str] = None) -> str:
     return os.path.expanduser(out or recipe.cfg["output"]["dir"] or os.path.join("runs", recipe.cfg["name"]))
 
 
+def refuse_recipe_overwrite(recipe: Recipe, folder: str, out_given: bool = False) -> None:
+    """A run writes its resolved recipe.yaml into its folder: never over the user's recipe file it was loaded
+    from (a recipe.yaml whose output.dir is its own folder lost its comments and defaults left out). A run's own
+    recipe.yaml (a folder a run wrote in, or a file in the resolved form a run writes) is its to rewrite;
+    `out_given`: --out names that folder, refused even so (the command line gave a file, not the run folder)."""
+    mine = os.path.join(folder, "recipe.yaml")
+    source = recipe.source
+    if not (os.path.isfile(mine) and os.path.isfile(source) and os.path.samefile(mine, source)):
+        return
+    ran = any(os.path.isfile(os.path.join(folder, f)) for f in ("stages.json", "log.jsonl")) or _resolved(mine)
+    if out_given or not ran:
+        where, instead = (f"--out {folder}", "--out") if out_given else (f"output.dir: {folder}",
+                                                                          "output.dir (or --out)")
+        raise UserError(f"{where}: the folder of {source} itself, where the run writes its resolved recipe.yaml "
+                        f"over yours; give another {instead}")
+
+
+def _resolved(path: str) -> bool:
+    """The file is a recipe as a run writes it (a run stopped before its first record left it so)."""
+    from ..recipe import read_yaml
+    try:
+        with open(path, encoding="utf-8") as f:
+            return Recipe.from_dict(read_yaml(path), source=path).to_yaml() == f.read()
+    except (UserError, OSError, UnicodeDecodeError):
+        return False
+
+
 def is_run_folder(folder: str) -> bool:
     return all(os.path.isfile(os.path.join(folder, f)) for f in ("recipe.yaml", "stages.json"))
 
@@ -318,6 +345,7 @@ class RunDir:
         self.drop_checkpoints = overwrite or drop_checkpoints
         self.recipe, self.cfg = recipe, recipe.cfg
         self.out = run_folder(recipe, out)
+        refuse_recipe_overwrite(recipe, self.out)
         self.echo, self.resume = echo, resume
         self.fingerprints: Dict[str, str] = {}  # stage -> fingerprint, of the stages run (run_stage sets them)
         self.records: Dict[str, Any] = {}  # stage -> its record, of the stages run or reused by this process
