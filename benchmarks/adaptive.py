@@ -19,7 +19,7 @@ import numpy as np
 
 from distill import Recipe, run
 from distill.pipeline.plan import with_seed
-from needs_data import skip_without_data  # benchmarks/needs_data.py
+from needs_data import run_main, skip_without_data  # benchmarks/needs_data.py
 
 VARIANTS = {
     "fixed (the recipe)": [],
@@ -71,4 +71,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -27,6 +27,7 @@ from distill.monitor import linear_cka
 from distill.pipeline.artifacts import load_model_at, require_saved
 from distill.pipeline.plan import with_seed
 from distill.engine.inference import predict
+from needs_data import run_main  # benchmarks/needs_data.py
 
 # the per-step gradient-consistency probes only log; turned off to keep the benchmark within its time budget
 COMMON = ["monitor.gradients=false"]
@@ -106,4 +107,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -22,12 +22,13 @@ from typing import Dict, List
 import numpy as np
 
 from distill import Recipe, run
+from distill.errors import UserError
 from distill.compress.bench import bench, plot_pareto
 from distill.compress.pipeline import compress
 from distill.io import read_json, write_json
 from distill.pipeline.plan import with_seed
 from distill.pipeline.rundir import RunDir
-from needs_data import skip_without_data  # benchmarks/needs_data.py
+from needs_data import run_main, skip_without_data  # benchmarks/needs_data.py
 
 TORCH_VARIANTS = ("fp32", "dynamic", "static", "fp16", "bf16", "torchao", "pt2e")
 
@@ -149,7 +150,12 @@ def main() -> int:
         results.append(bench(folder_recipe, out, echo=lambda m: None))
     if args.report_only:
         results = [read_json(os.path.join(base, f"seed_{s}", "bench", "bench.json")) for s in range(args.seeds)]
-        wall = read_json(os.path.join(base, "wall.json"))["seconds"]
+        wall = read_json(os.path.join(base, "wall.json"))
+        missing = [f"seed_{s}" for s, r in enumerate(results) if r is None] + ["wall.json"] * (wall is None)
+        if missing:
+            raise UserError(f"--report-only: {base} has no bench results of {', '.join(missing)}; run without "
+                            f"--report-only (with --seeds {args.seeds}) first")
+        wall = wall["seconds"]
     else:
         wall = time.perf_counter() - t0
         write_json(os.path.join(base, "wall.json"), {"seconds": wall})
@@ -167,4 +173,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

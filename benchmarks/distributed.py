@@ -27,7 +27,7 @@ import sys
 import time
 
 import torch
-from needs_data import skip_without_data  # benchmarks/needs_data.py
+from needs_data import run_main, skip_without_data  # benchmarks/needs_data.py
 
 LAYOUTS = (("1 process x 2 threads", 1, 2), ("2 processes x 1 thread", 2, 1))
 
@@ -130,4 +130,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

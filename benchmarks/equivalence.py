@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import load_file
+from needs_data import run_main  # benchmarks/needs_data.py
 
 ROOT = Path(__file__).resolve().parents[1]  # the main repository (data paths resolve against it)
 TEXT_SUBSET = ["data.train_subset=1200", "teacher.train.epochs=2", "student.train.epochs=2"]  # full: ~4,840 rows, 3/4 epochs
@@ -243,4 +244,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

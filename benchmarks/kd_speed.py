@@ -47,7 +47,7 @@ from distill.pipeline.plan import preflight
 from distill.pipeline.rundir import RunDir
 from distill.pipeline.training import train_distilled, train_teacher
 from distill.teachers import teacher_forward
-from needs_data import skip_without_data  # benchmarks/needs_data.py
+from needs_data import run_main, skip_without_data  # benchmarks/needs_data.py
 
 
 def plain_kd_loop(rd: RunDir, teacher: torch.nn.Module, fast_pools: bool = False) -> float:
@@ -241,4 +241,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -39,7 +39,7 @@ from distill import Recipe
 from distill.data import load_data
 from distill.io import load_meta
 from distill.pipeline.artifacts import load_model_at
-from needs_data import skip_without_data  # benchmarks/needs_data.py
+from needs_data import run_main, skip_without_data  # benchmarks/needs_data.py
 
 ARMS = (("student, no distillation", "student_scratch", []), ("forward KL", "student", ["distill.method=forward_kl"]),
         ("reverse KL", "student", ["distill.method=reverse_kl"]),
@@ -72,7 +72,9 @@ def sample(folder: str, name: str, n: int = 200) -> str:
 
 def written(teacher, model, prompts: torch.Tensor, n: int = 120) -> tuple:
     """(The teacher's bits/char, the model's own bits/char) on `n` characters the model writes at temperature 1
-    after each of `prompts`; their difference estimates KL(model || teacher) per character."""
+    after each of `prompts`; their difference estimates KL(model || teacher) per character. (Fewer characters
+    when the models' context is shorter than the prompt and `n`: both read the text whole.)"""
+    n = min(n, min(teacher.context, model.context) - prompts.shape[1])
     ids = model.generate(prompts, n, 1.0, torch.Generator().manual_seed(0))
     k = prompts.shape[1]
     with torch.no_grad():
@@ -158,4 +160,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

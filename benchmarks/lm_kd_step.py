@@ -21,6 +21,7 @@ import sys
 import time
 
 import torch
+from needs_data import run_main  # benchmarks/needs_data.py
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -82,4 +83,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import yaml
@@ -19,6 +18,7 @@ from distill.data import load_data
 from distill.models.hf import load_tokenizer
 from distill.pipeline.artifacts import load_model_at, require_run_folder, require_saved
 from distill.tasks.causal_lm import greedy_completions, prompts_and_answers, score_completions
+from needs_data import run_main  # benchmarks/needs_data.py
 
 
 def main() -> None:
@@ -49,9 +49,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from distill.errors import UserError
-    try:
-        main()
-    except UserError as e:  # (a run folder not compressed yet, say: one line, as distill says it)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

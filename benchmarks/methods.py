@@ -24,7 +24,7 @@ from typing import Dict, List
 from distill import Recipe, run
 from distill.pipeline.plan import execute, with_seed
 from distill.pipeline.rundir import RunDir
-from needs_data import skip_without_data  # benchmarks/needs_data.py
+from needs_data import run_main, skip_without_data  # benchmarks/needs_data.py
 
 # CIFAR-100 resnet32x4 -> resnet8x4: RepDistiller README (student, KD, FitNet, AT, SP, RKD, PKT, CRD) and
 # mdistiller README (DKD). DIST and logit standardisation are in neither table.
@@ -141,4 +141,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -33,7 +33,7 @@ from distill.monitor import kd_ce_consistency, retention_monitor
 from distill.pipeline.artifacts import build_role
 from distill.pipeline.rundir import RunDir
 from distill.pipeline.training import PROBE
-from needs_data import skip_without_data  # benchmarks/needs_data.py
+from needs_data import run_main, skip_without_data  # benchmarks/needs_data.py
 
 
 def timed(fn, n: int) -> float:
@@ -85,7 +85,9 @@ def main() -> int:
             rounds["measure" + suffix].append(timed(measure, 3))
         monitor.fast_pooling = fast_pooling
     ms = {k: statistics.median(v) * 1e3 for k, v in rounds.items()}
-    per_epoch = -(-len(data.y_train) // bs)
+    # (the distilled student's rows: the labelled ones and those only the teacher labels, data.label_fraction)
+    rows = len(data.y_train) + (len(data.x_unlabelled) if data.x_unlabelled is not None else 0)
+    per_epoch = -(-rows // bs)
     epochs, m = cfg["student"]["train"]["epochs"], cfg["monitor"]
     steps = per_epoch * epochs
     every = m["measure_every"]
@@ -113,4 +115,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

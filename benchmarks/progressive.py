@@ -24,7 +24,7 @@ from distill.compress.bench import bench
 from distill.compress.pipeline import compress
 from distill.io import read_json
 from distill.pipeline.rundir import RunDir
-from needs_data import skip_without_data  # benchmarks/needs_data.py
+from needs_data import run_main, skip_without_data  # benchmarks/needs_data.py
 
 
 def stat(values, fmt=".2f") -> str:
@@ -85,4 +85,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -24,7 +24,7 @@ import torch
 
 from distill import Recipe, run
 from distill.pipeline.plan import with_seed
-from needs_data import skip_without_data  # benchmarks/needs_data.py
+from needs_data import run_main, skip_without_data  # benchmarks/needs_data.py
 
 # Which teacher layers a student of each depth keeps (spread over the stack; DistilBERT's initialisation).
 KEEP = {3: [0, 2, 4], 2: [0, 3], 1: [0]}
@@ -99,4 +99,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

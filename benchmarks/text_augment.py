@@ -25,7 +25,7 @@ from distill import Recipe, run
 from distill.data.text import read_texts
 from distill.pipeline.plan import with_seed
 from text import KEEP  # benchmarks/text.py: the teacher layers a student of each depth keeps
-from needs_data import skip_without_data  # benchmarks/needs_data.py
+from needs_data import run_main, skip_without_data  # benchmarks/needs_data.py
 
 
 
@@ -115,4 +115,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -33,7 +33,7 @@ def _recipe_args(p: argparse.ArgumentParser, target_help: str) -> None:
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the student trained without distillation (the same as --set baseline=false)")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
-                   help="train in N processes on this machine (torchrun --standalone; gloo on the CPU, one GPU "
+                   help="train in N processes on this machine (torchrun, on 127.0.0.1; gloo on the CPU, one GPU "
                         "each with train.device: cuda); data.batch_size stays the global batch")
 
 
@@ -347,13 +347,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                     raise UserError(f"distill {args.command}: the {'run folder' if folder else 'recipe or run folder'} "
                                     f"given is empty; give one{'' if folder else ', or none'} (is a shell variable "
                                     f"unset?)")
-            return _dispatch(parser, args)
+            code = _dispatch(parser, args)
+            sys.stdout.flush()  # (here, where a reader gone is caught, not at exit)
+            return code
     except UserError as e:
         if args.debug:
             raise
         if not report_error(str(e)):  # (under --nproc the launcher says it, once for every process)
             print(f"error: {_who()}{e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # (`distill doctor RUN | head`: the reader left; the rest of the output is not wanted)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (else Python's flush at exit says it)
+        return 128 + getattr(signal, "SIGPIPE", 13)
     except KeyboardInterrupt as e:
         again = getattr(args, "again", None)
         signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import statistics
 from functools import cached_property
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -204,6 +205,8 @@ def weak_teacher(run: RunView) -> List[Dict[str, Any]]:
     teacher, scratch = run.accuracy(TEACHER), run.accuracy(SCRATCH)
     if teacher > scratch + TH["teacher_margin"]:
         return []
+    if did_not_learn(run, TEACHER) is not None:  # (a bigger or regularised teacher would not mend that)
+        raise Skip("the teacher learnt nothing (see unstable_loss): a failed training says nothing of its size")
     tm = run.metrics["teacher"]
     epochs = run.cfg["teacher"]["train"]["epochs"]
     loaded = (run.stages.get("teacher") or {}).get("loaded_from")
@@ -308,6 +311,10 @@ def capacity_gap(run: RunView) -> List[Dict[str, Any]]:
         ev["assistants"] = assistants
         fix = (f"the run already distils through {len(chain_names(run.cfg))} assistant(s) (distill.assistants); "
                f"list one more of intermediate size, or use a smaller teacher")
+    elif run.cfg["data"]["dataset"] in ("text", "text_lm", "completions", "arith"):  # (chains: not for these)
+        fix = ("distil through a model of intermediate size in two runs, the first run's student as the second's "
+               "teacher (Mirzadeh et al. 2020; distill.assistants chains are for the registry's vision and tabular "
+               "models), or use a smaller teacher")
     else:
         fix = ("distil through a teacher assistant of intermediate size (Mirzadeh et al. 2020): "
                "--set distill.assistants=auto (or list them: distill.assistants: [{model: ..., args: ...}])")
@@ -548,7 +555,7 @@ def quantization_loss(run: RunView) -> List[Dict[str, Any]]:
     from .compress.bench import INT8, is_stale
     from .pipeline.rundir import stage_fingerprints
     if not run.bench:
-        raise Skip("no bench/bench.json; run `distill bench RUN_DIR` first")
+        raise Skip(f"no bench/bench.json; run `distill bench {shlex.quote(run.folder)}` first")
     max_drop = float(run.cfg["bench"]["max_accuracy_drop"])
     results = run.bench.get("results") if isinstance(run.bench, dict) else None
     results = [r for r in (results if isinstance(results, list) else []) if isinstance(r, dict) and "error" not in r
@@ -557,7 +564,7 @@ def quantization_loss(run: RunView) -> List[Dict[str, Any]]:
     rows = {(r["model"], r["variant"]): r for r in results if not is_stale(r, versions)}
     if results and not rows:
         raise Skip("bench/bench.json measured earlier versions of the models (trained again since); run "
-                   "`distill bench RUN_DIR` again")
+                   f"`distill bench {shlex.quote(run.folder)}` again")
     drops = {k: rows[(k[0], "fp32")]["accuracy"] - r["accuracy"] for k, r in rows.items()
              if k[1] in INT8 and (k[0], "fp32") in rows}
     if not drops:

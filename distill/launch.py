@@ -1,5 +1,6 @@
-"""`distill run RECIPE --nproc N`: the same command again under `torchrun --standalone`, N processes on this
-machine (PyTorch's own launcher and rendezvous, started in this process), and one clear line if one fails.
+"""`distill run RECIPE --nproc N`: the same command again under torchrun, N processes on this machine
+(PyTorch's own launcher and rendezvous, started in this process, listening on 127.0.0.1 only), and one clear
+line if one fails.
 
 Several machines use torchrun itself, the same command on each (see README):
     torchrun --nnodes M --node-rank R --nproc-per-node N --rdzv-backend c10d --rdzv-endpoint HOST:PORT \\
@@ -111,6 +112,25 @@ def _said(folder: str, nproc: int) -> List[str]:
     return [f"error: process{'es' if len(r) > 1 else ''} {', '.join(r)}: {m}" for m, r in said.items()]
 
 
+def local_store(port: int = 0):
+    """The rendezvous store of a job on this machine, listening on 127.0.0.1 alone (torchrun --standalone's
+    binds every interface, unauthenticated): its socket is bound here and handed over, and torchrun's static
+    rendezvous shares it (a multi-tenant store of the same port, in this process). The processes' own sockets
+    (gloo's, NCCL's bootstrap) use the loopback interface too, unless the environment names one."""
+    import socket
+    from torch.distributed import TCPStore
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    store = TCPStore("127.0.0.1", port, is_master=True, multi_tenant=True, master_listen_fd=sock.detach(),
+                     wait_for_workers=False)
+    loopback = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+    added = [k for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if loopback and k not in os.environ]
+    os.environ.update({k: loopback for k in added})  # (for the processes; taken back after them)
+    return store, port, added
+
+
 def launch(argv: List[str], nproc: int, resume: str) -> int:
     """Run `distill ARGV` in `nproc` processes; returns the exit code for the user (2: a user mistake, said
     once; 128 + the signal, 130 or 143: interrupted; 1: a process died)."""
@@ -119,8 +139,9 @@ def launch(argv: List[str], nproc: int, resume: str) -> int:
     from torch.distributed.run import parse_args, run
     # the machine's cores shared out (torchrun's own default would be one thread each)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    args = parse_args(["--standalone", "--nnodes=1", f"--nproc-per-node={nproc}", "--max-restarts=0",
-                       "--module", "distill", *argv])
+    store, port, added = local_store()  # (kept open while the processes run)
+    args = parse_args(["--rdzv-backend=static", "--master-addr=127.0.0.1", f"--master-port={port}", "--nnodes=1",
+                       "--node-rank=0", f"--nproc-per-node={nproc}", "--max-restarts=0", "--module", "distill", *argv])
     errors = os.environ[ERRORS] = tempfile.mkdtemp(prefix="distill-errors-")
     # (torchrun's own log lines of a failed process repeat, less clearly, what is said below)
     # (each of its modules' loggers has a level of its own: every one is set, not the parent alone)
@@ -148,6 +169,9 @@ def launch(argv: List[str], nproc: int, resume: str) -> int:
               file=sys.stderr)
         return 128 + e.sigval
     finally:
+        del store
+        for key in added:
+            os.environ.pop(key, None)
         for log, level in zip(elastic, levels):
             log.setLevel(level)
         del os.environ[ERRORS]

@@ -159,10 +159,11 @@ def idle_settings(cfg: Dict[str, Any]) -> List[str]:
             out.append(f"{role}.train.scheduler.warmup_epochs: {sched['warmup_epochs']} not less than "
                        f"{role}.train.epochs {t['epochs']}: the lr never reaches optimizer.lr")
     data, schema = cfg["data"], SCHEMA["data"]
-    texts = {"text": ("tokenizer", "max_length", "text_column"), "text_lm": ("max_length",),
+    texts = {"text": ("tokenizer", "max_length", "text_column", "label_column"), "text_lm": ("max_length",),
              "completions": ("tokenizer", "max_length", "chat_template", "prompt_column", "completion_column"),
-             "arith": ("tokenizer", "max_length", "chat_template")}  # (the text keys each dataset reads)
-    for key in ("tokenizer", "max_length", "text_column", "chat_template", "prompt_column", "completion_column"):
+             "arith": ("tokenizer", "max_length", "chat_template"), "csv": ("label_column",)}  # (the keys of
+    for key in ("tokenizer", "max_length", "text_column", "chat_template", "prompt_column", "completion_column",
+                "label_column"):  # columns and text each dataset reads)
         if data[key] != schema[key].default and key not in texts.get(data["dataset"], ()):
             out.append(f"data.{key}: {data[key]!r} does nothing for data.dataset: {data['dataset']} (it is read by "
                        f"{', '.join(k for k, keys in texts.items() if key in keys)})")
@@ -183,6 +184,11 @@ def idle_settings(cfg: Dict[str, Any]) -> List[str]:
                    "the labels); a registry teacher is trained, or loaded with teacher.checkpoint")
     if cfg["student"]["finetuned"] and not cfg["student"]["hf"]:
         out.append("student.finetuned: does nothing without student.hf (a Hugging Face student whose head is kept)")
+    ft = cfg["student"]["from_teacher"]
+    if ft and ft["source"] == "pretrained" and cfg["teacher"]["hf"] and cfg["teacher"]["finetuned"]:
+        out.append("student.from_teacher.source: pretrained, and teacher.hf is already fine-tuned on this task "
+                   "(teacher.finetuned: true): the student copies its fine-tuned layers and head, not pretrained "
+                   "ones; say source: finetuned if that is meant, or give the pretrained folder as teacher.hf")
     arith = _not_default(data["arith"], schema["arith"])
     if arith and data["dataset"] != "arith":
         out.append(f"data.arith.{arith[0]}: does nothing for data.dataset: {data['dataset']} (it sizes the arith "

@@ -95,7 +95,7 @@ TRAIN = {
     # micro-batches per optimizer step (data.batch_size is the global batch, over processes and micro-batches)
     "accumulate": F((int,), 1, positive),
     # under torchrun: seconds a collective waits for the other processes before this one stops with an error
-    "timeout_s": F(NUM, 120.0, positive),
+    "timeout_s": F(NUM, 120.0, lambda v: None if 0 < v <= 1e9 else "must be > 0 and <= 1e9 seconds"),
     # the validation metric that picks the epoch kept with select: best_val (default: the task's, accuracy)
     # val_exact_match: greedy completions of the validation prompts (evaluate.exact_match.validate: true)
     "select_metric": F((str,), None, choices=("val_accuracy", "val_loss", "val_exact_match")),

@@ -14,6 +14,7 @@ import html
 import json
 import math
 import os
+import shlex
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .errors import UserError
@@ -395,7 +396,8 @@ def compression_section(folder: str) -> str:
         out += (f"<h3>compress ({esc(comp.get('source', 'student'))}: {esc(steps)})</h3>"
                 + table(["step", "params", "file KB", "val accuracy", "details"], rows, numeric_to=4))
         if old_chain:
-            out += note(f"Out of date: these models were {old_chain}; run `distill compress RUN_DIR` again.")
+            out += note(f"Out of date: these models were {old_chain}; run `distill compress {shlex.quote(folder)}` "
+                        f"again.")
     bench = read_run_json(os.path.join(folder, "bench", "bench.json"))
     if isinstance(bench, dict) and isinstance(bench.get("results"), list) and bench["results"]:
         from .compress.bench import is_stale
@@ -426,7 +428,7 @@ def compression_section(folder: str) -> str:
         if any(stale):
             out += note("† measured on an earlier version of the model, which was trained or compressed again "
                         "since (or is gone): these rows, the plot and the recommendation are out of date; run "
-                        "`distill bench RUN_DIR` again.")
+                        f"`distill bench {shlex.quote(folder)}` again.")
         m = bench.get("machine") or {}
         out += note(f"Machine: {m.get('cpu', '?')} ({m.get('cores', '?')} cores), torch {m.get('torch', '?')}, "
                     f"{bench.get('threads', '?')} thread(s); {speed_note(bench)}. Speed-up and Δ acc are against "
@@ -435,7 +437,8 @@ def compression_section(folder: str) -> str:
         if isinstance(rec, dict):
             out += f"<p>Recommended (fastest within the accuracy budget, {esc(recommended_on(bench))}): " \
                    f"<b>{esc(rec.get('model'))} {esc(rec.get('variant'))}</b></p>"
-    return out or note("No compression results: run `distill compress RUN_DIR` and `distill bench RUN_DIR`.")
+    again = shlex.quote(folder)
+    return out or note(f"No compression results: run `distill compress {again}` and `distill bench {again}`.")
 
 
 def chain_section(plt: Any, chain: Dict[str, Any]) -> str:

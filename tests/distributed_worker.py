@@ -50,6 +50,13 @@ def main(out: str) -> None:
         seen["mismatch"] = None
     except UserError as e:
         seen["mismatch"] = str(e)
+    from distill.teachers.cache import same_folder_everywhere  # (a cache folder each machine has its own of)
+    same_folder_everywhere(os.path.join(sys.argv[1], "shared_cache"), rt)  # (one all see: nothing said)
+    try:
+        same_folder_everywhere(os.path.join(sys.argv[1], f"cache_of_rank_{rt.rank}"), rt)
+        seen["unshared"] = None
+    except UserError as e:
+        seen["unshared"] = str(e)
     from distill.teachers.topk import load_or_build  # (the top-k cache checks the same, naming itself)
     try:
         load_or_build(None, torch.zeros(2, 3), torch.zeros(2, 3), os.path.join(sys.argv[1], "topk"),

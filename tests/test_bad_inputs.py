@@ -129,6 +129,9 @@ CASES = {
                                           "data.batch_size: 3 is the global batch, too small for processes x "
                                           "train.accumulate = 2 x 1 micro-batches of two samples or more; give at "
                                           "least 4"),
+    "a collective timeout beyond what torch can wait": (  # (a traceback from every process, under --nproc only)
+        lambda t: [recipe_with(t, GOOD), "--nproc", "2", "--set", "train.timeout_s=1e15"],
+        "train.timeout_s: must be > 0 and <= 1e9 seconds, got 1000000000000000.0"),
     "zero processes": (lambda t: [recipe_with(t, GOOD), "--nproc", "0"],
                        "--nproc: expected a positive number of processes, got 0"),
     "zero accumulation": (lambda t: [recipe_with(t, GOOD), "--set", "train.accumulate=0"],

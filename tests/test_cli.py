@@ -78,6 +78,17 @@ def test_recipes_lists_bundled(capsys):
     assert "digits" in out and "cifar_resnet32x4_resnet8x4" in out
 
 
+def test_a_reader_that_leaves_early_ends_the_command_quietly():
+    """`distill recipes | head -1`: the rest of the output is not wanted; it ended in a BrokenPipeError
+    traceback. 141 is what a shell reports for a command ended by SIGPIPE."""
+    r, w = os.pipe()
+    os.close(r)  # (the reader is gone before the first line)
+    p = subprocess.run([sys.executable, "-m", "distill", "recipes"], stdout=w, stderr=subprocess.PIPE, text=True,
+                       timeout=120)
+    os.close(w)
+    assert p.returncode == 141 and p.stderr == "", p.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["run", "nope.yaml"], "nope.yaml: no such recipe file or bundled recipe"),
     (["run", "--set", "train.epochz=3"], "unknown key 'epochz' (did you mean 'epochs'?)"),

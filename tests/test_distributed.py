@@ -10,7 +10,8 @@
   command; the checkpoint loads, and the resumed run ends bitwise equal to an uninterrupted one;
 - a process that hangs stops the others after `train.timeout_s`, with a line saying how to continue;
 - resuming with another process count is refused in one line;
-- two torchrun "nodes" meeting at a c10d rendezvous on 127.0.0.1 train as `--nproc 2` does.
+- two torchrun "nodes" meeting at a rendezvous on 127.0.0.1 train as `--nproc 2` does;
+- every socket a job listens on is bound to 127.0.0.1 (tests/local_torchrun.py starts the hand-made ones so).
 """
 import json
 import os
@@ -31,6 +32,9 @@ ENV.pop("WORLD_SIZE", None), ENV.pop("RANK", None), ENV.pop("LOCAL_RANK", None)
 TABULAR = ["breast_cancer", "--set", "teacher.args.dropout=0.0", "--set", "teacher.train.epochs=3",
            "--set", "train.epochs=3", "--set", "train.select=last", "--set", "data.eval_batch_size=64"]
 DIGITS = ["digits", "--set", "teacher.train.epochs=12", "--set", "train.epochs=12", "--set", "train.checkpoint_every=5"]
+
+
+TORCHRUN = [sys.executable, os.path.join(ROOT, "tests", "local_torchrun.py"), "0", "0"]  # (one node, on 127.0.0.1)
 
 
 def start(args, env=None):
@@ -151,8 +155,7 @@ def test_compress_under_torchrun_writes_its_models_once(tmp_path):
     shutil.copytree(one, two)
     steps = ["--set", "compress.steps=[layers]", "--set", "compress.layers.to=1", "--set", "compress.layers.epochs=1"]
     ok("compress", one, *steps)
-    code, out, err = finish(start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                                   "2", "-m", "distill", "compress", two, *steps]))
+    code, out, err = finish(start([*TORCHRUN, "--nproc-per-node", "2", "-m", "distill", "compress", two, *steps]))
     assert code == 0, err[-3000:]
     assert out.count("models: ") == 1  # (the table once, from the main process)
     records = [json.load(open(os.path.join(d, "compress", "compress.json")))["models"] for d in (one, two)]
@@ -181,14 +184,16 @@ def test_on_policy_kd_with_a_feature_loss_two_processes_train_as_one_accumulatin
 
 
 def test_worker_checks_evaluation_gather_cache_key_refusal_and_one_sync_per_step(tmp_path):
-    code, out, err = finish(start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                                   "2", os.path.join(ROOT, "tests", "distributed_worker.py"), str(tmp_path)]), 120)
+    code, out, err = finish(start([*TORCHRUN, "--nproc-per-node", "2", os.path.join(ROOT, "tests", "distributed_worker.py"), str(tmp_path)]), 120)
     assert code == 0, err[-3000:]
     for rank in (0, 1):
         seen = json.load(open(tmp_path / f"rank{rank}.json"))
         assert seen["world"] == 2 and seen["rows"] == 7 and seen["same_as_one_process"]
         assert "process 1 needs cache entry key-of-rank-1 and process 0 needs key-of-rank-0" in seen["mismatch"]
         assert seen["topk_mismatch"].startswith("top-k cache: process 1 needs cache entry")
+        assert seen["unshared"].startswith(f"soft labels: process 1 does not see {tmp_path / 'cache_of_rank_'}") \
+            and "output.cache_dir must be a folder they all see" in seen["unshared"]
+        assert not [f for f in os.listdir(tmp_path / "shared_cache") if f.startswith(".distill-shared")]
         # accumulate 2: 12 optimizer steps, 12 all-reduces (one bucket), not 24
         assert seen["steps"] == 12 and seen["allreduces"] == seen["steps"]
 
@@ -197,8 +202,7 @@ def test_processes_wait_for_the_main_one_working_alone_longer_than_the_collectiv
     """train.timeout_s bounds the collectives of training; a run under --nproc failed after training when the
     main process measured latency (or wrote completions, a cache) for longer, with 'lost the other processes',
     and in training when it wrote a checkpoint for longer."""
-    code, out, err = finish(start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                                   "2", os.path.join(ROOT, "tests", "distributed_wait.py"), str(tmp_path)]), 120)
+    code, out, err = finish(start([*TORCHRUN, "--nproc-per-node", "2", os.path.join(ROOT, "tests", "distributed_wait.py"), str(tmp_path)]), 120)
     assert code == 0, err[-3000:]
     seen = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
     assert [r["sum"] for r in seen] == [4.0, 4.0]
@@ -223,6 +227,29 @@ def _rank_of(pid):
     with open(f"/proc/{pid}/environ", "rb") as fh:
         env = dict(kv.split(b"=", 1) for kv in fh.read().split(b"\0") if b"=" in kv)
     return int(env.get(b"RANK", b"-1"))
+
+
+def _listening(pids):
+    """The addresses the sockets of these processes listen on (from /proc/net/tcp and tcp6)."""
+    inodes = set()
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).readlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and f[9] in inodes:  # (0A: LISTEN)
+                host = bytes.fromhex(f[1].split(":")[0])
+                found.add(socket.inet_ntop(socket.AF_INET if len(host) == 4 else socket.AF_INET6,
+                                           host[::-1] if len(host) == 4 else b"".join(
+                                               host[i:i + 4][::-1] for i in range(0, 16, 4))))
+    return found
 
 
 def _gone_within(pid, seconds):
@@ -295,11 +322,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_nodes_meet_at_a_c10d_rendezvous_and_train_as_two_processes(tmp_path):
+def test_two_nodes_meet_at_a_rendezvous_and_train_as_two_processes(tmp_path):
     port, out = _free_port(), str(tmp_path / "nodes")
-    nodes = [start([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(r),
-                    "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-                    "--rdzv-id", "distill-test", "--max-restarts", "0", "-m", "distill", "run", *TABULAR,
+    nodes = [start([sys.executable, os.path.join(ROOT, "tests", "local_torchrun.py"), str(port), str(r), "--nnodes",
+                    "2", "--nproc-per-node", "1", "-m", "distill", "run", *TABULAR,
                     "--out", out, "--set", f"output.cache_dir={tmp_path / 'cache'}"]) for r in (0, 1)]
     try:
         results = [finish(p, 180) for p in nodes]
@@ -321,6 +347,8 @@ def test_a_hung_process_stops_the_other_after_the_collective_timeout(tmp_path):
     while not list((out / "checkpoints").glob("teacher/step-*.pt")) and time.time() < deadline:
         time.sleep(0.2)
     ranks = {_rank_of(p): p for p in _children(launcher.pid)}
+    # (the rendezvous store, in the launcher, and gloo's sockets: none listens beyond this machine)
+    assert _listening([launcher.pid, *ranks.values()]) == {"127.0.0.1"}
     os.kill(ranks[1], signal.SIGSTOP)  # alive, sockets open, but never answers
     stopped_at = time.time()
     try:

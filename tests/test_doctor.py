@@ -157,6 +157,29 @@ def test_unstable_loss(runs, capsys):
     assert "--set teacher.train.optimizer.lr=0.05 (now 0.1)" in found[0]["suggestion"]
 
 
+def test_a_teacher_that_learnt_nothing_is_not_told_to_grow(runs, capsys, tmp_path):
+    """A teacher at chance is a failed training (unstable_loss says to lower its lr); weak_teacher advised a
+    bigger or regularised teacher beside it. (The healthy run's teacher, its log and test accuracy put at chance:
+    this MLP learns digits even at lr 5.)"""
+    folder = str(tmp_path / "failed")
+    shutil.copytree(runs("healthy"), folder)
+    log = os.path.join(folder, "log.jsonl")
+    lines = [json.loads(line) for line in open(log)]
+    for r in lines:
+        if r.get("model") == "teacher" and "val_accuracy" in r:
+            r.update(train_accuracy=0.098, val_accuracy=0.1)
+    with open(log, "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in lines)
+    metrics = json.load(open(os.path.join(folder, "metrics.json")))
+    metrics["teacher"]["accuracy"] = 0.1
+    json.dump(metrics, open(os.path.join(folder, "metrics.json"), "w"))
+    report, _ = diagnose(folder, capsys)
+    [f] = by_rule(report, "unstable_loss")
+    assert f["evidence"]["role"] == "teacher" and f["evidence"]["train_accuracy_at_chance"] == 0.098
+    assert not by_rule(report, "weak_teacher")
+    assert "the teacher learnt nothing" in report["skipped"]["weak_teacher"]
+
+
 def test_unstable_loss_counts_skipped_nan_steps(runs, capsys, tmp_path):
     """Steps skipped for a NaN loss: a real run cannot be made to skip some cheaply (the trainer stops it after
     train.max_bad_steps in a row), so one epoch line of the healthy run's log says 3 were skipped."""

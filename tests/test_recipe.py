@@ -309,6 +309,7 @@ def test_a_recipe_changed_in_python_runs_as_validated(tmp_path):
     (["data.tokenizer=some/folder"], "data.tokenizer: 'some/folder' does nothing for data.dataset: digits (it is read "
                                      "by text, completions, arith)"),
     (["data.max_length=32"], "data.max_length: 32 does nothing for data.dataset: digits"),
+    (["data.label_column=y"], "data.label_column: 'y' does nothing for data.dataset: digits (it is read by text, csv)"),
     (["evaluate.exact_match.rows=8"], "evaluate.exact_match.rows: does nothing for data.dataset: digits"),
     (["distill.vocab_align=truncate"], "distill.vocab_align: does nothing for data.dataset: digits"),
     (["distill.sequence_kd.top_p=0.9"], "distill.sequence_kd.top_p: does nothing while sequence_kd.samples (and "

@@ -155,6 +155,9 @@ def test_different_recipe_in_the_same_folder_is_refused_unless_overwrite(tmp_pat
     assert files(out) == before  # the earlier result is untouched
     assert main(args + ["--set", "distill.alpha=0.5", "--overwrite"]) == 0
     assert "teacher: inputs unchanged" in capsys.readouterr().err
+    # data.workers (processes loading the batches; the draws are the same) is no other recipe: reused as it is
+    assert main(args + ["--set", "distill.alpha=0.5", "--set", "data.workers=1"]) == 0
+    assert capsys.readouterr().err.count("inputs unchanged") >= 3
 
 
 def test_resume_continues_only_checkpoints_of_the_same_inputs(tmp_path, capsys, monkeypatch):
@@ -478,3 +481,25 @@ def test_sigterm_after_training_says_how_to_go_on(tmp_path):
             p.wait()
     assert p.returncode == 143, err
     assert err.strip().splitlines()[-1] == f"interrupted (SIGTERM); continue with: distill run {out} --resume"
+
+
+def test_a_reused_stage_drops_the_checkpoints_its_own_run_left(tmp_path, capsys, monkeypatch):
+    """A run stopped after a stage's record was written, before its checkpoints were removed, left them for good
+    (the next run reused the stage); they go when it is reused. Checkpoints of other inputs (a stopped rerun of
+    a changed recipe, to go on with) are kept."""
+    from distill.cli import main
+    monkeypatch.setenv("DISTILL_QUIET", "1")
+    out = tmp_path / "run"
+    args = ["run", "breast_cancer", "--set", "train.epochs=1", "--set", "teacher.train.epochs=2", "--set",
+            "evaluate.latency_runs=1", "--no-baseline", "--out", str(out)]
+    assert main(args) == 0
+    stages = json.load(open(out / "stages.json"))
+    for stage, fingerprint in (("teacher", stages["teacher"]["fingerprint"]), ("student", "another")):
+        folder = out / "checkpoints" / stage
+        folder.mkdir(parents=True)
+        (folder / "step-00000003.pt").write_bytes(b"x")
+        (folder / "inputs.json").write_text(json.dumps({"fingerprint": fingerprint}))
+    assert main(args) == 0
+    assert "inputs unchanged" in capsys.readouterr().err
+    assert not (out / "checkpoints" / "teacher").exists()
+    assert sorted(os.listdir(out / "checkpoints" / "student")) == ["inputs.json", "step-00000003.pt"]

@@ -522,6 +522,10 @@ def test_finetuned_teacher_is_loaded_not_retrained(tmp_path):
     msgs = []
     run(Recipe.from_dict(again), echo=msgs.append)
     assert any(f"loaded from {saved} (not retrained)" in m for m in msgs)
+    # (its student, cut with from_teacher.source: pretrained, copies the fine-tuned layers: said, once)
+    assert len([m for m in msgs if m.startswith("warning: student.from_teacher.source: pretrained")]) == 1
+    again["student"]["from_teacher"]["source"] = "finetuned"
+    assert not [w for w in Recipe.from_dict(again).warnings if "from_teacher" in w]
 
 
 def test_a_finetuned_teacher_of_another_split_of_the_data_is_refused(tmp_path):
@@ -634,7 +638,8 @@ TEXT_CASES = {
     "teacher package missing": (lambda t, b: {"teacher": {"hf": "package:not-a-package"}},
                                 "package 'not-a-package' is not installed"),
     "finetuned teacher with other labels": (
-        lambda t, b: {"teacher": {"hf": _finetuned_other_labels(b, str(t / "ft")), "finetuned": True}},
+        lambda t, b: {"teacher": {"hf": _finetuned_other_labels(b, str(t / "ft")), "finetuned": True},
+                      "student": {"from_teacher": {"layers": [0, 2], "source": "finetuned"}}},
         "was fine-tuned for classes ['a', 'b', 'c'] but the data has ['negative', 'positive']"),
     "student with another vocabulary": (lambda t, b: {"student": {"hf": _other_vocab_bert(str(t / "ov")),
                                                                   "from_teacher": None}},

@@ -92,7 +92,15 @@ def model_meta(data: DataBundle, name: str, spec: Dict[str, Any], info: Dict[str
     return {"spec": spec, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
             "class_names": data.class_names, "role": name, "preprocessing": preprocessing(data),
             **({"rows": data.rows} if data.rows else {}),
-            **{k: v for k, v in info.items() if k not in (*TIMINGS, "val_history")}}
+            **_untimed(info)}
+
+
+def _untimed(info: Any) -> Any:
+    """`info` less its timings and validation history, at every depth (a compress step's fine-tune holds its
+    own): the same weights make the same file."""
+    if isinstance(info, dict):
+        return {k: _untimed(v) for k, v in info.items() if k not in (*TIMINGS, "val_history")}
+    return [_untimed(v) for v in info] if isinstance(info, list) else info
 
 
 def teacher_layers(from_teacher: Dict[str, Any], n: int) -> List[int]:

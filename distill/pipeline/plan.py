@@ -233,7 +233,6 @@ def preflight(run: RunDir, saved_teacher: bool = False) -> None:
     link of the chain (teacher -> assistants -> student), before anything is written. `saved_teacher`: the
     command builds on the folder's teacher (train-student, generate, soft-labels), which must read this data."""
     _check_augmentation(run)
-    _warn_held_out_prompts(run)
     saved = run.path(artifact(run.cfg, TEACHER, TEACHER))
     if saved_teacher and run.cfg[TEACHER]["model"] == "gpt" and os.path.exists(saved):
         # (the registry GPT's table of learnt positions, shorter than the rows: an IndexError mid-run, after the
@@ -263,6 +262,7 @@ def preflight(run: RunDir, saved_teacher: bool = False) -> None:
         source = None if data is not run.data else teacher_source(run, prev, "online", quiet=True)
         Objective(nxt, run.dcfg, source, t_shapes, s_shapes, task=task, n_train=len(data.y_train))(
             batch.x, batch.y, batch.idx, batch.mask)
+    _warn_held_out_prompts(run)  # (once the run is going ahead: not before a refusal)
 
 
 def _keeps_callers_rng(fn: Callable) -> Callable:

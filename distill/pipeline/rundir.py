@@ -196,8 +196,9 @@ def refuse_other_recipe(out: str, cfg: Dict[str, Any]) -> None:
     except UserError as e:  # (a key it held is refused now, say)
         raise UserError(f"{out}: the folder's recipe.yaml no longer loads ({e}); choose another folder (--out), or "
                         f"give --overwrite to replace it") from None
-    if _comparable(before) != _comparable(cfg):
-        keys = _differing(_comparable(before), _comparable(cfg))
+    # (data.workers, how many processes load the batches, leaves the draws as they are: a resume may change it)
+    keys = [k for k in _differing(_comparable(before), _comparable(cfg)) if k != "data.workers"]
+    if keys:
         raise UserError(f"{out}: the folder holds a run of a different recipe ({_listed(keys)} differ); choose "
                         f"another folder (--out), or give --overwrite to replace it (unchanged stages are still "
                         f"reused); distill compress and bench may change only {_after_training()}")
@@ -584,8 +585,16 @@ class RunDir:
             trials = read_run_json(self.path("trials.json"), {})
             trials.setdefault(name, {})[fingerprint] = stages[name]
             write_json(self.path("trials.json"), trials)
+        self.remove_checkpoints(name)
+
+    def remove_checkpoints(self, name: str, written_by: Optional[str] = None) -> None:
+        """The checkpoints of stage `name`, done; `written_by`: only if that fingerprint wrote them (a stage
+        reused whose run was stopped between its record and this: they would stay for good)."""
         folder = self.path(os.path.join("checkpoints", name))
-        Checkpoints(folder).clear()  # the stage is done (its step files before inputs.json, which names them)
+        ck = Checkpoints(folder)
+        if not self.runtime.is_main or (written_by is not None and ck.written_by() != written_by):
+            return
+        ck.clear()  # the stage is done (its step files before inputs.json, which names them)
         shutil.rmtree(folder, ignore_errors=True)
         while folder != self.out and os.path.isdir(os.path.dirname(folder)):  # and now-empty parents
             folder = os.path.dirname(folder)

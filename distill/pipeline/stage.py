@@ -52,6 +52,8 @@ def run_stage(run: RunDir, stage: Stage) -> Dict[str, Any]:
     if done:
         run.event(f"{stage.name}: inputs unchanged, reusing {stage.outputs[0]}", model=stage.name)
         run.mark_reused(stage.name)
+        if done.get("fingerprint"):
+            run.remove_checkpoints(stage.name, written_by=done["fingerprint"])
         return _recorded(run, stage.name, {**done, "reused": True})
     run.check_checkpoints(stage.name, fingerprint, earlier)  # (before open rewrites recipe.yaml)
     run.fingerprints[stage.name] = fingerprint  # (its checkpoints carry it)

@@ -82,6 +82,7 @@ def load_or_build(teacher: nn.Module, x_train: torch.Tensor, key: str, cache_dir
     processes share the teacher pass out and the main one publishes the entry; every process then checks it
     holds what its own teacher and data call for."""
     same_key_everywhere(key, runtime)
+    same_folder_everywhere(cache_dir, runtime)
     entry = os.path.join(cache_dir, key)
     hit = runtime.from_main(_complete(entry))
     if not hit:
@@ -111,6 +112,30 @@ def same_key_everywhere(key: str, runtime: Runtime, what: str = "soft labels") -
         if other != keys[0]:
             raise UserError(f"{what}: process {rank} needs cache entry {other} and process 0 needs {keys[0]}: "
                             f"the teacher weights or the data differ between processes; refusing to train")
+
+
+def same_folder_everywhere(folder: str, runtime: Runtime, what: str = "soft labels") -> None:
+    """Every process reads the cache entries the main one publishes (and writes parts the main one joins): from
+    a folder they all see. Two machines each with the default cache folder (each its own disk) found nothing
+    there: a traceback on one process, a false 'resume' hint on the other."""
+    if not runtime.distributed:
+        return
+    token = runtime.from_main(f".distill-shared-{os.urandom(8).hex()}")  # (not from the seeded RNGs)
+    marker = os.path.join(folder, token)
+    if runtime.is_main:
+        os.makedirs(folder, exist_ok=True)
+        open(marker, "w").close()
+    runtime.barrier()
+    seen = runtime.gather(os.path.isfile(marker))
+    runtime.barrier()
+    if runtime.is_main:
+        os.remove(marker)
+    blind = [str(rank) for rank, ok in enumerate(seen) if not ok]
+    if blind:
+        who = f"processes {', '.join(blind)} do not" if len(blind) > 1 else f"process {blind[0]} does not"
+        raise UserError(f"{what}: {who} see {folder}, where "
+                        f"process 0 keeps the cache: with several machines, output.cache_dir must be a folder "
+                        f"they all see (the default is each machine's own)")
 
 
 def _complete(entry: str) -> bool:

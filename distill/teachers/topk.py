@@ -40,7 +40,7 @@ from ..engine.runtime import CPU, Runtime
 from ..errors import UserError
 from ..io import atomic_path, locked, read_json, sha256_json, write_json
 from ..progress import bar
-from .cache import same_key_everywhere
+from .cache import same_folder_everywhere, same_key_everywhere
 
 FORMAT = 1
 ROWS_PER_SHARD = 256
@@ -182,6 +182,7 @@ def load_or_build(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, folder: 
     killed build at its first missing shard. Another command building the same entry (a run beside, sharing
     the cache) is waited for, and its entry used."""
     same_key_everywhere(sha256_json(want)[:16], runtime, "top-k cache")
+    same_folder_everywhere(os.path.dirname(os.path.abspath(folder)), runtime, "top-k cache")
     built = os.path.isfile(os.path.join(folder, "manifest.json"))  # (a read-only cache is read without a lock)
     with locked(folder + ".lock", echo) if runtime.is_main and not built else contextlib.nullcontext():
         runtime.barrier()  # (the other processes wait here, however long the main one waits for the lock)
