@@ -21,9 +21,9 @@ import sys
 import time
 
 import torch
-from needs_data import run_main  # benchmarks/needs_data.py
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from needs_data import run_main  # noqa: E402  (benchmarks/needs_data.py; it imports distill, found above)
 
 
 def main() -> None:

@@ -348,7 +348,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                     f"given is empty; give one{'' if folder else ', or none'} (is a shell variable "
                                     f"unset?)")
             code = _dispatch(parser, args)
-            sys.stdout.flush()  # (here, where a reader gone is caught, not at exit)
+            if sys.stdout is not None:  # (None: stdout closed, `>&-`)
+                sys.stdout.flush()  # (here, where a reader gone is caught, not at exit)
             return code
     except UserError as e:
         if args.debug:

@@ -140,8 +140,10 @@ def launch(argv: List[str], nproc: int, resume: str) -> int:
     # the machine's cores shared out (torchrun's own default would be one thread each)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     store, port, added = local_store()  # (kept open while the processes run)
-    args = parse_args(["--rdzv-backend=static", "--master-addr=127.0.0.1", f"--master-port={port}", "--nnodes=1",
-                       "--node-rank=0", f"--nproc-per-node={nproc}", "--max-restarts=0", "--module", "distill", *argv])
+    args = parse_args(["--rdzv-backend=static", f"--rdzv-endpoint=127.0.0.1:{port}", "--master-addr=127.0.0.1",
+                       f"--master-port={port}", "--nnodes=1", "--node-rank=0", f"--nproc-per-node={nproc}",
+                       "--max-restarts=0", "--module", "distill", *argv])
+    args.standalone = False  # (parse_args reads PET_* variables a cluster's launcher may have set: not here)
     errors = os.environ[ERRORS] = tempfile.mkdtemp(prefix="distill-errors-")
     # (torchrun's own log lines of a failed process repeat, less clearly, what is said below)
     # (each of its modules' loggers has a level of its own: every one is set, not the parent alone)

@@ -52,6 +52,12 @@ def main(out: str) -> None:
         seen["mismatch"] = str(e)
     from distill.teachers.cache import same_folder_everywhere  # (a cache folder each machine has its own of)
     same_folder_everywhere(os.path.join(sys.argv[1], "shared_cache"), rt)  # (one all see: nothing said)
+    blocker = os.path.join(sys.argv[1], "a_file")  # a folder the main process cannot write in (a read-only
+    if rt.is_main:  # cache, read as it is): no check, and no process is left waiting for the others
+        open(blocker, "w").close()
+    rt.barrier()
+    same_folder_everywhere(os.path.join(blocker, "cache"), rt)
+    seen["unwritable"] = "passed"
     try:
         same_folder_everywhere(os.path.join(sys.argv[1], f"cache_of_rank_{rt.rank}"), rt)
         seen["unshared"] = None

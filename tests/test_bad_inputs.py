@@ -414,7 +414,7 @@ def test_the_recipes_own_folder_as_output_dir_is_refused(tmp_path, capsys, monke
     assert _load(path, [], None)[0].cfg["output"]["dir"] == str(tmp_path)
 
 
-def test_the_recipes_own_folder_is_refused_from_python_too(tmp_path):
+def test_the_recipes_own_folder_is_refused_from_python_too(tmp_path, capsys):
     """The Python API's run() replaced the user's recipe.yaml too (the guard was the command line's); a run's own
     recipe.yaml, in the resolved form it writes, is still its to rewrite."""
     from distill import Recipe, run
@@ -424,6 +424,12 @@ def test_the_recipes_own_folder_is_refused_from_python_too(tmp_path):
     with pytest.raises(UserError, match="over yours; give another output.dir"):
         run(Recipe.load(path))
     assert open(path).read().startswith("# mine") and sorted(os.listdir(tmp_path)) == ["recipe.yaml"]
+    mine = tmp_path / "mine"  # `distill run FOLDER` of a folder holding the user's recipe.yaml: named as such
+    mine.mkdir()
+    (mine / "recipe.yaml").write_text("# mine\n" + GOOD)
+    assert main(["run", str(mine)]) == 2
+    assert f"{mine}: not a run folder: its recipe.yaml is yours" in capsys.readouterr().err
+    assert (mine / "recipe.yaml").read_text().startswith("# mine") and os.listdir(mine) == ["recipe.yaml"]
     resolved = Recipe.load(path)
     (tmp_path / "recipe.yaml").write_text(resolved.to_yaml())  # (as a run stopped before its first record left it)
     assert RunDir(Recipe.load(path)).out == str(tmp_path)

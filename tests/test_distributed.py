@@ -194,6 +194,7 @@ def test_worker_checks_evaluation_gather_cache_key_refusal_and_one_sync_per_step
         assert seen["unshared"].startswith(f"soft labels: process 1 does not see {tmp_path / 'cache_of_rank_'}") \
             and "output.cache_dir must be a folder they all see" in seen["unshared"]
         assert not [f for f in os.listdir(tmp_path / "shared_cache") if f.startswith(".distill-shared")]
+        assert seen["unwritable"] == "passed"
         # accumulate 2: 12 optimizer steps, 12 all-reduces (one bucket), not 24
         assert seen["steps"] == 12 and seen["allreduces"] == seen["steps"]
 

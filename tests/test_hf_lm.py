@@ -1629,5 +1629,8 @@ def test_a_prompt_split_into_training_and_held_out_rows_is_warned(tmp_path):
     assert said(rows) == []
     twice = said(rows + [{**x, "completion": x["completion"] + "."} for x in rows])  # (12 of 60 rows tested)
     assert [x.split(" rows have")[0].split(": ")[-1] for x in twice] == ["10 of the 12 validation", "8 of the 12 test"]
-    assert all(x.startswith("warning: data.path: ") and x.endswith("give each prompt one row, or a data.test_path")
-               for x in twice)
+    assert all(x.startswith("warning: data.path: ") for x in twice)
+    assert twice[0].endswith("; give each prompt one row") and twice[1].endswith("row, or a data.test_path")
+    r["data"]["test_path"] = write_jsonl(str(tmp_path / "test.jsonl"), rows[:3])  # (a test file of its own)
+    [test] = [x for x in said(rows + [{**x, "completion": x["completion"] + "."} for x in rows]) if " test " in x]
+    assert test.startswith("warning: data.test_path: 3 of the 3 test rows") and test.endswith("of the two files")

@@ -221,11 +221,13 @@ def _warn_held_out_prompts(run: RunDir) -> None:
         prompts = prompts_and_answers(x, y)[0] if len(y) else []
         both = sum(tuple(p) in seen for p in prompts)
         if both:
-            fix = ("remove them from data.test_path or data.path" if split == "test" and run.cfg["data"]["test_path"]
-                   else "give each prompt one row, or a data.test_path")
-            run.echo(f"warning: data.path: {both} of the {len(prompts)} {split} rows have a prompt that training "
-                     f"rows have too (a prompt given twice, split both ways): their {split} scores count "
-                     f"problems the models trained on; {fix}")
+            own_file = split == "test" and run.cfg["data"]["test_path"]
+            fix = "remove them from one of the two files" if own_file else \
+                "give each prompt one row" + (", or a data.test_path" if split == "test" else "")
+            run.echo(f"warning: {'data.test_path' if own_file else 'data.path'}: {both} of the {len(prompts)} "
+                     f"{split} rows have a prompt that training rows have too (a prompt given twice"
+                     f"{'' if own_file else ', split both ways'}): their {split} scores count problems the models "
+                     f"trained on; {fix}")
 
 
 def preflight(run: RunDir, saved_teacher: bool = False) -> None:

@@ -110,11 +110,17 @@ def refuse_recipe_overwrite(recipe: Recipe, folder: str, out_given: bool = False
     if not (os.path.isfile(mine) and os.path.isfile(source) and os.path.samefile(mine, source)):
         return
     ran = any(os.path.isfile(os.path.join(folder, f)) for f in ("stages.json", "log.jsonl")) or _resolved(mine)
-    if out_given or not ran:
-        where, instead = (f"--out {folder}", "--out") if out_given else (f"output.dir: {folder}",
-                                                                          "output.dir (or --out)")
-        raise UserError(f"{where}: the folder of {source} itself, where the run writes its resolved recipe.yaml "
-                        f"over yours; give another {instead}")
+    if not (out_given or not ran):
+        return
+    if out_given:
+        where, instead = f"--out {folder}", "--out"
+    elif recipe.cfg["output"]["dir"]:
+        where, instead = f"output.dir: {folder}", "output.dir (or --out)"
+    else:  # (`distill run FOLDER`, a folder of the user's recipe.yaml, not a run's)
+        raise UserError(f"{folder}: not a run folder: its recipe.yaml is yours, and a run writes its resolved "
+                        f"recipe.yaml over it; run the file into another folder (--out)")
+    raise UserError(f"{where}: the folder of {source} itself, where the run writes its resolved recipe.yaml "
+                    f"over yours; give another {instead}")
 
 
 def _resolved(path: str) -> bool:

@@ -120,12 +120,18 @@ def same_folder_everywhere(folder: str, runtime: Runtime, what: str = "soft labe
     there: a traceback on one process, a false 'resume' hint on the other."""
     if not runtime.distributed:
         return
-    token = runtime.from_main(f".distill-shared-{os.urandom(8).hex()}")  # (not from the seeded RNGs)
-    marker = os.path.join(folder, token)
+    token, written = f".distill-shared-{os.urandom(8).hex()}", False  # (not from the seeded RNGs)
     if runtime.is_main:
-        os.makedirs(folder, exist_ok=True)
-        open(marker, "w").close()
-    runtime.barrier()
+        try:
+            os.makedirs(folder, exist_ok=True)
+            open(os.path.join(folder, token), "w").close()
+            written = True
+        except OSError:  # (a read-only cache, say: read as it is, unchecked; every process hears so)
+            pass
+    token, written = runtime.from_main((token, written))  # (and every process waits for the marker)
+    if not written:
+        return
+    marker = os.path.join(folder, token)
     seen = runtime.gather(os.path.isfile(marker))
     runtime.barrier()
     if runtime.is_main:
