@@ -159,11 +159,12 @@ def idle_settings(cfg: Dict[str, Any]) -> List[str]:
             out.append(f"{role}.train.scheduler.warmup_epochs: {sched['warmup_epochs']} not less than "
                        f"{role}.train.epochs {t['epochs']}: the lr never reaches optimizer.lr")
     data, schema = cfg["data"], SCHEMA["data"]
+    # the column and text keys each dataset reads
     texts = {"text": ("tokenizer", "max_length", "text_column", "label_column"), "text_lm": ("max_length",),
              "completions": ("tokenizer", "max_length", "chat_template", "prompt_column", "completion_column"),
-             "arith": ("tokenizer", "max_length", "chat_template"), "csv": ("label_column",)}  # (the keys of
+             "arith": ("tokenizer", "max_length", "chat_template"), "csv": ("label_column",)}
     for key in ("tokenizer", "max_length", "text_column", "chat_template", "prompt_column", "completion_column",
-                "label_column"):  # columns and text each dataset reads)
+                "label_column"):
         if data[key] != schema[key].default and key not in texts.get(data["dataset"], ()):
             out.append(f"data.{key}: {data[key]!r} does nothing for data.dataset: {data['dataset']} (it is read by "
                        f"{', '.join(k for k, keys in texts.items() if key in keys)})")

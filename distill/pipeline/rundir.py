@@ -110,7 +110,7 @@ def refuse_recipe_overwrite(recipe: Recipe, folder: str, out_given: bool = False
     if not (os.path.isfile(mine) and os.path.isfile(source) and os.path.samefile(mine, source)):
         return
     ran = any(os.path.isfile(os.path.join(folder, f)) for f in ("stages.json", "log.jsonl")) or _resolved(mine)
-    if not (out_given or not ran):
+    if ran and not out_given:  # (a run's own recipe.yaml: its to rewrite)
         return
     if out_given:
         where, instead = f"--out {folder}", "--out"

@@ -132,8 +132,7 @@ def same_folder_everywhere(folder: str, runtime: Runtime, what: str = "soft labe
     if not written:
         return
     marker = os.path.join(folder, token)
-    seen = runtime.gather(os.path.isfile(marker))
-    runtime.barrier()
+    seen = runtime.gather(os.path.isfile(marker))  # (every process has looked once this returns)
     if runtime.is_main:
         os.remove(marker)
     blind = [str(rank) for rank, ok in enumerate(seen) if not ok]
