@@ -24,6 +24,7 @@ import torch
 from .errors import UserError
 from .io import read_run_json, write_json
 from .logbook import read_run_log
+from .recipe import LM_DATASETS
 from .roles import MODELS_OUT, SCRATCH, STUDENT, TEACHER, is_assistant, recipe_section
 
 # Every threshold the rules use, in one place. Accuracies are fractions (0.01 = one point).
@@ -124,6 +125,19 @@ class RunView:
         if m.get("accuracy") is None:
             raise Skip(f"metrics.json has no test accuracy for {role}")
         return float(m["accuracy"])
+
+    @property
+    def measure(self) -> str:
+        """What `accuracy` is, as the findings say it: of a language model, the share of next tokens predicted
+        (the rules' thresholds are in accuracy points; its bits and perplexity are in the report)."""
+        return "test next-token accuracy" if self.cfg["data"]["dataset"] in LM_DATASETS else "test accuracy"
+
+    def bench_setting(self, key: str) -> Any:
+        """A bench setting as `distill bench` ran with it (its --set included), from bench.json; the recipe's
+        for a bench.json written before the settings were recorded."""
+        settings = self.bench.get("settings") if isinstance(self.bench, dict) else None
+        value = settings.get(key) if isinstance(settings, dict) else None
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else self.cfg["bench"][key]
 
     def params(self, role: str) -> int:
         m = self.role_metrics(role)
@@ -230,7 +244,7 @@ def weak_teacher(run: RunView) -> List[Dict[str, Any]]:
                f"teacher.train.optimizer.lr={run.cfg['teacher']['train']['optimizer']['lr']}) or use a bigger "
                f"teacher ({bigger})")
     return [finding("weak_teacher", "high",
-                    f"the teacher's test accuracy {teacher:.4f} is not above the scratch student's {scratch:.4f} "
+                    f"the teacher's {run.measure} {teacher:.4f} is not above the scratch student's {scratch:.4f} "
                     f"by more than teacher_margin={TH['teacher_margin']}: it has little to teach", ev, fix)]
 
 
@@ -360,7 +374,6 @@ def did_not_learn(run: RunView, role: str) -> Optional[float]:
     size or generalisation problem. None when it learnt, when it trained too briefly to say, when the log has
     no training accuracy, and for language models (whose next-token accuracy is far above 1/V by word
     frequencies alone)."""
-    from .recipe import LM_DATASETS
     records = run.epochs.get(role) or []
     if len(records) < TH["min_epochs"] or run.cfg["data"]["dataset"] in LM_DATASETS:
         return None
@@ -545,7 +558,8 @@ def student_too_small(run: RunView) -> List[Dict[str, Any]]:
                if is_text(run.cfg, "student") else "a wider or deeper student (student.model / student.args / "
                                                    "student.arch)")
     return [finding("student_too_small", "medium",
-                    f"both students are far below the teacher (distilled {student:.3f}, scratch {scratch:.3f}, "
+                    f"both students are far below the teacher in {run.measure} (distilled {student:.3f}, scratch "
+                    f"{scratch:.3f}, "
                     f"teacher {teacher:.3f}; > teacher_gap={TH['teacher_gap']}), and " + ", and ".join(why),
                     ev, fix)]
 
@@ -556,7 +570,7 @@ def quantization_loss(run: RunView) -> List[Dict[str, Any]]:
     from .pipeline.rundir import stage_fingerprints
     if not run.bench:
         raise Skip(f"no bench/bench.json; run `distill bench {shlex.quote(run.folder)}` first")
-    max_drop = float(run.cfg["bench"]["max_accuracy_drop"])
+    max_drop = float(run.bench_setting("max_accuracy_drop"))
     results = run.bench.get("results") if isinstance(run.bench, dict) else None
     results = [r for r in (results if isinstance(results, list) else []) if isinstance(r, dict) and "error" not in r
                and {"model", "variant"} <= set(r) and isinstance(r.get("accuracy"), (int, float))]
@@ -594,8 +608,8 @@ def _int8_fix(run: RunView, model: str, variant: str, rows: Dict[Tuple[str, str]
     pair = DYNAMIC_OF.get(variant)
     if pair and drops.get((model, pair), math.inf) <= within:
         return (f"deploy the {pair} int8 variant instead (it loses {drops[(model, pair)]:.4f}), or calibrate on "
-                f"more samples: --set bench.calibration={run.cfg['bench']['calibration'] * 4} "
-                f"(now {run.cfg['bench']['calibration']})")
+                f"more samples: --set bench.calibration={run.bench_setting('calibration') * 4} "
+                f"(now {run.bench_setting('calibration')})")
     # (the chain: the source, then each step's model, layers' named by depth, compress/layers2, each made from
     # the one before; QAT's from the last)
     chain = model == run.cfg["compress"]["source"] or (model.startswith("compress/") and model != "compress/qat")
@@ -612,7 +626,7 @@ def _int8_fix(run: RunView, model: str, variant: str, rows: Dict[Tuple[str, str]
                 f"`distill compress` and `distill bench` again (QAT learns weights that survive int8){instead}")
     also = f"compress/qat's {variant} variant loses too ({qat['accuracy']:.4f}): " if qat else ""
     return (f"{also}deploy in fp32, fp16 or bf16, or calibrate static int8 on more samples (--set "
-            f"bench.calibration={run.cfg['bench']['calibration'] * 4}){instead}")
+            f"bench.calibration={run.bench_setting('calibration') * 4}){instead}")
 
 
 RULES: List[Tuple[str, Callable[[RunView], List[Dict[str, Any]]]]] = [

@@ -158,6 +158,11 @@ def idle_settings(cfg: Dict[str, Any]) -> List[str]:
         if sched["warmup_epochs"] >= t["epochs"]:
             out.append(f"{role}.train.scheduler.warmup_epochs: {sched['warmup_epochs']} not less than "
                        f"{role}.train.epochs {t['epochs']}: the lr never reaches optimizer.lr")
+    epochs, ramp = cfg["student"]["train"]["epochs"], d["dkd"]["warmup_epochs"]
+    if "dkd" in _settings_read(d) and ramp >= epochs:  # (mdistiller ramps 20 of 240 epochs)
+        out.append(f"distill.dkd.warmup_epochs: {ramp:g} not less than student.train.epochs {epochs}: the DKD term "
+                   f"ramps up over the whole run and never reaches its full weight (on average about half of it); "
+                   f"give a smaller warmup_epochs")
     data, schema = cfg["data"], SCHEMA["data"]
     # the column and text keys each dataset reads
     texts = {"text": ("tokenizer", "max_length", "text_column", "label_column"), "text_lm": ("max_length",),

@@ -114,23 +114,39 @@ def summary_section(recipe: Any, metrics: Dict[str, Any]) -> str:
     return body + f"<p>{esc(headline(metrics))}</p>" + settings_list(recipe)
 
 
+# The figure a headline compares, by what the models were measured on: a language model's task metric (exact
+# match) or its loss in bits or perplexity, where next-token accuracy says little; else test accuracy.
+HEADLINE = (("exact_match", "exact match", True), ("bpc", "bits per character", False),
+            ("bits_per_byte", "bits per byte", False), ("perplexity", "perplexity", False),
+            ("accuracy", "accuracy", True))
+
+
 def headline(metrics: Dict[str, Any]) -> str:
-    """Compression ratio and accuracy retained, in one sentence (empty when a model is missing)."""
+    """Compression ratio and what the student kept, in one sentence (empty when a model is missing)."""
     t, s, b = (m if isinstance(m, dict) else {} for m in map(metrics.get, (TEACHER, STUDENT, SCRATCH)))
-    if not (t and s) or not all(isinstance(m.get(k), (int, float)) for m in (t, s) for k in ("params", "accuracy")):
+    number = lambda m, k: isinstance(m.get(k), (int, float)) and math.isfinite(m[k])  # noqa: E731  (no "nan%")
+    if not (t and s) or not all(isinstance(m.get("params"), (int, float)) for m in (t, s)):
         return ""
     text = (f"The distilled student has {t['params'] / s['params']:.1f}× fewer parameters than the teacher "
             f"({s['params']:,} vs {t['params']:,}")
     if isinstance(t.get("size_bytes"), (int, float)) and s.get("size_bytes"):
         text += f"; its file is {t['size_bytes'] / s['size_bytes']:.1f}× smaller"
     text += ")"
-    if t["accuracy"] and math.isfinite(t["accuracy"]) and math.isfinite(s["accuracy"]):  # (no "nan%")
-        text += (f" and keeps {100 * s['accuracy'] / t['accuracy']:.1f}% of the teacher's test accuracy "
-                 f"({s['accuracy']:.4f} vs {t['accuracy']:.4f})")
-        if b and isinstance(b.get("accuracy"), (int, float)) and math.isfinite(b["accuracy"]):
-            text += f"; the same student trained without distillation keeps {100 * b['accuracy'] / t['accuracy']:.1f}%"
-        elif b and b.get("skipped"):
-            text += "; the student trained without distillation was skipped (baseline: false)"
+    found = [(k, n, h) for k, n, h in HEADLINE if number(t, k) and number(s, k) and (t[k] or not h)]
+    if not found:
+        return text + "."
+    key, name, higher = found[0]
+    if higher:
+        text += (f" and keeps {100 * s[key] / t[key]:.1f}% of the teacher's test {name} "
+                 f"({s[key]:.4f} vs {t[key]:.4f})")
+        scratch = f"keeps {100 * b[key] / t[key]:.1f}%" if number(b, key) else None
+    else:
+        text += f" and its test {name} is {s[key]:.4f} against the teacher's {t[key]:.4f}"
+        scratch = f"has {b[key]:.4f}" if number(b, key) else None
+    if scratch:
+        text += f"; the same student trained without distillation {scratch}"
+    elif b.get("skipped"):
+        text += "; the student trained without distillation was skipped (baseline: false)"
     return text + "."
 
 
@@ -381,7 +397,7 @@ def confusion_section(plt: Any, recipe: Any, folder: str) -> str:
 
 
 def compression_section(folder: str) -> str:
-    from .compress.bench import bench_columns, compressed_out_of_date, recommended_on, speed_note
+    from .compress.bench import bench_columns, budget_of, compressed_out_of_date, recommended_on, speed_note
     out, old_chain = "", compressed_out_of_date(folder)  # (its models' bench rows are out of date too)
     comp = read_run_json(os.path.join(folder, "compress", "compress.json"))
     if isinstance(comp, dict) and isinstance(comp.get("models"), list) and comp["models"]:
@@ -395,6 +411,9 @@ def compression_section(folder: str) -> str:
         steps = " → ".join(map(str, comp.get("steps", [])))
         out += (f"<h3>compress ({esc(comp.get('source', 'student'))}: {esc(steps)})</h3>"
                 + table(["step", "params", "file KB", "val accuracy", "details"], rows, numeric_to=4))
+        if comp.get("finished") is False:  # (a record written before the flag was: not said)
+            out += note(f"This compress stopped before its last step; continue with "
+                        f"`distill compress {shlex.quote(folder)} --resume`.")
         if old_chain:
             out += note(f"Out of date: these models were {old_chain}; run `distill compress {shlex.quote(folder)}` "
                         f"again.")
@@ -435,7 +454,7 @@ def compression_section(folder: str) -> str:
                     f"the distilled student (fp32).")
         rec = bench.get("recommended")
         if isinstance(rec, dict):
-            out += f"<p>Recommended (fastest within the accuracy budget, {esc(recommended_on(bench))}): " \
+            out += f"<p>Recommended (fastest within {esc(budget_of(bench))}, {esc(recommended_on(bench))}): " \
                    f"<b>{esc(rec.get('model'))} {esc(rec.get('variant'))}</b></p>"
     again = shlex.quote(folder)
     return out or note(f"No compression results: run `distill compress {again}` and `distill bench {again}`.")

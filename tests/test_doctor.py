@@ -249,7 +249,7 @@ def test_student_too_small(runs, capsys):
     assert "--set student.args.hidden=[4] (now [2])" in f["suggestion"]
 
 
-def bench_in_process(folder, variants, monkeypatch):
+def bench_in_process(folder, variants, monkeypatch, *sets):
     """A real `distill bench`, each variant measured in this process (by the bench's own measure()) rather
     than in a process of the measuring server, which would cost seconds of start-up."""
     from distill.compress import bench, measure
@@ -262,7 +262,7 @@ def bench_in_process(folder, variants, monkeypatch):
         finally:
             torch.set_num_threads(threads)
     monkeypatch.setattr(bench, "_measure_in_child", in_process)
-    assert main(["bench", folder, "--set", f"bench.variants={variants}"]) == 0
+    assert main(["bench", folder, "--set", f"bench.variants={variants}", *sets]) == 0
     result = json.load(open(os.path.join(folder, "bench", "bench.json")))
     return {(r["model"], r["variant"]): r for r in result["results"]}
 
@@ -285,6 +285,25 @@ def test_quantization_loss_names_the_int8_variant_that_loses(runs, capsys, monke
     assert ev["drop"] > ev["max_accuracy_drop"] == 0.01
     assert "compress.steps=[qat]" in f["suggestion"]  # dynamic int8 loses: quantization-aware training
     assert ("student", "static") not in found
+
+
+def test_quantization_loss_judges_by_the_budget_bench_ran_with(runs, capsys, monkeypatch, tmp_path):
+    """`distill bench --set bench.max_accuracy_drop=...` records its settings in bench.json; the doctor judges
+    by them, not by the recipe's default, and bench.md says the budget its recommendation kept to."""
+    folder = shutil.copytree(runs("quantization_loss"), str(tmp_path / "r"))
+    rows = bench_in_process(folder, "[fp32, dynamic]", monkeypatch, "--set", "bench.models=[student]",
+                            "--set", "bench.max_accuracy_drop=0.9")
+    drop = rows[("student", "fp32")]["accuracy"] - rows[("student", "dynamic")]["accuracy"]
+    assert 0.01 < drop < 0.9  # (over the recipe's budget, within the one given)
+    assert "bench.max_accuracy_drop=0.9)" in open(os.path.join(folder, "bench", "bench.md")).read()
+    capsys.readouterr()
+    report, _ = diagnose(folder, capsys)
+    assert not by_rule(report, "quantization_loss")
+    bench_in_process(folder, "[fp32, dynamic]", monkeypatch, "--set", "bench.models=[student]")
+    capsys.readouterr()
+    report, _ = diagnose(folder, capsys)
+    [f] = by_rule(report, "quantization_loss")
+    assert f["evidence"]["max_accuracy_drop"] == 0.01 and f["evidence"]["drop"] == pytest.approx(drop, abs=1e-4)
 
 
 def _healthy_with(runs, tmp, name, text):

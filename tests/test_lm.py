@@ -91,6 +91,13 @@ def test_selected_by_validation_loss_and_the_student_learns_from_the_teacher(tmp
     assert main(["doctor", str(other / "run")]) == 0
     doctor = json.load(open(other / "run" / "doctor.json"))
     assert {"overconfident_soft_labels", "student_too_small", "overfitting"} <= set(doctor["ran"])
+    metrics_file = other / "run" / "metrics.json"  # a teacher no better than scratch, said in what it measures
+    m = json.load(open(metrics_file))
+    m["teacher"]["accuracy"] = m["student_scratch"]["accuracy"]
+    metrics_file.write_text(json.dumps(m))
+    assert main(["doctor", str(other / "run")]) == 0
+    [weak] = [f for f in json.load(open(other / "run" / "doctor.json"))["findings"] if f["rule"] == "weak_teacher"]
+    assert weak["message"].startswith("the teacher's test next-token accuracy ")
 
 
 def test_the_soft_label_entropy_is_over_the_vocabulary_at_the_positions_with_a_target():

@@ -323,6 +323,8 @@ def test_a_recipe_changed_in_python_runs_as_validated(tmp_path):
     (["monitor.action=raise_alpha"], "monitor.action: does nothing without monitor.retention_min"),
     (["monitor.factor=3"], "monitor.factor: does nothing without monitor.retention_min"),
     (["data.sampling=balanced"], "data.sampling: balanced draws the rows only the teacher labels"),  # (digits: 0.2)
+    (["distill.method=dkd", "train.epochs=20"], "distill.dkd.warmup_epochs: 20 not less than student.train.epochs "
+                                                "20: the DKD term ramps up over the whole run"),
 ])
 def test_settings_that_would_do_nothing_are_said(sets, warning):
     """Each was accepted and silently ignored (a DKD setting with method kd is not DKD; a grid over a cosine

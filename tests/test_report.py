@@ -333,3 +333,31 @@ def test_metrics_under_another_recipe_than_the_folder_s_are_out_of_date(tmp_path
     assert metrics_out_of_date(str(tmp_path), same) is None
     other = {"student": {"fingerprint": "a", "recipe": "0" * 16}}
     assert "measured under another recipe than its recipe.yaml" in metrics_out_of_date(str(tmp_path), other)
+
+
+def test_a_language_models_headline_compares_its_task_metric_or_loss_not_next_token_accuracy():
+    from distill.report import headline
+    lm = {"teacher": {"params": 800, "accuracy": 0.6, "bpc": 1.5, "perplexity": 2.8},
+          "student": {"params": 100, "accuracy": 0.55, "bpc": 1.8, "perplexity": 3.5},
+          "student_scratch": {"params": 100, "accuracy": 0.5, "bpc": 1.9, "perplexity": 3.7}}
+    assert headline(lm).endswith("its test bits per character is 1.8000 against the teacher's 1.5000; the same "
+                                 "student trained without distillation has 1.9000.")
+    for m, em in zip(lm.values(), (0.9, 0.6, 0.3)):  # exact match, the task's own measure, comes first
+        m["exact_match"] = em
+    assert "keeps 66.7% of the teacher's test exact match (0.6000 vs 0.9000); the same student trained " \
+           "without distillation keeps 33.3%." in headline(lm)
+    lm["teacher"]["exact_match"] = 0.0  # (no share of nothing: the next measure)
+    assert "bits per character is 1.8000" in headline(lm)
+
+
+def test_a_compress_that_stopped_midway_is_said_with_the_command_that_continues(run_dir, tmp_path):
+    import shutil
+    from distill.report import compression_section
+    folder = shutil.copytree(run_dir, str(tmp_path / "r"))
+    path = os.path.join(folder, "compress", "compress.json")
+    record = json.load(open(path))
+    for finished, said in ((False, True), (True, False), (None, False)):  # (None: a record from before the flag)
+        json.dump({**record, **({} if finished is None else {"finished": finished})}, open(path, "w"))
+        page = compression_section(folder)
+        assert ("This compress stopped before its last step; continue with `distill compress " in page) == said
+        assert f"{folder} --resume`" in page or not said

@@ -169,6 +169,7 @@ def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
     summary = summarise(results, cfg["bench"]["max_accuracy_drop"])
     out = {"machine": machine(), "threads": cfg["evaluate"]["threads"], "batch": cfg["evaluate"]["throughput_batch"],
            "latency_runs": lm_runs(cfg) if lm else cfg["bench"]["latency_runs"],
+           "settings": dict(cfg["bench"]),  # (as given to this bench, --set included: the doctor judges by them)
            "results": results, **summary, **({"language_model": True, "decode_tokens": DECODE} if lm else {})}
     table = format_bench(out)
     out["table"] = table
@@ -361,6 +362,15 @@ def recommended_on(out: Dict[str, Any]) -> str:
             "test": "chosen on test accuracy: the data has no validation split"}.get(chosen, "chosen on test accuracy")
 
 
+def budget_of(out: Dict[str, Any]) -> str:
+    """The accuracy budget a bench chose within, as bench.md and the report say it (a bench.json written before
+    the settings were recorded does not say it)."""
+    settings = out.get("settings")
+    drop = settings.get("max_accuracy_drop") if isinstance(settings, dict) else None
+    return f"the accuracy budget (bench.max_accuracy_drop={drop:g})" if isinstance(drop, (int, float)) \
+        else "the accuracy budget"
+
+
 def format_bench(out: Dict[str, Any]) -> str:
     """A Markdown table (readable as plain text too) with the machine and the recommendations under it."""
     columns = bench_columns(out)
@@ -379,7 +389,7 @@ def format_bench(out: Dict[str, Any]) -> str:
     lines += ["", f"Machine: {m['cpu']} ({m['cores']} cores), torch {m['torch']}, onnxruntime {m['onnxruntime']}, "
                   f"{out['threads']} thread(s); {speed_note(out)}. Speed-up and Δ acc are against the distilled "
                   f"student (fp32)."]
-    budget = f"the accuracy budget, {recommended_on(out)}"
+    budget = f"{budget_of(out)}, {recommended_on(out)}"
     for key, what in (("recommended", f"Recommended (fastest within {budget})"),
                       ("int8_backend", "Fastest int8 variant within the budget"),
                       ("smallest", "Smallest deployable file")):

@@ -130,16 +130,17 @@ class Compressor:
                   + (f", loss {scores['val_loss']:.4f}" if "val_loss" in scores else ""),
                   **{k: v for k, v in record.items() if k in ("name", "params", "val_accuracy", "val_loss")})
 
-    def write_record(self) -> None:
+    def write_record(self, finished: bool = False) -> None:
         """compress.json, the chain so far: written after each step, so that a stopped compress leaves the
-        steps it made since, not an earlier chain's later steps (made from other models) beside them."""
+        steps it made since, not an earlier chain's later steps (made from other models) beside them; `finished`
+        once every step has run (the report says of a chain without it that it stopped midway)."""
         if not self.run.runtime.is_main:  # (under torchrun every process runs the chain; one writes it)
             return
         versions = stage_fingerprints(self.run.out)  # (which versions the chain was made from: report, bench)
         made_from = {k: versions.get(k) for k in dict.fromkeys((TEACHER, self.c["source"]))}
         write_json(self.run.path(os.path.join("compress", "compress.json")),
                    {"source": self.c["source"], "steps": self.c["steps"], "made_from": made_from,
-                    "models": self.records})
+                    "models": self.records, "finished": finished})
 
     def save(self, name: str, info: Dict[str, Any]) -> None:
         save_role(self.run, self.model, self.role, compressed(name), model_spec(self.run, self.role),
@@ -278,5 +279,5 @@ def compress(run: RunDir, teacher: Optional[nn.Module] = None, model: Optional[n
     c.check(steps)
     for name in steps:
         getattr(c, name)()
-    c.write_record()  # (also when no step made a model: the earlier chain's records would stay, and bench them)
+    c.write_record(finished=True)  # (also when no step made a model: an earlier chain's records would stay)
     return c.records
