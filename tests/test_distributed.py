@@ -31,7 +31,8 @@ ENV = {**os.environ, "DISTILL_QUIET": "1", "OMP_NUM_THREADS": "1", "MASTER_ADDR"
 ENV.pop("WORLD_SIZE", None), ENV.pop("RANK", None), ENV.pop("LOCAL_RANK", None)
 TABULAR = ["breast_cancer", "--set", "teacher.args.dropout=0.0", "--set", "teacher.train.epochs=3",
            "--set", "train.epochs=3", "--set", "train.select=last", "--set", "data.eval_batch_size=64"]
-DIGITS = ["digits", "--set", "teacher.train.epochs=12", "--set", "train.epochs=12", "--set", "train.checkpoint_every=5"]
+# (the students' 6 epochs of 20 steps: a kill after the student's first checkpoint lands seconds before its end)
+DIGITS = ["digits", "--set", "teacher.train.epochs=4", "--set", "train.epochs=6", "--set", "train.checkpoint_every=5"]
 
 
 TORCHRUN = [sys.executable, os.path.join(ROOT, "tests", "local_torchrun.py"), "0", "0"]  # (one node, on 127.0.0.1)
@@ -80,9 +81,10 @@ def compare(a, b, exact):
                 torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=f"{name}.{k}")
 
 
-def three_layouts(tmp, recipe):
+def three_layouts(tmp, recipe, two=None):
     """The same recipe as 1 process x accumulate 2, 2 processes, and 1 process with the whole batch at once,
-    each with its own soft-label cache."""
+    each with its own soft-label cache (in tmp/cache_NAME). `two`: a folder holding the 2 processes' run already
+    made (`tabular_two`), as two/two with two/cache_two."""
     layouts = {"accumulate": ["--set", "train.accumulate=2"], "one": [], "two": ["--nproc", "2"]}
     runs = {name: str(tmp / name) for name in layouts}
     started = {name: start([sys.executable, "-m", "distill", "run", *recipe, "--out", runs[name], "--set",
@@ -91,17 +93,29 @@ def three_layouts(tmp, recipe):
     for name, p in started.items():
         code, _, err = finish(p)
         assert code == 0, (name, err[-3000:])
-    ok("run", *recipe, "--out", runs["two"], "--set", f"output.cache_dir={tmp / 'cache_two'}", *layouts["two"])
+    if two is None:
+        ok("run", *recipe, "--out", runs["two"], "--set", f"output.cache_dir={tmp / 'cache_two'}", *layouts["two"])
+    else:
+        runs["two"] = str(two / "two")
     return runs
 
 
-def test_two_processes_train_as_one_with_accumulation_and_build_the_same_cache(tmp_path):
-    runs = three_layouts(tmp_path, TABULAR)
+@pytest.fixture(scope="module")
+def tabular_two(tmp_path_factory):
+    """TABULAR under --nproc 2 (with a soft-label cache of its own), made once: the tests that compare with it
+    only read it."""
+    tmp = tmp_path_factory.mktemp("tabular_two")
+    ok("run", *TABULAR, "--out", str(tmp / "two"), "--set", f"output.cache_dir={tmp / 'cache_two'}", "--nproc", "2")
+    return tmp
+
+
+def test_two_processes_train_as_one_with_accumulation_and_build_the_same_cache(tmp_path, tabular_two):
+    runs = three_layouts(tmp_path, TABULAR, tabular_two)
     compare(runs["accumulate"], runs["two"], exact=True)
     compare(runs["accumulate"], runs["one"], exact=False)
     # the teacher pass shared between two processes (3 batches of 64: 2 and 1) gives the same bytes
     key = json.load(open(os.path.join(runs["two"], "soft_labels.json")))["cache_key"]
-    one, two = (tmp_path / f"cache_{n}" / key for n in ("accumulate", "two"))
+    one, two = tmp_path / "cache_accumulate" / key, tabular_two / "cache_two" / key
     assert sorted(os.listdir(one)) == sorted(os.listdir(two)) and "logits.npy" in os.listdir(two)
     for f in os.listdir(one):
         assert (one / f).read_bytes() == (two / f).read_bytes(), f
@@ -323,7 +337,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_nodes_meet_at_a_rendezvous_and_train_as_two_processes(tmp_path):
+def test_two_nodes_meet_at_a_rendezvous_and_train_as_two_processes(tmp_path, tabular_two):
     port, out = _free_port(), str(tmp_path / "nodes")
     nodes = [start([sys.executable, os.path.join(ROOT, "tests", "local_torchrun.py"), str(port), str(r), "--nnodes",
                     "2", "--nproc-per-node", "1", "-m", "distill", "run", *TABULAR,
@@ -335,18 +349,22 @@ def test_two_nodes_meet_at_a_rendezvous_and_train_as_two_processes(tmp_path):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
     assert all(code == 0 for code, _, _ in results), [err[-2000:] for _, _, err in results]
-    ok("run", *TABULAR, "--out", str(tmp_path / "two"), "--nproc", "2",
-       "--set", f"output.cache_dir={tmp_path / 'cache2'}")
-    compare(out, str(tmp_path / "two"), exact=True)
+    compare(out, str(tabular_two / "two"), exact=True)  # (as `--nproc 2` trains)
 
 
 def test_a_hung_process_stops_the_other_after_the_collective_timeout(tmp_path):
+    """Process 1 is stopped in a training step, where process 0 waits train.timeout_s for it: not after the
+    teacher's training (the epochs do not run out before the test ends the run), nor inside a checkpoint's save
+    (the teacher's checkpoints, at epoch ends 2 s apart, are not near the stop), where process 0 would wait, by
+    design, at a barrier of the main process working alone (runtime.WAIT_S: hours)."""
     out = tmp_path / "run"
     launcher = start([sys.executable, "-m", "distill", "run", *DIGITS, "--out", str(out), "--nproc", "2",
-                      "--set", "train.timeout_s=5"])
+                      "--set", "train.timeout_s=5", "--set", "teacher.train.epochs=100000",
+                      "--set", "teacher.train.checkpoint_every=0", "--set", "teacher.train.checkpoint_seconds=2"])
     deadline = time.time() + 120
     while not list((out / "checkpoints").glob("teacher/step-*.pt")) and time.time() < deadline:
         time.sleep(0.2)
+    time.sleep(0.5)  # (the first checkpoint's save over in both processes; the next one 1.5 s away at least)
     ranks = {_rank_of(p): p for p in _children(launcher.pid)}
     # (the rendezvous store, in the launcher, and gloo's sockets: none listens beyond this machine)
     assert _listening([launcher.pid, *ranks.values()]) == {"127.0.0.1"}

@@ -19,9 +19,11 @@ from distill.checkpoint import Checkpoints
 from distill.engine.objective import Objective
 from distill.engine.trainer import TrainingDiverged, fit
 
-EPOCHS = 10
-RECIPE = ["digits", "--set", f"teacher.train.epochs={EPOCHS}", "--set", f"train.epochs={EPOCHS}",
-          "--set", "train.checkpoint_every=7"]
+# (the teacher's 40 steps: a signal sent after its first checkpoint lands in its stage; the students' 24 and 120:
+# each stage outlasts the 0.6 s an attempt runs on after its first progress, so 3 kills or more land every time)
+EPOCHS = {"teacher": 10, "student_scratch": 6, "student": 6}
+RECIPE = ["digits", "--set", f"teacher.train.epochs={EPOCHS['teacher']}",
+          "--set", f"train.epochs={EPOCHS['student']}", "--set", "train.checkpoint_every=7"]
 ENV = {**os.environ, "DISTILL_QUIET": "1", "OMP_NUM_THREADS": "1"}  # bitwise equality is per thread count
 
 
@@ -85,7 +87,7 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_identical(reference, tm
     lines = [json.loads(line) for line in open(out / "log.jsonl")]
     for model in ("teacher", "student_scratch", "student"):  # no duplicated or missing epoch lines
         epochs = [r["epoch"] for r in lines if r.get("model") == model and "val_accuracy" in r]
-        assert epochs == list(range(1, EPOCHS + 1)), model
+        assert epochs == list(range(1, EPOCHS[model] + 1)), model
     ref = [json.loads(line) for line in open(os.path.join(reference(), "log.jsonl"))]
     steps = lambda log: [r for r in log if "step" in r and "val_accuracy" not in r]  # noqa: E731
     assert steps(lines) == steps(ref) and steps(ref)  # step lines: none lost or repeated, the same values
@@ -171,7 +173,7 @@ def test_resume_continues_only_checkpoints_of_the_same_inputs(tmp_path, capsys, 
     write = lambda n: data.write_text("\n".join([",".join([*d.feature_names, "label"]), *rows[:n]]) + "\n")  # noqa: E731
     write(len(rows))
     recipe = ["breast_cancer", "--set", "data.dataset=csv", "--set", f"data.path={data}", "--set",
-              "teacher.train.epochs=30", "--set", "train.epochs=1", "--set", "train.checkpoint_every=5",
+              "teacher.train.epochs=10", "--set", "train.epochs=1", "--set", "train.checkpoint_every=5",
               "--set", "evaluate.latency_runs=1", "--no-baseline"]
     monkeypatch.setenv("DISTILL_QUIET", "1")
 
