@@ -295,6 +295,7 @@ def test_compress_cnn_every_step_saves_a_smaller_loadable_model(cnn_run, capsys)
     assert "inputs unchanged" not in capsys.readouterr().err
     stopped = json.load(open(os.path.join(cnn_run, "compress", "compress.json")))
     assert [m["name"] for m in stopped["models"]] == ["layers2", "layers1", "channels"]
+    assert stopped["finished"] is False and record["finished"] is True  # (the report says it stopped midway)
     assert stopped["models"][2]["val_accuracy"] != record["models"][2]["val_accuracy"]
     # stopped as a step's file is replaced: compress.json names no later step of the older chain, made from
     # other models
@@ -520,8 +521,9 @@ def test_compress_text_heads_vocab_layers(tmp_path, capsys):
     from distill.models.hf import load_folder
     from distill.models.hf import load_tokenizer
     (tmp_path / "u.txt").write_text("the zebra was quantum\nan orchestra film\n")
-    recipe = Recipe.from_dict(text_recipe(str(tmp_path), student={"from_teacher": {"layers": [0, 1, 2]}},
-                                          distill={"data": {"unlabeled": str(tmp_path / "u.txt")}}))
+    recipe = Recipe.from_dict(text_recipe(str(tmp_path), teacher={"train": {"epochs": 1}},
+                                          student={"from_teacher": {"layers": [0, 1, 2]}, "train": {"epochs": 1}},
+                                          distill={"data": {"unlabeled": str(tmp_path / "u.txt")}}, baseline=False))
     out = str(tmp_path / "run")
     run(recipe, out, **QUIET)
     assert main(["compress", out, "--set", "compress.steps=[vocab, heads, channels, layers, qat]",
@@ -541,7 +543,7 @@ def test_compress_text_heads_vocab_layers(tmp_path, capsys):
         assert count_params(model) == m["params"]
     assert load_folder(os.path.join(out, record["models"][3]["path"]), "l").num_layers == 2
     assert main(["bench", out, "--set", "bench.variants=[fp32, fp16, onnx_dynamic]",
-                 "--set", "bench.models=[compress/qat]"]) == 0
+                 "--set", "bench.models=[compress/qat]", "--set", "bench.latency_runs=5"]) == 0
     result = json.load(open(os.path.join(out, "bench", "bench.json")))
     rows = {(r["model"], r["variant"]): r for r in result["results"]}
     assert {m for m, _ in rows} == {"student", "compress/qat"}  # the models named, and the reference
@@ -646,7 +648,7 @@ def test_compress_sigterm_then_resume_is_bitwise_identical(cnn_run, tmp_path, ca
 
     from distill.roles import compressed, log_name
     env = {**os.environ, "DISTILL_QUIET": "1", "OMP_NUM_THREADS": "1"}
-    sets = ["--set", "compress.steps=[channels]", "--set", "compress.channels.epochs=8"]  # (4 steps each)
+    sets = ["--set", "compress.steps=[channels]", "--set", "compress.channels.epochs=4"]  # (4 steps each)
     folders = []
     for name in ("ref", "stopped"):
         folders.append(str(tmp_path / name))

@@ -388,7 +388,8 @@ def test_topk_kd_run_end_to_end_and_the_student_folder_generates_in_plain_transf
     assert [m["name"] for m in models] == ["layers1", "channels"] and models[1]["params"] < models[0]["params"]
     assert all("val_loss" in m for m in models)
     code, said, err = _main(capsys, "bench", out, "--set", "bench.variants=[fp32, dynamic, bf16, onnx]",
-                            "--set", "bench.models=[teacher, compress/channels]")
+                            "--set", "bench.models=[teacher, compress/channels]",
+                            "--set", "bench.latency_runs=3")  # (3 decodes of 64 tokens per speed, not 5)
     assert code == 0, err[-2000:]
     assert "onnx: not for language models" in said + err
     table = json.load(open(os.path.join(out, "bench", "bench.json")))
@@ -1110,7 +1111,7 @@ def test_compress_trims_a_causal_lms_vocabulary_and_bench_measures_it(tmp_path, 
     student = json.load(open(os.path.join(out, "metrics.json")))["student"]
     assert step["vocab_before"] == 420 and 256 < step["vocab_after"] < 420 and step["params"] < student["params"]
     code, _, err = _main(capsys, "bench", out, "--set", "bench.variants=[fp32, bf16]", "--set",
-                         "bench.models=[compress/vocab]")
+                         "bench.models=[compress/vocab]", "--set", "bench.latency_runs=3")
     assert code == 0, err[-2000:]
     rows = {(x["model"], x["variant"]): x for x in json.load(open(os.path.join(out, "bench", "bench.json")))["results"]}
     assert not [x for x in rows.values() if "error" in x], rows

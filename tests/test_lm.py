@@ -340,9 +340,10 @@ def test_bench_measures_a_gpt_student_by_decoding(tmp_path):
     """`distill bench` on a character GPT: perplexity and bits per character as the run measured them, and
     decode speed per token at batch 1 and batched, for the fp32 and dynamic int8 students."""
     from distill.compress.bench import bench
-    path = recipe(tmp_path, teacher={"train": {"epochs": 1}}, student={"train": {"epochs": 1}})
+    path = recipe(tmp_path, teacher={"train": {"epochs": 1}}, student={"train": {"epochs": 1}}, baseline=False)
     metrics = run(Recipe.load(path))
-    out = bench(Recipe.load(path, ["bench.variants=[fp32, dynamic, onnx]", "bench.models=[teacher]"]),
+    out = bench(Recipe.load(path, ["bench.variants=[fp32, dynamic, onnx]", "bench.models=[teacher]",
+                                   "bench.latency_runs=3"]),  # (3 decodes per speed, not 5)
                 str(tmp_path / "run"), echo=lambda m: None)
     rows = {(r["model"], r["variant"]): r for r in out["results"]}
     assert set(rows) == {("teacher", "fp32"), ("student", "fp32"), ("student", "dynamic")}, rows
