@@ -135,9 +135,9 @@ class RunView:
     def bench_setting(self, key: str) -> Any:
         """A bench setting as `distill bench` ran with it (its --set included), from bench.json; the recipe's
         for a bench.json written before the settings were recorded."""
-        settings = self.bench.get("settings") if isinstance(self.bench, dict) else None
-        value = settings.get(key) if isinstance(settings, dict) else None
-        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else self.cfg["bench"][key]
+        from .compress.bench import recorded_setting
+        value = recorded_setting(self.bench, key)
+        return self.cfg["bench"][key] if value is None else value
 
     def params(self, role: str) -> int:
         m = self.role_metrics(role)

@@ -23,6 +23,7 @@ from .io import read_run_json, write_text
 from .logbook import read_run_log
 from .plots import epoch_axis, figure_png, heatmap, log_scale, logged, marker, pyplot, series_panel, short
 from .roles import SCRATCH, STUDENT, TEACHER, is_assistant
+from .tasks.causal_lm import LOWER_IS_BETTER
 
 MAIN_ROLES = (TEACHER, SCRATCH, STUDENT)
 NUMBERS_UP_TO = 15  # classes up to which a confusion matrix shows its counts
@@ -116,9 +117,8 @@ def summary_section(recipe: Any, metrics: Dict[str, Any]) -> str:
 
 # The figure a headline compares, by what the models were measured on: a language model's task metric (exact
 # match) or its loss in bits or perplexity, where next-token accuracy says little; else test accuracy.
-HEADLINE = (("exact_match", "exact match", True), ("bpc", "bits per character", False),
-            ("bits_per_byte", "bits per byte", False), ("perplexity", "perplexity", False),
-            ("accuracy", "accuracy", True))
+HEADLINE = (("exact_match", "exact match"), ("bpc", "bits per character"), ("bits_per_byte", "bits per byte"),
+            ("perplexity", "perplexity"), ("accuracy", "accuracy"))
 
 
 def headline(metrics: Dict[str, Any]) -> str:
@@ -132,11 +132,11 @@ def headline(metrics: Dict[str, Any]) -> str:
     if isinstance(t.get("size_bytes"), (int, float)) and s.get("size_bytes"):
         text += f"; its file is {t['size_bytes'] / s['size_bytes']:.1f}× smaller"
     text += ")"
-    found = [(k, n, h) for k, n, h in HEADLINE if number(t, k) and number(s, k) and (t[k] or not h)]
+    found = [(k, n) for k, n in HEADLINE if number(t, k) and number(s, k) and (t[k] or k.endswith(LOWER_IS_BETTER))]
     if not found:
         return text + "."
-    key, name, higher = found[0]
-    if higher:
+    key, name = found[0]
+    if not key.endswith(LOWER_IS_BETTER):
         text += (f" and keeps {100 * s[key] / t[key]:.1f}% of the teacher's test {name} "
                  f"({s[key]:.4f} vs {t[key]:.4f})")
         scratch = f"keeps {100 * b[key] / t[key]:.1f}%" if number(b, key) else None

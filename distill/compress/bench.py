@@ -362,13 +362,18 @@ def recommended_on(out: Dict[str, Any]) -> str:
             "test": "chosen on test accuracy: the data has no validation split"}.get(chosen, "chosen on test accuracy")
 
 
+def recorded_setting(out: Any, key: str) -> Optional[float]:
+    """A numeric setting `distill bench` ran with (its --set included), as bench.json records it; None for a
+    bench.json written before the settings were recorded, or a hand-edited one."""
+    settings = out.get("settings") if isinstance(out, dict) else None
+    value = settings.get(key) if isinstance(settings, dict) else None
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def budget_of(out: Dict[str, Any]) -> str:
-    """The accuracy budget a bench chose within, as bench.md and the report say it (a bench.json written before
-    the settings were recorded does not say it)."""
-    settings = out.get("settings")
-    drop = settings.get("max_accuracy_drop") if isinstance(settings, dict) else None
-    return f"the accuracy budget (bench.max_accuracy_drop={drop:g})" if isinstance(drop, (int, float)) \
-        else "the accuracy budget"
+    """The accuracy budget a bench chose within, as bench.md and the report say it."""
+    drop = recorded_setting(out, "max_accuracy_drop")
+    return "the accuracy budget" if drop is None else f"the accuracy budget (bench.max_accuracy_drop={drop:g})"
 
 
 def format_bench(out: Dict[str, Any]) -> str:

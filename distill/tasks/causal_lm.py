@@ -25,6 +25,9 @@ from ..engine.batch import Batch
 from ..engine.inference import model_device
 from ..registry import TASKS
 
+# A language model's measures where lower is better (every other, accuracy and exact match included, is higher)
+LOWER_IS_BETTER = ("loss", "bpc", "bits_per_byte", "perplexity")
+
 
 def trimmed(x: torch.Tensor, y: torch.Tensor) -> tuple:
     """The columns up to the batch's longest real sequence (the padding after it trains nothing)."""
@@ -223,7 +226,7 @@ class CausalLM:
         self.tokenizer_path, self._tokenizer = data.tokenizer if self.val_em else None, None
 
     def lower_is_better(self, metric: str) -> bool:
-        return metric.endswith(("loss", "bpc", "perplexity"))
+        return metric.endswith(LOWER_IS_BETTER)
 
     def collate(self, data: Any, idx: torch.Tensor, transforms: Dict[str, Any], seed: int) -> Batch:
         x, y = data.x_train[idx], data.y_train[idx]
