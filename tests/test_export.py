@@ -119,6 +119,26 @@ def test_run_without_saved_preprocessing_exports_as_before(digits_run, tmp_path,
         assert torch.allclose(run_exported("onnx", info["path"], x), student(x), atol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "safetensors"])
+def test_a_layer_list_exports_without_preprocessing(tmp_path, fmt):
+    """A layer list (`arch:`, as digits_layers) is a bare nn.Sequential, whose forward names its input `input`
+    (its safetensors export, or any without baked normalisation, called it with x= and failed)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 3)).eval()
+    info = export_model(model, torch.randn(5, 6), fmt, str(tmp_path / f"m.{fmt}"), {})
+    assert info["preprocessing"] == "none" and info["max_abs_diff"] <= info["tolerance"]
+
+
+def test_a_layer_onnx_cannot_export_is_one_line_and_no_file(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.AdaptiveAvgPool2d(3),
+                                torch.nn.Flatten(), torch.nn.Linear(18, 3)).eval()
+    with pytest.raises(UserError, match=r"^--format onnx: the model cannot be exported to ONNX \(Unsupported: "
+                                        r"ONNX export of operator adaptive_avg_pool2d.*\); --format torchscript"):
+        export_model(model, torch.randn(4, 1, 8, 8), "onnx", str(tmp_path / "m.onnx"), {})
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("shape", [(6,), (3, 5, 5)], ids=["vector", "image"])
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_normalisation_is_per_feature_or_per_channel(tmp_path, shape, fmt):
@@ -323,3 +343,19 @@ def test_an_export_over_another_models_file_replaces_its_entry(digits_run, tmp_p
     assert main(["export", digits_run, "--model", "student", "--format", "onnx", "--out", out]) == 0
     exports = json.load(open(os.path.join(digits_run, "export", "exports.json")))
     assert "teacher.onnx" not in exports and exports["student.onnx"]["size_bytes"] == os.path.getsize(out)
+
+
+def test_a_relative_out_is_recorded_as_the_file_it_named(digits_run, tmp_path, capsys, monkeypatch):
+    """rel.onnx from two directories is two files: the second export kept the first's entry (it dropped it when
+    the record's relative path was read from where the second ran)."""
+    record = os.path.join(digits_run, "export", "exports.json")
+    for where, model in (("a", "teacher"), ("b", "student")):
+        (tmp_path / where).mkdir()
+        monkeypatch.chdir(tmp_path / where)
+        assert main(["export", digits_run, "--model", model, "--format", "onnx", "--out", "rel.onnx"]) == 0
+    exports = json.load(open(record))
+    assert exports["teacher.onnx"]["path"] == str(tmp_path / "a" / "rel.onnx")
+    assert exports["student.onnx"]["path"] == str(tmp_path / "b" / "rel.onnx")
+    before = open(record).read()
+    assert main(["export", digits_run, "--format", "onnx", "--out", record]) == 2  # (the record itself)
+    assert "the record of the run's exports" in capsys.readouterr().err and open(record).read() == before

@@ -124,6 +124,10 @@ def _onnx(module: nn.Module, inputs: Dict[str, torch.Tensor], axes: Dict[str, Di
     except (AttributeError, TypeError) as e:  # the exporter API moved: say so instead of a deep traceback
         raise UserError(f"--format onnx: this torch {torch.__version__} has no compatible torch.onnx.export "
                         f"(TorchScript-based exporter): {e}") from None
+    except torch.onnx.errors.OnnxExporterError as e:  # a layer ONNX has no operator for (adaptive pooling...)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # (less the advice to file one)
+        raise UserError(f"--format onnx: the model cannot be exported to ONNX ({first[:200]}); "
+                        f"--format torchscript may take it") from None
 
 
 def _run_onnx(path: str, inputs: Dict[str, torch.Tensor]) -> np.ndarray:
@@ -148,7 +152,7 @@ def export_model(model: nn.Module, x: torch.Tensor, fmt: str, path: str, meta: D
     wrapped = normalized(model, preprocessing, x) if fmt != "safetensors" else None
     module, inputs, axes = signature(wrapped if wrapped is not None else model, x)
     with torch.no_grad():
-        reference = module(**inputs).float()
+        reference = module(*inputs.values()).float()  # (positional: a layer list's Sequential names its input `input`)
     t0 = time.perf_counter()
     with atomic_path(path) as tmp:
         if fmt == "onnx":
@@ -167,12 +171,12 @@ def export_model(model: nn.Module, x: torch.Tensor, fmt: str, path: str, meta: D
             save_model(model, tmp, meta)
             saved, state = load_file(tmp), model.state_dict()
             same = saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
-            run = lambda feed: module(**feed) if same else torch.full_like(reference, float("inf"))  # noqa: E731
+            run = lambda feed: module(*feed.values()) if same else torch.full_like(reference, float("inf"))  # noqa: E731
         with torch.no_grad():
             diff = float((run(inputs).float() - reference).abs().max())
             if 1 in axes.get("logits", {}):  # (logits per position: checked at a shorter length too)
                 short = {k: v[:, :max(1, v.shape[1] // 2)] for k, v in inputs.items()}
-                diff = max(diff, float((run(short).float() - module(**short).float()).abs().max()))
+                diff = max(diff, float((run(short).float() - module(*short.values()).float()).abs().max()))
         if not np.isfinite(diff) or diff > tolerance(reference):
             raise UserError(f"{path}: the {fmt} export differs from PyTorch by {diff:.3g} on the logits "
                             f"(tolerance {tolerance(reference):.3g}); the file was not written")

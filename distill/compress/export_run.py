@@ -48,6 +48,8 @@ def _require_current_chain(folder: str, name: str) -> None:
 def _out_file(folder: str, name: str, fmt: str, out: Optional[str]) -> str:
     from .export import SUFFIX
     out = out or os.path.join(folder, "export", name.replace("/", "-") + SUFFIX.get(fmt, ""))
+    if os.path.realpath(out) == os.path.realpath(os.path.join(folder, "export", "exports.json")):
+        raise UserError(f"--out {out}: the record of the run's exports; name the exported file otherwise")
     other = next((f for f, ext in SUFFIX.items() if out.endswith(ext) and f != fmt), None)
     if other:  # (a TorchScript file named .onnx is found, and misread, by whatever looks for .onnx files)
         raise UserError(f"--out {out}: the name of {'an' if other[0] in 'aeiou' else 'a'} {other} file, and --format "
@@ -112,8 +114,10 @@ def _export_hf(model, name: str, path: str, saved: Dict[str, Any], data, out: st
 
 
 def with_entry(exports: Dict[str, Any], key: str, info: Dict[str, Any]) -> Dict[str, Any]:
-    """exports.json with this export's entry; another entry of the same file is dropped (the file is this
-    export's now: it described another model's, which is gone)."""
+    """exports.json with this export's entry, its path absolute (a relative --out is of the directory the
+    command ran in, which a later export need not share); another entry of the same file is dropped (the file
+    is this export's now: it described another model's, which is gone)."""
+    info = {**info, "path": os.path.abspath(info["path"])}
     here = os.path.realpath(info["path"])
     return {**{k: v for k, v in exports.items() if not (isinstance(v, dict) and isinstance(v.get("path"), str)
                                                         and os.path.realpath(v["path"]) == here)}, key: info}
