@@ -12,7 +12,7 @@ import glob
 import os
 import re
 from importlib import resources
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
@@ -80,6 +80,7 @@ class Recipe:
         self.cfg, self.source = cfg, source
         self.made = copy.deepcopy(cfg)  # (as made: a cfg changed in Python afterwards is checked against it)
         self.warnings: List[str] = []  # settings that do nothing here (recipe_checks.idle_settings); a run says them
+        self.folder: Optional[str] = None  # the run folder it was read from: where a run of it writes by default
 
     @classmethod
     def from_dict(cls, raw: Dict[str, Any], overrides: Sequence[str] = (), source: str = "<dict>") -> "Recipe":
@@ -118,7 +119,9 @@ class Recipe:
                             f"{seeds_hint(folder) or 'give a recipe file instead'}")
         raw = _unpinned_tokenizer(read_yaml(path), overrides)
         try:
-            return cls.from_dict(raw, overrides, source=path)
+            recipe = cls.from_dict(raw, overrides, source=path)
+            recipe.folder = os.fspath(folder)  # (`distill run FOLDER` writes into it; so does run(recipe))
+            return recipe
         except UserError as e:  # a fault of the saved recipe itself (not of a --set, which may repair it, say
             try:                # a data.path that moved) is named as the file's
                 cls.from_dict(raw, source=path)

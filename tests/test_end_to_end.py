@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from distill import Recipe, run, run_seeds
@@ -405,6 +406,7 @@ def test_the_api_stage_functions_check_and_cache_as_their_commands_do(tmp_path, 
     import torch
     random.seed(7), np.random.seed(7), torch.manual_seed(7)
     teacher = train_teacher(rd)  # (the caller's RNGs are left as they were: they were reseeded, and a random
+    assert not teacher.training  # (digits' teacher has dropout: left in training mode, its outputs were random)
     draws = (random.random(), np.random.rand(), torch.rand(1).item())  # search around the API drew one point)
     random.seed(7), np.random.seed(7), torch.manual_seed(7)
     assert draws == (random.random(), np.random.rand(), torch.rand(1).item())
@@ -419,6 +421,25 @@ def test_the_api_stage_functions_check_and_cache_as_their_commands_do(tmp_path, 
         train_student(shifted, teacher)
     online = RunDir(Recipe.load("digits", [*fast, "student.augment.random_crop=1"]), str(tmp_path / "o"), quiet)
     assert soft_labels(online, teacher) is None and not os.path.exists(online.path("soft_labels.json"))
+
+
+@pytest.mark.parametrize("teacher, message", [
+    ("abc", "teacher: expected a torch.nn.Module, got str"),
+    (torch.nn.Linear(3, 10), r"teacher: the model given does not take this data's inputs of shape \(1, 8, 8\) "
+                             r"\(RuntimeError: mat1 and mat2"),
+    (torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 5)),
+     r"teacher: the model given outputs \(2, 5\) for 2 samples; this data has 10 classes")],
+    ids=["not a module", "other inputs", "other classes"])
+def test_a_teacher_given_to_the_api_is_checked_before_anything_is_written(tmp_path, teacher, message):
+    """soft_labels cached a 5-class teacher's outputs for 10-class data; train_student trained the baseline,
+    then failed with a bare IndexError or RuntimeError, leaving a half-made folder."""
+    from distill import soft_labels
+    from distill.errors import UserError
+    for stage in (soft_labels, train_student):
+        rd = RunDir(Recipe.load("digits", ["train.epochs=1"]), str(tmp_path / stage.__name__), quiet)
+        with pytest.raises(UserError, match=message):
+            stage(rd, teacher)
+        assert not os.path.exists(rd.out) and not os.path.exists(tmp_path / "cache")
 
 
 def test_a_soft_label_entry_is_of_one_batch_size(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
 """Recipe validation: every mistake is one line naming the key path, before any work starts."""
+import os
 import re
 
 import pytest
@@ -198,7 +199,11 @@ def test_python_api_slips_are_user_errors(tmp_path):
     changed.cfg["student"]["train"]["epochs"] = "2"  # (a cfg changed in Python after loading is checked again)
     top = Recipe.load("breast_cancer", ["train.epochs=2"])
     top.cfg["train"]["epochs"] = 3  # (the roles' train sections were filled from it when it was made)
+    digits = Recipe.load("digits")  # (its teacher sets its own epochs: the change reached the student alone, silently)
+    digits.cfg["train"]["epochs"] = 1
     for call, message in [
+            (lambda: run(digits, str(tmp_path / "f")), "recipe.cfg['train']['epochs'] was changed to 1 after the "
+                                                       "recipe was made, and student.train.epochs still holds "),
             (lambda: run(top, str(tmp_path / "d")), "recipe.cfg['train']['epochs'] was changed to 3 after the recipe "
                                                     "was made, and teacher.train.epochs and student.train.epochs "
                                                     "still hold 2"),
@@ -223,6 +228,11 @@ def test_recipe_load_reads_a_run_folder(tmp_path):
     (tmp_path / "recipe.yaml").write_text(Recipe.load("breast_cancer", ["train.epochs=3"]).to_yaml())
     assert Recipe.load(str(tmp_path)).cfg["train"]["epochs"] == 3
     assert Recipe.load(tmp_path).cfg == Recipe.load(str(tmp_path / "recipe.yaml")).cfg  # (a Path too)
+    from distill.pipeline.rundir import check_recipe, run_folder
+    # (a run of it writes into the folder, as `distill run FOLDER` does, not into runs/<name>; its file alone
+    # is a recipe like any other)
+    assert run_folder(check_recipe(Recipe.load(tmp_path))) == str(tmp_path)
+    assert run_folder(Recipe.load(str(tmp_path / "recipe.yaml"))) == os.path.join("runs", "breast_cancer")
 
 
 def test_a_home_folder_in_output_dir_is_expanded(monkeypatch, tmp_path):

@@ -132,8 +132,10 @@ def _execution(run: RunDir, kinds: Sequence[str], check: bool = True, teacher: O
                ) -> Execution:
     existed = os.path.isdir(run.out)
     try:
+        if teacher is not None:
+            check_given_teacher(run, teacher)
         if check:
-            preflight(run, saved_teacher=teacher is None and "teacher" not in kinds)
+            preflight(run, saved_teacher=teacher is None and "teacher" not in kinds, given=teacher)
         ex = Execution(run, kinds)
         if teacher is not None:
             ex.models[TEACHER] = teacher
@@ -230,10 +232,35 @@ def _warn_held_out_prompts(run: RunDir) -> None:
                      f"trained on; {fix}")
 
 
-def preflight(run: RunDir, saved_teacher: bool = False) -> None:
-    """Build the teacher, the student and every assistant, and take one distillation step on two samples per
-    link of the chain (teacher -> assistants -> student), before anything is written. `saved_teacher`: the
-    command builds on the folder's teacher (train-student, generate, soft-labels), which must read this data."""
+def check_given_teacher(run: RunDir, teacher: Any) -> None:
+    """A teacher handed to the Python API stands in for the recipe's: a module that takes this data's inputs
+    and scores its classes (or vocabulary), else its soft labels would be cached for another task."""
+    if not isinstance(teacher, nn.Module):
+        raise UserError(f"teacher: expected a torch.nn.Module, got {type(teacher).__name__}")
+    was = teacher.training
+    try:
+        with torch.no_grad():
+            device = next(teacher.parameters(), torch.empty(0)).device
+            out = teacher.eval()(run.data.x_train[:2].to(device))
+    except Exception as e:  # (any failure of a model the caller built: said in one line, before anything is written)
+        raise UserError(f"teacher: the model given does not take this data's inputs of shape "
+                        f"{tuple(run.data.x_train.shape[1:])} ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:160]})") from None
+    finally:
+        teacher.train(was)
+    lm = getattr(run.data, "task", "classification") == "causal_lm"  # (a vocabulary may be padded: more rows)
+    n = run.data.num_classes
+    if not isinstance(out, torch.Tensor) or (out.shape[-1] < n if lm else out.shape[-1] != n):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(f"teacher: the model given outputs {got} for 2 samples; this data has {n} "
+                        f"{'tokens' if lm else 'classes'}, one score each")
+
+
+def preflight(run: RunDir, saved_teacher: bool = False, given: Optional[nn.Module] = None) -> None:
+    """Build the teacher (or take the one `given`), the student and every assistant, and take one distillation
+    step on two samples per link of the chain (teacher -> assistants -> student), before anything is written.
+    `saved_teacher`: the command builds on the folder's teacher (train-student, generate, soft-labels), which
+    must read this data."""
     _check_augmentation(run)
     saved = run.path(artifact(run.cfg, TEACHER, TEACHER))
     if saved_teacher and run.cfg[TEACHER]["model"] == "gpt" and os.path.exists(saved):
@@ -244,7 +271,7 @@ def preflight(run: RunDir, saved_teacher: bool = False) -> None:
     if teacher_mode(run) == "cached":  # (only where soft labels are cached: an online teacher never writes there)
         check_cache_dir(run.cfg["output"]["cache_dir"])
     _check_teacher_prompts(run)
-    teacher, student = build_role(run, TEACHER), build_role(run, STUDENT)
+    teacher, student = given if given is not None else build_role(run, TEACHER), build_role(run, STUDENT)
     _check_unlabeled(run, (teacher, student))
     run.dcfg = resolve_distill(run.cfg, teacher, student)
     if run.runtime.distributed and any(f["loss"] == "crd" for f in run.dcfg["features"]):
@@ -292,8 +319,9 @@ def run(recipe: Recipe, out: Optional[str] = None, echo: Callable[[str], None] =
 
 @_keeps_callers_rng
 def train_teacher(run: RunDir) -> nn.Module:
-    """`distill train-teacher`: the teacher trained (or loaded, or reused from the folder); returns it."""
-    return _execution(check_run(run, "train_teacher"), ("teacher",)).models[TEACHER]
+    """`distill train-teacher`: the teacher trained (or loaded, or reused from the folder); returns it, in eval
+    mode (as a teacher is used: a dropout left on would make its outputs random)."""
+    return _execution(check_run(run, "train_teacher"), ("teacher",)).models[TEACHER].eval()
 
 
 @_keeps_callers_rng

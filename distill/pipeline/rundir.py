@@ -94,10 +94,12 @@ AFTER_TRAINING = ("output", "compress", "bench", "baseline")  # keys that do not
 
 
 def run_folder(recipe: Recipe, out: Optional[str] = None) -> str:
-    """--out, else the recipe's output.dir, else runs/<name>."""
+    """--out, else the run folder the recipe was read from (as `distill run FOLDER`), else the recipe's
+    output.dir, else runs/<name>."""
     if out is not None and not isinstance(out, (str, os.PathLike)):
         raise UserError(f"out: expected a folder path, got {type(out).__name__} {out!r:.60}")
-    return os.path.expanduser(out or recipe.cfg["output"]["dir"] or os.path.join("runs", recipe.cfg["name"]))
+    return os.path.expanduser(out or getattr(recipe, "folder", None) or recipe.cfg["output"]["dir"]
+                              or os.path.join("runs", recipe.cfg["name"]))
 
 
 def refuse_recipe_overwrite(recipe: Recipe, folder: str, out_given: bool = False) -> None:
@@ -331,13 +333,18 @@ def check_recipe(recipe: Any) -> Recipe:
     roles = [r for r in (TEACHER, STUDENT) if isinstance(cfg.get(r), dict) and isinstance(cfg[r].get("train"), dict)]
     for key, value in top.items():
         before = made["train"].get(key)
-        # (the roles were filled from it when the recipe was made: a change that reached none of them does nothing)
-        if roles and value != before and all(cfg[r]["train"].get(key, value) == before for r in roles):
+        # (the roles were filled from it when the recipe was made: a change does nothing to those that still
+        # hold the value it had then; one whose own value differs, as digits' teacher's epochs, never took it)
+        stale = [r for r in roles if cfg[r]["train"].get(key, value) == before]
+        if value != before and stale:
             raise UserError(f"recipe.cfg['train']['{key}'] was changed to {value!r} after the recipe was made, and "
-                            f"{' and '.join(f'{r}.train.{key}' for r in roles)} still hold {before!r}: make the "
+                            f"{' and '.join(f'{r}.train.{key}' for r in stale)} still hold{'s' if len(stale) == 1 else ''} "
+                            f"{before!r}: make the "
                             f"recipe with the change (Recipe.load(name, ['train.{key}=...']) or Recipe.from_dict), or "
                             f"set those too")
-    return Recipe.from_dict(cfg, source=recipe.source)
+    checked = Recipe.from_dict(cfg, source=recipe.source)
+    checked.folder = getattr(recipe, "folder", None)
+    return checked
 
 
 class RunDir:
