@@ -9,7 +9,7 @@ import shlex
 import signal
 import sys
 import threading
-from typing import Iterator, List, Optional
+from typing import Iterator, List, NoReturn, Optional
 
 from .launch import ERRORS, is_main_process, report_error, under_torchrun
 from .errors import UserError
@@ -37,8 +37,16 @@ def _recipe_args(p: argparse.ArgumentParser, target_help: str) -> None:
                         "each with train.device: cuda); data.batch_size stays the global batch")
 
 
+class Parser(argparse.ArgumentParser):
+    """A mistake on the command line is one line, as every other user mistake (argparse's own error prints the
+    whole usage first); `--help` shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="distill",
         description="Knowledge distillation for PyTorch: train or load a teacher, cache its soft labels, "
                     "distill a small student, and compare it with the teacher and a student trained without "

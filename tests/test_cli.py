@@ -105,6 +105,20 @@ def test_user_errors_are_one_line_exit_2(tmp_path, args, message):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("args, message", [
+    (["export", "r", "--format", "onx"], "error: distill export: argument --format: invalid choice: 'onx' (choose "
+                                         "from 'onnx', 'torchscript', 'safetensors', 'hf') (see distill export --help)"),
+    (["export", "r"], "error: distill export: the following arguments are required: --format"),
+    (["run", "--bogus"], "error: distill: unrecognized arguments: --bogus (see distill --help)")])
+def test_a_command_line_mistake_is_one_line_too(capsys, args, message):
+    """(argparse printed its whole usage before the error)"""
+    from distill.cli import main
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.splitlines() == [err.strip()] and err.startswith(message), err
+
+
 def test_bad_layer_in_recipe_is_refused_before_work(tmp_path):
     p = tmp_path / "evil.yaml"
     p.write_text("teacher: {arch: [\"__import__('os').system('touch PWNED')\"]}\nstudent: {model: mlp}\n")
