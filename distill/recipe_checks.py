@@ -585,7 +585,7 @@ def _text_checks(cfg: Dict[str, Any]) -> None:
         if cfg[role]["hf"]:
             resolve_hf_path(cfg[role]["hf"], f"{role}.hf")
     data = cfg["data"]
-    if not data["path"] or not data["path"].endswith((".csv", ".jsonl", ".json")):
+    if not data["path"] or not data["path"].lower().endswith((".csv", ".jsonl", ".json")):
         raise UserError(f"data.path: give a .csv or .jsonl file of texts and labels, got {data['path']!r}")
     _need_file(data["path"], "data.path", "the training .csv or .jsonl file")
     if data["test_path"]:

@@ -50,7 +50,7 @@ def same_split(flag: str, keys: Sequence[str], cfg: Dict[str, Any]) -> None:
             raise UserError(f"{flag} {key}: does not change the students a trial trains (it is read after "
                             f"training, or says where the run is written), so every trial would be the same; "
                             f"search training settings (distill.*, student.*, train.*)")
-        if parts[0] == "data" and len(parts) > 1 and (parts[1] in SPLIT_KEYS or (
+        if parts[0] == "data" and (len(parts) == 1 or parts[1] in SPLIT_KEYS or (  # (`data`: the whole section)
                 parts[1] == "max_length" and cfg["data"]["dataset"] == "text_lm")):
             raise UserError(f"{flag} {key}: a search ranks its trials on the validation split, and {key} changes "
                             f"the rows it holds, so the trials would not be compared on the same data; fix it with "
@@ -106,8 +106,9 @@ def search(recipe: Recipe, grid: Dict[str, List[Any]], overrides: Sequence[str],
             preflight(RunDir(trial, folder, lambda line: None, resume=True, overwrite=True))
         except UserError as e:  # (named as the grid point: the --set values alone were checked already)
             raise UserError(f"--grid {', '.join(f'{k}={yaml_value(v)}' for k, v in t.items())}: {e}") from None
-    rows = []
-    for i, trial in enumerate(trials):
+    rows: List[Dict[str, Any]] = [{} for _ in trials]
+    for i in teacher_order(grid, trials):
+        trial = trials[i]
         sets = _sets(overrides, trial)  # (as YAML: a null stays null, not the text 'None')
         echo(f"search: trial {i + 1}/{len(trials)}: " + ", ".join(f"{k}={yaml_value(v)}" for k, v in trial.items()))
         # (resume: the trials a stopped search finished are reused, the one it stopped in continues)
@@ -126,12 +127,20 @@ def search(recipe: Recipe, grid: Dict[str, List[Any]], overrides: Sequence[str],
                 raise
             row.update(state="diverged", error=str(e))
             _diverged(rd, e, f"trial {i + 1}", echo)
-        rows.append({**row, "time_s": round(time.perf_counter() - t0, 1)})
+        rows[i] = {**row, "time_s": round(time.perf_counter() - t0, 1)}
     best = max(_completed(rows), key=lambda r: r["val_accuracy"])  # ties: the first in grid order
     table = format_search(rows, keys, best)
     result = {"grid": grid, "trials": rows, "best": {k: best[k] for k in keys}, "table": table}
     write_results(recipe, overrides, out, result, table, lambda path: plot_search(rows, keys, path), echo)
     return result
+
+
+def teacher_order(grid: Dict[str, List[Any]], trials: List[Dict[str, Any]]) -> List[int]:
+    """The order the trials train in: the grid's, but with the trials of one teacher together (a grid over
+    teacher and distillation keys would otherwise train the teacher again at every trial; the folder holds one).
+    The table keeps the grid's order."""
+    reach = [k for k in grid if _of_the_trial(TEACHER, [k])]
+    return sorted(range(len(trials)), key=lambda i: [grid[k].index(trials[i][k]) for k in reach])
 
 
 def _of_the_trial(role: str, keys: Sequence[str]) -> bool:

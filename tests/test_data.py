@@ -185,6 +185,18 @@ def test_a_split_that_keeps_no_row_of_a_class_for_training_names_its_key_and_the
     assert int((load_data(data_cfg(**cfg, label_fraction=0.2)).y_train == 2).sum()) >= 1  # (kept where it can be)
 
 
+def test_rows_set_aside_need_not_hold_every_class():
+    """A subset or a labelled part of nearly every row leaves fewer rows aside than there are classes: they are
+    drawn without strata, where a scored split (test, validation) is refused."""
+    full = load_data(data_cfg(dataset="digits", val_fraction=0.15))
+    n = len(full.y_train) + len(full.y_val)
+    part = load_data(data_cfg(dataset="digits", val_fraction=0.15, train_subset=n - 7))
+    assert len(part.y_train) + len(part.y_val) == n - 7 and len(part.y_train.unique()) == 10
+    assert torch.equal(part.y_test, full.y_test)
+    most = load_data(data_cfg(dataset="digits", val_fraction=0.15, label_fraction=0.995))
+    assert 0 < len(most.x_unlabelled) < 10 and len(most.y_train) + len(most.x_unlabelled) == len(full.y_train)
+
+
 def test_label_fraction_keeps_a_stratified_labelled_part_and_the_rest_as_inputs_only():
     full = load_data(data_cfg(dataset="digits", val_fraction=0.15))
     part = load_data(data_cfg(dataset="digits", val_fraction=0.15, label_fraction=0.2))

@@ -23,7 +23,8 @@ def test_grid_parsing_and_default():
 
 
 @pytest.mark.parametrize("flag,item", [("--grid", "data.val_fraction=0.1,0.2"), ("--space", "data.split_seed=0,1"),
-                                       ("--grid", "data.arith.train=100,200"), ("--grid", "data.train_subset=500,900")])
+                                       ("--grid", "data.arith.train=100,200"), ("--grid", "data.train_subset=500,900"),
+                                       ("--grid", "data={val_fraction: 0.02},{val_fraction: 0.5}")])  # (the section)
 def test_a_search_over_the_validation_split_is_refused(flag, item, tmp_path, capsys):
     assert main(["search", "digits", flag, item, *(["--sampler", "tpe"] if flag == "--space" else []),
                  "--out", str(tmp_path / "s")]) == 2
@@ -68,6 +69,17 @@ def test_search_ranks_on_validation_and_writes_the_best_recipe(tmp_path, capsys)
                  "--out", again]) == 0
     repeat = json.load(open(os.path.join(again, "search.json")))["trials"][0]
     assert repeat["val_accuracy"] == trials[3]["val_accuracy"]
+
+
+def test_the_trials_of_one_teacher_train_one_after_the_other():
+    """The folder holds one teacher: a grid over its settings and the distillation's trains each teacher once,
+    not once a trial (alpha 0.5 with teacher A, then B, then alpha 0.9 with A again)."""
+    from distill.search import teacher_order
+    grid = {"distill.alpha": [0.5, 0.9], "teacher.train.epochs": [3, 1]}
+    trials = [dict(zip(grid, combo)) for combo in [(0.5, 3), (0.5, 1), (0.9, 3), (0.9, 1)]]
+    assert teacher_order(grid, trials) == [0, 2, 1, 3]
+    grid = {"distill.alpha": [0.5, 0.9], "distill.temperature": [2, 4]}  # (one teacher: the grid's order)
+    assert teacher_order(grid, [dict(zip(grid, c)) for c in [(0.5, 2), (0.5, 4), (0.9, 2), (0.9, 4)]]) == [0, 1, 2, 3]
 
 
 def test_grid_of_null_and_a_number(tmp_path):

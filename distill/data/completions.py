@@ -31,7 +31,7 @@ IGNORE = -100  # the target of a position that no loss counts (prompt, padding)
 def _rows(path: str, what: str = "completions data is JSONL, one {prompt, completion} or {messages} object a line"
           ) -> List[Tuple[int, Dict[str, Any]]]:
     """(line number, object) of each row of a JSONL file."""
-    if not path.endswith((".jsonl", ".json")):
+    if not path.lower().endswith((".jsonl", ".json")):
         raise UserError(f"{path}: {what}")
     rows = read_text_file(path, lambda fh: jsonl_rows(path, fh))
     if not rows:

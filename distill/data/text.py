@@ -25,14 +25,15 @@ from .datasets import Raw, _class_order, read_text_file
 def read_texts(path: str, text_col: str, label_col: str | None) -> Tuple[List[str], List[str]]:
     """(texts, labels) from a .csv (header row) or .jsonl (one object a line); `label_col=None` reads text only.
     A .txt file is one text a line, without labels."""
-    if path.endswith(".txt"):
+    ext = os.path.splitext(path)[1].lower()  # (TEXTS.TXT as texts.txt)
+    if ext == ".txt":
         if label_col is not None:
             raise UserError(f"{path}: a .txt file has no labels; give a .csv or .jsonl with a '{label_col}' column")
         texts = read_text_file(path, lambda fh: [line.strip() for line in fh if line.strip()])
         if not texts:
             raise UserError(f"{path}: no texts (one a line)")
         return texts, []
-    rows = read_text_file(path, lambda fh: jsonl_rows(path, fh) if path.endswith((".jsonl", ".json"))
+    rows = read_text_file(path, lambda fh: jsonl_rows(path, fh) if ext in (".jsonl", ".json")
                           else _csv_rows(path, fh, (text_col, label_col)))
     if not rows:
         raise UserError(f"{path}: no rows")
