@@ -242,8 +242,9 @@ def _drop_files(folder: str, name: str) -> None:
 
 class _Server:
     """`python -m distill.compress.measure` for the length of one bench: a fresh interpreter (none of the
-    caller's code) that imports torch, distill and transformers once, then forks a process per measurement,
-    so each has its own peak memory, a crash fails its row only, and none pays the imports again."""
+    caller's code) that imports torch, distill and the libraries a measurement uses once (measure.PRELOAD),
+    then forks a process per measurement, so each has its own peak memory, a crash fails its row only, and
+    none pays the imports again."""
 
     def __enter__(self) -> "_Server":
         self.proc: Optional[subprocess.Popen] = None  # (started by the first measurement)

@@ -2,7 +2,7 @@
 
 `write_file` runs in the bench process and writes the deployable file of a variant (its size is the size
 column). `main` is the server that bench starts (`python -m distill.compress.measure`, jobs as JSON lines on
-stdin): a fresh interpreter that imports torch, distill and transformers once and forks a process per
+stdin): a fresh interpreter that imports torch, distill and what measuring uses once and forks a process per
 variant, which loads or converts the model, resets the peak-memory mark, then measures test accuracy
 (and validation accuracy, which bench's recommendation is chosen on), batch-1 latency percentiles and
 throughput, and answers one JSON line.
@@ -263,23 +263,46 @@ def lm_numbers(run: nn.Module, data: DataBundle, cfg: Dict[str, Any]) -> Dict[st
             "throughput": batch / batched, "prefill_ms": prefill, "prompt_tokens": len(prompt), "decode_tokens": new}
 
 
-# Imported by the server before it forks, so that no measurement pays for them (transformers is optional).
-PRELOAD = ("distill.pipeline.artifacts", "distill.pipeline.rundir", "transformers.modeling_utils",
-           "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto")
+# Imported by the server before it forks, so that no measurement pays for them: distill's always, transformers'
+# (optional) once a job needs them, so that a bench of CNNs or tabular models does not import it at all.
+# (scikit-learn's import, with scipy's, took 3 s of each measurement; static int8's FX tracing imports torch's
+# compiler stack, sympy and networkx, which were counted in its peak memory)
+PRELOAD = ("distill.pipeline.artifacts", "distill.pipeline.rundir", "sklearn.datasets", "sklearn.model_selection",
+           "sklearn.metrics", "onnxruntime", "torch._dynamo", "torch.ao.quantization.quantize_fx")
+PRELOAD_HF = ("transformers.modeling_utils", "transformers.models.auto.modeling_auto",
+              "transformers.models.auto.tokenization_auto")
+
+
+def needs_transformers(job: Dict[str, Any]) -> bool:
+    """A Hugging Face model (saved as a folder) or data tokenised by a Hugging Face tokenizer."""
+    return os.path.isdir(job["path"]) or bool(job["cfg"]["data"].get("tokenizer"))
+
+
+def preload(modules: Any) -> None:
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+    # (what is imported is kept out of the garbage collector's reach: the collection each measurement makes
+    # before it reads its memory then walks that measurement's objects, not every module's)
+    gc.collect()
+    gc.freeze()
 
 
 def main() -> int:
     """The measurement server (bench starts it): one job per JSON line on stdin, one answer per line on
     stdout. It forks each measurement from this process, which has imported modules and run nothing."""
-    for module in PRELOAD:
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            pass
+    preload(PRELOAD)
     answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # (whatever else prints cannot reach the answers)
+    hf = False
     for line in sys.stdin:
-        print(json.dumps(forked(json.loads(line))), file=answers, flush=True)
+        job = json.loads(line)
+        if not hf and needs_transformers(job):
+            preload(PRELOAD_HF)
+            hf = True
+        print(json.dumps(forked(job)), file=answers, flush=True)
     return 0
 
 
