@@ -105,6 +105,9 @@ def search(recipe: Recipe, grid: Dict[str, List[Any]], overrides: Sequence[str],
             need_validation(trial)
             preflight(RunDir(trial, folder, lambda line: None, resume=True, overwrite=True))
         except UserError as e:  # (named as the grid point: the --set values alone were checked already)
+            said = next((k for k in t if str(e).startswith(f"--set {k}:")), None)
+            if said:  # (a grid key the recipe refuses: said as the --grid it was given as)
+                raise UserError(f"--grid {said}{str(e)[len(f'--set {said}'):]}") from None
             raise UserError(f"--grid {', '.join(f'{k}={yaml_value(v)}' for k, v in t.items())}: {e}") from None
     rows: List[Dict[str, Any]] = [{} for _ in trials]
     for i in teacher_order(grid, trials):

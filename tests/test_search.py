@@ -230,7 +230,8 @@ def test_search_and_seeds_refuse_files_they_did_not_write(tmp_path, capsys, kind
     (["--grid", "output.dir=/tmp/a,/tmp/b"], "--grid output.dir: does not change the students a trial trains"),
     (["--grid", "evaluate.latency_runs=1,2"], "--grid evaluate.latency_runs: does not change the students"),
     (["--grid", "distill.temperature"], "--grid distill.temperature: expected KEY=V1,V2,..."),
-    (["--grid", "distill.temprature=2,3"], "--set distill.temprature: unknown key 'temprature'"),
+    (["--grid", "distill.temprature=2,3"],  # (said as the --grid it was given as, not as a --set)
+     "--grid distill.temprature: unknown key 'temprature' (did you mean 'temperature'?)"),
     (["--grid", "distill.alpha=0.5,1.5"], "distill.alpha: must be between 0 and 1"),
     (["--grid", "distill.alpha=0.5", "--grid", "distill.alpha=0.9"], "distill.alpha is given twice"),
     (["--grid", "distill.temperature=2,"], "--grid distill.temperature=2,: an empty value"),
