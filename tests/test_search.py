@@ -225,6 +225,16 @@ def test_search_and_seeds_refuse_files_they_did_not_write(tmp_path, capsys, kind
     assert sorted(os.listdir(out)) == sorted(given)  # (nothing written, nothing replaced)
 
 
+def test_an_out_that_is_a_file_is_refused_before_any_trial_or_seed_trains(tmp_path, capsys):
+    """(found at the first trial's folder, after its checks; a --seeds run, at its first seed's)"""
+    (tmp_path / "f").write_text("mine")
+    for args in (["search", "digits", "--grid", "distill.alpha=0.5"], ["run", "digits", "--seeds", "2"]):
+        assert main([*args, "--out", str(tmp_path / "f")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {tmp_path / 'f'}: a file, not a folder") and "trial" not in err, err
+    assert (tmp_path / "f").read_text() == "mine"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--grid", "distill.temperature=2,2.0"], "--grid distill.temperature=2,2.0: 2.0 is given twice"),
     (["--grid", "output.dir=/tmp/a,/tmp/b"], "--grid output.dir: does not change the students a trial trains"),

@@ -67,6 +67,9 @@ def holds_runs(folder: str) -> bool:
 def refuse_other_records(out: str, kind: str) -> None:
     """A --seeds (`kind` "seeds") or search folder is not given another kind's folder, nor files of the names
     it writes that no earlier run of it wrote (a user's best.yaml or summary.json): it would replace them."""
+    if os.path.exists(out) and not os.path.isdir(out):  # (found at the first trial's or seed's folder, after work)
+        raise UserError(f"--out {out}: a file, not a folder; choose a folder (new, or an earlier "
+                        f"{'--seeds run' if kind == 'seeds' else kind}'s)")
     if not os.path.isdir(out):
         return
     entries = os.listdir(out)
