@@ -197,6 +197,14 @@ def test_rows_set_aside_need_not_hold_every_class():
     assert 0 < len(most.x_unlabelled) < 10 and len(most.y_train) + len(most.x_unlabelled) == len(full.y_train)
 
 
+def test_a_subset_of_more_rows_than_the_data_has_is_said(tmp_path):
+    from distill import Recipe, RunDir
+    said = []
+    data = RunDir(Recipe.load("digits", ["data.train_subset=5000"]), str(tmp_path / "r"), said.append).data
+    assert said == ["warning: data.train_subset=5000: the data has 1,437 training rows, so it keeps every one"]
+    assert len(data.y_train) + len(data.y_val) + len(data.x_unlabelled) == 1437  # (a fifth labelled: digits')
+
+
 def test_label_fraction_keeps_a_stratified_labelled_part_and_the_rest_as_inputs_only():
     full = load_data(data_cfg(dataset="digits", val_fraction=0.15))
     part = load_data(data_cfg(dataset="digits", val_fraction=0.15, label_fraction=0.2))
