@@ -410,7 +410,7 @@ def test_a_mistake_every_process_finds_is_said_once(tmp_path):
     code, _, err = distill("run", "digits", "--out", str(tmp_path / "run"), "--nproc", "2", "--set",
                            "data.val_fraction=0.99", timeout=120)
     assert code == 2 and err.strip().splitlines() == [err.strip()], err[-2000:]
-    assert err.startswith("error: data.label_fraction=0.2: cannot split 14 rows"), err
+    assert err.startswith("error: data.label_fraction=0.2: keeps 2 training rows, none of classes"), err
     assert not os.path.exists(tmp_path / "run")
     # CRD under --nproc: refused before the teacher and the baseline trained (it was after them, by the trainer)
     code, _, err = distill("run", "digits", "--out", str(tmp_path / "crd"), "--nproc", "2", "--set",
