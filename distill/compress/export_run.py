@@ -45,10 +45,10 @@ def _require_current_chain(folder: str, name: str) -> None:
         require_current(folder, before, require_saved(folder, before), "export")
 
 
-def _out_file(folder: str, name: str, fmt: str, out: Optional[str]) -> str:
+def _out_file(folder: str, name: str, fmt: str, out: Optional[str], record: str) -> str:
     from .export import SUFFIX
     out = out or os.path.join(folder, "export", name.replace("/", "-") + SUFFIX.get(fmt, ""))
-    if os.path.realpath(out) == os.path.realpath(os.path.join(folder, "export", "exports.json")):
+    if os.path.realpath(out) == os.path.realpath(record):
         raise UserError(f"--out {out}: the record of the run's exports; name the exported file otherwise")
     other = next((f for f, ext in SUFFIX.items() if out.endswith(ext) and f != fmt), None)
     if other:  # (a TorchScript file named .onnx is found, and misread, by whatever looks for .onnx files)
@@ -69,7 +69,7 @@ def _export(recipe, folder: str, name: str, path: str, fmt: str, out: Optional[s
     require_same_data(folder, name, data)  # (the export is checked on test inputs)
     model = load_model_at(path, name)
     version = stage_fingerprints(folder).get(name)  # (which version of the model the record is of)
-    out = _out_file(folder, name, fmt, out)
+    out = _out_file(folder, name, fmt, out, record)
     # the model file's own record of its input normalisation; HF folders (text) have none, and runs made
     # before it was saved lack the key: both read as {} (the export then takes the model's inputs as they are)
     saved = load_meta(path) if os.path.isfile(path) else {}

@@ -308,7 +308,8 @@ def load_data(cfg: Dict[str, Any]) -> DataBundle:
     else:
         x_tr, y_tr, x_te, y_te = raw.x_train, y_all, raw.x_test, _as_labels(raw.y_test, cfg, "y_test")
     if cfg["train_subset"] and cfg["train_subset"] < len(y_tr):  # (of the training rows: the test split stays whole)
-        x_tr, _, y_tr, _ = _split(x_tr, y_tr, cfg, "train_subset", names, False, train_size=cfg["train_subset"])
+        x_tr, _, y_tr, _ = _split(x_tr, y_tr, cfg, "train_subset", names, aside_needs_every_class=False,
+                                  train_size=cfg["train_subset"])
     num_classes = _check_labels(y_tr, y_te, cfg, raw.class_names)
     if cfg["val_fraction"]:
         x_tr, x_va, y_tr, y_va = _split(x_tr, y_tr, cfg, "val_fraction", names, test_size=cfg["val_fraction"])
@@ -316,7 +317,7 @@ def load_data(cfg: Dict[str, Any]) -> DataBundle:
         x_va, y_va = x_tr[:0], y_tr[:0]
     x_un = x_tr[:0]
     if cfg["label_fraction"] < 1:  # the rest of the training inputs lose their labels
-        x_tr, x_un, y_tr, _ = _split(x_tr, y_tr, cfg, "label_fraction", names, False,
+        x_tr, x_un, y_tr, _ = _split(x_tr, y_tr, cfg, "label_fraction", names, aside_needs_every_class=False,
                                      train_size=cfg["label_fraction"])
     # (every row of the source, before any split or subset, and the test rows; before normalisation)
     rows = {"all": rows_digest(raw.x_train, *([] if raw.x_test is None else [raw.x_test])), "test": rows_digest(x_te)}

@@ -248,7 +248,7 @@ def check_given_teacher(run: RunDir, teacher: Any) -> None:
                         f"{(str(e).splitlines() or [''])[0][:160]})") from None
     finally:
         teacher.train(was)
-    lm = getattr(run.data, "task", "classification") == "causal_lm"  # (a vocabulary may be padded: more rows)
+    lm = run.data.task == "causal_lm"  # (a vocabulary may be padded: more rows)
     n = run.data.num_classes
     if not isinstance(out, torch.Tensor) or (out.shape[-1] < n if lm else out.shape[-1] != n):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

@@ -340,9 +340,9 @@ def check_recipe(recipe: Any) -> Recipe:
         # hold the value it had then; one whose own value differs, as digits' teacher's epochs, never took it)
         stale = [r for r in roles if cfg[r]["train"].get(key, value) == before]
         if value != before and stale:
+            holds = f"{' and '.join(f'{r}.train.{key}' for r in stale)} still hold{'s' if len(stale) == 1 else ''}"
             raise UserError(f"recipe.cfg['train']['{key}'] was changed to {value!r} after the recipe was made, and "
-                            f"{' and '.join(f'{r}.train.{key}' for r in stale)} still hold{'s' if len(stale) == 1 else ''} "
-                            f"{before!r}: make the "
+                            f"{holds} {before!r}: make the "
                             f"recipe with the change (Recipe.load(name, ['train.{key}=...']) or Recipe.from_dict), or "
                             f"set those too")
     checked = Recipe.from_dict(cfg, source=recipe.source)
@@ -422,8 +422,8 @@ class RunDir:
         if data.task == "classification" and data.num_classes > 2 and set(metrics) <= set(BINARY_METRICS):
             raise UserError(f"evaluate.metrics: {metrics} are for two classes, and the data has "
                             f"{data.num_classes}: no test metric would be measured; add accuracy or macro_f1")
-        subset, rows = self.cfg["data"].get("train_subset"), len(data.y_train) + len(data.y_val) + (
-            0 if data.x_unlabelled is None else len(data.x_unlabelled))
+        subset = self.cfg["data"].get("train_subset")
+        rows = len(data.y_train) + len(data.y_val) + (0 if data.x_unlabelled is None else len(data.x_unlabelled))
         if subset and subset >= rows and data.task == "classification" and is_main_process():
             self.echo(f"warning: data.train_subset={subset}: the data has {rows:,} training rows, so it keeps "
                       f"every one")  # (a setting that does nothing, said as the recipe's are)
