@@ -278,6 +278,24 @@ def test_compress_cnn_every_step_saves_a_smaller_loadable_model(cnn_run, capsys)
     for m in record["models"]:  # fine-tune's monitor time, nested in the step's record, was kept)
         header = json.dumps(load_meta(os.path.join(cnn_run, m["path"])))
         assert not [k for k in ("monitor_s", "time_s", "train_time_s") if f'"{k}"' in header], header
+    # exported, it says how it was trained to run: TorchScript holds that int8 model, the others its float weights
+    capsys.readouterr()
+    assert main(["export", cnn_run, "--model", "compress/qat", "--format", "torchscript"]) == 0
+    assert "as dynamic int8 (Linear layers), as it was trained to run" in capsys.readouterr().out
+    scripted = torch.jit.load(os.path.join(cnn_run, "export", "compress-qat.pt"))
+    assert "quantized::linear_dynamic" in str(scripted.inlined_graph)
+    x = data.x_test[:16]
+    from distill.compress.export import raw_inputs  # (it takes raw inputs, the normalisation baked in)
+    assert torch.allclose(scripted(raw_inputs(x, data.stats, data.image)), int8(x), atol=1e-3)
+    assert main(["export", cnn_run, "--model", "compress/qat", "--format", "safetensors"]) == 0
+    said = capsys.readouterr().out
+    assert "trained to run as dynamic int8 (Linear layers): the file holds its float weights" in said, said
+    saved = os.path.join(cnn_run, "export", "compress-qat.safetensors")
+    assert load_meta(saved)["deploy"] == "dynamic int8 (Linear layers)"
+    exports = json.load(open(os.path.join(cnn_run, "export", "exports.json")))
+    assert exports["compress/qat.torchscript"]["deploy"] == exports["compress/qat.safetensors"]["deploy"]
+    assert exports["compress/qat.torchscript"]["int8"] and not exports["compress/qat.safetensors"]["int8"]
+    assert "deploy" not in load_meta(os.path.join(cnn_run, record["models"][2]["path"]))
     # unchanged inputs: nothing is redone
     assert main(["compress", cnn_run, "--set", "compress.steps=[layers, channels, qat]",
                  "--set", "compress.layers.to=1"]) == 0

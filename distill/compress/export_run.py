@@ -77,22 +77,40 @@ def _export(recipe, folder: str, name: str, path: str, fmt: str, out: Optional[s
     meta = {"role": name, "class_names": data.class_names, "num_classes": data.num_classes,
             "input_shape": list(data.input_shape), "preprocessing": prep,
             # (the architecture, and a compressed model's structure: without them no one rebuilds the file)
-            **{k: saved[k] for k in ("spec", "structure", "rows") if k in saved}}  # (rows: see check_split)
+            # (deploy: how a model trained for lower precision, compress/qat, is meant to run)
+            **{k: saved[k] for k in ("spec", "structure", "rows", "deploy") if k in saved}}  # (rows: see check_split)
     if fmt == "hf":
         return _export_hf(model, name, path, saved, data, out, meta, version, record, exports)
     if is_hf_lm(model) and fmt in ("onnx", "torchscript"):
         raise UserError(f"--format {fmt}: {name} is a Hugging Face causal LM, deployed as its folder "
                         f"({path}), which plain transformers loads and generates from; export it as safetensors, "
                         f"or measure its variants with distill bench")
+    int8 = fmt == "torchscript" and str(saved.get("deploy")).startswith("dynamic int8")
+    if int8:  # (TorchScript holds int8 modules; torch.onnx and safetensors do not)
+        from .quantize import dynamic_int8
+        model = dynamic_int8(model)
     x = data.x_test[:8]  # normalised with data.stats; a baked-in export is checked on the raw inputs instead
     bake = preprocessing and fmt != "safetensors" and "normalize" in prep
     if bake and data.stats:
         x = raw_inputs(x, data.stats, data.image)
-    info = {**export_model(model, x, fmt, out, meta, prep if bake else None), "fingerprint": version}
+    info = {**export_model(model, x, fmt, out, meta, prep if bake else None), "fingerprint": version,
+            **({"deploy": saved["deploy"], "int8": int8} if "deploy" in saved else {})}
     write_json(record, with_entry(exports, f"{name}.{fmt}", info))
     return (f"{name} -> {out} ({info['size_bytes'] / 1024:,.1f} KB); outputs match PyTorch within "
             f"{info['max_abs_diff']:.2g} (tolerance {info['tolerance']:.2g}) on {info['checked_on']} test inputs; "
-            f"{_takes(info, prep, fmt, bool(data.stats))}")
+            f"{_takes(info, prep, fmt, bool(data.stats))}{_deploy(saved.get('deploy'), int8, fmt)}")
+
+
+def _deploy(deploy: Optional[str], int8: bool, fmt: str) -> str:
+    """For a model trained to run in lower precision (compress/qat, whose file keeps float weights): whether the
+    export runs so (TorchScript is written in int8) or how to make it (ONNX and safetensors hold float weights)."""
+    if not deploy:
+        return ""
+    if int8:
+        return f"; as {deploy}, as it was trained to run"
+    how = "onnxruntime.quantization.quantize_dynamic" if fmt == "onnx" else "torch.ao.quantization.quantize_dynamic"
+    return (f"; trained to run as {deploy}: the file holds its float weights, quantize them so to deploy it "
+            f"({how}; distill bench writes such a file in bench/files/)")
 
 
 def _export_hf(model, name: str, path: str, saved: Dict[str, Any], data, out: str, meta: Dict[str, Any],
