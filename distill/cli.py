@@ -335,7 +335,11 @@ def _echo(msg: str) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # (said by the command's own parser, whose --help lists what it takes)
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        after = args.command and argv.index(args.command) < argv.index(extra[0])  # (not `distill --x run`)
+        (sub.choices[args.command] if after else parser).error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = argv
     quiet = None if is_main_process() else open(os.devnull, "w")  # (torchrun: rank 0 alone prints results)
     # SIGTERM (what a job scheduler sends) outside training stops the command as Ctrl-C does, in one line that

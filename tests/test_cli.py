@@ -109,7 +109,10 @@ def test_user_errors_are_one_line_exit_2(tmp_path, args, message):
     (["export", "r", "--format", "onx"], "error: distill export: argument --format: invalid choice: 'onx' (choose "
                                          "from 'onnx', 'torchscript', 'safetensors', 'hf') (see distill export --help)"),
     (["export", "r"], "error: distill export: the following arguments are required: --format"),
-    (["run", "--bogus"], "error: distill: unrecognized arguments: --bogus (see distill --help)")])
+    # (said by the command that does not take it, whose --help lists what it takes)
+    (["run", "--bogus"], "error: distill run: unrecognized arguments: --bogus (see distill run --help)"),
+    (["run", "digits", "extra"], "error: distill run: unrecognized arguments: extra (see distill run --help)"),
+    (["--bogus", "run"], "error: distill: unrecognized arguments: --bogus (see distill --help)")])
 def test_a_command_line_mistake_is_one_line_too(capsys, args, message):
     """(argparse printed its whole usage before the error)"""
     from distill.cli import main
