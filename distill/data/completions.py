@@ -143,8 +143,15 @@ def _prompt_fits(n: int, limit: int, where: str) -> None:
 
 
 def prompt_ids(text: str, rendered: bool, tok) -> List[int]:
-    """A prompt's token ids: with the tokenizer's BOS unless the chat template rendered it."""
-    return list(tok(text, add_special_tokens=not rendered)["input_ids"])
+    """A prompt's token ids: with the tokenizer's BOS unless the chat template rendered it, and without the
+    EOS a tokenizer that ends every text with one appends (Llama's add_eos_token): the completion follows the
+    prompt, and a model taught to write on after EOS would not stop at its own."""
+    ids = list(tok(text, add_special_tokens=not rendered)["input_ids"])
+    if not rendered and ids and ids[-1] == tok.eos_token_id:
+        plain = list(tok(text, add_special_tokens=False)["input_ids"])
+        if len(ids) > len(plain) and ids[len(ids) - 1 - len(plain):-1] == plain:  # (appended after the text)
+            ids.pop()
+    return ids
 
 
 def completion_ids(text: str, tok) -> List[int]:
@@ -164,7 +171,7 @@ def tokenize_rows(path: str, cfg: Dict[str, Any], tok) -> Tuple[np.ndarray, np.n
     from ..teachers.cache import check_cache_dir
     keys = ("prompt_column", "completion_column", "chat_template", "max_length")
     key = sha256_json({"file": sha256_file(path), "tokenizer": tokenization_hash(tok),
-                       **{k: cfg[k] for k in keys}})[:24]
+                       "prompts": "no appended EOS", **{k: cfg[k] for k in keys}})[:24]
     cached = os.path.join(check_cache_dir(None), f"completions-{key}.npz")
     if os.path.isfile(cached):
         with np.load(cached) as z:

@@ -130,16 +130,20 @@ def topk_buckets(z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return TopkBuckets.apply(z, ids)
 
 
-def require_same_shape(name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
-    """Logit KD compares one vocabulary (or class list) on both sides: a mismatch is a user's, said plainly."""
+def require_same_shape(name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                       topk: int = 0) -> None:
+    """Logit KD compares one vocabulary (or class list) on both sides: a mismatch is a user's, said plainly
+    (with the way out that applies: vocab_align compares dense logits, not a top-k cache's)."""
     if student_logits.shape == teacher_logits.shape:
         return
     from ..errors import UserError
     if student_logits.shape[:-1] == teacher_logits.shape[:-1]:
+        how = "set distill.topk: 0 (dense logits) and distill.vocab_align: truncate" if topk else \
+            "set distill.vocab_align: truncate"
         raise UserError(f"distill.method: {name}: the student gives {student_logits.shape[-1]:,} logits per "
                         f"token and the teacher {teacher_logits.shape[-1]:,}; logit KD needs one vocabulary "
-                        f"(set distill.vocab_align: truncate when the tokenizers agree and only the output "
-                        f"layers are padded to different sizes)")
+                        f"({how} when the tokenizers agree and only the output layers are padded to different "
+                        f"sizes)")
     raise UserError(f"distill.method: {name}: the student gives logits of shape {tuple(student_logits.shape)} "
                     f"and the teacher {tuple(teacher_logits.shape)}; the vocabularies (or classes) must match")
 

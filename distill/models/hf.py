@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 from importlib import metadata
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -68,7 +68,8 @@ def resolve_hf_path(spec: str, where: str) -> str:
         return ggufs[0]
     if spec.endswith(".gguf"):
         if not os.path.isfile(spec):
-            raise UserError(f"{where}: {spec}: no such GGUF file")
+            raise UserError(f"{where}: {spec}: " + ("a folder, not a GGUF file" if os.path.isdir(spec)
+                                                    else "no such GGUF file"))
         gguf_magic(spec, where)  # (here, where the key is known: the data's tokenizer is the teacher's file)
         return spec
     if not os.path.isfile(os.path.join(spec, "config.json")):
@@ -300,18 +301,26 @@ def load_classifier(path: str, class_names: List[str], where: str, finetuned: bo
 
 
 def _whole_encoder(hf: nn.Module, info: Dict[str, Any], path: str, where: str) -> None:
-    """The encoder's weights all came from the folder: transformers draws any it lacks, or holds at another
-    shape, at random, with a warning distill's quiet logging hides (a folder of another model's weights, or
-    of another width than its config, trained on a random encoder). The pooler, often not saved, may be
-    drawn, as the head is."""
+    """The encoder's weights all came from the folder (the pooler, often not saved, may be drawn, as the head
+    is): see `require_whole`."""
     prefix = hf.base_model_prefix + "."
+    require_whole(info, path, where, "the encoder's", lambda k: k.startswith(prefix) and ".pooler." not in k)
+
+
+def require_whole(info: Dict[str, Any], path: str, where: str, whose: str = "the model's",
+                  counts: Callable[[str], bool] = lambda k: True, source: str = "the folder",
+                  layout: str = "its config.json") -> None:
+    """Every weight (that `counts`) came from `source`, as `from_pretrained(..., output_loading_info=True,
+    ignore_mismatched_sizes=True)` reports it: transformers draws any it lacks, or holds at another shape, at
+    random, with a warning distill's quiet logging hides (a folder of another model's weights, or of another
+    width than its config, would be trained or distilled from as if it were the model)."""
     keys = [*info.get("missing_keys", []),
             *(k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", []))]
-    lost = sorted(k for k in keys if k.startswith(prefix) and ".pooler." not in k)
+    lost = sorted(k for k in keys if counts(k))
     if lost:
-        raise UserError(f"{where}: {path}: {len(lost)} of the encoder's weights are missing from the folder or of "
-                        f"another shape than its config.json gives ({', '.join(lost[:3])}"
-                        f"{', ...' if len(lost) > 3 else ''}); its weights are not this model's")
+        raise UserError(f"{where}: {path}: {len(lost)} of {whose} weights are missing from {source} or of another "
+                        f"shape than {layout} gives ({', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''}); "
+                        f"its weights are not this model's")
 
 
 def _fresh_head(hf: nn.Module, info: Dict[str, Any]) -> None:
@@ -531,9 +540,11 @@ def check_gguf(path: str, where: str) -> str:
         raise UserError(f"{where}: {path}: unreadable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
             from None
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-    if arch is None or arch not in GGUF_CONFIG_MAPPING:
-        raise UserError(f"{where}: {path}: a GGUF file of architecture {arch!r}, not a language model transformers "
-                        f"can load ({', '.join(sorted(GGUF_CONFIG_MAPPING)[:8])}, ...)")
+    # (the mapping also holds the header's own sections, and encoder-decoders, which are no causal LM)
+    causal = sorted(set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer", "t5", "umt5"})
+    if arch not in causal:
+        raise UserError(f"{where}: {path}: a GGUF file of architecture {arch!r}, not a causal language model "
+                        f"transformers can load ({', '.join(causal)})")
     return arch
 
 
@@ -550,9 +561,12 @@ def gguf_folder(path: str, where: str) -> str:
     base, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     try:
         tok = tf.AutoTokenizer.from_pretrained(base, gguf_file=name, **OFFLINE)
-        quantised = tf.AutoModelForCausalLM.from_pretrained(base, gguf_file=name, **OFFLINE)
+        quantised, info = tf.AutoModelForCausalLM.from_pretrained(base, gguf_file=name, **OFFLINE,
+                                                                   output_loading_info=True,
+                                                                   ignore_mismatched_sizes=True)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"{where}: {path}: cannot load as a causal language model ({str(e).splitlines()[0]})") from None
+    require_whole(info, path, where, source="the file", layout="its header")
     config = quantised.config
     if hasattr(config, "quantization_config"):  # dequantised to fp32 already; the folder is a plain model
         del config.quantization_config

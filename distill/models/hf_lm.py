@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import UserError
 from .hf import OFFLINE, HFWrapper, check_fresh_width, keep_layers_config, load_tokenizer, model_folder, \
-    pad_id, refuse_remote_code, tokenizer_hash, transformers_module, uses_rotary
+    pad_id, refuse_remote_code, require_whole, tokenizer_hash, transformers_module, uses_rotary
 
 
 class HFCausalLM(HFWrapper):
@@ -181,7 +181,9 @@ def load_causal_lm(path: str, where: str) -> HFCausalLM:
         if getattr(config, "distill_pruned", False):
             hf = _load_pruned(tf, config, folder, where)
         else:
-            hf = tf.AutoModelForCausalLM.from_pretrained(folder, **OFFLINE, dtype=torch.float32)
+            hf, info = tf.AutoModelForCausalLM.from_pretrained(folder, **OFFLINE, dtype=torch.float32,
+                                                               output_loading_info=True, ignore_mismatched_sizes=True)
+            require_whole(info, path, where)
     except (OSError, ValueError, SafetensorError) as e:  # (a weights file cut short: safetensors' own error)
         raise UserError(f"{where}: {path}: cannot load as a causal language model ({str(e).splitlines()[0]})") from None
     hf.eval()

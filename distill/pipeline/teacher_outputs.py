@@ -243,7 +243,7 @@ def teacher_completions(run: RunDir, teacher: nn.Module, data: DataBundle) -> Tu
                 kept = read_jsonl(run.path(TEACHER_COMPLETIONS))
                 counts["kept_of_extra"] = sum(r["row"] >= len(prompts) for r in kept)
             run.event(f"teacher_samples: {counts['kept']} of {counts['generated']} completions kept "
-                      f"({counts['truncated']} truncated, {counts['wrong']} wrong) at "
+                      f"({counts['truncated']} truncated, {counts['empty']} empty, {counts['wrong']} wrong) at "
                       f"{counts['tokens_per_s'] or 0:,.0f} tokens/s"
                       + (f"; {counts['kept_of_extra']} of the kept are for the {len(extra)} prompts of "
                          f"distill.sequence_kd.prompts" if extra else ""), **counts)
@@ -253,7 +253,7 @@ def teacher_completions(run: RunDir, teacher: nn.Module, data: DataBundle) -> Tu
     if not rows:
         from ..errors import UserError
         raise UserError(f"{run.path(TEACHER_COMPLETIONS)}: the teacher wrote no completion that was kept (none "
-                        f"ended within max_new_tokens, or none was verified correct); nothing to train on")
+                        f"ended with text within max_new_tokens, or none was verified correct); nothing to train on")
     if own is not data:  # (a student of another tokenizer: the teacher's text, in the student's tokens)
         pairs, data = in_student_tokens(run, rows, own), own
     else:

@@ -6,8 +6,10 @@ is appended to `<out>.partial` (one JSON line per completion, kept or not, flush
 next begins, and sampled with a seed of its own (run seed, batch index): a killed generation resumes at the
 first batch not on disk and ends with the same rows as an uninterrupted one, none twice or missing.
 
-A completion is dropped when it was cut at `max_new_tokens` without EOS (truncated), or, with `verify`,
-when the answer extracted from it (the regex `evaluate.exact_match.answer`) differs from the reference's.
+A completion is dropped when it was cut at `max_new_tokens` without EOS (truncated), when it ended with no
+text (empty: EOS at once, or special tokens only; a student taught it would stop straight after a prompt, and
+the same row in the data is refused), or, with `verify`, when the answer extracted from it (the regex
+`evaluate.exact_match.answer`) differs from the reference's.
 The output, written atomically at the end, is a JSONL file of the kept {prompt, completion} rows with their
 token ids (the student trains on the ids), and `<out>.provenance.json`: teacher hash, sampling
 settings, seed, counts and tokens/s.
@@ -84,7 +86,8 @@ def generate(teacher: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], ans
             progress.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - t0):,.0f}", refresh=False)
     seconds = time.perf_counter() - t0
     rows.sort(key=lambda r: (r["row"], r["sample"]))
-    kept = [r for r in rows if r["ended"] and r["correct"] is not False]
+    empty = [r["ended"] and not r["completion"].strip() for r in rows]
+    kept = [r for r, e in zip(rows, empty) if r["ended"] and not e and r["correct"] is not False]
     with atomic_path(out) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             for r in kept:
@@ -92,8 +95,8 @@ def generate(teacher: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], ans
                                      "completion": r["completion"], "row": r["row"], "sample": r["sample"],
                                      "prompt_ids": r["prompt_ids"], "completion_ids": r["completion_ids"]}) + "\n")
     counts = {"prompts": len(prompts), "generated": len(rows), "kept": len(kept),
-              "truncated": sum(not r["ended"] for r in rows),
-              "wrong": sum(r["ended"] and r["correct"] is False for r in rows),
+              "truncated": sum(not r["ended"] for r in rows), "empty": sum(empty),
+              "wrong": sum(r["ended"] and not e and r["correct"] is False for r, e in zip(rows, empty)),
               "tokens_per_s": round(tokens / seconds, 1) if todo and seconds > 0 else None,
               "resumed_batches": len(complete)}
     write_json(out + ".provenance.json", {**provenance, "settings": dict(settings), "answer": answer, **counts})
