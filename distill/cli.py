@@ -12,7 +12,7 @@ import threading
 from typing import Iterator, List, NoReturn, Optional
 
 from .launch import ERRORS, is_main_process, report_error, under_torchrun
-from .errors import UserError
+from .errors import SIGNALLED, Terminated, UserError, stop_on_signal
 from .roles import MODELS_OUT, SCRATCH, STUDENT, TEACHER
 
 DEFAULT_RECIPE = "digits"
@@ -346,7 +346,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # says how to go on (training's own handler, while it runs, checkpoints first). Not under torchrun, whose
     # agent stops the processes with it and reads their exit codes.
     handle = not under_torchrun() and threading.current_thread() is threading.main_thread()
-    term = signal.signal(signal.SIGTERM, _terminated) if handle else None
+    SIGNALLED.clear()
+    handlers = {sig: signal.signal(sig, stop_on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if handle else {}
     # (torchrun's agent sets TORCHELASTIC_RUN_ID in its processes; WORLD_SIZE alone may be a user's)
     watch = _stop_when_orphaned() if under_torchrun() and os.environ.get("TORCHELASTIC_RUN_ID") else None
     try:
@@ -379,8 +380,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"interrupted ({signum.name}){f'; continue with: {again}' if again else ''}", file=sys.stderr)
         return 128 + signum
     finally:
-        if handle:  # (None: a handler set outside Python; the default is the nearest)
-            signal.signal(signal.SIGTERM, term if term is not None else signal.SIG_DFL)
+        for sig, handler in handlers.items():  # (None: a handler set outside Python; the default is the nearest)
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        SIGNALLED.clear()
         if quiet:
             quiet.close()
         if watch is not None:
@@ -401,14 +403,6 @@ def _stop_when_orphaned() -> threading.Event:
                 return
     threading.Thread(target=watch, name="distill-parent-watch", daemon=True).start()
     return done
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, outside training."""
-
-
-def _terminated(signum: int, frame: object) -> None:
-    raise Terminated()
 
 
 def _resume_hint(args: argparse.Namespace, folder: str):

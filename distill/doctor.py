@@ -566,15 +566,14 @@ def student_too_small(run: RunView) -> List[Dict[str, Any]]:
 
 def quantization_loss(run: RunView) -> List[Dict[str, Any]]:
     """An int8 variant in bench/bench.json losing more than bench.max_accuracy_drop against its fp32 model."""
-    from .compress.bench import INT8, is_stale
-    from .pipeline.rundir import stage_fingerprints
+    from .compress.bench import INT8, is_stale, model_versions
     if not run.bench:
         raise Skip(f"no bench/bench.json; run `distill bench {shlex.quote(run.folder)}` first")
     max_drop = float(run.bench_setting("max_accuracy_drop"))
     results = run.bench.get("results") if isinstance(run.bench, dict) else None
     results = [r for r in (results if isinstance(results, list) else []) if isinstance(r, dict) and "error" not in r
                and {"model", "variant"} <= set(r) and isinstance(r.get("accuracy"), (int, float))]
-    versions = stage_fingerprints(run.folder)
+    versions = model_versions(run.folder)
     rows = {(r["model"], r["variant"]): r for r in results if not is_stale(r, versions)}
     if results and not rows:
         raise Skip("bench/bench.json measured earlier versions of the models (trained again since); run "

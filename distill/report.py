@@ -419,10 +419,9 @@ def compression_section(folder: str) -> str:
                         f"again.")
     bench = read_run_json(os.path.join(folder, "bench", "bench.json"))
     if isinstance(bench, dict) and isinstance(bench.get("results"), list) and bench["results"]:
-        from .compress.bench import is_stale
+        from .compress.bench import is_stale, model_versions
         columns = bench_columns(bench)  # (a language model's are per token)
-        from .pipeline.rundir import stage_fingerprints
-        versions = stage_fingerprints(folder)
+        versions = model_versions(folder)
         stale = [isinstance(r, dict) and (is_stale(r, versions) or bool(old_chain) and str(r.get("model")).startswith(
             "compress/")) for r in bench["results"]]
         pareto = os.path.join(folder, "bench", "pareto.png")

@@ -233,6 +233,18 @@ def test_the_model_qat_started_from_is_benched_as_int8_also_when_it_is_the_sourc
     assert [v for m, _, v in rows if m == "compress/qat"] == ["fp32", "dynamic", "onnx_dynamic"]
 
 
+def test_a_compressed_model_bench_models_names_is_measured_in_every_variant(tmp_path, monkeypatch):
+    """Only the last model of the chain was: bench.models=[compress/channels] measured it in fp32 alone."""
+    from distill.compress import bench
+    os.makedirs(tmp_path / "compress")
+    (tmp_path / "compress" / "compress.json").write_text(json.dumps({"models": [{"name": "channels"},
+                                                                                {"name": "layers"}]}))
+    monkeypatch.setattr("distill.pipeline.artifacts.require_saved", lambda folder, name: name)
+    rows = bench.plan(str(tmp_path), ["fp32", "static", "onnx_static"], only=["compress/channels", "teacher"])
+    assert [(m, v) for m, _, v in rows] == [("teacher", "fp32"), *[(m, v) for m in ("student", "compress/channels")
+                                                                  for v in ("fp32", "static", "onnx_static")]]
+
+
 @pytest.fixture(scope="module")
 def cnn_run(tmp_path_factory):
     """A tiny run whose student is a wide ResNet (residual blocks to drop, channels to prune)."""
@@ -353,6 +365,14 @@ def test_compress_cnn_every_step_saves_a_smaller_loadable_model(cnn_run, capsys)
     assert "Out of date: these models were compressed from earlier versions of student" in compression_section(copy)
     assert main(["export", copy, "--model", "compress/channels", "--format", "onnx"]) == 2  # (it exported them)
     assert "--model compress/channels: compressed from earlier versions of student, trained again since; compress " \
+        "again first" in capsys.readouterr().err
+    # ... and so when the student trained again by another recipe (which the compressed models were not made
+    # by: export said a rerun had stopped before making them again, and to resume it)
+    recipe = open(os.path.join(copy, "recipe.yaml")).read()
+    assert "epochs: 1" in recipe
+    open(os.path.join(copy, "recipe.yaml"), "w").write(recipe.replace("epochs: 1", "epochs: 2"))
+    assert main(["export", copy, "--model", "compress/qat", "--format", "onnx"]) == 2
+    assert "--model compress/qat: compressed from earlier versions of student, trained again since; compress " \
         "again first" in capsys.readouterr().err
     shutil.rmtree(copy)
     # a compressed model exports like any other (ONNX checked in ONNX Runtime)
@@ -746,3 +766,26 @@ def test_a_model_made_from_an_unfinished_step_of_the_chain_is_left_out(cnn_run, 
     assert "bench: compress/qat: made from a model of the chain that is left out; left out" in err, err
     rows = json.load(open(os.path.join(folder, "bench", "bench.json")))["results"]
     assert not [r for r in rows if r["model"].startswith("compress/")]
+
+
+def test_a_stop_whose_exception_torch_dropped_still_stops_the_bench(cnn_run, tmp_path, capsys, monkeypatch):
+    """SIGTERM while FX tracing wrote a static int8 file raised inside Python code that C++ called, which
+    dropped the exception: the bench measured on to the end and exited 0. The signal is kept and asked for."""
+    import shutil
+    import signal
+    from distill.compress import bench as bench_module
+    from distill.errors import SIGNALLED
+    folder = str(tmp_path / "run")
+    shutil.copytree(cnn_run, folder, ignore=shutil.ignore_patterns("compress", "bench", "export"))
+    real, calls = bench_module._write_variant_file, []
+
+    def swallowed(*args):  # (the handler ran, and its exception went nowhere)
+        calls.append(args)
+        if len(calls) == 2:
+            SIGNALLED.append(signal.SIGTERM)
+        return real(*args)
+    monkeypatch.setattr(bench_module, "_write_variant_file", swallowed)
+    capsys.readouterr()
+    assert main(["bench", folder, "--set", "bench.variants=[fp32]", "--set", "bench.latency_runs=2"]) == 128 + 15
+    assert capsys.readouterr().err.strip().endswith("interrupted (SIGTERM)")
+    assert len(calls) == 2 and not os.path.exists(os.path.join(folder, "bench", "bench.json")) and not SIGNALLED

@@ -435,6 +435,11 @@ def test_bench_rows_of_an_earlier_model_or_not_what_bench_wrote_are_passed_over(
     report, _ = diagnose(folder, capsys)
     assert not by_rule(report, "quantization_loss")
     assert "earlier versions of the models" in report["skipped"]["quantization_loss"]
+    _bench_rows(folder, rows)  # measured on the student as it is, whose file is gone since: passed over too
+    os.rename(os.path.join(folder, "student.safetensors"), os.path.join(folder, "gone"))
+    report, _ = diagnose(folder, capsys)
+    assert "earlier versions of the models" in report["skipped"]["quantization_loss"]
+    os.rename(os.path.join(folder, "gone"), os.path.join(folder, "student.safetensors"))
     _bench_rows(folder, [{"model": "student"}, 5, {"variant": "fp32", "accuracy": "x"}])  # not what bench writes
     report, _ = diagnose(folder, capsys)
     assert "quantization_loss" in report["skipped"]

@@ -38,7 +38,7 @@ import subprocess
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..errors import UserError, did_you_mean
+from ..errors import UserError, did_you_mean, raise_if_signalled
 from ..io import read_run_json, save_figure, write_json, write_text
 from ..progress import bar
 from ..roles import MODELS_OUT
@@ -104,6 +104,7 @@ def plan(folder: str, variants: List[str], only: Optional[List[str]] = None) -> 
                 raise UserError(f"bench.models[{i}]: {name!r} is not a model of {folder}"
                                 f"{did_you_mean(str(name), known)}; it has {', '.join(known)}")
         everything = [(n, p) for n, p in everything if n in only or n == "student"]
+        deploy += [n for n in only if n.startswith("compress/")]  # (named to be measured: as it would deploy)
     rows = []
     for name, path in everything:
         for v in (variants if name in deploy else ["fp32"]):
@@ -156,6 +157,7 @@ def bench(recipe, folder: str, echo=print) -> Dict[str, Any]:
     with _Server() as server:
         for name, path, variant in bar(rows, desc="bench", unit="variant"):
             error = _write_variant_file(cfg, folder, name, path, variant, loaded)
+            raise_if_signalled()  # (a stop asked while FX tracing wrote a static int8 file: torch drops it)
             r = {"model": name, "variant": variant, "error": error} if error else \
                 _measure_in_child(server, cfg, folder, name, path, variant)
             results.append(r)
@@ -194,9 +196,17 @@ def compressed_out_of_date(folder: str) -> Optional[str]:
     return f"compressed from earlier versions of {' and '.join(changed)}, trained again since" if changed else None
 
 
+def model_versions(folder: str) -> Dict[str, Optional[str]]:
+    """The version of each model a run folder holds now, as bench rows are compared with (`is_stale`): its
+    stage's fingerprint; none for a model whose file is gone."""
+    from ..pipeline.artifacts import is_saved
+    from ..pipeline.rundir import stage_fingerprints
+    return {k: v for k, v in stage_fingerprints(folder).items() if is_saved(folder, k)}
+
+
 def is_stale(row: Dict[str, Any], versions: Dict[str, Optional[str]]) -> bool:
     """A bench row measured on an earlier version of its model (retrained, re-compressed, or gone since, or
-    being made again by a run that stopped)."""
+    being made again by a run that stopped), by `model_versions`."""
     from ..pipeline.rundir import UNFINISHED
     return "fingerprint" in row and (row["fingerprint"] != versions.get(row.get("model"))
                                      or row["fingerprint"] == UNFINISHED)

@@ -24,6 +24,9 @@ def export_run_model(recipe, folder: str, name: str, fmt: str, out: Optional[str
     if name not in MODEL_NAMES and not re.fullmatch(r"compress/\w[\w.-]*", name):
         raise UserError(f"--model {name}: choose student, student_scratch, teacher or compress/NAME")
     path = require_saved(folder, name)
+    if name.startswith("compress/"):  # (first: after a finished retrain of its source, that is the reason, not
+        from .bench import compressed_out_of_date  # a run that stopped before making this model again)
+        _compress_again(folder, name, compressed_out_of_date(folder))
     require_current(folder, name, path, "export")
     if name.startswith("compress/"):
         _require_current_chain(folder, name)
@@ -31,18 +34,21 @@ def export_run_model(recipe, folder: str, name: str, fmt: str, out: Optional[str
 
 
 def _require_current_chain(folder: str, name: str) -> None:
-    """What bench and the report measure: a model of the last compress, which is up to date."""
+    """What bench and the report measure: a model of the last compress (made from the run's models as they are
+    now: checked before), each model before it in the chain finished."""
     from ..pipeline.artifacts import require_saved
     from ..pipeline.rundir import require_current
-    from .bench import chain_names, compressed_out_of_date
+    from .bench import chain_names
     chain = chain_names(folder)
-    why = compressed_out_of_date(folder) or (None if name in chain else
-                                             "not a model of the last compress (compress/compress.json): one an "
-                                             "earlier chain made, maybe from an earlier version of its source")
-    if why:
-        raise UserError(f"--model {name}: {why}; compress again first: distill compress {shlex.quote(folder)}")
+    _compress_again(folder, name, None if name in chain else "not a model of the last compress "
+                    "(compress/compress.json): one an earlier chain made, maybe from an earlier version of its source")
     for before in chain[:chain.index(name)]:  # (each step distils the model before it: one unfinished is made anew)
         require_current(folder, before, require_saved(folder, before), "export")
+
+
+def _compress_again(folder: str, name: str, why: Optional[str]) -> None:
+    if why:
+        raise UserError(f"--model {name}: {why}; compress again first: distill compress {shlex.quote(folder)}")
 
 
 def _out_file(folder: str, name: str, fmt: str, out: Optional[str], record: str) -> str:

@@ -369,11 +369,16 @@ def distill_settings(run: RunDir, teacher: Optional[nn.Module] = None, student: 
     return run.dcfg
 
 
+def is_saved(folder: str, name: str) -> bool:
+    """Whether the model `name` is in a run folder (a .safetensors file or a Hugging Face folder)."""
+    return os.path.isfile(os.path.join(folder, f"{name}.safetensors")) or is_model_folder(os.path.join(folder, name))
+
+
 def require_saved(folder: str, name: str) -> str:
     """The model `name` in a run folder (a .safetensors file or a Hugging Face folder), or a clear error
     naming the stage that makes it."""
     path = os.path.join(folder, f"{name}.safetensors")
-    if os.path.isfile(path) or is_model_folder(os.path.join(folder, name)):
+    if is_saved(folder, name):
         return path if os.path.isfile(path) else os.path.join(folder, name)
     how = (" with the baseline (baseline: true, and without --no-baseline): the student trained without "
            "distillation" if name == SCRATCH else "")
