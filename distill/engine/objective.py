@@ -174,7 +174,7 @@ class Objective(nn.Module):
         if t_logits.shape[-1] != logits.shape[-1] and self.dcfg.get("vocab_align") == "truncate":
             v = min(t_logits.shape[-1], logits.shape[-1])  # (same tokenizer, output layers padded differently)
             logits, t_logits = logits[..., :v], t_logits[..., :v]
-        require_same_shape(self.method, logits, t_logits, self.dcfg.get("topk", 0))  # (every method, not the token ones)
+        require_same_shape(self.method, logits, t_logits, self.dcfg.get("topk", 0))  # (every method)
         if not logits.numel():  # (no position to score in this micro-batch: nothing to learn, not 0/0)
             return logits.sum() * 0
         if self.dcfg.get("logit_standardize"):
