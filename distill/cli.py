@@ -506,8 +506,9 @@ def _run_or_stop(args: argparse.Namespace, recipe, out: Optional[str], again: st
         if is_main_process():
             print(f"{e}; continue with: {again}", file=sys.stderr)
         return e.exit_code
-    except RuntimeError as e:  # a peer died or hung: this process stops too, its last checkpoint kept
-        if not (isinstance(e, dist.DistError) or (dist.is_initialized() and LOST_PEER.search(str(e)))):
+    except RuntimeError as error:  # a peer died or hung: this process stops too, its last checkpoint kept
+        e = _lost_peer(error, dist)
+        if e is None:
             raise
         first = re.sub(r"^\[[^]]*\] ", "", str(e).strip().splitlines()[0]).split(". ")[0] if str(e).strip() \
             else type(e).__name__  # (gloo: "[file:line] Read error [127.0.0.1]:6550: Connection reset by peer. ...")
@@ -518,6 +519,18 @@ def _run_or_stop(args: argparse.Namespace, recipe, out: Optional[str], again: st
 
 # How gloo and NCCL say that a peer process died or hung (they raise a plain RuntimeError)
 LOST_PEER = re.compile(r"gloo|nccl|Connection (reset|closed|refused)|timed out|Timeout|peer", re.I)
+
+
+def _lost_peer(error: BaseException, dist) -> Optional[BaseException]:
+    """The exception, of `error` and those it was raised while handling, that says a peer died or hung: a later
+    one (a loader worker's failure as the process stopped) may hide gloo's."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, dist.DistError) or (dist.is_initialized() and LOST_PEER.search(str(error))):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 # What each stage command runs of the plan (the stages it leaves out are read from the run folder).
 STAGES = {"train-teacher": ("teacher",), "generate": ("generate",), "soft-labels": ("soft_labels",),

@@ -161,8 +161,11 @@ def launch(argv: List[str], nproc: int, resume: str) -> int:
             for line in _said(errors, nproc):
                 print(line, file=sys.stderr)
             return 2
-        if all(c in (130, 143) for c in codes):
-            return codes[0]  # interrupted: the main process said where it stopped and how to continue
+        said = [c for c in codes if c in (130, 143)]
+        # interrupted: the main process said where it stopped and how to continue (a process that torchrun
+        # stopped after another's exit, its own handler of the signal done with, ended by the signal: -15)
+        if said and all(c in (130, 143, -signal.SIGINT, -signal.SIGTERM) for c in codes):
+            return said[0]
         print(f"error: {_describe(e.failures)}; the other processes were stopped and the last checkpoint is "
               f"kept; continue with: {resume}", file=sys.stderr)
         return 1

@@ -1,4 +1,7 @@
 """Data loading: splits, normalisation on train statistics only, .npz layouts, augmentation."""
+import os
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -110,6 +113,22 @@ def test_loader_workers_give_the_same_batches_as_the_main_process(tmp_path):
         assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ia, ib) and a.n == len(ia)
     first = inline[0].micro[0]
     assert not torch.equal(first.x, d.x_train[first.idx])  # augmented, not the stored images
+
+
+def test_loader_workers_leave_a_stop_signal_to_the_training_process(tmp_path):
+    """SIGINT/SIGTERM reach the workers too (Ctrl-C, torchrun and schedulers signal a process group): a worker
+    that died of it failed the step in progress, before the trainer could stop at its end and checkpoint."""
+    import signal
+    from distill.engine.sampling import epoch_batches
+    cfg = data_cfg(dataset="npz", path=_npz(tmp_path), val_fraction=0.2, batch_size=8)
+    d = load_data(cfg)
+    loader = iter(epoch_batches(d, {**cfg, "workers": 2}, torch.Generator().manual_seed(3)))
+    first = next(loader)
+    for sig, worker in zip((signal.SIGTERM, signal.SIGINT), loader._workers):
+        os.kill(worker.pid, sig)
+    time.sleep(0.5)  # (the signals delivered before the next batches are asked for)
+    assert [first.micro[0].idx.tolist(), *(s.micro[0].idx.tolist() for s in loader)] == \
+        [s.micro[0].idx.tolist() for s in epoch_batches(d, cfg, torch.Generator().manual_seed(3))]
 
 
 def test_a_global_batch_is_shared_out_whole_over_processes_and_micro_batches(tmp_path):

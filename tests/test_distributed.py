@@ -15,6 +15,7 @@
 """
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -339,6 +340,26 @@ def test_sigkill_then_resume_with_two_processes_is_bitwise_identical(reference, 
     assert epochs[0] == pytest.approx(epochs[1], rel=1e-9), state["progress"]["batch"]
 
 
+def test_sigterm_to_the_launcher_checkpoints_with_loader_workers_then_resumes_bitwise(reference, tmp_path):
+    """A scheduler's stop: torchrun passes SIGTERM on to each process's group, loader workers included. Every
+    process stops at the end of its step and the checkpoint is written (a worker killed by it failed the step,
+    with a traceback per process, and the progress since the last checkpoint was lost)."""
+    out = tmp_path / "run"
+    launcher = start([sys.executable, "-m", "distill", "run", *DIGITS, "--out", str(out), "--nproc", "2",
+                      "--set", "data.workers=1"])  # (the same batches as without workers)
+    deadline = time.time() + 120
+    while not list((out / "checkpoints").glob("student/step-*.pt")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    launcher.send_signal(signal.SIGTERM)
+    code, _, err = finish(launcher, 60)
+    assert code == 143 and "Traceback" not in err and "[rank" not in err, err[-3000:]
+    stopped = re.search(r"student: stopped by SIGTERM at epoch \d+, step (\d+); checkpoint (\S+);", err)
+    assert stopped and os.path.isfile(stopped[2]) and stopped[2].endswith(f"step-{int(stopped[1]):08d}.pt"), err
+    ok("run", str(out), "--nproc", "2", "--resume")
+    compare(reference, str(out), exact=True)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -443,3 +464,35 @@ def test_a_loaded_teacher_s_accumulation_is_not_checked_against_the_processes():
         check_processes(cfg, 2)
     for loaded in ({"checkpoint": "teacher.safetensors"}, {"hf": "folder", "finetuned": True}):
         check_processes({**cfg, "teacher": {**cfg["teacher"], **loaded}}, 2)
+
+
+def test_a_lost_peer_is_found_behind_the_error_raised_while_stopping():
+    """A loader worker's failure as the process stopped was raised while gloo's error was handled: the run
+    still ends in the one line for a lost peer, not a traceback."""
+    import torch.distributed as dist
+    from distill.cli import _lost_peer
+    try:
+        try:
+            raise dist.DistNetworkError("Connection closed by peer [127.0.0.1]:6550")
+        except RuntimeError:
+            raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+    except RuntimeError as e:
+        assert isinstance(_lost_peer(e, dist), dist.DistNetworkError)
+    assert _lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), dist) is None
+
+
+@pytest.mark.parametrize("codes, expected", [((143, -15), 143), ((-15, 130), 130), ((143, 1), 1), ((-15, -15), 1)])
+def test_a_process_torchrun_stopped_after_an_interrupted_one_is_an_interruption(monkeypatch, capsys, codes, expected):
+    """Process 1 alone was sent SIGTERM: both stop at the same step, checkpoint and exit 143, but torchrun may
+    see one exit first and SIGTERM the other, whose handler is done with by then (-15): still an interruption,
+    not 'process 0 exited with code 143'. A process that failed (1), or no process that said so, is not."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+    from distill import launch
+
+    def run(args):
+        raise ChildFailedError("distill", {r: ProcessFailure(r, 1000 + r, c, "") for r, c in enumerate(codes)})
+    monkeypatch.setattr(torch.distributed.run, "run", run)
+    assert launch.launch(["run", "digits"], 2, "distill run x --nproc 2 --resume") == expected
+    err = capsys.readouterr().err
+    assert ("error:" in err) == (expected == 1), err

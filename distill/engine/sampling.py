@@ -10,6 +10,7 @@ optimisation does not depend on the process count (except for losses that relate
 which see each micro-batch alone)."""
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -138,4 +139,14 @@ def epoch_batches(data: DataBundle, data_cfg: Dict[str, Any], gen: torch.Generat
         return (ds[i] for i in range(start, len(ds)))
     return torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(start, len(ds)),  # (a generator of its
                                        num_workers=data_cfg["workers"],  # own: else its base seed is drawn from
-                                       generator=torch.Generator().manual_seed(ds.seed))  # the global RNG, dropout's)
+                                       generator=torch.Generator().manual_seed(ds.seed),  # the global RNG, dropout's)
+                                       worker_init_fn=ignore_stop_signals)
+
+
+def ignore_stop_signals(worker: int) -> None:
+    """A loader worker leaves SIGINT and SIGTERM to the training process, which stops at the end of its step,
+    saves a checkpoint, then ends the workers. They get the signal too: Ctrl-C reaches the terminal's whole
+    process group, torchrun signals each process's group, a scheduler the job's. A worker that died of it
+    failed the step in progress ("DataLoader worker is killed by signal"), before the checkpoint."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
