@@ -260,14 +260,16 @@ def _idle_generation(cfg: Dict[str, Any]) -> List[str]:
 
 def _idle_reaction(cfg: Dict[str, Any]) -> List[str]:
     """A monitor reaction that cannot move what it adjusts, or whose adjustment a schedule overrides."""
+    from .recipe_schema import SCHEMA
     m, d = cfg["monitor"], cfg["distill"]
-    if m["enabled"] and m["retention_min"] is None:
-        from .recipe_schema import SCHEMA
+    if not m["enabled"]:
+        changed = [k for k in m if k != "enabled" and m[k] != SCHEMA["monitor"][k].default]
+        return [f"monitor.{changed[0]}: does nothing while monitor.enabled is false"] if changed else []
+    if m["retention_min"] is None:
         changed = [k for k in ("action", "factor", "watch") if m[k] != SCHEMA["monitor"][k].default]
         if changed:
             return [f"monitor.{changed[0]}: does nothing without monitor.retention_min (the retention under which "
                     f"the monitor reacts)"]
-    if not (m["enabled"] and m["retention_min"] is not None):
         return []
     moves = {"raise_alpha": "alpha", "lower_temperature": "temperature"}.get(m["action"])
     if moves and d["schedule"][moves] != "constant":

@@ -287,6 +287,17 @@ def test_run_logs_gradient_consistency_cosine_and_step_lines(tmp_path):
         assert all(("grad_kd_ce_cos" in r) == (model == "student") for r in steps)
 
 
+def test_epoch_lines_only_still_hold_the_kd_ce_gradient_cosine(tmp_path):
+    """monitor.every: 0 leaves the step lines out, not the gradient signals measured on steps (their means are
+    in the epoch lines)."""
+    out = str(tmp_path / "run")
+    run(Recipe.load("digits", [*TINY_CNN_PAIR, "monitor.every=0", "baseline=false"]), out, echo=lambda m: None)
+    lines = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert not [r for r in lines if "step" in r and "val_accuracy" not in r]
+    epochs = [r for r in lines if r.get("model") == "student" and "val_accuracy" in r]
+    assert len(epochs) == 3 and all(-1 <= r["grad_kd_ce_cos"] <= 1 for r in epochs)
+
+
 def test_retention_is_measured_in_epochs_that_pass_a_multiple_of_measure_every(tmp_path):
     """Tiny epochs are measured every few epochs (and the last always); the weights do not depend on it."""
     from safetensors.torch import load_file

@@ -332,6 +332,8 @@ def test_a_recipe_changed_in_python_runs_as_validated(tmp_path):
     (["distill.data.word_prob=0.3"], "distill.data.word_prob: does nothing for data.dataset: digits"),
     (["monitor.action=raise_alpha"], "monitor.action: does nothing without monitor.retention_min"),
     (["monitor.factor=3"], "monitor.factor: does nothing without monitor.retention_min"),
+    (["monitor.enabled=false", "monitor.retention_min=0.9", "monitor.action=raise_alpha"],
+     "monitor.retention_min: does nothing while monitor.enabled is false"),
     (["data.sampling=balanced"], "data.sampling: balanced draws the rows only the teacher labels"),  # (digits: 0.2)
     (["distill.method=dkd", "train.epochs=20"], "distill.dkd.warmup_epochs: 20 not less than student.train.epochs "
                                                 "20: the DKD term ramps up over the whole run"),

@@ -47,8 +47,8 @@ class Callback:
 
 class LogLines(Callback):
     """`log.jsonl`: a line per epoch, and one every `every` steps and on each step whose gradient signals are
-    measured (mean and max loss since the last line, with the step's signals). A resume first drops the lines
-    written after the checkpoint it starts from."""
+    measured (mean and max loss since the last line, with the step's signals), unless `every` is 0. A resume
+    first drops the lines written after the checkpoint it starts from."""
     order = 20
 
     def __init__(self, path: Optional[str], every: int = 0, tensorboard: Optional["TensorBoard"] = None) -> None:
@@ -68,7 +68,7 @@ class LogLines(Callback):
         return bool(self.every) and step % self.every == 0
 
     def on_step_end(self, t: Trainer, epoch: int, record: Optional[Dict[str, Any]], skipped: bool) -> None:
-        if record is not None:
+        if record is not None and self.every:  # (every: 0, epoch lines only; a step's signals are in their means)
             self.write(record)
 
     def on_epoch_end(self, t: Trainer, record: Dict[str, Any]) -> None:

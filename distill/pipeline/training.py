@@ -54,7 +54,7 @@ def train(run: RunDir, name: str, objective: Objective, data: Optional[DataBundl
         callbacks.append(board)
     if monitor and m["enabled"]:
         callbacks.append(Monitor(monitor, m["measure_every"] if m["retention_min"] is None else 0))
-    if m["enabled"] and m["gradients"] and every and objective.teachers:  # (every: 0, epoch lines only)
+    if m["enabled"] and m["gradients"] and objective.teachers:  # (every: 0, in the epoch lines only)
         callbacks.append(GradientSignals(m["gradients_every"]))
     if name == STUDENT and run.on_epoch:
         callbacks.append(EpochHook(run.on_epoch))
