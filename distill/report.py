@@ -167,10 +167,25 @@ def settings_list(recipe: Any) -> str:
         extra.pop("layers", None)
     if extra:
         items.append(("more distillation settings", json.dumps(extra)))
+    data_kd = _data_distillation(d.get("data") or {})
+    if data_kd:
+        items.append(("data distillation", ", ".join(f"{k} = {v}" for k, v in data_kd.items())))
     mon = cfg.get("monitor") or {}
     if mon.get("retention_min") is not None:
         items.append(("monitor", f"retention_min = {mon['retention_min']}, action = {mon.get('action')}"))
     return "<dl>" + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in items) + "</dl>"
+
+
+def _data_distillation(dd: Dict[str, Any]) -> Dict[str, Any]:
+    """distill.data's settings that are on (token masking, augmented copies, unlabelled texts), with the ones
+    that say how much of each."""
+    from .recipe_schema import SCHEMA
+    schema = SCHEMA["distill"]["data"]
+    on = {k for k in schema if k in dd and dd[k] != schema[k].default}
+    on |= {"mask_fraction", "teacher_sees"} if dd.get("mask") else set()
+    on |= {"word_prob"} if dd.get("eda") or dd.get("substitute") else set()
+    on |= {"neighbours"} if dd.get("substitute") else set()
+    return {k: dd[k] for k in schema if k in on and k in dd}
 
 
 def _method(d: Dict[str, Any]) -> str:

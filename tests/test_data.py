@@ -222,6 +222,10 @@ def test_a_subset_of_more_rows_than_the_data_has_is_said(tmp_path):
     data = RunDir(Recipe.load("digits", ["data.train_subset=5000"]), str(tmp_path / "r"), said.append).data
     assert said == ["warning: data.train_subset=5000: the data has 1,437 training rows, so it keeps every one"]
     assert len(data.y_train) + len(data.y_val) + len(data.x_unlabelled) == 1437  # (a fifth labelled: digits')
+    for subset, warned in ((1437, True), (600, False)):  # (a subset that applied was said to keep every row)
+        said.clear()
+        RunDir(Recipe.load("digits", [f"data.train_subset={subset}"]), str(tmp_path / str(subset)), said.append).data
+        assert bool(said) == warned, said
 
 
 def test_label_fraction_keeps_a_stratified_labelled_part_and_the_rest_as_inputs_only():

@@ -114,6 +114,15 @@ def test_every_loss_takes_a_mask_and_all_true_equals_no_mask():
     full = torch.ones(2, 4, dtype=torch.bool)
     assert torch.allclose(attention_kl(a_s, a_t, mask=full), attention_kl(a_s, a_t))
     assert torch.allclose(attention_mse(a_s, a_t, mask=full), attention_mse(a_s, a_t))
+    # a text's loss per query is the same beside a longer one: its padded keys (0 on both sides) and queries
+    # count nothing (the batch's loss: the mean over its real queries, 3 of one text and 5 of the other)
+    short = [torch.rand(1, 2, 3, 3).softmax(-1) for _ in range(2)]
+    padded = [torch.cat([torch.nn.functional.pad(m, (0, 2, 0, 2)), torch.rand(1, 2, 5, 5).softmax(-1)])
+              for m in short]
+    mask = torch.tensor([[True] * 3 + [False] * 2, [True] * 5])
+    for loss in (attention_mse, attention_kl):
+        alone, beside = loss(*short), loss(*padded, mask=mask)
+        assert torch.allclose(beside, (3 * alone + 5 * loss(padded[0][1:], padded[1][1:])) / 8), loss.__name__
 
 
 def test_objective_takes_a_dict_of_teachers_and_an_aggregator():

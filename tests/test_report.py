@@ -243,6 +243,11 @@ def test_the_settings_name_the_method_and_its_own_settings():
     assert '<dd>dkd {&quot;alpha&quot;: 1.0, &quot;beta&quot;: 8.0, &quot;warmup_epochs&quot;: 20}, logits standardised, ' \
            'T = 2.0, alpha = 0.9</dd>' in page, page
     assert "<dd>jsd {&quot;beta&quot;: 0.5}, T = " in settings_list(R.load("digits", ["distill.method=jsd"]))
+    assert "data distillation" not in page  # (its defaults: nothing on)
+    text = R.load("digits")  # (the settings of a text recipe, without its files)
+    text.cfg["distill"]["data"].update(mask=True, eda=2, unlabeled="u.txt")
+    assert "<dt>data distillation</dt><dd>mask = True, mask_fraction = 0.15, teacher_sees = clean, eda = 2, " \
+           "word_prob = 0.15, unlabeled = u.txt</dd>" in settings_list(text), settings_list(text)
 
 
 def test_the_headline_says_no_share_of_an_accuracy_that_is_not_a_number():

@@ -583,6 +583,15 @@ def _finetuned_other_labels(bert, folder):
     return folder
 
 
+def _finetuned_without_head(bert, folder):
+    """A folder whose config says it is this task's classifier and whose weights are the encoder's alone."""
+    cfg = transformers.AutoConfig.from_pretrained(bert, num_labels=2, id2label={0: "negative", 1: "positive"},
+                                                  label2id={"negative": 0, "positive": 1})
+    transformers.AutoModel.from_pretrained(bert, config=cfg).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(bert).save_pretrained(folder)
+    return folder
+
+
 def _copy_with(bert, folder, weights=None, cut=False, tokenizer=None):
     """The tiny BERT's folder with another model's weights, its weights file cut short, or its tokenizer
     edited (`tokenizer`: file name -> a function of its JSON)."""
@@ -644,6 +653,11 @@ TEXT_CASES = {
         lambda t, b: {"teacher": {"hf": _finetuned_other_labels(b, str(t / "ft")), "finetuned": True},
                       "student": {"from_teacher": {"layers": [0, 2], "source": "finetuned"}}},
         "was fine-tuned for classes ['a', 'b', 'c'] but the data has ['negative', 'positive']"),
+    "finetuned teacher without its head": (  # (it was loaded with a head drawn at random, and distilled from)
+        lambda t, b: {"teacher": {"hf": _finetuned_without_head(b, str(t / "nohead")), "finetuned": True},
+                      "student": {"from_teacher": {"layers": [0, 2], "source": "finetuned"}}},
+        "2 of the fine-tuned classifier's weights are missing from the folder or of another shape than its "
+        "config.json gives (classifier.bias, classifier.weight)"),
     "student with another vocabulary": (lambda t, b: {"student": {"hf": _other_vocab_bert(str(t / "ov")),
                                                                   "from_teacher": None}},
                                         "has another tokenizer than the data's"),

@@ -59,6 +59,7 @@ class DataBundle:
     # which rows the data holds, and which are its test rows, whatever the split or order (see rows_digest):
     # a saved model carries them, so that one loaded for another split of the same data is told apart
     rows: Dict[str, str] = field(default_factory=dict)
+    train_rows: Optional[int] = None  # the training rows (validation's and unlabelled included) before train_subset
 
     def probe(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """A fixed set of n inputs and labels to measure a model on while it trains: the first validation
@@ -307,6 +308,7 @@ def load_data(cfg: Dict[str, Any]) -> DataBundle:
                                         test_size=cfg["test_fraction"])
     else:
         x_tr, y_tr, x_te, y_te = raw.x_train, y_all, raw.x_test, _as_labels(raw.y_test, cfg, "y_test")
+    train_rows = len(y_tr)
     if cfg["train_subset"] and cfg["train_subset"] < len(y_tr):  # (of the training rows: the test split stays whole)
         x_tr, _, y_tr, _ = _split(x_tr, y_tr, cfg, "train_subset", names, aside_needs_every_class=False,
                                   train_size=cfg["train_subset"])
@@ -338,7 +340,7 @@ def load_data(cfg: Dict[str, Any]) -> DataBundle:
     names = raw.class_names or [str(i) for i in range(num_classes)]
     return DataBundle(tensors[0], labels[0], tensors[1], labels[1], tensors[2], labels[2], num_classes,
                       names, tuple(tensors[0].shape[1:]), raw.image, _fingerprint(cfg, tensors, labels), stats,
-                      raw.pad_id, tensors[3] if len(tensors[3]) else None, rows=rows)
+                      raw.pad_id, tensors[3] if len(tensors[3]) else None, rows=rows, train_rows=train_rows)
 
 
 def rows_digest(*arrays: np.ndarray) -> str:

@@ -4,9 +4,9 @@ Hidden states, embedding outputs and [CLS] vectors use the foundation's feature 
 through a projector when widths differ); the layer map below only writes those `distill.features` entries.
 Attention maps are probabilities over keys, (N, heads, L, L):
   attention_kl   KL(teacher || student) per query row, as in MiniLM's self-attention distillation;
-  attention_mse  mean squared difference of the maps: TinyBERT's attention loss, on the probabilities that
-                 Hugging Face models return (TinyBERT takes the scores before the softmax, so its values, and
-                 the weight that balances them, are larger).
+  attention_mse  mean squared difference of the maps over real (query, key) pairs: TinyBERT's attention loss,
+                 on the probabilities that Hugging Face models return (TinyBERT takes the scores before the
+                 softmax, so its values, and the weight that balances them, are larger).
 When the head counts differ, both sides are averaged over heads first.
 """
 from __future__ import annotations
@@ -49,10 +49,14 @@ def attention_kl(student_att: torch.Tensor, teacher_att: torch.Tensor, mask: Opt
 @LOSSES.register("attention_mse", group="feature", compares="maps")
 def attention_mse(student_att: torch.Tensor, teacher_att: torch.Tensor, mask: Optional[torch.Tensor] = None
                   ) -> torch.Tensor:
+    """The squared difference averaged over the (query, key) pairs of each sample's real positions (those
+    where `mask`, (N, L), is true), then over samples and heads: a padded key is 0 on both sides, and
+    counting it would shrink a short text's loss by how long its batch's longest text is."""
     s, t = _heads_alike(student_att, teacher_att)
     if mask is None:
         return ((s - t) ** 2).mean()
-    return masked_mean(((s - t) ** 2).mean(-1), _query_mask(mask, s))
+    keys = mask[:, :s.shape[-1]].sum(-1).clamp_min(1)[:, None, None]
+    return masked_mean(((s - t) ** 2).sum(-1) / keys, _query_mask(mask, s))
 
 
 def layer_pairs(kind: Any, n_teacher: int, n_student: int, selected: Optional[Sequence[int]] = None) -> List[int]:

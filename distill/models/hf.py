@@ -294,8 +294,10 @@ def load_classifier(path: str, class_names: List[str], where: str, finetuned: bo
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise UserError(f"{where}: {path}: cannot load as a sequence classifier "
                         f"({str(e).splitlines()[0]})") from None
-    _whole_encoder(hf, info, path, where)
-    if not finetuned:
+    if finetuned:  # (its head too: a folder without it loaded with a head drawn at random)
+        require_whole(info, path, where, "the fine-tuned classifier's")
+    else:
+        _whole_encoder(hf, info, path, where)
         _fresh_head(hf, info)
     return _wrap(hf, load_tokenizer(path, where))
 

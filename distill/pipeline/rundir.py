@@ -422,9 +422,8 @@ class RunDir:
         if data.task == "classification" and data.num_classes > 2 and set(metrics) <= set(BINARY_METRICS):
             raise UserError(f"evaluate.metrics: {metrics} are for two classes, and the data has "
                             f"{data.num_classes}: no test metric would be measured; add accuracy or macro_f1")
-        subset = self.cfg["data"].get("train_subset")
-        rows = len(data.y_train) + len(data.y_val) + (0 if data.x_unlabelled is None else len(data.x_unlabelled))
-        if subset and subset >= rows and data.task == "classification" and is_main_process():
+        subset, rows = self.cfg["data"].get("train_subset"), data.train_rows
+        if subset and rows is not None and subset >= rows and data.task == "classification" and is_main_process():
             self.echo(f"warning: data.train_subset={subset}: the data has {rows:,} training rows, so it keeps "
                       f"every one")  # (a setting that does nothing, said as the recipe's are)
         return data
