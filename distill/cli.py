@@ -532,6 +532,7 @@ def _lost_peer(error: BaseException, dist) -> Optional[BaseException]:
         error = error.__cause__ or error.__context__
     return None
 
+
 # What each stage command runs of the plan (the stages it leaves out are read from the run folder).
 STAGES = {"train-teacher": ("teacher",), "generate": ("generate",), "soft-labels": ("soft_labels",),
           "train-student": ("assistant", "generate", "soft_labels", "baseline", "student"),
