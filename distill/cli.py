@@ -11,7 +11,7 @@ import sys
 import threading
 from typing import Iterator, List, NoReturn, Optional
 
-from .launch import ERRORS, is_main_process, report_error, under_torchrun
+from .launch import ERRORS, is_main_process, report_error, said_stop, under_torchrun
 from .errors import SIGNALLED, Terminated, UserError, stop_on_signal
 from .roles import MODELS_OUT, SCRATCH, STUDENT, TEACHER
 
@@ -505,6 +505,7 @@ def _run_or_stop(args: argparse.Namespace, recipe, out: Optional[str], again: st
     except Interrupted as e:
         if is_main_process():
             print(f"{e}; continue with: {again}", file=sys.stderr)
+            said_stop()
         return e.exit_code
     except RuntimeError as error:  # a peer died or hung: this process stops too, its last checkpoint kept
         e = _lost_peer(error, dist)

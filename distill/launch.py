@@ -99,6 +99,15 @@ def report_error(message: str) -> bool:
 
 
 REPORT_WAIT_S = 5.0
+STOPPED = "stopped"  # in the launcher's folder: the main process said where training stopped and how to go on
+
+
+def said_stop() -> None:
+    """The main process said where a signal stopped training, and the command that continues: under `--nproc`
+    the launcher, stopped by the same signal, says no second line."""
+    folder = os.environ.get(ERRORS)
+    if folder and os.path.isdir(folder):
+        open(os.path.join(folder, STOPPED), "w").close()
 
 
 def _said(folder: str, nproc: int) -> List[str]:
@@ -170,8 +179,8 @@ def launch(argv: List[str], nproc: int, resume: str) -> int:
               f"kept; continue with: {resume}", file=sys.stderr)
         return 1
     except SignalException as e:
-        print(f"interrupted ({signal.Signals(e.sigval).name}); continue with: {resume}",
-              file=sys.stderr)
+        if not os.path.exists(os.path.join(errors, STOPPED)):
+            print(f"interrupted ({signal.Signals(e.sigval).name}); continue with: {resume}", file=sys.stderr)
         return 128 + e.sigval
     finally:
         del store

@@ -354,6 +354,7 @@ def test_sigterm_to_the_launcher_checkpoints_with_loader_workers_then_resumes_bi
     launcher.send_signal(signal.SIGTERM)
     code, _, err = finish(launcher, 60)
     assert code == 143 and "Traceback" not in err and "[rank" not in err, err[-3000:]
+    assert err.count("continue with:") == 1, err  # (the main process's line; the launcher says no second)
     stopped = re.search(r"student: stopped by SIGTERM at epoch \d+, step (\d+); checkpoint (\S+);", err)
     assert stopped and os.path.isfile(stopped[2]) and stopped[2].endswith(f"step-{int(stopped[1]):08d}.pt"), err
     ok("run", str(out), "--nproc", "2", "--resume")
