@@ -320,16 +320,19 @@ def test_retention_is_measured_in_epochs_that_pass_a_multiple_of_measure_every(t
     assert all(torch.equal(weights["sparse"][k], weights["dense"][k]) for k in weights["dense"])
 
 
-def test_the_monitor_callbacks_time_themselves():
+def test_the_monitor_callbacks_time_themselves_in_the_progress_a_checkpoint_keeps():
+    """A resumed stage's monitor_s counts the earlier attempts' time too (it was this attempt's alone)."""
     from types import SimpleNamespace
     from distill.engine.callbacks import Monitor
     import time
     cb = Monitor(lambda: time.sleep(0.02) or {"retention_cka/logits": 1.0}, every=0)
-    t = SimpleNamespace(prog={"step": 10}, tcfg={"epochs": 2}, per_epoch=10,
-                        runtime=SimpleNamespace(distributed=False))
-    record = {"epoch": 1}
-    cb.on_epoch_end(t, record)
-    assert record["retention_cka/logits"] == 1.0 and 0.02 <= cb.seconds < 1.0
+    for earlier in ({}, {"monitor_s": 5.0}):  # (a fresh stage; one resumed from a checkpoint's progress)
+        t = SimpleNamespace(prog={"step": 10, **earlier}, tcfg={"epochs": 2}, per_epoch=10,
+                            runtime=SimpleNamespace(distributed=False))
+        record = {"epoch": 1}
+        cb.on_epoch_end(t, record)
+        start = earlier.get("monitor_s", 0.0)
+        assert record["retention_cka/logits"] == 1.0 and start + 0.02 <= t.prog["monitor_s"] < start + 1.0
 
 
 def test_measuring_gradients_does_not_change_training(tmp_path):

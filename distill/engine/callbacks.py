@@ -117,11 +117,11 @@ class Monitor(Callback):
     """Adds `measure()`'s signals (knowledge retention, input-gradient consistency, the reaction's
     adjustments) to the line of each epoch in which the step count passed a multiple of `every` (0: every
     epoch), and of the last. Decided from the step count alone, so a resumed run measures the same epochs.
-    `seconds`: the time spent measuring (what the monitor costs the stage, reported with its timings)."""
+    The time spent measuring is added to the progress's `monitor_s` (see `timed`)."""
     order = 10
 
     def __init__(self, measure: Callable[[], Dict[str, Any]], every: int = 0) -> None:
-        self.measure, self.every, self.seconds = measure, every, 0.0
+        self.measure, self.every = measure, every
 
     def due(self, t: Trainer, epoch: int) -> bool:
         step, every = t.prog["step"], self.every
@@ -132,19 +132,19 @@ class Monitor(Callback):
             return
         t0 = time.perf_counter()
         record.update(self.measure())
-        self.seconds += time.perf_counter() - t0
+        timed(t, t0)
         if t.runtime.distributed:  # the reaction is the main process's (on a GPU the processes may round apart)
             t.objective.strength.update(t.runtime.from_main(dict(t.objective.strength)))
 
 
 class GradientSignals(Callback):
     """Every `every` steps, the cosine between the KD and the CE parameter gradients (overall and per layer),
-    measured before the step's own backward pass (two more backward passes: hence not every step).
-    `seconds`: the time spent on them."""
+    measured before the step's own backward pass (two more backward passes: hence not every step), their time
+    added to the progress's `monitor_s`."""
     order = 10
 
     def __init__(self, every: int) -> None:
-        self.every, self.seconds = every, 0.0
+        self.every = every
 
     def wants_step(self, t: Trainer, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
@@ -156,8 +156,14 @@ class GradientSignals(Callback):
             return {}
         t0 = time.perf_counter()
         signals = kd_ce_consistency(t.student, **terms)
-        self.seconds += time.perf_counter() - t0
+        timed(t, t0)
         return signals
+
+
+def timed(t: Trainer, t0: float) -> None:
+    """What the monitor cost the stage so far, in its progress: a resumed stage counts the earlier attempts'
+    time up to the checkpoint too, as its train_time_s does."""
+    t.prog["monitor_s"] = t.prog.get("monitor_s", 0.0) + time.perf_counter() - t0
 
 
 class Checkpointing(Callback):

@@ -59,11 +59,11 @@ def train(run: RunDir, name: str, objective: Objective, data: Optional[DataBundl
     if name == STUDENT and run.on_epoch:
         callbacks.append(EpochHook(run.on_epoch))
     data = data or run.data_for(name)
-    info = Trainer(log_name(name), objective, data, run.data_cfg(name), tcfg, callbacks, rt,
-                   task=task_for(data, run.cfg)).fit()
-    monitoring = [cb for cb in callbacks if isinstance(cb, (Monitor, GradientSignals))]
-    if monitoring:  # (what the monitor cost this run, beside train_time_s)
-        info["monitor_s"] = round(sum(cb.seconds for cb in monitoring), 3)
+    trainer = Trainer(log_name(name), objective, data, run.data_cfg(name), tcfg, callbacks, rt,
+                      task=task_for(data, run.cfg))
+    info = trainer.fit()
+    if any(isinstance(cb, (Monitor, GradientSignals)) for cb in callbacks):  # (its cost, beside train_time_s)
+        info["monitor_s"] = round(trainer.prog.get("monitor_s", 0.0), 3)
     return info
 
 
