@@ -126,11 +126,20 @@ class RunView:
             raise Skip(f"metrics.json has no test accuracy for {role}")
         return float(m["accuracy"])
 
-    @property
-    def measure(self) -> str:
-        """What `accuracy` is, as the findings say it: of a language model, the share of next tokens predicted
-        (the rules' thresholds are in accuracy points; its bits and perplexity are in the report)."""
-        return "test next-token accuracy" if self.cfg["data"]["dataset"] in LM_DATASETS else "test accuracy"
+    def judged(self, *roles: str) -> Tuple[Dict[str, float], str]:
+        """({role: accuracy}, the split's name): on the validation split where every one of `roles` was measured
+        on it, else on the test split. The rules advise changes to the recipe, and advice drawn from test
+        accuracy, followed, tunes the recipe on the test split."""
+        test = {r: self.accuracy(r) for r in roles}  # (a role skipped or not evaluated: Skip)
+        val = {r: self.role_metrics(r).get("val_accuracy") for r in roles}
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in val.values()):
+            return {r: float(v) for r, v in val.items()}, "validation"
+        return test, "test"
+
+    def measure(self, split: str) -> str:
+        """What an accuracy of `split` is, as the findings say it: of a language model, the share of next tokens
+        predicted (the rules' thresholds are in accuracy points; its bits and perplexity are in the report)."""
+        return f"{split} next-token accuracy" if self.cfg["data"]["dataset"] in LM_DATASETS else f"{split} accuracy"
 
     def bench_setting(self, key: str) -> Any:
         """A bench setting as `distill bench` ran with it (its --set included), from bench.json; the recipe's
@@ -216,7 +225,8 @@ def _short(v: Any) -> Any:
 
 def weak_teacher(run: RunView) -> List[Dict[str, Any]]:
     """The teacher is no better than the student trained without it: it has nothing to teach."""
-    teacher, scratch = run.accuracy(TEACHER), run.accuracy(SCRATCH)
+    acc, split = run.judged(TEACHER, SCRATCH)
+    teacher, scratch = acc[TEACHER], acc[SCRATCH]
     if teacher > scratch + TH["teacher_margin"]:
         return []
     if did_not_learn(run, TEACHER) is not None:  # (a bigger or regularised teacher would not mend that)
@@ -224,9 +234,9 @@ def weak_teacher(run: RunView) -> List[Dict[str, Any]]:
     tm = run.metrics["teacher"]
     epochs = run.cfg["teacher"]["train"]["epochs"]
     loaded = (run.stages.get("teacher") or {}).get("loaded_from")
-    ev = {"teacher_accuracy": teacher, "scratch_accuracy": scratch, "teacher_margin": TH["teacher_margin"],
-          "teacher_val_accuracy": tm.get("val_accuracy"),
-          "scratch_val_accuracy": run.metrics[SCRATCH].get("val_accuracy"),
+    ev = {"split": split, "teacher_accuracy": teacher, "scratch_accuracy": scratch,
+          "teacher_margin": TH["teacher_margin"], "teacher_test_accuracy": tm.get("accuracy"),
+          "scratch_test_accuracy": run.metrics[SCRATCH].get("accuracy"),
           # (a loaded teacher was not trained here: the recipe's epochs say nothing of it)
           "teacher_epochs": None if loaded else epochs, "teacher_selected_epoch": tm.get("selected_epoch"),
           "teacher_loaded_from": loaded}
@@ -244,7 +254,7 @@ def weak_teacher(run: RunView) -> List[Dict[str, Any]]:
                f"teacher.train.optimizer.lr={run.cfg['teacher']['train']['optimizer']['lr']}) or use a bigger "
                f"teacher ({bigger})")
     return [finding("weak_teacher", "high",
-                    f"the teacher's {run.measure} {teacher:.4f} is not above the scratch student's {scratch:.4f} "
+                    f"the teacher's {run.measure(split)} {teacher:.4f} is not above the scratch student's {scratch:.4f} "
                     f"by more than teacher_margin={TH['teacher_margin']}: it has little to teach", ev, fix)]
 
 
@@ -311,12 +321,13 @@ def overconfident_soft_labels(run: RunView) -> List[Dict[str, Any]]:
 
 def capacity_gap(run: RunView) -> List[Dict[str, Any]]:
     """A much larger teacher, a distilled student far below it, and distillation gaining little."""
-    teacher, student, scratch = run.accuracy(TEACHER), run.accuracy(STUDENT), run.accuracy(SCRATCH)
+    acc, split = run.judged(TEACHER, STUDENT, SCRATCH)
+    teacher, student, scratch = acc[TEACHER], acc[STUDENT], acc[SCRATCH]
     ratio = run.params("teacher") / run.params("student")
     gain, gap = student - scratch, teacher - student
     if not (gain < TH["kd_gain_min"] and gap > TH["teacher_gap"] and ratio > TH["param_ratio"]):
         return []
-    ev = {"teacher_accuracy": teacher, "student_accuracy": student, "scratch_accuracy": scratch,
+    ev = {"split": split, "teacher_accuracy": teacher, "student_accuracy": student, "scratch_accuracy": scratch,
           "kd_gain": gain, "kd_gain_min": TH["kd_gain_min"], "teacher_minus_student": gap,
           "teacher_gap": TH["teacher_gap"], "param_ratio": ratio, "param_ratio_min": TH["param_ratio"]}
     from .chain import names as chain_names
@@ -334,8 +345,8 @@ def capacity_gap(run: RunView) -> List[Dict[str, Any]]:
                "--set distill.assistants=auto (or list them: distill.assistants: [{model: ..., args: ...}])")
     return [finding("capacity_gap", "medium",
                     f"the teacher is {ratio:.0f}x larger (> {TH['param_ratio']:g}x), the distilled student is "
-                    f"{gap:.3f} below it (> teacher_gap={TH['teacher_gap']}) and gains only {gain:+.3f} over "
-                    f"scratch (< kd_gain_min={TH['kd_gain_min']}): too large a gap to learn across", ev, fix)]
+                    f"{gap:.3f} below it in {run.measure(split)} (> teacher_gap={TH['teacher_gap']}) and gains only "
+                    f"{gain:+.3f} over scratch (< kd_gain_min={TH['kd_gain_min']}): too large a gap to learn across", ev, fix)]
 
 
 def _spikes(records: List[Dict[str, Any]], log_c: float) -> List[Dict[str, Any]]:
@@ -525,7 +536,8 @@ def _wider(args: Dict[str, Any]) -> Dict[str, Any]:
 def student_too_small(run: RunView) -> List[Dict[str, Any]]:
     """Both students far below the teacher although distillation helps, or the student cannot even fit
     its training data: more capacity, not a better teacher, is what it needs."""
-    teacher, student, scratch = run.accuracy(TEACHER), run.accuracy(STUDENT), run.accuracy(SCRATCH)
+    acc, split = run.judged(TEACHER, STUDENT, SCRATCH)
+    teacher, student, scratch = acc[TEACHER], acc[STUDENT], acc[SCRATCH]
     gain = student - scratch
     if not (teacher - student > TH["teacher_gap"] and teacher - scratch > TH["teacher_gap"]):
         return []
@@ -537,7 +549,7 @@ def student_too_small(run: RunView) -> List[Dict[str, Any]]:
     underfit = train["teacher"] - train["student"] > TH["underfit_gap"]
     if not (gain > TH["kd_gain_min"] or underfit):
         return []
-    ev = {"teacher_accuracy": teacher, "student_accuracy": student, "scratch_accuracy": scratch,
+    ev = {"split": split, "teacher_accuracy": teacher, "student_accuracy": student, "scratch_accuracy": scratch,
           "teacher_gap": TH["teacher_gap"], "kd_gain": gain, "kd_gain_min": TH["kd_gain_min"],
           "teacher_train_accuracy": train["teacher"], "student_train_accuracy": train["student"],
           "underfit_gap": TH["underfit_gap"], "train_accuracy_source": source,
@@ -558,7 +570,7 @@ def student_too_small(run: RunView) -> List[Dict[str, Any]]:
                if is_text(run.cfg, "student") else "a wider or deeper student (student.model / student.args / "
                                                    "student.arch)")
     return [finding("student_too_small", "medium",
-                    f"both students are far below the teacher in {run.measure} (distilled {student:.3f}, scratch "
+                    f"both students are far below the teacher in {run.measure(split)} (distilled {student:.3f}, scratch "
                     f"{scratch:.3f}, "
                     f"teacher {teacher:.3f}; > teacher_gap={TH['teacher_gap']}), and " + ", and ".join(why),
                     ev, fix)]

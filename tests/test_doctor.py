@@ -171,7 +171,7 @@ def test_a_teacher_that_learnt_nothing_is_not_told_to_grow(runs, capsys, tmp_pat
     with open(log, "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in lines)
     metrics = json.load(open(os.path.join(folder, "metrics.json")))
-    metrics["teacher"]["accuracy"] = 0.1
+    metrics["teacher"].update(accuracy=0.1, val_accuracy=0.1)
     json.dump(metrics, open(os.path.join(folder, "metrics.json"), "w"))
     report, _ = diagnose(folder, capsys)
     [f] = by_rule(report, "unstable_loss")
