@@ -254,7 +254,8 @@ def weak_teacher(run: RunView) -> List[Dict[str, Any]]:
                f"teacher.train.optimizer.lr={run.cfg['teacher']['train']['optimizer']['lr']}) or use a bigger "
                f"teacher ({bigger})")
     return [finding("weak_teacher", "high",
-                    f"the teacher's {run.measure(split)} {teacher:.4f} is not above the scratch student's {scratch:.4f} "
+                    f"the teacher's {run.measure(split)} {teacher:.4f} is not above the scratch student's "
+                    f"{scratch:.4f} "
                     f"by more than teacher_margin={TH['teacher_margin']}: it has little to teach", ev, fix)]
 
 
@@ -346,7 +347,8 @@ def capacity_gap(run: RunView) -> List[Dict[str, Any]]:
     return [finding("capacity_gap", "medium",
                     f"the teacher is {ratio:.0f}x larger (> {TH['param_ratio']:g}x), the distilled student is "
                     f"{gap:.3f} below it in {run.measure(split)} (> teacher_gap={TH['teacher_gap']}) and gains only "
-                    f"{gain:+.3f} over scratch (< kd_gain_min={TH['kd_gain_min']}): too large a gap to learn across", ev, fix)]
+                    f"{gain:+.3f} over scratch (< kd_gain_min={TH['kd_gain_min']}): too large a gap to learn across",
+                    ev, fix)]
 
 
 def _spikes(records: List[Dict[str, Any]], log_c: float) -> List[Dict[str, Any]]:
@@ -570,8 +572,8 @@ def student_too_small(run: RunView) -> List[Dict[str, Any]]:
                if is_text(run.cfg, "student") else "a wider or deeper student (student.model / student.args / "
                                                    "student.arch)")
     return [finding("student_too_small", "medium",
-                    f"both students are far below the teacher in {run.measure(split)} (distilled {student:.3f}, scratch "
-                    f"{scratch:.3f}, "
+                    f"both students are far below the teacher in {run.measure(split)} (distilled {student:.3f}, "
+                    f"scratch {scratch:.3f}, "
                     f"teacher {teacher:.3f}; > teacher_gap={TH['teacher_gap']}), and " + ", and ".join(why),
                     ev, fix)]
 
