@@ -255,8 +255,8 @@ def weak_teacher(run: RunView) -> List[Dict[str, Any]]:
                f"teacher ({bigger})")
     return [finding("weak_teacher", "high",
                     f"the teacher's {run.measure(split)} {teacher:.4f} is not above the scratch student's "
-                    f"{scratch:.4f} "
-                    f"by more than teacher_margin={TH['teacher_margin']}: it has little to teach", ev, fix)]
+                    f"{scratch:.4f} by more than teacher_margin={TH['teacher_margin']}: it has little to teach",
+                    ev, fix)]
 
 
 LM_ROWS = 8  # validation sequences a language model's soft labels are measured on (their logits are held whole)

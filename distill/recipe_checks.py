@@ -119,7 +119,7 @@ def _cross_checks(cfg: Dict[str, Any]) -> None:
             raise UserError(f"{role}.train.optimizer.nesterov: Nesterov momentum needs optimizer.momentum > 0")
 
 
-def _not_default(values: Dict[str, Any], schema: Dict[str, Any]) -> List[str]:
+def not_default(values: Dict[str, Any], schema: Dict[str, Any]) -> List[str]:
     """The keys of a recipe section (`values`, with its `schema`) given a value other than the default."""
     return [k for k, f in schema.items() if values[k] != f.default]
 
@@ -131,7 +131,7 @@ def idle_settings(cfg: Dict[str, Any]) -> List[str]:
     from .recipe_schema import SCHEMA
     d, out = cfg["distill"], []
     for section in ("dkd", "dist", "jsd", "skew", "crd"):
-        changed = _not_default(d[section], SCHEMA["distill"][section])
+        changed = not_default(d[section], SCHEMA["distill"][section])
         if changed and section not in _settings_read(d):
             out.append(f"distill.{section}.{changed[0]}: {d[section][changed[0]]!r} does nothing here: the {section} "
                        f"settings are read by the {_readers(section)} loss, and neither distill.method ({d['method']}) "
@@ -178,7 +178,7 @@ def idle_settings(cfg: Dict[str, Any]) -> List[str]:
                    "distill.data.unlabeled) as one more group, as often as a class: the distilled student sees them "
                    "at about 1/(classes + 1) of its steps, however many there are")
     em = cfg["evaluate"]["exact_match"]
-    changed = _not_default(em, SCHEMA["evaluate"]["exact_match"])
+    changed = not_default(em, SCHEMA["evaluate"]["exact_match"])
     if changed and data["dataset"] not in COMPLETIONS:
         out.append(f"evaluate.exact_match.{changed[0]}: does nothing for data.dataset: {data['dataset']} (it "
                    f"completes prompts: completions or arith)")
@@ -195,11 +195,11 @@ def idle_settings(cfg: Dict[str, Any]) -> List[str]:
         out.append("student.from_teacher.source: pretrained, and teacher.hf is already fine-tuned on this task "
                    "(teacher.finetuned: true): the student copies its fine-tuned layers and head, not pretrained "
                    "ones; say source: finetuned if that is meant, or give the pretrained folder as teacher.hf")
-    arith = _not_default(data["arith"], schema["arith"])
+    arith = not_default(data["arith"], schema["arith"])
     if arith and data["dataset"] != "arith":
         out.append(f"data.arith.{arith[0]}: does nothing for data.dataset: {data['dataset']} (it sizes the arith "
                    f"problems)")
-    text_only = [f"distill.data.{k}" for k in _not_default(d["data"], SCHEMA["distill"]["data"])] + \
+    text_only = [f"distill.data.{k}" for k in not_default(d["data"], SCHEMA["distill"]["data"])] + \
         (["distill.layers.map"] if d["layers"]["map"] != SCHEMA["distill"]["layers"]["map"].default else [])
     if text_only and data["dataset"] not in ("text", "completions", "arith"):
         out.append(f"{text_only[0]}: does nothing for data.dataset: {data['dataset']} (for transformers on text)")
@@ -263,7 +263,7 @@ def _idle_reaction(cfg: Dict[str, Any]) -> List[str]:
     from .recipe_schema import SCHEMA
     m, d = cfg["monitor"], cfg["distill"]
     if not m["enabled"]:
-        changed = [k for k in m if k != "enabled" and m[k] != SCHEMA["monitor"][k].default]
+        changed = [k for k in not_default(m, SCHEMA["monitor"]) if k != "enabled"]
         return [f"monitor.{changed[0]}: does nothing while monitor.enabled is false"] if changed else []
     if m["retention_min"] is None:
         changed = [k for k in ("action", "factor", "watch") if m[k] != SCHEMA["monitor"][k].default]
@@ -384,7 +384,7 @@ def _completion_checks(cfg: Dict[str, Any]) -> None:
         data["tokenizer"] = cfg["teacher"]["hf"]
     elif not (os.path.isdir(data["tokenizer"]) or os.path.isfile(data["tokenizer"])):
         raise UserError(f"data.tokenizer: {data['tokenizer']}: no such folder or GGUF file")
-    noise = _not_default(d["data"], SCHEMA["distill"]["data"])  # (all for classifiers)
+    noise = not_default(d["data"], SCHEMA["distill"]["data"])  # (all for classifiers)
     for key, used in (("distill.layers", d["layers"]["hidden"] != "none" or d["layers"]["attention"] != "none"),
                       (f"distill.data.{noise[0]}" if noise else "distill.data", bool(noise)),
                       ("compress.steps", bool(set(cfg["compress"]["steps"]) - {"layers", "channels", "vocab"})),

@@ -167,7 +167,7 @@ def settings_list(recipe: Any) -> str:
         extra.pop("layers", None)
     if extra:
         items.append(("more distillation settings", json.dumps(extra)))
-    data_kd = _data_distillation(d.get("data") or {})
+    data_kd = _data_distillation(d["data"])
     if data_kd:
         items.append(("data distillation", ", ".join(f"{k} = {v}" for k, v in data_kd.items())))
     mon = cfg.get("monitor") or {}
@@ -179,13 +179,14 @@ def settings_list(recipe: Any) -> str:
 def _data_distillation(dd: Dict[str, Any]) -> Dict[str, Any]:
     """distill.data's settings that are on (token masking, augmented copies, unlabelled texts), with the ones
     that say how much of each."""
+    from .recipe_checks import not_default
     from .recipe_schema import SCHEMA
     schema = SCHEMA["distill"]["data"]
-    on = {k for k in schema if k in dd and dd[k] != schema[k].default}
-    on |= {"mask_fraction", "teacher_sees"} if dd.get("mask") else set()
-    on |= {"word_prob"} if dd.get("eda") or dd.get("substitute") else set()
-    on |= {"neighbours"} if dd.get("substitute") else set()
-    return {k: dd[k] for k in schema if k in on and k in dd}
+    on = set(not_default(dd, schema))
+    on |= {"mask_fraction", "teacher_sees"} if dd["mask"] else set()
+    on |= {"word_prob"} if dd["eda"] or dd["substitute"] else set()
+    on |= {"neighbours"} if dd["substitute"] else set()
+    return {k: dd[k] for k in schema if k in on}
 
 
 def _method(d: Dict[str, Any]) -> str:

@@ -49,9 +49,9 @@ def attention_kl(student_att: torch.Tensor, teacher_att: torch.Tensor, mask: Opt
 @LOSSES.register("attention_mse", group="feature", compares="maps")
 def attention_mse(student_att: torch.Tensor, teacher_att: torch.Tensor, mask: Optional[torch.Tensor] = None
                   ) -> torch.Tensor:
-    """The squared difference averaged over the (query, key) pairs of each sample's real positions (those
-    where `mask`, (N, L), is true), then over samples and heads: a padded key is 0 on both sides, and
-    counting it would shrink a short text's loss by how long its batch's longest text is."""
+    """Per query row, the squared difference averaged over the sample's real keys (where `mask`, (N, L), is
+    true); then the mean over the real query rows of every sample and head, as attention_kl's. A padded key is
+    0 on both sides, and counting it would shrink a short text's loss by how long its batch's longest text is."""
     s, t = _heads_alike(student_att, teacher_att)
     if mask is None:
         return ((s - t) ** 2).mean()
