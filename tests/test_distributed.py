@@ -341,7 +341,7 @@ def test_sigkill_then_resume_with_two_processes_is_bitwise_identical(reference, 
 
 
 def test_sigterm_to_the_launcher_checkpoints_with_loader_workers_then_resumes_bitwise(reference, tmp_path):
-    """A scheduler's stop: torchrun passes SIGTERM on to each process's group, loader workers included. Every
+    """A scheduler's stop: torchrun passes SIGTERM on to each process's group (loader workers were in it). Every
     process stops at the end of its step and the checkpoint is written (a worker killed by it failed the step,
     with a traceback per process, and the progress since the last checkpoint was lost)."""
     out = tmp_path / "run"

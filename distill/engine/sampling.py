@@ -10,6 +10,7 @@ optimisation does not depend on the process count (except for losses that relate
 which see each micro-batch alone)."""
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -137,16 +138,40 @@ def epoch_batches(data: DataBundle, data_cfg: Dict[str, Any], gen: torch.Generat
                        int(torch.randint(0, 2**31 - 1, (1,), generator=gen)), split)
     if data_cfg["workers"] == 0:
         return (ds[i] for i in range(start, len(ds)))
-    return torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(start, len(ds)),  # (a generator of its
-                                       num_workers=data_cfg["workers"],  # own: else its base seed is drawn from
-                                       generator=torch.Generator().manual_seed(ds.seed),  # the global RNG, dropout's)
-                                       worker_init_fn=ignore_stop_signals)
+    return _WorkersStartShielded(torch.utils.data.DataLoader(
+        ds, batch_size=None, sampler=range(start, len(ds)), num_workers=data_cfg["workers"],
+        generator=torch.Generator().manual_seed(ds.seed),  # (its own: else its base seed is drawn from the global
+        worker_init_fn=leave_stop_signals))  # RNG, dropout's)
 
 
-def ignore_stop_signals(worker: int) -> None:
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+class _WorkersStartShielded:
+    """A DataLoader whose workers start with SIGINT and SIGTERM blocked, so that one sent to the process group
+    before a worker's `leave_stop_signals` ran waits, and is then discarded, instead of killing the worker."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self):
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)  # (forked and spawned workers inherit it)
+        try:
+            return iter(self.loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # (a signal that came meanwhile is delivered now)
+
+
+def leave_stop_signals(worker: int) -> None:
     """A loader worker leaves SIGINT and SIGTERM to the training process, which stops at the end of its step,
-    saves a checkpoint, then ends the workers. They get the signal too: Ctrl-C reaches the terminal's whole
-    process group, torchrun signals each process's group, a scheduler the job's. A worker that died of it
-    failed the step in progress ("DataLoader worker is killed by signal"), before the checkpoint."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    saves a checkpoint, then ends the workers. Ctrl-C signals the terminal's foreground process group and
+    torchrun each process's group: a worker in it died of the signal and failed the step in progress ("DataLoader
+    worker is killed by signal"), before the checkpoint. So the worker moves to a group of its own. It does not
+    ignore SIGTERM: the loader ends a worker that does not stop when told with it, and a Python process waits
+    for its workers at exit, forever for one that ignores it. (A job system that signals every process, such as
+    Slurm's scancel, still ends the workers: `data.workers: 0` there.)"""
+    os.setpgrp()
+    for sig in _STOP_SIGNALS:  # a group's signal that came before the move, blocked since, is discarded:
+        signal.signal(sig, signal.SIG_IGN)  # setting SIG_IGN drops a pending signal
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (not the training process's handler, inherited by fork)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)

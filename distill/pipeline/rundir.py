@@ -20,6 +20,7 @@ from ..io import append_jsonl, read_run_json, sha256_json, write_json, write_tex
 from ..launch import is_main_process
 from ..logbook import summary_writer_class
 from ..recipe import Recipe
+from ..recipe_schema import SCHEMA
 from ..roles import SCRATCH, STUDENT, TEACHER, is_assistant, recipe_section
 
 # What `distill run` and the commands after it write at the top of a run folder, besides the models (one file or
@@ -418,6 +419,11 @@ class RunDir:
         if data.task == "classification" and data.num_classes == 2 and positive > 1:  # (before any training)
             raise UserError(f"evaluate.positive_class: {positive}, and the data has 2 classes "
                             f"({', '.join(data.class_names)}): give 0 or 1")
+        two_classes = data.task == "classification" and data.num_classes == 2
+        if positive != SCHEMA["evaluate"]["positive_class"].default and not two_classes and is_main_process():
+            what = f"has {data.num_classes} classes" if data.task == "classification" else f"is {data.task}"
+            self.echo(f"warning: evaluate.positive_class: {positive} does nothing: the data {what} (it names the "
+                      f"class that {', '.join(BINARY_METRICS)} score, with two classes)")
         metrics = self.cfg["evaluate"]["metrics"]
         if data.task == "classification" and data.num_classes > 2 and set(metrics) <= set(BINARY_METRICS):
             raise UserError(f"evaluate.metrics: {metrics} are for two classes, and the data has "
