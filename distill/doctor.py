@@ -579,7 +579,9 @@ def student_too_small(run: RunView) -> List[Dict[str, Any]]:
 
 
 def quantization_loss(run: RunView) -> List[Dict[str, Any]]:
-    """An int8 variant in bench/bench.json losing more than bench.max_accuracy_drop against its fp32 model."""
+    """An int8 variant in bench/bench.json losing more than bench.max_accuracy_drop against its fp32 model, on
+    validation accuracy as bench chooses its recommendation (test accuracy where the data has no validation
+    split): advice drawn from the test split, followed, tunes the deployment on it."""
     from .compress.bench import INT8, is_stale, model_versions
     if not run.bench:
         raise Skip(f"no bench/bench.json; run `distill bench {shlex.quote(run.folder)}` first")
@@ -592,7 +594,9 @@ def quantization_loss(run: RunView) -> List[Dict[str, Any]]:
     if results and not rows:
         raise Skip("bench/bench.json measured earlier versions of the models (trained again since); run "
                    f"`distill bench {shlex.quote(run.folder)}` again")
-    drops = {k: rows[(k[0], "fp32")]["accuracy"] - r["accuracy"] for k, r in rows.items()
+    on_val = rows and all(isinstance(r.get("val_accuracy"), (int, float)) for r in rows.values())
+    key, split = ("val_accuracy", "validation") if on_val else ("accuracy", "test")
+    drops = {k: rows[(k[0], "fp32")][key] - r[key] for k, r in rows.items()
              if k[1] in INT8 and (k[0], "fp32") in rows}
     if not drops:
         raise Skip("bench/bench.json has no int8 variant beside its fp32 model")
@@ -600,23 +604,27 @@ def quantization_loss(run: RunView) -> List[Dict[str, Any]]:
     for (model, variant), drop in drops.items():
         if drop <= max_drop + 1e-12:
             continue
-        ev = {"model": model, "variant": variant, "fp32_accuracy": rows[(model, "fp32")]["accuracy"],
-              "int8_accuracy": rows[(model, variant)]["accuracy"], "drop": drop, "max_accuracy_drop": max_drop}
+        fp32, int8 = rows[(model, "fp32")], rows[(model, variant)]
+        ev = {"model": model, "variant": variant, "split": split, "fp32_accuracy": fp32[key],
+              "int8_accuracy": int8[key], "drop": drop, "max_accuracy_drop": max_drop}
+        if on_val:
+            ev.update(fp32_test_accuracy=fp32["accuracy"], int8_test_accuracy=int8["accuracy"])
         pair = DYNAMIC_OF.get(variant)
         if pair and (model, pair) in drops:
             ev[f"{pair}_drop"] = drops[(model, pair)]
-        fix = _int8_fix(run, model, variant, rows, drops, max_drop)
+        fix = _int8_fix(run, model, variant, rows, drops, max_drop, key)
         out.append(finding("quantization_loss", "medium",
-                           f"{model} {variant}: test accuracy {ev['int8_accuracy']:.4f} vs {ev['fp32_accuracy']:.4f} "
-                           f"in fp32, a drop of {drop:.4f} (> bench.max_accuracy_drop={max_drop})", ev, fix))
+                           f"{model} {variant}: {split} accuracy {ev['int8_accuracy']:.4f} vs "
+                           f"{ev['fp32_accuracy']:.4f} in fp32, a drop of {drop:.4f} "
+                           f"(> bench.max_accuracy_drop={max_drop})", ev, fix))
     return out
 
 
 def _int8_fix(run: RunView, model: str, variant: str, rows: Dict[Tuple[str, str], Dict[str, Any]],
-              drops: Dict[Tuple[str, str], float], max_drop: float) -> str:
+              drops: Dict[Tuple[str, str], float], max_drop: float, key: str) -> str:
     """What to deploy instead of an int8 variant over the budget: an alternative is offered only within it,
     and QAT's int8 model only for a model it would replace (the compress chain's source and steps), measured
-    against that model's fp32 (not the QAT model's own)."""
+    against that model's fp32 (not the QAT model's own); on the split the drops were judged on (`key`)."""
     within = max_drop + 1e-12
     pair = DYNAMIC_OF.get(variant)
     if pair and drops.get((model, pair), math.inf) <= within:
@@ -627,9 +635,9 @@ def _int8_fix(run: RunView, model: str, variant: str, rows: Dict[Tuple[str, str]
     # the one before; QAT's from the last)
     chain = model == run.cfg["compress"]["source"] or (model.startswith("compress/") and model != "compress/qat")
     qat = rows.get(("compress/qat", variant)) if chain else None
-    below = rows[(model, "fp32")]["accuracy"] - qat["accuracy"] if qat else None
+    below = rows[(model, "fp32")][key] - qat[key] if qat else None
     if below is not None and below <= within:
-        return (f"deploy compress/qat's {variant} int8 variant instead (the QAT model: {qat['accuracy']:.4f}, "
+        return (f"deploy compress/qat's {variant} int8 variant instead (the QAT model: {qat[key]:.4f}, "
                 f"{below:.4f} below {model} in fp32)")
     static = [v for v, d in DYNAMIC_OF.items() if d == variant and drops.get((model, v), math.inf) <= within]
     instead = f"; or deploy the {static[0]} int8 variant, which loses {drops[(model, static[0])]:.4f}" if static else ""
@@ -637,7 +645,7 @@ def _int8_fix(run: RunView, model: str, variant: str, rows: Dict[Tuple[str, str]
         steps = [s for s in run.cfg["compress"]["steps"] if s != "qat"] + ["qat"]
         return (f"quantization-aware training: --set 'compress.steps=[{', '.join(steps)}]' then "
                 f"`distill compress` and `distill bench` again (QAT learns weights that survive int8){instead}")
-    also = f"compress/qat's {variant} variant loses too ({qat['accuracy']:.4f}): " if qat else ""
+    also = f"compress/qat's {variant} variant loses too ({qat[key]:.4f}): " if qat else ""
     return (f"{also}deploy in fp32, fp16 or bf16, or calibrate static int8 on more samples (--set "
             f"bench.calibration={run.bench_setting('calibration') * 4}){instead}")
 

@@ -1,5 +1,4 @@
 """Data loading: splits, normalisation on train statistics only, .npz layouts, augmentation."""
-import os
 import time
 
 import numpy as np

