@@ -202,7 +202,9 @@ def interpolate_arch(t_arch: Sequence[str], s_arch: Sequence[str], input_shape: 
             _set(args, kwargs, name, pos, geometric(_arg(targs, tkw, name, pos), _arg(sargs, skw, name, pos), where))
         if tn in INPUT:
             name, pos, dim = INPUT[tn]
-            _set(args, kwargs, name, pos, int(x.shape[dim]))
+            given = _arg(targs, tkw, name, pos)  # (a LayerNorm over several trailing dimensions keeps them all)
+            _set(args, kwargs, name, pos, list(x.shape[-len(given):]) if isinstance(given, (list, tuple))
+                 else int(x.shape[dim]))
         # every other argument (kernel size, padding, ...) must agree, else the two are not one family
         for name in {*tkw, *skw} - {WIDTH.get(tn, ("",))[0], INPUT.get(tn, ("",))[0]}:
             if tkw.get(name) != skw.get(name):

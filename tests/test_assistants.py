@@ -85,6 +85,16 @@ def test_auto_sizes_lie_strictly_between(teacher, student, shape):
     assert sizes[0] < sizes[1] < sizes[2], sizes
 
 
+def test_auto_keeps_a_layernorm_over_channels_and_pixels():
+    """LayerNorm([32, 8, 8]) normalises each sample over C x H x W: the assistant got LayerNorm(8), over the
+    width alone, another layer than the teacher's and the student's."""
+    arch = ["Conv2d(1, {c}, 3, padding=1)", "LayerNorm([{c}, 8, 8])", "ReLU()", "Flatten()", "Linear({f}, 10)"]
+    teacher, student = ({"arch": [a.format(c=c, f=c * 64) for a in arch]} for c in (32, 8))
+    spec = interpolate(teacher, student, (1, 8, 8))
+    assert spec["arch"][1] == "LayerNorm([16, 8, 8])", spec["arch"]
+    assert count_params(build_model(student, (1, 8, 8), 10)) < count_params(build_model(spec, (1, 8, 8), 10))
+
+
 GOOD = ("name: t\ndata: {dataset: digits, as_image: true}\nteacher: {model: cnn, args: {channels: [4], hidden: 8}}\n"
         "student: {model: cnn, args: {channels: [2], hidden: 4}}\ntrain: {epochs: 1}\n")
 

@@ -16,6 +16,7 @@ from distill.compress.bench import pareto
 from distill.compress.prune import head_importance, keep_top, prune_channels, prune_ffn, prune_heads
 from distill.compress.quantize import dynamic_int8, finish_qat, int8_linear_count, prepare_qat, static_int8
 from distill.compress.structure import RemappedEmbedding, fit_to_shapes
+from distill.errors import UserError
 from distill.models import build_model, count_params
 from distill.pipeline.artifacts import load_model_at
 
@@ -130,6 +131,22 @@ def test_ffn_pruning_and_vocabulary_trimming(bert, tmp_path):
         os.path.join(folder, "model.safetensors"))
 
 
+def test_a_classifier_with_a_scaled_word_embedding_is_not_trimmed():
+    """Gemma's word embedding multiplies by sqrt(width): a plain remapped table in its place dropped that, and
+    the logits changed on the very tokens kept (README: exact on seen tokens)."""
+    import transformers
+    from distill.compress.vocab import trim_vocabulary
+    from distill.models.hf import HFClassifier
+    cfg = transformers.GemmaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, head_dim=16, intermediate_size=64, num_labels=3,
+                                   pad_token_id=0)
+    hf = transformers.AutoModelForSequenceClassification.from_config(cfg).eval()
+    assert type(hf.get_input_embeddings()) is not torch.nn.Embedding
+    with pytest.raises(UserError, match=r"^compress.vocab: this model's word embedding is a \w+, not a plain "
+                                        r"Embedding; .* remove vocab from compress.steps"):
+        trim_vocabulary(HFClassifier(hf, 0, None, [0, 1, 2]), [torch.randint(3, 100, (4, 10))], unk_id=2)
+
+
 def test_layer_reduction_drops_the_layer_whose_removal_hurts_least(bert):
     _, model = bert
     x, y = _ids(8), torch.tensor([0, 1] * 4)
@@ -175,6 +192,16 @@ def test_channel_pruning_of_a_cnn_whose_batchnorm_has_no_weights(stats):
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), pruned(x))
+
+
+def test_channel_pruning_reads_only_a_channel_major_flatten():
+    """Flatten(2) keeps the channels apart: a Linear after it reads one channel's pixels, not each channel's
+    block of inputs. Its inputs were sliced as if (64 -> 32 of them), and the pruned model failed to run."""
+    arch = ["Conv2d(1, 4, 3, padding=1)", "ReLU()", "Flatten(2)", "Linear(64, 8)", "ReLU()", "Flatten()",
+            "Linear(32, 10)"]
+    model = build_model({"arch": arch}, (1, 8, 8), 10)
+    with pytest.raises(UserError, match="compress.channels: the model has no conv layer whose filters can be pruned"):
+        prune_channels(model, 0.5)
 
 
 def test_channel_pruning_keeps_the_filters_with_the_largest_l1_norm():

@@ -1157,6 +1157,43 @@ def test_trimmed_lm_vocabulary_is_exact_on_its_data_and_saves_a_plain_hf_folder(
         trim_lm_vocabulary(trimmed, [x], tok, path)
 
 
+def test_a_gguf_models_vocabulary_is_trimmed_past_the_token_its_converter_adds(tmp_path):
+    """transformers' GGUF converter adds an unknown token one past the embedding's rows (distill loads such a
+    model on purpose): trimming kept every added token, found it beyond the rows and refused the model, after
+    the compress steps before it had run."""
+    from distill.compress.vocab import check_trimmable, trim_lm_vocabulary
+    from distill.data.arith import generate
+    from distill.models.hf import gguf_folder, load_tokenizer, save_folder
+    path = tiny_gguf(str(tmp_path / "g"))
+    tok, model = load_tokenizer(path, "m"), load_causal_lm_(path)
+    rows = model.hf.get_input_embeddings().num_embeddings
+    assert max(tok.added_tokens_decoder) == rows  # (the converter's token, which nothing embeds)
+    check_trimmable(model, tok, "m")
+    enc, x = _ids(tok, [r["prompt"] + " " + r["completion"] for r in generate(20, 5, 1, 2)])
+    trimmed = trim_lm_vocabulary(model, [x], tok, gguf_folder(path, "m"))
+    ids = trimmed.vocab_ids
+    assert int(ids.max()) < rows and len(ids) < rows
+    with torch.no_grad():
+        small = trimmed(x)
+        assert torch.allclose(model(x)[..., ids], small[..., ids], atol=1e-5)
+    save_folder(trimmed, str(tmp_path / "t"), gguf_folder(path, "m"), {})
+    back = load_causal_lm_(str(tmp_path / "t"))
+    new = {old: i for i, old in enumerate(ids.tolist())}
+    assert [load_tokenizer(str(tmp_path / "t"), "t")(t)["input_ids"] for t in ["ones 7+6=13, write 3"]] == \
+        [[new[i] for i in tok("ones 7+6=13, write 3")["input_ids"]]]
+    with torch.no_grad():
+        assert torch.equal(back(x), small)
+
+
+def test_the_test_tokens_a_trim_counts_are_each_sequences_tokens_once():
+    """`test_tokens_outside` counted the inputs and the targets together: the padding in, and every
+    completion token twice."""
+    from distill.compress.pipeline import sequence_tokens
+    from distill.data.completions import as_arrays
+    x, y = (torch.tensor(a) for a in as_arrays([([1, 2, 3], [4, 5, 9]), ([6], [7, 9])], 0))
+    assert sorted(sequence_tokens(x, y).tolist()) == sorted([1, 2, 3, 4, 5, 9, 6, 7, 9])
+
+
 def test_trimming_needs_a_bpe_tokenizer_of_the_models_own_vocabulary(tmp_path, llama):
     from distill.compress.vocab import trim_lm_vocabulary
     from distill.models.hf import load_tokenizer
@@ -1172,7 +1209,7 @@ def test_trimming_needs_a_bpe_tokenizer_of_the_models_own_vocabulary(tmp_path, l
     tj = tokenizer_json(bpe, "t")
     tj["model"]["continuing_subword_prefix"] = "##"
     with pytest.raises(UserError, match="t: BPE with a subword prefix or word suffix is not supported"):
-        kept_tokens(tj, {5}, "t")
+        kept_tokens(tj, {5}, "t", 420)
 
 
 def test_compress_refuses_a_vocabulary_it_cannot_trim_before_any_step_runs(tmp_path, llama):

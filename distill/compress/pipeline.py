@@ -162,8 +162,7 @@ class Compressor:
                 self.model = trim_vocabulary(self.model, texts, tok.unk_token_id)
                 return {"vocab_before": before, "vocab_after": self.model.hf.get_input_embeddings().num_embeddings}
             self.model = trim_lm_vocabulary(self.model, texts, tok, path)
-            test = torch.cat([data.x_test.flatten(), data.y_test.flatten()])
-            test = test[test >= 0]
+            test = sequence_tokens(data.x_test, data.y_test)
             kept = torch.zeros(self.model.vocab_size, dtype=torch.bool)
             kept[self.model.vocab_ids] = True
             outside = int((~kept[test]).sum())  # (read as padding, scored as impossible: say so)
@@ -281,3 +280,13 @@ def compress(run: RunDir, teacher: Optional[nn.Module] = None, model: Optional[n
         getattr(c, name)()
     c.write_record(finished=True)  # (also when no step made a model: an earlier chain's records would stay)
     return c.records
+
+
+def sequence_tokens(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Every token of the sequences that (inputs, targets) rows were shifted from, once each: a row's prompt
+    (its inputs up to the first target) and its targets (the completion), not its padding. (The inputs and
+    the targets hold the completion twice over, and the inputs their padding.)"""
+    first = (y >= 0).int().argmax(1)  # (the prompt's last position, which predicts the completion's first token)
+    prompt = x[torch.arange(x.shape[1])[None, :] <= first[:, None]]
+    return torch.cat([prompt, y[y >= 0]])
+

@@ -195,8 +195,8 @@ def _chain_pairs(model: nn.Module):
         for nxt_name, nxt in seq[i + 1:]:
             if isinstance(nxt, nn.BatchNorm2d):
                 bns.append(nxt_name)
-            elif isinstance(nxt, nn.Flatten):
-                flat = True
+            elif isinstance(nxt, nn.Flatten) and nxt.start_dim == 1 and nxt.end_dim == -1:
+                flat = True  # (channel-major: each channel's values side by side; another Flatten is not)
             elif isinstance(nxt, nn.Conv2d) and not flat and nxt.groups == 1:
                 yield name, bns, nxt_name, 1
                 break

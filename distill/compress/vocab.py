@@ -46,14 +46,23 @@ def check_trimmable(model, tok, where: str) -> None:
 def _classifier_trimmable(model: HFClassifier, unk_id: Optional[int]) -> None:
     if unk_id is None:
         raise UserError("compress.vocab: the tokenizer has no unknown token to send dropped tokens to")
-    if isinstance(model.hf.get_input_embeddings(), RemappedEmbedding):
+    emb = model.hf.get_input_embeddings()
+    if isinstance(emb, RemappedEmbedding):
         raise UserError("compress.vocab: the vocabulary of this model is already trimmed")
+    if type(emb) is not nn.Embedding:  # (a RemappedEmbedding would drop what it adds: Gemma's scale by sqrt(width))
+        raise UserError(f"compress.vocab: this model's word embedding is a {type(emb).__name__}, not a plain "
+                        f"Embedding; classifiers' vocabularies are trimmed for plain ones only: remove vocab from "
+                        f"compress.steps")
 
 
 def _lm_trimmable(model, tok, where: str) -> None:
     if model.vocab_ids is not None:
         raise UserError("compress.vocab: the vocabulary of this model is already trimmed")
-    bpe_model(tokenizer_json(tok, where), where)
+    top = max(bpe_model(tokenizer_json(tok, where), where)["vocab"].values())
+    rows = model.hf.get_input_embeddings().num_embeddings
+    if top >= rows:
+        raise UserError(f"compress.vocab: {where}: the tokenizer has ids up to {top}, and the model's embedding "
+                        f"only {rows} rows; they do not belong together")
 
 
 def trim_vocabulary(model: HFClassifier, texts: Sequence[torch.Tensor], unk_id: int) -> HFClassifier:
@@ -84,12 +93,10 @@ def trim_lm_vocabulary(model, texts: Sequence[torch.Tensor], tok, where: str):
     from ..models.hf import tokenizer_hash
     _lm_trimmable(model, tok, where)
     used = torch.unique(torch.cat([t.flatten() for t in texts]))
-    ids = torch.tensor(kept_tokens(tokenizer_json(tok, where), set(used[used >= 0].tolist()), where))
     hf = copy.deepcopy(model.hf)
     emb, out = hf.get_input_embeddings(), hf.get_output_embeddings()
-    if int(ids.max()) >= emb.num_embeddings:
-        raise UserError(f"compress.vocab: {where}: the tokenizer has ids up to {int(ids.max())}, and the model's "
-                        f"embedding only {emb.num_embeddings} rows; they do not belong together")
+    ids = torch.tensor(kept_tokens(tokenizer_json(tok, where), set(used[used >= 0].tolist()), where,
+                                   emb.num_embeddings))
     tied = out is not None and out.weight is emb.weight
     small = _rows_of(emb, ids)  # (a copy of the module: kinds such as Gemma's scaled embedding stay as they are)
     hf.set_input_embeddings(small)

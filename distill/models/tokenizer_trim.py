@@ -29,10 +29,11 @@ def bpe_model(tj: Dict, where: str) -> Dict:
     return m
 
 
-def kept_tokens(tj: Dict, used_ids: Set[int], where: str) -> List[int]:
-    """The ids to keep: those used, every added (special) token, every single character and byte token,
-    and, recursively, both halves of every merge that makes a kept token (BPE builds a token through
-    them, so without them the data would tokenize differently)."""
+def kept_tokens(tj: Dict, used_ids: Set[int], where: str, rows: int) -> List[int]:
+    """The ids to keep: those used, every added (special) token the model's `rows` embed, every single
+    character and byte token, and, recursively, both halves of every merge that makes a kept token (BPE builds
+    a token through them, so without them the data would tokenize differently). (transformers' GGUF converter
+    may add an unknown token one past the embedding: no text of the data holds it.)"""
     m = bpe_model(tj, where)
     vocab: Dict[str, int] = m["vocab"]
     by_id = {i: t for t, i in vocab.items()}
@@ -50,7 +51,7 @@ def kept_tokens(tj: Dict, used_ids: Set[int], where: str) -> List[int]:
                 if half not in keep and half in vocab:
                     keep.add(half)
                     todo.append(half)
-    ids = {vocab[t] for t in keep} | {a["id"] for a in tj.get("added_tokens", [])}
+    ids = {vocab[t] for t in keep} | {a["id"] for a in tj.get("added_tokens", []) if a["id"] < rows}
     return sorted(ids)
 
 
@@ -65,7 +66,8 @@ def trimmed_tokenizer_json(tj: Dict, ids: Sequence[int]) -> Dict:
     pairs = [(a, b) for a, b in _merge_pairs(m["merges"]) if a in kept and b in kept and a + b in kept]
     m["merges"] = [list(p) for p in pairs] if m["merges"] and isinstance(m["merges"][0], list) else \
         [f"{a} {b}" for a, b in pairs]
-    for a in tj.get("added_tokens", []):
+    tj["added_tokens"] = [a for a in tj.get("added_tokens", []) if a["id"] in new]  # (see kept_tokens)
+    for a in tj["added_tokens"]:
         a["id"] = new[a["id"]]
     if isinstance(tj.get("padding"), dict) and tj["padding"].get("pad_id") in new:
         tj["padding"]["pad_id"] = new[tj["padding"]["pad_id"]]
