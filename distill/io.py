@@ -394,5 +394,12 @@ def weights_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def model_sha256(model: nn.Module) -> str:
+    """The weights and the modules that compute with them: the weights alone do not tell ReLU from Tanh
+    between the same Linear layers, and what was made from one (a cache entry, a student) was reused for the
+    other."""
+    return weights_sha256(model) + sha256_json(repr(model))[:16]
+
+
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -380,16 +380,15 @@ def test_topk_kd_run_end_to_end_and_the_student_folder_generates_in_plain_transf
     assert entry["topk"] == 8
     # the manifest the run wrote: what the entry was built for, and its size
     from safetensors import safe_open
-    from distill.io import weights_sha256
+    from distill.io import model_sha256, weights_sha256
     from distill.models.hf import load_tokenizer, tokenizer_hash
-    from distill.pipeline.teacher_outputs import _teacher_sha
     folder = os.path.join(entry["cache_dir"], entry["cache_key"])
     m = json.load(open(os.path.join(folder, "manifest.json")))
     teacher = load_causal_lm_(os.path.join(out, "teacher"))
     tok = load_tokenizer(llama, "t")
     assert {k: m[k] for k in ("k", "temperature", "vocab", "tokenizer", "teacher")} == {
         "k": 8, "temperature": 1.0, "vocab": len(tok), "tokenizer": tokenizer_hash(tok),
-        "teacher": _teacher_sha(teacher)}  # (its weights, and its modules: as the folder reloads them)
+        "teacher": model_sha256(teacher)}  # (its weights, and its modules: as the folder reloads them)
     assert m["teacher"].startswith(weights_sha256(teacher))
     assert {"format", "data", "rows", "tokens", "bytes_per_token", "shards"} <= set(m) and m["rows"] > 0
     with safe_open(os.path.join(folder, m["shards"][0]["file"]), framework="pt") as sh:

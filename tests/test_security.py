@@ -2,6 +2,7 @@
 import os
 
 import pytest
+import torch
 import yaml
 from torch import nn
 
@@ -130,6 +131,37 @@ def test_a_model_folder_that_exists_only_as_its_own_code_is_refused_and_the_code
         with pytest.raises(UserError, match=f"{where}: its {kind[where][0]} '{kind[where][1]}' exists only as code in "
                                             f"the folder .*distill never runs code"):
             load()
+    assert not ran.exists()
+
+
+class _Runs:  # (a pickle that would run code as it loads)
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_model_folder_whose_pickled_weights_hold_code_is_one_line_and_the_code_never_runs(tmp_path):
+    """transformers loads a pytorch_model.bin with weights_only=True, which refuses it: the refusal came out
+    as a traceback, exit 1."""
+    import transformers
+    from distill.models.hf import load_classifier
+    from distill.models.hf_lm import load_causal_lm
+    from distill.pipeline.artifacts import load_model_at
+    ran = tmp_path / "ran"
+    for name, config in (("bert", transformers.BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1,
+                                                          num_attention_heads=2, intermediate_size=16)),
+                         ("llama", transformers.LlamaConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1,
+                                                            num_attention_heads=2, intermediate_size=16))):
+        folder = tmp_path / name
+        config.save_pretrained(folder)
+        torch.save({"w": _Runs(str(ran))}, folder / "pytorch_model.bin")
+        loads = [lambda: load_causal_lm(str(folder), "teacher.hf")] if name == "llama" else \
+            [lambda: load_classifier(str(folder), ["a", "b"], "teacher.hf"), lambda: load_model_at(str(folder), "x")]
+        for load in loads:
+            with pytest.raises(UserError, match=r"(teacher.hf|x): .*: cannot load .*Weights only load failed"):
+                load()
     assert not ran.exists()
 
 

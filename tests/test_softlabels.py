@@ -1,4 +1,5 @@
 """The soft-label cache: miss, hit, invalidation, memory mapping, no partial entries."""
+import json
 import os
 
 import numpy as np
@@ -97,17 +98,38 @@ def test_weights_hash_ignores_metadata(tmp_path):
     assert weights_sha256(t) != weights_sha256(u)
 
 
+def test_a_student_is_distilled_again_from_a_teacher_of_the_same_weights_and_other_modules(tmp_path):
+    """The student stage named its teacher by the weights alone: a teacher given ReLU -> Tanh, same weights,
+    said "student: inputs unchanged" and kept the student distilled from the other one."""
+    from safetensors.torch import save_file
+    from distill import Recipe, run
+    from distill.models import build_model
+    arch = ["Flatten()", "Linear(64, 32)", "{}()", "Linear(32, 10)"]
+    torch.manual_seed(0)
+    save_file(build_model({"arch": [a.format("ReLU") for a in arch]}, (1, 8, 8), 10).state_dict(),
+              str(tmp_path / "t.safetensors"))
+    said = []
+    for act in ("ReLU", "Tanh"):
+        said.clear()
+        sets = ["teacher.model=null", "teacher.args={}", f"teacher.checkpoint={tmp_path / 't.safetensors'}",
+                f"teacher.arch={[a.format(act) for a in arch]}", "train.epochs=1", "data.train_subset=300",
+                "monitor.gradients=false"]
+        run(Recipe.load("digits", sets), out=str(tmp_path / "run"), echo=said.append, overwrite=True)
+    assert not any(m.startswith("student: inputs unchanged") for m in said), said
+    assert any(m.startswith("student_scratch: inputs unchanged") for m in said), said  # (it has no teacher)
+
+
 def test_cache_entries_of_teachers_with_the_same_weights_and_other_modules_differ():
     """ReLU or Tanh between the same Linear layers: one weights hash, two functions. The soft-label key was the
     weights hash alone, and the Tanh teacher's run was served the ReLU teacher's cached logits."""
-    from distill.pipeline.teacher_outputs import _teacher_sha
+    from distill.io import model_sha256
     relu = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     tanh = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     tanh.load_state_dict(relu.state_dict())
-    assert _teacher_sha(relu) != _teacher_sha(tanh)
+    assert model_sha256(relu) != model_sha256(tanh)
     twin = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     twin.load_state_dict(relu.state_dict())
-    assert _teacher_sha(relu) == _teacher_sha(twin)
+    assert model_sha256(relu) == model_sha256(twin)
 
 
 def test_a_damaged_entry_is_one_line_naming_it(tmp_path):
@@ -131,3 +153,8 @@ def test_a_damaged_entry_is_one_line_naming_it(tmp_path):
     (tmp_path / "k6" / "logits.npy").replace(logits)
     with pytest.raises(UserError, match=r"k4: feat_0.npy holds another number of samples than the 30"):
         load_or_build(teacher, x, "k4", str(tmp_path), ["1"], batch_size=8)
+    meta = tmp_path / "k6" / "meta.json"
+    for damaged in ({"n": 30}, {"n": 30, "layers": 5}, {"layers": ["1"]}, {"n": "30", "layers": ["1"]}):
+        meta.write_text(json.dumps(damaged))  # (a KeyError or TypeError traceback)
+        with pytest.raises(UserError, match=r"k6: meta.json is not what distill writes .*delete the folder"):
+            load_or_build(teacher, x, "k6", str(tmp_path), ["1"], batch_size=8)

@@ -25,7 +25,7 @@ from torch import nn
 from .. import __version__
 from ..errors import UserError
 from ..evaluate import weights_size
-from ..io import load_meta, sha256_json, weights_sha256, write_json
+from ..io import load_meta, model_sha256, sha256_json, weights_sha256, write_json
 from ..models import count_params
 from ..models.hf import load_tokenizer
 from ..pipeline.artifacts import (distill_settings, kind, load_saved, model_spec, require_same_data, require_saved,
@@ -52,7 +52,7 @@ class Compressor:
         self.run, self.c = run, run.cfg["compress"]
         self.teacher, self.model = teacher, model
         augment = run.own_augment(STUDENT)  # (the fine-tunes train as the student does)
-        self.fingerprint = sha256_json({"source": weights_sha256(self.model), "teacher": weights_sha256(self.teacher),
+        self.fingerprint = sha256_json({"source": weights_sha256(self.model), "teacher": model_sha256(self.teacher),
                                         "version": __version__, "data": run.data.fingerprint,
                                         "finetune_data": "the student's",  # (fine-tunes read the unlabelled too)
                                         # (how the fine-tunes train: the student's settings, compress.lr)

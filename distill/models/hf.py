@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from importlib import metadata
@@ -291,7 +292,8 @@ def load_classifier(path: str, class_names: List[str], where: str, finetuned: bo
         hf, info = tf.AutoModelForSequenceClassification.from_pretrained(
             path, **OFFLINE, ignore_mismatched_sizes=not finetuned, output_loading_info=True,
             **_label_config(class_names))
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:  # (pickle: a
+        # .bin with more than weights, which transformers' weights_only load refuses)
         raise UserError(f"{where}: {path}: cannot load as a sequence classifier "
                         f"({str(e).splitlines()[0]})") from None
     if finetuned:  # (its head too: a folder without it loaded with a head drawn at random)
@@ -499,7 +501,7 @@ def load_folder(folder: str, where: str) -> HFClassifier:
             hf.eval()
         else:
             hf = tf.AutoModelForSequenceClassification.from_pretrained(folder, **OFFLINE)
-    except (OSError, ValueError, SafetensorError) as e:
+    except (OSError, ValueError, SafetensorError, pickle.UnpicklingError) as e:
         raise UserError(f"{where}: {folder}: cannot load ({str(e).splitlines()[0]})") from None
     return _wrap(hf, load_tokenizer(folder, where))
 

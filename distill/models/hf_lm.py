@@ -14,6 +14,7 @@ most of the 30 s goes into converting the tokenizer), so later runs load the fol
 from __future__ import annotations
 
 import copy
+import pickle
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
@@ -184,7 +185,8 @@ def load_causal_lm(path: str, where: str) -> HFCausalLM:
             hf, info = tf.AutoModelForCausalLM.from_pretrained(folder, **OFFLINE, dtype=torch.float32,
                                                                output_loading_info=True, ignore_mismatched_sizes=True)
             require_whole(info, path, where)
-    except (OSError, ValueError, SafetensorError) as e:  # (a weights file cut short: safetensors' own error)
+    except (OSError, ValueError, SafetensorError, pickle.UnpicklingError) as e:  # (a weights file cut short:
+        # safetensors' own error; a .bin with more than weights: transformers' weights_only load refuses it)
         raise UserError(f"{where}: {path}: cannot load as a causal language model ({str(e).splitlines()[0]})") from None
     hf.eval()
     tok = load_tokenizer(folder, where)

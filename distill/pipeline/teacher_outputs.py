@@ -20,7 +20,7 @@ from ..data.augment_text import with_augmented_texts
 from ..data.datasets import with_teacher_labelled, with_training_split
 from ..engine.batch import TeacherSource
 from ..engine.inference import model_device
-from ..io import sha256_file, sha256_json, weights_sha256, write_json
+from ..io import model_sha256, sha256_file, sha256_json, write_json
 from ..recipe_schema import SCHEMA
 from ..roles import STUDENT, TEACHER
 from ..teachers import cache_key, load_or_build, online_source
@@ -57,7 +57,7 @@ def soft_labels(run: RunDir, teacher: Optional[nn.Module] = None, data: Optional
         from ..errors import UserError
         raise UserError("distill.teacher_outputs: cached: text features vary in length per batch and are not "
                         "cached; use teacher_outputs: online (or auto) with transformer layer losses")
-    key = cache_key(_teacher_sha(teacher), data.fingerprint, layers, _computed_by(run))
+    key = cache_key(model_sha256(teacher), data.fingerprint, layers, _computed_by(run))
     memo = run.__dict__.setdefault("soft_label_entries", {})  # the plan's soft-label stage, then the student
     if key in memo:
         return memo[key]
@@ -73,12 +73,6 @@ def soft_labels(run: RunDir, teacher: Optional[nn.Module] = None, data: Optional
         write_json(run.path("soft_labels.json"), {"cache_key": key, "cache_dir": cache_dir, "layers": layers})
     memo[key] = outputs
     return outputs
-
-
-def _teacher_sha(teacher: nn.Module) -> str:
-    """The teacher's weights and the modules that compute with them: the weights alone do not tell ReLU from
-    Tanh between the same Linear layers, and a cache entry of one would be served for the other."""
-    return weights_sha256(teacher) + sha256_json(repr(teacher))[:16]
 
 
 def _computed_by(run: RunDir) -> Dict[str, Any]:
@@ -99,7 +93,7 @@ def topk_labels(run: RunDir, teacher: nn.Module, data: DataBundle, dcfg: Dict[st
     memo = run.__dict__.setdefault("soft_label_entries", {})
     tok = tokenizer_hash(load_tokenizer(data.tokenizer, "data.tokenizer")) if data.tokenizer else \
         sha256_json(data.class_names)[:16]
-    want = topk.expected(_teacher_sha(teacher), tok, getattr(teacher, "vocab_size", data.num_classes), dcfg["topk"],
+    want = topk.expected(model_sha256(teacher), tok, getattr(teacher, "vocab_size", data.num_classes), dcfg["topk"],
                          dcfg["temperature"], data.fingerprint, len(data.y_train), _computed_by(run))
     key = "topk-" + sha256_json(want)[:24]
     if key in memo:
@@ -188,7 +182,7 @@ def teacher_written(run: RunDir, teacher: nn.Module, data: DataBundle) -> Tuple[
         run.event(f"teacher_samples: {n} windows, {written:,} characters written by the teacher at "
                   f"{written / seconds:,.0f} characters/s", windows=n, tokens_per_s=written / seconds)
         return {"windows": n, "tokens_per_s": round(written / seconds, 1), "seconds": round(seconds, 3)}
-    run_stage(run, Stage("teacher_samples", {"teacher": weights_sha256(teacher), "data": data.fingerprint,
+    run_stage(run, Stage("teacher_samples", {"teacher": model_sha256(teacher), "data": data.fingerprint,
                                              "sequence_kd": seq, "seed": seed}, [out], make))
     from safetensors.torch import load_file
     ids = load_file(run.path(out))["ids"]
@@ -215,7 +209,7 @@ def teacher_completions(run: RunDir, teacher: nn.Module, data: DataBundle) -> Tu
     settings = {k: seq[k] for k in ("samples", "temperature", "top_p", "max_new_tokens", "verify", "batch_size")}
     answer = run.cfg["evaluate"]["exact_match"]["answer"]
     own, data = data, run.data  # the teacher writes in its tokens (run.data); `own`: the student's
-    inputs = {"teacher": weights_sha256(teacher), "data": data.fingerprint, "settings": settings, "answer": answer,
+    inputs = {"teacher": model_sha256(teacher), "data": data.fingerprint, "settings": settings, "answer": answer,
               "seed": seed, **added_files_input(run)}
 
     def make() -> Dict[str, Any]:

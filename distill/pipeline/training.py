@@ -22,7 +22,7 @@ from ..engine.inference import model_device
 from ..engine.objective import Objective
 from ..engine.trainer import Trainer
 from ..hooks import FeatureCapture
-from ..io import sha256_file, weights_sha256
+from ..io import model_sha256, sha256_file, weights_sha256
 from ..models import count_params
 from ..monitor import retention_monitor, with_reaction
 from ..recipe_checks import labels_only, loaded_teacher
@@ -231,7 +231,7 @@ def train_distilled(run: RunDir, teacher: nn.Module) -> Dict[str, Any]:
         info["added"] = added
         save_role(run, student, STUDENT, STUDENT, spec, info)  # the projectors stay behind in the objective
         return info
-    inputs = {**student_inputs(run, teacher), "distill": dcfg, "mode": mode, "teacher": weights_sha256(teacher),
+    inputs = {**student_inputs(run, teacher), "distill": dcfg, "mode": mode, "teacher": model_sha256(teacher),
               "monitor": reaction, **added_files_input(run)}
     return run_stage(run, Stage(STUDENT, inputs, [artifact(run.cfg, STUDENT, STUDENT)], make))
 
@@ -251,7 +251,7 @@ def train_assistant(run: RunDir, i: int, spec: Dict[str, Any], teacher: nn.Modul
         save_role(run, model, STUDENT, name, spec, info)
         return info
     inputs = {**base_inputs(run, STUDENT, spec), "distill": distill_settings(run), "mode": mode,
-              "teacher": weights_sha256(teacher), **added_files_input(run)}
+              "teacher": model_sha256(teacher), **added_files_input(run)}
     record = run_stage(run, Stage(name, inputs, [f"{name}.safetensors"], make))
     return load_saved(run, name) if record["reused"] else holder["model"]
 

@@ -87,7 +87,12 @@ def load_or_build(teacher: nn.Module, x_train: torch.Tensor, key: str, cache_dir
     hit = runtime.from_main(_complete(entry))
     if not hit:
         _build(teacher, x_train, entry, feature_layers, batch_size, runtime)
-    meta = read_run_json(os.path.join(entry, "meta.json"))
+    meta = read_run_json(os.path.join(entry, "meta.json")) or {}
+    layers = meta.get("layers")
+    if not (isinstance(meta.get("n"), int) and isinstance(layers, list) and all(isinstance(n, str) for n in layers)):
+        # (damaged after it was written: a traceback where it was read)
+        raise UserError(f"{entry}: meta.json is not what distill writes (an int n, a list of layer names); delete "
+                        f"the folder to rebuild it")
     if meta["n"] != len(x_train) or meta.get("key", key) != key:
         raise UserError(f"{entry}: the cached teacher outputs hold {meta['n']} samples of key {meta.get('key')}, "
                         f"and process {runtime.rank} trains on {len(x_train)} of key {key}; refusing to train on "
