@@ -19,3 +19,12 @@ def shared_file(*parts: str) -> str:
     if not os.path.isfile(path):
         pytest.skip(f"{path} not present (../shared/data is only beside the project checkout)")
     return path
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Worker processes a failed test left running (a DataLoader's) are ended, each by its pid: Python joins
+    its multiprocessing children at exit, and one that did not stop kept a CI run waiting to its time limit."""
+    import multiprocessing
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(5)
