@@ -1187,8 +1187,7 @@ def test_a_gguf_models_vocabulary_is_trimmed_past_the_token_its_converter_adds(t
 def test_the_test_tokens_a_trim_counts_are_each_sequences_tokens_once():
     """`test_tokens_outside` counted the inputs and the targets together: the padding in, and every
     completion token twice."""
-    from distill.compress.pipeline import sequence_tokens
-    from distill.data.completions import as_arrays
+    from distill.data.completions import as_arrays, sequence_tokens
     x, y = (torch.tensor(a) for a in as_arrays([([1, 2, 3], [4, 5, 9]), ([6], [7, 9])], 0))
     assert sorted(sequence_tokens(x, y).tolist()) == sorted([1, 2, 3, 4, 5, 9, 6, 7, 9])
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..data.completions import sequence_tokens
 from ..errors import UserError
 from ..evaluate import weights_size
 from ..io import load_meta, model_sha256, sha256_json, weights_sha256, write_json
@@ -280,13 +281,3 @@ def compress(run: RunDir, teacher: Optional[nn.Module] = None, model: Optional[n
         getattr(c, name)()
     c.write_record(finished=True)  # (also when no step made a model: an earlier chain's records would stay)
     return c.records
-
-
-def sequence_tokens(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Every token of the sequences that (inputs, targets) rows were shifted from, once each: a row's prompt
-    (its inputs up to the first target) and its targets (the completion), not its padding. (The inputs and
-    the targets hold the completion twice over, and the inputs their padding.)"""
-    first = (y >= 0).int().argmax(1)  # (the prompt's last position, which predicts the completion's first token)
-    prompt = x[torch.arange(x.shape[1])[None, :] <= first[:, None]]
-    return torch.cat([prompt, y[y >= 0]])
-

@@ -210,6 +210,15 @@ def as_arrays(seqs: List[Tuple[List[int], List[int]]], pad: int) -> Tuple[np.nda
     return x, y
 
 
+def sequence_tokens(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Every token of the sequences that `as_arrays` shifted into (inputs, targets) rows, once each: a row's
+    prompt (its inputs up to the first target) and its targets (the completion), not its padding. (The inputs
+    and the targets hold the completion twice over, and the inputs their padding.)"""
+    first = (y >= 0).int().argmax(1)  # (the prompt's last position, which predicts the completion's first token)
+    prompt = x[torch.arange(x.shape[1])[None, :] <= first[:, None]]
+    return torch.cat([prompt, y[y >= 0]])
+
+
 def _pad_to(a: np.ndarray, width: int, value: int) -> np.ndarray:
     return np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=value) if a.shape[1] < width else a
 

@@ -26,6 +26,7 @@ from importlib import metadata
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import UserError
@@ -86,6 +87,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 
 # Every from_pretrained: from local files only, and never the folder's own code (see refuse_remote_code).
 OFFLINE = {"local_files_only": True, "trust_remote_code": False}
+# What from_pretrained raises for a folder that holds no loadable model: unreadable or cut-short files (a
+# safetensors file: its own error), and a pytorch_model.bin holding more than weights, which transformers'
+# weights_only load refuses (pickle's error)
+FOLDER_ERRORS = (OSError, ValueError, SafetensorError, pickle.UnpicklingError)
 
 
 def refuse_remote_code(folder: str, where: str) -> None:
@@ -287,13 +292,11 @@ def load_classifier(path: str, class_names: List[str], where: str, finetuned: bo
             raise UserError(f"{where}: {path} is a model distill compress pruned, whose head is its own; load it "
                             f"with {where.split('.')[0]}.finetuned: true")
         return load_folder(path, where)
-    from safetensors import SafetensorError
     try:  # not fine-tuned here: any classification head it has is replaced, whatever its size
         hf, info = tf.AutoModelForSequenceClassification.from_pretrained(
             path, **OFFLINE, ignore_mismatched_sizes=not finetuned, output_loading_info=True,
             **_label_config(class_names))
-    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:  # (pickle: a
-        # .bin with more than weights, which transformers' weights_only load refuses)
+    except (*FOLDER_ERRORS, RuntimeError) as e:
         raise UserError(f"{where}: {path}: cannot load as a sequence classifier "
                         f"({str(e).splitlines()[0]})") from None
     if finetuned:  # (its head too: a folder without it loaded with a head drawn at random)
@@ -486,8 +489,6 @@ def _record_structure(hf: nn.Module) -> None:
 def load_folder(folder: str, where: str) -> HFClassifier:
     """A folder written by `save_folder` (or any fine-tuned sequence classifier folder). A pruned model is
     built from its config, resized to the shapes in its weights file, then loaded strictly."""
-    from safetensors import SafetensorError
-
     from ..compress.structure import fit_to_shapes, saved_shapes
     from ..io import load_weights
     tf = transformers_module()
@@ -501,7 +502,7 @@ def load_folder(folder: str, where: str) -> HFClassifier:
             hf.eval()
         else:
             hf = tf.AutoModelForSequenceClassification.from_pretrained(folder, **OFFLINE)
-    except (OSError, ValueError, SafetensorError, pickle.UnpicklingError) as e:
+    except FOLDER_ERRORS as e:
         raise UserError(f"{where}: {folder}: cannot load ({str(e).splitlines()[0]})") from None
     return _wrap(hf, load_tokenizer(folder, where))
 

@@ -14,16 +14,14 @@ most of the 30 s goes into converting the tokenizer), so later runs load the fol
 from __future__ import annotations
 
 import copy
-import pickle
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
-from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import UserError
-from .hf import OFFLINE, HFWrapper, check_fresh_width, keep_layers_config, load_tokenizer, model_folder, \
-    pad_id, refuse_remote_code, require_whole, tokenizer_hash, transformers_module, uses_rotary
+from .hf import FOLDER_ERRORS, OFFLINE, HFWrapper, check_fresh_width, keep_layers_config, load_tokenizer, \
+    model_folder, pad_id, refuse_remote_code, require_whole, tokenizer_hash, transformers_module, uses_rotary
 
 
 class HFCausalLM(HFWrapper):
@@ -185,8 +183,7 @@ def load_causal_lm(path: str, where: str) -> HFCausalLM:
             hf, info = tf.AutoModelForCausalLM.from_pretrained(folder, **OFFLINE, dtype=torch.float32,
                                                                output_loading_info=True, ignore_mismatched_sizes=True)
             require_whole(info, path, where)
-    except (OSError, ValueError, SafetensorError, pickle.UnpicklingError) as e:  # (a weights file cut short:
-        # safetensors' own error; a .bin with more than weights: transformers' weights_only load refuses it)
+    except FOLDER_ERRORS as e:
         raise UserError(f"{where}: {path}: cannot load as a causal language model ({str(e).splitlines()[0]})") from None
     hf.eval()
     tok = load_tokenizer(folder, where)

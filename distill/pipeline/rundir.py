@@ -422,10 +422,10 @@ class RunDir:
                 raise UserError("teacher.hf" + said[len("data.tokenizer"):]) from None
             raise
         positive = self.cfg["evaluate"]["positive_class"]
-        if data.task == "classification" and data.num_classes == 2 and positive > 1:  # (before any training)
+        two_classes = data.task == "classification" and data.num_classes == 2
+        if two_classes and positive > 1:  # (before any training)
             raise UserError(f"evaluate.positive_class: {positive}, and the data has 2 classes "
                             f"({', '.join(data.class_names)}): give 0 or 1")
-        two_classes = data.task == "classification" and data.num_classes == 2
         if positive != SCHEMA["evaluate"]["positive_class"].default and not two_classes and is_main_process():
             what = f"has {data.num_classes} classes" if data.task == "classification" else f"is {data.task}"
             self.echo(f"warning: evaluate.positive_class: {positive} does nothing: the data {what} (it names the "
